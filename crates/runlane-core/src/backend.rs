@@ -1,0 +1,497 @@
+//! The two seams every shape plugs into: a [`QueueBackend`] (dispatch state: queues, lanes,
+//! slots, leases, deadlines) and a [`RunStore`] (durable run records, attempts, idempotency
+//! keys, envs and versions).
+//!
+//! The engine orders calls store first, queue second (SPEC §7). Each queue-backend method is one
+//! atomic step: a release admits the next due runs from every queue key blocked on a scope it
+//! freed, in the same step; a claim takes runs out of their lane and grants leases in the same
+//! step. Methods return [`Effects`] so the engine can ring lane doorbells, publish run events and
+//! re-arm its timer without polling.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::chain::ClaimChain;
+use crate::error::{QueueError, StoreError};
+use crate::id::{FencingToken, RunId, WorkerId};
+use crate::lane::LaneName;
+use crate::name::{EnvName, QueueName, TaskName};
+use crate::retry::RetryPolicy;
+use crate::run::{RunStatus, TriggerSource};
+use crate::settings::{EnvSettings, QueueSettings, VersionDef};
+use crate::time::Timestamp;
+
+/// The dispatch facts of one run: everything a queue backend needs, no payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dispatch {
+    /// The run.
+    pub run_id: RunId,
+    /// Its env.
+    pub env: EnvName,
+    /// Its queue.
+    pub queue: QueueName,
+    /// Its concurrency key (empty when none was given).
+    pub key: Arc<str>,
+    /// The lane it becomes ready in.
+    pub lane: LaneName,
+    /// Makes it look this much older within its queue key.
+    pub priority: Duration,
+    /// When it becomes due.
+    pub run_after: Timestamp,
+    /// When it expires if it never held a lease.
+    pub ttl_deadline: Option<Timestamp>,
+    /// The attempt it is waiting for (1-based).
+    pub attempt: u32,
+    /// The version it is locked to, when locked.
+    pub locked_version: Option<u32>,
+    /// Whether it ever held a lease (it then never expires).
+    pub ever_leased: bool,
+    /// Attempts running longer are aborted.
+    pub max_duration: Option<Duration>,
+}
+
+/// What a mutating call changed, for the engine to act on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Effects {
+    /// Runs that moved, with their new status, in order.
+    pub moved: Vec<(RunId, RunStatus)>,
+    /// Lanes that received ready runs: their idle consumers must be woken.
+    pub ready_lanes: Vec<LaneName>,
+    /// The earliest deadline the backend holds after the call (re-arm the timer if earlier).
+    pub deadline: Option<Timestamp>,
+}
+
+impl Effects {
+    /// Appends `other`, keeping the earliest deadline.
+    pub fn merge(&mut self, other: Effects) {
+        self.moved.extend(other.moved);
+        for lane in other.ready_lanes {
+            if !self.ready_lanes.contains(&lane) {
+                self.ready_lanes.push(lane);
+            }
+        }
+        self.deadline = match (self.deadline, other.deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+/// Where an enqueued run landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Waiting for `run_after`.
+    Delayed,
+    /// Waiting in its queue for admission.
+    Queued,
+    /// Admitted straight into its lane (the fast path, or a queue that was empty and open).
+    Ready,
+}
+
+/// The answer to an enqueue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Enqueued {
+    /// Where the run landed.
+    pub placement: Placement,
+    /// Other changes (none for a plain enqueue; the ready lane for a fast-pathed run).
+    pub effects: Effects,
+}
+
+/// An env a worker serves and the version it serves there.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServedEnv {
+    /// The env.
+    pub env: EnvName,
+    /// The version the worker runs; only runs locked to it, or unlocked, are claimed.
+    pub version: u32,
+}
+
+/// A claim for up to `max` runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimRequest {
+    /// Who claims.
+    pub worker: WorkerId,
+    /// Which lanes, in which order.
+    pub chain: ClaimChain,
+    /// At most this many runs (the workloop's free slots).
+    pub max: u32,
+    /// The envs served, fairness among them weighted by env weight.
+    pub envs: Vec<ServedEnv>,
+    /// How long the lease lasts without a heartbeat.
+    pub lease: Duration,
+}
+
+/// A run granted to a worker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Leased {
+    /// The run's dispatch facts (`attempt` is the attempt now running).
+    pub dispatch: Dispatch,
+    /// The fencing token every later call about this run must carry.
+    pub token: FencingToken,
+    /// The lease lapses at this instant unless extended.
+    pub lease_deadline: Timestamp,
+    /// The attempt is aborted at this instant (max duration), when set.
+    pub attempt_deadline: Option<Timestamp>,
+}
+
+/// What a heartbeat learned about one lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaseState {
+    /// Extended.
+    Alive,
+    /// Extended, but the run was cancelled: fire the handler's token.
+    CancelRequested,
+    /// The token is stale or the lease lapsed: stop working on it.
+    Lost,
+}
+
+/// The answer to a cancel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The run was waiting and is gone from every structure (slots released).
+    Removed {
+        /// Its status before the cancel.
+        was: RunStatus,
+        /// Admissions caused by the released slots.
+        effects: Effects,
+    },
+    /// The run is executing: its handler must stop; it ends `canceled` at `grace_deadline`
+    /// unless it completes first.
+    Requested {
+        /// The lease whose handler must be told.
+        token: FencingToken,
+        /// When the run ends `canceled`.
+        grace_deadline: Timestamp,
+        /// Whether this call made the request (false when it was already requested).
+        first: bool,
+    },
+    /// The backend does not hold the run.
+    NotFound,
+}
+
+/// A lease that lapsed: its slots are released and the run waits, held, for the engine to
+/// apply the retry policy with [`QueueBackend::retry`] or end it with [`QueueBackend::finish`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lapsed {
+    /// The run's dispatch facts.
+    pub dispatch: Dispatch,
+    /// The lapsed lease's token (still accepted by `retry`/`finish`, refused by everything else).
+    pub token: FencingToken,
+}
+
+/// Everything a timer wake-up did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tick {
+    /// Promotions and admissions (delayed runs that came due, runs re-admitted after releases).
+    pub effects: Effects,
+    /// Runs that expired, removed from every structure with their slots released.
+    pub expired: Vec<Dispatch>,
+    /// Leases that lapsed.
+    pub lapsed: Vec<Lapsed>,
+    /// Leases whose attempt passed its max duration (still leased; the engine aborts them).
+    pub timed_out: Vec<(RunId, FencingToken)>,
+    /// Cancelled executing runs whose grace period ended (still leased; the engine ends them).
+    pub cancel_elapsed: Vec<(RunId, FencingToken)>,
+    /// Ready runs returned to their queue because their lane had no consumer (`ready_timeout`).
+    pub ready_returned: Vec<RunId>,
+}
+
+/// A run as the queue backend sees it now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveRun {
+    /// The run's dispatch facts.
+    pub dispatch: Dispatch,
+    /// Delayed, queued, ready or executing.
+    pub status: RunStatus,
+    /// The current lease, when executing.
+    pub lease: Option<LeaseInfo>,
+}
+
+/// A lease as the backend holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseInfo {
+    /// The token.
+    pub token: FencingToken,
+    /// The holder.
+    pub worker: WorkerId,
+    /// When it lapses.
+    pub deadline: Timestamp,
+    /// When a cancel was requested, if it was.
+    pub cancel_requested_at: Option<Timestamp>,
+    /// Whether it already lapsed (held for recovery).
+    pub lapsed: bool,
+}
+
+/// A lane and its depth.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LaneInfo {
+    /// The lane.
+    pub name: LaneName,
+    /// Ready runs waiting in it.
+    pub ready: u64,
+    /// Registered consumers whose chain covers it.
+    pub consumers: u32,
+    /// When it lost its last consumer while holding ready runs (an orphan lane).
+    pub orphan_since: Option<Timestamp>,
+}
+
+/// A queue with its depth, running count and settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct QueueInfo {
+    /// The env.
+    pub env: EnvName,
+    /// The queue.
+    pub name: QueueName,
+    /// Delayed runs.
+    pub delayed: u64,
+    /// Queued runs.
+    pub queued: u64,
+    /// Runs holding slots (ready + executing).
+    pub running: u64,
+    /// Its settings.
+    pub settings: QueueSettings,
+}
+
+/// Slot counters of one env, for invariant checks and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EnvUsage {
+    /// Ordinary runs holding slots.
+    pub running: u32,
+    /// Fast-lane runs holding slots.
+    pub fast_lane_running: u32,
+}
+
+/// An id of a registered consumer (an idle or claiming workloop).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConsumerId(pub u64);
+
+/// The dispatch state: queues, lanes, slots, leases and deadlines. Every method is one atomic
+/// step; `now` always comes from the engine's clock.
+#[async_trait]
+pub trait QueueBackend: Send + Sync + 'static {
+    /// Creates or updates an env. Raising a limit admits as many waiting runs as now fit.
+    async fn put_env(&self, env: &EnvName, settings: EnvSettings, now: Timestamp) -> Result<Effects, QueueError>;
+    /// Sets a queue's settings (creating it). Raising a limit or resuming admits at once.
+    async fn put_queue(&self, env: &EnvName, queue: &QueueName, settings: QueueSettings, now: Timestamp) -> Result<Effects, QueueError>;
+    /// A queue's settings (defaults for a queue never seen).
+    async fn queue_settings(&self, env: &EnvName, queue: &QueueName) -> Result<QueueSettings, QueueError>;
+    /// Adds a lane (idempotent).
+    async fn add_lane(&self, lane: &LaneName) -> Result<(), QueueError>;
+    /// Whether a lane exists.
+    async fn has_lane(&self, lane: &LaneName) -> Result<bool, QueueError>;
+    /// Lanes with their depth and consumers.
+    async fn lanes(&self, now: Timestamp) -> Result<Vec<LaneInfo>, QueueError>;
+    /// Queues of an env with depth and running counts.
+    async fn queues(&self, env: &EnvName) -> Result<Vec<QueueInfo>, QueueError>;
+    /// Slot counters of an env.
+    async fn env_usage(&self, env: &EnvName) -> Result<EnvUsage, QueueError>;
+
+    /// Stores a run's dispatch facts, deciding the fast path in the same step. Idempotent by
+    /// run id. `sync` refuses with `FastLaneFull` instead of queueing a fast-lane run that does
+    /// not fit.
+    async fn enqueue(&self, dispatch: Dispatch, sync: bool, now: Timestamp) -> Result<Enqueued, QueueError>;
+    /// Takes up to `max` runs out of the chain's lanes and leases them, in one step.
+    async fn claim(&self, request: &ClaimRequest, now: Timestamp) -> Result<Vec<Leased>, QueueError>;
+    /// Extends the given leases by their lease duration; answers per lease.
+    async fn heartbeat(&self, leases: &[(RunId, FencingToken)], now: Timestamp) -> Result<Vec<LeaseState>, QueueError>;
+    /// `Ok` when `token` is the run's live (not lapsed) lease.
+    async fn check_lease(&self, run: RunId, token: FencingToken) -> Result<(), QueueError>;
+    /// Ends a leased run: releases its slots and admits what they unblock.
+    async fn finish(&self, run: RunId, token: FencingToken, now: Timestamp) -> Result<Effects, QueueError>;
+    /// A failed attempt with attempts left: releases slots and re-enqueues attempt + 1 at
+    /// `run_after`, in one step.
+    async fn retry(&self, run: RunId, token: FencingToken, run_after: Timestamp, now: Timestamp) -> Result<Effects, QueueError>;
+    /// Drain on stop: back to its queue with the same attempt, slots released.
+    async fn release(&self, run: RunId, token: FencingToken, now: Timestamp) -> Result<Effects, QueueError>;
+    /// Cancels a run: a waiting run is removed at once; an executing run is marked.
+    async fn cancel(&self, run: RunId, grace: Duration, now: Timestamp) -> Result<CancelOutcome, QueueError>;
+    /// Moves a delayed or queued run to a new `run_after` and TTL deadline.
+    async fn reschedule(&self, run: RunId, run_after: Timestamp, ttl_deadline: Option<Timestamp>, now: Timestamp) -> Result<Effects, QueueError>;
+    /// Does everything due at `now`: promotions, expiries, lapsed leases, timeouts, grace ends,
+    /// ready timeouts.
+    async fn tick(&self, now: Timestamp) -> Result<Tick, QueueError>;
+    /// The earliest instant `tick` has work.
+    async fn next_deadline(&self) -> Result<Option<Timestamp>, QueueError>;
+    /// The run as the backend holds it.
+    async fn live(&self, run: RunId) -> Result<Option<LiveRun>, QueueError>;
+    /// Every run the backend holds (tests, rebuild checks).
+    async fn snapshot(&self) -> Result<Vec<LiveRun>, QueueError>;
+    /// Registers a consumer of the chain's lanes (for `ready_timeout` and health).
+    async fn register_consumer(&self, chain: &ClaimChain, now: Timestamp) -> Result<ConsumerId, QueueError>;
+    /// Removes a consumer; lanes it leaves without consumers start their orphan clock.
+    async fn unregister_consumer(&self, id: ConsumerId, now: Timestamp) -> Result<Effects, QueueError>;
+}
+
+/// One attempt of a run, as recorded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// 1-based.
+    pub number: u32,
+    /// How it ended: `completed`, `failed`, `crashed`, `timed_out`, `canceled`, `no_handler`.
+    pub outcome: String,
+    /// The error text, when it failed.
+    pub error: Option<String>,
+    /// When it ended.
+    pub ended_at: Timestamp,
+}
+
+/// A run's durable record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// The run.
+    pub id: RunId,
+    /// Its env.
+    pub env: EnvName,
+    /// Its task.
+    pub task: TaskName,
+    /// The version whose definition it took (0 = the implicit empty version).
+    pub version: u32,
+    /// Whether it is locked to that version.
+    pub locked: bool,
+    /// JSON text.
+    pub payload: Arc<str>,
+    /// Its queue.
+    pub queue: QueueName,
+    /// Its concurrency key.
+    pub key: Arc<str>,
+    /// Its lane.
+    pub lane: LaneName,
+    /// Its priority.
+    #[serde(with = "crate::settings::duration_ms")]
+    pub priority: Duration,
+    /// When it becomes (or became) due.
+    pub run_after: Timestamp,
+    /// Its TTL.
+    #[serde(with = "crate::settings::opt_duration_ms")]
+    pub ttl: Option<Duration>,
+    /// Its fixed TTL deadline.
+    pub ttl_deadline: Option<Timestamp>,
+    /// Its idempotency key.
+    pub idempotency_key: Option<String>,
+    /// Its retry policy.
+    pub retry: RetryPolicy,
+    /// Its max duration per attempt.
+    #[serde(with = "crate::settings::opt_duration_ms")]
+    pub max_duration: Option<Duration>,
+    /// The current (or last) attempt, 1-based.
+    pub attempt: u32,
+    /// The last durable status (waiting statuses are refined by the queue backend).
+    pub status: RunStatus,
+    /// Output JSON text when completed.
+    pub output: Option<Arc<str>>,
+    /// The last error.
+    pub error: Option<String>,
+    /// Attempts that ended.
+    pub attempts: Vec<AttemptRecord>,
+    /// When it was triggered.
+    pub created_at: Timestamp,
+    /// When it reached its terminal state.
+    pub finished_at: Option<Timestamp>,
+    /// What made it.
+    pub source: TriggerSource,
+    /// The run this one retries (manual retry).
+    pub retry_of: Option<RunId>,
+}
+
+impl RunRecord {
+    /// The dispatch facts of its current attempt.
+    pub fn dispatch(&self) -> Dispatch {
+        Dispatch {
+            run_id: self.id,
+            env: self.env.clone(),
+            queue: self.queue.clone(),
+            key: self.key.clone(),
+            lane: self.lane.clone(),
+            priority: self.priority,
+            run_after: self.run_after,
+            ttl_deadline: self.ttl_deadline,
+            attempt: self.attempt,
+            locked_version: self.locked.then_some(self.version),
+            ever_leased: !self.attempts.is_empty(),
+            max_duration: self.max_duration,
+        }
+    }
+}
+
+/// Filters of a run listing; every set field must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunFilter {
+    /// Only this env.
+    pub env: Option<EnvName>,
+    /// Only these durable statuses (terminal ones are exact; waiting ones are refined live).
+    pub status: Option<RunStatus>,
+    /// Only this task.
+    pub task: Option<TaskName>,
+    /// Only this queue.
+    pub queue: Option<QueueName>,
+    /// Only this lane.
+    pub lane: Option<LaneName>,
+    /// Only this source.
+    pub source: Option<TriggerSource>,
+    /// Only this version.
+    pub version: Option<u32>,
+    /// Created at or after.
+    pub created_from: Option<Timestamp>,
+    /// Created before.
+    pub created_to: Option<Timestamp>,
+    /// Only ids greater than this (cursor).
+    pub after: Option<RunId>,
+    /// At most this many (default 100).
+    pub limit: Option<u32>,
+}
+
+/// An idempotency key to claim with a new run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdempotencyClaim {
+    /// The key (scope `(env, task, key)`).
+    pub key: String,
+    /// When the key stops deduplicating.
+    pub expires_at: Timestamp,
+}
+
+/// The answer to an insert.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Inserted {
+    /// The run was stored.
+    New,
+    /// The idempotency key already named a run; nothing was stored.
+    Existing(Box<RunRecord>),
+}
+
+/// Durable run records. Writes happen at state transitions only.
+#[async_trait]
+pub trait RunStore: Send + Sync + 'static {
+    /// Stores new runs (one transaction); a live idempotency key returns its run instead.
+    /// Duplicates inside one batch collapse onto the first.
+    async fn insert(&self, runs: Vec<(RunRecord, Option<IdempotencyClaim>)>, now: Timestamp) -> Result<Vec<Inserted>, StoreError>;
+    /// Deletes a run that was never enqueued (its enqueue was refused), with its key.
+    async fn remove(&self, run: RunId) -> Result<(), StoreError>;
+    /// One run.
+    async fn get(&self, run: RunId) -> Result<Option<RunRecord>, StoreError>;
+    /// Runs matching the filter, in id order.
+    async fn list(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, StoreError>;
+    /// A failed attempt with a retry: records it and the next `run_after`.
+    async fn record_retry(&self, run: RunId, attempt: AttemptRecord, next_run_after: Timestamp) -> Result<(), StoreError>;
+    /// The terminal write; the first one wins, later ones get `AlreadyFinished`.
+    async fn finish(&self, run: RunId, status: RunStatus, output: Option<Arc<str>>, attempt: Option<AttemptRecord>, now: Timestamp) -> Result<RunRecord, StoreError>;
+    /// A new `run_after` and TTL deadline for a waiting run.
+    async fn reschedule(&self, run: RunId, run_after: Timestamp, ttl_deadline: Option<Timestamp>) -> Result<(), StoreError>;
+    /// Every run not yet terminal (recovery at start).
+    async fn unfinished(&self) -> Result<Vec<RunRecord>, StoreError>;
+    /// Stores an env's settings.
+    async fn put_env(&self, env: &EnvName, settings: EnvSettings) -> Result<(), StoreError>;
+    /// Every env with its settings.
+    async fn envs(&self) -> Result<Vec<(EnvName, EnvSettings)>, StoreError>;
+    /// Registers a version; returns its number (1, 2, …; 0 is the implicit empty version).
+    async fn add_version(&self, env: &EnvName, def: VersionDef, now: Timestamp) -> Result<u32, StoreError>;
+    /// A version's definition (0 is always the empty version).
+    async fn version(&self, env: &EnvName, version: u32) -> Result<Option<VersionDef>, StoreError>;
+    /// Makes a version current.
+    async fn promote(&self, env: &EnvName, version: u32) -> Result<(), StoreError>;
+    /// The current version (0 before any promotion).
+    async fn current_version(&self, env: &EnvName) -> Result<u32, StoreError>;
+}
