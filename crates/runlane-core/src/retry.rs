@@ -60,7 +60,12 @@ impl RetryPolicy {
 
     /// When the next attempt runs after attempt `attempt` failed at `now`, or `None` when the
     /// attempts are exhausted.
-    pub fn next_attempt_at(&self, attempt: u32, now: Timestamp, rng: &mut dyn RngCore) -> Option<Timestamp> {
+    pub fn next_attempt_at(
+        &self,
+        attempt: u32,
+        now: Timestamp,
+        rng: &mut dyn RngCore,
+    ) -> Option<Timestamp> {
         let _ = (attempt, now, rng);
         todo!("retry next")
     }
