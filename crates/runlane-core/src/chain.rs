@@ -120,7 +120,7 @@ impl fmt::Display for ClaimChain {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
