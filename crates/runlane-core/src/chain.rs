@@ -278,7 +278,10 @@ pub(crate) mod tests {
 
         #[test]
         fn parse_accepts_only_canonical_text(
-            chars in prop::collection::vec(prop::sample::select(vec!['a', 'b', 'c', '*', '>', ' ', '_', '-']), 0..12)
+            chars in prop::collection::vec(
+                prop::sample::select(vec!['a', 'b', 'c', '*', '>', ' ', '_', '-']),
+                0..12,
+            )
         ) {
             let text: String = chars.into_iter().collect();
             if let Ok(chain) = ClaimChain::parse("chain", &text) {

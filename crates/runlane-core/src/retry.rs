@@ -412,13 +412,21 @@ mod tests {
         }
 
         #[test]
-        fn backoff_is_bounded_by_max(p in valid_policy(), attempt in any::<u32>(), seed in any::<u64>()) {
+        fn backoff_is_bounded_by_max(
+            p in valid_policy(),
+            attempt in any::<u32>(),
+            seed in any::<u64>(),
+        ) {
             let mut rng = StdRng::seed_from_u64(seed);
             prop_assert!(p.backoff(attempt, &mut rng) <= p.max);
         }
 
         #[test]
-        fn backoff_without_jitter_is_monotone(p in valid_policy(), attempt in 0..2000u32, seed in any::<u64>()) {
+        fn backoff_without_jitter_is_monotone(
+            p in valid_policy(),
+            attempt in 0..2000u32,
+            seed in any::<u64>(),
+        ) {
             let p = RetryPolicy { jitter: 0.0, ..p };
             let mut rng = StdRng::seed_from_u64(seed);
             let this = p.backoff(attempt, &mut rng);

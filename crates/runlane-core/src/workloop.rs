@@ -221,7 +221,10 @@ mod tests {
         }
 
         #[test]
-        fn out_of_range_counts_are_refused(chain in claim_chain(), count in prop_oneof![Just(0u64), (u64::from(MAX_SLOTS) + 1)..]) {
+        fn out_of_range_counts_are_refused(
+            chain in claim_chain(),
+            count in prop_oneof![Just(0u64), (u64::from(MAX_SLOTS) + 1)..],
+        ) {
             let text = format!("{chain}:{count}");
             let err = WorkloopSpec::parse(&text).expect_err("count out of range");
             prop_assert_eq!(err.field, "workloops");
