@@ -34,7 +34,13 @@ async fn open(common: &Common) -> anyhow::Result<Engine> {
     };
     // The bench measures the engine, not a limit: open the env wide.
     engine
-        .set_env("default", EnvSettings { limit: 1_000_000, ..EnvSettings::default() })
+        .set_env(
+            "default",
+            EnvSettings {
+                limit: 1_000_000,
+                ..EnvSettings::default()
+            },
+        )
         .await?;
     Ok(engine)
 }
@@ -133,7 +139,11 @@ impl Phase {
     }
 }
 
-async fn start_noop_worker(engine: &Engine, slots: u32, done: Arc<AtomicU64>) -> anyhow::Result<runlane::Worker> {
+async fn start_noop_worker(
+    engine: &Engine,
+    slots: u32,
+    done: Arc<AtomicU64>,
+) -> anyhow::Result<runlane::Worker> {
     Ok(engine
         .worker()
         .workloops(&format!("manual>*:{}", slots.max(1)))
@@ -150,7 +160,10 @@ async fn drained(engine: &Engine, done: &AtomicU64, runs: u64) -> anyhow::Result
     loop {
         if done.load(Ordering::Relaxed) >= runs {
             let queues = engine.queues("default").await?;
-            if queues.iter().all(|q| q.running == 0 && q.queued == 0 && q.delayed == 0) {
+            if queues
+                .iter()
+                .all(|q| q.running == 0 && q.queued == 0 && q.delayed == 0)
+            {
                 return Ok(());
             }
         }

@@ -92,15 +92,23 @@ fn main() -> anyhow::Result<()> {
         .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         match cli.command {
             Command::Quickstart { runs } => quickstart::run(quickstart::Options { runs }).await,
             Command::Bench { scenario } => {
                 let line = match scenario {
-                    BenchScenario::Latency { common: c, gap_ms, topology } => {
+                    BenchScenario::Latency {
+                        common: c,
+                        gap_ms,
+                        topology,
+                    } => {
                         if topology != "same-process" {
-                            anyhow::bail!("topology {topology:?} is not available yet (same-process only)");
+                            anyhow::bail!(
+                                "topology {topology:?} is not available yet (same-process only)"
+                            );
                         }
                         bench::latency(&common(&c, 2_000), Duration::from_millis(gap_ms)).await?
                     }

@@ -28,18 +28,45 @@ const ENVS: [&str; 2] = ["default", "acme"];
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let engine = runlane::memory().await?;
     engine
-        .set_env("default", EnvSettings { limit: 8, ..EnvSettings::default() })
+        .set_env(
+            "default",
+            EnvSettings {
+                limit: 8,
+                ..EnvSettings::default()
+            },
+        )
         .await?;
     engine
-        .set_env("acme", EnvSettings { limit: 4, weight: 2, ..EnvSettings::default() })
+        .set_env(
+            "acme",
+            EnvSettings {
+                limit: 4,
+                weight: 2,
+                ..EnvSettings::default()
+            },
+        )
         .await?;
     engine.add_lane("reports").await?;
     for env in ENVS {
         engine
-            .set_queue(env, "emails", QueueSettings { limit: Some(1), ..QueueSettings::default() })
+            .set_queue(
+                env,
+                "emails",
+                QueueSettings {
+                    limit: Some(1),
+                    ..QueueSettings::default()
+                },
+            )
             .await?;
         engine
-            .set_queue(env, "reports", QueueSettings { key_total_limit: Some(2), ..QueueSettings::default() })
+            .set_queue(
+                env,
+                "reports",
+                QueueSettings {
+                    key_total_limit: Some(2),
+                    ..QueueSettings::default()
+                },
+            )
             .await?;
     }
     println!("runlane quickstart: 2 envs (default limit 8, acme limit 4 weight 2), lanes default/fast_lane/manual/reports");
@@ -95,7 +122,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .await?;
     total += 1;
     if let WaitOutcome::Finished(run) = &sync {
-        println!("sync trigger-and-wait: {} finished {} in lane {}", run.id, run.status, run.lane);
+        println!(
+            "sync trigger-and-wait: {} finished {} in lane {}",
+            run.id, run.status, run.lane
+        );
     }
 
     // Progress: count terminal events until every run is done.
@@ -104,7 +134,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     while finished < total {
         let mut progressed = false;
         for sub in events.iter_mut() {
-            if let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(20), sub.next()).await {
+            if let Ok(Some(event)) =
+                tokio::time::timeout(Duration::from_millis(20), sub.next()).await
+            {
                 progressed = true;
                 if let RunEventKind::Status { status, .. } = event.kind {
                     if status.is_terminal() {
@@ -160,14 +192,22 @@ async fn trigger_mix(engine: &Engine, env: &str, runs: u32) -> anyhow::Result<u6
                 .delay(Duration::from_millis(u64::from(i % 7) * 40))
                 .payload(&json!({ "image": format!("img{i}.png") })),
         };
-        builder.env(env).send().await.with_context(|| format!("trigger {i} in {env}"))?;
+        builder
+            .env(env)
+            .send()
+            .await
+            .with_context(|| format!("trigger {i} in {env}"))?;
         made += 1;
     }
     Ok(made)
 }
 
 /// A handler that reports progress and takes a few milliseconds.
-async fn work(ctx: RunContext, started: Arc<AtomicU64>, ms: u64) -> Result<serde_json::Value, HandlerError> {
+async fn work(
+    ctx: RunContext,
+    started: Arc<AtomicU64>,
+    ms: u64,
+) -> Result<serde_json::Value, HandlerError> {
     started.fetch_add(1, Ordering::Relaxed);
     ctx.progress(&json!({ "step": "working" }));
     tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -175,7 +215,10 @@ async fn work(ctx: RunContext, started: Arc<AtomicU64>, ms: u64) -> Result<serde
 }
 
 /// Fails its first attempt, to show retries.
-async fn flaky(ctx: RunContext, started: Arc<AtomicU64>) -> Result<serde_json::Value, HandlerError> {
+async fn flaky(
+    ctx: RunContext,
+    started: Arc<AtomicU64>,
+) -> Result<serde_json::Value, HandlerError> {
     started.fetch_add(1, Ordering::Relaxed);
     if ctx.attempt() == 1 {
         return Err(HandlerError::new("endpoint returned 503"));
@@ -225,7 +268,10 @@ async fn print_summary(engine: &Engine, elapsed: Duration) -> anyhow::Result<()>
             }
         }
     }
-    println!("\n{:<8} {:<15} {:<10} {:>5} {:>9} {:>6} {:>6} {:>7} {:>12}", "env", "queue", "lane", "runs", "completed", "failed", "other", "retried", "avg_done_ms");
+    println!(
+        "\n{:<8} {:<15} {:<10} {:>5} {:>9} {:>6} {:>6} {:>7} {:>12}",
+        "env", "queue", "lane", "runs", "completed", "failed", "other", "retried", "avg_done_ms"
+    );
     let mut totals = Row::default();
     for ((env, queue, lane), r) in &rows {
         println!(
@@ -247,6 +293,10 @@ async fn print_summary(engine: &Engine, elapsed: Duration) -> anyhow::Result<()>
         "{:<8} {:<15} {:<10} {:>5} {:>9} {:>6} {:>6} {:>7}",
         "total", "", "", totals.runs, totals.completed, totals.failed, totals.other, totals.retried
     );
-    println!("\nall {} runs finished in {:.2}s", totals.runs, elapsed.as_secs_f64());
+    println!(
+        "\nall {} runs finished in {:.2}s",
+        totals.runs,
+        elapsed.as_secs_f64()
+    );
     Ok(())
 }

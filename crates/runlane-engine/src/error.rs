@@ -122,7 +122,10 @@ impl From<StoreError> for EngineError {
             StoreError::AlreadyFinished { run, status } => {
                 EngineError::AlreadyFinished { run, status }
             }
-            StoreError::UnknownVersion { version, .. } => EngineError::UnknownVersion { version, task: String::new() },
+            StoreError::UnknownVersion { version, .. } => EngineError::UnknownVersion {
+                version,
+                task: String::new(),
+            },
             StoreError::Unavailable(s) => EngineError::Unavailable(s),
         }
     }
