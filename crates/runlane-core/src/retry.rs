@@ -139,21 +139,13 @@ impl RetryPolicy {
     }
 
     /// When the next attempt runs after attempt `attempt` failed at `now`, or `None` when the
-<<<<<<< HEAD
-    /// attempts are exhausted.
-=======
     /// attempts are exhausted (`attempt >= attempts_max`). Saturates at [`Timestamp::MAX`].
->>>>>>> core-pure
     pub fn next_attempt_at(
         &self,
         attempt: u32,
         now: Timestamp,
         rng: &mut dyn RngCore,
     ) -> Option<Timestamp> {
-<<<<<<< HEAD
-        let _ = (attempt, now, rng);
-        todo!("retry next")
-=======
         if attempt >= self.attempts_max {
             return None;
         }
@@ -459,6 +451,5 @@ mod tests {
                 prop_assert!(at <= now.saturating_add(p.max));
             }
         }
->>>>>>> core-pure
     }
 }
