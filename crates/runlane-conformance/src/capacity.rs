@@ -15,23 +15,53 @@ use crate::kit::{secs, within, Backends, Harness, Probe};
 /// and nothing is stored, while key `j` still accepts.
 pub async fn cap_01(b: &dyn Backends) {
     let h = Harness::open(b).await;
-    h.set_queue("q", QueueSettings { max_queued: Some(2), paused: true, ..QueueSettings::default() })
-        .await;
-    let queued = h.trigger(h.engine.trigger("t").queue("q").key("k")).await.id;
-    let delayed = h.trigger(h.engine.trigger("t").queue("q").key("k").delay(secs(60))).await.id;
+    h.set_queue(
+        "q",
+        QueueSettings {
+            max_queued: Some(2),
+            paused: true,
+            ..QueueSettings::default()
+        },
+    )
+    .await;
+    let queued = h
+        .trigger(h.engine.trigger("t").queue("q").key("k"))
+        .await
+        .id;
+    let delayed = h
+        .trigger(h.engine.trigger("t").queue("q").key("k").delay(secs(60)))
+        .await
+        .id;
     assert_eq!(h.status(queued).await, RunStatus::Queued);
     assert_eq!(h.status(delayed).await, RunStatus::Delayed);
     let err = h
-        .refused("a trigger over max_queued", h.engine.trigger("t").queue("q").key("k").send())
+        .refused(
+            "a trigger over max_queued",
+            h.engine.trigger("t").queue("q").key("k").send(),
+        )
         .await;
     assert_eq!(
         err,
-        EngineError::QueueFull { queue: "q".into(), max_queued: 2 },
+        EngineError::QueueFull {
+            queue: "q".into(),
+            max_queued: 2
+        },
         "CAP-01: a clear refusal"
     );
-    let other = h.trigger(h.engine.trigger("t").queue("q").key("j")).await.id;
-    assert_eq!(h.status(other).await, RunStatus::Queued, "CAP-01: the cap is per key");
-    assert_eq!(h.all_runs().await.len(), 3, "CAP-01: nothing of the refused trigger stored");
+    let other = h
+        .trigger(h.engine.trigger("t").queue("q").key("j"))
+        .await
+        .id;
+    assert_eq!(
+        h.status(other).await,
+        RunStatus::Queued,
+        "CAP-01: the cap is per key"
+    );
+    assert_eq!(
+        h.all_runs().await.len(),
+        3,
+        "CAP-01: nothing of the refused trigger stored"
+    );
 }
 
 /// DRAIN-01: `worker.stop()` with no time left releases its unfinished runs back to their
@@ -54,17 +84,42 @@ pub async fn drain_01(b: &dyn Backends) {
     let s1 = p1.next().await;
     let s2 = p1.next().await;
     let report = within("the worker to drain", w1.stop()).await;
-    assert_eq!((report.finished, report.released), (0, 2), "DRAIN-01: both released");
-    assert_eq!(s1.ctx.cancel_token().reason(), Some(runlane_core::CancelReason::Shutdown));
-    assert_eq!(s2.ctx.cancel_token().reason(), Some(runlane_core::CancelReason::Shutdown));
+    assert_eq!(
+        (report.finished, report.released),
+        (0, 2),
+        "DRAIN-01: both released"
+    );
+    assert_eq!(
+        s1.ctx.cancel_token().reason(),
+        Some(runlane_core::CancelReason::Shutdown)
+    );
+    assert_eq!(
+        s2.ctx.cancel_token().reason(),
+        Some(runlane_core::CancelReason::Shutdown)
+    );
     for r in [r1, r2] {
         let rec = h.get(r).await;
-        assert!(rec.status.is_waiting(), "DRAIN-01: {r} is waiting again: {}", rec.status);
+        assert!(
+            rec.status.is_waiting(),
+            "DRAIN-01: {r} is waiting again: {}",
+            rec.status
+        );
         assert_eq!(rec.attempt, 1, "DRAIN-01: the attempt is not counted");
-        assert!(rec.attempts.is_empty(), "DRAIN-01: no attempt recorded: {:?}", rec.attempts);
-        assert!(h.live(r).await.is_some_and(|l| l.lease.is_none()), "DRAIN-01: no lease held");
+        assert!(
+            rec.attempts.is_empty(),
+            "DRAIN-01: no attempt recorded: {:?}",
+            rec.attempts
+        );
+        assert!(
+            h.live(r).await.is_some_and(|l| l.lease.is_none()),
+            "DRAIN-01: no lease held"
+        );
     }
-    assert_eq!(h.usage("default").await.running, 2, "DRAIN-01: re-admitted (ready) at once");
+    assert_eq!(
+        h.usage("default").await.running,
+        2,
+        "DRAIN-01: re-admitted (ready) at once"
+    );
 
     let mut p2 = Probe::new();
     let _w2 = h.held_worker(&p2, "t", "manual>*:2").await;
@@ -94,11 +149,22 @@ pub async fn drain_02(b: &dyn Backends) {
     let s1 = probe.next().await;
     let stopping = tokio::spawn(w.stop());
     let late = h.run("t").await;
-    assert!(!stopping.is_finished(), "DRAIN-02: stop waits for the in-flight run");
+    assert!(
+        !stopping.is_finished(),
+        "DRAIN-02: stop waits for the in-flight run"
+    );
     s1.complete(json!("done"));
     let report = within("the drain", stopping).await.expect("stop panicked");
-    assert_eq!((report.finished, report.released), (1, 0), "DRAIN-02: one finished");
+    assert_eq!(
+        (report.finished, report.released),
+        (1, 0),
+        "DRAIN-02: one finished"
+    );
     assert_eq!(h.wait_terminal(r1).await.status, RunStatus::Completed);
     probe.assert_quiet("DRAIN-02: a stopping worker claimed a new run");
-    assert_eq!(h.status(late).await, RunStatus::Ready, "DRAIN-02: the late run waits");
+    assert_eq!(
+        h.status(late).await,
+        RunStatus::Ready,
+        "DRAIN-02: the late run waits"
+    );
 }

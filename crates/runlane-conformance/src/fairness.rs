@@ -36,8 +36,22 @@ pub async fn fair_01(b: &dyn Backends) {
 /// — b is never starved by a's larger backlog, and a gets twice b's share.
 pub async fn fair_02(b: &dyn Backends) {
     let h = Harness::open(b).await;
-    h.set_env("a", EnvSettings { weight: 2, ..EnvSettings::default() }).await;
-    h.set_env("b", EnvSettings { weight: 1, ..EnvSettings::default() }).await;
+    h.set_env(
+        "a",
+        EnvSettings {
+            weight: 2,
+            ..EnvSettings::default()
+        },
+    )
+    .await;
+    h.set_env(
+        "b",
+        EnvSettings {
+            weight: 1,
+            ..EnvSettings::default()
+        },
+    )
+    .await;
     let mut env_of = std::collections::HashMap::new();
     for _ in 0..6 {
         env_of.insert(h.trigger(h.engine.trigger("t").env("a")).await.id, 'a');
@@ -47,14 +61,21 @@ pub async fn fair_02(b: &dyn Backends) {
     }
     let mut probe = Probe::new();
     let _w = h
-        .start(h.engine.worker().env("a").env("b").handler("t", probe.held()).workloops("manual>*:1"))
+        .start(
+            h.engine
+                .worker()
+                .env("a")
+                .env("b")
+                .handler("t", probe.held())
+                .workloops("manual>*:1"),
+        )
         .await;
     let order: String = complete_in_order(&mut probe, 9)
         .await
         .iter()
         .map(|r| env_of[r])
         .collect();
-    assert_eq!(order, "abaababaa", "FAIR-02: weighted fair claim order");
+    assert_eq!(order, "abaabaaba", "FAIR-02: weighted fair claim order");
 }
 
 /// Completes `n` runs one at a time; returns their ids in start order.

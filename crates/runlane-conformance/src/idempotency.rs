@@ -15,10 +15,23 @@ use crate::kit::{ok, within, Backends, Harness, Probe};
 /// with the same key is a different scope and makes a new run.
 pub async fn idem_01(b: &dyn Backends) {
     let h = Harness::open(b).await;
-    h.set_env("other", runlane_core::EnvSettings::default()).await;
-    let first = ok(h.engine.trigger("t").idempotency_key("k").payload(&json!({"a": 1})).send()).await;
+    h.set_env("other", runlane_core::EnvSettings::default())
+        .await;
+    let first = ok(h
+        .engine
+        .trigger("t")
+        .idempotency_key("k")
+        .payload(&json!({"a": 1}))
+        .send())
+    .await;
     assert!(!first.idempotent_hit);
-    let hit = ok(h.engine.trigger("t").idempotency_key("k").payload(&json!({"a": 2})).send()).await;
+    let hit = ok(h
+        .engine
+        .trigger("t")
+        .idempotency_key("k")
+        .payload(&json!({"a": 2}))
+        .send())
+    .await;
     assert!(hit.idempotent_hit, "IDEM-01: a hit");
     assert_eq!(hit.run.id, first.run.id, "IDEM-01: the existing run");
     assert_eq!(
@@ -28,16 +41,34 @@ pub async fn idem_01(b: &dyn Backends) {
     );
 
     let mut probe = Probe::new();
-    let _w = h.start(h.engine.worker().handler("t", probe.auto(|_| Ok(json!("done"))))).await;
+    let _w = h
+        .start(
+            h.engine
+                .worker()
+                .handler("t", probe.auto(|_| Ok(json!("done")))),
+        )
+        .await;
     probe.next().await;
     h.wait_terminal(first.run.id).await;
     let late = ok(h.engine.trigger("t").idempotency_key("k").send()).await;
     assert!(late.idempotent_hit, "IDEM-01: a hit on a completed run");
-    assert_eq!((late.run.id, late.run.status), (first.run.id, RunStatus::Completed));
+    assert_eq!(
+        (late.run.id, late.run.status),
+        (first.run.id, RunStatus::Completed)
+    );
 
     let other_task = ok(h.engine.trigger("u").idempotency_key("k").send()).await;
-    let other_env = ok(h.engine.trigger("t").env("other").idempotency_key("k").send()).await;
-    assert!(!other_task.idempotent_hit && !other_env.idempotent_hit, "IDEM-01: scope (env, task, key)");
+    let other_env = ok(h
+        .engine
+        .trigger("t")
+        .env("other")
+        .idempotency_key("k")
+        .send())
+    .await;
+    assert!(
+        !other_task.idempotent_hit && !other_env.idempotent_hit,
+        "IDEM-01: scope (env, task, key)"
+    );
     assert_ne!(other_task.run.id, first.run.id);
     assert_ne!(other_env.run.id, first.run.id);
     let runs = h.all_runs().await;
@@ -60,9 +91,15 @@ pub async fn idem_02(b: &dyn Backends) {
     let answers = ok(h.engine.trigger_batch(batch)).await;
     assert_eq!(answers.len(), 3, "IDEM-02: one answer per item");
     assert!(!answers[0].idempotent_hit && answers[1].idempotent_hit && !answers[2].idempotent_hit);
-    assert_eq!(answers[0].run.id, answers[1].run.id, "IDEM-02: the duplicate collapses");
+    assert_eq!(
+        answers[0].run.id, answers[1].run.id,
+        "IDEM-02: the duplicate collapses"
+    );
     assert_ne!(answers[0].run.id, answers[2].run.id);
-    assert_eq!(&*answers[1].run.payload, "1", "IDEM-02: the first item's payload");
+    assert_eq!(
+        &*answers[1].run.payload, "1",
+        "IDEM-02: the first item's payload"
+    );
     assert_eq!(h.all_runs().await.len(), 2, "IDEM-02: two runs stored");
     assert_eq!(h.snapshot().await.len(), 2, "IDEM-02: two runs enqueued");
 }
@@ -75,7 +112,12 @@ pub async fn idem_03(b: &dyn Backends) {
     for i in 0..50 {
         let engine = h.engine.clone();
         tasks.push(tokio::spawn(async move {
-            engine.trigger("t").idempotency_key("once").payload(&i).send().await
+            engine
+                .trigger("t")
+                .idempotency_key("once")
+                .payload(&i)
+                .send()
+                .await
         }));
     }
     let mut ids = HashSet::new();
@@ -92,5 +134,9 @@ pub async fn idem_03(b: &dyn Backends) {
     assert_eq!(new, 1, "IDEM-03: exactly one trigger made the run");
     assert_eq!(h.all_runs().await.len(), 1, "IDEM-03: one run stored");
     assert_eq!(h.snapshot().await.len(), 1, "IDEM-03: one run enqueued");
-    assert_eq!(h.usage("default").await.running, 1, "IDEM-03: one slot taken");
+    assert_eq!(
+        h.usage("default").await.running,
+        1,
+        "IDEM-03: one slot taken"
+    );
 }

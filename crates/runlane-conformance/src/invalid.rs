@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use runlane_core::{EnvSettings, QueueSettings, RetryPolicy, RunStatus, TaskDef, TaskName, VersionDef};
+use runlane_core::{
+    EnvSettings, QueueSettings, RetryPolicy, RunStatus, TaskDef, TaskName, VersionDef,
+};
 use runlane_engine::EngineError;
 
 use crate::kit::{assert_invalid, ok, secs, Backends, Harness};
@@ -13,12 +15,18 @@ use crate::kit::{assert_invalid, ok, secs, Backends, Harness};
 /// are accepted.
 pub async fn bad_01(b: &dyn Backends) {
     let h = Harness::open(b).await;
-    let err = h.refused("an empty task", h.engine.trigger("").send()).await;
+    let err = h
+        .refused("an empty task", h.engine.trigger("").send())
+        .await;
     assert_invalid(&err, "task");
     let long = "x".repeat(129);
-    let err = h.refused("a 129-byte task", h.engine.trigger(&long).send()).await;
+    let err = h
+        .refused("a 129-byte task", h.engine.trigger(&long).send())
+        .await;
     assert_invalid(&err, "task");
-    let err = h.refused("a task with a space", h.engine.trigger("a b").send()).await;
+    let err = h
+        .refused("a task with a space", h.engine.trigger("a b").send())
+        .await;
     assert_invalid(&err, "task");
     h.trigger(h.engine.trigger(&"x".repeat(128))).await;
 }
@@ -27,16 +35,28 @@ pub async fn bad_01(b: &dyn Backends) {
 /// a retry policy allowing no attempt (`retry.attempts_max`).
 pub async fn bad_02(b: &dyn Backends) {
     let h = Harness::open(b).await;
-    let err = h.refused("ttl 0", h.engine.trigger("t").ttl(Duration::ZERO).send()).await;
+    let err = h
+        .refused("ttl 0", h.engine.trigger("t").ttl(Duration::ZERO).send())
+        .await;
     assert_invalid(&err, "ttl");
     let err = h
-        .refused("max_duration 0", h.engine.trigger("t").max_duration(Duration::ZERO).send())
+        .refused(
+            "max_duration 0",
+            h.engine.trigger("t").max_duration(Duration::ZERO).send(),
+        )
         .await;
     assert_invalid(&err, "max_duration");
-    let policy = RetryPolicy { attempts_max: 0, ..RetryPolicy::default() };
-    let err = h.refused("attempts_max 0", h.engine.trigger("t").retry(policy).send()).await;
+    let policy = RetryPolicy {
+        attempts_max: 0,
+        ..RetryPolicy::default()
+    };
+    let err = h
+        .refused("attempts_max 0", h.engine.trigger("t").retry(policy).send())
+        .await;
     match &err {
-        EngineError::Invalid(i) => assert!(i.field.starts_with("retry"), "BAD-02: field {}", i.field),
+        EngineError::Invalid(i) => {
+            assert!(i.field.starts_with("retry"), "BAD-02: field {}", i.field)
+        }
         other => panic!("BAD-02: want Invalid retry.*, got {other:?}"),
     }
 }
@@ -46,18 +66,26 @@ pub async fn bad_02(b: &dyn Backends) {
 pub async fn bad_03(b: &dyn Backends) {
     let h = Harness::open(b).await;
     let err = h
-        .refused("priority 30 days + 1 s", h.engine.trigger("t").priority(secs(2_592_001)).send())
+        .refused(
+            "priority 30 days + 1 s",
+            h.engine.trigger("t").priority(secs(2_592_001)).send(),
+        )
         .await;
     assert_invalid(&err, "priority");
-    h.trigger(h.engine.trigger("t").priority(secs(2_592_000))).await;
+    h.trigger(h.engine.trigger("t").priority(secs(2_592_000)))
+        .await;
 }
 
 /// BAD-04: a lane that does not exist, or is not a lane name, is refused naming `lane`.
 pub async fn bad_04(b: &dyn Backends) {
     let h = Harness::open(b).await;
-    let err = h.refused("an unknown lane", h.engine.trigger("t").lane("nope").send()).await;
+    let err = h
+        .refused("an unknown lane", h.engine.trigger("t").lane("nope").send())
+        .await;
     assert_invalid(&err, "lane");
-    let err = h.refused("a malformed lane", h.engine.trigger("t").lane("a-b").send()).await;
+    let err = h
+        .refused("a malformed lane", h.engine.trigger("t").lane("a-b").send())
+        .await;
     assert_invalid(&err, "lane");
     ok(h.engine.add_lane("nope")).await;
     h.trigger(h.engine.trigger("t").lane("nope")).await;
@@ -68,11 +96,23 @@ pub async fn bad_04(b: &dyn Backends) {
 pub async fn bad_05(b: &dyn Backends) {
     let h = Harness::open(b).await;
     let run = h.run("t").await;
-    let specs = ["", "manual>*:0", "*>manual:1", "manual>*>*:1", "a-b:1", "fast_lane:x", "manual>:1"];
+    let specs = [
+        "",
+        "manual>*:0",
+        "*>manual:1",
+        "manual>*>*:1",
+        "a-b:1",
+        "fast_lane:x",
+        "manual>:1",
+    ];
     for spec in specs {
         let answer = crate::kit::within(
             "a worker start",
-            h.engine.worker().handler("t", |_| async { Ok(serde_json::Value::Null) }).workloops(spec).start(),
+            h.engine
+                .worker()
+                .handler("t", |_| async { Ok(serde_json::Value::Null) })
+                .workloops(spec)
+                .start(),
         )
         .await;
         match answer {
@@ -81,8 +121,15 @@ pub async fn bad_05(b: &dyn Backends) {
         }
     }
     let lanes = ok(h.engine.lanes()).await;
-    assert!(lanes.iter().all(|l| l.consumers == 0), "BAD-05: a refused worker registered: {lanes:?}");
-    assert_eq!(h.status(run).await, RunStatus::Ready, "BAD-05: nothing claimed");
+    assert!(
+        lanes.iter().all(|l| l.consumers == 0),
+        "BAD-05: a refused worker registered: {lanes:?}"
+    );
+    assert_eq!(
+        h.status(run).await,
+        RunStatus::Ready,
+        "BAD-05: nothing claimed"
+    );
 }
 
 /// BAD-06: `lock_to_version` naming a version that does not exist, or one that does not define
@@ -91,16 +138,40 @@ pub async fn bad_06(b: &dyn Backends) {
     let h = Harness::open(b).await;
     let v = ok(h.engine.register_version(
         "default",
-        VersionDef { tasks: vec![TaskDef::new(TaskName::new("known").expect("valid"))] },
+        VersionDef {
+            tasks: vec![TaskDef::new(TaskName::new("known").expect("valid"))],
+        },
     ))
     .await;
-    let err = h.refused("an unknown version", h.engine.trigger("known").lock_to_version(v + 7).send()).await;
-    assert_eq!(err, EngineError::UnknownVersion { version: v + 7, task: "known".into() });
     let err = h
-        .refused("a version without the task", h.engine.trigger("other").lock_to_version(v).send())
+        .refused(
+            "an unknown version",
+            h.engine.trigger("known").lock_to_version(v + 7).send(),
+        )
         .await;
-    assert_eq!(err, EngineError::UnknownVersion { version: v, task: "other".into() });
-    let run = h.trigger(h.engine.trigger("known").lock_to_version(v)).await;
+    assert_eq!(
+        err,
+        EngineError::UnknownVersion {
+            version: v + 7,
+            task: "known".into()
+        }
+    );
+    let err = h
+        .refused(
+            "a version without the task",
+            h.engine.trigger("other").lock_to_version(v).send(),
+        )
+        .await;
+    assert_eq!(
+        err,
+        EngineError::UnknownVersion {
+            version: v,
+            task: "other".into()
+        }
+    );
+    let run = h
+        .trigger(h.engine.trigger("known").lock_to_version(v))
+        .await;
     assert_eq!((run.version, run.locked), (v, true));
 }
 
@@ -108,15 +179,35 @@ pub async fn bad_06(b: &dyn Backends) {
 /// task its current version defines.
 pub async fn bad_07(b: &dyn Backends) {
     let h = Harness::open(b).await;
-    h.set_env("strict", EnvSettings { strict_tasks: true, ..EnvSettings::default() }).await;
+    h.set_env(
+        "strict",
+        EnvSettings {
+            strict_tasks: true,
+            ..EnvSettings::default()
+        },
+    )
+    .await;
     let v = ok(h.engine.register_version(
         "strict",
-        VersionDef { tasks: vec![TaskDef::new(TaskName::new("known").expect("valid"))] },
+        VersionDef {
+            tasks: vec![TaskDef::new(TaskName::new("known").expect("valid"))],
+        },
     ))
     .await;
     ok(h.engine.promote("strict", v)).await;
-    let err = h.refused("an unknown task", h.engine.trigger("unknown").env("strict").send()).await;
-    assert_eq!(err, EngineError::UnknownTask { env: "strict".into(), task: "unknown".into() });
+    let err = h
+        .refused(
+            "an unknown task",
+            h.engine.trigger("unknown").env("strict").send(),
+        )
+        .await;
+    assert_eq!(
+        err,
+        EngineError::UnknownTask {
+            env: "strict".into(),
+            task: "unknown".into()
+        }
+    );
     h.trigger(h.engine.trigger("known").env("strict")).await;
     h.trigger(h.engine.trigger("unknown")).await; // env default is not strict
 }
@@ -126,16 +217,32 @@ pub async fn bad_07(b: &dyn Backends) {
 /// the limit (`payload`).
 pub async fn bad_08(b: &dyn Backends) {
     let h = Harness::open(b).await;
-    let err = h.refused("an unknown env", h.engine.trigger("t").env("nope").send()).await;
+    let err = h
+        .refused("an unknown env", h.engine.trigger("t").env("nope").send())
+        .await;
     assert_eq!(err, EngineError::EnvNotFound("nope".into()));
-    let err = h.refused("a malformed env", h.engine.trigger("t").env("a.b").send()).await;
+    let err = h
+        .refused("a malformed env", h.engine.trigger("t").env("a.b").send())
+        .await;
     assert_invalid(&err, "env");
-    let err = h.refused("a 257-byte key", h.engine.trigger("t").key(&"k".repeat(257)).send()).await;
+    let err = h
+        .refused(
+            "a 257-byte key",
+            h.engine.trigger("t").key(&"k".repeat(257)).send(),
+        )
+        .await;
     assert_invalid(&err, "key");
-    let err = h.refused("a malformed queue", h.engine.trigger("t").queue("").send()).await;
+    let err = h
+        .refused("a malformed queue", h.engine.trigger("t").queue("").send())
+        .await;
     assert_invalid(&err, "queue");
     let big = "x".repeat((1 << 20) + 1);
-    let err = h.refused("a payload over 1 MiB", h.engine.trigger("t").payload(&big).send()).await;
+    let err = h
+        .refused(
+            "a payload over 1 MiB",
+            h.engine.trigger("t").payload(&big).send(),
+        )
+        .await;
     assert_invalid(&err, "payload");
 }
 
@@ -146,7 +253,12 @@ pub async fn bad_09(b: &dyn Backends) {
     let good = h.engine.trigger("t").request().expect("valid");
     let mut bad = h.engine.trigger("t").request().expect("valid");
     bad.ttl = Some(Duration::ZERO);
-    let err = h.refused("a batch with a bad item", h.engine.trigger_batch(vec![good.clone(), bad, good])).await;
+    let err = h
+        .refused(
+            "a batch with a bad item",
+            h.engine.trigger_batch(vec![good.clone(), bad, good]),
+        )
+        .await;
     match err {
         EngineError::BatchItem { index, source } => {
             assert_eq!(index, 1, "BAD-09: the bad item's index");
@@ -160,23 +272,72 @@ pub async fn bad_09(b: &dyn Backends) {
 /// env `burst` and `weight`, queue `max_queued`.
 pub async fn bad_10(b: &dyn Backends) {
     let h = Harness::open(b).await;
-    h.set_env("e", EnvSettings { limit: 7, ..EnvSettings::default() }).await;
+    h.set_env(
+        "e",
+        EnvSettings {
+            limit: 7,
+            ..EnvSettings::default()
+        },
+    )
+    .await;
     let before = ok(h.engine.env_settings("e")).await;
     let err = h
-        .refused("burst 0.5", h.engine.set_env("e", EnvSettings { burst: 0.5, ..before }))
+        .refused(
+            "burst 0.5",
+            h.engine.set_env(
+                "e",
+                EnvSettings {
+                    burst: 0.5,
+                    ..before
+                },
+            ),
+        )
         .await;
     assert_invalid(&err, "burst");
-    let err = h.refused("weight 0", h.engine.set_env("e", EnvSettings { weight: 0, ..before })).await;
+    let err = h
+        .refused(
+            "weight 0",
+            h.engine.set_env(
+                "e",
+                EnvSettings {
+                    weight: 0,
+                    ..before
+                },
+            ),
+        )
+        .await;
     assert_invalid(&err, "weight");
-    assert_eq!(ok(h.engine.env_settings("e")).await, before, "BAD-10: env settings unchanged");
+    assert_eq!(
+        ok(h.engine.env_settings("e")).await,
+        before,
+        "BAD-10: env settings unchanged"
+    );
 
-    h.set_queue("q", QueueSettings { limit: Some(3), ..QueueSettings::default() }).await;
+    h.set_queue(
+        "q",
+        QueueSettings {
+            limit: Some(3),
+            ..QueueSettings::default()
+        },
+    )
+    .await;
     let err = h
         .refused(
             "max_queued 0",
-            h.engine.set_queue("default", "q", QueueSettings { max_queued: Some(0), ..QueueSettings::default() }),
+            h.engine.set_queue(
+                "default",
+                "q",
+                QueueSettings {
+                    max_queued: Some(0),
+                    ..QueueSettings::default()
+                },
+            ),
         )
         .await;
     assert_invalid(&err, "max_queued");
-    assert_eq!(h.queue_info("q").await.settings.limit, Some(3), "BAD-10: queue settings unchanged");
+    assert_eq!(
+        h.queue_info("q").await.settings.limit,
+        Some(3),
+        "BAD-10: queue settings unchanged"
+    );
 }

@@ -165,7 +165,12 @@ impl Harness {
 
     /// Starts collecting `env`'s run events into the log (once per env).
     fn subscribe(&self, env: &str) {
-        if !self.subscribed.lock().expect("lock").insert(env.to_string()) {
+        if !self
+            .subscribed
+            .lock()
+            .expect("lock")
+            .insert(env.to_string())
+        {
             return;
         }
         let mut events = self
@@ -199,7 +204,10 @@ impl Harness {
         let t = within("a trigger", builder.send())
             .await
             .unwrap_or_else(|e| panic!("trigger refused: {e}"));
-        assert!(!t.idempotent_hit, "a trigger without an idempotency key hit an existing run");
+        assert!(
+            !t.idempotent_hit,
+            "a trigger without an idempotency key hit an existing run"
+        );
         t.run
     }
 
@@ -241,7 +249,11 @@ impl Harness {
 
     /// How many runs the queue backend holds in `status`.
     pub async fn count_live(&self, status: RunStatus) -> usize {
-        self.snapshot().await.iter().filter(|l| l.status == status).count()
+        self.snapshot()
+            .await
+            .iter()
+            .filter(|l| l.status == status)
+            .count()
     }
 
     /// Slot counters of `env`.
@@ -318,7 +330,9 @@ impl Harness {
         if parked {
             self.clock.advance(by);
         }
-        within("the driven call", &mut handle).await.expect("the driven call panicked")
+        within("the driven call", &mut handle)
+            .await
+            .expect("the driven call panicked")
     }
 
     /// Every event about `run`, in order.
@@ -376,7 +390,8 @@ impl Harness {
     /// Waits until `run` reached a terminal status; returns its record.
     pub async fn wait_terminal(&self, run: RunId) -> RunRecord {
         self.wait_event(&format!("{run} to finish"), |e| {
-            e.run == run && matches!(e.kind, RunEventKind::Status { status, .. } if status.is_terminal())
+            e.run == run
+                && matches!(e.kind, RunEventKind::Status { status, .. } if status.is_terminal())
         })
         .await;
         self.get(run).await
@@ -393,11 +408,22 @@ impl Harness {
         let live_before = self.snapshot().await;
         let answer = within(what, call).await;
         let err = match answer {
-            Ok(v) => panic!("[{}] {what}: accepted ({v:?}), want a refusal", self.backend),
+            Ok(v) => panic!(
+                "[{}] {what}: accepted ({v:?}), want a refusal",
+                self.backend
+            ),
             Err(e) => e,
         };
-        assert_eq!(self.all_runs().await, runs_before, "{what}: the refusal changed the runs");
-        assert_eq!(self.snapshot().await, live_before, "{what}: the refusal changed the queue backend");
+        assert_eq!(
+            self.all_runs().await,
+            runs_before,
+            "{what}: the refusal changed the runs"
+        );
+        assert_eq!(
+            self.snapshot().await,
+            live_before,
+            "{what}: the refusal changed the queue backend"
+        );
         err
     }
 }
@@ -405,7 +431,9 @@ impl Harness {
 /// Asserts `err` is `InvalidInput` naming `field`.
 pub fn assert_invalid(err: &EngineError, field: &str) {
     match err {
-        EngineError::Invalid(i) => assert_eq!(i.field, field, "the error names the wrong field: {err}"),
+        EngineError::Invalid(i) => {
+            assert_eq!(i.field, field, "the error names the wrong field: {err}")
+        }
         other => panic!("want Invalid {{ field: {field:?} }}, got {other:?}"),
     }
 }
@@ -439,7 +467,9 @@ impl std::fmt::Debug for Started {
 impl Started {
     /// The handler returns `Ok(output)`. False when the handler was already gone.
     pub fn complete(mut self, output: Value) -> bool {
-        self.reply.take().is_some_and(|r| r.send(Ok(output)).is_ok())
+        self.reply
+            .take()
+            .is_some_and(|r| r.send(Ok(output)).is_ok())
     }
 
     /// The handler returns `Err(message)`. False when the handler was already gone.
@@ -451,7 +481,11 @@ impl Started {
 
     /// Waits until the handler's cancel token fires; returns its reason.
     pub async fn cancelled(&self) -> CancelReason {
-        within("the handler's cancel token to fire", self.ctx.cancel_token().cancelled()).await
+        within(
+            "the handler's cancel token to fire",
+            self.ctx.cancel_token().cancelled(),
+        )
+        .await
     }
 }
 
@@ -568,14 +602,26 @@ impl Harness {
 
     /// A worker on env `default` running `task` with a held handler of `probe`, with
     /// workloops `spec`.
-    pub async fn held_worker(&self, probe: &Probe, task: &str, spec: &str) -> runlane_engine::Worker {
-        self.start(self.engine.worker().handler(task, probe.held()).workloops(spec))
-            .await
+    pub async fn held_worker(
+        &self,
+        probe: &Probe,
+        task: &str,
+        spec: &str,
+    ) -> runlane_engine::Worker {
+        self.start(
+            self.engine
+                .worker()
+                .handler(task, probe.held())
+                .workloops(spec),
+        )
+        .await
     }
 
     /// Lanes with their depth, by name.
     pub async fn lane_ready(&self, lane: &str) -> u64 {
-        let lanes = within("lanes", self.engine.lanes()).await.expect("lanes failed");
+        let lanes = within("lanes", self.engine.lanes())
+            .await
+            .expect("lanes failed");
         lanes
             .iter()
             .find(|l| l.name.as_str() == lane)
@@ -584,9 +630,12 @@ impl Harness {
 
     /// Sets a queue's settings in env `default`.
     pub async fn set_queue(&self, queue: &str, settings: runlane_core::QueueSettings) {
-        within("set_queue", self.engine.set_queue("default", queue, settings))
-            .await
-            .unwrap_or_else(|e| panic!("set_queue({queue}) refused: {e}"));
+        within(
+            "set_queue",
+            self.engine.set_queue("default", queue, settings),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("set_queue({queue}) refused: {e}"));
     }
 
     /// A queue's info in env `default`.

@@ -60,12 +60,30 @@ mod tests {
             assert!(seen.insert(*id), "duplicate scenario id {id}");
             let (family, number) = id.split_once('-').expect("FAMILY-NN");
             assert!(family.chars().all(|c| c.is_ascii_uppercase()), "{id}");
-            assert!(number.len() == 2 && number.chars().all(|c| c.is_ascii_digit()), "{id}");
+            assert!(
+                number.len() == 2 && number.chars().all(|c| c.is_ascii_digit()),
+                "{id}"
+            );
             assert!(!description.is_empty(), "{id} has no description");
         }
-        for family in ["FP", "ORD", "LIM", "LANE", "TTL", "LIFE", "IDEM", "WAIT", "CAP", "DRAIN", "FAIR", "BAD"] {
-            assert!(SCENARIOS.iter().any(|(id, _)| id.starts_with(&format!("{family}-"))), "{family}");
+        for family in [
+            "FP", "ORD", "LIM", "LANE", "TTL", "LIFE", "IDEM", "WAIT", "CAP", "DRAIN", "FAIR",
+            "BAD",
+        ] {
+            assert!(
+                SCENARIOS
+                    .iter()
+                    .any(|(id, _)| id.starts_with(&format!("{family}-"))),
+                "{family}"
+            );
         }
-        assert_eq!(SCENARIOS.iter().filter(|(id, _)| id.starts_with("FP-")).count(), 8, "seed 000's eight cases");
+        assert_eq!(
+            SCENARIOS
+                .iter()
+                .filter(|(id, _)| id.starts_with("FP-"))
+                .count(),
+            8,
+            "seed 000's eight cases"
+        );
     }
 }

@@ -15,21 +15,41 @@ pub async fn lim_01(b: &dyn Backends) {
     let mut probe = Probe::new();
     let _w = h.held_worker(&probe, "t", "manual>*:5").await;
     for i in 0..5 {
-        h.trigger(h.engine.trigger("t").queue(&format!("q{i}"))).await;
+        h.trigger(h.engine.trigger("t").queue(&format!("q{i}")))
+            .await;
     }
     let first = probe.next().await;
     let second = probe.next().await;
     assert_ne!(first.run, second.run);
-    assert_eq!(h.count_live(RunStatus::Executing).await, 2, "LIM-01: two executing");
-    assert_eq!(h.count_live(RunStatus::Queued).await, 3, "LIM-01: three wait for the env");
-    assert_eq!(h.usage("default").await.running, 2, "LIM-01: env limit 2 holds");
+    assert_eq!(
+        h.count_live(RunStatus::Executing).await,
+        2,
+        "LIM-01: two executing"
+    );
+    assert_eq!(
+        h.count_live(RunStatus::Queued).await,
+        3,
+        "LIM-01: three wait for the env"
+    );
+    assert_eq!(
+        h.usage("default").await.running,
+        2,
+        "LIM-01: env limit 2 holds"
+    );
     probe.assert_quiet("LIM-01: a third run started past the env limit");
 
     let first_run = first.run;
     first.complete(json!(null));
     let third = probe.next().await;
-    assert_eq!(h.wait_terminal(first_run).await.status, RunStatus::Completed);
-    assert_eq!(h.count_live(RunStatus::Executing).await, 2, "LIM-01: still two executing");
+    assert_eq!(
+        h.wait_terminal(first_run).await.status,
+        RunStatus::Completed
+    );
+    assert_eq!(
+        h.count_live(RunStatus::Executing).await,
+        2,
+        "LIM-01: still two executing"
+    );
     assert_eq!(h.count_live(RunStatus::Queued).await, 2);
     assert_eq!(h.usage("default").await.running, 2);
     probe.assert_quiet("LIM-01: one release admits one run");
@@ -40,17 +60,33 @@ pub async fn lim_01(b: &dyn Backends) {
 /// LIM-02: the env × burst row: env limit 2 with burst 1.5 holds floor(3) runs, no more.
 pub async fn lim_02(b: &dyn Backends) {
     let h = Harness::open(b).await;
-    h.set_env("default", EnvSettings { limit: 2, burst: 1.5, ..EnvSettings::default() }).await;
+    h.set_env(
+        "default",
+        EnvSettings {
+            limit: 2,
+            burst: 1.5,
+            ..EnvSettings::default()
+        },
+    )
+    .await;
     let mut runs = Vec::new();
     for i in 0..5 {
-        runs.push(h.trigger(h.engine.trigger("t").queue(&format!("q{i}"))).await.id);
+        runs.push(
+            h.trigger(h.engine.trigger("t").queue(&format!("q{i}")))
+                .await
+                .id,
+        );
     }
     let mut statuses = Vec::new();
     for r in &runs {
         statuses.push(h.status(*r).await);
     }
     use RunStatus::{Queued, Ready};
-    assert_eq!(statuses, vec![Ready, Ready, Ready, Queued, Queued], "LIM-02: floor(2 × 1.5) = 3");
+    assert_eq!(
+        statuses,
+        vec![Ready, Ready, Ready, Queued, Queued],
+        "LIM-02: floor(2 × 1.5) = 3"
+    );
     assert_eq!(h.usage("default").await.running, 3);
 }
 
@@ -58,18 +94,36 @@ pub async fn lim_02(b: &dyn Backends) {
 /// queue, while another key of the same queue is admitted.
 pub async fn lim_03(b: &dyn Backends) {
     let h = Harness::open(b).await;
-    h.set_queue("q", QueueSettings { limit: Some(2), ..QueueSettings::default() }).await;
+    h.set_queue(
+        "q",
+        QueueSettings {
+            limit: Some(2),
+            ..QueueSettings::default()
+        },
+    )
+    .await;
     let mut k = Vec::new();
     for _ in 0..4 {
-        k.push(h.trigger(h.engine.trigger("t").queue("q").key("k")).await.id);
+        k.push(
+            h.trigger(h.engine.trigger("t").queue("q").key("k"))
+                .await
+                .id,
+        );
     }
-    let j = h.trigger(h.engine.trigger("t").queue("q").key("j")).await.id;
+    let j = h
+        .trigger(h.engine.trigger("t").queue("q").key("j"))
+        .await
+        .id;
     use RunStatus::{Queued, Ready};
     let mut statuses = Vec::new();
     for r in &k {
         statuses.push(h.status(*r).await);
     }
-    assert_eq!(statuses, vec![Ready, Ready, Queued, Queued], "LIM-03: key k holds 2");
+    assert_eq!(
+        statuses,
+        vec![Ready, Ready, Queued, Queued],
+        "LIM-03: key k holds 2"
+    );
     assert_eq!(h.status(j).await, Ready, "LIM-03: key j is admitted");
     let info = h.queue_info("q").await;
     assert_eq!((info.running, info.queued), (3, 2));
@@ -81,49 +135,102 @@ pub async fn lim_04(b: &dyn Backends) {
     let h = Harness::open(b).await;
     h.set_queue(
         "q",
-        QueueSettings { limit: Some(2), key_total_limit: Some(3), ..QueueSettings::default() },
+        QueueSettings {
+            limit: Some(2),
+            key_total_limit: Some(3),
+            ..QueueSettings::default()
+        },
     )
     .await;
     let mut runs = Vec::new();
     for key in ["a", "a", "a", "b", "b", "b"] {
-        runs.push(h.trigger(h.engine.trigger("t").queue("q").key(key)).await.id);
+        runs.push(
+            h.trigger(h.engine.trigger("t").queue("q").key(key))
+                .await
+                .id,
+        );
     }
-    assert_eq!(h.queue_info("q").await.running, 3, "LIM-04: key_total_limit 3");
-    assert_eq!(h.status(runs[2]).await, RunStatus::Queued, "LIM-04: key a at its cap");
-    assert_eq!(h.status(runs[3]).await, RunStatus::Ready, "LIM-04: b1 fits the total");
-    assert_eq!(h.status(runs[4]).await, RunStatus::Queued, "LIM-04: the total is reached");
+    assert_eq!(
+        h.queue_info("q").await.running,
+        3,
+        "LIM-04: key_total_limit 3"
+    );
+    assert_eq!(
+        h.status(runs[2]).await,
+        RunStatus::Queued,
+        "LIM-04: key a at its cap"
+    );
+    assert_eq!(
+        h.status(runs[3]).await,
+        RunStatus::Ready,
+        "LIM-04: b1 fits the total"
+    );
+    assert_eq!(
+        h.status(runs[4]).await,
+        RunStatus::Queued,
+        "LIM-04: the total is reached"
+    );
 
     h.cancel(runs[0]).await;
     let info = h.queue_info("q").await;
-    assert_eq!((info.running, info.queued), (3, 2), "LIM-04: one released, one admitted");
+    assert_eq!(
+        (info.running, info.queued),
+        (3, 2),
+        "LIM-04: one released, one admitted"
+    );
     let mut per_key = [0, 0];
     for l in h.snapshot().await {
         if l.status == RunStatus::Ready {
             per_key[usize::from(&*l.dispatch.key == "b")] += 1;
         }
     }
-    assert!(per_key.iter().all(|n| *n <= 2), "LIM-04: a key above its cap: {per_key:?}");
+    assert!(
+        per_key.iter().all(|n| *n <= 2),
+        "LIM-04: a key above its cap: {per_key:?}"
+    );
 }
 
 /// LIM-05: the paused row: a paused queue admits nothing — not at trigger, not on a release —
 /// and resuming it admits at once, with no timer wake-up.
 pub async fn lim_05(b: &dyn Backends) {
     let h = Harness::open(b).await;
-    h.set_queue("q", QueueSettings { limit: Some(1), ..QueueSettings::default() }).await;
+    h.set_queue(
+        "q",
+        QueueSettings {
+            limit: Some(1),
+            ..QueueSettings::default()
+        },
+    )
+    .await;
     let holder = h.trigger(h.engine.trigger("t").queue("q")).await.id;
     let waiting = h.trigger(h.engine.trigger("t").queue("q")).await.id;
     ok(h.engine.pause_queue("default", "q")).await;
     assert!(h.queue_info("q").await.settings.paused, "LIM-05: paused");
-    let other_key = h.trigger(h.engine.trigger("t").queue("q").key("other")).await.id;
-    assert_eq!(h.status(other_key).await, RunStatus::Queued, "LIM-05: no fast path into a paused queue");
+    let other_key = h
+        .trigger(h.engine.trigger("t").queue("q").key("other"))
+        .await
+        .id;
+    assert_eq!(
+        h.status(other_key).await,
+        RunStatus::Queued,
+        "LIM-05: no fast path into a paused queue"
+    );
     h.cancel(holder).await;
-    assert_eq!(h.status(waiting).await, RunStatus::Queued, "LIM-05: a release admits nothing paused");
+    assert_eq!(
+        h.status(waiting).await,
+        RunStatus::Queued,
+        "LIM-05: a release admits nothing paused"
+    );
     assert_eq!(h.queue_info("q").await.running, 0);
 
     ok(h.engine.resume_queue("default", "q")).await;
     h.wait_status(waiting, RunStatus::Ready).await;
     h.wait_status(other_key, RunStatus::Ready).await;
-    assert_eq!(h.queue_info("q").await.running, 2, "LIM-05: resume admits what fits");
+    assert_eq!(
+        h.queue_info("q").await.running,
+        2,
+        "LIM-05: resume admits what fits"
+    );
     assert!(h.wakeups().is_empty(), "LIM-05: no timer involved");
 }
 
@@ -131,7 +238,14 @@ pub async fn lim_05(b: &dyn Backends) {
 /// limit of 1, finishing the first run starts the second, and the timer never wakes.
 pub async fn lim_06(b: &dyn Backends) {
     let h = Harness::open(b).await;
-    h.set_queue("q", QueueSettings { limit: Some(1), ..QueueSettings::default() }).await;
+    h.set_queue(
+        "q",
+        QueueSettings {
+            limit: Some(1),
+            ..QueueSettings::default()
+        },
+    )
+    .await;
     let mut probe = Probe::new();
     let _w = h.held_worker(&probe, "t", "manual>*:2").await;
     let first = h.trigger(h.engine.trigger("t").queue("q")).await.id;
@@ -144,7 +258,11 @@ pub async fn lim_06(b: &dyn Backends) {
     assert_eq!(s.run, second, "LIM-06: the freed slot starts the next run");
     s.complete(json!(null));
     h.wait_terminal(second).await;
-    assert!(h.wakeups().is_empty(), "LIM-06: no timer wake-up: {:?}", h.wakeups());
+    assert!(
+        h.wakeups().is_empty(),
+        "LIM-06: no timer wake-up: {:?}",
+        h.wakeups()
+    );
 }
 
 /// LIM-07: a release admits from every queue blocked on the scope it freed: env limit 1, queues
@@ -158,7 +276,11 @@ pub async fn lim_07(b: &dyn Backends) {
     let b_ = h.trigger(h.engine.trigger("t").queue("B")).await.id;
     let s = probe.next().await;
     assert_eq!(s.run, a);
-    assert_eq!(h.status(b_).await, RunStatus::Queued, "LIM-07: B waits for the env");
+    assert_eq!(
+        h.status(b_).await,
+        RunStatus::Queued,
+        "LIM-07: B waits for the env"
+    );
     s.complete(json!(null));
     let s = probe.next().await;
     assert_eq!(s.run, b_, "LIM-07: A's finish starts B's run");
@@ -172,22 +294,50 @@ pub async fn lim_07(b: &dyn Backends) {
 /// waits, and a fast-lane release admits the waiting fast-lane run.
 pub async fn lim_08(b: &dyn Backends) {
     let h = Harness::open(b).await;
-    h.set_env("default", EnvSettings { limit: 1, fast_lane_limit: Some(2), ..EnvSettings::default() })
-        .await;
+    h.set_env(
+        "default",
+        EnvSettings {
+            limit: 1,
+            fast_lane_limit: Some(2),
+            ..EnvSettings::default()
+        },
+    )
+    .await;
     let ordinary = h.trigger(h.engine.trigger("t").queue("qd")).await.id;
     let f: Vec<_> = {
         let mut f = Vec::new();
         for i in 0..3 {
-            f.push(h.trigger(h.engine.trigger("t").queue(&format!("qf{i}")).lane("fast_lane")).await.id);
+            f.push(
+                h.trigger(
+                    h.engine
+                        .trigger("t")
+                        .queue(&format!("qf{i}"))
+                        .lane("fast_lane"),
+                )
+                .await
+                .id,
+            );
         }
         f
     };
     let ordinary2 = h.trigger(h.engine.trigger("t").queue("qd2")).await.id;
     assert_eq!(h.status(ordinary).await, RunStatus::Ready);
-    assert_eq!(h.status(f[0]).await, RunStatus::Ready, "LIM-08: fast lane while the env is full");
+    assert_eq!(
+        h.status(f[0]).await,
+        RunStatus::Ready,
+        "LIM-08: fast lane while the env is full"
+    );
     assert_eq!(h.status(f[1]).await, RunStatus::Ready);
-    assert_eq!(h.status(f[2]).await, RunStatus::Queued, "LIM-08: fast_lane_limit 2");
-    assert_eq!(h.status(ordinary2).await, RunStatus::Queued, "LIM-08: the env is full");
+    assert_eq!(
+        h.status(f[2]).await,
+        RunStatus::Queued,
+        "LIM-08: fast_lane_limit 2"
+    );
+    assert_eq!(
+        h.status(ordinary2).await,
+        RunStatus::Queued,
+        "LIM-08: the env is full"
+    );
     let usage = h.usage("default").await;
     assert_eq!((usage.running, usage.fast_lane_running), (1, 2));
 
@@ -203,11 +353,21 @@ pub async fn lim_08(b: &dyn Backends) {
     want.sort();
     assert_eq!(ids, want, "LIM-08: the three admitted runs start");
     probe.assert_quiet("LIM-08: nothing past the limits");
-    let f0 = started.iter().position(|s| s.run == f[0]).expect("f0 started");
+    let f0 = started
+        .iter()
+        .position(|s| s.run == f[0])
+        .expect("f0 started");
     started.swap_remove(f0).complete(json!(null));
     let s = probe.next().await;
-    assert_eq!(s.run, f[2], "LIM-08: a fast-lane release admits the waiting fast-lane run");
-    assert_eq!(h.status(ordinary2).await, RunStatus::Queued, "LIM-08: the env is still full");
+    assert_eq!(
+        s.run, f[2],
+        "LIM-08: a fast-lane release admits the waiting fast-lane run"
+    );
+    assert_eq!(
+        h.status(ordinary2).await,
+        RunStatus::Queued,
+        "LIM-08: the env is still full"
+    );
     let usage = h.usage("default").await;
     assert_eq!((usage.running, usage.fast_lane_running), (1, 2));
 }
@@ -218,18 +378,45 @@ pub async fn lim_08(b: &dyn Backends) {
 pub async fn lim_09(b: &dyn Backends) {
     let h = Harness::open(b).await;
     h.limit(1).await;
-    h.set_queue("q", QueueSettings { limit: Some(1), ..QueueSettings::default() }).await;
-    let a1 = h.trigger(h.engine.trigger("t").queue("q").key("a")).await.id;
-    let a2 = h.trigger(h.engine.trigger("t").queue("q").key("a")).await.id;
-    let a3 = h.trigger(h.engine.trigger("t").queue("q").key("a")).await.id;
-    let b1 = h.trigger(h.engine.trigger("t").queue("q").key("b")).await.id;
+    h.set_queue(
+        "q",
+        QueueSettings {
+            limit: Some(1),
+            ..QueueSettings::default()
+        },
+    )
+    .await;
+    let a1 = h
+        .trigger(h.engine.trigger("t").queue("q").key("a"))
+        .await
+        .id;
+    let a2 = h
+        .trigger(h.engine.trigger("t").queue("q").key("a"))
+        .await
+        .id;
+    let a3 = h
+        .trigger(h.engine.trigger("t").queue("q").key("a"))
+        .await
+        .id;
+    let b1 = h
+        .trigger(h.engine.trigger("t").queue("q").key("b"))
+        .await
+        .id;
     assert_eq!(h.status(b1).await, RunStatus::Queued, "LIM-09: env full");
     h.limit(3).await;
     h.wait_status(b1, RunStatus::Ready).await;
     assert_eq!(h.status(a1).await, RunStatus::Ready);
-    assert_eq!(h.status(a2).await, RunStatus::Queued, "LIM-09: key a at its cap");
+    assert_eq!(
+        h.status(a2).await,
+        RunStatus::Queued,
+        "LIM-09: key a at its cap"
+    );
     assert_eq!(h.status(a3).await, RunStatus::Queued);
-    assert_eq!(h.usage("default").await.running, 2, "LIM-09: b1 admitted past key a's head");
+    assert_eq!(
+        h.usage("default").await.running,
+        2,
+        "LIM-09: b1 admitted past key a's head"
+    );
     assert!(h.wakeups().is_empty());
 }
 
@@ -240,26 +427,52 @@ pub async fn lim_10(b: &dyn Backends) {
     h.limit(1).await;
     let mut runs = Vec::new();
     for i in 0..4 {
-        runs.push(h.trigger(h.engine.trigger("t").queue(&format!("q{i}"))).await.id);
+        runs.push(
+            h.trigger(h.engine.trigger("t").queue(&format!("q{i}")))
+                .await
+                .id,
+        );
     }
     assert_eq!(h.count_live(RunStatus::Queued).await, 3);
     h.limit(3).await;
     h.wait_status(runs[1], RunStatus::Ready).await;
     h.wait_status(runs[2], RunStatus::Ready).await;
-    assert_eq!(h.status(runs[3]).await, RunStatus::Queued, "LIM-10: only what fits");
+    assert_eq!(
+        h.status(runs[3]).await,
+        RunStatus::Queued,
+        "LIM-10: only what fits"
+    );
     assert_eq!(h.usage("default").await.running, 3);
 
     h.limit(100).await;
     h.wait_status(runs[3], RunStatus::Ready).await;
-    h.set_queue("k", QueueSettings { limit: Some(1), ..QueueSettings::default() }).await;
+    h.set_queue(
+        "k",
+        QueueSettings {
+            limit: Some(1),
+            ..QueueSettings::default()
+        },
+    )
+    .await;
     let mut k = Vec::new();
     for _ in 0..3 {
         k.push(h.trigger(h.engine.trigger("t").queue("k")).await.id);
     }
     assert_eq!(h.queue_info("k").await.queued, 2);
-    h.set_queue("k", QueueSettings { limit: Some(3), ..QueueSettings::default() }).await;
+    h.set_queue(
+        "k",
+        QueueSettings {
+            limit: Some(3),
+            ..QueueSettings::default()
+        },
+    )
+    .await;
     h.wait_status(k[1], RunStatus::Ready).await;
     h.wait_status(k[2], RunStatus::Ready).await;
-    assert_eq!(h.queue_info("k").await.running, 3, "LIM-10: the raised queue limit admits");
+    assert_eq!(
+        h.queue_info("k").await.running,
+        3,
+        "LIM-10: the raised queue limit admits"
+    );
     assert!(h.wakeups().is_empty(), "LIM-10: no timer involved");
 }

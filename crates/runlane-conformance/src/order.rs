@@ -15,7 +15,14 @@ use crate::kit::{at, retry_fixed, secs, Backends, Harness, Probe};
 /// t + 2 s start in score order (ties by trigger order).
 pub async fn ord_01(b: &dyn Backends) {
     let h = Harness::open(b).await;
-    h.set_queue("q", QueueSettings { limit: Some(1), ..QueueSettings::default() }).await;
+    h.set_queue(
+        "q",
+        QueueSettings {
+            limit: Some(1),
+            ..QueueSettings::default()
+        },
+    )
+    .await;
     let trigger = |p: u64| h.engine.trigger("t").queue("q").priority(secs(p));
     let r0 = h.trigger(trigger(0)).await.id;
     let r1 = h.trigger(trigger(0)).await.id;
@@ -26,7 +33,11 @@ pub async fn ord_01(b: &dyn Backends) {
     h.set_clock(at(secs(2)));
     let r6 = h.trigger(trigger(1)).await.id; // score t + 1 s
     let r7 = h.trigger(trigger(3)).await.id; // score t − 1 s
-    assert_eq!(h.status(r0).await, RunStatus::Ready, "ORD-01: the first run holds the key");
+    assert_eq!(
+        h.status(r0).await,
+        RunStatus::Ready,
+        "ORD-01: the first run holds the key"
+    );
 
     let mut probe = Probe::new();
     let _w = h.held_worker(&probe, "t", "manual>*:1").await;
@@ -36,7 +47,11 @@ pub async fn ord_01(b: &dyn Backends) {
         order.push(s.run);
         s.complete(json!(null));
     }
-    assert_eq!(order, vec![r0, r3, r4, r5, r7, r1, r2, r6], "ORD-01: priority, then trigger order");
+    assert_eq!(
+        order,
+        vec![r0, r3, r4, r5, r7, r1, r2, r6],
+        "ORD-01: priority, then trigger order"
+    );
 }
 
 /// ORD-02: a delayed run is promoted exactly at its due instant by exactly one timer wake-up:
@@ -45,18 +60,34 @@ pub async fn ord_01(b: &dyn Backends) {
 pub async fn ord_02(b: &dyn Backends) {
     let h = Harness::open(b).await;
     let run = h.trigger(h.engine.trigger("t").delay(secs(5))).await;
-    assert_eq!(run.run_after, at(secs(5)), "ORD-02: run_after = trigger + delay");
+    assert_eq!(
+        run.run_after,
+        at(secs(5)),
+        "ORD-02: run_after = trigger + delay"
+    );
     assert_eq!(h.status(run.id).await, RunStatus::Delayed);
     h.timer_parked().await;
 
-    h.set_clock(at(secs(5)) .saturating_sub(Duration::from_millis(1)));
+    h.set_clock(at(secs(5)).saturating_sub(Duration::from_millis(1)));
     h.timer_parked().await;
-    assert_eq!(h.status(run.id).await, RunStatus::Delayed, "ORD-02: not promoted 1 ms early");
-    assert!(h.wakeups().is_empty(), "ORD-02: no wake-up before the due instant: {:?}", h.wakeups());
+    assert_eq!(
+        h.status(run.id).await,
+        RunStatus::Delayed,
+        "ORD-02: not promoted 1 ms early"
+    );
+    assert!(
+        h.wakeups().is_empty(),
+        "ORD-02: no wake-up before the due instant: {:?}",
+        h.wakeups()
+    );
 
     h.set_clock(at(secs(5)));
     h.wait_status(run.id, RunStatus::Ready).await;
-    assert_eq!(h.wakeups(), vec![at(secs(5))], "ORD-02: exactly one wake-up, at the due instant");
+    assert_eq!(
+        h.wakeups(),
+        vec![at(secs(5))],
+        "ORD-02: exactly one wake-up, at the due instant"
+    );
 }
 
 /// ORD-03: a retry waiting for its backoff does not block due runs of its key: with a queue
@@ -64,9 +95,21 @@ pub async fn ord_02(b: &dyn Backends) {
 /// runs at t + 10 s, woken by one timer wake-up at that instant.
 pub async fn ord_03(b: &dyn Backends) {
     let h = Harness::open(b).await;
-    h.set_queue("q", QueueSettings { limit: Some(1), ..QueueSettings::default() }).await;
+    h.set_queue(
+        "q",
+        QueueSettings {
+            limit: Some(1),
+            ..QueueSettings::default()
+        },
+    )
+    .await;
     let a = h
-        .trigger(h.engine.trigger("t").queue("q").retry(retry_fixed(2, secs(10))))
+        .trigger(
+            h.engine
+                .trigger("t")
+                .queue("q")
+                .retry(retry_fixed(2, secs(10))),
+        )
         .await
         .id;
     let b_ = h.trigger(h.engine.trigger("t").queue("q")).await.id;
@@ -84,15 +127,27 @@ pub async fn ord_03(b: &dyn Backends) {
     assert_eq!(s.run, c, "ORD-03: C runs while A waits for its backoff");
     s.complete(json!(null));
     h.wait_terminal(c).await;
-    assert_eq!(h.status(a).await, RunStatus::Delayed, "ORD-03: A still waits");
+    assert_eq!(
+        h.status(a).await,
+        RunStatus::Delayed,
+        "ORD-03: A still waits"
+    );
     probe.assert_quiet("ORD-03: nothing runs before A's retry is due");
 
     h.set_clock(at(secs(10)));
     let s = probe.next().await;
-    assert_eq!((s.run, s.attempt), (a, 2), "ORD-03: A's retry at its due instant");
+    assert_eq!(
+        (s.run, s.attempt),
+        (a, 2),
+        "ORD-03: A's retry at its due instant"
+    );
     s.complete(json!(null));
     assert_eq!(h.wait_terminal(a).await.status, RunStatus::Completed);
-    assert_eq!(h.wakeups(), vec![at(secs(10))], "ORD-03: one timer wake-up, for A's retry");
+    assert_eq!(
+        h.wakeups(),
+        vec![at(secs(10))],
+        "ORD-03: one timer wake-up, for A's retry"
+    );
 }
 
 /// ORD-04: an idle engine never wakes: with an idle worker and no deadline, ten virtual
@@ -108,5 +163,9 @@ pub async fn ord_04(b: &dyn Backends) {
     assert_eq!(s.run, run, "ORD-04: the idle worker starts the run");
     s.complete(json!(null));
     h.wait_terminal(run).await;
-    assert!(h.wakeups().is_empty(), "ORD-04: no timer wake-up while idle: {:?}", h.wakeups());
+    assert!(
+        h.wakeups().is_empty(),
+        "ORD-04: no timer wake-up while idle: {:?}",
+        h.wakeups()
+    );
 }

@@ -33,12 +33,21 @@ pub async fn wait_01(b: &dyn Backends) {
             }),
         ))
         .await;
-    let outcome = ok(h.engine.trigger("add").payload(&json!({"a": 1, "b": 2})).wait(secs(60))).await;
+    let outcome = ok(h
+        .engine
+        .trigger("add")
+        .payload(&json!({"a": 1, "b": 2}))
+        .wait(secs(60)))
+    .await;
     let rec = finished(outcome, "WAIT-01");
     assert_eq!(rec.status, RunStatus::Completed);
     assert_eq!(output(&rec), Some(json!({"sum": 3})), "WAIT-01: the output");
     assert_eq!(rec.source, TriggerSource::Sync, "WAIT-01: source sync");
-    assert_eq!(rec.lane.as_str(), "fast_lane", "WAIT-01: sync triggers go to fast_lane");
+    assert_eq!(
+        rec.lane.as_str(),
+        "fast_lane",
+        "WAIT-01: sync triggers go to fast_lane"
+    );
     assert_eq!(probe.next().await.run, rec.id);
 }
 
@@ -55,14 +64,23 @@ pub async fn wait_02(b: &dyn Backends) {
     let run = s.run;
     s.fail("first try");
     h.wait_status(run, RunStatus::Delayed).await;
-    assert!(!waiter.is_finished(), "WAIT-02: the wait goes on through the retry");
+    assert!(
+        !waiter.is_finished(),
+        "WAIT-02: the wait goes on through the retry"
+    );
     h.set_clock(at(secs(1)));
     let s = probe.next().await;
     assert_eq!((s.run, s.attempt), (run, 2));
     s.complete(json!("second"));
     let outcome = within("the wait", waiter).await.expect("waiter panicked");
-    let rec = finished(outcome.unwrap_or_else(|e| panic!("WAIT-02: {e}")), "WAIT-02");
-    assert_eq!((rec.id, rec.status, rec.attempt), (run, RunStatus::Completed, 2));
+    let rec = finished(
+        outcome.unwrap_or_else(|e| panic!("WAIT-02: {e}")),
+        "WAIT-02",
+    );
+    assert_eq!(
+        (rec.id, rec.status, rec.attempt),
+        (run, RunStatus::Completed, 2)
+    );
     assert_eq!(output(&rec), Some(json!("second")));
 }
 
@@ -71,12 +89,24 @@ pub async fn wait_03(b: &dyn Backends) {
     let h = Harness::open(b).await;
     let mut probe = Probe::new();
     let _w = h
-        .start(h.engine.worker().handler("t", probe.auto(|_| Err(runlane_engine::HandlerError::new("boom")))))
+        .start(h.engine.worker().handler(
+            "t",
+            probe.auto(|_| Err(runlane_engine::HandlerError::new("boom"))),
+        ))
         .await;
-    let outcome = ok(h.engine.trigger("t").retry(RetryPolicy::none()).wait(secs(60))).await;
+    let outcome = ok(h
+        .engine
+        .trigger("t")
+        .retry(RetryPolicy::none())
+        .wait(secs(60)))
+    .await;
     let rec = finished(outcome, "WAIT-03");
     assert_eq!(rec.status, RunStatus::Failed);
-    assert!(rec.error.as_deref().is_some_and(|e| e.contains("boom")), "WAIT-03: the error: {:?}", rec.error);
+    assert!(
+        rec.error.as_deref().is_some_and(|e| e.contains("boom")),
+        "WAIT-03: the error: {:?}",
+        rec.error
+    );
     assert_eq!(rec.output, None);
     probe.next().await;
 }
@@ -90,31 +120,60 @@ pub async fn wait_04(b: &dyn Backends) {
         Ok(WaitOutcome::Pending { run_id, status }) => (run_id, status),
         other => panic!("WAIT-04: want Pending, got {other:?}"),
     };
-    assert_eq!(status, RunStatus::Ready, "WAIT-04: the status when the wait ended");
-    assert_eq!(h.status(run).await, RunStatus::Ready, "WAIT-04: the run goes on");
+    assert_eq!(
+        status,
+        RunStatus::Ready,
+        "WAIT-04: the status when the wait ended"
+    );
+    assert_eq!(
+        h.status(run).await,
+        RunStatus::Ready,
+        "WAIT-04: the run goes on"
+    );
     let mut probe = Probe::new();
-    let _w = h.start(h.engine.worker().handler("t", probe.auto(|_| Ok(json!(7))))).await;
+    let _w = h
+        .start(h.engine.worker().handler("t", probe.auto(|_| Ok(json!(7)))))
+        .await;
     assert_eq!(probe.next().await.run, run);
     let rec = h.wait_terminal(run).await;
-    assert_eq!((rec.status, output(&rec)), (RunStatus::Completed, Some(json!(7))));
+    assert_eq!(
+        (rec.status, output(&rec)),
+        (RunStatus::Completed, Some(json!(7)))
+    );
 }
 
 /// WAIT-05: waiting from inside a handler for a run that needs the slot the handler holds is
 /// refused with `WaitDeadlock` (queue `shared`, limit 1), and the child run is not created.
 pub async fn wait_05(b: &dyn Backends) {
     let h = Harness::open(b).await;
-    h.set_queue("shared", QueueSettings { limit: Some(1), ..QueueSettings::default() }).await;
+    h.set_queue(
+        "shared",
+        QueueSettings {
+            limit: Some(1),
+            ..QueueSettings::default()
+        },
+    )
+    .await;
     let mut probe = Probe::new();
     let _w = h.held_worker(&probe, "parent", "manual>*:2").await;
-    let parent = h.trigger(h.engine.trigger("parent").queue("shared")).await.id;
+    let parent = h
+        .trigger(h.engine.trigger("parent").queue("shared"))
+        .await
+        .id;
     let s = probe.next().await;
     assert_eq!(s.run, parent);
     let mut child = TriggerRequest::new("child").expect("valid");
     child.queue = Some(QueueName::new("shared").expect("valid"));
-    let answer = within("trigger_and_wait from a handler", s.ctx.trigger_and_wait(child, secs(60))).await;
+    let answer = within(
+        "trigger_and_wait from a handler",
+        s.ctx.trigger_and_wait(child, secs(60)),
+    )
+    .await;
     assert_eq!(
         answer,
-        Err(EngineError::WaitDeadlock { scope: Scope::QueueKey }),
+        Err(EngineError::WaitDeadlock {
+            scope: Scope::QueueKey
+        }),
         "WAIT-05: refused, naming the shared scope"
     );
     let children: Vec<_> = h
@@ -123,7 +182,10 @@ pub async fn wait_05(b: &dyn Backends) {
         .into_iter()
         .filter(|r| r.task == TaskName::new("child").expect("valid"))
         .collect();
-    assert!(children.is_empty(), "WAIT-05: the refused child was stored: {children:?}");
+    assert!(
+        children.is_empty(),
+        "WAIT-05: the refused child was stored: {children:?}"
+    );
     s.complete(json!(null));
     assert_eq!(h.wait_terminal(parent).await.status, RunStatus::Completed);
 }
@@ -133,7 +195,13 @@ pub async fn wait_05(b: &dyn Backends) {
 pub async fn wait_06(b: &dyn Backends) {
     let h = Harness::open(b).await;
     let mut probe = Probe::new();
-    let _w = h.start(h.engine.worker().handler("t", probe.auto(|_| Ok(json!("x"))))).await;
+    let _w = h
+        .start(
+            h.engine
+                .worker()
+                .handler("t", probe.auto(|_| Ok(json!("x")))),
+        )
+        .await;
     let run = h.run("t").await;
     probe.next().await;
     h.wait_terminal(run).await;
@@ -149,7 +217,10 @@ pub async fn wait_07(b: &dyn Backends) {
     h.limit(1).await;
     let _holder = h.trigger(h.engine.trigger("t").queue("q0")).await.id;
     let canceled = h.trigger(h.engine.trigger("t").queue("q1")).await.id;
-    let expiring = h.trigger(h.engine.trigger("t").queue("q2").ttl(secs(5))).await.id;
+    let expiring = h
+        .trigger(h.engine.trigger("t").queue("q2").ttl(secs(5)))
+        .await
+        .id;
     let wait_canceled = tokio::spawn({
         let e = h.engine.clone();
         async move { e.wait(canceled, secs(60)).await }
@@ -160,10 +231,20 @@ pub async fn wait_07(b: &dyn Backends) {
     });
     h.cancel(canceled).await;
     h.set_clock(at(secs(5)));
-    let a = within("the wait", wait_canceled).await.expect("waiter panicked");
-    let b_ = within("the wait", wait_expired).await.expect("waiter panicked");
-    let a = finished(a.unwrap_or_else(|e| panic!("WAIT-07: {e}")), "WAIT-07 canceled");
-    let b_ = finished(b_.unwrap_or_else(|e| panic!("WAIT-07: {e}")), "WAIT-07 expired");
+    let a = within("the wait", wait_canceled)
+        .await
+        .expect("waiter panicked");
+    let b_ = within("the wait", wait_expired)
+        .await
+        .expect("waiter panicked");
+    let a = finished(
+        a.unwrap_or_else(|e| panic!("WAIT-07: {e}")),
+        "WAIT-07 canceled",
+    );
+    let b_ = finished(
+        b_.unwrap_or_else(|e| panic!("WAIT-07: {e}")),
+        "WAIT-07 expired",
+    );
     assert_eq!((a.id, a.status), (canceled, RunStatus::Canceled));
     assert_eq!((b_.id, b_.status), (expiring, RunStatus::Expired));
 }
