@@ -8,7 +8,7 @@ use runlane_core::{QueueSettings, RunStatus};
 use runlane_engine::EngineError;
 use serde_json::json;
 
-use crate::kit::{secs, within, Backends, Harness, Probe};
+use crate::kit::{at, ok, secs, within, Backends, Harness, Probe};
 
 /// CAP-01: `max_queued` caps the waiting (delayed + queued) runs of a queue key: with a cap of
 /// 2, a queued and a delayed run fill key `k`, the third trigger is refused with `QueueFull`
@@ -138,16 +138,30 @@ pub async fn drain_01(b: &dyn Backends) {
     }
 }
 
-/// DRAIN-02: `worker.stop()` stops claiming and waits for in-flight runs: a run that completes
-/// during the drain counts as finished, and the slot it frees does not claim the run that was
-/// triggered during the drain.
+/// DRAIN-02: `worker.stop()` stops claiming and waits for in-flight runs: once the drain waits
+/// (parked on its stop timeout), a run completing counts as finished, and the slot it frees
+/// does not claim the run triggered during the drain.
 pub async fn drain_02(b: &dyn Backends) {
     let h = Harness::open(b).await;
     let mut probe = Probe::new();
-    let w = h.held_worker(&probe, "t", "manual>*:1").await;
+    let w = h
+        .start(
+            h.engine
+                .worker()
+                .handler("t", probe.held())
+                .workloops("manual>*:1")
+                .stop_timeout(secs(45)),
+        )
+        .await;
     let r1 = h.run("t").await;
     let s1 = probe.next().await;
     let stopping = tokio::spawn(w.stop());
+    h.armed_at(at(secs(45))).await;
+    let lanes = ok(h.engine.lanes()).await;
+    assert!(
+        lanes.iter().all(|l| l.consumers == 0),
+        "DRAIN-02: a draining worker stopped claiming: {lanes:?}"
+    );
     let late = h.run("t").await;
     assert!(
         !stopping.is_finished(),

@@ -290,37 +290,33 @@ impl Harness {
         self.engine.timer_stats().wakeups
     }
 
-    /// Waits until something sleeps on the clock (the timer, armed), then lets it settle. Call
-    /// it before moving time in scenarios that count wake-ups, with no worker running, so that
-    /// the timer is the only sleeper.
-    pub async fn timer_parked(&self) {
-        within("the timer to park on the clock", async {
-            while self.clock.sleepers() == 0 {
+    /// Waits until something sleeps on the clock until exactly `at` (the timer armed for that
+    /// deadline, a drain waiting for its stop timeout, a wait for its timeout). Moving time to
+    /// `at` afterwards wakes that sleeper from its sleep, never from a re-read.
+    pub async fn armed_at(&self, at: Timestamp) {
+        within(&format!("a sleeper armed at {at}"), async {
+            while !self.clock.sleeping_until().contains(&at) {
                 tokio::task::yield_now().await;
             }
         })
         .await;
-        for _ in 0..64 {
-            tokio::task::yield_now().await;
-        }
     }
 
-    /// Runs `fut` to completion; if it parks on the clock (a new sleeper appears) before it
-    /// completes, moves time forward by `by` once. For calls whose timeout may be measured on
-    /// the engine clock (trigger-and-wait), so that the scenario works whichever clock they use.
+    /// Runs `fut` to completion; if it parks on the clock until `at` before it completes, moves
+    /// time to `at`. For calls whose timeout may be measured on the engine clock
+    /// (trigger-and-wait), so the scenario holds whichever clock they use.
     pub async fn drive<T: Send + 'static>(
         &self,
         fut: impl Future<Output = T> + Send + 'static,
-        by: Duration,
+        at: Timestamp,
     ) -> T {
-        let baseline = self.clock.sleepers();
         let mut handle = tokio::spawn(fut);
-        let parked = within("the call to complete or park on the clock", async {
+        let parked = within(&format!("the call to complete or park until {at}"), async {
             loop {
                 if handle.is_finished() {
                     return false;
                 }
-                if self.clock.sleepers() > baseline {
+                if self.clock.sleeping_until().contains(&at) {
                     return true;
                 }
                 tokio::task::yield_now().await;
@@ -328,7 +324,7 @@ impl Harness {
         })
         .await;
         if parked {
-            self.clock.advance(by);
+            self.clock.set(at);
         }
         within("the driven call", &mut handle)
             .await

@@ -66,10 +66,10 @@ pub async fn ord_02(b: &dyn Backends) {
         "ORD-02: run_after = trigger + delay"
     );
     assert_eq!(h.status(run.id).await, RunStatus::Delayed);
-    h.timer_parked().await;
+    h.armed_at(at(secs(5))).await;
 
     h.set_clock(at(secs(5)).saturating_sub(Duration::from_millis(1)));
-    h.timer_parked().await;
+    h.armed_at(at(secs(5))).await;
     assert_eq!(
         h.status(run.id).await,
         RunStatus::Delayed,

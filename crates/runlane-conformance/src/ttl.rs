@@ -22,7 +22,7 @@ pub async fn ttl_01(b: &dyn Backends) {
         Some(at(secs(15))),
         "TTL-01: deadline from run_after"
     );
-    h.timer_parked().await;
+    h.armed_at(at(secs(10))).await;
     h.set_clock(at(secs(20)));
     h.wait_status(run.id, RunStatus::Expired).await;
     let statuses = h.statuses_of(run.id);
@@ -54,9 +54,9 @@ pub async fn ttl_02(b: &dyn Backends) {
         .await
         .id;
     assert_eq!(h.status(run).await, RunStatus::Queued);
-    h.timer_parked().await;
+    h.armed_at(at(secs(5))).await;
     h.set_clock(at(secs(5)).saturating_sub(Duration::from_millis(1)));
-    h.timer_parked().await;
+    h.armed_at(at(secs(5))).await;
     assert_eq!(
         h.status(run).await,
         RunStatus::Queued,
@@ -94,7 +94,7 @@ pub async fn ttl_03(b: &dyn Backends) {
     let waiting = h.trigger(h.engine.trigger("t").queue("q2")).await.id;
     assert_eq!(h.status(run).await, RunStatus::Ready);
     assert_eq!(h.status(waiting).await, RunStatus::Queued);
-    h.timer_parked().await;
+    h.armed_at(at(secs(5))).await;
     h.set_clock(at(secs(5)));
     h.wait_status(run, RunStatus::Expired).await;
     h.wait_status(waiting, RunStatus::Ready).await;

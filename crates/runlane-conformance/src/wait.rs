@@ -115,7 +115,9 @@ pub async fn wait_03(b: &dyn Backends) {
 /// goes on: a worker started afterwards completes it.
 pub async fn wait_04(b: &dyn Backends) {
     let h = Harness::open(b).await;
-    let outcome = h.drive(h.engine.trigger("t").wait(secs(5)), secs(5)).await;
+    let outcome = h
+        .drive(h.engine.trigger("t").wait(secs(5)), at(secs(5)))
+        .await;
     let (run, status) = match outcome {
         Ok(WaitOutcome::Pending { run_id, status }) => (run_id, status),
         other => panic!("WAIT-04: want Pending, got {other:?}"),
