@@ -182,3 +182,46 @@ pub async fn drain_02(b: &dyn Backends) {
         "DRAIN-02: the late run waits"
     );
 }
+
+/// CAP-02: a sync trigger (trigger-and-wait) over the fast-lane limit is refused with
+/// `FastLaneFull` and a `retry_after` hint, storing nothing, rather than queued behind others;
+/// an ordinary trigger into `fast_lane` over the limit is queued instead.
+pub async fn cap_02(b: &dyn Backends) {
+    let h = Harness::open(b).await;
+    h.set_env(
+        "default",
+        runlane_core::EnvSettings {
+            limit: 10,
+            fast_lane_limit: Some(1),
+            ..runlane_core::EnvSettings::default()
+        },
+    )
+    .await;
+    let first = h
+        .trigger(h.engine.trigger("t").queue("q1").lane("fast_lane"))
+        .await
+        .id;
+    assert_eq!(h.status(first).await, RunStatus::Ready);
+    let err = h
+        .refused(
+            "a sync trigger over the fast-lane limit",
+            h.engine.trigger("t").queue("q2").wait(secs(5)),
+        )
+        .await;
+    match err {
+        EngineError::FastLaneFull { retry_after } => {
+            assert!(!retry_after.is_zero(), "CAP-02: a Retry-After hint")
+        }
+        other => panic!("CAP-02: want FastLaneFull, got {other:?}"),
+    }
+    let queued = h
+        .trigger(h.engine.trigger("t").queue("q3").lane("fast_lane"))
+        .await
+        .id;
+    assert_eq!(
+        h.status(queued).await,
+        RunStatus::Queued,
+        "CAP-02: an ordinary trigger waits instead"
+    );
+    assert_eq!(h.usage("default").await.fast_lane_running, 1);
+}

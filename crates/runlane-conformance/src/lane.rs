@@ -6,7 +6,7 @@
 use runlane_core::{RunStatus, TaskDef, TaskName, TriggerSource, VersionDef};
 use serde_json::json;
 
-use crate::kit::{ok, Backends, Harness, Probe};
+use crate::kit::{at, ok, secs, Backends, Harness, Probe};
 
 /// LANE-01 (seed 001 step 6): a worker claiming with the filter chain `fast_lane` only gets
 /// fast-lane runs; ready runs of `default` and `manual` stay in their lanes.
@@ -253,4 +253,53 @@ pub async fn lane_06(b: &dyn Backends) {
     s.complete(json!(null));
     assert_eq!(h.wait_terminal(on_v1.id).await.status, RunStatus::Completed);
     p2.assert_quiet("LANE-06: the v2 worker stays idle");
+}
+
+/// LANE-07: a ready run whose lane has had no consumer for `ready_timeout` (5 min) returns to
+/// its queue at that instant, releasing its slot to a run whose lane has a consumer; once a
+/// consumer of its lane appears, it is admitted again and runs.
+pub async fn lane_07(b: &dyn Backends) {
+    let h = Harness::open(b).await;
+    h.limit(1).await;
+    ok(h.engine.add_lane("reports")).await;
+    let mut pd = Probe::new();
+    let _wd = h.held_worker(&pd, "t", "default:1").await;
+    let orphan = h
+        .trigger(h.engine.trigger("t").queue("qr").lane("reports"))
+        .await
+        .id;
+    let waiting = h.trigger(h.engine.trigger("t").queue("qd")).await.id;
+    assert_eq!(h.status(orphan).await, RunStatus::Ready);
+    assert_eq!(
+        h.status(waiting).await,
+        RunStatus::Queued,
+        "LANE-07: env full"
+    );
+    h.armed_at(at(secs(300))).await;
+    h.set_clock(at(secs(300)));
+    let s = pd.next().await;
+    assert_eq!(
+        s.run, waiting,
+        "LANE-07: the slot went to a lane with a consumer"
+    );
+    h.wait_status(orphan, RunStatus::Queued).await;
+    assert_eq!(
+        h.status(orphan).await,
+        RunStatus::Queued,
+        "LANE-07: back in its queue"
+    );
+    assert_eq!(h.usage("default").await.running, 1);
+    assert_eq!(
+        h.wakeups(),
+        vec![at(secs(300))],
+        "LANE-07: one wake-up at ready_timeout"
+    );
+
+    let mut pr = Probe::new();
+    let _wr = h.held_worker(&pr, "t", "reports:1").await;
+    s.complete(json!(null));
+    let r = pr.next().await;
+    assert_eq!(r.run, orphan, "LANE-07: a consumer of its lane runs it");
+    r.complete(json!(null));
+    assert_eq!(h.wait_terminal(orphan).await.status, RunStatus::Completed);
 }

@@ -587,3 +587,73 @@ fn terminal_events(h: &Harness, run: runlane_core::RunId) -> Vec<RunStatus> {
 async fn within_stop(w: runlane_engine::Worker) {
     crate::kit::within("the worker to stop", w.stop()).await;
 }
+
+/// LIFE-14: reschedule moves a delayed or queued run (its TTL deadline recomputed): a delayed
+/// run brought forward is promoted at the new instant, a queued run pushed back becomes
+/// delayed and stops waiting for a slot; a ready or executing run is refused (`WrongState`)
+/// and nothing changes.
+pub async fn life_14(b: &dyn Backends) {
+    let h = Harness::open(b).await;
+    h.limit(1).await;
+    let holder = h.trigger(h.engine.trigger("t").queue("q0")).await.id;
+    let delayed = h
+        .trigger(h.engine.trigger("t").queue("q1").delay(secs(60)))
+        .await
+        .id;
+    let queued = h.trigger(h.engine.trigger("t").queue("q2")).await.id;
+    let moved = ok(h.engine.reschedule(queued, at(secs(30)))).await;
+    assert_eq!(
+        (moved.status, moved.run_after),
+        (RunStatus::Delayed, at(secs(30)))
+    );
+    assert_eq!(h.live_status(queued).await, Some(RunStatus::Delayed));
+    let earlier = ok(h.engine.reschedule(delayed, at(secs(10)))).await;
+    assert_eq!(earlier.run_after, at(secs(10)));
+    let err = h
+        .refused(
+            "reschedule of a ready run",
+            h.engine.reschedule(holder, at(secs(5))),
+        )
+        .await;
+    assert!(
+        matches!(
+            err,
+            EngineError::WrongState {
+                status: RunStatus::Ready,
+                ..
+            }
+        ),
+        "LIFE-14: {err:?}"
+    );
+    h.cancel(holder).await;
+    h.set_clock(at(secs(10)));
+    h.wait_status(delayed, RunStatus::Ready).await;
+    assert_eq!(
+        h.status(queued).await,
+        RunStatus::Delayed,
+        "LIFE-14: the pushed-back run waits"
+    );
+
+    let mut probe = Probe::new();
+    let _w = h.held_worker(&probe, "t", "manual>*:1").await;
+    let s = probe.next().await;
+    assert_eq!(s.run, delayed);
+    let err = h
+        .refused(
+            "reschedule of an executing run",
+            h.engine.reschedule(delayed, at(secs(50))),
+        )
+        .await;
+    assert!(
+        matches!(
+            err,
+            EngineError::WrongState {
+                status: RunStatus::Executing,
+                ..
+            }
+        ),
+        "LIFE-14: {err:?}"
+    );
+    s.complete(json!(null));
+    h.wait_terminal(delayed).await;
+}
