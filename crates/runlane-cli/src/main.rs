@@ -1,1 +1,129 @@
-fn main() {}
+//! The `runlane` command line. It parses arguments and calls the library; nothing else.
+
+mod bench;
+mod quickstart;
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// runlane: a run engine for background jobs.
+#[derive(Parser, Debug)]
+#[command(name = "runlane", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// A tour: triggers a few hundred runs across queues, lanes, priorities, delays and keys,
+    /// shows them progressing and prints a summary table.
+    Quickstart {
+        /// Runs per env (two envs).
+        #[arg(long, default_value_t = 150)]
+        runs: u32,
+    },
+    /// Benchmarks, one JSON line per result.
+    Bench {
+        #[command(subcommand)]
+        scenario: BenchScenario,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct BenchCommon {
+    /// Backend to measure.
+    #[arg(long, default_value = "memory")]
+    backend: String,
+    /// Runs measured.
+    #[arg(long)]
+    runs: Option<u32>,
+    /// Worker slots.
+    #[arg(long, default_value_t = 16)]
+    slots: u32,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 64)]
+    payload_bytes: usize,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchScenario {
+    /// Trigger call start → handler's first line, sequential.
+    Latency {
+        #[command(flatten)]
+        common: BenchCommon,
+        /// Pause between runs, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        gap_ms: u64,
+        /// Where the worker runs (only same-process for now).
+        #[arg(long, default_value = "same-process")]
+        topology: String,
+    },
+    /// No-op runs per second.
+    Throughput {
+        #[command(flatten)]
+        common: BenchCommon,
+        /// Which phase to measure.
+        #[arg(long, value_enum, default_value_t = PhaseArg::Concurrent)]
+        phase: PhaseArg,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum PhaseArg {
+    TriggerOnly,
+    DrainOnly,
+    Concurrent,
+}
+
+fn common(c: &BenchCommon, default_runs: u32) -> bench::Common {
+    bench::Common {
+        backend: c.backend.clone(),
+        runs: c.runs.unwrap_or(default_runs),
+        slots: c.slots,
+        payload_bytes: c.payload_bytes,
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Quickstart { runs } => quickstart::run(quickstart::Options { runs }).await,
+            Command::Bench { scenario } => {
+                let line = match scenario {
+                    BenchScenario::Latency {
+                        common: c,
+                        gap_ms,
+                        topology,
+                    } => {
+                        if topology != "same-process" {
+                            anyhow::bail!(
+                                "topology {topology:?} is not available yet (same-process only)"
+                            );
+                        }
+                        bench::latency(&common(&c, 2_000), Duration::from_millis(gap_ms)).await?
+                    }
+                    BenchScenario::Throughput { common: c, phase } => {
+                        let phase = match phase {
+                            PhaseArg::TriggerOnly => bench::Phase::TriggerOnly,
+                            PhaseArg::DrainOnly => bench::Phase::DrainOnly,
+                            PhaseArg::Concurrent => bench::Phase::Concurrent,
+                        };
+                        bench::throughput(&common(&c, 200_000), phase).await?
+                    }
+                };
+                println!("{line}");
+                Ok(())
+            }
+        }
+    })
+}

@@ -131,17 +131,85 @@ mod tests {
             ("open", |_| {}, Ok(())),
             ("env full", |i| i.env_running = 10, Err(Blocked(Scope::Env))),
             ("env below", |i| i.env_running = 9, Ok(())),
-            ("burst raises env cap", |i| { i.env_running = 14; i.burst = 1.5 }, Ok(())),
-            ("burst floor", |i| { i.env_running = 15; i.burst = 1.59 }, Err(Blocked(Scope::Env))),
-            ("key at queue limit", |i| { i.queue_limit = Some(2); i.key_running = 2 }, Err(Blocked(Scope::QueueKey))),
-            ("queue limit above env limit is capped", |i| { i.queue_limit = Some(50); i.key_running = 10 }, Err(Blocked(Scope::QueueKey))),
-            ("key total", |i| { i.key_total_limit = Some(3); i.queue_running = 3 }, Err(Blocked(Scope::QueueTotal))),
+            (
+                "burst raises env cap",
+                |i| {
+                    i.env_running = 14;
+                    i.burst = 1.5
+                },
+                Ok(()),
+            ),
+            (
+                "burst floor",
+                |i| {
+                    i.env_running = 15;
+                    i.burst = 1.59
+                },
+                Err(Blocked(Scope::Env)),
+            ),
+            (
+                "key at queue limit",
+                |i| {
+                    i.queue_limit = Some(2);
+                    i.key_running = 2
+                },
+                Err(Blocked(Scope::QueueKey)),
+            ),
+            (
+                "queue limit above env limit is capped",
+                |i| {
+                    i.queue_limit = Some(50);
+                    i.key_running = 10
+                },
+                Err(Blocked(Scope::QueueKey)),
+            ),
+            (
+                "key total",
+                |i| {
+                    i.key_total_limit = Some(3);
+                    i.queue_running = 3
+                },
+                Err(Blocked(Scope::QueueTotal)),
+            ),
             ("paused", |i| i.paused = true, Err(Blocked(Scope::Paused))),
-            ("fast lane skips env row", |i| { i.fast_lane = true; i.env_running = 10 }, Ok(())),
-            ("fast lane bounded by its limit", |i| { i.fast_lane = true; i.fast_lane_running = 10 }, Err(Blocked(Scope::FastLane))),
-            ("fast lane obeys queue rows", |i| { i.fast_lane = true; i.queue_limit = Some(1); i.key_running = 1 }, Err(Blocked(Scope::QueueKey))),
-            ("fast lane obeys pause", |i| { i.fast_lane = true; i.paused = true }, Err(Blocked(Scope::Paused))),
-            ("env limit zero admits nothing", |i| i.env_limit = 0, Err(Blocked(Scope::QueueKey))),
+            (
+                "fast lane skips env row",
+                |i| {
+                    i.fast_lane = true;
+                    i.env_running = 10
+                },
+                Ok(()),
+            ),
+            (
+                "fast lane bounded by its limit",
+                |i| {
+                    i.fast_lane = true;
+                    i.fast_lane_running = 10
+                },
+                Err(Blocked(Scope::FastLane)),
+            ),
+            (
+                "fast lane obeys queue rows",
+                |i| {
+                    i.fast_lane = true;
+                    i.queue_limit = Some(1);
+                    i.key_running = 1
+                },
+                Err(Blocked(Scope::QueueKey)),
+            ),
+            (
+                "fast lane obeys pause",
+                |i| {
+                    i.fast_lane = true;
+                    i.paused = true
+                },
+                Err(Blocked(Scope::Paused)),
+            ),
+            (
+                "env limit zero admits nothing",
+                |i| i.env_limit = 0,
+                Err(Blocked(Scope::QueueKey)),
+            ),
         ];
         for (name, tweak, want) in cases {
             let mut input = base();

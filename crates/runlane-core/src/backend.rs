@@ -273,11 +273,26 @@ pub struct ConsumerId(pub u64);
 #[async_trait]
 pub trait QueueBackend: Send + Sync + 'static {
     /// Creates or updates an env. Raising a limit admits as many waiting runs as now fit.
-    async fn put_env(&self, env: &EnvName, settings: EnvSettings, now: Timestamp) -> Result<Effects, QueueError>;
+    async fn put_env(
+        &self,
+        env: &EnvName,
+        settings: EnvSettings,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError>;
     /// Sets a queue's settings (creating it). Raising a limit or resuming admits at once.
-    async fn put_queue(&self, env: &EnvName, queue: &QueueName, settings: QueueSettings, now: Timestamp) -> Result<Effects, QueueError>;
+    async fn put_queue(
+        &self,
+        env: &EnvName,
+        queue: &QueueName,
+        settings: QueueSettings,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError>;
     /// A queue's settings (defaults for a queue never seen).
-    async fn queue_settings(&self, env: &EnvName, queue: &QueueName) -> Result<QueueSettings, QueueError>;
+    async fn queue_settings(
+        &self,
+        env: &EnvName,
+        queue: &QueueName,
+    ) -> Result<QueueSettings, QueueError>;
     /// Adds a lane (idempotent).
     async fn add_lane(&self, lane: &LaneName) -> Result<(), QueueError>;
     /// Whether a lane exists.
@@ -292,24 +307,64 @@ pub trait QueueBackend: Send + Sync + 'static {
     /// Stores a run's dispatch facts, deciding the fast path in the same step. Idempotent by
     /// run id. `sync` refuses with `FastLaneFull` instead of queueing a fast-lane run that does
     /// not fit.
-    async fn enqueue(&self, dispatch: Dispatch, sync: bool, now: Timestamp) -> Result<Enqueued, QueueError>;
+    async fn enqueue(
+        &self,
+        dispatch: Dispatch,
+        sync: bool,
+        now: Timestamp,
+    ) -> Result<Enqueued, QueueError>;
     /// Takes up to `max` runs out of the chain's lanes and leases them, in one step.
-    async fn claim(&self, request: &ClaimRequest, now: Timestamp) -> Result<Vec<Leased>, QueueError>;
+    async fn claim(
+        &self,
+        request: &ClaimRequest,
+        now: Timestamp,
+    ) -> Result<Vec<Leased>, QueueError>;
     /// Extends the given leases by their lease duration; answers per lease.
-    async fn heartbeat(&self, leases: &[(RunId, FencingToken)], now: Timestamp) -> Result<Vec<LeaseState>, QueueError>;
+    async fn heartbeat(
+        &self,
+        leases: &[(RunId, FencingToken)],
+        now: Timestamp,
+    ) -> Result<Vec<LeaseState>, QueueError>;
     /// `Ok` when `token` is the run's live (not lapsed) lease.
     async fn check_lease(&self, run: RunId, token: FencingToken) -> Result<(), QueueError>;
     /// Ends a leased run: releases its slots and admits what they unblock.
-    async fn finish(&self, run: RunId, token: FencingToken, now: Timestamp) -> Result<Effects, QueueError>;
+    async fn finish(
+        &self,
+        run: RunId,
+        token: FencingToken,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError>;
     /// A failed attempt with attempts left: releases slots and re-enqueues attempt + 1 at
     /// `run_after`, in one step.
-    async fn retry(&self, run: RunId, token: FencingToken, run_after: Timestamp, now: Timestamp) -> Result<Effects, QueueError>;
+    async fn retry(
+        &self,
+        run: RunId,
+        token: FencingToken,
+        run_after: Timestamp,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError>;
     /// Drain on stop: back to its queue with the same attempt, slots released.
-    async fn release(&self, run: RunId, token: FencingToken, now: Timestamp) -> Result<Effects, QueueError>;
+    async fn release(
+        &self,
+        run: RunId,
+        token: FencingToken,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError>;
     /// Cancels a run: a waiting run is removed at once; an executing run is marked.
-    async fn cancel(&self, run: RunId, grace: Duration, now: Timestamp) -> Result<CancelOutcome, QueueError>;
+    async fn cancel(
+        &self,
+        run: RunId,
+        grace: Duration,
+        now: Timestamp,
+    ) -> Result<CancelOutcome, QueueError>;
     /// Moves a delayed or queued run to a new `run_after` and TTL deadline.
-    async fn reschedule(&self, run: RunId, run_after: Timestamp, ttl_deadline: Option<Timestamp>, now: Timestamp) -> Result<Effects, QueueError>;
+    async fn reschedule(
+        &self,
+        run: RunId,
+        run_after: Timestamp,
+        ttl_deadline: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError>;
     /// Does everything due at `now`: promotions, expiries, lapsed leases, timeouts, grace ends,
     /// ready timeouts.
     async fn tick(&self, now: Timestamp) -> Result<Tick, QueueError>;
@@ -320,9 +375,17 @@ pub trait QueueBackend: Send + Sync + 'static {
     /// Every run the backend holds (tests, rebuild checks).
     async fn snapshot(&self) -> Result<Vec<LiveRun>, QueueError>;
     /// Registers a consumer of the chain's lanes (for `ready_timeout` and health).
-    async fn register_consumer(&self, chain: &ClaimChain, now: Timestamp) -> Result<ConsumerId, QueueError>;
+    async fn register_consumer(
+        &self,
+        chain: &ClaimChain,
+        now: Timestamp,
+    ) -> Result<ConsumerId, QueueError>;
     /// Removes a consumer; lanes it leaves without consumers start their orphan clock.
-    async fn unregister_consumer(&self, id: ConsumerId, now: Timestamp) -> Result<Effects, QueueError>;
+    async fn unregister_consumer(
+        &self,
+        id: ConsumerId,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError>;
 }
 
 /// One attempt of a run, as recorded.
@@ -467,7 +530,11 @@ pub enum Inserted {
 pub trait RunStore: Send + Sync + 'static {
     /// Stores new runs (one transaction); a live idempotency key returns its run instead.
     /// Duplicates inside one batch collapse onto the first.
-    async fn insert(&self, runs: Vec<(RunRecord, Option<IdempotencyClaim>)>, now: Timestamp) -> Result<Vec<Inserted>, StoreError>;
+    async fn insert(
+        &self,
+        runs: Vec<(RunRecord, Option<IdempotencyClaim>)>,
+        now: Timestamp,
+    ) -> Result<Vec<Inserted>, StoreError>;
     /// Deletes a run that was never enqueued (its enqueue was refused), with its key.
     async fn remove(&self, run: RunId) -> Result<(), StoreError>;
     /// One run.
@@ -475,11 +542,28 @@ pub trait RunStore: Send + Sync + 'static {
     /// Runs matching the filter, in id order.
     async fn list(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, StoreError>;
     /// A failed attempt with a retry: records it and the next `run_after`.
-    async fn record_retry(&self, run: RunId, attempt: AttemptRecord, next_run_after: Timestamp) -> Result<(), StoreError>;
+    async fn record_retry(
+        &self,
+        run: RunId,
+        attempt: AttemptRecord,
+        next_run_after: Timestamp,
+    ) -> Result<(), StoreError>;
     /// The terminal write; the first one wins, later ones get `AlreadyFinished`.
-    async fn finish(&self, run: RunId, status: RunStatus, output: Option<Arc<str>>, attempt: Option<AttemptRecord>, now: Timestamp) -> Result<RunRecord, StoreError>;
+    async fn finish(
+        &self,
+        run: RunId,
+        status: RunStatus,
+        output: Option<Arc<str>>,
+        attempt: Option<AttemptRecord>,
+        now: Timestamp,
+    ) -> Result<RunRecord, StoreError>;
     /// A new `run_after` and TTL deadline for a waiting run.
-    async fn reschedule(&self, run: RunId, run_after: Timestamp, ttl_deadline: Option<Timestamp>) -> Result<(), StoreError>;
+    async fn reschedule(
+        &self,
+        run: RunId,
+        run_after: Timestamp,
+        ttl_deadline: Option<Timestamp>,
+    ) -> Result<(), StoreError>;
     /// Every run not yet terminal (recovery at start).
     async fn unfinished(&self) -> Result<Vec<RunRecord>, StoreError>;
     /// Stores an env's settings.
@@ -487,7 +571,12 @@ pub trait RunStore: Send + Sync + 'static {
     /// Every env with its settings.
     async fn envs(&self) -> Result<Vec<(EnvName, EnvSettings)>, StoreError>;
     /// Registers a version; returns its number (1, 2, …; 0 is the implicit empty version).
-    async fn add_version(&self, env: &EnvName, def: VersionDef, now: Timestamp) -> Result<u32, StoreError>;
+    async fn add_version(
+        &self,
+        env: &EnvName,
+        def: VersionDef,
+        now: Timestamp,
+    ) -> Result<u32, StoreError>;
     /// A version's definition (0 is always the empty version).
     async fn version(&self, env: &EnvName, version: u32) -> Result<Option<VersionDef>, StoreError>;
     /// Makes a version current.

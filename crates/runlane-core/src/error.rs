@@ -87,6 +87,14 @@ pub enum StoreError {
         /// Its terminal status.
         status: RunStatus,
     },
+    /// No such version of the env.
+    #[error("env {env} has no version {version}")]
+    UnknownVersion {
+        /// The env.
+        env: String,
+        /// The version asked for.
+        version: u32,
+    },
     /// The store cannot be reached or did not commit in time; nothing acknowledged was lost.
     #[error("run store unavailable: {0}")]
     Unavailable(String),

@@ -42,7 +42,10 @@ impl FromStr for RunId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let hex = s.strip_prefix("run_").unwrap_or(s);
         if hex.len() != 32 {
-            return Err(InvalidInput::new("run_id", "must be run_ followed by 32 hex digits"));
+            return Err(InvalidInput::new(
+                "run_id",
+                "must be run_ followed by 32 hex digits",
+            ));
         }
         u128::from_str_radix(hex, 16)
             .map(RunId)
@@ -142,7 +145,13 @@ mod tests {
 
     #[test]
     fn bad_ids_name_the_field() {
-        for bad in ["", "run_", "run_xyz", "run_0123", &format!("run_{}", "g".repeat(32))] {
+        for bad in [
+            "",
+            "run_",
+            "run_xyz",
+            "run_0123",
+            &format!("run_{}", "g".repeat(32)),
+        ] {
             let err = bad.parse::<RunId>().expect_err(bad);
             assert_eq!(err.field, "run_id");
         }

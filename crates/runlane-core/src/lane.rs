@@ -102,9 +102,9 @@ pub fn assign_lane(
     match source {
         TriggerSource::Sync => LaneName::fast_lane(),
         TriggerSource::Manual => LaneName::manual(),
-        TriggerSource::Standard | TriggerSource::Scheduled => task_default
-            .cloned()
-            .unwrap_or_else(LaneName::default_lane),
+        TriggerSource::Standard | TriggerSource::Scheduled => {
+            task_default.cloned().unwrap_or_else(LaneName::default_lane)
+        }
     }
 }
 

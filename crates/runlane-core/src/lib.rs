@@ -23,7 +23,7 @@ pub mod workloop;
 
 pub use admission::{admit, AdmissionInput, Blocked, Scope};
 pub use chain::ClaimChain;
-pub use error::{InvalidInput, StoreError, QueueError};
+pub use error::{InvalidInput, QueueError, StoreError};
 pub use id::{FencingToken, RunId, RunIdGenerator, WorkerId};
 pub use lane::{assign_lane, LaneName};
 pub use name::{EnvName, QueueName, TaskName};

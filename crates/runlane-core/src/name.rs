@@ -131,7 +131,13 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_names() {
-        for ok in ["send-email", "emails.send", "a", "ns/task:v2", &"x".repeat(128)] {
+        for ok in [
+            "send-email",
+            "emails.send",
+            "a",
+            "ns/task:v2",
+            &"x".repeat(128),
+        ] {
             assert!(TaskName::new(ok).is_ok(), "{ok}");
         }
         assert!(EnvName::new("prod_eu-1").is_ok());

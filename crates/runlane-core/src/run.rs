@@ -71,7 +71,10 @@ impl RunStatus {
 
     /// Waiting states: the run has not started this attempt.
     pub fn is_waiting(self) -> bool {
-        matches!(self, RunStatus::Delayed | RunStatus::Queued | RunStatus::Ready)
+        matches!(
+            self,
+            RunStatus::Delayed | RunStatus::Queued | RunStatus::Ready
+        )
     }
 
     /// Whether the run holds concurrency slots in this state.
@@ -108,7 +111,9 @@ impl std::str::FromStr for RunStatus {
         RunStatus::ALL
             .into_iter()
             .find(|st| st.as_str() == s)
-            .ok_or_else(|| crate::error::InvalidInput::new("status", format!("unknown status {s:?}")))
+            .ok_or_else(|| {
+                crate::error::InvalidInput::new("status", format!("unknown status {s:?}"))
+            })
     }
 }
 
@@ -244,14 +249,20 @@ pub fn transition(
         (Executing, Event::CancelGraceElapsed) => Ok(Canceled),
         (Delayed | Queued | Ready, Event::Cancel) => Ok(Canceled),
         (Delayed | Queued | Ready, Event::Expire) if !ever_leased => Ok(Expired),
-        (Delayed | Queued, Event::Reschedule { delayed }) => Ok(if delayed { Delayed } else { Queued }),
+        (Delayed | Queued, Event::Reschedule { delayed }) => {
+            Ok(if delayed { Delayed } else { Queued })
+        }
         _ => illegal,
     }
 }
 
 /// Whether a completion arriving at `now` for a run cancelled at `cancel_requested_at` still
 /// wins: it must land within the grace period.
-pub fn completion_wins(cancel_requested_at: Option<Timestamp>, grace: Duration, now: Timestamp) -> bool {
+pub fn completion_wins(
+    cancel_requested_at: Option<Timestamp>,
+    grace: Duration,
+    now: Timestamp,
+) -> bool {
     match cancel_requested_at {
         None => true,
         Some(at) => now < at.saturating_add(grace),
@@ -279,7 +290,9 @@ mod tests {
             Event::Admit,
             Event::Claim,
             Event::Complete,
-            Event::Fail { retry: Some(RetryTarget::Queued) },
+            Event::Fail {
+                retry: Some(RetryTarget::Queued),
+            },
             Event::Timeout { retry: None },
             Event::LeaseLost { retry: None },
             Event::Cancel,
@@ -299,13 +312,33 @@ mod tests {
     #[test]
     fn retries_and_exhaustion() {
         let cases = [
-            (Event::Fail { retry: Some(RetryTarget::Delayed) }, Delayed),
-            (Event::Fail { retry: Some(RetryTarget::Queued) }, Queued),
+            (
+                Event::Fail {
+                    retry: Some(RetryTarget::Delayed),
+                },
+                Delayed,
+            ),
+            (
+                Event::Fail {
+                    retry: Some(RetryTarget::Queued),
+                },
+                Queued,
+            ),
             (Event::Fail { retry: None }, Failed),
-            (Event::Timeout { retry: Some(RetryTarget::Queued) }, Queued),
+            (
+                Event::Timeout {
+                    retry: Some(RetryTarget::Queued),
+                },
+                Queued,
+            ),
             (Event::Timeout { retry: None }, TimedOut),
             (Event::LeaseLost { retry: None }, Failed),
-            (Event::LeaseLost { retry: Some(RetryTarget::Delayed) }, Delayed),
+            (
+                Event::LeaseLost {
+                    retry: Some(RetryTarget::Delayed),
+                },
+                Delayed,
+            ),
             (Event::Release, Queued),
             (Event::Cancel, Executing),
             (Event::CancelGraceElapsed, Canceled),
@@ -329,7 +362,10 @@ mod tests {
         for s in [Delayed, Queued, Ready] {
             assert_eq!(transition(s, false, Event::Cancel), Ok(Canceled));
         }
-        assert_eq!(transition(Queued, false, Event::Reschedule { delayed: true }), Ok(Delayed));
+        assert_eq!(
+            transition(Queued, false, Event::Reschedule { delayed: true }),
+            Ok(Delayed)
+        );
         assert!(transition(Ready, false, Event::Reschedule { delayed: true }).is_err());
         assert!(transition(Executing, false, Event::Reschedule { delayed: false }).is_err());
     }
@@ -348,6 +384,9 @@ mod tests {
         for s in RunStatus::ALL {
             assert_eq!(s.as_str().parse::<RunStatus>(), Ok(s));
         }
-        assert_eq!("nope".parse::<RunStatus>().expect_err("bad").field, "status");
+        assert_eq!(
+            "nope".parse::<RunStatus>().expect_err("bad").field,
+            "status"
+        );
     }
 }

@@ -90,7 +90,10 @@ impl EnvSettings {
             return Err(InvalidInput::new("burst", "must be between 1.0 and 10.0"));
         }
         if self.fast_lane_limit.is_some_and(|l| l > 1_000_000) {
-            return Err(InvalidInput::new("fast_lane_limit", "must be at most 1000000"));
+            return Err(InvalidInput::new(
+                "fast_lane_limit",
+                "must be at most 1000000",
+            ));
         }
         if !(1..=1000).contains(&self.weight) {
             return Err(InvalidInput::new("weight", "must be between 1 and 1000"));
@@ -120,7 +123,10 @@ impl QueueSettings {
             return Err(InvalidInput::new("limit", "must be at most 1000000"));
         }
         if self.key_total_limit.is_some_and(|l| l > 1_000_000) {
-            return Err(InvalidInput::new("key_total_limit", "must be at most 1000000"));
+            return Err(InvalidInput::new(
+                "key_total_limit",
+                "must be at most 1000000",
+            ));
         }
         if self.max_queued == Some(0) {
             return Err(InvalidInput::new("max_queued", "must be at least 1"));
@@ -178,7 +184,8 @@ impl TaskDef {
         match &self.queue {
             Some(q) => q.clone(),
             // A task name is always a valid queue name (same character class and length).
-            None => QueueName::new(self.name.as_str()).unwrap_or_else(|_| unreachable!("task names are queue names")),
+            None => QueueName::new(self.name.as_str())
+                .unwrap_or_else(|_| unreachable!("task names are queue names")),
         }
     }
 
@@ -188,7 +195,10 @@ impl TaskDef {
             crate::ttl::check_ttl(ttl)?;
         }
         if self.max_duration.is_some_and(|d| d.is_zero()) {
-            return Err(InvalidInput::new("max_duration", "must be greater than zero"));
+            return Err(InvalidInput::new(
+                "max_duration",
+                "must be greater than zero",
+            ));
         }
         self.retry.validate()
     }
@@ -208,7 +218,10 @@ impl VersionDef {
         let mut seen = HashSet::new();
         for task in &self.tasks {
             if !seen.insert(task.name.as_str()) {
-                return Err(InvalidInput::new("tasks", format!("duplicate task name {:?}", task.name.as_str())));
+                return Err(InvalidInput::new(
+                    "tasks",
+                    format!("duplicate task name {:?}", task.name.as_str()),
+                ));
             }
             task.validate()?;
         }
@@ -229,24 +242,68 @@ mod tests {
     fn env_settings_validation_names_fields() {
         assert!(EnvSettings::default().validate().is_ok());
         let cases: [(EnvSettings, &str); 3] = [
-            (EnvSettings { burst: 0.5, ..Default::default() }, "burst"),
-            (EnvSettings { weight: 0, ..Default::default() }, "weight"),
-            (EnvSettings { limit: 2_000_000, ..Default::default() }, "limit"),
+            (
+                EnvSettings {
+                    burst: 0.5,
+                    ..Default::default()
+                },
+                "burst",
+            ),
+            (
+                EnvSettings {
+                    weight: 0,
+                    ..Default::default()
+                },
+                "weight",
+            ),
+            (
+                EnvSettings {
+                    limit: 2_000_000,
+                    ..Default::default()
+                },
+                "limit",
+            ),
         ];
         for (s, field) in cases {
             assert_eq!(s.validate().expect_err(field).field, field);
         }
-        assert_eq!(EnvSettings { limit: 4, ..Default::default() }.fast_lane_cap(), 4);
-        assert_eq!(EnvSettings { fast_lane_limit: Some(2), ..Default::default() }.fast_lane_cap(), 2);
+        assert_eq!(
+            EnvSettings {
+                limit: 4,
+                ..Default::default()
+            }
+            .fast_lane_cap(),
+            4
+        );
+        assert_eq!(
+            EnvSettings {
+                fast_lane_limit: Some(2),
+                ..Default::default()
+            }
+            .fast_lane_cap(),
+            2
+        );
     }
 
     #[test]
     fn versions_refuse_duplicates_and_unknown_fields() {
         let t = TaskName::new("a").expect("valid");
-        let v = VersionDef { tasks: vec![TaskDef::new(t.clone()), TaskDef::new(t)] };
+        let v = VersionDef {
+            tasks: vec![TaskDef::new(t.clone()), TaskDef::new(t)],
+        };
         assert_eq!(v.validate().expect_err("dup").field, "tasks");
-        let err = serde_json::from_str::<TaskDef>(r#"{"name":"a","bogus":1}"#).expect_err("unknown");
+        let err =
+            serde_json::from_str::<TaskDef>(r#"{"name":"a","bogus":1}"#).expect_err("unknown");
         assert!(err.to_string().contains("bogus"));
-        assert_eq!(QueueSettings { max_queued: Some(0), ..Default::default() }.validate().expect_err("mq").field, "max_queued");
+        assert_eq!(
+            QueueSettings {
+                max_queued: Some(0),
+                ..Default::default()
+            }
+            .validate()
+            .expect_err("mq")
+            .field,
+            "max_queued"
+        );
     }
 }

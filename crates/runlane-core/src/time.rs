@@ -9,7 +9,9 @@ use std::fmt;
 use std::time::Duration;
 
 /// An instant, in milliseconds since the Unix epoch.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Timestamp(pub u64);
 
@@ -62,7 +64,10 @@ mod tests {
         let t = Timestamp(10);
         assert_eq!(t.saturating_add(Duration::from_millis(5)), Timestamp(15));
         assert_eq!(t.saturating_sub(Duration::from_millis(50)), Timestamp(0));
-        assert_eq!(Timestamp::MAX.saturating_add(Duration::from_secs(1)), Timestamp::MAX);
+        assert_eq!(
+            Timestamp::MAX.saturating_add(Duration::from_secs(1)),
+            Timestamp::MAX
+        );
         assert_eq!(Timestamp(15).since(t), Duration::from_millis(5));
         assert_eq!(t.since(Timestamp(15)), Duration::ZERO);
     }

@@ -8,7 +8,11 @@ use crate::error::InvalidInput;
 use crate::time::Timestamp;
 
 /// The deadline of a run triggered at `triggered_at`, due at `run_after`, with `ttl`.
-pub fn deadline(triggered_at: Timestamp, run_after: Timestamp, ttl: Option<Duration>) -> Option<Timestamp> {
+pub fn deadline(
+    triggered_at: Timestamp,
+    run_after: Timestamp,
+    ttl: Option<Duration>,
+) -> Option<Timestamp> {
     ttl.map(|ttl| triggered_at.max(run_after).saturating_add(ttl))
 }
 
@@ -32,8 +36,14 @@ mod tests {
     #[test]
     fn deadline_counts_from_the_later_of_trigger_and_run_after() {
         let ttl = Some(Duration::from_secs(10));
-        assert_eq!(deadline(Timestamp(1_000), Timestamp(0), ttl), Some(Timestamp(11_000)));
-        assert_eq!(deadline(Timestamp(1_000), Timestamp(5_000), ttl), Some(Timestamp(15_000)));
+        assert_eq!(
+            deadline(Timestamp(1_000), Timestamp(0), ttl),
+            Some(Timestamp(11_000))
+        );
+        assert_eq!(
+            deadline(Timestamp(1_000), Timestamp(5_000), ttl),
+            Some(Timestamp(15_000))
+        );
         assert_eq!(deadline(Timestamp(1_000), Timestamp(5_000), None), None);
     }
 
@@ -42,7 +52,10 @@ mod tests {
         let d = Some(Timestamp(100));
         assert!(!is_expired(d, false, Timestamp(99)));
         assert!(is_expired(d, false, Timestamp(100)));
-        assert!(!is_expired(d, true, Timestamp(1_000)), "ever leased never expires");
+        assert!(
+            !is_expired(d, true, Timestamp(1_000)),
+            "ever leased never expires"
+        );
         assert!(!is_expired(None, false, Timestamp::MAX));
         assert_eq!(check_ttl(Duration::ZERO).expect_err("zero").field, "ttl");
         assert!(check_ttl(Duration::from_millis(1)).is_ok());

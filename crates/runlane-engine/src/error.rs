@@ -94,9 +94,21 @@ impl From<QueueError> for EngineError {
         match e {
             QueueError::NotFound(run) => EngineError::RunNotFound(run),
             QueueError::StaleToken(run) => EngineError::StaleToken(run),
-            QueueError::QueueFull { queue, max_queued, .. } => EngineError::QueueFull { queue, max_queued },
-            QueueError::FastLaneFull { retry_after, .. } => EngineError::FastLaneFull { retry_after },
-            QueueError::WrongState { run, status, operation } => EngineError::WrongState { run, status, operation },
+            QueueError::QueueFull {
+                queue, max_queued, ..
+            } => EngineError::QueueFull { queue, max_queued },
+            QueueError::FastLaneFull { retry_after, .. } => {
+                EngineError::FastLaneFull { retry_after }
+            }
+            QueueError::WrongState {
+                run,
+                status,
+                operation,
+            } => EngineError::WrongState {
+                run,
+                status,
+                operation,
+            },
             QueueError::Invalid(i) => EngineError::Invalid(i),
             QueueError::Unavailable(s) => EngineError::Unavailable(s),
         }
@@ -107,7 +119,13 @@ impl From<StoreError> for EngineError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound(run) => EngineError::RunNotFound(run),
-            StoreError::AlreadyFinished { run, status } => EngineError::AlreadyFinished { run, status },
+            StoreError::AlreadyFinished { run, status } => {
+                EngineError::AlreadyFinished { run, status }
+            }
+            StoreError::UnknownVersion { version, .. } => EngineError::UnknownVersion {
+                version,
+                task: String::new(),
+            },
             StoreError::Unavailable(s) => EngineError::Unavailable(s),
         }
     }

@@ -69,42 +69,94 @@ impl TriggerBuilder {
         todo!()
     }
     /// The env.
-    pub fn env(self, env: &str) -> Self { let _ = env; todo!() }
+    pub fn env(self, env: &str) -> Self {
+        let _ = env;
+        todo!()
+    }
     /// The payload, serialized to JSON.
-    pub fn payload<T: serde::Serialize>(self, payload: &T) -> Self { let _ = payload; todo!() }
+    pub fn payload<T: serde::Serialize>(self, payload: &T) -> Self {
+        let _ = payload;
+        todo!()
+    }
     /// The queue.
-    pub fn queue(self, queue: &str) -> Self { let _ = queue; todo!() }
+    pub fn queue(self, queue: &str) -> Self {
+        let _ = queue;
+        todo!()
+    }
     /// The concurrency key.
-    pub fn key(self, key: &str) -> Self { let _ = key; todo!() }
+    pub fn key(self, key: &str) -> Self {
+        let _ = key;
+        todo!()
+    }
     /// An explicit lane.
-    pub fn lane(self, lane: &str) -> Self { let _ = lane; todo!() }
+    pub fn lane(self, lane: &str) -> Self {
+        let _ = lane;
+        todo!()
+    }
     /// The priority.
-    pub fn priority(self, priority: Duration) -> Self { let _ = priority; todo!() }
+    pub fn priority(self, priority: Duration) -> Self {
+        let _ = priority;
+        todo!()
+    }
     /// A delay from now.
-    pub fn delay(self, delay: Duration) -> Self { let _ = delay; todo!() }
+    pub fn delay(self, delay: Duration) -> Self {
+        let _ = delay;
+        todo!()
+    }
     /// An absolute `run_after`.
-    pub fn run_after(self, at: Timestamp) -> Self { let _ = at; todo!() }
+    pub fn run_after(self, at: Timestamp) -> Self {
+        let _ = at;
+        todo!()
+    }
     /// The TTL.
-    pub fn ttl(self, ttl: Duration) -> Self { let _ = ttl; todo!() }
+    pub fn ttl(self, ttl: Duration) -> Self {
+        let _ = ttl;
+        todo!()
+    }
     /// The idempotency key.
-    pub fn idempotency_key(self, key: &str) -> Self { let _ = key; todo!() }
+    pub fn idempotency_key(self, key: &str) -> Self {
+        let _ = key;
+        todo!()
+    }
     /// The idempotency key's lifetime.
-    pub fn idempotency_ttl(self, ttl: Duration) -> Self { let _ = ttl; todo!() }
+    pub fn idempotency_ttl(self, ttl: Duration) -> Self {
+        let _ = ttl;
+        todo!()
+    }
     /// The retry policy.
-    pub fn retry(self, policy: RetryPolicy) -> Self { let _ = policy; todo!() }
+    pub fn retry(self, policy: RetryPolicy) -> Self {
+        let _ = policy;
+        todo!()
+    }
     /// The max duration per attempt.
-    pub fn max_duration(self, d: Duration) -> Self { let _ = d; todo!() }
+    pub fn max_duration(self, d: Duration) -> Self {
+        let _ = d;
+        todo!()
+    }
     /// Lock to a version.
-    pub fn lock_to_version(self, version: u32) -> Self { let _ = version; todo!() }
+    pub fn lock_to_version(self, version: u32) -> Self {
+        let _ = version;
+        todo!()
+    }
     /// The trigger source.
-    pub fn source(self, source: TriggerSource) -> Self { let _ = source; todo!() }
+    pub fn source(self, source: TriggerSource) -> Self {
+        let _ = source;
+        todo!()
+    }
     /// The validated request, without sending it.
-    pub fn request(self) -> Result<TriggerRequest, EngineError> { todo!() }
+    pub fn request(self) -> Result<TriggerRequest, EngineError> {
+        todo!()
+    }
     /// Triggers the run.
-    pub async fn send(self) -> Result<Triggered, EngineError> { todo!() }
+    pub async fn send(self) -> Result<Triggered, EngineError> {
+        todo!()
+    }
     /// Triggers with source `sync` (lane `fast_lane` unless a lane is given) and waits up to
     /// `timeout` for a terminal state.
-    pub async fn wait(self, timeout: Duration) -> Result<WaitOutcome, EngineError> { let _ = timeout; todo!() }
+    pub async fn wait(self, timeout: Duration) -> Result<WaitOutcome, EngineError> {
+        let _ = timeout;
+        todo!()
+    }
 }
 
 /// A triggered run.

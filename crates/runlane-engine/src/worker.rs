@@ -47,31 +47,53 @@ pub struct RunContext {
 
 impl RunContext {
     /// The run.
-    pub fn run_id(&self) -> RunId { todo!() }
+    pub fn run_id(&self) -> RunId {
+        todo!()
+    }
     /// The task.
-    pub fn task(&self) -> &TaskName { todo!() }
+    pub fn task(&self) -> &TaskName {
+        todo!()
+    }
     /// The attempt, 1-based.
-    pub fn attempt(&self) -> u32 { todo!() }
+    pub fn attempt(&self) -> u32 {
+        todo!()
+    }
     /// The payload as JSON text.
-    pub fn payload_text(&self) -> &str { todo!() }
+    pub fn payload_text(&self) -> &str {
+        todo!()
+    }
     /// The payload deserialized.
-    pub fn payload<T: serde::de::DeserializeOwned>(&self) -> Result<T, HandlerError> { todo!() }
+    pub fn payload<T: serde::de::DeserializeOwned>(&self) -> Result<T, HandlerError> {
+        todo!()
+    }
     /// The cancellation token.
-    pub fn cancel_token(&self) -> &CancelToken { todo!() }
+    pub fn cancel_token(&self) -> &CancelToken {
+        todo!()
+    }
     /// Reports progress (kept in memory, published as a run event).
-    pub fn progress<T: serde::Serialize>(&self, value: &T) { let _ = value; todo!() }
+    pub fn progress<T: serde::Serialize>(&self, value: &T) {
+        let _ = value;
+        todo!()
+    }
     /// The engine, to trigger other runs.
-    pub fn engine(&self) -> &Engine { todo!() }
+    pub fn engine(&self) -> &Engine {
+        todo!()
+    }
     /// Triggers and waits from inside this handler; refused with `WaitDeadlock` when the child
     /// needs a slot this handler holds in a scope whose limit is 1.
-    pub async fn trigger_and_wait(&self, request: TriggerRequest, timeout: Duration) -> Result<WaitOutcome, EngineError> {
+    pub async fn trigger_and_wait(
+        &self,
+        request: TriggerRequest,
+        timeout: Duration,
+    ) -> Result<WaitOutcome, EngineError> {
         let _ = (request, timeout);
         todo!()
     }
 }
 
 /// The boxed handler future.
-pub type HandlerFuture = std::pin::Pin<Box<dyn Future<Output = Result<serde_json::Value, HandlerError>> + Send>>;
+pub type HandlerFuture =
+    std::pin::Pin<Box<dyn Future<Output = Result<serde_json::Value, HandlerError>> + Send>>;
 
 /// A registered handler.
 pub type Handler = Arc<dyn Fn(RunContext) -> HandlerFuture + Send + Sync>;
@@ -83,11 +105,20 @@ pub struct WorkerBuilder {
 
 impl WorkerBuilder {
     /// A builder on `engine` serving env `default` with one workloop of 1 slot on `manual>*`.
-    pub fn new(engine: Engine) -> Self { let _ = engine; todo!() }
+    pub fn new(engine: Engine) -> Self {
+        let _ = engine;
+        todo!()
+    }
     /// Serve this env at its current version (replaces the default env on first call).
-    pub fn env(self, env: &str) -> Self { let _ = env; todo!() }
+    pub fn env(self, env: &str) -> Self {
+        let _ = env;
+        todo!()
+    }
     /// Serve this env at this version.
-    pub fn env_version(self, env: &str, version: u32) -> Self { let _ = (env, version); todo!() }
+    pub fn env_version(self, env: &str, version: u32) -> Self {
+        let _ = (env, version);
+        todo!()
+    }
     /// Registers a plain `async fn` handler for `task`.
     pub fn handler<F, Fut>(self, task: &str, f: F) -> Self
     where
@@ -98,13 +129,24 @@ impl WorkerBuilder {
         todo!()
     }
     /// The workloops spec, e.g. `fast_lane:1 manual>*:4`.
-    pub fn workloops(self, spec: &str) -> Self { let _ = spec; todo!() }
+    pub fn workloops(self, spec: &str) -> Self {
+        let _ = spec;
+        todo!()
+    }
     /// Overrides the lease duration.
-    pub fn lease(self, lease: Duration) -> Self { let _ = lease; todo!() }
+    pub fn lease(self, lease: Duration) -> Self {
+        let _ = lease;
+        todo!()
+    }
     /// Overrides the drain timeout.
-    pub fn stop_timeout(self, d: Duration) -> Self { let _ = d; todo!() }
+    pub fn stop_timeout(self, d: Duration) -> Self {
+        let _ = d;
+        todo!()
+    }
     /// Starts the worker.
-    pub async fn start(self) -> Result<Worker, EngineError> { todo!() }
+    pub async fn start(self) -> Result<Worker, EngineError> {
+        todo!()
+    }
 }
 
 /// A running worker.
@@ -123,13 +165,21 @@ pub struct DrainReport {
 
 impl Worker {
     /// Its id.
-    pub fn id(&self) -> WorkerId { todo!() }
+    pub fn id(&self) -> WorkerId {
+        todo!()
+    }
     /// Runs currently executing on it.
-    pub fn in_flight(&self) -> usize { todo!() }
+    pub fn in_flight(&self) -> usize {
+        todo!()
+    }
     /// Stops claiming, waits up to the stop timeout, then cancels the rest with `Shutdown` and
     /// releases them to their queues without counting an attempt.
-    pub async fn stop(self) -> DrainReport { todo!() }
+    pub async fn stop(self) -> DrainReport {
+        todo!()
+    }
     /// Simulates a crash: stops heartbeating and claiming at once, abandoning its runs (their
     /// leases lapse and are recovered). For tests.
-    pub fn crash(self) { todo!() }
+    pub fn crash(self) {
+        todo!()
+    }
 }

@@ -1,20 +1,275 @@
-//! The in-memory run store.
+//! The in-memory run store: records, attempts, idempotency keys, envs and versions behind one
+//! mutex. Each method is one atomic step, so concurrent triggers with one idempotency key yield
+//! exactly one run.
 
-/// Run records, idempotency keys, envs and versions in memory (implements
-/// `runlane_core::backend::RunStore`).
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use runlane_core::backend::{
+    AttemptRecord, IdempotencyClaim, Inserted, RunFilter, RunRecord, RunStore,
+};
+use runlane_core::{
+    EnvName, EnvSettings, RunId, RunStatus, StoreError, TaskName, Timestamp, VersionDef,
+};
+
+/// The default page size of a listing, and its cap.
+const LIST_LIMIT_DEFAULT: u32 = 100;
+const LIST_LIMIT_MAX: u32 = 1000;
+
+type IdemKey = (EnvName, TaskName, String);
+
+#[derive(Default)]
+struct State {
+    runs: BTreeMap<RunId, RunRecord>,
+    idempotency: HashMap<IdemKey, (RunId, Timestamp)>,
+    envs: BTreeMap<EnvName, EnvSettings>,
+    versions: HashMap<EnvName, Vec<VersionDef>>,
+    current: HashMap<EnvName, u32>,
+}
+
+/// Run records, idempotency keys, envs and versions in memory (implements [`RunStore`]).
 pub struct MemoryStore {
-    _private: (),
+    state: Mutex<State>,
 }
 
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
-        todo!()
+        MemoryStore {
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl Default for MemoryStore {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+fn matches(filter: &RunFilter, r: &RunRecord) -> bool {
+    filter.env.as_ref().is_none_or(|e| e == &r.env)
+        && filter.status.is_none_or(|s| s == r.status)
+        && filter.task.as_ref().is_none_or(|t| t == &r.task)
+        && filter.queue.as_ref().is_none_or(|q| q == &r.queue)
+        && filter.lane.as_ref().is_none_or(|l| l == &r.lane)
+        && filter.source.is_none_or(|s| s == r.source)
+        && filter.version.is_none_or(|v| v == r.version)
+        && filter.created_from.is_none_or(|t| r.created_at >= t)
+        && filter.created_to.is_none_or(|t| r.created_at < t)
+}
+
+#[async_trait]
+impl RunStore for MemoryStore {
+    async fn insert(
+        &self,
+        runs: Vec<(RunRecord, Option<IdempotencyClaim>)>,
+        now: Timestamp,
+    ) -> Result<Vec<Inserted>, StoreError> {
+        let mut st = self.lock();
+        let mut out = Vec::with_capacity(runs.len());
+        for (record, claim) in runs {
+            if let Some(claim) = &claim {
+                let key = (record.env.clone(), record.task.clone(), claim.key.clone());
+                let hit = st
+                    .idempotency
+                    .get(&key)
+                    .filter(|(_, expires)| *expires > now)
+                    .and_then(|(id, _)| st.runs.get(id))
+                    .cloned();
+                if let Some(existing) = hit {
+                    out.push(Inserted::Existing(Box::new(existing)));
+                    continue;
+                }
+                st.idempotency.insert(key, (record.id, claim.expires_at));
+            }
+            st.runs.insert(record.id, record);
+            out.push(Inserted::New);
+        }
+        Ok(out)
+    }
+
+    async fn remove(&self, run: RunId) -> Result<(), StoreError> {
+        let mut st = self.lock();
+        if let Some(record) = st.runs.remove(&run) {
+            if let Some(key) = record.idempotency_key {
+                let k = (record.env, record.task, key);
+                if st.idempotency.get(&k).is_some_and(|(id, _)| *id == run) {
+                    st.idempotency.remove(&k);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn get(&self, run: RunId) -> Result<Option<RunRecord>, StoreError> {
+        Ok(self.lock().runs.get(&run).cloned())
+    }
+
+    async fn list(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, StoreError> {
+        let st = self.lock();
+        let limit = filter
+            .limit
+            .unwrap_or(LIST_LIMIT_DEFAULT)
+            .min(LIST_LIMIT_MAX) as usize;
+        let range = match filter.after {
+            Some(after) => st
+                .runs
+                .range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
+            None => st.runs.range(..),
+        };
+        Ok(range
+            .map(|(_, r)| r)
+            .filter(|r| matches(filter, r))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn record_retry(
+        &self,
+        run: RunId,
+        attempt: AttemptRecord,
+        next_run_after: Timestamp,
+    ) -> Result<(), StoreError> {
+        let mut st = self.lock();
+        let r = st.runs.get_mut(&run).ok_or(StoreError::NotFound(run))?;
+        if r.status.is_terminal() {
+            return Err(StoreError::AlreadyFinished {
+                run,
+                status: r.status,
+            });
+        }
+        r.status = if next_run_after > attempt.ended_at {
+            RunStatus::Delayed
+        } else {
+            RunStatus::Queued
+        };
+        r.error = attempt.error.clone();
+        r.attempt = attempt.number + 1;
+        r.run_after = next_run_after;
+        r.attempts.push(attempt);
+        Ok(())
+    }
+
+    async fn finish(
+        &self,
+        run: RunId,
+        status: RunStatus,
+        output: Option<Arc<str>>,
+        attempt: Option<AttemptRecord>,
+        now: Timestamp,
+    ) -> Result<RunRecord, StoreError> {
+        let mut st = self.lock();
+        let r = st.runs.get_mut(&run).ok_or(StoreError::NotFound(run))?;
+        if r.status.is_terminal() {
+            return Err(StoreError::AlreadyFinished {
+                run,
+                status: r.status,
+            });
+        }
+        debug_assert!(status.is_terminal(), "finish needs a terminal status");
+        r.status = status;
+        r.output = output;
+        r.finished_at = Some(now);
+        if let Some(a) = attempt {
+            r.error = a.error.clone();
+            r.attempt = a.number;
+            r.attempts.push(a);
+        }
+        Ok(r.clone())
+    }
+
+    async fn reschedule(
+        &self,
+        run: RunId,
+        run_after: Timestamp,
+        ttl_deadline: Option<Timestamp>,
+    ) -> Result<(), StoreError> {
+        let mut st = self.lock();
+        let r = st.runs.get_mut(&run).ok_or(StoreError::NotFound(run))?;
+        if r.status.is_terminal() {
+            return Err(StoreError::AlreadyFinished {
+                run,
+                status: r.status,
+            });
+        }
+        r.run_after = run_after;
+        r.ttl_deadline = ttl_deadline;
+        Ok(())
+    }
+
+    async fn unfinished(&self) -> Result<Vec<RunRecord>, StoreError> {
+        Ok(self
+            .lock()
+            .runs
+            .values()
+            .filter(|r| !r.status.is_terminal())
+            .cloned()
+            .collect())
+    }
+
+    async fn put_env(&self, env: &EnvName, settings: EnvSettings) -> Result<(), StoreError> {
+        self.lock().envs.insert(env.clone(), settings);
+        Ok(())
+    }
+
+    async fn envs(&self) -> Result<Vec<(EnvName, EnvSettings)>, StoreError> {
+        Ok(self
+            .lock()
+            .envs
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect())
+    }
+
+    async fn add_version(
+        &self,
+        env: &EnvName,
+        def: VersionDef,
+        _now: Timestamp,
+    ) -> Result<u32, StoreError> {
+        let mut st = self.lock();
+        let versions = st.versions.entry(env.clone()).or_default();
+        versions.push(def);
+        Ok(u32::try_from(versions.len()).unwrap_or(u32::MAX))
+    }
+
+    async fn version(&self, env: &EnvName, version: u32) -> Result<Option<VersionDef>, StoreError> {
+        if version == 0 {
+            return Ok(Some(VersionDef::default()));
+        }
+        let st = self.lock();
+        Ok(st
+            .versions
+            .get(env)
+            .and_then(|v| v.get(version as usize - 1))
+            .cloned())
+    }
+
+    async fn promote(&self, env: &EnvName, version: u32) -> Result<(), StoreError> {
+        let mut st = self.lock();
+        let known = version == 0
+            || st
+                .versions
+                .get(env)
+                .is_some_and(|v| (version as usize) <= v.len());
+        if !known {
+            return Err(StoreError::UnknownVersion {
+                env: env.to_string(),
+                version,
+            });
+        }
+        st.current.insert(env.clone(), version);
+        Ok(())
+    }
+
+    async fn current_version(&self, env: &EnvName) -> Result<u32, StoreError> {
+        Ok(self.lock().current.get(env).copied().unwrap_or(0))
     }
 }

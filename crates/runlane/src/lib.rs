@@ -21,7 +21,9 @@ pub async fn memory() -> Result<Engine, EngineError> {
 pub async fn memory_with(builder: EngineBuilder) -> Result<Engine, EngineError> {
     builder
         .open(
-            Arc::new(runlane_memory::MemoryQueue::new(runlane_memory::MemoryConfig::default())),
+            Arc::new(runlane_memory::MemoryQueue::new(
+                runlane_memory::MemoryConfig::default(),
+            )),
             Arc::new(runlane_memory::MemoryStore::new()),
         )
         .await
