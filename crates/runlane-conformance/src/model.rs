@@ -31,10 +31,7 @@ use runlane_core::settings::{EnvSettings, QueueSettings};
 use runlane_core::time::Timestamp;
 use runlane_core::ttl;
 
-/// The `Retry-After` hint of a `FastLaneFull` refusal.
-///
-/// Reading: dispatch.md does not fix it; one second is the simplest honest hint (slots free on
-/// every release, which the caller cannot observe).
+/// The `Retry-After` hint of a `FastLaneFull` refusal (dispatch.md, enqueue step 6).
 pub const FAST_LANE_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// One run held by the model.
@@ -249,6 +246,10 @@ impl State {
             .iter()
             .find(|(name, _)| name == env)
             .map(|(_, s)| *s)
+    }
+
+    fn known_env(&self, env: &EnvName) -> Result<EnvSettings, QueueError> {
+        self.env(env).ok_or_else(|| unknown("env", env.as_str()))
     }
 
     fn queue_settings(&self, env: &EnvName, queue: &QueueName) -> QueueSettings {
@@ -484,17 +485,13 @@ impl State {
             if run.status.is_waiting() && !run.dispatch.ever_leased {
                 all.extend(run.dispatch.ttl_deadline);
             }
-            if let Some(lease) = &run.lease {
-                if !lease.lapsed {
-                    all.push(lease.deadline);
-                    // Reading: tick step 4 reports attempt deadlines of live leases only, so
-                    // only those count here (a lapsed lease's would be a deadline in the past
-                    // that no tick ever clears).
-                    if !lease.timed_out_reported {
-                        all.extend(lease.attempt_deadline);
-                    }
+            // Lapsing drops a lease's attempt and cancel deadlines (tick steps 4 and 5 look
+            // at live leases only), so only live leases count.
+            if let Some(lease) = run.lease.as_ref().filter(|l| !l.lapsed) {
+                all.push(lease.deadline);
+                if !lease.timed_out_reported {
+                    all.extend(lease.attempt_deadline);
                 }
-                // Tick step 5 covers every lease, lapsed or not.
                 if !lease.cancel_reported {
                     all.extend(lease.cancel_deadline);
                 }
@@ -542,13 +539,12 @@ impl State {
     // ---- enqueue ----
 
     fn enqueue(&mut self, d: Dispatch, sync: bool, now: Timestamp) -> Result<Enqueued, QueueError> {
-        // 1. A run id already held: no change; answer its current placement.
+        // 1. A run id already held: no change; answer its current placement (a leased run
+        //    answers `Ready`), with empty effects except `deadline`.
         if let Some(i) = self.run_index(d.run_id) {
             let placement = match self.runs[i].status {
                 RunStatus::Delayed => Placement::Delayed,
                 RunStatus::Queued => Placement::Queued,
-                // Reading: an executing run has passed admission; `Ready` is the nearest
-                // placement (there is no `Executing` placement).
                 _ => Placement::Ready,
             };
             return Ok(Enqueued {
@@ -612,15 +608,14 @@ impl State {
             ready_at: Timestamp::ZERO,
             lease: None,
         };
+        // The enqueued run's placement is the first entry of `moved` (dispatch.md, Effects).
         let placement = if !due {
             // 4. Delayed.
             Placement::Delayed
         } else if fast {
             // 5. Fast path: straight to its lane.
-            // Reading: the enqueued run's own arrival is answered by `placement`, not listed
-            // in `moved` ("none for a plain enqueue"); a fast-pathed run's lane is in
-            // `ready_lanes`. It takes a `ready_seq` like any admission but does not touch
-            // `last_served` (that belongs to the admission pass).
+            // Reading: it takes a `ready_seq` like any admission but does not touch
+            // `last_served`, which belongs to the admission pass.
             apply(&mut run, Event::Promote);
             apply(&mut run, Event::Admit);
             run.ready_seq = self.next_ready_seq;
@@ -633,6 +628,7 @@ impl State {
             apply(&mut run, Event::Promote);
             Placement::Queued
         };
+        push_moved(&mut fx, run.dispatch.run_id, run.status);
         let env_name = run.dispatch.env.clone();
         self.runs.push(run);
         if placement == Placement::Queued && !env.fast_path {
@@ -854,7 +850,8 @@ impl State {
         };
         if self.runs[i].lease.is_some() {
             // Reading: a lapsed lease is still in the lease table, so cancelling it answers
-            // `Requested` like a live one (and tick step 5 reports its grace end).
+            // `Requested` like a live one and records the request; since lapsing dropped its
+            // deadlines, the grace end is neither armed nor reported (tick step 5).
             let r = &mut self.runs[i];
             apply(r, Event::Cancel);
             let Some(lease) = r.lease.as_mut() else {
@@ -902,7 +899,6 @@ impl State {
                 operation: "reschedule",
             });
         }
-        let before = r.status;
         apply(
             r,
             Event::Reschedule {
@@ -913,11 +909,9 @@ impl State {
         r.dispatch.ttl_deadline = ttl_deadline;
         let (after, env) = (r.status, r.dispatch.env.clone());
         let mut fx = Effects::default();
-        // Reading: `moved` lists status changes only, so delayed → delayed and queued →
-        // queued (a new position) are not listed.
-        if after != before {
-            push_moved(&mut fx, run, after);
-        }
+        // The rescheduled run is listed with its new status even when it did not change
+        // (delayed -> delayed), as dispatch.md's Effects section says for reschedule.
+        push_moved(&mut fx, run, after);
         self.admit_env(&env, now, &mut fx);
         Ok(self.seal(fx))
     }
@@ -1016,7 +1010,7 @@ impl State {
         }
         for run in &mut self.runs {
             if let Some(l) = run.lease.as_mut() {
-                if !l.cancel_reported && l.cancel_deadline.is_some_and(|d| d <= now) {
+                if !l.lapsed && !l.cancel_reported && l.cancel_deadline.is_some_and(|d| d <= now) {
                     l.cancel_reported = true;
                     tick.cancel_elapsed.push((run.dispatch.run_id, l.token));
                 }
@@ -1124,12 +1118,13 @@ impl State {
         settings: QueueSettings,
         now: Timestamp,
     ) -> Result<Effects, QueueError> {
-        // Reading: a queue belongs to a known env (unknown env: `Invalid { field: "env" }`,
-        // like enqueue), and invalid settings are refused with the field at fault.
+        // Reading: invalid settings are refused with the field at fault (checked first, as in
+        // `put_env`), and a queue belongs to a known env (unknown: `Invalid { field: "env" }`,
+        // as for `queue_settings`).
+        settings.validate()?;
         if self.env(env).is_none() {
             return Err(unknown("env", env.as_str()));
         }
-        settings.validate()?;
         let i = self.touch_queue(env, queue);
         self.queues[i].settings = settings;
         let mut fx = Effects::default();
@@ -1148,10 +1143,16 @@ impl State {
                     .filter(|r| r.status == RunStatus::Ready && r.dispatch.lane == l.name)
                     .count();
                 let consumers = self.consumers_of(&l.name);
-                // Reading: a lane reports `orphan_since` while it has no consumer and either
-                // holds ready runs or is marked orphaned; 0 (never had a consumer) is the epoch.
-                let orphan_since = (consumers == 0 && (ready > 0 || l.orphaned))
-                    .then(|| l.orphan_since.unwrap_or(Timestamp::ZERO));
+                // A lane with no consumer and ready runs reports the later of when it lost its
+                // last consumer and its oldest ready run's `ready_at` (dispatch.md, Effects).
+                let oldest = self
+                    .runs
+                    .iter()
+                    .filter(|r| r.status == RunStatus::Ready && r.dispatch.lane == l.name)
+                    .map(|r| r.ready_at)
+                    .min();
+                let since = l.orphan_since.unwrap_or(Timestamp::ZERO);
+                let orphan_since = oldest.filter(|_| consumers == 0).map(|o| o.max(since));
                 LaneInfo {
                     name: l.name.clone(),
                     ready: u64::try_from(ready).unwrap_or(u64::MAX),
@@ -1160,7 +1161,6 @@ impl State {
                 }
             })
             .collect();
-        // Reading: lanes are listed by name.
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
@@ -1193,7 +1193,6 @@ impl State {
     }
 
     fn env_usage(&self, env: &EnvName) -> EnvUsage {
-        // Reading: an unknown env has no usage (zeros), not an error.
         EnvUsage {
             running: self.env_running(env, false),
             fast_lane_running: self.env_running(env, true),
@@ -1233,7 +1232,10 @@ impl QueueBackend for ModelQueue {
         env: &EnvName,
         queue: &QueueName,
     ) -> Result<QueueSettings, QueueError> {
-        Ok(self.lock().queue_settings(env, queue))
+        // An unknown env is refused; an unknown queue has the defaults (dispatch.md).
+        let state = self.lock();
+        state.known_env(env)?;
+        Ok(state.queue_settings(env, queue))
     }
 
     async fn add_lane(&self, lane: &LaneName) -> Result<(), QueueError> {
@@ -1257,11 +1259,16 @@ impl QueueBackend for ModelQueue {
     }
 
     async fn queues(&self, env: &EnvName) -> Result<Vec<QueueInfo>, QueueError> {
-        Ok(self.lock().queues_info(env))
+        // Reading: like `queue_settings`, `queues` and `env_usage` refuse an unknown env.
+        let state = self.lock();
+        state.known_env(env)?;
+        Ok(state.queues_info(env))
     }
 
     async fn env_usage(&self, env: &EnvName) -> Result<EnvUsage, QueueError> {
-        Ok(self.lock().env_usage(env))
+        let state = self.lock();
+        state.known_env(env)?;
+        Ok(state.env_usage(env))
     }
 
     async fn enqueue(
@@ -1518,10 +1525,7 @@ mod tests {
         let first = h.enqueue(&d, T0).expect("enqueue");
         assert_eq!(first.placement, Placement::Ready);
         assert_eq!(first.effects.ready_lanes, vec![lane("default")]);
-        assert!(
-            first.effects.moved.is_empty(),
-            "the run's own placement is the answer"
-        );
+        assert_eq!(first.effects.moved, vec![(d.run_id, RunStatus::Ready)]);
         // The env is full: the next one waits in its queue.
         assert_eq!(h.trigger("prod", "email", "default").1, Placement::Queued);
         // The limit is raised: the queued one is admitted by put_env's pass...
@@ -1543,7 +1547,10 @@ mod tests {
         let d = h.dispatch("prod", "email", "default");
         let out = h.enqueue(&d, T0).expect("enqueue");
         assert_eq!(out.placement, Placement::Queued);
-        assert_eq!(out.effects.moved, vec![(d.run_id, RunStatus::Ready)]);
+        assert_eq!(
+            out.effects.moved,
+            vec![(d.run_id, RunStatus::Queued), (d.run_id, RunStatus::Ready)]
+        );
         assert_eq!(out.effects.ready_lanes, vec![lane("default")]);
         assert_eq!(h.status(d.run_id), Some(RunStatus::Ready));
     }
@@ -1775,7 +1782,8 @@ mod tests {
         let gpu = lanes.iter().find(|l| l.name == lane("gpu")).expect("gpu");
         assert_eq!(
             (gpu.ready, gpu.consumers, gpu.orphan_since),
-            (0, 0, Some(Timestamp::ZERO))
+            (0, 0, None),
+            "no ready run: not reported as orphan"
         );
         // An orphaned lane is not fast-pathed either.
         h.limit("prod", 5, true);
@@ -1810,6 +1818,11 @@ mod tests {
             Some(at(160)),
             "max(ready_at, orphan_since) + ready_timeout"
         );
+        let lanes = h.rt.block_on(h.q.lanes(at(100))).expect("lanes");
+        let names: Vec<&str> = lanes.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["default", "fast_lane", "manual"], "sorted by name");
+        assert_eq!(lanes[0].orphan_since, Some(at(100)));
+        assert_eq!(lanes[1].orphan_since, None, "no ready run");
         assert_eq!(h.tick(at(160)).ready_returned, vec![r]);
     }
 
@@ -1874,8 +1887,20 @@ mod tests {
             h.rt.block_on(h.q.check_lease(a, leased.token)),
             Err(QueueError::StaleToken(a))
         );
+        // A cancel is recorded, but a lapsed lease has no grace deadline to arm or report.
+        let cancel = h.rt.block_on(h.q.cancel(a, Duration::from_secs(5), at(51)));
+        assert!(matches!(
+            cancel,
+            Ok(CancelOutcome::Requested { first: true, .. })
+        ));
+        assert_eq!(
+            h.rt.block_on(h.q.next_deadline()).expect("deadline"),
+            Some(at(110)),
+            "only b's ready timeout (ready at 50 s)"
+        );
+        assert!(h.tick(at(60)).cancel_elapsed.is_empty());
         let fx =
-            h.rt.block_on(h.q.retry(a, leased.token, at(51), at(51)))
+            h.rt.block_on(h.q.retry(a, leased.token, at(61), at(61)))
                 .expect("retry");
         assert_eq!(
             fx.moved,
