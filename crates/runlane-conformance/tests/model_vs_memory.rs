@@ -123,6 +123,8 @@ enum Op {
         lock: Option<u32>,
         sync: bool,
         max_duration_s: Option<u8>,
+        /// Re-enqueued by recovery: attempt 2, `ever_leased` (it never expires).
+        recovered: bool,
     },
     /// Enqueue again the original dispatch of a run still held (idempotent by run id).
     Duplicate { pick: u16 },
@@ -292,9 +294,18 @@ fn op() -> impl Strategy<Value = Op> {
         prop::option::weighted(0.2, 1u32..=2),
         prop::bool::weighted(0.2),
         prop::option::weighted(0.2, 5u8..=60),
+        prop::bool::weighted(0.05),
     )
         .prop_map(
-            |((env, queue, key, lane, priority), delay_ms, ttl_s, lock, sync, max_duration_s)| {
+            |(
+                (env, queue, key, lane, priority),
+                delay_ms,
+                ttl_s,
+                lock,
+                sync,
+                max_duration_s,
+                recovered,
+            )| {
                 Op::Trigger {
                     // Env 3 and lane 4 (unknown) are rare.
                     env: if env == 40 { 3 } else { env % 3 },
@@ -307,6 +318,7 @@ fn op() -> impl Strategy<Value = Op> {
                     lock,
                     sync,
                     max_duration_s,
+                    recovered,
                 }
             },
         );
@@ -316,7 +328,7 @@ fn op() -> impl Strategy<Value = Op> {
         1u32..=3,
         1u8..8,
         [0u32..=2, 0u32..=2, 0u32..=2],
-        5u8..=30,
+        5u8..=90,
     )
         .prop_map(|(worker, chain, max, envs, versions, lease_s)| Op::Claim {
             worker,
@@ -621,6 +633,7 @@ impl Driver {
                 lock,
                 sync,
                 max_duration_s,
+                recovered,
             } => {
                 let run_after = if *delay_ms >= 0 {
                     now.saturating_add(Duration::from_millis(u64::from(delay_ms.unsigned_abs())))
@@ -649,9 +662,9 @@ impl Driver {
                         run_after,
                         ttl_s.map(|s| Duration::from_secs(u64::from(s))),
                     ),
-                    attempt: 1,
+                    attempt: if *recovered { 2 } else { 1 },
                     locked_version: *lock,
-                    ever_leased: false,
+                    ever_leased: *recovered,
                     max_duration: max_duration_s.map(|s| Duration::from_secs(u64::from(s))),
                 };
                 Call::Enqueue(Box::new(d), *sync)
