@@ -632,8 +632,8 @@ impl State {
         let env_name = run.dispatch.env.clone();
         self.runs.push(run);
         if placement == Placement::Queued && !env.fast_path {
-            // Reading: the placement stays `Queued` even when this pass admits the new run at
-            // once; the admission is then listed in `moved`.
+            // The placement stays `Queued` even when this pass admits the new run at once;
+            // `moved` then lists it queued, then ready.
             self.admit_env(&env_name, now, &mut fx);
         }
         Ok(Enqueued {
@@ -784,8 +784,8 @@ impl State {
         now: Timestamp,
     ) -> Result<Effects, QueueError> {
         let i = self.leased_with(run, token, true)?;
-        // Reading: the backend does not know the terminal status the engine records, so the
-        // finished run is not listed in `moved`; `moved` lists only runs still held.
+        // The finished run leaves the backend: removals are not listed in `moved`
+        // (dispatch.md, Effects); the engine records the terminal status.
         assert_eq!(
             self.runs[i].status,
             RunStatus::Executing,
@@ -1019,7 +1019,9 @@ impl State {
 
         // 6. Ready runs in lanes with no consumer past max(ready_at, orphan_since) +
         //    ready_timeout -> queued again; their lane becomes orphaned.
-        // Reading: they are listed in `moved` (ready -> queued) in run id order.
+        // Reading: dispatch.md gives no order for step 6; they are listed in `moved`
+        // (ready -> queued) in run id order, the order of every list in `Tick`, not lane by
+        // lane.
         let mut returned: Vec<RunId> = self
             .runs
             .iter()
@@ -1795,6 +1797,23 @@ mod tests {
             .expect("register");
         assert_eq!(h.status(g), Some(RunStatus::Ready));
         assert_eq!(h.status(g2), Some(RunStatus::Ready));
+    }
+
+    #[test]
+    fn ready_returns_are_listed_by_run_id_across_lanes() {
+        let mut h = Harness::new();
+        h.limit("prod", 5, true);
+        h.rt.block_on(h.q.add_lane(&lane("custom")))
+            .expect("add_lane");
+        let (a, _) = h.trigger("prod", "q", "default");
+        let (b, _) = h.trigger("prod", "q", "custom");
+        let tick = h.tick(at(60));
+        assert_eq!(tick.ready_returned, vec![a, b]);
+        assert_eq!(
+            tick.effects.moved,
+            vec![(a, RunStatus::Queued), (b, RunStatus::Queued)],
+            "run id order, not lane by lane (custom < default)"
+        );
     }
 
     #[test]
