@@ -1,38 +1,69 @@
-//! The engine handle and its builder.
+//! The engine handle and its builder: opening (env `default`, recovery, the timer service),
+//! run operations (get, list, wait, cancel, reschedule), admin, and the one timer service.
+//!
+//! Order of writes (SPEC §7): the run store first, the queue backend second. Every queue call
+//! returns [`Effects`]; [`Inner::apply`] turns them into lane doorbells, status events and an
+//! earlier timer deadline, so nothing in the engine polls.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use runlane_core::backend::{LaneInfo, QueueBackend, QueueInfo, RunFilter, RunRecord, RunStore};
-use runlane_core::{EnvSettings, QueueSettings, RunId, Timestamp, VersionDef};
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+use runlane_core::backend::{
+    AttemptRecord, CancelOutcome, Effects, LaneInfo, Lapsed, QueueBackend, QueueInfo, RunFilter,
+    RunRecord, RunStore, Tick,
+};
+use runlane_core::{
+    CancelReason, EnvName, EnvSettings, FencingToken, InvalidInput, LaneName, QueueError,
+    QueueName, QueueSettings, RetryPolicy, RunId, RunIdGenerator, RunStatus, StoreError, Timestamp,
+    VersionDef, WorkerId,
+};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 
-use crate::clock::Clock;
+use crate::clock::{Clock, SystemClock};
 use crate::config::EngineConfig;
+use crate::doorbell::Doorbells;
 use crate::error::EngineError;
-use crate::event::{EnvEvents, RunEvents};
+use crate::event::{EnvEvents, EventHub, RunEvent, RunEventKind, RunEvents};
+use crate::local::{AbortKind, LocalRegistry};
+use crate::meta::MetaCache;
 use crate::trigger::{TriggerBuilder, TriggerRequest, Triggered, WaitOutcome};
 use crate::worker::WorkerBuilder;
 
+/// The backoff after a failing backend call in a background loop, first and largest.
+const ERROR_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
 /// Opens an engine over a queue backend and a run store.
 pub struct EngineBuilder {
-    _private: (),
+    clock: Option<Arc<dyn Clock>>,
+    config: EngineConfig,
 }
 
 impl EngineBuilder {
     /// A builder with the default config and the system clock.
     pub fn new() -> Self {
-        todo!()
+        EngineBuilder {
+            clock: None,
+            config: EngineConfig::default(),
+        }
     }
+
     /// Uses this clock (tests pass a `ManualClock`).
-    pub fn clock(self, clock: Arc<dyn Clock>) -> Self {
-        let _ = clock;
-        todo!()
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
     }
+
     /// Uses this config.
-    pub fn config(self, config: EngineConfig) -> Self {
-        let _ = config;
-        todo!()
+    pub fn config(mut self, config: EngineConfig) -> Self {
+        self.config = config;
+        self
     }
+
     /// Opens: creates env `default` if missing, recovers every unfinished run from the store
     /// into the queue backend, starts the timer service.
     pub async fn open(
@@ -40,8 +71,59 @@ impl EngineBuilder {
         queue: Arc<dyn QueueBackend>,
         store: Arc<dyn RunStore>,
     ) -> Result<Engine, EngineError> {
-        let _ = (queue, store);
-        todo!()
+        let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock));
+        let config = self.config;
+        if config.lease.is_zero() {
+            return Err(InvalidInput::new("lease", "must be greater than zero").into());
+        }
+        let mut rng = match config.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_entropy(),
+        };
+        let ids = RunIdGenerator::new(rng.next_u64());
+        let now = clock.now();
+
+        let mut envs = store.envs().await?;
+        let default = EnvName::new("default")?;
+        if !envs.iter().any(|(e, _)| e == &default) {
+            store.put_env(&default, EnvSettings::default()).await?;
+            envs.push((default, EnvSettings::default()));
+        }
+        let mut effects = Effects::default();
+        for (env, settings) in &envs {
+            effects.merge(queue.put_env(env, *settings, now).await?);
+        }
+
+        let inner = Arc::new(Inner {
+            queue,
+            store,
+            clock,
+            config,
+            rng: Mutex::new(rng),
+            ids: Mutex::new(ids),
+            bells: Doorbells::default(),
+            timer: TimerState::default(),
+            events: EventHub::new(),
+            meta: MetaCache::default(),
+            local: LocalRegistry::default(),
+            shutdown: AtomicBool::new(false),
+            worker_seq: AtomicU64::new(0),
+        });
+        inner.meta.set_envs(envs.iter().cloned());
+        for (env, _) in &envs {
+            effects.merge(inner.reapply_queue_limits(env, now).await?);
+        }
+        effects.merge(inner.recover(now).await?);
+
+        let handle = tokio::spawn(timer_service(
+            Arc::downgrade(&inner),
+            inner.queue.clone(),
+            inner.clock.clone(),
+            inner.timer.notify.clone(),
+        ));
+        *inner.timer.handle() = Some(handle);
+        inner.apply(effects, None).await;
+        Ok(Engine { inner })
     }
 }
 
@@ -61,7 +143,602 @@ pub struct TimerStats {
 /// The engine. Cheap to clone; every clone is the same engine.
 #[derive(Clone)]
 pub struct Engine {
-    _private: (),
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// The timer service's shared state.
+struct TimerState {
+    /// Rung when a deadline earlier than the armed one appears, and at shutdown.
+    notify: Arc<Notify>,
+    /// The deadline the service sleeps until (`Timestamp::MAX`: nothing armed, or re-reading).
+    armed: Mutex<Timestamp>,
+    stats: Mutex<TimerStats>,
+    handle: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Default for TimerState {
+    fn default() -> Self {
+        TimerState {
+            notify: Arc::new(Notify::new()),
+            armed: Mutex::new(Timestamp::MAX),
+            stats: Mutex::new(TimerStats::default()),
+            handle: Mutex::new(None),
+        }
+    }
+}
+
+impl TimerState {
+    fn armed(&self) -> MutexGuard<'_, Timestamp> {
+        self.armed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn stats(&self) -> MutexGuard<'_, TimerStats> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn handle(&self) -> MutexGuard<'_, Option<JoinHandle<()>>> {
+        self.handle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Re-arms the service when `deadline` is earlier than what it sleeps until.
+    fn offer(&self, deadline: Option<Timestamp>) {
+        if let Some(d) = deadline {
+            if d < *self.armed() {
+                // `notify_one` keeps a permit when the service is not waiting yet.
+                self.notify.notify_one();
+            }
+        }
+    }
+}
+
+/// Everything an engine shares between its clones, workers and background tasks.
+pub(crate) struct Inner {
+    pub(crate) queue: Arc<dyn QueueBackend>,
+    pub(crate) store: Arc<dyn RunStore>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) config: EngineConfig,
+    rng: Mutex<StdRng>,
+    ids: Mutex<RunIdGenerator>,
+    pub(crate) bells: Doorbells,
+    timer: TimerState,
+    pub(crate) events: EventHub,
+    pub(crate) meta: MetaCache,
+    pub(crate) local: LocalRegistry,
+    shutdown: AtomicBool,
+    worker_seq: AtomicU64,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The timer service holds only a weak reference: wake it so it sees the engine is gone.
+        self.shutdown.store(true, Ordering::SeqCst);
+        self.timer.notify.notify_one();
+    }
+}
+
+/// The status of an attempt's end for the store's attempt record.
+pub(crate) fn attempt_record(
+    number: u32,
+    outcome: &str,
+    error: Option<String>,
+    ended_at: Timestamp,
+) -> AttemptRecord {
+    AttemptRecord {
+        number,
+        outcome: outcome.to_owned(),
+        error,
+        ended_at,
+    }
+}
+
+/// Whether a queue error only says the run or lease is gone (someone else ended it).
+fn is_gone(e: &QueueError) -> bool {
+    matches!(e, QueueError::NotFound(_) | QueueError::StaleToken(_))
+}
+
+impl Inner {
+    pub(crate) fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    pub(crate) fn check_open(&self) -> Result<(), EngineError> {
+        if self.shutdown.load(Ordering::SeqCst) {
+            return Err(EngineError::ShutDown);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn is_shut_down(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn next_run_id(&self, now: Timestamp) -> RunId {
+        self.ids.lock().unwrap_or_else(|e| e.into_inner()).next(now)
+    }
+
+    pub(crate) fn next_worker_id(&self) -> WorkerId {
+        WorkerId(self.worker_seq.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    fn next_attempt_at(
+        &self,
+        policy: &RetryPolicy,
+        attempt: u32,
+        now: Timestamp,
+    ) -> Option<Timestamp> {
+        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        policy.next_attempt_at(attempt, now, &mut *rng)
+    }
+
+    /// Acts on what a queue call changed: doorbells, status events (except for `skip`, whose
+    /// caller publishes its own), and an earlier timer deadline.
+    pub(crate) async fn apply(&self, effects: Effects, skip: Option<RunId>) {
+        for lane in &effects.ready_lanes {
+            self.bells.ring(lane);
+        }
+        if self.events.has_subscribers() {
+            for (run, status) in &effects.moved {
+                // Terminal statuses are published by whoever wrote them to the store.
+                if Some(*run) == skip || status.is_terminal() {
+                    continue;
+                }
+                if let Ok(Some(live)) = self.queue.live(*run).await {
+                    let d = live.dispatch;
+                    self.events
+                        .status(*run, &d.env, self.now(), *status, d.attempt);
+                }
+            }
+        }
+        self.timer.offer(effects.deadline);
+    }
+
+    /// Publishes a run's status change.
+    pub(crate) fn publish(&self, run: RunId, env: &EnvName, status: RunStatus, attempt: u32) {
+        self.events.status(run, env, self.now(), status, attempt);
+    }
+
+    /// Publishes a record's (terminal) status.
+    pub(crate) fn publish_record(&self, record: &RunRecord) {
+        self.publish(record.id, &record.env, record.status, record.attempt);
+    }
+
+    /// Ends a leased run: the store's terminal write first, then the queue. A run the store
+    /// already finished is only cleaned out of the queue (`None`).
+    pub(crate) async fn finish_leased(
+        &self,
+        run: RunId,
+        token: FencingToken,
+        status: RunStatus,
+        output: Option<Arc<str>>,
+        attempt: Option<AttemptRecord>,
+    ) -> Result<Option<RunRecord>, EngineError> {
+        let now = self.now();
+        let record = match self.store.finish(run, status, output, attempt, now).await {
+            Ok(record) => Some(record),
+            Err(StoreError::AlreadyFinished { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        self.queue_finish_quietly(run, token).await;
+        if let Some(record) = &record {
+            self.publish_record(record);
+        }
+        Ok(record)
+    }
+
+    /// `queue.finish`, where "already gone" is fine.
+    pub(crate) async fn queue_finish_quietly(&self, run: RunId, token: FencingToken) {
+        match self.queue.finish(run, token, self.now()).await {
+            Ok(effects) => self.apply(effects, Some(run)).await,
+            Err(e) if is_gone(&e) => {}
+            Err(e) => tracing::warn!(%run, error = %e, "queue finish failed"),
+        }
+    }
+
+    /// Ends an attempt that did not complete: another attempt per the retry policy, else the
+    /// run ends with `final_status`.
+    #[allow(clippy::too_many_arguments)] // One call site per way an attempt can end.
+    pub(crate) async fn fail_attempt(
+        &self,
+        env: &EnvName,
+        policy: &RetryPolicy,
+        run: RunId,
+        token: FencingToken,
+        attempt: u32,
+        outcome: &str,
+        error: String,
+        final_status: RunStatus,
+    ) -> Result<(), EngineError> {
+        let now = self.now();
+        let record = attempt_record(attempt, outcome, Some(error), now);
+        let Some(at) = self.next_attempt_at(policy, attempt, now) else {
+            self.finish_leased(run, token, final_status, None, Some(record))
+                .await?;
+            return Ok(());
+        };
+        match self.store.record_retry(run, record, at).await {
+            Ok(()) => {}
+            Err(StoreError::AlreadyFinished { .. }) => {
+                self.queue_finish_quietly(run, token).await;
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        match self.queue.retry(run, token, at, now).await {
+            Ok(effects) => {
+                let status = if at > now {
+                    RunStatus::Delayed
+                } else {
+                    RunStatus::Queued
+                };
+                self.publish(run, env, status, attempt + 1);
+                self.apply(effects, Some(run)).await;
+            }
+            Err(e) if is_gone(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
+    /// Recovers every unfinished run of the store into the queue backend (at open).
+    async fn recover(&self, now: Timestamp) -> Result<Effects, EngineError> {
+        let mut effects = Effects::default();
+        for record in self.store.unfinished().await? {
+            if !LaneName::BUILT_IN.contains(&record.lane.as_str()) {
+                self.queue.add_lane(&record.lane).await?;
+            }
+            match self.queue.enqueue(record.dispatch(), false, now).await {
+                Ok(enqueued) => effects.merge(enqueued.effects),
+                Err(e) => tracing::warn!(run = %record.id, error = %e, "recovery enqueue refused"),
+            }
+        }
+        Ok(effects)
+    }
+
+    /// Applies the queue limits the env's current version defines (they live in the queue
+    /// backend, which may have started empty).
+    async fn reapply_queue_limits(
+        &self,
+        env: &EnvName,
+        now: Timestamp,
+    ) -> Result<Effects, EngineError> {
+        let (_, def) = self.meta.current(self.store.as_ref(), env).await?;
+        self.put_task_queue_limits(env, &def, now).await
+    }
+
+    async fn put_task_queue_limits(
+        &self,
+        env: &EnvName,
+        def: &VersionDef,
+        now: Timestamp,
+    ) -> Result<Effects, EngineError> {
+        let mut effects = Effects::default();
+        for task in &def.tasks {
+            if task.queue_limit.is_none() && task.key_total_limit.is_none() {
+                continue;
+            }
+            let queue = task.queue_name();
+            let current = self.queue.queue_settings(env, &queue).await?;
+            let settings = QueueSettings {
+                limit: task.queue_limit,
+                key_total_limit: task.key_total_limit,
+                ..current
+            };
+            effects.merge(self.queue.put_queue(env, &queue, settings, now).await?);
+        }
+        Ok(effects)
+    }
+
+    /// The record with its live status and attempt from the queue backend.
+    pub(crate) async fn overlay(&self, mut record: RunRecord) -> Result<RunRecord, EngineError> {
+        if !record.status.is_terminal() {
+            if let Some(live) = self.queue.live(record.id).await? {
+                record.status = live.status;
+                record.attempt = live.dispatch.attempt;
+            }
+        }
+        Ok(record)
+    }
+
+    pub(crate) async fn env_settings(&self, env: &EnvName) -> Result<EnvSettings, EngineError> {
+        self.meta
+            .env(self.store.as_ref(), env)
+            .await?
+            .ok_or_else(|| EngineError::EnvNotFound(env.to_string()))
+    }
+
+    /// Subscribes to a run: the receiver first, then the store, so nothing falls in between.
+    pub(crate) async fn subscribe(&self, run: RunId) -> Result<RunEvents, EngineError> {
+        let rx = self.events.receiver();
+        let record = self
+            .store
+            .get(run)
+            .await?
+            .ok_or(EngineError::RunNotFound(run))?;
+        let first = if record.status.is_terminal() {
+            vec![RunEvent {
+                seq: self.events.synthesized_seq(),
+                run,
+                env: record.env.clone(),
+                at: record.finished_at.unwrap_or(record.created_at),
+                kind: RunEventKind::Status {
+                    status: record.status,
+                    attempt: record.attempt,
+                },
+            }]
+        } else {
+            self.events.latest_progress(run).into_iter().collect()
+        };
+        Ok(RunEvents::new(run, rx, first, self.store.clone()))
+    }
+
+    // ---- the timer service's work ------------------------------------------------------
+
+    async fn handle_tick(&self, tick: Tick, now: Timestamp) {
+        let Tick {
+            effects,
+            expired,
+            lapsed,
+            timed_out,
+            cancel_elapsed,
+            ready_returned,
+        } = tick;
+        let returned: Vec<RunId> = ready_returned
+            .into_iter()
+            .filter(|run| !effects.moved.iter().any(|(m, _)| m == run))
+            .collect();
+        self.apply(effects, None).await;
+        if self.events.has_subscribers() {
+            for run in returned {
+                if let Ok(Some(live)) = self.queue.live(run).await {
+                    self.publish(run, &live.dispatch.env, live.status, live.dispatch.attempt);
+                }
+            }
+        }
+        for dispatch in expired {
+            let run = dispatch.run_id;
+            match self
+                .store
+                .finish(run, RunStatus::Expired, None, None, now)
+                .await
+            {
+                Ok(record) => self.publish_record(&record),
+                Err(StoreError::AlreadyFinished { .. }) => {}
+                Err(e) => tracing::warn!(%run, error = %e, "expiry not recorded"),
+            }
+        }
+        for lapsed in lapsed {
+            let run = lapsed.dispatch.run_id;
+            if let Err(e) = self.recover_lapsed(lapsed).await {
+                tracing::warn!(%run, error = %e, "lapsed lease not recovered");
+            }
+        }
+        for (run, token) in timed_out {
+            if let Err(e) = self.time_out(run, token).await {
+                tracing::warn!(%run, error = %e, "timed out attempt not ended");
+            }
+        }
+        for (run, token) in cancel_elapsed {
+            if let Err(e) = self.end_cancelled(run, token).await {
+                tracing::warn!(%run, error = %e, "cancelled run not ended");
+            }
+        }
+    }
+
+    /// Whether the backend marked a cancel on the run's lease (canceled runs never retry).
+    async fn cancel_requested(&self, run: RunId) -> Result<bool, EngineError> {
+        Ok(self
+            .queue
+            .live(run)
+            .await?
+            .and_then(|l| l.lease)
+            .is_some_and(|l| l.cancel_requested_at.is_some()))
+    }
+
+    /// A lease lapsed (its worker died or stopped heartbeating): slots are already released;
+    /// count a `crashed` attempt and apply the retry policy.
+    async fn recover_lapsed(&self, lapsed: Lapsed) -> Result<(), EngineError> {
+        let Lapsed { dispatch, token } = lapsed;
+        let run = dispatch.run_id;
+        let local = self.local.get(run, token);
+        if let Some(local) = &local {
+            local.stop(CancelReason::LeaseLost, AbortKind::Engine);
+        }
+        let mut settle = match &local {
+            Some(local) => Some(local.settle.lock().await),
+            None => None,
+        };
+        if settle.as_deref() == Some(&true) {
+            // The worker ended the attempt first; only clean the queue if it is still there.
+            self.queue_finish_quietly(run, token).await;
+            return Ok(());
+        }
+        let Some(record) = self.store.get(run).await? else {
+            self.queue_finish_quietly(run, token).await;
+            return Ok(());
+        };
+        if record.status.is_terminal() {
+            self.queue_finish_quietly(run, token).await;
+        } else if self.cancel_requested(run).await? {
+            let attempt = attempt_record(dispatch.attempt, "canceled", None, self.now());
+            self.finish_leased(run, token, RunStatus::Canceled, None, Some(attempt))
+                .await?;
+        } else {
+            self.fail_attempt(
+                &record.env,
+                &record.retry,
+                run,
+                token,
+                dispatch.attempt,
+                "crashed",
+                "lease lost: no heartbeat before the lease deadline".to_owned(),
+                RunStatus::Failed,
+            )
+            .await?;
+        }
+        if let Some(settle) = settle.as_deref_mut() {
+            *settle = true;
+        }
+        Ok(())
+    }
+
+    /// An attempt ran past its max duration: abort it and count a failed attempt; the run
+    /// ends `timed_out` when no attempt is left.
+    async fn time_out(&self, run: RunId, token: FencingToken) -> Result<(), EngineError> {
+        let local = self.local.get(run, token);
+        let mut settle = match &local {
+            Some(local) => {
+                let settle = local.settle.lock().await;
+                if *settle {
+                    return Ok(()); // The handler's own outcome landed first.
+                }
+                local.stop(CancelReason::Timeout, AbortKind::Engine);
+                Some(settle)
+            }
+            None => None,
+        };
+        let Some(record) = self.store.get(run).await? else {
+            self.queue_finish_quietly(run, token).await;
+            return Ok(());
+        };
+        if record.status.is_terminal() {
+            self.queue_finish_quietly(run, token).await;
+        } else if self.cancel_requested(run).await? {
+            let attempt = attempt_record(record.attempt, "canceled", None, self.now());
+            self.finish_leased(run, token, RunStatus::Canceled, None, Some(attempt))
+                .await?;
+        } else {
+            let limit = record
+                .max_duration
+                .map_or_else(String::new, |d| format!(" of {} ms", d.as_millis()));
+            self.fail_attempt(
+                &record.env,
+                &record.retry,
+                run,
+                token,
+                record.attempt,
+                "timed_out",
+                format!("attempt ran past its max duration{limit}"),
+                RunStatus::TimedOut,
+            )
+            .await?;
+        }
+        if let Some(settle) = settle.as_deref_mut() {
+            *settle = true;
+        }
+        Ok(())
+    }
+
+    /// A cancelled executing run's grace period ended without a completion: it ends
+    /// `canceled` and a late completion is refused.
+    async fn end_cancelled(&self, run: RunId, token: FencingToken) -> Result<(), EngineError> {
+        let local = self.local.get(run, token);
+        let mut settle = match &local {
+            Some(local) => {
+                let settle = local.settle.lock().await;
+                if *settle {
+                    return Ok(()); // A completion within the grace period won.
+                }
+                local.stop(CancelReason::Cancel, AbortKind::Engine);
+                Some(settle)
+            }
+            None => None,
+        };
+        let attempt = match self.store.get(run).await? {
+            Some(record) if !record.status.is_terminal() => {
+                Some(attempt_record(record.attempt, "canceled", None, self.now()))
+            }
+            _ => None,
+        };
+        if attempt.is_some() {
+            self.finish_leased(run, token, RunStatus::Canceled, None, attempt)
+                .await?;
+        } else {
+            self.queue_finish_quietly(run, token).await;
+        }
+        if let Some(settle) = settle.as_deref_mut() {
+            *settle = true;
+        }
+        Ok(())
+    }
+}
+
+/// The one timer service: sleeps until the queue backend's earliest deadline, is woken early
+/// by `notify` when an earlier one appears, and calls `tick` at each deadline. It holds the
+/// engine weakly, so dropping the last engine handle ends it too.
+async fn timer_service(
+    engine: Weak<Inner>,
+    queue: Arc<dyn QueueBackend>,
+    clock: Arc<dyn Clock>,
+    notify: Arc<Notify>,
+) {
+    let mut backoff = ERROR_BACKOFF_MIN;
+    loop {
+        // Enabled before the deadline is read: an earlier deadline announced after the read
+        // leaves a permit, so the sleep below is re-armed instead of missing it.
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let deadline = {
+            let Some(inner) = engine.upgrade() else {
+                return;
+            };
+            if inner.is_shut_down() {
+                return;
+            }
+            *inner.timer.armed() = Timestamp::MAX;
+            match queue.next_deadline().await {
+                Ok(deadline) => {
+                    *inner.timer.armed() = deadline.unwrap_or(Timestamp::MAX);
+                    deadline
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "timer: reading the next deadline failed");
+                    let retry_at = clock.now().saturating_add(backoff);
+                    backoff = (backoff * 2).min(ERROR_BACKOFF_MAX);
+                    drop(inner);
+                    tokio::select! {
+                        () = clock.sleep_until(retry_at) => {}
+                        () = &mut notified => {}
+                    }
+                    continue;
+                }
+            }
+        };
+        let woke = match deadline {
+            Some(at) => tokio::select! {
+                () = clock.sleep_until(at) => true,
+                () = &mut notified => false,
+            },
+            None => {
+                notified.await;
+                false
+            }
+        };
+        if !woke {
+            continue; // Re-arm: a notification is not a wake-up.
+        }
+        let Some(inner) = engine.upgrade() else {
+            return;
+        };
+        if inner.is_shut_down() {
+            return;
+        }
+        let now = clock.now();
+        inner.timer.stats().wakeups.push(now);
+        match queue.tick(now).await {
+            Ok(tick) => {
+                backoff = ERROR_BACKOFF_MIN;
+                inner.handle_tick(tick, now).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "timer: tick failed");
+                let retry_at = now.saturating_add(backoff);
+                backoff = (backoff * 2).min(ERROR_BACKOFF_MAX);
+                drop(inner);
+                clock.sleep_until(retry_at).await;
+            }
+        }
+    }
 }
 
 impl Engine {
@@ -69,87 +746,253 @@ impl Engine {
     pub fn builder() -> EngineBuilder {
         EngineBuilder::new()
     }
+
     /// The engine clock's `now`.
     pub fn now(&self) -> Timestamp {
-        todo!()
+        self.inner.now()
     }
+
+    /// The engine's config.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
     /// Starts a trigger.
     pub fn trigger(&self, task: &str) -> TriggerBuilder {
-        let _ = task;
-        todo!()
+        TriggerBuilder::new(self.clone(), task)
     }
+
     /// Triggers one validated request.
     pub async fn trigger_request(&self, request: TriggerRequest) -> Result<Triggered, EngineError> {
-        let _ = request;
-        todo!()
+        self.inner.check_open()?;
+        let now = self.now();
+        let prepared = self.prepare(&request, now, None).await?;
+        self.commit(prepared, now).await
     }
+
     /// Triggers a batch: all valid or nothing stored (`BatchItem` names the bad one);
     /// idempotency duplicates inside the batch collapse.
     pub async fn trigger_batch(
         &self,
         requests: Vec<TriggerRequest>,
     ) -> Result<Vec<Triggered>, EngineError> {
-        let _ = requests;
-        todo!()
+        self.inner.check_open()?;
+        self.batch(requests).await
     }
+
     /// Waits up to `timeout` for a run to finish (at once if it already has).
     pub async fn wait(&self, run: RunId, timeout: Duration) -> Result<WaitOutcome, EngineError> {
-        let _ = (run, timeout);
-        todo!()
+        self.inner.check_open()?;
+        let inner = &self.inner;
+        let mut events = inner.subscribe(run).await?;
+        let deadline = inner.now().saturating_add(timeout);
+        let sleep = inner.clock.sleep_until(deadline);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(event) if event.is_terminal() => break,
+                    Some(_) => continue,
+                    None => break, // Ended (shutdown): answer with what the store says.
+                },
+                () = &mut sleep => break,
+            }
+        }
+        let record = self.get(run).await?;
+        Ok(if record.status.is_terminal() {
+            WaitOutcome::Finished(record)
+        } else {
+            WaitOutcome::Pending {
+                run_id: run,
+                status: record.status,
+            }
+        })
     }
+
     /// Cancels a run (409-style `AlreadyFinished` for a finished one).
     pub async fn cancel(&self, run: RunId) -> Result<RunRecord, EngineError> {
-        let _ = run;
-        todo!()
+        self.inner.check_open()?;
+        let inner = &self.inner;
+        let now = inner.now();
+        let record = inner
+            .store
+            .get(run)
+            .await?
+            .ok_or(EngineError::RunNotFound(run))?;
+        if record.status.is_terminal() {
+            return Err(EngineError::AlreadyFinished {
+                run,
+                status: record.status,
+            });
+        }
+        match inner
+            .queue
+            .cancel(run, inner.config.cancel_grace, now)
+            .await?
+        {
+            CancelOutcome::Removed { effects, .. } => {
+                let result = inner
+                    .store
+                    .finish(run, RunStatus::Canceled, None, None, now)
+                    .await;
+                inner.apply(effects, Some(run)).await;
+                let record = result?;
+                inner.publish_record(&record);
+                Ok(record)
+            }
+            CancelOutcome::Requested { token, .. } => {
+                // In-process: the handler learns at once (SPEC §5); remote workers learn on
+                // their next heartbeat.
+                if let Some(local) = inner.local.get(run, token) {
+                    local.cancel.fire(CancelReason::Cancel);
+                }
+                inner.overlay(record).await
+            }
+            CancelOutcome::NotFound => {
+                let record = inner
+                    .store
+                    .finish(run, RunStatus::Canceled, None, None, now)
+                    .await?;
+                inner.publish_record(&record);
+                Ok(record)
+            }
+        }
     }
+
     /// Moves a delayed or queued run to `run_after` (its TTL deadline is recomputed).
     pub async fn reschedule(
         &self,
         run: RunId,
         run_after: Timestamp,
     ) -> Result<RunRecord, EngineError> {
-        let _ = (run, run_after);
-        todo!()
+        self.inner.check_open()?;
+        let inner = &self.inner;
+        let now = inner.now();
+        let record = self.get(run).await?;
+        if !matches!(record.status, RunStatus::Delayed | RunStatus::Queued) {
+            return Err(EngineError::WrongState {
+                run,
+                status: record.status,
+                operation: "reschedule",
+            });
+        }
+        let ttl_deadline = runlane_core::ttl::deadline(now, run_after, record.ttl);
+        let effects = inner
+            .queue
+            .reschedule(run, run_after, ttl_deadline, now)
+            .await?;
+        inner.store.reschedule(run, run_after, ttl_deadline).await?;
+        let status = if run_after > now {
+            RunStatus::Delayed
+        } else {
+            RunStatus::Queued
+        };
+        inner.publish(run, &record.env, status, record.attempt);
+        inner.apply(effects, Some(run)).await;
+        self.get(run).await
     }
+
     /// Manual retry of a finished run: a new run (`retry_of`, source `manual`, lane `manual`).
     pub async fn retry_run(&self, run: RunId) -> Result<Triggered, EngineError> {
-        let _ = run;
-        todo!()
+        self.inner.check_open()?;
+        self.manual_retry(run).await
     }
+
     /// One run with its live status.
     pub async fn get(&self, run: RunId) -> Result<RunRecord, EngineError> {
-        let _ = run;
-        todo!()
+        self.inner.check_open()?;
+        let record = self
+            .inner
+            .store
+            .get(run)
+            .await?
+            .ok_or(EngineError::RunNotFound(run))?;
+        self.inner.overlay(record).await
     }
+
     /// Runs matching the filter (statuses are live).
     pub async fn list(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, EngineError> {
-        let _ = filter;
-        todo!()
+        self.inner.check_open()?;
+        let inner = &self.inner;
+        let want = filter.limit.unwrap_or(100) as usize;
+        let live_status = filter.status.filter(|s| !s.is_terminal());
+        let Some(status) = live_status else {
+            // No filter, or a terminal one the store holds exactly.
+            let mut out = Vec::new();
+            for record in inner.store.list(filter).await? {
+                out.push(inner.overlay(record).await?);
+            }
+            return Ok(out);
+        };
+        // Waiting and executing statuses are refined by the queue backend: page through the
+        // store's unfinished runs and keep those whose live status matches.
+        let mut page_filter = filter.clone();
+        page_filter.status = None;
+        page_filter.limit = Some(want.clamp(1, 1000) as u32);
+        let mut out = Vec::new();
+        loop {
+            let page = inner.store.list(&page_filter).await?;
+            let Some(last) = page.last().map(|r| r.id) else {
+                break;
+            };
+            let full = page.len() >= page_filter.limit.unwrap_or(1) as usize;
+            for record in page {
+                if record.status.is_terminal() {
+                    continue;
+                }
+                let record = inner.overlay(record).await?;
+                if record.status == status {
+                    out.push(record);
+                    if out.len() >= want {
+                        return Ok(out);
+                    }
+                }
+            }
+            if !full {
+                break;
+            }
+            page_filter.after = Some(last);
+        }
+        Ok(out)
     }
+
     /// Subscribes to a run's events (latest progress first).
     pub async fn subscribe(&self, run: RunId) -> Result<RunEvents, EngineError> {
-        let _ = run;
-        todo!()
+        self.inner.check_open()?;
+        self.inner.subscribe(run).await
     }
+
     /// Subscribes to an env's run events.
     pub fn subscribe_env(&self, env: &str) -> Result<EnvEvents, EngineError> {
-        let _ = env;
-        todo!()
+        self.inner.check_open()?;
+        let env = EnvName::new(env)?;
+        Ok(EnvEvents::new(env, self.inner.events.receiver()))
     }
+
     /// A worker builder.
     pub fn worker(&self) -> WorkerBuilder {
-        todo!()
+        WorkerBuilder::new(self.clone())
     }
+
     /// Creates or updates an env (raising limits admits at once).
     pub async fn set_env(&self, env: &str, settings: EnvSettings) -> Result<(), EngineError> {
-        let _ = (env, settings);
-        todo!()
+        self.inner.check_open()?;
+        let inner = &self.inner;
+        let env = EnvName::new(env)?;
+        settings.validate()?;
+        inner.store.put_env(&env, settings).await?;
+        let effects = inner.queue.put_env(&env, settings, inner.now()).await?;
+        inner.meta.put_env(&env, settings);
+        inner.apply(effects, None).await;
+        Ok(())
     }
+
     /// An env's settings.
     pub async fn env_settings(&self, env: &str) -> Result<EnvSettings, EngineError> {
-        let _ = env;
-        todo!()
+        self.inner.check_open()?;
+        self.inner.env_settings(&EnvName::new(env)?).await
     }
+
     /// Sets a queue's settings (raising limits or resuming admits at once).
     pub async fn set_queue(
         &self,
@@ -157,49 +1000,124 @@ impl Engine {
         queue: &str,
         settings: QueueSettings,
     ) -> Result<(), EngineError> {
-        let _ = (env, queue, settings);
-        todo!()
+        self.inner.check_open()?;
+        let (env, queue) = self.queue_names(env, queue).await?;
+        settings.validate()?;
+        self.put_queue(&env, &queue, settings).await
     }
+
     /// Pauses a queue.
     pub async fn pause_queue(&self, env: &str, queue: &str) -> Result<(), EngineError> {
-        let _ = (env, queue);
-        todo!()
+        self.set_paused(env, queue, true).await
     }
+
     /// Resumes a queue.
     pub async fn resume_queue(&self, env: &str, queue: &str) -> Result<(), EngineError> {
-        let _ = (env, queue);
-        todo!()
+        self.set_paused(env, queue, false).await
     }
+
+    async fn set_paused(&self, env: &str, queue: &str, paused: bool) -> Result<(), EngineError> {
+        self.inner.check_open()?;
+        let (env, queue) = self.queue_names(env, queue).await?;
+        let current = self.inner.queue.queue_settings(&env, &queue).await?;
+        self.put_queue(&env, &queue, QueueSettings { paused, ..current })
+            .await
+    }
+
+    async fn queue_names(
+        &self,
+        env: &str,
+        queue: &str,
+    ) -> Result<(EnvName, QueueName), EngineError> {
+        let env = EnvName::new(env)?;
+        let queue = QueueName::new(queue)?;
+        self.inner.env_settings(&env).await?;
+        Ok((env, queue))
+    }
+
+    async fn put_queue(
+        &self,
+        env: &EnvName,
+        queue: &QueueName,
+        settings: QueueSettings,
+    ) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        let effects = inner
+            .queue
+            .put_queue(env, queue, settings, inner.now())
+            .await?;
+        inner.apply(effects, None).await;
+        Ok(())
+    }
+
     /// Queues of an env.
     pub async fn queues(&self, env: &str) -> Result<Vec<QueueInfo>, EngineError> {
-        let _ = env;
-        todo!()
+        self.inner.check_open()?;
+        let env = EnvName::new(env)?;
+        self.inner.env_settings(&env).await?;
+        Ok(self.inner.queue.queues(&env).await?)
     }
+
     /// Adds a lane.
     pub async fn add_lane(&self, lane: &str) -> Result<(), EngineError> {
-        let _ = lane;
-        todo!()
+        self.inner.check_open()?;
+        let lane = LaneName::new(lane)?;
+        Ok(self.inner.queue.add_lane(&lane).await?)
     }
+
     /// Lanes with depth.
     pub async fn lanes(&self) -> Result<Vec<LaneInfo>, EngineError> {
-        todo!()
+        self.inner.check_open()?;
+        Ok(self.inner.queue.lanes(self.now()).await?)
     }
+
     /// Registers a version of an env's tasks; returns its number.
     pub async fn register_version(&self, env: &str, def: VersionDef) -> Result<u32, EngineError> {
-        let _ = (env, def);
-        todo!()
+        self.inner.check_open()?;
+        let inner = &self.inner;
+        let env = EnvName::new(env)?;
+        inner.env_settings(&env).await?;
+        def.validate()?;
+        Ok(inner.store.add_version(&env, def, inner.now()).await?)
     }
+
     /// Makes a version current.
     pub async fn promote(&self, env: &str, version: u32) -> Result<(), EngineError> {
-        let _ = (env, version);
-        todo!()
+        self.inner.check_open()?;
+        let inner = &self.inner;
+        let env = EnvName::new(env)?;
+        inner.env_settings(&env).await?;
+        let def = inner
+            .meta
+            .version(inner.store.as_ref(), &env, version)
+            .await?
+            .ok_or(EngineError::UnknownVersion {
+                version,
+                task: String::new(),
+            })?;
+        inner.store.promote(&env, version).await?;
+        let effects = inner.put_task_queue_limits(&env, &def, inner.now()).await?;
+        inner.meta.promoted(&env, version, def);
+        inner.apply(effects, None).await;
+        Ok(())
     }
+
     /// What the timer service did.
     pub fn timer_stats(&self) -> TimerStats {
-        todo!()
+        self.inner.timer.stats().clone()
     }
+
     /// Stops the timer service; further calls fail with `ShutDown`.
     pub async fn shutdown(&self) {
-        todo!()
+        let inner = &self.inner;
+        inner.shutdown.store(true, Ordering::SeqCst);
+        inner.timer.notify.notify_one();
+        let handle = inner.timer.handle().take();
+        if let Some(handle) = handle {
+            if let Err(e) = handle.await {
+                tracing::warn!(error = %e, "timer service ended abnormally");
+            }
+        }
+        inner.events.close();
     }
 }

@@ -1,9 +1,21 @@
 //! Run events: status changes and progress, per run and per env. Progress is kept in memory
 //! (the latest value per run, for late subscribers) and never written to the store mid-run.
+//!
+//! One `tokio::sync::broadcast` channel carries every event of the engine; subscriptions filter
+//! it. A subscriber that falls behind the channel's capacity loses events: a run subscription
+//! then re-reads the run store so that it never misses its run's end, an env subscription skips
+//! ahead.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use runlane_core::backend::RunStore;
 use runlane_core::{EnvName, RunId, RunStatus, Timestamp};
+use tokio::sync::broadcast;
+
+/// Events buffered per subscriber before it starts losing them.
+const CHANNEL_CAPACITY: usize = 4096;
 
 /// One event about a run.
 #[derive(Clone, Debug, PartialEq)]
@@ -20,6 +32,21 @@ pub struct RunEvent {
     pub kind: RunEventKind,
 }
 
+impl RunEvent {
+    /// The status this event moved the run to, if it is a status event.
+    pub fn status(&self) -> Option<RunStatus> {
+        match self.kind {
+            RunEventKind::Status { status, .. } => Some(status),
+            RunEventKind::Progress(_) => None,
+        }
+    }
+
+    /// Whether this event ends the run's stream (a terminal status).
+    pub fn is_terminal(&self) -> bool {
+        self.status().is_some_and(RunStatus::is_terminal)
+    }
+}
+
 /// What happened to a run.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RunEventKind {
@@ -34,26 +61,270 @@ pub enum RunEventKind {
     Progress(Arc<str>),
 }
 
+/// The engine's event hub: the channel, the sequence and the latest progress per run.
+pub(crate) struct EventHub {
+    tx: Mutex<Option<broadcast::Sender<RunEvent>>>,
+    seq: AtomicU64,
+    progress: Mutex<HashMap<RunId, RunEvent>>,
+}
+
+impl EventHub {
+    pub(crate) fn new() -> Self {
+        let (tx, _) = broadcast::channel(CHANNEL_CAPACITY);
+        EventHub {
+            tx: Mutex::new(Some(tx)),
+            seq: AtomicU64::new(0),
+            progress: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn sender(&self) -> Option<broadcast::Sender<RunEvent>> {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn progress_map(&self) -> MutexGuard<'_, HashMap<RunId, RunEvent>> {
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether anybody listens (status lookups are skipped when nobody does).
+    pub(crate) fn has_subscribers(&self) -> bool {
+        self.sender().is_some_and(|tx| tx.receiver_count() > 0)
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Publishes a status change. A terminal status forgets the run's progress.
+    pub(crate) fn status(
+        &self,
+        run: RunId,
+        env: &EnvName,
+        at: Timestamp,
+        status: RunStatus,
+        attempt: u32,
+    ) {
+        if status.is_terminal() {
+            self.progress_map().remove(&run);
+        }
+        let Some(tx) = self.sender() else { return };
+        let event = RunEvent {
+            seq: self.next_seq(),
+            run,
+            env: env.clone(),
+            at,
+            kind: RunEventKind::Status { status, attempt },
+        };
+        // No receiver is not an error: events are fire-and-forget.
+        let _ = tx.send(event);
+    }
+
+    /// Publishes progress and keeps it as the run's latest.
+    pub(crate) fn progress(&self, run: RunId, env: &EnvName, at: Timestamp, value: Arc<str>) {
+        let event = RunEvent {
+            seq: self.next_seq(),
+            run,
+            env: env.clone(),
+            at,
+            kind: RunEventKind::Progress(value),
+        };
+        self.progress_map().insert(run, event.clone());
+        if let Some(tx) = self.sender() {
+            let _ = tx.send(event);
+        }
+    }
+
+    /// The latest progress of a run.
+    pub(crate) fn latest_progress(&self, run: RunId) -> Option<RunEvent> {
+        self.progress_map().get(&run).cloned()
+    }
+
+    /// A raw receiver (subscribe before reading state, so nothing is lost in between).
+    pub(crate) fn receiver(&self) -> Option<broadcast::Receiver<RunEvent>> {
+        self.sender().map(|tx| tx.subscribe())
+    }
+
+    /// Closes the channel: env subscriptions end.
+    pub(crate) fn close(&self) {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.progress_map().clear();
+    }
+
+    /// A sequence number for a synthesized event (a run already finished, or a lag resync).
+    pub(crate) fn synthesized_seq(&self) -> u64 {
+        self.seq.load(Ordering::Relaxed)
+    }
+}
+
 /// A subscription to one run's events. A new subscriber first gets the latest progress.
 pub struct RunEvents {
-    _private: (),
+    run: RunId,
+    rx: Option<broadcast::Receiver<RunEvent>>,
+    /// Events to hand out before reading the channel (latest progress, a known end).
+    pending: std::collections::VecDeque<RunEvent>,
+    store: Arc<dyn RunStore>,
+    done: bool,
 }
 
 impl RunEvents {
+    pub(crate) fn new(
+        run: RunId,
+        rx: Option<broadcast::Receiver<RunEvent>>,
+        first: Vec<RunEvent>,
+        store: Arc<dyn RunStore>,
+    ) -> Self {
+        RunEvents {
+            run,
+            rx,
+            pending: first.into(),
+            store,
+            done: false,
+        }
+    }
+
+    /// The run this subscription follows.
+    pub fn run(&self) -> RunId {
+        self.run
+    }
+
     /// The next event; `None` once the run is terminal and every event was delivered.
     pub async fn next(&mut self) -> Option<RunEvent> {
-        todo!()
+        if self.done {
+            return None;
+        }
+        if let Some(event) = self.pending.pop_front() {
+            self.done = event.is_terminal();
+            return Some(event);
+        }
+        loop {
+            let rx = self.rx.as_mut()?;
+            match rx.recv().await {
+                Ok(event) if event.run == self.run => {
+                    self.done = event.is_terminal();
+                    return Some(event);
+                }
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    // Events were lost: the store tells whether the run's end was among them.
+                    if let Some(end) = self.resync().await {
+                        self.done = true;
+                        return Some(end);
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    self.done = true;
+                    return None;
+                }
+            }
+        }
+    }
+
+    async fn resync(&self) -> Option<RunEvent> {
+        let record = self.store.get(self.run).await.ok().flatten()?;
+        record.status.is_terminal().then(|| RunEvent {
+            seq: 0,
+            run: record.id,
+            env: record.env.clone(),
+            at: record.finished_at.unwrap_or(record.created_at),
+            kind: RunEventKind::Status {
+                status: record.status,
+                attempt: record.attempt,
+            },
+        })
     }
 }
 
 /// A subscription to every run event of one env.
 pub struct EnvEvents {
-    _private: (),
+    env: EnvName,
+    rx: Option<broadcast::Receiver<RunEvent>>,
 }
 
 impl EnvEvents {
+    pub(crate) fn new(env: EnvName, rx: Option<broadcast::Receiver<RunEvent>>) -> Self {
+        EnvEvents { env, rx }
+    }
+
     /// The next event; `None` when the engine shuts down.
     pub async fn next(&mut self) -> Option<RunEvent> {
-        todo!()
+        loop {
+            let rx = self.rx.as_mut()?;
+            match rx.recv().await {
+                Ok(event) if event.env == self.env => return Some(event),
+                Ok(_) => continue,
+                // A slow subscriber skips what it lost; SSE clients resume by Last-Event-ID.
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(env = %self.env, lost = n, "env event subscriber lagged");
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    self.rx = None;
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> EnvName {
+        EnvName::new(name).expect("valid")
+    }
+
+    #[tokio::test]
+    async fn run_events_filter_by_run_and_end_after_the_terminal_status() {
+        let hub = EventHub::new();
+        let (a, b) = (RunId(1), RunId(2));
+        let e = env("default");
+        hub.progress(a, &e, Timestamp(1), Arc::from("{\"pct\":10}"));
+        let first = hub.latest_progress(a).into_iter().collect();
+        let mut sub = RunEvents::new(
+            a,
+            hub.receiver(),
+            first,
+            Arc::new(runlane_memory::MemoryStore::new()),
+        );
+        hub.status(b, &e, Timestamp(2), RunStatus::Executing, 1);
+        hub.status(a, &e, Timestamp(3), RunStatus::Executing, 1);
+        hub.status(a, &e, Timestamp(4), RunStatus::Completed, 1);
+        hub.status(a, &e, Timestamp(5), RunStatus::Completed, 1);
+
+        let progress = sub.next().await.expect("latest progress first");
+        assert_eq!(
+            progress.kind,
+            RunEventKind::Progress(Arc::from("{\"pct\":10}"))
+        );
+        let executing = sub.next().await.expect("status");
+        assert_eq!(executing.status(), Some(RunStatus::Executing));
+        assert!(executing.seq > progress.seq, "seq increases");
+        assert_eq!(
+            sub.next().await.and_then(|e| e.status()),
+            Some(RunStatus::Completed)
+        );
+        assert_eq!(sub.next().await, None, "ends after the terminal status");
+        assert!(
+            hub.latest_progress(a).is_none(),
+            "progress dropped at the end"
+        );
+    }
+
+    #[tokio::test]
+    async fn env_events_filter_by_env_and_end_on_close() {
+        let hub = EventHub::new();
+        let mut sub = EnvEvents::new(env("acme"), hub.receiver());
+        hub.status(
+            RunId(1),
+            &env("default"),
+            Timestamp(1),
+            RunStatus::Queued,
+            1,
+        );
+        hub.status(RunId(2), &env("acme"), Timestamp(2), RunStatus::Queued, 1);
+        hub.close();
+        let got = sub.next().await.expect("acme event");
+        assert_eq!((got.run, got.env.as_str()), (RunId(2), "acme"));
+        assert_eq!(sub.next().await, None);
     }
 }

@@ -8,9 +8,12 @@
 
 pub mod clock;
 pub mod config;
+mod doorbell;
 pub mod engine;
 pub mod error;
 pub mod event;
+mod local;
+mod meta;
 pub mod trigger;
 pub mod worker;
 
@@ -20,4 +23,4 @@ pub use engine::{Engine, EngineBuilder, TimerStats};
 pub use error::EngineError;
 pub use event::{EnvEvents, RunEvent, RunEventKind, RunEvents};
 pub use trigger::{TriggerBuilder, TriggerRequest, Triggered, WaitOutcome};
-pub use worker::{CancelToken, HandlerError, RunContext, Worker, WorkerBuilder};
+pub use worker::{CancelToken, DrainReport, HandlerError, RunContext, Worker, WorkerBuilder};

@@ -1,16 +1,25 @@
-//! Trigger requests, the builder users chain, and the answers.
+//! Trigger requests, the builder users chain, and the answers; and the trigger path itself:
+//! validate, resolve the task's defaults, store first, enqueue second.
+//!
+//! A refused trigger changes nothing: validation happens before any write, and a run whose
+//! enqueue the queue backend refuses (`QueueFull`, `FastLaneFull`) is removed from the store
+//! again before the error is returned.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use runlane_core::backend::RunRecord;
+use runlane_core::backend::{IdempotencyClaim, Inserted, Placement, RunRecord};
 use runlane_core::{
-    EnvName, InvalidInput, LaneName, QueueName, RetryPolicy, RunId, RunStatus, TaskName, Timestamp,
-    TriggerSource,
+    assign_lane, EnvName, InvalidInput, LaneName, QueueName, RetryPolicy, RunId, RunStatus,
+    TaskDef, TaskName, Timestamp, TriggerSource,
 };
 
+use crate::config::EngineConfig;
 use crate::engine::Engine;
 use crate::error::EngineError;
+
+/// The longest accepted idempotency key, in bytes.
+pub const IDEMPOTENCY_KEY_MAX_LEN: usize = 256;
 
 /// A validated trigger request. Unset fields take the task's (or env's) defaults.
 #[derive(Clone, Debug, PartialEq)]
@@ -52,110 +61,247 @@ pub struct TriggerRequest {
 impl TriggerRequest {
     /// A request for `task` in env `default` with every default.
     pub fn new(task: &str) -> Result<Self, InvalidInput> {
-        let _ = task;
-        todo!()
+        Ok(TriggerRequest {
+            env: EnvName::new("default")?,
+            task: TaskName::new(task)?,
+            payload: Arc::from("null"),
+            queue: None,
+            key: None,
+            lane: None,
+            priority: Duration::ZERO,
+            delay: None,
+            run_after: None,
+            ttl: None,
+            idempotency_key: None,
+            idempotency_ttl: None,
+            retry: None,
+            max_duration: None,
+            lock_to_version: None,
+            source: TriggerSource::Standard,
+        })
+    }
+
+    /// Checks every field that needs no lookup; errors name the field.
+    pub fn validate(&self, config: &EngineConfig) -> Result<(), InvalidInput> {
+        if self.payload.len() > config.payload_max_bytes {
+            return Err(InvalidInput::new(
+                "payload",
+                format!(
+                    "must be at most {} bytes, got {}",
+                    config.payload_max_bytes,
+                    self.payload.len()
+                ),
+            ));
+        }
+        if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&self.payload) {
+            return Err(InvalidInput::new(
+                "payload",
+                format!("must be valid JSON: {e}"),
+            ));
+        }
+        if let Some(ttl) = self.ttl {
+            runlane_core::ttl::check_ttl(ttl)?;
+        }
+        runlane_core::score::check_priority(self.priority)?;
+        if let Some(key) = &self.key {
+            runlane_core::name::check_concurrency_key(key)?;
+        }
+        if let Some(key) = &self.idempotency_key {
+            if key.is_empty() || key.len() > IDEMPOTENCY_KEY_MAX_LEN {
+                return Err(InvalidInput::new(
+                    "idempotency_key",
+                    format!("must be 1 to {IDEMPOTENCY_KEY_MAX_LEN} bytes"),
+                ));
+            }
+        }
+        if self.idempotency_ttl.is_some_and(|d| d.is_zero()) {
+            return Err(InvalidInput::new(
+                "idempotency_ttl",
+                "must be greater than zero",
+            ));
+        }
+        if let Some(retry) = &self.retry {
+            retry.validate()?;
+        }
+        if self.max_duration.is_some_and(|d| d.is_zero()) {
+            return Err(InvalidInput::new(
+                "max_duration",
+                "must be greater than zero",
+            ));
+        }
+        Ok(())
     }
 }
 
 /// Chains trigger options; the first invalid value is reported by `send`/`wait`/`request`.
 pub struct TriggerBuilder {
-    _private: (),
+    engine: Engine,
+    request: Result<TriggerRequest, InvalidInput>,
 }
 
 impl TriggerBuilder {
     /// Starts a trigger of `task` on `engine`.
     pub fn new(engine: Engine, task: &str) -> Self {
-        let _ = (engine, task);
-        todo!()
+        TriggerBuilder {
+            engine,
+            request: TriggerRequest::new(task),
+        }
     }
+
+    /// Applies `f` unless an earlier option was already invalid.
+    fn with(mut self, f: impl FnOnce(&mut TriggerRequest) -> Result<(), InvalidInput>) -> Self {
+        if let Ok(request) = &mut self.request {
+            if let Err(e) = f(request) {
+                self.request = Err(e);
+            }
+        }
+        self
+    }
+
     /// The env.
     pub fn env(self, env: &str) -> Self {
-        let _ = env;
-        todo!()
+        self.with(|r| {
+            r.env = EnvName::new(env)?;
+            Ok(())
+        })
     }
+
     /// The payload, serialized to JSON.
     pub fn payload<T: serde::Serialize>(self, payload: &T) -> Self {
-        let _ = payload;
-        todo!()
+        let text = serde_json::to_string(payload)
+            .map_err(|e| InvalidInput::new("payload", format!("cannot be serialized: {e}")));
+        self.with(|r| {
+            r.payload = Arc::from(text?);
+            Ok(())
+        })
     }
+
     /// The queue.
     pub fn queue(self, queue: &str) -> Self {
-        let _ = queue;
-        todo!()
+        self.with(|r| {
+            r.queue = Some(QueueName::new(queue)?);
+            Ok(())
+        })
     }
+
     /// The concurrency key.
     pub fn key(self, key: &str) -> Self {
-        let _ = key;
-        todo!()
+        self.with(|r| {
+            runlane_core::name::check_concurrency_key(key)?;
+            r.key = Some(key.to_owned());
+            Ok(())
+        })
     }
+
     /// An explicit lane.
     pub fn lane(self, lane: &str) -> Self {
-        let _ = lane;
-        todo!()
+        self.with(|r| {
+            r.lane = Some(LaneName::new(lane)?);
+            Ok(())
+        })
     }
+
     /// The priority.
     pub fn priority(self, priority: Duration) -> Self {
-        let _ = priority;
-        todo!()
+        self.with(|r| {
+            r.priority = priority;
+            Ok(())
+        })
     }
+
     /// A delay from now.
     pub fn delay(self, delay: Duration) -> Self {
-        let _ = delay;
-        todo!()
+        self.with(|r| {
+            r.delay = Some(delay);
+            Ok(())
+        })
     }
+
     /// An absolute `run_after`.
     pub fn run_after(self, at: Timestamp) -> Self {
-        let _ = at;
-        todo!()
+        self.with(|r| {
+            r.run_after = Some(at);
+            Ok(())
+        })
     }
+
     /// The TTL.
     pub fn ttl(self, ttl: Duration) -> Self {
-        let _ = ttl;
-        todo!()
+        self.with(|r| {
+            r.ttl = Some(ttl);
+            Ok(())
+        })
     }
+
     /// The idempotency key.
     pub fn idempotency_key(self, key: &str) -> Self {
-        let _ = key;
-        todo!()
+        self.with(|r| {
+            r.idempotency_key = Some(key.to_owned());
+            Ok(())
+        })
     }
+
     /// The idempotency key's lifetime.
     pub fn idempotency_ttl(self, ttl: Duration) -> Self {
-        let _ = ttl;
-        todo!()
+        self.with(|r| {
+            r.idempotency_ttl = Some(ttl);
+            Ok(())
+        })
     }
+
     /// The retry policy.
     pub fn retry(self, policy: RetryPolicy) -> Self {
-        let _ = policy;
-        todo!()
+        self.with(|r| {
+            r.retry = Some(policy);
+            Ok(())
+        })
     }
+
     /// The max duration per attempt.
     pub fn max_duration(self, d: Duration) -> Self {
-        let _ = d;
-        todo!()
+        self.with(|r| {
+            r.max_duration = Some(d);
+            Ok(())
+        })
     }
+
     /// Lock to a version.
     pub fn lock_to_version(self, version: u32) -> Self {
-        let _ = version;
-        todo!()
+        self.with(|r| {
+            r.lock_to_version = Some(version);
+            Ok(())
+        })
     }
+
     /// The trigger source.
     pub fn source(self, source: TriggerSource) -> Self {
-        let _ = source;
-        todo!()
+        self.with(|r| {
+            r.source = source;
+            Ok(())
+        })
     }
+
     /// The validated request, without sending it.
     pub fn request(self) -> Result<TriggerRequest, EngineError> {
-        todo!()
+        let request = self.request?;
+        request.validate(&self.engine.inner.config)?;
+        Ok(request)
     }
+
     /// Triggers the run.
     pub async fn send(self) -> Result<Triggered, EngineError> {
-        todo!()
+        let engine = self.engine.clone();
+        let request = self.request()?;
+        engine.trigger_request(request).await
     }
+
     /// Triggers with source `sync` (lane `fast_lane` unless a lane is given) and waits up to
     /// `timeout` for a terminal state.
     pub async fn wait(self, timeout: Duration) -> Result<WaitOutcome, EngineError> {
-        let _ = timeout;
-        todo!()
+        let engine = self.engine.clone();
+        let request = self.source(TriggerSource::Sync).request()?;
+        let triggered = engine.trigger_request(request).await?;
+        engine.wait(triggered.run.id, timeout).await
     }
 }
 
@@ -169,6 +315,8 @@ pub struct Triggered {
 }
 
 /// The answer of a wait.
+// The record is the answer callers want; boxing it would change the public contract.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum WaitOutcome {
     /// Terminal: the run with its status and output or error.
@@ -180,4 +328,362 @@ pub enum WaitOutcome {
         /// Its status when the wait ended.
         status: RunStatus,
     },
+}
+
+/// A run ready to be stored: its record and idempotency claim.
+pub(crate) struct Prepared {
+    pub(crate) record: RunRecord,
+    claim: Option<IdempotencyClaim>,
+}
+
+impl Prepared {
+    fn sync(&self) -> bool {
+        self.record.source == TriggerSource::Sync
+    }
+}
+
+impl Engine {
+    /// Validates a request and resolves everything its run needs, without writing anything.
+    pub(crate) async fn prepare(
+        &self,
+        request: &TriggerRequest,
+        now: Timestamp,
+        retry_of: Option<RunId>,
+    ) -> Result<Prepared, EngineError> {
+        let inner = &self.inner;
+        request.validate(&inner.config)?;
+        let env = &request.env;
+        let settings = inner.env_settings(env).await?;
+        if let Some(lane) = &request.lane {
+            if !inner.queue.has_lane(lane).await? {
+                return Err(
+                    InvalidInput::new("lane", format!("lane {lane} does not exist")).into(),
+                );
+            }
+        }
+        let task = &request.task;
+        let unknown_version = |version| EngineError::UnknownVersion {
+            version,
+            task: task.to_string(),
+        };
+        let (version, locked, def) = match request.lock_to_version {
+            Some(v) => {
+                let def = inner
+                    .meta
+                    .version(inner.store.as_ref(), env, v)
+                    .await?
+                    .and_then(|d| d.task(task).cloned())
+                    .ok_or_else(|| unknown_version(v))?;
+                (v, true, def)
+            }
+            None => {
+                let (current, defs) = inner.meta.current(inner.store.as_ref(), env).await?;
+                let def = match defs.task(task) {
+                    Some(def) => def.clone(),
+                    None if settings.strict_tasks => {
+                        return Err(EngineError::UnknownTask {
+                            env: env.to_string(),
+                            task: task.to_string(),
+                        })
+                    }
+                    None => TaskDef::new(task.clone()),
+                };
+                (current, false, def)
+            }
+        };
+        let queue = request.queue.clone().unwrap_or_else(|| def.queue_name());
+        let lane = assign_lane(request.lane.as_ref(), request.source, def.lane.as_ref());
+        let ttl = request.ttl.or(def.ttl);
+        let run_after = request
+            .run_after
+            .or_else(|| request.delay.map(|d| now.saturating_add(d)))
+            .unwrap_or(now);
+        let status = if run_after > now {
+            RunStatus::Delayed
+        } else {
+            RunStatus::Queued
+        };
+        let record = RunRecord {
+            id: inner.next_run_id(now),
+            env: env.clone(),
+            task: task.clone(),
+            version,
+            locked,
+            payload: request.payload.clone(),
+            queue,
+            key: Arc::from(request.key.as_deref().unwrap_or("")),
+            lane,
+            priority: request.priority,
+            run_after,
+            ttl,
+            ttl_deadline: runlane_core::ttl::deadline(now, run_after, ttl),
+            idempotency_key: request.idempotency_key.clone(),
+            retry: request.retry.unwrap_or(def.retry),
+            max_duration: request.max_duration.or(def.max_duration),
+            attempt: 1,
+            status,
+            output: None,
+            error: None,
+            attempts: Vec::new(),
+            created_at: now,
+            finished_at: None,
+            source: request.source,
+            retry_of,
+        };
+        let claim = request
+            .idempotency_key
+            .as_ref()
+            .map(|key| IdempotencyClaim {
+                key: key.clone(),
+                expires_at: now.saturating_add(
+                    request
+                        .idempotency_ttl
+                        .unwrap_or(inner.config.idempotency_ttl),
+                ),
+            });
+        Ok(Prepared { record, claim })
+    }
+
+    /// Stores a prepared run, then enqueues it.
+    pub(crate) async fn commit(
+        &self,
+        prepared: Prepared,
+        now: Timestamp,
+    ) -> Result<Triggered, EngineError> {
+        let inner = &self.inner;
+        let inserted = inner
+            .store
+            .insert(vec![(prepared.record.clone(), prepared.claim.clone())], now)
+            .await?;
+        if let Some(Inserted::Existing(existing)) = inserted.into_iter().next() {
+            return Ok(Triggered {
+                run: inner.overlay(*existing).await?,
+                idempotent_hit: true,
+            });
+        }
+        self.enqueue_stored(prepared, now).await
+    }
+
+    /// Enqueues a stored run; a refused enqueue removes it from the store again.
+    async fn enqueue_stored(
+        &self,
+        prepared: Prepared,
+        now: Timestamp,
+    ) -> Result<Triggered, EngineError> {
+        let inner = &self.inner;
+        let sync = prepared.sync();
+        let mut record = prepared.record;
+        match inner.queue.enqueue(record.dispatch(), sync, now).await {
+            Ok(enqueued) => {
+                record.status = match enqueued.placement {
+                    Placement::Delayed => RunStatus::Delayed,
+                    Placement::Queued => RunStatus::Queued,
+                    Placement::Ready => RunStatus::Ready,
+                };
+                inner.publish(record.id, &record.env, record.status, record.attempt);
+                if enqueued.placement == Placement::Ready {
+                    inner.bells.ring(&record.lane);
+                }
+                inner.apply(enqueued.effects, Some(record.id)).await;
+                Ok(Triggered {
+                    run: record,
+                    idempotent_hit: false,
+                })
+            }
+            Err(e) => {
+                if let Err(remove) = inner.store.remove(record.id).await {
+                    tracing::warn!(run = %record.id, error = %remove, "refused run not removed");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The batch path: validate and resolve all, one store insert, then enqueue each.
+    pub(crate) async fn batch(
+        &self,
+        requests: Vec<TriggerRequest>,
+    ) -> Result<Vec<Triggered>, EngineError> {
+        let inner = &self.inner;
+        if requests.len() > inner.config.batch_max {
+            return Err(InvalidInput::new(
+                "batch",
+                format!(
+                    "must hold at most {} items, got {}",
+                    inner.config.batch_max,
+                    requests.len()
+                ),
+            )
+            .into());
+        }
+        let now = self.now();
+        let mut prepared = Vec::with_capacity(requests.len());
+        for (index, request) in requests.iter().enumerate() {
+            let p = self
+                .prepare(request, now, None)
+                .await
+                .map_err(|e| EngineError::BatchItem {
+                    index,
+                    source: Box::new(e),
+                })?;
+            prepared.push(p);
+        }
+        let rows = prepared
+            .iter()
+            .map(|p| (p.record.clone(), p.claim.clone()))
+            .collect();
+        let inserted = inner.store.insert(rows, now).await?;
+        let mut out: Vec<Triggered> = Vec::with_capacity(prepared.len());
+        let mut items = prepared.into_iter().zip(inserted).enumerate();
+        while let Some((index, (p, inserted))) = items.next() {
+            match inserted {
+                Inserted::Existing(existing) => out.push(Triggered {
+                    run: inner.overlay(*existing).await?,
+                    idempotent_hit: true,
+                }),
+                Inserted::New => match self.enqueue_stored(p, now).await {
+                    Ok(t) => out.push(t),
+                    Err(e) => {
+                        // All or nothing: the later new runs were stored but never enqueued,
+                        // the earlier ones are taken back.
+                        for (_, (p, inserted)) in items {
+                            if matches!(inserted, Inserted::New) {
+                                if let Err(e) = inner.store.remove(p.record.id).await {
+                                    tracing::warn!(run = %p.record.id, error = %e, "batch rollback: remove failed");
+                                }
+                            }
+                        }
+                        self.take_back(&out).await;
+                        return Err(EngineError::BatchItem {
+                            index,
+                            source: Box::new(e),
+                        });
+                    }
+                },
+            }
+        }
+        Ok(out)
+    }
+
+    /// Best-effort rollback of runs a failed batch already enqueued: a waiting run is removed
+    /// from the queue and the store; one a worker already claimed is cancelled instead.
+    async fn take_back(&self, triggered: &[Triggered]) {
+        let inner = &self.inner;
+        for t in triggered.iter().filter(|t| !t.idempotent_hit) {
+            let run = t.run.id;
+            match inner
+                .queue
+                .cancel(run, inner.config.cancel_grace, self.now())
+                .await
+            {
+                Ok(runlane_core::backend::CancelOutcome::Removed { effects, .. }) => {
+                    if let Err(e) = inner.store.remove(run).await {
+                        tracing::warn!(%run, error = %e, "batch rollback: remove failed");
+                    }
+                    inner.apply(effects, Some(run)).await;
+                }
+                Ok(runlane_core::backend::CancelOutcome::Requested { token, .. }) => {
+                    tracing::warn!(%run, "batch rollback: run already executing, cancelled");
+                    if let Some(local) = inner.local.get(run, token) {
+                        local.cancel.fire(runlane_core::CancelReason::Cancel);
+                    }
+                }
+                Ok(runlane_core::backend::CancelOutcome::NotFound) => {}
+                Err(e) => tracing::warn!(%run, error = %e, "batch rollback: cancel failed"),
+            }
+        }
+    }
+
+    /// A manual retry: a new run from a finished one.
+    pub(crate) async fn manual_retry(&self, run: RunId) -> Result<Triggered, EngineError> {
+        let inner = &self.inner;
+        let old = inner
+            .store
+            .get(run)
+            .await?
+            .ok_or(EngineError::RunNotFound(run))?;
+        if !old.status.is_terminal() {
+            let old = inner.overlay(old).await?;
+            return Err(EngineError::WrongState {
+                run,
+                status: old.status,
+                operation: "retry",
+            });
+        }
+        let request = TriggerRequest {
+            env: old.env.clone(),
+            task: old.task.clone(),
+            payload: old.payload.clone(),
+            queue: Some(old.queue.clone()),
+            key: (!old.key.is_empty()).then(|| old.key.to_string()),
+            lane: None,
+            priority: old.priority,
+            delay: None,
+            run_after: None,
+            ttl: None,
+            idempotency_key: None,
+            idempotency_ttl: None,
+            retry: Some(old.retry),
+            max_duration: old.max_duration,
+            lock_to_version: old.locked.then_some(old.version),
+            source: TriggerSource::Manual,
+        };
+        let now = self.now();
+        let prepared = self.prepare(&request, now, Some(run)).await?;
+        self.commit(prepared, now).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(r: Result<(), InvalidInput>) -> &'static str {
+        r.expect_err("invalid").field
+    }
+
+    #[test]
+    fn request_validation_names_each_field() {
+        let config = EngineConfig {
+            payload_max_bytes: 16,
+            ..EngineConfig::default()
+        };
+        let base = TriggerRequest::new("send-email").expect("valid");
+        assert!(base.validate(&config).is_ok());
+        type Case = (&'static str, fn(&mut TriggerRequest));
+        let cases: Vec<Case> = vec![
+            ("payload", |r| r.payload = Arc::from("{not json")),
+            ("payload", |r| {
+                r.payload = Arc::from(format!("\"{}\"", "x".repeat(20)))
+            }),
+            ("ttl", |r| r.ttl = Some(Duration::ZERO)),
+            ("priority", |r| r.priority = Duration::from_secs(2_592_001)),
+            ("key", |r| r.key = Some("k".repeat(257))),
+            ("idempotency_key", |r| {
+                r.idempotency_key = Some("i".repeat(257))
+            }),
+            ("idempotency_key", |r| {
+                r.idempotency_key = Some(String::new())
+            }),
+            ("idempotency_ttl", |r| {
+                r.idempotency_ttl = Some(Duration::ZERO)
+            }),
+            ("max_duration", |r| r.max_duration = Some(Duration::ZERO)),
+            ("retry.attempts_max", |r| {
+                r.retry = Some(RetryPolicy {
+                    attempts_max: 0,
+                    ..RetryPolicy::default()
+                })
+            }),
+        ];
+        for (want, tweak) in cases {
+            let mut r = base.clone();
+            tweak(&mut r);
+            assert_eq!(field(r.validate(&config)), want);
+        }
+        assert_eq!(
+            TriggerRequest::new("bad task").expect_err("task").field,
+            "task"
+        );
+    }
 }

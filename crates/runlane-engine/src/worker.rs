@@ -1,14 +1,35 @@
 //! In-process workers: handlers, workloops, heartbeats, cancellation, drain.
+//!
+//! A worker owns one task per workloop, one heartbeat task and one task per executing run
+//! (each handler runs in a task of its own, so a panic fails only its attempt and an abort
+//! drops it). Workloops claim only for their free slots and, when nothing is ready, wait on
+//! their lanes' doorbells: no polling. `stop` drains (SPEC §5); `crash` abandons everything so
+//! tests can watch lapsed leases being recovered.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use runlane_core::{CancelReason, RunId, TaskName, WorkerId};
+use runlane_core::admission::{env_cap, key_cap};
+use runlane_core::backend::{ClaimRequest, ConsumerId, LeaseState, Leased, ServedEnv};
+use runlane_core::{
+    CancelReason, ClaimChain, EnvName, FencingToken, InvalidInput, LaneName, QueueName, RunId,
+    RunStatus, Scope, TaskName, TriggerSource, WorkerId, WorkloopSpec,
+};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
 
-use crate::engine::Engine;
+use crate::doorbell::any_of;
+use crate::engine::{attempt_record, Engine};
 use crate::error::EngineError;
+use crate::local::{AbortKind, Latch, LocalRun};
 use crate::trigger::{TriggerRequest, WaitOutcome};
+
+/// The backoff after a failing claim, first and largest.
+const CLAIM_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const CLAIM_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// A handler's failure: the attempt fails with this message and the retry policy applies.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -25,60 +46,109 @@ impl HandlerError {
 /// Fires once with a reason; handlers await it or poll it.
 #[derive(Clone, Debug)]
 pub struct CancelToken {
-    _private: (),
+    latch: Arc<Latch<CancelReason>>,
 }
 
 impl CancelToken {
+    pub(crate) fn from_latch(latch: Arc<Latch<CancelReason>>) -> Self {
+        CancelToken { latch }
+    }
+
     /// The reason, once fired.
     pub fn reason(&self) -> Option<CancelReason> {
-        todo!()
+        self.latch.get()
     }
+
+    /// Whether the token fired.
+    pub fn is_cancelled(&self) -> bool {
+        self.reason().is_some()
+    }
+
     /// Completes when fired, with the reason.
     pub async fn cancelled(&self) -> CancelReason {
-        todo!()
+        self.latch.wait().await
     }
+}
+
+struct ContextInner {
+    engine: Engine,
+    run_id: RunId,
+    task: TaskName,
+    attempt: u32,
+    payload: Arc<str>,
+    cancel: CancelToken,
+    env: EnvName,
+    queue: QueueName,
+    key: Arc<str>,
+    lane: LaneName,
 }
 
 /// What a handler receives.
 #[derive(Clone)]
 pub struct RunContext {
-    _private: (),
+    inner: Arc<ContextInner>,
 }
 
 impl RunContext {
     /// The run.
     pub fn run_id(&self) -> RunId {
-        todo!()
+        self.inner.run_id
     }
+
     /// The task.
     pub fn task(&self) -> &TaskName {
-        todo!()
+        &self.inner.task
     }
+
+    /// The env.
+    pub fn env(&self) -> &EnvName {
+        &self.inner.env
+    }
+
     /// The attempt, 1-based.
     pub fn attempt(&self) -> u32 {
-        todo!()
+        self.inner.attempt
     }
+
     /// The payload as JSON text.
     pub fn payload_text(&self) -> &str {
-        todo!()
+        &self.inner.payload
     }
+
     /// The payload deserialized.
     pub fn payload<T: serde::de::DeserializeOwned>(&self) -> Result<T, HandlerError> {
-        todo!()
+        serde_json::from_str(&self.inner.payload)
+            .map_err(|e| HandlerError::new(format!("payload does not match: {e}")))
     }
+
     /// The cancellation token.
     pub fn cancel_token(&self) -> &CancelToken {
-        todo!()
+        &self.inner.cancel
     }
+
     /// Reports progress (kept in memory, published as a run event).
     pub fn progress<T: serde::Serialize>(&self, value: &T) {
-        let _ = value;
-        todo!()
+        match serde_json::to_string(value) {
+            Ok(text) => {
+                let engine = &self.inner.engine.inner;
+                engine.events.progress(
+                    self.inner.run_id,
+                    &self.inner.env,
+                    engine.now(),
+                    Arc::from(text),
+                );
+            }
+            Err(e) => {
+                tracing::warn!(run = %self.inner.run_id, error = %e, "progress not serializable")
+            }
+        }
     }
+
     /// The engine, to trigger other runs.
     pub fn engine(&self) -> &Engine {
-        todo!()
+        &self.inner.engine
     }
+
     /// Triggers and waits from inside this handler; refused with `WaitDeadlock` when the child
     /// needs a slot this handler holds in a scope whose limit is 1.
     pub async fn trigger_and_wait(
@@ -86,8 +156,49 @@ impl RunContext {
         request: TriggerRequest,
         timeout: Duration,
     ) -> Result<WaitOutcome, EngineError> {
-        let _ = (request, timeout);
-        todo!()
+        let engine = &self.inner.engine;
+        engine.inner.check_open()?;
+        let request = TriggerRequest {
+            source: TriggerSource::Sync,
+            ..request
+        };
+        let now = engine.now();
+        let prepared = engine.prepare(&request, now, None).await?;
+        if let Some(scope) = self.shared_exhausted_scope(&prepared.record).await? {
+            return Err(EngineError::WaitDeadlock { scope });
+        }
+        let triggered = engine.commit(prepared, now).await?;
+        engine.wait(triggered.run.id, timeout).await
+    }
+
+    /// The scope the child would share with this run whose limit leaves no room for both.
+    async fn shared_exhausted_scope(
+        &self,
+        child: &runlane_core::backend::RunRecord,
+    ) -> Result<Option<Scope>, EngineError> {
+        let me = &self.inner;
+        if child.env != me.env {
+            return Ok(None);
+        }
+        let engine = &me.engine.inner;
+        let settings = engine.env_settings(&me.env).await?;
+        let (mine_fast, child_fast) = (me.lane.is_fast_lane(), child.lane.is_fast_lane());
+        if !mine_fast && !child_fast && env_cap(settings.limit, settings.burst) <= 1 {
+            return Ok(Some(Scope::Env));
+        }
+        if mine_fast && child_fast && settings.fast_lane_cap() <= 1 {
+            return Ok(Some(Scope::FastLane));
+        }
+        if child.queue == me.queue {
+            let queue = engine.queue.queue_settings(&me.env, &me.queue).await?;
+            if child.key == me.key && key_cap(queue.limit, settings.limit) <= 1 {
+                return Ok(Some(Scope::QueueKey));
+            }
+            if queue.key_total_limit.is_some_and(|l| l <= 1) {
+                return Ok(Some(Scope::QueueTotal));
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -100,58 +211,577 @@ pub type Handler = Arc<dyn Fn(RunContext) -> HandlerFuture + Send + Sync>;
 
 /// Builds a worker: envs, handlers, workloops.
 pub struct WorkerBuilder {
-    _private: (),
+    engine: Engine,
+    envs: Vec<(String, Option<u32>)>,
+    envs_given: bool,
+    handlers: HashMap<TaskName, Handler>,
+    error: Option<InvalidInput>,
+    workloops: Option<String>,
+    lease: Option<Duration>,
+    stop_timeout: Option<Duration>,
 }
 
 impl WorkerBuilder {
     /// A builder on `engine` serving env `default` with one workloop of 1 slot on `manual>*`.
     pub fn new(engine: Engine) -> Self {
-        let _ = engine;
-        todo!()
+        WorkerBuilder {
+            engine,
+            envs: vec![("default".to_owned(), None)],
+            envs_given: false,
+            handlers: HashMap::new(),
+            error: None,
+            workloops: None,
+            lease: None,
+            stop_timeout: None,
+        }
     }
+
+    fn add_env(mut self, env: &str, version: Option<u32>) -> Self {
+        if !self.envs_given {
+            self.envs.clear();
+            self.envs_given = true;
+        }
+        self.envs.push((env.to_owned(), version));
+        self
+    }
+
     /// Serve this env at its current version (replaces the default env on first call).
     pub fn env(self, env: &str) -> Self {
-        let _ = env;
-        todo!()
+        self.add_env(env, None)
     }
+
     /// Serve this env at this version.
     pub fn env_version(self, env: &str, version: u32) -> Self {
-        let _ = (env, version);
-        todo!()
+        self.add_env(env, Some(version))
     }
+
     /// Registers a plain `async fn` handler for `task`.
-    pub fn handler<F, Fut>(self, task: &str, f: F) -> Self
+    pub fn handler<F, Fut>(mut self, task: &str, f: F) -> Self
     where
         F: Fn(RunContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<serde_json::Value, HandlerError>> + Send + 'static,
     {
-        let _ = (task, f);
-        todo!()
+        match TaskName::new(task) {
+            Ok(name) => {
+                let handler: Handler = Arc::new(move |ctx| Box::pin(f(ctx)));
+                self.handlers.insert(name, handler);
+            }
+            Err(e) => {
+                self.error.get_or_insert(e);
+            }
+        }
+        self
     }
+
     /// The workloops spec, e.g. `fast_lane:1 manual>*:4`.
-    pub fn workloops(self, spec: &str) -> Self {
-        let _ = spec;
-        todo!()
+    pub fn workloops(mut self, spec: &str) -> Self {
+        self.workloops = Some(spec.to_owned());
+        self
     }
+
     /// Overrides the lease duration.
-    pub fn lease(self, lease: Duration) -> Self {
-        let _ = lease;
-        todo!()
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = Some(lease);
+        self
     }
+
     /// Overrides the drain timeout.
-    pub fn stop_timeout(self, d: Duration) -> Self {
-        let _ = d;
-        todo!()
+    pub fn stop_timeout(mut self, d: Duration) -> Self {
+        self.stop_timeout = Some(d);
+        self
     }
+
     /// Starts the worker.
     pub async fn start(self) -> Result<Worker, EngineError> {
-        todo!()
+        let engine = self.engine;
+        let inner = &engine.inner;
+        inner.check_open()?;
+        if let Some(e) = self.error {
+            return Err(e.into());
+        }
+        let spec = match &self.workloops {
+            Some(text) => WorkloopSpec::parse(text)?,
+            None => WorkloopSpec::single(1),
+        };
+        if spec.0.iter().any(|w| w.slots == 0) {
+            return Err(
+                InvalidInput::new("workloops", "every workloop needs at least 1 slot").into(),
+            );
+        }
+        let lease = self.lease.unwrap_or(inner.config.lease);
+        if lease.is_zero() {
+            return Err(InvalidInput::new("lease", "must be greater than zero").into());
+        }
+        let mut envs: Vec<ServedEnv> = Vec::new();
+        for (name, version) in &self.envs {
+            let env = EnvName::new(name)?;
+            inner.env_settings(&env).await?;
+            let version = match version {
+                Some(v) => {
+                    if inner
+                        .meta
+                        .version(inner.store.as_ref(), &env, *v)
+                        .await?
+                        .is_none()
+                    {
+                        return Err(EngineError::UnknownVersion {
+                            version: *v,
+                            task: String::new(),
+                        });
+                    }
+                    *v
+                }
+                None => inner.meta.current(inner.store.as_ref(), &env).await?.0,
+            };
+            if !envs.iter().any(|s| s.env == env) {
+                envs.push(ServedEnv { env, version });
+            }
+        }
+
+        let now = inner.now();
+        let mut consumers: Vec<ConsumerId> = Vec::new();
+        for workloop in &spec.0 {
+            match inner.queue.register_consumer(&workloop.chain, now).await {
+                Ok(id) => consumers.push(id),
+                Err(e) => {
+                    for id in consumers {
+                        let _ = inner.queue.unregister_consumer(id, now).await;
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+
+        let (stop_tx, _) = watch::channel(false);
+        let shared = Arc::new(WorkerShared {
+            id: inner.next_worker_id(),
+            engine: engine.clone(),
+            envs,
+            handlers: self.handlers,
+            lease,
+            stop_timeout: self.stop_timeout.unwrap_or(inner.config.stop_timeout),
+            in_flight: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
+            stop: stop_tx,
+            runs: Mutex::new(JoinSet::new()),
+            released: AtomicU32::new(0),
+        });
+        let loops = spec
+            .0
+            .iter()
+            .zip(consumers)
+            .map(|(w, consumer)| {
+                tokio::spawn(workloop(shared.clone(), w.chain.clone(), w.slots, consumer))
+            })
+            .collect();
+        let heartbeat = tokio::spawn(heartbeat(shared.clone()));
+        // Registering consumers may have admitted runs into lanes nobody was told about.
+        inner.bells.ring_all();
+        Ok(Worker {
+            shared,
+            loops,
+            heartbeat: Some(heartbeat),
+        })
+    }
+}
+
+/// What the worker's tasks share.
+struct WorkerShared {
+    id: WorkerId,
+    engine: Engine,
+    envs: Vec<ServedEnv>,
+    handlers: HashMap<TaskName, Handler>,
+    lease: Duration,
+    stop_timeout: Duration,
+    in_flight: Mutex<HashMap<RunId, Arc<LocalRun>>>,
+    /// Rung when a run starts or ends (heartbeat arming, drain waiting).
+    changed: Notify,
+    stop: watch::Sender<bool>,
+    runs: Mutex<JoinSet<()>>,
+    released: AtomicU32,
+}
+
+impl WorkerShared {
+    fn in_flight(&self) -> MutexGuard<'_, HashMap<RunId, Arc<LocalRun>>> {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn runs(&self) -> MutexGuard<'_, JoinSet<()>> {
+        self.runs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn spawn_run(self: &Arc<Self>, leased: Leased, permit: OwnedSemaphorePermit) {
+        let run = leased.dispatch.run_id;
+        let local = Arc::new(LocalRun::new(run, leased.token));
+        self.engine.inner.local.insert(local.clone());
+        self.in_flight().insert(run, local.clone());
+        self.changed.notify_waiters();
+        let mut runs = self.runs();
+        // Reap finished runs so the set stays as large as what is in flight.
+        while runs.try_join_next().is_some() {}
+        runs.spawn(execute(self.clone(), leased, local, permit));
+    }
+}
+
+/// Unregisters a run from the worker and the engine when its task ends, however it ends.
+struct InFlightGuard {
+    shared: Arc<WorkerShared>,
+    run: RunId,
+    token: FencingToken,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.shared.engine.inner.local.remove(self.run, self.token);
+        {
+            let mut in_flight = self.shared.in_flight();
+            if in_flight
+                .get(&self.run)
+                .is_some_and(|r| r.token == self.token)
+            {
+                in_flight.remove(&self.run);
+            }
+        }
+        self.shared.changed.notify_waiters();
+    }
+}
+
+/// Aborts a task when dropped (a handler outlives neither its run task nor its worker).
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How a handler's attempt ended.
+enum Outcome {
+    Completed(serde_json::Value),
+    Failed {
+        outcome: &'static str,
+        error: String,
+    },
+    Aborted(AbortKind),
+}
+
+/// One workloop: claim for free slots, spawn runs, wait on doorbells when nothing is ready.
+async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, consumer: ConsumerId) {
+    let engine = shared.engine.inner.clone();
+    let slots_sem = Arc::new(Semaphore::new(slots as usize));
+    let mut stop = shared.stop.subscribe();
+    let bells = engine.bells.bells_for(&chain);
+    let mut backoff = CLAIM_BACKOFF_MIN;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let first = tokio::select! {
+            permit = slots_sem.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break, // Never closed; treat as stop.
+            },
+            _ = stop.changed() => break,
+        };
+        let free = 1 + slots_sem.available_permits();
+        // Doorbells first, claim second: a ring in between is kept by these futures.
+        let mut rings: Vec<_> = bells.iter().map(|b| Box::pin(b.notified())).collect();
+        for ring in &mut rings {
+            ring.as_mut().enable();
+        }
+        let request = ClaimRequest {
+            worker: shared.id,
+            chain: chain.clone(),
+            max: u32::try_from(free).unwrap_or(u32::MAX),
+            envs: shared.envs.clone(),
+            lease: shared.lease,
+        };
+        match engine.queue.claim(&request, engine.now()).await {
+            Ok(leases) if !leases.is_empty() => {
+                backoff = CLAIM_BACKOFF_MIN;
+                debug_assert!(leases.len() <= free, "a claim never exceeds its free slots");
+                let mut permit = Some(first);
+                for leased in leases {
+                    let p = match permit.take() {
+                        Some(p) => p,
+                        None => match slots_sem.clone().try_acquire_owned() {
+                            Ok(p) => p,
+                            Err(_) => {
+                                // More leases than slots breaks the claim contract; hand the
+                                // run back rather than exceed the workloop's capacity.
+                                tracing::error!(run = %leased.dispatch.run_id, "claim returned more runs than free slots");
+                                if let Ok(fx) = engine
+                                    .queue
+                                    .release(leased.dispatch.run_id, leased.token, engine.now())
+                                    .await
+                                {
+                                    engine.apply(fx, None).await;
+                                }
+                                continue;
+                            }
+                        },
+                    };
+                    shared.spawn_run(leased, p);
+                }
+            }
+            Ok(_) => {
+                backoff = CLAIM_BACKOFF_MIN;
+                drop(first);
+                tokio::select! {
+                    () = any_of(&mut rings) => {}
+                    _ = stop.changed() => break,
+                }
+            }
+            Err(e) => {
+                drop(first);
+                tracing::warn!(worker = %shared.id, error = %e, "claim failed");
+                let retry_at = engine.now().saturating_add(backoff);
+                backoff = (backoff * 2).min(CLAIM_BACKOFF_MAX);
+                tokio::select! {
+                    () = engine.clock.sleep_until(retry_at) => {}
+                    _ = stop.changed() => break,
+                }
+            }
+        }
+    }
+    match engine
+        .queue
+        .unregister_consumer(consumer, engine.now())
+        .await
+    {
+        Ok(effects) => engine.apply(effects, None).await,
+        Err(e) => {
+            tracing::warn!(worker = %shared.id, error = %e, "unregistering a consumer failed")
+        }
+    }
+}
+
+/// One heartbeat per `lease / 3` for all the worker's leases, only while it has any.
+async fn heartbeat(shared: Arc<WorkerShared>) {
+    let engine = shared.engine.inner.clone();
+    let interval = (shared.lease / 3).max(Duration::from_millis(1));
+    let mut next_beat = None;
+    loop {
+        let changed = shared.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let empty = shared.in_flight().is_empty();
+        if empty {
+            next_beat = None;
+            changed.await;
+            continue;
+        }
+        let at = *next_beat.get_or_insert_with(|| engine.now().saturating_add(interval));
+        tokio::select! {
+            () = engine.clock.sleep_until(at) => {}
+            () = &mut changed => continue,
+        }
+        let leases: Vec<(RunId, FencingToken, Arc<LocalRun>)> = shared
+            .in_flight()
+            .values()
+            .map(|l| (l.run, l.token, l.clone()))
+            .collect();
+        let now = engine.now();
+        next_beat = Some(now.saturating_add(interval));
+        if leases.is_empty() {
+            continue;
+        }
+        let ids: Vec<(RunId, FencingToken)> = leases.iter().map(|(r, t, _)| (*r, *t)).collect();
+        match engine.queue.heartbeat(&ids, now).await {
+            Ok(states) => {
+                for ((_, _, local), state) in leases.iter().zip(states) {
+                    match state {
+                        LeaseState::Alive => {}
+                        LeaseState::CancelRequested => {
+                            local.cancel.fire(CancelReason::Cancel);
+                        }
+                        LeaseState::Lost => local.stop(CancelReason::LeaseLost, AbortKind::Engine),
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(worker = %shared.id, error = %e, "heartbeat failed"),
+        }
+    }
+}
+
+/// Runs one leased attempt to its end.
+async fn execute(
+    shared: Arc<WorkerShared>,
+    leased: Leased,
+    local: Arc<LocalRun>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let run = leased.dispatch.run_id;
+    let token = leased.token;
+    let _guard = InFlightGuard {
+        shared: shared.clone(),
+        run,
+        token,
+    };
+    let engine = shared.engine.inner.clone();
+    let d = &leased.dispatch;
+    engine.publish(run, &d.env, RunStatus::Executing, d.attempt);
+
+    let record = match engine.store.get(run).await {
+        Ok(Some(record)) => record,
+        Ok(None) => {
+            tracing::warn!(%run, "claimed run is not in the store; dropping it");
+            engine.queue_finish_quietly(run, token).await;
+            return;
+        }
+        Err(e) => {
+            // Without the payload nothing can run: hand the run back without an attempt.
+            tracing::warn!(%run, error = %e, "claimed run could not be loaded; releasing it");
+            release(&shared, run, token, &d.env, d.attempt).await;
+            return;
+        }
+    };
+    if record.status.is_terminal() {
+        // Cancelled (or ended) in the store while it waited in the queue.
+        engine.queue_finish_quietly(run, token).await;
+        return;
+    }
+
+    let outcome = match shared.handlers.get(&record.task) {
+        None => Outcome::Failed {
+            outcome: "no_handler",
+            error: format!(
+                "no handler for task {} on worker {}",
+                record.task, shared.id
+            ),
+        },
+        Some(handler) => {
+            let ctx = RunContext {
+                inner: Arc::new(ContextInner {
+                    engine: shared.engine.clone(),
+                    run_id: run,
+                    task: record.task.clone(),
+                    attempt: d.attempt,
+                    payload: record.payload.clone(),
+                    cancel: CancelToken::from_latch(local.cancel.clone()),
+                    env: record.env.clone(),
+                    queue: record.queue.clone(),
+                    key: record.key.clone(),
+                    lane: record.lane.clone(),
+                }),
+            };
+            let mut task = AbortOnDrop(tokio::spawn(handler(ctx)));
+            tokio::select! {
+                joined = &mut task.0 => match joined {
+                    Ok(Ok(value)) => Outcome::Completed(value),
+                    Ok(Err(e)) => Outcome::Failed { outcome: "failed", error: e.0 },
+                    Err(e) if e.is_panic() => Outcome::Failed {
+                        outcome: "failed",
+                        error: "handler panicked".to_owned(),
+                    },
+                    Err(_) => Outcome::Aborted(local.abort.get().unwrap_or(AbortKind::Engine)),
+                },
+                kind = local.abort.wait() => Outcome::Aborted(kind),
+            }
+        }
+    };
+
+    let mut settle = local.settle.lock().await;
+    if *settle {
+        return; // The engine ended this attempt first (timeout, lapse, cancel grace).
+    }
+    let result = match outcome {
+        Outcome::Aborted(AbortKind::Engine) => return,
+        Outcome::Aborted(AbortKind::Drain) => {
+            release(&shared, run, token, &d.env, d.attempt).await;
+            Ok(())
+        }
+        Outcome::Completed(value) => complete(&shared, run, token, d.attempt, value).await,
+        Outcome::Failed { outcome, error } => match local.cancel.get() {
+            // The engine owns these endings; it takes the settle lock after us.
+            Some(CancelReason::Timeout | CancelReason::LeaseLost) => return,
+            Some(CancelReason::Shutdown) => {
+                release(&shared, run, token, &d.env, d.attempt).await;
+                Ok(())
+            }
+            Some(CancelReason::Cancel) => {
+                let attempt = attempt_record(d.attempt, "canceled", Some(error), engine.now());
+                engine
+                    .finish_leased(run, token, RunStatus::Canceled, None, Some(attempt))
+                    .await
+                    .map(|_| ())
+            }
+            None => {
+                engine
+                    .fail_attempt(
+                        &record.env,
+                        &record.retry,
+                        run,
+                        token,
+                        d.attempt,
+                        outcome,
+                        error,
+                        RunStatus::Failed,
+                    )
+                    .await
+            }
+        },
+    };
+    match result {
+        Ok(()) => *settle = true,
+        Err(e) => {
+            tracing::warn!(%run, error = %e, "ending the attempt failed; the lease will lapse")
+        }
+    }
+}
+
+/// A completed attempt: check the lease, write the store (first write wins), then the queue.
+async fn complete(
+    shared: &WorkerShared,
+    run: RunId,
+    token: FencingToken,
+    attempt: u32,
+    value: serde_json::Value,
+) -> Result<(), EngineError> {
+    let engine = &shared.engine.inner;
+    if let Err(e) = engine.queue.check_lease(run, token).await {
+        // A zombie never changes a run it lost.
+        tracing::debug!(%run, error = %e, "completion after the lease was lost; dropped");
+        return Ok(());
+    }
+    let output: Arc<str> = Arc::from(value.to_string());
+    let attempt = attempt_record(attempt, "completed", None, engine.now());
+    engine
+        .finish_leased(
+            run,
+            token,
+            RunStatus::Completed,
+            Some(output),
+            Some(attempt),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Drain: back to the queue without counting an attempt.
+async fn release(
+    shared: &WorkerShared,
+    run: RunId,
+    token: FencingToken,
+    env: &EnvName,
+    attempt: u32,
+) {
+    let engine = &shared.engine.inner;
+    match engine.queue.release(run, token, engine.now()).await {
+        Ok(effects) => {
+            shared.released.fetch_add(1, Ordering::Relaxed);
+            engine.publish(run, env, RunStatus::Queued, attempt);
+            engine.apply(effects, Some(run)).await;
+        }
+        Err(e) => tracing::warn!(%run, error = %e, "release failed; the lease will lapse"),
     }
 }
 
 /// A running worker.
 pub struct Worker {
-    _private: (),
+    shared: Arc<WorkerShared>,
+    loops: Vec<JoinHandle<()>>,
+    heartbeat: Option<JoinHandle<()>>,
 }
 
 /// What a drain did.
@@ -166,20 +796,90 @@ pub struct DrainReport {
 impl Worker {
     /// Its id.
     pub fn id(&self) -> WorkerId {
-        todo!()
+        self.shared.id
     }
+
     /// Runs currently executing on it.
     pub fn in_flight(&self) -> usize {
-        todo!()
+        self.shared.in_flight().len()
     }
+
+    /// The runs currently executing on it.
+    pub fn in_flight_runs(&self) -> Vec<RunId> {
+        let mut runs: Vec<RunId> = self.shared.in_flight().keys().copied().collect();
+        runs.sort();
+        runs
+    }
+
     /// Stops claiming, waits up to the stop timeout, then cancels the rest with `Shutdown` and
     /// releases them to their queues without counting an attempt.
-    pub async fn stop(self) -> DrainReport {
-        todo!()
+    pub async fn stop(mut self) -> DrainReport {
+        let shared = self.shared.clone();
+        let engine = shared.engine.inner.clone();
+        shared.stop.send_replace(true);
+        for handle in std::mem::take(&mut self.loops) {
+            if let Err(e) = handle.await {
+                tracing::warn!(worker = %shared.id, error = %e, "workloop ended abnormally");
+            }
+        }
+        let at_start = u32::try_from(shared.in_flight().len()).unwrap_or(u32::MAX);
+        let deadline = engine.now().saturating_add(shared.stop_timeout);
+        let timeout = engine.clock.sleep_until(deadline);
+        tokio::pin!(timeout);
+        loop {
+            let changed = shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if shared.in_flight().is_empty() {
+                break;
+            }
+            tokio::select! {
+                () = &mut changed => {}
+                () = &mut timeout => break,
+            }
+        }
+        let rest: Vec<Arc<LocalRun>> = shared.in_flight().values().cloned().collect();
+        for local in &rest {
+            local.stop(CancelReason::Shutdown, AbortKind::Drain);
+        }
+        let mut runs = std::mem::take(&mut *shared.runs());
+        while let Some(joined) = runs.join_next().await {
+            if let Err(e) = joined {
+                tracing::warn!(worker = %shared.id, error = %e, "run task ended abnormally");
+            }
+        }
+        if let Some(hb) = self.heartbeat.take() {
+            hb.abort();
+            let _ = hb.await;
+        }
+        let released = shared.released.load(Ordering::Relaxed);
+        DrainReport {
+            finished: at_start.saturating_sub(released),
+            released,
+        }
     }
+
     /// Simulates a crash: stops heartbeating and claiming at once, abandoning its runs (their
     /// leases lapse and are recovered). For tests.
-    pub fn crash(self) {
-        todo!()
+    pub fn crash(mut self) {
+        self.abort_all();
+    }
+
+    fn abort_all(&mut self) {
+        for handle in self.loops.drain(..) {
+            handle.abort();
+        }
+        if let Some(hb) = self.heartbeat.take() {
+            hb.abort();
+        }
+        self.shared.runs().abort_all();
+    }
+}
+
+impl Drop for Worker {
+    /// A worker dropped without `stop` is abandoned like a crash: its tasks end, its leases
+    /// lapse and are recovered by the timer service.
+    fn drop(&mut self) {
+        self.abort_all();
     }
 }
