@@ -1153,27 +1153,32 @@ mod coverage {
         "tick cancel_elapsed",
         "tick ready_returned",
     ];
-    static COUNTS: [AtomicU64; 24] = [const { AtomicU64::new(0) }; 24];
 
-    /// Counts one event by name.
-    pub fn hit(name: &str) {
-        if let Some(i) = NAMES.iter().position(|n| *n == name) {
-            COUNTS[i].fetch_add(1, Ordering::Relaxed);
+    /// Counts of one property run (shared by its cases, which proptest runs one by one).
+    #[derive(Default)]
+    pub struct Coverage([AtomicU64; 24]);
+
+    impl Coverage {
+        /// Counts one event by name.
+        pub fn hit(&self, name: &str) {
+            if let Some(i) = NAMES.iter().position(|n| *n == name) {
+                self.0[i].fetch_add(1, Ordering::Relaxed);
+            }
         }
-    }
 
-    /// The counts so far, by name.
-    pub fn counts() -> Vec<(&'static str, u64)> {
-        NAMES
-            .iter()
-            .zip(COUNTS.iter())
-            .map(|(n, c)| (*n, c.load(Ordering::Relaxed)))
-            .collect()
+        /// The counts so far, by name.
+        pub fn counts(&self) -> Vec<(&'static str, u64)> {
+            NAMES
+                .iter()
+                .zip(self.0.iter())
+                .map(|(n, c)| (*n, c.load(Ordering::Relaxed)))
+                .collect()
+        }
     }
 }
 
-fn count(c: &Call, out: &Outcome) {
-    use coverage::hit;
+fn count(coverage: &coverage::Coverage, c: &Call, out: &Outcome) {
+    let hit = |name: &str| coverage.hit(name);
     match out {
         Outcome::Enqueue(Ok(e)) => hit(match e.placement {
             Placement::Ready => "enqueue ready",
@@ -1234,7 +1239,11 @@ fn placement_of(out: &Outcome) -> Option<Placement> {
 }
 
 /// Runs one case on the model and on the backend made by `sut`.
-fn run_case<B: QueueBackend>(case: &Case, sut: impl Fn() -> B) -> Result<(), TestCaseError> {
+fn run_case<B: QueueBackend>(
+    case: &Case,
+    sut: impl Fn() -> B,
+    coverage: &coverage::Coverage,
+) -> Result<(), TestCaseError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1359,7 +1368,7 @@ fn run_case<B: QueueBackend>(case: &Case, sut: impl Fn() -> B) -> Result<(), Tes
                 ));
             }
         }
-        count(&c, &got);
+        count(coverage, &c, &got);
         driver
             .learn(&c, &got)
             .map_err(|e| fail("invariant", format!("  {e}")))?;
@@ -1460,7 +1469,8 @@ fn check_against<B: QueueBackend>(sut: impl Fn() -> B, default_cases: u32) {
         ..Config::default()
     };
     let mut runner = TestRunner::new(config);
-    match runner.run(&case(), |case| run_case(&case, &sut)) {
+    let coverage = coverage::Coverage::default();
+    match runner.run(&case(), |case| run_case(&case, &sut, &coverage)) {
         Ok(()) => {}
         Err(TestError::Fail(reason, minimal)) => panic!(
             "model-based property failed (RUNLANE_PROPTEST_SEED={seed}, {cases} cases)\n{reason}\nminimal failing sequence:\n{}",
@@ -1468,9 +1478,10 @@ fn check_against<B: QueueBackend>(sut: impl Fn() -> B, default_cases: u32) {
         ),
         Err(TestError::Abort(reason)) => panic!("aborted (RUNLANE_PROPTEST_SEED={seed}): {reason}"),
     }
-    let counts = coverage::counts();
+    let counts = coverage.counts();
     println!("coverage after {cases} cases (seed {seed}): {counts:?}");
-    if cases >= 100 {
+    // Rare events are seen tens of times per 1,000 cases; small runs do not assert coverage.
+    if cases >= 500 {
         let missed: Vec<&str> = counts
             .iter()
             .filter(|(_, n)| *n == 0)
