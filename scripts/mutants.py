@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Mutation check: plant each deliberate bug, run the tests named to catch it, restore.
+
+Usage: python3 scripts/mutants.py [MUTANT_ID ...]
+
+Each mutant is a textual replacement in one source file. A mutant is *caught* when at least one
+of its named test invocations fails. The file is always restored, even on Ctrl-C. Prints a
+Markdown table: mutant, what it breaks, the tests run, caught or MISSED.
+"""
+
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+QUEUE = "crates/runlane-memory/src/queue.rs"
+ENGINE = "crates/runlane-engine/src/engine.rs"
+
+CONFORMANCE = ["cargo", "test", "-q", "-p", "runlane", "--test", "conformance_memory", "--"]
+PROPTEST = ["cargo", "test", "-q", "-p", "runlane-conformance", "--test", "model_vs_memory",
+            "model_and_memory_backend_agree_after_every_step"]
+
+MUTANTS = [
+    {
+        "id": "M1",
+        "bug": "no promotion on ack",
+        "file": QUEUE,
+        "old": "            st.runs.remove(&run);\n            st.admit_env(&d.env, now, &mut effects);",
+        "new": "            st.runs.remove(&run);",
+        "tests": [CONFORMANCE + ["lim_07"], CONFORMANCE + ["lim_06"], PROPTEST],
+    },
+    {
+        "id": "M2",
+        "bug": "env limit off by one",
+        "file": QUEUE,
+        "old": "env_running: env.running,",
+        "new": "env_running: env.running.saturating_sub(1),",
+        "all": True,
+        "tests": [CONFORMANCE + ["lim_01"], PROPTEST],
+    },
+    {
+        "id": "M3",
+        "bug": "fencing check skipped",
+        "file": QUEUE,
+        "old": "Place::Leased(l) if l.token == token && (allow_lapsed || !l.lapsed) => Ok(entry),",
+        "new": "Place::Leased(l) if allow_lapsed || !l.lapsed => Ok(entry),",
+        "tests": [CONFORMANCE + ["life_07"], PROPTEST],
+    },
+    {
+        "id": "M4",
+        "bug": "fast path ignoring due backlog",
+        "file": QUEUE,
+        "old": "let fast = !delayed && fast_path_on && !backlog && !orphaned && admission.is_ok();",
+        "new": "let fast = !delayed && fast_path_on && !orphaned && admission.is_ok();",
+        "tests": [CONFORMANCE + ["fp_03"], PROPTEST],
+    },
+    {
+        "id": "M5",
+        "bug": "TTL expiry not releasing the slot",
+        "file": QUEUE,
+        "old": "            let d = entry.dispatch.clone();\n            st.unplace_waiting(run);\n            st.ttl.remove(&(at, run));",
+        "new": "            let d = entry.dispatch.clone();\n            let was_ready = matches!(entry.place, Place::Ready { .. });\n            st.unplace_waiting(run);\n            if was_ready {\n                st.take_slots(&d);\n            }\n            st.ttl.remove(&(at, run));",
+        "tests": [CONFORMANCE + ["ttl_03"], PROPTEST],
+    },
+    {
+        "id": "M6",
+        "bug": "a lost wake-up (admissions do not ring the lane doorbell)",
+        "file": ENGINE,
+        "old": "        for lane in &effects.ready_lanes {\n            self.bells.ring(lane);\n        }",
+        "new": "        let _ = &effects.ready_lanes;",
+        "tests": [CONFORMANCE + ["ord_02"], CONFORMANCE + ["lim_07"]],
+    },
+    {
+        "id": "M7",
+        "bug": "promotion only within the same queue",
+        "file": QUEUE,
+        "old": "            let Some(env) = self.envs.get(env_name) else { return };\n            let mut best",
+        "new": "            let Some(env) = self.envs.get(env_name) else { return };\n            let only_queue = env.backlog_queues.iter().next().cloned();\n            let mut best",
+        "extra": [
+            ("            for qname in &env.backlog_queues {\n                let Some(queue) = env.queues.get(qname) else { continue };",
+             "            for qname in env.backlog_queues.iter().filter(|q| Some(*q) == only_queue.as_ref()) {\n                let Some(queue) = env.queues.get(qname) else { continue };"),
+        ],
+        "tests": [CONFORMANCE + ["lim_07"], CONFORMANCE + ["fair_01"], PROPTEST],
+    },
+]
+
+
+def run(cmd):
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc.returncode
+
+
+def apply(m, text):
+    if m["old"] not in text:
+        raise SystemExit(f"{m['id']}: pattern not found in {m['file']}")
+    out = text.replace(m["old"], m["new"]) if m.get("all") else text.replace(m["old"], m["new"], 1)
+    for old, new in m.get("extra", []):
+        if old not in out:
+            raise SystemExit(f"{m['id']}: extra pattern not found in {m['file']}")
+        out = out.replace(old, new, 1)
+    return out
+
+
+def main():
+    wanted = set(sys.argv[1:])
+    rows = []
+    for m in MUTANTS:
+        if wanted and m["id"] not in wanted:
+            continue
+        path = ROOT / m["file"]
+        original = path.read_text()
+        try:
+            path.write_text(apply(m, original))
+            caught_by = []
+            for cmd in m["tests"]:
+                name = cmd[-1] if cmd[-1] != "--" else "?"
+                if run(cmd) != 0:
+                    caught_by.append(name)
+            verdict = "caught" if caught_by else "MISSED"
+            rows.append((m["id"], m["bug"], ", ".join(c[-1] for c in m["tests"]), ", ".join(caught_by) or "-", verdict))
+            print(f"{m['id']}: {verdict} by {caught_by}", file=sys.stderr, flush=True)
+        finally:
+            path.write_text(original)
+    print("| mutant | planted bug | tests run | failing tests | verdict |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    return 0 if all(r[4] == "caught" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
