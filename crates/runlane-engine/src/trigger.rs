@@ -584,9 +584,9 @@ impl Engine {
                 }
                 Ok(runlane_core::backend::CancelOutcome::Requested { token, .. }) => {
                     tracing::warn!(%run, "batch rollback: run already executing, cancelled");
-                    if let Some(local) = inner.local.get(run, token) {
-                        local.cancel.fire(runlane_core::CancelReason::Cancel);
-                    }
+                    inner
+                        .local
+                        .signal(run, token, runlane_core::CancelReason::Cancel, None);
                 }
                 Ok(runlane_core::backend::CancelOutcome::NotFound) => {}
                 Err(e) => tracing::warn!(%run, error = %e, "batch rollback: cancel failed"),
