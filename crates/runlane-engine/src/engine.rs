@@ -936,6 +936,9 @@ impl Engine {
         self.inner.check_open()?;
         let inner = &self.inner;
         let want = filter.limit.unwrap_or(100) as usize;
+        if want == 0 {
+            return Ok(Vec::new());
+        }
         let live_status = filter.status.filter(|s| !s.is_terminal());
         let Some(status) = live_status else {
             // No filter, or a terminal one the store holds exactly.

@@ -386,6 +386,44 @@ async fn a_full_queue_refuses_and_keeps_nothing() {
 }
 
 #[tokio::test]
+async fn a_batch_refused_by_the_queue_is_taken_back_whole() {
+    let h = Harness::new().await;
+    let e = &h.engine;
+    e.set_queue(
+        "default",
+        "mail",
+        QueueSettings {
+            max_queued: Some(1),
+            paused: true,
+            ..QueueSettings::default()
+        },
+    )
+    .await
+    .expect("queue");
+    let other = TriggerRequest::new("other").expect("req");
+    let first = TriggerRequest::new("mail").expect("req");
+    let second = TriggerRequest::new("mail").expect("req");
+    match e.trigger_batch(vec![other, first, second]).await {
+        Err(EngineError::BatchItem { index, source }) => {
+            assert_eq!(index, 2);
+            assert!(matches!(
+                *source,
+                EngineError::QueueFull { max_queued: 1, .. }
+            ));
+        }
+        other => panic!("expected the third item to be refused, got {other:?}"),
+    }
+    assert!(e
+        .list(&RunFilter::default())
+        .await
+        .expect("list")
+        .is_empty());
+    let held = h.queue.snapshot().await.expect("snapshot");
+    assert!(held.is_empty(), "the enqueued items were taken back");
+    h.check_invariants();
+}
+
+#[tokio::test]
 async fn cancel_reschedule_wait_and_manual_retry_of_waiting_runs() {
     let h = Harness::new().await;
     let e = &h.engine;
