@@ -71,6 +71,7 @@ enum BenchScenario {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
+#[value(rename_all = "snake_case")]
 enum PhaseArg {
     TriggerOnly,
     DrainOnly,

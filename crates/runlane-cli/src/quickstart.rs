@@ -76,7 +76,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .worker()
         .env("default")
         .env("acme")
-        .workloops("fast_lane:1 manual>*:6")
+        .workloops("fast_lane:1 manual>default:6")
         .handler("send-email", {
             let started = started.clone();
             move |ctx| work(ctx, started.clone(), 2)
@@ -102,7 +102,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         })
         .start()
         .await?;
-    println!("workers: general `fast_lane:1 manual>*:6`, reports `reports:2`\n");
+    println!("workers: general `fast_lane:1 manual>default:6` (filter mode: never claims `reports`), reports `reports:2`\n");
 
     let mut events: Vec<_> = ENVS
         .iter()
@@ -128,16 +128,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         );
     }
 
-    // Progress: count terminal events until every run is done.
+    // Progress: count terminal events until every run is done, one line per tenth.
     let mut finished = 1u64; // the sync run
-    let mut next_report = total / 10;
+    let step = (total / 10).max(1);
+    let mut next_report = step;
     while finished < total {
-        let mut progressed = false;
         for sub in events.iter_mut() {
             if let Ok(Some(event)) =
-                tokio::time::timeout(Duration::from_millis(20), sub.next()).await
+                tokio::time::timeout(Duration::from_millis(5), sub.next()).await
             {
-                progressed = true;
                 if let RunEventKind::Status { status, .. } = event.kind {
                     if status.is_terminal() {
                         finished += 1;
@@ -145,13 +144,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 }
             }
         }
-        if finished >= next_report || !progressed {
+        if finished >= next_report || finished == total {
             println!(
                 "  {:>6.2}s  finished {finished:>4}/{total}  handler starts {:>4}",
                 begin.elapsed().as_secs_f64(),
                 started.load(Ordering::Relaxed)
             );
-            next_report = finished + total / 10;
+            next_report = finished + step;
         }
     }
     let elapsed = begin.elapsed();

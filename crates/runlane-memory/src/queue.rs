@@ -1186,45 +1186,33 @@ impl QueueBackend for MemoryQueue {
                 tick.cancel_elapsed.push((run, l.token));
             }
         }
-        // 6. Ready runs in lanes with no consumer for ready_timeout.
+        // 6. Ready runs in lanes with no consumer for ready_timeout, in run id order across
+        // lanes (like every list of a tick).
         let rt = st.ready_timeout;
-        let lane_names: Vec<LaneName> = st.lanes.keys().cloned().collect();
-        for name in lane_names {
-            if st.has_consumer(&name) {
+        let mut due: Vec<(RunId, u64)> = Vec::new();
+        for (name, lane) in &st.lanes {
+            if lane.count == 0 || st.has_consumer(name) {
                 continue;
             }
-            let Some(lane) = st.lanes.get(&name) else {
-                continue;
-            };
-            let since = lane.orphan_since;
-            let mut due: Vec<(RunId, u64)> = Vec::new();
             for by_seq in lane.ready.values() {
                 for (seq, run) in by_seq {
                     if let Some(Place::Ready { at, .. }) = st.runs.get(run).map(|e| &e.place) {
-                        if (*at).max(since).saturating_add(rt) <= now {
+                        if (*at).max(lane.orphan_since).saturating_add(rt) <= now {
                             due.push((*run, *seq));
                         }
                     }
                 }
             }
-            due.sort();
-            for (run, seq) in due {
-                let Some(d) = st.runs.get(&run).map(|e| e.dispatch.clone()) else {
-                    continue;
-                };
-                st.pull_ready(&d, seq);
-                st.push_queued(run);
-                moved(
-                    &mut effects,
-                    run,
-                    RunStatus::Ready,
-                    d.ever_leased,
-                    Event::ReadyTimeout,
-                );
-                tick.ready_returned.push(run);
-                if let Some(lane) = st.lanes.get_mut(&name) {
-                    lane.orphaned = true;
-                }
+        }
+        due.sort();
+        for (run, seq) in due {
+            let Some(d) = st.runs.get(&run).map(|e| e.dispatch.clone()) else { continue };
+            st.pull_ready(&d, seq);
+            st.push_queued(run);
+            moved(&mut effects, run, RunStatus::Ready, d.ever_leased, Event::ReadyTimeout);
+            tick.ready_returned.push(run);
+            if let Some(lane) = st.lanes.get_mut(&d.lane) {
+                lane.orphaned = true;
             }
         }
         // 7. Admission for every env.
