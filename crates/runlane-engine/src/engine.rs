@@ -298,6 +298,31 @@ impl Inner {
         self.timer.offer(deadline);
     }
 
+    /// Publishes the statuses a queue call moved `run` through (`fallback` when the backend
+    /// listed none, e.g. a re-placement it does not report), then applies the other effects.
+    /// The caller knows the run's env and attempt, so no lookup is needed. Returns its last
+    /// status.
+    pub(crate) async fn apply_own(
+        &self,
+        run: RunId,
+        env: &EnvName,
+        attempt: u32,
+        fallback: RunStatus,
+        effects: Effects,
+    ) -> RunStatus {
+        let mut last = None;
+        for (_, status) in effects.moved.iter().filter(|(r, _)| *r == run) {
+            self.publish(run, env, *status, attempt);
+            last = Some(*status);
+        }
+        let last = last.unwrap_or_else(|| {
+            self.publish(run, env, fallback, attempt);
+            fallback
+        });
+        self.apply(effects, Some(run)).await;
+        last
+    }
+
     /// Publishes a run's status change.
     pub(crate) fn publish(&self, run: RunId, env: &EnvName, status: RunStatus, attempt: u32) {
         self.events.status(run, env, self.now(), status, attempt);
@@ -376,8 +401,7 @@ impl Inner {
                 } else {
                     RunStatus::Queued
                 };
-                self.publish(run, env, status, attempt + 1);
-                self.apply(effects, Some(run)).await;
+                self.apply_own(run, env, attempt + 1, status, effects).await;
             }
             Err(e) if is_gone(&e) => {}
             Err(e) => return Err(e.into()),
@@ -908,8 +932,9 @@ impl Engine {
         } else {
             RunStatus::Queued
         };
-        inner.publish(run, &record.env, status, record.attempt);
-        inner.apply(effects, Some(run)).await;
+        inner
+            .apply_own(run, &record.env, record.attempt, status, effects)
+            .await;
         self.get(run).await
     }
 

@@ -777,8 +777,9 @@ async fn release(
     match engine.queue.release(run, token, engine.now()).await {
         Ok(effects) => {
             shared.released.fetch_add(1, Ordering::Relaxed);
-            engine.publish(run, env, RunStatus::Queued, attempt);
-            engine.apply(effects, Some(run)).await;
+            engine
+                .apply_own(run, env, attempt, RunStatus::Queued, effects)
+                .await;
         }
         Err(e) => tracing::warn!(%run, error = %e, "release failed; the lease will lapse"),
     }
