@@ -128,11 +128,21 @@ impl ManualClock {
 
     /// Waits until at least `n` sleepers are parked. Waits on registrations, never polls.
     pub async fn wait_sleepers(&self, n: usize) {
+        self.wait_parked(|clock| clock.sleepers() >= n).await;
+    }
+
+    /// Waits until a sleeper is parked until exactly `at` (a timer armed for that instant).
+    pub async fn wait_sleeper_at(&self, at: Timestamp) {
+        self.wait_parked(|clock| clock.sleeping_until().contains(&at))
+            .await;
+    }
+
+    async fn wait_parked(&self, done: impl Fn(&Self) -> bool) {
         loop {
             let parked = self.parked.notified();
             tokio::pin!(parked);
             parked.as_mut().enable();
-            if self.sleepers() >= n {
+            if done(self) {
                 return;
             }
             parked.await;

@@ -292,6 +292,37 @@ impl Inner {
         self.timer.offer(effects.deadline);
     }
 
+    /// Re-arms the timer service when `deadline` is earlier than the armed one (calls that
+    /// create deadlines without returning `Effects`: claims, cancel requests).
+    pub(crate) fn arm(&self, deadline: Option<Timestamp>) {
+        self.timer.offer(deadline);
+    }
+
+    /// Publishes the statuses a queue call moved `run` through (`fallback` when the backend
+    /// listed none, e.g. a re-placement it does not report), then applies the other effects.
+    /// The caller knows the run's env and attempt, so no lookup is needed. Returns its last
+    /// status.
+    pub(crate) async fn apply_own(
+        &self,
+        run: RunId,
+        env: &EnvName,
+        attempt: u32,
+        fallback: RunStatus,
+        effects: Effects,
+    ) -> RunStatus {
+        let mut last = None;
+        for (_, status) in effects.moved.iter().filter(|(r, _)| *r == run) {
+            self.publish(run, env, *status, attempt);
+            last = Some(*status);
+        }
+        let last = last.unwrap_or_else(|| {
+            self.publish(run, env, fallback, attempt);
+            fallback
+        });
+        self.apply(effects, Some(run)).await;
+        last
+    }
+
     /// Publishes a run's status change.
     pub(crate) fn publish(&self, run: RunId, env: &EnvName, status: RunStatus, attempt: u32) {
         self.events.status(run, env, self.now(), status, attempt);
@@ -370,8 +401,7 @@ impl Inner {
                 } else {
                     RunStatus::Queued
                 };
-                self.publish(run, env, status, attempt + 1);
-                self.apply(effects, Some(run)).await;
+                self.apply_own(run, env, attempt + 1, status, effects).await;
             }
             Err(e) if is_gone(&e) => {}
             Err(e) => return Err(e.into()),
@@ -430,10 +460,19 @@ impl Inner {
 
     /// The record with its live status and attempt from the queue backend.
     pub(crate) async fn overlay(&self, mut record: RunRecord) -> Result<RunRecord, EngineError> {
-        if !record.status.is_terminal() {
-            if let Some(live) = self.queue.live(record.id).await? {
+        if record.status.is_terminal() {
+            return Ok(record);
+        }
+        match self.queue.live(record.id).await? {
+            Some(live) => {
                 record.status = live.status;
                 record.attempt = live.dispatch.attempt;
+            }
+            None => {
+                // The queue no longer holds it: it most likely ended after the store was read.
+                if let Some(fresh) = self.store.get(record.id).await? {
+                    record = fresh;
+                }
             }
         }
         Ok(record)
@@ -539,10 +578,9 @@ impl Inner {
     async fn recover_lapsed(&self, lapsed: Lapsed) -> Result<(), EngineError> {
         let Lapsed { dispatch, token } = lapsed;
         let run = dispatch.run_id;
-        let local = self.local.get(run, token);
-        if let Some(local) = &local {
-            local.stop(CancelReason::LeaseLost, AbortKind::Engine);
-        }
+        let local = self
+            .local
+            .signal(run, token, CancelReason::LeaseLost, Some(AbortKind::Engine));
         let mut settle = match &local {
             Some(local) => Some(local.settle.lock().await),
             None => None,
@@ -584,14 +622,15 @@ impl Inner {
     /// An attempt ran past its max duration: abort it and count a failed attempt; the run
     /// ends `timed_out` when no attempt is left.
     async fn time_out(&self, run: RunId, token: FencingToken) -> Result<(), EngineError> {
-        let local = self.local.get(run, token);
+        let local = self
+            .local
+            .signal(run, token, CancelReason::Timeout, Some(AbortKind::Engine));
         let mut settle = match &local {
             Some(local) => {
                 let settle = local.settle.lock().await;
                 if *settle {
                     return Ok(()); // The handler's own outcome landed first.
                 }
-                local.stop(CancelReason::Timeout, AbortKind::Engine);
                 Some(settle)
             }
             None => None,
@@ -631,14 +670,15 @@ impl Inner {
     /// A cancelled executing run's grace period ended without a completion: it ends
     /// `canceled` and a late completion is refused.
     async fn end_cancelled(&self, run: RunId, token: FencingToken) -> Result<(), EngineError> {
-        let local = self.local.get(run, token);
+        let local = self
+            .local
+            .signal(run, token, CancelReason::Cancel, Some(AbortKind::Engine));
         let mut settle = match &local {
             Some(local) => {
                 let settle = local.settle.lock().await;
                 if *settle {
                     return Ok(()); // A completion within the grace period won.
                 }
-                local.stop(CancelReason::Cancel, AbortKind::Engine);
                 Some(settle)
             }
             None => None,
@@ -840,12 +880,17 @@ impl Engine {
                 inner.publish_record(&record);
                 Ok(record)
             }
-            CancelOutcome::Requested { token, .. } => {
+            CancelOutcome::Requested {
+                token,
+                grace_deadline,
+                ..
+            } => {
+                inner.arm(Some(grace_deadline));
                 // In-process: the handler learns at once (SPEC §5); remote workers learn on
                 // their next heartbeat.
-                if let Some(local) = inner.local.get(run, token) {
-                    local.cancel.fire(CancelReason::Cancel);
-                }
+                inner.local.signal(run, token, CancelReason::Cancel, None);
+                // Read again: a handler that stops at once may already have ended the run.
+                let record = inner.store.get(run).await?.unwrap_or(record);
                 inner.overlay(record).await
             }
             CancelOutcome::NotFound => {
@@ -887,8 +932,9 @@ impl Engine {
         } else {
             RunStatus::Queued
         };
-        inner.publish(run, &record.env, status, record.attempt);
-        inner.apply(effects, Some(run)).await;
+        inner
+            .apply_own(run, &record.env, record.attempt, status, effects)
+            .await;
         self.get(run).await
     }
 
@@ -915,6 +961,9 @@ impl Engine {
         self.inner.check_open()?;
         let inner = &self.inner;
         let want = filter.limit.unwrap_or(100) as usize;
+        if want == 0 {
+            return Ok(Vec::new());
+        }
         let live_status = filter.status.filter(|s| !s.is_terminal());
         let Some(status) = live_status else {
             // No filter, or a terminal one the store holds exactly.

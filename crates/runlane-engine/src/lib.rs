@@ -5,6 +5,30 @@
 //! `Notify`), runs in-process workers (workloops woken directly by lane doorbells, one heartbeat
 //! per worker per `lease / 3`, drain on stop) and publishes run events. It holds no dispatch rule
 //! of its own: admission, fairness and leases live in the queue backend.
+//!
+//! # Decisions SPEC leaves open
+//!
+//! - **Who ends an attempt.** In one process the worker (its handler returned) and the timer
+//!   service (timeout, lapsed lease, cancel grace over) may both try; each takes the run's
+//!   settle lock and the first one writes. Across processes the queue's fencing tokens and the
+//!   store's first-terminal-write-wins decide.
+//! - **A handler returning an error after its token fired** counts as: `Cancel` → the run ends
+//!   `canceled` (canceled runs never retry); `Shutdown` → released without an attempt (drain);
+//!   `Timeout`/`LeaseLost` → the timer service ends the attempt.
+//! - **A completion after `Timeout` fired but before the timer service ended the attempt** wins
+//!   (the lease is still valid).
+//! - **Drain** fires `Shutdown` and drops the handler at once; a handler is not given extra time
+//!   after `stop_timeout` to react to its token.
+//! - **A refused batch** (`QueueFull` / `FastLaneFull` on item *i*) is taken back: later items are
+//!   removed from the store, earlier ones are cancelled in the queue and removed from the store;
+//!   an earlier item a worker already claimed in between is cancelled (it ends `canceled`).
+//! - **A refused enqueue** of any kind (including `Unavailable`) removes the stored run and
+//!   returns the error; there is no reconciler for runs stored but not enqueued other than the
+//!   recovery at open.
+//! - **Manual retry** keeps env, task, payload, queue, key, priority, retry policy, max duration
+//!   and version lock; it does not keep the TTL.
+//! - **Status events** for runs moved by a queue call (admissions, promotions) cost one
+//!   `QueueBackend::live` lookup each, and are only looked up while somebody subscribes.
 
 pub mod clock;
 pub mod config;

@@ -7,7 +7,7 @@
 //! queue writes and marks it settled, the other backs off. The queue backend's fencing tokens
 //! and the store's first-terminal-write-wins cover the same races across processes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use runlane_core::{CancelReason, FencingToken, RunId};
@@ -109,32 +109,100 @@ impl LocalRun {
     }
 }
 
+/// How many signals for runs not registered yet are remembered (see [`LocalRegistry::signal`]).
+const EARLY_SIGNALS_MAX: usize = 1024;
+
+/// A signal that arrived between a claim and the run's registration.
+#[derive(Debug)]
+struct EarlySignal {
+    run: RunId,
+    token: FencingToken,
+    reason: CancelReason,
+    abort: Option<AbortKind>,
+}
+
+#[derive(Debug, Default)]
+struct RegistryState {
+    runs: HashMap<RunId, Arc<LocalRun>>,
+    early: VecDeque<EarlySignal>,
+}
+
 /// Every executing run of this process, by run id.
 #[derive(Debug, Default)]
 pub(crate) struct LocalRegistry {
-    runs: Mutex<HashMap<RunId, Arc<LocalRun>>>,
+    state: Mutex<RegistryState>,
 }
 
 impl LocalRegistry {
-    fn map(&self) -> MutexGuard<'_, HashMap<RunId, Arc<LocalRun>>> {
-        self.runs.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, RegistryState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn insert(&self, run: Arc<LocalRun>) {
-        self.map().insert(run.run, run);
+    /// Registers a run; a signal that arrived for its lease before it is applied now.
+    pub(crate) fn insert(&self, local: Arc<LocalRun>) {
+        let mut st = self.lock();
+        if let Some(pos) = st
+            .early
+            .iter()
+            .position(|e| e.run == local.run && e.token == local.token)
+        {
+            if let Some(early) = st.early.remove(pos) {
+                local.cancel.fire(early.reason);
+                if let Some(kind) = early.abort {
+                    local.abort.fire(kind);
+                }
+            }
+        }
+        st.runs.insert(local.run, local);
     }
 
     /// Removes the entry if it is still this lease's.
     pub(crate) fn remove(&self, run: RunId, token: FencingToken) {
-        let mut map = self.map();
-        if map.get(&run).is_some_and(|r| r.token == token) {
-            map.remove(&run);
+        let mut st = self.lock();
+        if st.runs.get(&run).is_some_and(|r| r.token == token) {
+            st.runs.remove(&run);
         }
     }
 
     /// The run's entry when it executes here under `token`.
-    pub(crate) fn get(&self, run: RunId, token: FencingToken) -> Option<Arc<LocalRun>> {
-        self.map().get(&run).filter(|r| r.token == token).cloned()
+    #[cfg(test)]
+    fn get(&self, run: RunId, token: FencingToken) -> Option<Arc<LocalRun>> {
+        self.lock()
+            .runs
+            .get(&run)
+            .filter(|r| r.token == token)
+            .cloned()
+    }
+
+    /// Fires the run's token with `reason` (and aborts its handler when `abort` is set) and
+    /// returns its entry. A lease this process may have just claimed but not registered yet
+    /// (the moment between `claim` and spawning the run) gets the signal on registration; the
+    /// few remembered signals for leases held elsewhere are harmless and age out.
+    pub(crate) fn signal(
+        &self,
+        run: RunId,
+        token: FencingToken,
+        reason: CancelReason,
+        abort: Option<AbortKind>,
+    ) -> Option<Arc<LocalRun>> {
+        let mut st = self.lock();
+        if let Some(local) = st.runs.get(&run).filter(|r| r.token == token) {
+            local.cancel.fire(reason);
+            if let Some(kind) = abort {
+                local.abort.fire(kind);
+            }
+            return Some(local.clone());
+        }
+        st.early.push_back(EarlySignal {
+            run,
+            token,
+            reason,
+            abort,
+        });
+        if st.early.len() > EARLY_SIGNALS_MAX {
+            st.early.pop_front();
+        }
+        None
     }
 }
 
@@ -176,5 +244,37 @@ mod tests {
         );
         reg.remove(RunId(1), FencingToken(7));
         assert!(reg.get(RunId(1), FencingToken(7)).is_none());
+    }
+
+    #[test]
+    fn a_signal_before_registration_is_applied_on_registration() {
+        let reg = LocalRegistry::default();
+        let early = reg.signal(RunId(2), FencingToken(3), CancelReason::Cancel, None);
+        assert!(early.is_none());
+        let local = Arc::new(LocalRun::new(RunId(2), FencingToken(3)));
+        reg.insert(local.clone());
+        assert_eq!(local.cancel.get(), Some(CancelReason::Cancel));
+        assert_eq!(local.abort.get(), None);
+        let other = Arc::new(LocalRun::new(RunId(4), FencingToken(5)));
+        reg.signal(
+            RunId(4),
+            FencingToken(1),
+            CancelReason::Timeout,
+            Some(AbortKind::Engine),
+        );
+        reg.insert(other.clone());
+        assert_eq!(
+            other.cancel.get(),
+            None,
+            "another lease's signal does not apply"
+        );
+        let hit = reg.signal(
+            RunId(4),
+            FencingToken(5),
+            CancelReason::Timeout,
+            Some(AbortKind::Engine),
+        );
+        assert!(hit.is_some());
+        assert_eq!(other.abort.get(), Some(AbortKind::Engine));
     }
 }

@@ -475,16 +475,25 @@ impl Engine {
         let mut record = prepared.record;
         match inner.queue.enqueue(record.dispatch(), sync, now).await {
             Ok(enqueued) => {
-                record.status = match enqueued.placement {
+                let placed = match enqueued.placement {
                     Placement::Delayed => RunStatus::Delayed,
                     Placement::Queued => RunStatus::Queued,
                     Placement::Ready => RunStatus::Ready,
                 };
-                inner.publish(record.id, &record.env, record.status, record.attempt);
-                if enqueued.placement == Placement::Ready {
+                // With the fast path off, the enqueue may admit the run in the same step:
+                // queued, then ready.
+                record.status = inner
+                    .apply_own(
+                        record.id,
+                        &record.env,
+                        record.attempt,
+                        placed,
+                        enqueued.effects,
+                    )
+                    .await;
+                if record.status == RunStatus::Ready {
                     inner.bells.ring(&record.lane);
                 }
-                inner.apply(enqueued.effects, Some(record.id)).await;
                 Ok(Triggered {
                     run: record,
                     idempotent_hit: false,
@@ -584,9 +593,9 @@ impl Engine {
                 }
                 Ok(runlane_core::backend::CancelOutcome::Requested { token, .. }) => {
                     tracing::warn!(%run, "batch rollback: run already executing, cancelled");
-                    if let Some(local) = inner.local.get(run, token) {
-                        local.cancel.fire(runlane_core::CancelReason::Cancel);
-                    }
+                    inner
+                        .local
+                        .signal(run, token, runlane_core::CancelReason::Cancel, None);
                 }
                 Ok(runlane_core::backend::CancelOutcome::NotFound) => {}
                 Err(e) => tracing::warn!(%run, error = %e, "batch rollback: cancel failed"),

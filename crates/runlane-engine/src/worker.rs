@@ -500,6 +500,13 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
             Ok(leases) if !leases.is_empty() => {
                 backoff = CLAIM_BACKOFF_MIN;
                 debug_assert!(leases.len() <= free, "a claim never exceeds its free slots");
+                // A claim creates lease and attempt deadlines but returns no effects.
+                let earliest = leases
+                    .iter()
+                    .flat_map(|l| [Some(l.lease_deadline), l.attempt_deadline])
+                    .flatten()
+                    .min();
+                engine.arm(earliest);
                 let mut permit = Some(first);
                 for leased in leases {
                     let p = match permit.take() {
@@ -770,8 +777,9 @@ async fn release(
     match engine.queue.release(run, token, engine.now()).await {
         Ok(effects) => {
             shared.released.fetch_add(1, Ordering::Relaxed);
-            engine.publish(run, env, RunStatus::Queued, attempt);
-            engine.apply(effects, Some(run)).await;
+            engine
+                .apply_own(run, env, attempt, RunStatus::Queued, effects)
+                .await;
         }
         Err(e) => tracing::warn!(%run, error = %e, "release failed; the lease will lapse"),
     }

@@ -1,0 +1,95 @@
+//! Helpers shared by the engine's integration tests: an engine over the in-memory backends
+//! on a manual clock, and waits on events bounded by a generous safety net (a hang fails the
+//! test instead of blocking CI; no assertion depends on wall time).
+
+#![allow(dead_code)] // Each test binary uses a different subset.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use runlane_core::{RunStatus, Timestamp};
+use runlane_engine::{Engine, EngineBuilder, EngineConfig, ManualClock, RunEvent, RunEvents};
+use runlane_memory::{MemoryConfig, MemoryQueue, MemoryStore};
+
+/// The instant every test starts at.
+pub const T0: Timestamp = Timestamp(1_700_000_000_000);
+
+/// An engine over fresh in-memory backends on a manual clock at [`T0`].
+pub struct Harness {
+    pub engine: Engine,
+    pub clock: Arc<ManualClock>,
+    pub queue: Arc<MemoryQueue>,
+}
+
+impl Harness {
+    pub async fn new() -> Self {
+        Self::with_config(EngineConfig::default()).await
+    }
+
+    pub async fn with_config(config: EngineConfig) -> Self {
+        let clock = Arc::new(ManualClock::new(T0));
+        let queue = Arc::new(MemoryQueue::new(MemoryConfig::default()));
+        let engine = EngineBuilder::new()
+            .clock(clock.clone())
+            .config(EngineConfig {
+                seed: Some(7),
+                ..config
+            })
+            .open(queue.clone(), Arc::new(MemoryStore::new()))
+            .await
+            .expect("open");
+        Harness {
+            engine,
+            clock,
+            queue,
+        }
+    }
+
+    /// The queue backend's own invariants (slots, indexes) hold.
+    pub fn check_invariants(&self) {
+        self.queue.check_invariants().expect("queue invariants");
+    }
+}
+
+/// Bounds a wait on an event so that a bug fails the test instead of hanging it.
+pub async fn bounded<F: Future>(f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(30), f)
+        .await
+        .expect("the awaited event never came")
+}
+
+/// The next status event with `status` on a run subscription.
+pub async fn until_status(events: &mut RunEvents, status: RunStatus) -> RunEvent {
+    bounded(async {
+        loop {
+            let event = events
+                .next()
+                .await
+                .expect("the run ended before the status");
+            if event.status() == Some(status) {
+                return event;
+            }
+        }
+    })
+    .await
+}
+
+/// Milliseconds.
+pub fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// `T0 + d`.
+pub fn at(d: Duration) -> Timestamp {
+    T0.saturating_add(d)
+}
+
+/// Waits until the subscribed run is in `status`: the subscription exists before the current
+/// status is read, so a change in between is not lost.
+pub async fn reached(engine: &Engine, events: &mut RunEvents, status: RunStatus) {
+    let now = engine.get(events.run()).await.expect("get").status;
+    if now != status {
+        until_status(events, status).await;
+    }
+}
