@@ -4,7 +4,7 @@
 //! A backend proves it keeps runlane's semantics (SPEC §2, §3, §7) by implementing
 //! [`Backends`] and expanding [`conformance_suite!`] in one test file:
 //!
-//! ```ignore
+//! ```text
 //! struct Memory;
 //! #[async_trait::async_trait]
 //! impl runlane_conformance::Backends for Memory { /* name, open */ }

@@ -133,7 +133,7 @@ macro_rules! __emit_dispatch {
 /// backends from `factory` (an expression whose type implements
 /// [`Backends`](crate::Backends), evaluated once per test).
 ///
-/// ```ignore
+/// ```text
 /// runlane_conformance::conformance_suite!(MemoryBackends);
 /// ```
 #[macro_export]
