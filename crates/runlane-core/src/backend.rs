@@ -453,6 +453,10 @@ pub struct RunRecord {
     pub created_at: Timestamp,
     /// When it reached its terminal state.
     pub finished_at: Option<Timestamp>,
+    /// When the current attempt started, if a start was noted ([`RunStore::note_start`]).
+    /// Recovery counts a `crashed` attempt for an unfinished run that has one.
+    #[serde(default)]
+    pub started_at: Option<Timestamp>,
     /// What made it.
     pub source: TriggerSource,
     /// The run this one retries (manual retry).
@@ -525,6 +529,59 @@ pub enum Inserted {
     Existing(Box<RunRecord>),
 }
 
+/// How long finished runs are kept, per terminal status (SPEC §7: on by default, 7 days).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    /// Kept after `completed`.
+    #[serde(with = "crate::settings::duration_ms")]
+    pub completed: Duration,
+    /// Kept after `failed`.
+    #[serde(with = "crate::settings::duration_ms")]
+    pub failed: Duration,
+    /// Kept after `canceled`.
+    #[serde(with = "crate::settings::duration_ms")]
+    pub canceled: Duration,
+    /// Kept after `expired`.
+    #[serde(with = "crate::settings::duration_ms")]
+    pub expired: Duration,
+    /// Kept after `timed_out`.
+    #[serde(with = "crate::settings::duration_ms")]
+    pub timed_out: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        let week = Duration::from_secs(7 * 24 * 3600);
+        Retention {
+            completed: week,
+            failed: week,
+            canceled: week,
+            expired: week,
+            timed_out: week,
+        }
+    }
+}
+
+impl Retention {
+    /// The retention of a terminal status (`None` for a non-terminal one).
+    pub fn of(&self, status: RunStatus) -> Option<Duration> {
+        match status {
+            RunStatus::Completed => Some(self.completed),
+            RunStatus::Failed => Some(self.failed),
+            RunStatus::Canceled => Some(self.canceled),
+            RunStatus::Expired => Some(self.expired),
+            RunStatus::TimedOut => Some(self.timed_out),
+            _ => None,
+        }
+    }
+
+    /// When a run that finished as `status` at `finished_at` is due for deletion.
+    pub fn purge_at(&self, status: RunStatus, finished_at: Timestamp) -> Option<Timestamp> {
+        self.of(status).map(|d| finished_at.saturating_add(d))
+    }
+}
+
 /// Durable run records. Writes happen at state transitions only.
 #[async_trait]
 pub trait RunStore: Send + Sync + 'static {
@@ -548,6 +605,11 @@ pub trait RunStore: Send + Sync + 'static {
         attempt: AttemptRecord,
         next_run_after: Timestamp,
     ) -> Result<(), StoreError>;
+    /// Notes, best-effort and without waiting, that `attempt` of `run` started at `at` (sets
+    /// `started_at`; a later `record_retry` clears it). It is advisory: recovery uses it to count
+    /// a `crashed` attempt for a run that was executing when the process died. A note lost in a
+    /// crash costs at most one uncounted attempt.
+    fn note_start(&self, run: RunId, attempt: u32, at: Timestamp);
     /// The terminal write; the first one wins, later ones get `AlreadyFinished`.
     async fn finish(
         &self,
@@ -566,6 +628,15 @@ pub trait RunStore: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// Every run not yet terminal (recovery at start).
     async fn unfinished(&self) -> Result<Vec<RunRecord>, StoreError>;
+    /// Deletes finished runs (with their attempts and idempotency keys) whose `finished_at` is
+    /// older than `now − retention` for their status; returns how many were deleted.
+    async fn purge_finished(
+        &self,
+        retention: &Retention,
+        now: Timestamp,
+    ) -> Result<u64, StoreError>;
+    /// The earliest instant `purge_finished` would delete something (arms the retention timer).
+    async fn next_purge_at(&self, retention: &Retention) -> Result<Option<Timestamp>, StoreError>;
     /// Stores an env's settings.
     async fn put_env(&self, env: &EnvName, settings: EnvSettings) -> Result<(), StoreError>;
     /// Every env with its settings.

@@ -427,6 +427,7 @@ impl Engine {
             attempts: Vec::new(),
             created_at: now,
             finished_at: None,
+            started_at: None,
             source: request.source,
             retry_of,
         };

@@ -1206,10 +1206,18 @@ impl QueueBackend for MemoryQueue {
         }
         due.sort();
         for (run, seq) in due {
-            let Some(d) = st.runs.get(&run).map(|e| e.dispatch.clone()) else { continue };
+            let Some(d) = st.runs.get(&run).map(|e| e.dispatch.clone()) else {
+                continue;
+            };
             st.pull_ready(&d, seq);
             st.push_queued(run);
-            moved(&mut effects, run, RunStatus::Ready, d.ever_leased, Event::ReadyTimeout);
+            moved(
+                &mut effects,
+                run,
+                RunStatus::Ready,
+                d.ever_leased,
+                Event::ReadyTimeout,
+            );
             tick.ready_returned.push(run);
             if let Some(lane) = st.lanes.get_mut(&d.lane) {
                 lane.orphaned = true;

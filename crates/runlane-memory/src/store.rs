@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use runlane_core::backend::{
-    AttemptRecord, IdempotencyClaim, Inserted, RunFilter, RunRecord, RunStore,
+    AttemptRecord, IdempotencyClaim, Inserted, Retention, RunFilter, RunRecord, RunStore,
 };
 use runlane_core::{
     EnvName, EnvSettings, RunId, RunStatus, StoreError, TaskName, Timestamp, VersionDef,
@@ -153,8 +153,51 @@ impl RunStore for MemoryStore {
         r.error = attempt.error.clone();
         r.attempt = attempt.number + 1;
         r.run_after = next_run_after;
+        r.started_at = None;
         r.attempts.push(attempt);
         Ok(())
+    }
+
+    fn note_start(&self, run: RunId, attempt: u32, at: Timestamp) {
+        let mut st = self.lock();
+        if let Some(r) = st.runs.get_mut(&run) {
+            if r.attempt == attempt && !r.status.is_terminal() {
+                r.started_at = Some(at);
+            }
+        }
+    }
+
+    async fn purge_finished(
+        &self,
+        retention: &Retention,
+        now: Timestamp,
+    ) -> Result<u64, StoreError> {
+        let mut st = self.lock();
+        let doomed: std::collections::HashSet<RunId> = st
+            .runs
+            .values()
+            .filter(|r| {
+                r.finished_at
+                    .and_then(|at| retention.purge_at(r.status, at))
+                    .is_some_and(|due| due <= now)
+            })
+            .map(|r| r.id)
+            .collect();
+        st.runs.retain(|id, _| !doomed.contains(id));
+        st.idempotency.retain(|_, (id, _)| !doomed.contains(id));
+        Ok(doomed.len() as u64)
+    }
+
+    async fn next_purge_at(&self, retention: &Retention) -> Result<Option<Timestamp>, StoreError> {
+        let st = self.lock();
+        Ok(st
+            .runs
+            .values()
+            .filter_map(|r| {
+                r.finished_at
+                    .and_then(|at| retention.purge_at(r.status, at))
+            })
+            .min())
     }
 
     async fn finish(
