@@ -74,11 +74,14 @@ MUTANTS = [
         "id": "M7",
         "bug": "promotion only within the same queue",
         "file": QUEUE,
-        "old": "            let Some(env) = self.envs.get(env_name) else {\n                return;\n            };\n            let mut best",
-        "new": "            let Some(env) = self.envs.get(env_name) else {\n                return;\n            };\n            let only_queue = env.backlog_queues.iter().next().cloned();\n            let mut best",
+        # The admission pass after a finish only looks at the finished run's own queue.
+        "old": "            st.runs.remove(&run);\n            st.admit_env(&d.env, now, &mut effects);",
+        "new": "            st.runs.remove(&run);\n            st.only_queue = Some(d.queue.clone());\n            st.admit_env(&d.env, now, &mut effects);\n            st.only_queue = None;",
         "extra": [
+            ("    consumer_seq: u64,\n}", "    consumer_seq: u64,\n    only_queue: Option<QueueName>,\n}"),
+            ("                consumer_seq: 0,\n", "                consumer_seq: 0,\n                only_queue: None,\n"),
             ("            for qname in &env.backlog_queues {\n",
-             "            for qname in env.backlog_queues.iter().filter(|q| Some(*q) == only_queue.as_ref()) {\n"),
+             "            for qname in env.backlog_queues.iter().filter(|q| self.only_queue.as_ref().is_none_or(|o| o == *q)) {\n"),
         ],
         "tests": [CONFORMANCE + ["lim_07"], CONFORMANCE + ["fair_01"], PROPTEST],
     },
