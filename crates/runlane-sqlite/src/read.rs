@@ -166,7 +166,8 @@ pub(crate) fn unfinished(conn: &Connection) -> Result<Vec<RunRecord>, DbError> {
         conn,
         &format!(
             "SELECT {RUN_COLUMNS} FROM runs \
-             WHERE status IN ('delayed', 'queued', 'ready', 'executing') ORDER BY id"
+             WHERE status = 'delayed' OR status = 'queued' OR status = 'ready' \
+             OR status = 'executing' ORDER BY id"
         ),
         [],
     )

@@ -201,13 +201,25 @@ pub(crate) fn load_runs(
 
 /// Writes a whole record (replacing a run with the same id, attempts included).
 pub(crate) fn store_run(conn: &Connection, r: &RunRecord) -> Result<(), DbError> {
+    let id = id_to_sql(r.id);
+    // Replace by delete + insert rather than `INSERT OR REPLACE`, which would make SQLite open
+    // a statement journal on every insert; an existing id is the rare case.
+    if conn
+        .prepare_cached("SELECT 1 FROM runs WHERE id = ?1")?
+        .exists([id])?
+    {
+        conn.prepare_cached("DELETE FROM runs WHERE id = ?1")?
+            .execute([id])?;
+        conn.prepare_cached("DELETE FROM attempts WHERE run_id = ?1")?
+            .execute([id])?;
+    }
     let mut stmt = conn.prepare_cached(&format!(
-        "INSERT OR REPLACE INTO runs ({RUN_COLUMNS}) VALUES \
+        "INSERT INTO runs ({RUN_COLUMNS}) VALUES \
          (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
           ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)"
     ))?;
     stmt.execute(params![
-        id_to_sql(r.id),
+        id,
         r.env.as_str(),
         r.task.as_str(),
         r.version,
@@ -236,9 +248,6 @@ pub(crate) fn store_run(conn: &Connection, r: &RunRecord) -> Result<(), DbError>
         r.source.as_str(),
         r.retry_of.map(id_to_sql),
     ])?;
-    // A replaced run keeps none of the attempts of the record it replaced.
-    conn.prepare_cached("DELETE FROM attempts WHERE run_id = ?1")?
-        .execute([id_to_sql(r.id)])?;
     for (seq, attempt) in r.attempts.iter().enumerate() {
         append_attempt_at(conn, r.id, seq as i64, attempt)?;
     }

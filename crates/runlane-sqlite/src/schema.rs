@@ -66,9 +66,10 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     -- Listing one env by status in id order.
     CREATE INDEX runs_by_env_status ON runs (env, status);
     -- Recovery at start (`unfinished`): only waiting and executing runs are in it, so it stays
-    -- small however many finished runs are kept.
+    -- small however many finished runs are kept. (Written with OR, not IN: SQLite evaluates an
+    -- IN list through a temporary table on every write to `runs`.)
     CREATE INDEX runs_unfinished ON runs (status)
-        WHERE status IN ('delayed', 'queued', 'ready', 'executing');
+        WHERE status = 'delayed' OR status = 'queued' OR status = 'ready' OR status = 'executing';
     -- Retention: finished runs per status by finish time.
     CREATE INDEX runs_finished ON runs (status, finished_at) WHERE finished_at IS NOT NULL;
 

@@ -12,7 +12,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use crate::config::Retention;
 use crate::error::DbError;
 use crate::record::{
-    append_attempt, id_from_sql, id_to_sql, load_run, status_from_sql, store_run, ts_to_sql,
+    append_attempt, id_from_sql, id_to_sql, load_run, status_from_sql, store_run, ts_from_sql,
+    ts_to_sql,
 };
 
 /// Stores new runs; a live idempotency key answers its run instead. Each run is written before
@@ -20,39 +21,39 @@ use crate::record::{
 /// first.
 pub(crate) fn insert(
     conn: &Connection,
-    runs: Vec<(RunRecord, Option<IdempotencyClaim>)>,
+    runs: &[(RunRecord, Option<IdempotencyClaim>)],
     now: Timestamp,
 ) -> Result<Vec<Inserted>, DbError> {
     let mut out = Vec::with_capacity(runs.len());
     for (record, claim) in runs {
-        if let Some(claim) = &claim {
-            let live: Option<Vec<u8>> = conn
+        if let Some(claim) = claim {
+            let scope = params![record.env.as_str(), record.task.as_str(), claim.key];
+            let held: Option<(Vec<u8>, i64)> = conn
                 .prepare_cached(
-                    "SELECT run_id FROM idempotency_keys \
-                     WHERE env = ?1 AND task = ?2 AND idempotency_key = ?3 AND expires_at > ?4",
+                    "SELECT run_id, expires_at FROM idempotency_keys \
+                     WHERE env = ?1 AND task = ?2 AND idempotency_key = ?3",
                 )?
-                .query_row(
-                    params![
-                        record.env.as_str(),
-                        record.task.as_str(),
-                        claim.key,
-                        ts_to_sql(now)
-                    ],
-                    |r| r.get(0),
-                )
+                .query_row(scope, |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
-            // A live key whose run is gone (removed) no longer deduplicates: it is taken over.
-            if let Some(existing) = live {
-                if let Some(existing) = load_run(conn, id_from_sql(&existing)?)? {
-                    out.push(Inserted::Existing(Box::new(existing)));
-                    continue;
+            if let Some((holder, expires_at)) = &held {
+                // A live key whose run is gone (removed, purged) no longer deduplicates.
+                if ts_from_sql(*expires_at)? > now {
+                    if let Some(existing) = load_run(conn, id_from_sql(holder)?)? {
+                        out.push(Inserted::Existing(Box::new(existing)));
+                        continue;
+                    }
                 }
             }
-            conn.prepare_cached(
-                "INSERT OR REPLACE INTO idempotency_keys \
-                 (env, task, idempotency_key, run_id, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?
-            .execute(params![
+            // Update or insert rather than `INSERT OR REPLACE`: a REPLACE makes SQLite open a
+            // statement journal for every call.
+            let sql = if held.is_some() {
+                "UPDATE idempotency_keys SET run_id = ?4, expires_at = ?5 \
+                 WHERE env = ?1 AND task = ?2 AND idempotency_key = ?3"
+            } else {
+                "INSERT INTO idempotency_keys (env, task, idempotency_key, run_id, expires_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)"
+            };
+            conn.prepare_cached(sql)?.execute(params![
                 record.env.as_str(),
                 record.task.as_str(),
                 claim.key,
@@ -60,7 +61,7 @@ pub(crate) fn insert(
                 ts_to_sql(claim.expires_at),
             ])?;
         }
-        store_run(conn, &record)?;
+        store_run(conn, record)?;
         out.push(Inserted::New);
     }
     Ok(out)
@@ -117,7 +118,7 @@ fn live_status(conn: &Connection, run: RunId) -> Result<RunStatus, DbError> {
 pub(crate) fn record_retry(
     conn: &Connection,
     run: RunId,
-    attempt: AttemptRecord,
+    attempt: &AttemptRecord,
     next_run_after: Timestamp,
 ) -> Result<(), DbError> {
     live_status(conn, run)?;
@@ -136,7 +137,7 @@ pub(crate) fn record_retry(
         attempt.number.saturating_add(1),
         ts_to_sql(next_run_after),
     ])?;
-    append_attempt(conn, run, &attempt)?;
+    append_attempt(conn, run, attempt)?;
     Ok(())
 }
 
@@ -145,8 +146,8 @@ pub(crate) fn finish(
     conn: &Connection,
     run: RunId,
     status: RunStatus,
-    output: Option<Arc<str>>,
-    attempt: Option<AttemptRecord>,
+    output: Option<&Arc<str>>,
+    attempt: Option<&AttemptRecord>,
     now: Timestamp,
 ) -> Result<RunRecord, DbError> {
     debug_assert!(status.is_terminal(), "finish needs a terminal status");
@@ -159,13 +160,13 @@ pub(crate) fn finish(
         .into());
     }
     r.status = status;
-    r.output = output;
+    r.output = output.cloned();
     r.finished_at = Some(now);
     if let Some(a) = attempt {
-        append_attempt(conn, run, &a)?;
+        append_attempt(conn, run, a)?;
         r.error = a.error.clone();
         r.attempt = a.number;
-        r.attempts.push(a);
+        r.attempts.push(a.clone());
     }
     conn.prepare_cached(
         "UPDATE runs SET status = ?2, output = ?3, finished_at = ?4, error = ?5, attempt = ?6 \

@@ -5,11 +5,17 @@
 //! of it in one transaction, commits once (one fsync with `synchronous=FULL`), and only then
 //! answers each caller on its own oneshot: a call returns only after its own write is durable.
 //!
-//! Each call runs under its own savepoint, so a call that is refused (not found, already
-//! finished) or that fails on its own leaves no trace while the rest of the batch commits. A
-//! failed `BEGIN` or `COMMIT`, or an error after which SQLite rolled the whole transaction back
-//! (disk full, I/O error), fails every call of the batch with `Unavailable`: nothing that was
-//! acknowledged is lost, and nothing is acknowledged that was not committed.
+//! Calls are isolated without a savepoint each (a savepoint makes SQLite copy every page a call
+//! touches into a sub-journal, which cost more than the call itself). Instead:
+//! - a call that is *refused* (not found, already finished, unknown version) checks before it
+//!   writes, so it leaves nothing to undo (asserted in debug builds);
+//! - a call that *fails* mid-way (a SQLite error, a corrupt row) may have written: the whole
+//!   transaction is rolled back and the batch is applied again without that call, which gets
+//!   its own error. A second failure in the same batch means SQLite itself is failing (disk
+//!   full, I/O error): the batch fails as a whole.
+//!
+//! A failed `BEGIN` or `COMMIT` fails every call of the batch with `Unavailable`: nothing that
+//! was acknowledged is lost, and nothing is acknowledged that was not committed.
 //!
 //! A full queue makes the caller wait at most `enqueue_timeout`, then fail with `Unavailable`
 //! (SPEC §7 backpressure) instead of piling up unbounded work.
@@ -45,16 +51,28 @@ pub(crate) struct Counters {
     pub(crate) fail_next_commit: std::sync::atomic::AtomicBool,
 }
 
+/// How applying one call went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Applied {
+    /// It did what it was asked.
+    Done,
+    /// It refused before writing anything; its answer is the refusal.
+    Refused,
+    /// It failed, possibly after writing: the transaction must be rolled back.
+    Failed,
+}
+
 /// One queued call, type-erased so that calls of every kind share the channel.
 trait Call: Send {
-    /// Applies the call inside the open transaction; `true` when it succeeded.
-    fn apply(&mut self, conn: &Connection) -> bool;
+    /// Applies the call inside the open transaction. May be called again after a rollback
+    /// (the batch is then applied anew), and the last result is the one answered.
+    fn apply(&mut self, conn: &Connection) -> Applied;
     /// Answers the caller: its own result when the batch committed, else the batch's error.
     fn answer(self: Box<Self>, batch: Result<(), StoreError>);
 }
 
 struct Pending<T, F> {
-    step: Option<F>,
+    step: F,
     result: Option<Result<T, StoreError>>,
     reply: oneshot::Sender<Result<T, StoreError>>,
 }
@@ -62,16 +80,24 @@ struct Pending<T, F> {
 impl<T, F> Call for Pending<T, F>
 where
     T: Send + 'static,
-    F: FnOnce(&Connection) -> Result<T, DbError> + Send + 'static,
+    F: Fn(&Connection) -> Result<T, DbError> + Send + 'static,
 {
-    fn apply(&mut self, conn: &Connection) -> bool {
-        let Some(step) = self.step.take() else {
-            return false;
+    fn apply(&mut self, conn: &Connection) -> Applied {
+        let changes = conn.total_changes();
+        let (applied, result) = match (self.step)(conn) {
+            Ok(value) => (Applied::Done, Ok(value)),
+            Err(DbError::Store(refusal)) => {
+                debug_assert_eq!(
+                    changes,
+                    conn.total_changes(),
+                    "a refused write must refuse before writing ({refusal})"
+                );
+                (Applied::Refused, Err(refusal))
+            }
+            Err(failure) => (Applied::Failed, Err(failure.into())),
         };
-        let result = step(conn).map_err(StoreError::from);
-        let ok = result.is_ok();
         self.result = Some(result);
-        ok
+        applied
     }
 
     fn answer(self: Box<Self>, batch: Result<(), StoreError>) {
@@ -121,11 +147,13 @@ impl Writer {
         })
     }
 
-    /// Runs `step` in the next batch; returns once that batch committed (or failed).
+    /// Runs `step` in the next batch; returns once that batch committed (or failed). `step`
+    /// may run more than once (a batch is applied anew after another call failed in it); only
+    /// its last run is committed.
     pub(crate) async fn call<T, F>(&self, step: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, DbError> + Send + 'static,
+        F: Fn(&Connection) -> Result<T, DbError> + Send + 'static,
     {
         let queue = self
             .queue
@@ -133,7 +161,7 @@ impl Writer {
             .ok_or_else(|| StoreError::Unavailable("sqlite writer stopped".into()))?;
         let (reply, answer) = oneshot::channel();
         let call: Box<dyn Call> = Box::new(Pending {
-            step: Some(step),
+            step,
             result: None,
             reply,
         });
@@ -217,12 +245,16 @@ fn unavailable(what: &str, e: rusqlite::Error) -> StoreError {
 
 /// Ends a failed batch: rolls back what is still open.
 fn abort(conn: &Connection, error: StoreError) -> Result<(), StoreError> {
+    rollback(conn);
+    Err(error)
+}
+
+fn rollback(conn: &Connection) {
     if !conn.is_autocommit() {
         // If even the rollback fails, SQLite rolls back when the connection next begins or
         // closes; the batch is reported failed either way.
         let _ = exec(conn, "ROLLBACK");
     }
-    Err(error)
 }
 
 /// Applies every call of the batch in one transaction and commits it.
@@ -231,30 +263,32 @@ fn apply_batch(
     batch: &mut [Box<dyn Call>],
     counters: &Counters,
 ) -> Result<(), StoreError> {
-    // IMMEDIATE takes the write lock up front, so a busy database fails here, before any call
-    // ran, rather than half-way through the batch.
-    exec(conn, "BEGIN IMMEDIATE").map_err(|e| unavailable("begin", e))?;
-    for call in batch.iter_mut() {
-        if let Err(e) = exec(conn, "SAVEPOINT call") {
-            return abort(conn, unavailable("savepoint", e));
-        }
-        if call.apply(conn) {
-            if let Err(e) = exec(conn, "RELEASE call") {
-                return abort(conn, unavailable("release", e));
+    // The call whose failure made the batch start over; it keeps its error and is left out.
+    let mut culprit: Option<usize> = None;
+    'batch: loop {
+        // IMMEDIATE takes the write lock up front, so a busy database fails here, before any
+        // call ran, rather than half-way through the batch.
+        exec(conn, "BEGIN IMMEDIATE").map_err(|e| unavailable("begin", e))?;
+        for (i, call) in batch.iter_mut().enumerate() {
+            if culprit == Some(i) {
+                continue;
             }
-            continue;
+            if call.apply(conn) != Applied::Failed {
+                continue;
+            }
+            // The call may have written part of itself: nothing of this transaction can be
+            // kept. (SQLite may already have rolled it back on its own, after a full disk or
+            // an I/O error.)
+            rollback(conn);
+            if culprit.is_some() {
+                return Err(StoreError::Unavailable(
+                    "sqlite failed twice in one batch; the batch was rolled back".into(),
+                ));
+            }
+            culprit = Some(i);
+            continue 'batch;
         }
-        if conn.is_autocommit() {
-            // SQLite rolled back the whole transaction on its own (disk full, I/O error):
-            // the calls applied before this one are gone too.
-            return Err(StoreError::Unavailable(
-                "sqlite rolled the batch back after an error".into(),
-            ));
-        }
-        let undone = exec(conn, "ROLLBACK TO call").and_then(|()| exec(conn, "RELEASE call"));
-        if let Err(e) = undone {
-            return abort(conn, unavailable("rollback to savepoint", e));
-        }
+        break;
     }
     if commit_fault(counters) {
         return abort(
@@ -277,4 +311,158 @@ fn commit_fault(counters: &Counters) -> bool {
 #[cfg(not(test))]
 fn commit_fault(_: &Counters) -> bool {
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runlane_core::RunId;
+    use std::sync::atomic::AtomicUsize;
+
+    fn database() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("runs.db");
+        let mut conn = Connection::open(&path).expect("open");
+        crate::schema::migrate(&mut conn, &path).expect("migrate");
+        (dir, conn)
+    }
+
+    fn env_names(conn: &Connection) -> Vec<String> {
+        conn.prepare("SELECT name FROM envs ORDER BY name")
+            .expect("prepare")
+            .query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows")
+    }
+
+    type Answer = oneshot::Receiver<Result<(), StoreError>>;
+
+    /// A call that stores env `name`, then ends with `end` (counting its runs in `runs`).
+    fn put(
+        name: &'static str,
+        end: fn() -> Result<(), DbError>,
+        runs: &Arc<AtomicUsize>,
+    ) -> (Box<dyn Call>, Answer) {
+        let (reply, answer) = oneshot::channel();
+        let runs = runs.clone();
+        let step = move |conn: &Connection| -> Result<(), DbError> {
+            runs.fetch_add(1, Ordering::SeqCst);
+            conn.execute(
+                "INSERT INTO envs (name, settings) VALUES (?1, '{}')",
+                [name],
+            )?;
+            end()
+        };
+        let call: Box<dyn Call> = Box::new(Pending {
+            step,
+            result: None,
+            reply,
+        });
+        (call, answer)
+    }
+
+    fn refuse(runs: &Arc<AtomicUsize>) -> (Box<dyn Call>, Answer) {
+        let (reply, answer) = oneshot::channel();
+        let runs = runs.clone();
+        let step = move |_: &Connection| -> Result<(), DbError> {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Err(StoreError::NotFound(RunId(7)).into())
+        };
+        (
+            Box::new(Pending {
+                step,
+                result: None,
+                reply,
+            }),
+            answer,
+        )
+    }
+
+    fn run_batch(
+        conn: &Connection,
+        calls: Vec<(Box<dyn Call>, Answer)>,
+    ) -> Vec<Result<(), StoreError>> {
+        let (mut batch, mut answers): (Vec<_>, Vec<_>) = calls.into_iter().unzip();
+        let counters = Counters::default();
+        let outcome = apply_batch(conn, &mut batch, &counters);
+        for call in batch {
+            call.answer(outcome.clone());
+        }
+        answers
+            .iter_mut()
+            .map(|a| a.try_recv().expect("answered"))
+            .collect()
+    }
+
+    fn ok() -> Result<(), DbError> {
+        Ok(())
+    }
+
+    fn fail() -> Result<(), DbError> {
+        Err(DbError::Corrupt("boom".into()))
+    }
+
+    #[test]
+    fn a_failing_call_is_rolled_back_and_the_rest_of_its_batch_commits() {
+        let (_dir, conn) = database();
+        let (a_runs, b_runs, c_runs) = Default::default();
+        let answers = run_batch(
+            &conn,
+            vec![
+                put("a", ok, &a_runs),
+                put("b", fail, &b_runs),
+                put("c", ok, &c_runs),
+            ],
+        );
+        assert_eq!(answers[0], Ok(()));
+        assert!(
+            matches!(&answers[1], Err(StoreError::Unavailable(m)) if m.contains("boom")),
+            "{:?}",
+            answers[1]
+        );
+        assert_eq!(answers[2], Ok(()));
+        assert_eq!(
+            env_names(&conn),
+            ["a", "c"],
+            "b's own write was rolled back"
+        );
+        // `a` ran before the failure and again in the batch applied anew; `b` only once.
+        let runs = |r: &Arc<AtomicUsize>| r.load(Ordering::SeqCst);
+        assert_eq!((runs(&a_runs), runs(&b_runs), runs(&c_runs)), (2, 1, 1));
+        assert!(conn.is_autocommit(), "the transaction ended");
+    }
+
+    #[test]
+    fn a_refusal_needs_no_rollback() {
+        let (_dir, conn) = database();
+        let (a_runs, r_runs) = Default::default();
+        let answers = run_batch(&conn, vec![put("a", ok, &a_runs), refuse(&r_runs)]);
+        assert_eq!(answers[0], Ok(()));
+        assert_eq!(answers[1], Err(StoreError::NotFound(RunId(7))));
+        assert_eq!(a_runs.load(Ordering::SeqCst), 1, "applied once: no redo");
+        assert_eq!(env_names(&conn), ["a"]);
+    }
+
+    #[test]
+    fn two_failures_in_one_batch_fail_it_whole() {
+        let (_dir, conn) = database();
+        let (a_runs, b_runs, c_runs) = Default::default();
+        let answers = run_batch(
+            &conn,
+            vec![
+                put("a", ok, &a_runs),
+                put("b", fail, &b_runs),
+                put("c", fail, &c_runs),
+            ],
+        );
+        for answer in &answers {
+            assert!(
+                matches!(answer, Err(StoreError::Unavailable(m)) if m.contains("twice")),
+                "{answer:?}"
+            );
+        }
+        assert!(env_names(&conn).is_empty(), "nothing of the batch was kept");
+        assert!(conn.is_autocommit());
+    }
 }
