@@ -1,0 +1,478 @@
+//! [`SqliteStore`]: the embedded run store. Opening checks the file is ours, takes the data-path
+//! lock, migrates, then starts the writer thread and the read pool. Writes go through the
+//! writer's group commit; reads through the read pool.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use runlane_core::backend::{
+    AttemptRecord, IdempotencyClaim, Inserted, RunFilter, RunRecord, RunStore,
+};
+use runlane_core::{EnvName, EnvSettings, RunId, RunStatus, StoreError, Timestamp, VersionDef};
+use rusqlite::config::DbConfig;
+use rusqlite::{Connection, OpenFlags};
+
+use crate::config::{Retention, SqliteConfig};
+use crate::error::SqliteError;
+use crate::lock::DataLock;
+use crate::read::{self, ReadPool};
+use crate::record::load_run;
+use crate::schema::{self, Found};
+use crate::write;
+use crate::writer::{Counters, Writer};
+
+/// Counters of the writer since open.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SqliteStats {
+    /// Transactions committed (one fsync each with `synchronous=FULL`).
+    pub commits: u64,
+    /// Write calls answered from committed transactions.
+    pub calls_committed: u64,
+    /// Batches that failed as a whole (every call in them got `Unavailable`).
+    pub failed_batches: u64,
+    /// Calls refused because the write queue stayed full for `enqueue_timeout`.
+    pub queue_timeouts: u64,
+    /// The most calls committed by one transaction.
+    pub largest_batch: u64,
+}
+
+/// The size of the database and how many runs it holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreSize {
+    /// `page_count × page_size`: the database as committed (checkpointed or in the WAL).
+    pub bytes: u64,
+    /// Of which free pages (reused before the file grows).
+    pub free_bytes: u64,
+    /// Runs stored.
+    pub runs: u64,
+    /// Of which finished.
+    pub finished_runs: u64,
+}
+
+impl StoreSize {
+    /// Bytes per stored run (`None` when there is none): the footprint bench's "SQLite bytes
+    /// per run".
+    pub fn bytes_per_run(&self) -> Option<f64> {
+        (self.runs > 0)
+            .then(|| self.bytes.saturating_sub(self.free_bytes) as f64 / self.runs as f64)
+    }
+}
+
+/// The embedded run store: one SQLite file in WAL mode (implements [`RunStore`]).
+///
+/// Dropping the store lets the writer commit what is queued, closes the connections and
+/// releases the data-path lock, so the same path can be opened again at once.
+pub struct SqliteStore {
+    // Field order is drop order: the writer thread is joined first, the lock released last.
+    writer: Writer,
+    reads: ReadPool,
+    counters: Arc<Counters>,
+    path: PathBuf,
+    purge_batch: u32,
+    _lock: DataLock,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings every connection gets.
+fn configure(conn: &Connection, config: &SqliteConfig) -> rusqlite::Result<()> {
+    conn.busy_timeout(config.busy_timeout)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    // Query-planner stability: without it SQLite re-prepares a cached statement whenever a new
+    // value is bound to a parameter its plan looked at (e.g. `run_id = ?1 ORDER BY seq`),
+    // which made every attempt lookup ten times slower. Our plans never depend on values.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    conn.pragma_update(None, "synchronous", config.synchronous.as_str())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`.
+    ///
+    /// Refuses, without changing the file: a file that is not a SQLite database, a SQLite
+    /// database of another application, a runlane database of a newer schema, and a path
+    /// another store holds (`<path>.lock`). Blocks while it migrates; call it from a blocking
+    /// context in async code.
+    pub fn open(path: impl AsRef<Path>, config: SqliteConfig) -> Result<SqliteStore, SqliteError> {
+        config.validate()?;
+        let path = path.as_ref().to_path_buf();
+        let sqlite = |source| SqliteError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        // The lock first: a second store must not even read a file the first is migrating.
+        let lock = DataLock::acquire(&path)?;
+        schema::check_header(&path)?;
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut conn = Connection::open_with_flags(&path, flags).map_err(sqlite)?;
+        conn.busy_timeout(config.busy_timeout).map_err(sqlite)?;
+        let found = schema::probe(&conn, &path)?;
+        // From here on the file is ours (or empty): it may be written.
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(sqlite)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(SqliteError::Corrupt {
+                path,
+                reason: format!("cannot switch to WAL mode (journal_mode is {mode})"),
+            });
+        }
+        configure(&conn, &config).map_err(sqlite)?;
+        if found != Found::Ours(schema::schema_version()) {
+            schema::migrate(&mut conn, &path)?;
+        }
+        let reads = ReadPool::open(&path, config.read_connections, |c| configure(c, &config))?;
+        let counters = Arc::new(Counters::default());
+        let writer = Writer::spawn(
+            conn,
+            path.clone(),
+            config.write_queue,
+            config.write_batch_max,
+            config.enqueue_timeout,
+            counters.clone(),
+        )?;
+        Ok(SqliteStore {
+            writer,
+            reads,
+            counters,
+            path,
+            purge_batch: config.purge_batch,
+            _lock: lock,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The writer's counters since open.
+    pub fn stats(&self) -> SqliteStats {
+        let c = &self.counters;
+        SqliteStats {
+            commits: c.commits.load(Ordering::Relaxed),
+            calls_committed: c.calls_committed.load(Ordering::Relaxed),
+            failed_batches: c.failed_batches.load(Ordering::Relaxed),
+            queue_timeouts: c.queue_timeouts.load(Ordering::Relaxed),
+            largest_batch: c.largest_batch.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The database's size and run counts (counting is a scan: for benchmarks and tooling,
+    /// not for hot paths).
+    pub async fn size(&self) -> Result<StoreSize, StoreError> {
+        self.reads.run(read::size).await
+    }
+
+    /// Deletes finished runs kept longer than `retention` allows at `now`, with their attempts
+    /// and idempotency keys, in transactions of at most `purge_batch` runs so other writes
+    /// interleave. Returns how many runs were deleted.
+    pub async fn purge_finished(
+        &self,
+        retention: &Retention,
+        now: Timestamp,
+    ) -> Result<u64, StoreError> {
+        let mut total = 0u64;
+        loop {
+            let retention = *retention;
+            let limit = self.purge_batch;
+            let deleted = self
+                .writer
+                .call(move |conn| write::purge(conn, &retention, now, limit))
+                .await?;
+            total += u64::from(deleted);
+            if deleted < limit {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// The earliest finish time of any finished run (`None` when there is none).
+    pub async fn earliest_finished_at(&self) -> Result<Option<Timestamp>, StoreError> {
+        let per_status = self.reads.run(read::earliest_finished).await?;
+        Ok(per_status.into_iter().map(|(_, at)| at).min())
+    }
+
+    /// When the next finished run passes its retention: the instant to arm the retention
+    /// timer at (`None` when nothing will ever be purged).
+    pub async fn next_purge_at(
+        &self,
+        retention: &Retention,
+    ) -> Result<Option<Timestamp>, StoreError> {
+        let per_status = self.reads.run(read::earliest_finished).await?;
+        Ok(per_status
+            .into_iter()
+            .filter_map(|(status, at)| retention.keep(status).map(|k| at.saturating_add(k)))
+            .min())
+    }
+
+    /// Test hook: the next batch fails at commit as on a full disk.
+    #[cfg(test)]
+    pub(crate) fn fail_next_commit(&self) {
+        self.counters
+            .fail_next_commit
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl RunStore for SqliteStore {
+    async fn insert(
+        &self,
+        runs: Vec<(RunRecord, Option<IdempotencyClaim>)>,
+        now: Timestamp,
+    ) -> Result<Vec<Inserted>, StoreError> {
+        self.writer
+            .call(move |conn| write::insert(conn, &runs, now))
+            .await
+    }
+
+    async fn remove(&self, run: RunId) -> Result<(), StoreError> {
+        self.writer.call(move |conn| write::remove(conn, run)).await
+    }
+
+    async fn get(&self, run: RunId) -> Result<Option<RunRecord>, StoreError> {
+        self.reads.run(move |conn| load_run(conn, run)).await
+    }
+
+    async fn list(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, StoreError> {
+        let filter = filter.clone();
+        self.reads.run(move |conn| read::list(conn, &filter)).await
+    }
+
+    async fn record_retry(
+        &self,
+        run: RunId,
+        attempt: AttemptRecord,
+        next_run_after: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.writer
+            .call(move |conn| write::record_retry(conn, run, &attempt, next_run_after))
+            .await
+    }
+
+    async fn finish(
+        &self,
+        run: RunId,
+        status: RunStatus,
+        output: Option<Arc<str>>,
+        attempt: Option<AttemptRecord>,
+        now: Timestamp,
+    ) -> Result<RunRecord, StoreError> {
+        self.writer
+            .call(move |conn| {
+                write::finish(conn, run, status, output.as_ref(), attempt.as_ref(), now)
+            })
+            .await
+    }
+
+    async fn reschedule(
+        &self,
+        run: RunId,
+        run_after: Timestamp,
+        ttl_deadline: Option<Timestamp>,
+    ) -> Result<(), StoreError> {
+        self.writer
+            .call(move |conn| write::reschedule(conn, run, run_after, ttl_deadline))
+            .await
+    }
+
+    async fn unfinished(&self) -> Result<Vec<RunRecord>, StoreError> {
+        self.reads.run(read::unfinished).await
+    }
+
+    async fn put_env(&self, env: &EnvName, settings: EnvSettings) -> Result<(), StoreError> {
+        let env = env.clone();
+        self.writer
+            .call(move |conn| write::put_env(conn, &env, &settings))
+            .await
+    }
+
+    async fn envs(&self) -> Result<Vec<(EnvName, EnvSettings)>, StoreError> {
+        self.reads.run(read::envs).await
+    }
+
+    async fn add_version(
+        &self,
+        env: &EnvName,
+        def: VersionDef,
+        now: Timestamp,
+    ) -> Result<u32, StoreError> {
+        let env = env.clone();
+        self.writer
+            .call(move |conn| write::add_version(conn, &env, &def, now))
+            .await
+    }
+
+    async fn version(&self, env: &EnvName, version: u32) -> Result<Option<VersionDef>, StoreError> {
+        let env = env.clone();
+        self.reads
+            .run(move |conn| read::version(conn, &env, version))
+            .await
+    }
+
+    async fn promote(&self, env: &EnvName, version: u32) -> Result<(), StoreError> {
+        let env = env.clone();
+        self.writer
+            .call(move |conn| write::promote(conn, &env, version))
+            .await
+    }
+
+    async fn current_version(&self, env: &EnvName) -> Result<u32, StoreError> {
+        let env = env.clone();
+        self.reads
+            .run(move |conn| read::current_version(conn, &env))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runlane_core::{LaneName, QueueName, RetryPolicy, TaskName, TriggerSource};
+    use std::time::Duration;
+
+    fn record(n: u128) -> RunRecord {
+        RunRecord {
+            id: RunId((1_000u128 << 80) | n),
+            env: EnvName::new("prod").expect("env"),
+            task: TaskName::new("email").expect("task"),
+            version: 0,
+            locked: false,
+            payload: Arc::from("{}"),
+            queue: QueueName::new("email").expect("queue"),
+            key: Arc::from(""),
+            lane: LaneName::default_lane(),
+            priority: Duration::ZERO,
+            run_after: Timestamp(1_000),
+            ttl: None,
+            ttl_deadline: None,
+            idempotency_key: None,
+            retry: RetryPolicy::default(),
+            max_duration: None,
+            attempt: 1,
+            status: RunStatus::Queued,
+            output: None,
+            error: None,
+            attempts: Vec::new(),
+            created_at: Timestamp(1_000),
+            finished_at: None,
+            source: TriggerSource::Standard,
+            retry_of: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_fails_the_call_and_keeps_nothing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store =
+            SqliteStore::open(dir.path().join("runs.db"), SqliteConfig::default()).expect("open");
+        let (a, b, c) = (record(1), record(2), record(3));
+        assert!(store
+            .insert(vec![(a.clone(), None)], Timestamp(1))
+            .await
+            .is_ok());
+
+        store.fail_next_commit();
+        let failed = store.insert(vec![(b.clone(), None)], Timestamp(1)).await;
+        assert!(
+            matches!(&failed, Err(StoreError::Unavailable(m)) if m.contains("commit")),
+            "{failed:?}"
+        );
+        assert_eq!(
+            store.get(b.id).await,
+            Ok(None),
+            "nothing of the batch was kept"
+        );
+        assert_eq!(store.get(a.id).await, Ok(Some(a)), "earlier commits stand");
+        let stats = store.stats();
+        assert_eq!((stats.commits, stats.failed_batches), (1, 1));
+
+        // The writer goes on after a failed batch.
+        assert!(store
+            .insert(vec![(c.clone(), None)], Timestamp(1))
+            .await
+            .is_ok());
+        assert_eq!(store.get(c.id).await, Ok(Some(c)));
+    }
+
+    #[tokio::test]
+    async fn a_refused_call_leaves_no_trace_and_its_batch_commits() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store =
+            SqliteStore::open(dir.path().join("runs.db"), SqliteConfig::default()).expect("open");
+        let a = record(1);
+        store
+            .insert(vec![(a.clone(), None)], Timestamp(1))
+            .await
+            .expect("insert");
+        let (first, second) = tokio::join!(
+            store.finish(a.id, RunStatus::Completed, None, None, Timestamp(5)),
+            store.finish(a.id, RunStatus::Failed, None, None, Timestamp(6)),
+        );
+        // Whichever ran first won; the other was refused and changed nothing.
+        let (won, lost) = match (first, second) {
+            (Ok(won), Err(lost)) | (Err(lost), Ok(won)) => (won, lost),
+            other => panic!("exactly one finish must win: {other:?}"),
+        };
+        assert_eq!(
+            lost,
+            StoreError::AlreadyFinished {
+                run: a.id,
+                status: won.status
+            }
+        );
+        assert_eq!(store.get(a.id).await, Ok(Some(won)));
+    }
+
+    #[tokio::test]
+    async fn listing_and_recovery_use_their_indexes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("runs.db");
+        let config = SqliteConfig::default();
+        let _store = SqliteStore::open(&path, config.clone()).expect("open");
+        let conn = Connection::open(&path).expect("raw connection");
+        configure(&conn, &config).expect("configure");
+        let plan = |sql: &str| -> String {
+            let mut stmt = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .expect("explain");
+            let nulls = vec![rusqlite::types::Value::Null; stmt.parameter_count()];
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(nulls), |r| r.get::<_, String>(3))
+                .expect("plan rows");
+            rows.map(|r| r.expect("plan row"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let unfinished = plan(
+            "SELECT id FROM runs WHERE status = 'delayed' OR status = 'queued' \
+             OR status = 'ready' OR status = 'executing' ORDER BY id",
+        );
+        assert!(unfinished.contains("runs_unfinished"), "{unfinished}");
+        let by_status = plan(
+            "SELECT id FROM runs WHERE 1 AND env = ? AND status = ? AND id > ? ORDER BY id LIMIT ?",
+        );
+        assert!(by_status.contains("runs_by_env_status"), "{by_status}");
+        assert!(!by_status.contains("TEMP B-TREE"), "no sort: {by_status}");
+        let by_env = plan("SELECT id FROM runs WHERE 1 AND env = ? AND id > ? ORDER BY id LIMIT ?");
+        assert!(by_env.contains("runs_by_env"), "{by_env}");
+        assert!(!by_env.contains("TEMP B-TREE"), "no sort: {by_env}");
+        let purge = plan("SELECT id FROM runs WHERE status = ? AND finished_at < ? LIMIT ?");
+        assert!(purge.contains("runs_finished"), "{purge}");
+        let all = plan("SELECT id FROM runs WHERE 1 AND id > ? ORDER BY id LIMIT ?");
+        assert!(
+            !all.contains("TEMP B-TREE"),
+            "id order is table order: {all}"
+        );
+    }
+}

@@ -1,0 +1,468 @@
+//! The one writer thread and its group commit.
+//!
+//! Every write call is queued on a **bounded** channel to one OS thread that owns the write
+//! connection. The thread takes whatever is queued (up to `write_batch_max` calls), applies all
+//! of it in one transaction, commits once (one fsync with `synchronous=FULL`), and only then
+//! answers each caller on its own oneshot: a call returns only after its own write is durable.
+//!
+//! Calls are isolated without a savepoint each (a savepoint makes SQLite copy every page a call
+//! touches into a sub-journal, which cost more than the call itself). Instead:
+//! - a call that is *refused* (not found, already finished, unknown version) checks before it
+//!   writes, so it leaves nothing to undo (asserted in debug builds);
+//! - a call that *fails* mid-way (a SQLite error, a corrupt row) may have written: the whole
+//!   transaction is rolled back and the batch is applied again without that call, which gets
+//!   its own error. A second failure in the same batch means SQLite itself is failing (disk
+//!   full, I/O error): the batch fails as a whole.
+//!
+//! A failed `BEGIN` or `COMMIT` fails every call of the batch with `Unavailable`: nothing that
+//! was acknowledged is lost, and nothing is acknowledged that was not committed.
+//!
+//! A full queue makes the caller wait at most `enqueue_timeout`, then fail with `Unavailable`
+//! (SPEC §7 backpressure) instead of piling up unbounded work.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use runlane_core::StoreError;
+use rusqlite::Connection;
+use tokio::sync::mpsc::error::SendTimeoutError;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{DbError, SqliteError};
+
+/// Counters of the writer, shared with the store for [`crate::SqliteStats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    /// Transactions committed.
+    pub(crate) commits: AtomicU64,
+    /// Batches that failed as a whole (begin, commit or a rolled-back transaction).
+    pub(crate) failed_batches: AtomicU64,
+    /// Calls answered from a committed batch (successfully or with their own refusal).
+    pub(crate) calls_committed: AtomicU64,
+    /// Calls refused because the queue stayed full for `enqueue_timeout`.
+    pub(crate) queue_timeouts: AtomicU64,
+    /// The largest batch committed in one transaction.
+    pub(crate) largest_batch: AtomicU64,
+    /// Test hook: fail the next commit as a full disk would.
+    #[cfg(test)]
+    pub(crate) fail_next_commit: std::sync::atomic::AtomicBool,
+}
+
+/// How applying one call went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Applied {
+    /// It did what it was asked.
+    Done,
+    /// It refused before writing anything; its answer is the refusal.
+    Refused,
+    /// It failed, possibly after writing: the transaction must be rolled back.
+    Failed,
+}
+
+/// One queued call, type-erased so that calls of every kind share the channel.
+trait Call: Send {
+    /// Applies the call inside the open transaction. May be called again after a rollback
+    /// (the batch is then applied anew), and the last result is the one answered.
+    fn apply(&mut self, conn: &Connection) -> Applied;
+    /// Answers the caller: its own result when the batch committed, else the batch's error.
+    fn answer(self: Box<Self>, batch: Result<(), StoreError>);
+}
+
+struct Pending<T, F> {
+    step: F,
+    result: Option<Result<T, StoreError>>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> Call for Pending<T, F>
+where
+    T: Send + 'static,
+    F: Fn(&Connection) -> Result<T, DbError> + Send + 'static,
+{
+    fn apply(&mut self, conn: &Connection) -> Applied {
+        let changes = conn.total_changes();
+        let (applied, result) = match (self.step)(conn) {
+            Ok(value) => (Applied::Done, Ok(value)),
+            Err(DbError::Store(refusal)) => {
+                debug_assert_eq!(
+                    changes,
+                    conn.total_changes(),
+                    "a refused write must refuse before writing ({refusal})"
+                );
+                (Applied::Refused, Err(refusal))
+            }
+            Err(failure) => (Applied::Failed, Err(failure.into())),
+        };
+        self.result = Some(result);
+        applied
+    }
+
+    fn answer(self: Box<Self>, batch: Result<(), StoreError>) {
+        let Pending { result, reply, .. } = *self;
+        let outcome = batch.and_then(|()| {
+            result.unwrap_or_else(|| {
+                Err(StoreError::Unavailable(
+                    "write was not applied before its batch ended".into(),
+                ))
+            })
+        });
+        // The caller may have stopped waiting (its future was dropped); the write stands.
+        let _ = reply.send(outcome);
+    }
+}
+
+/// The handle to the writer thread. Dropping it lets the thread finish what is queued, then
+/// joins it, so the write connection is closed when the store is gone.
+pub(crate) struct Writer {
+    queue: Option<mpsc::Sender<Box<dyn Call>>>,
+    thread: Option<JoinHandle<()>>,
+    enqueue_timeout: Duration,
+    counters: Arc<Counters>,
+}
+
+impl Writer {
+    /// Starts the writer thread on `conn`.
+    pub(crate) fn spawn(
+        conn: Connection,
+        path: PathBuf,
+        queue_len: usize,
+        batch_max: usize,
+        enqueue_timeout: Duration,
+        counters: Arc<Counters>,
+    ) -> Result<Writer, SqliteError> {
+        let (tx, rx) = mpsc::channel(queue_len);
+        let thread_counters = counters.clone();
+        let thread = std::thread::Builder::new()
+            .name("runlane-sqlite-writer".into())
+            .spawn(move || run(conn, rx, batch_max, &thread_counters))
+            .map_err(|source| SqliteError::Io { path, source })?;
+        Ok(Writer {
+            queue: Some(tx),
+            thread: Some(thread),
+            enqueue_timeout,
+            counters,
+        })
+    }
+
+    /// Runs `step` in the next batch; returns once that batch committed (or failed). `step`
+    /// may run more than once (a batch is applied anew after another call failed in it); only
+    /// its last run is committed.
+    pub(crate) async fn call<T, F>(&self, step: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(&Connection) -> Result<T, DbError> + Send + 'static,
+    {
+        let queue = self
+            .queue
+            .as_ref()
+            .ok_or_else(|| StoreError::Unavailable("sqlite writer stopped".into()))?;
+        let (reply, answer) = oneshot::channel();
+        let call: Box<dyn Call> = Box::new(Pending {
+            step,
+            result: None,
+            reply,
+        });
+        match queue.send_timeout(call, self.enqueue_timeout).await {
+            Ok(()) => {}
+            Err(SendTimeoutError::Timeout(_)) => {
+                self.counters.queue_timeouts.fetch_add(1, Ordering::Relaxed);
+                return Err(StoreError::Unavailable(format!(
+                    "sqlite write queue stayed full for {} ms",
+                    self.enqueue_timeout.as_millis()
+                )));
+            }
+            Err(SendTimeoutError::Closed(_)) => {
+                return Err(StoreError::Unavailable("sqlite writer stopped".into()));
+            }
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(
+                "sqlite writer stopped before answering".into(),
+            ))
+        })
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread's loop once the queue is drained.
+        drop(self.queue.take());
+        if let Some(thread) = self.thread.take() {
+            // A panic on the writer thread was already reported by the panic hook; there is
+            // nothing more to do with it while dropping.
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The writer thread's loop: wait for one call, take whatever else is queued, commit.
+fn run(
+    conn: Connection,
+    mut queue: mpsc::Receiver<Box<dyn Call>>,
+    batch_max: usize,
+    counters: &Counters,
+) {
+    let mut batch: Vec<Box<dyn Call>> = Vec::with_capacity(batch_max.min(1024));
+    while let Some(first) = queue.blocking_recv() {
+        batch.push(first);
+        while batch.len() < batch_max {
+            match queue.try_recv() {
+                Ok(call) => batch.push(call),
+                Err(_) => break,
+            }
+        }
+        let outcome = apply_batch(&conn, &mut batch, counters);
+        match &outcome {
+            Ok(()) => {
+                counters.commits.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .calls_committed
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                counters
+                    .largest_batch
+                    .fetch_max(batch.len() as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                counters.failed_batches.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        for call in batch.drain(..) {
+            call.answer(outcome.clone());
+        }
+    }
+}
+
+fn exec(conn: &Connection, sql: &str) -> Result<(), rusqlite::Error> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+fn unavailable(what: &str, e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(format!("sqlite {what} failed: {e}"))
+}
+
+/// Ends a failed batch: rolls back what is still open.
+fn abort(conn: &Connection, error: StoreError) -> Result<(), StoreError> {
+    rollback(conn);
+    Err(error)
+}
+
+fn rollback(conn: &Connection) {
+    if !conn.is_autocommit() {
+        // If even the rollback fails, SQLite rolls back when the connection next begins or
+        // closes; the batch is reported failed either way.
+        let _ = exec(conn, "ROLLBACK");
+    }
+}
+
+/// Applies every call of the batch in one transaction and commits it.
+fn apply_batch(
+    conn: &Connection,
+    batch: &mut [Box<dyn Call>],
+    counters: &Counters,
+) -> Result<(), StoreError> {
+    // The call whose failure made the batch start over; it keeps its error and is left out.
+    let mut culprit: Option<usize> = None;
+    'batch: loop {
+        // IMMEDIATE takes the write lock up front, so a busy database fails here, before any
+        // call ran, rather than half-way through the batch.
+        exec(conn, "BEGIN IMMEDIATE").map_err(|e| unavailable("begin", e))?;
+        for (i, call) in batch.iter_mut().enumerate() {
+            if culprit == Some(i) {
+                continue;
+            }
+            if call.apply(conn) != Applied::Failed {
+                continue;
+            }
+            // The call may have written part of itself: nothing of this transaction can be
+            // kept. (SQLite may already have rolled it back on its own, after a full disk or
+            // an I/O error.)
+            rollback(conn);
+            if culprit.is_some() {
+                return Err(StoreError::Unavailable(
+                    "sqlite failed twice in one batch; the batch was rolled back".into(),
+                ));
+            }
+            culprit = Some(i);
+            continue 'batch;
+        }
+        break;
+    }
+    if commit_fault(counters) {
+        return abort(
+            conn,
+            StoreError::Unavailable("sqlite commit failed: injected fault".into()),
+        );
+    }
+    match exec(conn, "COMMIT") {
+        Ok(()) => Ok(()),
+        Err(e) => abort(conn, unavailable("commit", e)),
+    }
+}
+
+/// Test hook: whether the next commit must fail as a full disk would.
+#[cfg(test)]
+fn commit_fault(counters: &Counters) -> bool {
+    counters.fail_next_commit.swap(false, Ordering::SeqCst)
+}
+
+#[cfg(not(test))]
+fn commit_fault(_: &Counters) -> bool {
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runlane_core::RunId;
+    use std::sync::atomic::AtomicUsize;
+
+    fn database() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("runs.db");
+        let mut conn = Connection::open(&path).expect("open");
+        crate::schema::migrate(&mut conn, &path).expect("migrate");
+        (dir, conn)
+    }
+
+    fn env_names(conn: &Connection) -> Vec<String> {
+        conn.prepare("SELECT name FROM envs ORDER BY name")
+            .expect("prepare")
+            .query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows")
+    }
+
+    type Answer = oneshot::Receiver<Result<(), StoreError>>;
+
+    /// A call that stores env `name`, then ends with `end` (counting its runs in `runs`).
+    fn put(
+        name: &'static str,
+        end: fn() -> Result<(), DbError>,
+        runs: &Arc<AtomicUsize>,
+    ) -> (Box<dyn Call>, Answer) {
+        let (reply, answer) = oneshot::channel();
+        let runs = runs.clone();
+        let step = move |conn: &Connection| -> Result<(), DbError> {
+            runs.fetch_add(1, Ordering::SeqCst);
+            conn.execute(
+                "INSERT INTO envs (name, settings) VALUES (?1, '{}')",
+                [name],
+            )?;
+            end()
+        };
+        let call: Box<dyn Call> = Box::new(Pending {
+            step,
+            result: None,
+            reply,
+        });
+        (call, answer)
+    }
+
+    fn refuse(runs: &Arc<AtomicUsize>) -> (Box<dyn Call>, Answer) {
+        let (reply, answer) = oneshot::channel();
+        let runs = runs.clone();
+        let step = move |_: &Connection| -> Result<(), DbError> {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Err(StoreError::NotFound(RunId(7)).into())
+        };
+        (
+            Box::new(Pending {
+                step,
+                result: None,
+                reply,
+            }),
+            answer,
+        )
+    }
+
+    fn run_batch(
+        conn: &Connection,
+        calls: Vec<(Box<dyn Call>, Answer)>,
+    ) -> Vec<Result<(), StoreError>> {
+        let (mut batch, mut answers): (Vec<_>, Vec<_>) = calls.into_iter().unzip();
+        let counters = Counters::default();
+        let outcome = apply_batch(conn, &mut batch, &counters);
+        for call in batch {
+            call.answer(outcome.clone());
+        }
+        answers
+            .iter_mut()
+            .map(|a| a.try_recv().expect("answered"))
+            .collect()
+    }
+
+    fn ok() -> Result<(), DbError> {
+        Ok(())
+    }
+
+    fn fail() -> Result<(), DbError> {
+        Err(DbError::Corrupt("boom".into()))
+    }
+
+    #[test]
+    fn a_failing_call_is_rolled_back_and_the_rest_of_its_batch_commits() {
+        let (_dir, conn) = database();
+        let (a_runs, b_runs, c_runs) = Default::default();
+        let answers = run_batch(
+            &conn,
+            vec![
+                put("a", ok, &a_runs),
+                put("b", fail, &b_runs),
+                put("c", ok, &c_runs),
+            ],
+        );
+        assert_eq!(answers[0], Ok(()));
+        assert!(
+            matches!(&answers[1], Err(StoreError::Unavailable(m)) if m.contains("boom")),
+            "{:?}",
+            answers[1]
+        );
+        assert_eq!(answers[2], Ok(()));
+        assert_eq!(
+            env_names(&conn),
+            ["a", "c"],
+            "b's own write was rolled back"
+        );
+        // `a` ran before the failure and again in the batch applied anew; `b` only once.
+        let runs = |r: &Arc<AtomicUsize>| r.load(Ordering::SeqCst);
+        assert_eq!((runs(&a_runs), runs(&b_runs), runs(&c_runs)), (2, 1, 1));
+        assert!(conn.is_autocommit(), "the transaction ended");
+    }
+
+    #[test]
+    fn a_refusal_needs_no_rollback() {
+        let (_dir, conn) = database();
+        let (a_runs, r_runs) = Default::default();
+        let answers = run_batch(&conn, vec![put("a", ok, &a_runs), refuse(&r_runs)]);
+        assert_eq!(answers[0], Ok(()));
+        assert_eq!(answers[1], Err(StoreError::NotFound(RunId(7))));
+        assert_eq!(a_runs.load(Ordering::SeqCst), 1, "applied once: no redo");
+        assert_eq!(env_names(&conn), ["a"]);
+    }
+
+    #[test]
+    fn two_failures_in_one_batch_fail_it_whole() {
+        let (_dir, conn) = database();
+        let (a_runs, b_runs, c_runs) = Default::default();
+        let answers = run_batch(
+            &conn,
+            vec![
+                put("a", ok, &a_runs),
+                put("b", fail, &b_runs),
+                put("c", fail, &c_runs),
+            ],
+        );
+        for answer in &answers {
+            assert!(
+                matches!(answer, Err(StoreError::Unavailable(m)) if m.contains("twice")),
+                "{answer:?}"
+            );
+        }
+        assert!(env_names(&conn).is_empty(), "nothing of the batch was kept");
+        assert!(conn.is_autocommit());
+    }
+}
