@@ -529,56 +529,80 @@ pub enum Inserted {
     Existing(Box<RunRecord>),
 }
 
-/// How long finished runs are kept, per terminal status (SPEC §7: on by default, 7 days).
+/// How long finished runs are kept, per terminal status; `None` keeps them forever.
+/// SPEC §7: retention is on by default, 7 days.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Retention {
-    /// Kept after `completed`.
-    #[serde(with = "crate::settings::duration_ms")]
-    pub completed: Duration,
-    /// Kept after `failed`.
-    #[serde(with = "crate::settings::duration_ms")]
-    pub failed: Duration,
-    /// Kept after `canceled`.
-    #[serde(with = "crate::settings::duration_ms")]
-    pub canceled: Duration,
-    /// Kept after `expired`.
-    #[serde(with = "crate::settings::duration_ms")]
-    pub expired: Duration,
-    /// Kept after `timed_out`.
-    #[serde(with = "crate::settings::duration_ms")]
-    pub timed_out: Duration,
-}
-
-impl Default for Retention {
-    fn default() -> Self {
-        let week = Duration::from_secs(7 * 24 * 3600);
-        Retention {
-            completed: week,
-            failed: week,
-            canceled: week,
-            expired: week,
-            timed_out: week,
-        }
-    }
+    /// Runs that ended `completed`.
+    #[serde(with = "crate::settings::opt_duration_ms")]
+    pub completed: Option<Duration>,
+    /// Runs that ended `failed`.
+    #[serde(with = "crate::settings::opt_duration_ms")]
+    pub failed: Option<Duration>,
+    /// Runs that ended `canceled`.
+    #[serde(with = "crate::settings::opt_duration_ms")]
+    pub canceled: Option<Duration>,
+    /// Runs that ended `expired`.
+    #[serde(with = "crate::settings::opt_duration_ms")]
+    pub expired: Option<Duration>,
+    /// Runs that ended `timed_out`.
+    #[serde(with = "crate::settings::opt_duration_ms")]
+    pub timed_out: Option<Duration>,
 }
 
 impl Retention {
-    /// The retention of a terminal status (`None` for a non-terminal one).
-    pub fn of(&self, status: RunStatus) -> Option<Duration> {
+    /// The default keep time of every terminal status.
+    pub const DEFAULT_KEEP: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+    /// The same keep time for every terminal status.
+    pub fn uniform(keep: Duration) -> Self {
+        Retention {
+            completed: Some(keep),
+            failed: Some(keep),
+            canceled: Some(keep),
+            expired: Some(keep),
+            timed_out: Some(keep),
+        }
+    }
+
+    /// How long runs that ended in `status` are kept (`None` for waiting statuses, which are
+    /// never purged, and for statuses kept forever).
+    pub fn keep(&self, status: RunStatus) -> Option<Duration> {
         match status {
-            RunStatus::Completed => Some(self.completed),
-            RunStatus::Failed => Some(self.failed),
-            RunStatus::Canceled => Some(self.canceled),
-            RunStatus::Expired => Some(self.expired),
-            RunStatus::TimedOut => Some(self.timed_out),
-            _ => None,
+            RunStatus::Completed => self.completed,
+            RunStatus::Failed => self.failed,
+            RunStatus::Canceled => self.canceled,
+            RunStatus::Expired => self.expired,
+            RunStatus::TimedOut => self.timed_out,
+            RunStatus::Delayed | RunStatus::Queued | RunStatus::Ready | RunStatus::Executing => {
+                None
+            }
         }
     }
 
     /// When a run that finished as `status` at `finished_at` is due for deletion.
     pub fn purge_at(&self, status: RunStatus, finished_at: Timestamp) -> Option<Timestamp> {
-        self.of(status).map(|d| finished_at.saturating_add(d))
+        self.keep(status).map(|d| finished_at.saturating_add(d))
+    }
+
+    /// The longest keep time of any status (`None` when some status is kept forever).
+    pub fn longest(&self) -> Option<Duration> {
+        [
+            self.completed,
+            self.failed,
+            self.canceled,
+            self.expired,
+            self.timed_out,
+        ]
+        .into_iter()
+        .try_fold(Duration::ZERO, |acc, d| d.map(|d| acc.max(d)))
+    }
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention::uniform(Self::DEFAULT_KEEP)
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use runlane_core::{InvalidInput, RunStatus};
+use runlane_core::InvalidInput;
 
 /// How hard SQLite syncs on commit (`PRAGMA synchronous`). In WAL mode `Full` makes every
 /// commit durable before the call returns; `Normal` may lose the last commits on power loss
@@ -84,55 +84,4 @@ impl SqliteConfig {
     }
 }
 
-/// How long finished runs are kept, per terminal status; `None` keeps them forever.
-/// SPEC §7: retention is on by default, 7 days.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Retention {
-    /// Runs that ended `completed`.
-    pub completed: Option<Duration>,
-    /// Runs that ended `failed`.
-    pub failed: Option<Duration>,
-    /// Runs that ended `canceled`.
-    pub canceled: Option<Duration>,
-    /// Runs that ended `expired`.
-    pub expired: Option<Duration>,
-    /// Runs that ended `timed_out`.
-    pub timed_out: Option<Duration>,
-}
-
-impl Retention {
-    /// The default keep time of every terminal status.
-    pub const DEFAULT_KEEP: Duration = Duration::from_secs(7 * 24 * 60 * 60);
-
-    /// The same keep time for every terminal status.
-    pub fn uniform(keep: Duration) -> Self {
-        Retention {
-            completed: Some(keep),
-            failed: Some(keep),
-            canceled: Some(keep),
-            expired: Some(keep),
-            timed_out: Some(keep),
-        }
-    }
-
-    /// How long runs that ended in `status` are kept (`None` for waiting statuses: they are
-    /// never purged).
-    pub fn keep(&self, status: RunStatus) -> Option<Duration> {
-        match status {
-            RunStatus::Completed => self.completed,
-            RunStatus::Failed => self.failed,
-            RunStatus::Canceled => self.canceled,
-            RunStatus::Expired => self.expired,
-            RunStatus::TimedOut => self.timed_out,
-            RunStatus::Delayed | RunStatus::Queued | RunStatus::Ready | RunStatus::Executing => {
-                None
-            }
-        }
-    }
-}
-
-impl Default for Retention {
-    fn default() -> Self {
-        Retention::uniform(Self::DEFAULT_KEEP)
-    }
-}
+pub use runlane_core::backend::Retention;

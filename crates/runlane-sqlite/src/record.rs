@@ -16,7 +16,7 @@ use crate::error::DbError;
 pub(crate) const RUN_COLUMNS: &str = "id, env, task, version, locked, payload, queue, \
      concurrency_key, lane, priority_ms, run_after, ttl_ms, ttl_deadline, idempotency_key, \
      retry_attempts_max, retry_factor, retry_min_ms, retry_max_ms, retry_jitter, \
-     max_duration_ms, attempt, status, output, error, created_at, finished_at, source, retry_of";
+     max_duration_ms, attempt, status, output, error, created_at, finished_at, source, retry_of, started_at";
 
 /// An instant as stored: milliseconds, saturating at `i64::MAX` (which reads back as never).
 pub(crate) fn ts_to_sql(t: Timestamp) -> i64 {
@@ -148,6 +148,10 @@ pub(crate) fn decode_run(row: &Row<'_>) -> Result<RunRecord, DbError> {
             .transpose()?,
         source: source_from_sql(&source)?,
         retry_of: retry_of.as_deref().map(id_from_sql).transpose()?,
+        started_at: row
+            .get::<_, Option<i64>>(28)?
+            .map(ts_from_sql)
+            .transpose()?,
     })
 }
 
@@ -216,7 +220,7 @@ pub(crate) fn store_run(conn: &Connection, r: &RunRecord) -> Result<(), DbError>
     let mut stmt = conn.prepare_cached(&format!(
         "INSERT INTO runs ({RUN_COLUMNS}) VALUES \
          (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
-          ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)"
+          ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29)"
     ))?;
     stmt.execute(params![
         id,
@@ -247,6 +251,7 @@ pub(crate) fn store_run(conn: &Connection, r: &RunRecord) -> Result<(), DbError>
         r.finished_at.map(ts_to_sql),
         r.source.as_str(),
         r.retry_of.map(id_to_sql),
+        r.started_at.map(ts_to_sql),
     ])?;
     for (seq, attempt) in r.attempts.iter().enumerate() {
         append_attempt_at(conn, r.id, seq as i64, attempt)?;

@@ -56,6 +56,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         error               TEXT,
         created_at          INTEGER NOT NULL,
         finished_at         INTEGER,
+        started_at          INTEGER,
         source              TEXT NOT NULL,
         retry_of            BLOB
     ) WITHOUT ROWID;

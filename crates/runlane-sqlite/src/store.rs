@@ -240,6 +240,23 @@ impl RunStore for SqliteStore {
         self.writer.call(move |conn| write::remove(conn, run)).await
     }
 
+    fn note_start(&self, run: RunId, attempt: u32, at: Timestamp) {
+        self.writer
+            .cast(move |conn| write::note_start(conn, run, attempt, at));
+    }
+
+    async fn purge_finished(
+        &self,
+        retention: &Retention,
+        now: Timestamp,
+    ) -> Result<u64, StoreError> {
+        SqliteStore::purge_finished(self, retention, now).await
+    }
+
+    async fn next_purge_at(&self, retention: &Retention) -> Result<Option<Timestamp>, StoreError> {
+        SqliteStore::next_purge_at(self, retention).await
+    }
+
     async fn get(&self, run: RunId) -> Result<Option<RunRecord>, StoreError> {
         self.reads.run(move |conn| load_run(conn, run)).await
     }
@@ -366,6 +383,7 @@ mod tests {
             attempts: Vec::new(),
             created_at: Timestamp(1_000),
             finished_at: None,
+            started_at: None,
             source: TriggerSource::Standard,
             retry_of: None,
         }

@@ -128,7 +128,8 @@ pub(crate) fn record_retry(
         RunStatus::Queued
     };
     conn.prepare_cached(
-        "UPDATE runs SET status = ?2, error = ?3, attempt = ?4, run_after = ?5 WHERE id = ?1",
+        "UPDATE runs SET status = ?2, error = ?3, attempt = ?4, run_after = ?5, started_at = NULL \
+         WHERE id = ?1",
     )?
     .execute(params![
         id_to_sql(run),
@@ -138,6 +139,21 @@ pub(crate) fn record_retry(
         ts_to_sql(next_run_after),
     ])?;
     append_attempt(conn, run, attempt)?;
+    Ok(())
+}
+
+/// Marks the start of `attempt` (advisory, for crash recovery); a run that moved on or
+/// finished is left alone.
+pub(crate) fn note_start(
+    conn: &Connection,
+    run: RunId,
+    attempt: u32,
+    at: Timestamp,
+) -> Result<(), DbError> {
+    conn.prepare_cached(
+        "UPDATE runs SET started_at = ?3 WHERE id = ?1 AND attempt = ?2 AND finished_at IS NULL",
+    )?
+    .execute(params![id_to_sql(run), attempt, ts_to_sql(at)])?;
     Ok(())
 }
 

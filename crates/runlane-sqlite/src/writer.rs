@@ -186,6 +186,28 @@ impl Writer {
     }
 }
 
+impl Writer {
+    /// Queues a write without waiting for it (advisory writes such as start marks). A full
+    /// queue drops it: such writes must never apply backpressure to their caller.
+    pub(crate) fn cast<F>(&self, step: F)
+    where
+        F: Fn(&Connection) -> Result<(), DbError> + Send + 'static,
+    {
+        let Some(queue) = self.queue.as_ref() else {
+            return;
+        };
+        let (reply, _answer) = oneshot::channel();
+        let call: Box<dyn Call> = Box::new(Pending {
+            step,
+            result: None,
+            reply,
+        });
+        if queue.try_send(call).is_err() {
+            self.counters.queue_timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 impl Drop for Writer {
     fn drop(&mut self) {
         // Closing the channel ends the thread's loop once the queue is drained.

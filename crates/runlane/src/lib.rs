@@ -1,16 +1,40 @@
 //! runlane: a run engine for background jobs.
 //!
+//! Open an engine in one of its shapes, then trigger runs and start workers:
+//!
 //! ```no_run
-//! # async fn demo() -> Result<(), runlane::EngineError> {
-//! let engine = runlane::memory().await?;
-//! let run = engine.trigger("send-email").payload(&serde_json::json!({"to": "a@b.c"})).send().await?;
+//! # async fn demo() -> Result<(), runlane::OpenError> {
+//! // Embedded (the default shape): queue state in memory, runs durable in SQLite.
+//! let engine = runlane::embedded("./runlane-data/runs.db").await?;
+//! let run = engine
+//!     .trigger("send-email")
+//!     .payload(&serde_json::json!({ "to": "a@example.com" }))
+//!     .send()
+//!     .await?;
 //! # let _ = run; Ok(()) }
 //! ```
 
 pub use runlane_core as core;
 pub use runlane_engine::*;
+pub use runlane_sqlite::{SqliteConfig, SqliteError, Synchronous};
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use runlane_memory::{MemoryConfig, MemoryQueue, MemoryStore};
+use runlane_sqlite::SqliteStore;
+
+/// Why an engine could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The run store at the data path could not be opened (foreign or corrupt file, newer
+    /// schema, already in use by another process, I/O).
+    #[error(transparent)]
+    Store(#[from] SqliteError),
+    /// The engine refused to start (recovery failed, bad settings).
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
 
 /// Opens an engine with queue state and runs in memory (no durability; tests and demos).
 pub async fn memory() -> Result<Engine, EngineError> {
@@ -21,10 +45,48 @@ pub async fn memory() -> Result<Engine, EngineError> {
 pub async fn memory_with(builder: EngineBuilder) -> Result<Engine, EngineError> {
     builder
         .open(
-            Arc::new(runlane_memory::MemoryQueue::new(
-                runlane_memory::MemoryConfig::default(),
-            )),
-            Arc::new(runlane_memory::MemoryStore::new()),
+            Arc::new(MemoryQueue::new(MemoryConfig::default())),
+            Arc::new(MemoryStore::new()),
         )
         .await
+}
+
+/// Opens the embedded engine: queue state in memory, runs durable in the SQLite file at
+/// `path` (created with its parent directory if missing). Every unfinished run is recovered.
+pub async fn embedded(path: impl AsRef<Path>) -> Result<Engine, OpenError> {
+    embedded_with(EngineBuilder::new(), path, SqliteConfig::default()).await
+}
+
+/// Opens the embedded engine from a configured builder and SQLite settings.
+pub async fn embedded_with(
+    builder: EngineBuilder,
+    path: impl AsRef<Path>,
+    sqlite: SqliteConfig,
+) -> Result<Engine, OpenError> {
+    let store = open_sqlite(path.as_ref().to_path_buf(), sqlite).await?;
+    Ok(builder
+        .open(Arc::new(MemoryQueue::new(MemoryConfig::default())), store)
+        .await?)
+}
+
+/// Opens the SQLite run store off the async threads (opening reads and may migrate the file).
+pub async fn open_sqlite(
+    path: PathBuf,
+    config: SqliteConfig,
+) -> Result<Arc<SqliteStore>, SqliteError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| SqliteError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    let opened = tokio::task::spawn_blocking(move || SqliteStore::open(path, config)).await;
+    match opened {
+        Ok(store) => Ok(Arc::new(store?)),
+        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+        Err(_) => Err(SqliteError::Io {
+            path: PathBuf::new(),
+            source: std::io::Error::other("the open task was cancelled"),
+        }),
+    }
 }

@@ -51,6 +51,7 @@ pub fn record(run: RunId, env_name: &str, task_name: &str, ms: u64) -> RunRecord
         attempts: Vec::new(),
         created_at: Timestamp(ms),
         finished_at: None,
+        started_at: None,
         source: TriggerSource::Standard,
         retry_of: None,
     }
