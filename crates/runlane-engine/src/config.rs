@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use runlane_core::backend::Retention;
+
 /// Engine-wide settings.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -17,6 +19,9 @@ pub struct EngineConfig {
     pub payload_max_bytes: usize,
     /// Largest batch accepted (default 1,000).
     pub batch_max: usize,
+    /// How long finished runs are kept, per status (default 7 days each); the timer service
+    /// deletes them when due. Idempotency keys never outlive it.
+    pub retention: Retention,
     /// Seed of the engine's rng (ids, jitter); `None` seeds from the OS.
     pub seed: Option<u64>,
 }
@@ -30,6 +35,7 @@ impl Default for EngineConfig {
             idempotency_ttl: Duration::from_secs(24 * 3600),
             payload_max_bytes: 1 << 20,
             batch_max: 1000,
+            retention: Retention::default(),
             seed: None,
         }
     }

@@ -108,12 +108,14 @@ impl EngineBuilder {
             local: LocalRegistry::default(),
             shutdown: AtomicBool::new(false),
             worker_seq: AtomicU64::new(0),
+            purge_at: Mutex::new(None),
         });
         inner.meta.set_envs(envs.iter().cloned());
         for (env, _) in &envs {
             effects.merge(inner.reapply_queue_limits(env, now).await?);
         }
         effects.merge(inner.recover(now).await?);
+        *inner.purge_at() = inner.store.next_purge_at(&inner.config.retention).await?;
 
         let handle = tokio::spawn(timer_service(
             Arc::downgrade(&inner),
@@ -206,6 +208,8 @@ pub(crate) struct Inner {
     pub(crate) local: LocalRegistry,
     shutdown: AtomicBool,
     worker_seq: AtomicU64,
+    /// The earliest instant a finished run passes its retention (`None`: nothing to purge).
+    purge_at: Mutex<Option<Timestamp>>,
 }
 
 impl Drop for Inner {
@@ -331,6 +335,17 @@ impl Inner {
     /// Publishes a record's (terminal) status.
     pub(crate) fn publish_record(&self, record: &RunRecord) {
         self.publish(record.id, &record.env, record.status, record.attempt);
+        if let Some(at) = record
+            .finished_at
+            .and_then(|f| self.config.retention.purge_at(record.status, f))
+        {
+            let mut purge_at = self.purge_at();
+            if purge_at.is_none_or(|p| at < p) {
+                *purge_at = Some(at);
+                drop(purge_at);
+                self.timer.offer(Some(at));
+            }
+        }
     }
 
     /// Ends a leased run: the store's terminal write first, then the queue. A run the store
@@ -354,6 +369,32 @@ impl Inner {
             self.publish_record(record);
         }
         Ok(record)
+    }
+
+    fn purge_at(&self) -> MutexGuard<'_, Option<Timestamp>> {
+        self.purge_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Deletes finished runs past their retention when due, then re-reads the next purge
+    /// instant from the store (one query per purge, none per tick).
+    async fn purge_if_due(&self, now: Timestamp) {
+        if !self.purge_at().is_some_and(|at| at <= now) {
+            return;
+        }
+        let retention = self.config.retention;
+        match self.store.purge_finished(&retention, now).await {
+            Ok(n) => tracing::debug!(purged = n, "retention: finished runs deleted"),
+            Err(e) => {
+                tracing::warn!(error = %e, "retention: purge failed; retrying at the next wake-up");
+                return;
+            }
+        }
+        match self.store.next_purge_at(&retention).await {
+            Ok(next) => *self.purge_at() = next,
+            Err(e) => {
+                tracing::warn!(error = %e, "retention: reading the next purge instant failed")
+            }
+        }
     }
 
     /// `queue.finish`, where "already gone" is fine.
@@ -410,13 +451,44 @@ impl Inner {
     }
 
     /// Recovers every unfinished run of the store into the queue backend (at open).
+    ///
+    /// A run with a start mark (`started_at`) was executing when the process died: its attempt
+    /// counts as `crashed` and its retry policy applies, so a handler that kills the process
+    /// cannot run forever. A run without one returns to its queue with its original
+    /// `run_after` (hence its original score) and TTL deadline. A start mark is advisory and
+    /// written without waiting: one lost in the crash costs a re-run without counting.
     async fn recover(&self, now: Timestamp) -> Result<Effects, EngineError> {
         let mut effects = Effects::default();
         for record in self.store.unfinished().await? {
             if !LaneName::BUILT_IN.contains(&record.lane.as_str()) {
                 self.queue.add_lane(&record.lane).await?;
             }
-            match self.queue.enqueue(record.dispatch(), false, now).await {
+            let mut dispatch = record.dispatch();
+            if record.started_at.is_some() {
+                let attempt = attempt_record(
+                    record.attempt,
+                    "crashed",
+                    Some("the process stopped while the attempt ran".to_owned()),
+                    now,
+                );
+                match self.next_attempt_at(&record.retry, record.attempt, now) {
+                    Some(at) => {
+                        self.store.record_retry(record.id, attempt, at).await?;
+                        dispatch.attempt += 1;
+                        dispatch.run_after = at;
+                        dispatch.ever_leased = true;
+                    }
+                    None => {
+                        let finished = self
+                            .store
+                            .finish(record.id, RunStatus::Failed, None, Some(attempt), now)
+                            .await?;
+                        self.publish_record(&finished);
+                        continue;
+                    }
+                }
+            }
+            match self.queue.enqueue(dispatch, false, now).await {
                 Ok(enqueued) => effects.merge(enqueued.effects),
                 Err(e) => tracing::warn!(run = %record.id, error = %e, "recovery enqueue refused"),
             }
@@ -728,6 +800,11 @@ async fn timer_service(
             *inner.timer.armed() = Timestamp::MAX;
             match queue.next_deadline().await {
                 Ok(deadline) => {
+                    let purge = *inner.purge_at();
+                    let deadline = match (deadline, purge) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
                     *inner.timer.armed() = deadline.unwrap_or(Timestamp::MAX);
                     deadline
                 }
@@ -765,6 +842,7 @@ async fn timer_service(
         }
         let now = clock.now();
         inner.timer.stats().wakeups.push(now);
+        inner.purge_if_due(now).await;
         match queue.tick(now).await {
             Ok(tick) => {
                 backoff = ERROR_BACKOFF_MIN;

@@ -439,7 +439,9 @@ impl Engine {
                 expires_at: now.saturating_add(
                     request
                         .idempotency_ttl
-                        .unwrap_or(inner.config.idempotency_ttl),
+                        .unwrap_or(inner.config.idempotency_ttl)
+                        // SPEC §7: a key never outlives the retention of the runs it names.
+                        .min(inner.config.retention.longest().unwrap_or(Duration::MAX)),
                 ),
             });
         Ok(Prepared { record, claim })

@@ -672,6 +672,9 @@ async fn execute(
                     lane: record.lane.clone(),
                 }),
             };
+            // An advisory, non-blocking start mark: if the process dies while the handler runs,
+            // recovery at the next open counts this attempt as `crashed`.
+            engine.store.note_start(run, d.attempt, engine.now());
             let mut task = AbortOnDrop(tokio::spawn(handler(ctx)));
             tokio::select! {
                 joined = &mut task.0 => match joined {

@@ -288,7 +288,7 @@ pub(crate) fn purge(
         let before = now.saturating_sub(keep);
         let mut stmt = conn.prepare_cached(
             "SELECT id, env, task, idempotency_key FROM runs \
-             WHERE status = ?1 AND finished_at < ?2 LIMIT ?3",
+             WHERE status = ?1 AND finished_at <= ?2 LIMIT ?3",
         )?;
         let mut rows = stmt.query(params![status.as_str(), ts_to_sql(before), room])?;
         while let Some(row) = rows.next()? {

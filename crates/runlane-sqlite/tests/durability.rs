@@ -180,9 +180,10 @@ async fn retention_purges_finished_runs_past_their_keep_time_in_batches() {
         "the earliest completed run passes its keep time first"
     );
 
-    // At 11_002 the completed runs finished before 10_002 are due: 0 and 1.
+    // At 11_001 the completed runs finished at or before 10_001 are due (inclusive, the
+    // instant next_purge_at reports): 0 and 1.
     assert_eq!(
-        store.purge_finished(&retention, Timestamp(11_002)).await,
+        store.purge_finished(&retention, Timestamp(11_001)).await,
         Ok(2)
     );
     assert_eq!(store.get(ids[0]).await, Ok(None));

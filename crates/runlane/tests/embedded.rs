@@ -1,0 +1,374 @@
+//! The embedded shape across restarts: what a reopen recovers (order, deadlines, crashed
+//! attempts), retention driven by the one timer, and refusals of bad data paths. Time is a
+//! `ManualClock`; waits are on events and bounded only to fail instead of hanging.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use runlane::core::backend::Retention;
+use runlane::core::{EnvSettings, RetryPolicy, RunId, RunStatus, Timestamp};
+use runlane::{
+    Engine, EngineBuilder, EngineConfig, EngineError, HandlerError, ManualClock, OpenError,
+    RunContext, SqliteConfig, WaitOutcome,
+};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+const EPOCH: Timestamp = Timestamp(1_700_000_000_000);
+const BOUND: Duration = Duration::from_secs(10);
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh, empty data path for one test.
+fn data_path() -> PathBuf {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("embedded")
+        .join(format!("{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir.join("runs.db")
+}
+
+async fn bounded<F: Future>(what: &str, fut: F) -> F::Output {
+    match tokio::time::timeout(BOUND, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out waiting for {what}"),
+    }
+}
+
+/// Opens the embedded engine; like a restarting process, it waits until the previous engine
+/// on the path (whose aborted tasks may still be unwinding) has released the data path's lock.
+async fn open(path: &PathBuf, clock: &Arc<ManualClock>, config: EngineConfig) -> Engine {
+    bounded("the data path's lock", async {
+        loop {
+            let builder = EngineBuilder::new()
+                .clock(clock.clone())
+                .config(EngineConfig {
+                    seed: Some(7),
+                    ..config.clone()
+                });
+            match runlane::embedded_with(builder, path, SqliteConfig::default()).await {
+                Ok(engine) => return engine,
+                Err(OpenError::Store(runlane::SqliteError::InUse { .. })) => {
+                    tokio::task::yield_now().await
+                }
+                Err(e) => panic!("open the embedded engine: {e}"),
+            }
+        }
+    })
+    .await
+}
+
+/// Shuts an engine down and drops it, so the data path's lock is free for a reopen.
+async fn close(engine: Engine) {
+    engine.shutdown().await;
+    drop(engine);
+}
+
+/// A worker whose handler reports each start and never returns (the process "dies" with it).
+async fn stuck_worker(engine: &Engine) -> (runlane::Worker, mpsc::UnboundedReceiver<(RunId, u32)>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let worker = engine
+        .worker()
+        .handler("job", move |ctx: RunContext| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send((ctx.run_id(), ctx.attempt()));
+                std::future::pending::<()>().await;
+                Ok::<Value, HandlerError>(Value::Null)
+            }
+        })
+        .start()
+        .await
+        .expect("worker");
+    (worker, rx)
+}
+
+/// A worker whose handler reports each start and completes at once.
+async fn quick_worker(
+    engine: &Engine,
+    slots: u32,
+) -> (runlane::Worker, mpsc::UnboundedReceiver<(RunId, u32)>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let worker = engine
+        .worker()
+        .workloops(&format!("manual>*:{slots}"))
+        .handler("job", move |ctx: RunContext| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send((ctx.run_id(), ctx.attempt()));
+                Ok::<Value, HandlerError>(json!({ "attempt": ctx.attempt() }))
+            }
+        })
+        .start()
+        .await
+        .expect("worker");
+    (worker, rx)
+}
+
+async fn finished(engine: &Engine, run: RunId) -> runlane::core::backend::RunRecord {
+    match bounded(
+        "a terminal state",
+        engine.wait(run, Duration::from_secs(3600)),
+    )
+    .await
+    {
+        Ok(WaitOutcome::Finished(record)) => record,
+        other => panic!("run {run} did not finish: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_executing_at_the_crash_counts_a_crashed_attempt_and_retries() {
+    let path = data_path();
+    let clock = Arc::new(ManualClock::new(EPOCH));
+    let engine = open(&path, &clock, EngineConfig::default()).await;
+    let (worker, mut started) = stuck_worker(&engine).await;
+    let policy = RetryPolicy {
+        attempts_max: 2,
+        min: Duration::from_secs(5),
+        max: Duration::from_secs(5),
+        jitter: 0.0,
+        ..RetryPolicy::default()
+    };
+    let run = engine
+        .trigger("job")
+        .retry(policy)
+        .send()
+        .await
+        .expect("trigger")
+        .run
+        .id;
+    assert_eq!(
+        bounded("the handler to start", started.recv()).await,
+        Some((run, 1))
+    );
+    worker.crash();
+    close(engine).await; // The process "dies" here: nothing finished, the start mark is written.
+
+    let engine = open(&path, &clock, EngineConfig::default()).await;
+    let record = engine.get(run).await.expect("recovered");
+    assert_eq!(record.attempt, 2, "the crashed attempt counts");
+    assert_eq!(record.status, RunStatus::Delayed, "waiting for its backoff");
+    assert_eq!(record.attempts.len(), 1);
+    assert_eq!(record.attempts[0].outcome, "crashed");
+    assert_eq!(
+        record.run_after,
+        EPOCH.saturating_add(Duration::from_secs(5))
+    );
+    let (worker, mut started) = quick_worker(&engine, 1).await;
+    clock.advance(Duration::from_secs(5));
+    assert_eq!(
+        bounded("the retry to start", started.recv()).await,
+        Some((run, 2))
+    );
+    let done = finished(&engine, run).await;
+    assert_eq!(done.status, RunStatus::Completed);
+    worker.stop().await;
+    close(engine).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_on_the_last_attempt_ends_the_run_failed() {
+    let path = data_path();
+    let clock = Arc::new(ManualClock::new(EPOCH));
+    let engine = open(&path, &clock, EngineConfig::default()).await;
+    let (worker, mut started) = stuck_worker(&engine).await;
+    let run = engine
+        .trigger("job")
+        .retry(RetryPolicy::none())
+        .send()
+        .await
+        .expect("trigger")
+        .run
+        .id;
+    assert_eq!(
+        bounded("the handler to start", started.recv()).await,
+        Some((run, 1))
+    );
+    worker.crash();
+    close(engine).await;
+
+    let engine = open(&path, &clock, EngineConfig::default()).await;
+    let record = engine.get(run).await.expect("recovered");
+    assert_eq!(record.status, RunStatus::Failed);
+    assert_eq!(record.attempts.len(), 1);
+    assert_eq!(record.attempts[0].outcome, "crashed");
+    close(engine).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_runs_come_back_in_order_with_their_deadlines() {
+    let path = data_path();
+    let clock = Arc::new(ManualClock::new(EPOCH));
+    let engine = open(&path, &clock, EngineConfig::default()).await;
+    // Limit 0: everything waits in its queue.
+    engine
+        .set_env(
+            "default",
+            EnvSettings {
+                limit: 0,
+                ..EnvSettings::default()
+            },
+        )
+        .await
+        .expect("env");
+    let plain_a = engine.trigger("job").send().await.expect("a").run.id;
+    let urgent = engine
+        .trigger("job")
+        .priority(Duration::from_secs(60))
+        .send()
+        .await
+        .expect("urgent")
+        .run
+        .id;
+    let plain_b = engine.trigger("job").send().await.expect("b").run.id;
+    let doomed = engine
+        .trigger("job")
+        .queue("other")
+        .ttl(Duration::from_secs(30))
+        .send()
+        .await
+        .expect("doomed")
+        .run
+        .id;
+    let later = engine
+        .trigger("job")
+        .delay(Duration::from_secs(20))
+        .send()
+        .await
+        .expect("later")
+        .run
+        .id;
+    close(engine).await;
+
+    let engine = open(&path, &clock, EngineConfig::default()).await;
+    assert_eq!(
+        engine.get(later).await.expect("later").status,
+        RunStatus::Delayed
+    );
+    assert_eq!(
+        engine.get(plain_a).await.expect("a").status,
+        RunStatus::Queued
+    );
+    // The TTL fires at its original instant, with one timer wake-up.
+    clock.advance(Duration::from_secs(30));
+    let expired = finished(&engine, doomed).await;
+    assert_eq!(expired.status, RunStatus::Expired);
+    assert!(engine
+        .timer_stats()
+        .wakeups
+        .contains(&EPOCH.saturating_add(Duration::from_secs(30))));
+    // One slot: the order of starts is priority, then trigger order, then the delayed run.
+    engine
+        .set_env(
+            "default",
+            EnvSettings {
+                limit: 1,
+                ..EnvSettings::default()
+            },
+        )
+        .await
+        .expect("env");
+    let (worker, mut started) = quick_worker(&engine, 1).await;
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        let (run, _) = bounded("a start", started.recv()).await.expect("start");
+        order.push(run);
+    }
+    assert_eq!(order, vec![urgent, plain_a, plain_b, later]);
+    worker.stop().await;
+    close(engine).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_runs_are_deleted_when_their_retention_ends() {
+    let path = data_path();
+    let clock = Arc::new(ManualClock::new(EPOCH));
+    let config = EngineConfig {
+        retention: Retention {
+            completed: Some(Duration::from_secs(60)),
+            ..Retention::default()
+        },
+        ..EngineConfig::default()
+    };
+    let engine = open(&path, &clock, config.clone()).await;
+    let (worker, _started) = quick_worker(&engine, 1).await;
+    let run = engine.trigger("job").send().await.expect("trigger").run.id;
+    assert_eq!(finished(&engine, run).await.status, RunStatus::Completed);
+    worker.stop().await;
+    let purge_at = EPOCH.saturating_add(Duration::from_secs(60));
+    clock.advance(Duration::from_secs(59));
+    // The lease deadline armed at claim may still wake the timer once on the way (a stale
+    // deadline, not a poll); the purge itself must take exactly one wake-up, at its instant.
+    bounded("the timer to re-arm", clock.wait_sleeper_at(purge_at)).await;
+    let before = engine.timer_stats().wakeups.len();
+    assert!(
+        engine.get(run).await.is_ok(),
+        "kept until its retention ends"
+    );
+    clock.advance(Duration::from_secs(1));
+    bounded("the purge", async {
+        loop {
+            if matches!(engine.get(run).await, Err(EngineError::RunNotFound(_))) {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let wakeups = engine.timer_stats().wakeups;
+    assert_eq!(
+        wakeups[before..],
+        [purge_at],
+        "one wake-up, at the purge instant, and no poll"
+    );
+    close(engine).await;
+
+    // The purge is durable, and a reopen arms nothing for it any more.
+    let engine = open(&path, &clock, config).await;
+    assert!(matches!(
+        engine.get(run).await,
+        Err(EngineError::RunNotFound(_))
+    ));
+    close(engine).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_file_is_refused_and_left_unchanged() {
+    let path = data_path();
+    std::fs::create_dir_all(path.parent().expect("dir")).expect("dir");
+    let bytes = b"these are somebody else's notes, not a database\n".repeat(100);
+    std::fs::write(&path, &bytes).expect("write");
+    match runlane::embedded(&path).await {
+        Err(OpenError::Store(e)) => assert!(!e.to_string().is_empty()),
+        Err(other) => panic!("expected a store error, got {other}"),
+        Ok(_) => panic!("a foreign file must be refused"),
+    }
+    assert_eq!(
+        std::fs::read(&path).expect("read"),
+        bytes,
+        "never overwritten"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_engine_on_the_same_path_is_refused() {
+    let path = data_path();
+    let first = runlane::embedded(&path).await.expect("first");
+    match runlane::embedded(&path).await {
+        Err(OpenError::Store(e)) => {
+            assert!(e.to_string().contains("in use"), "clear message, got: {e}")
+        }
+        Err(other) => panic!("expected a store error, got {other}"),
+        Ok(_) => panic!("two engines on one data path"),
+    }
+    close(first).await;
+    let again = runlane::embedded(&path)
+        .await
+        .expect("the lock is released with the engine");
+    close(again).await;
+}
