@@ -23,6 +23,12 @@ enum Command {
         /// Runs per env (two envs).
         #[arg(long, default_value_t = 150)]
         runs: u32,
+        /// Use the in-memory backends (no durability) instead of the embedded default.
+        #[arg(long)]
+        memory: bool,
+        /// Data directory of the embedded engine.
+        #[arg(long, default_value = "./runlane-data", env = "RUNLANE_DATA")]
+        data: std::path::PathBuf,
     },
     /// Benchmarks, one JSON line per result.
     Bench {
@@ -98,7 +104,9 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         match cli.command {
-            Command::Quickstart { runs } => quickstart::run(quickstart::Options { runs }).await,
+            Command::Quickstart { runs, memory, data } => {
+                quickstart::run(quickstart::Options { runs, memory, data }).await
+            }
             Command::Bench { scenario } => {
                 let line = match scenario {
                     BenchScenario::Latency {

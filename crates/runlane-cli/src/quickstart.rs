@@ -16,17 +16,40 @@ use runlane::core::{EnvSettings, QueueSettings, RetryPolicy, RunStatus};
 use runlane::{Engine, HandlerError, RunContext, RunEventKind, WaitOutcome};
 use serde_json::json;
 
-/// How many runs the tour triggers per env.
+/// The tour's settings.
 pub struct Options {
     /// Runs per env.
     pub runs: u32,
+    /// Run on the in-memory backends instead of the embedded (SQLite) default.
+    pub memory: bool,
+    /// The data directory of the embedded engine.
+    pub data: std::path::PathBuf,
 }
 
 const ENVS: [&str; 2] = ["default", "acme"];
 
 /// Runs the tour and prints the summary.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
-    let engine = runlane::memory().await?;
+    let engine = if opts.memory {
+        println!("runlane quickstart on the in-memory backends (nothing durable)");
+        runlane::memory().await?
+    } else {
+        // A fresh tour every time: only the quickstart's own file is replaced.
+        let path = opts.data.join("quickstart.db");
+        for suffix in ["", "-wal", "-shm"] {
+            let file = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+            match std::fs::remove_file(&file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {}", file.display())),
+            }
+        }
+        println!(
+            "runlane quickstart on the embedded engine: runs durable in {}",
+            path.display()
+        );
+        runlane::embedded(&path).await?
+    };
     engine
         .set_env(
             "default",
