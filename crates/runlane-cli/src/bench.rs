@@ -1,18 +1,30 @@
 //! `runlane bench`: reproducible measurements, one JSON line per result (SPEC §9).
 //!
-//! Every line carries its settings (scenario, backend, topology, gap, phase, slots, runs,
-//! payload size, git revision) so anyone can rerun it. Figures are measured in this process with
-//! monotonic clocks; nothing is estimated.
+//! Every line carries its settings (scenario, backend, durability, topology, gap, phase, slots,
+//! runs, payload size, depth, git revision; `null` where a setting does not apply) so anyone can
+//! rerun it. Figures are measured in this process with monotonic clocks; nothing is estimated.
+//!
+//! Backends: `memory` (nothing durable) and `embedded` (queue state in memory, runs in a fresh
+//! SQLite file in a temporary directory, removed afterwards; `synchronous=FULL` unless
+//! `--synchronous normal`). Embedded lines also carry the store's size once the measured runs
+//! are done (`bytes_per_run`, see [`finish`]).
 
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use runlane::core::EnvSettings;
-use runlane::{Engine, HandlerError, RunContext};
+use runlane::core::{EnvSettings, QueueSettings};
+use runlane::{
+    Engine, EngineBuilder, HandlerError, RunContext, SqliteConfig, SqliteStore, Synchronous,
+    TriggerRequest,
+};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
+
+use crate::progress::Progress;
 
 /// Settings shared by every scenario.
 #[derive(Clone, Debug)]
@@ -25,12 +37,139 @@ pub struct Common {
     pub slots: u32,
     /// Payload size in bytes.
     pub payload_bytes: usize,
+    /// Embedded: how hard SQLite syncs on commit (`Full`: durable on return).
+    pub synchronous: Synchronous,
 }
 
-async fn open(common: &Common) -> anyhow::Result<Engine> {
+/// An engine under measurement, with what its backend needs to be measured and cleaned up.
+/// Derefs to the [`Engine`]. Fields drop in order: the engine, then the store, then the data
+/// directory is removed.
+pub struct Opened {
+    engine: Engine,
+    /// Embedded: the run store, for its size.
+    store: Option<Arc<SqliteStore>>,
+    /// Embedded: the fresh data directory (held for its removal on drop).
+    _dir: Option<DataDir>,
+    /// `none` (memory) or the SQLite `synchronous` setting.
+    durability: &'static str,
+}
+
+impl Deref for Opened {
+    type Target = Engine;
+
+    fn deref(&self) -> &Engine {
+        &self.engine
+    }
+}
+
+/// A fresh temporary directory, removed (with everything in it) when dropped.
+struct DataDir(PathBuf);
+
+impl DataDir {
+    fn fresh() -> anyhow::Result<DataDir> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("runlane-bench-{}-{n}", std::process::id()));
+        // A leftover of an earlier process with the same pid would not be a fresh file.
+        if path.exists() {
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("removing the stale {}", path.display()))?;
+        }
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("creating the data directory {}", path.display()))?;
+        Ok(DataDir(path))
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            eprintln!("could not remove {}: {e}", self.0.display());
+        }
+    }
+}
+
+fn durability_name(s: Synchronous) -> &'static str {
+    match s {
+        Synchronous::Off => "off",
+        Synchronous::Normal => "normal",
+        Synchronous::Full => "full",
+        Synchronous::Extra => "extra",
+    }
+}
+
+async fn open_embedded(common: &Common) -> anyhow::Result<Opened> {
+    let dir = DataDir::fresh()?;
+    let config = SqliteConfig {
+        synchronous: common.synchronous,
+        ..SqliteConfig::default()
+    };
+    let store = runlane::open_sqlite(dir.0.join("bench.db"), config).await?;
+    let engine = runlane::embedded_on(EngineBuilder::new(), store.clone()).await?;
+    Ok(Opened {
+        engine,
+        store: Some(store),
+        _dir: Some(dir),
+        durability: durability_name(common.synchronous),
+    })
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Completes a result line and closes the engine: fills in every setting the scenario did not
+/// set (`null` where it does not apply) and the durability in force; for `embedded`, adds the
+/// run store's size now that the measured runs are done:
+/// - `bytes_per_run` = `SqliteStore::size()`'s `(page_count − freelist_count) × page_size`
+///   (the database as committed, WAL frames included: no checkpoint needed) divided by the
+///   runs stored (warm-up and backlog runs included: they are in the file too);
+/// - `db_file_bytes` / `wal_file_bytes`: the files on disk at that moment, for reference.
+pub async fn finish(opened: Opened, mut line: Value) -> anyhow::Result<Value> {
+    if let Some(fields) = line.as_object_mut() {
+        fields.insert("durability".into(), json!(opened.durability));
+        for key in ["topology", "gap_ms", "phase", "depth"] {
+            fields.entry(key).or_insert(Value::Null);
+        }
+        // One run per trigger call unless the scenario batches.
+        fields.entry("batch").or_insert(json!(1));
+        if let Some(store) = &opened.store {
+            let size = store.size().await?;
+            let used = size.bytes.saturating_sub(size.free_bytes);
+            let per_run = if size.runs > 0 {
+                json!((used as f64 / size.runs as f64).round() as u64)
+            } else {
+                Value::Null
+            };
+            let db = store.path().to_path_buf();
+            let wal = PathBuf::from(format!("{}-wal", db.display()));
+            fields.insert("store_runs".into(), json!(size.runs));
+            fields.insert("store_finished_runs".into(), json!(size.finished_runs));
+            fields.insert("store_bytes".into(), json!(used));
+            fields.insert("bytes_per_run".into(), per_run);
+            fields.insert(
+                "bytes_per_run_source".into(),
+                json!("SqliteStore::size: (page_count - freelist_count) * page_size / runs stored"),
+            );
+            fields.insert("db_file_bytes".into(), json!(file_len(&db)));
+            fields.insert("wal_file_bytes".into(), json!(file_len(&wal)));
+        }
+    }
+    opened.engine.shutdown().await;
+    drop(opened);
+    Ok(line)
+}
+
+async fn open(common: &Common) -> anyhow::Result<Opened> {
     let engine = match common.backend.as_str() {
-        "memory" => runlane::memory().await?,
-        other => bail!("unknown backend {other:?} (available: memory)"),
+        "memory" => Opened {
+            engine: runlane::memory().await?,
+            store: None,
+            _dir: None,
+            durability: "none",
+        },
+        "embedded" => open_embedded(common).await?,
+        other => bail!("unknown backend {other:?} (available: memory, embedded)"),
     };
     // The bench measures the engine, not a limit: open the env wide.
     engine
@@ -88,7 +227,9 @@ pub async fn latency(common: &Common, gap: Duration) -> anyhow::Result<Value> {
     let body = payload(common.payload_bytes);
     let mut samples = Vec::with_capacity(common.runs as usize);
     let warmup = (common.runs / 10).clamp(10, 1000);
+    let progress = Progress::start("latency", u64::from(common.runs + warmup));
     for i in 0..(common.runs + warmup) {
+        progress.inc(1);
         let t0 = Instant::now();
         let run = engine.trigger("bench").payload(&body).send().await?;
         let started = rx.recv().await.context("handler channel closed")?;
@@ -100,9 +241,10 @@ pub async fn latency(common: &Common, gap: Duration) -> anyhow::Result<Value> {
             tokio::time::sleep(gap).await;
         }
     }
+    progress.finish().await;
     worker.stop().await;
     samples.sort_unstable();
-    Ok(json!({
+    let line = json!({
         "scenario": "latency",
         "backend": common.backend,
         "durability": "none",
@@ -115,7 +257,8 @@ pub async fn latency(common: &Common, gap: Duration) -> anyhow::Result<Value> {
         "p95_us": percentile(&samples, 0.95),
         "p99_us": percentile(&samples, 0.99),
         "git_revision": git_revision(),
-    }))
+    });
+    finish(engine, line).await
 }
 
 /// The phases of the throughput scenario.
@@ -179,24 +322,39 @@ pub async fn throughput(common: &Common, phase: Phase) -> anyhow::Result<Value> 
     let done = Arc::new(AtomicU64::new(0));
     let elapsed = match phase {
         Phase::TriggerOnly => {
+            let progress = Progress::start("trigger_only", runs);
             let t0 = Instant::now();
             for _ in 0..runs {
                 engine.trigger("bench").payload(&body).send().await?;
+                progress.inc(1);
             }
-            t0.elapsed()
+            let e = t0.elapsed();
+            progress.finish().await;
+            e
         }
         Phase::DrainOnly => {
-            for _ in 0..runs {
-                engine.trigger("bench").payload(&body).send().await?;
-            }
+            // The fill is not measured: batches, so a durable backend fills at group-commit speed.
+            prefill(
+                &engine,
+                "default",
+                "bench",
+                None,
+                &body,
+                runs,
+                "drain_only fill",
+            )
+            .await?;
+            let progress = Progress::with_counter("drain_only", runs, done.clone());
             let t0 = Instant::now();
             let worker = start_noop_worker(&engine, common.slots, done.clone()).await?;
             drained(&engine, &done, runs).await?;
             let e = t0.elapsed();
+            progress.finish().await;
             worker.stop().await;
             e
         }
         Phase::Concurrent => {
+            let progress = Progress::with_counter("concurrent", runs, done.clone());
             let worker = start_noop_worker(&engine, common.slots, done.clone()).await?;
             let t0 = Instant::now();
             for _ in 0..runs {
@@ -204,11 +362,12 @@ pub async fn throughput(common: &Common, phase: Phase) -> anyhow::Result<Value> 
             }
             drained(&engine, &done, runs).await?;
             let e = t0.elapsed();
+            progress.finish().await;
             worker.stop().await;
             e
         }
     };
-    Ok(json!({
+    let line = json!({
         "scenario": "throughput",
         "backend": common.backend,
         "durability": "none",
@@ -219,5 +378,427 @@ pub async fn throughput(common: &Common, phase: Phase) -> anyhow::Result<Value> 
         "elapsed_ms": elapsed.as_millis() as u64,
         "runs_per_s": (runs as f64 / elapsed.as_secs_f64()).round() as u64,
         "git_revision": git_revision(),
-    }))
+    });
+    finish(engine, line).await
+}
+
+/// Triggers `runs` runs of `task` in `env` (and `queue`) in batches of the engine's largest
+/// batch: a fill before a measurement, at group-commit speed on a durable backend.
+async fn prefill(
+    engine: &Engine,
+    env: &str,
+    task: &str,
+    queue: Option<&str>,
+    body: &Value,
+    runs: u64,
+    label: &str,
+) -> anyhow::Result<()> {
+    let mut request = engine.trigger(task).env(env).payload(body);
+    if let Some(queue) = queue {
+        request = request.queue(queue);
+    }
+    let request: TriggerRequest = request.request()?;
+    let batch = engine.config().batch_max.max(1) as u64;
+    let progress = Progress::start(label, runs);
+    let mut left = runs;
+    while left > 0 {
+        let n = left.min(batch);
+        let requests = (0..n).map(|_| request.clone()).collect();
+        engine.trigger_batch(requests).await?;
+        progress.inc(n);
+        left -= n;
+    }
+    progress.finish().await;
+    Ok(())
+}
+
+/// The depth the scale scenario compares against.
+pub const SCALE_BASELINE_DEPTH: u64 = 1_000;
+
+/// The queue the scale scenario's backlog waits in.
+const SCALE_QUEUE: &str = "scale";
+
+/// What one depth of the scale scenario measured.
+struct ScaleFigures {
+    trigger_us_p50: f64,
+    trigger_us_p99: f64,
+    trigger_us_mean: f64,
+    claim_us_per_run: f64,
+    fill_s: f64,
+    /// The closed engine's settings and store figures ([`finish`] of an empty line).
+    closed: Value,
+}
+
+/// Trigger and claim cost with `depth` runs pending (in one queue key, held back by its
+/// limit), against the same with [`SCALE_BASELINE_DEPTH`] pending: each depth on a fresh engine.
+///
+/// - **trigger**: `runs` sequential triggers into the deep queue key (each lands behind the
+///   backlog: no fast path); per-call p50/p99/mean.
+/// - **claim**: a worker with `slots` slots on the queue (limit = slots) takes `runs` runs off
+///   the backlog: each claim follows a finish that admits the next run from the deep key.
+///   Reported as wall time until the last of them started, per run.
+///
+/// The backlog moves between `depth` and `depth + runs` while measured.
+pub async fn scale(common: &Common, depth: u64) -> anyhow::Result<Value> {
+    let base = scale_at(common, SCALE_BASELINE_DEPTH).await?;
+    let deep = scale_at(common, depth).await?;
+    let ratio = |d: f64, b: f64| if b > 0.0 { round2(d / b) } else { 0.0 };
+    let mut line = deep.closed.clone();
+    let fields = line
+        .as_object_mut()
+        .context("a closed engine's line is an object")?;
+    let figures = json!({
+        "scenario": "scale",
+        "backend": common.backend,
+        "slots": common.slots,
+        "runs": common.runs,
+        "payload_bytes": common.payload_bytes,
+        "depth": depth,
+        "baseline_depth": SCALE_BASELINE_DEPTH,
+        "trigger_us_p50": deep.trigger_us_p50,
+        "trigger_us_p99": deep.trigger_us_p99,
+        "trigger_us_mean": round2(deep.trigger_us_mean),
+        "claim_us_per_run": round2(deep.claim_us_per_run),
+        "baseline_trigger_us_p50": base.trigger_us_p50,
+        "baseline_trigger_us_p99": base.trigger_us_p99,
+        "baseline_trigger_us_mean": round2(base.trigger_us_mean),
+        "baseline_claim_us_per_run": round2(base.claim_us_per_run),
+        "trigger_ratio_p50": ratio(deep.trigger_us_p50, base.trigger_us_p50),
+        "trigger_ratio_mean": ratio(deep.trigger_us_mean, base.trigger_us_mean),
+        "claim_ratio": ratio(deep.claim_us_per_run, base.claim_us_per_run),
+        "fill_s": round2(deep.fill_s),
+        "git_revision": git_revision(),
+    });
+    if let Value::Object(figures) = figures {
+        fields.extend(figures);
+    }
+    Ok(line)
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+async fn scale_at(common: &Common, depth: u64) -> anyhow::Result<ScaleFigures> {
+    let engine = open(common).await?;
+    let slots = common.slots.max(1);
+    engine
+        .set_queue(
+            "default",
+            SCALE_QUEUE,
+            QueueSettings {
+                limit: Some(slots),
+                ..QueueSettings::default()
+            },
+        )
+        .await?;
+    let body = payload(common.payload_bytes);
+    let t_fill = Instant::now();
+    let label = format!("scale fill {depth}");
+    prefill(
+        &engine,
+        "default",
+        "bench",
+        Some(SCALE_QUEUE),
+        &body,
+        depth,
+        &label,
+    )
+    .await?;
+    let fill_s = t_fill.elapsed().as_secs_f64();
+
+    let runs = u64::from(common.runs.max(1));
+    let mut samples = Vec::with_capacity(runs as usize);
+    let progress = Progress::start(&format!("scale trigger at {depth}"), runs);
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        engine
+            .trigger("bench")
+            .queue(SCALE_QUEUE)
+            .payload(&body)
+            .send()
+            .await?;
+        samples.push(t0.elapsed().as_nanos() as u64);
+        progress.inc(1);
+    }
+    progress.finish().await;
+    let trigger_us_mean = samples.iter().sum::<u64>() as f64 / samples.len() as f64 / 1_000.0;
+    samples.sort_unstable();
+    let trigger_us_p50 = round2(percentile(&samples, 0.50) as f64 / 1_000.0);
+    let trigger_us_p99 = round2(percentile(&samples, 0.99) as f64 / 1_000.0);
+
+    let started = Arc::new(AtomicU64::new(0));
+    let reached = Arc::new(Notify::new());
+    let progress =
+        Progress::with_counter(&format!("scale claim at {depth}"), runs, started.clone());
+    let (count, all_started) = (started.clone(), reached.clone());
+    let t0 = Instant::now();
+    let worker = engine
+        .worker()
+        .workloops(&format!("manual>*:{slots}"))
+        .handler("bench", move |_ctx: RunContext| {
+            if count.fetch_add(1, Ordering::Relaxed) + 1 == runs {
+                all_started.notify_one();
+            }
+            async { Ok::<_, HandlerError>(Value::Null) }
+        })
+        .start()
+        .await?;
+    tokio::time::timeout(Duration::from_secs(600), reached.notified())
+        .await
+        .context("the claim phase did not finish within 10 minutes")?;
+    let claim = t0.elapsed();
+    progress.finish().await;
+    worker.stop().await;
+    let closed = finish(engine, json!({})).await?;
+    Ok(ScaleFigures {
+        trigger_us_p50,
+        trigger_us_p99,
+        trigger_us_mean,
+        claim_us_per_run: claim.as_secs_f64() * 1e6 / runs as f64,
+        fill_s,
+        closed,
+    })
+}
+
+/// How long each run of the flooding env takes in the fairness scenario.
+const FLOOD_WORK: Duration = Duration::from_millis(1);
+/// The flooding env's backlog, in multiples of the trickle's runs.
+const FLOOD_BACKLOG_FACTOR: u64 = 100;
+
+/// Env A at its limit with a backlog of 100× env B's trickle: B's trigger → handler start
+/// latency while A floods, against B alone on the same engine and worker.
+///
+/// Both envs get `slots / 2` as their limit and one worker serves both with `slots` slots, so
+/// A at its limit leaves B its share. A's runs each take [`FLOOD_WORK`]; B's are no-ops,
+/// triggered one at a time (`gap` between one's end and the next trigger), as in `latency`.
+pub async fn fairness(common: &Common, gap: Duration) -> anyhow::Result<Value> {
+    let engine = open(common).await?;
+    let slots = common.slots.max(2);
+    let limit = slots / 2;
+    for env in ["a", "b"] {
+        engine
+            .set_env(
+                env,
+                EnvSettings {
+                    limit,
+                    ..EnvSettings::default()
+                },
+            )
+            .await?;
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel::<Instant>();
+    let flood_done = Arc::new(AtomicU64::new(0));
+    let flood_count = flood_done.clone();
+    let worker = engine
+        .worker()
+        .env("a")
+        .env("b")
+        .workloops(&format!("manual>*:{slots}"))
+        .handler("flood", move |_ctx: RunContext| {
+            let count = flood_count.clone();
+            async move {
+                tokio::time::sleep(FLOOD_WORK).await;
+                count.fetch_add(1, Ordering::Relaxed);
+                Ok::<_, HandlerError>(Value::Null)
+            }
+        })
+        .handler("probe", move |_ctx: RunContext| {
+            let now = Instant::now();
+            let _ = tx.send(now);
+            async { Ok::<_, HandlerError>(Value::Null) }
+        })
+        .start()
+        .await?;
+    let body = payload(common.payload_bytes);
+    let runs = common.runs.max(1);
+
+    let alone = trickle(&engine, &mut rx, &body, runs, gap, "fairness: b alone").await?;
+
+    let backlog = FLOOD_BACKLOG_FACTOR * u64::from(runs);
+    prefill(
+        &engine,
+        "a",
+        "flood",
+        None,
+        &body,
+        backlog,
+        "fairness: a's backlog",
+    )
+    .await?;
+    let a_pending_before = pending(&engine, "a").await?;
+    let a_done_before = flood_done.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    let flooding = trickle(
+        &engine,
+        &mut rx,
+        &body,
+        runs,
+        gap,
+        "fairness: b, a flooding",
+    )
+    .await?;
+    let b_phase = t0.elapsed();
+    let a_done_during = flood_done.load(Ordering::Relaxed) - a_done_before;
+    let a_pending_after = pending(&engine, "a").await?;
+    // Stop without draining A's backlog: the worker only waits for what is in flight.
+    worker.stop().await;
+
+    let p = |s: &[u64], q: f64| percentile(s, q);
+    let ratio = |f: u64, a: u64| {
+        if a > 0 {
+            round2(f as f64 / a as f64)
+        } else {
+            0.0
+        }
+    };
+    let line = json!({
+        "scenario": "fairness",
+        "backend": common.backend,
+        "topology": "same-process",
+        "gap_ms": gap.as_millis() as u64,
+        "slots": slots,
+        "runs": runs,
+        "payload_bytes": common.payload_bytes,
+        "env_limit": limit,
+        "a_work_ms": FLOOD_WORK.as_millis() as u64,
+        "a_backlog": backlog,
+        "a_pending_at_b_start": a_pending_before,
+        "a_pending_at_b_end": a_pending_after,
+        "a_flooding_throughout": a_pending_after > u64::from(limit),
+        "a_runs_per_s_during_b": (a_done_during as f64 / b_phase.as_secs_f64()).round() as u64,
+        "b_alone_p50_us": p(&alone, 0.50),
+        "b_alone_p99_us": p(&alone, 0.99),
+        "b_flooding_p50_us": p(&flooding, 0.50),
+        "b_flooding_p99_us": p(&flooding, 0.99),
+        "p50_ratio": ratio(p(&flooding, 0.50), p(&alone, 0.50)),
+        "p99_ratio": ratio(p(&flooding, 0.99), p(&alone, 0.99)),
+        "git_revision": git_revision(),
+    });
+    finish(engine, line).await
+}
+
+/// Runs of an env not yet finished (delayed, queued, ready or executing).
+async fn pending(engine: &Engine, env: &str) -> anyhow::Result<u64> {
+    Ok(engine
+        .queues(env)
+        .await?
+        .iter()
+        .map(|q| q.delayed + q.queued + q.running)
+        .sum())
+}
+
+/// B's trickle: `runs` probes in env `b`, one at a time; trigger call start → handler start,
+/// in µs, sorted (after a tenth as warm-up, at least 10).
+async fn trickle(
+    engine: &Engine,
+    started: &mut mpsc::UnboundedReceiver<Instant>,
+    body: &Value,
+    runs: u32,
+    gap: Duration,
+    label: &str,
+) -> anyhow::Result<Vec<u64>> {
+    let warmup = (runs / 10).max(10);
+    let progress = Progress::start(label, u64::from(runs + warmup));
+    let mut samples = Vec::with_capacity(runs as usize);
+    for i in 0..(runs + warmup) {
+        let t0 = Instant::now();
+        let run = engine
+            .trigger("probe")
+            .env("b")
+            .payload(body)
+            .send()
+            .await?;
+        let start = started.recv().await.context("probe channel closed")?;
+        if i >= warmup {
+            samples.push(start.duration_since(t0).as_micros() as u64);
+        }
+        engine.wait(run.run.id, Duration::from_secs(10)).await?;
+        progress.inc(1);
+        if !gap.is_zero() {
+            tokio::time::sleep(gap).await;
+        }
+    }
+    progress.finish().await;
+    samples.sort_unstable();
+    Ok(samples)
+}
+
+/// Throughput with triggers sent `batch` runs per `trigger_batch` call (one store write per
+/// batch) instead of one `send()` per run: what a caller that batches gets, and how far a
+/// durable backend's group commit carries when each call no longer waits for its own commit.
+/// The worker side is the same as [`throughput`]'s.
+pub async fn throughput_batched(
+    common: &Common,
+    phase: Phase,
+    batch: u32,
+) -> anyhow::Result<Value> {
+    let engine = open(common).await?;
+    let body = payload(common.payload_bytes);
+    let runs = u64::from(common.runs);
+    let batch = u64::from(batch.clamp(1, engine.config().batch_max as u32));
+    let request: TriggerRequest = engine.trigger("bench").payload(&body).request()?;
+    let send_all = |progress: Option<Progress>| {
+        let engine = &engine;
+        let request = &request;
+        async move {
+            let mut left = runs;
+            while left > 0 {
+                let n = left.min(batch);
+                let requests = (0..n).map(|_| request.clone()).collect();
+                engine.trigger_batch(requests).await?;
+                if let Some(p) = &progress {
+                    p.inc(n);
+                }
+                left -= n;
+            }
+            if let Some(p) = progress {
+                p.finish().await;
+            }
+            anyhow::Ok(())
+        }
+    };
+    let done = Arc::new(AtomicU64::new(0));
+    let elapsed = match phase {
+        Phase::TriggerOnly => {
+            let t0 = Instant::now();
+            send_all(Some(Progress::start("trigger_only", runs))).await?;
+            t0.elapsed()
+        }
+        Phase::DrainOnly => {
+            send_all(Some(Progress::start("drain_only fill", runs))).await?;
+            let progress = Progress::with_counter("drain_only", runs, done.clone());
+            let t0 = Instant::now();
+            let worker = start_noop_worker(&engine, common.slots, done.clone()).await?;
+            drained(&engine, &done, runs).await?;
+            let e = t0.elapsed();
+            progress.finish().await;
+            worker.stop().await;
+            e
+        }
+        Phase::Concurrent => {
+            let progress = Progress::with_counter("concurrent", runs, done.clone());
+            let worker = start_noop_worker(&engine, common.slots, done.clone()).await?;
+            let t0 = Instant::now();
+            send_all(None).await?;
+            drained(&engine, &done, runs).await?;
+            let e = t0.elapsed();
+            progress.finish().await;
+            worker.stop().await;
+            e
+        }
+    };
+    let line = json!({
+        "scenario": "throughput",
+        "backend": common.backend,
+        "phase": phase.name(),
+        "slots": common.slots,
+        "runs": common.runs,
+        "batch": batch,
+        "payload_bytes": common.payload_bytes,
+        "elapsed_ms": elapsed.as_millis() as u64,
+        "runs_per_s": (runs as f64 / elapsed.as_secs_f64()).round() as u64,
+        "git_revision": git_revision(),
+    });
+    finish(engine, line).await
 }

@@ -1,6 +1,7 @@
 //! The `runlane` command line. It parses arguments and calls the library; nothing else.
 
 mod bench;
+mod progress;
 mod quickstart;
 
 use std::time::Duration;
@@ -51,6 +52,16 @@ struct BenchCommon {
     /// Payload size in bytes.
     #[arg(long, default_value_t = 64)]
     payload_bytes: usize,
+    /// Embedded backend: SQLite's `synchronous` (`full`: every commit durable on return).
+    #[arg(long, value_enum, default_value_t = SyncArg::Full)]
+    synchronous: SyncArg,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+#[value(rename_all = "snake_case")]
+enum SyncArg {
+    Full,
+    Normal,
 }
 
 #[derive(Subcommand, Debug)]
@@ -66,6 +77,22 @@ enum BenchScenario {
         #[arg(long, default_value = "same-process")]
         topology: String,
     },
+    /// Trigger and claim cost with `--depth` runs pending vs 1,000 pending.
+    Scale {
+        #[command(flatten)]
+        common: BenchCommon,
+        /// Runs pending in the measured queue key.
+        #[arg(long, default_value_t = 1_000_000)]
+        depth: u64,
+    },
+    /// Env B's start latency while env A floods at its limit (backlog 100× B's runs) vs alone.
+    Fairness {
+        #[command(flatten)]
+        common: BenchCommon,
+        /// Pause between B's runs, in milliseconds.
+        #[arg(long, default_value_t = 2)]
+        gap_ms: u64,
+    },
     /// No-op runs per second.
     Throughput {
         #[command(flatten)]
@@ -73,6 +100,9 @@ enum BenchScenario {
         /// Which phase to measure.
         #[arg(long, value_enum, default_value_t = PhaseArg::Concurrent)]
         phase: PhaseArg,
+        /// Runs per trigger call (`trigger_batch`); 1 sends each run on its own.
+        #[arg(long, default_value_t = 1)]
+        batch: u32,
     },
 }
 
@@ -90,6 +120,10 @@ fn common(c: &BenchCommon, default_runs: u32) -> bench::Common {
         runs: c.runs.unwrap_or(default_runs),
         slots: c.slots,
         payload_bytes: c.payload_bytes,
+        synchronous: match c.synchronous {
+            SyncArg::Full => runlane::Synchronous::Full,
+            SyncArg::Normal => runlane::Synchronous::Normal,
+        },
     }
 }
 
@@ -121,13 +155,27 @@ fn main() -> anyhow::Result<()> {
                         }
                         bench::latency(&common(&c, 2_000), Duration::from_millis(gap_ms)).await?
                     }
-                    BenchScenario::Throughput { common: c, phase } => {
+                    BenchScenario::Throughput {
+                        common: c,
+                        phase,
+                        batch,
+                    } => {
                         let phase = match phase {
                             PhaseArg::TriggerOnly => bench::Phase::TriggerOnly,
                             PhaseArg::DrainOnly => bench::Phase::DrainOnly,
                             PhaseArg::Concurrent => bench::Phase::Concurrent,
                         };
-                        bench::throughput(&common(&c, 200_000), phase).await?
+                        if batch > 1 {
+                            bench::throughput_batched(&common(&c, 200_000), phase, batch).await?
+                        } else {
+                            bench::throughput(&common(&c, 200_000), phase).await?
+                        }
+                    }
+                    BenchScenario::Scale { common: c, depth } => {
+                        bench::scale(&common(&c, 2_000), depth).await?
+                    }
+                    BenchScenario::Fairness { common: c, gap_ms } => {
+                        bench::fairness(&common(&c, 300), Duration::from_millis(gap_ms)).await?
                     }
                 };
                 println!("{line}");

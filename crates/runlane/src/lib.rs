@@ -16,13 +16,14 @@
 
 pub use runlane_core as core;
 pub use runlane_engine::*;
-pub use runlane_sqlite::{SqliteConfig, SqliteError, Synchronous};
+pub use runlane_sqlite::{
+    SqliteConfig, SqliteError, SqliteStats, SqliteStore, StoreSize, Synchronous,
+};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use runlane_memory::{MemoryConfig, MemoryQueue, MemoryStore};
-use runlane_sqlite::SqliteStore;
 
 /// Why an engine could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -64,9 +65,19 @@ pub async fn embedded_with(
     sqlite: SqliteConfig,
 ) -> Result<Engine, OpenError> {
     let store = open_sqlite(path.as_ref().to_path_buf(), sqlite).await?;
-    Ok(builder
+    Ok(embedded_on(builder, store).await?)
+}
+
+/// Opens the embedded engine over a run store opened with [`open_sqlite`]. The caller keeps a
+/// handle on the store for what only it answers (its size, its writer's counters): `runlane
+/// bench` reports SQLite bytes per run this way.
+pub async fn embedded_on(
+    builder: EngineBuilder,
+    store: Arc<SqliteStore>,
+) -> Result<Engine, EngineError> {
+    builder
         .open(Arc::new(MemoryQueue::new(MemoryConfig::default())), store)
-        .await?)
+        .await
 }
 
 /// Opens the SQLite run store off the async threads (opening reads and may migrate the file).
