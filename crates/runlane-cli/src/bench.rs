@@ -39,6 +39,9 @@ pub struct Common {
     pub payload_bytes: usize,
     /// Embedded: how hard SQLite syncs on commit (`Full`: durable on return).
     pub synchronous: Synchronous,
+    /// Tasks triggering at once in `trigger_only` and `concurrent` (many request handlers of
+    /// an application; a durable store group-commits what they send together).
+    pub producers: u32,
 }
 
 /// An engine under measurement, with what its backend needs to be measured and cleaned up.
@@ -324,12 +327,10 @@ pub async fn throughput(common: &Common, phase: Phase) -> anyhow::Result<Value> 
     let done = Arc::new(AtomicU64::new(0));
     let elapsed = match phase {
         Phase::TriggerOnly => {
-            let progress = Progress::start("trigger_only", runs);
+            let sent = Arc::new(AtomicU64::new(0));
+            let progress = Progress::with_counter("trigger_only", runs, sent.clone());
             let t0 = Instant::now();
-            for _ in 0..runs {
-                engine.trigger("bench").payload(&body).send().await?;
-                progress.inc(1);
-            }
+            produce(&engine, &body, runs, common.producers, Some(sent)).await?;
             let e = t0.elapsed();
             progress.finish().await;
             e
@@ -359,9 +360,7 @@ pub async fn throughput(common: &Common, phase: Phase) -> anyhow::Result<Value> 
             let progress = Progress::with_counter("concurrent", runs, done.clone());
             let worker = start_noop_worker(&engine, common.slots, done.clone()).await?;
             let t0 = Instant::now();
-            for _ in 0..runs {
-                engine.trigger("bench").payload(&body).send().await?;
-            }
+            produce(&engine, &body, runs, common.producers, None).await?;
             drained(&engine, &done, runs).await?;
             let e = t0.elapsed();
             progress.finish().await;
@@ -376,12 +375,44 @@ pub async fn throughput(common: &Common, phase: Phase) -> anyhow::Result<Value> 
         "phase": phase.name(),
         "slots": common.slots,
         "runs": common.runs,
+        "producers": common.producers,
         "payload_bytes": common.payload_bytes,
         "elapsed_ms": elapsed.as_millis() as u64,
         "runs_per_s": (runs as f64 / elapsed.as_secs_f64()).round() as u64,
         "git_revision": git_revision(),
     });
     finish(engine, line).await
+}
+
+/// Triggers `runs` single runs from `producers` tasks at once (their share each).
+async fn produce(
+    engine: &Engine,
+    body: &Value,
+    runs: u64,
+    producers: u32,
+    sent: Option<Arc<AtomicU64>>,
+) -> anyhow::Result<()> {
+    let producers = u64::from(producers.max(1)).min(runs.max(1));
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in 0..producers {
+        let share = runs / producers + u64::from(p < runs % producers);
+        let engine = engine.clone();
+        let body = body.clone();
+        let sent = sent.clone();
+        tasks.spawn(async move {
+            for _ in 0..share {
+                engine.trigger("bench").payload(&body).send().await?;
+                if let Some(sent) = &sent {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok::<(), runlane::EngineError>(())
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.context("a producer task failed")??;
+    }
+    Ok(())
 }
 
 /// Triggers `runs` runs of `task` in `env` (and `queue`) in batches of the engine's largest

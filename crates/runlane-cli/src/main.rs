@@ -55,6 +55,9 @@ struct BenchCommon {
     /// Embedded backend: SQLite's `synchronous` (`full`: every commit durable on return).
     #[arg(long, value_enum, default_value_t = SyncArg::Full)]
     synchronous: SyncArg,
+    /// Throughput: tasks triggering at once (trigger_only and concurrent phases).
+    #[arg(long, default_value_t = 1)]
+    producers: u32,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -124,6 +127,7 @@ fn common(c: &BenchCommon, default_runs: u32) -> bench::Common {
             SyncArg::Full => runlane::Synchronous::Full,
             SyncArg::Normal => runlane::Synchronous::Normal,
         },
+        producers: c.producers,
     }
 }
 
