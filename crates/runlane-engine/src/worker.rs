@@ -446,13 +446,18 @@ impl Drop for InFlightGuard {
     }
 }
 
-/// Aborts a task when dropped (a handler outlives neither its run task nor its worker).
-struct AbortOnDrop<T>(JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+/// Polls a handler's future, turning a panic while polling into `Err(())`. The future is not
+/// polled again after a panic.
+async fn catch_panic(
+    mut fut: HandlerFuture,
+) -> Result<Result<serde_json::Value, HandlerError>, ()> {
+    std::future::poll_fn(move |cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(poll) => poll.map(Ok),
+            Err(_) => std::task::Poll::Ready(Err(())),
+        }
+    })
+    .await
 }
 
 /// How a handler's attempt ended.
@@ -675,16 +680,17 @@ async fn execute(
             // An advisory, non-blocking start mark: if the process dies while the handler runs,
             // recovery at the next open counts this attempt as `crashed`.
             engine.store.note_start(run, d.attempt, engine.now());
-            let mut task = AbortOnDrop(tokio::spawn(handler(ctx)));
+            // The handler runs inside this run's task (no second spawn per run); a panic in
+            // it is caught at its poll and fails the attempt, and dropping the future when the
+            // engine aborts the attempt stops it, as aborting a task would.
             tokio::select! {
-                joined = &mut task.0 => match joined {
+                finished = catch_panic(handler(ctx)) => match finished {
                     Ok(Ok(value)) => Outcome::Completed(value),
                     Ok(Err(e)) => Outcome::Failed { outcome: "failed", error: e.0 },
-                    Err(e) if e.is_panic() => Outcome::Failed {
+                    Err(()) => Outcome::Failed {
                         outcome: "failed",
                         error: "handler panicked".to_owned(),
                     },
-                    Err(_) => Outcome::Aborted(local.abort.get().unwrap_or(AbortKind::Engine)),
                 },
                 kind = local.abort.wait() => Outcome::Aborted(kind),
             }

@@ -214,6 +214,62 @@ async fn a_task_without_a_handler_fails_with_no_handler() {
 }
 
 #[tokio::test]
+async fn a_panicking_handler_fails_its_attempt_and_the_worker_goes_on() {
+    let h = Harness::new().await;
+    let attempts = Arc::new(AtomicU32::new(0));
+    let worker = h
+        .engine
+        .worker()
+        .handler("fragile", {
+            let attempts = attempts.clone();
+            move |_ctx: RunContext| {
+                let first = attempts.fetch_add(1, Ordering::SeqCst) == 0;
+                async move {
+                    if first {
+                        panic!("the handler broke");
+                    }
+                    Ok::<Value, HandlerError>(json!("recovered"))
+                }
+            }
+        })
+        .start()
+        .await
+        .expect("worker");
+    let policy = RetryPolicy {
+        attempts_max: 2,
+        min: Duration::from_secs(1),
+        max: Duration::from_secs(1),
+        jitter: 0.0,
+        ..RetryPolicy::default()
+    };
+    let run = h
+        .engine
+        .trigger("fragile")
+        .retry(policy)
+        .send()
+        .await
+        .expect("trigger")
+        .run;
+    // The failed attempt arms the timer at its retry instant.
+    let retry_at = h.engine.now().saturating_add(Duration::from_secs(1));
+    bounded(h.clock.wait_sleeper_at(retry_at)).await;
+    let failed = h.engine.get(run.id).await.expect("get");
+    assert_eq!(failed.status, RunStatus::Delayed);
+    assert_eq!(failed.attempts[0].outcome, "failed");
+    assert_eq!(
+        failed.attempts[0].error.as_deref(),
+        Some("handler panicked")
+    );
+    // The same worker, still alive, runs the retry.
+    h.clock.advance(Duration::from_secs(1));
+    let done = finished(bounded(h.engine.wait(run.id, FOREVER)).await.expect("wait"));
+    assert_eq!(done.status, RunStatus::Completed);
+    assert_eq!(done.output.as_deref(), Some("\"recovered\""));
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
+    worker.stop().await;
+}
+
+#[tokio::test]
 async fn cancel_fires_the_running_handlers_token_at_once() {
     let h = Harness::new().await;
     let (tx, mut reasons) = mpsc::unbounded_channel();
