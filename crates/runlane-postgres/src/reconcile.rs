@@ -1,0 +1,1 @@
+//! The reconciler of the store-first protocol (SPEC §7).

@@ -1,0 +1,831 @@
+//! [`PostgresStore`]: the PostgreSQL run store. Opening connects (naming the address when it
+//! cannot), migrates under an advisory lock, then starts the group-commit writers and the
+//! attempt-start flusher. Hot-path writes go through the writers; reads, rare writes and
+//! retention go straight to the pool.
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use runlane_core::backend::{
+    AttemptRecord, IdempotencyClaim, Inserted, RunFilter, RunRecord, RunStore,
+};
+use runlane_core::{
+    EnvName, EnvSettings, InvalidInput, RunId, RunStatus, StoreError, Timestamp, VersionDef,
+};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{ConnectOptions, Row};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::config::{Durability, PostgresConfig, Retention};
+use crate::error::{is_connection_error, unavailable, DbError, PostgresError};
+use crate::record::{
+    attempt_to_sql, decode_run, id_to_sql, status_from_sql, ts_from_sql, ts_to_sql, u32_from_sql,
+    RUN_COLUMNS, UNFINISHED,
+};
+use crate::schema;
+use crate::start::StartNotes;
+use crate::writer::{self, Counters, Op, Queued, WriterShared};
+
+/// The default page size of a listing, and its cap (as in the memory store).
+const LIST_LIMIT_DEFAULT: u32 = 100;
+const LIST_LIMIT_MAX: u32 = 1000;
+
+/// Relaxed runs remembered for their terminal write's durability, at most.
+const RELAXED_RUNS_MAX: usize = 1_000_000;
+
+/// Counters of the writers since open.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PostgresStats {
+    /// Write transactions committed.
+    pub commits: u64,
+    /// Write calls answered from committed transactions.
+    pub calls_committed: u64,
+    /// The most calls committed by one transaction.
+    pub largest_batch: u64,
+    /// Transactions that failed (their calls got `Unavailable`).
+    pub failed_batches: u64,
+    /// Calls refused because the write queue stayed full (backpressure).
+    pub queue_full: u64,
+    /// Run rows inserted.
+    pub rows_inserted: u64,
+    /// Terminal writes applied.
+    pub rows_finished: u64,
+    /// Attempt starts written because their run was still unfinished after
+    /// `start_flush_after`.
+    pub starts_flushed: u64,
+    /// Attempt starts kept in memory right now.
+    pub starts_kept: u64,
+    /// Transactions tried again after losing a race (deadlock).
+    pub retried_batches: u64,
+    /// Batches applied again one call per transaction after a statement failed.
+    pub split_batches: u64,
+}
+
+/// Where a run is in the store-first protocol (SPEC §7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DispatchState {
+    /// Committed here; the queue may not have it yet (the reconciler enqueues it).
+    PendingEnqueue,
+    /// The queue has it (or it finished).
+    InQueue,
+}
+
+impl DispatchState {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DispatchState::PendingEnqueue => "pending_enqueue",
+            DispatchState::InQueue => "in_queue",
+        }
+    }
+}
+
+/// The PostgreSQL run store (implements [`RunStore`]); also answers the reconciler of the
+/// store-first protocol ([`PostgresStore::pending_enqueue`], [`PostgresStore::mark_in_queue`]).
+///
+/// Dropping the store lets the writers commit what is queued; the pool closes once they end.
+pub struct PostgresStore {
+    queue: mpsc::Sender<Queued>,
+    pool: PgPool,
+    counters: Arc<Counters>,
+    starts: Arc<StartNotes>,
+    start_notify: Arc<Notify>,
+    shutdown: Arc<Notify>,
+    durability: RwLock<(Durability, HashMap<String, Durability>)>,
+    relaxed_runs: Mutex<HashSet<RunId>>,
+    config: PostgresConfig,
+    address: String,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("address", &self.address)
+            .field("schema", &self.config.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        // The flusher holds a sender: it must end for the writers to see the queue close.
+        self.shutdown.notify_one();
+    }
+}
+
+/// `host:port` of the options, for messages.
+fn address_of(options: &PgConnectOptions) -> String {
+    let host = options.get_host();
+    if host.starts_with('/') {
+        format!("{host}/.s.PGSQL.{}", options.get_port())
+    } else {
+        format!("{host}:{}", options.get_port())
+    }
+}
+
+impl PostgresStore {
+    /// Connects to the server, creates or migrates the schema, and starts the writers. Must be
+    /// called inside a tokio runtime.
+    ///
+    /// Refuses: an unreachable server ([`PostgresError::Unreachable`], naming `host:port`), a
+    /// schema written by a newer runlane ([`PostgresError::SchemaTooNew`]), bad settings.
+    pub async fn open(config: PostgresConfig) -> Result<PostgresStore, PostgresError> {
+        config.validate()?;
+        let options = PgConnectOptions::from_str(&config.url)
+            .map_err(|e| InvalidInput::new("url", format!("{e}")))?
+            .options([("search_path", config.schema.as_str())])
+            .application_name("runlane")
+            .disable_statement_logging();
+        let address = address_of(&options);
+        let unreachable = |e: sqlx::Error| PostgresError::Unreachable {
+            address: address.clone(),
+            reason: e.to_string(),
+        };
+        let mut conn = match tokio::time::timeout(config.acquire_timeout, options.connect()).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) if is_connection_error(&e) => return Err(unreachable(e)),
+            Ok(Err(e)) => {
+                return Err(PostgresError::Postgres {
+                    address,
+                    schema: config.schema.clone(),
+                    source: e,
+                })
+            }
+            Err(_) => {
+                return Err(PostgresError::Unreachable {
+                    address,
+                    reason: format!("no answer within {:?}", config.acquire_timeout),
+                })
+            }
+        };
+        schema::migrate(&mut conn, &config.schema, &address).await?;
+        // Closing is a courtesy to the server; the migration already committed.
+        let _ = sqlx::Connection::close(conn).await;
+
+        let pool = PgPoolOptions::new()
+            .max_connections(config.pool_size)
+            .min_connections(0)
+            .acquire_timeout(config.acquire_timeout)
+            .test_before_acquire(false)
+            .connect_lazy_with(options);
+        let counters = Arc::new(Counters::default());
+        let (queue, rx) = mpsc::channel(config.queue_bound);
+        writer::spawn(
+            config.writers,
+            rx,
+            Arc::new(WriterShared {
+                pool: pool.clone(),
+                counters: counters.clone(),
+                batch_max: config.batch_max,
+                commit_timeout: config.commit_timeout,
+            }),
+        );
+        let starts = Arc::new(StartNotes::default());
+        let start_notify = Arc::new(Notify::new());
+        let shutdown = Arc::new(Notify::new());
+        spawn_flusher(
+            starts.clone(),
+            start_notify.clone(),
+            shutdown.clone(),
+            queue.clone(),
+            config.start_flush_after,
+        );
+        let durability = (
+            config.durability,
+            config
+                .env_durability
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+        );
+        Ok(PostgresStore {
+            queue,
+            pool,
+            counters,
+            starts,
+            start_notify,
+            shutdown,
+            durability: RwLock::new(durability),
+            relaxed_runs: Mutex::new(HashSet::new()),
+            config,
+            address,
+        })
+    }
+
+    /// The server address (`host:port`).
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The schema holding the tables.
+    pub fn schema(&self) -> &str {
+        &self.config.schema
+    }
+
+    /// The writers' counters since open.
+    pub fn stats(&self) -> PostgresStats {
+        let c = &self.counters;
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        PostgresStats {
+            commits: get(&c.commits),
+            calls_committed: get(&c.calls_committed),
+            largest_batch: get(&c.largest_batch),
+            failed_batches: get(&c.failed_batches),
+            queue_full: get(&c.queue_full),
+            rows_inserted: get(&c.rows_inserted),
+            rows_finished: get(&c.rows_finished),
+            starts_flushed: get(&c.starts_flushed),
+            starts_kept: self.starts.len() as u64,
+            retried_batches: get(&c.retried_batches),
+            split_batches: get(&c.split_batches),
+        }
+    }
+
+    /// Sets the durability of an env's future writes.
+    pub fn set_durability(&self, env: &EnvName, durability: Durability) {
+        let mut d = self.durability.write().unwrap_or_else(|e| e.into_inner());
+        d.1.insert(env.to_string(), durability);
+    }
+
+    /// The durability of an env's writes.
+    pub fn durability(&self, env: &EnvName) -> Durability {
+        let d = self.durability.read().unwrap_or_else(|e| e.into_inner());
+        d.1.get(env.as_str()).copied().unwrap_or(d.0)
+    }
+
+    fn relaxed_runs(&self) -> MutexGuard<'_, HashSet<RunId>> {
+        self.relaxed_runs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks the server answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(|e| unavailable("ping", &e))
+    }
+
+    /// Queues a hot-path write and waits for its commit.
+    async fn submit<T>(
+        &self,
+        durability: Durability,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let queued = Queued {
+            durability,
+            op: make(reply),
+        };
+        let sent = if self.config.enqueue_timeout.is_zero() {
+            self.queue.try_send(queued).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => true,
+                mpsc::error::TrySendError::Closed(_) => false,
+            })
+        } else {
+            self.queue
+                .send_timeout(queued, self.config.enqueue_timeout)
+                .await
+                .map_err(|e| matches!(e, mpsc::error::SendTimeoutError::Timeout(_)))
+        };
+        match sent {
+            Ok(()) => {}
+            Err(true) => {
+                self.counters.queue_full.fetch_add(1, Ordering::Relaxed);
+                return Err(StoreError::Unavailable(format!(
+                    "postgresql write queue is full ({} writes waiting for {:?})",
+                    self.config.queue_bound, self.config.enqueue_timeout
+                )));
+            }
+            Err(false) => return Err(writer::writer_gone()),
+        }
+        answer.await.map_err(|_| writer::writer_gone())?
+    }
+
+    async fn read_runs(
+        &self,
+        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<Vec<RunRecord>, StoreError> {
+        let rows = query
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| unavailable("read", &e))?;
+        let mut out = rows
+            .iter()
+            .map(decode_run)
+            .collect::<Result<Vec<_>, DbError>>()?;
+        self.starts.overlay(&mut out);
+        Ok(out)
+    }
+
+    /// Unfinished runs whose enqueue may have been missed (`pending_enqueue`), oldest first:
+    /// what the reconciler enqueues.
+    pub async fn pending_enqueue(&self, limit: u32) -> Result<Vec<RunRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE dispatch_state = 'pending_enqueue' \
+             AND {UNFINISHED} ORDER BY dispatch_since, id LIMIT $1"
+        );
+        self.read_runs(sqlx::query(&sql).bind(i64::from(limit)))
+            .await
+    }
+
+    /// When the oldest `pending_enqueue` row was committed (arms the reconciler).
+    pub async fn oldest_pending_at(&self) -> Result<Option<Timestamp>, StoreError> {
+        let v: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT min(dispatch_since) FROM runs \
+             WHERE dispatch_state = 'pending_enqueue' AND {UNFINISHED}"
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| unavailable("read", &e))?;
+        Ok(v.map(ts_from_sql).transpose()?)
+    }
+
+    /// Marks runs the queue now holds; returns how many rows changed.
+    pub async fn mark_in_queue(&self, runs: &[RunId]) -> Result<u64, StoreError> {
+        if runs.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<Vec<u8>> = runs.iter().map(|r| id_to_sql(*r)).collect();
+        sqlx::query(
+            "UPDATE runs SET dispatch_state = 'in_queue' \
+             WHERE id = ANY($1) AND dispatch_state = 'pending_enqueue'",
+        )
+        .bind(ids)
+        .execute(&self.pool)
+        .await
+        .map(|r| r.rows_affected())
+        .map_err(|e| unavailable("write", &e))
+    }
+
+    /// A run's dispatch state (`None` for an unknown run).
+    pub async fn dispatch_state(&self, run: RunId) -> Result<Option<DispatchState>, StoreError> {
+        let v: Option<String> = sqlx::query_scalar("SELECT dispatch_state FROM runs WHERE id = $1")
+            .bind(id_to_sql(run))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| unavailable("read", &e))?;
+        Ok(v.map(|s| {
+            if s == DispatchState::PendingEnqueue.as_str() {
+                DispatchState::PendingEnqueue
+            } else {
+                DispatchState::InQueue
+            }
+        }))
+    }
+
+    /// Deletes finished runs kept longer than `retention` allows at `now` (their idempotency
+    /// keys go with them), `purge_batch` at a time; returns how many.
+    pub async fn purge_finished(
+        &self,
+        retention: &Retention,
+        now: Timestamp,
+    ) -> Result<u64, StoreError> {
+        let mut total = 0u64;
+        for status in RunStatus::ALL {
+            let Some(keep) = retention.keep(status) else {
+                continue;
+            };
+            let before = ts_to_sql(now.saturating_sub(keep));
+            loop {
+                let deleted = sqlx::query(
+                    "DELETE FROM runs WHERE id IN (SELECT id FROM runs \
+                     WHERE status = $1 AND finished_at IS NOT NULL AND finished_at <= $2 \
+                     LIMIT $3)",
+                )
+                .bind(status.as_str())
+                .bind(before)
+                .bind(i64::from(self.config.purge_batch))
+                .execute(&self.pool)
+                .await
+                .map_err(|e| unavailable("purge", &e))?
+                .rows_affected();
+                total += deleted;
+                if deleted < u64::from(self.config.purge_batch) {
+                    break;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// When the next finished run passes its retention (`None` when nothing will be purged).
+    pub async fn next_purge_at(
+        &self,
+        retention: &Retention,
+    ) -> Result<Option<Timestamp>, StoreError> {
+        let mut next: Option<Timestamp> = None;
+        for status in RunStatus::ALL.into_iter().filter(|s| s.is_terminal()) {
+            let Some(keep) = retention.keep(status) else {
+                continue;
+            };
+            let min: Option<i64> = sqlx::query_scalar(
+                "SELECT min(finished_at) FROM runs WHERE status = $1 AND finished_at IS NOT NULL",
+            )
+            .bind(status.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| unavailable("read", &e))?;
+            if let Some(min) = min {
+                let due = ts_from_sql(min)?.saturating_add(keep);
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+        }
+        Ok(next)
+    }
+
+    /// Runs one statement outside the writers (rare writes), mapping failures.
+    async fn execute(
+        &self,
+        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<u64, StoreError> {
+        query
+            .execute(&self.pool)
+            .await
+            .map(|r| r.rows_affected())
+            .map_err(|e| unavailable("write", &e))
+    }
+
+    /// `NotFound` or `AlreadyFinished` for a run an update did not change.
+    async fn refusal(&self, run: RunId) -> StoreError {
+        let status: Result<Option<String>, sqlx::Error> =
+            sqlx::query_scalar("SELECT status FROM runs WHERE id = $1")
+                .bind(id_to_sql(run))
+                .fetch_optional(&self.pool)
+                .await;
+        match status {
+            Ok(None) => StoreError::NotFound(run),
+            Ok(Some(s)) => match status_from_sql(&s) {
+                Ok(status) => StoreError::AlreadyFinished { run, status },
+                Err(e) => e.into(),
+            },
+            Err(e) => unavailable("read", &e),
+        }
+    }
+}
+
+/// Writes kept attempt starts once they are `after` old, woken by the first note (no polling:
+/// it sleeps until the oldest note is due, or until a note arrives when none is kept).
+fn spawn_flusher(
+    starts: Arc<StartNotes>,
+    notify: Arc<Notify>,
+    shutdown: Arc<Notify>,
+    queue: mpsc::Sender<Queued>,
+    after: std::time::Duration,
+) {
+    tokio::spawn(async move {
+        loop {
+            match starts.oldest() {
+                None => tokio::select! {
+                    _ = shutdown.notified() => return,
+                    _ = notify.notified() => continue,
+                },
+                Some(oldest) => {
+                    let due = tokio::time::Instant::from_std(oldest + after);
+                    tokio::select! {
+                        _ = shutdown.notified() => return,
+                        _ = tokio::time::sleep_until(due) => {}
+                    }
+                }
+            }
+            let due = starts.take_due(Instant::now().checked_sub(after).unwrap_or(Instant::now()));
+            if due.is_empty() {
+                continue;
+            }
+            let queued = Queued {
+                durability: Durability::Relaxed,
+                op: Op::Starts(due),
+            };
+            // Bounded wait: a full queue delays the advisory starts, never the callers.
+            if queue.send(queued).await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+#[async_trait]
+impl RunStore for PostgresStore {
+    async fn insert(
+        &self,
+        runs: Vec<(RunRecord, Option<IdempotencyClaim>)>,
+        now: Timestamp,
+    ) -> Result<Vec<Inserted>, StoreError> {
+        // A call's transaction is strict if any of its envs is.
+        let relaxed = !runs.is_empty()
+            && runs
+                .iter()
+                .all(|(r, _)| self.durability(&r.env) == Durability::Relaxed);
+        let durability = if relaxed {
+            Durability::Relaxed
+        } else {
+            Durability::Strict
+        };
+        if relaxed {
+            let mut set = self.relaxed_runs();
+            if set.len() + runs.len() <= RELAXED_RUNS_MAX {
+                set.extend(runs.iter().map(|(r, _)| r.id));
+            }
+        }
+        self.submit(durability, |reply| Op::Insert { runs, now, reply })
+            .await
+    }
+
+    async fn remove(&self, run: RunId) -> Result<(), StoreError> {
+        self.starts.take(run);
+        self.relaxed_runs().remove(&run);
+        self.execute(sqlx::query("DELETE FROM runs WHERE id = $1").bind(id_to_sql(run)))
+            .await
+            .map(|_| ())
+    }
+
+    async fn get(&self, run: RunId) -> Result<Option<RunRecord>, StoreError> {
+        let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1");
+        Ok(self
+            .read_runs(sqlx::query(&sql).bind(id_to_sql(run)))
+            .await?
+            .pop())
+    }
+
+    async fn list(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, StoreError> {
+        enum Arg {
+            Text(String),
+            Int(i64),
+            Bytes(Vec<u8>),
+        }
+        let mut sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE true");
+        let mut args: Vec<Arg> = Vec::new();
+        let mut clause = |column: &str, op: &str, value: Arg| {
+            args.push(value);
+            sql.push_str(&format!(" AND {column} {op} ${}", args.len()));
+        };
+        if let Some(env) = &filter.env {
+            clause("env", "=", Arg::Text(env.to_string()));
+        }
+        if let Some(status) = filter.status {
+            clause("status", "=", Arg::Text(status.as_str().into()));
+        }
+        if let Some(task) = &filter.task {
+            clause("task", "=", Arg::Text(task.to_string()));
+        }
+        if let Some(queue) = &filter.queue {
+            clause("queue", "=", Arg::Text(queue.to_string()));
+        }
+        if let Some(lane) = &filter.lane {
+            clause("lane", "=", Arg::Text(lane.to_string()));
+        }
+        if let Some(source) = filter.source {
+            clause("source", "=", Arg::Text(source.as_str().into()));
+        }
+        if let Some(version) = filter.version {
+            clause("version", "=", Arg::Int(version.into()));
+        }
+        if let Some(from) = filter.created_from {
+            clause("created_at", ">=", Arg::Int(ts_to_sql(from)));
+        }
+        if let Some(to) = filter.created_to {
+            clause("created_at", "<", Arg::Int(ts_to_sql(to)));
+        }
+        if let Some(after) = filter.after {
+            clause("id", ">", Arg::Bytes(id_to_sql(after)));
+        }
+        let limit = filter
+            .limit
+            .unwrap_or(LIST_LIMIT_DEFAULT)
+            .min(LIST_LIMIT_MAX);
+        args.push(Arg::Int(limit.into()));
+        sql.push_str(&format!(" ORDER BY id LIMIT ${}", args.len()));
+        let mut query = sqlx::query(&sql);
+        for arg in args {
+            query = match arg {
+                Arg::Text(v) => query.bind(v),
+                Arg::Int(v) => query.bind(v),
+                Arg::Bytes(v) => query.bind(v),
+            };
+        }
+        self.read_runs(query).await
+    }
+
+    async fn record_retry(
+        &self,
+        run: RunId,
+        attempt: AttemptRecord,
+        next_run_after: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.starts.take(run);
+        let status = if next_run_after > attempt.ended_at {
+            RunStatus::Delayed
+        } else {
+            RunStatus::Queued
+        };
+        let changed = self
+            .execute(
+                sqlx::query(&format!(
+                    "UPDATE runs SET status = $2, error = $3, attempt = $4, run_after = $5, \
+                     started_at = NULL, attempts = attempts || jsonb_build_array($6::jsonb) \
+                     WHERE id = $1 AND {UNFINISHED}"
+                ))
+                .bind(id_to_sql(run))
+                .bind(status.as_str())
+                .bind(attempt.error.as_deref())
+                .bind(i64::from(attempt.number.saturating_add(1)))
+                .bind(ts_to_sql(next_run_after))
+                .bind(attempt_to_sql(&attempt)?),
+            )
+            .await?;
+        if changed == 0 {
+            return Err(self.refusal(run).await);
+        }
+        Ok(())
+    }
+
+    fn note_start(&self, run: RunId, attempt: u32, at: Timestamp) {
+        if self.starts.note(run, attempt, at, Instant::now()) {
+            self.start_notify.notify_one();
+        }
+    }
+
+    async fn finish(
+        &self,
+        run: RunId,
+        status: RunStatus,
+        output: Option<std::sync::Arc<str>>,
+        attempt: Option<AttemptRecord>,
+        now: Timestamp,
+    ) -> Result<RunRecord, StoreError> {
+        debug_assert!(status.is_terminal(), "finish needs a terminal status");
+        let start = self.starts.take(run);
+        let durability = if self.relaxed_runs().remove(&run) {
+            Durability::Relaxed
+        } else {
+            Durability::Strict
+        };
+        self.submit(durability, |reply| Op::Finish {
+            run,
+            status,
+            output,
+            attempt,
+            start,
+            now,
+            reply,
+        })
+        .await
+    }
+
+    async fn reschedule(
+        &self,
+        run: RunId,
+        run_after: Timestamp,
+        ttl_deadline: Option<Timestamp>,
+    ) -> Result<(), StoreError> {
+        let changed = self
+            .execute(
+                sqlx::query(&format!(
+                    "UPDATE runs SET run_after = $2, ttl_deadline = $3 WHERE id = $1 AND {UNFINISHED}"
+                ))
+                .bind(id_to_sql(run))
+                .bind(ts_to_sql(run_after))
+                .bind(ttl_deadline.map(ts_to_sql)),
+            )
+            .await?;
+        if changed == 0 {
+            return Err(self.refusal(run).await);
+        }
+        Ok(())
+    }
+
+    async fn unfinished(&self) -> Result<Vec<RunRecord>, StoreError> {
+        let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE {UNFINISHED} ORDER BY id");
+        self.read_runs(sqlx::query(&sql)).await
+    }
+
+    async fn purge_finished(
+        &self,
+        retention: &Retention,
+        now: Timestamp,
+    ) -> Result<u64, StoreError> {
+        PostgresStore::purge_finished(self, retention, now).await
+    }
+
+    async fn next_purge_at(&self, retention: &Retention) -> Result<Option<Timestamp>, StoreError> {
+        PostgresStore::next_purge_at(self, retention).await
+    }
+
+    async fn put_env(&self, env: &EnvName, settings: EnvSettings) -> Result<(), StoreError> {
+        let json = serde_json::to_string(&settings)
+            .map_err(|e| StoreError::Unavailable(format!("env settings do not encode: {e}")))?;
+        self.execute(
+            sqlx::query(
+                "INSERT INTO envs (name, settings) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO UPDATE SET settings = EXCLUDED.settings",
+            )
+            .bind(env.as_str())
+            .bind(json),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn envs(&self) -> Result<Vec<(EnvName, EnvSettings)>, StoreError> {
+        let rows: Vec<PgRow> = sqlx::query("SELECT name, settings FROM envs ORDER BY name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| unavailable("read", &e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let name: String = row.try_get(0).map_err(DbError::from)?;
+            let settings: String = row.try_get(1).map_err(DbError::from)?;
+            let name = EnvName::new(&name)
+                .map_err(|e| StoreError::from(DbError::Corrupt(e.to_string())))?;
+            let settings = serde_json::from_str(&settings).map_err(|e| {
+                StoreError::from(DbError::Corrupt(format!("settings of env {name}: {e}")))
+            })?;
+            out.push((name, settings));
+        }
+        // Names sort like the memory store's BTreeMap: byte order, not the server's collation.
+        out.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        Ok(out)
+    }
+
+    async fn add_version(
+        &self,
+        env: &EnvName,
+        def: VersionDef,
+        now: Timestamp,
+    ) -> Result<u32, StoreError> {
+        let json = serde_json::to_string(&def).map_err(|e| {
+            StoreError::Unavailable(format!("version definition does not encode: {e}"))
+        })?;
+        let number: i64 = sqlx::query_scalar(
+            "WITH n AS (INSERT INTO version_counters (env, last) VALUES ($1, 1) \
+                ON CONFLICT (env) DO UPDATE SET last = version_counters.last + 1 \
+                RETURNING last) \
+             INSERT INTO versions (env, number, definition, created_at) \
+                SELECT $1, n.last, $2, $3 FROM n RETURNING number",
+        )
+        .bind(env.as_str())
+        .bind(json)
+        .bind(ts_to_sql(now))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| unavailable("write", &e))?;
+        Ok(u32_from_sql(number)?)
+    }
+
+    async fn version(&self, env: &EnvName, version: u32) -> Result<Option<VersionDef>, StoreError> {
+        if version == 0 {
+            return Ok(Some(VersionDef::default()));
+        }
+        let json: Option<String> =
+            sqlx::query_scalar("SELECT definition FROM versions WHERE env = $1 AND number = $2")
+                .bind(env.as_str())
+                .bind(i64::from(version))
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| unavailable("read", &e))?;
+        json.map(|json| {
+            serde_json::from_str(&json).map_err(|e| {
+                StoreError::from(DbError::Corrupt(format!(
+                    "version {version} of env {env}: {e}"
+                )))
+            })
+        })
+        .transpose()
+    }
+
+    async fn promote(&self, env: &EnvName, version: u32) -> Result<(), StoreError> {
+        let changed = self
+            .execute(
+                sqlx::query(
+                    "INSERT INTO current_versions (env, version) \
+                     SELECT $1, $2 WHERE $2 = 0 OR EXISTS \
+                        (SELECT 1 FROM versions WHERE env = $1 AND number = $2) \
+                     ON CONFLICT (env) DO UPDATE SET version = EXCLUDED.version",
+                )
+                .bind(env.as_str())
+                .bind(i64::from(version)),
+            )
+            .await?;
+        if changed == 0 {
+            return Err(StoreError::UnknownVersion {
+                env: env.to_string(),
+                version,
+            });
+        }
+        Ok(())
+    }
+
+    async fn current_version(&self, env: &EnvName) -> Result<u32, StoreError> {
+        let v: Option<i64> =
+            sqlx::query_scalar("SELECT version FROM current_versions WHERE env = $1")
+                .bind(env.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| unavailable("read", &e))?;
+        Ok(v.map_or(Ok(0), u32_from_sql)?)
+    }
+}

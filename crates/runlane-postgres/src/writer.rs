@@ -1,0 +1,641 @@
+//! The group-commit writers.
+//!
+//! Hot-path writes (inserts, terminal writes, flushed attempt starts) are queued on one
+//! **bounded** channel. Each of `writers` tasks takes whatever is queued (up to `batch_max`
+//! calls), applies all of it in one transaction with one multi-row statement per kind
+//! (`INSERT ... SELECT FROM UNNEST(...)`, `UPDATE ... FROM UNNEST(...)`), commits once, and
+//! only then answers each caller: a call returns only after its own write committed. While one
+//! writer commits, the next collects, so the server always has a batch in flight.
+//!
+//! Calls in one batch are concurrent (a caller issues its next write only after the previous
+//! one answered), so the batch may apply them in any order; refusals (not found, already
+//! finished, an idempotency hit) are decided in the batch without SQL errors. A batch that
+//! fails on a statement error is applied again one call per transaction, so one bad call never
+//! fails the others; a lost connection or a timeout fails the batch's calls with
+//! `Unavailable` (nothing acknowledged is lost, nothing is acknowledged that was not committed).
+//!
+//! Durability is per transaction: a batch is split into its strict and its relaxed calls, and
+//! the relaxed transaction runs `SET LOCAL synchronous_commit = off`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use runlane_core::backend::{AttemptRecord, IdempotencyClaim, Inserted, RunRecord};
+use runlane_core::{RunId, RunStatus, StoreError, Timestamp};
+use sqlx::postgres::PgPool;
+use sqlx::{Postgres, Row, Transaction};
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use crate::config::Durability;
+use crate::error::{is_connection_error, is_retryable, unavailable, DbError};
+use crate::record::{
+    attempt_to_sql, decode_run, id_from_sql, id_to_sql, status_from_sql, ts_to_sql, RunColumns,
+    RUN_COLUMNS, RUN_COLUMNS_R, UNFINISHED,
+};
+
+/// Counters of the writers, for [`crate::PostgresStats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) commits: AtomicU64,
+    pub(crate) calls_committed: AtomicU64,
+    pub(crate) failed_batches: AtomicU64,
+    pub(crate) queue_full: AtomicU64,
+    pub(crate) largest_batch: AtomicU64,
+    pub(crate) rows_inserted: AtomicU64,
+    pub(crate) rows_finished: AtomicU64,
+    pub(crate) starts_flushed: AtomicU64,
+    pub(crate) retried_batches: AtomicU64,
+    pub(crate) split_batches: AtomicU64,
+}
+
+/// One queued write.
+pub(crate) enum Op {
+    /// `RunStore::insert`.
+    Insert {
+        runs: Vec<(RunRecord, Option<IdempotencyClaim>)>,
+        now: Timestamp,
+        reply: oneshot::Sender<Result<Vec<Inserted>, StoreError>>,
+    },
+    /// `RunStore::finish`, with the attempt start noted in memory, if any.
+    Finish {
+        run: RunId,
+        status: RunStatus,
+        output: Option<Arc<str>>,
+        attempt: Option<AttemptRecord>,
+        start: Option<(u32, Timestamp)>,
+        now: Timestamp,
+        reply: oneshot::Sender<Result<RunRecord, StoreError>>,
+    },
+    /// Attempt starts still unfinished after `start_flush_after` (fire and forget).
+    Starts(Vec<(RunId, u32, Timestamp)>),
+}
+
+/// A queued write and the durability its transaction needs.
+pub(crate) struct Queued {
+    pub(crate) durability: Durability,
+    pub(crate) op: Op,
+}
+
+/// The answer computed for one call, sent once its transaction committed.
+enum Answer {
+    Inserted(Result<Vec<Inserted>, StoreError>),
+    Finished(Result<RunRecord, StoreError>),
+    Nothing,
+}
+
+impl Queued {
+    /// Sends the answer (or the batch's error) to the caller. A caller that stopped waiting
+    /// is ignored: the write stands.
+    fn answer(self, answer: Result<Answer, StoreError>) {
+        match self.op {
+            Op::Insert { reply, .. } => {
+                let _ = reply.send(match answer {
+                    Ok(Answer::Inserted(r)) => r,
+                    Ok(_) => Err(StoreError::Unavailable(
+                        "writer answered out of kind".into(),
+                    )),
+                    Err(e) => Err(e),
+                });
+            }
+            Op::Finish { reply, .. } => {
+                let _ = reply.send(match answer {
+                    Ok(Answer::Finished(r)) => r,
+                    Ok(_) => Err(StoreError::Unavailable(
+                        "writer answered out of kind".into(),
+                    )),
+                    Err(e) => Err(e),
+                });
+            }
+            Op::Starts(_) => {}
+        }
+    }
+
+    fn calls(&self) -> u64 {
+        1
+    }
+}
+
+/// What every writer task shares.
+pub(crate) struct WriterShared {
+    pub(crate) pool: PgPool,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) batch_max: usize,
+    pub(crate) commit_timeout: Duration,
+}
+
+/// Spawns `n` writer tasks on the queue; they end once every sender is dropped and the queue
+/// is drained.
+pub(crate) fn spawn(
+    n: usize,
+    rx: mpsc::Receiver<Queued>,
+    shared: Arc<WriterShared>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let rx = Arc::new(Mutex::new(rx));
+    (0..n)
+        .map(|_| {
+            let rx = rx.clone();
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                loop {
+                    let batch = {
+                        let mut rx = rx.lock().await;
+                        let Some(first) = rx.recv().await else {
+                            return;
+                        };
+                        let mut batch = vec![first];
+                        while batch.len() < shared.batch_max {
+                            match rx.try_recv() {
+                                Ok(q) => batch.push(q),
+                                Err(_) => break,
+                            }
+                        }
+                        batch
+                    };
+                    run_batch(&shared, batch).await;
+                }
+            })
+        })
+        .collect()
+}
+
+/// Commits a batch (strict and relaxed calls in separate transactions) and answers its calls.
+async fn run_batch(shared: &WriterShared, batch: Vec<Queued>) {
+    let (strict, relaxed): (Vec<Queued>, Vec<Queued>) = batch
+        .into_iter()
+        .partition(|q| q.durability == Durability::Strict);
+    for (group, durability) in [(strict, Durability::Strict), (relaxed, Durability::Relaxed)] {
+        if !group.is_empty() {
+            commit_group(shared, group, durability).await;
+        }
+    }
+}
+
+async fn commit_group(shared: &WriterShared, group: Vec<Queued>, durability: Durability) {
+    match commit_with_retry(shared, &group, durability).await {
+        Ok(answers) => answer_all(shared, group, answers),
+        Err(DbError::Sql(e)) if !is_connection_error(&e) && group.len() > 1 => {
+            // A statement failed (a value the server refuses, a constraint): apply each call
+            // in its own transaction so only the bad one fails.
+            shared
+                .counters
+                .split_batches
+                .fetch_add(1, Ordering::Relaxed);
+            for q in group {
+                let one = std::slice::from_ref(&q);
+                match commit_with_retry(shared, one, durability).await {
+                    Ok(mut answers) => {
+                        shared.counters.commits.fetch_add(1, Ordering::Relaxed);
+                        shared
+                            .counters
+                            .calls_committed
+                            .fetch_add(1, Ordering::Relaxed);
+                        q.answer(answers.pop().ok_or_else(|| {
+                            StoreError::Unavailable("writer lost an answer".into())
+                        }));
+                    }
+                    Err(e) => {
+                        shared
+                            .counters
+                            .failed_batches
+                            .fetch_add(1, Ordering::Relaxed);
+                        q.answer(Err(e.into()));
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            shared
+                .counters
+                .failed_batches
+                .fetch_add(1, Ordering::Relaxed);
+            let e: StoreError = e.into();
+            for q in group {
+                q.answer(Err(e.clone()));
+            }
+        }
+    }
+}
+
+fn answer_all(shared: &WriterShared, group: Vec<Queued>, answers: Vec<Answer>) {
+    let c = &shared.counters;
+    let calls: u64 = group.iter().map(Queued::calls).sum();
+    c.commits.fetch_add(1, Ordering::Relaxed);
+    c.calls_committed.fetch_add(calls, Ordering::Relaxed);
+    c.largest_batch.fetch_max(calls, Ordering::Relaxed);
+    for (q, a) in group.into_iter().zip(answers) {
+        q.answer(Ok(a));
+    }
+}
+
+/// One transaction for `ops`, tried again once when it lost a race (deadlock, serialization),
+/// bounded by `commit_timeout`.
+async fn commit_with_retry(
+    shared: &WriterShared,
+    ops: &[Queued],
+    durability: Durability,
+) -> Result<Vec<Answer>, DbError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let attempt = tokio::time::timeout(shared.commit_timeout, commit(shared, ops, durability));
+        match attempt.await {
+            Ok(Err(DbError::Sql(e))) if is_retryable(&e) && tries < 3 => {
+                shared
+                    .counters
+                    .retried_batches
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            Ok(result) => return result,
+            Err(_) => {
+                return Err(DbError::Sql(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("commit took longer than {:?}", shared.commit_timeout),
+                ))))
+            }
+        }
+    }
+}
+
+async fn commit(
+    shared: &WriterShared,
+    ops: &[Queued],
+    durability: Durability,
+) -> Result<Vec<Answer>, DbError> {
+    let mut tx = shared.pool.begin().await?;
+    if durability == Durability::Relaxed {
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await?;
+    }
+    let answers = apply(&mut tx, ops, &shared.counters).await?;
+    tx.commit().await?;
+    Ok(answers)
+}
+
+/// Applies every call of the batch inside `tx`; answers in call order.
+async fn apply(
+    tx: &mut Transaction<'static, Postgres>,
+    ops: &[Queued],
+    counters: &Counters,
+) -> Result<Vec<Answer>, DbError> {
+    let mut answers: Vec<Option<Answer>> = (0..ops.len()).map(|_| None).collect();
+    apply_inserts(tx, ops, &mut answers, counters).await?;
+    apply_finishes(tx, ops, &mut answers, counters).await?;
+    apply_starts(tx, ops, &mut answers, counters).await?;
+    Ok(answers
+        .into_iter()
+        .map(|a| a.unwrap_or(Answer::Nothing))
+        .collect())
+}
+
+/// Where one run of an insert call landed.
+enum Slot {
+    /// An idempotency hit: this record answers.
+    Existing(Box<RunRecord>),
+    /// A row of the multi-row insert.
+    Row(usize),
+}
+
+/// A row to insert.
+struct NewRow<'a> {
+    record: &'a RunRecord,
+    claim: Option<(&'a str, Timestamp)>,
+    now: Timestamp,
+}
+
+type ClaimScope = (String, String, String);
+
+async fn apply_inserts(
+    tx: &mut Transaction<'static, Postgres>,
+    ops: &[Queued],
+    answers: &mut [Option<Answer>],
+    counters: &Counters,
+) -> Result<(), DbError> {
+    let mut rows: Vec<NewRow<'_>> = Vec::new();
+    let mut slots: Vec<(usize, Vec<Slot>)> = Vec::new();
+    // Keys claimed by earlier rows of this batch: duplicates collapse onto the first.
+    let mut claimed: HashMap<ClaimScope, usize> = HashMap::new();
+    let mut ids: HashSet<RunId> = HashSet::new();
+    let mut duplicate_ids: Vec<usize> = Vec::new();
+    for (i, q) in ops.iter().enumerate() {
+        let Op::Insert { runs, now, .. } = &q.op else {
+            continue;
+        };
+        let mut call = Vec::with_capacity(runs.len());
+        for (record, claim) in runs {
+            if let Some(claim) = claim {
+                let scope = (
+                    record.env.to_string(),
+                    record.task.to_string(),
+                    claim.key.clone(),
+                );
+                if let Some(&earlier) = claimed.get(&scope) {
+                    let held = rows[earlier].claim.is_some_and(|(_, until)| until > *now);
+                    if held {
+                        call.push(Slot::Existing(Box::new(rows[earlier].record.clone())));
+                        continue;
+                    }
+                    // The earlier claim already expired at this call's `now`: this run takes
+                    // the key over.
+                    rows[earlier].claim = None;
+                }
+                claimed.insert(scope, rows.len());
+            }
+            if !ids.insert(record.id) {
+                duplicate_ids.push(rows.len());
+            }
+            call.push(Slot::Row(rows.len()));
+            rows.push(NewRow {
+                record,
+                claim: claim.as_ref().map(|c| (c.key.as_str(), c.expires_at)),
+                now: *now,
+            });
+        }
+        slots.push((i, call));
+    }
+    if rows.is_empty() && slots.is_empty() {
+        return Ok(());
+    }
+
+    // One statement for every row; rows in claim-key order so that concurrent batches take
+    // the unique index's locks in one order.
+    let mut order: Vec<usize> = (0..rows.len())
+        .filter(|i| !duplicate_ids.contains(i))
+        .collect();
+    order.sort_by(|&a, &b| {
+        let key = |i: usize| {
+            rows[i]
+                .claim
+                .map(|(k, _)| (rows[i].record.env.as_str(), rows[i].record.task.as_str(), k))
+        };
+        key(a).cmp(&key(b))
+    });
+    let mut stored: HashSet<Vec<u8>> = HashSet::new();
+    if !order.is_empty() {
+        let mut cols = RunColumns::default();
+        for &i in &order {
+            cols.push(rows[i].record, rows[i].claim, rows[i].now)?;
+        }
+        let returned = cols.bind().fetch_all(&mut **tx).await?;
+        for row in returned {
+            stored.insert(row.try_get::<Vec<u8>, _>(0)?);
+        }
+    }
+    // The rare rows that did not go in: an idempotency key held by a committed run, a key
+    // that expired, or an id stored before (replaced, as every store does).
+    let mut existing: HashMap<usize, RunRecord> = HashMap::new();
+    for (i, row) in rows.iter().enumerate() {
+        if stored.contains(&id_to_sql(row.record.id)) && !duplicate_ids.contains(&i) {
+            continue;
+        }
+        if let Some(holder) = insert_one(tx, row).await? {
+            existing.insert(i, holder);
+        }
+    }
+    counters
+        .rows_inserted
+        .fetch_add((rows.len() - existing.len()) as u64, Ordering::Relaxed);
+    for (i, call) in slots {
+        let out = call
+            .into_iter()
+            .map(|slot| match slot {
+                Slot::Existing(r) => Inserted::Existing(r),
+                Slot::Row(row) => match existing.remove(&row) {
+                    Some(holder) => Inserted::Existing(Box::new(holder)),
+                    None => Inserted::New,
+                },
+            })
+            .collect();
+        answers[i] = Some(Answer::Inserted(Ok(out)));
+    }
+    Ok(())
+}
+
+/// Inserts one row the multi-row statement skipped; returns the run holding its idempotency
+/// key when that answers instead.
+async fn insert_one(
+    tx: &mut Transaction<'static, Postgres>,
+    row: &NewRow<'_>,
+) -> Result<Option<RunRecord>, DbError> {
+    let id = id_to_sql(row.record.id);
+    for _ in 0..8 {
+        if let Some((key, _)) = row.claim {
+            let holder = sqlx::query(&format!(
+                "SELECT {RUN_COLUMNS}, claim_expires_at FROM runs \
+                 WHERE env = $1 AND task = $2 AND claim_key = $3"
+            ))
+            .bind(row.record.env.as_str())
+            .bind(row.record.task.as_str())
+            .bind(key)
+            .fetch_optional(&mut **tx)
+            .await?;
+            if let Some(holder) = holder {
+                let expires: Option<i64> = holder.try_get(26)?;
+                if expires.is_some_and(|e| e > ts_to_sql(row.now)) {
+                    return Ok(Some(decode_run(&holder)?));
+                }
+                // Expired: the key is free for this run.
+                sqlx::query(
+                    "UPDATE runs SET claim_key = NULL, claim_expires_at = NULL WHERE id = $1",
+                )
+                .bind(holder.try_get::<Vec<u8>, _>(0)?)
+                .execute(&mut **tx)
+                .await?;
+            }
+        }
+        // A run stored before under this id is replaced, attempts and key included.
+        sqlx::query("DELETE FROM runs WHERE id = $1")
+            .bind(&id)
+            .execute(&mut **tx)
+            .await?;
+        let mut cols = RunColumns::default();
+        cols.push(row.record, row.claim, row.now)?;
+        if !cols.bind().fetch_all(&mut **tx).await?.is_empty() {
+            return Ok(None);
+        }
+        // Another transaction took the key in between: look again.
+    }
+    Err(DbError::Corrupt(format!(
+        "run {} could not be inserted: its idempotency key keeps changing hands",
+        row.record.id
+    )))
+}
+
+async fn apply_finishes(
+    tx: &mut Transaction<'static, Postgres>,
+    ops: &[Queued],
+    answers: &mut [Option<Answer>],
+    counters: &Counters,
+) -> Result<(), DbError> {
+    // The first finish of a run in the batch is applied; later ones get its outcome's refusal.
+    let mut first: HashMap<RunId, usize> = HashMap::new();
+    let mut later: Vec<(usize, usize)> = Vec::new();
+    let mut id = Vec::new();
+    let mut status = Vec::new();
+    let mut output: Vec<Option<String>> = Vec::new();
+    let mut has_attempt = Vec::new();
+    let mut attempt_no: Vec<i64> = Vec::new();
+    let mut error: Vec<Option<String>> = Vec::new();
+    let mut attempt_json: Vec<Option<String>> = Vec::new();
+    let mut at = Vec::new();
+    let mut start_attempt: Vec<Option<i64>> = Vec::new();
+    let mut start_at: Vec<Option<i64>> = Vec::new();
+    for (i, q) in ops.iter().enumerate() {
+        let Op::Finish {
+            run,
+            status: s,
+            output: o,
+            attempt,
+            start,
+            now,
+            ..
+        } = &q.op
+        else {
+            continue;
+        };
+        if let Some(&winner) = first.get(run) {
+            later.push((i, winner));
+            continue;
+        }
+        first.insert(*run, i);
+        id.push(id_to_sql(*run));
+        status.push(s.as_str().to_string());
+        output.push(o.as_deref().map(str::to_string));
+        has_attempt.push(attempt.is_some());
+        attempt_no.push(attempt.as_ref().map_or(0, |a| i64::from(a.number)));
+        error.push(attempt.as_ref().and_then(|a| a.error.clone()));
+        attempt_json.push(attempt.as_ref().map(attempt_to_sql).transpose()?);
+        at.push(ts_to_sql(*now));
+        start_attempt.push(start.map(|(n, _)| i64::from(n)));
+        start_at.push(start.map(|(_, t)| ts_to_sql(t)));
+    }
+    if first.is_empty() {
+        return Ok(());
+    }
+    let ids = id.clone();
+    let rows = sqlx::query(&format!(
+        "UPDATE runs r SET status = u.status, output = u.output, finished_at = u.at, \
+         error = CASE WHEN u.has_attempt THEN u.error ELSE r.error END, \
+         attempt = CASE WHEN u.has_attempt THEN u.attempt_no ELSE r.attempt END, \
+         attempts = CASE WHEN u.has_attempt \
+            THEN r.attempts || jsonb_build_array(u.attempt_json::jsonb) ELSE r.attempts END, \
+         started_at = CASE WHEN u.start_attempt = r.attempt THEN u.start_at ELSE r.started_at END, \
+         dispatch_state = 'in_queue' \
+         FROM UNNEST($1::bytea[], $2::text[], $3::text[], $4::bool[], $5::int8[], $6::text[], \
+            $7::text[], $8::int8[], $9::int8[], $10::int8[]) \
+         AS u(id, status, output, has_attempt, attempt_no, error, attempt_json, at, \
+            start_attempt, start_at) \
+         WHERE r.id = u.id AND r.{UNFINISHED} \
+         RETURNING {RUN_COLUMNS_R}"
+    ))
+    .bind(id)
+    .bind(status)
+    .bind(output)
+    .bind(has_attempt)
+    .bind(attempt_no)
+    .bind(error)
+    .bind(attempt_json)
+    .bind(at)
+    .bind(start_attempt)
+    .bind(start_at)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut done: HashMap<RunId, RunRecord> = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let record = decode_run(row)?;
+        done.insert(record.id, record);
+    }
+    counters
+        .rows_finished
+        .fetch_add(done.len() as u64, Ordering::Relaxed);
+    // Runs that were not updated: unknown, or already finished.
+    let missing: Vec<Vec<u8>> = ids
+        .into_iter()
+        .filter(|raw| id_from_sql(raw).is_ok_and(|r| !done.contains_key(&r)))
+        .collect();
+    let mut finished_as: HashMap<RunId, RunStatus> = HashMap::new();
+    if !missing.is_empty() {
+        let rows = sqlx::query("SELECT id, status FROM runs WHERE id = ANY($1)")
+            .bind(missing)
+            .fetch_all(&mut **tx)
+            .await?;
+        for row in rows {
+            let run = id_from_sql(&row.try_get::<Vec<u8>, _>(0)?)?;
+            let status = status_from_sql(&row.try_get::<String, _>(1)?)?;
+            finished_as.insert(run, status);
+        }
+    }
+    let outcome = |run: RunId| -> Result<RunRecord, StoreError> {
+        if let Some(record) = done.get(&run) {
+            return Ok(record.clone());
+        }
+        match finished_as.get(&run) {
+            None => Err(StoreError::NotFound(run)),
+            Some(&status) => Err(StoreError::AlreadyFinished { run, status }),
+        }
+    };
+    for (&run, &i) in &first {
+        answers[i] = Some(Answer::Finished(outcome(run)));
+    }
+    for (i, winner) in later {
+        let Op::Finish { run, .. } = &ops[i].op else {
+            continue;
+        };
+        let answer = match &answers[winner] {
+            Some(Answer::Finished(Ok(won))) => Err(StoreError::AlreadyFinished {
+                run: *run,
+                status: won.status,
+            }),
+            Some(Answer::Finished(Err(e))) => Err(e.clone()),
+            _ => Err(StoreError::Unavailable("writer lost an answer".into())),
+        };
+        answers[i] = Some(Answer::Finished(answer));
+    }
+    Ok(())
+}
+
+async fn apply_starts(
+    tx: &mut Transaction<'static, Postgres>,
+    ops: &[Queued],
+    answers: &mut [Option<Answer>],
+    counters: &Counters,
+) -> Result<(), DbError> {
+    let mut id = Vec::new();
+    let mut attempt = Vec::new();
+    let mut at = Vec::new();
+    for (i, q) in ops.iter().enumerate() {
+        let Op::Starts(starts) = &q.op else {
+            continue;
+        };
+        for (run, n, t) in starts {
+            id.push(id_to_sql(*run));
+            attempt.push(i64::from(*n));
+            at.push(ts_to_sql(*t));
+        }
+        answers[i] = Some(Answer::Nothing);
+    }
+    if id.is_empty() {
+        return Ok(());
+    }
+    let n = sqlx::query(&format!(
+        "UPDATE runs r SET started_at = u.at \
+         FROM UNNEST($1::bytea[], $2::int8[], $3::int8[]) AS u(id, attempt, at) \
+         WHERE r.id = u.id AND r.attempt = u.attempt AND r.{UNFINISHED}"
+    ))
+    .bind(id)
+    .bind(attempt)
+    .bind(at)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    counters.starts_flushed.fetch_add(n, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The error of a call that could not be queued or answered.
+pub(crate) fn writer_gone() -> StoreError {
+    unavailable("writer", &sqlx::Error::PoolClosed)
+}

@@ -1,0 +1,107 @@
+//! Shared by the store's integration tests: the server URL, a fresh schema per test (named
+//! with the pid and a counter, dropped at the end; leftovers of dead pids dropped at the next
+//! run), and record builders.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use runlane_core::backend::RunRecord;
+use runlane_core::{
+    EnvName, LaneName, QueueName, RetryPolicy, RunId, RunStatus, TaskName, Timestamp, TriggerSource,
+};
+use runlane_postgres::{admin, PostgresConfig, PostgresStore};
+
+/// The server the tests use (`RUNLANE_DATABASE_URL`, default the local trust-auth server).
+pub fn url() -> String {
+    std::env::var("RUNLANE_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+
+/// The prefix of every schema these tests create.
+pub const PREFIX: &str = "rlt_store_";
+
+/// A schema name no other test (of this or another process) uses.
+pub fn fresh_schema() -> String {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{PREFIX}{}_{n}", std::process::id())
+}
+
+/// Drops schemas left by test processes that are gone (once per process).
+pub async fn sweep_dead() {
+    SWEPT
+        .get_or_init(|| async {
+            let Ok(names) = admin::schemas(&url(), PREFIX).await else {
+                return;
+            };
+            for name in names {
+                let pid = name[PREFIX.len()..].split('_').next().unwrap_or("");
+                let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+                if !alive {
+                    let _ = admin::drop_schema(&url(), &name).await;
+                }
+            }
+        })
+        .await;
+}
+
+/// A config on a fresh schema.
+pub fn config() -> PostgresConfig {
+    let mut c = PostgresConfig::new(url());
+    c.schema = fresh_schema();
+    c
+}
+
+/// Opens a store; the server must be there (these tests never skip).
+pub async fn open(config: PostgresConfig) -> PostgresStore {
+    sweep_dead().await;
+    match PostgresStore::open(config).await {
+        Ok(store) => store,
+        Err(e) => panic!("postgresql is required for these tests (RUNLANE_DATABASE_URL): {e}"),
+    }
+}
+
+/// Drops the store's schema (the end of a test).
+pub async fn finish(store: PostgresStore) {
+    let schema = store.schema().to_string();
+    drop(store);
+    admin::drop_schema(&url(), &schema)
+        .await
+        .expect("drop the test schema");
+}
+
+/// A queued run `n` of env `prod`, task `email`.
+pub fn record(n: u128) -> RunRecord {
+    RunRecord {
+        id: RunId((1_000u128 << 80) | n),
+        env: EnvName::new("prod").expect("env"),
+        task: TaskName::new("email").expect("task"),
+        version: 0,
+        locked: false,
+        payload: Arc::from(r#"{"to": "a@example.com"}"#),
+        queue: QueueName::new("email").expect("queue"),
+        key: Arc::from(""),
+        lane: LaneName::default_lane(),
+        priority: Duration::ZERO,
+        run_after: Timestamp(1_000),
+        ttl: None,
+        ttl_deadline: None,
+        idempotency_key: None,
+        retry: RetryPolicy::default(),
+        max_duration: None,
+        attempt: 1,
+        status: RunStatus::Queued,
+        output: None,
+        error: None,
+        attempts: Vec::new(),
+        created_at: Timestamp(1_000),
+        finished_at: None,
+        started_at: None,
+        source: TriggerSource::Standard,
+        retry_of: None,
+    }
+}
