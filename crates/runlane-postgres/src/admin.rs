@@ -25,6 +25,15 @@ async fn connect(url: &str) -> Result<(sqlx::PgConnection, String), PostgresErro
 
 /// Schemas whose name starts with `prefix` and that hold a runlane schema stamp.
 pub async fn schemas(url: &str, prefix: &str) -> Result<Vec<String>, PostgresError> {
+    let listing: Boxed<'_, Vec<String>> = Box::pin(schemas_inner(url, prefix));
+    listing.await
+}
+
+/// A boxed `Send` future (sqlx's executor bounds defeat `Send` proofs of callers otherwise).
+type Boxed<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, PostgresError>> + Send + 'a>>;
+
+async fn schemas_inner(url: &str, prefix: &str) -> Result<Vec<String>, PostgresError> {
     let (mut conn, address) = connect(url).await?;
     let names: Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(
         "SELECT table_schema::text FROM information_schema.tables \
@@ -44,11 +53,15 @@ pub async fn schemas(url: &str, prefix: &str) -> Result<Vec<String>, PostgresErr
 
 /// Drops a schema and everything in it (`DROP SCHEMA ... CASCADE`); a missing one is fine.
 pub async fn drop_schema(url: &str, schema: &str) -> Result<(), PostgresError> {
+    let dropping: Boxed<'_, ()> = Box::pin(drop_schema_inner(url, schema));
+    dropping.await
+}
+
+async fn drop_schema_inner(url: &str, schema: &str) -> Result<(), PostgresError> {
     validate_schema(schema)?;
     let (mut conn, address) = connect(url).await?;
-    let dropped = sqlx::raw_sql(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-        .execute(&mut conn)
-        .await;
+    let sql = format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE");
+    let dropped = sqlx::Executor::execute(&mut conn, sql.as_str()).await;
     let _ = conn.close().await;
     dropped
         .map(|_| ())

@@ -156,3 +156,15 @@ mod tests {
         assert_eq!(c.validate().map_err(|e| e.field), Err("pool_size"));
     }
 }
+
+impl From<&str> for PostgresConfig {
+    fn from(url: &str) -> Self {
+        PostgresConfig::new(url)
+    }
+}
+
+impl From<String> for PostgresConfig {
+    fn from(url: String) -> Self {
+        PostgresConfig::new(url)
+    }
+}

@@ -12,7 +12,7 @@
 //! attempts are a `jsonb` array; retry policies, env settings and version definitions are JSON
 //! `text`.
 
-use sqlx::{Connection, PgConnection};
+use sqlx::{Connection, Executor, PgConnection};
 
 use crate::error::PostgresError;
 
@@ -130,15 +130,15 @@ pub(crate) async fn migrate(
         .await
         .map_err(pg)?;
     // The name was validated as a plain identifier; quoting keeps it exact anyway.
-    sqlx::raw_sql(&format!(
+    let create = format!(
         "CREATE SCHEMA IF NOT EXISTS \"{schema}\"; \
          CREATE TABLE IF NOT EXISTS \"{schema}\".runlane_schema (version integer NOT NULL); \
          INSERT INTO \"{schema}\".runlane_schema (version) \
             SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM \"{schema}\".runlane_schema);"
-    ))
-    .execute(&mut *tx)
-    .await
-    .map_err(pg)?;
+    );
+    Executor::execute(&mut *tx, create.as_str())
+        .await
+        .map_err(pg)?;
     let found: i32 = sqlx::query_scalar(&format!(
         "SELECT max(version) FROM \"{schema}\".runlane_schema"
     ))
@@ -154,12 +154,12 @@ pub(crate) async fn migrate(
         });
     }
     if found < schema_version() {
-        sqlx::raw_sql(&format!("SET LOCAL search_path TO \"{schema}\""))
-            .execute(&mut *tx)
+        let path = format!("SET LOCAL search_path TO \"{schema}\"");
+        Executor::execute(&mut *tx, path.as_str())
             .await
             .map_err(pg)?;
         for sql in &MIGRATIONS[found as usize..] {
-            sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(pg)?;
+            Executor::execute(&mut *tx, *sql).await.map_err(pg)?;
         }
         sqlx::query(&format!(
             "UPDATE \"{schema}\".runlane_schema SET version = $1"

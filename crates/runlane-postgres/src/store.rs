@@ -134,6 +134,15 @@ impl PostgresStore {
     /// Refuses: an unreachable server ([`PostgresError::Unreachable`], naming `host:port`), a
     /// schema written by a newer runlane ([`PostgresError::SchemaTooNew`]), bad settings.
     pub async fn open(config: PostgresConfig) -> Result<PostgresStore, PostgresError> {
+        // Boxed as a `Send` future: sqlx's executor bounds otherwise defeat the compiler's
+        // `Send` proof in callers that are themselves `Send` futures (async-trait methods).
+        let opening: std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<PostgresStore, PostgresError>> + Send>,
+        > = Box::pin(Self::open_inner(config));
+        opening.await
+    }
+
+    async fn open_inner(config: PostgresConfig) -> Result<PostgresStore, PostgresError> {
         config.validate()?;
         let options = PgConnectOptions::from_str(&config.url)
             .map_err(|e| InvalidInput::new("url", format!("{e}")))?

@@ -293,8 +293,8 @@ async fn apply(
 
 /// Where one run of an insert call landed.
 enum Slot {
-    /// An idempotency hit: this record answers.
-    Existing(Box<RunRecord>),
+    /// An idempotency hit on an earlier row of the batch: that row's outcome answers.
+    SameAs(usize),
     /// A row of the multi-row insert.
     Row(usize),
 }
@@ -335,7 +335,7 @@ async fn apply_inserts(
                 if let Some(&earlier) = claimed.get(&scope) {
                     let held = rows[earlier].claim.is_some_and(|(_, until)| until > *now);
                     if held {
-                        call.push(Slot::Existing(Box::new(rows[earlier].record.clone())));
+                        call.push(Slot::SameAs(earlier));
                         continue;
                     }
                     // The earlier claim already expired at this call's `now`: this run takes
@@ -402,9 +402,15 @@ async fn apply_inserts(
         let out = call
             .into_iter()
             .map(|slot| match slot {
-                Slot::Existing(r) => Inserted::Existing(r),
-                Slot::Row(row) => match existing.remove(&row) {
-                    Some(holder) => Inserted::Existing(Box::new(holder)),
+                // The earlier row answers: its holder if it hit, else the row itself.
+                Slot::SameAs(row) => Inserted::Existing(Box::new(
+                    existing
+                        .get(&row)
+                        .cloned()
+                        .unwrap_or_else(|| rows[row].record.clone()),
+                )),
+                Slot::Row(row) => match existing.get(&row) {
+                    Some(holder) => Inserted::Existing(Box::new(holder.clone())),
                     None => Inserted::New,
                 },
             })

@@ -16,6 +16,9 @@
 
 pub use runlane_core as core;
 pub use runlane_engine::*;
+pub use runlane_postgres::{
+    Durability, PostgresConfig, PostgresError, PostgresStats, PostgresStore,
+};
 pub use runlane_sqlite::{
     SqliteConfig, SqliteError, SqliteStats, SqliteStore, StoreSize, Synchronous,
 };
@@ -32,6 +35,10 @@ pub enum OpenError {
     /// schema, already in use by another process, I/O).
     #[error(transparent)]
     Store(#[from] SqliteError),
+    /// The PostgreSQL run store could not be opened (unreachable server, newer schema, bad
+    /// settings).
+    #[error(transparent)]
+    Postgres(#[from] PostgresError),
     /// The engine refused to start (recovery failed, bad settings).
     #[error(transparent)]
     Engine(#[from] EngineError),
@@ -100,6 +107,15 @@ pub async fn open_sqlite(
             source: std::io::Error::other("the open task was cancelled"),
         }),
     }
+}
+
+/// Opens the PostgreSQL run store (connects, migrates the schema under an advisory lock, starts
+/// the group-commit writers). `config` is a URL (schema `runlane`, default settings) or a full
+/// [`PostgresConfig`]. An unreachable server is an error naming its address.
+pub async fn open_postgres(
+    config: impl Into<PostgresConfig>,
+) -> Result<Arc<PostgresStore>, PostgresError> {
+    Ok(Arc::new(PostgresStore::open(config.into()).await?))
 }
 
 /// The README's examples, compiled as doc tests so they stay true.
