@@ -84,6 +84,12 @@ impl PostgresConfig {
 
     /// Checks the settings; errors name the field.
     pub fn validate(&self) -> Result<(), InvalidInput> {
+        if !(self.url.starts_with("postgres://") || self.url.starts_with("postgresql://")) {
+            return Err(InvalidInput::new(
+                "url",
+                "must start with postgres:// or postgresql://",
+            ));
+        }
         validate_schema(&self.schema)?;
         if self.pool_size == 0 {
             return Err(InvalidInput::new("pool_size", "must be at least 1"));

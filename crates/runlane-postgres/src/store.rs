@@ -59,6 +59,8 @@ pub struct PostgresStats {
     pub starts_flushed: u64,
     /// Attempt starts kept in memory right now.
     pub starts_kept: u64,
+    /// Writes waiting in the queue right now.
+    pub queued: u64,
     /// Transactions tried again after losing a race (deadlock).
     pub retried_batches: u64,
     /// Batches applied again one call per transaction after a statement failed.
@@ -249,6 +251,7 @@ impl PostgresStore {
             rows_finished: get(&c.rows_finished),
             starts_flushed: get(&c.starts_flushed),
             starts_kept: self.starts.len() as u64,
+            queued: (self.queue.max_capacity() - self.queue.capacity()) as u64,
             retried_batches: get(&c.retried_batches),
             split_batches: get(&c.split_batches),
         }
