@@ -40,6 +40,8 @@ const RELAXED_RUNS_MAX: usize = 1_000_000;
 /// Counters of the writers since open.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PostgresStats {
+    /// Batches the writers took from the queue (committed or not yet).
+    pub batches_taken: u64,
     /// Write transactions committed.
     pub commits: u64,
     /// Write calls answered from committed transactions.
@@ -242,6 +244,7 @@ impl PostgresStore {
         let c = &self.counters;
         let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         PostgresStats {
+            batches_taken: get(&c.batches_taken),
             commits: get(&c.commits),
             calls_committed: get(&c.calls_committed),
             largest_batch: get(&c.largest_batch),

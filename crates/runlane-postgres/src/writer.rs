@@ -38,6 +38,7 @@ use crate::record::{
 /// Counters of the writers, for [`crate::PostgresStats`].
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
+    pub(crate) batches_taken: AtomicU64,
     pub(crate) commits: AtomicU64,
     pub(crate) calls_committed: AtomicU64,
     pub(crate) failed_batches: AtomicU64,
@@ -151,6 +152,10 @@ pub(crate) fn spawn(
                                 Err(_) => break,
                             }
                         }
+                        shared
+                            .counters
+                            .batches_taken
+                            .fetch_add(1, Ordering::Relaxed);
                         batch
                     };
                     run_batch(&shared, batch).await;

@@ -1,0 +1,392 @@
+//! The group-commit writers: calls are batched into shared transactions, a full queue refuses
+//! with `Unavailable` (backpressure), a run costs two row writes on the success path, kept
+//! attempt starts are flushed only for long runs, concurrent idempotent inserts yield one run
+//! across stores, and the reconciler's view of the store-first protocol.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use runlane_core::backend::{IdempotencyClaim, Inserted, RunStore};
+use runlane_core::{EnvName, RunStatus, StoreError, Timestamp};
+use runlane_postgres::{DispatchState, Durability, PostgresStore};
+use sqlx::Connection;
+
+/// Holds an exclusive lock on the schema's `runs` table until dropped (or released): every
+/// writer transaction blocks on it, so calls pile up in the queue deterministically.
+struct TableLock {
+    conn: sqlx::PgConnection,
+}
+
+async fn lock_runs(schema: &str) -> TableLock {
+    let mut conn = sqlx::PgConnection::connect(&common::url())
+        .await
+        .expect("connect");
+    let sql = format!("BEGIN; LOCK TABLE \"{schema}\".runs IN ACCESS EXCLUSIVE MODE");
+    sqlx::Executor::execute(&mut conn, sql.as_str())
+        .await
+        .expect("lock");
+    TableLock { conn }
+}
+
+impl TableLock {
+    async fn release(mut self) {
+        sqlx::Executor::execute(&mut self.conn, "ROLLBACK")
+            .await
+            .expect("release the lock");
+        let _ = self.conn.close().await;
+    }
+}
+
+/// Waits (bounded) until `cond` holds on the store's stats.
+async fn until(
+    store: &PostgresStore,
+    what: &str,
+    cond: impl Fn(&runlane_postgres::PostgresStats) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond(&store.stats()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {:?}",
+            store.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test]
+async fn calls_queued_during_a_commit_share_one_transaction() {
+    let mut config = common::config();
+    config.writers = 1;
+    let store = Arc::new(common::open(config.clone()).await);
+    let lock = lock_runs(&config.schema).await;
+    let spawn = |n: u128| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .insert(vec![(common::record(n), None)], Timestamp(1))
+                .await
+        })
+    };
+    // The writer takes call 0 and blocks on the lock; the other 49 wait in the queue.
+    let mut tasks = vec![spawn(0)];
+    until(&store, "call 0 in the writer", |s| s.batches_taken == 1).await;
+    tasks.extend((1..50).map(spawn));
+    until(&store, "49 queued calls", |s| s.queued == 49).await;
+    let queued = store.stats().queued;
+    lock.release().await;
+    for t in tasks {
+        assert_eq!(t.await.expect("task"), Ok(vec![Inserted::New]));
+    }
+    let stats = store.stats();
+    assert_eq!(stats.calls_committed, 50);
+    assert_eq!(stats.rows_inserted, 50);
+    assert!(
+        stats.largest_batch >= queued,
+        "the queued calls committed together: {stats:?}"
+    );
+    assert_eq!(stats.commits, 2, "{stats:?}");
+    assert_eq!(stats.largest_batch, 49, "{stats:?}");
+    let store = Arc::try_unwrap(store).expect("last handle");
+    common::finish(store).await;
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_with_unavailable_and_the_accepted_calls_commit() {
+    let mut config = common::config();
+    config.writers = 1;
+    config.batch_max = 1;
+    config.queue_bound = 1;
+    config.enqueue_timeout = Duration::ZERO;
+    let store = Arc::new(common::open(config.clone()).await);
+    let lock = lock_runs(&config.schema).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let spawn = |n: u128| {
+        let store = store.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let r = store
+                .insert(vec![(common::record(n), None)], Timestamp(1))
+                .await;
+            let _ = tx.send((n, r));
+        });
+    };
+    // Call 0 is taken by the writer (and blocks on the lock), call 1 fills the queue.
+    spawn(0);
+    until(&store, "call 0 in the writer", |s| s.batches_taken == 1).await;
+    spawn(1);
+    until(&store, "call 1 queued", |s| s.queued == 1).await;
+    // The other eight are refused at once, while the lock still blocks every commit.
+    for n in 2..10 {
+        spawn(n);
+    }
+    let mut refused_ids = Vec::new();
+    for _ in 0..8 {
+        let (n, r) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a refusal")
+            .expect("channel");
+        match r {
+            Err(StoreError::Unavailable(m)) => assert!(m.contains("queue is full"), "{m}"),
+            other => panic!("call {n} should be refused while the queue is full: {other:?}"),
+        }
+        refused_ids.push(n);
+    }
+    assert_eq!(store.stats().queue_full, 8);
+    lock.release().await;
+    for _ in 0..2 {
+        let (n, r) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("an accepted call")
+            .expect("channel");
+        assert_eq!(r, Ok(vec![Inserted::New]), "call {n}");
+        assert!(store
+            .get(common::record(n).id)
+            .await
+            .expect("get")
+            .is_some());
+    }
+    for n in refused_ids {
+        assert_eq!(
+            store.get(common::record(n).id).await.expect("get"),
+            None,
+            "a refused call left nothing"
+        );
+    }
+    let store = Arc::try_unwrap(store).expect("last handle");
+    common::finish(store).await;
+}
+
+#[tokio::test]
+async fn a_short_run_costs_two_row_writes_and_a_long_one_gets_its_start_written() {
+    let mut config = common::config();
+    config.start_flush_after = Duration::from_millis(20);
+    let store = common::open(config.clone()).await;
+    let short = common::record(1);
+    let long = common::record(2);
+    store
+        .insert(
+            vec![(short.clone(), None), (long.clone(), None)],
+            Timestamp(1),
+        )
+        .await
+        .expect("insert");
+    store.note_start(short.id, 1, Timestamp(5));
+    let done = store
+        .finish(short.id, RunStatus::Completed, None, None, Timestamp(6))
+        .await
+        .expect("finish");
+    assert_eq!(
+        done.started_at,
+        Some(Timestamp(5)),
+        "the start rides the terminal write"
+    );
+    store.note_start(long.id, 1, Timestamp(7));
+    // Read through this store, the kept start shows at once.
+    assert_eq!(
+        store.get(long.id).await.expect("get").map(|r| r.started_at),
+        Some(Some(Timestamp(7)))
+    );
+    until(&store, "the long run's start flushed", |s| {
+        s.starts_flushed == 1
+    })
+    .await;
+    let stats = store.stats();
+    assert_eq!(
+        (stats.rows_inserted, stats.rows_finished),
+        (2, 1),
+        "{stats:?}"
+    );
+    assert_eq!(
+        stats.starts_flushed, 1,
+        "only the still-running run's start was written"
+    );
+    // Another store (another process) reads it from the row.
+    let mut other_config = config.clone();
+    other_config.writers = 1;
+    other_config.pool_size = 2;
+    let other = PostgresStore::open(other_config)
+        .await
+        .expect("second store");
+    assert_eq!(
+        other.get(long.id).await.expect("get").map(|r| r.started_at),
+        Some(Some(Timestamp(7)))
+    );
+    drop(other);
+    common::finish(store).await;
+}
+
+#[tokio::test]
+async fn concurrent_inserts_with_one_key_from_two_stores_yield_one_run() {
+    let config = common::config();
+    let a = Arc::new(common::open(config.clone()).await);
+    let b = Arc::new(
+        PostgresStore::open(config.clone())
+            .await
+            .expect("second store"),
+    );
+    let claim = IdempotencyClaim {
+        key: "once".into(),
+        expires_at: Timestamp(1_000_000),
+    };
+    let mut tasks = Vec::new();
+    for n in 0..40u128 {
+        let store = if n % 2 == 0 { a.clone() } else { b.clone() };
+        let claim = claim.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = common::record(n);
+            let id = r.id;
+            (
+                id,
+                store.insert(vec![(r, Some(claim))], Timestamp(10)).await,
+            )
+        }));
+    }
+    let mut winners = Vec::new();
+    let mut hits = Vec::new();
+    for t in tasks {
+        let (id, answer) = t.await.expect("task");
+        match answer.expect("insert").pop() {
+            Some(Inserted::New) => winners.push(id),
+            Some(Inserted::Existing(r)) => hits.push(r.id),
+            None => panic!("no answer"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one insert made the run");
+    assert!(
+        hits.iter().all(|id| *id == winners[0]),
+        "every hit names it"
+    );
+    assert_eq!(
+        a.list(&Default::default()).await.expect("list").len(),
+        1,
+        "one run stored"
+    );
+    // Past its expiry the key is taken over by a new run.
+    let claim = IdempotencyClaim {
+        key: "once".into(),
+        expires_at: Timestamp(2_000_000),
+    };
+    let late = common::record(100);
+    let took = a
+        .insert(
+            vec![(late.clone(), Some(claim.clone()))],
+            Timestamp(1_000_000),
+        )
+        .await
+        .expect("insert");
+    assert_eq!(took, vec![Inserted::New]);
+    let again = b
+        .insert(
+            vec![(common::record(101), Some(claim))],
+            Timestamp(1_000_000),
+        )
+        .await
+        .expect("insert");
+    assert!(
+        matches!(&again[..], [Inserted::Existing(r)] if r.id == late.id),
+        "{again:?}"
+    );
+    drop(b);
+    let a = Arc::try_unwrap(a).expect("last handle");
+    common::finish(a).await;
+}
+
+#[tokio::test]
+async fn runs_are_pending_enqueue_until_marked_in_queue() {
+    let store = common::open(common::config()).await;
+    let (r1, r2) = (common::record(1), common::record(2));
+    store
+        .insert(vec![(r1.clone(), None)], Timestamp(100))
+        .await
+        .expect("insert");
+    store
+        .insert(vec![(r2.clone(), None)], Timestamp(200))
+        .await
+        .expect("insert");
+    assert_eq!(
+        store.dispatch_state(r1.id).await.expect("state"),
+        Some(DispatchState::PendingEnqueue)
+    );
+    assert_eq!(
+        store.oldest_pending_at().await.expect("oldest"),
+        Some(Timestamp(100))
+    );
+    let pending: Vec<_> = store
+        .pending_enqueue(10)
+        .await
+        .expect("pending")
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(pending, vec![r1.id, r2.id], "oldest first");
+    assert_eq!(store.mark_in_queue(&[r1.id]).await.expect("mark"), 1);
+    assert_eq!(store.mark_in_queue(&[r1.id]).await.expect("mark again"), 0);
+    assert_eq!(
+        store.dispatch_state(r1.id).await.expect("state"),
+        Some(DispatchState::InQueue)
+    );
+    assert_eq!(
+        store.oldest_pending_at().await.expect("oldest"),
+        Some(Timestamp(200))
+    );
+    // A finished run never needs its enqueue.
+    store
+        .finish(r2.id, RunStatus::Canceled, None, None, Timestamp(300))
+        .await
+        .expect("finish");
+    assert_eq!(store.oldest_pending_at().await.expect("oldest"), None);
+    assert!(store.pending_enqueue(10).await.expect("pending").is_empty());
+    assert_eq!(
+        store
+            .dispatch_state(common::record(9).id)
+            .await
+            .expect("state"),
+        None
+    );
+    store.ping().await.expect("ping");
+    common::finish(store).await;
+}
+
+#[tokio::test]
+async fn relaxed_envs_commit_in_their_own_transactions() {
+    let mut config = common::config();
+    config
+        .env_durability
+        .insert("fast".into(), Durability::Relaxed);
+    let store = common::open(config).await;
+    let fast = EnvName::new("fast").expect("env");
+    assert_eq!(store.durability(&fast), Durability::Relaxed);
+    assert_eq!(
+        store.durability(&EnvName::new("prod").expect("env")),
+        Durability::Strict
+    );
+    let mut relaxed = common::record(1);
+    relaxed.env = fast.clone();
+    let strict = common::record(2);
+    store
+        .insert(vec![(relaxed.clone(), None)], Timestamp(1))
+        .await
+        .expect("relaxed insert");
+    store
+        .insert(vec![(strict.clone(), None)], Timestamp(1))
+        .await
+        .expect("strict insert");
+    let done = store
+        .finish(
+            relaxed.id,
+            RunStatus::Completed,
+            Some("\"ok\"".into()),
+            None,
+            Timestamp(2),
+        )
+        .await
+        .expect("relaxed finish");
+    assert_eq!(done.output.as_deref(), Some("\"ok\""));
+    assert_eq!(store.get(relaxed.id).await.expect("get"), Some(done));
+    store.set_durability(&fast, Durability::Strict);
+    assert_eq!(store.durability(&fast), Durability::Strict);
+    common::finish(store).await;
+}
