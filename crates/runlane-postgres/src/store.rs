@@ -546,8 +546,15 @@ impl RunStore for PostgresStore {
                 set.extend(runs.iter().map(|(r, _)| r.id));
             }
         }
-        self.submit(durability, |reply| Op::Insert { runs, now, reply })
-            .await
+        let mut answers = self
+            .submit(durability, |reply| Op::Insert { runs, now, reply })
+            .await?;
+        for answer in &mut answers {
+            if let Inserted::Existing(record) = answer {
+                self.starts.overlay(std::slice::from_mut(&mut **record));
+            }
+        }
+        Ok(answers)
     }
 
     async fn remove(&self, run: RunId) -> Result<(), StoreError> {
