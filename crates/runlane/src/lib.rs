@@ -19,6 +19,7 @@ pub use runlane_engine::*;
 pub use runlane_postgres::{
     Durability, PostgresConfig, PostgresError, PostgresStats, PostgresStore,
 };
+pub use runlane_redis::{RedisConfig, RedisHealth, RedisOpenError, RedisQueue};
 pub use runlane_sqlite::{
     SqliteConfig, SqliteError, SqliteStats, SqliteStore, StoreSize, Synchronous,
 };
@@ -42,6 +43,10 @@ pub enum OpenError {
     /// The engine refused to start (recovery failed, bad settings).
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The Redis queue backend could not be opened (unreachable address, foreign key-space
+    /// format, bad prefix).
+    #[error(transparent)]
+    Redis(#[from] RedisOpenError),
 }
 
 /// Opens an engine with queue state and runs in memory (no durability; tests and demos).
@@ -85,6 +90,30 @@ pub async fn embedded_on(
     builder
         .open(Arc::new(MemoryQueue::new(MemoryConfig::default())), store)
         .await
+}
+
+/// Opens the Redis queue backend (SPEC §3, §6) and attaches `store` to it, so a key space found
+/// lost (FLUSHALL, a restart without persistence) is rebuilt from the store's unfinished runs.
+pub async fn redis_queue(
+    config: RedisConfig,
+    store: Arc<dyn runlane_core::backend::RunStore>,
+) -> Result<Arc<RedisQueue>, RedisOpenError> {
+    let queue = RedisQueue::open(config).await?;
+    queue.attach_store(store);
+    Ok(Arc::new(queue))
+}
+
+/// Opens the distributed shape on one process: queue state in Redis, runs durable in the SQLite
+/// file at `path`.
+pub async fn redis_with(
+    builder: EngineBuilder,
+    redis: RedisConfig,
+    path: impl AsRef<Path>,
+    sqlite: SqliteConfig,
+) -> Result<Engine, OpenError> {
+    let store = open_sqlite(path.as_ref().to_path_buf(), sqlite).await?;
+    let queue = redis_queue(redis, store.clone()).await?;
+    Ok(builder.open(queue, store).await?)
 }
 
 /// Opens the SQLite run store off the async threads (opening reads and may migrate the file).

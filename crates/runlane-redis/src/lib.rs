@@ -1,0 +1,17 @@
+//! runlane-redis: the Redis queue backend (SPEC §3, §6).
+//!
+//! Every [`QueueBackend`](runlane_core::backend::QueueBackend) step is one call of one Lua
+//! script (`dispatch.lua`, run with `EVALSHA` and loaded on `NOSCRIPT`), so each step is atomic
+//! exactly like the memory backend's mutex-held steps. All keys of a deployment share one hash
+//! tag, `{prefix}`: on Redis Cluster a deployment lives on one shard. `now` always comes from the
+//! engine's clock, passed to the script as an argument; the script never reads Redis's clock.
+//!
+//! The key space carries a format version and a generation marker in `{prefix}:cfg`. A key space
+//! of another format is refused with an error naming both versions; a key space found missing
+//! (FLUSHALL, a restart without persistence) is rebuilt from the run store attached with
+//! [`RedisQueue::attach_store`], keeping every run and its order.
+
+mod queue;
+mod record;
+
+pub use queue::{RedisConfig, RedisHealth, RedisOpenError, RedisQueue, KEYSPACE_FORMAT};

@@ -1,0 +1,1145 @@
+//! [`RedisQueue`]: the [`QueueBackend`] over one Redis deployment. Every method is one call of
+//! the dispatch script (`dispatch.lua`), so each step is atomic exactly like the memory
+//! backend's mutex-held steps.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use rmpv::Value;
+use runlane_core::admission::env_cap;
+use runlane_core::backend::{
+    CancelOutcome, ClaimRequest, ConsumerId, Dispatch, Effects, Enqueued, EnvUsage, LaneInfo,
+    Lapsed, LeaseState, Leased, LiveRun, Placement, QueueBackend, QueueInfo, RunStore, Tick,
+};
+use runlane_core::{
+    ClaimChain, EnvName, EnvSettings, FencingToken, InvalidInput, LaneName, QueueError, QueueName,
+    QueueSettings, RunId, Timestamp,
+};
+
+use crate::record::{self, malformed, run_id, unpack, ValueExt};
+
+/// The key-space format this build writes (stored in `{prefix}:cfg`, field `fmt`).
+pub const KEYSPACE_FORMAT: u32 = 1;
+
+/// The `Retry-After` hint of a refused sync trigger.
+const FAST_LANE_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Settings of the Redis queue backend.
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    /// `redis://host:port/db` or `redis+unix:///path/to/socket`.
+    pub url: String,
+    /// The key prefix of this deployment; every key is `{prefix}:…` (one hash tag).
+    pub prefix: String,
+    /// A ready run whose lane has had no consumer this long returns to its queue (default 5 min).
+    pub ready_timeout: Duration,
+    /// A command without an answer after this long fails with `Unavailable` (default 2 s).
+    pub response_timeout: Duration,
+}
+
+impl RedisConfig {
+    /// Defaults for `url` with prefix `runlane`.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisConfig {
+            url: url.into(),
+            prefix: "runlane".to_string(),
+            ready_timeout: Duration::from_secs(300),
+            response_timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// The same settings with another prefix.
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+}
+
+/// Why the backend could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisOpenError {
+    /// The server could not be reached (or answered with an error) at start.
+    #[error("redis at {address} is unreachable: {reason}")]
+    Unreachable {
+        /// The address that was tried.
+        address: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The key space was written by another format version of runlane.
+    #[error("redis key space {prefix:?} has format version {found}, this build reads and writes version {expected}")]
+    Format {
+        /// The prefix.
+        prefix: String,
+        /// The version found in `{prefix}:cfg`.
+        found: String,
+        /// The version this build writes.
+        expected: u32,
+    },
+    /// The prefix is empty or holds a character that would break the hash tag.
+    #[error("invalid redis key prefix {0:?}: must be non-empty without '{{', '}}' or whitespace")]
+    Prefix(String),
+}
+
+/// What the backend knows about its connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisHealth {
+    /// Whether the last call reached the server.
+    pub connected: bool,
+    /// The last connection error, when not connected.
+    pub last_error: Option<String>,
+    /// How many times the key space was found lost (FLUSHALL, restart without persistence) and
+    /// rebuilt from the run store.
+    pub rebuilds: u64,
+}
+
+/// Settings remembered to rebuild a lost key space.
+#[derive(Default)]
+struct Replay {
+    envs: BTreeMap<EnvName, EnvSettings>,
+    queues: BTreeMap<(EnvName, QueueName), QueueSettings>,
+    lanes: Vec<LaneName>,
+    consumers: BTreeMap<u64, String>,
+}
+
+/// The Redis queue backend (implements [`QueueBackend`]).
+pub struct RedisQueue {
+    conn: ConnectionManager,
+    script: redis::Script,
+    base: String,
+    ready_timeout_ms: String,
+    address: String,
+    generation: Mutex<String>,
+    replay: Mutex<Replay>,
+    store: Mutex<Option<Arc<dyn RunStore>>>,
+    rebuild_lock: tokio::sync::Mutex<()>,
+    connected: AtomicBool,
+    last_error: Mutex<Option<String>>,
+    rebuilds: AtomicU64,
+    url: String,
+    delete_on_drop: bool,
+}
+
+impl Drop for RedisQueue {
+    fn drop(&mut self) {
+        if self.delete_on_drop {
+            // Best effort: a test or benchmark key space that outlives its process is only
+            // garbage under a unique prefix.
+            let _ = delete_keys_blocking(&self.url, &self.base);
+        }
+    }
+}
+
+/// Deletes every key under `base` (SCAN + DEL, never FLUSH) over a short-lived connection.
+fn delete_keys_blocking(url: &str, base: &str) -> redis::RedisResult<u64> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
+    let pattern = format!("{}:*", glob_escape(base));
+    let mut cursor: u64 = 0;
+    let mut deleted = 0;
+    loop {
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query(&mut conn)?;
+        if !keys.is_empty() {
+            deleted += redis::cmd("DEL").arg(&keys).query::<u64>(&mut conn)?;
+        }
+        if next == 0 {
+            return Ok(deleted);
+        }
+        cursor = next;
+    }
+}
+
+/// Escapes glob metacharacters of a SCAN pattern.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The script source.
+const SCRIPT: &str = include_str!("dispatch.lua");
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn chain_text(chain: &ClaimChain) -> String {
+    let mut s = String::from(if chain.is_wildcard() { "P" } else { "F" });
+    for lane in chain.named() {
+        s.push('>');
+        s.push_str(lane.as_str());
+    }
+    s
+}
+
+fn unknown_env(env: &EnvName) -> QueueError {
+    QueueError::Invalid(InvalidInput::new(
+        "env",
+        format!("unknown env {:?}", env.as_str()),
+    ))
+}
+
+fn unknown_lane(lane: &LaneName) -> QueueError {
+    QueueError::Invalid(InvalidInput::new(
+        "lane",
+        format!("unknown lane {:?}", lane.as_str()),
+    ))
+}
+
+/// An argument of a script call.
+enum Arg {
+    Text(String),
+    Bytes(Vec<u8>),
+}
+
+impl From<&str> for Arg {
+    fn from(s: &str) -> Self {
+        Arg::Text(s.to_string())
+    }
+}
+impl From<String> for Arg {
+    fn from(s: String) -> Self {
+        Arg::Text(s)
+    }
+}
+impl From<u64> for Arg {
+    fn from(n: u64) -> Self {
+        Arg::Text(n.to_string())
+    }
+}
+impl From<RunId> for Arg {
+    fn from(id: RunId) -> Self {
+        Arg::Bytes(id.to_bytes().to_vec())
+    }
+}
+impl From<Vec<u8>> for Arg {
+    fn from(b: Vec<u8>) -> Self {
+        Arg::Bytes(b)
+    }
+}
+
+fn opt_arg(v: Option<u32>) -> Arg {
+    v.map_or(Arg::Text(String::new()), |n| Arg::from(u64::from(n)))
+}
+
+/// A decoded answer: code, effects, extra values.
+struct Answer {
+    code: String,
+    effects: Effects,
+    extra: Vec<Value>,
+}
+
+impl Answer {
+    fn extra(&self, i: usize) -> Result<&Value, QueueError> {
+        self.extra.get(i).ok_or_else(|| malformed("missing value"))
+    }
+}
+
+fn parse_answer(bytes: &[u8]) -> Result<Answer, QueueError> {
+    let v = record::decode(bytes)?;
+    let mut items = match v {
+        Value::Array(a) => a,
+        _ => return Err(malformed("answer is not an array")),
+    };
+    if items.len() < 4 {
+        return Err(malformed("short answer"));
+    }
+    let extra = items.split_off(4);
+    let code = items[0].text()?.to_string();
+    let mut effects = Effects::default();
+    let moved = items[1].list()?;
+    for pair in moved.chunks(2) {
+        if let [id, status] = pair {
+            effects.moved.push((run_id(id)?, record::status(status)?));
+        }
+    }
+    for lane in items[2].list()? {
+        let lane = LaneName::new(lane.text()?).map_err(|_| malformed("lane name"))?;
+        if !effects.ready_lanes.contains(&lane) {
+            effects.ready_lanes.push(lane);
+        }
+    }
+    let deadline = items[3].int()?;
+    effects.deadline = u64::try_from(deadline).ok().map(Timestamp);
+    Ok(Answer {
+        code,
+        effects,
+        extra,
+    })
+}
+
+impl RedisQueue {
+    /// Connects, checks (or creates) the key space and its format version.
+    pub async fn open(config: RedisConfig) -> Result<Self, RedisOpenError> {
+        let prefix = config.prefix.clone();
+        if prefix.is_empty()
+            || prefix
+                .chars()
+                .any(|c| c == '{' || c == '}' || c.is_whitespace())
+        {
+            return Err(RedisOpenError::Prefix(prefix));
+        }
+        let address = display_address(&config.url);
+        let unreachable = |e: redis::RedisError| RedisOpenError::Unreachable {
+            address: address.clone(),
+            reason: e.to_string(),
+        };
+        let client = redis::Client::open(config.url.as_str()).map_err(unreachable)?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(config.response_timeout)
+            .set_response_timeout(config.response_timeout)
+            .set_number_of_retries(2)
+            .set_factor(50)
+            .set_max_delay(1000);
+        let conn = ConnectionManager::new_with_config(client, manager_config)
+            .await
+            .map_err(unreachable)?;
+        let queue = RedisQueue {
+            conn,
+            script: redis::Script::new(SCRIPT),
+            base: format!("{{{prefix}}}"),
+            ready_timeout_ms: ms(config.ready_timeout).to_string(),
+            address: address.clone(),
+            generation: Mutex::new(String::new()),
+            replay: Mutex::new(Replay::default()),
+            store: Mutex::new(None),
+            rebuild_lock: tokio::sync::Mutex::new(()),
+            connected: AtomicBool::new(true),
+            last_error: Mutex::new(None),
+            rebuilds: AtomicU64::new(0),
+            url: config.url.clone(),
+            delete_on_drop: false,
+        };
+        match queue.init().await {
+            Ok(_) => Ok(queue),
+            Err(InitError::Format(found)) => Err(RedisOpenError::Format {
+                prefix,
+                found,
+                expected: KEYSPACE_FORMAT,
+            }),
+            Err(InitError::Queue(e)) => Err(RedisOpenError::Unreachable {
+                address,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// Deletes every key of this deployment (SCAN + DEL under `{prefix}:`) when the backend is
+    /// dropped. For tests and benchmarks that use a throwaway prefix.
+    pub fn delete_keys_on_drop(mut self) -> Self {
+        self.delete_on_drop = true;
+        self
+    }
+
+    /// Deletes every key of this deployment now (SCAN + DEL under `{prefix}:`, never FLUSH);
+    /// returns how many keys were deleted.
+    pub async fn delete_keys(&self) -> Result<u64, QueueError> {
+        let (url, base) = (self.url.clone(), self.base.clone());
+        tokio::task::spawn_blocking(move || delete_keys_blocking(&url, &base))
+            .await
+            .map_err(|e| QueueError::Unavailable(e.to_string()))?
+            .map_err(|e| QueueError::Unavailable(e.to_string()))
+    }
+
+    /// Attaches the run store the key space is rebuilt from when it is found lost.
+    pub fn attach_store(&self, store: Arc<dyn RunStore>) {
+        *lock(&self.store) = Some(store);
+    }
+
+    /// The key base, `{prefix}`: every key of this deployment starts with it.
+    pub fn key_base(&self) -> &str {
+        &self.base
+    }
+
+    /// The connection state.
+    pub fn health(&self) -> RedisHealth {
+        RedisHealth {
+            connected: self.connected.load(Ordering::Relaxed),
+            last_error: lock(&self.last_error).clone(),
+            rebuilds: self.rebuilds.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Creates the configuration hash when missing; returns whether it did.
+    async fn init(&self) -> Result<bool, InitError> {
+        let fresh_gen = format!(
+            "{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        );
+        let mut args: Vec<Arg> = vec![fresh_gen.into()];
+        for lane in LaneName::BUILT_IN {
+            args.push(lane.into());
+        }
+        let answer = self.raw("init", Timestamp::ZERO, "", args).await?;
+        match answer.code.as_str() {
+            "ok" => {
+                let generation = answer.extra(0)?.text()?.to_string();
+                let created = answer.extra(1)?.int()? == 1;
+                *lock(&self.generation) = generation;
+                Ok(created)
+            }
+            "format" => Err(InitError::Format(
+                answer
+                    .extra(0)
+                    .and_then(|v| v.text().map(str::to_string))
+                    .unwrap_or_default(),
+            )),
+            other => Err(InitError::Queue(malformed(other))),
+        }
+    }
+
+    async fn raw(
+        &self,
+        op: &str,
+        now: Timestamp,
+        generation: &str,
+        args: Vec<Arg>,
+    ) -> Result<Answer, QueueError> {
+        let mut inv = self.script.prepare_invoke();
+        inv.key(&self.base)
+            .arg(op)
+            .arg(now.as_millis())
+            .arg(&self.ready_timeout_ms)
+            .arg(KEYSPACE_FORMAT)
+            .arg(generation);
+        for a in &args {
+            match a {
+                Arg::Text(s) => inv.arg(s.as_str()),
+                Arg::Bytes(b) => inv.arg(b.as_slice()),
+            };
+        }
+        let mut conn = self.conn.clone();
+        match inv.invoke_async::<Vec<u8>>(&mut conn).await {
+            Ok(bytes) => {
+                self.connected.store(true, Ordering::Relaxed);
+                parse_answer(&bytes)
+            }
+            Err(e) => {
+                let text = format!("redis at {}: {e}", self.address);
+                let io = e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_unrecoverable_error();
+                if io {
+                    self.connected.store(false, Ordering::Relaxed);
+                }
+                *lock(&self.last_error) = Some(text.clone());
+                Err(QueueError::Unavailable(text))
+            }
+        }
+    }
+
+    /// Runs `op`, rebuilding the key space first when it was lost.
+    async fn call(
+        &self,
+        op: &str,
+        now: Timestamp,
+        args: impl Fn() -> Vec<Arg>,
+    ) -> Result<Answer, QueueError> {
+        for _ in 0..3 {
+            let generation = lock(&self.generation).clone();
+            let answer = self.raw(op, now, &generation, args()).await?;
+            match answer.code.as_str() {
+                "lost" => self.rebuild(now).await?,
+                "generation" => {
+                    *lock(&self.generation) = answer.extra(0)?.text()?.to_string();
+                }
+                "format" => {
+                    return Err(QueueError::Unavailable(format!(
+                        "redis key space {} has format version {}, this build reads and writes version {KEYSPACE_FORMAT}",
+                        self.base,
+                        answer.extra(0).and_then(|v| v.text()).unwrap_or("?")
+                    )))
+                }
+                _ => return Ok(answer),
+            }
+        }
+        Err(QueueError::Unavailable(
+            "redis key space keeps changing generation".to_string(),
+        ))
+    }
+
+    /// Rebuilds a lost key space: configuration, envs, queues, lanes, consumers, then every
+    /// unfinished run of the attached store, re-enqueued with its original order (scores).
+    async fn rebuild(&self, now: Timestamp) -> Result<(), QueueError> {
+        let _guard = self.rebuild_lock.lock().await;
+        let created = match self.init().await {
+            Ok(created) => created,
+            Err(InitError::Queue(e)) => return Err(e),
+            Err(InitError::Format(found)) => {
+                return Err(QueueError::Unavailable(format!(
+                    "redis key space format {found} is not {KEYSPACE_FORMAT}"
+                )))
+            }
+        };
+        if !created {
+            return Ok(());
+        }
+        self.rebuilds.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(base = %self.base, "redis key space lost; rebuilding from the run store");
+        let store = lock(&self.store).clone();
+        let (mut envs, queues, lanes, consumers) = {
+            let r = lock(&self.replay);
+            (
+                r.envs.clone(),
+                r.queues.clone(),
+                r.lanes.clone(),
+                r.consumers.clone(),
+            )
+        };
+        if let Some(store) = &store {
+            let stored = store
+                .envs()
+                .await
+                .map_err(|e| QueueError::Unavailable(format!("rebuild: {e}")))?;
+            for (env, settings) in stored {
+                envs.entry(env).or_insert(settings);
+            }
+        }
+        for (env, settings) in &envs {
+            self.raw_checked("put_env", now, put_env_args(env, settings))
+                .await?;
+        }
+        for ((env, queue), settings) in &queues {
+            self.raw_checked("put_queue", now, put_queue_args(env, queue, settings))
+                .await?;
+        }
+        for lane in &lanes {
+            self.raw_checked("add_lane", now, vec![lane.as_str().into()])
+                .await?;
+        }
+        for (id, chain) in &consumers {
+            self.raw_checked(
+                "restore_consumer",
+                now,
+                vec![Arg::from(*id), chain.clone().into()],
+            )
+            .await?;
+        }
+        if let Some(store) = store {
+            let mut runs = store
+                .unfinished()
+                .await
+                .map_err(|e| QueueError::Unavailable(format!("rebuild: {e}")))?;
+            runs.sort_by_key(|r| r.id);
+            for run in runs {
+                let d = run.dispatch();
+                let id = d.run_id;
+                let answer = self
+                    .raw_checked(
+                        "enqueue",
+                        now,
+                        vec![id.into(), record::pack_new(&d).into(), "0".into()],
+                    )
+                    .await?;
+                if answer.code != "ok" {
+                    tracing::warn!(run = %id, code = %answer.code, "rebuild enqueue refused");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn raw_checked(
+        &self,
+        op: &str,
+        now: Timestamp,
+        args: Vec<Arg>,
+    ) -> Result<Answer, QueueError> {
+        let generation = lock(&self.generation).clone();
+        self.raw(op, now, &generation, args).await
+    }
+
+    async fn call_put_env(
+        &self,
+        env: &EnvName,
+        settings: &EnvSettings,
+        now: Timestamp,
+    ) -> Result<Answer, QueueError> {
+        self.call("put_env", now, || put_env_args(env, settings))
+            .await
+    }
+
+    async fn call_put_queue(
+        &self,
+        env: &EnvName,
+        queue: &QueueName,
+        settings: &QueueSettings,
+        now: Timestamp,
+    ) -> Result<Answer, QueueError> {
+        let answer = self
+            .call("put_queue", now, || put_queue_args(env, queue, settings))
+            .await?;
+        if answer.code == "unknown_env" {
+            return Err(unknown_env(env));
+        }
+        Ok(answer)
+    }
+
+    fn leased_error(code: &str, run: RunId) -> Result<(), QueueError> {
+        match code {
+            "ok" => Ok(()),
+            "not_found" => Err(QueueError::NotFound(run)),
+            "stale" => Err(QueueError::StaleToken(run)),
+            other => Err(malformed(other)),
+        }
+    }
+
+    fn records(list: &[Value]) -> Result<Vec<record::Record>, QueueError> {
+        let mut out = Vec::with_capacity(list.len());
+        for item in list {
+            let pair = item.list()?;
+            let [id, raw] = pair else {
+                return Err(malformed("record pair"));
+            };
+            out.push(unpack(run_id(id)?, raw.bytes()?)?);
+        }
+        Ok(out)
+    }
+}
+
+fn put_env_args(env: &EnvName, settings: &EnvSettings) -> Vec<Arg> {
+    vec![
+        Arg::from(env.as_str()),
+        Arg::from(u64::from(settings.limit)),
+        Arg::from(u64::from(env_cap(settings.limit, settings.burst))),
+        Arg::from(u64::from(settings.fast_lane_cap())),
+        Arg::from(u64::from(settings.weight)),
+        Arg::from(if settings.fast_path { "1" } else { "0" }),
+    ]
+}
+
+fn put_queue_args(env: &EnvName, queue: &QueueName, settings: &QueueSettings) -> Vec<Arg> {
+    vec![
+        Arg::from(env.as_str()),
+        Arg::from(queue.as_str()),
+        opt_arg(settings.limit),
+        opt_arg(settings.key_total_limit),
+        opt_arg(settings.max_queued),
+        Arg::from(if settings.paused { "1" } else { "0" }),
+    ]
+}
+
+enum InitError {
+    Format(String),
+    Queue(QueueError),
+}
+
+impl From<QueueError> for InitError {
+    fn from(e: QueueError) -> Self {
+        InitError::Queue(e)
+    }
+}
+
+/// The address part of a URL, without credentials, for messages.
+fn display_address(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    rest.to_string()
+}
+
+fn settings_from(v: &[Value]) -> Result<QueueSettings, QueueError> {
+    let opt = |v: &Value| -> Result<Option<u32>, QueueError> {
+        let t = v.text()?;
+        if t.is_empty() {
+            Ok(None)
+        } else {
+            t.parse::<u32>()
+                .map(Some)
+                .map_err(|_| malformed("queue setting"))
+        }
+    };
+    if v.len() < 4 {
+        return Err(malformed("queue settings"));
+    }
+    Ok(QueueSettings {
+        limit: opt(&v[0])?,
+        key_total_limit: opt(&v[1])?,
+        max_queued: opt(&v[2])?,
+        paused: v[3].text()? == "1",
+    })
+}
+
+#[async_trait]
+impl QueueBackend for RedisQueue {
+    async fn put_env(
+        &self,
+        env: &EnvName,
+        settings: EnvSettings,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError> {
+        settings.validate()?;
+        let answer = self.call_put_env(env, &settings, now).await?;
+        lock(&self.replay).envs.insert(env.clone(), settings);
+        Ok(answer.effects)
+    }
+
+    async fn put_queue(
+        &self,
+        env: &EnvName,
+        queue: &QueueName,
+        settings: QueueSettings,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError> {
+        settings.validate()?;
+        let answer = self.call_put_queue(env, queue, &settings, now).await?;
+        lock(&self.replay)
+            .queues
+            .insert((env.clone(), queue.clone()), settings);
+        Ok(answer.effects)
+    }
+
+    async fn queue_settings(
+        &self,
+        env: &EnvName,
+        queue: &QueueName,
+    ) -> Result<QueueSettings, QueueError> {
+        let answer = self
+            .call("queue_settings", Timestamp::ZERO, || {
+                vec![env.as_str().into(), queue.as_str().into()]
+            })
+            .await?;
+        if answer.code == "unknown_env" {
+            return Err(unknown_env(env));
+        }
+        settings_from(&answer.extra)
+    }
+
+    async fn add_lane(&self, lane: &LaneName) -> Result<(), QueueError> {
+        self.call("add_lane", Timestamp::ZERO, || vec![lane.as_str().into()])
+            .await?;
+        let mut r = lock(&self.replay);
+        if !r.lanes.contains(lane) {
+            r.lanes.push(lane.clone());
+        }
+        Ok(())
+    }
+
+    async fn has_lane(&self, lane: &LaneName) -> Result<bool, QueueError> {
+        let answer = self
+            .call("has_lane", Timestamp::ZERO, || vec![lane.as_str().into()])
+            .await?;
+        Ok(answer.extra(0)?.int()? == 1)
+    }
+
+    async fn lanes(&self, now: Timestamp) -> Result<Vec<LaneInfo>, QueueError> {
+        let answer = self.call("lanes", now, Vec::new).await?;
+        let mut out = Vec::new();
+        for item in answer.extra(0)?.list()? {
+            let f = item.list()?;
+            if f.len() < 4 {
+                return Err(malformed("lane info"));
+            }
+            let orphan = f[3].int()?;
+            out.push(LaneInfo {
+                name: LaneName::new(f[0].text()?).map_err(|_| malformed("lane name"))?,
+                ready: u64::try_from(f[1].int()?).unwrap_or(0),
+                consumers: u32::try_from(f[2].int()?).unwrap_or(0),
+                orphan_since: u64::try_from(orphan).ok().map(Timestamp),
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    async fn queues(&self, env: &EnvName) -> Result<Vec<QueueInfo>, QueueError> {
+        let answer = self
+            .call("queues", Timestamp::ZERO, || vec![env.as_str().into()])
+            .await?;
+        if answer.code == "unknown_env" {
+            return Err(unknown_env(env));
+        }
+        let mut out = Vec::new();
+        for item in answer.extra(0)?.list()? {
+            let f = item.list()?;
+            if f.len() < 8 {
+                return Err(malformed("queue info"));
+            }
+            out.push(QueueInfo {
+                env: env.clone(),
+                name: QueueName::new(f[0].text()?).map_err(|_| malformed("queue name"))?,
+                settings: settings_from(&f[1..5])?,
+                delayed: u64::try_from(f[5].int()?).unwrap_or(0),
+                queued: u64::try_from(f[6].int()?).unwrap_or(0),
+                running: u64::try_from(f[7].int()?).unwrap_or(0),
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    async fn env_usage(&self, env: &EnvName) -> Result<EnvUsage, QueueError> {
+        let answer = self
+            .call("env_usage", Timestamp::ZERO, || vec![env.as_str().into()])
+            .await?;
+        if answer.code == "unknown_env" {
+            return Err(unknown_env(env));
+        }
+        Ok(EnvUsage {
+            running: u32::try_from(answer.extra(0)?.int()?).unwrap_or(0),
+            fast_lane_running: u32::try_from(answer.extra(1)?.int()?).unwrap_or(0),
+        })
+    }
+
+    async fn enqueue(
+        &self,
+        dispatch: Dispatch,
+        sync: bool,
+        now: Timestamp,
+    ) -> Result<Enqueued, QueueError> {
+        let packed = record::pack_new(&dispatch);
+        let id = dispatch.run_id;
+        let answer = self
+            .call("enqueue", now, || {
+                vec![
+                    id.into(),
+                    packed.clone().into(),
+                    (if sync { "1" } else { "0" }).into(),
+                ]
+            })
+            .await?;
+        match answer.code.as_str() {
+            "ok" => {}
+            "unknown_env" => return Err(unknown_env(&dispatch.env)),
+            "unknown_lane" => return Err(unknown_lane(&dispatch.lane)),
+            "queue_full" => {
+                return Err(QueueError::QueueFull {
+                    queue: dispatch.queue.to_string(),
+                    key: dispatch.key.to_string(),
+                    max_queued: u32::try_from(answer.extra(0)?.int()?).unwrap_or(0),
+                })
+            }
+            "fast_lane_full" => {
+                return Err(QueueError::FastLaneFull {
+                    env: dispatch.env.to_string(),
+                    retry_after: FAST_LANE_RETRY_AFTER,
+                })
+            }
+            other => return Err(malformed(other)),
+        }
+        let placement = match answer.extra(0)?.text()? {
+            "delayed" => Placement::Delayed,
+            "queued" => Placement::Queued,
+            _ => Placement::Ready,
+        };
+        Ok(Enqueued {
+            placement,
+            effects: answer.effects,
+        })
+    }
+
+    async fn claim(
+        &self,
+        request: &ClaimRequest,
+        now: Timestamp,
+    ) -> Result<Vec<Leased>, QueueError> {
+        if request.max == 0 {
+            return Ok(Vec::new());
+        }
+        let answer = self
+            .call("claim", now, || {
+                let mut args: Vec<Arg> = vec![
+                    request.worker.0.to_string().into(),
+                    chain_text(&request.chain).into(),
+                    u64::from(request.max).into(),
+                    ms(request.lease).into(),
+                ];
+                for served in &request.envs {
+                    args.push(served.env.as_str().into());
+                    args.push(u64::from(served.version).into());
+                }
+                args
+            })
+            .await?;
+        let mut out = Vec::new();
+        for rec in Self::records(answer.extra(0)?.list()?)? {
+            let (Some(token), Some(lease_deadline)) = (rec.token, rec.lease_deadline) else {
+                return Err(malformed("claimed run without lease"));
+            };
+            out.push(Leased {
+                dispatch: rec.dispatch,
+                token: FencingToken(token),
+                lease_deadline,
+                attempt_deadline: rec.attempt_deadline,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn heartbeat(
+        &self,
+        leases: &[(RunId, FencingToken)],
+        now: Timestamp,
+    ) -> Result<Vec<LeaseState>, QueueError> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let answer = self
+            .call("heartbeat", now, || {
+                let mut args = Vec::new();
+                for (run, token) in leases {
+                    args.push(Arg::from(*run));
+                    args.push(Arg::from(token.0));
+                }
+                args
+            })
+            .await?;
+        answer
+            .extra(0)?
+            .list()?
+            .iter()
+            .map(|v| {
+                Ok(match v.text()? {
+                    "alive" => LeaseState::Alive,
+                    "cancel" => LeaseState::CancelRequested,
+                    _ => LeaseState::Lost,
+                })
+            })
+            .collect()
+    }
+
+    async fn check_lease(&self, run: RunId, token: FencingToken) -> Result<(), QueueError> {
+        let answer = self
+            .call("check_lease", Timestamp::ZERO, || {
+                vec![run.into(), token.0.into()]
+            })
+            .await?;
+        Self::leased_error(&answer.code, run)
+    }
+
+    async fn finish(
+        &self,
+        run: RunId,
+        token: FencingToken,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError> {
+        let answer = self
+            .call("finish", now, || vec![run.into(), token.0.into()])
+            .await?;
+        Self::leased_error(&answer.code, run)?;
+        Ok(answer.effects)
+    }
+
+    async fn retry(
+        &self,
+        run: RunId,
+        token: FencingToken,
+        run_after: Timestamp,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError> {
+        let answer = self
+            .call("retry", now, || {
+                vec![run.into(), token.0.into(), run_after.as_millis().into()]
+            })
+            .await?;
+        Self::leased_error(&answer.code, run)?;
+        Ok(answer.effects)
+    }
+
+    async fn release(
+        &self,
+        run: RunId,
+        token: FencingToken,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError> {
+        let answer = self
+            .call("release", now, || vec![run.into(), token.0.into()])
+            .await?;
+        Self::leased_error(&answer.code, run)?;
+        Ok(answer.effects)
+    }
+
+    async fn cancel(
+        &self,
+        run: RunId,
+        grace: Duration,
+        now: Timestamp,
+    ) -> Result<CancelOutcome, QueueError> {
+        let answer = self
+            .call("cancel", now, || vec![run.into(), ms(grace).into()])
+            .await?;
+        match answer.code.as_str() {
+            "not_found" => Ok(CancelOutcome::NotFound),
+            "requested" => Ok(CancelOutcome::Requested {
+                token: FencingToken(u64::try_from(answer.extra(0)?.int()?).unwrap_or(0)),
+                grace_deadline: Timestamp(u64::try_from(answer.extra(1)?.int()?).unwrap_or(0)),
+                first: answer.extra(2)?.int()? == 1,
+            }),
+            "removed" => Ok(CancelOutcome::Removed {
+                was: record::status(answer.extra(0)?)?,
+                effects: answer.effects,
+            }),
+            other => Err(malformed(other)),
+        }
+    }
+
+    async fn reschedule(
+        &self,
+        run: RunId,
+        run_after: Timestamp,
+        ttl_deadline: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError> {
+        let answer = self
+            .call("reschedule", now, || {
+                vec![
+                    run.into(),
+                    run_after.as_millis().into(),
+                    ttl_deadline.map_or(Arg::Text(String::new()), |t| t.as_millis().into()),
+                ]
+            })
+            .await?;
+        match answer.code.as_str() {
+            "ok" => Ok(answer.effects),
+            "not_found" => Err(QueueError::NotFound(run)),
+            "wrong_state" => Err(QueueError::WrongState {
+                run,
+                status: record::status(answer.extra(0)?)?,
+                operation: "reschedule",
+            }),
+            other => Err(malformed(other)),
+        }
+    }
+
+    async fn tick(&self, now: Timestamp) -> Result<Tick, QueueError> {
+        let answer = self.call("tick", now, Vec::new).await?;
+        let mut tick = Tick::default();
+        for rec in Self::records(answer.extra(0)?.list()?)? {
+            tick.expired.push(rec.dispatch);
+        }
+        for rec in Self::records(answer.extra(1)?.list()?)? {
+            let token = FencingToken(rec.token.unwrap_or(0));
+            tick.lapsed.push(Lapsed {
+                dispatch: rec.dispatch,
+                token,
+            });
+        }
+        let pairs = |v: &Value| -> Result<Vec<(RunId, FencingToken)>, QueueError> {
+            let mut out = Vec::new();
+            for item in v.list()? {
+                let p = item.list()?;
+                let [id, token] = p else {
+                    return Err(malformed("run and token"));
+                };
+                out.push((
+                    run_id(id)?,
+                    FencingToken(u64::try_from(token.int()?).unwrap_or(0)),
+                ));
+            }
+            Ok(out)
+        };
+        tick.timed_out = pairs(answer.extra(2)?)?;
+        tick.cancel_elapsed = pairs(answer.extra(3)?)?;
+        for id in answer.extra(4)?.list()? {
+            tick.ready_returned.push(run_id(id)?);
+        }
+        tick.expired.sort_by_key(|d| d.run_id);
+        tick.lapsed.sort_by_key(|l| l.dispatch.run_id);
+        tick.timed_out.sort();
+        tick.cancel_elapsed.sort();
+        tick.ready_returned.sort();
+        tick.effects = answer.effects;
+        Ok(tick)
+    }
+
+    async fn next_deadline(&self) -> Result<Option<Timestamp>, QueueError> {
+        let answer = self
+            .call("next_deadline", Timestamp::ZERO, Vec::new)
+            .await?;
+        Ok(answer.effects.deadline)
+    }
+
+    async fn live(&self, run: RunId) -> Result<Option<LiveRun>, QueueError> {
+        let answer = self
+            .call("live", Timestamp::ZERO, || vec![run.into()])
+            .await?;
+        let pair = answer.extra(0)?.list()?;
+        match pair {
+            [_, raw] => Ok(Some(unpack(run, raw.bytes()?)?.live())),
+            _ => Ok(None),
+        }
+    }
+
+    async fn snapshot(&self) -> Result<Vec<LiveRun>, QueueError> {
+        let answer = self.call("snapshot", Timestamp::ZERO, Vec::new).await?;
+        let flat = answer.extra(0)?.list()?;
+        let mut out = Vec::with_capacity(flat.len() / 2);
+        for pair in flat.chunks(2) {
+            if let [id, raw] = pair {
+                out.push(unpack(run_id(id)?, raw.bytes()?)?.live());
+            }
+        }
+        out.sort_by_key(|r| r.dispatch.run_id);
+        Ok(out)
+    }
+
+    async fn register_consumer(
+        &self,
+        chain: &ClaimChain,
+        now: Timestamp,
+    ) -> Result<ConsumerId, QueueError> {
+        let text = chain_text(chain);
+        let answer = self
+            .call("register_consumer", now, || vec![text.clone().into()])
+            .await?;
+        let id = u64::try_from(answer.extra(0)?.int()?).unwrap_or(0);
+        lock(&self.replay).consumers.insert(id, text);
+        Ok(ConsumerId(id))
+    }
+
+    async fn unregister_consumer(
+        &self,
+        id: ConsumerId,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError> {
+        let answer = self
+            .call("unregister_consumer", now, || vec![id.0.into()])
+            .await?;
+        lock(&self.replay).consumers.remove(&id.0);
+        Ok(answer.effects)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_drop_scheme_and_credentials() {
+        assert_eq!(
+            display_address("redis://u:secret@127.0.0.1:6379/0"),
+            "127.0.0.1:6379/0"
+        );
+        assert_eq!(display_address("redis+unix:///tmp/r.sock"), "/tmp/r.sock");
+    }
+
+    #[test]
+    fn chains_encode_mode_and_lanes() {
+        assert_eq!(chain_text(&ClaimChain::default_chain()), "P>manual");
+        let filter = ClaimChain::Filter(vec![LaneName::fast_lane()]);
+        assert_eq!(chain_text(&filter), "F>fast_lane");
+    }
+}
