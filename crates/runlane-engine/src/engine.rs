@@ -28,6 +28,7 @@ use crate::config::EngineConfig;
 use crate::doorbell::Doorbells;
 use crate::error::EngineError;
 use crate::event::{EnvEvents, EventHub, RunEvent, RunEventKind, RunEvents};
+use crate::handover::Handover;
 use crate::local::{AbortKind, LocalRegistry};
 use crate::meta::MetaCache;
 use crate::trigger::{TriggerBuilder, TriggerRequest, Triggered, WaitOutcome};
@@ -94,9 +95,11 @@ impl EngineBuilder {
             effects.merge(queue.put_env(env, *settings, now).await?);
         }
 
+        let handover = Handover::new(queue.claims_in_process());
         let inner = Arc::new(Inner {
             queue,
             store,
+            handover,
             clock,
             config,
             rng: Mutex::new(rng),
@@ -197,6 +200,8 @@ impl TimerState {
 pub(crate) struct Inner {
     pub(crate) queue: Arc<dyn QueueBackend>,
     pub(crate) store: Arc<dyn RunStore>,
+    /// Payloads of runs triggered here, for their first claim by a worker of this process.
+    pub(crate) handover: Handover,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) config: EngineConfig,
     rng: Mutex<StdRng>,
@@ -334,6 +339,8 @@ impl Inner {
 
     /// Publishes a record's (terminal) status.
     pub(crate) fn publish_record(&self, record: &RunRecord) {
+        // A run that ended without a claim (cancelled, expired) no longer needs its payload.
+        self.handover.forget(record.id);
         self.publish(record.id, &record.env, record.status, record.attempt);
         if let Some(at) = record
             .finished_at

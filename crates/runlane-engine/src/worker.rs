@@ -24,6 +24,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::doorbell::any_of;
 use crate::engine::{attempt_record, Engine};
 use crate::error::EngineError;
+use crate::handover::Handed;
 use crate::local::{AbortKind, Latch, LocalRun};
 use crate::trigger::{TriggerRequest, WaitOutcome};
 
@@ -634,32 +635,42 @@ async fn execute(
     let d = &leased.dispatch;
     engine.publish(run, &d.env, RunStatus::Executing, d.attempt);
 
-    let record = match engine.store.get(run).await {
-        Ok(Some(record)) => record,
-        Ok(None) => {
-            tracing::warn!(%run, "claimed run is not in the store; dropping it");
-            engine.queue_finish_quietly(run, token).await;
-            return;
-        }
-        Err(e) => {
-            // Without the payload nothing can run: hand the run back without an attempt.
-            tracing::warn!(%run, error = %e, "claimed run could not be loaded; releasing it");
-            release(&shared, run, token, &d.env, d.attempt).await;
-            return;
-        }
+    // A run triggered in this process comes with its payload; any other is read back. (A run
+    // handed over cannot have ended in the store: every terminal write outside a lease first
+    // takes the run out of the queue.)
+    let handed = match engine.handover.take(run) {
+        Some(handed) => handed,
+        None => match engine.store.get(run).await {
+            Ok(Some(record)) if record.status.is_terminal() => {
+                // Cancelled (or ended) in the store while it waited in the queue.
+                engine.queue_finish_quietly(run, token).await;
+                return;
+            }
+            Ok(Some(record)) => Handed {
+                task: record.task,
+                payload: record.payload,
+                retry: record.retry,
+            },
+            Ok(None) => {
+                tracing::warn!(%run, "claimed run is not in the store; dropping it");
+                engine.queue_finish_quietly(run, token).await;
+                return;
+            }
+            Err(e) => {
+                // Without the payload nothing can run: hand the run back without an attempt.
+                tracing::warn!(%run, error = %e, "claimed run could not be loaded; releasing it");
+                release(&shared, run, token, &d.env, d.attempt).await;
+                return;
+            }
+        },
     };
-    if record.status.is_terminal() {
-        // Cancelled (or ended) in the store while it waited in the queue.
-        engine.queue_finish_quietly(run, token).await;
-        return;
-    }
 
-    let outcome = match shared.handlers.get(&record.task) {
+    let outcome = match shared.handlers.get(&handed.task) {
         None => Outcome::Failed {
             outcome: "no_handler",
             error: format!(
                 "no handler for task {} on worker {}",
-                record.task, shared.id
+                handed.task, shared.id
             ),
         },
         Some(handler) => {
@@ -667,14 +678,14 @@ async fn execute(
                 inner: Arc::new(ContextInner {
                     engine: shared.engine.clone(),
                     run_id: run,
-                    task: record.task.clone(),
+                    task: handed.task.clone(),
                     attempt: d.attempt,
-                    payload: record.payload.clone(),
+                    payload: handed.payload.clone(),
                     cancel: CancelToken::from_latch(local.cancel.clone()),
-                    env: record.env.clone(),
-                    queue: record.queue.clone(),
-                    key: record.key.clone(),
-                    lane: record.lane.clone(),
+                    env: d.env.clone(),
+                    queue: d.queue.clone(),
+                    key: d.key.clone(),
+                    lane: d.lane.clone(),
                 }),
             };
             // An advisory, non-blocking start mark: if the process dies while the handler runs,
@@ -725,8 +736,8 @@ async fn execute(
             None => {
                 engine
                     .fail_attempt(
-                        &record.env,
-                        &record.retry,
+                        &d.env,
+                        &handed.retry,
                         run,
                         token,
                         d.attempt,
