@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use runlane_core::admission::{env_cap, key_cap};
-use runlane_core::backend::{ClaimRequest, ConsumerId, LeaseState, Leased, ServedEnv};
+use runlane_core::backend::{AttemptEnd, ClaimRequest, ConsumerId, LeaseState, Leased, ServedEnv};
 use runlane_core::{
     CancelReason, ClaimChain, EnvName, FencingToken, InvalidInput, LaneName, QueueName, RunId,
     RunStatus, Scope, TaskName, TriggerSource, WorkerId, WorkloopSpec,
@@ -395,7 +395,8 @@ struct WorkerShared {
     lease: Duration,
     stop_timeout: Duration,
     in_flight: Mutex<HashMap<RunId, Arc<LocalRun>>>,
-    /// Rung when a run starts or ends (heartbeat arming, drain waiting).
+    /// Rung when the first run starts (heartbeat arming) and when the last one ends (drain
+    /// waiting): not per run.
     changed: Notify,
     stop: watch::Sender<bool>,
     runs: Mutex<JoinSet<()>>,
@@ -415,8 +416,16 @@ impl WorkerShared {
         let run = leased.dispatch.run_id;
         let local = Arc::new(LocalRun::new(run, leased.token));
         self.engine.inner.local.insert(local.clone());
-        self.in_flight().insert(run, local.clone());
-        self.changed.notify_waiters();
+        let was_empty = {
+            let mut in_flight = self.in_flight();
+            let was_empty = in_flight.is_empty();
+            in_flight.insert(run, local.clone());
+            was_empty
+        };
+        if was_empty {
+            // Only the first run arms the heartbeat; later ones change nothing it waits for.
+            self.changed.notify_waiters();
+        }
         let mut runs = self.runs();
         // Reap finished runs so the set stays as large as what is in flight.
         while runs.try_join_next().is_some() {}
@@ -434,7 +443,7 @@ struct InFlightGuard {
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.shared.engine.inner.local.remove(self.run, self.token);
-        {
+        let now_empty = {
             let mut in_flight = self.shared.in_flight();
             if in_flight
                 .get(&self.run)
@@ -442,8 +451,12 @@ impl Drop for InFlightGuard {
             {
                 in_flight.remove(&self.run);
             }
+            in_flight.is_empty()
+        };
+        if now_empty {
+            // The drain waits for the last run; the heartbeat needs no wake-up per run.
+            self.shared.changed.notify_waiters();
         }
-        self.shared.changed.notify_waiters();
     }
 }
 
@@ -718,7 +731,7 @@ async fn execute(
             release(&shared, run, token, &d.env, d.attempt).await;
             Ok(())
         }
-        Outcome::Completed(value) => complete(&shared, run, token, d.attempt, value).await,
+        Outcome::Completed(value) => complete(&shared, run, token, &d.env, d.attempt, value).await,
         Outcome::Failed { outcome, error } => match local.cancel.get() {
             // The engine owns these endings; it takes the settle lock after us.
             Some(CancelReason::Timeout | CancelReason::LeaseLost) => return,
@@ -762,6 +775,7 @@ async fn complete(
     shared: &WorkerShared,
     run: RunId,
     token: FencingToken,
+    env: &EnvName,
     attempt: u32,
     value: serde_json::Value,
 ) -> Result<(), EngineError> {
@@ -773,16 +787,13 @@ async fn complete(
     }
     let output: Arc<str> = Arc::from(value.to_string());
     let attempt = attempt_record(attempt, "completed", None, engine.now());
-    engine
-        .finish_leased(
-            run,
-            token,
-            RunStatus::Completed,
-            Some(output),
-            Some(attempt),
-        )
-        .await?;
-    Ok(())
+    let end = AttemptEnd {
+        run,
+        status: RunStatus::Completed,
+        output: Some(output),
+        attempt,
+    };
+    engine.finish_attempt(env, token, end).await
 }
 
 /// Drain: back to the queue without counting an attempt.
