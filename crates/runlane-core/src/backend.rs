@@ -386,6 +386,36 @@ pub trait QueueBackend: Send + Sync + 'static {
         id: ConsumerId,
         now: Timestamp,
     ) -> Result<Effects, QueueError>;
+
+    /// Whether every lease of this backend is taken in this process (an in-memory queue).
+    /// The engine then keeps the payloads of the runs it triggers until their first claim and
+    /// hands them to its workers with the lease, instead of reading each run back from the
+    /// store. A shared backend (other processes claim) answers `false`, the default.
+    fn claims_in_process(&self) -> bool {
+        false
+    }
+
+    /// Ends many leased runs, as [`QueueBackend::finish`] does one by one, answering per run.
+    /// A backend may do it in one step (one lock, one round trip); the default calls `finish`
+    /// for each, in order. The effects of all of them are merged into the returned `Effects`.
+    async fn finish_many(
+        &self,
+        runs: &[(RunId, FencingToken)],
+        now: Timestamp,
+    ) -> Result<(Vec<Result<(), QueueError>>, Effects), QueueError> {
+        let mut answers = Vec::with_capacity(runs.len());
+        let mut effects = Effects::default();
+        for &(run, token) in runs {
+            match self.finish(run, token, now).await {
+                Ok(fx) => {
+                    effects.merge(fx);
+                    answers.push(Ok(()));
+                }
+                Err(e) => answers.push(Err(e)),
+            }
+        }
+        Ok((answers, effects))
+    }
 }
 
 /// One attempt of a run, as recorded.
@@ -606,6 +636,20 @@ impl Default for Retention {
     }
 }
 
+/// The terminal write of an attempt the engine holds the lease of: it knows the run, its
+/// attempt and how it ended, so the store needs to read nothing back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttemptEnd {
+    /// The run.
+    pub run: RunId,
+    /// Its terminal status.
+    pub status: RunStatus,
+    /// Output JSON text when completed.
+    pub output: Option<Arc<str>>,
+    /// The attempt that ended.
+    pub attempt: AttemptRecord,
+}
+
 /// Durable run records. Writes happen at state transitions only.
 #[async_trait]
 pub trait RunStore: Send + Sync + 'static {
@@ -678,4 +722,24 @@ pub trait RunStore: Send + Sync + 'static {
     async fn promote(&self, env: &EnvName, version: u32) -> Result<(), StoreError>;
     /// The current version (0 before any promotion).
     async fn current_version(&self, env: &EnvName) -> Result<u32, StoreError>;
+
+    /// Terminal writes of many attempts, each exactly as [`RunStore::finish`] with its attempt
+    /// (the first terminal write wins, later ones get `AlreadyFinished`), answered per run
+    /// without the records. A store may apply them in one transaction (one commit for all);
+    /// each answer is given only once that write is durable. The default calls `finish` for
+    /// each, in order. `Err` means the whole call failed and nothing is known to be written.
+    async fn finish_many(
+        &self,
+        ends: Vec<AttemptEnd>,
+        now: Timestamp,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        let mut answers = Vec::with_capacity(ends.len());
+        for end in ends {
+            let written = self
+                .finish(end.run, end.status, end.output, Some(end.attempt), now)
+                .await;
+            answers.push(written.map(|_| ()));
+        }
+        Ok(answers)
+    }
 }

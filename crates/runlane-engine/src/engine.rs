@@ -12,8 +12,8 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use runlane_core::backend::{
-    AttemptRecord, CancelOutcome, Effects, LaneInfo, Lapsed, QueueBackend, QueueInfo, RunFilter,
-    RunRecord, RunStore, Tick,
+    AttemptEnd, AttemptRecord, CancelOutcome, Effects, LaneInfo, Lapsed, QueueBackend, QueueInfo,
+    RunFilter, RunRecord, RunStore, Tick,
 };
 use runlane_core::{
     CancelReason, EnvName, EnvSettings, FencingToken, InvalidInput, LaneName, QueueError,
@@ -28,6 +28,7 @@ use crate::config::EngineConfig;
 use crate::doorbell::Doorbells;
 use crate::error::EngineError;
 use crate::event::{EnvEvents, EventHub, RunEvent, RunEventKind, RunEvents};
+use crate::handover::Handover;
 use crate::local::{AbortKind, LocalRegistry};
 use crate::meta::MetaCache;
 use crate::trigger::{TriggerBuilder, TriggerRequest, Triggered, WaitOutcome};
@@ -94,9 +95,11 @@ impl EngineBuilder {
             effects.merge(queue.put_env(env, *settings, now).await?);
         }
 
+        let handover = Handover::new(queue.claims_in_process());
         let inner = Arc::new(Inner {
             queue,
             store,
+            handover,
             clock,
             config,
             rng: Mutex::new(rng),
@@ -197,6 +200,8 @@ impl TimerState {
 pub(crate) struct Inner {
     pub(crate) queue: Arc<dyn QueueBackend>,
     pub(crate) store: Arc<dyn RunStore>,
+    /// Payloads of runs triggered here, for their first claim by a worker of this process.
+    pub(crate) handover: Handover,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) config: EngineConfig,
     rng: Mutex<StdRng>,
@@ -334,11 +339,28 @@ impl Inner {
 
     /// Publishes a record's (terminal) status.
     pub(crate) fn publish_record(&self, record: &RunRecord) {
-        self.publish(record.id, &record.env, record.status, record.attempt);
-        if let Some(at) = record
-            .finished_at
-            .and_then(|f| self.config.retention.purge_at(record.status, f))
-        {
+        // A run that ended without a claim (cancelled, expired) no longer needs its payload.
+        self.handover.forget(record.id);
+        match record.finished_at {
+            Some(at) => {
+                self.publish_finished(record.id, &record.env, record.status, record.attempt, at)
+            }
+            None => self.publish(record.id, &record.env, record.status, record.attempt),
+        }
+    }
+
+    /// Publishes a terminal status written at `finished_at`, and arms the retention timer
+    /// when the run is due for deletion before anything else.
+    pub(crate) fn publish_finished(
+        &self,
+        run: RunId,
+        env: &EnvName,
+        status: RunStatus,
+        attempt: u32,
+        finished_at: Timestamp,
+    ) {
+        self.publish(run, env, status, attempt);
+        if let Some(at) = self.config.retention.purge_at(status, finished_at) {
             let mut purge_at = self.purge_at();
             if purge_at.is_none_or(|p| at < p) {
                 *purge_at = Some(at);
@@ -369,6 +391,36 @@ impl Inner {
             self.publish_record(record);
         }
         Ok(record)
+    }
+
+    /// Ends an attempt this process holds the lease of, when the engine knows how it ended:
+    /// the store's terminal write without reading the run back, then the queue. A run the
+    /// store already finished is only cleaned out of the queue.
+    pub(crate) async fn finish_attempt(
+        &self,
+        env: &EnvName,
+        token: FencingToken,
+        end: AttemptEnd,
+    ) -> Result<(), EngineError> {
+        let now = self.now();
+        let (run, status, attempt) = (end.run, end.status, end.attempt.number);
+        let written = self
+            .store
+            .finish_many(vec![end], now)
+            .await?
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| Err(StoreError::Unavailable("the store answered nothing".into())));
+        let written = match written {
+            Ok(()) => true,
+            Err(StoreError::AlreadyFinished { .. }) => false,
+            Err(e) => return Err(e.into()),
+        };
+        self.queue_finish_quietly(run, token).await;
+        if written {
+            self.publish_finished(run, env, status, attempt, now);
+        }
+        Ok(())
     }
 
     fn purge_at(&self) -> MutexGuard<'_, Option<Timestamp>> {

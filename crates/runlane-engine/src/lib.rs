@@ -36,6 +36,7 @@ mod doorbell;
 pub mod engine;
 pub mod error;
 pub mod event;
+mod handover;
 mod local;
 mod meta;
 pub mod trigger;

@@ -17,6 +17,7 @@ use runlane_core::{
 use crate::config::EngineConfig;
 use crate::engine::Engine;
 use crate::error::EngineError;
+use crate::handover::Handed;
 
 /// The longest accepted idempotency key, in bytes.
 pub const IDEMPOTENCY_KEY_MAX_LEN: usize = 256;
@@ -476,6 +477,15 @@ impl Engine {
         let inner = &self.inner;
         let sync = prepared.sync();
         let mut record = prepared.record;
+        // Kept before the enqueue: a worker of this process may claim the run at once.
+        inner.handover.keep(
+            record.id,
+            Handed {
+                task: record.task.clone(),
+                payload: record.payload.clone(),
+                retry: record.retry,
+            },
+        );
         match inner.queue.enqueue(record.dispatch(), sync, now).await {
             Ok(enqueued) => {
                 let placed = match enqueued.placement {
@@ -503,6 +513,7 @@ impl Engine {
                 })
             }
             Err(e) => {
+                inner.handover.forget(record.id);
                 if let Err(remove) = inner.store.remove(record.id).await {
                     tracing::warn!(run = %record.id, error = %remove, "refused run not removed");
                 }
@@ -589,6 +600,7 @@ impl Engine {
                 .await
             {
                 Ok(runlane_core::backend::CancelOutcome::Removed { effects, .. }) => {
+                    inner.handover.forget(run);
                     if let Err(e) = inner.store.remove(run).await {
                         tracing::warn!(%run, error = %e, "batch rollback: remove failed");
                     }
@@ -600,7 +612,7 @@ impl Engine {
                         .local
                         .signal(run, token, runlane_core::CancelReason::Cancel, None);
                 }
-                Ok(runlane_core::backend::CancelOutcome::NotFound) => {}
+                Ok(runlane_core::backend::CancelOutcome::NotFound) => inner.handover.forget(run),
                 Err(e) => tracing::warn!(%run, error = %e, "batch rollback: cancel failed"),
             }
         }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use runlane_core::admission::{env_cap, key_cap};
-use runlane_core::backend::{ClaimRequest, ConsumerId, LeaseState, Leased, ServedEnv};
+use runlane_core::backend::{AttemptEnd, ClaimRequest, ConsumerId, LeaseState, Leased, ServedEnv};
 use runlane_core::{
     CancelReason, ClaimChain, EnvName, FencingToken, InvalidInput, LaneName, QueueName, RunId,
     RunStatus, Scope, TaskName, TriggerSource, WorkerId, WorkloopSpec,
@@ -24,6 +24,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::doorbell::any_of;
 use crate::engine::{attempt_record, Engine};
 use crate::error::EngineError;
+use crate::handover::Handed;
 use crate::local::{AbortKind, Latch, LocalRun};
 use crate::trigger::{TriggerRequest, WaitOutcome};
 
@@ -394,7 +395,8 @@ struct WorkerShared {
     lease: Duration,
     stop_timeout: Duration,
     in_flight: Mutex<HashMap<RunId, Arc<LocalRun>>>,
-    /// Rung when a run starts or ends (heartbeat arming, drain waiting).
+    /// Rung when the first run starts (heartbeat arming) and when the last one ends (drain
+    /// waiting): not per run.
     changed: Notify,
     stop: watch::Sender<bool>,
     runs: Mutex<JoinSet<()>>,
@@ -414,8 +416,16 @@ impl WorkerShared {
         let run = leased.dispatch.run_id;
         let local = Arc::new(LocalRun::new(run, leased.token));
         self.engine.inner.local.insert(local.clone());
-        self.in_flight().insert(run, local.clone());
-        self.changed.notify_waiters();
+        let was_empty = {
+            let mut in_flight = self.in_flight();
+            let was_empty = in_flight.is_empty();
+            in_flight.insert(run, local.clone());
+            was_empty
+        };
+        if was_empty {
+            // Only the first run arms the heartbeat; later ones change nothing it waits for.
+            self.changed.notify_waiters();
+        }
         let mut runs = self.runs();
         // Reap finished runs so the set stays as large as what is in flight.
         while runs.try_join_next().is_some() {}
@@ -433,7 +443,7 @@ struct InFlightGuard {
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.shared.engine.inner.local.remove(self.run, self.token);
-        {
+        let now_empty = {
             let mut in_flight = self.shared.in_flight();
             if in_flight
                 .get(&self.run)
@@ -441,8 +451,12 @@ impl Drop for InFlightGuard {
             {
                 in_flight.remove(&self.run);
             }
+            in_flight.is_empty()
+        };
+        if now_empty {
+            // The drain waits for the last run; the heartbeat needs no wake-up per run.
+            self.shared.changed.notify_waiters();
         }
-        self.shared.changed.notify_waiters();
     }
 }
 
@@ -634,32 +648,42 @@ async fn execute(
     let d = &leased.dispatch;
     engine.publish(run, &d.env, RunStatus::Executing, d.attempt);
 
-    let record = match engine.store.get(run).await {
-        Ok(Some(record)) => record,
-        Ok(None) => {
-            tracing::warn!(%run, "claimed run is not in the store; dropping it");
-            engine.queue_finish_quietly(run, token).await;
-            return;
-        }
-        Err(e) => {
-            // Without the payload nothing can run: hand the run back without an attempt.
-            tracing::warn!(%run, error = %e, "claimed run could not be loaded; releasing it");
-            release(&shared, run, token, &d.env, d.attempt).await;
-            return;
-        }
+    // A run triggered in this process comes with its payload; any other is read back. (A run
+    // handed over cannot have ended in the store: every terminal write outside a lease first
+    // takes the run out of the queue.)
+    let handed = match engine.handover.take(run) {
+        Some(handed) => handed,
+        None => match engine.store.get(run).await {
+            Ok(Some(record)) if record.status.is_terminal() => {
+                // Cancelled (or ended) in the store while it waited in the queue.
+                engine.queue_finish_quietly(run, token).await;
+                return;
+            }
+            Ok(Some(record)) => Handed {
+                task: record.task,
+                payload: record.payload,
+                retry: record.retry,
+            },
+            Ok(None) => {
+                tracing::warn!(%run, "claimed run is not in the store; dropping it");
+                engine.queue_finish_quietly(run, token).await;
+                return;
+            }
+            Err(e) => {
+                // Without the payload nothing can run: hand the run back without an attempt.
+                tracing::warn!(%run, error = %e, "claimed run could not be loaded; releasing it");
+                release(&shared, run, token, &d.env, d.attempt).await;
+                return;
+            }
+        },
     };
-    if record.status.is_terminal() {
-        // Cancelled (or ended) in the store while it waited in the queue.
-        engine.queue_finish_quietly(run, token).await;
-        return;
-    }
 
-    let outcome = match shared.handlers.get(&record.task) {
+    let outcome = match shared.handlers.get(&handed.task) {
         None => Outcome::Failed {
             outcome: "no_handler",
             error: format!(
                 "no handler for task {} on worker {}",
-                record.task, shared.id
+                handed.task, shared.id
             ),
         },
         Some(handler) => {
@@ -667,14 +691,14 @@ async fn execute(
                 inner: Arc::new(ContextInner {
                     engine: shared.engine.clone(),
                     run_id: run,
-                    task: record.task.clone(),
+                    task: handed.task.clone(),
                     attempt: d.attempt,
-                    payload: record.payload.clone(),
+                    payload: handed.payload.clone(),
                     cancel: CancelToken::from_latch(local.cancel.clone()),
-                    env: record.env.clone(),
-                    queue: record.queue.clone(),
-                    key: record.key.clone(),
-                    lane: record.lane.clone(),
+                    env: d.env.clone(),
+                    queue: d.queue.clone(),
+                    key: d.key.clone(),
+                    lane: d.lane.clone(),
                 }),
             };
             // An advisory, non-blocking start mark: if the process dies while the handler runs,
@@ -707,7 +731,7 @@ async fn execute(
             release(&shared, run, token, &d.env, d.attempt).await;
             Ok(())
         }
-        Outcome::Completed(value) => complete(&shared, run, token, d.attempt, value).await,
+        Outcome::Completed(value) => complete(&shared, run, token, &d.env, d.attempt, value).await,
         Outcome::Failed { outcome, error } => match local.cancel.get() {
             // The engine owns these endings; it takes the settle lock after us.
             Some(CancelReason::Timeout | CancelReason::LeaseLost) => return,
@@ -725,8 +749,8 @@ async fn execute(
             None => {
                 engine
                     .fail_attempt(
-                        &record.env,
-                        &record.retry,
+                        &d.env,
+                        &handed.retry,
                         run,
                         token,
                         d.attempt,
@@ -751,6 +775,7 @@ async fn complete(
     shared: &WorkerShared,
     run: RunId,
     token: FencingToken,
+    env: &EnvName,
     attempt: u32,
     value: serde_json::Value,
 ) -> Result<(), EngineError> {
@@ -762,16 +787,13 @@ async fn complete(
     }
     let output: Arc<str> = Arc::from(value.to_string());
     let attempt = attempt_record(attempt, "completed", None, engine.now());
-    engine
-        .finish_leased(
-            run,
-            token,
-            RunStatus::Completed,
-            Some(output),
-            Some(attempt),
-        )
-        .await?;
-    Ok(())
+    let end = AttemptEnd {
+        run,
+        status: RunStatus::Completed,
+        output: Some(output),
+        attempt,
+    };
+    engine.finish_attempt(env, token, end).await
 }
 
 /// Drain: back to the queue without counting an attempt.

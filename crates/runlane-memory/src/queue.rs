@@ -1290,6 +1290,31 @@ impl QueueBackend for MemoryQueue {
         }
         Ok(st.finish_effects(Effects::default()))
     }
+
+    fn claims_in_process(&self) -> bool {
+        true
+    }
+
+    async fn finish_many(
+        &self,
+        runs: &[(RunId, FencingToken)],
+        now: Timestamp,
+    ) -> Result<(Vec<Result<(), QueueError>>, Effects), QueueError> {
+        let mut st = self.lock();
+        let mut effects = Effects::default();
+        let answers = runs
+            .iter()
+            .map(|&(run, token)| {
+                st.leased(run, token, true)?;
+                if let Some(d) = st.end_lease(run) {
+                    st.runs.remove(&run);
+                    st.admit_env(&d.env, now, &mut effects);
+                }
+                Ok(())
+            })
+            .collect();
+        Ok((answers, st.finish_effects(effects)))
+    }
 }
 
 fn live_run(entry: &Entry) -> LiveRun {

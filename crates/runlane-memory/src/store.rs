@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use runlane_core::backend::{
-    AttemptRecord, IdempotencyClaim, Inserted, Retention, RunFilter, RunRecord, RunStore,
+    AttemptEnd, AttemptRecord, IdempotencyClaim, Inserted, Retention, RunFilter, RunRecord,
+    RunStore,
 };
 use runlane_core::{
     EnvName, EnvSettings, RunId, RunStatus, StoreError, TaskName, Timestamp, VersionDef,
@@ -226,6 +227,35 @@ impl RunStore for MemoryStore {
             r.attempts.push(a);
         }
         Ok(r.clone())
+    }
+
+    async fn finish_many(
+        &self,
+        ends: Vec<AttemptEnd>,
+        now: Timestamp,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        let mut st = self.lock();
+        Ok(ends
+            .into_iter()
+            .map(|end| {
+                let run = end.run;
+                let r = st.runs.get_mut(&run).ok_or(StoreError::NotFound(run))?;
+                if r.status.is_terminal() {
+                    return Err(StoreError::AlreadyFinished {
+                        run,
+                        status: r.status,
+                    });
+                }
+                debug_assert!(end.status.is_terminal(), "finish needs a terminal status");
+                r.status = end.status;
+                r.output = end.output;
+                r.finished_at = Some(now);
+                r.error = end.attempt.error.clone();
+                r.attempt = end.attempt.number;
+                r.attempts.push(end.attempt);
+                Ok(())
+            })
+            .collect())
     }
 
     async fn reschedule(

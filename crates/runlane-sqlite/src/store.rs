@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use runlane_core::backend::{
-    AttemptRecord, IdempotencyClaim, Inserted, RunFilter, RunRecord, RunStore,
+    AttemptEnd, AttemptRecord, IdempotencyClaim, Inserted, RunFilter, RunRecord, RunStore,
 };
 use runlane_core::{EnvName, EnvSettings, RunId, RunStatus, StoreError, Timestamp, VersionDef};
 use rusqlite::config::DbConfig;
@@ -292,6 +292,16 @@ impl RunStore for SqliteStore {
             .await
     }
 
+    async fn finish_many(
+        &self,
+        ends: Vec<AttemptEnd>,
+        now: Timestamp,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        self.writer
+            .call(move |conn| write::finish_many(conn, &ends, now))
+            .await
+    }
+
     async fn reschedule(
         &self,
         run: RunId,
@@ -450,6 +460,66 @@ mod tests {
             }
         );
         assert_eq!(store.get(a.id).await, Ok(Some(won)));
+    }
+
+    #[tokio::test]
+    async fn finish_many_writes_each_end_once_and_names_each_refusal() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store =
+            SqliteStore::open(dir.path().join("runs.db"), SqliteConfig::default()).expect("open");
+        let (a, b) = (record(1), record(2));
+        let missing = record(3).id;
+        store
+            .insert(vec![(a.clone(), None), (b.clone(), None)], Timestamp(1))
+            .await
+            .expect("insert");
+        let end = |run: RunId, status: RunStatus, outcome: &str| AttemptEnd {
+            run,
+            status,
+            output: (status == RunStatus::Completed).then(|| Arc::from("42")),
+            attempt: AttemptRecord {
+                number: 1,
+                outcome: outcome.to_owned(),
+                error: None,
+                ended_at: Timestamp(9),
+            },
+        };
+        let answers = store
+            .finish_many(
+                vec![
+                    end(a.id, RunStatus::Completed, "completed"),
+                    end(a.id, RunStatus::Failed, "failed"),
+                    end(missing, RunStatus::Completed, "completed"),
+                    end(b.id, RunStatus::Canceled, "canceled"),
+                ],
+                Timestamp(10),
+            )
+            .await
+            .expect("one commit");
+        assert_eq!(
+            answers,
+            vec![
+                Ok(()),
+                Err(StoreError::AlreadyFinished {
+                    run: a.id,
+                    status: RunStatus::Completed
+                }),
+                Err(StoreError::NotFound(missing)),
+                Ok(()),
+            ]
+        );
+        let a = store.get(a.id).await.expect("get").expect("a");
+        assert_eq!(a.status, RunStatus::Completed);
+        assert_eq!(a.output.as_deref(), Some("42"));
+        assert_eq!(a.finished_at, Some(Timestamp(10)));
+        assert_eq!(a.attempts.len(), 1, "the refused end wrote no attempt");
+        let b = store.get(b.id).await.expect("get").expect("b");
+        assert_eq!((b.status, b.attempts.len()), (RunStatus::Canceled, 1));
+        assert_eq!(
+            store.stats().commits,
+            2,
+            "insert, then every end in one commit"
+        );
     }
 
     #[tokio::test]

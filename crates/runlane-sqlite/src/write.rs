@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use runlane_core::backend::{AttemptRecord, IdempotencyClaim, Inserted, RunRecord};
+use runlane_core::backend::{AttemptEnd, AttemptRecord, IdempotencyClaim, Inserted, RunRecord};
 use runlane_core::{EnvName, EnvSettings, RunId, RunStatus, StoreError, Timestamp, VersionDef};
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -197,6 +197,52 @@ pub(crate) fn finish(
         r.attempt,
     ])?;
     Ok(r)
+}
+
+/// Terminal writes of attempts the engine holds the leases of, without reading the runs back:
+/// per run one conditional `UPDATE` (the first terminal write wins) and the attempt's row.
+/// A run the `UPDATE` did not match is looked up only to name the refusal, and nothing of it
+/// is written. Answers per run.
+pub(crate) fn finish_many(
+    conn: &Connection,
+    ends: &[AttemptEnd],
+    now: Timestamp,
+) -> Result<Vec<Result<(), StoreError>>, DbError> {
+    let mut answers = Vec::with_capacity(ends.len());
+    for end in ends {
+        debug_assert!(end.status.is_terminal(), "finish needs a terminal status");
+        let a = &end.attempt;
+        let updated = conn
+            .prepare_cached(
+                "UPDATE runs SET status = ?2, output = ?3, finished_at = ?4, error = ?5, \
+                 attempt = ?6 WHERE id = ?1 AND finished_at IS NULL",
+            )?
+            .execute(params![
+                id_to_sql(end.run),
+                end.status.as_str(),
+                end.output.as_deref(),
+                ts_to_sql(now),
+                a.error.as_deref(),
+                a.number,
+            ])?;
+        if updated == 0 {
+            // Refused: find out why (nothing was written for this run).
+            answers.push(match live_status(conn, end.run) {
+                Err(DbError::Store(refusal)) => Err(refusal),
+                Err(failure) => return Err(failure),
+                Ok(status) => {
+                    return Err(DbError::Corrupt(format!(
+                        "run {} is {status} but has a finish time",
+                        end.run
+                    )))
+                }
+            });
+            continue;
+        }
+        append_attempt(conn, end.run, a)?;
+        answers.push(Ok(()));
+    }
+    Ok(answers)
 }
 
 /// A new `run_after` and TTL deadline for a run that is not finished.
