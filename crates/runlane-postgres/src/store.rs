@@ -101,6 +101,7 @@ pub struct PostgresStore {
     shutdown: Arc<Notify>,
     durability: RwLock<(Durability, HashMap<String, Durability>)>,
     relaxed_runs: Mutex<HashSet<RunId>>,
+    relaxed_pool: PgPool,
     config: PostgresConfig,
     address: String,
 }
@@ -184,7 +185,14 @@ impl PostgresStore {
             .min_connections(0)
             .acquire_timeout(config.acquire_timeout)
             .test_before_acquire(false)
-            .connect_lazy_with(options);
+            .connect_lazy_with(options.clone());
+        // Connections of relaxed envs' writes: opened on first use only.
+        let relaxed_pool = PgPoolOptions::new()
+            .max_connections(config.writers as u32)
+            .min_connections(0)
+            .acquire_timeout(config.acquire_timeout)
+            .test_before_acquire(false)
+            .connect_lazy_with(options.options([("synchronous_commit", "off")]));
         let counters = Arc::new(Counters::default());
         let (queue, rx) = mpsc::channel(config.queue_bound);
         writer::spawn(
@@ -192,6 +200,7 @@ impl PostgresStore {
             rx,
             Arc::new(WriterShared {
                 pool: pool.clone(),
+                relaxed_pool: relaxed_pool.clone(),
                 counters: counters.clone(),
                 batch_max: config.batch_max,
                 commit_timeout: config.commit_timeout,
@@ -224,6 +233,7 @@ impl PostgresStore {
             shutdown,
             durability: RwLock::new(durability),
             relaxed_runs: Mutex::new(HashSet::new()),
+            relaxed_pool,
             config,
             address,
         })
@@ -274,6 +284,19 @@ impl PostgresStore {
 
     fn relaxed_runs(&self) -> MutexGuard<'_, HashSet<RunId>> {
         self.relaxed_runs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The `synchronous_commit` setting the writers of `durability` commit with, as the
+    /// server reports it (`on` or `off`).
+    pub async fn synchronous_commit(&self, durability: Durability) -> Result<String, StoreError> {
+        let pool = match durability {
+            Durability::Strict => &self.pool,
+            Durability::Relaxed => &self.relaxed_pool,
+        };
+        sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(pool)
+            .await
+            .map_err(|e| unavailable("read", &e))
     }
 
     /// Checks the server answers.

@@ -386,6 +386,20 @@ async fn relaxed_envs_commit_in_their_own_transactions() {
         .expect("relaxed finish");
     assert_eq!(done.output.as_deref(), Some("\"ok\""));
     assert_eq!(store.get(relaxed.id).await.expect("get"), Some(done));
+    assert_eq!(
+        store
+            .synchronous_commit(Durability::Relaxed)
+            .await
+            .expect("show"),
+        "off"
+    );
+    assert_eq!(
+        store
+            .synchronous_commit(Durability::Strict)
+            .await
+            .expect("show"),
+        "on"
+    );
     store.set_durability(&fast, Durability::Strict);
     assert_eq!(store.durability(&fast), Durability::Strict);
     common::finish(store).await;
