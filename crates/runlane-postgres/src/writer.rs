@@ -82,7 +82,7 @@ pub(crate) struct Queued {
 /// The answer computed for one call, sent once its transaction committed.
 enum Answer {
     Inserted(Result<Vec<Inserted>, StoreError>),
-    Finished(Result<RunRecord, StoreError>),
+    Finished(Result<Box<RunRecord>, StoreError>),
     Nothing,
 }
 
@@ -102,7 +102,7 @@ impl Queued {
             }
             Op::Finish { reply, .. } => {
                 let _ = reply.send(match answer {
-                    Ok(Answer::Finished(r)) => r,
+                    Ok(Answer::Finished(r)) => r.map(|r| *r),
                     Ok(_) => Err(StoreError::Unavailable(
                         "writer answered out of kind".into(),
                     )),
@@ -605,9 +605,9 @@ async fn apply_finishes(
             finished_as.insert(run, status);
         }
     }
-    let outcome = |run: RunId| -> Result<RunRecord, StoreError> {
+    let outcome = |run: RunId| -> Result<Box<RunRecord>, StoreError> {
         if let Some(record) = done.get(&run) {
-            return Ok(record.clone());
+            return Ok(Box::new(record.clone()));
         }
         match finished_as.get(&run) {
             None => Err(StoreError::NotFound(run)),
