@@ -99,6 +99,7 @@ pub struct PostgresStore {
     starts: Arc<StartNotes>,
     start_notify: Arc<Notify>,
     shutdown: Arc<Notify>,
+    pending: Arc<Notify>,
     durability: RwLock<(Durability, HashMap<String, Durability>)>,
     relaxed_runs: Mutex<HashSet<RunId>>,
     relaxed_pool: PgPool,
@@ -231,6 +232,7 @@ impl PostgresStore {
             starts,
             start_notify,
             shutdown,
+            pending: Arc::new(Notify::new()),
             durability: RwLock::new(durability),
             relaxed_runs: Mutex::new(HashSet::new()),
             relaxed_pool,
@@ -369,6 +371,29 @@ impl PostgresStore {
         );
         self.read_runs(sqlx::query(&sql).bind(i64::from(limit)))
             .await
+    }
+
+    /// Unfinished `pending_enqueue` runs committed at or before `cutoff`, oldest first.
+    pub async fn pending_enqueue_before(
+        &self,
+        cutoff: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<RunRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE dispatch_state = 'pending_enqueue' \
+             AND dispatch_since <= $1 AND {UNFINISHED} ORDER BY dispatch_since, id LIMIT $2"
+        );
+        self.read_runs(
+            sqlx::query(&sql)
+                .bind(ts_to_sql(cutoff))
+                .bind(i64::from(limit)),
+        )
+        .await
+    }
+
+    /// Notified after every insert: an idle reconciler waits on it.
+    pub fn pending_signal(&self) -> Arc<Notify> {
+        self.pending.clone()
     }
 
     /// When the oldest `pending_enqueue` row was committed (arms the reconciler).
@@ -572,6 +597,8 @@ impl RunStore for PostgresStore {
         let mut answers = self
             .submit(durability, |reply| Op::Insert { runs, now, reply })
             .await?;
+        // New rows are `pending_enqueue`: an idle reconciler arms on them.
+        self.pending.notify_one();
         for answer in &mut answers {
             if let Inserted::Existing(record) = answer {
                 self.starts.overlay(std::slice::from_mut(&mut **record));
