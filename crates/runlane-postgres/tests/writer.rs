@@ -404,3 +404,79 @@ async fn relaxed_envs_commit_in_their_own_transactions() {
     assert_eq!(store.durability(&fast), Durability::Strict);
     common::finish(store).await;
 }
+
+#[tokio::test]
+async fn concurrent_terminal_writes_from_two_stores_record_exactly_one_per_run() {
+    let config = common::config();
+    let a = Arc::new(common::open(config.clone()).await);
+    let b = Arc::new(
+        PostgresStore::open(config.clone())
+            .await
+            .expect("second store"),
+    );
+    let runs: Vec<_> = (0..20u128).map(common::record).collect();
+    a.insert(
+        runs.iter().map(|r| (r.clone(), None)).collect(),
+        Timestamp(1),
+    )
+    .await
+    .expect("insert");
+    let statuses = [
+        RunStatus::Completed,
+        RunStatus::Failed,
+        RunStatus::Canceled,
+        RunStatus::TimedOut,
+    ];
+    let mut tasks = Vec::new();
+    for r in &runs {
+        for (i, status) in statuses.into_iter().enumerate() {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let id = r.id;
+            tasks.push(tokio::spawn(async move {
+                (
+                    id,
+                    store
+                        .finish(id, status, None, None, Timestamp(10 + i as u64))
+                        .await,
+                )
+            }));
+        }
+    }
+    let mut won = std::collections::HashMap::new();
+    let mut refused = Vec::new();
+    for t in tasks {
+        match t.await.expect("task") {
+            (id, Ok(record)) => {
+                assert!(
+                    won.insert(id, record.status).is_none(),
+                    "two winners for {id}"
+                );
+            }
+            (id, Err(StoreError::AlreadyFinished { run, status })) => {
+                assert_eq!(run, id);
+                refused.push((id, status));
+            }
+            (id, Err(e)) => panic!("{id}: {e}"),
+        }
+    }
+    assert_eq!(won.len(), runs.len(), "every run has exactly one winner");
+    assert_eq!(refused.len(), runs.len() * 3);
+    for (id, status) in refused {
+        assert_eq!(
+            won.get(&id),
+            Some(&status),
+            "refusals name the winning status"
+        );
+    }
+    for r in &runs {
+        let stored = a.get(r.id).await.expect("get").expect("run");
+        assert_eq!(
+            Some(&stored.status),
+            won.get(&r.id),
+            "the stored state is the winner's"
+        );
+    }
+    drop(b);
+    let a = Arc::try_unwrap(a).expect("last handle");
+    common::finish(a).await;
+}
