@@ -480,3 +480,41 @@ async fn concurrent_terminal_writes_from_two_stores_record_exactly_one_per_run()
     let a = Arc::try_unwrap(a).expect("last handle");
     common::finish(a).await;
 }
+
+#[tokio::test]
+async fn a_call_the_server_refuses_fails_alone_and_its_batch_commits() {
+    let mut config = common::config();
+    config.writers = 1;
+    let store = Arc::new(common::open(config.clone()).await);
+    let lock = lock_runs(&config.schema).await;
+    let spawn = |r: runlane_core::backend::RunRecord| {
+        let store = store.clone();
+        tokio::spawn(async move { store.insert(vec![(r, None)], Timestamp(1)).await })
+    };
+    let first = spawn(common::record(0));
+    until(&store, "call 0 in the writer", |s| s.batches_taken == 1).await;
+    // PostgreSQL text cannot hold a NUL character: this call's rows are refused by the server.
+    let mut bad = common::record(2);
+    bad.payload = Arc::from("\"a\u{0}b\"");
+    let good = spawn(common::record(1));
+    let bad = spawn(bad);
+    until(&store, "two queued calls", |s| s.queued == 2).await;
+    lock.release().await;
+    assert_eq!(first.await.expect("task"), Ok(vec![Inserted::New]));
+    assert_eq!(good.await.expect("task"), Ok(vec![Inserted::New]));
+    let refused = bad.await.expect("task");
+    assert!(
+        matches!(refused, Err(StoreError::Unavailable(_))),
+        "{refused:?}"
+    );
+    let stats = store.stats();
+    assert_eq!(stats.split_batches, 1, "{stats:?}");
+    assert!(store
+        .get(common::record(1).id)
+        .await
+        .expect("get")
+        .is_some());
+    assert_eq!(store.get(common::record(2).id).await.expect("get"), None);
+    let store = Arc::try_unwrap(store).expect("last handle");
+    common::finish(store).await;
+}
