@@ -518,3 +518,61 @@ async fn a_call_the_server_refuses_fails_alone_and_its_batch_commits() {
     let store = Arc::try_unwrap(store).expect("last handle");
     common::finish(store).await;
 }
+
+#[tokio::test]
+async fn the_server_sees_exactly_two_row_writes_per_successful_run() {
+    let config = common::config();
+    let store = Arc::new(common::open(config.clone()).await);
+    // A row trigger (test only) records every insert and update of `runs` on the server side.
+    let s = &config.schema;
+    let mut conn = sqlx::PgConnection::connect(&common::url())
+        .await
+        .expect("connect");
+    let ddl = format!(
+        "CREATE TABLE \"{s}\".row_writes (op text NOT NULL, id bytea NOT NULL); \
+         CREATE FUNCTION \"{s}\".count_row_write() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN INSERT INTO \"{s}\".row_writes VALUES (TG_OP, NEW.id); RETURN NEW; END $$; \
+         CREATE TRIGGER count_row_writes AFTER INSERT OR UPDATE ON \"{s}\".runs \
+         FOR EACH ROW EXECUTE FUNCTION \"{s}\".count_row_write();"
+    );
+    sqlx::Executor::execute(&mut conn, ddl.as_str())
+        .await
+        .expect("install the counting trigger");
+    let mut tasks = Vec::new();
+    for n in 0..30u128 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = common::record(n);
+            store.insert(vec![(r.clone(), None)], Timestamp(1)).await?;
+            store.note_start(r.id, 1, Timestamp(2));
+            store
+                .finish(
+                    r.id,
+                    RunStatus::Completed,
+                    Some(Arc::from("null")),
+                    None,
+                    Timestamp(3),
+                )
+                .await
+        }));
+    }
+    for t in tasks {
+        let done = t.await.expect("task").expect("run");
+        assert_eq!(done.started_at, Some(Timestamp(2)));
+    }
+    let per_run: Vec<(i64, i64)> = sqlx::query_as(&format!(
+        "SELECT count(*) FILTER (WHERE op = 'INSERT'), count(*) FILTER (WHERE op = 'UPDATE') \
+         FROM \"{s}\".row_writes GROUP BY id"
+    ))
+    .fetch_all(&mut conn)
+    .await
+    .expect("count");
+    assert_eq!(per_run.len(), 30);
+    assert!(
+        per_run.iter().all(|&c| c == (1, 1)),
+        "one insert and one update per run: {per_run:?}"
+    );
+    let _ = conn.close().await;
+    let store = Arc::try_unwrap(store).expect("last handle");
+    common::finish(store).await;
+}
