@@ -140,6 +140,18 @@ pub(crate) fn validate_schema(schema: &str) -> Result<(), InvalidInput> {
 
 pub use runlane_core::backend::Retention;
 
+impl From<&str> for PostgresConfig {
+    fn from(url: &str) -> Self {
+        PostgresConfig::new(url)
+    }
+}
+
+impl From<String> for PostgresConfig {
+    fn from(url: String) -> Self {
+        PostgresConfig::new(url)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,17 +172,5 @@ mod tests {
         assert!(c.validate().is_ok());
         c.writers = 8;
         assert_eq!(c.validate().map_err(|e| e.field), Err("pool_size"));
-    }
-}
-
-impl From<&str> for PostgresConfig {
-    fn from(url: &str) -> Self {
-        PostgresConfig::new(url)
-    }
-}
-
-impl From<String> for PostgresConfig {
-    fn from(url: String) -> Self {
-        PostgresConfig::new(url)
     }
 }

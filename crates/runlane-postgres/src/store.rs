@@ -99,8 +99,10 @@ pub struct PostgresStore {
     starts: Arc<StartNotes>,
     start_notify: Arc<Notify>,
     shutdown: Arc<Notify>,
+    pending: Arc<Notify>,
     durability: RwLock<(Durability, HashMap<String, Durability>)>,
     relaxed_runs: Mutex<HashSet<RunId>>,
+    relaxed_pool: PgPool,
     config: PostgresConfig,
     address: String,
 }
@@ -184,7 +186,14 @@ impl PostgresStore {
             .min_connections(0)
             .acquire_timeout(config.acquire_timeout)
             .test_before_acquire(false)
-            .connect_lazy_with(options);
+            .connect_lazy_with(options.clone());
+        // Connections of relaxed envs' writes: opened on first use only.
+        let relaxed_pool = PgPoolOptions::new()
+            .max_connections(config.writers as u32)
+            .min_connections(0)
+            .acquire_timeout(config.acquire_timeout)
+            .test_before_acquire(false)
+            .connect_lazy_with(options.options([("synchronous_commit", "off")]));
         let counters = Arc::new(Counters::default());
         let (queue, rx) = mpsc::channel(config.queue_bound);
         writer::spawn(
@@ -192,6 +201,7 @@ impl PostgresStore {
             rx,
             Arc::new(WriterShared {
                 pool: pool.clone(),
+                relaxed_pool: relaxed_pool.clone(),
                 counters: counters.clone(),
                 batch_max: config.batch_max,
                 commit_timeout: config.commit_timeout,
@@ -222,8 +232,10 @@ impl PostgresStore {
             starts,
             start_notify,
             shutdown,
+            pending: Arc::new(Notify::new()),
             durability: RwLock::new(durability),
             relaxed_runs: Mutex::new(HashSet::new()),
+            relaxed_pool,
             config,
             address,
         })
@@ -274,6 +286,19 @@ impl PostgresStore {
 
     fn relaxed_runs(&self) -> MutexGuard<'_, HashSet<RunId>> {
         self.relaxed_runs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The `synchronous_commit` setting the writers of `durability` commit with, as the
+    /// server reports it (`on` or `off`).
+    pub async fn synchronous_commit(&self, durability: Durability) -> Result<String, StoreError> {
+        let pool = match durability {
+            Durability::Strict => &self.pool,
+            Durability::Relaxed => &self.relaxed_pool,
+        };
+        sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(pool)
+            .await
+            .map_err(|e| unavailable("read", &e))
     }
 
     /// Checks the server answers.
@@ -346,6 +371,29 @@ impl PostgresStore {
         );
         self.read_runs(sqlx::query(&sql).bind(i64::from(limit)))
             .await
+    }
+
+    /// Unfinished `pending_enqueue` runs committed at or before `cutoff`, oldest first.
+    pub async fn pending_enqueue_before(
+        &self,
+        cutoff: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<RunRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE dispatch_state = 'pending_enqueue' \
+             AND dispatch_since <= $1 AND {UNFINISHED} ORDER BY dispatch_since, id LIMIT $2"
+        );
+        self.read_runs(
+            sqlx::query(&sql)
+                .bind(ts_to_sql(cutoff))
+                .bind(i64::from(limit)),
+        )
+        .await
+    }
+
+    /// Notified after every insert: an idle reconciler waits on it.
+    pub fn pending_signal(&self) -> Arc<Notify> {
+        self.pending.clone()
     }
 
     /// When the oldest `pending_enqueue` row was committed (arms the reconciler).
@@ -549,6 +597,8 @@ impl RunStore for PostgresStore {
         let mut answers = self
             .submit(durability, |reply| Op::Insert { runs, now, reply })
             .await?;
+        // New rows are `pending_enqueue`: an idle reconciler arms on them.
+        self.pending.notify_one();
         for answer in &mut answers {
             if let Inserted::Existing(record) = answer {
                 self.starts.overlay(std::slice::from_mut(&mut **record));

@@ -25,7 +25,7 @@ use std::time::Duration;
 use runlane_core::backend::{AttemptRecord, IdempotencyClaim, Inserted, RunRecord};
 use runlane_core::{RunId, RunStatus, StoreError, Timestamp};
 use sqlx::postgres::PgPool;
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Connection, PgConnection, Row};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::config::Durability;
@@ -82,7 +82,7 @@ pub(crate) struct Queued {
 /// The answer computed for one call, sent once its transaction committed.
 enum Answer {
     Inserted(Result<Vec<Inserted>, StoreError>),
-    Finished(Result<RunRecord, StoreError>),
+    Finished(Result<Box<RunRecord>, StoreError>),
     Nothing,
 }
 
@@ -102,7 +102,7 @@ impl Queued {
             }
             Op::Finish { reply, .. } => {
                 let _ = reply.send(match answer {
-                    Ok(Answer::Finished(r)) => r,
+                    Ok(Answer::Finished(r)) => r.map(|r| *r),
                     Ok(_) => Err(StoreError::Unavailable(
                         "writer answered out of kind".into(),
                     )),
@@ -121,6 +121,8 @@ impl Queued {
 /// What every writer task shares.
 pub(crate) struct WriterShared {
     pub(crate) pool: PgPool,
+    /// Connections that run `SET synchronous_commit = off` when they connect.
+    pub(crate) relaxed_pool: PgPool,
     pub(crate) counters: Arc<Counters>,
     pub(crate) batch_max: usize,
     pub(crate) commit_timeout: Duration,
@@ -269,27 +271,46 @@ async fn commit(
     ops: &[Queued],
     durability: Durability,
 ) -> Result<Vec<Answer>, DbError> {
-    let mut tx = shared.pool.begin().await?;
-    if durability == Durability::Relaxed {
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut *tx)
-            .await?;
+    // Relaxed connections have `synchronous_commit = off` for their whole session, so no
+    // statement is spent on it per transaction.
+    let pool = match durability {
+        Durability::Strict => &shared.pool,
+        Durability::Relaxed => &shared.relaxed_pool,
+    };
+    let mut conn = pool.acquire().await?;
+    if single_statement(ops) {
+        // One statement is its own transaction: no BEGIN and COMMIT round trips.
+        return apply(&mut conn, ops, &shared.counters).await;
     }
+    let mut tx = conn.begin().await?;
     let answers = apply(&mut tx, ops, &shared.counters).await?;
     tx.commit().await?;
     Ok(answers)
 }
 
+/// Whether the batch is one statement (then it needs no explicit transaction): only inserts
+/// that hold no idempotency key, only terminal writes, or only attempt starts. (An insert row
+/// whose id was stored before is replaced in its own transaction; generated ids never clash.)
+fn single_statement(ops: &[Queued]) -> bool {
+    let inserts = ops.iter().all(|q| match &q.op {
+        Op::Insert { runs, .. } => runs.iter().all(|(_, claim)| claim.is_none()),
+        _ => false,
+    });
+    let finishes = ops.iter().all(|q| matches!(q.op, Op::Finish { .. }));
+    let starts = ops.iter().all(|q| matches!(q.op, Op::Starts(_)));
+    inserts || finishes || starts
+}
+
 /// Applies every call of the batch inside `tx`; answers in call order.
 async fn apply(
-    tx: &mut Transaction<'static, Postgres>,
+    conn: &mut PgConnection,
     ops: &[Queued],
     counters: &Counters,
 ) -> Result<Vec<Answer>, DbError> {
     let mut answers: Vec<Option<Answer>> = (0..ops.len()).map(|_| None).collect();
-    apply_inserts(tx, ops, &mut answers, counters).await?;
-    apply_finishes(tx, ops, &mut answers, counters).await?;
-    apply_starts(tx, ops, &mut answers, counters).await?;
+    apply_inserts(conn, ops, &mut answers, counters).await?;
+    apply_finishes(conn, ops, &mut answers, counters).await?;
+    apply_starts(conn, ops, &mut answers, counters).await?;
     Ok(answers
         .into_iter()
         .map(|a| a.unwrap_or(Answer::Nothing))
@@ -314,7 +335,7 @@ struct NewRow<'a> {
 type ClaimScope = (String, String, String);
 
 async fn apply_inserts(
-    tx: &mut Transaction<'static, Postgres>,
+    conn: &mut PgConnection,
     ops: &[Queued],
     answers: &mut [Option<Answer>],
     counters: &Counters,
@@ -384,7 +405,7 @@ async fn apply_inserts(
         for &i in &order {
             cols.push(rows[i].record, rows[i].claim, rows[i].now)?;
         }
-        let returned = cols.bind().fetch_all(&mut **tx).await?;
+        let returned = cols.bind().fetch_all(&mut *conn).await?;
         for row in returned {
             stored.insert(row.try_get::<Vec<u8>, _>(0)?);
         }
@@ -392,13 +413,18 @@ async fn apply_inserts(
     // The rare rows that did not go in: an idempotency key held by a committed run, a key
     // that expired, or an id stored before (replaced, as every store does).
     let mut existing: HashMap<usize, RunRecord> = HashMap::new();
-    for (i, row) in rows.iter().enumerate() {
-        if stored.contains(&id_to_sql(row.record.id)) && !duplicate_ids.contains(&i) {
-            continue;
+    let slow: Vec<usize> = (0..rows.len())
+        .filter(|&i| !stored.contains(&id_to_sql(rows[i].record.id)) || duplicate_ids.contains(&i))
+        .collect();
+    if !slow.is_empty() {
+        // A transaction (a savepoint inside the batch's) keeps each look-up-then-write whole.
+        let mut tx = conn.begin().await?;
+        for i in slow {
+            if let Some(holder) = insert_one(&mut tx, &rows[i]).await? {
+                existing.insert(i, holder);
+            }
         }
-        if let Some(holder) = insert_one(tx, row).await? {
-            existing.insert(i, holder);
-        }
+        tx.commit().await?;
     }
     counters
         .rows_inserted
@@ -428,7 +454,7 @@ async fn apply_inserts(
 /// Inserts one row the multi-row statement skipped; returns the run holding its idempotency
 /// key when that answers instead.
 async fn insert_one(
-    tx: &mut Transaction<'static, Postgres>,
+    conn: &mut PgConnection,
     row: &NewRow<'_>,
 ) -> Result<Option<RunRecord>, DbError> {
     let id = id_to_sql(row.record.id);
@@ -441,7 +467,7 @@ async fn insert_one(
             .bind(row.record.env.as_str())
             .bind(row.record.task.as_str())
             .bind(key)
-            .fetch_optional(&mut **tx)
+            .fetch_optional(&mut *conn)
             .await?;
             if let Some(holder) = holder {
                 let expires: Option<i64> = holder.try_get(26)?;
@@ -453,18 +479,18 @@ async fn insert_one(
                     "UPDATE runs SET claim_key = NULL, claim_expires_at = NULL WHERE id = $1",
                 )
                 .bind(holder.try_get::<Vec<u8>, _>(0)?)
-                .execute(&mut **tx)
+                .execute(&mut *conn)
                 .await?;
             }
         }
         // A run stored before under this id is replaced, attempts and key included.
         sqlx::query("DELETE FROM runs WHERE id = $1")
             .bind(&id)
-            .execute(&mut **tx)
+            .execute(&mut *conn)
             .await?;
         let mut cols = RunColumns::default();
         cols.push(row.record, row.claim, row.now)?;
-        if !cols.bind().fetch_all(&mut **tx).await?.is_empty() {
+        if !cols.bind().fetch_all(&mut *conn).await?.is_empty() {
             return Ok(None);
         }
         // Another transaction took the key in between: look again.
@@ -476,7 +502,7 @@ async fn insert_one(
 }
 
 async fn apply_finishes(
-    tx: &mut Transaction<'static, Postgres>,
+    conn: &mut PgConnection,
     ops: &[Queued],
     answers: &mut [Option<Answer>],
     counters: &Counters,
@@ -552,7 +578,7 @@ async fn apply_finishes(
     .bind(at)
     .bind(start_attempt)
     .bind(start_at)
-    .fetch_all(&mut **tx)
+    .fetch_all(&mut *conn)
     .await?;
     let mut done: HashMap<RunId, RunRecord> = HashMap::with_capacity(rows.len());
     for row in &rows {
@@ -571,7 +597,7 @@ async fn apply_finishes(
     if !missing.is_empty() {
         let rows = sqlx::query("SELECT id, status FROM runs WHERE id = ANY($1)")
             .bind(missing)
-            .fetch_all(&mut **tx)
+            .fetch_all(&mut *conn)
             .await?;
         for row in rows {
             let run = id_from_sql(&row.try_get::<Vec<u8>, _>(0)?)?;
@@ -579,9 +605,9 @@ async fn apply_finishes(
             finished_as.insert(run, status);
         }
     }
-    let outcome = |run: RunId| -> Result<RunRecord, StoreError> {
+    let outcome = |run: RunId| -> Result<Box<RunRecord>, StoreError> {
         if let Some(record) = done.get(&run) {
-            return Ok(record.clone());
+            return Ok(Box::new(record.clone()));
         }
         match finished_as.get(&run) {
             None => Err(StoreError::NotFound(run)),
@@ -609,7 +635,7 @@ async fn apply_finishes(
 }
 
 async fn apply_starts(
-    tx: &mut Transaction<'static, Postgres>,
+    conn: &mut PgConnection,
     ops: &[Queued],
     answers: &mut [Option<Answer>],
     counters: &Counters,
@@ -639,7 +665,7 @@ async fn apply_starts(
     .bind(id)
     .bind(attempt)
     .bind(at)
-    .execute(&mut **tx)
+    .execute(&mut *conn)
     .await?
     .rows_affected();
     counters.starts_flushed.fetch_add(n, Ordering::Relaxed);

@@ -386,7 +386,193 @@ async fn relaxed_envs_commit_in_their_own_transactions() {
         .expect("relaxed finish");
     assert_eq!(done.output.as_deref(), Some("\"ok\""));
     assert_eq!(store.get(relaxed.id).await.expect("get"), Some(done));
+    assert_eq!(
+        store
+            .synchronous_commit(Durability::Relaxed)
+            .await
+            .expect("show"),
+        "off"
+    );
+    assert_eq!(
+        store
+            .synchronous_commit(Durability::Strict)
+            .await
+            .expect("show"),
+        "on"
+    );
     store.set_durability(&fast, Durability::Strict);
     assert_eq!(store.durability(&fast), Durability::Strict);
+    common::finish(store).await;
+}
+
+#[tokio::test]
+async fn concurrent_terminal_writes_from_two_stores_record_exactly_one_per_run() {
+    let config = common::config();
+    let a = Arc::new(common::open(config.clone()).await);
+    let b = Arc::new(
+        PostgresStore::open(config.clone())
+            .await
+            .expect("second store"),
+    );
+    let runs: Vec<_> = (0..20u128).map(common::record).collect();
+    a.insert(
+        runs.iter().map(|r| (r.clone(), None)).collect(),
+        Timestamp(1),
+    )
+    .await
+    .expect("insert");
+    let statuses = [
+        RunStatus::Completed,
+        RunStatus::Failed,
+        RunStatus::Canceled,
+        RunStatus::TimedOut,
+    ];
+    let mut tasks = Vec::new();
+    for r in &runs {
+        for (i, status) in statuses.into_iter().enumerate() {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let id = r.id;
+            tasks.push(tokio::spawn(async move {
+                (
+                    id,
+                    store
+                        .finish(id, status, None, None, Timestamp(10 + i as u64))
+                        .await,
+                )
+            }));
+        }
+    }
+    let mut won = std::collections::HashMap::new();
+    let mut refused = Vec::new();
+    for t in tasks {
+        match t.await.expect("task") {
+            (id, Ok(record)) => {
+                assert!(
+                    won.insert(id, record.status).is_none(),
+                    "two winners for {id}"
+                );
+            }
+            (id, Err(StoreError::AlreadyFinished { run, status })) => {
+                assert_eq!(run, id);
+                refused.push((id, status));
+            }
+            (id, Err(e)) => panic!("{id}: {e}"),
+        }
+    }
+    assert_eq!(won.len(), runs.len(), "every run has exactly one winner");
+    assert_eq!(refused.len(), runs.len() * 3);
+    for (id, status) in refused {
+        assert_eq!(
+            won.get(&id),
+            Some(&status),
+            "refusals name the winning status"
+        );
+    }
+    for r in &runs {
+        let stored = a.get(r.id).await.expect("get").expect("run");
+        assert_eq!(
+            Some(&stored.status),
+            won.get(&r.id),
+            "the stored state is the winner's"
+        );
+    }
+    drop(b);
+    let a = Arc::try_unwrap(a).expect("last handle");
+    common::finish(a).await;
+}
+
+#[tokio::test]
+async fn a_call_the_server_refuses_fails_alone_and_its_batch_commits() {
+    let mut config = common::config();
+    config.writers = 1;
+    let store = Arc::new(common::open(config.clone()).await);
+    let lock = lock_runs(&config.schema).await;
+    let spawn = |r: runlane_core::backend::RunRecord| {
+        let store = store.clone();
+        tokio::spawn(async move { store.insert(vec![(r, None)], Timestamp(1)).await })
+    };
+    let first = spawn(common::record(0));
+    until(&store, "call 0 in the writer", |s| s.batches_taken == 1).await;
+    // PostgreSQL text cannot hold a NUL character: this call's rows are refused by the server.
+    let mut bad = common::record(2);
+    bad.payload = Arc::from("\"a\u{0}b\"");
+    let good = spawn(common::record(1));
+    let bad = spawn(bad);
+    until(&store, "two queued calls", |s| s.queued == 2).await;
+    lock.release().await;
+    assert_eq!(first.await.expect("task"), Ok(vec![Inserted::New]));
+    assert_eq!(good.await.expect("task"), Ok(vec![Inserted::New]));
+    let refused = bad.await.expect("task");
+    assert!(
+        matches!(refused, Err(StoreError::Unavailable(_))),
+        "{refused:?}"
+    );
+    let stats = store.stats();
+    assert_eq!(stats.split_batches, 1, "{stats:?}");
+    assert!(store
+        .get(common::record(1).id)
+        .await
+        .expect("get")
+        .is_some());
+    assert_eq!(store.get(common::record(2).id).await.expect("get"), None);
+    let store = Arc::try_unwrap(store).expect("last handle");
+    common::finish(store).await;
+}
+
+#[tokio::test]
+async fn the_server_sees_exactly_two_row_writes_per_successful_run() {
+    let config = common::config();
+    let store = Arc::new(common::open(config.clone()).await);
+    // A row trigger (test only) records every insert and update of `runs` on the server side.
+    let s = &config.schema;
+    let mut conn = sqlx::PgConnection::connect(&common::url())
+        .await
+        .expect("connect");
+    let ddl = format!(
+        "CREATE TABLE \"{s}\".row_writes (op text NOT NULL, id bytea NOT NULL); \
+         CREATE FUNCTION \"{s}\".count_row_write() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN INSERT INTO \"{s}\".row_writes VALUES (TG_OP, NEW.id); RETURN NEW; END $$; \
+         CREATE TRIGGER count_row_writes AFTER INSERT OR UPDATE ON \"{s}\".runs \
+         FOR EACH ROW EXECUTE FUNCTION \"{s}\".count_row_write();"
+    );
+    sqlx::Executor::execute(&mut conn, ddl.as_str())
+        .await
+        .expect("install the counting trigger");
+    let mut tasks = Vec::new();
+    for n in 0..30u128 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = common::record(n);
+            store.insert(vec![(r.clone(), None)], Timestamp(1)).await?;
+            store.note_start(r.id, 1, Timestamp(2));
+            store
+                .finish(
+                    r.id,
+                    RunStatus::Completed,
+                    Some(Arc::from("null")),
+                    None,
+                    Timestamp(3),
+                )
+                .await
+        }));
+    }
+    for t in tasks {
+        let done = t.await.expect("task").expect("run");
+        assert_eq!(done.started_at, Some(Timestamp(2)));
+    }
+    let per_run: Vec<(i64, i64)> = sqlx::query_as(&format!(
+        "SELECT count(*) FILTER (WHERE op = 'INSERT'), count(*) FILTER (WHERE op = 'UPDATE') \
+         FROM \"{s}\".row_writes GROUP BY id"
+    ))
+    .fetch_all(&mut conn)
+    .await
+    .expect("count");
+    assert_eq!(per_run.len(), 30);
+    assert!(
+        per_run.iter().all(|&c| c == (1, 1)),
+        "one insert and one update per run: {per_run:?}"
+    );
+    let _ = conn.close().await;
+    let store = Arc::try_unwrap(store).expect("last handle");
     common::finish(store).await;
 }
