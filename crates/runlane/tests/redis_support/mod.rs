@@ -27,3 +27,105 @@ pub fn fresh_config(tag: &str) -> RedisConfig {
     config.response_timeout = Duration::from_secs(5);
     config
 }
+
+/// A private `redis-server` on a unix socket in a scratch directory (`--save "" --appendonly
+/// no`): the only kind of server a test may FLUSHALL or kill. Killed on drop.
+pub struct PrivateRedis {
+    child: Option<std::process::Child>,
+    dir: std::path::PathBuf,
+}
+
+impl PrivateRedis {
+    /// Starts a server and waits for its "Ready to accept connections" log line.
+    pub fn start(tag: &str) -> PrivateRedis {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join("redis")
+            .join(format!("{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the private redis directory");
+        let mut server = PrivateRedis { child: None, dir };
+        server.spawn();
+        server
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> std::path::PathBuf {
+        self.dir.join("redis.sock")
+    }
+
+    /// The URL of the socket.
+    pub fn url(&self) -> String {
+        format!("redis+unix://{}", self.socket().display())
+    }
+
+    fn spawn(&mut self) {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("redis-server")
+            .arg("--port")
+            .arg("0")
+            .arg("--unixsocket")
+            .arg(self.socket())
+            .arg("--unixsocketperm")
+            .arg("700")
+            .arg("--save")
+            .arg("")
+            .arg("--appendonly")
+            .arg("no")
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed to run the private-server tests");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(line))
+                    if line
+                        .to_ascii_lowercase()
+                        .contains("ready to accept connections") =>
+                {
+                    break
+                }
+                Some(Ok(_)) => continue,
+                _ => panic!("private redis-server exited before it was ready"),
+            }
+        }
+        // Keep draining the log so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines.by_ref() {});
+        self.child = Some(child);
+    }
+
+    /// Kills the server (its data is gone: no persistence).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(self.socket());
+    }
+
+    /// Starts it again on the same socket, empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// FLUSHALL on this private server.
+    pub fn flushall(&self) {
+        let client = redis::Client::open(self.url()).expect("private url");
+        let mut conn = client.get_connection().expect("private connection");
+        redis::cmd("FLUSHALL")
+            .query::<()>(&mut conn)
+            .expect("flushall");
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
