@@ -154,6 +154,12 @@ pub async fn finish(opened: Opened, mut line: Value) -> anyhow::Result<Value> {
                 "bytes_per_run_source".into(),
                 json!("SqliteStore::size: (page_count - freelist_count) * page_size / runs stored"),
             );
+            // How the writer grouped the writes: commits (one fsync each with `full`), calls
+            // committed and the largest group of calls in one commit.
+            let stats = store.stats();
+            fields.insert("store_commits".into(), json!(stats.commits));
+            fields.insert("store_calls".into(), json!(stats.calls_committed));
+            fields.insert("store_largest_batch".into(), json!(stats.largest_batch));
             fields.insert("db_file_bytes".into(), json!(file_len(&db)));
             fields.insert("wal_file_bytes".into(), json!(file_len(&wal)));
         }

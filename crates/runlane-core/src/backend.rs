@@ -723,6 +723,13 @@ pub trait RunStore: Send + Sync + 'static {
     /// The current version (0 before any promotion).
     async fn current_version(&self, env: &EnvName) -> Result<u32, StoreError>;
 
+    /// Whether a write costs a commit worth sharing (a sync to disk, a round trip): the engine
+    /// then ends completed attempts in batches through [`RunStore::finish_many`], many per
+    /// call. An in-memory store answers `false` (the default) and gets one call per attempt.
+    fn group_commits(&self) -> bool {
+        false
+    }
+
     /// Terminal writes of many attempts, each exactly as [`RunStore::finish`] with its attempt
     /// (the first terminal write wins, later ones get `AlreadyFinished`), answered per run
     /// without the records. A store may apply them in one transaction (one commit for all);

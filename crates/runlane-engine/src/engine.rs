@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::clock::{Clock, SystemClock};
+use crate::completer::{self, Completer};
 use crate::config::EngineConfig;
 use crate::doorbell::Doorbells;
 use crate::error::EngineError;
@@ -96,10 +97,12 @@ impl EngineBuilder {
         }
 
         let handover = Handover::new(queue.claims_in_process());
+        let (completer, completions) = Completer::new();
         let inner = Arc::new(Inner {
             queue,
             store,
             handover,
+            completer,
             clock,
             config,
             rng: Mutex::new(rng),
@@ -120,6 +123,8 @@ impl EngineBuilder {
         effects.merge(inner.recover(now).await?);
         *inner.purge_at() = inner.store.next_purge_at(&inner.config.retention).await?;
 
+        // Ends when the engine is gone (its sender with it); holds no strong reference.
+        tokio::spawn(completer::serve(Arc::downgrade(&inner), completions));
         let handle = tokio::spawn(timer_service(
             Arc::downgrade(&inner),
             inner.queue.clone(),
@@ -202,6 +207,8 @@ pub(crate) struct Inner {
     pub(crate) store: Arc<dyn RunStore>,
     /// Payloads of runs triggered here, for their first claim by a worker of this process.
     pub(crate) handover: Handover,
+    /// Ends completed attempts in batches.
+    completer: Completer,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) config: EngineConfig,
     rng: Mutex<StdRng>,
@@ -393,34 +400,28 @@ impl Inner {
         Ok(record)
     }
 
-    /// Ends an attempt this process holds the lease of, when the engine knows how it ended:
-    /// the store's terminal write without reading the run back, then the queue. A run the
-    /// store already finished is only cleaned out of the queue.
+    /// Ends a completed attempt this process holds the lease of, batched with the others
+    /// ending now (see [`crate::completer`]): the lease is checked (a zombie's completion is
+    /// dropped), the store's terminal write is made without reading the run back, then the
+    /// queue lets go. A run the store already finished is only cleaned out of the queue.
     pub(crate) async fn finish_attempt(
         &self,
         env: &EnvName,
         token: FencingToken,
         end: AttemptEnd,
     ) -> Result<(), EngineError> {
-        let now = self.now();
-        let (run, status, attempt) = (end.run, end.status, end.attempt.number);
-        let written = self
-            .store
-            .finish_many(vec![end], now)
-            .await?
-            .into_iter()
-            .next()
-            .unwrap_or_else(|| Err(StoreError::Unavailable("the store answered nothing".into())));
-        let written = match written {
-            Ok(()) => true,
-            Err(StoreError::AlreadyFinished { .. }) => false,
-            Err(e) => return Err(e.into()),
-        };
-        self.queue_finish_quietly(run, token).await;
-        if written {
-            self.publish_finished(run, env, status, attempt, now);
+        if self.store.group_commits() {
+            self.completer.end(env, token, end).await
+        } else {
+            Completer::end_now(self, env, token, end).await
         }
-        Ok(())
+    }
+
+    /// Logs a failed `queue.finish` unless it only says the run or lease is gone.
+    pub(crate) fn warn_queue_finish(&self, run: RunId, e: &QueueError) {
+        if !is_gone(e) {
+            tracing::warn!(%run, error = %e, "queue finish failed");
+        }
     }
 
     fn purge_at(&self) -> MutexGuard<'_, Option<Timestamp>> {

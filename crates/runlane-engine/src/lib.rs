@@ -31,6 +31,7 @@
 //!   `QueueBackend::live` lookup each, and are only looked up while somebody subscribes.
 
 pub mod clock;
+mod completer;
 pub mod config;
 mod doorbell;
 pub mod engine;

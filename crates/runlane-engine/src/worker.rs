@@ -32,6 +32,10 @@ use crate::trigger::{TriggerRequest, WaitOutcome};
 const CLAIM_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const CLAIM_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// Attempts whose handler returned that may wait for their end to be written, per slot of a
+/// workloop (see [`Slot`]): deep enough that a durable store commits many ends per fsync.
+const ENDING_PER_SLOT: usize = 16;
+
 /// A handler's failure: the attempt fails with this message and the retry policy applies.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -412,7 +416,7 @@ impl WorkerShared {
         self.runs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn spawn_run(self: &Arc<Self>, leased: Leased, permit: OwnedSemaphorePermit) {
+    fn spawn_run(self: &Arc<Self>, leased: Leased, permit: Slot) {
         let run = leased.dispatch.run_id;
         let local = Arc::new(LocalRun::new(run, leased.token));
         self.engine.inner.local.insert(local.clone());
@@ -431,6 +435,19 @@ impl WorkerShared {
         while runs.try_join_next().is_some() {}
         runs.spawn(execute(self.clone(), leased, local, permit));
     }
+}
+
+/// A workloop slot held by one run: the permit of its handler, and the semaphore its attempt's
+/// end waits on once the handler is done.
+///
+/// A slot bounds the handlers a workloop runs at once. When a handler returns, its run takes a
+/// permit of the workloop's *ending* semaphore (as many as slots) and gives its slot back, so
+/// the next run starts while this one's end is written (an fsync with a durable store): at most
+/// `slots` handlers and `slots × ENDING_PER_SLOT` ends per workloop, and the run keeps its lease
+/// and its queue slots until its end is written.
+struct Slot {
+    permit: OwnedSemaphorePermit,
+    ending: Arc<Semaphore>,
 }
 
 /// Unregisters a run from the worker and the engine when its task ends, however it ends.
@@ -488,6 +505,9 @@ enum Outcome {
 async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, consumer: ConsumerId) {
     let engine = shared.engine.inner.clone();
     let slots_sem = Arc::new(Semaphore::new(slots as usize));
+    let ending = Arc::new(Semaphore::new(
+        (slots as usize).saturating_mul(ENDING_PER_SLOT),
+    ));
     let mut stop = shared.stop.subscribe();
     let bells = engine.bells.bells_for(&chain);
     let mut backoff = CLAIM_BACKOFF_MIN;
@@ -547,7 +567,11 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
                             }
                         },
                     };
-                    shared.spawn_run(leased, p);
+                    let slot = Slot {
+                        permit: p,
+                        ending: ending.clone(),
+                    };
+                    shared.spawn_run(leased, slot);
                 }
             }
             Ok(_) => {
@@ -631,12 +655,7 @@ async fn heartbeat(shared: Arc<WorkerShared>) {
 }
 
 /// Runs one leased attempt to its end.
-async fn execute(
-    shared: Arc<WorkerShared>,
-    leased: Leased,
-    local: Arc<LocalRun>,
-    _permit: OwnedSemaphorePermit,
-) {
+async fn execute(shared: Arc<WorkerShared>, leased: Leased, local: Arc<LocalRun>, slot: Slot) {
     let run = leased.dispatch.run_id;
     let token = leased.token;
     let _guard = InFlightGuard {
@@ -721,6 +740,11 @@ async fn execute(
         }
     };
 
+    // The handler is done: its slot goes to the next run while this attempt's end is written.
+    let Slot { permit, ending } = slot;
+    let _ending = ending.acquire_owned().await;
+    drop(permit);
+
     let mut settle = local.settle.lock().await;
     if *settle {
         return; // The engine ended this attempt first (timeout, lapse, cancel grace).
@@ -780,11 +804,7 @@ async fn complete(
     value: serde_json::Value,
 ) -> Result<(), EngineError> {
     let engine = &shared.engine.inner;
-    if let Err(e) = engine.queue.check_lease(run, token).await {
-        // A zombie never changes a run it lost.
-        tracing::debug!(%run, error = %e, "completion after the lease was lost; dropped");
-        return Ok(());
-    }
+    // The completer checks the lease first: a zombie never changes a run it lost.
     let output: Arc<str> = Arc::from(value.to_string());
     let attempt = attempt_record(attempt, "completed", None, engine.now());
     let end = AttemptEnd {

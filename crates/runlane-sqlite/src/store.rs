@@ -292,6 +292,10 @@ impl RunStore for SqliteStore {
             .await
     }
 
+    fn group_commits(&self) -> bool {
+        true
+    }
+
     async fn finish_many(
         &self,
         ends: Vec<AttemptEnd>,

@@ -1,0 +1,182 @@
+//! Batched completions: the attempts this process's workers complete are ended many at a time,
+//! one store call (one transaction, one commit) and one queue call for the whole batch.
+//!
+//! A worker whose handler completed sends the attempt's end here and waits for its own answer,
+//! which comes only once its terminal write is durable and the queue has let go of the run, so
+//! nothing changes for the caller but the cost. One task owned by the engine takes whatever is
+//! waiting (up to [`BATCH_MAX`]) while the previous batch was being written: under load the
+//! batches grow by themselves, an idle engine ends one attempt at a time without waiting for
+//! company. The channel needs no bound of its own: each workloop lets at most its slot count
+//! of runs wait for their end.
+//!
+//! Per batch, in order (the order of a single completion, SPEC §7): leases are checked (a
+//! zombie's completion is dropped), the store writes every end (the first terminal write
+//! wins), the queue finishes every run whose end is written or was already written, then the
+//! terminal statuses are published.
+
+use std::sync::Weak;
+
+use runlane_core::backend::AttemptEnd;
+use runlane_core::{EnvName, FencingToken, RunId, StoreError};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::engine::Inner;
+use crate::error::EngineError;
+
+/// At most this many attempts are ended in one batch.
+pub(crate) const BATCH_MAX: usize = 1024;
+
+/// One completed attempt waiting for its end to be written.
+pub(crate) struct Ending {
+    pub(crate) env: EnvName,
+    pub(crate) token: FencingToken,
+    pub(crate) end: AttemptEnd,
+    pub(crate) reply: oneshot::Sender<Result<(), EngineError>>,
+}
+
+/// The sending side, held by the engine.
+pub(crate) struct Completer {
+    tx: mpsc::UnboundedSender<Ending>,
+}
+
+impl Completer {
+    /// A completer and the receiver its task serves.
+    pub(crate) fn new() -> (Completer, mpsc::UnboundedReceiver<Ending>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Completer { tx }, rx)
+    }
+
+    /// Ends one completed attempt in the caller's task, without batching (a store whose
+    /// writes cost no commit: the hop to the completer's task would cost more than it saves).
+    pub(crate) async fn end_now(
+        inner: &Inner,
+        env: &EnvName,
+        token: FencingToken,
+        end: AttemptEnd,
+    ) -> Result<(), EngineError> {
+        let (reply, answer) = oneshot::channel();
+        let ending = Ending {
+            env: env.clone(),
+            token,
+            end,
+            reply,
+        };
+        end_batch(inner, vec![ending]).await;
+        answer.await.unwrap_or(Err(EngineError::ShutDown))
+    }
+
+    /// Ends a completed attempt in the next batch; returns once its end is written (or was
+    /// refused, or the attempt's lease was lost).
+    pub(crate) async fn end(
+        &self,
+        env: &EnvName,
+        token: FencingToken,
+        end: AttemptEnd,
+    ) -> Result<(), EngineError> {
+        let (reply, answer) = oneshot::channel();
+        let ending = Ending {
+            env: env.clone(),
+            token,
+            end,
+            reply,
+        };
+        if self.tx.send(ending).is_err() {
+            return Err(EngineError::ShutDown);
+        }
+        answer.await.unwrap_or(Err(EngineError::ShutDown))
+    }
+}
+
+/// The completer's task: one batch at a time, until the engine is gone.
+pub(crate) async fn serve(engine: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Ending>) {
+    let mut batch: Vec<Ending> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < BATCH_MAX {
+            match rx.try_recv() {
+                Ok(ending) => batch.push(ending),
+                Err(_) => break,
+            }
+        }
+        let Some(inner) = engine.upgrade() else {
+            return;
+        };
+        end_batch(&inner, std::mem::take(&mut batch)).await;
+    }
+}
+
+async fn end_batch(inner: &Inner, batch: Vec<Ending>) {
+    // A zombie never changes a run it lost: completions whose lease is gone are dropped (their
+    // caller is answered `Ok`, as a single completion was).
+    let mut live: Vec<Ending> = Vec::with_capacity(batch.len());
+    for ending in batch {
+        let run = ending.end.run;
+        match inner.queue.check_lease(run, ending.token).await {
+            Ok(()) => live.push(ending),
+            Err(e) => {
+                tracing::debug!(%run, error = %e, "completion after the lease was lost; dropped");
+                let _ = ending.reply.send(Ok(()));
+            }
+        }
+    }
+    if live.is_empty() {
+        return;
+    }
+    let now = inner.now();
+    let ends: Vec<AttemptEnd> = live.iter().map(|e| e.end.clone()).collect();
+    let written = match inner.store.finish_many(ends, now).await {
+        Ok(answers) if answers.len() == live.len() => answers,
+        Ok(_) => {
+            let e = StoreError::Unavailable("the store answered a different count".into());
+            answer_all(live, &e);
+            return;
+        }
+        Err(e) => {
+            answer_all(live, &e);
+            return;
+        }
+    };
+    // The queue lets go of every run whose terminal state is in the store (written now, or
+    // by someone else first); a run whose end failed keeps its lease, which will lapse.
+    let mut to_finish: Vec<(RunId, FencingToken)> = Vec::with_capacity(live.len());
+    for (ending, answer) in live.iter().zip(&written) {
+        if matches!(answer, Ok(()) | Err(StoreError::AlreadyFinished { .. })) {
+            to_finish.push((ending.end.run, ending.token));
+        }
+    }
+    if !to_finish.is_empty() {
+        match inner.queue.finish_many(&to_finish, now).await {
+            Ok((answers, effects)) => {
+                for ((run, _), answer) in to_finish.iter().zip(answers) {
+                    if let Err(e) = answer {
+                        inner.warn_queue_finish(*run, &e);
+                    }
+                }
+                inner.apply(effects, None).await;
+            }
+            Err(e) => {
+                for (run, _) in &to_finish {
+                    inner.warn_queue_finish(*run, &e);
+                }
+            }
+        }
+    }
+    for (ending, answer) in live.into_iter().zip(written) {
+        let reply = match answer {
+            Ok(()) => {
+                let end = &ending.end;
+                inner.publish_finished(end.run, &ending.env, end.status, end.attempt.number, now);
+                Ok(())
+            }
+            Err(StoreError::AlreadyFinished { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        };
+        let _ = ending.reply.send(reply);
+    }
+}
+
+fn answer_all(live: Vec<Ending>, e: &StoreError) {
+    for ending in live {
+        let _ = ending.reply.send(Err(e.clone().into()));
+    }
+}
