@@ -451,6 +451,28 @@ impl PostgresStore {
         .map_err(|e| unavailable("write", &e))
     }
 
+    /// The stored status of each known run among `runs`, in one query: lease recovery and
+    /// queue rebuild read PostgreSQL first (SPEC §7), and a run terminal here is cleaned out
+    /// of the queue, never retried. Unknown ids are absent from the answer.
+    pub async fn statuses(&self, runs: &[RunId]) -> Result<HashMap<RunId, RunStatus>, StoreError> {
+        if runs.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let ids: Vec<Vec<u8>> = runs.iter().map(|r| id_to_sql(*r)).collect();
+        let rows = sqlx::query("SELECT id, status FROM runs WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| unavailable("read", &e))?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let id: Vec<u8> = row.try_get(0).map_err(DbError::from)?;
+            let status: String = row.try_get(1).map_err(DbError::from)?;
+            out.insert(crate::record::id_from_sql(&id)?, status_from_sql(&status)?);
+        }
+        Ok(out)
+    }
+
     /// A run's dispatch state (`None` for an unknown run).
     pub async fn dispatch_state(&self, run: RunId) -> Result<Option<DispatchState>, StoreError> {
         let v: Option<String> = sqlx::query_scalar("SELECT dispatch_state FROM runs WHERE id = $1")
