@@ -657,7 +657,20 @@ async fn apply_starts(
     if id.is_empty() {
         return Ok(());
     }
-    let n = sqlx::query(&format!(
+    let n = write_starts(conn, id, attempt, at).await?;
+    counters.starts_flushed.fetch_add(n, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Sets `started_at` of the runs whose current attempt is the noted one and that are still
+/// unfinished (a run that moved on keeps its row as it is); returns how many rows changed.
+pub(crate) async fn write_starts(
+    conn: &mut PgConnection,
+    id: Vec<Vec<u8>>,
+    attempt: Vec<i64>,
+    at: Vec<i64>,
+) -> Result<u64, DbError> {
+    Ok(sqlx::query(&format!(
         "UPDATE runs r SET started_at = u.at \
          FROM UNNEST($1::bytea[], $2::int8[], $3::int8[]) AS u(id, attempt, at) \
          WHERE r.id = u.id AND r.attempt = u.attempt AND r.{UNFINISHED}"
@@ -667,9 +680,7 @@ async fn apply_starts(
     .bind(at)
     .execute(&mut *conn)
     .await?
-    .rows_affected();
-    counters.starts_flushed.fetch_add(n, Ordering::Relaxed);
-    Ok(())
+    .rows_affected())
 }
 
 /// The error of a call that could not be queued or answered.
