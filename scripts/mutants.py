@@ -94,8 +94,8 @@ MUTANTS = [
         "id": "R1",
         "bug": "no promotion on ack (Redis)",
         "file": LUA,
-        "old": "  end_lease(id, r)\n  redis.call('HDEL', K_RUN, id)\n  admit_env(r[F_ENV])",
-        "new": "  end_lease(id, r)\n  redis.call('HDEL', K_RUN, id)",
+        "old": "  end_lease(id, r)\n  del_run(id)\n  admit_env(r[F_ENV])",
+        "new": "  end_lease(id, r)\n  del_run(id)",
         "tests": [CONFORMANCE_REDIS + ["lim_07"], CONFORMANCE_REDIS + ["lim_06"]],
     },
     {
@@ -126,8 +126,8 @@ MUTANTS = [
         "id": "R5",
         "bug": "TTL expiry not releasing the slot (Redis)",
         "file": LUA,
-        "old": "    if r then\n      unplace_waiting(id, r)\n      redis.call('HDEL', K_RUN, id)",
-        "new": "    if r then\n      local was = r[F_PLACE]\n      unplace_waiting(id, r)\n      if was == 'r' then take_slots(r) end\n      redis.call('HDEL', K_RUN, id)",
+        "old": "    if r then\n      unplace_waiting(id, r)\n      del_run(id)",
+        "new": "    if r then\n      local was = r[F_PLACE]\n      unplace_waiting(id, r)\n      if was == 'r' then take_slots(r) end\n      del_run(id)",
         "tests": [CONFORMANCE_REDIS + ["ttl_03"]],
     },
     {
