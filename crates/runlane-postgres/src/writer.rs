@@ -14,8 +14,9 @@
 //! fails the others; a lost connection or a timeout fails the batch's calls with
 //! `Unavailable` (nothing acknowledged is lost, nothing is acknowledged that was not committed).
 //!
-//! Durability is per transaction: a batch is split into its strict and its relaxed calls, and
-//! the relaxed transaction runs `SET LOCAL synchronous_commit = off`.
+//! Durability is per transaction: a batch is split into its strict and its relaxed calls,
+//! committed side by side; the relaxed ones go through connections whose session has
+//! `synchronous_commit = off`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -172,11 +173,16 @@ async fn run_batch(shared: &WriterShared, batch: Vec<Queued>) {
     let (strict, relaxed): (Vec<Queued>, Vec<Queued>) = batch
         .into_iter()
         .partition(|q| q.durability == Durability::Strict);
-    for (group, durability) in [(strict, Durability::Strict), (relaxed, Durability::Relaxed)] {
+    // Side by side on two connections: relaxed calls never wait for a strict fsync.
+    let commit = |group: Vec<Queued>, durability| async move {
         if !group.is_empty() {
             commit_group(shared, group, durability).await;
         }
-    }
+    };
+    tokio::join!(
+        commit(strict, Durability::Strict),
+        commit(relaxed, Durability::Relaxed)
+    );
 }
 
 async fn commit_group(shared: &WriterShared, group: Vec<Queued>, durability: Durability) {
@@ -236,8 +242,8 @@ fn answer_all(shared: &WriterShared, group: Vec<Queued>, answers: Vec<Answer>) {
     }
 }
 
-/// One transaction for `ops`, tried again once when it lost a race (deadlock, serialization),
-/// bounded by `commit_timeout`.
+/// One transaction for `ops`, tried again (at most twice) when it lost a race (deadlock,
+/// serialization failure), each try bounded by `commit_timeout`.
 async fn commit_with_retry(
     shared: &WriterShared,
     ops: &[Queued],
