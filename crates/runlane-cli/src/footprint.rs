@@ -170,24 +170,30 @@ fn dispatch(mix: Mix, i: u64, env: &EnvName, queues: &[QueueName]) -> Dispatch {
     }
 }
 
-/// Enqueues runs `0..runs` of a mix, 32 calls in flight.
+/// Enqueues runs `0..runs` of a mix from 10 tasks at once. Each task owns a set of queues and
+/// enqueues its runs in trigger (id) order, as one engine's producers do per queue key; runs
+/// that reach a key out of order (concurrent producers racing on one key) go to the key's zset
+/// instead of its FIFO list and cost more.
 async fn load(queue: &Arc<RedisQueue>, mix: Mix, runs: u64, env: &EnvName) -> anyhow::Result<()> {
     let queues: Arc<Vec<QueueName>> = Arc::new(
         (0..mix.queues())
             .map(|q| name(QueueName::new(&format!("q{q}"))))
             .collect::<anyhow::Result<_>>()?,
     );
-    let lanes = 32u64;
+    let tasks_n = 10u64;
     let mut tasks = Vec::new();
-    for lane in 0..lanes {
+    for t in 0..tasks_n {
         let (queue, queues, env) = (queue.clone(), queues.clone(), env.clone());
         tasks.push(tokio::spawn(async move {
-            let mut i = lane;
-            while i < runs {
+            let n = queues.len() as u64;
+            for i in 0..runs {
+                // Run i goes to queue i % n; task t owns the queues q with q % tasks_n == t.
+                if (i % n) % tasks_n != t {
+                    continue;
+                }
                 queue
                     .enqueue(dispatch(mix, i, &env, &queues), false, T0)
                     .await?;
-                i += lanes;
             }
             anyhow::Ok(())
         }));
@@ -224,14 +230,17 @@ async fn measure_mix(
     let mut value_bytes = 0u64;
     for i in 0..sample {
         let id = RunId((u128::from(T0.as_millis()) << 80) | u128::from(i * (runs / sample)));
+        let bytes = id.to_bytes();
+        let bucket = u32::from(bytes[14] % 16) * 256 + u32::from(bytes[15]);
         let len: u64 = redis::cmd("HSTRLEN")
-            .arg(format!("{base}:run"))
-            .arg(id.to_bytes().as_slice())
+            .arg(format!("{base}:run:{bucket}"))
+            .arg(bytes.as_slice())
             .query_async(conn)
             .await?;
         value_bytes += len;
     }
     let keys: u64 = redis::cmd("DBSIZE").query_async(conn).await?;
+    let by_kind = memory_by_kind(conn, &base).await?;
     queue.delete_keys().await?;
     Ok(json!({
         "mix": mix.name(),
@@ -241,7 +250,50 @@ async fn measure_mix(
         "used_memory_delta": after - before,
         "message_bytes": value_bytes as f64 / sample as f64,
         "redis_keys": keys,
+        "memory_usage_bytes_per_run_by_kind": by_kind
+            .into_iter()
+            .map(|(k, v)| (k, json!(v as f64 / runs as f64)))
+            .collect::<serde_json::Map<String, Value>>(),
     }))
+}
+
+/// `MEMORY USAGE` of every key under `base`, summed per kind (the name part after the base).
+async fn memory_by_kind(
+    conn: &mut redis::aio::MultiplexedConnection,
+    base: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{base}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        for key in keys {
+            let usage: Option<u64> = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(key.as_slice())
+                .arg("SAMPLES")
+                .arg(0)
+                .query_async(conn)
+                .await?;
+            let rest = &key[base.len().min(key.len())..];
+            let kind = rest
+                .split(|b| *b == b':')
+                .nth(1)
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .unwrap_or_default();
+            *out.entry(kind).or_default() += usage.unwrap_or(0);
+        }
+        if next == 0 {
+            return Ok(out);
+        }
+        cursor = next;
+    }
 }
 
 /// Claim + complete: Redis script time per run over `CLAIM_RUNS` runs (claims of up to 100).

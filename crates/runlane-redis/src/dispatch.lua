@@ -349,6 +349,9 @@ local function admit_env(e)
     return v
   end
   while true do
+    -- Nothing fits when both the env row and the fast-lane row are full: skip the scan.
+    local E = redis.call('HMGET', k_env(e), 'ecap', 'flcap', 'run', 'flrun')
+    if num(E[3]) >= num(E[1]) and num(E[4]) >= num(E[2]) then return end
     local best = nil
     for _, q in ipairs(redis.call('SMEMBERS', k_bq(e))) do
       local qserved = num(redis.call('HGET', k_q(e, q), 'served'))
