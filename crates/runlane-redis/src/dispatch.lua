@@ -81,8 +81,15 @@ local function load(id)
   return cmsgpack.unpack(raw)
 end
 
+-- `{p}:rb` is the set of non-empty record buckets, so a snapshot reads only those.
+local K_RB = P .. ':rb'
 local function del_run(id)
-  redis.call('HDEL', k_run(id), id)
+  local key = k_run(id)
+  redis.call('HDEL', key, id)
+  if redis.call('HLEN', key) == 0 then
+    local hi, lo = string.byte(id, 15, 16)
+    redis.call('SREM', K_RB, (hi % 16) * 256 + lo)
+  end
 end
 
 local function score_of(r)
@@ -99,7 +106,10 @@ local function save(id, r)
   end
   local out = {}
   for i = 1, n do out[i] = r[i] end
-  redis.call('HSET', k_run(id), id, cmsgpack.pack(out))
+  if redis.call('HSET', k_run(id), id, cmsgpack.pack(out)) == 1 then
+    local hi, lo = string.byte(id, 15, 16)
+    redis.call('SADD', K_RB, (hi % 16) * 256 + lo)
+  end
 end
 
 local function num(v)
@@ -908,7 +918,7 @@ end
 
 if op == 'snapshot' then
   local all = {}
-  for b = 0, RUN_BUCKETS - 1 do
+  for _, b in ipairs(redis.call('SMEMBERS', K_RB)) do
     local part = redis.call('HGETALL', P .. ':run:' .. b)
     for i = 1, #part do all[#all + 1] = part[i] end
   end
