@@ -300,7 +300,7 @@ async fn memory_by_kind(
 async fn measure_claim(
     server: &PrivateRedis,
     conn: &mut redis::aio::MultiplexedConnection,
-) -> anyhow::Result<(f64, u64)> {
+) -> anyhow::Result<ClaimCost> {
     let queue =
         Arc::new(RedisQueue::open(RedisConfig::new(server.url()).with_prefix("fp:claim")).await?);
     let env = name(EnvName::new("bench"))?;
@@ -325,8 +325,12 @@ async fn measure_claim(
         lease: Duration::from_secs(60),
     };
     let mut done = 0u64;
+    let (mut claim_usec, mut finish_usec) = (0.0, 0.0);
+    let mut last = evalsha_usec(conn).await?;
     loop {
         let leased = queue.claim(&request, T0).await?;
+        let after_claim = evalsha_usec(conn).await?;
+        claim_usec += after_claim - last;
         if leased.is_empty() {
             break;
         }
@@ -334,18 +338,41 @@ async fn measure_claim(
             queue.finish(l.dispatch.run_id, l.token, T0).await?;
             done += 1;
         }
+        last = evalsha_usec(conn).await?;
+        finish_usec += last - after_claim;
     }
-    let stat = info_field(conn, "commandstats", "cmdstat_evalsha").await?;
-    let usec: f64 = stat
-        .split(',')
-        .find_map(|kv| kv.strip_prefix("usec="))
-        .context("cmdstat_evalsha has no usec")?
-        .parse()?;
+    let usec = claim_usec + finish_usec;
     queue.delete_keys().await?;
     if done == 0 {
         bail!("the claim pass finished no run");
     }
-    Ok((usec / done as f64, done))
+    Ok(ClaimCost {
+        total_us_per_run: usec / done as f64,
+        claim_us_per_run: claim_usec / done as f64,
+        complete_us_per_run: finish_usec / done as f64,
+        runs: done,
+    })
+}
+
+/// Redis script time of the claim + complete pass.
+struct ClaimCost {
+    total_us_per_run: f64,
+    claim_us_per_run: f64,
+    complete_us_per_run: f64,
+    runs: u64,
+}
+
+/// The `evalsha` microseconds Redis has counted since the last `CONFIG RESETSTAT`.
+async fn evalsha_usec(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<f64> {
+    let stat = match info_field(conn, "commandstats", "cmdstat_evalsha").await {
+        Ok(stat) => stat,
+        Err(_) => return Ok(0.0),
+    };
+    Ok(stat
+        .split(',')
+        .find_map(|kv| kv.strip_prefix("usec="))
+        .context("cmdstat_evalsha has no usec")?
+        .parse()?)
 }
 
 /// Runs the footprint bench for `mixes`; one JSON line per mix.
@@ -364,7 +391,7 @@ pub async fn footprint(backend: &str, mixes: &[Mix], runs: u64) -> anyhow::Resul
         .await?;
     let listpack: u64 = listpack.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
     let version = info_field(&mut conn, "server", "redis_version").await?;
-    let (claim_us, claim_runs) = measure_claim(&server, &mut conn).await?;
+    let claim = measure_claim(&server, &mut conn).await?;
     let mut lines = Vec::new();
     for &mix in mixes {
         let mut line = measure_mix(&server, &mut conn, mix, runs).await?;
@@ -373,8 +400,19 @@ pub async fn footprint(backend: &str, mixes: &[Mix], runs: u64) -> anyhow::Resul
             obj.insert("backend".into(), json!("redis"));
             obj.insert("redis_version".into(), json!(version));
             obj.insert("zset_max_listpack_entries".into(), json!(listpack));
-            obj.insert("claim_complete_redis_us_per_run".into(), json!(claim_us));
-            obj.insert("claim_complete_runs".into(), json!(claim_runs));
+            obj.insert(
+                "claim_complete_redis_us_per_run".into(),
+                json!(claim.total_us_per_run),
+            );
+            obj.insert(
+                "claim_redis_us_per_run".into(),
+                json!(claim.claim_us_per_run),
+            );
+            obj.insert(
+                "complete_redis_us_per_run".into(),
+                json!(claim.complete_us_per_run),
+            );
+            obj.insert("claim_complete_runs".into(), json!(claim.runs));
             obj.insert("git_revision".into(), json!(revision));
         }
         lines.push(line);
