@@ -362,23 +362,29 @@ local function admit_env(e)
     -- Nothing fits when both the env row and the fast-lane row are full: skip the scan.
     local E = redis.call('HMGET', k_env(e), 'ecap', 'flcap', 'run', 'flrun')
     if num(E[3]) >= num(E[1]) and num(E[4]) >= num(E[2]) then return end
-    local best = nil
+    -- Every key with backlog, in serving order (least recently served queue, then name, then
+    -- least recently served key, then name); the first whose head run is admissible wins.
+    local cands = {}
     for _, q in ipairs(redis.call('SMEMBERS', k_bq(e))) do
       local qserved = num(redis.call('HGET', k_q(e, q), 'served'))
       for _, k in ipairs(redis.call('SMEMBERS', k_bk(e, q))) do
-        local head, r = key_head(e, q, k)
-        if head then
-          if r and not lane_orphaned(r[F_LANE]) and admission(e, q, k, r[F_LANE]) == nil then
-            local kserved = num(redis.call('HGET', k_k(e, q, k), 'served'))
-            local better = false
-            if best == nil then better = true
-            elseif qserved ~= best[1] then better = qserved < best[1]
-            elseif q ~= best[2] then better = lt(q, best[2])
-            elseif kserved ~= best[3] then better = kserved < best[3]
-            else better = lt(k, best[4]) end
-            if better then best = { qserved, q, kserved, k, head, r } end
-          end
-        end
+        local kserved = num(redis.call('HGET', k_k(e, q, k), 'served'))
+        cands[#cands + 1] = { qserved, q, kserved, k }
+      end
+    end
+    table.sort(cands, function(a, b)
+      if a[1] ~= b[1] then return a[1] < b[1] end
+      if a[2] ~= b[2] then return lt(a[2], b[2]) end
+      if a[3] ~= b[3] then return a[3] < b[3] end
+      return lt(a[4], b[4])
+    end)
+    local best = nil
+    for _, c in ipairs(cands) do
+      local q, k = c[2], c[4]
+      local head, r = key_head(e, q, k)
+      if head and r and not lane_orphaned(r[F_LANE]) and admission(e, q, k, r[F_LANE]) == nil then
+        best = { c[1], q, c[3], k, head, r }
+        break
       end
     end
     if best == nil then return end
