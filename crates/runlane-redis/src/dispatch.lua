@@ -480,26 +480,40 @@ end
 
 -- Start: configuration and generation checks -------------------------------------------------
 
+-- ARGV[6] = a fresh generation, ARGV[7] = '1' when the caller rebuilds a lost key space (the
+-- key space then stays marked `reb` until `rebuilt`: other callers get `lost` and wait for the
+-- rebuild instead of seeing half of it), ARGV[8..] = the built-in lanes.
 if op == 'init' then
-  local cfg = redis.call('HMGET', K_CFG, 'fmt', 'gen')
+  local cfg = redis.call('HMGET', K_CFG, 'fmt', 'gen', 'reb')
   if cfg[1] and cfg[1] ~= FORMAT then return fail('format', cfg[1]) end
   if not cfg[1] then
     local gen = ARGV[6]
     redis.call('HSET', K_CFG, 'fmt', FORMAT, 'gen', gen, 'token', 0, 'seq', 0, 'serve', 0, 'cseq', 0)
-    for i = 7, #ARGV do
+    if ARGV[7] == '1' then redis.call('HSET', K_CFG, 'reb', '1') end
+    for i = 8, #ARGV do
       redis.call('SADD', K_LANES, ARGV[i])
       redis.call('HSETNX', k_l(ARGV[i]), 'count', 0)
     end
-    return fail('ok', gen, 1)
+    return fail('ok', gen, 1, 0)
   end
-  return fail('ok', cfg[2], 0)
+  local rebuilding = 0
+  if cfg[3] then rebuilding = 1 end
+  return fail('ok', cfg[2], 0, rebuilding)
 end
 
 do
-  local cfg = redis.call('HMGET', K_CFG, 'fmt', 'gen')
+  local cfg = redis.call('HMGET', K_CFG, 'fmt', 'gen', 'reb')
   if not cfg[1] then return fail('lost') end
   if cfg[1] ~= FORMAT then return fail('format', cfg[1]) end
-  if GEN ~= '' and cfg[2] ~= GEN then return fail('generation', cfg[2]) end
+  if GEN == 'rebuild' then
+    if op == 'rebuilt' then
+      redis.call('HDEL', K_CFG, 'reb')
+      return fail('ok')
+    end
+  else
+    if cfg[3] then return fail('lost') end
+    if GEN ~= '' and cfg[2] ~= GEN then return fail('generation', cfg[2]) end
+  end
 end
 
 -- Operations ------------------------------------------------------------------------------
