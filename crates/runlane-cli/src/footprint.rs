@@ -170,24 +170,30 @@ fn dispatch(mix: Mix, i: u64, env: &EnvName, queues: &[QueueName]) -> Dispatch {
     }
 }
 
-/// Enqueues runs `0..runs` of a mix, 32 calls in flight.
+/// Enqueues runs `0..runs` of a mix from 10 tasks at once. Each task owns a set of queues and
+/// enqueues its runs in trigger (id) order, as one engine's producers do per queue key; runs
+/// that reach a key out of order (concurrent producers racing on one key) go to the key's zset
+/// instead of its FIFO list and cost more.
 async fn load(queue: &Arc<RedisQueue>, mix: Mix, runs: u64, env: &EnvName) -> anyhow::Result<()> {
     let queues: Arc<Vec<QueueName>> = Arc::new(
         (0..mix.queues())
             .map(|q| name(QueueName::new(&format!("q{q}"))))
             .collect::<anyhow::Result<_>>()?,
     );
-    let lanes = 32u64;
+    let tasks_n = 10u64;
     let mut tasks = Vec::new();
-    for lane in 0..lanes {
+    for t in 0..tasks_n {
         let (queue, queues, env) = (queue.clone(), queues.clone(), env.clone());
         tasks.push(tokio::spawn(async move {
-            let mut i = lane;
-            while i < runs {
+            let n = queues.len() as u64;
+            for i in 0..runs {
+                // Run i goes to queue i % n; task t owns the queues q with q % tasks_n == t.
+                if (i % n) % tasks_n != t {
+                    continue;
+                }
                 queue
                     .enqueue(dispatch(mix, i, &env, &queues), false, T0)
                     .await?;
-                i += lanes;
             }
             anyhow::Ok(())
         }));
@@ -224,14 +230,17 @@ async fn measure_mix(
     let mut value_bytes = 0u64;
     for i in 0..sample {
         let id = RunId((u128::from(T0.as_millis()) << 80) | u128::from(i * (runs / sample)));
+        let bytes = id.to_bytes();
+        let bucket = u32::from(bytes[14] % 16) * 256 + u32::from(bytes[15]);
         let len: u64 = redis::cmd("HSTRLEN")
-            .arg(format!("{base}:run"))
-            .arg(id.to_bytes().as_slice())
+            .arg(format!("{base}:run:{bucket}"))
+            .arg(bytes.as_slice())
             .query_async(conn)
             .await?;
         value_bytes += len;
     }
     let keys: u64 = redis::cmd("DBSIZE").query_async(conn).await?;
+    let by_kind = memory_by_kind(conn, &base).await?;
     queue.delete_keys().await?;
     Ok(json!({
         "mix": mix.name(),
@@ -241,14 +250,57 @@ async fn measure_mix(
         "used_memory_delta": after - before,
         "message_bytes": value_bytes as f64 / sample as f64,
         "redis_keys": keys,
+        "memory_usage_bytes_per_run_by_kind": by_kind
+            .into_iter()
+            .map(|(k, v)| (k, json!(v as f64 / runs as f64)))
+            .collect::<serde_json::Map<String, Value>>(),
     }))
+}
+
+/// `MEMORY USAGE` of every key under `base`, summed per kind (the name part after the base).
+async fn memory_by_kind(
+    conn: &mut redis::aio::MultiplexedConnection,
+    base: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{base}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        for key in keys {
+            let usage: Option<u64> = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(key.as_slice())
+                .arg("SAMPLES")
+                .arg(0)
+                .query_async(conn)
+                .await?;
+            let rest = &key[base.len().min(key.len())..];
+            let kind = rest
+                .split(|b| *b == b':')
+                .nth(1)
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .unwrap_or_default();
+            *out.entry(kind).or_default() += usage.unwrap_or(0);
+        }
+        if next == 0 {
+            return Ok(out);
+        }
+        cursor = next;
+    }
 }
 
 /// Claim + complete: Redis script time per run over `CLAIM_RUNS` runs (claims of up to 100).
 async fn measure_claim(
     server: &PrivateRedis,
     conn: &mut redis::aio::MultiplexedConnection,
-) -> anyhow::Result<(f64, u64)> {
+) -> anyhow::Result<ClaimCost> {
     let queue =
         Arc::new(RedisQueue::open(RedisConfig::new(server.url()).with_prefix("fp:claim")).await?);
     let env = name(EnvName::new("bench"))?;
@@ -273,8 +325,12 @@ async fn measure_claim(
         lease: Duration::from_secs(60),
     };
     let mut done = 0u64;
+    let (mut claim_usec, mut finish_usec) = (0.0, 0.0);
+    let mut last = evalsha_usec(conn).await?;
     loop {
         let leased = queue.claim(&request, T0).await?;
+        let after_claim = evalsha_usec(conn).await?;
+        claim_usec += after_claim - last;
         if leased.is_empty() {
             break;
         }
@@ -282,18 +338,41 @@ async fn measure_claim(
             queue.finish(l.dispatch.run_id, l.token, T0).await?;
             done += 1;
         }
+        last = evalsha_usec(conn).await?;
+        finish_usec += last - after_claim;
     }
-    let stat = info_field(conn, "commandstats", "cmdstat_evalsha").await?;
-    let usec: f64 = stat
-        .split(',')
-        .find_map(|kv| kv.strip_prefix("usec="))
-        .context("cmdstat_evalsha has no usec")?
-        .parse()?;
+    let usec = claim_usec + finish_usec;
     queue.delete_keys().await?;
     if done == 0 {
         bail!("the claim pass finished no run");
     }
-    Ok((usec / done as f64, done))
+    Ok(ClaimCost {
+        total_us_per_run: usec / done as f64,
+        claim_us_per_run: claim_usec / done as f64,
+        complete_us_per_run: finish_usec / done as f64,
+        runs: done,
+    })
+}
+
+/// Redis script time of the claim + complete pass.
+struct ClaimCost {
+    total_us_per_run: f64,
+    claim_us_per_run: f64,
+    complete_us_per_run: f64,
+    runs: u64,
+}
+
+/// The `evalsha` microseconds Redis has counted since the last `CONFIG RESETSTAT`.
+async fn evalsha_usec(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<f64> {
+    let stat = match info_field(conn, "commandstats", "cmdstat_evalsha").await {
+        Ok(stat) => stat,
+        Err(_) => return Ok(0.0),
+    };
+    Ok(stat
+        .split(',')
+        .find_map(|kv| kv.strip_prefix("usec="))
+        .context("cmdstat_evalsha has no usec")?
+        .parse()?)
 }
 
 /// Runs the footprint bench for `mixes`; one JSON line per mix.
@@ -312,7 +391,7 @@ pub async fn footprint(backend: &str, mixes: &[Mix], runs: u64) -> anyhow::Resul
         .await?;
     let listpack: u64 = listpack.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
     let version = info_field(&mut conn, "server", "redis_version").await?;
-    let (claim_us, claim_runs) = measure_claim(&server, &mut conn).await?;
+    let claim = measure_claim(&server, &mut conn).await?;
     let mut lines = Vec::new();
     for &mix in mixes {
         let mut line = measure_mix(&server, &mut conn, mix, runs).await?;
@@ -321,8 +400,19 @@ pub async fn footprint(backend: &str, mixes: &[Mix], runs: u64) -> anyhow::Resul
             obj.insert("backend".into(), json!("redis"));
             obj.insert("redis_version".into(), json!(version));
             obj.insert("zset_max_listpack_entries".into(), json!(listpack));
-            obj.insert("claim_complete_redis_us_per_run".into(), json!(claim_us));
-            obj.insert("claim_complete_runs".into(), json!(claim_runs));
+            obj.insert(
+                "claim_complete_redis_us_per_run".into(),
+                json!(claim.total_us_per_run),
+            );
+            obj.insert(
+                "claim_redis_us_per_run".into(),
+                json!(claim.claim_us_per_run),
+            );
+            obj.insert(
+                "complete_redis_us_per_run".into(),
+                json!(claim.complete_us_per_run),
+            );
+            obj.insert("claim_complete_runs".into(), json!(claim.runs));
             obj.insert("git_revision".into(), json!(revision));
         }
         lines.push(line);

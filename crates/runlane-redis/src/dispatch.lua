@@ -81,8 +81,15 @@ local function load(id)
   return cmsgpack.unpack(raw)
 end
 
+-- `{p}:rb` is the set of non-empty record buckets, so a snapshot reads only those.
+local K_RB = P .. ':rb'
 local function del_run(id)
-  redis.call('HDEL', k_run(id), id)
+  local key = k_run(id)
+  redis.call('HDEL', key, id)
+  if redis.call('HLEN', key) == 0 then
+    local hi, lo = string.byte(id, 15, 16)
+    redis.call('SREM', K_RB, (hi % 16) * 256 + lo)
+  end
 end
 
 local function score_of(r)
@@ -99,7 +106,10 @@ local function save(id, r)
   end
   local out = {}
   for i = 1, n do out[i] = r[i] end
-  redis.call('HSET', k_run(id), id, cmsgpack.pack(out))
+  if redis.call('HSET', k_run(id), id, cmsgpack.pack(out)) == 1 then
+    local hi, lo = string.byte(id, 15, 16)
+    redis.call('SADD', K_RB, (hi % 16) * 256 + lo)
+  end
 end
 
 local function num(v)
@@ -349,23 +359,32 @@ local function admit_env(e)
     return v
   end
   while true do
-    local best = nil
+    -- Nothing fits when both the env row and the fast-lane row are full: skip the scan.
+    local E = redis.call('HMGET', k_env(e), 'ecap', 'flcap', 'run', 'flrun')
+    if num(E[3]) >= num(E[1]) and num(E[4]) >= num(E[2]) then return end
+    -- Every key with backlog, in serving order (least recently served queue, then name, then
+    -- least recently served key, then name); the first whose head run is admissible wins.
+    local cands = {}
     for _, q in ipairs(redis.call('SMEMBERS', k_bq(e))) do
       local qserved = num(redis.call('HGET', k_q(e, q), 'served'))
       for _, k in ipairs(redis.call('SMEMBERS', k_bk(e, q))) do
-        local head, r = key_head(e, q, k)
-        if head then
-          if r and not lane_orphaned(r[F_LANE]) and admission(e, q, k, r[F_LANE]) == nil then
-            local kserved = num(redis.call('HGET', k_k(e, q, k), 'served'))
-            local better = false
-            if best == nil then better = true
-            elseif qserved ~= best[1] then better = qserved < best[1]
-            elseif q ~= best[2] then better = lt(q, best[2])
-            elseif kserved ~= best[3] then better = kserved < best[3]
-            else better = lt(k, best[4]) end
-            if better then best = { qserved, q, kserved, k, head, r } end
-          end
-        end
+        local kserved = num(redis.call('HGET', k_k(e, q, k), 'served'))
+        cands[#cands + 1] = { qserved, q, kserved, k }
+      end
+    end
+    table.sort(cands, function(a, b)
+      if a[1] ~= b[1] then return a[1] < b[1] end
+      if a[2] ~= b[2] then return lt(a[2], b[2]) end
+      if a[3] ~= b[3] then return a[3] < b[3] end
+      return lt(a[4], b[4])
+    end)
+    local best = nil
+    for _, c in ipairs(cands) do
+      local q, k = c[2], c[4]
+      local head, r = key_head(e, q, k)
+      if head and r and not lane_orphaned(r[F_LANE]) and admission(e, q, k, r[F_LANE]) == nil then
+        best = { c[1], q, c[3], k, head, r }
+        break
       end
     end
     if best == nil then return end
@@ -461,26 +480,40 @@ end
 
 -- Start: configuration and generation checks -------------------------------------------------
 
+-- ARGV[6] = a fresh generation, ARGV[7] = '1' when the caller rebuilds a lost key space (the
+-- key space then stays marked `reb` until `rebuilt`: other callers get `lost` and wait for the
+-- rebuild instead of seeing half of it), ARGV[8..] = the built-in lanes.
 if op == 'init' then
-  local cfg = redis.call('HMGET', K_CFG, 'fmt', 'gen')
+  local cfg = redis.call('HMGET', K_CFG, 'fmt', 'gen', 'reb')
   if cfg[1] and cfg[1] ~= FORMAT then return fail('format', cfg[1]) end
   if not cfg[1] then
     local gen = ARGV[6]
     redis.call('HSET', K_CFG, 'fmt', FORMAT, 'gen', gen, 'token', 0, 'seq', 0, 'serve', 0, 'cseq', 0)
-    for i = 7, #ARGV do
+    if ARGV[7] == '1' then redis.call('HSET', K_CFG, 'reb', '1') end
+    for i = 8, #ARGV do
       redis.call('SADD', K_LANES, ARGV[i])
       redis.call('HSETNX', k_l(ARGV[i]), 'count', 0)
     end
-    return fail('ok', gen, 1)
+    return fail('ok', gen, 1, 0)
   end
-  return fail('ok', cfg[2], 0)
+  local rebuilding = 0
+  if cfg[3] then rebuilding = 1 end
+  return fail('ok', cfg[2], 0, rebuilding)
 end
 
 do
-  local cfg = redis.call('HMGET', K_CFG, 'fmt', 'gen')
+  local cfg = redis.call('HMGET', K_CFG, 'fmt', 'gen', 'reb')
   if not cfg[1] then return fail('lost') end
   if cfg[1] ~= FORMAT then return fail('format', cfg[1]) end
-  if GEN ~= '' and cfg[2] ~= GEN then return fail('generation', cfg[2]) end
+  if GEN == 'rebuild' then
+    if op == 'rebuilt' then
+      redis.call('HDEL', K_CFG, 'reb')
+      return fail('ok')
+    end
+  else
+    if cfg[3] then return fail('lost') end
+    if GEN ~= '' and cfg[2] ~= GEN then return fail('generation', cfg[2]) end
+  end
 end
 
 -- Operations ------------------------------------------------------------------------------
@@ -905,7 +938,7 @@ end
 
 if op == 'snapshot' then
   local all = {}
-  for b = 0, RUN_BUCKETS - 1 do
+  for _, b in ipairs(redis.call('SMEMBERS', K_RB)) do
     local part = redis.call('HGETALL', P .. ':run:' .. b)
     for i = 1, #part do all[#all + 1] = part[i] end
   end
