@@ -24,6 +24,7 @@ pub use runlane_distributed::{
     Distributed, DistributedConfig, DistributedError, DistributedQueue, DistributedStore, Health,
 };
 pub use runlane_postgres::reconcile::ReconcileConfig;
+pub use runlane_postgres::DispatchState;
 pub use runlane_sqlite::{
     SqliteConfig, SqliteError, SqliteStats, SqliteStore, StoreSize, Synchronous,
 };
