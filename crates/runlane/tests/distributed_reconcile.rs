@@ -198,7 +198,7 @@ async fn redis_failure_after_commit_is_reconciled_nothing_lost_nothing_twice() {
 }
 
 async fn assert_completed(engine: &runlane::Distributed, run: RunId) {
-    match engine.wait(run, Duration::from_secs(20)).await.expect("wait") {
+    match engine.wait(run, Duration::from_secs(60)).await.expect("wait") {
         WaitOutcome::Finished(record) => {
             assert_eq!(record.status, RunStatus::Completed, "run {run}");
             assert_eq!(record.attempts.len(), 1, "run {run} had one attempt");
