@@ -204,7 +204,10 @@ pub async fn finish(opened: Opened, mut line: Value) -> anyhow::Result<Value> {
             .await?;
         let stats = store.stats();
         fields.insert("synchronous_commit".into(), json!(sc));
-        fields.insert("topology_servers".into(), json!("redis+postgresql on loopback"));
+        fields.insert(
+            "topology_servers".into(),
+            json!("redis+postgresql on loopback"),
+        );
         fields.insert("store_commits".into(), json!(stats.commits));
         fields.insert("store_calls".into(), json!(stats.calls_committed));
         fields.insert("store_largest_batch".into(), json!(stats.largest_batch));

@@ -59,7 +59,11 @@ struct BenchCommon {
     #[arg(long, default_value_t = 1)]
     producers: u32,
     /// Distributed backend: the Redis server.
-    #[arg(long, default_value = "redis://127.0.0.1:6379", env = "RUNLANE_REDIS_URL")]
+    #[arg(
+        long,
+        default_value = "redis://127.0.0.1:6379",
+        env = "RUNLANE_REDIS_URL"
+    )]
     redis_url: String,
     /// Distributed backend: the PostgreSQL server.
     #[arg(

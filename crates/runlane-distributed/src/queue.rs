@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use runlane_core::backend::{
-    CancelOutcome, ClaimRequest, ConsumerId, Dispatch, Effects, EnvUsage, Enqueued, LaneInfo,
+    CancelOutcome, ClaimRequest, ConsumerId, Dispatch, Effects, Enqueued, EnvUsage, LaneInfo,
     LeaseState, Leased, LiveRun, Placement, QueueBackend, QueueInfo, RunRecord, Tick,
 };
 use runlane_core::chain::ClaimChain;

@@ -159,10 +159,7 @@ pub async fn open(
         config.mark_linger,
     ));
     let engine = builder
-        .open(
-            queue.clone() as Arc<dyn QueueBackend>,
-            Arc::new(run_store),
-        )
+        .open(queue.clone() as Arc<dyn QueueBackend>, Arc::new(run_store))
         .await?;
     let stop = Arc::new(Notify::new());
     let now = {

@@ -15,16 +15,16 @@
 //! ```
 
 pub use runlane_core as core;
+pub use runlane_distributed::{
+    Distributed, DistributedConfig, DistributedError, DistributedQueue, DistributedStore, Health,
+};
 pub use runlane_engine::*;
+pub use runlane_postgres::reconcile::ReconcileConfig;
+pub use runlane_postgres::DispatchState;
 pub use runlane_postgres::{
     Durability, PostgresConfig, PostgresError, PostgresStats, PostgresStore,
 };
 pub use runlane_redis::{RedisConfig, RedisHealth, RedisOpenError, RedisQueue};
-pub use runlane_distributed::{
-    Distributed, DistributedConfig, DistributedError, DistributedQueue, DistributedStore, Health,
-};
-pub use runlane_postgres::reconcile::ReconcileConfig;
-pub use runlane_postgres::DispatchState;
 pub use runlane_sqlite::{
     SqliteConfig, SqliteError, SqliteStats, SqliteStore, StoreSize, Synchronous,
 };

@@ -174,7 +174,10 @@ async fn redis_failure_after_commit_is_reconciled_nothing_lost_nothing_twice() {
         );
     }
     let health = engine.health().await;
-    assert!(!health.redis && health.postgres, "health names redis: {health:?}");
+    assert!(
+        !health.redis && health.postgres,
+        "health names redis: {health:?}"
+    );
 
     // Redis back: the reconciler (armed by the oldest pending row) enqueues them.
     proxy.restore();
@@ -189,7 +192,11 @@ async fn redis_failure_after_commit_is_reconciled_nothing_lost_nothing_twice() {
     }
     let executed = runs.lock().expect("lock").clone();
     for run in before.iter().chain(&during) {
-        assert_eq!(executed.get(run), Some(&1), "run {run} executed exactly once");
+        assert_eq!(
+            executed.get(run),
+            Some(&1),
+            "run {run} executed exactly once"
+        );
     }
     assert_eq!(executed.len(), 8, "no other run executed");
     assert!(engine.health().await.ok(), "both sides answer again");
@@ -198,7 +205,11 @@ async fn redis_failure_after_commit_is_reconciled_nothing_lost_nothing_twice() {
 }
 
 async fn assert_completed(engine: &runlane::Distributed, run: RunId) {
-    match engine.wait(run, Duration::from_secs(60)).await.expect("wait") {
+    match engine
+        .wait(run, Duration::from_secs(60))
+        .await
+        .expect("wait")
+    {
         WaitOutcome::Finished(record) => {
             assert_eq!(record.status, RunStatus::Completed, "run {run}");
             assert_eq!(record.attempts.len(), 1, "run {run} had one attempt");
