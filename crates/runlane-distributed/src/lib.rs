@@ -20,6 +20,7 @@
 mod queue;
 mod shape;
 mod store;
+mod wake;
 
 pub use queue::DistributedQueue;
 pub use shape::{open, Distributed, DistributedConfig, DistributedError, Health};

@@ -27,6 +27,8 @@ use runlane_postgres::PostgresStore;
 use runlane_redis::RedisQueue;
 use tokio::sync::Notify;
 
+use crate::wake::Wake;
+
 /// The most ids one `in_queue` update carries.
 const MARK_BATCH_MAX: usize = 5_000;
 
@@ -61,6 +63,7 @@ impl Marks {
 pub struct DistributedQueue {
     redis: Arc<RedisQueue>,
     marks: Arc<Marks>,
+    wake: Option<Arc<Wake>>,
 }
 
 impl Drop for DistributedQueue {
@@ -68,6 +71,9 @@ impl Drop for DistributedQueue {
         // The marker writes what is buffered, then ends.
         self.marks.closed.store(true, Ordering::SeqCst);
         self.marks.wake.notify_one();
+        if let Some(wake) = &self.wake {
+            wake.close();
+        }
     }
 }
 
@@ -78,7 +84,25 @@ impl DistributedQueue {
     pub fn new(redis: Arc<RedisQueue>, store: Arc<PostgresStore>, linger: Duration) -> Self {
         let marks = Arc::new(Marks::default());
         tokio::spawn(marker(marks.clone(), store, linger));
-        DistributedQueue { redis, marks }
+        DistributedQueue {
+            redis,
+            marks,
+            wake: None,
+        }
+    }
+
+    /// Also publishes the lanes each call makes ready, for other processes' workers.
+    pub(crate) fn with_wake(mut self, wake: Arc<Wake>) -> Self {
+        self.wake = Some(wake);
+        self
+    }
+
+    /// Passes a call's effects on, noting its ready lanes for other processes.
+    fn rang(&self, effects: Result<Effects, QueueError>) -> Result<Effects, QueueError> {
+        if let (Some(wake), Ok(fx)) = (&self.wake, &effects) {
+            wake.note(fx);
+        }
+        effects
     }
 
     /// The Redis queue backend.
@@ -117,6 +141,9 @@ impl DistributedQueue {
             }
             match self.redis.enqueue(record.dispatch(), false, now).await {
                 Ok(enqueued) => {
+                    if let Some(wake) = &self.wake {
+                        wake.note(&enqueued.effects);
+                    }
                     effects.merge(enqueued.effects);
                     ids.push(run);
                 }
@@ -174,7 +201,7 @@ impl QueueBackend for DistributedQueue {
         settings: EnvSettings,
         now: Timestamp,
     ) -> Result<Effects, QueueError> {
-        self.redis.put_env(env, settings, now).await
+        self.rang(self.redis.put_env(env, settings, now).await)
     }
     async fn put_queue(
         &self,
@@ -183,7 +210,7 @@ impl QueueBackend for DistributedQueue {
         settings: QueueSettings,
         now: Timestamp,
     ) -> Result<Effects, QueueError> {
-        self.redis.put_queue(env, queue, settings, now).await
+        self.rang(self.redis.put_queue(env, queue, settings, now).await)
     }
     async fn queue_settings(
         &self,
@@ -218,6 +245,9 @@ impl QueueBackend for DistributedQueue {
         match self.redis.enqueue(dispatch, sync, now).await {
             Ok(enqueued) => {
                 self.marks.push(run);
+                if let Some(wake) = &self.wake {
+                    wake.note(&enqueued.effects);
+                }
                 Ok(enqueued)
             }
             Err(QueueError::Unavailable(e)) => {
@@ -261,7 +291,7 @@ impl QueueBackend for DistributedQueue {
         token: FencingToken,
         now: Timestamp,
     ) -> Result<Effects, QueueError> {
-        self.redis.finish(run, token, now).await
+        self.rang(self.redis.finish(run, token, now).await)
     }
     async fn retry(
         &self,
@@ -270,7 +300,7 @@ impl QueueBackend for DistributedQueue {
         run_after: Timestamp,
         now: Timestamp,
     ) -> Result<Effects, QueueError> {
-        self.redis.retry(run, token, run_after, now).await
+        self.rang(self.redis.retry(run, token, run_after, now).await)
     }
     async fn release(
         &self,
@@ -278,7 +308,7 @@ impl QueueBackend for DistributedQueue {
         token: FencingToken,
         now: Timestamp,
     ) -> Result<Effects, QueueError> {
-        self.redis.release(run, token, now).await
+        self.rang(self.redis.release(run, token, now).await)
     }
     async fn cancel(
         &self,
@@ -286,7 +316,11 @@ impl QueueBackend for DistributedQueue {
         grace: Duration,
         now: Timestamp,
     ) -> Result<CancelOutcome, QueueError> {
-        self.redis.cancel(run, grace, now).await
+        let outcome = self.redis.cancel(run, grace, now).await;
+        if let (Some(wake), Ok(CancelOutcome::Removed { effects, .. })) = (&self.wake, &outcome) {
+            wake.note(effects);
+        }
+        outcome
     }
     async fn reschedule(
         &self,
@@ -295,12 +329,18 @@ impl QueueBackend for DistributedQueue {
         ttl_deadline: Option<Timestamp>,
         now: Timestamp,
     ) -> Result<Effects, QueueError> {
-        self.redis
-            .reschedule(run, run_after, ttl_deadline, now)
-            .await
+        self.rang(
+            self.redis
+                .reschedule(run, run_after, ttl_deadline, now)
+                .await,
+        )
     }
     async fn tick(&self, now: Timestamp) -> Result<Tick, QueueError> {
-        self.redis.tick(now).await
+        let tick = self.redis.tick(now).await;
+        if let (Some(wake), Ok(t)) = (&self.wake, &tick) {
+            wake.note(&t.effects);
+        }
+        tick
     }
     async fn next_deadline(&self) -> Result<Option<Timestamp>, QueueError> {
         self.redis.next_deadline().await
@@ -323,7 +363,7 @@ impl QueueBackend for DistributedQueue {
         id: ConsumerId,
         now: Timestamp,
     ) -> Result<Effects, QueueError> {
-        self.redis.unregister_consumer(id, now).await
+        self.rang(self.redis.unregister_consumer(id, now).await)
     }
     fn claims_in_process(&self) -> bool {
         self.redis.claims_in_process()
@@ -333,6 +373,10 @@ impl QueueBackend for DistributedQueue {
         runs: &[(RunId, FencingToken)],
         now: Timestamp,
     ) -> Result<(Vec<Result<(), QueueError>>, Effects), QueueError> {
-        self.redis.finish_many(runs, now).await
+        let done = self.redis.finish_many(runs, now).await;
+        if let (Some(wake), Ok((_, fx))) = (&self.wake, &done) {
+            wake.note(fx);
+        }
+        done
     }
 }

@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 
 use crate::queue::DistributedQueue;
 use crate::store::DistributedStore;
+use crate::wake::{spawn_publisher, spawn_subscriber, Wake};
 
 /// Settings of the distributed shape.
 #[derive(Clone, Debug)]
@@ -91,6 +92,13 @@ pub struct Distributed {
     queue: Arc<DistributedQueue>,
     store: Arc<PostgresStore>,
     stop: Arc<Notify>,
+    subscriber: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Distributed {
+    fn drop(&mut self) {
+        self.subscriber.abort();
+    }
 }
 
 impl std::ops::Deref for Distributed {
@@ -132,6 +140,7 @@ impl Distributed {
     /// Stops the reconciler and the engine's timer service.
     pub async fn shutdown(&self) {
         self.stop.notify_one();
+        self.subscriber.abort();
         self.engine.shutdown().await;
     }
 }
@@ -144,6 +153,7 @@ pub async fn open(
     config: DistributedConfig,
 ) -> Result<Distributed, DistributedError> {
     let url = config.postgres.url.clone();
+    let redis_url = config.redis.url.clone();
     let store = Arc::new(PostgresStore::open(config.postgres).await?);
     let mut redis = RedisQueue::open(config.redis).await?;
     let mut run_store = DistributedStore::new(store.clone());
@@ -153,11 +163,16 @@ pub async fn open(
     }
     let redis = Arc::new(redis);
     redis.attach_store(store.clone());
-    let queue = Arc::new(DistributedQueue::new(
-        redis,
-        store.clone(),
-        config.mark_linger,
-    ));
+    let channel = format!("{}:wake", redis.key_base());
+    let client =
+        redis::Client::open(redis_url.as_str()).map_err(|e| RedisOpenError::Unreachable {
+            address: redis_url.clone(),
+            reason: e.to_string(),
+        })?;
+    let wake = Arc::new(Wake::default());
+    spawn_publisher(wake.clone(), client.clone(), channel.clone());
+    let queue =
+        Arc::new(DistributedQueue::new(redis, store.clone(), config.mark_linger).with_wake(wake));
     let engine = builder
         .open(queue.clone() as Arc<dyn QueueBackend>, Arc::new(run_store))
         .await?;
@@ -187,10 +202,12 @@ pub async fn open(
         }
     };
     spawn_reconciler(store.clone(), config.reconcile, now, enqueue, stop.clone());
+    let subscriber = spawn_subscriber(client, channel, engine.downgrade());
     Ok(Distributed {
         engine,
         queue,
         store,
         stop,
+        subscriber,
     })
 }
