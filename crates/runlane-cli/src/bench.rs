@@ -42,6 +42,12 @@ pub struct Common {
     /// Tasks triggering at once in `trigger_only` and `concurrent` (many request handlers of
     /// an application; a durable store group-commits what they send together).
     pub producers: u32,
+    /// Distributed: the Redis server (a fresh key prefix per bench run, deleted afterwards).
+    pub redis_url: String,
+    /// Distributed: the PostgreSQL server (a fresh schema per bench run, dropped afterwards).
+    pub database_url: String,
+    /// Distributed: the durability of the runs' writes (`Relaxed`: `synchronous_commit off`).
+    pub durability: runlane::Durability,
 }
 
 /// An engine under measurement, with what its backend needs to be measured and cleaned up.
@@ -55,6 +61,8 @@ pub struct Opened {
     _dir: Option<DataDir>,
     /// `none` (memory) or the SQLite `synchronous` setting.
     durability: &'static str,
+    /// Distributed: the shape's handle (its reconciler is stopped once the line is done).
+    distributed: Option<runlane::Distributed>,
 }
 
 impl Deref for Opened {
@@ -114,6 +122,31 @@ async fn open_embedded(common: &Common) -> anyhow::Result<Opened> {
         store: Some(store),
         _dir: Some(dir),
         durability: durability_name(common.synchronous),
+        distributed: None,
+    })
+}
+
+/// The distributed shape on the given servers, under a fresh key prefix and schema, both
+/// removed when the engine is dropped.
+async fn open_distributed(common: &Common) -> anyhow::Result<Opened> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let tag = format!("{}_{n}", std::process::id());
+    let mut config = runlane::DistributedConfig::new(&common.redis_url, &common.database_url);
+    config.redis.prefix = format!("rl:bench:{tag}");
+    config.postgres.schema = format!("rl_bench_{tag}");
+    config.postgres.durability = common.durability;
+    config.throwaway = true;
+    let distributed = runlane::distributed_with(EngineBuilder::new(), config).await?;
+    Ok(Opened {
+        engine: distributed.engine().clone(),
+        store: None,
+        _dir: None,
+        durability: match common.durability {
+            runlane::Durability::Strict => "strict",
+            runlane::Durability::Relaxed => "relaxed",
+        },
+        distributed: Some(distributed),
     })
 }
 
@@ -164,6 +197,25 @@ pub async fn finish(opened: Opened, mut line: Value) -> anyhow::Result<Value> {
             fields.insert("wal_file_bytes".into(), json!(file_len(&wal)));
         }
     }
+    if let (Some(d), Some(fields)) = (&opened.distributed, line.as_object_mut()) {
+        let store = d.store();
+        let sc = store
+            .synchronous_commit(store.durability(&runlane::core::EnvName::new("default")?))
+            .await?;
+        let stats = store.stats();
+        fields.insert("synchronous_commit".into(), json!(sc));
+        fields.insert(
+            "topology_servers".into(),
+            json!("redis+postgresql on loopback"),
+        );
+        fields.insert("store_commits".into(), json!(stats.commits));
+        fields.insert("store_calls".into(), json!(stats.calls_committed));
+        fields.insert("store_largest_batch".into(), json!(stats.largest_batch));
+        fields.insert("store_rows_inserted".into(), json!(stats.rows_inserted));
+        fields.insert("marked_in_queue".into(), json!(d.queue().marked()));
+        fields.insert("enqueues_deferred".into(), json!(d.queue().deferred()));
+        d.shutdown().await;
+    }
     opened.engine.shutdown().await;
     drop(opened);
     Ok(line)
@@ -176,9 +228,11 @@ async fn open(common: &Common) -> anyhow::Result<Opened> {
             store: None,
             _dir: None,
             durability: "none",
+            distributed: None,
         },
         "embedded" => open_embedded(common).await?,
-        other => bail!("unknown backend {other:?} (available: memory, embedded)"),
+        "distributed" => open_distributed(common).await?,
+        other => bail!("unknown backend {other:?} (available: memory, embedded, distributed)"),
     };
     // The bench measures the engine, not a limit: open the env wide.
     engine

@@ -59,6 +59,31 @@ struct BenchCommon {
     /// Throughput: tasks triggering at once (trigger_only and concurrent phases).
     #[arg(long, default_value_t = 1)]
     producers: u32,
+    /// Distributed backend: the Redis server.
+    #[arg(
+        long,
+        default_value = "redis://127.0.0.1:6379",
+        env = "RUNLANE_REDIS_URL"
+    )]
+    redis_url: String,
+    /// Distributed backend: the PostgreSQL server.
+    #[arg(
+        long,
+        default_value = "postgres://postgres@127.0.0.1:5432/test",
+        env = "RUNLANE_DATABASE_URL"
+    )]
+    database_url: String,
+    /// Distributed backend: `strict` (every commit durable on return) or `relaxed`
+    /// (`synchronous_commit off`).
+    #[arg(long, value_enum, default_value_t = DurabilityArg::Strict)]
+    durability: DurabilityArg,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+#[value(rename_all = "snake_case")]
+enum DurabilityArg {
+    Strict,
+    Relaxed,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -153,6 +178,12 @@ fn common(c: &BenchCommon, default_runs: u32) -> bench::Common {
             SyncArg::Normal => runlane::Synchronous::Normal,
         },
         producers: c.producers,
+        redis_url: c.redis_url.clone(),
+        database_url: c.database_url.clone(),
+        durability: match c.durability {
+            DurabilityArg::Strict => runlane::Durability::Strict,
+            DurabilityArg::Relaxed => runlane::Durability::Relaxed,
+        },
     }
 }
 

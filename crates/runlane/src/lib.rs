@@ -15,7 +15,12 @@
 //! ```
 
 pub use runlane_core as core;
+pub use runlane_distributed::{
+    Distributed, DistributedConfig, DistributedError, DistributedQueue, DistributedStore, Health,
+};
 pub use runlane_engine::*;
+pub use runlane_postgres::reconcile::ReconcileConfig;
+pub use runlane_postgres::DispatchState;
 pub use runlane_postgres::{
     Durability, PostgresConfig, PostgresError, PostgresStats, PostgresStore,
 };
@@ -47,6 +52,37 @@ pub enum OpenError {
     /// format, bad prefix).
     #[error(transparent)]
     Redis(#[from] RedisOpenError),
+}
+
+impl From<DistributedError> for OpenError {
+    fn from(e: DistributedError) -> Self {
+        match e {
+            DistributedError::Postgres(e) => OpenError::Postgres(e),
+            DistributedError::Redis(e) => OpenError::Redis(e),
+            DistributedError::Engine(e) => OpenError::Engine(e),
+        }
+    }
+}
+
+/// Opens the distributed shape (SPEC §7): queue state in Redis at `redis_url` (key prefix
+/// `runlane`), runs durable in PostgreSQL at `postgres_url` (schema `runlane`), kept
+/// consistent store first, queue second, with the reconciler running. Several processes may
+/// open the same pair.
+pub async fn distributed(redis_url: &str, postgres_url: &str) -> Result<Distributed, OpenError> {
+    distributed_with(
+        EngineBuilder::new(),
+        DistributedConfig::new(redis_url, postgres_url),
+    )
+    .await
+}
+
+/// Opens the distributed shape from a configured builder and its settings (prefix, schema,
+/// durability, reconciler).
+pub async fn distributed_with(
+    builder: EngineBuilder,
+    config: DistributedConfig,
+) -> Result<Distributed, OpenError> {
+    Ok(runlane_distributed::open(builder, config).await?)
 }
 
 /// Opens an engine with queue state and runs in memory (no durability; tests and demos).

@@ -1,0 +1,382 @@
+//! [`DistributedQueue`]: the Redis queue backend with the queue side of the store-first
+//! protocol (SPEC §7). Every call goes to [`RedisQueue`] unchanged except `enqueue`:
+//!
+//! - a run Redis accepted is marked `in_queue` in PostgreSQL lazily: its id joins a buffer
+//!   that a marker task writes with one `UPDATE … WHERE id = ANY(…)` per batch, off the
+//!   trigger's path;
+//! - a run Redis could not take because Redis is unavailable is already committed (the engine
+//!   inserts before it enqueues), so it is answered as placed and left `pending_enqueue` for
+//!   the reconciler. Refusals (queue full, unknown env or lane) still reach the engine, which
+//!   removes the run again.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use runlane_core::backend::{
+    CancelOutcome, ClaimRequest, ConsumerId, Dispatch, Effects, Enqueued, EnvUsage, LaneInfo,
+    LeaseState, Leased, LiveRun, Placement, QueueBackend, QueueInfo, RunRecord, Tick,
+};
+use runlane_core::chain::ClaimChain;
+use runlane_core::{
+    EnvName, EnvSettings, FencingToken, LaneName, QueueError, QueueName, QueueSettings, RunId,
+    Timestamp,
+};
+use runlane_postgres::PostgresStore;
+use runlane_redis::RedisQueue;
+use tokio::sync::Notify;
+
+use crate::wake::Wake;
+
+/// The most ids one `in_queue` update carries.
+const MARK_BATCH_MAX: usize = 5_000;
+
+/// Ids waiting to be marked `in_queue`.
+#[derive(Default)]
+struct Marks {
+    ids: Mutex<Vec<RunId>>,
+    wake: Notify,
+    closed: AtomicBool,
+    marked: AtomicU64,
+    deferred: AtomicU64,
+}
+
+impl Marks {
+    fn lock(&self) -> MutexGuard<'_, Vec<RunId>> {
+        self.ids.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, run: RunId) {
+        let first = {
+            let mut ids = self.lock();
+            ids.push(run);
+            ids.len() == 1
+        };
+        if first {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// The queue backend of the distributed shape (see the module docs).
+pub struct DistributedQueue {
+    redis: Arc<RedisQueue>,
+    marks: Arc<Marks>,
+    wake: Option<Arc<Wake>>,
+}
+
+impl Drop for DistributedQueue {
+    fn drop(&mut self) {
+        // The marker writes what is buffered, then ends.
+        self.marks.closed.store(true, Ordering::SeqCst);
+        self.marks.wake.notify_one();
+        if let Some(wake) = &self.wake {
+            wake.close();
+        }
+    }
+}
+
+impl DistributedQueue {
+    /// Wraps `redis` and starts the marker task that marks accepted runs `in_queue` in
+    /// `store`, waiting `linger` after the first id of a batch so that more can join it. Must
+    /// be called inside a tokio runtime.
+    pub fn new(redis: Arc<RedisQueue>, store: Arc<PostgresStore>, linger: Duration) -> Self {
+        let marks = Arc::new(Marks::default());
+        tokio::spawn(marker(marks.clone(), store, linger));
+        DistributedQueue {
+            redis,
+            marks,
+            wake: None,
+        }
+    }
+
+    /// Also publishes the lanes each call makes ready, for other processes' workers.
+    pub(crate) fn with_wake(mut self, wake: Arc<Wake>) -> Self {
+        self.wake = Some(wake);
+        self
+    }
+
+    /// Passes a call's effects on, noting its ready lanes for other processes.
+    fn rang(&self, effects: Result<Effects, QueueError>) -> Result<Effects, QueueError> {
+        if let (Some(wake), Ok(fx)) = (&self.wake, &effects) {
+            wake.note(fx);
+        }
+        effects
+    }
+
+    /// The Redis queue backend.
+    pub fn redis(&self) -> &Arc<RedisQueue> {
+        &self.redis
+    }
+
+    /// Runs marked `in_queue` by the marker task since open.
+    pub fn marked(&self) -> u64 {
+        self.marks.marked.load(Ordering::Relaxed)
+    }
+
+    /// Enqueues accepted after Redis failed: committed, left `pending_enqueue` for the
+    /// reconciler.
+    pub fn deferred(&self) -> u64 {
+        self.marks.deferred.load(Ordering::Relaxed)
+    }
+
+    /// The reconciler's enqueue: every run of `records` into Redis (idempotent by run id).
+    /// Answers the ids Redis now holds (the reconciler marks them `in_queue`) with the merged
+    /// effects, or Redis's error when it is unavailable (the rest waits for the next pass).
+    /// A run Redis refuses (queue full) stays pending and is tried again later.
+    pub async fn reconcile(
+        &self,
+        records: Vec<RunRecord>,
+        now: Timestamp,
+    ) -> (Result<Vec<RunId>, String>, Effects) {
+        let mut ids = Vec::with_capacity(records.len());
+        let mut effects = Effects::default();
+        for record in records {
+            let run = record.id;
+            if !LaneName::BUILT_IN.contains(&record.lane.as_str()) {
+                if let Err(e) = self.redis.add_lane(&record.lane).await {
+                    return (Err(e.to_string()), effects);
+                }
+            }
+            match self.redis.enqueue(record.dispatch(), false, now).await {
+                Ok(enqueued) => {
+                    if let Some(wake) = &self.wake {
+                        wake.note(&enqueued.effects);
+                    }
+                    effects.merge(enqueued.effects);
+                    ids.push(run);
+                }
+                Err(QueueError::Unavailable(e)) => {
+                    if ids.is_empty() {
+                        return (Err(e), effects);
+                    }
+                    break;
+                }
+                Err(e) => tracing::warn!(%run, error = %e, "reconciler enqueue refused"),
+            }
+        }
+        (Ok(ids), effects)
+    }
+}
+
+/// Marks buffered ids `in_queue`, a batch at a time, until the queue is dropped. A failed
+/// update leaves its rows `pending_enqueue`: the reconciler enqueues them again, which Redis
+/// answers idempotently, and marks them then.
+async fn marker(marks: Arc<Marks>, store: Arc<PostgresStore>, linger: Duration) {
+    loop {
+        if marks.lock().is_empty() {
+            if marks.closed.load(Ordering::SeqCst) {
+                return;
+            }
+            marks.wake.notified().await;
+            if !linger.is_zero() && !marks.closed.load(Ordering::SeqCst) {
+                tokio::time::sleep(linger).await;
+            }
+        }
+        let batch: Vec<RunId> = {
+            let mut ids = marks.lock();
+            let n = ids.len().min(MARK_BATCH_MAX);
+            ids.drain(..n).collect()
+        };
+        if batch.is_empty() {
+            continue;
+        }
+        match store.mark_in_queue(&batch).await {
+            Ok(n) => {
+                marks.marked.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!(runs = batch.len(), error = %e, "marking runs in_queue failed; the reconciler will");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl QueueBackend for DistributedQueue {
+    async fn put_env(
+        &self,
+        env: &EnvName,
+        settings: EnvSettings,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError> {
+        self.rang(self.redis.put_env(env, settings, now).await)
+    }
+    async fn put_queue(
+        &self,
+        env: &EnvName,
+        queue: &QueueName,
+        settings: QueueSettings,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError> {
+        self.rang(self.redis.put_queue(env, queue, settings, now).await)
+    }
+    async fn queue_settings(
+        &self,
+        env: &EnvName,
+        queue: &QueueName,
+    ) -> Result<QueueSettings, QueueError> {
+        self.redis.queue_settings(env, queue).await
+    }
+    async fn add_lane(&self, lane: &LaneName) -> Result<(), QueueError> {
+        self.redis.add_lane(lane).await
+    }
+    async fn has_lane(&self, lane: &LaneName) -> Result<bool, QueueError> {
+        self.redis.has_lane(lane).await
+    }
+    async fn lanes(&self, now: Timestamp) -> Result<Vec<LaneInfo>, QueueError> {
+        self.redis.lanes(now).await
+    }
+    async fn queues(&self, env: &EnvName) -> Result<Vec<QueueInfo>, QueueError> {
+        self.redis.queues(env).await
+    }
+    async fn env_usage(&self, env: &EnvName) -> Result<EnvUsage, QueueError> {
+        self.redis.env_usage(env).await
+    }
+    async fn enqueue(
+        &self,
+        dispatch: Dispatch,
+        sync: bool,
+        now: Timestamp,
+    ) -> Result<Enqueued, QueueError> {
+        let run = dispatch.run_id;
+        let due = dispatch.run_after;
+        match self.redis.enqueue(dispatch, sync, now).await {
+            Ok(enqueued) => {
+                self.marks.push(run);
+                if let Some(wake) = &self.wake {
+                    wake.note(&enqueued.effects);
+                }
+                Ok(enqueued)
+            }
+            Err(QueueError::Unavailable(e)) => {
+                // The run is committed `pending_enqueue`: accepted; the reconciler, armed by
+                // the oldest pending row, enqueues it once Redis answers again.
+                tracing::warn!(%run, error = %e, "redis enqueue failed after the commit; the reconciler will enqueue the run");
+                self.marks.deferred.fetch_add(1, Ordering::Relaxed);
+                let placement = if due > now {
+                    Placement::Delayed
+                } else {
+                    Placement::Queued
+                };
+                Ok(Enqueued {
+                    placement,
+                    effects: Effects::default(),
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+    async fn claim(
+        &self,
+        request: &ClaimRequest,
+        now: Timestamp,
+    ) -> Result<Vec<Leased>, QueueError> {
+        self.redis.claim(request, now).await
+    }
+    async fn heartbeat(
+        &self,
+        leases: &[(RunId, FencingToken)],
+        now: Timestamp,
+    ) -> Result<Vec<LeaseState>, QueueError> {
+        self.redis.heartbeat(leases, now).await
+    }
+    async fn check_lease(&self, run: RunId, token: FencingToken) -> Result<(), QueueError> {
+        self.redis.check_lease(run, token).await
+    }
+    async fn finish(
+        &self,
+        run: RunId,
+        token: FencingToken,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError> {
+        self.rang(self.redis.finish(run, token, now).await)
+    }
+    async fn retry(
+        &self,
+        run: RunId,
+        token: FencingToken,
+        run_after: Timestamp,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError> {
+        self.rang(self.redis.retry(run, token, run_after, now).await)
+    }
+    async fn release(
+        &self,
+        run: RunId,
+        token: FencingToken,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError> {
+        self.rang(self.redis.release(run, token, now).await)
+    }
+    async fn cancel(
+        &self,
+        run: RunId,
+        grace: Duration,
+        now: Timestamp,
+    ) -> Result<CancelOutcome, QueueError> {
+        let outcome = self.redis.cancel(run, grace, now).await;
+        if let (Some(wake), Ok(CancelOutcome::Removed { effects, .. })) = (&self.wake, &outcome) {
+            wake.note(effects);
+        }
+        outcome
+    }
+    async fn reschedule(
+        &self,
+        run: RunId,
+        run_after: Timestamp,
+        ttl_deadline: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError> {
+        self.rang(
+            self.redis
+                .reschedule(run, run_after, ttl_deadline, now)
+                .await,
+        )
+    }
+    async fn tick(&self, now: Timestamp) -> Result<Tick, QueueError> {
+        let tick = self.redis.tick(now).await;
+        if let (Some(wake), Ok(t)) = (&self.wake, &tick) {
+            wake.note(&t.effects);
+        }
+        tick
+    }
+    async fn next_deadline(&self) -> Result<Option<Timestamp>, QueueError> {
+        self.redis.next_deadline().await
+    }
+    async fn live(&self, run: RunId) -> Result<Option<LiveRun>, QueueError> {
+        self.redis.live(run).await
+    }
+    async fn snapshot(&self) -> Result<Vec<LiveRun>, QueueError> {
+        self.redis.snapshot().await
+    }
+    async fn register_consumer(
+        &self,
+        chain: &ClaimChain,
+        now: Timestamp,
+    ) -> Result<ConsumerId, QueueError> {
+        self.redis.register_consumer(chain, now).await
+    }
+    async fn unregister_consumer(
+        &self,
+        id: ConsumerId,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError> {
+        self.rang(self.redis.unregister_consumer(id, now).await)
+    }
+    fn claims_in_process(&self) -> bool {
+        self.redis.claims_in_process()
+    }
+    async fn finish_many(
+        &self,
+        runs: &[(RunId, FencingToken)],
+        now: Timestamp,
+    ) -> Result<(Vec<Result<(), QueueError>>, Effects), QueueError> {
+        let done = self.redis.finish_many(runs, now).await;
+        if let (Some(wake), Ok((_, fx))) = (&self.wake, &done) {
+            wake.note(fx);
+        }
+        done
+    }
+}

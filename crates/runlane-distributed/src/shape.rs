@@ -1,0 +1,213 @@
+//! Opening the distributed shape: the PostgreSQL run store, the Redis queue attached to it
+//! (a lost key space is rebuilt from PostgreSQL), the engine over both, and the reconciler
+//! task; plus [`Health`], whether each side answers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use runlane_core::backend::QueueBackend;
+use runlane_core::Timestamp;
+use runlane_engine::{Engine, EngineBuilder, EngineError};
+use runlane_postgres::reconcile::{spawn_reconciler, ReconcileConfig};
+use runlane_postgres::{PostgresConfig, PostgresError, PostgresStore};
+use runlane_redis::{RedisConfig, RedisHealth, RedisOpenError, RedisQueue};
+use tokio::sync::Notify;
+
+use crate::queue::DistributedQueue;
+use crate::store::DistributedStore;
+use crate::wake::{spawn_publisher, spawn_subscriber, Wake};
+
+/// Settings of the distributed shape.
+#[derive(Clone, Debug)]
+pub struct DistributedConfig {
+    /// The Redis queue backend (URL, key prefix).
+    pub redis: RedisConfig,
+    /// The PostgreSQL run store (URL, schema, durability, writers).
+    pub postgres: PostgresConfig,
+    /// The reconciler (grace period of a pending row, page size, retry delay).
+    pub reconcile: ReconcileConfig,
+    /// How long the marker waits after the first accepted run of a batch before it marks
+    /// the batch `in_queue` (more runs join the same update).
+    pub mark_linger: Duration,
+    /// Deletes the prefix's Redis keys and drops the PostgreSQL schema when the engine is
+    /// dropped (tests and benchmarks with a throwaway prefix and schema; default false).
+    pub throwaway: bool,
+}
+
+impl DistributedConfig {
+    /// Defaults for the servers at `redis_url` and `postgres_url` (prefix and schema
+    /// `runlane`).
+    pub fn new(redis_url: impl Into<String>, postgres_url: impl Into<String>) -> Self {
+        DistributedConfig {
+            redis: RedisConfig::new(redis_url),
+            postgres: PostgresConfig::new(postgres_url),
+            reconcile: ReconcileConfig::default(),
+            mark_linger: Duration::from_millis(10),
+            throwaway: false,
+        }
+    }
+}
+
+/// Why the distributed shape could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DistributedError {
+    /// The PostgreSQL run store could not be opened (unreachable server, newer schema).
+    #[error(transparent)]
+    Postgres(#[from] PostgresError),
+    /// The Redis queue backend could not be opened (unreachable server, foreign format).
+    #[error(transparent)]
+    Redis(#[from] RedisOpenError),
+    /// The engine refused to start.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// Whether each side of the distributed shape answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Health {
+    /// Redis answered a call just now.
+    pub redis: bool,
+    /// Why it did not, when it did not.
+    pub redis_error: Option<String>,
+    /// The Redis backend's own view (connection state, rebuilds since open).
+    pub redis_backend: RedisHealth,
+    /// PostgreSQL answered a query just now.
+    pub postgres: bool,
+    /// Why it did not, when it did not.
+    pub postgres_error: Option<String>,
+}
+
+impl Health {
+    /// Both sides answer.
+    pub fn ok(&self) -> bool {
+        self.redis && self.postgres
+    }
+}
+
+/// An engine of the distributed shape. Dereferences to its [`Engine`]; also answers
+/// [`Distributed::health`] and owns the reconciler, stopped by [`Distributed::shutdown`] (or
+/// once the engine is dropped).
+pub struct Distributed {
+    engine: Engine,
+    queue: Arc<DistributedQueue>,
+    store: Arc<PostgresStore>,
+    stop: Arc<Notify>,
+    subscriber: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Distributed {
+    fn drop(&mut self) {
+        self.subscriber.abort();
+    }
+}
+
+impl std::ops::Deref for Distributed {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        &self.engine
+    }
+}
+
+impl Distributed {
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The queue backend (Redis, with the queue side of the protocol).
+    pub fn queue(&self) -> &Arc<DistributedQueue> {
+        &self.queue
+    }
+
+    /// The PostgreSQL run store.
+    pub fn store(&self) -> &Arc<PostgresStore> {
+        &self.store
+    }
+
+    /// Asks each side for an answer now.
+    pub async fn health(&self) -> Health {
+        let redis = self.queue.redis().next_deadline().await;
+        let postgres = self.store.ping().await;
+        Health {
+            redis: redis.is_ok(),
+            redis_error: redis.err().map(|e| e.to_string()),
+            redis_backend: self.queue.redis().health(),
+            postgres: postgres.is_ok(),
+            postgres_error: postgres.err().map(|e| e.to_string()),
+        }
+    }
+
+    /// Stops the reconciler and the engine's timer service.
+    pub async fn shutdown(&self) {
+        self.stop.notify_one();
+        self.subscriber.abort();
+        self.engine.shutdown().await;
+    }
+}
+
+/// Opens the distributed shape: connects to PostgreSQL (migrating the schema) and Redis,
+/// opens the engine over them (recovering what Redis lost from PostgreSQL) and starts the
+/// reconciler, which makes one pass at once.
+pub async fn open(
+    builder: EngineBuilder,
+    config: DistributedConfig,
+) -> Result<Distributed, DistributedError> {
+    let url = config.postgres.url.clone();
+    let redis_url = config.redis.url.clone();
+    let store = Arc::new(PostgresStore::open(config.postgres).await?);
+    let mut redis = RedisQueue::open(config.redis).await?;
+    let mut run_store = DistributedStore::new(store.clone());
+    if config.throwaway {
+        redis = redis.delete_keys_on_drop();
+        run_store = run_store.drop_schema_on_drop(url);
+    }
+    let redis = Arc::new(redis);
+    redis.attach_store(store.clone());
+    let channel = format!("{}:wake", redis.key_base());
+    let client =
+        redis::Client::open(redis_url.as_str()).map_err(|e| RedisOpenError::Unreachable {
+            address: redis_url.clone(),
+            reason: e.to_string(),
+        })?;
+    let wake = Arc::new(Wake::default());
+    spawn_publisher(wake.clone(), client.clone(), channel.clone());
+    let queue =
+        Arc::new(DistributedQueue::new(redis, store.clone(), config.mark_linger).with_wake(wake));
+    let engine = builder
+        .open(queue.clone() as Arc<dyn QueueBackend>, Arc::new(run_store))
+        .await?;
+    let stop = Arc::new(Notify::new());
+    let now = {
+        let weak = engine.downgrade();
+        move || weak.upgrade().map_or(Timestamp::ZERO, |e| e.now())
+    };
+    let enqueue = {
+        let weak = engine.downgrade();
+        let queue = Arc::downgrade(&queue);
+        let stop = stop.clone();
+        move |records| {
+            let engine = weak.upgrade();
+            let queue = queue.upgrade();
+            let stop = stop.clone();
+            async move {
+                let (Some(engine), Some(queue)) = (engine, queue) else {
+                    // The engine is gone: end the reconciler.
+                    stop.notify_one();
+                    return Err("the engine is gone".to_string());
+                };
+                let (confirmed, effects) = queue.reconcile(records, engine.now()).await;
+                engine.apply_effects(effects).await;
+                confirmed
+            }
+        }
+    };
+    spawn_reconciler(store.clone(), config.reconcile, now, enqueue, stop.clone());
+    let subscriber = spawn_subscriber(client, channel, engine.downgrade());
+    Ok(Distributed {
+        engine,
+        queue,
+        store,
+        stop,
+        subscriber,
+    })
+}

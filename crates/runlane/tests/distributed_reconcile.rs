@@ -1,0 +1,219 @@
+//! The store-first protocol when Redis fails after the commit (SPEC §7): triggers made while
+//! Redis is unreachable (a cuttable TCP proxy in front of the Redis server) are still accepted,
+//! stay `pending_enqueue` in PostgreSQL, and the reconciler enqueues them once Redis answers
+//! again. Nothing is lost and nothing runs twice. Redis (`RUNLANE_REDIS_URL`) and PostgreSQL
+//! (`RUNLANE_DATABASE_URL`) are required: a missing server fails the test.
+
+mod redis_support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use runlane::core::{RunId, RunStatus};
+use runlane::{
+    DistributedConfig, EngineBuilder, HandlerError, ReconcileConfig, RunContext, WaitOutcome,
+};
+use serde_json::Value;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+fn database_url() -> String {
+    std::env::var("RUNLANE_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// `host:port` of the Redis URL (`redis://host:port[/db]`).
+fn redis_address() -> String {
+    let url = redis_support::url();
+    let rest = url.trim_start_matches("redis://");
+    let rest = rest.rsplit('@').next().unwrap_or(rest);
+    rest.split('/').next().unwrap_or(rest).to_string()
+}
+
+/// A loopback TCP proxy to the Redis server that can be cut: while cut, every open
+/// connection is closed and new ones are refused, as if Redis were unreachable.
+struct Proxy {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    cut_now: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(upstream: String) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let cut_now = Arc::new(Notify::new());
+        let task = {
+            let (cut, cut_now) = (cut.clone(), cut_now.clone());
+            tokio::spawn(async move {
+                let mut links = JoinSet::new();
+                loop {
+                    tokio::select! {
+                        accepted = listener.accept() => {
+                            let Ok((mut client, _)) = accepted else { continue };
+                            if cut.load(Ordering::SeqCst) {
+                                drop(client);
+                                continue;
+                            }
+                            let upstream = upstream.clone();
+                            links.spawn(async move {
+                                if let Ok(mut server) = TcpStream::connect(&upstream).await {
+                                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                                }
+                            });
+                        }
+                        _ = cut_now.notified() => links.abort_all(),
+                        Some(_) = links.join_next(), if !links.is_empty() => {}
+                    }
+                }
+            })
+        };
+        Proxy {
+            port,
+            cut,
+            cut_now,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        self.cut_now.notify_one();
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_failure_after_commit_is_reconciled_nothing_lost_nothing_twice() {
+    let proxy = Proxy::start(redis_address()).await;
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut config = DistributedConfig::new(proxy.url(), database_url());
+    config.redis.prefix = redis_support::fresh_prefix("recon");
+    config.redis.response_timeout = Duration::from_millis(500);
+    config.postgres.schema = format!("rlt_recon_{}_{n}", std::process::id());
+    config.postgres.pool_size = 4;
+    config.reconcile = ReconcileConfig {
+        grace: Duration::from_millis(300),
+        batch: 2,
+        retry_after: Duration::from_millis(100),
+    };
+    config.throwaway = true;
+    let engine = match runlane::distributed_with(EngineBuilder::new(), config).await {
+        Ok(engine) => engine,
+        Err(e) => panic!("redis and postgresql are required: {e}"),
+    };
+    assert!(engine.health().await.ok(), "both sides answer at start");
+
+    let runs: Arc<Mutex<HashMap<RunId, u32>>> = Arc::default();
+    let worker = {
+        let runs = runs.clone();
+        engine
+            .worker()
+            .handler("job", move |ctx: RunContext| {
+                let runs = runs.clone();
+                async move {
+                    *runs
+                        .lock()
+                        .map_err(|_| HandlerError::new("poisoned"))?
+                        .entry(ctx.run_id())
+                        .or_insert(0) += 1;
+                    Ok::<Value, HandlerError>(Value::Null)
+                }
+            })
+            .start()
+            .await
+            .expect("worker")
+    };
+
+    // With Redis up: the ordinary path.
+    let mut before = Vec::new();
+    for _ in 0..3 {
+        before.push(engine.trigger("job").send().await.expect("trigger").run.id);
+    }
+    for run in &before {
+        assert_completed(&engine, *run).await;
+    }
+
+    // Redis unreachable: the commit succeeds, the enqueue fails, the trigger still accepts.
+    proxy.cut();
+    let mut during = Vec::new();
+    for _ in 0..5 {
+        let triggered = engine
+            .trigger("job")
+            .send()
+            .await
+            .expect("a committed run is accepted though redis failed");
+        during.push(triggered.run.id);
+    }
+    assert_eq!(engine.queue().deferred(), 5, "five enqueues were deferred");
+    for run in &during {
+        assert_eq!(
+            engine.store().dispatch_state(*run).await.expect("read"),
+            Some(runlane::DispatchState::PendingEnqueue),
+            "a deferred run stays pending_enqueue"
+        );
+    }
+    let health = engine.health().await;
+    assert!(
+        !health.redis && health.postgres,
+        "health names redis: {health:?}"
+    );
+
+    // Redis back: the reconciler (armed by the oldest pending row) enqueues them.
+    proxy.restore();
+    for run in &during {
+        assert_completed(&engine, *run).await;
+    }
+    for run in &during {
+        assert_eq!(
+            engine.store().dispatch_state(*run).await.expect("read"),
+            Some(runlane::DispatchState::InQueue),
+        );
+    }
+    let executed = runs.lock().expect("lock").clone();
+    for run in before.iter().chain(&during) {
+        assert_eq!(
+            executed.get(run),
+            Some(&1),
+            "run {run} executed exactly once"
+        );
+    }
+    assert_eq!(executed.len(), 8, "no other run executed");
+    assert!(engine.health().await.ok(), "both sides answer again");
+    worker.stop().await;
+    engine.shutdown().await;
+}
+
+async fn assert_completed(engine: &runlane::Distributed, run: RunId) {
+    match engine
+        .wait(run, Duration::from_secs(60))
+        .await
+        .expect("wait")
+    {
+        WaitOutcome::Finished(record) => {
+            assert_eq!(record.status, RunStatus::Completed, "run {run}");
+            assert_eq!(record.attempts.len(), 1, "run {run} had one attempt");
+        }
+        WaitOutcome::Pending { status, .. } => panic!("run {run} still {status:?}"),
+    }
+}
