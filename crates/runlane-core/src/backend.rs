@@ -494,6 +494,40 @@ pub struct RunRecord {
 }
 
 impl RunRecord {
+    /// A plain run waiting in the queue named after its task: first attempt, default lane, no
+    /// key, priority, delay, TTL, idempotency key or time limit, default retry policy, created
+    /// and due at `now`. Stores' tests and benches build on it with struct update syntax.
+    pub fn queued(id: RunId, env: EnvName, task: TaskName, payload: &str, now: Timestamp) -> Self {
+        RunRecord {
+            id,
+            env,
+            queue: QueueName::from(&task),
+            task,
+            version: 0,
+            locked: false,
+            payload: Arc::from(payload),
+            key: Arc::from(""),
+            lane: LaneName::default_lane(),
+            priority: Duration::ZERO,
+            run_after: now,
+            ttl: None,
+            ttl_deadline: None,
+            idempotency_key: None,
+            retry: RetryPolicy::default(),
+            max_duration: None,
+            attempt: 1,
+            status: RunStatus::Queued,
+            output: None,
+            error: None,
+            attempts: Vec::new(),
+            created_at: now,
+            finished_at: None,
+            started_at: None,
+            source: TriggerSource::Standard,
+            retry_of: None,
+        }
+    }
+
     /// The dispatch facts of its current attempt.
     pub fn dispatch(&self) -> Dispatch {
         Dispatch {

@@ -125,6 +125,13 @@ pub fn check_concurrency_key(key: &str) -> Result<(), InvalidInput> {
     Ok(())
 }
 
+/// A task's default queue has the task's name: both accept the same characters and length.
+impl From<&TaskName> for QueueName {
+    fn from(task: &TaskName) -> Self {
+        QueueName(Arc::clone(&task.0))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,43 +11,20 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use runlane_core::backend::{RunRecord, RunStore};
-use runlane_core::{
-    EnvName, LaneName, QueueName, RetryPolicy, RunId, RunStatus, TaskName, Timestamp, TriggerSource,
-};
+use runlane_core::{EnvName, RunId, RunStatus, TaskName, Timestamp};
 use runlane_postgres::{admin, Durability, PostgresConfig, PostgresStore};
 
 fn record(n: u64, now: Timestamp) -> RunRecord {
-    RunRecord {
-        id: RunId((u128::from(now.0) << 80) | u128::from(n)),
-        env: EnvName::new("bench").expect("env"),
-        task: TaskName::new("noop").expect("task"),
-        version: 0,
-        locked: false,
-        payload: Arc::from(r#"{"n":1}"#),
-        queue: QueueName::new("noop").expect("queue"),
-        key: Arc::from(""),
-        lane: LaneName::default_lane(),
-        priority: Duration::ZERO,
-        run_after: now,
-        ttl: None,
-        ttl_deadline: None,
-        idempotency_key: None,
-        retry: RetryPolicy::default(),
-        max_duration: None,
-        attempt: 1,
-        status: RunStatus::Queued,
-        output: None,
-        error: None,
-        attempts: Vec::new(),
-        created_at: now,
-        finished_at: None,
-        started_at: None,
-        source: TriggerSource::Standard,
-        retry_of: None,
-    }
+    RunRecord::queued(
+        RunId((u128::from(now.0) << 80) | u128::from(n)),
+        EnvName::new("bench").expect("env"),
+        TaskName::new("noop").expect("task"),
+        r#"{"n":1}"#,
+        now,
+    )
 }
 
 fn now() -> Timestamp {

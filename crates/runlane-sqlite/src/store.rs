@@ -368,38 +368,16 @@ impl RunStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use runlane_core::{LaneName, QueueName, RetryPolicy, TaskName, TriggerSource};
-    use std::time::Duration;
+    use runlane_core::TaskName;
 
     fn record(n: u128) -> RunRecord {
-        RunRecord {
-            id: RunId((1_000u128 << 80) | n),
-            env: EnvName::new("prod").expect("env"),
-            task: TaskName::new("email").expect("task"),
-            version: 0,
-            locked: false,
-            payload: Arc::from("{}"),
-            queue: QueueName::new("email").expect("queue"),
-            key: Arc::from(""),
-            lane: LaneName::default_lane(),
-            priority: Duration::ZERO,
-            run_after: Timestamp(1_000),
-            ttl: None,
-            ttl_deadline: None,
-            idempotency_key: None,
-            retry: RetryPolicy::default(),
-            max_duration: None,
-            attempt: 1,
-            status: RunStatus::Queued,
-            output: None,
-            error: None,
-            attempts: Vec::new(),
-            created_at: Timestamp(1_000),
-            finished_at: None,
-            started_at: None,
-            source: TriggerSource::Standard,
-            retry_of: None,
-        }
+        RunRecord::queued(
+            RunId((1_000u128 << 80) | n),
+            EnvName::new("prod").expect("env"),
+            TaskName::new("email").expect("task"),
+            "{}",
+            Timestamp(1_000),
+        )
     }
 
     #[tokio::test]

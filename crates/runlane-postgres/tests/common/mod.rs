@@ -4,13 +4,9 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
 
 use runlane_core::backend::RunRecord;
-use runlane_core::{
-    EnvName, LaneName, QueueName, RetryPolicy, RunId, RunStatus, TaskName, Timestamp, TriggerSource,
-};
+use runlane_core::{EnvName, RunId, TaskName, Timestamp};
 use runlane_postgres::{admin, PostgresConfig, PostgresStore};
 
 /// The server the tests use (`RUNLANE_DATABASE_URL`, default the local trust-auth server).
@@ -76,32 +72,11 @@ pub async fn finish(store: PostgresStore) {
 
 /// A queued run `n` of env `prod`, task `email`.
 pub fn record(n: u128) -> RunRecord {
-    RunRecord {
-        id: RunId((1_000u128 << 80) | n),
-        env: EnvName::new("prod").expect("env"),
-        task: TaskName::new("email").expect("task"),
-        version: 0,
-        locked: false,
-        payload: Arc::from(r#"{"to": "a@example.com"}"#),
-        queue: QueueName::new("email").expect("queue"),
-        key: Arc::from(""),
-        lane: LaneName::default_lane(),
-        priority: Duration::ZERO,
-        run_after: Timestamp(1_000),
-        ttl: None,
-        ttl_deadline: None,
-        idempotency_key: None,
-        retry: RetryPolicy::default(),
-        max_duration: None,
-        attempt: 1,
-        status: RunStatus::Queued,
-        output: None,
-        error: None,
-        attempts: Vec::new(),
-        created_at: Timestamp(1_000),
-        finished_at: None,
-        started_at: None,
-        source: TriggerSource::Standard,
-        retry_of: None,
-    }
+    RunRecord::queued(
+        RunId((1_000u128 << 80) | n),
+        EnvName::new("prod").expect("env"),
+        TaskName::new("email").expect("task"),
+        r#"{"to": "a@example.com"}"#,
+        Timestamp(1_000),
+    )
 }
