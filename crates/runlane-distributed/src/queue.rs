@@ -29,6 +29,13 @@ use tokio::sync::Notify;
 
 use crate::wake::Wake;
 
+/// The environment variable naming a crash point (tests of the store-first protocol).
+pub const FAILPOINT_VAR: &str = "RUNLANE_FAILPOINT";
+
+/// The crash point between the PostgreSQL commit of a trigger and its Redis enqueue: with
+/// `RUNLANE_FAILPOINT=after_commit_before_enqueue` the process aborts there.
+pub const AFTER_COMMIT_BEFORE_ENQUEUE: &str = "after_commit_before_enqueue";
+
 /// The most ids one `in_queue` update carries.
 const MARK_BATCH_MAX: usize = 5_000;
 
@@ -64,6 +71,8 @@ pub struct DistributedQueue {
     redis: Arc<RedisQueue>,
     marks: Arc<Marks>,
     wake: Option<Arc<Wake>>,
+    /// Read once at construction: `RUNLANE_FAILPOINT`.
+    failpoint: Option<String>,
 }
 
 impl Drop for DistributedQueue {
@@ -88,6 +97,7 @@ impl DistributedQueue {
             redis,
             marks,
             wake: None,
+            failpoint: std::env::var(FAILPOINT_VAR).ok(),
         }
     }
 
@@ -242,6 +252,13 @@ impl QueueBackend for DistributedQueue {
     ) -> Result<Enqueued, QueueError> {
         let run = dispatch.run_id;
         let due = dispatch.run_after;
+        if self.failpoint.as_deref() == Some(AFTER_COMMIT_BEFORE_ENQUEUE) {
+            // The engine committed the run; the process dies before Redis hears of it.
+            eprintln!(
+                "failpoint {AFTER_COMMIT_BEFORE_ENQUEUE}: aborting before run {run} is enqueued"
+            );
+            std::process::abort();
+        }
         match self.redis.enqueue(dispatch, sync, now).await {
             Ok(enqueued) => {
                 self.marks.push(run);
