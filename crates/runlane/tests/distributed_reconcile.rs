@@ -91,7 +91,7 @@ async fn redis_failure_after_commit_is_reconciled_nothing_lost_nothing_twice() {
     // Redis unreachable: the commit succeeds, the enqueue fails, the trigger still accepts.
     proxy.cut();
     let mut during = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..3 {
         let triggered = engine
             .trigger("job")
             .send()
@@ -99,7 +99,7 @@ async fn redis_failure_after_commit_is_reconciled_nothing_lost_nothing_twice() {
             .expect("a committed run is accepted though redis failed");
         during.push(triggered.run.id);
     }
-    assert_eq!(engine.queue().deferred(), 5, "five enqueues were deferred");
+    assert_eq!(engine.queue().deferred(), 3, "three enqueues were deferred");
     for run in &during {
         assert_eq!(
             engine.store().dispatch_state(*run).await.expect("read"),
@@ -132,7 +132,7 @@ async fn redis_failure_after_commit_is_reconciled_nothing_lost_nothing_twice() {
             "run {run} executed exactly once"
         );
     }
-    assert_eq!(executed.len(), 8, "no other run executed");
+    assert_eq!(executed.len(), 6, "no other run executed");
     assert!(engine.health().await.ok(), "both sides answer again");
     worker.stop().await;
     engine.shutdown().await;
