@@ -15,8 +15,12 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 QUEUE = "crates/runlane-memory/src/queue.rs"
 ENGINE = "crates/runlane-engine/src/engine.rs"
+LUA = "crates/runlane-redis/src/dispatch.lua"
 
 CONFORMANCE = ["cargo", "test", "-q", "-p", "runlane", "--test", "conformance_memory", "--"]
+# The Redis mutants (R*) run the same scenarios against the Redis backend (needs a Redis server:
+# RUNLANE_REDIS_URL, default redis://127.0.0.1:6379).
+CONFORMANCE_REDIS = ["cargo", "test", "-q", "-p", "runlane", "--test", "conformance_redis_memory", "--"]
 PROPTEST = ["cargo", "test", "-q", "-p", "runlane-conformance", "--test", "model_vs_memory",
             "model_and_memory_backend_agree_after_every_step"]
 
@@ -84,6 +88,55 @@ MUTANTS = [
              "            for qname in env.backlog_queues.iter().filter(|q| self.only_queue.as_ref().is_none_or(|o| o == *q)) {\n"),
         ],
         "tests": [CONFORMANCE + ["lim_07"], CONFORMANCE + ["fair_01"], PROPTEST],
+    },
+    # The same bugs planted in the Redis dispatch script.
+    {
+        "id": "R1",
+        "bug": "no promotion on ack (Redis)",
+        "file": LUA,
+        "old": "  end_lease(id, r)\n  del_run(id)\n  admit_env(r[F_ENV])",
+        "new": "  end_lease(id, r)\n  del_run(id)",
+        "tests": [CONFORMANCE_REDIS + ["lim_07"], CONFORMANCE_REDIS + ["lim_06"]],
+    },
+    {
+        "id": "R2",
+        "bug": "env limit off by one (Redis)",
+        "file": LUA,
+        "old": "  elseif num(E[4]) >= tonumber(E[2]) then",
+        "new": "  elseif num(E[4]) > tonumber(E[2]) then",
+        "tests": [CONFORMANCE_REDIS + ["lim_01"]],
+    },
+    {
+        "id": "R3",
+        "bug": "fencing check skipped (Redis)",
+        "file": LUA,
+        "old": "if r[F_PLACE] == 'l' and r[F_TOKEN] == token and (allow_lapsed or not r[F_LAPSED]) then",
+        "new": "if r[F_PLACE] == 'l' and (allow_lapsed or not r[F_LAPSED]) then",
+        "tests": [CONFORMANCE_REDIS + ["life_07"]],
+    },
+    {
+        "id": "R4",
+        "bug": "fast path ignoring due backlog (Redis)",
+        "file": LUA,
+        "old": "fast_path_on and backlog == 0 and",
+        "new": "fast_path_on and",
+        "tests": [CONFORMANCE_REDIS + ["fp_03"]],
+    },
+    {
+        "id": "R5",
+        "bug": "TTL expiry not releasing the slot (Redis)",
+        "file": LUA,
+        "old": "    if r then\n      unplace_waiting(id, r)\n      del_run(id)",
+        "new": "    if r then\n      local was = r[F_PLACE]\n      unplace_waiting(id, r)\n      if was == 'r' then take_slots(r) end\n      del_run(id)",
+        "tests": [CONFORMANCE_REDIS + ["ttl_03"]],
+    },
+    {
+        "id": "R6",
+        "bug": "a claimed run keeps its TTL deadline (Redis)",
+        "file": LUA,
+        "old": "    if r[F_TTL] and not was_leased then redis.call('ZREM', K_TTL, id) end\n",
+        "new": "",
+        "tests": [CONFORMANCE_REDIS + ["ttl_04"]],
     },
 ]
 

@@ -1,6 +1,7 @@
 //! The `runlane` command line. It parses arguments and calls the library; nothing else.
 
 mod bench;
+mod footprint;
 mod progress;
 mod quickstart;
 
@@ -121,6 +122,18 @@ enum BenchScenario {
         #[arg(long, default_value_t = 2)]
         gap_ms: u64,
     },
+    /// Redis memory per pending run (SPEC §6), on a private redis-server.
+    Footprint {
+        /// Backend to measure (`redis`).
+        #[arg(long, default_value = "redis")]
+        backend: String,
+        /// Which load mix.
+        #[arg(long, value_enum, default_value_t = MixArg::Reference)]
+        mix: MixArg,
+        /// Pending runs loaded per mix.
+        #[arg(long, default_value_t = 100_000)]
+        runs: u64,
+    },
     /// No-op runs per second.
     Throughput {
         #[command(flatten)]
@@ -132,6 +145,18 @@ enum BenchScenario {
         #[arg(long, default_value_t = 1)]
         batch: u32,
     },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum MixArg {
+    #[value(name = "reference")]
+    Reference,
+    #[value(name = "delayed_prioritized")]
+    DelayedPrioritized,
+    #[value(name = "10k_queues")]
+    TenKQueues,
+    #[value(name = "all")]
+    All,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -211,6 +236,21 @@ fn main() -> anyhow::Result<()> {
                     }
                     BenchScenario::Fairness { common: c, gap_ms } => {
                         bench::fairness(&common(&c, 300), Duration::from_millis(gap_ms)).await?
+                    }
+                    BenchScenario::Footprint { backend, mix, runs } => {
+                        use footprint::Mix;
+                        let mixes: Vec<Mix> = match mix {
+                            MixArg::Reference => vec![Mix::Reference],
+                            MixArg::DelayedPrioritized => vec![Mix::DelayedPrioritized],
+                            MixArg::TenKQueues => vec![Mix::TenKQueues],
+                            MixArg::All => {
+                                vec![Mix::Reference, Mix::DelayedPrioritized, Mix::TenKQueues]
+                            }
+                        };
+                        for line in footprint::footprint(&backend, &mixes, runs).await? {
+                            println!("{line}");
+                        }
+                        return Ok(());
                     }
                 };
                 println!("{line}");

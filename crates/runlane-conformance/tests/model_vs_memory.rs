@@ -1506,6 +1506,42 @@ fn model_and_memory_backend_agree_after_every_step() {
     );
 }
 
+/// The same property against the Redis backend (`runlane-redis`) on the server at
+/// `RUNLANE_REDIS_URL` (default `redis://127.0.0.1:6379`), one fresh key prefix per case, deleted
+/// when the case ends. 100 cases by default (each step also compares a full snapshot, which costs
+/// a round of Redis reads); `RUNLANE_PROPTEST_CASES` overrides it.
+#[test]
+fn model_and_redis_backend_agree_after_every_step() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    // The connection's driver task lives on this runtime for the whole test, while each case
+    // drives the backend from its own runtime.
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let rt = RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("redis driver runtime")
+    });
+    let url =
+        std::env::var("RUNLANE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string());
+    check_against(
+        || {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let mut config = runlane_redis::RedisConfig::new(url.clone())
+                .with_prefix(format!("rl:test:prop:{}:{n}", std::process::id()));
+            config.ready_timeout = READY_TIMEOUT;
+            config.response_timeout = Duration::from_secs(5);
+            rt.block_on(runlane_redis::RedisQueue::open(config))
+                .expect("redis must be reachable (set RUNLANE_REDIS_URL)")
+                .delete_keys_on_drop()
+        },
+        100,
+    );
+}
+
 /// The model against itself: the comparison is trivial, so this checks that the model keeps
 /// every invariant on its own (it stays meaningful whatever state the backend is in).
 #[test]

@@ -8,6 +8,7 @@
 pub mod admission;
 pub mod backend;
 pub mod chain;
+pub mod columns;
 pub mod error;
 pub mod id;
 pub mod lane;

@@ -3,7 +3,7 @@
 //! Prints one JSON line with the settings and the result.
 //!
 //! ```text
-//! cargo run --release -p runlane-postgres --example store_bench -- <callers> <runs> <strict|relaxed>
+//! cargo run --release -p runlane-postgres --example store_bench -- <callers> <runs> <strict|relaxed> [writers]
 //! ```
 //!
 //! The server is `RUNLANE_DATABASE_URL` (default the local one); a fresh schema is made and
@@ -62,7 +62,7 @@ fn now() -> Timestamp {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: store_bench <callers> <runs> <strict|relaxed>";
+    let usage = "usage: store_bench <callers> <runs> <strict|relaxed> [writers]";
     let callers: u64 = args.first().ok_or(usage)?.parse()?;
     let runs: u64 = args.get(1).ok_or(usage)?.parse()?;
     let durability = match args.get(2).map(String::as_str) {
@@ -75,6 +75,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = PostgresConfig::new(url.clone());
     config.schema = format!("rlb_store_bench_{}", std::process::id());
     config.durability = durability;
+    if let Some(writers) = args.get(3) {
+        config.writers = writers.parse()?;
+        config.pool_size = config.pool_size.max(config.writers as u32 + 2);
+    }
     let store = Arc::new(PostgresStore::open(config.clone()).await?);
 
     let next = Arc::new(AtomicU64::new(0));

@@ -96,3 +96,9 @@ impl From<DbError> for StoreError {
         }
     }
 }
+
+impl From<runlane_core::columns::CorruptValue> for DbError {
+    fn from(e: runlane_core::columns::CorruptValue) -> Self {
+        DbError::Corrupt(e.0)
+    }
+}

@@ -3,7 +3,7 @@
 //! (SPEC §7).
 //!
 //! - **Durable on return**: hot-path writes (inserts, terminal writes) are group-committed by
-//!   the writers ([`writer`]): multi-row `UNNEST` statements, one transaction per batch, each
+//!   the writers (module `writer`): multi-row `UNNEST` statements, one transaction per batch, each
 //!   call answered once its own write committed.
 //! - **Two row writes per run** on the success path: the insert and the terminal update.
 //!   Attempt starts are kept in memory and written only for runs still unfinished after

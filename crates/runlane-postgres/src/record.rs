@@ -5,9 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use runlane_core::backend::{AttemptRecord, RunRecord};
-use runlane_core::{
-    EnvName, LaneName, QueueName, RunId, RunStatus, TaskName, Timestamp, TriggerSource,
-};
+use runlane_core::{EnvName, LaneName, QueueName, RunId, TaskName, Timestamp};
 use sqlx::postgres::PgRow;
 use sqlx::Row;
 
@@ -28,77 +26,14 @@ pub(crate) const RUN_COLUMNS_R: &str = "r.id, r.env, r.task, r.version, r.locked
 /// Waiting and executing statuses, as SQL (the `runs_unfinished` index's predicate).
 pub(crate) const UNFINISHED: &str = "status IN ('delayed', 'queued', 'ready', 'executing')";
 
-/// An instant as stored: milliseconds, saturating at `i64::MAX` (which reads back as never).
-pub(crate) fn ts_to_sql(t: Timestamp) -> i64 {
-    u64_to_sql(t.0)
-}
-
-/// A stored instant.
-pub(crate) fn ts_from_sql(v: i64) -> Result<Timestamp, DbError> {
-    u64_from_sql(v).map(Timestamp)
-}
-
-/// A duration as stored: whole milliseconds, saturating like instants.
-pub(crate) fn dur_to_sql(d: Duration) -> i64 {
-    u64_to_sql(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-fn dur_from_sql(v: i64) -> Result<Duration, DbError> {
-    u64_from_sql(v).map(Duration::from_millis)
-}
-
-fn u64_to_sql(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn u64_from_sql(v: i64) -> Result<u64, DbError> {
-    if v == i64::MAX {
-        return Ok(u64::MAX);
-    }
-    u64::try_from(v).map_err(|_| DbError::Corrupt(format!("negative instant or duration {v}")))
-}
+use runlane_core::columns::{dur_from_sql, name_from_sql as name, source_from_sql};
+pub(crate) use runlane_core::columns::{
+    dur_to_sql, id_from_sql, status_from_sql, ts_from_sql, ts_to_sql, u32_from_sql,
+};
 
 /// A run id as stored: 16 big-endian bytes.
 pub(crate) fn id_to_sql(id: RunId) -> Vec<u8> {
     id.to_bytes().to_vec()
-}
-
-/// A stored run id.
-pub(crate) fn id_from_sql(bytes: &[u8]) -> Result<RunId, DbError> {
-    let bytes: [u8; 16] = bytes
-        .try_into()
-        .map_err(|_| DbError::Corrupt(format!("run id of {} bytes", bytes.len())))?;
-    Ok(RunId::from_bytes(bytes))
-}
-
-/// A stored `u32` (versions, attempt numbers).
-pub(crate) fn u32_from_sql(v: i64) -> Result<u32, DbError> {
-    u32::try_from(v).map_err(|_| DbError::Corrupt(format!("{v} is out of range")))
-}
-
-/// A stored status.
-pub(crate) fn status_from_sql(text: &str) -> Result<RunStatus, DbError> {
-    text.parse()
-        .map_err(|_| DbError::Corrupt(format!("unknown status {text:?}")))
-}
-
-fn source_from_sql(text: &str) -> Result<TriggerSource, DbError> {
-    [
-        TriggerSource::Standard,
-        TriggerSource::Scheduled,
-        TriggerSource::Manual,
-        TriggerSource::Sync,
-    ]
-    .into_iter()
-    .find(|s| s.as_str() == text)
-    .ok_or_else(|| DbError::Corrupt(format!("unknown trigger source {text:?}")))
-}
-
-fn name<T>(
-    text: &str,
-    parse: fn(&str) -> Result<T, runlane_core::InvalidInput>,
-) -> Result<T, DbError> {
-    parse(text).map_err(|e| DbError::Corrupt(e.to_string()))
 }
 
 /// An attempt list as stored (a JSON array).
@@ -130,11 +65,13 @@ pub(crate) fn decode_run(row: &PgRow) -> Result<RunRecord, DbError> {
         row.try_get::<Option<i64>, _>(i)?
             .map(dur_from_sql)
             .transpose()
+            .map_err(DbError::from)
     };
     let opt_ts = |i: usize| -> Result<Option<Timestamp>, DbError> {
         row.try_get::<Option<i64>, _>(i)?
             .map(ts_from_sql)
             .transpose()
+            .map_err(DbError::from)
     };
     Ok(RunRecord {
         id: id_from_sql(&id)?,

@@ -65,6 +65,17 @@ impl StartNotes {
         due
     }
 
+    /// Takes every kept start.
+    pub(crate) fn take_all(&self) -> Vec<(RunId, u32, Timestamp)> {
+        let mut inner = self.lock();
+        inner.order.clear();
+        inner
+            .starts
+            .drain()
+            .map(|(run, (attempt, at))| (run, attempt, at))
+            .collect()
+    }
+
     /// Sets `started_at` of records whose current attempt has a kept start.
     pub(crate) fn overlay(&self, records: &mut [RunRecord]) {
         let inner = self.lock();

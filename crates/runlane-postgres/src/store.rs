@@ -301,6 +301,32 @@ impl PostgresStore {
             .map_err(|e| unavailable("read", &e))
     }
 
+    /// Writes every kept attempt start now and waits for the commit; returns how many rows
+    /// changed. Call it before a planned stop so that a restart counts the attempts that were
+    /// running (the store also hands them to its writers when dropped, without waiting).
+    pub async fn flush_starts(&self) -> Result<u64, StoreError> {
+        let starts = self.starts.take_all();
+        if starts.is_empty() {
+            return Ok(0);
+        }
+        let mut id = Vec::with_capacity(starts.len());
+        let mut attempt = Vec::with_capacity(starts.len());
+        let mut at = Vec::with_capacity(starts.len());
+        for (run, n, t) in starts {
+            id.push(id_to_sql(run));
+            attempt.push(i64::from(n));
+            at.push(ts_to_sql(t));
+        }
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| unavailable("write", &e))?;
+        let n = writer::write_starts(&mut conn, id, attempt, at).await?;
+        self.counters.starts_flushed.fetch_add(n, Ordering::Relaxed);
+        Ok(n)
+    }
+
     /// Checks the server answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1")
@@ -425,6 +451,28 @@ impl PostgresStore {
         .map_err(|e| unavailable("write", &e))
     }
 
+    /// The stored status of each known run among `runs`, in one query: lease recovery and
+    /// queue rebuild read PostgreSQL first (SPEC §7), and a run terminal here is cleaned out
+    /// of the queue, never retried. Unknown ids are absent from the answer.
+    pub async fn statuses(&self, runs: &[RunId]) -> Result<HashMap<RunId, RunStatus>, StoreError> {
+        if runs.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let ids: Vec<Vec<u8>> = runs.iter().map(|r| id_to_sql(*r)).collect();
+        let rows = sqlx::query("SELECT id, status FROM runs WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| unavailable("read", &e))?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let id: Vec<u8> = row.try_get(0).map_err(DbError::from)?;
+            let status: String = row.try_get(1).map_err(DbError::from)?;
+            out.insert(crate::record::id_from_sql(&id)?, status_from_sql(&status)?);
+        }
+        Ok(out)
+    }
+
     /// A run's dispatch state (`None` for an unknown run).
     pub async fn dispatch_state(&self, run: RunId) -> Result<Option<DispatchState>, StoreError> {
         let v: Option<String> = sqlx::query_scalar("SELECT dispatch_state FROM runs WHERE id = $1")
@@ -542,18 +590,30 @@ fn spawn_flusher(
 ) {
     tokio::spawn(async move {
         loop {
-            match starts.oldest() {
+            let stopping = match starts.oldest() {
                 None => tokio::select! {
-                    _ = shutdown.notified() => return,
+                    _ = shutdown.notified() => true,
                     _ = notify.notified() => continue,
                 },
                 Some(oldest) => {
                     let due = tokio::time::Instant::from_std(oldest + after);
                     tokio::select! {
-                        _ = shutdown.notified() => return,
-                        _ = tokio::time::sleep_until(due) => {}
+                        _ = shutdown.notified() => true,
+                        _ = tokio::time::sleep_until(due) => false,
                     }
                 }
+            };
+            if stopping {
+                // The store is gone: hand what is kept to the writers (they commit what is
+                // queued before they end), so a planned stop loses no start.
+                let rest = starts.take_all();
+                if !rest.is_empty() {
+                    let _ = queue.try_send(Queued {
+                        durability: Durability::Strict,
+                        op: Op::Starts(rest),
+                    });
+                }
+                return;
             }
             let due = starts.take_due(Instant::now().checked_sub(after).unwrap_or(Instant::now()));
             if due.is_empty() {

@@ -14,8 +14,9 @@
 //! fails the others; a lost connection or a timeout fails the batch's calls with
 //! `Unavailable` (nothing acknowledged is lost, nothing is acknowledged that was not committed).
 //!
-//! Durability is per transaction: a batch is split into its strict and its relaxed calls, and
-//! the relaxed transaction runs `SET LOCAL synchronous_commit = off`.
+//! Durability is per transaction: a batch is split into its strict and its relaxed calls,
+//! committed side by side; the relaxed ones go through connections whose session has
+//! `synchronous_commit = off`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -172,11 +173,16 @@ async fn run_batch(shared: &WriterShared, batch: Vec<Queued>) {
     let (strict, relaxed): (Vec<Queued>, Vec<Queued>) = batch
         .into_iter()
         .partition(|q| q.durability == Durability::Strict);
-    for (group, durability) in [(strict, Durability::Strict), (relaxed, Durability::Relaxed)] {
+    // Side by side on two connections: relaxed calls never wait for a strict fsync.
+    let commit = |group: Vec<Queued>, durability| async move {
         if !group.is_empty() {
             commit_group(shared, group, durability).await;
         }
-    }
+    };
+    tokio::join!(
+        commit(strict, Durability::Strict),
+        commit(relaxed, Durability::Relaxed)
+    );
 }
 
 async fn commit_group(shared: &WriterShared, group: Vec<Queued>, durability: Durability) {
@@ -236,8 +242,8 @@ fn answer_all(shared: &WriterShared, group: Vec<Queued>, answers: Vec<Answer>) {
     }
 }
 
-/// One transaction for `ops`, tried again once when it lost a race (deadlock, serialization),
-/// bounded by `commit_timeout`.
+/// One transaction for `ops`, tried again (at most twice) when it lost a race (deadlock,
+/// serialization failure), each try bounded by `commit_timeout`.
 async fn commit_with_retry(
     shared: &WriterShared,
     ops: &[Queued],
@@ -657,7 +663,20 @@ async fn apply_starts(
     if id.is_empty() {
         return Ok(());
     }
-    let n = sqlx::query(&format!(
+    let n = write_starts(conn, id, attempt, at).await?;
+    counters.starts_flushed.fetch_add(n, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Sets `started_at` of the runs whose current attempt is the noted one and that are still
+/// unfinished (a run that moved on keeps its row as it is); returns how many rows changed.
+pub(crate) async fn write_starts(
+    conn: &mut PgConnection,
+    id: Vec<Vec<u8>>,
+    attempt: Vec<i64>,
+    at: Vec<i64>,
+) -> Result<u64, DbError> {
+    Ok(sqlx::query(&format!(
         "UPDATE runs r SET started_at = u.at \
          FROM UNNEST($1::bytea[], $2::int8[], $3::int8[]) AS u(id, attempt, at) \
          WHERE r.id = u.id AND r.attempt = u.attempt AND r.{UNFINISHED}"
@@ -667,9 +686,7 @@ async fn apply_starts(
     .bind(at)
     .execute(&mut *conn)
     .await?
-    .rows_affected();
-    counters.starts_flushed.fetch_add(n, Ordering::Relaxed);
-    Ok(())
+    .rows_affected())
 }
 
 /// The error of a call that could not be queued or answered.

@@ -11,7 +11,10 @@ use proptest::prelude::*;
 use runlane_core::backend::{
     AttemptRecord, IdempotencyClaim, Retention, RunFilter, RunRecord, RunStore,
 };
-use runlane_core::{EnvName, EnvSettings, RunId, RunStatus, TaskName, Timestamp, VersionDef};
+use runlane_core::{
+    EnvName, EnvSettings, LaneName, QueueName, RunId, RunStatus, TaskName, Timestamp,
+    TriggerSource, VersionDef,
+};
 use runlane_memory::MemoryStore;
 
 #[derive(Clone, Debug)]
@@ -49,6 +52,9 @@ enum Step {
         status: Option<u8>,
         after: Option<usize>,
         limit: Option<u8>,
+        task: Option<u8>,
+        created: Option<(u64, u64)>,
+        lane_version_queue: bool,
     },
     Unfinished,
     Purge(u64),
@@ -104,9 +110,14 @@ fn step() -> impl Strategy<Value = Step> {
             prop::option::of(0..2u8),
             prop::option::of(0..9u8),
             prop::option::of(any::<usize>()),
-            prop::option::of(1..6u8)
+            prop::option::of(1..6u8),
+            prop::option::of(0..2u8),
+            prop::option::of((0..6_000u64, 0..6_000u64)),
+            any::<bool>(),
         )
-            .prop_map(|(env, status, after, limit)| Step::List { env, status, after, limit }),
+            .prop_map(|(env, status, after, limit, task, created, lane_version_queue)| {
+                Step::List { env, status, after, limit, task, created, lane_version_queue }
+            }),
         1 => Just(Step::Unfinished),
         1 => (0..3_000u64).prop_map(Step::Purge),
         1 => (0..3_000u64).prop_map(Step::NextPurge),
@@ -243,13 +254,22 @@ async fn check(steps: Vec<Step>) {
                 status,
                 after,
                 limit,
+                task,
+                created,
+                lane_version_queue,
             } => {
                 let filter = RunFilter {
                     env: e.map(env),
                     status: status.map(|s| RunStatus::ALL[usize::from(s) % 9]),
                     after: after.and_then(|i| pick(&ids, i)),
                     limit: limit.map(u32::from),
-                    ..RunFilter::default()
+                    task: task.map(|t| TaskName::new(["t1", "t2"][usize::from(t)]).expect("task")),
+                    created_from: created.map(|(from, _)| Timestamp(1_000_000 + from)),
+                    created_to: created.map(|(_, to)| Timestamp(1_000_000 + to)),
+                    lane: lane_version_queue.then(LaneName::default_lane),
+                    queue: lane_version_queue.then(|| QueueName::new("email").expect("queue")),
+                    version: lane_version_queue.then_some(0),
+                    source: lane_version_queue.then_some(TriggerSource::Standard),
                 };
                 assert_eq!(pg.list(&filter).await, mem.list(&filter).await, "{ctx}");
             }

@@ -576,3 +576,46 @@ async fn the_server_sees_exactly_two_row_writes_per_successful_run() {
     let store = Arc::try_unwrap(store).expect("last handle");
     common::finish(store).await;
 }
+
+#[tokio::test]
+async fn kept_starts_are_written_when_the_store_is_dropped_or_flushed() {
+    let mut config = common::config();
+    config.start_flush_after = Duration::from_secs(3600);
+    let store = common::open(config.clone()).await;
+    let (a, b) = (common::record(1), common::record(2));
+    store
+        .insert(vec![(a.clone(), None), (b.clone(), None)], Timestamp(1))
+        .await
+        .expect("insert");
+    store.note_start(a.id, 1, Timestamp(5));
+    assert_eq!(store.flush_starts().await.expect("flush"), 1);
+    assert_eq!(store.stats().starts_kept, 0);
+    store.note_start(b.id, 1, Timestamp(6));
+    drop(store);
+    // Another store sees both starts in the rows (the dropped one's writers commit the last).
+    let other = PostgresStore::open(config.clone()).await.expect("reopen");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = vec![
+            started_at(&other, a.id).await,
+            started_at(&other, b.id).await,
+        ];
+        if got == vec![Some(Timestamp(5)), Some(Timestamp(6))] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "starts not written: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    common::finish(other).await;
+}
+
+async fn started_at(store: &PostgresStore, run: runlane_core::RunId) -> Option<Timestamp> {
+    store
+        .get(run)
+        .await
+        .expect("get")
+        .and_then(|r| r.started_at)
+}

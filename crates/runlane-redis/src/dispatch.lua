@@ -20,7 +20,13 @@ local STRIDE = 1000000
 local Z = '\0'
 
 local K_CFG = P .. ':cfg'
-local K_RUN = P .. ':run'
+-- Run records live in 4,096 small hashes chosen by the low 12 bits of the run id (its counter
+-- bits), so each stays listpack-encoded (about 25 records at 100,000 runs).
+local RUN_BUCKETS = 4096
+local function k_run(id)
+  local hi, lo = string.byte(id, 15, 16)
+  return P .. ':run:' .. ((hi % 16) * 256 + lo)
+end
 local K_ENVS = P .. ':envs'
 local K_LANES = P .. ':lanes'
 local K_CONS = P .. ':cons'
@@ -35,6 +41,7 @@ local function k_qs(e) return P .. ':qs:' .. e end
 local function k_q(e, q) return P .. ':q:' .. e .. Z .. q end
 local function k_k(e, q, k) return P .. ':k:' .. e .. Z .. q .. Z .. k end
 local function k_kq(e, q, k) return P .. ':kq:' .. e .. Z .. q .. Z .. k end
+local function k_kl(e, q, k) return P .. ':kl:' .. e .. Z .. q .. Z .. k end
 local function k_bq(e) return P .. ':bq:' .. e end
 local function k_bk(e, q) return P .. ':bk:' .. e .. Z .. q end
 local function k_l(l) return P .. ':l:' .. l end
@@ -45,7 +52,9 @@ local function k_lr(l, e) return P .. ':lr:' .. l .. Z .. e end
 -- Record fields.
 local F_ENV, F_QUEUE, F_KEY, F_LANE, F_PRIO, F_AFTER, F_TTL, F_ATTEMPT, F_LOCKED, F_EVER, F_MAXDUR =
   1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
-local F_PLACE, F_SCORE, F_SEQ, F_RAT = 12, 13, 14, 15
+-- Field 13 marks a run that was once appended to its key's FIFO list (it never is again, so a
+-- list holds each run at most once).
+local F_PLACE, F_LISTED, F_SEQ, F_RAT = 12, 13, 14, 15
 local F_TOKEN, F_WORKER, F_LDUR, F_LDL, F_ADL, F_CRA, F_CDL, F_LAPSED = 16, 17, 18, 19, 20, 21, 22, 23
 local NFIELDS = 23
 
@@ -67,16 +76,40 @@ local function sorted(list)
 end
 
 local function load(id)
-  local raw = redis.call('HGET', K_RUN, id)
+  local raw = redis.call('HGET', k_run(id), id)
   if not raw then return nil end
   return cmsgpack.unpack(raw)
 end
 
+-- `{p}:rb` is the set of non-empty record buckets, so a snapshot reads only those.
+local K_RB = P .. ':rb'
+local function del_run(id)
+  local key = k_run(id)
+  redis.call('HDEL', key, id)
+  if redis.call('HLEN', key) == 0 then
+    local hi, lo = string.byte(id, 15, 16)
+    redis.call('SREM', K_RB, (hi % 16) * 256 + lo)
+  end
+end
+
+local function score_of(r)
+  return r[F_AFTER] - r[F_PRIO]
+end
+
+-- Stores a record: the score is derived (never stored) and trailing absent fields are dropped,
+-- so a pending run's record stops at its place.
 local function save(id, r)
+  local n = 0
   for i = 1, NFIELDS do
     if r[i] == nil then r[i] = false end
+    if r[i] ~= false then n = i end
   end
-  redis.call('HSET', K_RUN, id, cmsgpack.pack(r))
+  local out = {}
+  for i = 1, n do out[i] = r[i] end
+  if redis.call('HSET', k_run(id), id, cmsgpack.pack(out)) == 1 then
+    local hi, lo = string.byte(id, 15, 16)
+    redis.call('SADD', K_RB, (hi % 16) * 256 + lo)
+  end
 end
 
 local function num(v)
@@ -86,7 +119,7 @@ end
 
 local function status_of(r)
   local p = r[F_PLACE]
-  if p == 'd' then return 'delayed' elseif p == 'q' then return 'queued'
+  if p == 'd' then return 'delayed' elseif p == 'q' or p == 'Q' then return 'queued'
   elseif p == 'r' then return 'ready' else return 'executing' end
 end
 
@@ -176,10 +209,28 @@ end
 
 -- Placement -------------------------------------------------------------------------------
 
+-- A queued run waits in its key's FIFO list (`kl`, place `Q`) when it sorts after everything
+-- appended there before, which is the common case (due runs arrive in time order); otherwise
+-- in its key's zset (`kq`, place `q`). A list entry whose run left the list any other way than
+-- from the head is a tombstone: skipped (and dropped) when it reaches the head; `qd` counts
+-- live queued runs only.
 local function push_queued(id, r)
-  r[F_PLACE] = 'q'
   local e, q, k = r[F_ENV], r[F_QUEUE], r[F_KEY]
-  redis.call('ZADD', k_kq(e, q, k), r[F_SCORE], id)
+  local sc = score_of(r)
+  local kk = k_k(e, q, k)
+  local tail = redis.call('HMGET', kk, 'lts', 'lti')
+  local lts = nil
+  if tail[1] then lts = tonumber(tail[1]) end
+  if not r[F_LISTED] and (lts == nil or sc > lts or (sc == lts and lt(tail[2], id))) then
+    redis.call('RPUSH', k_kl(e, q, k), id)
+    redis.call('HSET', kk, 'lts', sc, 'lti', id)
+    r[F_LISTED] = true
+    r[F_PLACE] = 'Q'
+  else
+    redis.call('ZADD', k_kq(e, q, k), sc, id)
+    r[F_PLACE] = 'q'
+  end
+  redis.call('HINCRBY', kk, 'qd', 1)
   redis.call('SADD', k_bk(e, q), k)
   redis.call('SADD', k_bq(e), q)
   redis.call('SADD', k_qs(e), q)
@@ -189,12 +240,52 @@ end
 
 local function pull_queued(id, r)
   local e, q, k = r[F_ENV], r[F_QUEUE], r[F_KEY]
-  local kq = k_kq(e, q, k)
-  if redis.call('ZREM', kq, id) == 1 then
-    decr_floor(k_q(e, q), 'qd')
+  local kk = k_k(e, q, k)
+  local removed = false
+  if r[F_PLACE] == 'Q' then
+    local kl = k_kl(e, q, k)
+    if redis.call('LINDEX', kl, 0) == id then redis.call('LPOP', kl) end
+    removed = true
+  elseif redis.call('ZREM', k_kq(e, q, k), id) == 1 then
+    removed = true
   end
-  if redis.call('ZCARD', kq) == 0 then redis.call('SREM', k_bk(e, q), k) end
+  if removed then
+    decr_floor(k_q(e, q), 'qd')
+    decr_floor(kk, 'qd')
+  end
+  if num(redis.call('HGET', kk, 'qd')) == 0 then
+    -- No live queued run: whatever the list still holds is tombstones.
+    redis.call('DEL', k_kl(e, q, k))
+    redis.call('HDEL', kk, 'lts', 'lti')
+    redis.call('SREM', k_bk(e, q), k)
+  end
   if redis.call('SCARD', k_bk(e, q)) == 0 then redis.call('SREM', k_bq(e), q) end
+end
+
+-- The first queued run of a key by (score, run id): the first live list entry (tombstones at
+-- the head are dropped) or the zset's first member, whichever sorts first.
+local function key_head(e, q, k)
+  local kl = k_kl(e, q, k)
+  local lid, lr = nil, nil
+  while true do
+    local id = redis.call('LINDEX', kl, 0)
+    if not id then break end
+    local r = load(id)
+    if r and r[F_PLACE] == 'Q' then
+      lid, lr = id, r
+      break
+    end
+    redis.call('LPOP', kl)
+  end
+  local z = redis.call('ZRANGE', k_kq(e, q, k), 0, 0, 'WITHSCORES')
+  if z[1] then
+    if lid then
+      local ls, zs = score_of(lr), tonumber(z[2])
+      if ls < zs or (ls == zs and lt(lid, z[1])) then return lid, lr end
+    end
+    return z[1], load(z[1])
+  end
+  return lid, lr
 end
 
 local function push_delayed(id, r)
@@ -246,7 +337,7 @@ end
 local function unplace_waiting(id, r)
   local p = r[F_PLACE]
   if p == 'd' then pull_delayed(id, r)
-  elseif p == 'q' then pull_queued(id, r)
+  elseif p == 'q' or p == 'Q' then pull_queued(id, r)
   elseif p == 'r' then pull_ready(id, r) end
   if r[F_TTL] then redis.call('ZREM', K_TTL, id) end
 end
@@ -268,24 +359,32 @@ local function admit_env(e)
     return v
   end
   while true do
-    local best = nil
+    -- Nothing fits when both the env row and the fast-lane row are full: skip the scan.
+    local E = redis.call('HMGET', k_env(e), 'ecap', 'flcap', 'run', 'flrun')
+    if num(E[3]) >= num(E[1]) and num(E[4]) >= num(E[2]) then return end
+    -- Every key with backlog, in serving order (least recently served queue, then name, then
+    -- least recently served key, then name); the first whose head run is admissible wins.
+    local cands = {}
     for _, q in ipairs(redis.call('SMEMBERS', k_bq(e))) do
       local qserved = num(redis.call('HGET', k_q(e, q), 'served'))
       for _, k in ipairs(redis.call('SMEMBERS', k_bk(e, q))) do
-        local head = redis.call('ZRANGE', k_kq(e, q, k), 0, 0)[1]
-        if head then
-          local r = load(head)
-          if r and not lane_orphaned(r[F_LANE]) and admission(e, q, k, r[F_LANE]) == nil then
-            local kserved = num(redis.call('HGET', k_k(e, q, k), 'served'))
-            local better = false
-            if best == nil then better = true
-            elseif qserved ~= best[1] then better = qserved < best[1]
-            elseif q ~= best[2] then better = lt(q, best[2])
-            elseif kserved ~= best[3] then better = kserved < best[3]
-            else better = lt(k, best[4]) end
-            if better then best = { qserved, q, kserved, k, head, r } end
-          end
-        end
+        local kserved = num(redis.call('HGET', k_k(e, q, k), 'served'))
+        cands[#cands + 1] = { qserved, q, kserved, k }
+      end
+    end
+    table.sort(cands, function(a, b)
+      if a[1] ~= b[1] then return a[1] < b[1] end
+      if a[2] ~= b[2] then return lt(a[2], b[2]) end
+      if a[3] ~= b[3] then return a[3] < b[3] end
+      return lt(a[4], b[4])
+    end)
+    local best = nil
+    for _, c in ipairs(cands) do
+      local q, k = c[2], c[4]
+      local head, r = key_head(e, q, k)
+      if head and r and not lane_orphaned(r[F_LANE]) and admission(e, q, k, r[F_LANE]) == nil then
+        best = { c[1], q, c[3], k, head, r }
+        break
       end
     end
     if best == nil then return end
@@ -354,7 +453,6 @@ local function fail(code, ...)
 end
 
 local function place_waiting(id, r, kind)
-  r[F_SCORE] = r[F_AFTER] - r[F_PRIO]
   local delayed = r[F_AFTER] > now
   if r[F_TTL] and not r[F_EVER] then redis.call('ZADD', K_TTL, r[F_TTL], id) end
   if delayed then push_delayed(id, r) else push_queued(id, r) end
@@ -382,26 +480,40 @@ end
 
 -- Start: configuration and generation checks -------------------------------------------------
 
+-- ARGV[6] = a fresh generation, ARGV[7] = '1' when the caller rebuilds a lost key space (the
+-- key space then stays marked `reb` until `rebuilt`: other callers get `lost` and wait for the
+-- rebuild instead of seeing half of it), ARGV[8..] = the built-in lanes.
 if op == 'init' then
-  local cfg = redis.call('HMGET', K_CFG, 'fmt', 'gen')
+  local cfg = redis.call('HMGET', K_CFG, 'fmt', 'gen', 'reb')
   if cfg[1] and cfg[1] ~= FORMAT then return fail('format', cfg[1]) end
   if not cfg[1] then
     local gen = ARGV[6]
     redis.call('HSET', K_CFG, 'fmt', FORMAT, 'gen', gen, 'token', 0, 'seq', 0, 'serve', 0, 'cseq', 0)
-    for i = 7, #ARGV do
+    if ARGV[7] == '1' then redis.call('HSET', K_CFG, 'reb', '1') end
+    for i = 8, #ARGV do
       redis.call('SADD', K_LANES, ARGV[i])
       redis.call('HSETNX', k_l(ARGV[i]), 'count', 0)
     end
-    return fail('ok', gen, 1)
+    return fail('ok', gen, 1, 0)
   end
-  return fail('ok', cfg[2], 0)
+  local rebuilding = 0
+  if cfg[3] then rebuilding = 1 end
+  return fail('ok', cfg[2], 0, rebuilding)
 end
 
 do
-  local cfg = redis.call('HMGET', K_CFG, 'fmt', 'gen')
+  local cfg = redis.call('HMGET', K_CFG, 'fmt', 'gen', 'reb')
   if not cfg[1] then return fail('lost') end
   if cfg[1] ~= FORMAT then return fail('format', cfg[1]) end
-  if GEN ~= '' and cfg[2] ~= GEN then return fail('generation', cfg[2]) end
+  if GEN == 'rebuild' then
+    if op == 'rebuilt' then
+      redis.call('HDEL', K_CFG, 'reb')
+      return fail('ok')
+    end
+  else
+    if cfg[3] then return fail('lost') end
+    if GEN ~= '' and cfg[2] ~= GEN then return fail('generation', cfg[2]) end
+  end
 end
 
 -- Operations ------------------------------------------------------------------------------
@@ -493,7 +605,7 @@ if op == 'enqueue' then
   if existing then
     local p = existing[F_PLACE]
     local placement = 'ready'
-    if p == 'd' then placement = 'delayed' elseif p == 'q' then placement = 'queued' end
+    if p == 'd' then placement = 'delayed' elseif p == 'q' or p == 'Q' then placement = 'queued' end
     return answer('ok', placement)
   end
   local r = cmsgpack.unpack(ARGV[7])
@@ -502,7 +614,7 @@ if op == 'enqueue' then
   if redis.call('EXISTS', k_env(e)) == 0 then return fail('unknown_env') end
   if redis.call('SISMEMBER', K_LANES, lane) == 0 then return fail('unknown_lane') end
   local fast_path_on = redis.call('HGET', k_env(e), 'fp') == '1'
-  local backlog = redis.call('ZCARD', k_kq(e, q, k))
+  local backlog = num(redis.call('HGET', k_k(e, q, k), 'qd'))
   local waiting = backlog + num(redis.call('HGET', k_k(e, q, k), 'del'))
   local max_queued = redis.call('HGET', k_q(e, q), 'maxq')
   local delayed = r[F_AFTER] > now
@@ -515,7 +627,6 @@ if op == 'enqueue' then
   if not delayed and not fast and sync and blocked == 'fast_lane' then
     return fail('fast_lane_full')
   end
-  r[F_SCORE] = r[F_AFTER] - r[F_PRIO]
   if r[F_TTL] and not r[F_EVER] then redis.call('ZADD', K_TTL, r[F_TTL], id) end
   local placement
   if delayed then
@@ -672,7 +783,7 @@ if op == 'finish' then
   local r, err = leased(id, tonumber(ARGV[7]), true)
   if err then return fail(err) end
   end_lease(id, r)
-  redis.call('HDEL', K_RUN, id)
+  del_run(id)
   admit_env(r[F_ENV])
   return answer('ok')
 end
@@ -694,7 +805,6 @@ if op == 'release' then
   local r, err = leased(id, tonumber(ARGV[7]), false)
   if err then return fail(err) end
   end_lease(id, r)
-  r[F_SCORE] = r[F_AFTER] - r[F_PRIO]
   push_queued(id, r)
   moved(id, 'queued')
   admit_env(r[F_ENV])
@@ -716,7 +826,7 @@ if op == 'cancel' then
   end
   local status = status_of(r)
   unplace_waiting(id, r)
-  redis.call('HDEL', K_RUN, id)
+  del_run(id)
   if status == 'ready' then admit_env(r[F_ENV]) end
   return answer('removed', status)
 end
@@ -754,7 +864,7 @@ if op == 'tick' then
     redis.call('ZREM', K_TTL, id)
     if r then
       unplace_waiting(id, r)
-      redis.call('HDEL', K_RUN, id)
+      del_run(id)
       expired[#expired + 1] = { id, cmsgpack.pack(r) }
     end
   end
@@ -821,13 +931,18 @@ if op == 'next_deadline' then
 end
 
 if op == 'live' then
-  local raw = redis.call('HGET', K_RUN, ARGV[6])
+  local raw = redis.call('HGET', k_run(ARGV[6]), ARGV[6])
   if not raw then return fail('ok', {}) end
   return fail('ok', { ARGV[6], raw })
 end
 
 if op == 'snapshot' then
-  return fail('ok', redis.call('HGETALL', K_RUN))
+  local all = {}
+  for _, b in ipairs(redis.call('SMEMBERS', K_RB)) do
+    local part = redis.call('HGETALL', P .. ':run:' .. b)
+    for i = 1, #part do all[#all + 1] = part[i] end
+  end
+  return fail('ok', all)
 end
 
 if op == 'register_consumer' then

@@ -329,7 +329,7 @@ impl RedisQueue {
             url: config.url.clone(),
             delete_on_drop: false,
         };
-        match queue.init().await {
+        match queue.init(false).await {
             Ok(_) => Ok(queue),
             Err(InitError::Format(found)) => Err(RedisOpenError::Format {
                 prefix,
@@ -379,8 +379,9 @@ impl RedisQueue {
         }
     }
 
-    /// Creates the configuration hash when missing; returns whether it did.
-    async fn init(&self) -> Result<bool, InitError> {
+    /// Creates the configuration hash when missing (marked as being rebuilt when `rebuild`);
+    /// returns whether it did, and whether the key space is marked as being rebuilt.
+    async fn init(&self, rebuild: bool) -> Result<(bool, bool), InitError> {
         let fresh_gen = format!(
             "{:x}",
             std::time::SystemTime::now()
@@ -388,7 +389,7 @@ impl RedisQueue {
                 .map(|d| d.as_nanos())
                 .unwrap_or(0)
         );
-        let mut args: Vec<Arg> = vec![fresh_gen.into()];
+        let mut args: Vec<Arg> = vec![fresh_gen.into(), (if rebuild { "1" } else { "0" }).into()];
         for lane in LaneName::BUILT_IN {
             args.push(lane.into());
         }
@@ -397,8 +398,9 @@ impl RedisQueue {
             "ok" => {
                 let generation = answer.extra(0)?.text()?.to_string();
                 let created = answer.extra(1)?.int()? == 1;
+                let rebuilding = answer.extra(2)?.int()? == 1;
                 *lock(&self.generation) = generation;
-                Ok(created)
+                Ok((created, rebuilding))
             }
             "format" => Err(InitError::Format(
                 answer
@@ -486,8 +488,8 @@ impl RedisQueue {
     /// unfinished run of the attached store, re-enqueued with its original order (scores).
     async fn rebuild(&self, now: Timestamp) -> Result<(), QueueError> {
         let _guard = self.rebuild_lock.lock().await;
-        let created = match self.init().await {
-            Ok(created) => created,
+        let (created, rebuilding) = match self.init(true).await {
+            Ok(answer) => answer,
             Err(InitError::Queue(e)) => return Err(e),
             Err(InitError::Format(found)) => {
                 return Err(QueueError::Unavailable(format!(
@@ -495,7 +497,10 @@ impl RedisQueue {
                 )))
             }
         };
-        if !created {
+        // Another caller finished the rebuild while this one waited: nothing to do. A key space
+        // still marked as being rebuilt (its rebuilder died, or another process is at it) is
+        // rebuilt again: every step is idempotent.
+        if !created && !rebuilding {
             return Ok(());
         }
         self.rebuilds.fetch_add(1, Ordering::Relaxed);
@@ -560,17 +565,18 @@ impl RedisQueue {
                 }
             }
         }
+        self.raw_checked("rebuilt", now, Vec::new()).await?;
         Ok(())
     }
 
+    /// A call of the rebuild itself: passes the "being rebuilt" mark.
     async fn raw_checked(
         &self,
         op: &str,
         now: Timestamp,
         args: Vec<Arg>,
     ) -> Result<Answer, QueueError> {
-        let generation = lock(&self.generation).clone();
-        self.raw(op, now, &generation, args).await
+        self.raw(op, now, "rebuild", args).await
     }
 
     async fn call_put_env(

@@ -144,10 +144,12 @@ pub(crate) struct Record {
 /// Decodes a packed record of run `id`.
 pub(crate) fn unpack(id: RunId, bytes: &[u8]) -> Result<Record, QueueError> {
     let v = decode(bytes)?;
-    let f = v.list()?;
-    if f.len() < FIELDS {
+    let mut f = v.list()?.to_vec();
+    if f.len() < 12 {
         return Err(malformed("short record"));
     }
+    // Trailing absent fields are not stored.
+    f.resize(FIELDS.max(f.len()), Value::Boolean(false));
     let name_err = |_| malformed("bad name in record");
     let dispatch = Dispatch {
         run_id: id,

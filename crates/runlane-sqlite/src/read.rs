@@ -215,7 +215,7 @@ pub(crate) fn current_version(conn: &Connection, env: &EnvName) -> Result<u32, D
         .prepare_cached("SELECT version FROM current_versions WHERE env = ?1")?
         .query_row([env.as_str()], |r| r.get(0))
         .optional()?;
-    v.map_or(Ok(0), u32_from_sql)
+    Ok(v.map(u32_from_sql).transpose()?.unwrap_or(0))
 }
 
 /// The earliest finish time of each terminal status that has finished runs.

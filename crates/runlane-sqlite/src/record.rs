@@ -2,12 +2,9 @@
 //! `runs` and `attempts` tables, and the column encodings shared by every query.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use runlane_core::backend::{AttemptRecord, RunRecord};
-use runlane_core::{
-    EnvName, LaneName, QueueName, RetryPolicy, RunId, RunStatus, TaskName, Timestamp, TriggerSource,
-};
+use runlane_core::{EnvName, LaneName, QueueName, RetryPolicy, RunId, TaskName};
 use rusqlite::{params, Connection, Row};
 
 use crate::error::DbError;
@@ -18,77 +15,14 @@ pub(crate) const RUN_COLUMNS: &str = "id, env, task, version, locked, payload, q
      retry_attempts_max, retry_factor, retry_min_ms, retry_max_ms, retry_jitter, \
      max_duration_ms, attempt, status, output, error, created_at, finished_at, source, retry_of, started_at";
 
-/// An instant as stored: milliseconds, saturating at `i64::MAX` (which reads back as never).
-pub(crate) fn ts_to_sql(t: Timestamp) -> i64 {
-    u64_to_sql(t.0)
-}
-
-/// A stored instant.
-pub(crate) fn ts_from_sql(v: i64) -> Result<Timestamp, DbError> {
-    u64_from_sql(v).map(Timestamp)
-}
-
-/// A duration as stored: whole milliseconds, saturating like instants.
-pub(crate) fn dur_to_sql(d: Duration) -> i64 {
-    u64_to_sql(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-fn dur_from_sql(v: i64) -> Result<Duration, DbError> {
-    u64_from_sql(v).map(Duration::from_millis)
-}
-
-fn u64_to_sql(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn u64_from_sql(v: i64) -> Result<u64, DbError> {
-    if v == i64::MAX {
-        return Ok(u64::MAX);
-    }
-    u64::try_from(v).map_err(|_| DbError::Corrupt(format!("negative instant or duration {v}")))
-}
+use runlane_core::columns::{dur_from_sql, name_from_sql as name, source_from_sql};
+pub(crate) use runlane_core::columns::{
+    dur_to_sql, id_from_sql, status_from_sql, ts_from_sql, ts_to_sql, u32_from_sql,
+};
 
 /// A run id as stored: 16 big-endian bytes.
 pub(crate) fn id_to_sql(id: RunId) -> [u8; 16] {
     id.to_bytes()
-}
-
-/// A stored run id.
-pub(crate) fn id_from_sql(bytes: &[u8]) -> Result<RunId, DbError> {
-    let bytes: [u8; 16] = bytes
-        .try_into()
-        .map_err(|_| DbError::Corrupt(format!("run id of {} bytes", bytes.len())))?;
-    Ok(RunId::from_bytes(bytes))
-}
-
-/// A stored `u32` (versions, attempt numbers).
-pub(crate) fn u32_from_sql(v: i64) -> Result<u32, DbError> {
-    u32::try_from(v).map_err(|_| DbError::Corrupt(format!("{v} is out of range")))
-}
-
-/// A stored status.
-pub(crate) fn status_from_sql(text: &str) -> Result<RunStatus, DbError> {
-    text.parse()
-        .map_err(|_| DbError::Corrupt(format!("unknown status {text:?}")))
-}
-
-fn source_from_sql(text: &str) -> Result<TriggerSource, DbError> {
-    [
-        TriggerSource::Standard,
-        TriggerSource::Scheduled,
-        TriggerSource::Manual,
-        TriggerSource::Sync,
-    ]
-    .into_iter()
-    .find(|s| s.as_str() == text)
-    .ok_or_else(|| DbError::Corrupt(format!("unknown trigger source {text:?}")))
-}
-
-fn name<T>(
-    text: &str,
-    parse: fn(&str) -> Result<T, runlane_core::InvalidInput>,
-) -> Result<T, DbError> {
-    parse(text).map_err(|e| DbError::Corrupt(e.to_string()))
 }
 
 /// Reads one `runs` row selected with [`RUN_COLUMNS`]; attempts are loaded separately.
@@ -297,43 +231,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn instants_round_trip_and_saturate_to_never() {
-        for v in [0u64, 1, 1_700_000_000_000, i64::MAX as u64 - 1] {
-            assert_eq!(
-                ts_from_sql(ts_to_sql(Timestamp(v))).ok(),
-                Some(Timestamp(v))
-            );
-        }
-        assert_eq!(ts_to_sql(Timestamp::MAX), i64::MAX);
-        assert_eq!(ts_from_sql(i64::MAX).ok(), Some(Timestamp::MAX));
-        assert!(ts_from_sql(-1).is_err());
-        assert_eq!(dur_to_sql(Duration::from_millis(1500)), 1500);
-        assert_eq!(dur_to_sql(Duration::MAX), i64::MAX);
-    }
-
-    #[test]
     fn ids_are_sixteen_bytes_in_time_order() {
         let a = RunId(1 << 80);
         let b = RunId((2 << 80) | 1);
         assert!(id_to_sql(a) < id_to_sql(b), "byte order is id order");
         assert_eq!(id_from_sql(&id_to_sql(b)).ok(), Some(b));
         assert!(id_from_sql(&[1, 2, 3]).is_err());
-    }
-
-    #[test]
-    fn every_source_and_status_decodes() {
-        for s in [
-            TriggerSource::Standard,
-            TriggerSource::Scheduled,
-            TriggerSource::Manual,
-            TriggerSource::Sync,
-        ] {
-            assert_eq!(source_from_sql(s.as_str()).ok(), Some(s));
-        }
-        for s in RunStatus::ALL {
-            assert_eq!(status_from_sql(s.as_str()).ok(), Some(s));
-        }
-        assert!(source_from_sql("bogus").is_err());
-        assert!(status_from_sql("bogus").is_err());
     }
 }

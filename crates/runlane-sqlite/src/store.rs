@@ -241,8 +241,7 @@ impl RunStore for SqliteStore {
     }
 
     fn note_start(&self, run: RunId, attempt: u32, at: Timestamp) {
-        self.writer
-            .cast(move |conn| write::note_start(conn, run, attempt, at));
+        self.writer.note_start(run, attempt, at);
     }
 
     async fn purge_finished(

@@ -157,6 +157,17 @@ pub(crate) fn note_start(
     Ok(())
 }
 
+/// Many start marks (see [`note_start`]), in the order they were noted.
+pub(crate) fn note_starts(
+    conn: &Connection,
+    marks: &[(RunId, u32, Timestamp)],
+) -> Result<(), DbError> {
+    for &(run, attempt, at) in marks {
+        note_start(conn, run, attempt, at)?;
+    }
+    Ok(())
+}
+
 /// The terminal write: the first one wins, later ones get `AlreadyFinished`.
 pub(crate) fn finish(
     conn: &Connection,

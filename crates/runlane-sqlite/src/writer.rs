@@ -22,11 +22,11 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use runlane_core::StoreError;
+use runlane_core::{RunId, StoreError, Timestamp};
 use rusqlite::Connection;
 use tokio::sync::mpsc::error::SendTimeoutError;
 use tokio::sync::{mpsc, oneshot};
@@ -114,6 +114,9 @@ where
     }
 }
 
+/// Start marks waiting for the writer's next batch (see [`Writer::note_start`]).
+type Starts = Arc<Mutex<Vec<(RunId, u32, Timestamp)>>>;
+
 /// The handle to the writer thread. Dropping it lets the thread finish what is queued, then
 /// joins it, so the write connection is closed when the store is gone.
 pub(crate) struct Writer {
@@ -121,6 +124,8 @@ pub(crate) struct Writer {
     thread: Option<JoinHandle<()>>,
     enqueue_timeout: Duration,
     counters: Arc<Counters>,
+    starts: Starts,
+    starts_max: usize,
 }
 
 impl Writer {
@@ -135,15 +140,19 @@ impl Writer {
     ) -> Result<Writer, SqliteError> {
         let (tx, rx) = mpsc::channel(queue_len);
         let thread_counters = counters.clone();
+        let starts: Starts = Arc::default();
+        let thread_starts = starts.clone();
         let thread = std::thread::Builder::new()
             .name("runlane-sqlite-writer".into())
-            .spawn(move || run(conn, rx, batch_max, &thread_counters))
+            .spawn(move || run(conn, rx, batch_max, &thread_counters, &thread_starts))
             .map_err(|source| SqliteError::Io { path, source })?;
         Ok(Writer {
             queue: Some(tx),
             thread: Some(thread),
             enqueue_timeout,
             counters,
+            starts,
+            starts_max: queue_len.max(1024),
         })
     }
 
@@ -187,23 +196,34 @@ impl Writer {
 }
 
 impl Writer {
-    /// Queues a write without waiting for it (advisory writes such as start marks). A full
-    /// queue drops it: such writes must never apply backpressure to their caller.
-    pub(crate) fn cast<F>(&self, step: F)
-    where
-        F: Fn(&Connection) -> Result<(), DbError> + Send + 'static,
-    {
+    /// Queues a start mark for the next batch without waiting and without a call of its own:
+    /// marks pile up in one buffer that the writer applies first in its next transaction (so a
+    /// mark always lands before the end of the attempt it marks, which is sent later). Only
+    /// the first mark into an empty buffer wakes the writer. A full buffer drops the mark, as
+    /// a full queue would drop any other advisory write.
+    pub(crate) fn note_start(&self, run: RunId, attempt: u32, at: Timestamp) {
         let Some(queue) = self.queue.as_ref() else {
             return;
         };
-        let (reply, _answer) = oneshot::channel();
-        let call: Box<dyn Call> = Box::new(Pending {
-            step,
-            result: None,
-            reply,
-        });
-        if queue.try_send(call).is_err() {
-            self.counters.queue_timeouts.fetch_add(1, Ordering::Relaxed);
+        let first = {
+            let mut starts = self.starts.lock().unwrap_or_else(|e| e.into_inner());
+            if starts.len() >= self.starts_max {
+                self.counters.queue_timeouts.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            starts.push((run, attempt, at));
+            starts.len() == 1
+        };
+        if first {
+            // Any call wakes the writer, which then takes the buffer; a full queue means it
+            // is busy and will take it at its next batch anyway.
+            let (reply, _answer) = oneshot::channel();
+            let wake: Box<dyn Call> = Box::new(Pending {
+                step: |_: &Connection| Ok::<(), DbError>(()),
+                result: None,
+                reply,
+            });
+            let _ = queue.try_send(wake);
         }
     }
 }
@@ -226,6 +246,7 @@ fn run(
     mut queue: mpsc::Receiver<Box<dyn Call>>,
     batch_max: usize,
     counters: &Counters,
+    starts: &Starts,
 ) {
     let mut batch: Vec<Box<dyn Call>> = Vec::with_capacity(batch_max.min(1024));
     while let Some(first) = queue.blocking_recv() {
@@ -235,6 +256,20 @@ fn run(
                 Ok(call) => batch.push(call),
                 Err(_) => break,
             }
+        }
+        // Taken after the calls: every mark noted before one of these calls was sent is in.
+        let marks = std::mem::take(&mut *starts.lock().unwrap_or_else(|e| e.into_inner()));
+        if !marks.is_empty() {
+            let (reply, _answer) = oneshot::channel();
+            let step = move |conn: &Connection| crate::write::note_starts(conn, &marks);
+            batch.insert(
+                0,
+                Box::new(Pending {
+                    step,
+                    result: None,
+                    reply,
+                }),
+            );
         }
         let outcome = apply_batch(&conn, &mut batch, counters);
         match &outcome {

@@ -76,7 +76,15 @@ async fn flushall_under_load_loses_nothing_and_keeps_order() {
             },
         )
         .await
-        .expect("limit 1: one run ready, the rest queued");
+        .expect("limit 1");
+    // Paused queues admit nothing, so every run waits in its queue key and the drain below sees
+    // pure queue order (a fast-pathed first run would otherwise race the producers).
+    for q in 0..5 {
+        engine
+            .pause_queue("default", &format!("q{q}"))
+            .await
+            .expect("pause");
+    }
 
     // Two producers; the key space is flushed when half of the runs are in.
     let (half_tx, half_rx) = tokio::sync::oneshot::channel::<()>();
@@ -123,8 +131,13 @@ async fn flushall_under_load_loses_nothing_and_keeps_order() {
     );
     assert!(queue.health().rebuilds >= 1, "the loss was detected");
 
-    // Same run_after and priority for all: the order is trigger (id) order, across queues
-    // round-robin; within each queue it must be id order.
+    // Same run_after and priority for all: within each queue the order must be id order.
+    for q in 0..5 {
+        engine
+            .resume_queue("default", &format!("q{q}"))
+            .await
+            .expect("resume (the paused settings survived the rebuild)");
+    }
     let order = drain_order(&queue).await;
     assert_eq!(order.len(), RUNS, "every run is claimed once");
     let mut by_queue: std::collections::BTreeMap<String, Vec<RunId>> = Default::default();
