@@ -22,6 +22,8 @@ mod shape;
 mod store;
 mod wake;
 
-pub use queue::DistributedQueue;
+pub use queue::{
+    DistributedQueue, AFTER_COMMIT_BEFORE_ENQUEUE, AFTER_TERMINAL_WRITE_BEFORE_ACK, FAILPOINT_VAR,
+};
 pub use shape::{open, Distributed, DistributedConfig, DistributedError, Health};
 pub use store::DistributedStore;

@@ -29,6 +29,17 @@ use tokio::sync::Notify;
 
 use crate::wake::Wake;
 
+/// The environment variable naming a crash point (tests of the store-first protocol).
+pub const FAILPOINT_VAR: &str = "RUNLANE_FAILPOINT";
+
+/// The crash point between the PostgreSQL commit of a trigger and its Redis enqueue: with
+/// `RUNLANE_FAILPOINT=after_commit_before_enqueue` the process aborts there.
+pub const AFTER_COMMIT_BEFORE_ENQUEUE: &str = "after_commit_before_enqueue";
+
+/// The crash point between a run's terminal write in PostgreSQL and its ack in Redis: with
+/// `RUNLANE_FAILPOINT=after_terminal_write_before_ack` the process aborts there.
+pub const AFTER_TERMINAL_WRITE_BEFORE_ACK: &str = "after_terminal_write_before_ack";
+
 /// The most ids one `in_queue` update carries.
 const MARK_BATCH_MAX: usize = 5_000;
 
@@ -64,6 +75,8 @@ pub struct DistributedQueue {
     redis: Arc<RedisQueue>,
     marks: Arc<Marks>,
     wake: Option<Arc<Wake>>,
+    /// Read once at construction: `RUNLANE_FAILPOINT`.
+    failpoint: Option<String>,
 }
 
 impl Drop for DistributedQueue {
@@ -88,6 +101,7 @@ impl DistributedQueue {
             redis,
             marks,
             wake: None,
+            failpoint: std::env::var(FAILPOINT_VAR).ok(),
         }
     }
 
@@ -103,6 +117,14 @@ impl DistributedQueue {
             wake.note(fx);
         }
         effects
+    }
+
+    /// Aborts the process when the failpoint `name` is armed.
+    fn failpoint(&self, name: &str, what: std::fmt::Arguments<'_>) {
+        if self.failpoint.as_deref() == Some(name) {
+            eprintln!("failpoint {name}: aborting {what}");
+            std::process::abort();
+        }
     }
 
     /// The Redis queue backend.
@@ -242,6 +264,11 @@ impl QueueBackend for DistributedQueue {
     ) -> Result<Enqueued, QueueError> {
         let run = dispatch.run_id;
         let due = dispatch.run_after;
+        // The engine committed the run; the process dies before Redis hears of it.
+        self.failpoint(
+            AFTER_COMMIT_BEFORE_ENQUEUE,
+            format_args!("before run {run} is enqueued"),
+        );
         match self.redis.enqueue(dispatch, sync, now).await {
             Ok(enqueued) => {
                 self.marks.push(run);
@@ -291,6 +318,11 @@ impl QueueBackend for DistributedQueue {
         token: FencingToken,
         now: Timestamp,
     ) -> Result<Effects, QueueError> {
+        // The engine wrote the terminal state; the process dies before Redis lets go.
+        self.failpoint(
+            AFTER_TERMINAL_WRITE_BEFORE_ACK,
+            format_args!("before run {run} is acked"),
+        );
         self.rang(self.redis.finish(run, token, now).await)
     }
     async fn retry(
@@ -373,6 +405,10 @@ impl QueueBackend for DistributedQueue {
         runs: &[(RunId, FencingToken)],
         now: Timestamp,
     ) -> Result<(Vec<Result<(), QueueError>>, Effects), QueueError> {
+        self.failpoint(
+            AFTER_TERMINAL_WRITE_BEFORE_ACK,
+            format_args!("before {} runs are acked", runs.len()),
+        );
         let done = self.redis.finish_many(runs, now).await;
         if let (Some(wake), Ok((_, fx))) = (&self.wake, &done) {
             wake.note(fx);

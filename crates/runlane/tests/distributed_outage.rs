@@ -1,0 +1,133 @@
+//! PostgreSQL unreachable (a cuttable TCP proxy in front of it): a trigger fails fast with
+//! `Unavailable` and stores nothing, health names PostgreSQL, and once it answers again
+//! triggers succeed by themselves and their runs complete, each once. Redis
+//! (`RUNLANE_REDIS_URL`) and PostgreSQL (`RUNLANE_DATABASE_URL`) are required.
+
+mod distributed_support;
+mod redis_support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use distributed_support::Proxy;
+use runlane::core::backend::RunFilter;
+use runlane::core::{RunId, RunStatus};
+use runlane::{
+    DistributedConfig, EngineBuilder, EngineError, HandlerError, RunContext, WaitOutcome,
+};
+use serde_json::Value;
+
+/// `(user@, host:port, /db)` of a `postgres://` URL.
+fn split_url(url: &str) -> (String, String, String) {
+    let rest = url
+        .trim_start_matches("postgres://")
+        .trim_start_matches("postgresql://");
+    let (user, rest) = match rest.split_once('@') {
+        Some((user, rest)) => (format!("{user}@"), rest),
+        None => (String::new(), rest),
+    };
+    let (host, db) = match rest.split_once('/') {
+        Some((host, db)) => (host.to_string(), format!("/{db}")),
+        None => (rest.to_string(), String::new()),
+    };
+    (user, host, db)
+}
+
+async fn assert_completed(engine: &runlane::Engine, run: RunId) {
+    match engine
+        .wait(run, Duration::from_secs(60))
+        .await
+        .expect("wait")
+    {
+        WaitOutcome::Finished(r) => assert_eq!(r.status, RunStatus::Completed, "run {run}"),
+        WaitOutcome::Pending { status, .. } => panic!("run {run} still {status:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_fails_triggers_fast_and_resumes_by_itself() {
+    let database = std::env::var("RUNLANE_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let (user, host, db) = split_url(&database);
+    let proxy = Proxy::start(host).await;
+    let mut config = DistributedConfig::new(
+        redis_support::url(),
+        format!("postgres://{user}127.0.0.1:{}{db}", proxy.port()),
+    );
+    config.redis.prefix = redis_support::fresh_prefix("outage");
+    config.postgres.schema = format!("rlt_outage_{}", std::process::id());
+    config.postgres.pool_size = 4;
+    config.postgres.acquire_timeout = Duration::from_secs(1);
+    config.throwaway = true;
+    let engine = match runlane::distributed_with(EngineBuilder::new(), config).await {
+        Ok(engine) => engine,
+        Err(e) => panic!("redis and postgresql are required: {e}"),
+    };
+    let executed: Arc<Mutex<HashMap<RunId, u32>>> = Arc::default();
+    let worker = {
+        let executed = executed.clone();
+        engine
+            .worker()
+            .handler("job", move |ctx: RunContext| {
+                let executed = executed.clone();
+                async move {
+                    *executed
+                        .lock()
+                        .map_err(|_| HandlerError::new("poisoned"))?
+                        .entry(ctx.run_id())
+                        .or_insert(0) += 1;
+                    Ok::<Value, HandlerError>(Value::Null)
+                }
+            })
+            .start()
+            .await
+            .expect("worker")
+    };
+    let first = engine.trigger("job").send().await.expect("trigger").run.id;
+    assert_completed(&engine, first).await;
+
+    proxy.cut();
+    let refused = engine.trigger("job").send().await;
+    assert!(
+        matches!(refused, Err(EngineError::Unavailable(_))),
+        "a trigger whose commit failed is Unavailable: {refused:?}"
+    );
+    let health = engine.health().await;
+    assert!(
+        health.redis && !health.postgres,
+        "health names postgresql: {health:?}"
+    );
+
+    // Back: the pool reconnects by itself; a trigger may still meet one dead connection.
+    proxy.restore();
+    let mut second = None;
+    for _ in 0..50 {
+        match engine.trigger("job").send().await {
+            Ok(t) => {
+                second = Some(t.run.id);
+                break;
+            }
+            Err(EngineError::Unavailable(_)) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("unexpected refusal: {e}"),
+        }
+    }
+    let second = second.expect("triggers succeed again once postgresql answers");
+    assert_completed(&engine, second).await;
+    assert!(engine.health().await.ok(), "both sides answer again");
+
+    let stored = engine.list(&RunFilter::default()).await.expect("list");
+    let mut ids: Vec<RunId> = stored.iter().map(|r| r.id).collect();
+    ids.sort();
+    let mut expected = vec![first, second];
+    expected.sort();
+    assert_eq!(ids, expected, "the refused trigger stored nothing");
+    let executed = executed.lock().expect("lock").clone();
+    assert_eq!(executed.get(&first), Some(&1));
+    assert_eq!(executed.get(&second), Some(&1));
+    assert_eq!(executed.len(), 2);
+    worker.stop().await;
+    engine.shutdown().await;
+}
