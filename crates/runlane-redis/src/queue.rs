@@ -120,6 +120,10 @@ pub struct RedisQueue {
     connected: AtomicBool,
     last_error: Mutex<Option<String>>,
     rebuilds: AtomicU64,
+    /// The latest engine instant any call carried: a rebuild started by a call that carries
+    /// none (`live`, `snapshot`, ...) re-enqueues at this instant, not at zero (which would
+    /// bring every due run back as delayed).
+    latest_now: AtomicU64,
     url: String,
     delete_on_drop: bool,
 }
@@ -326,6 +330,7 @@ impl RedisQueue {
             connected: AtomicBool::new(true),
             last_error: Mutex::new(None),
             rebuilds: AtomicU64::new(0),
+            latest_now: AtomicU64::new(0),
             url: config.url.clone(),
             delete_on_drop: false,
         };
@@ -461,11 +466,15 @@ impl RedisQueue {
         now: Timestamp,
         args: impl Fn() -> Vec<Arg>,
     ) -> Result<Answer, QueueError> {
+        let latest = self
+            .latest_now
+            .fetch_max(now.0, Ordering::Relaxed)
+            .max(now.0);
         for _ in 0..3 {
             let generation = lock(&self.generation).clone();
             let answer = self.raw(op, now, &generation, args()).await?;
             match answer.code.as_str() {
-                "lost" => self.rebuild(now).await?,
+                "lost" => self.rebuild(Timestamp(latest)).await?,
                 "generation" => {
                     *lock(&self.generation) = answer.extra(0)?.text()?.to_string();
                 }

@@ -97,10 +97,9 @@ async fn lost_redis_is_rebuilt_from_postgres_terminal_runs_never_return() {
     }
     server.flushall();
 
-    // The next call finds the key space lost and rebuilds it from PostgreSQL. (A call that
-    // carries the engine's `now`: a rebuild found by `snapshot`, which carries none, re-enqueues
-    // at instant zero, so every run comes back `delayed` until some timer tick.)
-    engine.lanes().await.expect("lanes");
+    // The next call finds the key space lost and rebuilds it from PostgreSQL. `snapshot` carries
+    // no instant of its own: the rebuild re-enqueues at the latest instant the queue has seen
+    // (the triggers'), so due runs come back due, not delayed.
     let snapshot = engine.queue().snapshot().await.expect("snapshot");
     let mut held: Vec<RunId> = snapshot.iter().map(|l| l.dispatch.run_id).collect();
     held.sort();
