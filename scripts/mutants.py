@@ -29,8 +29,8 @@ MUTANTS = [
         "id": "M1",
         "bug": "no promotion on ack",
         "file": QUEUE,
-        "old": "            st.runs.remove(&run);\n            st.admit_env(&d.env, now, &mut effects);",
-        "new": "            st.runs.remove(&run);",
+        "old": "            self.runs.remove(&run);\n            self.admit_env(&d.env, now, effects);",
+        "new": "            self.runs.remove(&run);",
         "tests": [CONFORMANCE + ["lim_07"], CONFORMANCE + ["lim_06"], PROPTEST],
     },
     {
@@ -79,8 +79,8 @@ MUTANTS = [
         "bug": "promotion only within the same queue",
         "file": QUEUE,
         # The admission pass after a finish only looks at the finished run's own queue.
-        "old": "            st.runs.remove(&run);\n            st.admit_env(&d.env, now, &mut effects);",
-        "new": "            st.runs.remove(&run);\n            st.only_queue = Some(d.queue.clone());\n            st.admit_env(&d.env, now, &mut effects);\n            st.only_queue = None;",
+        "old": "            self.runs.remove(&run);\n            self.admit_env(&d.env, now, effects);",
+        "new": "            self.runs.remove(&run);\n            self.only_queue = Some(d.queue.clone());\n            self.admit_env(&d.env, now, effects);\n            self.only_queue = None;",
         "extra": [
             ("    consumer_seq: u64,\n}", "    consumer_seq: u64,\n    only_queue: Option<QueueName>,\n}"),
             ("                consumer_seq: 0,\n", "                consumer_seq: 0,\n                only_queue: None,\n"),

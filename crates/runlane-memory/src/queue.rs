@@ -536,6 +536,23 @@ impl State {
         }
     }
 
+    /// Acks one leased run: checks its fencing token, ends the lease, forgets the run and admits
+    /// the env's next due runs into the slots it freed (`finish` and `finish_many` alike).
+    fn finish_one(
+        &mut self,
+        run: RunId,
+        token: FencingToken,
+        now: Timestamp,
+        effects: &mut Effects,
+    ) -> Result<(), QueueError> {
+        self.leased(run, token, true)?;
+        if let Some(d) = self.end_lease(run) {
+            self.runs.remove(&run);
+            self.admit_env(&d.env, now, effects);
+        }
+        Ok(())
+    }
+
     /// Ends a lease (removing its deadlines and, unless lapsed, its slots); returns the run's
     /// dispatch facts and whether it was lapsed.
     fn end_lease(&mut self, run: RunId) -> Option<Dispatch> {
@@ -970,12 +987,8 @@ impl QueueBackend for MemoryQueue {
         now: Timestamp,
     ) -> Result<Effects, QueueError> {
         let mut st = self.lock();
-        st.leased(run, token, true)?;
         let mut effects = Effects::default();
-        if let Some(d) = st.end_lease(run) {
-            st.runs.remove(&run);
-            st.admit_env(&d.env, now, &mut effects);
-        }
+        st.finish_one(run, token, now, &mut effects)?;
         Ok(st.finish_effects(effects))
     }
 
@@ -1304,14 +1317,7 @@ impl QueueBackend for MemoryQueue {
         let mut effects = Effects::default();
         let answers = runs
             .iter()
-            .map(|&(run, token)| {
-                st.leased(run, token, true)?;
-                if let Some(d) = st.end_lease(run) {
-                    st.runs.remove(&run);
-                    st.admit_env(&d.env, now, &mut effects);
-                }
-                Ok(())
-            })
+            .map(|&(run, token)| st.finish_one(run, token, now, &mut effects))
             .collect();
         Ok((answers, st.finish_effects(effects)))
     }
