@@ -73,6 +73,24 @@ pub enum QueueError {
     Unavailable(String),
 }
 
+impl QueueError {
+    /// An env the backend does not know (field `env`).
+    pub fn unknown_env(env: &crate::EnvName) -> Self {
+        QueueError::Invalid(InvalidInput::new(
+            "env",
+            format!("unknown env {:?}", env.as_str()),
+        ))
+    }
+
+    /// A lane the backend does not know (field `lane`).
+    pub fn unknown_lane(lane: &crate::LaneName) -> Self {
+        QueueError::Invalid(InvalidInput::new(
+            "lane",
+            format!("unknown lane {:?}", lane.as_str()),
+        ))
+    }
+}
+
 /// Errors of a run store (runs, attempts, idempotency keys, envs, versions).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {

@@ -18,8 +18,8 @@ use runlane_core::backend::{
 use runlane_core::run::{transition, Event, RetryTarget};
 use runlane_core::score::{score, Score};
 use runlane_core::{
-    ClaimChain, EnvName, EnvSettings, FencingToken, InvalidInput, LaneName, QueueError, QueueName,
-    QueueSettings, RunId, RunStatus, Timestamp, WorkerId,
+    ClaimChain, EnvName, EnvSettings, FencingToken, LaneName, QueueError, QueueName, QueueSettings,
+    RunId, RunStatus, Timestamp, WorkerId,
 };
 
 /// Settings of the in-memory queue backend.
@@ -184,20 +184,6 @@ impl MemoryQueue {
         // every step validates before it mutates.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
-
-fn unknown_env(env: &EnvName) -> QueueError {
-    QueueError::Invalid(InvalidInput::new(
-        "env",
-        format!("unknown env {:?}", env.as_str()),
-    ))
-}
-
-fn unknown_lane(lane: &LaneName) -> QueueError {
-    QueueError::Invalid(InvalidInput::new(
-        "lane",
-        format!("unknown lane {:?}", lane.as_str()),
-    ))
 }
 
 /// Records a status change, checked against the core state machine.
@@ -653,7 +639,10 @@ impl QueueBackend for MemoryQueue {
     ) -> Result<Effects, QueueError> {
         settings.validate()?;
         let mut st = self.lock();
-        let e = st.envs.get_mut(env).ok_or_else(|| unknown_env(env))?;
+        let e = st
+            .envs
+            .get_mut(env)
+            .ok_or_else(|| QueueError::unknown_env(env))?;
         e.queues.entry(queue.clone()).or_default().settings = settings;
         let mut effects = Effects::default();
         st.admit_env(env, now, &mut effects);
@@ -666,7 +655,10 @@ impl QueueBackend for MemoryQueue {
         queue: &QueueName,
     ) -> Result<QueueSettings, QueueError> {
         let st = self.lock();
-        let e = st.envs.get(env).ok_or_else(|| unknown_env(env))?;
+        let e = st
+            .envs
+            .get(env)
+            .ok_or_else(|| QueueError::unknown_env(env))?;
         Ok(e.queues.get(queue).map(|q| q.settings).unwrap_or_default())
     }
 
@@ -711,7 +703,10 @@ impl QueueBackend for MemoryQueue {
 
     async fn queues(&self, env: &EnvName) -> Result<Vec<QueueInfo>, QueueError> {
         let st = self.lock();
-        let e = st.envs.get(env).ok_or_else(|| unknown_env(env))?;
+        let e = st
+            .envs
+            .get(env)
+            .ok_or_else(|| QueueError::unknown_env(env))?;
         Ok(e.queues
             .iter()
             .map(|(name, q)| QueueInfo {
@@ -727,7 +722,10 @@ impl QueueBackend for MemoryQueue {
 
     async fn env_usage(&self, env: &EnvName) -> Result<EnvUsage, QueueError> {
         let st = self.lock();
-        let e = st.envs.get(env).ok_or_else(|| unknown_env(env))?;
+        let e = st
+            .envs
+            .get(env)
+            .ok_or_else(|| QueueError::unknown_env(env))?;
         Ok(EnvUsage {
             running: e.running,
             fast_lane_running: e.fast_lane_running,
@@ -754,9 +752,9 @@ impl QueueBackend for MemoryQueue {
         let env = st
             .envs
             .get(&dispatch.env)
-            .ok_or_else(|| unknown_env(&dispatch.env))?;
+            .ok_or_else(|| QueueError::unknown_env(&dispatch.env))?;
         if !st.lanes.contains_key(&dispatch.lane) {
-            return Err(unknown_lane(&dispatch.lane));
+            return Err(QueueError::unknown_lane(&dispatch.lane));
         }
         let fast_path_on = env.settings.fast_path;
         let queue = env.queues.get(&dispatch.queue);

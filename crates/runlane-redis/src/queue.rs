@@ -16,8 +16,8 @@ use runlane_core::backend::{
     Lapsed, LeaseState, Leased, LiveRun, Placement, QueueBackend, QueueInfo, RunStore, Tick,
 };
 use runlane_core::{
-    ClaimChain, EnvName, EnvSettings, FencingToken, InvalidInput, LaneName, QueueError, QueueName,
-    QueueSettings, RunId, Timestamp,
+    ClaimChain, EnvName, EnvSettings, FencingToken, LaneName, QueueError, QueueName, QueueSettings,
+    RunId, Timestamp,
 };
 
 use crate::record::{self, malformed, run_id, unpack, ValueExt};
@@ -193,20 +193,6 @@ fn chain_text(chain: &ClaimChain) -> String {
         s.push_str(lane.as_str());
     }
     s
-}
-
-fn unknown_env(env: &EnvName) -> QueueError {
-    QueueError::Invalid(InvalidInput::new(
-        "env",
-        format!("unknown env {:?}", env.as_str()),
-    ))
-}
-
-fn unknown_lane(lane: &LaneName) -> QueueError {
-    QueueError::Invalid(InvalidInput::new(
-        "lane",
-        format!("unknown lane {:?}", lane.as_str()),
-    ))
 }
 
 /// An argument of a script call.
@@ -609,7 +595,7 @@ impl RedisQueue {
             .call("put_queue", now, || put_queue_args(env, queue, settings))
             .await?;
         if answer.code == "unknown_env" {
-            return Err(unknown_env(env));
+            return Err(QueueError::unknown_env(env));
         }
         Ok(answer)
     }
@@ -738,7 +724,7 @@ impl QueueBackend for RedisQueue {
             })
             .await?;
         if answer.code == "unknown_env" {
-            return Err(unknown_env(env));
+            return Err(QueueError::unknown_env(env));
         }
         settings_from(&answer.extra)
     }
@@ -785,7 +771,7 @@ impl QueueBackend for RedisQueue {
             .call("queues", Timestamp::ZERO, || vec![env.as_str().into()])
             .await?;
         if answer.code == "unknown_env" {
-            return Err(unknown_env(env));
+            return Err(QueueError::unknown_env(env));
         }
         let mut out = Vec::new();
         for item in answer.extra(0)?.list()? {
@@ -811,7 +797,7 @@ impl QueueBackend for RedisQueue {
             .call("env_usage", Timestamp::ZERO, || vec![env.as_str().into()])
             .await?;
         if answer.code == "unknown_env" {
-            return Err(unknown_env(env));
+            return Err(QueueError::unknown_env(env));
         }
         Ok(EnvUsage {
             running: u32::try_from(answer.extra(0)?.int()?).unwrap_or(0),
@@ -838,8 +824,8 @@ impl QueueBackend for RedisQueue {
             .await?;
         match answer.code.as_str() {
             "ok" => {}
-            "unknown_env" => return Err(unknown_env(&dispatch.env)),
-            "unknown_lane" => return Err(unknown_lane(&dispatch.lane)),
+            "unknown_env" => return Err(QueueError::unknown_env(&dispatch.env)),
+            "unknown_lane" => return Err(QueueError::unknown_lane(&dispatch.lane)),
             "queue_full" => {
                 return Err(QueueError::QueueFull {
                     queue: dispatch.queue.to_string(),
