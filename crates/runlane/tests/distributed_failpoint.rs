@@ -11,14 +11,15 @@
 //!   the run terminal and only cleans it out of Redis: it never runs again.
 
 mod redis_support;
+mod run_counter;
 
-use std::collections::HashMap;
+use run_counter::{counting_worker, Executions};
+
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use runlane::core::backend::{QueueBackend, RunFilter};
-use runlane::core::{RunId, RunStatus};
+use runlane::core::RunStatus;
 use runlane::{
     DistributedConfig, EngineBuilder, HandlerError, ReconcileConfig, RunContext, WaitOutcome,
 };
@@ -36,29 +37,6 @@ fn config(prefix: &str, schema: &str) -> DistributedConfig {
     config.postgres.schema = schema.to_string();
     config.postgres.pool_size = 4;
     config
-}
-
-type Executions = Arc<Mutex<HashMap<RunId, u32>>>;
-
-async fn counting_worker(engine: &runlane::Engine, executed: &Executions) -> runlane::Worker {
-    let executed = executed.clone();
-    engine
-        .worker()
-        .lease(Duration::from_secs(1))
-        .handler("job", move |ctx: RunContext| {
-            let executed = executed.clone();
-            async move {
-                *executed
-                    .lock()
-                    .map_err(|_| HandlerError::new("poisoned"))?
-                    .entry(ctx.run_id())
-                    .or_insert(0) += 1;
-                Ok::<Value, HandlerError>(Value::Null)
-            }
-        })
-        .start()
-        .await
-        .expect("worker")
 }
 
 /// The child: triggers one run with the failpoint armed, so it aborts after the commit.
@@ -111,7 +89,7 @@ async fn crash_after_commit_before_enqueue_loses_nothing() {
     let run = stored[0].id;
     assert!(!stored[0].status.is_terminal(), "it never ran");
 
-    let worker = counting_worker(&engine, &executed).await;
+    let worker = counting_worker(engine.worker().lease(Duration::from_secs(1)), &executed).await;
     match engine
         .wait(run, Duration::from_secs(60))
         .await
@@ -202,7 +180,7 @@ async fn crash_after_terminal_write_before_ack_never_runs_again() {
     );
 
     let executed = Executions::default();
-    let worker = counting_worker(&engine, &executed).await;
+    let worker = counting_worker(engine.worker().lease(Duration::from_secs(1)), &executed).await;
     // The child's lease lapses in Redis (1 s); this engine's timer, armed by Redis's earliest
     // deadline, cleans the run out. Redis is read until it no longer holds the run.
     let cleaned = async {

@@ -4,45 +4,23 @@
 //! (`RUNLANE_DATABASE_URL`) and `redis-server` are required: a missing one fails the test.
 
 mod redis_support;
+mod run_counter;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis_support::PrivateRedis;
+use run_counter::{counting_worker, Executions};
 use runlane::core::backend::QueueBackend;
 use runlane::core::{RunId, RunStatus};
-use runlane::{DistributedConfig, EngineBuilder, HandlerError, RunContext, WaitOutcome, Worker};
-use serde_json::Value;
+use runlane::{DistributedConfig, EngineBuilder, WaitOutcome};
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
 fn database_url() -> String {
     std::env::var("RUNLANE_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-type Executions = Arc<Mutex<HashMap<RunId, u32>>>;
-
-async fn counting_worker(engine: &runlane::Engine, runs: &Executions) -> Worker {
-    let runs = runs.clone();
-    engine
-        .worker()
-        .handler("job", move |ctx: RunContext| {
-            let runs = runs.clone();
-            async move {
-                *runs
-                    .lock()
-                    .map_err(|_| HandlerError::new("poisoned"))?
-                    .entry(ctx.run_id())
-                    .or_insert(0) += 1;
-                Ok::<Value, HandlerError>(Value::Null)
-            }
-        })
-        .start()
-        .await
-        .expect("worker")
 }
 
 async fn assert_completed(engine: &runlane::Engine, run: RunId) {
@@ -74,7 +52,7 @@ async fn lost_redis_is_rebuilt_from_postgres_terminal_runs_never_return() {
     let runs: Executions = Arc::default();
 
     // Twenty runs complete.
-    let worker = counting_worker(&engine, &runs).await;
+    let worker = counting_worker(engine.worker(), &runs).await;
     let mut done = Vec::new();
     for _ in 0..20 {
         done.push(engine.trigger("job").send().await.expect("trigger").run.id);
@@ -113,7 +91,7 @@ async fn lost_redis_is_rebuilt_from_postgres_terminal_runs_never_return() {
     );
     assert_eq!(engine.health().await.redis_backend.rebuilds, 1);
 
-    let worker = counting_worker(&engine, &runs).await;
+    let worker = counting_worker(engine.worker(), &runs).await;
     for run in &waiting {
         assert_completed(&engine, *run).await;
     }

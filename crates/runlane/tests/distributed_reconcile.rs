@@ -6,18 +6,15 @@
 
 mod distributed_support;
 mod redis_support;
+mod run_counter;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use distributed_support::Proxy;
+use run_counter::{counting_worker, Executions};
 use runlane::core::{RunId, RunStatus};
-use runlane::{
-    DistributedConfig, EngineBuilder, HandlerError, ReconcileConfig, RunContext, WaitOutcome,
-};
-use serde_json::Value;
+use runlane::{DistributedConfig, EngineBuilder, ReconcileConfig, WaitOutcome};
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
@@ -58,26 +55,8 @@ async fn redis_failure_after_commit_is_reconciled_nothing_lost_nothing_twice() {
     };
     assert!(engine.health().await.ok(), "both sides answer at start");
 
-    let runs: Arc<Mutex<HashMap<RunId, u32>>> = Arc::default();
-    let worker = {
-        let runs = runs.clone();
-        engine
-            .worker()
-            .handler("job", move |ctx: RunContext| {
-                let runs = runs.clone();
-                async move {
-                    *runs
-                        .lock()
-                        .map_err(|_| HandlerError::new("poisoned"))?
-                        .entry(ctx.run_id())
-                        .or_insert(0) += 1;
-                    Ok::<Value, HandlerError>(Value::Null)
-                }
-            })
-            .start()
-            .await
-            .expect("worker")
-    };
+    let runs = Executions::default();
+    let worker = counting_worker(engine.worker(), &runs).await;
 
     // With Redis up: the ordinary path.
     let mut before = Vec::new();
