@@ -8,8 +8,9 @@
 //!   (exact cross-process maxima, not samples) and no count ever exceeds its admission row;
 //! - `sigkilled_worker_runs_recovered_within_lease_plus_one_second`: the worker process that
 //!   owns the timers is SIGKILLed mid-run; its runs are claimed again by the other worker within
-//!   lease + 1 s of the kill (measured per run), the other process took the timers over, every
-//!   run completed once in PostgreSQL, and only runs the dead process had started ran twice;
+//!   lease + 1 s of the kill (measured per run), another process (the surviving worker or the
+//!   test process) took the timers over, every run completed once in PostgreSQL, and only runs
+//!   the dead process had started ran twice;
 //! - `flushall_under_load_across_processes`: a private `redis-server` is flushed while runs are
 //!   triggered and two worker processes hold leases; nothing is lost, every run one terminal
 //!   state, only runs started before the flush ran twice;
@@ -344,8 +345,8 @@ async fn all_completed(engine: &runlane::Engine, runs: &[RunId], limit: Duration
     }
 }
 
-/// Triggers `n` runs of `job` from eight producers, over two envs, four queues and five keys,
-/// with `payload(i)`.
+/// Triggers `n` runs of `job` from eight producers in batches of 25, over two envs, four
+/// queues and five keys, with `payload(i)`.
 async fn trigger_many(
     engine: &runlane::Engine,
     n: usize,
@@ -359,7 +360,9 @@ async fn trigger_many(
         let payload = payload.clone();
         producers.spawn(async move {
             let mut ids = Vec::new();
-            for i in (p..n).step_by(8) {
+            let mut batch = Vec::new();
+            let mine: Vec<usize> = (p..n).step_by(8).collect();
+            for (j, i) in mine.iter().copied().enumerate() {
                 let env = if i % 3 == 0 { "b" } else { "default" };
                 let queue = format!("q{}", i % 4);
                 let key = format!("k{}", i % 5);
@@ -372,7 +375,15 @@ async fn trigger_many(
                 if let Some(r) = &retry {
                     t = t.retry(*r);
                 }
-                ids.push(t.send().await.expect("trigger").run.id);
+                batch.push(t.request().expect("request"));
+                // Batches of 25 (one store transaction each).
+                if batch.len() == 25 || j + 1 == mine.len() {
+                    let sent = engine
+                        .trigger_batch(std::mem::take(&mut batch))
+                        .await
+                        .expect("trigger a batch");
+                    ids.extend(sent.into_iter().map(|t| t.run.id));
+                }
             }
             ids
         });
