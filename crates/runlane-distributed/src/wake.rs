@@ -14,8 +14,9 @@
 //!   message starts with its sender's origin id; a process skips its own.
 //!
 //! A message lost while a subscriber reconnects costs a wake-up (the next ring or claim finds
-//! the run), a re-arm (the owner wakes for its armed deadline and re-reads) or an early answer
-//! (a `wait` then answers from the store at its timeout), never a run.
+//! the run) or an early answer (a `wait` then answers from the store at its timeout), never a
+//! run; the timer owner re-reads its deadline each time its subscription is (re)established,
+//! so no announcement is lost for it.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -266,6 +267,16 @@ pub(crate) fn spawn_subscriber(
             if let Ok(mut pubsub) = client.get_async_pubsub().await {
                 let names = [&channels.wake, &channels.timer, &channels.events];
                 if pubsub.subscribe(&names[..]).await.is_ok() {
+                    // Announcements published while this process was not subscribed are lost:
+                    // the owner re-reads its deadline once it listens again.
+                    if let Some(engine) = engine.upgrade().filter(|_| wake.lead.is_leader()) {
+                        engine
+                            .apply_effects(Effects {
+                                deadline: Some(Timestamp::ZERO),
+                                ..Effects::default()
+                            })
+                            .await;
+                    }
                     let mut messages = pubsub.on_message();
                     while let Some(msg) = messages.next().await {
                         let Ok(payload) = msg.get_payload::<String>() else {
