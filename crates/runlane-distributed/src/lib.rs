@@ -20,6 +20,7 @@
 mod queue;
 mod shape;
 mod store;
+mod timer;
 mod wake;
 
 pub use queue::{

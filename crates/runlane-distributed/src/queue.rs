@@ -127,6 +127,12 @@ impl DistributedQueue {
         }
     }
 
+    /// Whether this process owns the deployment's timers now (always false for a queue
+    /// opened without the shape's background tasks, whose timer reads every deadline).
+    pub fn owns_timers(&self) -> bool {
+        self.wake.as_ref().is_some_and(|w| w.owns_timers())
+    }
+
     /// The Redis queue backend.
     pub fn redis(&self) -> &Arc<RedisQueue> {
         &self.redis
@@ -300,7 +306,15 @@ impl QueueBackend for DistributedQueue {
         request: &ClaimRequest,
         now: Timestamp,
     ) -> Result<Vec<Leased>, QueueError> {
-        self.redis.claim(request, now).await
+        let leased = self.redis.claim(request, now).await;
+        if let (Some(wake), Ok(runs)) = (&self.wake, &leased) {
+            let earliest = runs
+                .iter()
+                .flat_map(|l| std::iter::once(l.lease_deadline).chain(l.attempt_deadline))
+                .min();
+            wake.note_deadline(earliest);
+        }
+        leased
     }
     async fn heartbeat(
         &self,
@@ -349,8 +363,12 @@ impl QueueBackend for DistributedQueue {
         now: Timestamp,
     ) -> Result<CancelOutcome, QueueError> {
         let outcome = self.redis.cancel(run, grace, now).await;
-        if let (Some(wake), Ok(CancelOutcome::Removed { effects, .. })) = (&self.wake, &outcome) {
-            wake.note(effects);
+        match (&self.wake, &outcome) {
+            (Some(wake), Ok(CancelOutcome::Removed { effects, .. })) => wake.note(effects),
+            (Some(wake), Ok(CancelOutcome::Requested { grace_deadline, .. })) => {
+                wake.note_deadline(Some(*grace_deadline));
+            }
+            _ => {}
         }
         outcome
     }
@@ -375,7 +393,13 @@ impl QueueBackend for DistributedQueue {
         tick
     }
     async fn next_deadline(&self) -> Result<Option<Timestamp>, QueueError> {
-        self.redis.next_deadline().await
+        match &self.wake {
+            // One process owns the timers (`timer.rs`): only its timer sees Redis's deadlines,
+            // and its read records what it sleeps until, for other processes' announcements.
+            Some(wake) if wake.owns_timers() => self.redis.next_deadline_armed().await,
+            Some(_) => Ok(None),
+            None => self.redis.next_deadline().await,
+        }
     }
     async fn live(&self, run: RunId) -> Result<Option<LiveRun>, QueueError> {
         self.redis.live(run).await

@@ -15,7 +15,8 @@ use tokio::sync::Notify;
 
 use crate::queue::DistributedQueue;
 use crate::store::DistributedStore;
-use crate::wake::{spawn_publisher, spawn_subscriber, Wake};
+use crate::timer::{spawn_lead, TimerLead};
+use crate::wake::{spawn_publisher, spawn_subscriber, Channels, Wake};
 
 /// Settings of the distributed shape.
 #[derive(Clone, Debug)]
@@ -32,6 +33,10 @@ pub struct DistributedConfig {
     /// Deletes the prefix's Redis keys and drops the PostgreSQL schema when the engine is
     /// dropped (tests and benchmarks with a throwaway prefix and schema; default false).
     pub throwaway: bool,
+    /// The lease of the timer ownership (`{prefix}:timer`, default 2 s): one process owns the
+    /// deployment's timers and renews it every third of this; when the owner dies, another
+    /// process takes over within this period.
+    pub timer_lease: Duration,
 }
 
 impl DistributedConfig {
@@ -44,6 +49,7 @@ impl DistributedConfig {
             reconcile: ReconcileConfig::default(),
             mark_linger: Duration::from_millis(10),
             throwaway: false,
+            timer_lease: Duration::from_secs(2),
         }
     }
 }
@@ -93,11 +99,18 @@ pub struct Distributed {
     store: Arc<PostgresStore>,
     stop: Arc<Notify>,
     subscriber: tokio::task::JoinHandle<()>,
+    lead: Arc<TimerLead>,
+    lead_task: tokio::task::JoinHandle<()>,
+    client: redis::Client,
 }
 
 impl Drop for Distributed {
     fn drop(&mut self) {
+        // Dropped without `shutdown`: the timer ownership is not released, it lapses (as when
+        // the process dies).
         self.subscriber.abort();
+        self.lead_task.abort();
+        self.lead.abandon();
     }
 }
 
@@ -137,10 +150,23 @@ impl Distributed {
         }
     }
 
-    /// Stops the reconciler and the engine's timer service.
+    /// Whether this process owns the deployment's timers now.
+    pub fn owns_timers(&self) -> bool {
+        self.lead.is_leader()
+    }
+
+    /// How many times this process took the timer ownership since open.
+    pub fn timer_takeovers(&self) -> u64 {
+        self.lead.taken()
+    }
+
+    /// Stops the reconciler, the cross-process tasks and the engine's timer service, and
+    /// gives the timer ownership up so another process takes it at once.
     pub async fn shutdown(&self) {
         self.stop.notify_one();
         self.subscriber.abort();
+        self.lead_task.abort();
+        self.lead.release(&self.client).await;
         self.engine.shutdown().await;
     }
 }
@@ -163,19 +189,42 @@ pub async fn open(
     }
     let redis = Arc::new(redis);
     redis.attach_store(store.clone());
-    let channel = format!("{}:wake", redis.key_base());
+    let channels = Channels::new(redis.key_base());
+    let origin = format!(
+        "{}-{:x}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    );
+    let lead = Arc::new(TimerLead::new(
+        redis.key_base(),
+        &origin,
+        config.timer_lease,
+    ));
     let client =
         redis::Client::open(redis_url.as_str()).map_err(|e| RedisOpenError::Unreachable {
             address: redis_url.clone(),
             reason: e.to_string(),
         })?;
-    let wake = Arc::new(Wake::default());
-    spawn_publisher(wake.clone(), client.clone(), channel.clone());
-    let queue =
-        Arc::new(DistributedQueue::new(redis, store.clone(), config.mark_linger).with_wake(wake));
+    let wake = Arc::new(Wake::new(lead.clone(), origin));
+    spawn_publisher(
+        wake.clone(),
+        client.clone(),
+        channels.clone(),
+        Arc::downgrade(&redis),
+    );
+    let queue = Arc::new(
+        DistributedQueue::new(redis, store.clone(), config.mark_linger).with_wake(wake.clone()),
+    );
     let engine = builder
         .open(queue.clone() as Arc<dyn QueueBackend>, Arc::new(run_store))
         .await?;
+    {
+        let wake = wake.clone();
+        engine.tap_statuses(Arc::new(move |event| wake.note_event(event)));
+    }
     let stop = Arc::new(Notify::new());
     let now = {
         let weak = engine.downgrade();
@@ -202,12 +251,16 @@ pub async fn open(
         }
     };
     spawn_reconciler(store.clone(), config.reconcile, now, enqueue, stop.clone());
-    let subscriber = spawn_subscriber(client, channel, engine.downgrade());
+    let subscriber = spawn_subscriber(client.clone(), channels, engine.downgrade(), wake);
+    let lead_task = spawn_lead(lead.clone(), client.clone(), engine.downgrade());
     Ok(Distributed {
         engine,
         queue,
         store,
         stop,
         subscriber,
+        lead,
+        lead_task,
+        client,
     })
 }

@@ -1,48 +1,154 @@
-//! Doorbells across processes. An engine rings its own lanes' doorbells when a queue call
-//! makes runs ready, but a worker in another process sharing the Redis queue never hears
-//! those. Here every call of this process that made lanes ready also publishes their names on
-//! the deployment's channel `{prefix}:wake` (one `PUBLISH` per batch, off the caller's path),
-//! and a subscriber rings the named lanes in this process's engine. No polling: an idle
-//! process waits on the subscription.
+//! What crosses processes through Redis pub/sub, on three channels under the deployment's
+//! prefix, each published in batches by one publisher task (one `PUBLISH` per batch and
+//! channel, off the callers' paths) and read by one subscriber task per process:
+//!
+//! - `{prefix}:wake` — doorbells. An engine rings its own lanes' doorbells when a queue call
+//!   makes runs ready, but a worker in another process never hears those; every call of this
+//!   process that made lanes ready publishes their names, and the subscriber rings the named
+//!   lanes in this process's engine. An idle process waits on the subscription: no polling.
+//! - `{prefix}:timer` — deadlines for the timer owner (see `timer.rs`): the earliest deadline a
+//!   batch of this process's calls left, published only when Redis says (`announce`) it is
+//!   earlier than what the owner sleeps until; the owner's subscriber re-arms its timer.
+//! - `{prefix}:events` — terminal run statuses this process's engine published, so that
+//!   `Engine::wait` and subscriptions in every other process see runs finished here. Each
+//!   message starts with its sender's origin id; a process skips its own.
+//!
+//! A message lost while a subscriber reconnects costs a wake-up (the next ring or claim finds
+//! the run) or an early answer (a `wait` then answers from the store at its timeout), never a
+//! run; the timer owner re-reads its deadline each time its subscription is (re)established,
+//! so no announcement is lost for it.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use runlane_core::backend::Effects;
-use runlane_core::LaneName;
-use runlane_engine::WeakEngine;
+use runlane_core::{EnvName, LaneName, RunId, RunStatus, Timestamp};
+use runlane_engine::{RunEvent, RunEventKind, WeakEngine};
+use runlane_redis::RedisQueue;
 use tokio::sync::Notify;
+
+use crate::timer::TimerLead;
 
 /// After a lost connection, the next connect waits this long.
 const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 
-/// Lanes made ready in this process, waiting to be published.
+/// The channels of one deployment.
+#[derive(Clone, Debug)]
+pub(crate) struct Channels {
+    pub(crate) wake: String,
+    pub(crate) timer: String,
+    pub(crate) events: String,
+}
+
+impl Channels {
+    pub(crate) fn new(base: &str) -> Self {
+        Channels {
+            wake: format!("{base}:wake"),
+            timer: format!("{base}:timer"),
+            events: format!("{base}:events"),
+        }
+    }
+}
+
+/// What this process has to publish.
 #[derive(Default)]
+struct Outbox {
+    lanes: BTreeSet<String>,
+    deadline: Option<Timestamp>,
+    events: Vec<String>,
+}
+
+impl Outbox {
+    fn is_empty(&self) -> bool {
+        self.lanes.is_empty() && self.deadline.is_none() && self.events.is_empty()
+    }
+}
+
+/// Lanes made ready, deadlines created and runs finished in this process, waiting to be
+/// published.
 pub(crate) struct Wake {
-    lanes: Mutex<BTreeSet<String>>,
+    outbox: Mutex<Outbox>,
     notify: Notify,
     closed: AtomicBool,
+    lead: Arc<TimerLead>,
+    origin: String,
 }
 
 impl Wake {
-    fn lock(&self) -> MutexGuard<'_, BTreeSet<String>> {
-        self.lanes.lock().unwrap_or_else(|e| e.into_inner())
+    pub(crate) fn new(lead: Arc<TimerLead>, origin: String) -> Self {
+        Wake {
+            outbox: Mutex::new(Outbox::default()),
+            notify: Notify::new(),
+            closed: AtomicBool::new(false),
+            lead,
+            origin,
+        }
     }
 
-    /// Notes the lanes a call made ready.
+    /// Whether this process owns the deployment's timers now.
+    pub(crate) fn owns_timers(&self) -> bool {
+        self.lead.is_leader()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes the lanes a call made ready and the earliest deadline it left.
     pub(crate) fn note(&self, effects: &Effects) {
-        if effects.ready_lanes.is_empty() {
+        self.note_parts(&effects.ready_lanes, effects.deadline);
+    }
+
+    /// Notes a deadline a call created (a claim's lease).
+    pub(crate) fn note_deadline(&self, deadline: Option<Timestamp>) {
+        self.note_parts(&[], deadline);
+    }
+
+    fn note_parts(&self, lanes: &[LaneName], deadline: Option<Timestamp>) {
+        // The owner's own calls re-arm its own timer through the engine.
+        let deadline = deadline.filter(|_| !self.lead.is_leader());
+        if lanes.is_empty() && deadline.is_none() {
             return;
         }
         let first = {
-            let mut lanes = self.lock();
-            let was_empty = lanes.is_empty();
-            for lane in &effects.ready_lanes {
-                lanes.insert(lane.as_str().to_string());
+            let mut out = self.lock();
+            let was_empty = out.is_empty();
+            for lane in lanes {
+                out.lanes.insert(lane.as_str().to_string());
             }
+            if let Some(d) = deadline {
+                out.deadline = Some(out.deadline.map_or(d, |o| o.min(d)));
+            }
+            was_empty
+        };
+        if first {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Notes a status event of this process's engine (terminal ones cross processes).
+    pub(crate) fn note_event(&self, event: &RunEvent) {
+        let RunEventKind::Status { status, attempt } = event.kind else {
+            return;
+        };
+        if !status.is_terminal() {
+            return;
+        }
+        let line = format!(
+            "{}\t{}\t{}\t{}\t{}",
+            event.run,
+            event.env.as_str(),
+            status.as_str(),
+            attempt,
+            event.at.as_millis()
+        );
+        let first = {
+            let mut out = self.lock();
+            let was_empty = out.is_empty();
+            out.events.push(line);
             was_empty
         };
         if first {
@@ -57,14 +163,18 @@ impl Wake {
     }
 }
 
-/// Publishes noted lanes, a batch per `PUBLISH`, until closed.
+/// Publishes what is noted, a batch per `PUBLISH` and channel, until closed.
 pub(crate) fn spawn_publisher(
     wake: Arc<Wake>,
     client: redis::Client,
-    channel: String,
+    channels: Channels,
+    redis: Weak<RedisQueue>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut conn: Option<redis::aio::MultiplexedConnection> = None;
+        // The last deadline Redis answered `announce` for: the owner is armed for it or
+        // earlier (or it was announced), so the same deadline needs no second round trip.
+        let mut covered: Option<Timestamp> = None;
         loop {
             if wake.lock().is_empty() {
                 if wake.closed.load(Ordering::SeqCst) {
@@ -72,8 +182,8 @@ pub(crate) fn spawn_publisher(
                 }
                 wake.notify.notified().await;
             }
-            let lanes: Vec<String> = std::mem::take(&mut *wake.lock()).into_iter().collect();
-            if lanes.is_empty() {
+            let out = std::mem::take(&mut *wake.lock());
+            if out.is_empty() {
                 continue;
             }
             if conn.is_none() {
@@ -83,29 +193,90 @@ pub(crate) fn spawn_publisher(
                 // Redis is away: every process's claims fail and retry by themselves.
                 continue;
             };
-            let published: redis::RedisResult<i64> = redis::cmd("PUBLISH")
-                .arg(&channel)
-                .arg(lanes.join(","))
-                .query_async(c)
-                .await;
-            if published.is_err() {
+            let mut failed = false;
+            if !out.lanes.is_empty() {
+                let lanes: Vec<String> = out.lanes.into_iter().collect();
+                failed |= publish(c, &channels.wake, lanes.join(",")).await;
+            }
+            if let Some(d) = out.deadline.filter(|d| Some(*d) != covered) {
+                if let Some(redis) = redis.upgrade() {
+                    match redis.announce(d).await {
+                        Ok(announce) => {
+                            covered = Some(d);
+                            if announce {
+                                failed |=
+                                    publish(c, &channels.timer, d.as_millis().to_string()).await;
+                            }
+                        }
+                        Err(e) => tracing::debug!(error = %e, "announcing a deadline failed"),
+                    }
+                }
+            }
+            if !out.events.is_empty() {
+                let mut text = wake.origin.clone();
+                for line in &out.events {
+                    text.push('\n');
+                    text.push_str(line);
+                }
+                failed |= publish(c, &channels.events, text).await;
+            }
+            if failed {
                 conn = None;
             }
         }
     })
 }
 
-/// Rings, in this process's engine, the lanes other processes (and this one) publish, until
-/// the engine is gone. The caller aborts it at shutdown.
+/// Publishes `text` on `channel`; true when it failed.
+async fn publish(
+    conn: &mut redis::aio::MultiplexedConnection,
+    channel: &str,
+    text: String,
+) -> bool {
+    let published: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+        .arg(channel)
+        .arg(text)
+        .query_async(conn)
+        .await;
+    published.is_err()
+}
+
+/// One terminal status line of an events message.
+fn parse_event(line: &str) -> Option<(RunId, EnvName, RunStatus, u32, Timestamp)> {
+    let mut parts = line.split('\t');
+    let run = parts.next()?.parse().ok()?;
+    let env = EnvName::new(parts.next()?).ok()?;
+    let status = parts.next()?.parse().ok()?;
+    let attempt = parts.next()?.parse().ok()?;
+    let at = Timestamp::from_millis(parts.next()?.parse().ok()?);
+    Some((run, env, status, attempt, at))
+}
+
+/// Acts, in this process's engine, on what other processes (and this one) publish, until
+/// the engine is gone: rings lanes, re-arms the timer when this process owns it, and
+/// publishes other processes' terminal statuses on the local event bus. The caller aborts it
+/// at shutdown.
 pub(crate) fn spawn_subscriber(
     client: redis::Client,
-    channel: String,
+    channels: Channels,
     engine: WeakEngine,
+    wake: Arc<Wake>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             if let Ok(mut pubsub) = client.get_async_pubsub().await {
-                if pubsub.subscribe(&channel).await.is_ok() {
+                let names = [&channels.wake, &channels.timer, &channels.events];
+                if pubsub.subscribe(&names[..]).await.is_ok() {
+                    // Announcements published while this process was not subscribed are lost:
+                    // the owner re-reads its deadline once it listens again.
+                    if let Some(engine) = engine.upgrade().filter(|_| wake.lead.is_leader()) {
+                        engine
+                            .apply_effects(Effects {
+                                deadline: Some(Timestamp::ZERO),
+                                ..Effects::default()
+                            })
+                            .await;
+                    }
                     let mut messages = pubsub.on_message();
                     while let Some(msg) = messages.next().await {
                         let Ok(payload) = msg.get_payload::<String>() else {
@@ -114,16 +285,44 @@ pub(crate) fn spawn_subscriber(
                         let Some(engine) = engine.upgrade() else {
                             return;
                         };
-                        let ready_lanes = payload
-                            .split(',')
-                            .filter_map(|l| LaneName::new(l).ok())
-                            .collect();
-                        engine
-                            .apply_effects(Effects {
-                                ready_lanes,
-                                ..Effects::default()
-                            })
-                            .await;
+                        let channel = msg.get_channel_name();
+                        if channel == channels.wake {
+                            let ready_lanes = payload
+                                .split(',')
+                                .filter_map(|l| LaneName::new(l).ok())
+                                .collect();
+                            engine
+                                .apply_effects(Effects {
+                                    ready_lanes,
+                                    ..Effects::default()
+                                })
+                                .await;
+                        } else if channel == channels.timer {
+                            if !wake.lead.is_leader() {
+                                continue;
+                            }
+                            let Ok(ms) = payload.parse::<u64>() else {
+                                continue;
+                            };
+                            engine
+                                .apply_effects(Effects {
+                                    deadline: Some(Timestamp::from_millis(ms)),
+                                    ..Effects::default()
+                                })
+                                .await;
+                        } else if channel == channels.events {
+                            let mut lines = payload.split('\n');
+                            if lines.next() == Some(wake.origin.as_str()) {
+                                continue;
+                            }
+                            for line in lines {
+                                if let Some((run, env, status, attempt, at)) = parse_event(line) {
+                                    engine.publish_status_from_elsewhere(
+                                        run, &env, status, attempt, at,
+                                    );
+                                }
+                            }
+                        }
                     }
                 }
             }

@@ -61,11 +61,17 @@ pub enum RunEventKind {
     Progress(Arc<str>),
 }
 
+/// A function told of every status change this engine publishes itself (not of those
+/// delivered from elsewhere); see [`crate::Engine::tap_statuses`].
+pub type StatusTap = Arc<dyn Fn(&RunEvent) + Send + Sync>;
+
 /// The engine's event hub: the channel, the sequence and the latest progress per run.
 pub(crate) struct EventHub {
     tx: Mutex<Option<broadcast::Sender<RunEvent>>>,
     seq: AtomicU64,
     progress: Mutex<HashMap<RunId, RunEvent>>,
+    /// Told of every status change published here (set once, by a shape).
+    tap: std::sync::OnceLock<StatusTap>,
 }
 
 impl EventHub {
@@ -75,7 +81,13 @@ impl EventHub {
             tx: Mutex::new(Some(tx)),
             seq: AtomicU64::new(0),
             progress: Mutex::new(HashMap::new()),
+            tap: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Installs the status tap; false when one is installed already.
+    pub(crate) fn set_tap(&self, tap: StatusTap) -> bool {
+        self.tap.set(tap).is_ok()
     }
 
     fn sender(&self) -> Option<broadcast::Sender<RunEvent>> {
@@ -104,10 +116,23 @@ impl EventHub {
         status: RunStatus,
         attempt: u32,
     ) {
+        self.status_from(run, env, at, status, attempt, true);
+    }
+
+    /// Publishes a status change; `tapped`: also tell the status tap (false for a change
+    /// delivered from another process, which its own engine told already).
+    pub(crate) fn status_from(
+        &self,
+        run: RunId,
+        env: &EnvName,
+        at: Timestamp,
+        status: RunStatus,
+        attempt: u32,
+        tapped: bool,
+    ) {
         if status.is_terminal() {
             self.progress_map().remove(&run);
         }
-        let Some(tx) = self.sender() else { return };
         let event = RunEvent {
             seq: self.next_seq(),
             run,
@@ -115,6 +140,12 @@ impl EventHub {
             at,
             kind: RunEventKind::Status { status, attempt },
         };
+        if tapped {
+            if let Some(tap) = self.tap.get() {
+                tap(&event);
+            }
+        }
+        let Some(tx) = self.sender() else { return };
         // No receiver is not an error: events are fire-and-forget.
         let _ = tx.send(event);
     }

@@ -6,8 +6,10 @@
 use std::sync::{Arc, Weak};
 
 use runlane_core::backend::Effects;
+use runlane_core::{EnvName, RunId, RunStatus, Timestamp};
 
 use crate::engine::{Engine, Inner};
+use crate::event::StatusTap;
 
 /// A handle on an engine that does not keep it open ([`Engine::downgrade`]).
 #[derive(Clone)]
@@ -34,5 +36,27 @@ impl Engine {
     /// doorbells of lanes that received ready runs, publishes the moves and re-arms the timer.
     pub async fn apply_effects(&self, effects: Effects) {
         self.inner.apply(effects, None).await
+    }
+
+    /// Installs a tap told of every status change this engine publishes itself (a shape
+    /// forwards them to other processes). One tap per engine: false when one is installed.
+    /// The tap runs on the publishing path: it must only note the event and return.
+    pub fn tap_statuses(&self, tap: StatusTap) -> bool {
+        self.inner.events.set_tap(tap)
+    }
+
+    /// Publishes, on this engine's event bus, a status change another process's engine made
+    /// (so `wait` and subscriptions here see runs finished elsewhere). The tap is not told.
+    pub fn publish_status_from_elsewhere(
+        &self,
+        run: RunId,
+        env: &EnvName,
+        status: RunStatus,
+        attempt: u32,
+        at: Timestamp,
+    ) {
+        self.inner
+            .events
+            .status_from(run, env, at, status, attempt, false);
     }
 }

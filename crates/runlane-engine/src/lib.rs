@@ -48,7 +48,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::EngineConfig;
 pub use engine::{Engine, EngineBuilder, TimerStats};
 pub use error::EngineError;
-pub use event::{EnvEvents, RunEvent, RunEventKind, RunEvents};
+pub use event::{EnvEvents, RunEvent, RunEventKind, RunEvents, StatusTap};
 pub use external::WeakEngine;
 pub use trigger::{TriggerBuilder, TriggerRequest, Triggered, WaitOutcome};
 pub use worker::{CancelToken, DrainReport, HandlerError, RunContext, Worker, WorkerBuilder};

@@ -926,8 +926,24 @@ if op == 'tick' then
   return answer('ok', expired, lapsed, timed_out, cancel_elapsed, returned)
 end
 
+-- ARGV[6] = 'arm' when the caller is the deployment's timer owner re-arming its timer: the
+-- deadline it will sleep until is kept in `{p}:cfg.tarm`, read by `announce`.
 if op == 'next_deadline' then
+  if ARGV[6] == 'arm' then
+    local d = next_deadline()
+    if d < 0 then redis.call('HDEL', K_CFG, 'tarm') else redis.call('HSET', K_CFG, 'tarm', d) end
+  end
   return answer('ok')
+end
+
+-- ARGV[6] = a deadline (ms) a call of another process created. Answers 1 when the timer owner
+-- must hear of it (earlier than `tarm`, or no `tarm`), recording it as `tarm`, else 0.
+if op == 'announce' then
+  local d = tonumber(ARGV[6])
+  local t = redis.call('HGET', K_CFG, 'tarm')
+  if t and d >= tonumber(t) then return fail('ok', 0) end
+  redis.call('HSET', K_CFG, 'tarm', d)
+  return fail('ok', 1)
 end
 
 if op == 'live' then

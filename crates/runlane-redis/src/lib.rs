@@ -14,4 +14,7 @@
 mod queue;
 mod record;
 
-pub use queue::{RedisConfig, RedisHealth, RedisOpenError, RedisQueue, KEYSPACE_FORMAT};
+pub use queue::{
+    RedisConfig, RedisHealth, RedisOpenError, RedisQueue, FAILPOINT_VAR, KEYSPACE_FORMAT,
+    MID_REBUILD,
+};

@@ -25,6 +25,15 @@ use crate::record::{self, malformed, run_id, unpack, ValueExt};
 /// The key-space format this build writes (stored in `{prefix}:cfg`, field `fmt`).
 pub const KEYSPACE_FORMAT: u32 = 1;
 
+/// The environment variable naming a crash point (tests); the distributed shape reads the
+/// same variable for its own crash points.
+pub const FAILPOINT_VAR: &str = "RUNLANE_FAILPOINT";
+
+/// The crash point in the middle of a rebuild: with `RUNLANE_FAILPOINT=mid_rebuild` the process
+/// aborts after re-enqueuing half of the unfinished runs, leaving the key space marked as being
+/// rebuilt (the next caller, in any process, rebuilds again).
+pub const MID_REBUILD: &str = "mid_rebuild";
+
 /// The `Retry-After` hint of a refused sync trigger.
 const FAST_LANE_RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -356,6 +365,29 @@ impl RedisQueue {
         *lock(&self.store) = Some(store);
     }
 
+    /// The earliest deadline, read by the deployment's timer owner for its timer: the script
+    /// records it (`{p}:cfg.tarm`) so that [`RedisQueue::announce`] can tell other processes
+    /// whether a deadline they created is earlier than what the owner sleeps until.
+    pub async fn next_deadline_armed(&self) -> Result<Option<Timestamp>, QueueError> {
+        let answer = self
+            .call("next_deadline", Timestamp::ZERO, || vec!["arm".into()])
+            .await?;
+        Ok(answer.effects.deadline)
+    }
+
+    /// Whether the timer owner must hear of `deadline` (a deadline a call of this process
+    /// created): true when it is earlier than the deadline the owner last armed (or none is
+    /// recorded), in which case it is recorded as the owner's next wake-up; the caller then
+    /// announces it.
+    pub async fn announce(&self, deadline: Timestamp) -> Result<bool, QueueError> {
+        let answer = self
+            .call("announce", Timestamp::ZERO, || {
+                vec![deadline.as_millis().to_string().into()]
+            })
+            .await?;
+        Ok(answer.extra(0)?.int()? == 1)
+    }
+
     /// The key base, `{prefix}`: every key of this deployment starts with it.
     pub fn key_base(&self) -> &str {
         &self.base
@@ -545,7 +577,15 @@ impl RedisQueue {
                 .await
                 .map_err(|e| QueueError::Unavailable(format!("rebuild: {e}")))?;
             runs.sort_by_key(|r| r.id);
-            for run in runs {
+            // Crash point: with `RUNLANE_FAILPOINT=mid_rebuild` the process aborts after
+            // re-enqueuing half of the runs (tests that the next process completes it).
+            let abort_at = (std::env::var(FAILPOINT_VAR).ok().as_deref() == Some(MID_REBUILD))
+                .then_some(runs.len() / 2);
+            for (i, run) in runs.into_iter().enumerate() {
+                if abort_at == Some(i) {
+                    eprintln!("failpoint {MID_REBUILD}: aborting after {i} re-enqueued runs");
+                    std::process::abort();
+                }
                 let d = run.dispatch();
                 let id = d.run_id;
                 let answer = self

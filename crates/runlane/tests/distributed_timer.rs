@@ -1,0 +1,231 @@
+//! Timers and run events across processes, with two engines of the distributed shape on one
+//! key prefix and schema (each engine has its own connections, tasks and origin id, as two
+//! processes would; `distributed_kill.rs` does the same with OS processes):
+//!
+//! - one engine owns the timers; a delayed run triggered through the other one is promoted on
+//!   time (its deadline is announced to the owner);
+//! - the owner is dropped without giving the ownership up (as when its process dies): the other
+//!   engine takes over within one timer lease and promotes a delayed run on time;
+//! - a run completed by one engine's worker answers the other engine's `wait` at once (the
+//!   terminal status crosses processes on `{prefix}:events`).
+//!
+//! Redis (`RUNLANE_REDIS_URL`) and PostgreSQL (`RUNLANE_DATABASE_URL`) are required.
+
+mod redis_support;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use runlane::core::{RunId, RunStatus, Timestamp};
+use runlane::{DistributedConfig, EngineBuilder, HandlerError, RunContext, WaitOutcome};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+const TIMER_LEASE: Duration = Duration::from_secs(1);
+/// How late a promotion may be: one tick, a publish and a claim on a shared 2-core machine.
+const ON_TIME: Duration = Duration::from_millis(700);
+
+fn database_url() -> String {
+    std::env::var("RUNLANE_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn config(prefix: &str, schema: &str, throwaway: bool) -> DistributedConfig {
+    let mut config = DistributedConfig::new(redis_support::url(), database_url());
+    config.redis.prefix = prefix.to_string();
+    config.postgres.schema = schema.to_string();
+    config.postgres.pool_size = 4;
+    config.timer_lease = TIMER_LEASE;
+    config.throwaway = throwaway;
+    config
+}
+
+async fn open(prefix: &str, schema: &str, throwaway: bool) -> runlane::Distributed {
+    match runlane::distributed_with(EngineBuilder::new(), config(prefix, schema, throwaway)).await {
+        Ok(engine) => engine,
+        Err(e) => panic!("redis and postgresql are required: {e}"),
+    }
+}
+
+/// Waits until `cond` holds, checking every 10 ms, for at most `limit`; answers how long it
+/// took, or `None`.
+async fn until(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+/// A worker on `engine` that reports each run it starts, with the engine instant it started.
+async fn reporting_worker(
+    engine: &runlane::Distributed,
+) -> (runlane::Worker, mpsc::UnboundedReceiver<(RunId, Timestamp)>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let clock = engine.engine().clone();
+    let worker = engine
+        .worker()
+        .handler("job", move |ctx: RunContext| {
+            let tx = tx.clone();
+            let now = clock.now();
+            async move {
+                let _ = tx.send((ctx.run_id(), now));
+                Ok::<Value, HandlerError>(Value::Null)
+            }
+        })
+        .start()
+        .await
+        .expect("worker");
+    (worker, rx)
+}
+
+/// Triggers a run delayed by `delay` through `engine` and checks that the worker behind `rx`
+/// starts it no earlier than due and at most [`ON_TIME`] late.
+async fn delayed_run_on_time(
+    engine: &runlane::Distributed,
+    rx: &mut mpsc::UnboundedReceiver<(RunId, Timestamp)>,
+    delay: Duration,
+) {
+    let triggered = engine
+        .trigger("job")
+        .delay(delay)
+        .send()
+        .await
+        .expect("trigger a delayed run");
+    let run = triggered.run.id;
+    let due = triggered.run.run_after;
+    let started = tokio::time::timeout(delay + Duration::from_secs(10), async {
+        loop {
+            match rx.recv().await {
+                Some((r, at)) if r == run => return at,
+                Some(_) => continue,
+                None => panic!("the worker stopped"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("delayed run {run} never started"));
+    assert!(started >= due, "run {run} started before it was due");
+    let late = started.since(due);
+    assert!(
+        late <= ON_TIME,
+        "run {run} started {late:?} after it was due (bound {ON_TIME:?})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_timer_owner_is_replaced_within_one_lease_and_deadlines_stay_on_time() {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let prefix = redis_support::fresh_prefix("timer");
+    let schema = format!("rlt_timer_{}_{n}", std::process::id());
+    let first = open(&prefix, &schema, false).await;
+    assert!(
+        until(TIMER_LEASE * 3, || first.owns_timers())
+            .await
+            .is_some(),
+        "the only engine takes the timer ownership"
+    );
+    let second = open(&prefix, &schema, true).await;
+    let (_worker, mut rx) = reporting_worker(&second).await;
+
+    // The second engine does not own the timers: its delayed run's deadline is announced to
+    // the owner, whose tick promotes it; the wake crosses back to the second engine's worker.
+    assert!(!second.owns_timers());
+    delayed_run_on_time(&second, &mut rx, Duration::from_millis(800)).await;
+    assert!(!second.owns_timers(), "the owner kept the ownership");
+
+    // The owner is gone without giving the ownership up; a run is delayed meanwhile.
+    let dropped = Instant::now();
+    drop(first);
+    let deadline_run = tokio::spawn({
+        let engine = second.engine().clone();
+        async move {
+            engine
+                .trigger("job")
+                .delay(Duration::from_millis(1_500))
+                .send()
+                .await
+                .expect("trigger")
+        }
+    });
+    let took = until(TIMER_LEASE * 3, || second.owns_timers())
+        .await
+        .expect("the second engine takes the timer ownership over");
+    let since_drop = dropped.elapsed();
+    assert!(
+        since_drop <= TIMER_LEASE + Duration::from_millis(300),
+        "taken over {since_drop:?} after the owner died ({took:?} of watching), lease {TIMER_LEASE:?}"
+    );
+    assert_eq!(second.timer_takeovers(), 1);
+
+    // The run delayed while nobody owned the timers is promoted on time by the new owner.
+    let triggered = deadline_run.await.expect("trigger task");
+    let started = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match rx.recv().await {
+                Some((r, at)) if r == triggered.run.id => return at,
+                Some(_) => continue,
+                None => panic!("the worker stopped"),
+            }
+        }
+    })
+    .await
+    .expect("the run delayed across the takeover starts");
+    let late = started.since(triggered.run.run_after);
+    assert!(
+        started >= triggered.run.run_after && late <= ON_TIME,
+        "started {late:?} after it was due"
+    );
+
+    // And the new owner keeps deadlines on time.
+    delayed_run_on_time(&second, &mut rx, Duration::from_millis(600)).await;
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_answers_when_another_process_completes_the_run() {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let prefix = redis_support::fresh_prefix("events");
+    let schema = format!("rlt_events_{}_{n}", std::process::id());
+    // A triggers and waits; B, with the only worker, completes.
+    let a = open(&prefix, &schema, true).await;
+    let b = open(&prefix, &schema, false).await;
+    let (_worker, _rx) = reporting_worker(&b).await;
+    let timeout = Duration::from_secs(20);
+    for _ in 0..5 {
+        let run = a.trigger("job").send().await.expect("trigger").run.id;
+        let start = Instant::now();
+        let outcome = a.wait(run, timeout).await.expect("wait");
+        let took = start.elapsed();
+        match outcome {
+            WaitOutcome::Finished(record) => assert_eq!(record.status, RunStatus::Completed),
+            WaitOutcome::Pending { status, .. } => {
+                panic!("wait answered {status:?} after {took:?}")
+            }
+        }
+        assert!(
+            took < Duration::from_secs(2),
+            "the wait answered after {took:?}, its timeout is {timeout:?}"
+        );
+    }
+    // A subscription in A sees B's terminal event too.
+    let run = a.trigger("job").send().await.expect("trigger").run.id;
+    let mut events = a.subscribe(run).await.expect("subscribe");
+    let last = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut last = None;
+        while let Some(event) = events.next().await {
+            last = event.status();
+        }
+        last
+    })
+    .await
+    .expect("the run's events end");
+    assert_eq!(last, Some(RunStatus::Completed));
+    b.shutdown().await;
+    a.shutdown().await;
+}
