@@ -300,6 +300,8 @@ impl RunStore for SqliteStore {
         ends: Vec<AttemptEnd>,
         now: Timestamp,
     ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        let runs: Vec<RunId> = ends.iter().map(|end| end.run).collect();
+        self.writer.forget_starts(&runs);
         self.writer
             .call(move |conn| write::finish_many(conn, &ends, now))
             .await

@@ -228,6 +228,22 @@ impl Writer {
     }
 }
 
+impl Writer {
+    /// Drops the start marks of `runs` that are still waiting in the buffer: their terminal
+    /// write is about to be queued, so the mark would only be overwritten by it (and finishing
+    /// makes a mark moot: recovery never looks at a finished run). A mark is advisory either
+    /// way; a crash before the end commits costs what a lost mark always costs, one uncounted
+    /// re-run.
+    pub(crate) fn forget_starts(&self, runs: &[RunId]) {
+        let mut starts = self.starts.lock().unwrap_or_else(|e| e.into_inner());
+        if starts.is_empty() || runs.is_empty() {
+            return;
+        }
+        let ending: std::collections::HashSet<RunId> = runs.iter().copied().collect();
+        starts.retain(|(run, _, _)| !ending.contains(run));
+    }
+}
+
 impl Drop for Writer {
     fn drop(&mut self) {
         // Closing the channel ends the thread's loop once the queue is drained.
