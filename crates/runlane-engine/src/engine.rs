@@ -341,7 +341,11 @@ impl Inner {
 
     /// Publishes a run's status change.
     pub(crate) fn publish(&self, run: RunId, env: &EnvName, status: RunStatus, attempt: u32) {
-        self.events.status(run, env, self.now(), status, attempt);
+        if self.events.has_subscribers() {
+            self.events.status(run, env, self.now(), status, attempt);
+        } else if status.is_terminal() {
+            self.events.forget_progress(run);
+        }
     }
 
     /// Publishes a record's (terminal) status.

@@ -7,7 +7,7 @@
 //! ahead.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use runlane_core::backend::RunStore;
@@ -66,12 +66,45 @@ pub enum RunEventKind {
 pub type StatusTap = Arc<dyn Fn(&RunEvent) + Send + Sync>;
 
 /// The engine's event hub: the channel, the sequence and the latest progress per run.
+///
+/// Publishing costs nothing but two atomic loads while nobody listens: `listeners` counts the
+/// live receivers (each [`Rx`] holds one), and `any_progress` says whether the progress map
+/// may hold anything a terminal status must forget. A receiver is counted before the state it
+/// reads after subscribing, so an event skipped for want of listeners was written before that
+/// read and is seen there (a run's end in the store, its latest progress in the map).
 pub(crate) struct EventHub {
     tx: Mutex<Option<broadcast::Sender<RunEvent>>>,
     seq: AtomicU64,
     progress: Mutex<HashMap<RunId, RunEvent>>,
     /// Told of every status change published here (set once, by a shape).
     tap: std::sync::OnceLock<StatusTap>,
+    listeners: Arc<AtomicUsize>,
+    any_progress: AtomicBool,
+}
+
+/// A receiver of the hub's channel, counted as a listener while it lives.
+pub(crate) struct Rx {
+    rx: broadcast::Receiver<RunEvent>,
+    listeners: Arc<AtomicUsize>,
+}
+
+impl Drop for Rx {
+    fn drop(&mut self) {
+        self.listeners.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl std::ops::Deref for Rx {
+    type Target = broadcast::Receiver<RunEvent>;
+    fn deref(&self) -> &Self::Target {
+        &self.rx
+    }
+}
+
+impl std::ops::DerefMut for Rx {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.rx
+    }
 }
 
 impl EventHub {
@@ -82,6 +115,8 @@ impl EventHub {
             seq: AtomicU64::new(0),
             progress: Mutex::new(HashMap::new()),
             tap: std::sync::OnceLock::new(),
+            listeners: Arc::new(AtomicUsize::new(0)),
+            any_progress: AtomicBool::new(false),
         }
     }
 
@@ -100,7 +135,18 @@ impl EventHub {
 
     /// Whether anybody listens (status lookups are skipped when nobody does).
     pub(crate) fn has_subscribers(&self) -> bool {
-        self.sender().is_some_and(|tx| tx.receiver_count() > 0)
+        self.listeners.load(Ordering::SeqCst) > 0
+    }
+
+    /// A terminal status with nobody listening: only the run's progress is forgotten.
+    pub(crate) fn forget_progress(&self, run: RunId) {
+        if self.any_progress.load(Ordering::SeqCst) {
+            let mut map = self.progress_map();
+            map.remove(&run);
+            if map.is_empty() {
+                self.any_progress.store(false, Ordering::SeqCst);
+            }
+        }
     }
 
     fn next_seq(&self) -> u64 {
@@ -131,7 +177,12 @@ impl EventHub {
         tapped: bool,
     ) {
         if status.is_terminal() {
-            self.progress_map().remove(&run);
+            self.forget_progress(run);
+        }
+        // The tap (other processes' listeners) is told whether or not anyone listens here.
+        let tap = if tapped { self.tap.get() } else { None };
+        if tap.is_none() && !self.has_subscribers() {
+            return;
         }
         let event = RunEvent {
             seq: self.next_seq(),
@@ -140,10 +191,11 @@ impl EventHub {
             at,
             kind: RunEventKind::Status { status, attempt },
         };
-        if tapped {
-            if let Some(tap) = self.tap.get() {
-                tap(&event);
-            }
+        if let Some(tap) = tap {
+            tap(&event);
+        }
+        if !self.has_subscribers() {
+            return;
         }
         let Some(tx) = self.sender() else { return };
         // No receiver is not an error: events are fire-and-forget.
@@ -159,7 +211,14 @@ impl EventHub {
             at,
             kind: RunEventKind::Progress(value),
         };
-        self.progress_map().insert(run, event.clone());
+        {
+            let mut map = self.progress_map();
+            self.any_progress.store(true, Ordering::SeqCst);
+            map.insert(run, event.clone());
+        }
+        if !self.has_subscribers() {
+            return;
+        }
         if let Some(tx) = self.sender() {
             let _ = tx.send(event);
         }
@@ -171,14 +230,24 @@ impl EventHub {
     }
 
     /// A raw receiver (subscribe before reading state, so nothing is lost in between).
-    pub(crate) fn receiver(&self) -> Option<broadcast::Receiver<RunEvent>> {
-        self.sender().map(|tx| tx.subscribe())
+    pub(crate) fn receiver(&self) -> Option<Rx> {
+        // Counted first: a publisher that sees no listener published before this point.
+        self.listeners.fetch_add(1, Ordering::SeqCst);
+        let Some(tx) = self.sender() else {
+            self.listeners.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        };
+        Some(Rx {
+            rx: tx.subscribe(),
+            listeners: self.listeners.clone(),
+        })
     }
 
     /// Closes the channel: env subscriptions end.
     pub(crate) fn close(&self) {
         self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
         self.progress_map().clear();
+        self.any_progress.store(false, Ordering::SeqCst);
     }
 
     /// A sequence number for a synthesized event (a run already finished, or a lag resync).
@@ -190,7 +259,7 @@ impl EventHub {
 /// A subscription to one run's events. A new subscriber first gets the latest progress.
 pub struct RunEvents {
     run: RunId,
-    rx: Option<broadcast::Receiver<RunEvent>>,
+    rx: Option<Rx>,
     /// Events to hand out before reading the channel (latest progress, a known end).
     pending: std::collections::VecDeque<RunEvent>,
     store: Arc<dyn RunStore>,
@@ -200,7 +269,7 @@ pub struct RunEvents {
 impl RunEvents {
     pub(crate) fn new(
         run: RunId,
-        rx: Option<broadcast::Receiver<RunEvent>>,
+        rx: Option<Rx>,
         first: Vec<RunEvent>,
         store: Arc<dyn RunStore>,
     ) -> Self {
@@ -268,11 +337,11 @@ impl RunEvents {
 /// A subscription to every run event of one env.
 pub struct EnvEvents {
     env: EnvName,
-    rx: Option<broadcast::Receiver<RunEvent>>,
+    rx: Option<Rx>,
 }
 
 impl EnvEvents {
-    pub(crate) fn new(env: EnvName, rx: Option<broadcast::Receiver<RunEvent>>) -> Self {
+    pub(crate) fn new(env: EnvName, rx: Option<Rx>) -> Self {
         EnvEvents { env, rx }
     }
 
@@ -339,6 +408,35 @@ mod tests {
             hub.latest_progress(a).is_none(),
             "progress dropped at the end"
         );
+    }
+
+    #[tokio::test]
+    async fn listeners_are_counted_and_progress_is_forgotten_without_them() {
+        let hub = EventHub::new();
+        let e = env("default");
+        let run = RunId(7);
+        assert!(!hub.has_subscribers());
+        hub.progress(run, &e, Timestamp(1), Arc::from("{\"pct\":50}"));
+        assert!(
+            hub.latest_progress(run).is_some(),
+            "kept with nobody listening"
+        );
+        hub.status(run, &e, Timestamp(2), RunStatus::Completed, 1);
+        assert!(
+            hub.latest_progress(run).is_none(),
+            "a terminal status forgets progress with nobody listening"
+        );
+
+        let mut rx = hub.receiver().expect("open hub");
+        assert!(hub.has_subscribers());
+        hub.status(run, &e, Timestamp(3), RunStatus::Executing, 2);
+        let got = rx.recv().await.expect("delivered to a listener");
+        assert_eq!(got.status(), Some(RunStatus::Executing));
+        drop(rx);
+        assert!(!hub.has_subscribers(), "a dropped receiver stops counting");
+        hub.close();
+        assert!(hub.receiver().is_none());
+        assert!(!hub.has_subscribers(), "a refused receiver is not counted");
     }
 
     #[tokio::test]

@@ -199,10 +199,19 @@ pub(crate) fn append_attempt(
     run: RunId,
     attempt: &AttemptRecord,
 ) -> Result<(), DbError> {
-    let seq: i64 = conn
-        .prepare_cached("SELECT coalesce(max(seq) + 1, 0) FROM attempts WHERE run_id = ?1")?
-        .query_row([id_to_sql(run)], |r| r.get(0))?;
-    append_attempt_at(conn, run, seq, attempt)
+    // One statement: the next `seq` is read inside the INSERT (no separate SELECT round trip).
+    conn.prepare_cached(
+        "INSERT INTO attempts (run_id, seq, number, outcome, error, ended_at) \
+         SELECT ?1, coalesce(max(seq) + 1, 0), ?2, ?3, ?4, ?5 FROM attempts WHERE run_id = ?1",
+    )?
+    .execute(params![
+        id_to_sql(run),
+        attempt.number,
+        attempt.outcome,
+        attempt.error.as_deref(),
+        ts_to_sql(attempt.ended_at),
+    ])?;
+    Ok(())
 }
 
 fn append_attempt_at(

@@ -36,6 +36,8 @@ pub struct SqliteStats {
     pub queue_timeouts: u64,
     /// The most calls committed by one transaction.
     pub largest_batch: u64,
+    /// WAL checkpoints run by the checkpointer thread (off the writer's commits).
+    pub checkpoints: u64,
 }
 
 /// The size of the database and how many runs it holds.
@@ -81,6 +83,10 @@ impl std::fmt::Debug for SqliteStore {
             .finish_non_exhaustive()
     }
 }
+
+/// The writer connection's own auto-checkpoint size, in pages: a backstop for when the
+/// checkpointer thread falls behind (SQLite's default is 1,000).
+const WRITER_AUTOCHECKPOINT_PAGES: i64 = 16_000;
 
 /// Settings every connection gets.
 fn configure(conn: &Connection, config: &SqliteConfig) -> rusqlite::Result<()> {
@@ -130,10 +136,17 @@ impl SqliteStore {
         if found != Found::Ours(schema::schema_version()) {
             schema::migrate(&mut conn, &path)?;
         }
+        // Checkpoints move to their own thread and connection (see `writer`); the writer's
+        // auto-checkpoint stays as a backstop at 16× SQLite's default WAL size.
+        conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)
+            .map_err(sqlite)?;
+        let checkpoint = Connection::open_with_flags(&path, flags).map_err(sqlite)?;
+        configure(&checkpoint, &config).map_err(sqlite)?;
         let reads = ReadPool::open(&path, config.read_connections, |c| configure(c, &config))?;
         let counters = Arc::new(Counters::default());
         let writer = Writer::spawn(
             conn,
+            Some(checkpoint),
             path.clone(),
             config.write_queue,
             config.write_batch_max,
@@ -164,6 +177,7 @@ impl SqliteStore {
             failed_batches: c.failed_batches.load(Ordering::Relaxed),
             queue_timeouts: c.queue_timeouts.load(Ordering::Relaxed),
             largest_batch: c.largest_batch.load(Ordering::Relaxed),
+            checkpoints: c.checkpoints.load(Ordering::Relaxed),
         }
     }
 
@@ -300,6 +314,8 @@ impl RunStore for SqliteStore {
         ends: Vec<AttemptEnd>,
         now: Timestamp,
     ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        let runs: Vec<RunId> = ends.iter().map(|end| end.run).collect();
+        self.writer.forget_starts(&runs);
         self.writer
             .call(move |conn| write::finish_many(conn, &ends, now))
             .await
@@ -412,6 +428,42 @@ mod tests {
             .await
             .is_ok());
         assert_eq!(store.get(c.id).await, Ok(Some(c)));
+    }
+
+    #[tokio::test]
+    async fn commits_are_checkpointed_off_the_writer_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("runs.db");
+        let store = SqliteStore::open(&path, SqliteConfig::default()).expect("open");
+        let runs: Vec<RunRecord> = (1..=200).map(record).collect();
+        for run in &runs {
+            assert!(store
+                .insert(vec![(run.clone(), None)], Timestamp(1))
+                .await
+                .is_ok());
+        }
+        // The checkpointer runs after commits, on its own thread: wait for it (with a deadline).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store.stats().checkpoints == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no checkpoint within 10 s of 200 commits"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let backfilled: (i64, i64, i64) = {
+            let conn = Connection::open(&path).expect("open a second connection");
+            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .expect("checkpoint")
+        };
+        assert_eq!(backfilled.0, 0, "a passive checkpoint is never busy here");
+        drop(store);
+        let store = SqliteStore::open(&path, SqliteConfig::default()).expect("reopen");
+        for run in &runs {
+            assert_eq!(store.get(run.id).await, Ok(Some(run.clone())));
+        }
     }
 
     #[tokio::test]

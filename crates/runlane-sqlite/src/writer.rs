@@ -19,6 +19,13 @@
 //!
 //! A full queue makes the caller wait at most `enqueue_timeout`, then fail with `Unavailable`
 //! (SPEC §7 backpressure) instead of piling up unbounded work.
+//!
+//! **Checkpoints** run on a second thread with its own connection, not in the commit that
+//! happens to push the WAL past SQLite's auto-checkpoint size: that commit (and every caller
+//! waiting on it) paid for copying ~1,000 pages and an fsync of the database file, the tail of
+//! the latency figures. Each commit wakes the checkpointer (without waiting); it runs a
+//! `PASSIVE` checkpoint (never blocks the writer or readers), at most once per
+//! [`CHECKPOINT_EVERY`]. The writer keeps a large auto-checkpoint size as a backstop only.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +53,8 @@ pub(crate) struct Counters {
     pub(crate) queue_timeouts: AtomicU64,
     /// The largest batch committed in one transaction.
     pub(crate) largest_batch: AtomicU64,
+    /// Checkpoints run by the checkpointer thread.
+    pub(crate) checkpoints: AtomicU64,
     /// Test hook: fail the next commit as a full disk would.
     #[cfg(test)]
     pub(crate) fail_next_commit: std::sync::atomic::AtomicBool,
@@ -122,6 +131,7 @@ type Starts = Arc<Mutex<Vec<(RunId, u32, Timestamp)>>>;
 pub(crate) struct Writer {
     queue: Option<mpsc::Sender<Box<dyn Call>>>,
     thread: Option<JoinHandle<()>>,
+    checkpointer: Option<JoinHandle<()>>,
     enqueue_timeout: Duration,
     counters: Arc<Counters>,
     starts: Starts,
@@ -129,9 +139,11 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer thread on `conn`.
+    /// Starts the writer thread on `conn`, and the checkpointer thread on `checkpoint` when
+    /// given (without it, SQLite checkpoints in the writer's commits as usual).
     pub(crate) fn spawn(
         conn: Connection,
+        checkpoint: Option<Connection>,
         path: PathBuf,
         queue_len: usize,
         batch_max: usize,
@@ -142,13 +154,29 @@ impl Writer {
         let thread_counters = counters.clone();
         let starts: Starts = Arc::default();
         let thread_starts = starts.clone();
+        let (wake, checkpointer) = match checkpoint {
+            Some(checkpoint) => {
+                let (wake, woken) = std::sync::mpsc::sync_channel(1);
+                let checkpoint_counters = counters.clone();
+                let thread = std::thread::Builder::new()
+                    .name("runlane-sqlite-checkpoint".into())
+                    .spawn(move || checkpoints(checkpoint, woken, &checkpoint_counters))
+                    .map_err(|source| SqliteError::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
+                (Some(wake), Some(thread))
+            }
+            None => (None, None),
+        };
         let thread = std::thread::Builder::new()
             .name("runlane-sqlite-writer".into())
-            .spawn(move || run(conn, rx, batch_max, &thread_counters, &thread_starts))
+            .spawn(move || run(conn, rx, batch_max, &thread_counters, &thread_starts, wake))
             .map_err(|source| SqliteError::Io { path, source })?;
         Ok(Writer {
             queue: Some(tx),
             thread: Some(thread),
+            checkpointer,
             enqueue_timeout,
             counters,
             starts,
@@ -228,6 +256,22 @@ impl Writer {
     }
 }
 
+impl Writer {
+    /// Drops the start marks of `runs` that are still waiting in the buffer: their terminal
+    /// write is about to be queued, so the mark would only be overwritten by it (and finishing
+    /// makes a mark moot: recovery never looks at a finished run). A mark is advisory either
+    /// way; a crash before the end commits costs what a lost mark always costs, one uncounted
+    /// re-run.
+    pub(crate) fn forget_starts(&self, runs: &[RunId]) {
+        let mut starts = self.starts.lock().unwrap_or_else(|e| e.into_inner());
+        if starts.is_empty() || runs.is_empty() {
+            return;
+        }
+        let ending: std::collections::HashSet<RunId> = runs.iter().copied().collect();
+        starts.retain(|(run, _, _)| !ending.contains(run));
+    }
+}
+
 impl Drop for Writer {
     fn drop(&mut self) {
         // Closing the channel ends the thread's loop once the queue is drained.
@@ -236,6 +280,33 @@ impl Drop for Writer {
             // A panic on the writer thread was already reported by the panic hook; there is
             // nothing more to do with it while dropping.
             let _ = thread.join();
+        }
+        // The writer thread held the checkpointer's wake-up: its loop has ended too.
+        if let Some(thread) = self.checkpointer.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The checkpointer waits at least this long between two checkpoints, so one checkpoint
+/// copies the pages of many commits.
+pub(crate) const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// The checkpointer thread's loop: after a commit woke it, a `PASSIVE` checkpoint (copies what
+/// no reader still needs, never waits for a lock), then a pause. Ends when the writer is gone.
+fn checkpoints(conn: Connection, woken: std::sync::mpsc::Receiver<()>, counters: &Counters) {
+    while woken.recv().is_ok() {
+        let started = std::time::Instant::now();
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            Ok(()) => {
+                counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+            }
+            // A failed checkpoint loses nothing (the WAL keeps every commit); the next commit
+            // tries again, and the writer's own auto-checkpoint is the backstop.
+            Err(e) => tracing::warn!(error = %e, "sqlite checkpoint failed"),
+        }
+        if let Some(rest) = CHECKPOINT_EVERY.checked_sub(started.elapsed()) {
+            std::thread::sleep(rest);
         }
     }
 }
@@ -247,6 +318,7 @@ fn run(
     batch_max: usize,
     counters: &Counters,
     starts: &Starts,
+    checkpoint: Option<std::sync::mpsc::SyncSender<()>>,
 ) {
     let mut batch: Vec<Box<dyn Call>> = Vec::with_capacity(batch_max.min(1024));
     while let Some(first) = queue.blocking_recv() {
@@ -274,6 +346,11 @@ fn run(
         let outcome = apply_batch(&conn, &mut batch, counters);
         match &outcome {
             Ok(()) => {
+                if let Some(wake) = &checkpoint {
+                    // Full: a wake-up is already pending. Disconnected: the checkpointer died;
+                    // the writer's auto-checkpoint takes over.
+                    let _ = wake.try_send(());
+                }
                 counters.commits.fetch_add(1, Ordering::Relaxed);
                 counters
                     .calls_committed
