@@ -712,7 +712,10 @@ pub trait RunStore: Send + Sync + 'static {
     /// a `crashed` attempt for a run that was executing when the process died. A note lost in a
     /// crash costs at most one uncounted attempt.
     fn note_start(&self, run: RunId, attempt: u32, at: Timestamp);
-    /// The terminal write; the first one wins, later ones get `AlreadyFinished`.
+    /// The terminal write; the first one wins, later ones get `AlreadyFinished`. A write that
+    /// carries an attempt applies only while that attempt is the run's current one; a store
+    /// that fences by attempt (PostgreSQL, memory) answers `StaleAttempt` for an older one and
+    /// changes nothing.
     async fn finish(
         &self,
         run: RunId,

@@ -169,6 +169,12 @@ async fn end_batch(inner: &Inner, batch: Vec<Ending>) {
                 Ok(())
             }
             Err(StoreError::AlreadyFinished { .. }) => Ok(()),
+            // The run moved on to a later attempt (this lease lapsed after the check): a zombie's
+            // end, dropped as above; the later attempt's holder ends the run.
+            Err(StoreError::StaleAttempt { run, attempt, .. }) => {
+                tracing::debug!(%run, attempt, "completion of a stale attempt; dropped");
+                Ok(())
+            }
             Err(e) => Err(e.into()),
         };
         let _ = ending.reply.send(reply);

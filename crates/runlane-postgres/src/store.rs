@@ -327,6 +327,14 @@ impl PostgresStore {
         Ok(n)
     }
 
+    /// Keeps again a start taken for a terminal write that was refused as stale: it belongs to
+    /// an attempt that is still running.
+    fn keep_start(&self, run: RunId, start: Option<(u32, Timestamp)>) {
+        if let Some((attempt, at)) = start {
+            self.note_start(run, attempt, at);
+        }
+    }
+
     /// Checks the server answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1")
@@ -796,16 +804,21 @@ impl RunStore for PostgresStore {
         } else {
             Durability::Strict
         };
-        self.submit(durability, |reply| Op::Finish {
-            run,
-            status,
-            output,
-            attempt,
-            start,
-            now,
-            reply,
-        })
-        .await
+        let written = self
+            .submit(durability, |reply| Op::Finish {
+                run,
+                status,
+                output,
+                attempt,
+                start,
+                now,
+                reply,
+            })
+            .await;
+        if let Err(StoreError::StaleAttempt { .. }) = &written {
+            self.keep_start(run, start);
+        }
+        written
     }
 
     async fn reschedule(

@@ -32,8 +32,8 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use crate::config::Durability;
 use crate::error::{is_connection_error, is_retryable, unavailable, DbError};
 use crate::record::{
-    attempt_to_sql, decode_run, id_from_sql, id_to_sql, status_from_sql, ts_to_sql, RunColumns,
-    RUN_COLUMNS, RUN_COLUMNS_R, UNFINISHED,
+    attempt_to_sql, decode_run, id_from_sql, id_to_sql, status_from_sql, ts_to_sql, u32_from_sql,
+    RunColumns, RUN_COLUMNS, RUN_COLUMNS_R, UNFINISHED,
 };
 
 /// Counters of the writers, for [`crate::PostgresStats`].
@@ -559,6 +559,19 @@ async fn apply_finishes(
         return Ok(());
     }
     let ids = id.clone();
+    // The attempt each write is fenced by (a write without one is not fenced).
+    let fenced: HashMap<RunId, u32> = ops
+        .iter()
+        .filter_map(|q| match &q.op {
+            Op::Finish {
+                run,
+                attempt: Some(a),
+                ..
+            } => Some((*run, a.number)),
+            _ => None,
+        })
+        .filter(|(run, _)| first.contains_key(run))
+        .collect();
     let rows = sqlx::query(&format!(
         "UPDATE runs r SET status = u.status, output = u.output, finished_at = u.at, \
          error = CASE WHEN u.has_attempt THEN u.error ELSE r.error END, \
@@ -572,6 +585,7 @@ async fn apply_finishes(
          AS u(id, status, output, has_attempt, attempt_no, error, attempt_json, at, \
             start_attempt, start_at) \
          WHERE r.id = u.id AND r.{UNFINISHED} \
+            AND (NOT u.has_attempt OR r.attempt = u.attempt_no) \
          RETURNING {RUN_COLUMNS_R}"
     ))
     .bind(id)
@@ -594,30 +608,19 @@ async fn apply_finishes(
     counters
         .rows_finished
         .fetch_add(done.len() as u64, Ordering::Relaxed);
-    // Runs that were not updated: unknown, or already finished.
+    // Runs that were not updated: unknown, already finished, or at a later attempt.
     let missing: Vec<Vec<u8>> = ids
         .into_iter()
         .filter(|raw| id_from_sql(raw).is_ok_and(|r| !done.contains_key(&r)))
         .collect();
-    let mut finished_as: HashMap<RunId, RunStatus> = HashMap::new();
-    if !missing.is_empty() {
-        let rows = sqlx::query("SELECT id, status FROM runs WHERE id = ANY($1)")
-            .bind(missing)
-            .fetch_all(&mut *conn)
-            .await?;
-        for row in rows {
-            let run = id_from_sql(&row.try_get::<Vec<u8>, _>(0)?)?;
-            let status = status_from_sql(&row.try_get::<String, _>(1)?)?;
-            finished_as.insert(run, status);
-        }
-    }
+    let refusals = refusals(conn, missing, &fenced).await?;
     let outcome = |run: RunId| -> Result<Box<RunRecord>, StoreError> {
-        if let Some(record) = done.get(&run) {
-            return Ok(Box::new(record.clone()));
-        }
-        match finished_as.get(&run) {
-            None => Err(StoreError::NotFound(run)),
-            Some(&status) => Err(StoreError::AlreadyFinished { run, status }),
+        match done.get(&run) {
+            Some(record) => Ok(Box::new(record.clone())),
+            None => Err(refusals
+                .get(&run)
+                .cloned()
+                .unwrap_or(StoreError::NotFound(run))),
         }
     };
     for (&run, &i) in &first {
@@ -638,6 +641,45 @@ async fn apply_finishes(
         answers[i] = Some(Answer::Finished(answer));
     }
     Ok(())
+}
+
+/// Why the terminal writes of `missing` runs changed nothing: the run is unknown (absent from
+/// the answer), already finished, or no longer at the attempt its write was fenced by.
+async fn refusals(
+    conn: &mut PgConnection,
+    missing: Vec<Vec<u8>>,
+    fenced: &HashMap<RunId, u32>,
+) -> Result<HashMap<RunId, StoreError>, DbError> {
+    let mut refused = HashMap::new();
+    if missing.is_empty() {
+        return Ok(refused);
+    }
+    let rows = sqlx::query("SELECT id, status, attempt FROM runs WHERE id = ANY($1)")
+        .bind(missing)
+        .fetch_all(&mut *conn)
+        .await?;
+    for row in rows {
+        let run = id_from_sql(&row.try_get::<Vec<u8>, _>(0)?)?;
+        let status = status_from_sql(&row.try_get::<String, _>(1)?)?;
+        let current = u32_from_sql(row.try_get::<i64, _>(2)?)?;
+        let e = if status.is_terminal() {
+            StoreError::AlreadyFinished { run, status }
+        } else {
+            match fenced.get(&run) {
+                Some(&attempt) => StoreError::StaleAttempt {
+                    run,
+                    attempt,
+                    current,
+                },
+                // Unfinished, unfenced and still not updated: it changed under the statement.
+                None => StoreError::Unavailable(format!(
+                    "run {run} changed while its terminal write was applied"
+                )),
+            }
+        };
+        refused.insert(run, e);
+    }
+    Ok(refused)
 }
 
 async fn apply_starts(
