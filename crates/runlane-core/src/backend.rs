@@ -395,6 +395,20 @@ pub trait QueueBackend: Send + Sync + 'static {
         false
     }
 
+    /// Checks many leases, as [`QueueBackend::check_lease`] does one by one, answering per
+    /// lease in order. A backend may do it in one step (one round trip); the default calls
+    /// `check_lease` for each. `Err` means the whole call failed (as if each check had).
+    async fn check_leases(
+        &self,
+        leases: &[(RunId, FencingToken)],
+    ) -> Result<Vec<Result<(), QueueError>>, QueueError> {
+        let mut answers = Vec::with_capacity(leases.len());
+        for &(run, token) in leases {
+            answers.push(self.check_lease(run, token).await);
+        }
+        Ok(answers)
+    }
+
     /// Ends many leased runs, as [`QueueBackend::finish`] does one by one, answering per run.
     /// A backend may do it in one step (one lock, one round trip); the default calls `finish`
     /// for each, in order. The effects of all of them are merged into the returned `Effects`.

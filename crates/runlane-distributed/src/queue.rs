@@ -312,6 +312,12 @@ impl QueueBackend for DistributedQueue {
     async fn check_lease(&self, run: RunId, token: FencingToken) -> Result<(), QueueError> {
         self.redis.check_lease(run, token).await
     }
+    async fn check_leases(
+        &self,
+        leases: &[(RunId, FencingToken)],
+    ) -> Result<Vec<Result<(), QueueError>>, QueueError> {
+        self.redis.check_leases(leases).await
+    }
     async fn finish(
         &self,
         run: RunId,
