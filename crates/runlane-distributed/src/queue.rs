@@ -406,6 +406,11 @@ impl QueueBackend for DistributedQueue {
     fn claims_in_process(&self) -> bool {
         self.redis.claims_in_process()
     }
+    /// Runs this process triggers are mostly claimed by its own workers: they get the payload
+    /// without a read back (entries of runs other processes claim are dropped when full).
+    fn hands_over(&self) -> bool {
+        true
+    }
     async fn finish_many(
         &self,
         runs: &[(RunId, FencingToken)],

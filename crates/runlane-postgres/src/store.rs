@@ -691,6 +691,21 @@ impl RunStore for PostgresStore {
             .pop())
     }
 
+    async fn get_many(&self, runs: &[RunId]) -> Result<Vec<Option<RunRecord>>, StoreError> {
+        if runs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Vec<u8>> = runs.iter().map(|&r| id_to_sql(r)).collect();
+        let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ANY($1)");
+        let mut found: HashMap<RunId, RunRecord> = self
+            .read_runs(sqlx::query(&sql).bind(ids))
+            .await?
+            .into_iter()
+            .map(|r| (r.id, r))
+            .collect();
+        Ok(runs.iter().map(|r| found.remove(r)).collect())
+    }
+
     async fn list(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, StoreError> {
         enum Arg {
             Text(String),
