@@ -395,6 +395,29 @@ pub trait QueueBackend: Send + Sync + 'static {
         false
     }
 
+    /// Checks many leases, as [`QueueBackend::check_lease`] does one by one, answering per
+    /// lease in order. A backend may do it in one step (one round trip); the default calls
+    /// `check_lease` for each. `Err` means the whole call failed (as if each check had).
+    async fn check_leases(
+        &self,
+        leases: &[(RunId, FencingToken)],
+    ) -> Result<Vec<Result<(), QueueError>>, QueueError> {
+        let mut answers = Vec::with_capacity(leases.len());
+        for &(run, token) in leases {
+            answers.push(self.check_lease(run, token).await);
+        }
+        Ok(answers)
+    }
+
+    /// Whether the engine keeps the task and payload of the runs it triggers for its own
+    /// workers' first claims (instead of reading each claimed run back from the store). The
+    /// default is [`QueueBackend::claims_in_process`]; a shared backend may answer `true` when
+    /// its processes mostly work the runs they trigger: entries of runs another process
+    /// claimed are then dropped whenever the engine's hand-over is full.
+    fn hands_over(&self) -> bool {
+        self.claims_in_process()
+    }
+
     /// Ends many leased runs, as [`QueueBackend::finish`] does one by one, answering per run.
     /// A backend may do it in one step (one lock, one round trip); the default calls `finish`
     /// for each, in order. The effects of all of them are merged into the returned `Effects`.
@@ -698,6 +721,15 @@ pub trait RunStore: Send + Sync + 'static {
     async fn remove(&self, run: RunId) -> Result<(), StoreError>;
     /// One run.
     async fn get(&self, run: RunId) -> Result<Option<RunRecord>, StoreError>;
+    /// Many runs, answered in the order asked (`None` for a run not stored). A store may read
+    /// them in one query; the default calls `get` for each.
+    async fn get_many(&self, runs: &[RunId]) -> Result<Vec<Option<RunRecord>>, StoreError> {
+        let mut out = Vec::with_capacity(runs.len());
+        for &run in runs {
+            out.push(self.get(run).await?);
+        }
+        Ok(out)
+    }
     /// Runs matching the filter, in id order.
     async fn list(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, StoreError>;
     /// A failed attempt with a retry: records it and the next `run_after`.
@@ -712,7 +744,10 @@ pub trait RunStore: Send + Sync + 'static {
     /// a `crashed` attempt for a run that was executing when the process died. A note lost in a
     /// crash costs at most one uncounted attempt.
     fn note_start(&self, run: RunId, attempt: u32, at: Timestamp);
-    /// The terminal write; the first one wins, later ones get `AlreadyFinished`.
+    /// The terminal write; the first one wins, later ones get `AlreadyFinished`. A write that
+    /// carries an attempt applies only while that attempt is the run's current one; a store
+    /// that fences by attempt (PostgreSQL, memory) answers `StaleAttempt` for an older one and
+    /// changes nothing.
     async fn finish(
         &self,
         run: RunId,

@@ -105,6 +105,19 @@ pub enum StoreError {
         /// Its terminal status.
         status: RunStatus,
     },
+    /// A terminal write for an attempt that is no longer the run's current one (its lease
+    /// lapsed and the run moved on to a later attempt); nothing changed. Stores that fence
+    /// terminal writes by attempt (PostgreSQL, memory) answer it; the engine treats it as a
+    /// lost lease.
+    #[error("run {run} is at attempt {current}; the end of attempt {attempt} is stale")]
+    StaleAttempt {
+        /// The run.
+        run: RunId,
+        /// The attempt the write was for.
+        attempt: u32,
+        /// The run's current attempt.
+        current: u32,
+    },
     /// No such version of the env.
     #[error("env {env} has no version {version}")]
     UnknownVersion {

@@ -326,6 +326,12 @@ impl QueueBackend for DistributedQueue {
     async fn check_lease(&self, run: RunId, token: FencingToken) -> Result<(), QueueError> {
         self.redis.check_lease(run, token).await
     }
+    async fn check_leases(
+        &self,
+        leases: &[(RunId, FencingToken)],
+    ) -> Result<Vec<Result<(), QueueError>>, QueueError> {
+        self.redis.check_leases(leases).await
+    }
     async fn finish(
         &self,
         run: RunId,
@@ -423,6 +429,11 @@ impl QueueBackend for DistributedQueue {
     }
     fn claims_in_process(&self) -> bool {
         self.redis.claims_in_process()
+    }
+    /// Runs this process triggers are mostly claimed by its own workers: they get the payload
+    /// without a read back (entries of runs other processes claim are dropped when full).
+    fn hands_over(&self) -> bool {
+        true
     }
     async fn finish_many(
         &self,

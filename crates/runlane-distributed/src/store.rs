@@ -83,6 +83,9 @@ impl RunStore for DistributedStore {
     async fn get(&self, run: RunId) -> Result<Option<RunRecord>, StoreError> {
         self.inner.get(run).await
     }
+    async fn get_many(&self, runs: &[RunId]) -> Result<Vec<Option<RunRecord>>, StoreError> {
+        self.inner.get_many(runs).await
+    }
     async fn list(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, StoreError> {
         self.inner.list(filter).await
     }

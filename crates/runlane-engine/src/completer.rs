@@ -17,7 +17,7 @@
 use std::sync::Weak;
 
 use runlane_core::backend::AttemptEnd;
-use runlane_core::{EnvName, FencingToken, RunId, StoreError};
+use runlane_core::{EnvName, FencingToken, QueueError, RunId, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::Inner;
@@ -108,10 +108,20 @@ pub(crate) async fn serve(engine: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<E
 async fn end_batch(inner: &Inner, batch: Vec<Ending>) {
     // A zombie never changes a run it lost: completions whose lease is gone are dropped (their
     // caller is answered `Ok`, as a single completion was).
+    // All the batch's leases are checked in one call.
+    let leases: Vec<(RunId, FencingToken)> = batch.iter().map(|e| (e.end.run, e.token)).collect();
+    let checks = match inner.queue.check_leases(&leases).await {
+        Ok(checks) if checks.len() == batch.len() => checks,
+        Ok(_) => {
+            let e = QueueError::Unavailable("the queue answered a different count".into());
+            vec![Err(e); batch.len()]
+        }
+        Err(e) => vec![Err(e); batch.len()],
+    };
     let mut live: Vec<Ending> = Vec::with_capacity(batch.len());
-    for ending in batch {
+    for (ending, check) in batch.into_iter().zip(checks) {
         let run = ending.end.run;
-        match inner.queue.check_lease(run, ending.token).await {
+        match check {
             Ok(()) => live.push(ending),
             Err(e) => {
                 tracing::debug!(%run, error = %e, "completion after the lease was lost; dropped");
@@ -169,6 +179,12 @@ async fn end_batch(inner: &Inner, batch: Vec<Ending>) {
                 Ok(())
             }
             Err(StoreError::AlreadyFinished { .. }) => Ok(()),
+            // The run moved on to a later attempt (this lease lapsed after the check): a zombie's
+            // end, dropped as above; the later attempt's holder ends the run.
+            Err(StoreError::StaleAttempt { run, attempt, .. }) => {
+                tracing::debug!(%run, attempt, "completion of a stale attempt; dropped");
+                Ok(())
+            }
             Err(e) => Err(e.into()),
         };
         let _ = ending.reply.send(reply);

@@ -96,7 +96,7 @@ impl EngineBuilder {
             effects.merge(queue.put_env(env, *settings, now).await?);
         }
 
-        let handover = Handover::new(queue.claims_in_process());
+        let handover = Handover::new(queue.hands_over(), !queue.claims_in_process());
         let (completer, completions) = Completer::new();
         let inner = Arc::new(Inner {
             queue,

@@ -122,6 +122,7 @@ impl From<StoreError> for EngineError {
             StoreError::AlreadyFinished { run, status } => {
                 EngineError::AlreadyFinished { run, status }
             }
+            StoreError::StaleAttempt { run, .. } => EngineError::StaleToken(run),
             StoreError::UnknownVersion { version, .. } => EngineError::UnknownVersion {
                 version,
                 task: String::new(),

@@ -3,8 +3,11 @@
 //! does not read the run back from the store.
 //!
 //! Only used when the queue backend takes every lease in this process
-//! ([`QueueBackend::claims_in_process`](runlane_core::backend::QueueBackend::claims_in_process)):
-//! otherwise another process may claim the run and its entry would never be taken. Bounded by
+//! ([`QueueBackend::claims_in_process`](runlane_core::backend::QueueBackend::claims_in_process)),
+//! or asks for it although other processes claim too
+//! ([`QueueBackend::hands_over`](runlane_core::backend::QueueBackend::hands_over)): there an
+//! entry of a run another process claimed is never taken, so a full hand-over drops every
+//! entry and starts again (those runs are read from the store). Bounded by
 //! entry count and payload bytes; a run that does not fit is simply read from the store at its
 //! claim, as every retry and every run recovered at open is. Runs that end without being
 //! claimed (cancelled, expired) drop their entry when their terminal state is published.
@@ -40,15 +43,18 @@ struct State {
 /// The runs triggered here and not claimed yet.
 pub(crate) struct Handover {
     enabled: bool,
+    /// Other processes claim too: a full hand-over is emptied instead of refusing entries.
+    shared: bool,
     state: Mutex<State>,
     /// Entries held, readable without the lock (forgetting skips the lock when zero).
     len: AtomicUsize,
 }
 
 impl Handover {
-    pub(crate) fn new(enabled: bool) -> Self {
+    pub(crate) fn new(enabled: bool, shared: bool) -> Self {
         Handover {
             enabled,
+            shared,
             state: Mutex::new(State::default()),
             len: AtomicUsize::new(0),
         }
@@ -67,7 +73,12 @@ impl Handover {
         let mut st = self.lock();
         let size = handed.payload.len();
         if st.runs.len() >= ENTRIES_MAX || st.bytes.saturating_add(size) > BYTES_MAX {
-            return;
+            if !self.shared {
+                return;
+            }
+            // Mostly entries of runs other processes claimed: start again.
+            st.runs.clear();
+            st.bytes = 0;
         }
         if st.runs.insert(run, handed).is_none() {
             st.bytes += size;
@@ -107,7 +118,7 @@ mod tests {
 
     #[test]
     fn an_entry_is_taken_once() {
-        let h = Handover::new(true);
+        let h = Handover::new(true, false);
         h.keep(RunId(1), handed("{}"));
         assert_eq!(h.take(RunId(1)).map(|x| x.payload), Some(Arc::from("{}")));
         assert!(h.take(RunId(1)).is_none(), "taken once");
@@ -118,8 +129,27 @@ mod tests {
     }
 
     #[test]
+    fn a_full_shared_handover_starts_again_and_a_full_private_one_refuses() {
+        let big = "x".repeat(BYTES_MAX / 2 + 1);
+        let private = Handover::new(true, false);
+        private.keep(RunId(1), handed(&big));
+        private.keep(RunId(2), handed(&big));
+        assert!(private.take(RunId(2)).is_none(), "refused when full");
+        assert!(private.take(RunId(1)).is_some(), "the first entry is kept");
+        let shared = Handover::new(true, true);
+        shared.keep(RunId(1), handed(&big));
+        shared.keep(RunId(2), handed(&big));
+        assert!(
+            shared.take(RunId(1)).is_none(),
+            "dropped when the hand-over filled"
+        );
+        assert!(shared.take(RunId(2)).is_some(), "the new entry is kept");
+        assert_eq!(shared.lock().bytes, 0);
+    }
+
+    #[test]
     fn a_disabled_handover_keeps_nothing() {
-        let h = Handover::new(false);
+        let h = Handover::new(false, false);
         h.keep(RunId(1), handed("{}"));
         assert!(h.take(RunId(1)).is_none());
     }

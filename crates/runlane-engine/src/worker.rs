@@ -13,16 +13,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use runlane_core::admission::{env_cap, key_cap};
-use runlane_core::backend::{AttemptEnd, ClaimRequest, ConsumerId, LeaseState, Leased, ServedEnv};
+use runlane_core::backend::{
+    AttemptEnd, ClaimRequest, ConsumerId, LeaseState, Leased, RunRecord, ServedEnv,
+};
 use runlane_core::{
     CancelReason, ClaimChain, EnvName, FencingToken, InvalidInput, LaneName, QueueName, RunId,
-    RunStatus, Scope, TaskName, TriggerSource, WorkerId, WorkloopSpec,
+    RunStatus, Scope, StoreError, TaskName, TriggerSource, WorkerId, WorkloopSpec,
 };
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::doorbell::any_of;
-use crate::engine::{attempt_record, Engine};
+use crate::engine::{attempt_record, Engine, Inner};
 use crate::error::EngineError;
 use crate::handover::Handed;
 use crate::local::{AbortKind, Latch, LocalRun};
@@ -416,7 +418,7 @@ impl WorkerShared {
         self.runs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn spawn_run(self: &Arc<Self>, leased: Leased, permit: Slot) {
+    fn spawn_run(self: &Arc<Self>, leased: Leased, permit: Slot, loaded: Loaded) {
         let run = leased.dispatch.run_id;
         let local = Arc::new(LocalRun::new(run, leased.token));
         self.engine.inner.local.insert(local.clone());
@@ -433,7 +435,7 @@ impl WorkerShared {
         let mut runs = self.runs();
         // Reap finished runs so the set stays as large as what is in flight.
         while runs.try_join_next().is_some() {}
-        runs.spawn(execute(self.clone(), leased, local, permit));
+        runs.spawn(execute(self.clone(), leased, local, permit, loaded));
     }
 }
 
@@ -546,8 +548,9 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
                     .flatten()
                     .min();
                 engine.arm(earliest);
+                let loaded = load_claimed(&engine, &leases).await;
                 let mut permit = Some(first);
-                for leased in leases {
+                for (leased, loaded) in leases.into_iter().zip(loaded) {
                     let p = match permit.take() {
                         Some(p) => p,
                         None => match slots_sem.clone().try_acquire_owned() {
@@ -571,7 +574,7 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
                         permit: p,
                         ending: ending.clone(),
                     };
-                    shared.spawn_run(leased, slot);
+                    shared.spawn_run(leased, slot, loaded);
                 }
             }
             Ok(_) => {
@@ -654,8 +657,60 @@ async fn heartbeat(shared: Arc<WorkerShared>) {
     }
 }
 
+/// What a workloop has of a claimed run before it starts it.
+enum Loaded {
+    /// Handed over by this process's trigger.
+    Handed(Handed),
+    /// Read back from the store (`None`: not there).
+    Record(Option<RunRecord>),
+    /// The read failed.
+    Failed(StoreError),
+}
+
+/// The task and payload of each claimed run, in claim order: handed over when this process
+/// triggered it, else read back from the store, one read for all of the claim's runs.
+async fn load_claimed(engine: &Inner, leases: &[Leased]) -> Vec<Loaded> {
+    let mut out: Vec<Option<Loaded>> = leases
+        .iter()
+        .map(|l| engine.handover.take(l.dispatch.run_id).map(Loaded::Handed))
+        .collect();
+    let missing: Vec<RunId> = leases
+        .iter()
+        .zip(&out)
+        .filter(|(_, o)| o.is_none())
+        .map(|(l, _)| l.dispatch.run_id)
+        .collect();
+    if !missing.is_empty() {
+        let read: Vec<Loaded> = match engine.store.get_many(&missing).await {
+            Ok(records) if records.len() == missing.len() => {
+                records.into_iter().map(Loaded::Record).collect()
+            }
+            Ok(_) => {
+                let e = StoreError::Unavailable("the store answered a different count".into());
+                missing.iter().map(|_| Loaded::Failed(e.clone())).collect()
+            }
+            Err(e) => missing.iter().map(|_| Loaded::Failed(e.clone())).collect(),
+        };
+        let mut read = read.into_iter();
+        for slot in out.iter_mut().filter(|o| o.is_none()) {
+            *slot = read.next();
+        }
+    }
+    out.into_iter()
+        .map(|o| {
+            o.unwrap_or_else(|| Loaded::Failed(StoreError::Unavailable("run not loaded".into())))
+        })
+        .collect()
+}
+
 /// Runs one leased attempt to its end.
-async fn execute(shared: Arc<WorkerShared>, leased: Leased, local: Arc<LocalRun>, slot: Slot) {
+async fn execute(
+    shared: Arc<WorkerShared>,
+    leased: Leased,
+    local: Arc<LocalRun>,
+    slot: Slot,
+    loaded: Loaded,
+) {
     let run = leased.dispatch.run_id;
     let token = leased.token;
     let _guard = InFlightGuard {
@@ -670,31 +725,31 @@ async fn execute(shared: Arc<WorkerShared>, leased: Leased, local: Arc<LocalRun>
     // A run triggered in this process comes with its payload; any other is read back. (A run
     // handed over cannot have ended in the store: every terminal write outside a lease first
     // takes the run out of the queue.)
-    let handed = match engine.handover.take(run) {
-        Some(handed) => handed,
-        None => match engine.store.get(run).await {
-            Ok(Some(record)) if record.status.is_terminal() => {
+    let handed = match loaded {
+        Loaded::Handed(handed) => handed,
+        Loaded::Record(record) => match record {
+            Some(record) if record.status.is_terminal() => {
                 // Cancelled (or ended) in the store while it waited in the queue.
                 engine.queue_finish_quietly(run, token).await;
                 return;
             }
-            Ok(Some(record)) => Handed {
+            Some(record) => Handed {
                 task: record.task,
                 payload: record.payload,
                 retry: record.retry,
             },
-            Ok(None) => {
+            None => {
                 tracing::warn!(%run, "claimed run is not in the store; dropping it");
                 engine.queue_finish_quietly(run, token).await;
                 return;
             }
-            Err(e) => {
-                // Without the payload nothing can run: hand the run back without an attempt.
-                tracing::warn!(%run, error = %e, "claimed run could not be loaded; releasing it");
-                release(&shared, run, token, &d.env, d.attempt).await;
-                return;
-            }
         },
+        Loaded::Failed(e) => {
+            // Without the payload nothing can run: hand the run back without an attempt.
+            tracing::warn!(%run, error = %e, "claimed run could not be loaded; releasing it");
+            release(&shared, run, token, &d.env, d.attempt).await;
+            return;
+        }
     };
 
     let outcome = match shared.handlers.get(&handed.task) {

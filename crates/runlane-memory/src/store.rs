@@ -217,6 +217,15 @@ impl RunStore for MemoryStore {
                 status: r.status,
             });
         }
+        if let Some(a) = &attempt {
+            if a.number != r.attempt {
+                return Err(StoreError::StaleAttempt {
+                    run,
+                    attempt: a.number,
+                    current: r.attempt,
+                });
+            }
+        }
         debug_assert!(status.is_terminal(), "finish needs a terminal status");
         r.status = status;
         r.output = output;
@@ -244,6 +253,13 @@ impl RunStore for MemoryStore {
                     return Err(StoreError::AlreadyFinished {
                         run,
                         status: r.status,
+                    });
+                }
+                if end.attempt.number != r.attempt {
+                    return Err(StoreError::StaleAttempt {
+                        run,
+                        attempt: end.attempt.number,
+                        current: r.attempt,
                     });
                 }
                 debug_assert!(end.status.is_terminal(), "finish needs a terminal status");

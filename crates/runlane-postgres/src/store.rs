@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use runlane_core::backend::{
-    AttemptRecord, IdempotencyClaim, Inserted, RunFilter, RunRecord, RunStore,
+    AttemptEnd, AttemptRecord, IdempotencyClaim, Inserted, RunFilter, RunRecord, RunStore,
 };
 use runlane_core::{
     EnvName, EnvSettings, InvalidInput, RunId, RunStatus, StoreError, Timestamp, VersionDef,
@@ -325,6 +325,14 @@ impl PostgresStore {
         let n = writer::write_starts(&mut conn, id, attempt, at).await?;
         self.counters.starts_flushed.fetch_add(n, Ordering::Relaxed);
         Ok(n)
+    }
+
+    /// Keeps again a start taken for a terminal write that was refused as stale: it belongs to
+    /// an attempt that is still running.
+    fn keep_start(&self, run: RunId, start: Option<(u32, Timestamp)>) {
+        if let Some((attempt, at)) = start {
+            self.note_start(run, attempt, at);
+        }
     }
 
     /// Checks the server answers.
@@ -683,6 +691,21 @@ impl RunStore for PostgresStore {
             .pop())
     }
 
+    async fn get_many(&self, runs: &[RunId]) -> Result<Vec<Option<RunRecord>>, StoreError> {
+        if runs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Vec<u8>> = runs.iter().map(|&r| id_to_sql(r)).collect();
+        let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ANY($1)");
+        let mut found: HashMap<RunId, RunRecord> = self
+            .read_runs(sqlx::query(&sql).bind(ids))
+            .await?
+            .into_iter()
+            .map(|r| (r.id, r))
+            .collect();
+        Ok(runs.iter().map(|r| found.remove(r)).collect())
+    }
+
     async fn list(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, StoreError> {
         enum Arg {
             Text(String),
@@ -796,16 +819,102 @@ impl RunStore for PostgresStore {
         } else {
             Durability::Strict
         };
-        self.submit(durability, |reply| Op::Finish {
-            run,
-            status,
-            output,
-            attempt,
-            start,
-            now,
-            reply,
-        })
-        .await
+        let written = self
+            .submit(durability, |reply| Op::Finish {
+                run,
+                status,
+                output,
+                attempt,
+                start,
+                now,
+                reply,
+            })
+            .await;
+        if let Err(StoreError::StaleAttempt { .. }) = &written {
+            self.keep_start(run, start);
+        }
+        written
+    }
+
+    fn group_commits(&self) -> bool {
+        true
+    }
+
+    async fn finish_many(
+        &self,
+        ends: Vec<AttemptEnd>,
+        now: Timestamp,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        // Split by durability (a run is relaxed only if this process inserted it in a relaxed
+        // env); each part is one queued write, both in flight at once.
+        let n = ends.len();
+        let mut parts: [(Vec<usize>, Vec<(AttemptEnd, Option<(u32, Timestamp)>)>); 2] =
+            Default::default();
+        {
+            let mut relaxed = self.relaxed_runs();
+            for (i, end) in ends.into_iter().enumerate() {
+                debug_assert!(end.status.is_terminal(), "finish needs a terminal status");
+                let start = self.starts.take(end.run);
+                let part = usize::from(relaxed.remove(&end.run));
+                parts[part].0.push(i);
+                parts[part].1.push((end, start));
+            }
+        }
+        let [(strict_at, strict), (relaxed_at, relaxed)] = parts;
+        let starts: HashMap<RunId, (u32, Timestamp)> = strict
+            .iter()
+            .chain(&relaxed)
+            .filter_map(|(end, start)| start.map(|s| (end.run, s)))
+            .collect();
+        let submit = |durability, ends: Vec<_>| async move {
+            if ends.is_empty() {
+                return Ok(Vec::new());
+            }
+            self.submit(durability, |reply| Op::FinishMany { ends, now, reply })
+                .await
+        };
+        let (strict_done, relaxed_done) = tokio::join!(
+            submit(Durability::Strict, strict),
+            submit(Durability::Relaxed, relaxed)
+        );
+        for answer in strict_done.iter().chain(&relaxed_done).flatten() {
+            if let Err(StoreError::StaleAttempt { run, .. }) = answer {
+                self.keep_start(*run, starts.get(run).copied());
+            }
+        }
+        let mut answers: Vec<Option<Result<(), StoreError>>> = (0..n).map(|_| None).collect();
+        let mut failed = None;
+        for (at, done) in [(strict_at, strict_done), (relaxed_at, relaxed_done)] {
+            match done {
+                Ok(done) if done.len() == at.len() => {
+                    for (i, answer) in at.into_iter().zip(done) {
+                        answers[i] = Some(answer);
+                    }
+                }
+                Ok(_) => {
+                    let e = StoreError::Unavailable("writer answered a different count".into());
+                    for i in at {
+                        answers[i] = Some(Err(e.clone()));
+                    }
+                }
+                Err(e) => {
+                    for &i in &at {
+                        answers[i] = Some(Err(e.clone()));
+                    }
+                    failed = Some(e);
+                }
+            }
+        }
+        // Nothing written at all: the whole call failed.
+        if let Some(e) = failed {
+            if answers.iter().all(|a| matches!(a, Some(Err(x)) if *x == e)) {
+                return Err(e);
+            }
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|| Err(writer::writer_gone())))
+            .collect())
     }
 
     async fn reschedule(

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use runlane_core::backend::{AttemptRecord, IdempotencyClaim, Inserted, RunRecord};
+use runlane_core::backend::{AttemptEnd, AttemptRecord, IdempotencyClaim, Inserted, RunRecord};
 use runlane_core::{RunId, RunStatus, StoreError, Timestamp};
 use sqlx::postgres::PgPool;
 use sqlx::{Connection, PgConnection, Row};
@@ -32,8 +32,8 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use crate::config::Durability;
 use crate::error::{is_connection_error, is_retryable, unavailable, DbError};
 use crate::record::{
-    attempt_to_sql, decode_run, id_from_sql, id_to_sql, status_from_sql, ts_to_sql, RunColumns,
-    RUN_COLUMNS, RUN_COLUMNS_R, UNFINISHED,
+    attempt_to_sql, decode_run, id_from_sql, id_to_sql, status_from_sql, ts_to_sql, u32_from_sql,
+    RunColumns, RUN_COLUMNS, RUN_COLUMNS_R, UNFINISHED,
 };
 
 /// Counters of the writers, for [`crate::PostgresStats`].
@@ -70,6 +70,12 @@ pub(crate) enum Op {
         now: Timestamp,
         reply: oneshot::Sender<Result<RunRecord, StoreError>>,
     },
+    /// `RunStore::finish_many`: each end with the attempt start noted in memory, if any.
+    FinishMany {
+        ends: Vec<(AttemptEnd, Option<(u32, Timestamp)>)>,
+        now: Timestamp,
+        reply: oneshot::Sender<Result<Vec<Result<(), StoreError>>, StoreError>>,
+    },
     /// Attempt starts still unfinished after `start_flush_after` (fire and forget).
     Starts(Vec<(RunId, u32, Timestamp)>),
 }
@@ -84,6 +90,7 @@ pub(crate) struct Queued {
 enum Answer {
     Inserted(Result<Vec<Inserted>, StoreError>),
     Finished(Result<Box<RunRecord>, StoreError>),
+    FinishedMany(Vec<Result<(), StoreError>>),
     Nothing,
 }
 
@@ -110,12 +117,25 @@ impl Queued {
                     Err(e) => Err(e),
                 });
             }
+            Op::FinishMany { reply, .. } => {
+                let _ = reply.send(match answer {
+                    Ok(Answer::FinishedMany(r)) => Ok(r),
+                    Ok(_) => Err(StoreError::Unavailable(
+                        "writer answered out of kind".into(),
+                    )),
+                    Err(e) => Err(e),
+                });
+            }
             Op::Starts(_) => {}
         }
     }
 
+    /// The calls this write answers (each end of a `finish_many` counts as one).
     fn calls(&self) -> u64 {
-        1
+        match &self.op {
+            Op::FinishMany { ends, .. } => ends.len() as u64,
+            _ => 1,
+        }
     }
 }
 
@@ -295,7 +315,8 @@ async fn commit(
 }
 
 /// Whether the batch is one statement (then it needs no explicit transaction): only inserts
-/// that hold no idempotency key, only terminal writes, or only attempt starts. (An insert row
+/// that hold no idempotency key, only `finish` calls, only `finish_many` calls, or only
+/// attempt starts. (An insert row
 /// whose id was stored before is replaced in its own transaction; generated ids never clash.)
 fn single_statement(ops: &[Queued]) -> bool {
     let inserts = ops.iter().all(|q| match &q.op {
@@ -303,8 +324,9 @@ fn single_statement(ops: &[Queued]) -> bool {
         _ => false,
     });
     let finishes = ops.iter().all(|q| matches!(q.op, Op::Finish { .. }));
+    let finish_many = ops.iter().all(|q| matches!(q.op, Op::FinishMany { .. }));
     let starts = ops.iter().all(|q| matches!(q.op, Op::Starts(_)));
-    inserts || finishes || starts
+    inserts || finishes || finish_many || starts
 }
 
 /// Applies every call of the batch inside `tx`; answers in call order.
@@ -507,59 +529,182 @@ async fn insert_one(
     )))
 }
 
+/// One terminal write of a batch: a `finish` call, or one end of a `finish_many` call.
+struct EndRow<'a> {
+    /// The call.
+    op: usize,
+    /// The end's place inside a `finish_many` call (`None` for a `finish` call).
+    item: Option<usize>,
+    run: RunId,
+    status: RunStatus,
+    output: Option<&'a str>,
+    attempt: Option<&'a AttemptRecord>,
+    start: Option<(u32, Timestamp)>,
+    now: Timestamp,
+}
+
+/// The terminal writes of the batch's calls: those of `finish` calls in one statement that
+/// returns their records, those of `finish_many` calls in one that returns only ids (their
+/// callers need no record), each fenced by attempt. The first write of a run in the batch is
+/// applied; later ones get its outcome's refusal.
 async fn apply_finishes(
     conn: &mut PgConnection,
     ops: &[Queued],
     answers: &mut [Option<Answer>],
     counters: &Counters,
 ) -> Result<(), DbError> {
-    // The first finish of a run in the batch is applied; later ones get its outcome's refusal.
-    let mut first: HashMap<RunId, usize> = HashMap::new();
-    let mut later: Vec<(usize, usize)> = Vec::new();
-    let mut id = Vec::new();
-    let mut status = Vec::new();
-    let mut output: Vec<Option<String>> = Vec::new();
-    let mut has_attempt = Vec::new();
-    let mut attempt_no: Vec<i64> = Vec::new();
-    let mut error: Vec<Option<String>> = Vec::new();
-    let mut attempt_json: Vec<Option<String>> = Vec::new();
-    let mut at = Vec::new();
-    let mut start_attempt: Vec<Option<i64>> = Vec::new();
-    let mut start_at: Vec<Option<i64>> = Vec::new();
+    let mut rows: Vec<EndRow<'_>> = Vec::new();
     for (i, q) in ops.iter().enumerate() {
-        let Op::Finish {
-            run,
-            status: s,
-            output: o,
-            attempt,
-            start,
-            now,
-            ..
-        } = &q.op
-        else {
-            continue;
-        };
-        if let Some(&winner) = first.get(run) {
-            later.push((i, winner));
-            continue;
+        match &q.op {
+            Op::Finish {
+                run,
+                status,
+                output,
+                attempt,
+                start,
+                now,
+                ..
+            } => rows.push(EndRow {
+                op: i,
+                item: None,
+                run: *run,
+                status: *status,
+                output: output.as_deref(),
+                attempt: attempt.as_ref(),
+                start: *start,
+                now: *now,
+            }),
+            Op::FinishMany { ends, now, .. } => {
+                for (j, (end, start)) in ends.iter().enumerate() {
+                    rows.push(EndRow {
+                        op: i,
+                        item: Some(j),
+                        run: end.run,
+                        status: end.status,
+                        output: end.output.as_deref(),
+                        attempt: Some(&end.attempt),
+                        start: *start,
+                        now: *now,
+                    });
+                }
+            }
+            _ => {}
         }
-        first.insert(*run, i);
-        id.push(id_to_sql(*run));
-        status.push(s.as_str().to_string());
-        output.push(o.as_deref().map(str::to_string));
-        has_attempt.push(attempt.is_some());
-        attempt_no.push(attempt.as_ref().map_or(0, |a| i64::from(a.number)));
-        error.push(attempt.as_ref().and_then(|a| a.error.clone()));
-        attempt_json.push(attempt.as_ref().map(attempt_to_sql).transpose()?);
-        at.push(ts_to_sql(*now));
-        start_attempt.push(start.map(|(n, _)| i64::from(n)));
-        start_at.push(start.map(|(_, t)| ts_to_sql(t)));
     }
-    if first.is_empty() {
+    if rows.is_empty() {
         return Ok(());
     }
-    let ids = id.clone();
-    let rows = sqlx::query(&format!(
+    // The first write of each run is applied; `winner[k]` is the row whose outcome answers k.
+    let mut first: HashMap<RunId, usize> = HashMap::new();
+    let winner: Vec<usize> = rows
+        .iter()
+        .enumerate()
+        .map(|(k, row)| *first.entry(row.run).or_insert(k))
+        .collect();
+    let applied: Vec<usize> = (0..rows.len()).filter(|&k| winner[k] == k).collect();
+    let (full, light): (Vec<usize>, Vec<usize>) =
+        applied.iter().partition(|&&k| rows[k].item.is_none());
+    let mut done: HashMap<RunId, Option<RunRecord>> = HashMap::with_capacity(applied.len());
+    for (group, returns_record) in [(full, true), (light, false)] {
+        if !group.is_empty() {
+            let picked: Vec<&EndRow<'_>> = group.iter().map(|&k| &rows[k]).collect();
+            update_ends(conn, &picked, returns_record, &mut done).await?;
+        }
+    }
+    counters
+        .rows_finished
+        .fetch_add(done.len() as u64, Ordering::Relaxed);
+    // Runs that were not updated: unknown, already finished, or at a later attempt.
+    let fenced: HashMap<RunId, u32> = applied
+        .iter()
+        .filter_map(|&k| rows[k].attempt.map(|a| (rows[k].run, a.number)))
+        .collect();
+    let missing: Vec<Vec<u8>> = applied
+        .iter()
+        .filter(|&&k| !done.contains_key(&rows[k].run))
+        .map(|&k| id_to_sql(rows[k].run))
+        .collect();
+    let refused = refusals(conn, missing, &fenced).await?;
+    let outcome = |k: usize| -> Result<Option<RunRecord>, StoreError> {
+        let w = &rows[winner[k]];
+        let won = match done.get(&w.run) {
+            Some(record) => Ok(record.clone()),
+            None => Err(refused
+                .get(&w.run)
+                .cloned()
+                .unwrap_or(StoreError::NotFound(w.run))),
+        };
+        if winner[k] == k {
+            won
+        } else {
+            // A later write of a run in this batch: refused as after the winner's outcome.
+            match won {
+                Ok(_) => Err(StoreError::AlreadyFinished {
+                    run: w.run,
+                    status: w.status,
+                }),
+                Err(e) => Err(e),
+            }
+        }
+    };
+    let mut many: HashMap<usize, Vec<Result<(), StoreError>>> = HashMap::new();
+    for (k, row) in rows.iter().enumerate() {
+        let answer = outcome(k);
+        match row.item {
+            None => {
+                answers[row.op] = Some(Answer::Finished(answer.and_then(|r| {
+                    r.map(Box::new).ok_or_else(|| {
+                        StoreError::Unavailable("writer lost a finished record".into())
+                    })
+                })));
+            }
+            Some(_) => many.entry(row.op).or_default().push(answer.map(|_| ())),
+        }
+    }
+    for (op, ends) in many {
+        answers[op] = Some(Answer::FinishedMany(ends));
+    }
+    Ok(())
+}
+
+/// One `UPDATE … FROM UNNEST(…)` for the given terminal writes, fenced by attempt (a write
+/// with an attempt applies only while it is the run's current one); the updated runs go into
+/// `done`, with their record when `returns_record`.
+async fn update_ends(
+    conn: &mut PgConnection,
+    rows: &[&EndRow<'_>],
+    returns_record: bool,
+    done: &mut HashMap<RunId, Option<RunRecord>>,
+) -> Result<(), DbError> {
+    let n = rows.len();
+    let mut id = Vec::with_capacity(n);
+    let mut status = Vec::with_capacity(n);
+    let mut output: Vec<Option<&str>> = Vec::with_capacity(n);
+    let mut has_attempt = Vec::with_capacity(n);
+    let mut attempt_no: Vec<i64> = Vec::with_capacity(n);
+    let mut error: Vec<Option<&str>> = Vec::with_capacity(n);
+    let mut attempt_json: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut at = Vec::with_capacity(n);
+    let mut start_attempt: Vec<Option<i64>> = Vec::with_capacity(n);
+    let mut start_at: Vec<Option<i64>> = Vec::with_capacity(n);
+    for row in rows {
+        id.push(id_to_sql(row.run));
+        status.push(row.status.as_str());
+        output.push(row.output);
+        has_attempt.push(row.attempt.is_some());
+        attempt_no.push(row.attempt.map_or(0, |a| i64::from(a.number)));
+        error.push(row.attempt.and_then(|a| a.error.as_deref()));
+        attempt_json.push(row.attempt.map(attempt_to_sql).transpose()?);
+        at.push(ts_to_sql(row.now));
+        start_attempt.push(row.start.map(|(n, _)| i64::from(n)));
+        start_at.push(row.start.map(|(_, t)| ts_to_sql(t)));
+    }
+    let returning = if returns_record {
+        RUN_COLUMNS_R
+    } else {
+        "r.id"
+    };
+    let returned = sqlx::query(&format!(
         "UPDATE runs r SET status = u.status, output = u.output, finished_at = u.at, \
          error = CASE WHEN u.has_attempt THEN u.error ELSE r.error END, \
          attempt = CASE WHEN u.has_attempt THEN u.attempt_no ELSE r.attempt END, \
@@ -572,7 +717,8 @@ async fn apply_finishes(
          AS u(id, status, output, has_attempt, attempt_no, error, attempt_json, at, \
             start_attempt, start_at) \
          WHERE r.id = u.id AND r.{UNFINISHED} \
-         RETURNING {RUN_COLUMNS_R}"
+            AND (NOT u.has_attempt OR r.attempt = u.attempt_no) \
+         RETURNING {returning}"
     ))
     .bind(id)
     .bind(status)
@@ -586,58 +732,54 @@ async fn apply_finishes(
     .bind(start_at)
     .fetch_all(&mut *conn)
     .await?;
-    let mut done: HashMap<RunId, RunRecord> = HashMap::with_capacity(rows.len());
-    for row in &rows {
-        let record = decode_run(row)?;
-        done.insert(record.id, record);
-    }
-    counters
-        .rows_finished
-        .fetch_add(done.len() as u64, Ordering::Relaxed);
-    // Runs that were not updated: unknown, or already finished.
-    let missing: Vec<Vec<u8>> = ids
-        .into_iter()
-        .filter(|raw| id_from_sql(raw).is_ok_and(|r| !done.contains_key(&r)))
-        .collect();
-    let mut finished_as: HashMap<RunId, RunStatus> = HashMap::new();
-    if !missing.is_empty() {
-        let rows = sqlx::query("SELECT id, status FROM runs WHERE id = ANY($1)")
-            .bind(missing)
-            .fetch_all(&mut *conn)
-            .await?;
-        for row in rows {
-            let run = id_from_sql(&row.try_get::<Vec<u8>, _>(0)?)?;
-            let status = status_from_sql(&row.try_get::<String, _>(1)?)?;
-            finished_as.insert(run, status);
+    for row in &returned {
+        if returns_record {
+            let record = decode_run(row)?;
+            done.insert(record.id, Some(record));
+        } else {
+            done.insert(id_from_sql(&row.try_get::<Vec<u8>, _>(0)?)?, None);
         }
-    }
-    let outcome = |run: RunId| -> Result<Box<RunRecord>, StoreError> {
-        if let Some(record) = done.get(&run) {
-            return Ok(Box::new(record.clone()));
-        }
-        match finished_as.get(&run) {
-            None => Err(StoreError::NotFound(run)),
-            Some(&status) => Err(StoreError::AlreadyFinished { run, status }),
-        }
-    };
-    for (&run, &i) in &first {
-        answers[i] = Some(Answer::Finished(outcome(run)));
-    }
-    for (i, winner) in later {
-        let Op::Finish { run, .. } = &ops[i].op else {
-            continue;
-        };
-        let answer = match &answers[winner] {
-            Some(Answer::Finished(Ok(won))) => Err(StoreError::AlreadyFinished {
-                run: *run,
-                status: won.status,
-            }),
-            Some(Answer::Finished(Err(e))) => Err(e.clone()),
-            _ => Err(StoreError::Unavailable("writer lost an answer".into())),
-        };
-        answers[i] = Some(Answer::Finished(answer));
     }
     Ok(())
+}
+
+/// Why the terminal writes of `missing` runs changed nothing: the run is unknown (absent from
+/// the answer), already finished, or no longer at the attempt its write was fenced by.
+async fn refusals(
+    conn: &mut PgConnection,
+    missing: Vec<Vec<u8>>,
+    fenced: &HashMap<RunId, u32>,
+) -> Result<HashMap<RunId, StoreError>, DbError> {
+    let mut refused = HashMap::new();
+    if missing.is_empty() {
+        return Ok(refused);
+    }
+    let rows = sqlx::query("SELECT id, status, attempt FROM runs WHERE id = ANY($1)")
+        .bind(missing)
+        .fetch_all(&mut *conn)
+        .await?;
+    for row in rows {
+        let run = id_from_sql(&row.try_get::<Vec<u8>, _>(0)?)?;
+        let status = status_from_sql(&row.try_get::<String, _>(1)?)?;
+        let current = u32_from_sql(row.try_get::<i64, _>(2)?)?;
+        let e = if status.is_terminal() {
+            StoreError::AlreadyFinished { run, status }
+        } else {
+            match fenced.get(&run) {
+                Some(&attempt) => StoreError::StaleAttempt {
+                    run,
+                    attempt,
+                    current,
+                },
+                // Unfinished, unfenced and still not updated: it changed under the statement.
+                None => StoreError::Unavailable(format!(
+                    "run {run} changed while its terminal write was applied"
+                )),
+            }
+        };
+        refused.insert(run, e);
+    }
+    Ok(refused)
 }
 
 async fn apply_starts(

@@ -788,6 +788,43 @@ if op == 'finish' then
   return answer('ok')
 end
 
+-- Many finishes in one call: ARGV pairs (id, token), each as 'finish' above, in order;
+-- answers one code per run ('ok', 'not_found', 'stale'). The envs whose slots were released
+-- are admitted once each at the end (an admission pass admits as many runs as now fit), in
+-- the order they first ended a run.
+if op == 'finish_many' then
+  local out = {}
+  local envs, seen = {}, {}
+  for i = 6, #ARGV, 2 do
+    local id = ARGV[i]
+    local r, err = leased(id, tonumber(ARGV[i + 1]), true)
+    if err then
+      out[#out + 1] = err
+    else
+      end_lease(id, r)
+      del_run(id)
+      local e = r[F_ENV]
+      if not seen[e] then
+        seen[e] = true
+        envs[#envs + 1] = e
+      end
+      out[#out + 1] = 'ok'
+    end
+  end
+  for _, e in ipairs(envs) do admit_env(e) end
+  return answer('ok', out)
+end
+
+-- Many lease checks in one call: ARGV pairs (id, token), each as 'check_lease'.
+if op == 'check_leases' then
+  local out = {}
+  for i = 6, #ARGV, 2 do
+    local _, err = leased(ARGV[i], tonumber(ARGV[i + 1]), false)
+    out[#out + 1] = err or 'ok'
+  end
+  return fail('ok', out)
+end
+
 if op == 'retry' then
   local id = ARGV[6]
   local r, err = leased(id, tonumber(ARGV[7]), true)

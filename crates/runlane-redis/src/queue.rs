@@ -236,6 +236,20 @@ impl From<Vec<u8>> for Arg {
     }
 }
 
+/// At most this many runs go in one script call of a batched operation, so one call never
+/// holds Redis for long.
+const BATCH_CHUNK: usize = 256;
+
+/// `(run, token)` pairs as script arguments.
+fn pair_args(pairs: &[(RunId, FencingToken)]) -> Vec<Arg> {
+    let mut args = Vec::with_capacity(pairs.len() * 2);
+    for &(run, token) in pairs {
+        args.push(Arg::from(run));
+        args.push(Arg::from(token.0));
+    }
+    args
+}
+
 fn opt_arg(v: Option<u32>) -> Arg {
     v.map_or(Arg::Text(String::new()), |n| Arg::from(u64::from(n)))
 }
@@ -649,6 +663,25 @@ impl RedisQueue {
         }
     }
 
+    /// The per-run codes of a batched call (`finish_many`, `check_leases`), appended to `out`.
+    fn leased_errors(
+        answer: &Answer,
+        runs: &[(RunId, FencingToken)],
+        out: &mut Vec<Result<(), QueueError>>,
+    ) -> Result<(), QueueError> {
+        if answer.code != "ok" {
+            return Err(malformed(&answer.code));
+        }
+        let codes = answer.extra(0)?.list()?;
+        if codes.len() != runs.len() {
+            return Err(malformed("batch answer count"));
+        }
+        for (code, (run, _)) in codes.iter().zip(runs) {
+            out.push(Self::leased_error(code.text()?, *run));
+        }
+        Ok(())
+    }
+
     fn records(list: &[Value]) -> Result<Vec<record::Record>, QueueError> {
         let mut out = Vec::with_capacity(list.len());
         for item in list {
@@ -982,6 +1015,54 @@ impl QueueBackend for RedisQueue {
             .await?;
         Self::leased_error(&answer.code, run)?;
         Ok(answer.effects)
+    }
+
+    async fn check_leases(
+        &self,
+        leases: &[(RunId, FencingToken)],
+    ) -> Result<Vec<Result<(), QueueError>>, QueueError> {
+        let mut answers = Vec::with_capacity(leases.len());
+        for chunk in leases.chunks(BATCH_CHUNK) {
+            let checked = match self
+                .call("check_leases", Timestamp::ZERO, || pair_args(chunk))
+                .await
+            {
+                Ok(answer) => Self::leased_errors(&answer, chunk, &mut answers),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = checked {
+                // Earlier chunks keep their answers; the rest fail with the call.
+                answers.resize(leases.len(), Err(e));
+                break;
+            }
+        }
+        Ok(answers)
+    }
+
+    async fn finish_many(
+        &self,
+        runs: &[(RunId, FencingToken)],
+        now: Timestamp,
+    ) -> Result<(Vec<Result<(), QueueError>>, Effects), QueueError> {
+        let mut answers = Vec::with_capacity(runs.len());
+        let mut effects = Effects::default();
+        for chunk in runs.chunks(BATCH_CHUNK) {
+            let done = self.call("finish_many", now, || pair_args(chunk)).await;
+            let parsed = match done {
+                Ok(answer) => Self::leased_errors(&answer, chunk, &mut answers)
+                    .map(|()| effects.merge(answer.effects)),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = parsed {
+                if answers.is_empty() {
+                    return Err(e);
+                }
+                // Earlier chunks are done (their effects stand); the rest fail with the call.
+                answers.resize(runs.len(), Err(e));
+                break;
+            }
+        }
+        Ok((answers, effects))
     }
 
     async fn retry(
