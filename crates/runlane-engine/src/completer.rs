@@ -4,7 +4,8 @@
 //! A worker whose handler completed sends the attempt's end here and waits for its own answer,
 //! which comes only once its terminal write is durable and the queue has let go of the run, so
 //! nothing changes for the caller but the cost. One task owned by the engine takes whatever is
-//! waiting (up to [`BATCH_MAX`]) while the previous batch was being written: under load the
+//! waiting (up to [`BATCH_MAX`]) while the previous batches were being written (at most
+//! [`IN_FLIGHT`] at once): under load the
 //! batches grow by themselves, an idle engine ends one attempt at a time without waiting for
 //! company. The channel needs no bound of its own: each workloop lets at most its slot count
 //! of runs wait for their end.
@@ -14,17 +15,23 @@
 //! wins), the queue finishes every run whose end is written or was already written, then the
 //! terminal statuses are published.
 
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 
 use runlane_core::backend::AttemptEnd;
 use runlane_core::{EnvName, FencingToken, QueueError, RunId, StoreError};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinSet;
 
 use crate::engine::Inner;
 use crate::error::EngineError;
 
 /// At most this many attempts are ended in one batch.
 pub(crate) const BATCH_MAX: usize = 1024;
+
+/// At most this many batches are being ended at once: while one waits for its commit, the
+/// next is already checked and written (a store with several writers commits them side by
+/// side). A run is in one batch only, so each run's steps keep their order.
+const IN_FLIGHT: usize = 2;
 
 /// One completed attempt waiting for its end to be written.
 pub(crate) struct Ending {
@@ -87,11 +94,16 @@ impl Completer {
     }
 }
 
-/// The completer's task: one batch at a time, until the engine is gone.
+/// The completer's task: up to [`IN_FLIGHT`] batches at a time, until the engine is gone.
 pub(crate) async fn serve(engine: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Ending>) {
-    let mut batch: Vec<Ending> = Vec::new();
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut batches = JoinSet::new();
     while let Some(first) = rx.recv().await {
-        batch.push(first);
+        // Waiting for a free batch slot lets the batch grow meanwhile.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
         while batch.len() < BATCH_MAX {
             match rx.try_recv() {
                 Ok(ending) => batch.push(ending),
@@ -101,8 +113,14 @@ pub(crate) async fn serve(engine: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<E
         let Some(inner) = engine.upgrade() else {
             return;
         };
-        end_batch(&inner, std::mem::take(&mut batch)).await;
+        while batches.try_join_next().is_some() {}
+        batches.spawn(async move {
+            end_batch(&inner, batch).await;
+            drop(slot);
+        });
     }
+    // The engine is gone: let the batches in flight answer their callers.
+    while batches.join_next().await.is_some() {}
 }
 
 async fn end_batch(inner: &Inner, batch: Vec<Ending>) {

@@ -662,7 +662,7 @@ enum Loaded {
     /// Handed over by this process's trigger.
     Handed(Handed),
     /// Read back from the store (`None`: not there).
-    Record(Option<RunRecord>),
+    Record(Option<Box<RunRecord>>),
     /// The read failed.
     Failed(StoreError),
 }
@@ -682,9 +682,10 @@ async fn load_claimed(engine: &Inner, leases: &[Leased]) -> Vec<Loaded> {
         .collect();
     if !missing.is_empty() {
         let read: Vec<Loaded> = match engine.store.get_many(&missing).await {
-            Ok(records) if records.len() == missing.len() => {
-                records.into_iter().map(Loaded::Record).collect()
-            }
+            Ok(records) if records.len() == missing.len() => records
+                .into_iter()
+                .map(|r| Loaded::Record(r.map(Box::new)))
+                .collect(),
             Ok(_) => {
                 let e = StoreError::Unavailable("the store answered a different count".into());
                 missing.iter().map(|_| Loaded::Failed(e.clone())).collect()
@@ -733,11 +734,14 @@ async fn execute(
                 engine.queue_finish_quietly(run, token).await;
                 return;
             }
-            Some(record) => Handed {
-                task: record.task,
-                payload: record.payload,
-                retry: record.retry,
-            },
+            Some(record) => {
+                let record = *record;
+                Handed {
+                    task: record.task,
+                    payload: record.payload,
+                    retry: record.retry,
+                }
+            }
             None => {
                 tracing::warn!(%run, "claimed run is not in the store; dropping it");
                 engine.queue_finish_quietly(run, token).await;
