@@ -2,8 +2,9 @@
 //! child processes (this same test binary, re-run with a role in the environment) run
 //! workers. Runs spread over two envs, four queues and five keys; every run ends `completed`,
 //! exactly once in the store, and was executed by exactly one child exactly once. Wake-ups
-//! cross processes through the `{prefix}:wake` channel; terminal events do not yet, so the
-//! store is read (every 100 ms) until every run is completed. Redis
+//! cross processes through the `{prefix}:wake` channel; this test reads the store (every
+//! 100 ms) until every run is completed (`distributed_kill.rs` waits on run events instead,
+//! which cross processes on `{prefix}:events`). Redis
 //! (`RUNLANE_REDIS_URL`) and PostgreSQL (`RUNLANE_DATABASE_URL`) are required.
 
 mod redis_support;
@@ -210,8 +211,7 @@ async fn three_processes_every_run_completes_exactly_once() {
         triggered.extend(ids.expect("producer"));
     }
     assert_eq!(triggered.len(), RUNS);
-    // A terminal state written by another process raises no event here (run events do not
-    // cross processes yet), so the store is read until every run is completed.
+    // The store is read until every run is completed.
     let all_done = async {
         loop {
             let n = completed(&engine).await;

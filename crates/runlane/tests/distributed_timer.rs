@@ -7,7 +7,9 @@
 //! - the owner is dropped without giving the ownership up (as when its process dies): the other
 //!   engine takes over within one timer lease and promotes a delayed run on time;
 //! - a run completed by one engine's worker answers the other engine's `wait` at once (the
-//!   terminal status crosses processes on `{prefix}:events`).
+//!   terminal status crosses processes on `{prefix}:events`);
+//! - `announce` (the Redis side of announcements) answers only deadlines earlier than the one the
+//!   owner last armed.
 //!
 //! Redis (`RUNLANE_REDIS_URL`) and PostgreSQL (`RUNLANE_DATABASE_URL`) are required.
 
@@ -228,4 +230,25 @@ async fn a_wait_answers_when_another_process_completes_the_run() {
     assert_eq!(last, Some(RunStatus::Completed));
     b.shutdown().await;
     a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announce_answers_only_deadlines_earlier_than_the_owner_sleeps_until() {
+    let queue = runlane::RedisQueue::open(redis_support::fresh_config("announce"))
+        .await
+        .unwrap_or_else(|e| panic!("redis is required: {e}"))
+        .delete_keys_on_drop();
+    let at = Timestamp::from_millis;
+    // No owner has read yet: the first deadline is announced and recorded.
+    assert!(queue.announce(at(1_000)).await.expect("announce"));
+    // Later ones are not; an earlier one is.
+    assert!(!queue.announce(at(2_000)).await.expect("announce"));
+    assert!(!queue.announce(at(1_000)).await.expect("announce"));
+    assert!(queue.announce(at(500)).await.expect("announce"));
+    assert!(!queue.announce(at(700)).await.expect("announce"));
+    // The owner re-reads: nothing is due in this key space, so it sleeps until nothing and any
+    // new deadline must be announced.
+    assert_eq!(queue.next_deadline_armed().await.expect("read"), None);
+    assert!(queue.announce(at(9_000)).await.expect("announce"));
+    assert!(!queue.announce(at(9_500)).await.expect("announce"));
 }
