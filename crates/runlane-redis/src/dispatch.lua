@@ -31,6 +31,7 @@ local K_ENVS = P .. ':envs'
 local K_LANES = P .. ':lanes'
 local K_CONS = P .. ':cons'
 local K_DELAYED = P .. ':delayed'
+-- Format 1 kept TTL deadlines in this zset (one member per run); `init` moves them to buckets.
 local K_TTL = P .. ':ttl'
 local K_LEASE = P .. ':lease'
 local K_ATT = P .. ':att'
@@ -48,6 +49,34 @@ local function k_l(l) return P .. ':l:' .. l end
 local function k_lp(l) return P .. ':lp:' .. l end
 local function k_le(l) return P .. ':le:' .. l end
 local function k_lr(l, e) return P .. ':lr:' .. l .. Z .. e end
+
+-- TTL deadlines (format 2) in per-second buckets instead of a zset member per run:
+-- `{p}:tb:<s>` is a list of the ids of the runs whose deadline falls in second `s` (ms // 1000),
+-- `{p}:tbz` a zset of the buckets scored by the earliest deadline they may hold (kept with
+-- `ZADD LT`, so never later than the earliest live one), `{p}:tbn` the live count of each bucket.
+-- A run that stops waiting only decrements its bucket's count (no `LREM`); a bucket whose count
+-- reaches zero is deleted whole. Expiry is exact to the millisecond: the sweep takes every bucket
+-- whose score has passed and checks each run's own deadline.
+local K_TBZ = P .. ':tbz'
+local K_TBN = P .. ':tbn'
+local function k_tb(s) return P .. ':tb:' .. s end
+local function ttl_bucket(deadline) return string.format('%d', math.floor(deadline / 1000)) end
+
+local function ttl_add(id, deadline)
+  local s = ttl_bucket(deadline)
+  redis.call('RPUSH', k_tb(s), id)
+  redis.call('HINCRBY', K_TBN, s, 1)
+  redis.call('ZADD', K_TBZ, 'LT', deadline, s)
+end
+
+local function ttl_drop(deadline)
+  local s = ttl_bucket(deadline)
+  if redis.call('HINCRBY', K_TBN, s, -1) <= 0 then
+    redis.call('HDEL', K_TBN, s)
+    redis.call('DEL', k_tb(s))
+    redis.call('ZREM', K_TBZ, s)
+  end
+end
 
 -- Record fields.
 local F_ENV, F_QUEUE, F_KEY, F_LANE, F_PRIO, F_AFTER, F_TTL, F_ATTEMPT, F_LOCKED, F_EVER, F_MAXDUR =
@@ -334,12 +363,13 @@ local function drop_lease_deadlines(id)
   redis.call('ZREM', K_CXL, id)
 end
 
-local function unplace_waiting(id, r)
+-- `swept`: the run's TTL bucket was already taken by the sweep.
+local function unplace_waiting(id, r, swept)
   local p = r[F_PLACE]
   if p == 'd' then pull_delayed(id, r)
   elseif p == 'q' or p == 'Q' then pull_queued(id, r)
   elseif p == 'r' then pull_ready(id, r) end
-  if r[F_TTL] then redis.call('ZREM', K_TTL, id) end
+  if r[F_TTL] and not r[F_EVER] and not swept then ttl_drop(r[F_TTL]) end
 end
 
 local function clear_lease(r)
@@ -431,7 +461,7 @@ end
 
 local function next_deadline()
   local best = nil
-  for _, key in ipairs({ K_DELAYED, K_TTL, K_LEASE, K_ATT, K_CXL }) do
+  for _, key in ipairs({ K_DELAYED, K_TBZ, K_LEASE, K_ATT, K_CXL }) do
     local v = zfirst(key)
     if v and (best == nil or v < best) then best = v end
   end
@@ -454,7 +484,7 @@ end
 
 local function place_waiting(id, r, kind)
   local delayed = r[F_AFTER] > now
-  if r[F_TTL] and not r[F_EVER] then redis.call('ZADD', K_TTL, r[F_TTL], id) end
+  if r[F_TTL] and not r[F_EVER] then ttl_add(id, r[F_TTL]) end
   if delayed then push_delayed(id, r) else push_queued(id, r) end
   if kind == 'release' then moved(id, 'queued')
   elseif delayed then moved(id, 'delayed')
@@ -485,6 +515,14 @@ end
 -- rebuild instead of seeing half of it), ARGV[8..] = the built-in lanes.
 if op == 'init' then
   local cfg = redis.call('HMGET', K_CFG, 'fmt', 'gen', 'reb')
+  if cfg[1] == '1' and FORMAT == '2' then
+    -- Format 1 differs only in its TTL index (one zset member per run): move it to buckets.
+    local all = redis.call('ZRANGE', K_TTL, 0, -1, 'WITHSCORES')
+    for i = 1, #all, 2 do ttl_add(all[i], tonumber(all[i + 1])) end
+    redis.call('DEL', K_TTL)
+    redis.call('HSET', K_CFG, 'fmt', FORMAT)
+    cfg[1] = FORMAT
+  end
   if cfg[1] and cfg[1] ~= FORMAT then return fail('format', cfg[1]) end
   if not cfg[1] then
     local gen = ARGV[6]
@@ -627,7 +665,7 @@ if op == 'enqueue' then
   if not delayed and not fast and sync and blocked == 'fast_lane' then
     return fail('fast_lane_full')
   end
-  if r[F_TTL] and not r[F_EVER] then redis.call('ZADD', K_TTL, r[F_TTL], id) end
+  if r[F_TTL] and not r[F_EVER] then ttl_add(id, r[F_TTL]) end
   local placement
   if delayed then
     push_delayed(id, r)
@@ -747,7 +785,7 @@ if op == 'claim' then
     r[F_CRA] = false
     r[F_CDL] = false
     r[F_LAPSED] = false
-    if r[F_TTL] and not was_leased then redis.call('ZREM', K_TTL, id) end
+    if r[F_TTL] and not was_leased then ttl_drop(r[F_TTL]) end
     redis.call('ZADD', K_LEASE, deadline, id)
     if adl then redis.call('ZADD', K_ATT, adl, id) end
     save(id, r)
@@ -858,14 +896,29 @@ if op == 'tick' then
       moved(id, 'queued')
     end
   end
-  -- 2. TTL expiry of waiting runs that never held a lease.
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_TTL, '-inf', now)) do
-    local r = load(id)
-    redis.call('ZREM', K_TTL, id)
-    if r then
-      unplace_waiting(id, r)
-      del_run(id)
-      expired[#expired + 1] = { id, cmsgpack.pack(r) }
+  -- 2. TTL expiry of waiting runs that never held a lease: each bucket that may hold a passed
+  -- deadline is taken whole; its runs still waiting there expire when their own deadline has
+  -- passed and go back to the bucket otherwise (stale and repeated entries are dropped).
+  for _, s in ipairs(redis.call('ZRANGEBYSCORE', K_TBZ, '-inf', now)) do
+    local ids = redis.call('LRANGE', k_tb(s), 0, -1)
+    redis.call('DEL', k_tb(s))
+    redis.call('HDEL', K_TBN, s)
+    redis.call('ZREM', K_TBZ, s)
+    local seen = {}
+    for _, id in ipairs(ids) do
+      if not seen[id] then
+        seen[id] = true
+        local r = load(id)
+        if r and r[F_TTL] and not r[F_EVER] and ttl_bucket(r[F_TTL]) == s then
+          if r[F_TTL] <= now then
+            unplace_waiting(id, r, true)
+            del_run(id)
+            expired[#expired + 1] = { id, cmsgpack.pack(r) }
+          else
+            ttl_add(id, r[F_TTL])
+          end
+        end
+      end
     end
   end
   -- 3. Lapsed leases.

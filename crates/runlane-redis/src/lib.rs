@@ -11,6 +11,8 @@
 //! (FLUSHALL, a restart without persistence) is rebuilt from the run store attached with
 //! [`RedisQueue::attach_store`], keeping every run and its order.
 
+#[cfg(test)]
+mod format1_tests;
 mod queue;
 mod record;
 
