@@ -51,12 +51,16 @@ local function k_le(l) return P .. ':le:' .. l end
 local function k_lr(l, e) return P .. ':lr:' .. l .. Z .. e end
 
 -- TTL deadlines (format 2) in per-second buckets instead of a zset member per run:
--- `{p}:tb:<s>` is a list of the ids of the runs whose deadline falls in second `s` (ms // 1000),
+-- `{p}:tb:<s>` is a list of 18-byte entries (run id, then the deadline's milliseconds within
+-- second `s` as 2 bytes) of the runs whose deadline falls in second `s` (ms // 1000),
 -- `{p}:tbz` a zset of the buckets scored by the earliest deadline they may hold (kept with
--- `ZADD LT`, so never later than the earliest live one), `{p}:tbn` the live count of each bucket.
--- A run that stops waiting only decrements its bucket's count (no `LREM`); a bucket whose count
--- reaches zero is deleted whole. Expiry is exact to the millisecond: the sweep takes every bucket
--- whose score has passed and checks each run's own deadline.
+-- `ZADD LT`, so never later than the earliest live one), `{p}:tbn` per bucket `s` its live count
+-- and, as `s`..'t', the deadline last appended (or `u` once an append broke deadline order).
+-- An entry is live while its run still waits with exactly that deadline; a run that stops
+-- waiting only decrements its bucket's count (no `LREM`); a bucket whose count
+-- reaches zero is deleted whole. Expiry is exact to the millisecond: the sweep pops the due runs
+-- from the head of a bucket in deadline order (the common case: TTL = trigger + a constant); a
+-- bucket out of order is taken whole once and its remaining runs go back sorted.
 local K_TBZ = P .. ':tbz'
 local K_TBN = P .. ':tbn'
 local function k_tb(s) return P .. ':tb:' .. s end
@@ -64,18 +68,22 @@ local function ttl_bucket(deadline) return string.format('%d', math.floor(deadli
 
 local function ttl_add(id, deadline)
   local s = ttl_bucket(deadline)
-  redis.call('RPUSH', k_tb(s), id)
+  local off = deadline - tonumber(s) * 1000
+  redis.call('RPUSH', k_tb(s), id .. string.char(math.floor(off / 256), off % 256))
   redis.call('HINCRBY', K_TBN, s, 1)
+  local tail = redis.call('HGET', K_TBN, s .. 't')
+  if tail ~= 'u' and (not tail or tonumber(tail) <= deadline) then
+    redis.call('HSET', K_TBN, s .. 't', string.format('%d', deadline))
+  else
+    redis.call('HSET', K_TBN, s .. 't', 'u')
+  end
   redis.call('ZADD', K_TBZ, 'LT', deadline, s)
 end
 
-local function ttl_drop(deadline)
-  local s = ttl_bucket(deadline)
-  if redis.call('HINCRBY', K_TBN, s, -1) <= 0 then
-    redis.call('HDEL', K_TBN, s)
-    redis.call('DEL', k_tb(s))
-    redis.call('ZREM', K_TBZ, s)
-  end
+local function ttl_forget(s)
+  redis.call('HDEL', K_TBN, s, s .. 't')
+  redis.call('DEL', k_tb(s))
+  redis.call('ZREM', K_TBZ, s)
 end
 
 -- Record fields.
@@ -144,6 +152,65 @@ end
 local function num(v)
   if not v then return 0 end
   return tonumber(v)
+end
+
+-- The run of a TTL bucket entry, its deadline, and whether the entry is live (its run still
+-- waits, never leased, with exactly that deadline).
+local function ttl_entry(e, s)
+  local id = string.sub(e, 1, 16)
+  local hi, lo = string.byte(e, 17, 18)
+  local deadline = tonumber(s) * 1000 + hi * 256 + lo
+  local r = load(id)
+  return id, r, deadline, r and r[F_TTL] == deadline and not r[F_EVER]
+end
+
+-- Rewrites bucket `s` with its live entries (but run `gone`'s) in deadline order.
+local function ttl_resort(s, gone)
+  local entries = redis.call('LRANGE', k_tb(s), 0, -1)
+  ttl_forget(s)
+  local seen, live = {}, {}
+  for _, e in ipairs(entries) do
+    local id, _, deadline, ok = ttl_entry(e, s)
+    if ok and id ~= gone and not seen[id] then
+      seen[id] = true
+      live[#live + 1] = { deadline, id }
+    end
+  end
+  table.sort(live, function(a, b)
+    if a[1] ~= b[1] then return a[1] < b[1] end
+    return lt(a[2], b[2])
+  end)
+  for _, x in ipairs(live) do ttl_add(x[2], x[1]) end
+end
+
+-- Run `id` (deadline `deadline`) leaves its bucket. When it held the bucket's earliest deadline
+-- the bucket is scored again exactly: a sorted bucket drops the dead entries at its head (each
+-- entry is dropped once), an unsorted one is rewritten sorted.
+local function ttl_drop(id, deadline)
+  local s = ttl_bucket(deadline)
+  if redis.call('HINCRBY', K_TBN, s, -1) <= 0 then
+    ttl_forget(s)
+    return
+  end
+  if tonumber(redis.call('ZSCORE', K_TBZ, s)) ~= deadline then return end
+  if redis.call('HGET', K_TBN, s .. 't') == 'u' then
+    ttl_resort(s, id)
+    return
+  end
+  local kb = k_tb(s)
+  while true do
+    local e = redis.call('LINDEX', kb, 0)
+    if not e then
+      ttl_forget(s)
+      return
+    end
+    local eid, _, d, live = ttl_entry(e, s)
+    if live and eid ~= id then
+      redis.call('ZADD', K_TBZ, d, s)
+      return
+    end
+    redis.call('LPOP', kb)
+  end
 end
 
 local function status_of(r)
@@ -369,7 +436,7 @@ local function unplace_waiting(id, r, swept)
   if p == 'd' then pull_delayed(id, r)
   elseif p == 'q' or p == 'Q' then pull_queued(id, r)
   elseif p == 'r' then pull_ready(id, r) end
-  if r[F_TTL] and not r[F_EVER] and not swept then ttl_drop(r[F_TTL]) end
+  if r[F_TTL] and not r[F_EVER] and not swept then ttl_drop(id, r[F_TTL]) end
 end
 
 local function clear_lease(r)
@@ -785,7 +852,7 @@ if op == 'claim' then
     r[F_CRA] = false
     r[F_CDL] = false
     r[F_LAPSED] = false
-    if r[F_TTL] and not was_leased then ttl_drop(r[F_TTL]) end
+    if r[F_TTL] and not was_leased then ttl_drop(id, r[F_TTL]) end
     redis.call('ZADD', K_LEASE, deadline, id)
     if adl then redis.call('ZADD', K_ATT, adl, id) end
     save(id, r)
@@ -896,27 +963,52 @@ if op == 'tick' then
       moved(id, 'queued')
     end
   end
-  -- 2. TTL expiry of waiting runs that never held a lease: each bucket that may hold a passed
-  -- deadline is taken whole; its runs still waiting there expire when their own deadline has
-  -- passed and go back to the bucket otherwise (stale and repeated entries are dropped).
+  -- 2. TTL expiry of waiting runs that never held a lease, from every bucket that may hold a
+  -- passed deadline. An entry counts only while its run still waits with that deadline (stale
+  -- entries of runs claimed, canceled or rescheduled are dropped as they are met).
   for _, s in ipairs(redis.call('ZRANGEBYSCORE', K_TBZ, '-inf', now)) do
-    local ids = redis.call('LRANGE', k_tb(s), 0, -1)
-    redis.call('DEL', k_tb(s))
-    redis.call('HDEL', K_TBN, s)
-    redis.call('ZREM', K_TBZ, s)
-    local seen = {}
-    for _, id in ipairs(ids) do
-      if not seen[id] then
-        seen[id] = true
-        local r = load(id)
-        if r and r[F_TTL] and not r[F_EVER] and ttl_bucket(r[F_TTL]) == s then
+    local kb = k_tb(s)
+    if redis.call('HGET', K_TBN, s .. 't') == 'u' then
+      -- Out of deadline order: taken whole; the runs not yet due go back sorted.
+      local entries = redis.call('LRANGE', kb, 0, -1)
+      ttl_forget(s)
+      local seen, later = {}, {}
+      for _, e in ipairs(entries) do
+        local id, r, _, live = ttl_entry(e, s)
+        if live and not seen[id] then
+          seen[id] = true
           if r[F_TTL] <= now then
             unplace_waiting(id, r, true)
             del_run(id)
             expired[#expired + 1] = { id, cmsgpack.pack(r) }
           else
-            ttl_add(id, r[F_TTL])
+            later[#later + 1] = { r[F_TTL], id }
           end
+        end
+      end
+      table.sort(later, function(a, b)
+        if a[1] ~= b[1] then return a[1] < b[1] end
+        return lt(a[2], b[2])
+      end)
+      for _, x in ipairs(later) do ttl_add(x[2], x[1]) end
+    else
+      -- In deadline order: the due runs are at the head.
+      while true do
+        local e = redis.call('LINDEX', kb, 0)
+        if not e then
+          ttl_forget(s)
+          break
+        end
+        local id, r, deadline, live = ttl_entry(e, s)
+        if live and deadline > now then
+          redis.call('ZADD', K_TBZ, deadline, s)
+          break
+        end
+        redis.call('LPOP', kb)
+        if live then
+          unplace_waiting(id, r)
+          del_run(id)
+          expired[#expired + 1] = { id, cmsgpack.pack(r) }
         end
       end
     end

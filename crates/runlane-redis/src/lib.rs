@@ -15,5 +15,7 @@
 mod format1_tests;
 mod queue;
 mod record;
+#[cfg(test)]
+mod ttl_bucket_tests;
 
 pub use queue::{RedisConfig, RedisHealth, RedisOpenError, RedisQueue, KEYSPACE_FORMAT};
