@@ -8,7 +8,8 @@
 -- { code, moved = {id, status, ...}, lanes = {...}, deadline (-1 = none), extra... }.
 --
 -- A pending run is one compact record (MessagePack array) in the hash `{p}:run`; queue keys,
--- lanes and deadline indexes hold the 16-byte run id only.
+-- lanes and deadline indexes hold the 16-byte run id only (TTL buckets: the id and 2 bytes of
+-- the deadline's milliseconds).
 
 local P = KEYS[1]
 local op = ARGV[1]
