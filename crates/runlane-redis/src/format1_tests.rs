@@ -204,3 +204,60 @@ async fn a_format1_key_space_is_migrated_on_open_and_read() {
         "the bucket of a claimed run is gone with its last live run"
     );
 }
+
+/// A key space rewritten in format 1 while this build has it open (an older process rebuilt it
+/// after a loss) is migrated by the next call, which then reads it.
+#[tokio::test]
+async fn a_call_finding_format1_migrates_it_and_goes_on() {
+    let prefix = format!("rl:test:fmt1late:{}", std::process::id());
+    let base = format!("{{{prefix}}}");
+    let client = redis::Client::open(url()).expect("redis url");
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "no Redis at {} under CI",
+            url()
+        );
+        return;
+    };
+    let queue = RedisQueue::open(RedisConfig::new(url()).with_prefix(&prefix))
+        .await
+        .expect("open")
+        .delete_keys_on_drop();
+    queue.delete_keys().await.expect("the key space is lost");
+    let env = EnvName::new("e").expect("env name");
+    let mut lanes: Vec<Arg> = vec!["old".into(), "0".into()];
+    for lane in LaneName::BUILT_IN {
+        lanes.push(lane.into());
+    }
+    assert_eq!(old_call(&mut conn, &base, "init", 0, lanes).await, "ok");
+    let closed = EnvSettings {
+        limit: 0,
+        ..EnvSettings::default()
+    };
+    let put = old_call(&mut conn, &base, "put_env", 0, put_env_args(&env, &closed)).await;
+    assert_eq!(put, "ok");
+    let run = dispatch(7, &env, 0, Some(3_000));
+    let args = vec![run.run_id.into(), record::pack_new(&run).into(), "0".into()];
+    assert_eq!(old_call(&mut conn, &base, "enqueue", 0, args).await, "ok");
+
+    let live = queue.live(run.run_id).await.expect("live after migration");
+    assert_eq!(
+        live.map(|l| (l.status, l.dispatch.ttl_deadline)),
+        Some((RunStatus::Queued, Some(Timestamp(3_000))))
+    );
+    let fmt: String = redis::cmd("HGET")
+        .arg(format!("{base}:cfg"))
+        .arg("fmt")
+        .query_async(&mut conn)
+        .await
+        .expect("hget");
+    assert_eq!(fmt, KEYSPACE_FORMAT.to_string());
+    assert_eq!(
+        queue.next_deadline().await.expect("deadline"),
+        Some(Timestamp(3_000))
+    );
+    let tick = queue.tick(Timestamp(3_000)).await.expect("tick");
+    let expired: Vec<RunId> = tick.expired.iter().map(|d| d.run_id).collect();
+    assert_eq!(expired, vec![run.run_id]);
+}
