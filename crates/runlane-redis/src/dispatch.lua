@@ -8,7 +8,8 @@
 -- { code, moved = {id, status, ...}, lanes = {...}, deadline (-1 = none), extra... }.
 --
 -- A pending run is one compact record (MessagePack array) in the hash `{p}:run`; queue keys,
--- lanes and deadline indexes hold the 16-byte run id only.
+-- lanes and deadline indexes hold the 16-byte run id only (TTL buckets: the id and 2 bytes of
+-- the deadline's milliseconds).
 
 local P = KEYS[1]
 local op = ARGV[1]
@@ -31,6 +32,7 @@ local K_ENVS = P .. ':envs'
 local K_LANES = P .. ':lanes'
 local K_CONS = P .. ':cons'
 local K_DELAYED = P .. ':delayed'
+-- Format 1 kept TTL deadlines in this zset (one member per run); `init` moves them to buckets.
 local K_TTL = P .. ':ttl'
 local K_LEASE = P .. ':lease'
 local K_ATT = P .. ':att'
@@ -48,6 +50,42 @@ local function k_l(l) return P .. ':l:' .. l end
 local function k_lp(l) return P .. ':lp:' .. l end
 local function k_le(l) return P .. ':le:' .. l end
 local function k_lr(l, e) return P .. ':lr:' .. l .. Z .. e end
+
+-- TTL deadlines (format 2) in per-second buckets instead of a zset member per run:
+-- `{p}:tb:<s>` is a list of 18-byte entries (run id, then the deadline's milliseconds within
+-- second `s` as 2 bytes) of the runs whose deadline falls in second `s` (ms // 1000),
+-- `{p}:tbz` a zset of the buckets scored by the earliest deadline they may hold (kept with
+-- `ZADD LT`, so never later than the earliest live one), `{p}:tbn` per bucket `s` its live count
+-- and, as `s`..'t', the deadline last appended (or `u` once an append broke deadline order).
+-- An entry is live while its run still waits with exactly that deadline; a run that stops
+-- waiting only decrements its bucket's count (no `LREM`); a bucket whose count
+-- reaches zero is deleted whole. Expiry is exact to the millisecond: the sweep pops the due runs
+-- from the head of a bucket in deadline order (the common case: TTL = trigger + a constant); a
+-- bucket out of order is taken whole once and its remaining runs go back sorted.
+local K_TBZ = P .. ':tbz'
+local K_TBN = P .. ':tbn'
+local function k_tb(s) return P .. ':tb:' .. s end
+local function ttl_bucket(deadline) return string.format('%d', math.floor(deadline / 1000)) end
+
+local function ttl_add(id, deadline)
+  local s = ttl_bucket(deadline)
+  local off = deadline - tonumber(s) * 1000
+  redis.call('RPUSH', k_tb(s), id .. string.char(math.floor(off / 256), off % 256))
+  redis.call('HINCRBY', K_TBN, s, 1)
+  local tail = redis.call('HGET', K_TBN, s .. 't')
+  if tail ~= 'u' and (not tail or tonumber(tail) <= deadline) then
+    redis.call('HSET', K_TBN, s .. 't', string.format('%d', deadline))
+  else
+    redis.call('HSET', K_TBN, s .. 't', 'u')
+  end
+  redis.call('ZADD', K_TBZ, 'LT', deadline, s)
+end
+
+local function ttl_forget(s)
+  redis.call('HDEL', K_TBN, s, s .. 't')
+  redis.call('DEL', k_tb(s))
+  redis.call('ZREM', K_TBZ, s)
+end
 
 -- Record fields.
 local F_ENV, F_QUEUE, F_KEY, F_LANE, F_PRIO, F_AFTER, F_TTL, F_ATTEMPT, F_LOCKED, F_EVER, F_MAXDUR =
@@ -115,6 +153,65 @@ end
 local function num(v)
   if not v then return 0 end
   return tonumber(v)
+end
+
+-- The run of a TTL bucket entry, its deadline, and whether the entry is live (its run still
+-- waits, never leased, with exactly that deadline).
+local function ttl_entry(e, s)
+  local id = string.sub(e, 1, 16)
+  local hi, lo = string.byte(e, 17, 18)
+  local deadline = tonumber(s) * 1000 + hi * 256 + lo
+  local r = load(id)
+  return id, r, deadline, r and r[F_TTL] == deadline and not r[F_EVER]
+end
+
+-- Rewrites bucket `s` with its live entries (but run `gone`'s) in deadline order.
+local function ttl_resort(s, gone)
+  local entries = redis.call('LRANGE', k_tb(s), 0, -1)
+  ttl_forget(s)
+  local seen, live = {}, {}
+  for _, e in ipairs(entries) do
+    local id, _, deadline, ok = ttl_entry(e, s)
+    if ok and id ~= gone and not seen[id] then
+      seen[id] = true
+      live[#live + 1] = { deadline, id }
+    end
+  end
+  table.sort(live, function(a, b)
+    if a[1] ~= b[1] then return a[1] < b[1] end
+    return lt(a[2], b[2])
+  end)
+  for _, x in ipairs(live) do ttl_add(x[2], x[1]) end
+end
+
+-- Run `id` (deadline `deadline`) leaves its bucket. When it held the bucket's earliest deadline
+-- the bucket is scored again exactly: a sorted bucket drops the dead entries at its head (each
+-- entry is dropped once), an unsorted one is rewritten sorted.
+local function ttl_drop(id, deadline)
+  local s = ttl_bucket(deadline)
+  if redis.call('HINCRBY', K_TBN, s, -1) <= 0 then
+    ttl_forget(s)
+    return
+  end
+  if tonumber(redis.call('ZSCORE', K_TBZ, s)) ~= deadline then return end
+  if redis.call('HGET', K_TBN, s .. 't') == 'u' then
+    ttl_resort(s, id)
+    return
+  end
+  local kb = k_tb(s)
+  while true do
+    local e = redis.call('LINDEX', kb, 0)
+    if not e then
+      ttl_forget(s)
+      return
+    end
+    local eid, _, d, live = ttl_entry(e, s)
+    if live and eid ~= id then
+      redis.call('ZADD', K_TBZ, d, s)
+      return
+    end
+    redis.call('LPOP', kb)
+  end
 end
 
 local function status_of(r)
@@ -334,12 +431,13 @@ local function drop_lease_deadlines(id)
   redis.call('ZREM', K_CXL, id)
 end
 
-local function unplace_waiting(id, r)
+-- `swept`: the run's TTL bucket was already taken by the sweep.
+local function unplace_waiting(id, r, swept)
   local p = r[F_PLACE]
   if p == 'd' then pull_delayed(id, r)
   elseif p == 'q' or p == 'Q' then pull_queued(id, r)
   elseif p == 'r' then pull_ready(id, r) end
-  if r[F_TTL] then redis.call('ZREM', K_TTL, id) end
+  if r[F_TTL] and not r[F_EVER] and not swept then ttl_drop(id, r[F_TTL]) end
 end
 
 local function clear_lease(r)
@@ -431,7 +529,7 @@ end
 
 local function next_deadline()
   local best = nil
-  for _, key in ipairs({ K_DELAYED, K_TTL, K_LEASE, K_ATT, K_CXL }) do
+  for _, key in ipairs({ K_DELAYED, K_TBZ, K_LEASE, K_ATT, K_CXL }) do
     local v = zfirst(key)
     if v and (best == nil or v < best) then best = v end
   end
@@ -454,7 +552,7 @@ end
 
 local function place_waiting(id, r, kind)
   local delayed = r[F_AFTER] > now
-  if r[F_TTL] and not r[F_EVER] then redis.call('ZADD', K_TTL, r[F_TTL], id) end
+  if r[F_TTL] and not r[F_EVER] then ttl_add(id, r[F_TTL]) end
   if delayed then push_delayed(id, r) else push_queued(id, r) end
   if kind == 'release' then moved(id, 'queued')
   elseif delayed then moved(id, 'delayed')
@@ -485,6 +583,14 @@ end
 -- rebuild instead of seeing half of it), ARGV[8..] = the built-in lanes.
 if op == 'init' then
   local cfg = redis.call('HMGET', K_CFG, 'fmt', 'gen', 'reb')
+  if cfg[1] == '1' and FORMAT == '2' then
+    -- Format 1 differs only in its TTL index (one zset member per run): move it to buckets.
+    local all = redis.call('ZRANGE', K_TTL, 0, -1, 'WITHSCORES')
+    for i = 1, #all, 2 do ttl_add(all[i], tonumber(all[i + 1])) end
+    redis.call('DEL', K_TTL)
+    redis.call('HSET', K_CFG, 'fmt', FORMAT)
+    cfg[1] = FORMAT
+  end
   if cfg[1] and cfg[1] ~= FORMAT then return fail('format', cfg[1]) end
   if not cfg[1] then
     local gen = ARGV[6]
@@ -627,7 +733,7 @@ if op == 'enqueue' then
   if not delayed and not fast and sync and blocked == 'fast_lane' then
     return fail('fast_lane_full')
   end
-  if r[F_TTL] and not r[F_EVER] then redis.call('ZADD', K_TTL, r[F_TTL], id) end
+  if r[F_TTL] and not r[F_EVER] then ttl_add(id, r[F_TTL]) end
   local placement
   if delayed then
     push_delayed(id, r)
@@ -747,7 +853,7 @@ if op == 'claim' then
     r[F_CRA] = false
     r[F_CDL] = false
     r[F_LAPSED] = false
-    if r[F_TTL] and not was_leased then redis.call('ZREM', K_TTL, id) end
+    if r[F_TTL] and not was_leased then ttl_drop(id, r[F_TTL]) end
     redis.call('ZADD', K_LEASE, deadline, id)
     if adl then redis.call('ZADD', K_ATT, adl, id) end
     save(id, r)
@@ -895,14 +1001,54 @@ if op == 'tick' then
       moved(id, 'queued')
     end
   end
-  -- 2. TTL expiry of waiting runs that never held a lease.
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_TTL, '-inf', now)) do
-    local r = load(id)
-    redis.call('ZREM', K_TTL, id)
-    if r then
-      unplace_waiting(id, r)
-      del_run(id)
-      expired[#expired + 1] = { id, cmsgpack.pack(r) }
+  -- 2. TTL expiry of waiting runs that never held a lease, from every bucket that may hold a
+  -- passed deadline. An entry counts only while its run still waits with that deadline (stale
+  -- entries of runs claimed, canceled or rescheduled are dropped as they are met).
+  for _, s in ipairs(redis.call('ZRANGEBYSCORE', K_TBZ, '-inf', now)) do
+    local kb = k_tb(s)
+    if redis.call('HGET', K_TBN, s .. 't') == 'u' then
+      -- Out of deadline order: taken whole; the runs not yet due go back sorted.
+      local entries = redis.call('LRANGE', kb, 0, -1)
+      ttl_forget(s)
+      local seen, later = {}, {}
+      for _, e in ipairs(entries) do
+        local id, r, _, live = ttl_entry(e, s)
+        if live and not seen[id] then
+          seen[id] = true
+          if r[F_TTL] <= now then
+            unplace_waiting(id, r, true)
+            del_run(id)
+            expired[#expired + 1] = { id, cmsgpack.pack(r) }
+          else
+            later[#later + 1] = { r[F_TTL], id }
+          end
+        end
+      end
+      table.sort(later, function(a, b)
+        if a[1] ~= b[1] then return a[1] < b[1] end
+        return lt(a[2], b[2])
+      end)
+      for _, x in ipairs(later) do ttl_add(x[2], x[1]) end
+    else
+      -- In deadline order: the due runs are at the head.
+      while true do
+        local e = redis.call('LINDEX', kb, 0)
+        if not e then
+          ttl_forget(s)
+          break
+        end
+        local id, r, deadline, live = ttl_entry(e, s)
+        if live and deadline > now then
+          redis.call('ZADD', K_TBZ, deadline, s)
+          break
+        end
+        redis.call('LPOP', kb)
+        if live then
+          unplace_waiting(id, r)
+          del_run(id)
+          expired[#expired + 1] = { id, cmsgpack.pack(r) }
+        end
+      end
     end
   end
   -- 3. Lapsed leases.

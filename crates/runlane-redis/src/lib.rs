@@ -11,8 +11,12 @@
 //! (FLUSHALL, a restart without persistence) is rebuilt from the run store attached with
 //! [`RedisQueue::attach_store`], keeping every run and its order.
 
+#[cfg(test)]
+mod format1_tests;
 mod queue;
 mod record;
+#[cfg(test)]
+mod ttl_bucket_tests;
 
 pub use queue::{
     RedisConfig, RedisHealth, RedisOpenError, RedisQueue, FAILPOINT_VAR, KEYSPACE_FORMAT,

@@ -23,7 +23,14 @@ use runlane_core::{
 use crate::record::{self, malformed, run_id, unpack, ValueExt};
 
 /// The key-space format this build writes (stored in `{prefix}:cfg`, field `fmt`).
-pub const KEYSPACE_FORMAT: u32 = 1;
+///
+/// Format 2 keeps TTL deadlines in per-second buckets; a format-1 key space (one TTL zset member
+/// per run, otherwise the same layout) is migrated in one script when this build opens it, or
+/// when a call finds it (written by an older process after a rebuild).
+pub const KEYSPACE_FORMAT: u32 = 2;
+
+/// The older format this build reads (by migrating it to [`KEYSPACE_FORMAT`]).
+const PREVIOUS_FORMAT: &str = "1";
 
 /// The environment variable naming a crash point (tests); the distributed shape reads the
 /// same variable for its own crash points.
@@ -205,7 +212,7 @@ fn chain_text(chain: &ClaimChain) -> String {
 }
 
 /// An argument of a script call.
-enum Arg {
+pub(crate) enum Arg {
     Text(String),
     Bytes(Vec<u8>),
 }
@@ -510,6 +517,13 @@ impl RedisQueue {
                 "generation" => {
                     *lock(&self.generation) = answer.extra(0)?.text()?.to_string();
                 }
+                "format" if answer.extra(0).and_then(|v| v.text()).ok() == Some(PREVIOUS_FORMAT) => {
+                    // Written by an older process (e.g. its rebuild): `init` migrates it.
+                    match self.init(false).await {
+                        Ok(_) | Err(InitError::Format(_)) => {}
+                        Err(InitError::Queue(e)) => return Err(e),
+                    }
+                }
                 "format" => {
                     return Err(QueueError::Unavailable(format!(
                         "redis key space {} has format version {}, this build reads and writes version {KEYSPACE_FORMAT}",
@@ -695,7 +709,7 @@ impl RedisQueue {
     }
 }
 
-fn put_env_args(env: &EnvName, settings: &EnvSettings) -> Vec<Arg> {
+pub(crate) fn put_env_args(env: &EnvName, settings: &EnvSettings) -> Vec<Arg> {
     vec![
         Arg::from(env.as_str()),
         Arg::from(u64::from(settings.limit)),

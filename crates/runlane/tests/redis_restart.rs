@@ -241,7 +241,7 @@ async fn foreign_format_is_refused_naming_both_versions() {
         .expect("format 99 is refused");
     let text = err.to_string();
     assert!(matches!(err, RedisOpenError::Format { .. }), "{err:?}");
-    assert!(text.contains("99") && text.contains("version 1"), "{text}");
+    assert!(text.contains("99") && text.contains("version 2"), "{text}");
     let fmt: String = redis::cmd("HGET")
         .arg("{rl:fmt}:cfg")
         .arg("fmt")

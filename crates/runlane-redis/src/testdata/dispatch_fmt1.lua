@@ -1,0 +1,983 @@
+-- runlane dispatch script: every QueueBackend step as one atomic script (SPEC §3).
+--
+-- KEYS[1] is the deployment's key base `{prefix}`; every key this script touches starts with it,
+-- so all of them hash to one slot (one shard on Redis Cluster).
+-- ARGV[1] = operation, ARGV[2] = now (ms, from the engine clock), ARGV[3] = ready_timeout (ms),
+-- ARGV[4] = format version expected by the client, ARGV[5] = generation expected ("" = any),
+-- ARGV[6..] = the operation's arguments. The answer is one MessagePack blob:
+-- { code, moved = {id, status, ...}, lanes = {...}, deadline (-1 = none), extra... }.
+--
+-- A pending run is one compact record (MessagePack array) in the hash `{p}:run`; queue keys,
+-- lanes and deadline indexes hold the 16-byte run id only.
+
+local P = KEYS[1]
+local op = ARGV[1]
+local now = tonumber(ARGV[2])
+local ready_timeout = tonumber(ARGV[3])
+local FORMAT = ARGV[4]
+local GEN = ARGV[5]
+local STRIDE = 1000000
+local Z = '\0'
+
+local K_CFG = P .. ':cfg'
+-- Run records live in 4,096 small hashes chosen by the low 12 bits of the run id (its counter
+-- bits), so each stays listpack-encoded (about 25 records at 100,000 runs).
+local RUN_BUCKETS = 4096
+local function k_run(id)
+  local hi, lo = string.byte(id, 15, 16)
+  return P .. ':run:' .. ((hi % 16) * 256 + lo)
+end
+local K_ENVS = P .. ':envs'
+local K_LANES = P .. ':lanes'
+local K_CONS = P .. ':cons'
+local K_DELAYED = P .. ':delayed'
+local K_TTL = P .. ':ttl'
+local K_LEASE = P .. ':lease'
+local K_ATT = P .. ':att'
+local K_CXL = P .. ':cxl'
+
+local function k_env(e) return P .. ':e:' .. e end
+local function k_qs(e) return P .. ':qs:' .. e end
+local function k_q(e, q) return P .. ':q:' .. e .. Z .. q end
+local function k_k(e, q, k) return P .. ':k:' .. e .. Z .. q .. Z .. k end
+local function k_kq(e, q, k) return P .. ':kq:' .. e .. Z .. q .. Z .. k end
+local function k_kl(e, q, k) return P .. ':kl:' .. e .. Z .. q .. Z .. k end
+local function k_bq(e) return P .. ':bq:' .. e end
+local function k_bk(e, q) return P .. ':bk:' .. e .. Z .. q end
+local function k_l(l) return P .. ':l:' .. l end
+local function k_lp(l) return P .. ':lp:' .. l end
+local function k_le(l) return P .. ':le:' .. l end
+local function k_lr(l, e) return P .. ':lr:' .. l .. Z .. e end
+
+-- Record fields.
+local F_ENV, F_QUEUE, F_KEY, F_LANE, F_PRIO, F_AFTER, F_TTL, F_ATTEMPT, F_LOCKED, F_EVER, F_MAXDUR =
+  1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
+-- Field 13 marks a run that was once appended to its key's FIFO list (it never is again, so a
+-- list holds each run at most once).
+local F_PLACE, F_LISTED, F_SEQ, F_RAT = 12, 13, 14, 15
+local F_TOKEN, F_WORKER, F_LDUR, F_LDL, F_ADL, F_CRA, F_CDL, F_LAPSED = 16, 17, 18, 19, 20, 21, 22, 23
+local NFIELDS = 23
+
+-- Bytewise string order (Lua's `<` follows the locale).
+local function lt(a, b)
+  local la, lb = #a, #b
+  local n = la
+  if lb < n then n = lb end
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return la < lb
+end
+
+local function sorted(list)
+  table.sort(list, lt)
+  return list
+end
+
+local function load(id)
+  local raw = redis.call('HGET', k_run(id), id)
+  if not raw then return nil end
+  return cmsgpack.unpack(raw)
+end
+
+-- `{p}:rb` is the set of non-empty record buckets, so a snapshot reads only those.
+local K_RB = P .. ':rb'
+local function del_run(id)
+  local key = k_run(id)
+  redis.call('HDEL', key, id)
+  if redis.call('HLEN', key) == 0 then
+    local hi, lo = string.byte(id, 15, 16)
+    redis.call('SREM', K_RB, (hi % 16) * 256 + lo)
+  end
+end
+
+local function score_of(r)
+  return r[F_AFTER] - r[F_PRIO]
+end
+
+-- Stores a record: the score is derived (never stored) and trailing absent fields are dropped,
+-- so a pending run's record stops at its place.
+local function save(id, r)
+  local n = 0
+  for i = 1, NFIELDS do
+    if r[i] == nil then r[i] = false end
+    if r[i] ~= false then n = i end
+  end
+  local out = {}
+  for i = 1, n do out[i] = r[i] end
+  if redis.call('HSET', k_run(id), id, cmsgpack.pack(out)) == 1 then
+    local hi, lo = string.byte(id, 15, 16)
+    redis.call('SADD', K_RB, (hi % 16) * 256 + lo)
+  end
+end
+
+local function num(v)
+  if not v then return 0 end
+  return tonumber(v)
+end
+
+local function status_of(r)
+  local p = r[F_PLACE]
+  if p == 'd' then return 'delayed' elseif p == 'q' or p == 'Q' then return 'queued'
+  elseif p == 'r' then return 'ready' else return 'executing' end
+end
+
+local fx_moved, fx_lanes, fx_rung = {}, {}, {}
+local function moved(id, status)
+  fx_moved[#fx_moved + 1] = id
+  fx_moved[#fx_moved + 1] = status
+end
+local function ring(lane)
+  if not fx_rung[lane] then
+    fx_rung[lane] = true
+    fx_lanes[#fx_lanes + 1] = lane
+  end
+end
+
+-- Consumers -------------------------------------------------------------------------------
+
+local consumer_cache = nil
+local function chains()
+  if not consumer_cache then consumer_cache = redis.call('HVALS', K_CONS) end
+  return consumer_cache
+end
+local function covers(chain, lane)
+  if string.sub(chain, 1, 1) == 'P' then return true end
+  return string.find(chain .. '>', '>' .. lane .. '>', 1, true) ~= nil
+end
+local function consumers_of(lane)
+  local n = 0
+  for _, c in ipairs(chains()) do
+    if covers(c, lane) then n = n + 1 end
+  end
+  return n
+end
+
+-- Slots -----------------------------------------------------------------------------------
+
+local function decr_floor(key, field)
+  local v = num(redis.call('HGET', key, field))
+  if v > 0 then redis.call('HSET', key, field, v - 1) end
+end
+
+local function take_slots(r)
+  local e = r[F_ENV]
+  if redis.call('EXISTS', k_env(e)) == 0 then return end
+  if r[F_LANE] == 'fast_lane' then
+    redis.call('HINCRBY', k_env(e), 'flrun', 1)
+  else
+    redis.call('HINCRBY', k_env(e), 'run', 1)
+  end
+  redis.call('SADD', k_qs(e), r[F_QUEUE])
+  redis.call('HINCRBY', k_q(e, r[F_QUEUE]), 'run', 1)
+  redis.call('HINCRBY', k_k(e, r[F_QUEUE], r[F_KEY]), 'run', 1)
+end
+
+local function release_slots(r)
+  local e = r[F_ENV]
+  if redis.call('EXISTS', k_env(e)) == 0 then return end
+  if r[F_LANE] == 'fast_lane' then
+    decr_floor(k_env(e), 'flrun')
+  else
+    decr_floor(k_env(e), 'run')
+  end
+  decr_floor(k_q(e, r[F_QUEUE]), 'run')
+  decr_floor(k_k(e, r[F_QUEUE], r[F_KEY]), 'run')
+end
+
+-- Admission (runlane_core::admission::admit) -----------------------------------------------
+
+local function admission(e, q, k, lane)
+  local E = redis.call('HMGET', k_env(e), 'elim', 'ecap', 'flcap', 'run', 'flrun')
+  if not E[1] then return 'env' end
+  local Q = redis.call('HMGET', k_q(e, q), 'lim', 'ktl', 'paused', 'run')
+  if Q[3] == '1' then return 'paused' end
+  local elim = tonumber(E[1])
+  local kcap = elim
+  if Q[1] then kcap = math.min(tonumber(Q[1]), elim) end
+  local krun = num(redis.call('HGET', k_k(e, q, k), 'run'))
+  if krun >= kcap then return 'key' end
+  if Q[2] and num(Q[4]) >= tonumber(Q[2]) then return 'total' end
+  if lane == 'fast_lane' then
+    if num(E[5]) >= tonumber(E[3]) then return 'fast_lane' end
+  elseif num(E[4]) >= tonumber(E[2]) then
+    return 'env'
+  end
+  return nil
+end
+
+-- Placement -------------------------------------------------------------------------------
+
+-- A queued run waits in its key's FIFO list (`kl`, place `Q`) when it sorts after everything
+-- appended there before, which is the common case (due runs arrive in time order); otherwise
+-- in its key's zset (`kq`, place `q`). A list entry whose run left the list any other way than
+-- from the head is a tombstone: skipped (and dropped) when it reaches the head; `qd` counts
+-- live queued runs only.
+local function push_queued(id, r)
+  local e, q, k = r[F_ENV], r[F_QUEUE], r[F_KEY]
+  local sc = score_of(r)
+  local kk = k_k(e, q, k)
+  local tail = redis.call('HMGET', kk, 'lts', 'lti')
+  local lts = nil
+  if tail[1] then lts = tonumber(tail[1]) end
+  if not r[F_LISTED] and (lts == nil or sc > lts or (sc == lts and lt(tail[2], id))) then
+    redis.call('RPUSH', k_kl(e, q, k), id)
+    redis.call('HSET', kk, 'lts', sc, 'lti', id)
+    r[F_LISTED] = true
+    r[F_PLACE] = 'Q'
+  else
+    redis.call('ZADD', k_kq(e, q, k), sc, id)
+    r[F_PLACE] = 'q'
+  end
+  redis.call('HINCRBY', kk, 'qd', 1)
+  redis.call('SADD', k_bk(e, q), k)
+  redis.call('SADD', k_bq(e), q)
+  redis.call('SADD', k_qs(e), q)
+  redis.call('HINCRBY', k_q(e, q), 'qd', 1)
+  save(id, r)
+end
+
+local function pull_queued(id, r)
+  local e, q, k = r[F_ENV], r[F_QUEUE], r[F_KEY]
+  local kk = k_k(e, q, k)
+  local removed = false
+  if r[F_PLACE] == 'Q' then
+    local kl = k_kl(e, q, k)
+    if redis.call('LINDEX', kl, 0) == id then redis.call('LPOP', kl) end
+    removed = true
+  elseif redis.call('ZREM', k_kq(e, q, k), id) == 1 then
+    removed = true
+  end
+  if removed then
+    decr_floor(k_q(e, q), 'qd')
+    decr_floor(kk, 'qd')
+  end
+  if num(redis.call('HGET', kk, 'qd')) == 0 then
+    -- No live queued run: whatever the list still holds is tombstones.
+    redis.call('DEL', k_kl(e, q, k))
+    redis.call('HDEL', kk, 'lts', 'lti')
+    redis.call('SREM', k_bk(e, q), k)
+  end
+  if redis.call('SCARD', k_bk(e, q)) == 0 then redis.call('SREM', k_bq(e), q) end
+end
+
+-- The first queued run of a key by (score, run id): the first live list entry (tombstones at
+-- the head are dropped) or the zset's first member, whichever sorts first.
+local function key_head(e, q, k)
+  local kl = k_kl(e, q, k)
+  local lid, lr = nil, nil
+  while true do
+    local id = redis.call('LINDEX', kl, 0)
+    if not id then break end
+    local r = load(id)
+    if r and r[F_PLACE] == 'Q' then
+      lid, lr = id, r
+      break
+    end
+    redis.call('LPOP', kl)
+  end
+  local z = redis.call('ZRANGE', k_kq(e, q, k), 0, 0, 'WITHSCORES')
+  if z[1] then
+    if lid then
+      local ls, zs = score_of(lr), tonumber(z[2])
+      if ls < zs or (ls == zs and lt(lid, z[1])) then return lid, lr end
+    end
+    return z[1], load(z[1])
+  end
+  return lid, lr
+end
+
+local function push_delayed(id, r)
+  r[F_PLACE] = 'd'
+  local e, q, k = r[F_ENV], r[F_QUEUE], r[F_KEY]
+  redis.call('ZADD', K_DELAYED, r[F_AFTER], id)
+  redis.call('SADD', k_qs(e), q)
+  redis.call('HINCRBY', k_k(e, q, k), 'del', 1)
+  redis.call('HINCRBY', k_q(e, q), 'del', 1)
+  save(id, r)
+end
+
+local function pull_delayed(id, r)
+  if redis.call('ZREM', K_DELAYED, id) == 1 then
+    decr_floor(k_k(r[F_ENV], r[F_QUEUE], r[F_KEY]), 'del')
+    decr_floor(k_q(r[F_ENV], r[F_QUEUE]), 'del')
+  end
+end
+
+local function push_ready(id, r)
+  local seq = redis.call('HINCRBY', K_CFG, 'seq', 1)
+  r[F_PLACE] = 'r'
+  r[F_SEQ] = seq
+  r[F_RAT] = now
+  take_slots(r)
+  local lane, e = r[F_LANE], r[F_ENV]
+  redis.call('SADD', K_LANES, lane)
+  redis.call('ZADD', k_lr(lane, e), seq, id)
+  redis.call('SADD', k_le(lane), e)
+  redis.call('HINCRBY', k_l(lane), 'count', 1)
+  save(id, r)
+  ring(lane)
+end
+
+local function pull_ready(id, r)
+  local lane, e = r[F_LANE], r[F_ENV]
+  local lr = k_lr(lane, e)
+  if redis.call('ZREM', lr, id) == 1 then decr_floor(k_l(lane), 'count') end
+  if redis.call('ZCARD', lr) == 0 then redis.call('SREM', k_le(lane), e) end
+  release_slots(r)
+end
+
+local function drop_lease_deadlines(id)
+  redis.call('ZREM', K_LEASE, id)
+  redis.call('ZREM', K_ATT, id)
+  redis.call('ZREM', K_CXL, id)
+end
+
+local function unplace_waiting(id, r)
+  local p = r[F_PLACE]
+  if p == 'd' then pull_delayed(id, r)
+  elseif p == 'q' or p == 'Q' then pull_queued(id, r)
+  elseif p == 'r' then pull_ready(id, r) end
+  if r[F_TTL] then redis.call('ZREM', K_TTL, id) end
+end
+
+local function clear_lease(r)
+  for i = F_TOKEN, F_LAPSED do r[i] = false end
+end
+
+-- The admission pass for one env (docs/dispatch.md).
+local function admit_env(e)
+  if redis.call('EXISTS', k_env(e)) == 0 then return end
+  local orphaned = {}
+  local function lane_orphaned(lane)
+    local v = orphaned[lane]
+    if v == nil then
+      v = redis.call('HGET', k_l(lane), 'orph') == '1'
+      orphaned[lane] = v
+    end
+    return v
+  end
+  while true do
+    -- Nothing fits when both the env row and the fast-lane row are full: skip the scan.
+    local E = redis.call('HMGET', k_env(e), 'ecap', 'flcap', 'run', 'flrun')
+    if num(E[3]) >= num(E[1]) and num(E[4]) >= num(E[2]) then return end
+    -- Every key with backlog, in serving order (least recently served queue, then name, then
+    -- least recently served key, then name); the first whose head run is admissible wins.
+    local cands = {}
+    for _, q in ipairs(redis.call('SMEMBERS', k_bq(e))) do
+      local qserved = num(redis.call('HGET', k_q(e, q), 'served'))
+      for _, k in ipairs(redis.call('SMEMBERS', k_bk(e, q))) do
+        local kserved = num(redis.call('HGET', k_k(e, q, k), 'served'))
+        cands[#cands + 1] = { qserved, q, kserved, k }
+      end
+    end
+    table.sort(cands, function(a, b)
+      if a[1] ~= b[1] then return a[1] < b[1] end
+      if a[2] ~= b[2] then return lt(a[2], b[2]) end
+      if a[3] ~= b[3] then return a[3] < b[3] end
+      return lt(a[4], b[4])
+    end)
+    local best = nil
+    for _, c in ipairs(cands) do
+      local q, k = c[2], c[4]
+      local head, r = key_head(e, q, k)
+      if head and r and not lane_orphaned(r[F_LANE]) and admission(e, q, k, r[F_LANE]) == nil then
+        best = { c[1], q, c[3], k, head, r }
+        break
+      end
+    end
+    if best == nil then return end
+    local q, k, id, r = best[2], best[4], best[5], best[6]
+    pull_queued(id, r)
+    local served = redis.call('HINCRBY', K_CFG, 'serve', 1)
+    redis.call('HSET', k_q(e, q), 'served', served)
+    redis.call('HSET', k_k(e, q, k), 'served', served)
+    push_ready(id, r)
+    moved(id, 'ready')
+  end
+end
+
+local function admit_all()
+  for _, e in ipairs(sorted(redis.call('SMEMBERS', K_ENVS))) do admit_env(e) end
+end
+
+local function zfirst(key)
+  local v = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if v[2] then return tonumber(v[2]) end
+  return nil
+end
+
+local function orphan_deadline()
+  local best = nil
+  for _, lane in ipairs(redis.call('SMEMBERS', K_LANES)) do
+    local L = redis.call('HMGET', k_l(lane), 'count', 'os')
+    if num(L[1]) > 0 and consumers_of(lane) == 0 then
+      local os = num(L[2])
+      for _, e in ipairs(redis.call('SMEMBERS', k_le(lane))) do
+        local head = redis.call('ZRANGE', k_lr(lane, e), 0, 0)[1]
+        if head then
+          local r = load(head)
+          if r and r[F_PLACE] == 'r' then
+            local d = math.max(r[F_RAT], os) + ready_timeout
+            if best == nil or d < best then best = d end
+          end
+        end
+      end
+    end
+  end
+  return best
+end
+
+local function next_deadline()
+  local best = nil
+  for _, key in ipairs({ K_DELAYED, K_TTL, K_LEASE, K_ATT, K_CXL }) do
+    local v = zfirst(key)
+    if v and (best == nil or v < best) then best = v end
+  end
+  local o = orphan_deadline()
+  if o and (best == nil or o < best) then best = o end
+  return best or -1
+end
+
+local function answer(code, ...)
+  local out = { code, fx_moved, fx_lanes, next_deadline() }
+  for _, v in ipairs({ ... }) do out[#out + 1] = v end
+  return cmsgpack.pack(out)
+end
+
+local function fail(code, ...)
+  local out = { code, {}, {}, -1 }
+  for _, v in ipairs({ ... }) do out[#out + 1] = v end
+  return cmsgpack.pack(out)
+end
+
+local function place_waiting(id, r, kind)
+  local delayed = r[F_AFTER] > now
+  if r[F_TTL] and not r[F_EVER] then redis.call('ZADD', K_TTL, r[F_TTL], id) end
+  if delayed then push_delayed(id, r) else push_queued(id, r) end
+  if kind == 'release' then moved(id, 'queued')
+  elseif delayed then moved(id, 'delayed')
+  else moved(id, 'queued') end
+end
+
+-- A leased run, or an error code.
+local function leased(id, token, allow_lapsed)
+  local r = load(id)
+  if not r then return nil, 'not_found' end
+  if r[F_PLACE] == 'l' and r[F_TOKEN] == token and (allow_lapsed or not r[F_LAPSED]) then
+    return r, nil
+  end
+  return nil, 'stale'
+end
+
+local function end_lease(id, r)
+  drop_lease_deadlines(id)
+  if not r[F_LAPSED] then release_slots(r) end
+  clear_lease(r)
+  r[F_PLACE] = 'q'
+end
+
+-- Start: configuration and generation checks -------------------------------------------------
+
+-- ARGV[6] = a fresh generation, ARGV[7] = '1' when the caller rebuilds a lost key space (the
+-- key space then stays marked `reb` until `rebuilt`: other callers get `lost` and wait for the
+-- rebuild instead of seeing half of it), ARGV[8..] = the built-in lanes.
+if op == 'init' then
+  local cfg = redis.call('HMGET', K_CFG, 'fmt', 'gen', 'reb')
+  if cfg[1] and cfg[1] ~= FORMAT then return fail('format', cfg[1]) end
+  if not cfg[1] then
+    local gen = ARGV[6]
+    redis.call('HSET', K_CFG, 'fmt', FORMAT, 'gen', gen, 'token', 0, 'seq', 0, 'serve', 0, 'cseq', 0)
+    if ARGV[7] == '1' then redis.call('HSET', K_CFG, 'reb', '1') end
+    for i = 8, #ARGV do
+      redis.call('SADD', K_LANES, ARGV[i])
+      redis.call('HSETNX', k_l(ARGV[i]), 'count', 0)
+    end
+    return fail('ok', gen, 1, 0)
+  end
+  local rebuilding = 0
+  if cfg[3] then rebuilding = 1 end
+  return fail('ok', cfg[2], 0, rebuilding)
+end
+
+do
+  local cfg = redis.call('HMGET', K_CFG, 'fmt', 'gen', 'reb')
+  if not cfg[1] then return fail('lost') end
+  if cfg[1] ~= FORMAT then return fail('format', cfg[1]) end
+  if GEN == 'rebuild' then
+    if op == 'rebuilt' then
+      redis.call('HDEL', K_CFG, 'reb')
+      return fail('ok')
+    end
+  else
+    if cfg[3] then return fail('lost') end
+    if GEN ~= '' and cfg[2] ~= GEN then return fail('generation', cfg[2]) end
+  end
+end
+
+-- Operations ------------------------------------------------------------------------------
+
+if op == 'put_env' then
+  local e = ARGV[6]
+  redis.call('HSET', k_env(e), 'elim', ARGV[7], 'ecap', ARGV[8], 'flcap', ARGV[9], 'weight', ARGV[10],
+    'fp', ARGV[11])
+  redis.call('SADD', K_ENVS, e)
+  admit_env(e)
+  return answer('ok')
+end
+
+if op == 'put_queue' then
+  local e, q = ARGV[6], ARGV[7]
+  if redis.call('EXISTS', k_env(e)) == 0 then return fail('unknown_env') end
+  local key = k_q(e, q)
+  local names = { 'lim', 'ktl', 'maxq' }
+  for i, name in ipairs(names) do
+    local v = ARGV[7 + i]
+    if v == '' then redis.call('HDEL', key, name) else redis.call('HSET', key, name, v) end
+  end
+  redis.call('HSET', key, 'paused', ARGV[11])
+  redis.call('SADD', k_qs(e), q)
+  admit_env(e)
+  return answer('ok')
+end
+
+if op == 'queue_settings' then
+  local e, q = ARGV[6], ARGV[7]
+  if redis.call('EXISTS', k_env(e)) == 0 then return fail('unknown_env') end
+  local s = redis.call('HMGET', k_q(e, q), 'lim', 'ktl', 'maxq', 'paused')
+  return fail('ok', s[1] or '', s[2] or '', s[3] or '', s[4] or '0')
+end
+
+if op == 'add_lane' then
+  redis.call('SADD', K_LANES, ARGV[6])
+  redis.call('HSETNX', k_l(ARGV[6]), 'count', 0)
+  return fail('ok')
+end
+
+if op == 'has_lane' then
+  return fail('ok', redis.call('SISMEMBER', K_LANES, ARGV[6]))
+end
+
+if op == 'lanes' then
+  local out = {}
+  for _, lane in ipairs(redis.call('SMEMBERS', K_LANES)) do
+    local L = redis.call('HMGET', k_l(lane), 'count', 'os')
+    local count = num(L[1])
+    local consumers = consumers_of(lane)
+    local orphan = -1
+    if consumers == 0 and count > 0 then
+      local oldest = nil
+      for _, e in ipairs(redis.call('SMEMBERS', k_le(lane))) do
+        local head = redis.call('ZRANGE', k_lr(lane, e), 0, 0)[1]
+        local r = head and load(head)
+        if r and r[F_PLACE] == 'r' and (oldest == nil or r[F_RAT] < oldest) then oldest = r[F_RAT] end
+      end
+      orphan = math.max(num(L[2]), oldest or 0)
+    end
+    out[#out + 1] = { lane, count, consumers, orphan }
+  end
+  return fail('ok', out)
+end
+
+if op == 'queues' then
+  local e = ARGV[6]
+  if redis.call('EXISTS', k_env(e)) == 0 then return fail('unknown_env') end
+  local out = {}
+  for _, q in ipairs(redis.call('SMEMBERS', k_qs(e))) do
+    local s = redis.call('HMGET', k_q(e, q), 'lim', 'ktl', 'maxq', 'paused', 'del', 'qd', 'run')
+    out[#out + 1] = { q, s[1] or '', s[2] or '', s[3] or '', s[4] or '0', num(s[5]), num(s[6]), num(s[7]) }
+  end
+  return fail('ok', out)
+end
+
+if op == 'env_usage' then
+  local e = ARGV[6]
+  if redis.call('EXISTS', k_env(e)) == 0 then return fail('unknown_env') end
+  local s = redis.call('HMGET', k_env(e), 'run', 'flrun')
+  return fail('ok', num(s[1]), num(s[2]))
+end
+
+if op == 'enqueue' then
+  -- ARGV[6] = id, ARGV[7] = packed record (place unset), ARGV[8] = sync ('1'/'0')
+  local id = ARGV[6]
+  local existing = load(id)
+  if existing then
+    local p = existing[F_PLACE]
+    local placement = 'ready'
+    if p == 'd' then placement = 'delayed' elseif p == 'q' or p == 'Q' then placement = 'queued' end
+    return answer('ok', placement)
+  end
+  local r = cmsgpack.unpack(ARGV[7])
+  local sync = ARGV[8] == '1'
+  local e, q, k, lane = r[F_ENV], r[F_QUEUE], r[F_KEY], r[F_LANE]
+  if redis.call('EXISTS', k_env(e)) == 0 then return fail('unknown_env') end
+  if redis.call('SISMEMBER', K_LANES, lane) == 0 then return fail('unknown_lane') end
+  local fast_path_on = redis.call('HGET', k_env(e), 'fp') == '1'
+  local backlog = num(redis.call('HGET', k_k(e, q, k), 'qd'))
+  local waiting = backlog + num(redis.call('HGET', k_k(e, q, k), 'del'))
+  local max_queued = redis.call('HGET', k_q(e, q), 'maxq')
+  local delayed = r[F_AFTER] > now
+  local orphaned = redis.call('HGET', k_l(lane), 'orph') == '1'
+  local blocked = admission(e, q, k, lane)
+  local fast = (not delayed) and fast_path_on and backlog == 0 and (not orphaned) and blocked == nil
+  if not fast and max_queued and waiting >= tonumber(max_queued) then
+    return fail('queue_full', tonumber(max_queued))
+  end
+  if not delayed and not fast and sync and blocked == 'fast_lane' then
+    return fail('fast_lane_full')
+  end
+  if r[F_TTL] and not r[F_EVER] then redis.call('ZADD', K_TTL, r[F_TTL], id) end
+  local placement
+  if delayed then
+    push_delayed(id, r)
+    moved(id, 'delayed')
+    placement = 'delayed'
+  elseif fast then
+    push_ready(id, r)
+    moved(id, 'ready')
+    placement = 'ready'
+  else
+    push_queued(id, r)
+    moved(id, 'queued')
+    if not fast_path_on then admit_env(e) end
+    placement = 'queued'
+  end
+  return answer('ok', placement)
+end
+
+if op == 'claim' then
+  -- ARGV[6] = worker, ARGV[7] = chain, ARGV[8] = max, ARGV[9] = lease ms, ARGV[10..] = env, version pairs
+  local worker, chain, max, lease_ms = ARGV[6], ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
+  local served = {}
+  for i = 10, #ARGV, 2 do served[ARGV[i]] = tonumber(ARGV[i + 1]) end
+  local wildcard = string.sub(chain, 1, 1) == 'P'
+  local named = {}
+  local is_named = {}
+  for lane in string.gmatch(string.sub(chain, 2), '[^>]+') do
+    named[#named + 1] = lane
+    is_named[lane] = true
+  end
+  -- The first eligible ready run of a lane, per served env: { env, seq, id }.
+  local function first_eligible(lane)
+    local out = {}
+    for _, e in ipairs(sorted(redis.call('SMEMBERS', k_le(lane)))) do
+      local version = served[e]
+      if version then
+        local key = k_lr(lane, e)
+        local start = 0
+        local found = false
+        while not found do
+          local page = redis.call('ZRANGE', key, start, start + 63, 'WITHSCORES')
+          if #page == 0 then break end
+          for i = 1, #page, 2 do
+            local r = load(page[i])
+            if r and (not r[F_LOCKED] or r[F_LOCKED] == version) then
+              out[#out + 1] = { e, tonumber(page[i + 1]), page[i] }
+              found = true
+              break
+            end
+          end
+          start = start + 64
+        end
+      end
+    end
+    return out
+  end
+  local out = {}
+  while #out < max do
+    local pick_lane, cands = nil, nil
+    for _, lane in ipairs(named) do
+      if redis.call('SISMEMBER', K_LANES, lane) == 1 then
+        local c = first_eligible(lane)
+        if #c > 0 then
+          pick_lane, cands = lane, c
+          break
+        end
+      end
+    end
+    if not pick_lane and wildcard then
+      local best_seq = nil
+      for _, lane in ipairs(sorted(redis.call('SMEMBERS', K_LANES))) do
+        if not is_named[lane] and num(redis.call('HGET', k_l(lane), 'count')) > 0 then
+          local c = first_eligible(lane)
+          local min = nil
+          for _, x in ipairs(c) do
+            if min == nil or x[2] < min then min = x[2] end
+          end
+          if min and (best_seq == nil or min < best_seq) then
+            best_seq, pick_lane, cands = min, lane, c
+          end
+        end
+      end
+    end
+    if not pick_lane then break end
+    local vtime = num(redis.call('HGET', k_l(pick_lane), 'vtime'))
+    local chosen = nil
+    for _, c in ipairs(cands) do
+      local pass = num(redis.call('HGET', k_lp(pick_lane), c[1]))
+      local eff = math.max(pass, vtime)
+      if chosen == nil or eff < chosen[1] or (eff == chosen[1] and lt(c[1], chosen[2])) then
+        chosen = { eff, c[1], c[2], c[3] }
+      end
+    end
+    local eff, e, id = chosen[1], chosen[2], chosen[4]
+    local weight = math.max(num(redis.call('HGET', k_env(e), 'weight')), 1)
+    redis.call('HSET', k_l(pick_lane), 'vtime', eff)
+    redis.call('HSET', k_lp(pick_lane), e, eff + math.floor(STRIDE / weight))
+    local lr = k_lr(pick_lane, e)
+    redis.call('ZREM', lr, id)
+    if redis.call('ZCARD', lr) == 0 then redis.call('SREM', k_le(pick_lane), e) end
+    decr_floor(k_l(pick_lane), 'count')
+    local token = redis.call('HINCRBY', K_CFG, 'token', 1)
+    local r = load(id)
+    local was_leased = r[F_EVER]
+    r[F_EVER] = true
+    local deadline = now + lease_ms
+    local adl = false
+    if r[F_MAXDUR] then adl = now + r[F_MAXDUR] end
+    r[F_PLACE] = 'l'
+    r[F_SEQ] = false
+    r[F_RAT] = false
+    r[F_TOKEN] = token
+    r[F_WORKER] = worker
+    r[F_LDUR] = lease_ms
+    r[F_LDL] = deadline
+    r[F_ADL] = adl
+    r[F_CRA] = false
+    r[F_CDL] = false
+    r[F_LAPSED] = false
+    if r[F_TTL] and not was_leased then redis.call('ZREM', K_TTL, id) end
+    redis.call('ZADD', K_LEASE, deadline, id)
+    if adl then redis.call('ZADD', K_ATT, adl, id) end
+    save(id, r)
+    out[#out + 1] = { id, cmsgpack.pack(r) }
+  end
+  return fail('ok', out)
+end
+
+if op == 'heartbeat' then
+  local out = {}
+  for i = 6, #ARGV, 2 do
+    local id, token = ARGV[i], tonumber(ARGV[i + 1])
+    local r = load(id)
+    if r and r[F_PLACE] == 'l' and r[F_TOKEN] == token and not r[F_LAPSED] then
+      r[F_LDL] = now + r[F_LDUR]
+      redis.call('ZADD', K_LEASE, r[F_LDL], id)
+      save(id, r)
+      if r[F_CRA] then out[#out + 1] = 'cancel' else out[#out + 1] = 'alive' end
+    else
+      out[#out + 1] = 'lost'
+    end
+  end
+  return fail('ok', out)
+end
+
+if op == 'check_lease' then
+  local _, err = leased(ARGV[6], tonumber(ARGV[7]), false)
+  return fail(err or 'ok')
+end
+
+if op == 'finish' then
+  local id = ARGV[6]
+  local r, err = leased(id, tonumber(ARGV[7]), true)
+  if err then return fail(err) end
+  end_lease(id, r)
+  del_run(id)
+  admit_env(r[F_ENV])
+  return answer('ok')
+end
+
+if op == 'retry' then
+  local id = ARGV[6]
+  local r, err = leased(id, tonumber(ARGV[7]), true)
+  if err then return fail(err) end
+  end_lease(id, r)
+  r[F_ATTEMPT] = r[F_ATTEMPT] + 1
+  r[F_AFTER] = tonumber(ARGV[8])
+  place_waiting(id, r, 'retry')
+  admit_env(r[F_ENV])
+  return answer('ok')
+end
+
+if op == 'release' then
+  local id = ARGV[6]
+  local r, err = leased(id, tonumber(ARGV[7]), false)
+  if err then return fail(err) end
+  end_lease(id, r)
+  push_queued(id, r)
+  moved(id, 'queued')
+  admit_env(r[F_ENV])
+  return answer('ok')
+end
+
+if op == 'cancel' then
+  local id, grace = ARGV[6], tonumber(ARGV[7])
+  local r = load(id)
+  if not r then return fail('not_found') end
+  if r[F_PLACE] == 'l' then
+    if r[F_CDL] then return fail('requested', r[F_TOKEN], r[F_CDL], 0) end
+    local gd = now + grace
+    r[F_CRA] = now
+    r[F_CDL] = gd
+    if not r[F_LAPSED] then redis.call('ZADD', K_CXL, gd, id) end
+    save(id, r)
+    return fail('requested', r[F_TOKEN], gd, 1)
+  end
+  local status = status_of(r)
+  unplace_waiting(id, r)
+  del_run(id)
+  if status == 'ready' then admit_env(r[F_ENV]) end
+  return answer('removed', status)
+end
+
+if op == 'reschedule' then
+  local id = ARGV[6]
+  local r = load(id)
+  if not r then return fail('not_found') end
+  local status = status_of(r)
+  if status ~= 'delayed' and status ~= 'queued' then return fail('wrong_state', status) end
+  unplace_waiting(id, r)
+  r[F_AFTER] = tonumber(ARGV[7])
+  if ARGV[8] == '' then r[F_TTL] = false else r[F_TTL] = tonumber(ARGV[8]) end
+  place_waiting(id, r, 'reschedule')
+  admit_env(r[F_ENV])
+  return answer('ok')
+end
+
+if op == 'tick' then
+  local expired, lapsed, timed_out, cancel_elapsed, returned = {}, {}, {}, {}, {}
+  -- 1. Delayed runs that came due.
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', now)) do
+    local r = load(id)
+    if not r then
+      redis.call('ZREM', K_DELAYED, id)
+    else
+      pull_delayed(id, r)
+      push_queued(id, r)
+      moved(id, 'queued')
+    end
+  end
+  -- 2. TTL expiry of waiting runs that never held a lease.
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_TTL, '-inf', now)) do
+    local r = load(id)
+    redis.call('ZREM', K_TTL, id)
+    if r then
+      unplace_waiting(id, r)
+      del_run(id)
+      expired[#expired + 1] = { id, cmsgpack.pack(r) }
+    end
+  end
+  -- 3. Lapsed leases.
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_LEASE, '-inf', now)) do
+    redis.call('ZREM', K_LEASE, id)
+    local r = load(id)
+    if r and r[F_PLACE] == 'l' then
+      r[F_LAPSED] = true
+      redis.call('ZREM', K_ATT, id)
+      redis.call('ZREM', K_CXL, id)
+      release_slots(r)
+      save(id, r)
+      lapsed[#lapsed + 1] = { id, cmsgpack.pack(r) }
+    end
+  end
+  -- 4. Attempts past their max duration; 5. cancel grace periods that ended.
+  for _, pair in ipairs({ { K_ATT, timed_out }, { K_CXL, cancel_elapsed } }) do
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', pair[1], '-inf', now)) do
+      redis.call('ZREM', pair[1], id)
+      local r = load(id)
+      if r and r[F_PLACE] == 'l' then
+        local list = pair[2]
+        list[#list + 1] = { id, r[F_TOKEN] }
+      end
+    end
+  end
+  -- 6. Ready runs in lanes with no consumer for ready_timeout, in run id order.
+  local due = {}
+  for _, lane in ipairs(redis.call('SMEMBERS', K_LANES)) do
+    local L = redis.call('HMGET', k_l(lane), 'count', 'os')
+    if num(L[1]) > 0 and consumers_of(lane) == 0 then
+      local os = num(L[2])
+      for _, e in ipairs(redis.call('SMEMBERS', k_le(lane))) do
+        for _, id in ipairs(redis.call('ZRANGE', k_lr(lane, e), 0, -1)) do
+          local r = load(id)
+          if r and r[F_PLACE] == 'r' and math.max(r[F_RAT], os) + ready_timeout <= now then
+            due[#due + 1] = id
+          end
+        end
+      end
+    end
+  end
+  sorted(due)
+  for _, id in ipairs(due) do
+    local r = load(id)
+    if r then
+      pull_ready(id, r)
+      r[F_SEQ] = false
+      r[F_RAT] = false
+      push_queued(id, r)
+      moved(id, 'queued')
+      returned[#returned + 1] = id
+      redis.call('HSET', k_l(r[F_LANE]), 'orph', '1')
+    end
+  end
+  -- 7. Admission for every env.
+  admit_all()
+  return answer('ok', expired, lapsed, timed_out, cancel_elapsed, returned)
+end
+
+if op == 'next_deadline' then
+  return answer('ok')
+end
+
+if op == 'live' then
+  local raw = redis.call('HGET', k_run(ARGV[6]), ARGV[6])
+  if not raw then return fail('ok', {}) end
+  return fail('ok', { ARGV[6], raw })
+end
+
+if op == 'snapshot' then
+  local all = {}
+  for _, b in ipairs(redis.call('SMEMBERS', K_RB)) do
+    local part = redis.call('HGETALL', P .. ':run:' .. b)
+    for i = 1, #part do all[#all + 1] = part[i] end
+  end
+  return fail('ok', all)
+end
+
+if op == 'register_consumer' then
+  local chain = ARGV[6]
+  local id = redis.call('HINCRBY', K_CFG, 'cseq', 1)
+  redis.call('HSET', K_CONS, id, chain)
+  consumer_cache = nil
+  for _, lane in ipairs(redis.call('SMEMBERS', K_LANES)) do
+    if covers(chain, lane) then redis.call('HSET', k_l(lane), 'os', 0, 'orph', '0') end
+  end
+  admit_all()
+  return fail('ok', id)
+end
+
+if op == 'restore_consumer' then
+  redis.call('HSET', K_CONS, ARGV[6], ARGV[7])
+  if num(redis.call('HGET', K_CFG, 'cseq')) < tonumber(ARGV[6]) then
+    redis.call('HSET', K_CFG, 'cseq', ARGV[6])
+  end
+  return fail('ok')
+end
+
+if op == 'unregister_consumer' then
+  local id = ARGV[6]
+  local chain = redis.call('HGET', K_CONS, id)
+  if chain then
+    redis.call('HDEL', K_CONS, id)
+    consumer_cache = nil
+    for _, lane in ipairs(redis.call('SMEMBERS', K_LANES)) do
+      if covers(chain, lane) and consumers_of(lane) == 0 then
+        redis.call('HSET', k_l(lane), 'os', now)
+      end
+    end
+  end
+  return answer('ok')
+end
+
+return fail('unknown_op', op)
