@@ -36,7 +36,7 @@ pub struct SqliteStats {
     pub queue_timeouts: u64,
     /// The most calls committed by one transaction.
     pub largest_batch: u64,
-    /// WAL checkpoints run by the checkpointer thread (off the writer's commits).
+    /// WAL checkpoints the writer ran between batches (none runs inside a commit).
     pub checkpoints: u64,
 }
 
@@ -83,10 +83,6 @@ impl std::fmt::Debug for SqliteStore {
             .finish_non_exhaustive()
     }
 }
-
-/// The writer connection's own auto-checkpoint size, in pages: a backstop for when the
-/// checkpointer thread falls behind (SQLite's default is 1,000).
-const WRITER_AUTOCHECKPOINT_PAGES: i64 = 16_000;
 
 /// Settings every connection gets.
 fn configure(conn: &Connection, config: &SqliteConfig) -> rusqlite::Result<()> {
@@ -136,17 +132,10 @@ impl SqliteStore {
         if found != Found::Ours(schema::schema_version()) {
             schema::migrate(&mut conn, &path)?;
         }
-        // Checkpoints move to their own thread and connection (see `writer`); the writer's
-        // auto-checkpoint stays as a backstop at 16× SQLite's default WAL size.
-        conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)
-            .map_err(sqlite)?;
-        let checkpoint = Connection::open_with_flags(&path, flags).map_err(sqlite)?;
-        configure(&checkpoint, &config).map_err(sqlite)?;
         let reads = ReadPool::open(&path, config.read_connections, |c| configure(c, &config))?;
         let counters = Arc::new(Counters::default());
         let writer = Writer::spawn(
             conn,
-            Some(checkpoint),
             path.clone(),
             config.write_queue,
             config.write_batch_max,
@@ -431,40 +420,42 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn commits_are_checkpointed_off_the_writer_and_survive_a_reopen() {
+    async fn the_writer_checkpoints_between_batches_and_the_wal_stays_bounded() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("runs.db");
-        let store = SqliteStore::open(&path, SqliteConfig::default()).expect("open");
-        let runs: Vec<RunRecord> = (1..=200).map(record).collect();
+        let config = SqliteConfig {
+            synchronous: crate::Synchronous::Off,
+            ..SqliteConfig::default()
+        };
+        let store = SqliteStore::open(&path, config.clone()).expect("open");
+        let runs: Vec<RunRecord> = (1..=3_000).map(record).collect();
         for run in &runs {
             assert!(store
                 .insert(vec![(run.clone(), None)], Timestamp(1))
                 .await
                 .is_ok());
         }
-        // The checkpointer runs after commits, on its own thread: wait for it (with a deadline).
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while store.stats().checkpoints == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no checkpoint within 10 s of 200 commits"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        let backfilled: (i64, i64, i64) = {
-            let conn = Connection::open(&path).expect("open a second connection");
-            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .expect("checkpoint")
-        };
-        assert_eq!(backfilled.0, 0, "a passive checkpoint is never busy here");
+        // Each call is answered before the checkpoint its commit made due, and the next call
+        // waits behind that checkpoint: thousands of sequential commits ran several.
+        let stats = store.stats();
+        assert!(stats.checkpoints >= 2, "too few checkpoints: {stats:?}");
+        let wal = std::fs::metadata(dir.path().join("runs.db-wal"))
+            .expect("wal file")
+            .len();
+        assert!(
+            wal <= 2 * CHECKPOINT_WAL_BYTES,
+            "the WAL restarts after each checkpoint; it grew to {wal} bytes"
+        );
         drop(store);
-        let store = SqliteStore::open(&path, SqliteConfig::default()).expect("reopen");
-        for run in &runs {
+        let store = SqliteStore::open(&path, config).expect("reopen");
+        for run in runs.iter().step_by(97) {
             assert_eq!(store.get(run.id).await, Ok(Some(run.clone())));
         }
+        assert_eq!(store.size().await.map(|s| s.runs), Ok(3_000));
     }
+
+    /// The WAL's size at a checkpoint: its page threshold (plus one batch) of 4 KiB pages.
+    const CHECKPOINT_WAL_BYTES: u64 = (crate::writer::CHECKPOINT_PAGES + 100) * 4096;
 
     #[tokio::test]
     async fn a_refused_call_leaves_no_trace_and_its_batch_commits() {

@@ -20,12 +20,18 @@
 //! A full queue makes the caller wait at most `enqueue_timeout`, then fail with `Unavailable`
 //! (SPEC §7 backpressure) instead of piling up unbounded work.
 //!
-//! **Checkpoints** run on a second thread with its own connection, not in the commit that
+//! **Checkpoints** run after the batch's callers were answered, not inside the commit that
 //! happens to push the WAL past SQLite's auto-checkpoint size: that commit (and every caller
 //! waiting on it) paid for copying ~1,000 pages and an fsync of the database file, the tail of
-//! the latency figures. Each commit wakes the checkpointer (without waiting); it runs a
-//! `PASSIVE` checkpoint (never blocks the writer or readers), at most once per
-//! [`CHECKPOINT_EVERY`]. The writer keeps a large auto-checkpoint size as a backstop only.
+//! the latency figures. A WAL hook (which replaces SQLite's auto-checkpoint on the writer
+//! connection) records the WAL's size at each commit; once it reaches [`CHECKPOINT_PAGES`]
+//! the writer runs a `PASSIVE` checkpoint right after answering that batch's callers (calls
+//! queued meanwhile wait for it, as they waited for a commit that checkpointed). The writer is
+//! the only writer, so the checkpoint copies the whole WAL (unless a reader still needs part of
+//! it) and the next commit starts the WAL over: its file stays at its usual size. (A separate
+//! checkpointer thread was tried: it never catches up with a writer that commits during it, so
+//! the WAL is never restarted and grows to the backstop. Waiting for an empty queue was tried
+//! too: a sequential caller's next call is usually queued before the writer looks.)
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -131,7 +137,6 @@ type Starts = Arc<Mutex<Vec<(RunId, u32, Timestamp)>>>;
 pub(crate) struct Writer {
     queue: Option<mpsc::Sender<Box<dyn Call>>>,
     thread: Option<JoinHandle<()>>,
-    checkpointer: Option<JoinHandle<()>>,
     enqueue_timeout: Duration,
     counters: Arc<Counters>,
     starts: Starts,
@@ -139,11 +144,9 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer thread on `conn`, and the checkpointer thread on `checkpoint` when
-    /// given (without it, SQLite checkpoints in the writer's commits as usual).
+    /// Starts the writer thread on `conn` (which takes over its checkpoints, see above).
     pub(crate) fn spawn(
-        conn: Connection,
-        checkpoint: Option<Connection>,
+        mut conn: Connection,
         path: PathBuf,
         queue_len: usize,
         batch_max: usize,
@@ -154,29 +157,32 @@ impl Writer {
         let thread_counters = counters.clone();
         let starts: Starts = Arc::default();
         let thread_starts = starts.clone();
-        let (wake, checkpointer) = match checkpoint {
-            Some(checkpoint) => {
-                let (wake, woken) = std::sync::mpsc::sync_channel(1);
-                let checkpoint_counters = counters.clone();
-                let thread = std::thread::Builder::new()
-                    .name("runlane-sqlite-checkpoint".into())
-                    .spawn(move || checkpoints(checkpoint, woken, &checkpoint_counters))
-                    .map_err(|source| SqliteError::Io {
-                        path: path.clone(),
-                        source,
-                    })?;
-                (Some(wake), Some(thread))
-            }
-            None => (None, None),
-        };
+        let wal_pages = Arc::new(AtomicU64::new(0));
+        let hook_pages = wal_pages.clone();
+        conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: i32| {
+            hook_pages.store(u64::try_from(pages).unwrap_or(0), Ordering::Relaxed);
+            Ok(())
+        }))
+        .map_err(|source| SqliteError::Sqlite {
+            path: path.clone(),
+            source,
+        })?;
         let thread = std::thread::Builder::new()
             .name("runlane-sqlite-writer".into())
-            .spawn(move || run(conn, rx, batch_max, &thread_counters, &thread_starts, wake))
+            .spawn(move || {
+                run(
+                    conn,
+                    rx,
+                    batch_max,
+                    &thread_counters,
+                    &thread_starts,
+                    &wal_pages,
+                )
+            })
             .map_err(|source| SqliteError::Io { path, source })?;
         Ok(Writer {
             queue: Some(tx),
             thread: Some(thread),
-            checkpointer,
             enqueue_timeout,
             counters,
             starts,
@@ -281,33 +287,22 @@ impl Drop for Writer {
             // nothing more to do with it while dropping.
             let _ = thread.join();
         }
-        // The writer thread held the checkpointer's wake-up: its loop has ended too.
-        if let Some(thread) = self.checkpointer.take() {
-            let _ = thread.join();
-        }
     }
 }
 
-/// The checkpointer waits at least this long between two checkpoints, so one checkpoint
-/// copies the pages of many commits.
-pub(crate) const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// WAL pages from which the writer checkpoints between batches (SQLite's default
+/// auto-checkpoint size).
+pub(crate) const CHECKPOINT_PAGES: u64 = 1_000;
 
-/// The checkpointer thread's loop: after a commit woke it, a `PASSIVE` checkpoint (copies what
-/// no reader still needs, never waits for a lock), then a pause. Ends when the writer is gone.
-fn checkpoints(conn: Connection, woken: std::sync::mpsc::Receiver<()>, counters: &Counters) {
-    while woken.recv().is_ok() {
-        let started = std::time::Instant::now();
-        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            Ok(()) => {
-                counters.checkpoints.fetch_add(1, Ordering::Relaxed);
-            }
-            // A failed checkpoint loses nothing (the WAL keeps every commit); the next commit
-            // tries again, and the writer's own auto-checkpoint is the backstop.
-            Err(e) => tracing::warn!(error = %e, "sqlite checkpoint failed"),
+/// A `PASSIVE` checkpoint on the writer connection, between two batches. A failure loses
+/// nothing (the WAL keeps every commit); the next batch tries again.
+fn checkpoint(conn: &Connection, wal_pages: &AtomicU64, counters: &Counters) {
+    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+        Ok(()) => {
+            wal_pages.store(0, Ordering::Relaxed);
+            counters.checkpoints.fetch_add(1, Ordering::Relaxed);
         }
-        if let Some(rest) = CHECKPOINT_EVERY.checked_sub(started.elapsed()) {
-            std::thread::sleep(rest);
-        }
+        Err(e) => tracing::warn!(error = %e, "sqlite checkpoint failed"),
     }
 }
 
@@ -318,7 +313,7 @@ fn run(
     batch_max: usize,
     counters: &Counters,
     starts: &Starts,
-    checkpoint: Option<std::sync::mpsc::SyncSender<()>>,
+    wal_pages: &AtomicU64,
 ) {
     let mut batch: Vec<Box<dyn Call>> = Vec::with_capacity(batch_max.min(1024));
     while let Some(first) = queue.blocking_recv() {
@@ -346,11 +341,6 @@ fn run(
         let outcome = apply_batch(&conn, &mut batch, counters);
         match &outcome {
             Ok(()) => {
-                if let Some(wake) = &checkpoint {
-                    // Full: a wake-up is already pending. Disconnected: the checkpointer died;
-                    // the writer's auto-checkpoint takes over.
-                    let _ = wake.try_send(());
-                }
                 counters.commits.fetch_add(1, Ordering::Relaxed);
                 counters
                     .calls_committed
@@ -365,6 +355,11 @@ fn run(
         }
         for call in batch.drain(..) {
             call.answer(outcome.clone());
+        }
+        // After the answers: no caller waits for this checkpoint but those queued behind it.
+        let pages = wal_pages.load(Ordering::Relaxed);
+        if pages >= CHECKPOINT_PAGES {
+            checkpoint(&conn, wal_pages, counters);
         }
     }
 }
