@@ -33,6 +33,8 @@
 //! the WAL is never restarted and grows to the backstop. Waiting for an empty queue was tried
 //! too: a sequential caller's next call is usually queued before the writer looks.)
 
+use std::cell::Cell;
+use std::ffi::c_int;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -146,7 +148,7 @@ pub(crate) struct Writer {
 impl Writer {
     /// Starts the writer thread on `conn` (which takes over its checkpoints, see above).
     pub(crate) fn spawn(
-        mut conn: Connection,
+        conn: Connection,
         path: PathBuf,
         queue_len: usize,
         batch_max: usize,
@@ -157,16 +159,8 @@ impl Writer {
         let thread_counters = counters.clone();
         let starts: Starts = Arc::default();
         let thread_starts = starts.clone();
-        let wal_pages = Arc::new(AtomicU64::new(0));
-        let hook_pages = wal_pages.clone();
-        conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: i32| {
-            hook_pages.store(u64::try_from(pages).unwrap_or(0), Ordering::Relaxed);
-            Ok(())
-        }))
-        .map_err(|source| SqliteError::Sqlite {
-            path: path.clone(),
-            source,
-        })?;
+        // Replaces SQLite's auto-checkpoint on this connection; it runs on the writer thread.
+        conn.wal_hook(Some(note_wal_pages));
         let thread = std::thread::Builder::new()
             .name("runlane-sqlite-writer".into())
             .spawn(move || {
@@ -176,7 +170,6 @@ impl Writer {
                     batch_max,
                     &thread_counters,
                     &thread_starts,
-                    &wal_pages,
                 )
             })
             .map_err(|source| SqliteError::Io { path, source })?;
@@ -294,12 +287,24 @@ impl Drop for Writer {
 /// auto-checkpoint size).
 pub(crate) const CHECKPOINT_PAGES: u64 = 1_000;
 
+thread_local! {
+    /// The WAL's size in pages after the last commit of the writer connection owned by this
+    /// thread (each store has its own writer thread, and only it commits on that connection).
+    static WAL_PAGES: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The WAL hook: called by SQLite on the committing thread after each commit.
+fn note_wal_pages(_: &rusqlite::hooks::Wal, pages: c_int) -> rusqlite::Result<()> {
+    WAL_PAGES.with(|p| p.set(u64::try_from(pages).unwrap_or(0)));
+    Ok(())
+}
+
 /// A `PASSIVE` checkpoint on the writer connection, between two batches. A failure loses
 /// nothing (the WAL keeps every commit); the next batch tries again.
-fn checkpoint(conn: &Connection, wal_pages: &AtomicU64, counters: &Counters) {
+fn checkpoint(conn: &Connection, counters: &Counters) {
     match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
         Ok(()) => {
-            wal_pages.store(0, Ordering::Relaxed);
+            WAL_PAGES.with(|p| p.set(0));
             counters.checkpoints.fetch_add(1, Ordering::Relaxed);
         }
         Err(e) => tracing::warn!(error = %e, "sqlite checkpoint failed"),
@@ -313,7 +318,6 @@ fn run(
     batch_max: usize,
     counters: &Counters,
     starts: &Starts,
-    wal_pages: &AtomicU64,
 ) {
     let mut batch: Vec<Box<dyn Call>> = Vec::with_capacity(batch_max.min(1024));
     while let Some(first) = queue.blocking_recv() {
@@ -357,9 +361,8 @@ fn run(
             call.answer(outcome.clone());
         }
         // After the answers: no caller waits for this checkpoint but those queued behind it.
-        let pages = wal_pages.load(Ordering::Relaxed);
-        if pages >= CHECKPOINT_PAGES {
-            checkpoint(&conn, wal_pages, counters);
+        if WAL_PAGES.with(Cell::get) >= CHECKPOINT_PAGES {
+            checkpoint(&conn, counters);
         }
     }
 }
