@@ -133,9 +133,10 @@ impl EventHub {
         self.progress.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether anybody listens (status lookups are skipped when nobody does).
+    /// Whether anybody listens (status lookups are skipped when nobody does): a receiver in
+    /// this process, or the status tap (listeners in other processes).
     pub(crate) fn has_subscribers(&self) -> bool {
-        self.listeners.load(Ordering::SeqCst) > 0
+        self.listeners.load(Ordering::SeqCst) > 0 || self.tap.get().is_some()
     }
 
     /// A terminal status with nobody listening: only the run's progress is forgotten.
@@ -179,9 +180,7 @@ impl EventHub {
         if status.is_terminal() {
             self.forget_progress(run);
         }
-        // The tap (other processes' listeners) is told whether or not anyone listens here.
-        let tap = if tapped { self.tap.get() } else { None };
-        if tap.is_none() && !self.has_subscribers() {
+        if !self.has_subscribers() {
             return;
         }
         let event = RunEvent {
@@ -191,11 +190,10 @@ impl EventHub {
             at,
             kind: RunEventKind::Status { status, attempt },
         };
-        if let Some(tap) = tap {
-            tap(&event);
-        }
-        if !self.has_subscribers() {
-            return;
+        if tapped {
+            if let Some(tap) = self.tap.get() {
+                tap(&event);
+            }
         }
         let Some(tx) = self.sender() else { return };
         // No receiver is not an error: events are fire-and-forget.
