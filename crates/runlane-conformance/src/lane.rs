@@ -6,7 +6,7 @@
 use runlane_core::{RunStatus, TaskDef, TaskName, TriggerSource, VersionDef};
 use serde_json::json;
 
-use crate::kit::{at, ok, secs, Backends, Harness, Probe};
+use crate::kit::{at, ok, secs, within, Backends, Harness, Probe};
 
 /// LANE-01 (seed 001 step 6): a worker claiming with the filter chain `fast_lane` only gets
 /// fast-lane runs; ready runs of `default` and `manual` stay in their lanes.
@@ -165,7 +165,14 @@ pub async fn lane_05(b: &dyn Backends) {
         2,
         "LANE-05: still two"
     );
-    assert_eq!(w.in_flight(), 2, "LANE-05: the worker holds two");
+    // The finished run leaves the worker's in-flight set just after its terminal status is
+    // published (its slot was given back when its handler returned): wait for that, bounded.
+    within("LANE-05: the worker holds two", async {
+        while w.in_flight() != 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    })
+    .await;
     probe.assert_quiet("LANE-05: claimed past its slots after a release");
     c.complete(json!(null));
     d.complete(json!(null));
