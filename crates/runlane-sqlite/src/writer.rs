@@ -163,15 +163,7 @@ impl Writer {
         conn.wal_hook(Some(note_wal_pages));
         let thread = std::thread::Builder::new()
             .name("runlane-sqlite-writer".into())
-            .spawn(move || {
-                run(
-                    conn,
-                    rx,
-                    batch_max,
-                    &thread_counters,
-                    &thread_starts,
-                )
-            })
+            .spawn(move || run(conn, rx, batch_max, &thread_counters, &thread_starts))
             .map_err(|source| SqliteError::Io { path, source })?;
         Ok(Writer {
             queue: Some(tx),
