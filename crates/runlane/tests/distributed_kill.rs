@@ -489,6 +489,14 @@ async fn twenty_thousand_runs_three_processes_limits_hold() {
         );
     }
     assert_eq!(executions.len(), SCALE_RUNS, "no other run executed");
+    let per_process: Vec<usize> = outs
+        .iter()
+        .map(|out| read_lines(out).into_iter().filter(|l| !l.done).count())
+        .collect();
+    assert!(
+        per_process.iter().all(|n| *n > 0),
+        "every worker process ran some: {per_process:?}"
+    );
     let mut conn = redis_conn(&url);
     let keys = counter_keys(&prefix, "x", "x", "x");
     let violations: Vec<String> = redis::cmd("LRANGE")
