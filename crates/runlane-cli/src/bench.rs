@@ -252,15 +252,12 @@ fn payload(bytes: usize) -> Value {
     json!({ "data": "x".repeat(bytes.saturating_sub(12)) })
 }
 
+/// The commit HEAD named when this binary was built (recorded by `build.rs`; uncommitted
+/// changes are not flagged).
 fn git_revision() -> String {
-    std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|| "unknown".to_string())
+    option_env!("RUNLANE_GIT_REVISION")
+        .unwrap_or("unknown")
+        .to_string()
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
