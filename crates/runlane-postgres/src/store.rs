@@ -442,16 +442,18 @@ impl PostgresStore {
         Ok(v.map(ts_from_sql).transpose()?)
     }
 
-    /// Marks runs the queue now holds; returns how many rows changed.
+    /// Marks runs the queue now holds; returns how many rows changed. Only unfinished
+    /// `pending_enqueue` rows are written: a run that finished first (its terminal write sets
+    /// `in_queue` itself) costs no third row write.
     pub async fn mark_in_queue(&self, runs: &[RunId]) -> Result<u64, StoreError> {
         if runs.is_empty() {
             return Ok(0);
         }
         let ids: Vec<Vec<u8>> = runs.iter().map(|r| id_to_sql(*r)).collect();
-        sqlx::query(
+        sqlx::query(&format!(
             "UPDATE runs SET dispatch_state = 'in_queue' \
-             WHERE id = ANY($1) AND dispatch_state = 'pending_enqueue'",
-        )
+             WHERE id = ANY($1) AND dispatch_state = 'pending_enqueue' AND {UNFINISHED}"
+        ))
         .bind(ids)
         .execute(&self.pool)
         .await
