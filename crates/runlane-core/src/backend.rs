@@ -732,7 +732,9 @@ pub trait RunStore: Send + Sync + 'static {
     }
     /// Runs matching the filter, in id order.
     async fn list(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, StoreError>;
-    /// A failed attempt with a retry: records it and the next `run_after`.
+    /// A failed attempt with a retry: records it and the next `run_after`. A store that
+    /// fences by attempt (PostgreSQL, memory) applies it only while `attempt.number` is the
+    /// run's current attempt, else answers `StaleAttempt` and changes nothing.
     async fn record_retry(
         &self,
         run: RunId,

@@ -199,7 +199,12 @@ async fn marker(marks: Arc<Marks>, store: Arc<PostgresStore>, linger: Duration) 
             }
             marks.wake.notified().await;
             if !linger.is_zero() && !marks.closed.load(Ordering::SeqCst) {
-                tokio::time::sleep(linger).await;
+                // Ids joining the batch do not wake the marker (the buffer is not empty);
+                // dropping the queue does: it writes the batch at once.
+                tokio::select! {
+                    _ = tokio::time::sleep(linger) => {}
+                    _ = marks.wake.notified() => {}
+                }
             }
         }
         let batch: Vec<RunId> = {

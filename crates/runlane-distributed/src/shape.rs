@@ -28,7 +28,9 @@ pub struct DistributedConfig {
     /// The reconciler (grace period of a pending row, page size, retry delay).
     pub reconcile: ReconcileConfig,
     /// How long the marker waits after the first accepted run of a batch before it marks
-    /// the batch `in_queue` (more runs join the same update).
+    /// the batch `in_queue` (more runs join the same update; default 500 ms). A run that
+    /// finishes within it costs no marker write (its terminal write sets `in_queue`). At most
+    /// half the reconciler's grace is used, so a marked row never looks missed.
     pub mark_linger: Duration,
     /// Deletes the prefix's Redis keys and drops the PostgreSQL schema when the engine is
     /// dropped (tests and benchmarks with a throwaway prefix and schema; default false).
@@ -47,7 +49,7 @@ impl DistributedConfig {
             redis: RedisConfig::new(redis_url),
             postgres: PostgresConfig::new(postgres_url),
             reconcile: ReconcileConfig::default(),
-            mark_linger: Duration::from_millis(10),
+            mark_linger: Duration::from_millis(500),
             throwaway: false,
             timer_lease: Duration::from_secs(2),
         }
@@ -216,7 +218,12 @@ pub async fn open(
         Arc::downgrade(&redis),
     );
     let queue = Arc::new(
-        DistributedQueue::new(redis, store.clone(), config.mark_linger).with_wake(wake.clone()),
+        DistributedQueue::new(
+            redis,
+            store.clone(),
+            config.mark_linger.min(config.reconcile.grace / 2),
+        )
+        .with_wake(wake.clone()),
     );
     let engine = builder
         .open(queue.clone() as Arc<dyn QueueBackend>, Arc::new(run_store))

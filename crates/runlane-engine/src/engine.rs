@@ -490,6 +490,12 @@ impl Inner {
                 self.queue_finish_quietly(run, token).await;
                 return Ok(());
             }
+            // The run moved on to a later attempt (this lease lapsed): a zombie's retry, dropped
+            // like a lost lease; the later attempt's holder owns the run and its queue entry.
+            Err(StoreError::StaleAttempt { run, attempt, .. }) => {
+                tracing::debug!(%run, attempt, "retry of a stale attempt; dropped");
+                return Ok(());
+            }
             Err(e) => return Err(e.into()),
         }
         match self.queue.retry(run, token, at, now).await {
@@ -530,7 +536,12 @@ impl Inner {
                 );
                 match self.next_attempt_at(&record.retry, record.attempt, now) {
                     Some(at) => {
-                        self.store.record_retry(record.id, attempt, at).await?;
+                        match self.store.record_retry(record.id, attempt, at).await {
+                            Ok(()) => {}
+                            // Another process moved the run on meanwhile; it owns it now.
+                            Err(StoreError::StaleAttempt { .. }) => continue,
+                            Err(e) => return Err(e.into()),
+                        }
                         dispatch.attempt += 1;
                         dispatch.run_after = at;
                         dispatch.ever_leased = true;

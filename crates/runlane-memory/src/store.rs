@@ -146,6 +146,13 @@ impl RunStore for MemoryStore {
                 status: r.status,
             });
         }
+        if attempt.number != r.attempt {
+            return Err(StoreError::StaleAttempt {
+                run,
+                attempt: attempt.number,
+                current: r.attempt,
+            });
+        }
         r.status = if next_run_after > attempt.ended_at {
             RunStatus::Delayed
         } else {

@@ -442,16 +442,18 @@ impl PostgresStore {
         Ok(v.map(ts_from_sql).transpose()?)
     }
 
-    /// Marks runs the queue now holds; returns how many rows changed.
+    /// Marks runs the queue now holds; returns how many rows changed. Only unfinished
+    /// `pending_enqueue` rows are written: a run that finished first (its terminal write sets
+    /// `in_queue` itself) costs no third row write.
     pub async fn mark_in_queue(&self, runs: &[RunId]) -> Result<u64, StoreError> {
         if runs.is_empty() {
             return Ok(0);
         }
         let ids: Vec<Vec<u8>> = runs.iter().map(|r| id_to_sql(*r)).collect();
-        sqlx::query(
+        sqlx::query(&format!(
             "UPDATE runs SET dispatch_state = 'in_queue' \
-             WHERE id = ANY($1) AND dispatch_state = 'pending_enqueue'",
-        )
+             WHERE id = ANY($1) AND dispatch_state = 'pending_enqueue' AND {UNFINISHED}"
+        ))
         .bind(ids)
         .execute(&self.pool)
         .await
@@ -582,6 +584,41 @@ impl PostgresStore {
                 Ok(status) => StoreError::AlreadyFinished { run, status },
                 Err(e) => e.into(),
             },
+            Err(e) => unavailable("read", &e),
+        }
+    }
+
+    /// Why a write fenced by `attempt` changed nothing: the run is unknown, already finished,
+    /// or at another attempt (`StaleAttempt`).
+    async fn fenced_refusal(&self, run: RunId, attempt: u32) -> StoreError {
+        let row: Result<Option<(String, i64)>, sqlx::Error> =
+            sqlx::query_as("SELECT status, attempt FROM runs WHERE id = $1")
+                .bind(id_to_sql(run))
+                .fetch_optional(&self.pool)
+                .await;
+        match row {
+            Ok(None) => StoreError::NotFound(run),
+            Ok(Some((status, current))) => {
+                let status = match status_from_sql(&status) {
+                    Ok(status) => status,
+                    Err(e) => return e.into(),
+                };
+                if status.is_terminal() {
+                    return StoreError::AlreadyFinished { run, status };
+                }
+                match u32_from_sql(current) {
+                    Ok(current) if current != attempt => StoreError::StaleAttempt {
+                        run,
+                        attempt,
+                        current,
+                    },
+                    // Unfinished and at this attempt, yet not updated: it changed meanwhile.
+                    Ok(_) => StoreError::Unavailable(format!(
+                        "run {run} changed while its retry was recorded"
+                    )),
+                    Err(e) => e.into(),
+                }
+            }
             Err(e) => unavailable("read", &e),
         }
     }
@@ -771,7 +808,7 @@ impl RunStore for PostgresStore {
         attempt: AttemptRecord,
         next_run_after: Timestamp,
     ) -> Result<(), StoreError> {
-        self.starts.take(run);
+        let start = self.starts.take(run);
         let status = if next_run_after > attempt.ended_at {
             RunStatus::Delayed
         } else {
@@ -782,18 +819,23 @@ impl RunStore for PostgresStore {
                 sqlx::query(&format!(
                     "UPDATE runs SET status = $2, error = $3, attempt = $4, run_after = $5, \
                      started_at = NULL, attempts = attempts || jsonb_build_array($6::jsonb) \
-                     WHERE id = $1 AND {UNFINISHED}"
+                     WHERE id = $1 AND attempt = $7 AND {UNFINISHED}"
                 ))
                 .bind(id_to_sql(run))
                 .bind(status.as_str())
                 .bind(attempt.error.as_deref())
                 .bind(i64::from(attempt.number.saturating_add(1)))
                 .bind(ts_to_sql(next_run_after))
-                .bind(attempt_to_sql(&attempt)?),
+                .bind(attempt_to_sql(&attempt)?)
+                .bind(i64::from(attempt.number)),
             )
             .await?;
         if changed == 0 {
-            return Err(self.refusal(run).await);
+            let refused = self.fenced_refusal(run, attempt.number).await;
+            if let StoreError::StaleAttempt { .. } = refused {
+                self.keep_start(run, start);
+            }
+            return Err(refused);
         }
         Ok(())
     }

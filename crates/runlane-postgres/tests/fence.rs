@@ -112,3 +112,95 @@ async fn the_end_of_a_stale_attempt_is_refused_and_changes_nothing() {
     );
     common::finish(store).await;
 }
+
+/// A zombie's retry: attempt 1's lease lapsed and the run moved on to attempt 2; attempt 1's
+/// `record_retry` is refused with `StaleAttempt` and changes nothing, in PostgreSQL and in
+/// the memory store alike.
+async fn stale_retry_is_refused(store: &dyn RunStore) {
+    let run = common::record(2);
+    let id = run.id;
+    store
+        .insert(vec![(run, None)], Timestamp(1_000))
+        .await
+        .expect("insert");
+    store
+        .record_retry(id, attempt(1, "crashed", 2_000), Timestamp(2_000))
+        .await
+        .expect("attempt 1's retry");
+    let before = store.get(id).await.expect("get").expect("run");
+    assert_eq!(before.attempt, 2);
+    assert_eq!(before.attempts.len(), 1);
+
+    // The zombie of attempt 1 fails and asks for a retry.
+    assert_eq!(
+        store
+            .record_retry(id, attempt(1, "failed", 3_000), Timestamp(9_000))
+            .await,
+        Err(StoreError::StaleAttempt {
+            run: id,
+            attempt: 1,
+            current: 2
+        })
+    );
+    assert_eq!(
+        store.get(id).await.expect("get").expect("run"),
+        before,
+        "a refused stale retry changes nothing"
+    );
+    // An attempt from the future is refused the same way.
+    assert_eq!(
+        store
+            .record_retry(id, attempt(3, "failed", 3_000), Timestamp(9_000))
+            .await,
+        Err(StoreError::StaleAttempt {
+            run: id,
+            attempt: 3,
+            current: 2
+        })
+    );
+    assert_eq!(store.get(id).await.expect("get").expect("run"), before);
+
+    // The current attempt's retry is recorded.
+    store
+        .record_retry(id, attempt(2, "failed", 4_000), Timestamp(5_000))
+        .await
+        .expect("attempt 2's retry");
+    let after = store.get(id).await.expect("get").expect("run");
+    assert_eq!(after.attempt, 3);
+    assert_eq!(after.status, RunStatus::Delayed);
+    assert_eq!(after.run_after, Timestamp(5_000));
+    assert_eq!(after.attempts.len(), 2);
+
+    // Once finished, a retry is `AlreadyFinished` whatever its attempt.
+    store
+        .finish(
+            id,
+            RunStatus::Completed,
+            None,
+            Some(attempt(3, "completed", 6_000)),
+            Timestamp(6_000),
+        )
+        .await
+        .expect("attempt 3 ends the run");
+    assert_eq!(
+        store
+            .record_retry(id, attempt(2, "failed", 7_000), Timestamp(8_000))
+            .await,
+        Err(StoreError::AlreadyFinished {
+            run: id,
+            status: RunStatus::Completed
+        })
+    );
+}
+
+#[tokio::test]
+async fn a_stale_attempt_cannot_record_a_retry() {
+    let store = common::open(common::config()).await;
+    stale_retry_is_refused(&store).await;
+    common::finish(store).await;
+}
+
+#[tokio::test]
+async fn a_stale_attempt_cannot_record_a_retry_in_memory() {
+    stale_retry_is_refused(&runlane_memory::MemoryStore::new()).await;
+}

@@ -556,10 +556,19 @@ async fn the_server_sees_exactly_two_row_writes_per_successful_run() {
                 .await
         }));
     }
+    let mut finished = Vec::new();
     for t in tasks {
         let done = t.await.expect("task").expect("run");
         assert_eq!(done.started_at, Some(Timestamp(2)));
+        finished.push(done.id);
     }
+    // The distributed shape's marker batch for these runs lands after they finished (a quick
+    // run): it writes none of them (the terminal write already set `in_queue`).
+    assert_eq!(
+        store.mark_in_queue(&finished).await.expect("late mark"),
+        0,
+        "a late in_queue mark writes no finished row"
+    );
     let per_run: Vec<(i64, i64)> = sqlx::query_as(&format!(
         "SELECT count(*) FILTER (WHERE op = 'INSERT'), count(*) FILTER (WHERE op = 'UPDATE') \
          FROM \"{s}\".row_writes GROUP BY id"
@@ -572,6 +581,36 @@ async fn the_server_sees_exactly_two_row_writes_per_successful_run() {
         per_run.iter().all(|&c| c == (1, 1)),
         "one insert and one update per run: {per_run:?}"
     );
+    // A run the queue holds that has not finished yet is still marked (one update), and one
+    // whose enqueue never happened stays `pending_enqueue` for the reconciler.
+    let (held, missed) = (common::record(100), common::record(101));
+    store
+        .insert(
+            vec![(held.clone(), None), (missed.clone(), None)],
+            Timestamp(1),
+        )
+        .await
+        .expect("insert");
+    assert_eq!(store.mark_in_queue(&[held.id]).await.expect("mark"), 1);
+    let pending: Vec<_> = store
+        .pending_enqueue(10)
+        .await
+        .expect("pending")
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(pending, vec![missed.id], "the missed enqueue is found");
+    for (run, writes) in [(held.id, (1, 1)), (missed.id, (1, 0))] {
+        let counted: (i64, i64) = sqlx::query_as(&format!(
+            "SELECT count(*) FILTER (WHERE op = 'INSERT'), count(*) FILTER (WHERE op = 'UPDATE') \
+             FROM \"{s}\".row_writes WHERE id = $1"
+        ))
+        .bind(run.to_bytes().to_vec())
+        .fetch_one(&mut conn)
+        .await
+        .expect("count");
+        assert_eq!(counted, writes, "row writes of {run}");
+    }
     let _ = conn.close().await;
     let store = Arc::try_unwrap(store).expect("last handle");
     common::finish(store).await;

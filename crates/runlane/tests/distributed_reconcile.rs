@@ -130,3 +130,112 @@ async fn assert_completed(engine: &runlane::Distributed, run: RunId) {
         WaitOutcome::Pending { status, .. } => panic!("run {run} still {status:?}"),
     }
 }
+
+/// A quick run in the distributed shape costs exactly one insert and one update of its row:
+/// it finishes before the marker's batch lands (the marker lingers), its terminal write sets
+/// `in_queue` itself, and the batch writes only rows still `pending_enqueue` and unfinished. A
+/// run still executing when the batch lands is marked (its second update comes at its end).
+/// A row trigger (test only) counts every insert and update of `runs` on the server side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quick_run_costs_one_insert_and_one_update_of_its_row() {
+    use sqlx::Connection;
+
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut config = DistributedConfig::new(redis_support::url(), database_url());
+    config.redis.prefix = redis_support::fresh_prefix("rows");
+    let schema = format!("rlt_rows_{}_{n}", std::process::id());
+    config.postgres.schema = schema.clone();
+    config.postgres.pool_size = 4;
+    // The held run's start stays in memory (else it is written after 1 s: a long run's write).
+    config.postgres.start_flush_after = Duration::from_secs(3600);
+    // The batch lands 4 s after its first run was accepted: the quick runs end well before.
+    config.mark_linger = Duration::from_secs(4);
+    config.reconcile.grace = Duration::from_secs(30);
+    config.throwaway = true;
+    let engine = match runlane::distributed_with(EngineBuilder::new(), config).await {
+        Ok(engine) => engine,
+        Err(e) => panic!("redis and postgresql are required: {e}"),
+    };
+    let mut conn = sqlx::PgConnection::connect(&database_url())
+        .await
+        .expect("connect");
+    let ddl = format!(
+        "CREATE TABLE \"{schema}\".row_writes (op text NOT NULL, id bytea NOT NULL); \
+         CREATE FUNCTION \"{schema}\".count_row_write() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN INSERT INTO \"{schema}\".row_writes VALUES (TG_OP, NEW.id); RETURN NEW; END $$; \
+         CREATE TRIGGER count_row_writes AFTER INSERT OR UPDATE ON \"{schema}\".runs \
+         FOR EACH ROW EXECUTE FUNCTION \"{schema}\".count_row_write();"
+    );
+    sqlx::Executor::execute(&mut conn, ddl.as_str())
+        .await
+        .expect("install the counting trigger");
+
+    let runs = Executions::default();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let worker = counting_worker(
+        engine
+            .worker()
+            .handler("hold", move |_ctx: runlane::RunContext| {
+                let mut released = released.clone();
+                async move {
+                    released
+                        .wait_for(|go| *go)
+                        .await
+                        .map_err(|_| runlane::HandlerError::new("released dropped"))?;
+                    Ok::<serde_json::Value, runlane::HandlerError>(serde_json::Value::Null)
+                }
+            }),
+        &runs,
+    )
+    .await;
+
+    let mut quick = Vec::new();
+    for _ in 0..10 {
+        quick.push(engine.trigger("job").send().await.expect("trigger").run.id);
+    }
+    // Accepted after the quick runs: marked in their batch or a later one.
+    let held = engine.trigger("hold").send().await.expect("trigger").run.id;
+    for run in &quick {
+        assert_completed(&engine, *run).await;
+    }
+    // The batch has landed once the held run (still executing) is marked.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while engine.store().dispatch_state(held).await.expect("read")
+        != Some(runlane::DispatchState::InQueue)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the marker never marked the held run"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let counting = format!(
+        "SELECT count(*) FILTER (WHERE op = 'INSERT'), count(*) FILTER (WHERE op = 'UPDATE') \
+         FROM \"{schema}\".row_writes WHERE id = $1"
+    );
+    let count =
+        |run: RunId| sqlx::query_as::<_, (i64, i64)>(&counting).bind(run.to_bytes().to_vec());
+    for run in &quick {
+        assert_eq!(
+            count(*run).fetch_one(&mut conn).await.expect("count"),
+            (1, 1),
+            "quick run {run}: one insert, one update"
+        );
+    }
+    assert_eq!(
+        count(held).fetch_one(&mut conn).await.expect("count"),
+        (1, 1),
+        "the held run: its insert and its mark"
+    );
+    release.send_replace(true);
+    assert_completed(&engine, held).await;
+    assert_eq!(
+        count(held).fetch_one(&mut conn).await.expect("count"),
+        (1, 2),
+        "the held run: insert, mark, terminal write"
+    );
+    assert_eq!(engine.queue().marked(), 1, "only the held run was marked");
+    let _ = conn.close().await;
+    worker.stop().await;
+    engine.shutdown().await;
+}
