@@ -193,7 +193,6 @@ pub async fn finish(opened: Opened, mut line: Value) -> anyhow::Result<Value> {
             fields.insert("store_commits".into(), json!(stats.commits));
             fields.insert("store_calls".into(), json!(stats.calls_committed));
             fields.insert("store_largest_batch".into(), json!(stats.largest_batch));
-            fields.insert("store_checkpoints".into(), json!(stats.checkpoints));
             fields.insert("db_file_bytes".into(), json!(file_len(&db)));
             fields.insert("wal_file_bytes".into(), json!(file_len(&wal)));
         }

@@ -36,8 +36,6 @@ pub struct SqliteStats {
     pub queue_timeouts: u64,
     /// The most calls committed by one transaction.
     pub largest_batch: u64,
-    /// WAL checkpoints the writer ran between batches (none runs inside a commit).
-    pub checkpoints: u64,
 }
 
 /// The size of the database and how many runs it holds.
@@ -166,7 +164,6 @@ impl SqliteStore {
             failed_batches: c.failed_batches.load(Ordering::Relaxed),
             queue_timeouts: c.queue_timeouts.load(Ordering::Relaxed),
             largest_batch: c.largest_batch.load(Ordering::Relaxed),
-            checkpoints: c.checkpoints.load(Ordering::Relaxed),
         }
     }
 
@@ -418,44 +415,6 @@ mod tests {
             .is_ok());
         assert_eq!(store.get(c.id).await, Ok(Some(c)));
     }
-
-    #[tokio::test]
-    async fn the_writer_checkpoints_between_batches_and_the_wal_stays_bounded() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("runs.db");
-        let config = SqliteConfig {
-            synchronous: crate::Synchronous::Off,
-            ..SqliteConfig::default()
-        };
-        let store = SqliteStore::open(&path, config.clone()).expect("open");
-        let runs: Vec<RunRecord> = (1..=3_000).map(record).collect();
-        for run in &runs {
-            assert!(store
-                .insert(vec![(run.clone(), None)], Timestamp(1))
-                .await
-                .is_ok());
-        }
-        // Each call is answered before the checkpoint its commit made due, and the next call
-        // waits behind that checkpoint: thousands of sequential commits ran several.
-        let stats = store.stats();
-        assert!(stats.checkpoints >= 2, "too few checkpoints: {stats:?}");
-        let wal = std::fs::metadata(dir.path().join("runs.db-wal"))
-            .expect("wal file")
-            .len();
-        assert!(
-            wal <= 2 * CHECKPOINT_WAL_BYTES,
-            "the WAL restarts after each checkpoint; it grew to {wal} bytes"
-        );
-        drop(store);
-        let store = SqliteStore::open(&path, config).expect("reopen");
-        for run in runs.iter().step_by(97) {
-            assert_eq!(store.get(run.id).await, Ok(Some(run.clone())));
-        }
-        assert_eq!(store.size().await.map(|s| s.runs), Ok(3_000));
-    }
-
-    /// The WAL's size at a checkpoint: its page threshold (plus one batch) of 4 KiB pages.
-    const CHECKPOINT_WAL_BYTES: u64 = (crate::writer::CHECKPOINT_PAGES + 100) * 4096;
 
     #[tokio::test]
     async fn a_refused_call_leaves_no_trace_and_its_batch_commits() {

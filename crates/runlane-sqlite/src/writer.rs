@@ -19,22 +19,7 @@
 //!
 //! A full queue makes the caller wait at most `enqueue_timeout`, then fail with `Unavailable`
 //! (SPEC §7 backpressure) instead of piling up unbounded work.
-//!
-//! **Checkpoints** run after the batch's callers were answered, not inside the commit that
-//! happens to push the WAL past SQLite's auto-checkpoint size: that commit (and every caller
-//! waiting on it) paid for copying ~1,000 pages and an fsync of the database file, the tail of
-//! the latency figures. A WAL hook (which replaces SQLite's auto-checkpoint on the writer
-//! connection) records the WAL's size at each commit; once it reaches [`CHECKPOINT_PAGES`]
-//! the writer runs a `PASSIVE` checkpoint right after answering that batch's callers (calls
-//! queued meanwhile wait for it, as they waited for a commit that checkpointed). The writer is
-//! the only writer, so the checkpoint copies the whole WAL (unless a reader still needs part of
-//! it) and the next commit starts the WAL over: its file stays at its usual size. (A separate
-//! checkpointer thread was tried: it never catches up with a writer that commits during it, so
-//! the WAL is never restarted and grows to the backstop. Waiting for an empty queue was tried
-//! too: a sequential caller's next call is usually queued before the writer looks.)
 
-use std::cell::Cell;
-use std::ffi::c_int;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -61,8 +46,6 @@ pub(crate) struct Counters {
     pub(crate) queue_timeouts: AtomicU64,
     /// The largest batch committed in one transaction.
     pub(crate) largest_batch: AtomicU64,
-    /// Checkpoints run by the checkpointer thread.
-    pub(crate) checkpoints: AtomicU64,
     /// Test hook: fail the next commit as a full disk would.
     #[cfg(test)]
     pub(crate) fail_next_commit: std::sync::atomic::AtomicBool,
@@ -146,7 +129,7 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer thread on `conn` (which takes over its checkpoints, see above).
+    /// Starts the writer thread on `conn`.
     pub(crate) fn spawn(
         conn: Connection,
         path: PathBuf,
@@ -159,8 +142,6 @@ impl Writer {
         let thread_counters = counters.clone();
         let starts: Starts = Arc::default();
         let thread_starts = starts.clone();
-        // Replaces SQLite's auto-checkpoint on this connection; it runs on the writer thread.
-        conn.wal_hook(Some(note_wal_pages));
         let thread = std::thread::Builder::new()
             .name("runlane-sqlite-writer".into())
             .spawn(move || run(conn, rx, batch_max, &thread_counters, &thread_starts))
@@ -275,34 +256,6 @@ impl Drop for Writer {
     }
 }
 
-/// WAL pages from which the writer checkpoints between batches (SQLite's default
-/// auto-checkpoint size).
-pub(crate) const CHECKPOINT_PAGES: u64 = 1_000;
-
-thread_local! {
-    /// The WAL's size in pages after the last commit of the writer connection owned by this
-    /// thread (each store has its own writer thread, and only it commits on that connection).
-    static WAL_PAGES: Cell<u64> = const { Cell::new(0) };
-}
-
-/// The WAL hook: called by SQLite on the committing thread after each commit.
-fn note_wal_pages(_: &rusqlite::hooks::Wal, pages: c_int) -> rusqlite::Result<()> {
-    WAL_PAGES.with(|p| p.set(u64::try_from(pages).unwrap_or(0)));
-    Ok(())
-}
-
-/// A `PASSIVE` checkpoint on the writer connection, between two batches. A failure loses
-/// nothing (the WAL keeps every commit); the next batch tries again.
-fn checkpoint(conn: &Connection, counters: &Counters) {
-    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-        Ok(()) => {
-            WAL_PAGES.with(|p| p.set(0));
-            counters.checkpoints.fetch_add(1, Ordering::Relaxed);
-        }
-        Err(e) => tracing::warn!(error = %e, "sqlite checkpoint failed"),
-    }
-}
-
 /// The writer thread's loop: wait for one call, take whatever else is queued, commit.
 fn run(
     conn: Connection,
@@ -351,10 +304,6 @@ fn run(
         }
         for call in batch.drain(..) {
             call.answer(outcome.clone());
-        }
-        // After the answers: no caller waits for this checkpoint but those queued behind it.
-        if WAL_PAGES.with(Cell::get) >= CHECKPOINT_PAGES {
-            checkpoint(&conn, counters);
         }
     }
 }
