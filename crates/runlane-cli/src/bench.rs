@@ -253,7 +253,7 @@ fn payload(bytes: usize) -> Value {
 
 /// The commit HEAD named when this binary was built (recorded by `build.rs`; uncommitted
 /// changes are not flagged).
-fn git_revision() -> String {
+pub(crate) fn git_revision() -> String {
     option_env!("RUNLANE_GIT_REVISION")
         .unwrap_or("unknown")
         .to_string()

@@ -377,7 +377,7 @@ async fn evalsha_usec(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::R
 
 /// Runs the footprint bench for `mixes`; one JSON line per mix.
 pub async fn footprint(backend: &str, mixes: &[Mix], runs: u64) -> anyhow::Result<Vec<Value>> {
-    let revision = git_revision();
+    let revision = crate::bench::git_revision();
     if backend != "redis" {
         bail!("footprint is measured for --backend redis only (got {backend:?})");
     }
@@ -418,16 +418,4 @@ pub async fn footprint(backend: &str, mixes: &[Mix], runs: u64) -> anyhow::Resul
         lines.push(line);
     }
     Ok(lines)
-}
-
-/// The short git revision of the working directory, `unknown` outside a checkout.
-fn git_revision() -> String {
-    std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|| "unknown".to_string())
 }
