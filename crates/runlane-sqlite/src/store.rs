@@ -446,6 +446,86 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stale_attempt_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store =
+            SqliteStore::open(dir.path().join("runs.db"), SqliteConfig::default()).expect("open");
+        let run = record(1);
+        store
+            .insert(vec![(run.clone(), None)], Timestamp(1))
+            .await
+            .expect("insert");
+        let attempt = |number: u32| AttemptRecord {
+            number,
+            outcome: "failed".to_owned(),
+            error: Some("boom".to_owned()),
+            ended_at: Timestamp(5),
+        };
+        // Attempt 1 fails and is retried: the run now waits for attempt 2.
+        store
+            .record_retry(run.id, attempt(1), Timestamp(6))
+            .await
+            .expect("retry of attempt 1");
+        let stale = StoreError::StaleAttempt {
+            run: run.id,
+            attempt: 1,
+            current: 2,
+        };
+        // A zombie of attempt 1: its retry, its end and its batched end are all refused.
+        assert_eq!(
+            store.record_retry(run.id, attempt(1), Timestamp(7)).await,
+            Err(stale.clone())
+        );
+        let end = store
+            .finish(
+                run.id,
+                RunStatus::Completed,
+                None,
+                Some(attempt(1)),
+                Timestamp(8),
+            )
+            .await;
+        assert_eq!(end.err(), Some(stale.clone()));
+        let answers = store
+            .finish_many(
+                vec![AttemptEnd {
+                    run: run.id,
+                    status: RunStatus::Completed,
+                    output: None,
+                    attempt: attempt(1),
+                }],
+                Timestamp(9),
+            )
+            .await
+            .expect("one commit");
+        assert_eq!(answers, vec![Err(stale)]);
+        let after = store.get(run.id).await.expect("get").expect("run");
+        assert_eq!(
+            (after.status, after.attempt, after.attempts.len()),
+            (RunStatus::Delayed, 2, 1),
+            "nothing of the stale writes stuck (delayed by the first retry)"
+        );
+        // The current attempt still ends the run.
+        let answers = store
+            .finish_many(
+                vec![AttemptEnd {
+                    run: run.id,
+                    status: RunStatus::Completed,
+                    output: None,
+                    attempt: AttemptRecord {
+                        outcome: "completed".to_owned(),
+                        error: None,
+                        ..attempt(2)
+                    },
+                }],
+                Timestamp(10),
+            )
+            .await
+            .expect("one commit");
+        assert_eq!(answers, vec![Ok(())]);
+    }
+
+    #[tokio::test]
     async fn finish_many_writes_each_end_once_and_names_each_refusal() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store =

@@ -114,6 +114,29 @@ fn live_status(conn: &Connection, run: RunId) -> Result<RunStatus, DbError> {
     Ok(status)
 }
 
+/// Checks that `run` is waiting for the end of `attempt`: `NotFound`, `AlreadyFinished`, or
+/// `StaleAttempt` when the run has moved on to another attempt (a write for a lapsed lease).
+fn live_attempt(conn: &Connection, run: RunId, attempt: u32) -> Result<(), DbError> {
+    let row: Option<(String, u32)> = conn
+        .prepare_cached("SELECT status, attempt FROM runs WHERE id = ?1")?
+        .query_row([id_to_sql(run)], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let (status, current) = row.ok_or(StoreError::NotFound(run))?;
+    let status = status_from_sql(&status)?;
+    if status.is_terminal() {
+        return Err(StoreError::AlreadyFinished { run, status }.into());
+    }
+    if current != attempt {
+        return Err(StoreError::StaleAttempt {
+            run,
+            attempt,
+            current,
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// Records a failed attempt that will be retried, and the next `run_after`.
 pub(crate) fn record_retry(
     conn: &Connection,
@@ -121,7 +144,7 @@ pub(crate) fn record_retry(
     attempt: &AttemptRecord,
     next_run_after: Timestamp,
 ) -> Result<(), DbError> {
-    live_status(conn, run)?;
+    live_attempt(conn, run, attempt.number)?;
     let status = if next_run_after > attempt.ended_at {
         RunStatus::Delayed
     } else {
@@ -186,6 +209,16 @@ pub(crate) fn finish(
         }
         .into());
     }
+    if let Some(a) = attempt {
+        if a.number != r.attempt {
+            return Err(StoreError::StaleAttempt {
+                run,
+                attempt: a.number,
+                current: r.attempt,
+            }
+            .into());
+        }
+    }
     r.status = status;
     r.output = output.cloned();
     r.finished_at = Some(now);
@@ -226,7 +259,7 @@ pub(crate) fn finish_many(
         let updated = conn
             .prepare_cached(
                 "UPDATE runs SET status = ?2, output = ?3, finished_at = ?4, error = ?5, \
-                 attempt = ?6 WHERE id = ?1 AND finished_at IS NULL",
+                 attempt = ?6 WHERE id = ?1 AND finished_at IS NULL AND attempt = ?6",
             )?
             .execute(params![
                 id_to_sql(end.run),
@@ -238,13 +271,13 @@ pub(crate) fn finish_many(
             ])?;
         if updated == 0 {
             // Refused: find out why (nothing was written for this run).
-            answers.push(match live_status(conn, end.run) {
+            answers.push(match live_attempt(conn, end.run, a.number) {
                 Err(DbError::Store(refusal)) => Err(refusal),
                 Err(failure) => return Err(failure),
-                Ok(status) => {
+                Ok(()) => {
                     return Err(DbError::Corrupt(format!(
-                        "run {} is {status} but has a finish time",
-                        end.run
+                        "run {} waits for attempt {} but has a finish time",
+                        end.run, a.number
                     )))
                 }
             });
