@@ -148,7 +148,10 @@ async fn child_process() {
         .worker()
         .env("default")
         .env("b")
-        .workloops("*:16")
+        .workloops(&format!(
+            "*:{}",
+            std::env::var("RUNLANE_TEST_SLOTS").unwrap_or_else(|_| "16".to_owned())
+        ))
         .lease(lease)
         .handler("job", move |ctx: RunContext| {
             let (file, mut conn, enter, prefix) =
@@ -552,10 +555,22 @@ async fn sigkilled_worker_runs_recovered_within_lease_plus_one_second() {
     let dir = scratch("kill");
     let outs: Vec<PathBuf> = (0..2).map(|i| dir.join(format!("w{i}.txt"))).collect();
 
-    // The first worker process opens first and so owns the timers; the second one follows.
+    // The first worker process opens first and so owns the timers. It has half the runs'
+    // slots and takes runs alone, so it holds exactly half of them; the second process, with
+    // a slot for every run, then starts the other half and has room for all the victim's.
     let env_b = [("RUNLANE_TEST_ENV_B", "1")];
+    let victim_slots = RUNS / 2;
+    let victim_env = [
+        ("RUNLANE_TEST_ENV_B", "1"),
+        ("RUNLANE_TEST_SLOTS", &*victim_slots.to_string()),
+    ];
     let mut children = Children(vec![spawn_child(
-        &url, &prefix, &schema, &outs[0], lease, &env_b,
+        &url,
+        &prefix,
+        &schema,
+        &outs[0],
+        lease,
+        &victim_env,
     )]);
     let timer_key = format!("{{{prefix}}}:timer");
     let owner = || -> Option<String> {
@@ -574,28 +589,36 @@ async fn sigkilled_worker_runs_recovered_within_lease_plus_one_second() {
         owner().is_some_and(|o| o.starts_with(&format!("{victim_pid}-"))),
         "the first worker process owns the timers"
     );
-    children
-        .0
-        .push(spawn_child(&url, &prefix, &schema, &outs[1], lease, &env_b));
     let mut parent = config(&url, &prefix, &schema);
     parent.throwaway = true;
     let engine = runlane::distributed_with(EngineBuilder::new(), parent)
         .await
         .unwrap_or_else(|e| panic!("redis and postgresql are required: {e}"));
     let channel = format!("{{{prefix}}}:wake");
-    until("the worker processes", Duration::from_secs(60), || {
-        subscribers(&url, &channel) >= 3
+    until("the first worker process", Duration::from_secs(60), || {
+        subscribers(&url, &channel) >= 2
     })
     .await;
 
+    // Long enough that the victim's runs are still executing when the second process has
+    // started the rest and the victim is killed.
     let runs = trigger_many(
         &engine,
         RUNS,
         Some(fast_retry()),
-        |_, _, _, _| json!({ "ms": 4_000 }),
+        |_, _, _, _| json!({ "ms": 8_000 }),
     )
     .await;
-    // SIGKILL the timer owner once every run started, several of them in it.
+    until(
+        "the victim to fill its slots",
+        Duration::from_secs(60),
+        || starts(&outs).len() == victim_slots,
+    )
+    .await;
+    children
+        .0
+        .push(spawn_child(&url, &prefix, &schema, &outs[1], lease, &env_b));
+    // SIGKILL the timer owner once every run started, half of them in it.
     until("every run to start", Duration::from_secs(60), || {
         starts(&outs).len() == RUNS
     })
