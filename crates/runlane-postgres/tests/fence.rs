@@ -6,8 +6,8 @@ mod common;
 
 use std::sync::Arc;
 
-use runlane_core::backend::{AttemptEnd, AttemptRecord, RunStore};
-use runlane_core::{RunStatus, StoreError, Timestamp};
+use runlane_core::backend::{AttemptEnd, AttemptRecord, RunRecord, RunStore};
+use runlane_core::{RunId, RunStatus, StoreError, Timestamp};
 
 fn attempt(number: u32, outcome: &str, at: u64) -> AttemptRecord {
     AttemptRecord {
@@ -18,22 +18,29 @@ fn attempt(number: u32, outcome: &str, at: u64) -> AttemptRecord {
     }
 }
 
-#[tokio::test]
-async fn the_end_of_a_stale_attempt_is_refused_and_changes_nothing() {
-    let store = common::open(common::config()).await;
-    let run = common::record(1);
+/// Stores run `n` and retries its attempt 1 (its lease lapsed), so attempt 2 is current;
+/// returns the run's id and its record then.
+async fn retried_once(store: &dyn RunStore, n: u128) -> (RunId, RunRecord) {
+    let run = common::record(n);
     let id = run.id;
     store
         .insert(vec![(run, None)], Timestamp(1_000))
         .await
         .expect("insert");
-    // Attempt 1's lease lapsed: the run was retried, attempt 2 is now current.
     store
         .record_retry(id, attempt(1, "crashed", 2_000), Timestamp(2_000))
         .await
-        .expect("retry");
+        .expect("attempt 1's retry");
     let before = store.get(id).await.expect("get").expect("run");
     assert_eq!(before.attempt, 2);
+    assert_eq!(before.attempts.len(), 1);
+    (id, before)
+}
+
+#[tokio::test]
+async fn the_end_of_a_stale_attempt_is_refused_and_changes_nothing() {
+    let store = common::open(common::config()).await;
+    let (id, before) = retried_once(&store, 1).await;
 
     // The zombie of attempt 1 tries to complete the run.
     let stale = store
@@ -117,19 +124,7 @@ async fn the_end_of_a_stale_attempt_is_refused_and_changes_nothing() {
 /// `record_retry` is refused with `StaleAttempt` and changes nothing, in PostgreSQL and in
 /// the memory store alike.
 async fn stale_retry_is_refused(store: &dyn RunStore) {
-    let run = common::record(2);
-    let id = run.id;
-    store
-        .insert(vec![(run, None)], Timestamp(1_000))
-        .await
-        .expect("insert");
-    store
-        .record_retry(id, attempt(1, "crashed", 2_000), Timestamp(2_000))
-        .await
-        .expect("attempt 1's retry");
-    let before = store.get(id).await.expect("get").expect("run");
-    assert_eq!(before.attempt, 2);
-    assert_eq!(before.attempts.len(), 1);
+    let (id, before) = retried_once(store, 2).await;
 
     // The zombie of attempt 1 fails and asks for a retry.
     assert_eq!(

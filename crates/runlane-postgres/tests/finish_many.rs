@@ -155,19 +155,7 @@ async fn batched_ends_cost_one_update_per_run() {
     let config = common::config();
     let store = common::open(config.clone()).await;
     let s = &config.schema;
-    let mut conn = sqlx::PgConnection::connect(&common::url())
-        .await
-        .expect("connect");
-    let ddl = format!(
-        "CREATE TABLE \"{s}\".row_writes (op text NOT NULL, id bytea NOT NULL); \
-         CREATE FUNCTION \"{s}\".count_row_write() RETURNS trigger LANGUAGE plpgsql AS \
-         $$ BEGIN INSERT INTO \"{s}\".row_writes VALUES (TG_OP, NEW.id); RETURN NEW; END $$; \
-         CREATE TRIGGER count_row_writes AFTER INSERT OR UPDATE ON \"{s}\".runs \
-         FOR EACH ROW EXECUTE FUNCTION \"{s}\".count_row_write();"
-    );
-    sqlx::Executor::execute(&mut conn, ddl.as_str())
-        .await
-        .expect("install the counting trigger");
+    let mut conn = common::count_row_writes(s).await;
     let runs: Vec<_> = (0..40u128).map(common::record).collect();
     store
         .insert(

@@ -525,19 +525,7 @@ async fn the_server_sees_exactly_two_row_writes_per_successful_run() {
     let store = Arc::new(common::open(config.clone()).await);
     // A row trigger (test only) records every insert and update of `runs` on the server side.
     let s = &config.schema;
-    let mut conn = sqlx::PgConnection::connect(&common::url())
-        .await
-        .expect("connect");
-    let ddl = format!(
-        "CREATE TABLE \"{s}\".row_writes (op text NOT NULL, id bytea NOT NULL); \
-         CREATE FUNCTION \"{s}\".count_row_write() RETURNS trigger LANGUAGE plpgsql AS \
-         $$ BEGIN INSERT INTO \"{s}\".row_writes VALUES (TG_OP, NEW.id); RETURN NEW; END $$; \
-         CREATE TRIGGER count_row_writes AFTER INSERT OR UPDATE ON \"{s}\".runs \
-         FOR EACH ROW EXECUTE FUNCTION \"{s}\".count_row_write();"
-    );
-    sqlx::Executor::execute(&mut conn, ddl.as_str())
-        .await
-        .expect("install the counting trigger");
+    let mut conn = common::count_row_writes(s).await;
     let mut tasks = Vec::new();
     for n in 0..30u128 {
         let store = store.clone();

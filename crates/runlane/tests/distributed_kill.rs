@@ -545,8 +545,8 @@ async fn sigkilled_worker_runs_recovered_within_lease_plus_one_second() {
         return;
     }
     let _serial = SERIAL.lock().await;
-    // Fewer runs than either process has slots, each working long enough to be cut: nothing
-    // queues behind a recovered run, so its next start measures the recovery itself.
+    // The surviving process has a slot for every run, each working long enough to be cut:
+    // nothing queues behind a recovered run, so its next start measures the recovery itself.
     const RUNS: usize = 16;
     let lease = Duration::from_secs(2);
     let url = redis_support::url();

@@ -80,3 +80,22 @@ pub fn record(n: u128) -> RunRecord {
         Timestamp(1_000),
     )
 }
+
+/// Installs a row trigger (test only) on the schema's `runs` table that records every insert
+/// and update in `row_writes (op, id)`, and returns a connection to read it with.
+pub async fn count_row_writes(schema: &str) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&url()).await.expect("connect");
+    let s = schema;
+    let ddl = format!(
+        "CREATE TABLE \"{s}\".row_writes (op text NOT NULL, id bytea NOT NULL); \
+         CREATE FUNCTION \"{s}\".count_row_write() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN INSERT INTO \"{s}\".row_writes VALUES (TG_OP, NEW.id); RETURN NEW; END $$; \
+         CREATE TRIGGER count_row_writes AFTER INSERT OR UPDATE ON \"{s}\".runs \
+         FOR EACH ROW EXECUTE FUNCTION \"{s}\".count_row_write();"
+    );
+    sqlx::Executor::execute(&mut conn, ddl.as_str())
+        .await
+        .expect("install the counting trigger");
+    conn
+}
