@@ -41,6 +41,7 @@ pub fn distributed_available() -> bool {
 pub struct TestServer {
     pub base: String,
     pub client: reqwest::Client,
+    pub state: runlane_server::AppState,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     dir: Option<PathBuf>,
@@ -77,6 +78,7 @@ impl TestServer {
         tweak(&mut config);
         let server = Server::bind(config).await.expect("server starts");
         let addr = server.local_addr().expect("bound address");
+        let state = server.state().clone();
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             server
@@ -89,6 +91,7 @@ impl TestServer {
         TestServer {
             base: format!("http://{addr}"),
             client: reqwest::Client::new(),
+            state,
             stop: Some(stop),
             task: Some(task),
             dir,
@@ -146,6 +149,11 @@ impl TestServer {
 
     pub async fn patch(&self, path: &str, key: &str, body: Value) -> (StatusCode, Value) {
         self.call(Method::PATCH, path, Some(key), Some(body)).await
+    }
+
+    /// The server's engine.
+    pub fn engine(&self) -> &runlane::Engine {
+        self.state.engine()
     }
 
     /// Creates an env (admin) and asserts it worked.
