@@ -1,5 +1,6 @@
 //! The route areas; each is an `OpenApiRouter` merged into the app.
 
+pub mod admin;
 pub mod envs;
 pub mod keys;
 pub mod meta;
