@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod json;
 pub mod keys;
 pub mod routes;
@@ -57,6 +58,7 @@ pub fn api() -> OpenApiRouter<AppState> {
         .merge(routes::keys::router())
         .merge(routes::runs::router())
         .merge(routes::admin::router())
+        .merge(routes::events::router())
 }
 
 /// The OpenAPI document of [`api`].

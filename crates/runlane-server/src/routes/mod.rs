@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod envs;
+pub mod events;
 pub mod keys;
 pub mod meta;
 pub mod runs;

@@ -385,9 +385,14 @@ async fn trigger_wait(
     request.source = TriggerSource::Sync;
     let engine = state.engine();
     let triggered = engine.trigger_request(request).await?;
-    let outcome = engine
-        .wait(triggered.run.id, Duration::from_millis(timeout_ms))
-        .await?;
+    let run_id = triggered.run.id;
+    let outcome = tokio::select! {
+        outcome = engine.wait(run_id, Duration::from_millis(timeout_ms)) => outcome?,
+        () = state.closed() => WaitOutcome::Pending {
+            run_id,
+            status: engine.get(run_id).await?.status,
+        },
+    };
     Ok(match outcome {
         WaitOutcome::Finished(r) => (
             StatusCode::OK,
