@@ -112,6 +112,7 @@ impl EngineBuilder {
             events: EventHub::new(),
             meta: MetaCache::default(),
             local: LocalRegistry::default(),
+            counters: crate::metrics::Counters::new(),
             shutdown: AtomicBool::new(false),
             worker_seq: AtomicU64::new(0),
             purge_at: Mutex::new(None),
@@ -218,6 +219,8 @@ pub(crate) struct Inner {
     pub(crate) events: EventHub,
     pub(crate) meta: MetaCache,
     pub(crate) local: LocalRegistry,
+    /// Counters for metrics.
+    pub(crate) counters: crate::metrics::Counters,
     shutdown: AtomicBool,
     worker_seq: AtomicU64,
     /// The earliest instant a finished run passes its retention (`None`: nothing to purge).
@@ -500,6 +503,7 @@ impl Inner {
         }
         match self.queue.retry(run, token, at, now).await {
             Ok(effects) => {
+                self.counters.retried();
                 let status = if at > now {
                     RunStatus::Delayed
                 } else {
@@ -680,18 +684,23 @@ impl Inner {
                 .finish(run, RunStatus::Expired, None, None, now)
                 .await
             {
-                Ok(record) => self.publish_record(&record),
+                Ok(record) => {
+                    self.counters.expired();
+                    self.publish_record(&record)
+                }
                 Err(StoreError::AlreadyFinished { .. }) => {}
                 Err(e) => tracing::warn!(%run, error = %e, "expiry not recorded"),
             }
         }
         for lapsed in lapsed {
+            self.counters.lease_lost();
             let run = lapsed.dispatch.run_id;
             if let Err(e) = self.recover_lapsed(lapsed).await {
                 tracing::warn!(%run, error = %e, "lapsed lease not recovered");
             }
         }
         for (run, token) in timed_out {
+            self.counters.timed_out();
             if let Err(e) = self.time_out(run, token).await {
                 tracing::warn!(%run, error = %e, "timed out attempt not ended");
             }
@@ -1301,6 +1310,23 @@ impl Engine {
         inner.meta.promoted(&env, version, def);
         inner.apply(effects, None).await;
         Ok(())
+    }
+
+    /// The engine's counters (this process, since open).
+    pub fn metrics(&self) -> crate::metrics::EngineMetrics {
+        self.inner.counters.snapshot()
+    }
+
+    /// When each lane last had a run claimed in this process (readiness: a stalled consumer
+    /// shows as an old instant beside ready runs).
+    pub fn last_claims(&self) -> std::collections::HashMap<LaneName, Timestamp> {
+        self.inner.counters.last_claims()
+    }
+
+    /// Counts leases granted outside the in-process workers (the server's remote workers), so
+    /// claims and their latency show in [`Engine::metrics`].
+    pub fn note_claimed(&self, leases: &[runlane_core::backend::Leased]) {
+        self.inner.counters.claimed(leases, self.now());
     }
 
     /// What the timer service did.

@@ -41,6 +41,7 @@ mod external;
 mod handover;
 mod local;
 mod meta;
+pub mod metrics;
 pub mod trigger;
 pub mod worker;
 
@@ -50,5 +51,6 @@ pub use engine::{Engine, EngineBuilder, TimerStats};
 pub use error::EngineError;
 pub use event::{EnvEvents, RunEvent, RunEventKind, RunEvents, StatusTap};
 pub use external::WeakEngine;
+pub use metrics::{EngineMetrics, START_LATENCY_BUCKETS_MS};
 pub use trigger::{TriggerBuilder, TriggerRequest, Triggered, WaitOutcome};
 pub use worker::{CancelToken, DrainReport, HandlerError, RunContext, Worker, WorkerBuilder};

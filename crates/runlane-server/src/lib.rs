@@ -12,6 +12,7 @@ pub mod error;
 pub mod events;
 pub mod json;
 pub mod keys;
+pub mod metrics;
 pub mod routes;
 pub mod server;
 pub mod state;
