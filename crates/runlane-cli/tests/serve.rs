@@ -6,7 +6,9 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// Starts `runlane serve ARGS` and answers the child and the address it printed.
+/// Starts `runlane serve ARGS` and answers the child and the address it printed. The
+/// caller waits for the child ([`wait_exit`]).
+#[allow(clippy::zombie_processes)]
 fn start(args: &[&str]) -> (Child, String, BufReader<std::process::ChildStderr>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_runlane"))
         .arg("serve")
