@@ -46,14 +46,18 @@ pub fn payload_too_large(limit: usize) -> ApiError {
     )
 }
 
-/// Parses a body; errors in the API's shape.
+/// Parses a body; errors in the API's shape, naming the field (`retry.max_attempts`,
+/// `runs[1].ttl_ms`) when the JSON is well-formed but of the wrong shape.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| classify(e.to_string()))
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(classify)?;
+    de.end().map_err(|e| malformed(e.to_string(), None))?;
+    Ok(value)
 }
 
 /// Reads a JSON value as `T`; errors in the API's shape.
 pub fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
-    serde_json::from_value(value).map_err(|e| classify(e.to_string()))
+    serde_path_to_error::deserialize(value).map_err(classify)
 }
 
 /// Parses a query string; unknown parameters and bad values are 400 naming the parameter.
@@ -72,8 +76,35 @@ pub fn query<T: DeserializeOwned>(raw: Option<&str>) -> Result<T, ApiError> {
     })
 }
 
-fn classify(text: String) -> ApiError {
-    if let Some(field) = unknown_field(&text) {
+fn malformed(message: String, field: Option<String>) -> ApiError {
+    let err = ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", message);
+    match field {
+        Some(f) => err.field(f),
+        None => err,
+    }
+}
+
+/// The field's full path: `path` when it already ends with the field (serde_path_to_error
+/// enters an unknown field before refusing it), else `path.field` (`.` is the root).
+fn join(parent: &str, field: &str) -> String {
+    if parent == field || parent.ends_with(&format!(".{field}")) {
+        parent.to_string()
+    } else if parent.is_empty() || parent == "." {
+        field.to_string()
+    } else {
+        format!("{parent}.{field}")
+    }
+}
+
+fn classify(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    let text = inner.to_string();
+    if inner.is_syntax() || inner.is_eof() || inner.is_io() {
+        return malformed(text, None);
+    }
+    if let Some(name) = unknown_field(&text) {
+        let field = join(&path, &name);
         return ApiError::new(
             StatusCode::BAD_REQUEST,
             "unknown_field",
@@ -81,11 +112,14 @@ fn classify(text: String) -> ApiError {
         )
         .field(field);
     }
-    let mut err = ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", text.clone());
-    if let Some(field) = missing_field(&text) {
-        err = err.field(field);
+    if let Some(name) = missing_field(&text) {
+        let field = join(&path, &name);
+        return malformed(format!("{field}: missing"), Some(field));
     }
-    err
+    if path.is_empty() || path == "." {
+        return malformed(text, None);
+    }
+    malformed(format!("{path}: {text}"), Some(path))
 }
 
 /// The name in serde's "unknown field `x`, expected ...".

@@ -169,7 +169,7 @@ async fn bad_input(shape: Shape) {
             "{\"task\":\"t\",\"ttl_ms\":-5}",
             S::BAD_REQUEST,
             "malformed_json",
-            None,
+            Some("ttl_ms"),
         ),
         case(
             "priority out of range",
@@ -304,7 +304,7 @@ async fn bad_input(shape: Shape) {
             "{\"task\":\"t\",\"retry\":{\"max_attempts\":2,\"x\":1}}",
             S::BAD_REQUEST,
             "unknown_field",
-            Some("x"),
+            Some("retry.x"),
         ),
         case(
             "unknown env",
@@ -349,7 +349,7 @@ async fn bad_input(shape: Shape) {
             "{\"role\":\"root\",\"envs\":[]}",
             S::BAD_REQUEST,
             "malformed_json",
-            None,
+            Some("role"),
         ),
         case(
             "unknown key id",
