@@ -41,6 +41,7 @@ mod external;
 mod handover;
 mod local;
 mod meta;
+pub mod remote;
 pub mod trigger;
 pub mod worker;
 
@@ -50,5 +51,10 @@ pub use engine::{Engine, EngineBuilder, TimerStats};
 pub use error::EngineError;
 pub use event::{EnvEvents, RunEvent, RunEventKind, RunEvents, StatusTap};
 pub use external::WeakEngine;
+pub use remote::{
+    ClaimedRun, FailOutcome, RemoteWorker, RemoteWorkerSpec, RetryChoice, WorkloopInfo,
+    RETRY_AT_MAX_AHEAD,
+};
+pub use runlane_core::backend::LeaseState;
 pub use trigger::{TriggerBuilder, TriggerRequest, Triggered, WaitOutcome};
 pub use worker::{CancelToken, DrainReport, HandlerError, RunContext, Worker, WorkerBuilder};
