@@ -82,7 +82,10 @@ impl Fixture {
         shape.postgres.pool_size = 4;
         shape.timer_lease = Duration::from_secs(1);
         shape.throwaway = true;
-        let builder = EngineBuilder::new().config(config());
+        let builder = EngineBuilder::new().config(EngineConfig {
+            cancel_grace: REAL_CANCEL_GRACE,
+            ..config()
+        });
         let distributed = match runlane::distributed_with(builder, shape).await {
             Ok(d) => d,
             Err(e) => panic!("redis and postgresql are required: {e}"),
@@ -146,6 +149,8 @@ fn config() -> EngineConfig {
 }
 
 const LONG_LEASE: Duration = Duration::from_secs(60);
+/// The cancel grace period on the system clock (the distributed tests).
+const REAL_CANCEL_GRACE: Duration = Duration::from_secs(2);
 
 /// Claims without waiting.
 async fn claim_now(worker: &RemoteWorker, max: u32) -> Vec<ClaimedRun> {
@@ -174,14 +179,15 @@ async fn claim_n(worker: &RemoteWorker, want: usize) -> Vec<ClaimedRun> {
     .await
 }
 
-/// Waits for a status event of `run` other than `executing`.
-async fn left_executing(events: &mut runlane::RunEvents) -> RunStatus {
-    bounded("the run to leave executing", async {
+/// Waits for the status event of the run's second attempt or its end (the engine ended the
+/// first attempt); subscribed before the claim, so it cannot be missed.
+async fn engine_ended(events: &mut runlane::RunEvents) -> RunStatus {
+    bounded("the run's second attempt", async {
         loop {
             match events.next().await {
                 Some(event) => {
-                    if let RunEventKind::Status { status, .. } = event.kind {
-                        if status != RunStatus::Executing {
+                    if let RunEventKind::Status { status, attempt } = event.kind {
+                        if attempt >= 2 || status.is_terminal() {
                             return status;
                         }
                     }
@@ -343,21 +349,13 @@ async fn fail_with_each_retry_choice(fx: Fixture) {
 async fn stale_token_after_lease_lapse(fx: Fixture) {
     let run = fx.trigger(1).await;
     let lease = fx.short();
+    let mut events = fx.engine.subscribe(run).await.expect("subscribe");
     let worker = fx.worker("manual>*:1", lease).await;
     let c = claim_n(&worker, 1).await.remove(0);
-    let mut events = fx.engine.subscribe(run).await.expect("subscribe");
-
-    // A token that is not the lease's is refused at once and changes nothing.
-    let wrong = FencingToken(c.token.0.wrapping_add(1));
-    assert_eq!(
-        worker.complete(run, wrong, json!(1)).await,
-        Err(EngineError::StaleToken(run))
-    );
-    assert_eq!(fx.status(run).await, RunStatus::Executing);
 
     // No heartbeat: the lease lapses and the engine counts a crashed attempt and retries.
     fx.pass(lease + Duration::from_secs(1));
-    let status = left_executing(&mut events).await;
+    let status = engine_ended(&mut events).await;
     assert!(
         matches!(status, RunStatus::Delayed | RunStatus::Queued),
         "the lapsed run waits for its next attempt, got {status}"
@@ -395,12 +393,12 @@ async fn stale_token_after_timeout(fx: Fixture) {
         .expect("trigger")
         .run
         .id;
+    let mut events = fx.engine.subscribe(run).await.expect("subscribe");
     let worker = fx.worker("manual>*:1", LONG_LEASE).await;
     let c = claim_n(&worker, 1).await.remove(0);
     assert_eq!(c.max_duration, Some(max));
-    let mut events = fx.engine.subscribe(run).await.expect("subscribe");
     fx.pass(max + Duration::from_secs(1));
-    let status = left_executing(&mut events).await;
+    let status = engine_ended(&mut events).await;
     assert!(
         matches!(status, RunStatus::Delayed | RunStatus::Queued),
         "{status}"
@@ -433,6 +431,32 @@ async fn cancel_is_seen_by_heartbeat(fx: Fixture) {
     assert_eq!(failed.status, RunStatus::Canceled);
     assert_eq!(failed.retry_at, None);
     assert_eq!(fx.status(run).await, RunStatus::Canceled);
+    worker.close().await;
+}
+
+async fn stale_token_after_cancel_grace(fx: Fixture) {
+    let run = fx.trigger(1).await;
+    let mut events = fx.engine.subscribe(run).await.expect("subscribe");
+    let worker = fx.worker("manual>*:1", LONG_LEASE).await;
+    let c = claim_n(&worker, 1).await.remove(0);
+    fx.engine.cancel(run).await.expect("cancel");
+    let grace = fx.engine.config().cancel_grace;
+    fx.pass(grace + Duration::from_secs(1));
+    let status = engine_ended(&mut events).await;
+    assert_eq!(
+        status,
+        RunStatus::Canceled,
+        "the grace period ended the run"
+    );
+    assert_eq!(
+        worker.complete(run, c.token, json!(1)).await,
+        Err(EngineError::StaleToken(run))
+    );
+    assert_eq!(fx.status(run).await, RunStatus::Canceled);
+    assert!(
+        worker.held_runs().is_empty(),
+        "the ended run freed its slot"
+    );
     worker.close().await;
 }
 
@@ -689,6 +713,7 @@ on_every_shape!(
     stale_token_after_lease_lapse,
     stale_token_after_timeout,
     cancel_is_seen_by_heartbeat,
+    stale_token_after_cancel_grace,
     progress_is_published,
     long_poll_is_woken_by_a_trigger,
     slots_are_respected,
