@@ -27,6 +27,11 @@
 //!   recovery at open.
 //! - **Manual retry** keeps env, task, payload, queue, key, priority, retry policy, max duration
 //!   and version lock; it does not keep the TTL.
+//! - **A remote worker's `fail` with `RetryChoice::At(t)`** replaces the policy's backoff, not
+//!   its attempt cap (no attempt left: the run fails); `t` in the past or more than a year ahead
+//!   is refused (`retry_at`). A remote call about a run the worker does not hold under that
+//!   token is `StaleToken` (`Lost` in a heartbeat), even when the token is another worker's live
+//!   lease.
 //! - **Status events** for runs moved by a queue call (admissions, promotions) cost one
 //!   `QueueBackend::live` lookup each, and are only looked up while somebody subscribes.
 
