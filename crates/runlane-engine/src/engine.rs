@@ -539,14 +539,18 @@ impl Inner {
     /// cannot run forever. A run without one returns to its queue with its original
     /// `run_after` (hence its original score) and TTL deadline. A start mark is advisory and
     /// written without waiting: one lost in the crash costs a re-run without counting.
+    ///
+    /// A store shared between processes keeps its start marks out of this rule: the run may be
+    /// executing in another process, and a lapsed lease recovers it if that process died.
     async fn recover(&self, now: Timestamp) -> Result<Effects, EngineError> {
         let mut effects = Effects::default();
+        let marks_count = !self.store.shared_between_processes();
         for record in self.store.unfinished().await? {
             if !LaneName::BUILT_IN.contains(&record.lane.as_str()) {
                 self.queue.add_lane(&record.lane).await?;
             }
             let mut dispatch = record.dispatch();
-            if record.started_at.is_some() {
+            if marks_count && record.started_at.is_some() {
                 let attempt = attempt_record(
                     record.attempt,
                     "crashed",
