@@ -114,6 +114,7 @@ impl EngineBuilder {
             local: LocalRegistry::default(),
             shutdown: AtomicBool::new(false),
             worker_seq: AtomicU64::new(0),
+            declaring: tokio::sync::Mutex::new(()),
             purge_at: Mutex::new(None),
         });
         inner.meta.set_envs(envs.iter().cloned());
@@ -220,6 +221,8 @@ pub(crate) struct Inner {
     pub(crate) local: LocalRegistry,
     shutdown: AtomicBool,
     worker_seq: AtomicU64,
+    /// Serialises [`Engine::declare_tasks`] in this process (read current, register, promote).
+    pub(crate) declaring: tokio::sync::Mutex<()>,
     /// The earliest instant a finished run passes its retention (`None`: nothing to purge).
     purge_at: Mutex<Option<Timestamp>>,
 }

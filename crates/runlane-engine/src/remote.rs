@@ -23,7 +23,7 @@ use std::time::Duration;
 use runlane_core::backend::{AttemptEnd, ClaimRequest, ConsumerId, LeaseState, ServedEnv};
 use runlane_core::{
     CancelReason, ClaimChain, EnvName, FencingToken, InvalidInput, LaneName, QueueError, QueueName,
-    RetryPolicy, RunId, RunStatus, TaskName, Timestamp, WorkerId, WorkloopSpec,
+    RetryPolicy, RunId, RunStatus, TaskDef, TaskName, Timestamp, WorkerId, WorkloopSpec,
 };
 use tokio::sync::Notify;
 
@@ -185,6 +185,47 @@ impl Engine {
                 closed: AtomicBool::new(false),
             }),
         })
+    }
+}
+
+impl Engine {
+    /// Declares tasks to an env, so a strict env accepts triggers of them (a remote worker's
+    /// `tasks`): when the env's current version lacks any of them, registers a version with
+    /// the current definitions plus a default definition for each missing task and makes it
+    /// current. Answers the version made current, `None` when every task was defined already.
+    /// Serialised within this process; two processes declaring at once may each promote a
+    /// version without the other's tasks (declare again).
+    pub async fn declare_tasks(
+        &self,
+        env: &str,
+        tasks: &[String],
+    ) -> Result<Option<u32>, EngineError> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        let env_name = EnvName::new(env)?;
+        inner.env_settings(&env_name).await?;
+        let mut names: Vec<TaskName> = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            let name = TaskName::new(task)
+                .map_err(|e| InvalidInput::new("tasks", format!("{task:?}: {}", e.reason)))?;
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        let _declaring = inner.declaring.lock().await;
+        let (_, current) = inner.meta.current(inner.store.as_ref(), &env_name).await?;
+        let missing: Vec<TaskName> = names
+            .into_iter()
+            .filter(|n| current.task(n).is_none())
+            .collect();
+        if missing.is_empty() {
+            return Ok(None);
+        }
+        let mut def = (*current).clone();
+        def.tasks.extend(missing.into_iter().map(TaskDef::new));
+        let version = self.register_version(env, def).await?;
+        self.promote(env, version).await?;
+        Ok(Some(version))
     }
 }
 

@@ -678,6 +678,51 @@ async fn bad_input_is_refused_by_name(fx: Fixture) {
     worker.close().await;
 }
 
+async fn declared_tasks_are_accepted_by_a_strict_env(fx: Fixture) {
+    let settings = runlane::core::EnvSettings {
+        strict_tasks: true,
+        ..runlane::core::EnvSettings::default()
+    };
+    fx.engine.set_env("strict", settings).await.expect("env");
+    let refused = fx.engine.trigger("resize").env("strict").send().await;
+    assert!(
+        matches!(refused, Err(EngineError::UnknownTask { .. })),
+        "{refused:?}"
+    );
+    let bad = fx
+        .engine
+        .declare_tasks("strict", &["ok".to_owned(), "bad name!".to_owned()])
+        .await
+        .expect_err("a bad task name");
+    assert_eq!(field_of(&bad), Some("tasks"), "{bad}");
+    let version = fx
+        .engine
+        .declare_tasks("strict", &["resize".to_owned(), "crop".to_owned()])
+        .await
+        .expect("declare");
+    assert!(version.is_some(), "a new version defines the tasks");
+    for task in ["resize", "crop"] {
+        fx.engine
+            .trigger(task)
+            .env("strict")
+            .send()
+            .await
+            .expect("a declared task is accepted");
+    }
+    let again = fx
+        .engine
+        .declare_tasks("strict", &["resize".to_owned()])
+        .await
+        .expect("declare again");
+    assert_eq!(again, None, "nothing to declare");
+    let e = fx
+        .engine
+        .declare_tasks("nowhere", &["resize".to_owned()])
+        .await
+        .expect_err("unknown env");
+    assert_eq!(e, EngineError::EnvNotFound("nowhere".into()));
+}
+
 macro_rules! on_every_shape {
     ($($scenario:ident),* $(,)?) => {
         mod memory {
@@ -719,4 +764,5 @@ on_every_shape!(
     slots_are_respected,
     close_releases_held_runs,
     bad_input_is_refused_by_name,
+    declared_tasks_are_accepted_by_a_strict_env,
 );
