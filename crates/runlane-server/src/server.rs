@@ -98,8 +98,13 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let app = crate::router(self.state.clone());
+        let state = self.state.clone();
         let served = axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                // Streams and waits end now, so the drain only waits for short requests.
+                state.close();
+            })
             .await;
         self.state.backend().shutdown().await;
         served?;
