@@ -229,8 +229,10 @@ pub struct Run {
     pub lane: Option<String>,
     /// How it was triggered.
     pub source: Option<String>,
-    /// Version.
-    pub version: Option<String>,
+    /// The version it took.
+    pub version: Option<u64>,
+    /// The run a manual retry retries.
+    pub retry_of: Option<String>,
     /// Attempt number.
     pub attempt: Option<u64>,
     /// Priority.

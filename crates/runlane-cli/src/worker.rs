@@ -40,7 +40,7 @@ pub struct Args {
     pub envs: Vec<String>,
     /// The version the worker runs in every env it serves.
     #[arg(long)]
-    pub version: Option<String>,
+    pub version: Option<u32>,
     /// A task to declare to the env (repeat for several); it does not filter claims.
     #[arg(long = "task", value_name = "NAME")]
     pub tasks: Vec<String>,
@@ -106,7 +106,7 @@ pub fn registration(args: &Args) -> Value {
     let envs: Vec<Value> = args
         .envs
         .iter()
-        .map(|e| match &args.version {
+        .map(|e| match args.version {
             Some(v) => json!({ "env": e, "version": v }),
             None => json!({ "env": e }),
         })
@@ -389,7 +389,7 @@ mod tests {
             "worker",
             "--env=a",
             "--env=b",
-            "--version=v2",
+            "--version=2",
             "--task=email",
             "--task=sms",
             "--workloops=manual>*:4",
@@ -401,7 +401,7 @@ mod tests {
         assert_eq!(
             registration(&t.args),
             json!({
-                "envs": [{"env": "a", "version": "v2"}, {"env": "b", "version": "v2"}],
+                "envs": [{"env": "a", "version": 2}, {"env": "b", "version": 2}],
                 "workloops": "manual>*:4",
                 "tasks": ["email", "sms"],
                 "lease_ms": 30000,

@@ -18,7 +18,7 @@ pub struct Args {
 
 #[derive(clap::Subcommand, Debug, Clone)]
 enum Command {
-    /// Lists an env's runs, newest first, with filters.
+    /// Lists an env's runs in creation order, with filters.
     List(Box<ListArgs>),
     /// Shows one run.
     Show {
@@ -68,7 +68,7 @@ struct ListArgs {
     source: Option<String>,
     /// Only this version.
     #[arg(long)]
-    version: Option<String>,
+    version: Option<u32>,
     /// Only runs created in the last DURATION (e.g. 10m).
     #[arg(long, value_parser = duration::parse)]
     since: Option<Duration>,
@@ -95,7 +95,6 @@ impl ListArgs {
             ("queue", &self.queue),
             ("lane", &self.lane),
             ("source", &self.source),
-            ("version", &self.version),
             ("cursor", &self.cursor),
         ];
         for (k, v) in strings {
@@ -110,6 +109,9 @@ impl ListArgs {
         };
         if let Some(f) = from {
             q.push(("from_ms", f.to_string()));
+        }
+        if let Some(v) = self.version {
+            q.push(("version", v.to_string()));
         }
         if let Some(t) = self.to_ms {
             q.push(("to_ms", t.to_string()));
@@ -132,7 +134,7 @@ pub fn runs_table(runs: &[Run]) -> String {
             r.task.clone(),
             r.status.clone(),
             opt(r.queue.as_deref()),
-            opt(r.key.as_deref()),
+            opt(r.key.as_deref().filter(|k| !k.is_empty())),
             opt(r.lane.as_deref()),
             opt(r.attempt),
             instant(r.created_at_ms),
@@ -150,10 +152,11 @@ pub fn run_pairs(r: &Run) -> String {
         ("status", r.status.clone()),
         ("attempt", opt(r.attempt)),
         ("queue", opt(r.queue.as_deref())),
-        ("key", opt(r.key.as_deref())),
+        ("key", opt(r.key.as_deref().filter(|k| !k.is_empty()))),
         ("lane", opt(r.lane.as_deref())),
         ("source", opt(r.source.as_deref())),
-        ("version", opt(r.version.as_deref())),
+        ("version", opt(r.version)),
+        ("retry_of", opt(r.retry_of.as_deref())),
         (
             "priority",
             opt(r

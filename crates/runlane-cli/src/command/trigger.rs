@@ -46,7 +46,7 @@ pub struct Args {
     pub idempotency_key: Option<String>,
     /// The version the run is locked to.
     #[arg(long)]
-    pub version: Option<String>,
+    pub version: Option<u32>,
     /// Wait for the run to finish (through the fast lane), at most this long (default 30s).
     /// Exit code 0 when it completed, 1 when it failed, was cancelled or expired, 2 on timeout.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "30s",
@@ -87,12 +87,14 @@ pub fn body(args: &Args) -> anyhow::Result<Value> {
         ("key", &args.key),
         ("lane", &args.lane),
         ("idempotency_key", &args.idempotency_key),
-        ("version", &args.version),
     ];
     for (field, v) in strings {
         if let Some(v) = v {
             m.insert(field.into(), json!(v));
         }
+    }
+    if let Some(v) = args.version {
+        m.insert("version".into(), json!(v));
     }
     let durations = [
         ("priority_ms", args.priority),
@@ -184,14 +186,14 @@ mod tests {
             "--delay=500ms",
             "--ttl=2m",
             "--idempotency-key=k1",
-            "--version=v3",
+            "--version=3",
         ])
         .expect("parses");
         assert_eq!(
             body(&args).expect("body"),
             json!({"task": "email", "payload": {"to": "a@b"}, "queue": "mail", "key": "user-1",
                    "lane": "bulk", "priority_ms": 5000, "delay_ms": 500, "ttl_ms": 120000,
-                   "idempotency_key": "k1", "version": "v3"})
+                   "idempotency_key": "k1", "version": 3})
         );
         assert_eq!(args.wait, None);
     }
