@@ -73,14 +73,24 @@ pub fn now_ms() -> u64 {
         .map_or(0, client::millis)
 }
 
-/// A JSON value on one line, shortened to `max` characters (for table cells).
+/// A JSON value as JSON on one line (strings quoted), shortened to `max` characters, or `-`.
+pub fn json_cell(v: &Value, max: usize) -> String {
+    match v {
+        Value::Null => "-".to_string(),
+        other => shorten(other.to_string(), max),
+    }
+}
+
+/// A JSON value on one line, a string as its text, shortened to `max` characters, or `-`.
 pub fn short_json(v: &Value, max: usize) -> String {
-    let s = match v {
-        Value::Null => return "-".to_string(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    let s = s.replace('\n', " ");
+    match v {
+        Value::Null => "-".to_string(),
+        Value::String(s) => shorten(s.replace('\n', " "), max),
+        other => shorten(other.to_string(), max),
+    }
+}
+
+fn shorten(s: String, max: usize) -> String {
     if s.chars().count() > max {
         let mut cut: String = s.chars().take(max.saturating_sub(1)).collect();
         cut.push('…');
@@ -105,6 +115,8 @@ mod tests {
     fn json_cells_are_short() {
         assert_eq!(short_json(&Value::Null, 10), "-");
         assert_eq!(short_json(&serde_json::json!("a\nb"), 10), "a b");
+        assert_eq!(json_cell(&serde_json::json!("x"), 10), "\"x\"");
+        assert_eq!(json_cell(&Value::Null, 10), "-");
         assert_eq!(
             short_json(&serde_json::json!({"k": "vvvvvvvv"}), 8),
             "{\"k\":\"v…"

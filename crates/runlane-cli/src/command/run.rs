@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::{emit, instant, short_json, Connection};
+use super::{emit, instant, json_cell, short_json, Connection};
 use crate::client::{Run, Triggered};
 use crate::duration;
 use crate::table::{opt, pairs, Table};
@@ -171,8 +171,8 @@ pub fn run_pairs(r: &Run) -> String {
         ("run_at", instant(r.run_at_ms)),
         ("started", instant(r.started_at_ms)),
         ("finished", instant(r.finished_at_ms)),
-        ("payload", short_json(&r.payload, 2000)),
-        ("output", short_json(&r.output, 2000)),
+        ("payload", json_cell(&r.payload, 2000)),
+        ("output", json_cell(&r.output, 2000)),
         ("error", short_json(&r.error, 2000)),
     ])
 }
