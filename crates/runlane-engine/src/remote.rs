@@ -479,8 +479,8 @@ impl RemoteWorker {
 
     /// Claims up to `max` runs for workloop `workloop`, never more than its free slots. When
     /// nothing is ready (or no slot is free) it waits up to `wait` (engine clock) on the
-    /// workloop's lane doorbells and on its slots freeing, without polling; `[]` when the
-    /// wait ends empty.
+    /// workloop's lane doorbells and on its slots freeing (by a call, or by the engine ending
+    /// a held run), without polling; `[]` when the wait ends empty.
     pub async fn claim(
         &self,
         workloop: usize,
@@ -538,8 +538,22 @@ impl RemoteWorker {
                     () = sleep => {}
                 }
             } else {
+                // No free slot: wait for one to free, by a call or by the engine ending one of
+                // the workloop's runs (timeout, lapse, cancel grace).
+                let mut ended: Vec<_> = s
+                    .held()
+                    .values()
+                    .filter(|h| h.workloop == workloop)
+                    .map(|h| {
+                        let local = h.local.clone();
+                        Box::pin(async move {
+                            local.abort.wait().await;
+                        })
+                    })
+                    .collect();
                 tokio::select! {
                     () = &mut changed => {}
+                    () = any_of(&mut ended) => {}
                     () = sleep => {}
                 }
             }
