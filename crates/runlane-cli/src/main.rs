@@ -4,6 +4,7 @@ mod bench;
 mod footprint;
 mod progress;
 mod quickstart;
+mod separate;
 
 use std::time::Duration;
 
@@ -36,6 +37,22 @@ enum Command {
     Bench {
         #[command(subcommand)]
         scenario: BenchScenario,
+    },
+    /// The child worker of `bench latency --topology separate-process` (not for direct use).
+    #[command(hide = true)]
+    BenchWorker {
+        #[arg(long)]
+        redis_url: String,
+        #[arg(long)]
+        database_url: String,
+        #[arg(long)]
+        prefix: String,
+        #[arg(long)]
+        schema: String,
+        #[arg(long)]
+        slots: u32,
+        #[arg(long, value_enum)]
+        durability: DurabilityArg,
     },
 }
 
@@ -86,6 +103,22 @@ enum DurabilityArg {
     Relaxed,
 }
 
+impl From<DurabilityArg> for runlane::Durability {
+    fn from(d: DurabilityArg) -> Self {
+        match d {
+            DurabilityArg::Strict => runlane::Durability::Strict,
+            DurabilityArg::Relaxed => runlane::Durability::Relaxed,
+        }
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+#[value(rename_all = "kebab-case")]
+enum TopologyArg {
+    SameProcess,
+    SeparateProcess,
+}
+
 #[derive(ValueEnum, Clone, Copy, Debug)]
 #[value(rename_all = "snake_case")]
 enum SyncArg {
@@ -102,9 +135,10 @@ enum BenchScenario {
         /// Pause between runs, in milliseconds.
         #[arg(long, default_value_t = 0)]
         gap_ms: u64,
-        /// Where the worker runs (only same-process for now).
-        #[arg(long, default_value = "same-process")]
-        topology: String,
+        /// Where the worker runs: `same-process`, or `separate-process` (a child process of
+        /// the distributed shape: `--backend distributed`).
+        #[arg(long, value_enum, default_value_t = TopologyArg::SameProcess)]
+        topology: TopologyArg,
     },
     /// Trigger and claim cost with `--depth` runs pending vs 1,000 pending.
     Scale {
@@ -180,10 +214,7 @@ fn common(c: &BenchCommon, default_runs: u32) -> bench::Common {
         producers: c.producers,
         redis_url: c.redis_url.clone(),
         database_url: c.database_url.clone(),
-        durability: match c.durability {
-            DurabilityArg::Strict => runlane::Durability::Strict,
-            DurabilityArg::Relaxed => runlane::Durability::Relaxed,
-        },
+        durability: c.durability.into(),
     }
 }
 
@@ -208,12 +239,15 @@ fn main() -> anyhow::Result<()> {
                         gap_ms,
                         topology,
                     } => {
-                        if topology != "same-process" {
-                            anyhow::bail!(
-                                "topology {topology:?} is not available yet (same-process only)"
-                            );
+                        let gap = Duration::from_millis(gap_ms);
+                        match topology {
+                            TopologyArg::SameProcess => {
+                                bench::latency(&common(&c, 2_000), gap).await?
+                            }
+                            TopologyArg::SeparateProcess => {
+                                separate::latency(&common(&c, 2_000), gap).await?
+                            }
                         }
-                        bench::latency(&common(&c, 2_000), Duration::from_millis(gap_ms)).await?
                     }
                     BenchScenario::Throughput {
                         common: c,
@@ -255,6 +289,24 @@ fn main() -> anyhow::Result<()> {
                 };
                 println!("{line}");
                 Ok(())
+            }
+            Command::BenchWorker {
+                redis_url,
+                database_url,
+                prefix,
+                schema,
+                slots,
+                durability,
+            } => {
+                separate::worker(separate::WorkerArgs {
+                    redis_url,
+                    database_url,
+                    prefix,
+                    schema,
+                    slots,
+                    durability: durability.into(),
+                })
+                .await
             }
         }
     })
