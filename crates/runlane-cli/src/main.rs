@@ -5,6 +5,7 @@ mod footprint;
 mod progress;
 mod quickstart;
 mod separate;
+mod serve;
 
 use std::time::Duration;
 
@@ -33,6 +34,8 @@ enum Command {
         #[arg(long, default_value = "./runlane-data", env = "RUNLANE_DATA")]
         data: std::path::PathBuf,
     },
+    /// The HTTP server: the JSON API under /v1 (docs/API.md), embedded by default.
+    Serve(serve::ServeArgs),
     /// Benchmarks, one JSON line per result.
     Bench {
         #[command(subcommand)]
@@ -232,6 +235,7 @@ fn main() -> anyhow::Result<()> {
             Command::Quickstart { runs, memory, data } => {
                 quickstart::run(quickstart::Options { runs, memory, data }).await
             }
+            Command::Serve(args) => serve::run(args).await,
             Command::Bench { scenario } => {
                 let line = match scenario {
                     BenchScenario::Latency {
