@@ -56,6 +56,7 @@ pub fn api() -> OpenApiRouter<AppState> {
         .merge(routes::envs::router())
         .merge(routes::keys::router())
         .merge(routes::runs::router())
+        .merge(routes::workers::router())
 }
 
 /// The OpenAPI document of [`api`].

@@ -101,6 +101,8 @@ impl Server {
         let served = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await;
+        // Remote workers' held runs go back to their queues before the engine stops.
+        self.state.workers().close_all().await;
         self.state.backend().shutdown().await;
         served?;
         Ok(())

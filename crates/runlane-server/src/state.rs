@@ -6,6 +6,7 @@ use runlane::{Distributed, Engine};
 
 use crate::config::ServerConfig;
 use crate::keys::{KeyCache, KeyStore};
+use crate::routes::workers::WorkerRegistry;
 
 /// The engine in the shape the server opened.
 pub enum Backend {
@@ -56,6 +57,7 @@ struct Inner {
     keys: Arc<dyn KeyStore>,
     cache: KeyCache,
     config: ServerConfig,
+    workers: WorkerRegistry,
 }
 
 impl AppState {
@@ -67,6 +69,7 @@ impl AppState {
                 keys,
                 cache: KeyCache::default(),
                 config,
+                workers: WorkerRegistry::default(),
             }),
         }
     }
@@ -94,6 +97,11 @@ impl AppState {
     /// The server's config.
     pub fn config(&self) -> &ServerConfig {
         &self.inner.config
+    }
+
+    /// The remote workers registered through the worker protocol.
+    pub fn workers(&self) -> &WorkerRegistry {
+        &self.inner.workers
     }
 
     /// Now, in ms since the epoch (the engine's clock).

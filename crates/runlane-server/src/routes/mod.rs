@@ -4,3 +4,4 @@ pub mod envs;
 pub mod keys;
 pub mod meta;
 pub mod runs;
+pub mod workers;
