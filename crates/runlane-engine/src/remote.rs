@@ -480,7 +480,8 @@ impl RemoteWorker {
     /// Claims up to `max` runs for workloop `workloop`, never more than its free slots. When
     /// nothing is ready (or no slot is free) it waits up to `wait` (engine clock) on the
     /// workloop's lane doorbells and on its slots freeing (by a call, or by the engine ending
-    /// a held run), without polling; `[]` when the wait ends empty.
+    /// a held run), without polling; `[]` when the wait ends empty or the worker is closed
+    /// meanwhile.
     pub async fn claim(
         &self,
         workloop: usize,
@@ -516,7 +517,10 @@ impl RemoteWorker {
             changed.as_mut().enable();
             let free = {
                 let _claiming = lp.claiming.lock().await;
-                s.check_open()?;
+                engine.check_open()?;
+                if s.closed.load(Ordering::SeqCst) {
+                    return Ok(Vec::new()); // Closed while it waited: the poll ends empty.
+                }
                 s.purge();
                 let free = lp.slots.saturating_sub(s.held_by(workloop));
                 if free > 0 {

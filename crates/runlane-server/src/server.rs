@@ -98,10 +98,17 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let app = crate::router(self.state.clone());
+        // At shutdown remote workers are closed first: their long-polls end at once (the
+        // drain does not wait for them) and their held runs go back to their queues.
+        let workers = self.state.workers().clone();
+        let shutdown = async move {
+            shutdown.await;
+            workers.close_all().await;
+        };
         let served = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await;
-        // Remote workers' held runs go back to their queues before the engine stops.
+        // Any worker registered while the drain ran.
         self.state.workers().close_all().await;
         self.state.backend().shutdown().await;
         served?;

@@ -594,7 +594,20 @@ async fn close_releases_held_runs(fx: Fixture) {
     let worker = fx.worker("manual>*:2", LONG_LEASE).await;
     let claimed = claim_n(&worker, 2).await;
     let token = claimed[0].token;
+    // A long-poll waiting for a slot ends when the worker closes: empty when it was waiting,
+    // refused (`worker`) when it only started after the close.
+    let waiting = {
+        let worker = worker.clone();
+        tokio::spawn(async move { worker.claim(0, 1, Duration::from_secs(600)).await })
+    };
     worker.close().await;
+    match bounded("the long-poll to end at close", waiting)
+        .await
+        .expect("claim task")
+    {
+        Ok(runs) => assert!(runs.is_empty(), "{runs:?}"),
+        Err(e) => assert_eq!(field_of(&e), Some("worker"), "{e}"),
+    }
     assert!(worker.is_closed());
     for run in [a, b] {
         let record = fx.engine.get(run).await.expect("get");
