@@ -329,6 +329,7 @@ impl Shared {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
+        engine.counters.claimed(&leases, engine.now());
         // A claim creates lease and attempt deadlines but returns no effects.
         let earliest = leases
             .iter()

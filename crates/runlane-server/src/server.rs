@@ -98,15 +98,16 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let app = crate::router(self.state.clone());
-        // At shutdown remote workers are closed first: their long-polls end at once (the
-        // drain does not wait for them) and their held runs go back to their queues.
-        let workers = self.state.workers().clone();
-        let shutdown = async move {
-            shutdown.await;
-            workers.close_all().await;
-        };
+        let state = self.state.clone();
         let served = axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                // Streams and waits end now, so the drain only waits for short requests;
+                // remote workers are closed too: their long-polls end at once and their held
+                // runs go back to their queues.
+                state.close();
+                state.workers().close_all().await;
+            })
             .await;
         // Any worker registered while the drain ran.
         self.state.workers().close_all().await;
