@@ -129,12 +129,28 @@ async fn open_embedded(common: &Common) -> anyhow::Result<Opened> {
 /// The distributed shape on the given servers, under a fresh key prefix and schema, both
 /// removed when the engine is dropped.
 async fn open_distributed(common: &Common) -> anyhow::Result<Opened> {
+    let (prefix, schema) = fresh_distributed_names();
+    open_distributed_at(common, &prefix, &schema).await
+}
+
+/// A key prefix and schema no other bench run uses.
+pub(crate) fn fresh_distributed_names() -> (String, String) {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let tag = format!("{}_{n}", std::process::id());
+    (format!("rl:bench:{tag}"), format!("rl_bench_{tag}"))
+}
+
+/// The distributed shape under the given key prefix and schema, both removed when the engine
+/// is dropped.
+pub(crate) async fn open_distributed_at(
+    common: &Common,
+    prefix: &str,
+    schema: &str,
+) -> anyhow::Result<Opened> {
     let mut config = runlane::DistributedConfig::new(&common.redis_url, &common.database_url);
-    config.redis.prefix = format!("rl:bench:{tag}");
-    config.postgres.schema = format!("rl_bench_{tag}");
+    config.redis.prefix = prefix.to_string();
+    config.postgres.schema = schema.to_string();
     config.postgres.durability = common.durability;
     config.throwaway = true;
     let distributed = runlane::distributed_with(EngineBuilder::new(), config).await?;
@@ -234,7 +250,12 @@ async fn open(common: &Common) -> anyhow::Result<Opened> {
         "distributed" => open_distributed(common).await?,
         other => bail!("unknown backend {other:?} (available: memory, embedded, distributed)"),
     };
-    // The bench measures the engine, not a limit: open the env wide.
+    open_wide(&engine).await?;
+    Ok(engine)
+}
+
+/// The bench measures the engine, not a limit: opens the default env wide.
+pub(crate) async fn open_wide(engine: &Engine) -> anyhow::Result<()> {
     engine
         .set_env(
             "default",
@@ -244,10 +265,10 @@ async fn open(common: &Common) -> anyhow::Result<Opened> {
             },
         )
         .await?;
-    Ok(engine)
+    Ok(())
 }
 
-fn payload(bytes: usize) -> Value {
+pub(crate) fn payload(bytes: usize) -> Value {
     json!({ "data": "x".repeat(bytes.saturating_sub(12)) })
 }
 
@@ -259,7 +280,7 @@ pub(crate) fn git_revision() -> String {
         .to_string()
 }
 
-fn percentile(sorted: &[u64], p: f64) -> u64 {
+pub(crate) fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
     }

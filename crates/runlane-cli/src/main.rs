@@ -1,10 +1,17 @@
 //! The `runlane` command line. It parses arguments and calls the library; nothing else.
 
 mod bench;
+mod child;
+mod client;
+mod command;
+mod duration;
 mod footprint;
 mod progress;
 mod quickstart;
+mod separate;
 mod serve;
+mod table;
+mod worker;
 
 use std::time::Duration;
 
@@ -40,6 +47,34 @@ enum Command {
         #[command(subcommand)]
         scenario: BenchScenario,
     },
+    /// The child worker of `bench latency --topology separate-process` (not for direct use).
+    #[command(hide = true)]
+    BenchWorker {
+        #[arg(long)]
+        redis_url: String,
+        #[arg(long)]
+        database_url: String,
+        #[arg(long)]
+        prefix: String,
+        #[arg(long)]
+        schema: String,
+        #[arg(long)]
+        slots: u32,
+        #[arg(long, value_enum)]
+        durability: DurabilityArg,
+    },
+    /// Triggers a run on a server (`--wait` waits for its end).
+    Trigger(command::trigger::Args),
+    /// Runs on a server: list, show, cancel, retry, reschedule.
+    Runs(command::run::Args),
+    /// Queues of an env: list, set limits, pause, resume.
+    Queues(command::queue::Args),
+    /// Lanes: list, add.
+    Lanes(command::lane::Args),
+    /// Envs and API keys: create, list, show, set, keys, create-key, rotate, revoke.
+    Env(command::env::Args),
+    /// A worker that runs a shell command per run, over a server's worker protocol.
+    Worker(worker::Args),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -89,6 +124,22 @@ enum DurabilityArg {
     Relaxed,
 }
 
+impl From<DurabilityArg> for runlane::Durability {
+    fn from(d: DurabilityArg) -> Self {
+        match d {
+            DurabilityArg::Strict => runlane::Durability::Strict,
+            DurabilityArg::Relaxed => runlane::Durability::Relaxed,
+        }
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+#[value(rename_all = "kebab-case")]
+enum TopologyArg {
+    SameProcess,
+    SeparateProcess,
+}
+
 #[derive(ValueEnum, Clone, Copy, Debug)]
 #[value(rename_all = "snake_case")]
 enum SyncArg {
@@ -105,9 +156,10 @@ enum BenchScenario {
         /// Pause between runs, in milliseconds.
         #[arg(long, default_value_t = 0)]
         gap_ms: u64,
-        /// Where the worker runs (only same-process for now).
-        #[arg(long, default_value = "same-process")]
-        topology: String,
+        /// Where the worker runs: `same-process`, or `separate-process` (a child process of
+        /// the distributed shape: `--backend distributed`).
+        #[arg(long, value_enum, default_value_t = TopologyArg::SameProcess)]
+        topology: TopologyArg,
     },
     /// Trigger and claim cost with `--depth` runs pending vs 1,000 pending.
     Scale {
@@ -183,14 +235,23 @@ fn common(c: &BenchCommon, default_runs: u32) -> bench::Common {
         producers: c.producers,
         redis_url: c.redis_url.clone(),
         database_url: c.database_url.clone(),
-        durability: match c.durability {
-            DurabilityArg::Strict => runlane::Durability::Strict,
-            DurabilityArg::Relaxed => runlane::Durability::Relaxed,
-        },
+        durability: c.durability.into(),
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line with the causes, no backtrace: the server's code, message and field
+            // are what a user or a script needs.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
@@ -201,6 +262,20 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         match cli.command {
+            Command::Trigger(args) => {
+                let code = command::trigger::run(args).await?;
+                if code != 0 {
+                    use std::io::Write;
+                    let _ = std::io::stdout().flush();
+                    std::process::exit(code);
+                }
+                Ok(())
+            }
+            Command::Runs(args) => command::run::run(args).await,
+            Command::Queues(args) => command::queue::run(args).await,
+            Command::Lanes(args) => command::lane::run(args).await,
+            Command::Env(args) => command::env::run(args).await,
+            Command::Worker(args) => worker::run(args).await,
             Command::Quickstart { runs, memory, data } => {
                 quickstart::run(quickstart::Options { runs, memory, data }).await
             }
@@ -212,12 +287,15 @@ fn main() -> anyhow::Result<()> {
                         gap_ms,
                         topology,
                     } => {
-                        if topology != "same-process" {
-                            anyhow::bail!(
-                                "topology {topology:?} is not available yet (same-process only)"
-                            );
+                        let gap = Duration::from_millis(gap_ms);
+                        match topology {
+                            TopologyArg::SameProcess => {
+                                bench::latency(&common(&c, 2_000), gap).await?
+                            }
+                            TopologyArg::SeparateProcess => {
+                                separate::latency(&common(&c, 2_000), gap).await?
+                            }
                         }
-                        bench::latency(&common(&c, 2_000), Duration::from_millis(gap_ms)).await?
                     }
                     BenchScenario::Throughput {
                         common: c,
@@ -259,6 +337,24 @@ fn main() -> anyhow::Result<()> {
                 };
                 println!("{line}");
                 Ok(())
+            }
+            Command::BenchWorker {
+                redis_url,
+                database_url,
+                prefix,
+                schema,
+                slots,
+                durability,
+            } => {
+                separate::worker(separate::WorkerArgs {
+                    redis_url,
+                    database_url,
+                    prefix,
+                    schema,
+                    slots,
+                    durability: durability.into(),
+                })
+                .await
             }
         }
     })

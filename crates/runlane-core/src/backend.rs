@@ -767,6 +767,12 @@ pub trait RunStore: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// Every run not yet terminal (recovery at start).
     async fn unfinished(&self) -> Result<Vec<RunRecord>, StoreError>;
+    /// Whether other processes use this store at the same time (the distributed shape). Then
+    /// a start mark found at open may belong to an attempt another process is running now:
+    /// its lease, not this open, decides whether the attempt crashed.
+    fn shared_between_processes(&self) -> bool {
+        false
+    }
     /// Deletes finished runs (with their attempts and idempotency keys) whose `finished_at` is
     /// older than `now − retention` for their status; returns how many were deleted.
     async fn purge_finished(

@@ -1,8 +1,8 @@
 //! [`DistributedStore`]: the PostgreSQL run store as the engine of the distributed shape sees
-//! it. Every call goes to [`PostgresStore`] unchanged but one: at open the engine re-enqueues
-//! the store's unfinished runs, and there a start mark (`started_at`) must not count a
-//! `crashed` attempt, because in this shape a run with a start mark may be executing right now
-//! in another process. A worker that died is found by its Redis lease lapsing instead, which
+//! it. Every call goes to [`PostgresStore`] unchanged; the store says it is shared between
+//! processes, so the engine's recovery at open does not count a start mark (`started_at`) as a
+//! `crashed` attempt: in this shape a run with a start mark may be executing right now in
+//! another process. A worker that died is found by its Redis lease lapsing instead, which
 //! counts the attempt once.
 
 use std::sync::Arc;
@@ -119,13 +119,10 @@ impl RunStore for DistributedStore {
         self.inner.reschedule(run, run_after, ttl_deadline).await
     }
     async fn unfinished(&self) -> Result<Vec<RunRecord>, StoreError> {
-        let mut runs = self.inner.unfinished().await?;
-        // Another process may be running these right now: its lease, not this open, decides
-        // whether an attempt crashed.
-        for run in &mut runs {
-            run.started_at = None;
-        }
-        Ok(runs)
+        self.inner.unfinished().await
+    }
+    fn shared_between_processes(&self) -> bool {
+        true
     }
     async fn purge_finished(
         &self,

@@ -115,6 +115,7 @@ impl EngineBuilder {
             counters: crate::metrics::Counters::new(),
             shutdown: AtomicBool::new(false),
             worker_seq: AtomicU64::new(0),
+            declaring: tokio::sync::Mutex::new(()),
             purge_at: Mutex::new(None),
         });
         inner.meta.set_envs(envs.iter().cloned());
@@ -223,6 +224,8 @@ pub(crate) struct Inner {
     pub(crate) counters: crate::metrics::Counters,
     shutdown: AtomicBool,
     worker_seq: AtomicU64,
+    /// Serialises [`Engine::declare_tasks`] in this process (read current, register, promote).
+    pub(crate) declaring: tokio::sync::Mutex<()>,
     /// The earliest instant a finished run passes its retention (`None`: nothing to purge).
     purge_at: Mutex<Option<Timestamp>>,
 }
@@ -279,7 +282,7 @@ impl Inner {
         WorkerId(self.worker_seq.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
-    fn next_attempt_at(
+    pub(crate) fn next_attempt_at(
         &self,
         policy: &RetryPolicy,
         attempt: u32,
@@ -480,9 +483,28 @@ impl Inner {
         error: String,
         final_status: RunStatus,
     ) -> Result<(), EngineError> {
+        let at = self.next_attempt_at(policy, attempt, self.now());
+        self.fail_attempt_at(env, run, token, attempt, outcome, error, final_status, at)
+            .await
+    }
+
+    /// Ends an attempt that did not complete: another attempt at `at`, or (`None`) the run
+    /// ends with `final_status`.
+    #[allow(clippy::too_many_arguments)] // The attempt's facts and how it ends.
+    pub(crate) async fn fail_attempt_at(
+        &self,
+        env: &EnvName,
+        run: RunId,
+        token: FencingToken,
+        attempt: u32,
+        outcome: &str,
+        error: String,
+        final_status: RunStatus,
+        at: Option<Timestamp>,
+    ) -> Result<(), EngineError> {
         let now = self.now();
         let record = attempt_record(attempt, outcome, Some(error), now);
-        let Some(at) = self.next_attempt_at(policy, attempt, now) else {
+        let Some(at) = at else {
             self.finish_leased(run, token, final_status, None, Some(record))
                 .await?;
             return Ok(());
@@ -524,14 +546,18 @@ impl Inner {
     /// cannot run forever. A run without one returns to its queue with its original
     /// `run_after` (hence its original score) and TTL deadline. A start mark is advisory and
     /// written without waiting: one lost in the crash costs a re-run without counting.
+    ///
+    /// A store shared between processes keeps its start marks out of this rule: the run may be
+    /// executing in another process, and a lapsed lease recovers it if that process died.
     async fn recover(&self, now: Timestamp) -> Result<Effects, EngineError> {
         let mut effects = Effects::default();
+        let marks_count = !self.store.shared_between_processes();
         for record in self.store.unfinished().await? {
             if !LaneName::BUILT_IN.contains(&record.lane.as_str()) {
                 self.queue.add_lane(&record.lane).await?;
             }
             let mut dispatch = record.dispatch();
-            if record.started_at.is_some() {
+            if marks_count && record.started_at.is_some() {
                 let attempt = attempt_record(
                     record.attempt,
                     "crashed",
@@ -1321,12 +1347,6 @@ impl Engine {
     /// shows as an old instant beside ready runs).
     pub fn last_claims(&self) -> std::collections::HashMap<LaneName, Timestamp> {
         self.inner.counters.last_claims()
-    }
-
-    /// Counts leases granted outside the in-process workers (the server's remote workers), so
-    /// claims and their latency show in [`Engine::metrics`].
-    pub fn note_claimed(&self, leases: &[runlane_core::backend::Leased]) {
-        self.inner.counters.claimed(leases, self.now());
     }
 
     /// What the timer service did.

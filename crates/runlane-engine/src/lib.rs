@@ -27,6 +27,11 @@
 //!   recovery at open.
 //! - **Manual retry** keeps env, task, payload, queue, key, priority, retry policy, max duration
 //!   and version lock; it does not keep the TTL.
+//! - **A remote worker's `fail` with `RetryChoice::At(t)`** replaces the policy's backoff, not
+//!   its attempt cap (no attempt left: the run fails); `t` in the past or more than a year ahead
+//!   is refused (`retry_at`). A remote call about a run the worker does not hold under that
+//!   token is `StaleToken` (`Lost` in a heartbeat), even when the token is another worker's live
+//!   lease.
 //! - **Status events** for runs moved by a queue call (admissions, promotions) cost one
 //!   `QueueBackend::live` lookup each, and are only looked up while somebody subscribes.
 
@@ -42,6 +47,7 @@ mod handover;
 mod local;
 mod meta;
 pub mod metrics;
+pub mod remote;
 pub mod trigger;
 pub mod worker;
 
@@ -52,5 +58,10 @@ pub use error::EngineError;
 pub use event::{EnvEvents, RunEvent, RunEventKind, RunEvents, StatusTap};
 pub use external::WeakEngine;
 pub use metrics::{EngineMetrics, START_LATENCY_BUCKETS_MS};
+pub use remote::{
+    ClaimedRun, FailOutcome, RemoteWorker, RemoteWorkerSpec, RetryChoice, WorkloopInfo,
+    RETRY_AT_MAX_AHEAD,
+};
+pub use runlane_core::backend::LeaseState;
 pub use trigger::{TriggerBuilder, TriggerRequest, Triggered, WaitOutcome};
 pub use worker::{CancelToken, DrainReport, HandlerError, RunContext, Worker, WorkerBuilder};

@@ -25,8 +25,7 @@ pub struct EngineMetrics {
     pub triggered_ready: u64,
     /// Triggers answered with an existing run (idempotency key).
     pub idempotent_hits: u64,
-    /// Leases granted (claims by in-process workers and those reported by
-    /// [`crate::Engine::note_claimed`]).
+    /// Leases granted to this process's workers, in-process and remote.
     pub claimed: u64,
     /// Claims per latency bucket (cumulative counts are built by the exporter):
     /// `start_latency_counts[i]` counts latencies ≤ `START_LATENCY_BUCKETS_MS[i]` and above the

@@ -310,54 +310,11 @@ impl WorkerBuilder {
             Some(text) => WorkloopSpec::parse(text)?,
             None => WorkloopSpec::single(1),
         };
-        if spec.0.iter().any(|w| w.slots == 0) {
-            return Err(
-                InvalidInput::new("workloops", "every workloop needs at least 1 slot").into(),
-            );
-        }
-        let lease = self.lease.unwrap_or(inner.config.lease);
-        if lease.is_zero() {
-            return Err(InvalidInput::new("lease", "must be greater than zero").into());
-        }
-        let mut envs: Vec<ServedEnv> = Vec::new();
-        for (name, version) in &self.envs {
-            let env = EnvName::new(name)?;
-            inner.env_settings(&env).await?;
-            let version = match version {
-                Some(v) => {
-                    if inner
-                        .meta
-                        .version(inner.store.as_ref(), &env, *v)
-                        .await?
-                        .is_none()
-                    {
-                        return Err(EngineError::UnknownVersion {
-                            version: *v,
-                            task: String::new(),
-                        });
-                    }
-                    *v
-                }
-                None => inner.meta.current(inner.store.as_ref(), &env).await?.0,
-            };
-            if !envs.iter().any(|s| s.env == env) {
-                envs.push(ServedEnv { env, version });
-            }
-        }
-
-        let now = inner.now();
-        let mut consumers: Vec<ConsumerId> = Vec::new();
-        for workloop in &spec.0 {
-            match inner.queue.register_consumer(&workloop.chain, now).await {
-                Ok(id) => consumers.push(id),
-                Err(e) => {
-                    for id in consumers {
-                        let _ = inner.queue.unregister_consumer(id, now).await;
-                    }
-                    return Err(e.into());
-                }
-            }
-        }
+        let Prepared {
+            envs,
+            lease,
+            consumers,
+        } = prepare(inner, &self.envs, &spec, self.lease).await?;
 
         let (stop_tx, _) = watch::channel(false);
         let shared = Arc::new(WorkerShared {
@@ -389,6 +346,91 @@ impl WorkerBuilder {
             loops,
             heartbeat: Some(heartbeat),
         })
+    }
+}
+
+/// What a worker (in-process or remote) registers before it claims.
+pub(crate) struct Prepared {
+    /// The envs served, at their versions.
+    pub(crate) envs: Vec<ServedEnv>,
+    /// The lease duration.
+    pub(crate) lease: Duration,
+    /// One consumer per workloop, in order.
+    pub(crate) consumers: Vec<ConsumerId>,
+}
+
+/// Checks a worker's settings (slots, lease, envs and versions) and registers one consumer per
+/// workloop; nothing is registered when a check fails.
+pub(crate) async fn prepare(
+    inner: &Inner,
+    served: &[(String, Option<u32>)],
+    spec: &WorkloopSpec,
+    lease: Option<Duration>,
+) -> Result<Prepared, EngineError> {
+    if spec.0.iter().any(|w| w.slots == 0) {
+        return Err(InvalidInput::new("workloops", "every workloop needs at least 1 slot").into());
+    }
+    let lease = lease.unwrap_or(inner.config.lease);
+    if lease.is_zero() {
+        return Err(InvalidInput::new("lease", "must be greater than zero").into());
+    }
+    let mut envs: Vec<ServedEnv> = Vec::new();
+    for (name, version) in served {
+        let env = EnvName::new(name)?;
+        inner.env_settings(&env).await?;
+        let version = match version {
+            Some(v) => {
+                if inner
+                    .meta
+                    .version(inner.store.as_ref(), &env, *v)
+                    .await?
+                    .is_none()
+                {
+                    return Err(EngineError::UnknownVersion {
+                        version: *v,
+                        task: String::new(),
+                    });
+                }
+                *v
+            }
+            None => inner.meta.current(inner.store.as_ref(), &env).await?.0,
+        };
+        if !envs.iter().any(|s| s.env == env) {
+            envs.push(ServedEnv { env, version });
+        }
+    }
+
+    let now = inner.now();
+    let mut consumers: Vec<ConsumerId> = Vec::new();
+    for workloop in &spec.0 {
+        match inner.queue.register_consumer(&workloop.chain, now).await {
+            Ok(id) => consumers.push(id),
+            Err(e) => {
+                for id in consumers {
+                    let _ = inner.queue.unregister_consumer(id, now).await;
+                }
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(Prepared {
+        envs,
+        lease,
+        consumers,
+    })
+}
+
+/// Unregisters a workloop's consumer and applies what that changed (orphaned lanes).
+pub(crate) async fn unregister(engine: &Inner, worker: WorkerId, consumer: ConsumerId) {
+    match engine
+        .queue
+        .unregister_consumer(consumer, engine.now())
+        .await
+    {
+        Ok(effects) => engine.apply(effects, None).await,
+        Err(e) => {
+            tracing::warn!(worker = %worker, error = %e, "unregistering a consumer failed")
+        }
     }
 }
 
@@ -598,16 +640,7 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
             }
         }
     }
-    match engine
-        .queue
-        .unregister_consumer(consumer, engine.now())
-        .await
-    {
-        Ok(effects) => engine.apply(effects, None).await,
-        Err(e) => {
-            tracing::warn!(worker = %shared.id, error = %e, "unregistering a consumer failed")
-        }
-    }
+    unregister(&engine, shared.id, consumer).await;
 }
 
 /// One heartbeat per `lease / 3` for all the worker's leases, only while it has any.
@@ -659,7 +692,7 @@ async fn heartbeat(shared: Arc<WorkerShared>) {
 }
 
 /// What a workloop has of a claimed run before it starts it.
-enum Loaded {
+pub(crate) enum Loaded {
     /// Handed over by this process's trigger.
     Handed(Handed),
     /// Read back from the store (`None`: not there).
@@ -670,7 +703,7 @@ enum Loaded {
 
 /// The task and payload of each claimed run, in claim order: handed over when this process
 /// triggered it, else read back from the store, one read for all of the claim's runs.
-async fn load_claimed(engine: &Inner, leases: &[Leased]) -> Vec<Loaded> {
+pub(crate) async fn load_claimed(engine: &Inner, leases: &[Leased]) -> Vec<Loaded> {
     let mut out: Vec<Option<Loaded>> = leases
         .iter()
         .map(|l| engine.handover.take(l.dispatch.run_id).map(Loaded::Handed))
@@ -705,6 +738,48 @@ async fn load_claimed(engine: &Inner, leases: &[Leased]) -> Vec<Loaded> {
         .collect()
 }
 
+/// What a claimed run turned out to be once loaded.
+pub(crate) enum Resolved {
+    /// Ready to run: its task, payload and retry policy.
+    Ready(Handed),
+    /// It ended in the store while it waited, or is not there: its lease was let go.
+    Gone,
+    /// It could not be read: the caller hands it back without an attempt.
+    Unloadable(StoreError),
+}
+
+/// Turns what [`load_claimed`] found into a runnable run. (A run handed over cannot have ended
+/// in the store: every terminal write outside a lease first takes the run out of the queue.)
+pub(crate) async fn resolve(
+    engine: &Inner,
+    run: RunId,
+    token: FencingToken,
+    loaded: Loaded,
+) -> Resolved {
+    match loaded {
+        Loaded::Handed(handed) => Resolved::Ready(handed),
+        Loaded::Record(Some(record)) if record.status.is_terminal() => {
+            // Cancelled (or ended) in the store while it waited in the queue.
+            engine.queue_finish_quietly(run, token).await;
+            Resolved::Gone
+        }
+        Loaded::Record(Some(record)) => {
+            let record = *record;
+            Resolved::Ready(Handed {
+                task: record.task,
+                payload: record.payload,
+                retry: record.retry,
+            })
+        }
+        Loaded::Record(None) => {
+            tracing::warn!(%run, "claimed run is not in the store; dropping it");
+            engine.queue_finish_quietly(run, token).await;
+            Resolved::Gone
+        }
+        Loaded::Failed(e) => Resolved::Unloadable(e),
+    }
+}
+
 /// Runs one leased attempt to its end.
 async fn execute(
     shared: Arc<WorkerShared>,
@@ -724,32 +799,11 @@ async fn execute(
     let d = &leased.dispatch;
     engine.publish(run, &d.env, RunStatus::Executing, d.attempt);
 
-    // A run triggered in this process comes with its payload; any other is read back. (A run
-    // handed over cannot have ended in the store: every terminal write outside a lease first
-    // takes the run out of the queue.)
-    let handed = match loaded {
-        Loaded::Handed(handed) => handed,
-        Loaded::Record(record) => match record {
-            Some(record) if record.status.is_terminal() => {
-                // Cancelled (or ended) in the store while it waited in the queue.
-                engine.queue_finish_quietly(run, token).await;
-                return;
-            }
-            Some(record) => {
-                let record = *record;
-                Handed {
-                    task: record.task,
-                    payload: record.payload,
-                    retry: record.retry,
-                }
-            }
-            None => {
-                tracing::warn!(%run, "claimed run is not in the store; dropping it");
-                engine.queue_finish_quietly(run, token).await;
-                return;
-            }
-        },
-        Loaded::Failed(e) => {
+    // A run triggered in this process comes with its payload; any other is read back.
+    let handed = match resolve(&engine, run, token, loaded).await {
+        Resolved::Ready(handed) => handed,
+        Resolved::Gone => return,
+        Resolved::Unloadable(e) => {
             // Without the payload nothing can run: hand the run back without an attempt.
             tracing::warn!(%run, error = %e, "claimed run could not be loaded; releasing it");
             release(&shared, run, token, &d.env, d.attempt).await;

@@ -58,6 +58,7 @@ pub fn api() -> OpenApiRouter<AppState> {
         .merge(routes::envs::router())
         .merge(routes::keys::router())
         .merge(routes::runs::router())
+        .merge(routes::workers::router())
         .merge(routes::admin::router())
         .merge(routes::events::router())
 }

@@ -7,6 +7,7 @@ use runlane::{Distributed, Engine};
 use crate::config::ServerConfig;
 use crate::events::EventLog;
 use crate::keys::{KeyCache, KeyStore};
+use crate::routes::workers::WorkerRegistry;
 
 /// The engine in the shape the server opened.
 pub enum Backend {
@@ -57,6 +58,7 @@ struct Inner {
     keys: Arc<dyn KeyStore>,
     cache: KeyCache,
     config: ServerConfig,
+    workers: WorkerRegistry,
     events: Arc<EventLog>,
     closing: tokio::sync::watch::Sender<bool>,
 }
@@ -70,6 +72,7 @@ impl AppState {
                 keys,
                 cache: KeyCache::default(),
                 config,
+                workers: WorkerRegistry::default(),
                 events: Arc::new(EventLog::default()),
                 closing: tokio::sync::watch::channel(false).0,
             }),
@@ -99,6 +102,11 @@ impl AppState {
     /// The server's config.
     pub fn config(&self) -> &ServerConfig {
         &self.inner.config
+    }
+
+    /// The remote workers registered through the worker protocol.
+    pub fn workers(&self) -> &WorkerRegistry {
+        &self.inner.workers
     }
 
     /// The SSE event log.

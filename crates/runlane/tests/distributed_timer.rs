@@ -8,6 +8,8 @@
 //!   engine takes over within one timer lease and promotes a delayed run on time;
 //! - a run completed by one engine's worker answers the other engine's `wait` at once (the
 //!   terminal status crosses processes on `{prefix}:events`);
+//! - an engine opening while another one runs an attempt (its start mark in PostgreSQL) leaves
+//!   the attempt alone: the store is shared, so the lease, not the open, decides a crash;
 //! - `announce` (the Redis side of announcements) answers only deadlines earlier than the one the
 //!   owner last armed.
 //!
@@ -228,6 +230,82 @@ async fn a_wait_answers_when_another_process_completes_the_run() {
     .await
     .expect("the run's events end");
     assert_eq!(last, Some(RunStatus::Completed));
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_opening_beside_a_running_attempt_does_not_count_it_crashed() {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let prefix = redis_support::fresh_prefix("marks");
+    let schema = format!("rlt_marks_{}_{n}", std::process::id());
+    let a = open(&prefix, &schema, false).await;
+    let (started_tx, mut started_rx) = mpsc::unbounded_channel();
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let gate = release.clone();
+    let worker = a
+        .worker()
+        .handler("job", move |ctx: RunContext| {
+            let started_tx = started_tx.clone();
+            let gate = gate.clone();
+            async move {
+                let _ = started_tx.send(ctx.attempt());
+                gate.notified().await;
+                Ok::<Value, HandlerError>(Value::Null)
+            }
+        })
+        .start()
+        .await
+        .expect("worker");
+    let run = a.trigger("job").send().await.expect("trigger").run.id;
+    let first = tokio::time::timeout(Duration::from_secs(10), started_rx.recv())
+        .await
+        .expect("the run starts")
+        .expect("the worker runs");
+    assert_eq!(first, 1);
+    // The start mark reaches PostgreSQL in the background (after `start_flush_after`): wait
+    // until the row has it, so the second engine's open finds the run executing with a mark.
+    let mut conn = {
+        use sqlx::Connection;
+        sqlx::PgConnection::connect(&database_url())
+            .await
+            .expect("postgresql")
+    };
+    let marked = format!("SELECT started_at IS NOT NULL FROM \"{schema}\".runs WHERE id = $1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (has_mark,): (bool,) = sqlx::query_as(&marked)
+            .bind(run.to_bytes().to_vec())
+            .fetch_one(&mut conn)
+            .await
+            .expect("read the row");
+        if has_mark {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no start mark in PostgreSQL after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let b = open(&prefix, &schema, true).await;
+    // B's open did not end the attempt as crashed nor schedule another one.
+    let record = b.get(run).await.expect("get");
+    assert_eq!(record.attempt, 1, "the open counted an attempt: {record:?}");
+    assert_eq!(record.status, RunStatus::Executing);
+    release.notify_one();
+    match a.wait(run, Duration::from_secs(10)).await.expect("wait") {
+        WaitOutcome::Finished(record) => {
+            assert_eq!(record.status, RunStatus::Completed);
+            assert_eq!(record.attempt, 1);
+        }
+        WaitOutcome::Pending { status, .. } => panic!("the run is still {status:?}"),
+    }
+    assert!(
+        started_rx.try_recv().is_err(),
+        "the run was started a second time"
+    );
+    drop(worker);
     b.shutdown().await;
     a.shutdown().await;
 }

@@ -6,3 +6,4 @@ pub mod events;
 pub mod keys;
 pub mod meta;
 pub mod runs;
+pub mod workers;

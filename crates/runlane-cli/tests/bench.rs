@@ -1,0 +1,100 @@
+//! `runlane bench` through the built binary: the JSON line of a latency run in each topology,
+//! and a clear refusal of a topology the backend cannot have. The figures themselves are not
+//! asserted (timing belongs to the bench, not to tests), only that they are real samples.
+//!
+//! The separate-process topology needs Redis (`RUNLANE_REDIS_URL`) and PostgreSQL
+//! (`RUNLANE_DATABASE_URL`).
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn runlane(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_runlane"))
+        .args(args)
+        .output()
+        .expect("run the runlane binary")
+}
+
+fn line(output: &std::process::Output) -> Value {
+    assert!(
+        output.status.success(),
+        "runlane failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    let last = text.lines().last().expect("a result line");
+    serde_json::from_str(last).expect("the result line is JSON")
+}
+
+fn assert_samples(line: &Value, runs: u64) {
+    assert_eq!(line["scenario"], "latency");
+    assert_eq!(line["runs"], runs);
+    let p50 = line["p50_us"].as_u64().expect("p50_us");
+    let p95 = line["p95_us"].as_u64().expect("p95_us");
+    let p99 = line["p99_us"].as_u64().expect("p99_us");
+    assert!(p50 > 0, "a start cannot take 0 µs: {line}");
+    assert!(p50 <= p95 && p95 <= p99, "percentiles out of order: {line}");
+    assert_eq!(line["git_revision"].as_str().map(str::len), Some(7));
+}
+
+#[test]
+fn latency_same_process_on_memory_prints_one_line_with_its_settings() {
+    let line = line(&runlane(&[
+        "bench",
+        "latency",
+        "--backend",
+        "memory",
+        "--runs",
+        "20",
+        "--slots",
+        "2",
+    ]));
+    assert_samples(&line, 20);
+    assert_eq!(line["backend"], "memory");
+    assert_eq!(line["topology"], "same-process");
+    assert_eq!(line["gap_ms"], 0);
+}
+
+#[test]
+fn latency_separate_process_runs_the_worker_in_a_child_process() {
+    let line = line(&runlane(&[
+        "bench",
+        "latency",
+        "--backend",
+        "distributed",
+        "--topology",
+        "separate-process",
+        "--runs",
+        "20",
+        "--slots",
+        "2",
+    ]));
+    assert_samples(&line, 20);
+    assert_eq!(line["backend"], "distributed");
+    assert_eq!(line["topology"], "separate-process");
+    assert_eq!(line["durability"], "strict");
+    // 20 measured runs and the warm-up (at least 10), each inserted once.
+    assert!(line["store_rows_inserted"].as_u64().expect("rows") >= 30);
+}
+
+#[test]
+fn separate_process_on_a_one_process_backend_is_refused_naming_the_flag() {
+    let output = runlane(&[
+        "bench",
+        "latency",
+        "--backend",
+        "embedded",
+        "--topology",
+        "separate-process",
+        "--runs",
+        "5",
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--backend distributed"),
+        "the error names the flag: {stderr}"
+    );
+    assert!(output.stdout.is_empty(), "no result line for a refused run");
+}
