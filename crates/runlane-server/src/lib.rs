@@ -1,10 +1,11 @@
-//! runlane's HTTP server (`runlane serve`): the JSON API under `/v1` (docs/API.md), API keys
-//! and roles, and `/health`.
+//! runlane's HTTP server (`runlane serve`): the JSON API under `/v1` (docs/API.md) with the
+//! worker protocol, API keys and roles, Server-Sent Events, `/health` and `/metrics`.
 //!
-//! The app is a merge of per-area routers over one [`AppState`] (engine, key store, config):
-//! [`api`] answers the areas with their OpenAPI documentation, and [`router`] turns them into
-//! the served `Router` with `/v1/openapi.json`. A new area (the worker protocol) adds its
-//! `OpenApiRouter` in [`api`].
+//! The app is a merge of per-area routers over one [`AppState`] (engine, key store, config,
+//! remote workers, SSE event log): [`api`] answers the areas with their OpenAPI
+//! documentation, and [`router`] turns them into the served `Router` with
+//! `/v1/openapi.json`. A new area adds its `OpenApiRouter` in [`api`] (and a row per route to
+//! the auth matrix in `tests/matrix.rs`, which the OpenAPI test requires).
 
 pub mod auth;
 pub mod config;
