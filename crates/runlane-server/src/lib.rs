@@ -17,7 +17,7 @@ pub mod metrics;
 pub mod routes;
 pub mod server;
 pub mod state;
-mod util;
+pub mod util;
 
 use axum::routing::get;
 use axum::{Json, Router};
@@ -30,6 +30,7 @@ pub use error::ApiError;
 pub use keys::{KeyStore, MemoryKeyStore, PostgresKeyStore, Role, SqliteKeyStore};
 pub use server::{serve, Server, ServerError};
 pub use state::{AppState, Backend};
+pub use util::JsonText;
 
 /// The document's header.
 #[derive(OpenApi)]

@@ -246,3 +246,39 @@ async fn trigger_and_wait_distributed() {
     }
     trigger_and_wait(Shape::Distributed).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_pass_through_exactly() {
+    let s = TestServer::start(Shape::Memory).await;
+    s.env("prod").await;
+    // Key order and a number no f64 holds survive the round trip.
+    let payload = r#"{"b":1,"a":12345678901234567890123,"c":[1.50,"x"]}"#;
+    let body = format!(r#"{{"task":"t","delay_ms":60000,"payload":{payload}}}"#);
+    let resp = s
+        .client
+        .post(format!("{}/v1/envs/prod/runs", s.base))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let triggered: Value = resp.json().await.expect("json");
+    let id = triggered["run_id"].as_str().expect("id");
+    let text = s
+        .client
+        .get(format!("{}/v1/runs/{id}", s.base))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("sent")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        text.contains(&format!(r#""payload":{payload}"#)),
+        "payload changed: {text}"
+    );
+    s.stop().await;
+}

@@ -20,6 +20,7 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
 use crate::json::ApiJson;
 use crate::state::AppState;
+use crate::util::JsonText;
 
 /// A retry policy in a trigger.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -35,39 +36,98 @@ pub struct RetryBody {
     pub factor: Option<f64>,
 }
 
-/// A trigger: one run of `task`.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Trigger {
-    /// The task.
-    pub task: String,
-    /// Any JSON (default null).
-    #[serde(default)]
-    pub payload: Option<serde_json::Value>,
-    /// Overrides the task's queue.
-    pub queue: Option<String>,
-    /// Concurrency key.
-    pub key: Option<String>,
-    /// An existing lane.
-    pub lane: Option<String>,
-    /// Makes the run look this much older.
-    pub priority_ms: Option<u64>,
-    /// Run no earlier than now + this.
-    pub delay_ms: Option<u64>,
-    /// Run no earlier than this instant (wins over `delay_ms`).
-    pub run_at_ms: Option<u64>,
-    /// Expire if not started within this (> 0).
-    pub ttl_ms: Option<u64>,
-    /// Deduplicates triggers with the same (env, task, key).
-    pub idempotency_key: Option<String>,
-    /// Lifetime of the idempotency key.
-    pub idempotency_ttl_ms: Option<u64>,
-    /// Attempts running longer are aborted.
-    pub max_duration_ms: Option<u64>,
-    /// Lock the run to this version.
-    pub version: Option<u32>,
-    /// Overrides the task's retry policy.
-    pub retry: Option<RetryBody>,
+/// Defines a trigger body: the common fields plus the route's own.
+macro_rules! trigger_body {
+    ($(#[$meta:meta])* $name:ident { $($(#[$fmeta:meta])* $field:ident: $ty:ty,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Deserialize, ToSchema)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            /// The task.
+            pub task: String,
+            /// Any JSON (default null), kept exactly as sent.
+            #[serde(default)]
+            pub payload: Option<JsonText>,
+            /// Overrides the task's queue.
+            pub queue: Option<String>,
+            /// Concurrency key.
+            pub key: Option<String>,
+            /// An existing lane.
+            pub lane: Option<String>,
+            /// Makes the run look this much older.
+            pub priority_ms: Option<u64>,
+            /// Run no earlier than now + this.
+            pub delay_ms: Option<u64>,
+            /// Run no earlier than this instant (wins over `delay_ms`).
+            pub run_at_ms: Option<u64>,
+            /// Expire if not started within this (> 0).
+            pub ttl_ms: Option<u64>,
+            /// Deduplicates triggers with the same (env, task, key).
+            pub idempotency_key: Option<String>,
+            /// Lifetime of the idempotency key.
+            pub idempotency_ttl_ms: Option<u64>,
+            /// Attempts running longer are aborted.
+            pub max_duration_ms: Option<u64>,
+            /// Lock the run to this version.
+            pub version: Option<u32>,
+            /// Overrides the task's retry policy.
+            pub retry: Option<RetryBody>,
+            $($(#[$fmeta])* pub $field: $ty,)*
+        }
+    };
+}
+
+trigger_body! {
+    /// A trigger: one run of `task`.
+    Trigger {}
+}
+
+trigger_body! {
+    /// `POST /v1/envs/{env}/runs/wait`: a trigger plus `timeout_ms`.
+    WaitTrigger {
+        /// How long to wait (default 30 000, at most 300 000).
+        timeout_ms: Option<u64>,
+    }
+}
+
+impl WaitTrigger {
+    /// The trigger and the timeout.
+    fn split(self) -> (Trigger, Option<u64>) {
+        let WaitTrigger {
+            task,
+            payload,
+            queue,
+            key,
+            lane,
+            priority_ms,
+            delay_ms,
+            run_at_ms,
+            ttl_ms,
+            idempotency_key,
+            idempotency_ttl_ms,
+            max_duration_ms,
+            version,
+            retry,
+            timeout_ms,
+        } = self;
+        let trigger = Trigger {
+            task,
+            payload,
+            queue,
+            key,
+            lane,
+            priority_ms,
+            delay_ms,
+            run_at_ms,
+            ttl_ms,
+            idempotency_key,
+            idempotency_ttl_ms,
+            max_duration_ms,
+            version,
+            retry,
+        };
+        (trigger, timeout_ms)
+    }
 }
 
 impl Trigger {
@@ -75,8 +135,8 @@ impl Trigger {
     pub fn request(self, env: &str) -> Result<TriggerRequest, ApiError> {
         let mut r = TriggerRequest::new(&self.task)?;
         r.env = EnvName::new(env)?;
-        r.payload = match self.payload {
-            Some(v) => Arc::from(v.to_string()),
+        r.payload = match &self.payload {
+            Some(v) => Arc::from(v.as_str()),
             None => Arc::from("null"),
         };
         r.queue = self.queue.as_deref().map(QueueName::new).transpose()?;
@@ -142,10 +202,10 @@ pub struct Run {
     pub task: String,
     /// Its live status.
     pub status: String,
-    /// Its payload.
-    pub payload: serde_json::Value,
+    /// Its payload, as sent.
+    pub payload: JsonText,
     /// Its output when completed.
-    pub output: Option<serde_json::Value>,
+    pub output: Option<JsonText>,
     /// The last error.
     pub error: Option<String>,
     /// Its queue.
@@ -176,8 +236,8 @@ pub struct Run {
     pub retry_of: Option<String>,
 }
 
-fn json_text(text: &str) -> serde_json::Value {
-    serde_json::from_str(text).unwrap_or_else(|_| serde_json::Value::String(text.to_string()))
+fn json_text(text: &str) -> JsonText {
+    JsonText::from_text(text)
 }
 
 fn ms(d: Duration) -> u64 {
@@ -326,16 +386,6 @@ pub const WAIT_MAX_MS: u64 = 300_000;
 /// The default trigger-and-wait timeout, in milliseconds.
 pub const WAIT_DEFAULT_MS: u64 = 30_000;
 
-/// `POST /v1/envs/{env}/runs/wait`: a trigger plus `timeout_ms`.
-#[derive(Debug, Deserialize, ToSchema)]
-pub struct WaitTrigger {
-    /// The trigger.
-    #[serde(flatten)]
-    pub trigger: Trigger,
-    /// How long to wait (default 30 000, at most 300 000).
-    pub timeout_ms: Option<u64>,
-}
-
 /// The answer of a trigger-and-wait.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct WaitAnswer {
@@ -345,7 +395,7 @@ pub struct WaitAnswer {
     pub status: String,
     /// Its output when completed.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub output: Option<serde_json::Value>,
+    pub output: Option<JsonText>,
     /// Its error when it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -361,26 +411,20 @@ async fn trigger_wait(
     State(state): State<AppState>,
     caller: Caller,
     Path(env): Path<String>,
-    ApiJson(mut body): ApiJson<serde_json::Value>,
+    ApiJson(body): ApiJson<WaitTrigger>,
 ) -> Result<(StatusCode, Json<WaitAnswer>), ApiError> {
     caller.require_env(&env)?;
-    let timeout = match body.as_object_mut() {
-        Some(map) => map.remove("timeout_ms"),
-        None => None,
-    };
+    let (trigger, timeout) = body.split();
     let timeout_ms = match timeout {
-        None | Some(serde_json::Value::Null) => WAIT_DEFAULT_MS,
-        Some(v) => match v.as_u64() {
-            Some(ms) if (1..=WAIT_MAX_MS).contains(&ms) => ms,
-            _ => {
-                return Err(ApiError::invalid(
-                    "timeout_ms",
-                    format!("must be an integer from 1 to {WAIT_MAX_MS}"),
-                ))
-            }
-        },
+        None => WAIT_DEFAULT_MS,
+        Some(ms) if (1..=WAIT_MAX_MS).contains(&ms) => ms,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "timeout_ms",
+                format!("must be an integer from 1 to {WAIT_MAX_MS}"),
+            ))
+        }
     };
-    let trigger: Trigger = crate::json::from_value(body)?;
     let mut request = trigger.request(&env)?;
     request.source = TriggerSource::Sync;
     let engine = state.engine();
