@@ -35,6 +35,7 @@ use crate::error::{ApiError, ErrorBody};
 use crate::events::Following;
 use crate::routes::runs::{visible_run, Run};
 use crate::state::AppState;
+use crate::util::JsonText;
 
 /// The routes of this area.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -56,28 +57,46 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
         .ok_or_else(|| ApiError::invalid("Last-Event-ID", "must be an event id of this API"))
 }
 
+/// The `data` of a progress event: the progress text as the handler sent it.
+#[derive(serde::Serialize)]
+struct ProgressData<'a> {
+    seq: u64,
+    run_id: String,
+    env: &'a str,
+    at_ms: u64,
+    progress: JsonText,
+}
+
 /// One engine event as an SSE event.
 pub fn sse_event(e: &RunEvent) -> Event {
     let (kind, data) = match &e.kind {
         RunEventKind::Status { status, attempt } => (
             "status",
             json!({"seq": e.seq, "run_id": e.run.to_string(), "env": e.env.as_str(),
-                "at_ms": e.at.as_millis(), "status": status.as_str(), "attempt": attempt}),
+                "at_ms": e.at.as_millis(), "status": status.as_str(), "attempt": attempt})
+            .to_string(),
         ),
         RunEventKind::Progress(p) => (
             "progress",
-            json!({"seq": e.seq, "run_id": e.run.to_string(), "env": e.env.as_str(),
-                "at_ms": e.at.as_millis(),
-                "progress": serde_json::from_str::<serde_json::Value>(p)
-                    .unwrap_or_else(|_| serde_json::Value::String(p.to_string()))}),
+            serde_json::to_string(&ProgressData {
+                seq: e.seq,
+                run_id: e.run.to_string(),
+                env: e.env.as_str(),
+                at_ms: e.at.as_millis(),
+                progress: JsonText::from_text(p),
+            })
+            .unwrap_or_default(),
         ),
     };
-    let event = Event::default().event(kind).data(data.to_string());
-    // Synthesized events (seq 0, a resync after lag) carry no id.
-    if e.seq == 0 {
+    with_id(Event::default().event(kind).data(data), e.seq)
+}
+
+/// Sets the event id (synthesized events, seq 0, a resync after lag, carry none).
+fn with_id(event: Event, seq: u64) -> Event {
+    if seq == 0 {
         event
     } else {
-        event.id(e.seq.to_string())
+        event.id(seq.to_string())
     }
 }
 
