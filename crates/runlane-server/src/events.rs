@@ -13,9 +13,19 @@ use runlane::{Engine, RunEvent};
 use tokio::sync::broadcast;
 
 /// The logs of the followed envs.
-#[derive(Default)]
 pub struct EventLog {
     envs: Mutex<HashMap<String, Arc<EnvLog>>>,
+    boot: u64,
+}
+
+impl Default for EventLog {
+    fn default() -> Self {
+        use rand::RngCore;
+        EventLog {
+            envs: Mutex::new(HashMap::new()),
+            boot: u64::from(rand::rngs::OsRng.next_u32()),
+        }
+    }
 }
 
 /// One env's buffer and channel.
@@ -43,12 +53,12 @@ impl Following {
     }
 
     /// Buffered events with `seq > after`, oldest first, and whether the buffer reaches back
-    /// to `after` (false: some events after it are gone).
+    /// to `after` (false: some events after it may be gone; an empty buffer cannot tell).
     pub fn since(&self, after: u64) -> (Vec<RunEvent>, bool) {
         let buffer = self.log.buffer.lock().unwrap_or_else(|p| p.into_inner());
         let complete = buffer
             .front()
-            .is_none_or(|e| e.seq <= after.saturating_add(1));
+            .is_some_and(|e| e.seq <= after.saturating_add(1));
         let events = buffer.iter().filter(|e| e.seq > after).cloned().collect();
         (events, complete)
     }
@@ -57,6 +67,12 @@ impl Following {
 impl EventLog {
     /// Events kept per env for resumption.
     pub const KEEP: usize = 1024;
+    /// This server process's mark in event ids (`{boot}-{seq}`): engine sequence numbers
+    /// start again at each start, so an id from another process resumes nothing.
+    pub fn boot(&self) -> u64 {
+        self.boot
+    }
+
     /// How long an env's log outlives its last client.
     pub const LINGER: Duration = Duration::from_secs(60);
 

@@ -3,6 +3,20 @@
 
 mod support;
 
+/// The sequence part of an event id (`{boot}-{seq}`).
+fn seq(e: &support::Sse) -> u64 {
+    let id = e.id.as_deref().expect("an id");
+    let (_, seq) = id.split_once('-').expect("boot-seq");
+    seq.parse().expect("numeric seq")
+}
+
+/// An id of the same sequence number from another server process.
+fn other_boot(id: &str) -> String {
+    let (boot, seq) = id.split_once('-').expect("boot-seq");
+    let boot: u64 = boot.parse().expect("numeric boot");
+    format!("{}-{seq}", boot + 1)
+}
+
 use std::sync::Arc;
 
 use reqwest::StatusCode;
@@ -61,7 +75,7 @@ async fn events(shape: Shape) {
     let end = run_stream
         .until(|e| e.event == "status" && e.data["status"] == "completed")
         .await;
-    let end_id: u64 = end.id.clone().expect("id").parse().expect("numeric id");
+    let end_id = seq(&end);
     assert!(
         run_stream.next().await.is_none(),
         "the run stream ends after the terminal status"
@@ -74,8 +88,8 @@ async fn events(shape: Shape) {
     let mut resumed =
         SseReader::open(&s, "/v1/envs/prod/events", &env_key, Some(&progress_id)).await;
     let replayed = resumed.until(|e| e.data["run_id"] == run.as_str()).await;
-    let replayed_id: u64 = replayed.id.clone().expect("id").parse().expect("numeric");
-    assert!(replayed_id > progress_id.parse::<u64>().expect("numeric"));
+    let replayed_id = seq(&replayed);
+    assert!(replayed_id > seq(&progress));
     // The progress event is not repeated; the run's end (after it) is replayed.
     assert_eq!(replayed.event, "status", "{replayed:?}");
     assert_eq!(replayed.data["status"], "completed");
@@ -90,12 +104,17 @@ async fn events(shape: Shape) {
     assert!(seen.iter().all(|e| e.event != "snapshot"), "{seen:?}");
     let last = seen.last().expect("events replayed");
     assert_eq!(last.data["status"], "completed");
-    assert_eq!(
-        last.id
-            .as_deref()
-            .map(|i| i.parse::<u64>().expect("numeric")),
-        Some(end_id)
-    );
+    assert_eq!(seq(last), end_id);
+
+    // An id of another server process (a restart) resumes nothing: the run stream starts
+    // with a snapshot, the env stream with a reset.
+    let foreign = other_boot(&progress_id);
+    let mut restarted = SseReader::open(&s, &path, &env_key, Some(&foreign)).await;
+    assert_eq!(restarted.next().await.expect("snapshot").event, "snapshot");
+    let mut env_restarted =
+        SseReader::open(&s, "/v1/envs/prod/events", &env_key, Some(&foreign)).await;
+    assert_eq!(env_restarted.next().await.expect("reset").event, "reset");
+    drop(env_restarted);
 
     // A finished run's new subscriber: snapshot, then its end.
     let mut done = SseReader::open(&s, &path, &env_key, None).await;

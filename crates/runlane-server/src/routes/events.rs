@@ -1,7 +1,7 @@
 //! Server-Sent Events of one run and of one env.
 //!
-//! Every engine event is an SSE event whose `id` is the engine's event sequence number
-//! (increasing, per server process), `event` is `status` or `progress`, and `data` is JSON
+//! Every engine event is an SSE event whose `id` is `{boot}-{seq}` (`seq`: the engine's event
+//! sequence number, increasing), `event` is `status` or `progress`, and `data` is JSON
 //! (`{seq, run_id, env, at_ms, status, attempt}` or `{seq, run_id, env, at_ms, progress}`).
 //!
 //! **A new subscriber** of a run first gets `event: snapshot` (the run as `GET /v1/runs/{id}`
@@ -9,12 +9,14 @@
 //! stream ends after the run's terminal status. A new subscriber of an env gets the env's
 //! events from now on.
 //!
-//! **Resuming** (`Last-Event-ID: n`): the stream first replays the events after `n` that the
+//! `boot` marks this server process: engine sequence numbers start again at each start.
+//!
+//! **Resuming** (`Last-Event-ID`): the stream first replays the events after that id that the
 //! server still holds (the last 1,024 of the env, kept while somebody follows the env and
-//! for up to a minute after), then goes on live, never repeating an event at or before `n`.
-//! When the server no longer holds every event after `n` (too old, or the server
-//! restarted), a run stream starts like a new subscriber's (snapshot first) and an env
-//! stream sends `event: reset` first. A slow env subscriber that falls behind gets
+//! for up to a minute after), then goes on live, never repeating an event at or before it.
+//! When the server cannot tell that it holds every event after the id (too old, nothing
+//! held, or an id of another server process), a run stream starts like a new subscriber's
+//! (snapshot first) and an env stream sends `event: reset` first. A slow env subscriber that falls behind gets
 //! `event: lagged` (`{lost}`) and may reconnect with its last id.
 
 use std::collections::VecDeque;
@@ -44,17 +46,33 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(env_events))
 }
 
-/// `Last-Event-ID` as a number (400 naming the header when it is not one).
-fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+/// Where a `Last-Event-ID` points.
+enum Resume {
+    /// No header: a new subscriber.
+    Fresh,
+    /// After this sequence number of this server process.
+    After(u64),
+    /// An id of another server process (a restart): nothing of it can be resumed.
+    Elsewhere,
+}
+
+/// Reads `Last-Event-ID` (`{boot}-{seq}`; 400 naming the header when it is not one).
+fn resume(headers: &HeaderMap, boot: u64) -> Result<Resume, ApiError> {
     let Some(value) = headers.get("last-event-id") else {
-        return Ok(None);
+        return Ok(Resume::Fresh);
     };
-    value
-        .to_str()
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Some)
-        .ok_or_else(|| ApiError::invalid("Last-Event-ID", "must be an event id of this API"))
+    let parsed = value.to_str().ok().and_then(|v| {
+        let (b, s) = v.trim().split_once('-')?;
+        Some((b.parse::<u64>().ok()?, s.parse::<u64>().ok()?))
+    });
+    match parsed {
+        Some((b, seq)) if b == boot => Ok(Resume::After(seq)),
+        Some(_) => Ok(Resume::Elsewhere),
+        None => Err(ApiError::invalid(
+            "Last-Event-ID",
+            "must be an event id of this API",
+        )),
+    }
 }
 
 /// The `data` of a progress event: the progress text as the handler sent it.
@@ -67,8 +85,8 @@ struct ProgressData<'a> {
     progress: JsonText,
 }
 
-/// One engine event as an SSE event.
-pub fn sse_event(e: &RunEvent) -> Event {
+/// One engine event as an SSE event (id `{boot}-{seq}`).
+pub fn sse_event(e: &RunEvent, boot: u64) -> Event {
     let (kind, data) = match &e.kind {
         RunEventKind::Status { status, attempt } => (
             "status",
@@ -88,15 +106,12 @@ pub fn sse_event(e: &RunEvent) -> Event {
             .unwrap_or_default(),
         ),
     };
-    with_id(Event::default().event(kind).data(data), e.seq)
-}
-
-/// Sets the event id (synthesized events, seq 0, a resync after lag, carry none).
-fn with_id(event: Event, seq: u64) -> Event {
-    if seq == 0 {
+    let event = Event::default().event(kind).data(data);
+    // Synthesized events (seq 0, a resync after lag) carry no id.
+    if e.seq == 0 {
         event
     } else {
-        event.id(seq.to_string())
+        event.id(format!("{boot}-{}", e.seq))
     }
 }
 
@@ -125,7 +140,8 @@ async fn run_events(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let after = last_event_id(&headers)?;
+    let boot = state.events().boot();
+    let resume = resume(&headers, boot)?;
     let record = visible_run(&state, &caller, &id).await?;
     let engine = state.engine();
     // Follow the env first (its buffer then holds what the subscription may race with),
@@ -135,13 +151,13 @@ async fn run_events(
     let mut pending = VecDeque::new();
     let mut last = 0;
     let mut resumed = false;
-    if let Some(after) = after {
+    if let Resume::After(after) = resume {
         let (events, complete) = following.since(after);
         if complete {
             resumed = true;
             last = after;
             for e in events.iter().filter(|e| e.run == record.id) {
-                pending.push_back(sse_event(e));
+                pending.push_back(sse_event(e, boot));
                 last = last.max(e.seq);
             }
         }
@@ -159,7 +175,7 @@ async fn run_events(
         closed: Box::pin(state.closed()),
         _following: following,
     };
-    let stream = stream::unfold(init, |mut s| async move {
+    let stream = stream::unfold(init, move |mut s| async move {
         loop {
             if let Some(event) = s.pending.pop_front() {
                 return Some((Ok(event), s));
@@ -173,7 +189,7 @@ async fn run_events(
                     Some(e) => {
                         s.last = s.last.max(e.seq);
                         s.done = e.is_terminal();
-                        return Some((Ok(sse_event(&e)), s));
+                        return Some((Ok(sse_event(&e, boot)), s));
                     }
                     None => return None,
                 },
@@ -205,26 +221,32 @@ async fn env_events(
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     caller.require_env(&env)?;
-    let after = last_event_id(&headers)?;
+    let boot = state.events().boot();
+    let resume = resume(&headers, boot)?;
     let engine = state.engine();
     engine.env_settings(&env).await?;
     let following = state.events().follow(engine, &env)?;
     let rx = following.receiver();
     let mut pending = VecDeque::new();
     let mut last = 0;
-    if let Some(after) = after {
-        let (events, complete) = following.since(after);
-        if !complete {
-            pending.push_back(
-                Event::default()
-                    .event("reset")
-                    .data(json!({"reason": "events after Last-Event-ID are gone"}).to_string()),
-            );
-        }
-        last = after;
-        for e in &events {
-            pending.push_back(sse_event(e));
-            last = last.max(e.seq);
+    let reset = || {
+        Event::default()
+            .event("reset")
+            .data(json!({"reason": "events after Last-Event-ID are gone"}).to_string())
+    };
+    match resume {
+        Resume::Fresh => {}
+        Resume::Elsewhere => pending.push_back(reset()),
+        Resume::After(after) => {
+            let (events, complete) = following.since(after);
+            if !complete {
+                pending.push_back(reset());
+            }
+            last = after;
+            for e in &events {
+                pending.push_back(sse_event(e, boot));
+                last = last.max(e.seq);
+            }
         }
     }
     let init = EnvStream {
@@ -234,7 +256,7 @@ async fn env_events(
         closed: Box::pin(state.closed()),
         _following: following,
     };
-    let stream = stream::unfold(init, |mut s| async move {
+    let stream = stream::unfold(init, move |mut s| async move {
         loop {
             if let Some(event) = s.pending.pop_front() {
                 return Some((Ok(event), s));
@@ -244,7 +266,7 @@ async fn env_events(
                     Ok(e) if e.seq <= s.last => continue,
                     Ok(e) => {
                         s.last = e.seq;
-                        return Some((Ok(sse_event(&e)), s));
+                        return Some((Ok(sse_event(&e, boot)), s));
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         let data = json!({"lost": n}).to_string();
