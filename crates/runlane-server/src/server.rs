@@ -4,7 +4,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use runlane::EngineBuilder;
+use runlane::{EngineBuilder, EngineConfig};
 
 use crate::config::{BackendConfig, ServerConfig};
 use crate::keys::{
@@ -40,14 +40,19 @@ impl Server {
         let (backend, keys): (Backend, Arc<dyn KeyStore>) = match &config.backend {
             BackendConfig::Memory => (
                 Backend::Memory(
-                    runlane::memory()
+                    runlane::memory_with(engine_builder(&config))
                         .await
                         .map_err(|e| ServerError::Open(e.into()))?,
                 ),
                 Arc::new(MemoryKeyStore::new()),
             ),
             BackendConfig::Embedded { data_dir } => {
-                let engine = runlane::embedded(data_dir.join("runs.db")).await?;
+                let engine = runlane::embedded_with(
+                    engine_builder(&config),
+                    data_dir.join("runs.db"),
+                    runlane::SqliteConfig::default(),
+                )
+                .await?;
                 let path = data_dir.join("keys.db");
                 let keys = tokio::task::spawn_blocking(move || SqliteKeyStore::open(&path))
                     .await
@@ -56,7 +61,7 @@ impl Server {
             }
             BackendConfig::Distributed(dist) => {
                 let shape =
-                    runlane::distributed_with(EngineBuilder::new(), (**dist).clone()).await?;
+                    runlane::distributed_with(engine_builder(&config), (**dist).clone()).await?;
                 let keys =
                     PostgresKeyStore::open(&dist.postgres.url, &dist.postgres.schema).await?;
                 (Backend::Distributed(Box::new(shape)), Arc::new(keys))
@@ -115,6 +120,16 @@ impl Server {
         served?;
         Ok(())
     }
+}
+
+/// The engine's settings from the server's: a batch as large as the server takes, a payload
+/// as large as a body.
+fn engine_builder(config: &ServerConfig) -> EngineBuilder {
+    EngineBuilder::new().config(EngineConfig {
+        batch_max: config.max_batch.max(1),
+        payload_max_bytes: config.max_body_bytes.max(1),
+        ..EngineConfig::default()
+    })
 }
 
 /// Binds and serves `config` until `shutdown` resolves.

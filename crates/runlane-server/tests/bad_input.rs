@@ -379,6 +379,24 @@ async fn bad_input(shape: Shape) {
             Some("timeout_ms"),
         ),
     ];
+    cases.push(case(
+        "bad env name",
+        Method::POST,
+        "/v1/envs",
+        "{\"name\":\"no spaces\"}",
+        S::BAD_REQUEST,
+        "invalid_input",
+        Some("name"),
+    ));
+    cases.push(case(
+        "bad lane name",
+        Method::POST,
+        "/v1/lanes",
+        "{\"name\":\"no spaces\"}",
+        S::BAD_REQUEST,
+        "invalid_input",
+        Some("name"),
+    ));
     let mut wrong_type = case(
         "wrong content type",
         Method::POST,

@@ -282,3 +282,18 @@ async fn payloads_pass_through_exactly() {
     );
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_batch_above_the_engine_default_is_honoured() {
+    let s = TestServer::start_with(Shape::Memory, |c| c.max_batch = 1_100).await;
+    s.env("prod").await;
+    let runs: Vec<Value> = (0..1_001)
+        .map(|_| json!({"task": "t", "delay_ms": 3_600_000}))
+        .collect();
+    let (st, body) = s
+        .post("/v1/envs/prod/runs/batch", ADMIN, json!({ "runs": runs }))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    assert_eq!(body["runs"].as_array().map(Vec::len), Some(1_001));
+    s.stop().await;
+}

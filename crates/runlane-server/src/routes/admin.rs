@@ -149,7 +149,8 @@ async fn create_lane(
     ApiJson(body): ApiJson<CreateLane>,
 ) -> Result<(StatusCode, Json<Lane>), ApiError> {
     caller.require_admin()?;
-    let name = runlane::core::LaneName::new(&body.name)?;
+    let name = runlane::core::LaneName::new(&body.name)
+        .map_err(|e| ApiError::invalid("name", e.reason))?;
     let engine = state.engine();
     if engine.lanes().await?.iter().any(|l| l.name == name) {
         return Err(ApiError::conflict(format!("lane {:?} exists", body.name)).field("name"));

@@ -110,7 +110,8 @@ async fn create_env(
     ApiJson(body): ApiJson<CreateEnv>,
 ) -> Result<(StatusCode, Json<Env>), ApiError> {
     caller.require_admin()?;
-    let name = runlane::core::EnvName::new(&body.name)?;
+    let name =
+        runlane::core::EnvName::new(&body.name).map_err(|e| ApiError::invalid("name", e.reason))?;
     let engine = state.engine();
     match engine.env_settings(name.as_str()).await {
         Ok(_) => {
