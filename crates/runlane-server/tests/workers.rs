@@ -69,6 +69,23 @@ async fn run_status(server: &TestServer, run: &str) -> Value {
     body
 }
 
+/// Everything a bad worker call could have changed: runs, envs (a declared task makes a new
+/// version), lanes (a registration adds consumers).
+async fn snapshot(server: &TestServer) -> Value {
+    let mut out = serde_json::Map::new();
+    for path in [
+        "/v1/envs/default/runs?limit=1000",
+        "/v1/envs",
+        "/v1/envs/default",
+        "/v1/lanes",
+    ] {
+        let (status, body) = server.get(path, ADMIN).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        out.insert(path.to_string(), body);
+    }
+    Value::Object(out)
+}
+
 async fn worker_key(server: &TestServer) -> String {
     server.key("worker", &["default"]).await.1
 }
@@ -281,6 +298,7 @@ async fn bad_input_names_the_field(shape: Shape) {
         let (server, key) = (&server, &key);
         async move { server.post("/v1/workers", key, body).await }
     };
+    let before = snapshot(&server).await;
     let (status, body) = register_with(
         json!({ "envs": [{ "env": "default" }], "workloops": "manual>*:x", "tasks": ["new"] }),
     )
@@ -306,6 +324,22 @@ async fn bad_input_names_the_field(shape: Shape) {
     .await;
     assert_error(status, &body, StatusCode::BAD_REQUEST, "unknown_field");
     assert_eq!(body["error"]["field"], "colour");
+    let (status, body) = register_with(
+        json!({ "envs": [{ "env": "default" }], "workloops": "manual>*:1", "tasks": ["bad name!"] }),
+    )
+    .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_input");
+    assert_eq!(body["error"]["field"], "tasks");
+    let (status, body) = register_with(
+        json!({ "envs": [{ "env": "default", "version": 99 }], "workloops": "manual>*:1" }),
+    )
+    .await;
+    assert!(status.is_client_error(), "{status} {body}");
+    assert_eq!(
+        snapshot(&server).await,
+        before,
+        "a refused registration changes nothing"
+    );
 
     let worker = register(&server, &key, "manual>*:1", 30000).await;
     let claim_with = |body: Value| {
@@ -332,6 +366,7 @@ async fn bad_input_names_the_field(shape: Shape) {
     let run = trigger(&server, 1).await;
     let claimed = claim(&server, &key, &worker, 1).await;
     let token = claimed[0]["token"].clone();
+    let before = snapshot(&server).await;
     for (retry, field) in [
         (json!("sometimes"), "retry"),
         (json!({ "at_ms": "soon" }), "retry.at_ms"),
@@ -357,6 +392,11 @@ async fn bad_input_names_the_field(shape: Shape) {
         .await;
     assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_input");
     assert_eq!(body["error"]["field"], "runs[0].run_id");
+    assert_eq!(
+        snapshot(&server).await,
+        before,
+        "refused run calls change nothing"
+    );
     let (status, body) = server
         .post(
             "/v1/workers/w_nobody/claim",

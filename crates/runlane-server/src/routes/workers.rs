@@ -451,6 +451,11 @@ async fn register(
     if body.lease_ms == Some(0) {
         return Err(ApiError::invalid("lease_ms", "must be greater than zero"));
     }
+    for task in body.tasks.iter().flatten() {
+        if let Err(e) = runlane::core::TaskName::new(task) {
+            return Err(ApiError::invalid("tasks", format!("{task:?}: {}", e.reason)));
+        }
+    }
     let engine = state.engine();
     let worker = engine
         .remote_worker(RemoteWorkerSpec {
