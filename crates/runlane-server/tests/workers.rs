@@ -668,6 +668,32 @@ async fn an_idle_worker_is_dropped(shape: Shape) {
     server.stop().await;
 }
 
+async fn a_long_poll_keeps_its_worker(shape: Shape) {
+    let server = TestServer::start(shape).await;
+    let key = worker_key(&server).await;
+    // Three leases are 750 ms; the poll waits 2 s with nothing to claim.
+    let worker = register(&server, &key, "manual>*:1", 250).await;
+    let (status, body) = server
+        .post(
+            &format!("/v1/workers/{worker}/claim"),
+            &key,
+            json!({ "workloop": 0, "max": 1, "wait_ms": 2000 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({ "runs": [] }));
+    // The claim's end counts as activity too: the worker is still there.
+    let (status, body) = server
+        .post(
+            &format!("/v1/workers/{worker}/heartbeat"),
+            &key,
+            json!({ "runs": [] }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    server.stop().await;
+}
+
 macro_rules! on_shapes {
     ($($scenario:ident),* $(,)?) => {
         mod memory {
@@ -708,6 +734,7 @@ on_shapes!(
     keys_outside_their_env_or_role_are_403,
     a_cancel_is_reported_by_the_heartbeat,
     an_idle_worker_is_dropped,
+    a_long_poll_keeps_its_worker,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
