@@ -626,7 +626,7 @@ async fn an_idle_worker_is_dropped(shape: Shape) {
     let key = worker_key(&server).await;
     let (_, theirs) = server.key("worker", &["other"]).await;
     let run = trigger(&server, 1).await;
-    let worker = register(&server, &key, "manual>*:1", 200).await;
+    let worker = register(&server, &key, "manual>*:1", 400).await;
     let claimed = claim(&server, &key, &worker, 1).await;
     assert_eq!(claimed[0]["run_id"], run.as_str());
     // Probed with another env's key: 403 while the worker exists, 404 once dropped; the probe
