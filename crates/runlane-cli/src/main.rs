@@ -1,11 +1,17 @@
 //! The `runlane` command line. It parses arguments and calls the library; nothing else.
 
 mod bench;
+mod child;
+mod client;
+mod command;
+mod duration;
 mod footprint;
 mod progress;
 mod quickstart;
 mod separate;
 mod serve;
+mod table;
+mod worker;
 
 use std::time::Duration;
 
@@ -57,6 +63,18 @@ enum Command {
         #[arg(long, value_enum)]
         durability: DurabilityArg,
     },
+    /// Triggers a run on a server (`--wait` waits for its end).
+    Trigger(command::trigger::Args),
+    /// Runs on a server: list, show, cancel, retry, reschedule.
+    Runs(command::run::Args),
+    /// Queues of an env: list, set limits, pause, resume.
+    Queues(command::queue::Args),
+    /// Lanes: list, add.
+    Lanes(command::lane::Args),
+    /// Envs and API keys: create, list, show, set, keys, create-key, rotate, revoke.
+    Env(command::env::Args),
+    /// A worker that runs a shell command per run, over a server's worker protocol.
+    Worker(worker::Args),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -221,7 +239,19 @@ fn common(c: &BenchCommon, default_runs: u32) -> bench::Common {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line with the causes, no backtrace: the server's code, message and field
+            // are what a user or a script needs.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
@@ -232,6 +262,20 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         match cli.command {
+            Command::Trigger(args) => {
+                let code = command::trigger::run(args).await?;
+                if code != 0 {
+                    use std::io::Write;
+                    let _ = std::io::stdout().flush();
+                    std::process::exit(code);
+                }
+                Ok(())
+            }
+            Command::Runs(args) => command::run::run(args).await,
+            Command::Queues(args) => command::queue::run(args).await,
+            Command::Lanes(args) => command::lane::run(args).await,
+            Command::Env(args) => command::env::run(args).await,
+            Command::Worker(args) => worker::run(args).await,
             Command::Quickstart { runs, memory, data } => {
                 quickstart::run(quickstart::Options { runs, memory, data }).await
             }
