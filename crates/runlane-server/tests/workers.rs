@@ -10,7 +10,6 @@ mod support;
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
-use runlane_server::{BackendConfig, Server, ServerConfig};
 use serde_json::{json, Value};
 use support::{assert_error, distributed_available, Shape, TestServer, ADMIN};
 
@@ -469,136 +468,13 @@ async fn keys_outside_their_env_or_role_are_403(shape: Shape) {
     server.stop().await;
 }
 
-/// A server started here, to reach its engine (the run's cancel comes from the engine, as
-/// from any other caller of the env).
-struct Direct {
-    base: String,
-    client: reqwest::Client,
-    engine: runlane::Engine,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    dir: Option<std::path::PathBuf>,
-}
-
-impl Direct {
-    async fn start(shape: Shape) -> Direct {
-        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut dir = None;
-        let backend = match shape {
-            Shape::Embedded => {
-                let d = std::env::temp_dir()
-                    .join(format!("runlane-workers-test-{}-{n}", std::process::id()));
-                dir = Some(d.clone());
-                BackendConfig::Embedded { data_dir: d }
-            }
-            Shape::Distributed => {
-                let redis = std::env::var("RUNLANE_REDIS_URL")
-                    .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string());
-                let pg = std::env::var("RUNLANE_DATABASE_URL")
-                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
-                let mut c = runlane::DistributedConfig::new(redis, pg);
-                let id = format!("{}_{n}", std::process::id());
-                c.redis.prefix = format!("rlwrk_{id}");
-                c.postgres.schema = format!("rlwrk_{id}");
-                c.throwaway = true;
-                BackendConfig::Distributed(Box::new(c))
-            }
-            Shape::Memory => BackendConfig::Memory,
-        };
-        let mut config = ServerConfig::new(backend);
-        config.listen = "127.0.0.1:0".parse().expect("address");
-        config.admin_key = Some(ADMIN.to_string());
-        config.print_admin_key = false;
-        let server = Server::bind(config).await.expect("server starts");
-        let base = format!("http://{}", server.local_addr().expect("address"));
-        let engine = server.state().engine().clone();
-        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            server
-                .run(async move {
-                    let _ = rx.await;
-                })
-                .await
-                .expect("server runs");
-        });
-        Direct {
-            base,
-            client: reqwest::Client::new(),
-            engine,
-            stop: Some(stop),
-            task: Some(task),
-            dir,
-        }
-    }
-
-    async fn post(&self, path: &str, key: &str, body: Value) -> (StatusCode, Value) {
-        let resp = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(key)
-            .json(&body)
-            .send()
-            .await
-            .expect("request sent");
-        let status = resp.status();
-        let text = resp.text().await.expect("body read");
-        let value = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        (status, value)
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.await.expect("server task");
-        }
-        if let Some(dir) = self.dir.take() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
-
 async fn a_cancel_is_reported_by_the_heartbeat(shape: Shape) {
-    let server = Direct::start(shape).await;
-    let (status, body) = server
-        .post(
-            "/v1/keys",
-            ADMIN,
-            json!({ "role": "worker", "envs": ["default"] }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let key = body["key"].as_str().expect("key").to_string();
-    let (status, body) = server
-        .post("/v1/envs/default/runs", ADMIN, json!({ "task": "job" }))
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let run = body["run_id"].as_str().expect("run_id").to_string();
-    let (status, body) = server
-        .post(
-            "/v1/workers",
-            &key,
-            json!({ "envs": [{ "env": "default" }], "workloops": "manual>*:1" }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let worker = body["worker_id"].as_str().expect("worker_id").to_string();
-    let (status, body) = server
-        .post(
-            &format!("/v1/workers/{worker}/claim"),
-            &key,
-            json!({ "workloop": 0, "max": 1, "wait_ms": 10_000 }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["runs"][0]["run_id"], run.as_str(), "{body}");
-    let token = body["runs"][0]["token"].clone();
+    let server = TestServer::start(shape).await;
+    let key = worker_key(&server).await;
+    let run = trigger(&server, 1).await;
+    let worker = register(&server, &key, "manual>*:1", 30000).await;
+    let claimed = claim(&server, &key, &worker, 1).await;
+    let token = claimed[0]["token"].clone();
 
     let heartbeat = json!({ "runs": [{ "run_id": run, "token": token }] });
     let path = format!("/v1/workers/{worker}/heartbeat");
@@ -606,8 +482,15 @@ async fn a_cancel_is_reported_by_the_heartbeat(shape: Shape) {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body, json!({ "cancelled": [], "lost": [] }));
 
-    let run_id: runlane::core::RunId = run.parse().expect("run id");
-    server.engine.cancel(run_id).await.expect("cancel");
+    let (status, body) = server
+        .call(
+            Method::POST,
+            &format!("/v1/runs/{run}/cancel"),
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     let (status, body) = server.post(&path, &key, heartbeat).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body, json!({ "cancelled": [run], "lost": [] }));
@@ -622,8 +505,7 @@ async fn a_cancel_is_reported_by_the_heartbeat(shape: Shape) {
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body, json!({ "status": "canceled", "retry_at_ms": null }));
-    let record = server.engine.get(run_id).await.expect("get");
-    assert_eq!(record.status, runlane::core::RunStatus::Canceled);
+    assert_eq!(run_status(&server, &run).await["status"], "canceled");
     server.stop().await;
 }
 
