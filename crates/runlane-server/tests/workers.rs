@@ -2,8 +2,9 @@
 //! distributed when Redis and PostgreSQL answer (always under CI): the whole cycle (register,
 //! claim, heartbeat, progress, complete, fail with each retry choice, delete), stale tokens
 //! (409 `stale_token`), bad input naming its field (400), keys of another env or role (403),
-//! a cancel reported by the heartbeat, and a worker dropped after three idle leases with its
-//! held run back in its queue.
+//! a cancel reported by the heartbeat, a worker dropped after three idle leases (its run no
+//! longer held), and a long-poll longer than three leases keeping its worker. The worker
+//! routes' rows of the auth matrix are in `matrix.rs`.
 
 mod support;
 
