@@ -9,6 +9,7 @@ mod footprint;
 mod progress;
 mod quickstart;
 mod separate;
+mod serve;
 mod table;
 mod worker;
 
@@ -39,6 +40,8 @@ enum Command {
         #[arg(long, default_value = "./runlane-data", env = "RUNLANE_DATA")]
         data: std::path::PathBuf,
     },
+    /// The HTTP server: the JSON API under /v1 (docs/API.md), embedded by default.
+    Serve(serve::ServeArgs),
     /// Benchmarks, one JSON line per result.
     Bench {
         #[command(subcommand)]
@@ -276,6 +279,7 @@ fn run() -> anyhow::Result<()> {
             Command::Quickstart { runs, memory, data } => {
                 quickstart::run(quickstart::Options { runs, memory, data }).await
             }
+            Command::Serve(args) => serve::run(args).await,
             Command::Bench { scenario } => {
                 let line = match scenario {
                     BenchScenario::Latency {

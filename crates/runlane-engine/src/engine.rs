@@ -1214,6 +1214,12 @@ impl Engine {
         self.inner.env_settings(&EnvName::new(env)?).await
     }
 
+    /// Every env with its settings, as the run store holds them.
+    pub async fn envs(&self) -> Result<Vec<(EnvName, EnvSettings)>, EngineError> {
+        self.inner.check_open()?;
+        Ok(self.inner.store.envs().await?)
+    }
+
     /// Sets a queue's settings (raising limits or resuming admits at once).
     pub async fn set_queue(
         &self,

@@ -1,0 +1,161 @@
+//! `runlane serve`: settings from flags > environment > `--config` file > defaults, then the
+//! server until SIGINT or SIGTERM (in-flight requests drain, the engine shuts down).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use runlane_server::{BackendConfig, ServerConfig};
+use serde::Deserialize;
+
+/// Arguments of `runlane serve`.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:7878].
+    #[arg(long, env = "RUNLANE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// In-memory backends (no durability).
+    #[arg(long, conflicts_with_all = ["redis", "postgres", "data"])]
+    memory: bool,
+    /// Data directory of the embedded engine [default: ./runlane-data].
+    #[arg(long, env = "RUNLANE_DATA")]
+    data: Option<PathBuf>,
+    /// Distributed: the Redis server (with --postgres).
+    #[arg(long, env = "RUNLANE_SERVE_REDIS", requires = "postgres")]
+    redis: Option<String>,
+    /// Distributed: the PostgreSQL server (with --redis).
+    #[arg(long, env = "RUNLANE_SERVE_POSTGRES", requires = "redis")]
+    postgres: Option<String>,
+    /// Largest request body in bytes [default: 1048576].
+    #[arg(long, env = "RUNLANE_MAX_BODY_BYTES")]
+    max_body_bytes: Option<usize>,
+    /// Largest trigger batch [default: 500].
+    #[arg(long, env = "RUNLANE_MAX_BATCH")]
+    max_batch: Option<usize>,
+    /// A TOML file with any of: listen, backend ("memory" | "embedded" | "distributed"),
+    /// data, redis, postgres, max_body_bytes, max_batch.
+    #[arg(long, env = "RUNLANE_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+/// The `--config` file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    backend: Option<String>,
+    data: Option<PathBuf>,
+    redis: Option<String>,
+    postgres: Option<String>,
+    max_body_bytes: Option<usize>,
+    max_batch: Option<usize>,
+}
+
+/// Resolves the settings (flags and environment win over the file, the file over defaults).
+fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
+    let file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --config {}", path.display()))?;
+            toml::from_str::<FileConfig>(&text)
+                .with_context(|| format!("parsing --config {}", path.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let backend = if args.memory {
+        BackendConfig::Memory
+    } else if let (Some(redis), Some(postgres)) = (&args.redis, &args.postgres) {
+        BackendConfig::Distributed(Box::new(runlane::DistributedConfig::new(redis, postgres)))
+    } else if args.data.is_some() {
+        BackendConfig::Embedded {
+            data_dir: args.data.clone().unwrap_or_default(),
+        }
+    } else {
+        match file.backend.as_deref() {
+            Some("memory") => BackendConfig::Memory,
+            Some("distributed") => {
+                let redis = file
+                    .redis
+                    .clone()
+                    .context("--config: backend \"distributed\" needs redis")?;
+                let postgres = file
+                    .postgres
+                    .clone()
+                    .context("--config: backend \"distributed\" needs postgres")?;
+                BackendConfig::Distributed(Box::new(runlane::DistributedConfig::new(
+                    redis, postgres,
+                )))
+            }
+            Some("embedded") | None => BackendConfig::Embedded {
+                data_dir: file
+                    .data
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("./runlane-data")),
+            },
+            Some(other) => anyhow::bail!(
+                "--config: backend {other:?} is not one of memory, embedded, distributed"
+            ),
+        }
+    };
+    let mut config = ServerConfig::new(backend);
+    if let Some(listen) = args.listen.or(file.listen) {
+        config.listen = listen;
+    }
+    if let Some(n) = args.max_body_bytes.or(file.max_body_bytes) {
+        config.max_body_bytes = n;
+    }
+    if let Some(n) = args.max_batch.or(file.max_batch) {
+        anyhow::ensure!(n >= 1, "max_batch must be at least 1");
+        config.max_batch = n;
+    }
+    config.admin_key = std::env::var("RUNLANE_ADMIN_KEY")
+        .ok()
+        .filter(|k| !k.is_empty());
+    Ok(config)
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            eprintln!("runlane: cannot listen for SIGINT: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                eprintln!("runlane: cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    eprintln!("runlane: shutting down (draining in-flight requests)");
+}
+
+/// Runs the server until a signal.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = resolve(args)?;
+    let shape = match &config.backend {
+        BackendConfig::Memory => "memory".to_string(),
+        BackendConfig::Embedded { data_dir } => format!("embedded, data in {}", data_dir.display()),
+        BackendConfig::Distributed(_) => "distributed (Redis + PostgreSQL)".to_string(),
+    };
+    let server = runlane_server::Server::bind(config)
+        .await
+        .context("starting the server")?;
+    eprintln!("runlane: serving http://{} ({shape})", server.local_addr()?);
+    server.run(shutdown_signal()).await?;
+    eprintln!("runlane: stopped");
+    Ok(())
+}
