@@ -112,6 +112,7 @@ impl EngineBuilder {
             events: EventHub::new(),
             meta: MetaCache::default(),
             local: LocalRegistry::default(),
+            counters: crate::metrics::Counters::new(),
             shutdown: AtomicBool::new(false),
             worker_seq: AtomicU64::new(0),
             declaring: tokio::sync::Mutex::new(()),
@@ -219,6 +220,8 @@ pub(crate) struct Inner {
     pub(crate) events: EventHub,
     pub(crate) meta: MetaCache,
     pub(crate) local: LocalRegistry,
+    /// Counters for metrics.
+    pub(crate) counters: crate::metrics::Counters,
     shutdown: AtomicBool,
     worker_seq: AtomicU64,
     /// Serialises [`Engine::declare_tasks`] in this process (read current, register, promote).
@@ -522,6 +525,7 @@ impl Inner {
         }
         match self.queue.retry(run, token, at, now).await {
             Ok(effects) => {
+                self.counters.retried();
                 let status = if at > now {
                     RunStatus::Delayed
                 } else {
@@ -706,18 +710,23 @@ impl Inner {
                 .finish(run, RunStatus::Expired, None, None, now)
                 .await
             {
-                Ok(record) => self.publish_record(&record),
+                Ok(record) => {
+                    self.counters.expired();
+                    self.publish_record(&record)
+                }
                 Err(StoreError::AlreadyFinished { .. }) => {}
                 Err(e) => tracing::warn!(%run, error = %e, "expiry not recorded"),
             }
         }
         for lapsed in lapsed {
+            self.counters.lease_lost();
             let run = lapsed.dispatch.run_id;
             if let Err(e) = self.recover_lapsed(lapsed).await {
                 tracing::warn!(%run, error = %e, "lapsed lease not recovered");
             }
         }
         for (run, token) in timed_out {
+            self.counters.timed_out();
             if let Err(e) = self.time_out(run, token).await {
                 tracing::warn!(%run, error = %e, "timed out attempt not ended");
             }
@@ -1327,6 +1336,17 @@ impl Engine {
         inner.meta.promoted(&env, version, def);
         inner.apply(effects, None).await;
         Ok(())
+    }
+
+    /// The engine's counters (this process, since open).
+    pub fn metrics(&self) -> crate::metrics::EngineMetrics {
+        self.inner.counters.snapshot()
+    }
+
+    /// When each lane last had a run claimed in this process (readiness: a stalled consumer
+    /// shows as an old instant beside ready runs).
+    pub fn last_claims(&self) -> std::collections::HashMap<LaneName, Timestamp> {
+        self.inner.counters.last_claims()
     }
 
     /// What the timer service did.

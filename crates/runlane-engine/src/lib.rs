@@ -46,6 +46,7 @@ mod external;
 mod handover;
 mod local;
 mod meta;
+pub mod metrics;
 pub mod remote;
 pub mod trigger;
 pub mod worker;
@@ -56,6 +57,7 @@ pub use engine::{Engine, EngineBuilder, TimerStats};
 pub use error::EngineError;
 pub use event::{EnvEvents, RunEvent, RunEventKind, RunEvents, StatusTap};
 pub use external::WeakEngine;
+pub use metrics::{EngineMetrics, START_LATENCY_BUCKETS_MS};
 pub use remote::{
     ClaimedRun, FailOutcome, RemoteWorker, RemoteWorkerSpec, RetryChoice, WorkloopInfo,
     RETRY_AT_MAX_AHEAD,

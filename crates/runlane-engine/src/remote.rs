@@ -329,6 +329,7 @@ impl Shared {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
+        engine.counters.claimed(&leases, engine.now());
         // A claim creates lease and attempt deadlines but returns no effects.
         let earliest = leases
             .iter()
@@ -479,8 +480,9 @@ impl RemoteWorker {
 
     /// Claims up to `max` runs for workloop `workloop`, never more than its free slots. When
     /// nothing is ready (or no slot is free) it waits up to `wait` (engine clock) on the
-    /// workloop's lane doorbells and on its slots freeing, without polling; `[]` when the
-    /// wait ends empty.
+    /// workloop's lane doorbells and on its slots freeing (by a call, or by the engine ending
+    /// a held run), without polling; `[]` when the wait ends empty or the worker is closed
+    /// meanwhile.
     pub async fn claim(
         &self,
         workloop: usize,
@@ -516,7 +518,10 @@ impl RemoteWorker {
             changed.as_mut().enable();
             let free = {
                 let _claiming = lp.claiming.lock().await;
-                s.check_open()?;
+                engine.check_open()?;
+                if s.closed.load(Ordering::SeqCst) {
+                    return Ok(Vec::new()); // Closed while it waited: the poll ends empty.
+                }
                 s.purge();
                 let free = lp.slots.saturating_sub(s.held_by(workloop));
                 if free > 0 {
@@ -538,8 +543,22 @@ impl RemoteWorker {
                     () = sleep => {}
                 }
             } else {
+                // No free slot: wait for one to free, by a call or by the engine ending one of
+                // the workloop's runs (timeout, lapse, cancel grace).
+                let mut ended: Vec<_> = s
+                    .held()
+                    .values()
+                    .filter(|h| h.workloop == workloop)
+                    .map(|h| {
+                        let local = h.local.clone();
+                        Box::pin(async move {
+                            local.abort.wait().await;
+                        })
+                    })
+                    .collect();
                 tokio::select! {
                     () = &mut changed => {}
+                    () = any_of(&mut ended) => {}
                     () = sleep => {}
                 }
             }

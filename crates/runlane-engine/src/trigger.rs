@@ -460,6 +460,7 @@ impl Engine {
             .insert(vec![(prepared.record.clone(), prepared.claim.clone())], now)
             .await?;
         if let Some(Inserted::Existing(existing)) = inserted.into_iter().next() {
+            inner.counters.idempotent_hit();
             return Ok(Triggered {
                 run: inner.overlay(*existing).await?,
                 idempotent_hit: true,
@@ -507,6 +508,9 @@ impl Engine {
                 if record.status == RunStatus::Ready {
                     inner.bells.ring(&record.lane);
                 }
+                inner
+                    .counters
+                    .triggered(enqueued.placement == Placement::Ready);
                 Ok(Triggered {
                     run: record,
                     idempotent_hit: false,
@@ -560,10 +564,13 @@ impl Engine {
         let mut items = prepared.into_iter().zip(inserted).enumerate();
         while let Some((index, (p, inserted))) = items.next() {
             match inserted {
-                Inserted::Existing(existing) => out.push(Triggered {
-                    run: inner.overlay(*existing).await?,
-                    idempotent_hit: true,
-                }),
+                Inserted::Existing(existing) => {
+                    inner.counters.idempotent_hit();
+                    out.push(Triggered {
+                        run: inner.overlay(*existing).await?,
+                        idempotent_hit: true,
+                    })
+                }
                 Inserted::New => match self.enqueue_stored(p, now).await {
                     Ok(t) => out.push(t),
                     Err(e) => {

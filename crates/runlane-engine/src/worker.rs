@@ -590,6 +590,7 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
                     .flatten()
                     .min();
                 engine.arm(earliest);
+                engine.counters.claimed(&leases, engine.now());
                 let loaded = load_claimed(&engine, &leases).await;
                 let mut permit = Some(first);
                 for (leased, loaded) in leases.into_iter().zip(loaded) {

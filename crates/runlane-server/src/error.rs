@@ -99,7 +99,7 @@ impl ApiError {
     }
 
     /// Prefixes the field (and message) with a batch position: `runs[3].ttl_ms`.
-    fn in_batch(mut self, index: usize) -> Self {
+    pub fn in_batch(mut self, index: usize) -> Self {
         let prefix = format!("runs[{index}]");
         self.field = Some(match self.field.take() {
             Some(f) => format!("{prefix}.{f}"),

@@ -48,22 +48,44 @@ pub fn payload_too_large(limit: usize) -> ApiError {
 
 /// Parses a body; errors in the API's shape.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| {
+    serde_json::from_slice(bytes).map_err(|e| classify(e.to_string()))
+}
+
+/// Reads a JSON value as `T`; errors in the API's shape.
+pub fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    serde_json::from_value(value).map_err(|e| classify(e.to_string()))
+}
+
+/// Parses a query string; unknown parameters and bad values are 400 naming the parameter.
+pub fn query<T: DeserializeOwned>(raw: Option<&str>) -> Result<T, ApiError> {
+    serde_urlencoded::from_str(raw.unwrap_or("")).map_err(|e| {
         let text = e.to_string();
-        if let Some(field) = unknown_field(&text) {
-            return ApiError::new(
+        match unknown_field(&text) {
+            Some(field) => ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "unknown_field",
-                format!("unknown field {field:?}"),
+                format!("unknown query parameter {field:?}"),
             )
-            .field(field);
+            .field(field),
+            None => ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", text),
         }
-        let mut err = ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", text.clone());
-        if let Some(field) = missing_field(&text) {
-            err = err.field(field);
-        }
-        err
     })
+}
+
+fn classify(text: String) -> ApiError {
+    if let Some(field) = unknown_field(&text) {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "unknown_field",
+            format!("unknown field {field:?}"),
+        )
+        .field(field);
+    }
+    let mut err = ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", text.clone());
+    if let Some(field) = missing_field(&text) {
+        err = err.field(field);
+    }
+    err
 }
 
 /// The name in serde's "unknown field `x`, expected ...".

@@ -9,8 +9,10 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod json;
 pub mod keys;
+pub mod metrics;
 pub mod routes;
 pub mod server;
 pub mod state;
@@ -56,6 +58,9 @@ pub fn api() -> OpenApiRouter<AppState> {
         .merge(routes::envs::router())
         .merge(routes::keys::router())
         .merge(routes::runs::router())
+        .merge(routes::workers::router())
+        .merge(routes::admin::router())
+        .merge(routes::events::router())
 }
 
 /// The OpenAPI document of [`api`].

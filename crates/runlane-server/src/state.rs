@@ -5,7 +5,9 @@ use std::sync::Arc;
 use runlane::{Distributed, Engine};
 
 use crate::config::ServerConfig;
+use crate::events::EventLog;
 use crate::keys::{KeyCache, KeyStore};
+use crate::routes::workers::WorkerRegistry;
 
 /// The engine in the shape the server opened.
 pub enum Backend {
@@ -56,6 +58,9 @@ struct Inner {
     keys: Arc<dyn KeyStore>,
     cache: KeyCache,
     config: ServerConfig,
+    workers: WorkerRegistry,
+    events: Arc<EventLog>,
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 impl AppState {
@@ -67,6 +72,9 @@ impl AppState {
                 keys,
                 cache: KeyCache::default(),
                 config,
+                workers: WorkerRegistry::default(),
+                events: Arc::new(EventLog::default()),
+                closing: tokio::sync::watch::channel(false).0,
             }),
         }
     }
@@ -94,6 +102,30 @@ impl AppState {
     /// The server's config.
     pub fn config(&self) -> &ServerConfig {
         &self.inner.config
+    }
+
+    /// The remote workers registered through the worker protocol.
+    pub fn workers(&self) -> &WorkerRegistry {
+        &self.inner.workers
+    }
+
+    /// The SSE event log.
+    pub fn events(&self) -> &Arc<EventLog> {
+        &self.inner.events
+    }
+
+    /// Tells long requests (SSE streams, waits) that the server is shutting down.
+    pub fn close(&self) {
+        self.inner.closing.send_replace(true);
+    }
+
+    /// Resolves once the server is shutting down.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.inner.closing.subscribe();
+        async move {
+            // An error means the state is gone: closing too.
+            let _ = rx.wait_for(|closing| *closing).await;
+        }
     }
 
     /// Now, in ms since the epoch (the engine's clock).

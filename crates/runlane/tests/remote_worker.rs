@@ -549,13 +549,65 @@ async fn slots_are_respected(fx: Fixture) {
     worker.close().await;
 }
 
+async fn a_slot_the_engine_frees_wakes_a_long_poll(fx: Fixture) {
+    let max = fx.short();
+    let first = fx
+        .engine
+        .trigger("job")
+        .max_duration(max)
+        .send()
+        .await
+        .expect("trigger")
+        .run
+        .id;
+    let worker = fx.worker("manual>*:1", LONG_LEASE).await;
+    let held = claim_n(&worker, 1).await;
+    assert_eq!(held[0].run_id, first);
+    let second = fx.trigger(2).await;
+    // No free slot: this long-poll waits although a run is ready...
+    let waiting = {
+        let worker = worker.clone();
+        tokio::spawn(async move { worker.claim(0, 1, Duration::from_secs(600)).await })
+    };
+    // ...until the engine ends the held run (it ran past its max duration).
+    fx.pass(max + Duration::from_secs(1));
+    let claimed = bounded("the long-poll after the engine freed the slot", waiting)
+        .await
+        .expect("claim task")
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+    let c = &claimed[0];
+    assert!(
+        c.run_id == second || (c.run_id == first && c.attempt == 2),
+        "the freed slot took a ready run, got {c:?}"
+    );
+    assert_eq!(
+        worker.complete(first, held[0].token, json!(1)).await,
+        Err(EngineError::StaleToken(first))
+    );
+    worker.close().await;
+}
+
 async fn close_releases_held_runs(fx: Fixture) {
     let a = fx.trigger(1).await;
     let b = fx.trigger(2).await;
     let worker = fx.worker("manual>*:2", LONG_LEASE).await;
     let claimed = claim_n(&worker, 2).await;
     let token = claimed[0].token;
+    // A long-poll waiting for a slot ends when the worker closes: empty when it was waiting,
+    // refused (`worker`) when it only started after the close.
+    let waiting = {
+        let worker = worker.clone();
+        tokio::spawn(async move { worker.claim(0, 1, Duration::from_secs(600)).await })
+    };
     worker.close().await;
+    match bounded("the long-poll to end at close", waiting)
+        .await
+        .expect("claim task")
+    {
+        Ok(runs) => assert!(runs.is_empty(), "{runs:?}"),
+        Err(e) => assert_eq!(field_of(&e), Some("worker"), "{e}"),
+    }
     assert!(worker.is_closed());
     for run in [a, b] {
         let record = fx.engine.get(run).await.expect("get");
@@ -762,6 +814,7 @@ on_every_shape!(
     progress_is_published,
     long_poll_is_woken_by_a_trigger,
     slots_are_respected,
+    a_slot_the_engine_frees_wakes_a_long_poll,
     close_releases_held_runs,
     bad_input_is_refused_by_name,
     declared_tasks_are_accepted_by_a_strict_env,

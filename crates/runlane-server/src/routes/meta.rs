@@ -20,6 +20,8 @@ pub struct LaneHealth {
     pub ready: u64,
     /// Since when it holds ready runs with no consumer, if it does.
     pub orphan_since_at_ms: Option<u64>,
+    /// When a run of it was last claimed through this server (null: never since start).
+    pub last_claim_at_ms: Option<u64>,
 }
 
 /// `GET /health`.
@@ -37,7 +39,9 @@ pub struct Health {
 
 /// The routes of this area.
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(health))
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(metrics))
 }
 
 /// Liveness and readiness: each backend's status and each lane's consumers (no key).
@@ -59,10 +63,12 @@ async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
             backends.insert(other.name().into(), "ok".into());
         }
     }
+    let last_claims = state.engine().last_claims();
     let lanes = match state.engine().lanes().await {
         Ok(lanes) => lanes
             .into_iter()
             .map(|l| LaneHealth {
+                last_claim_at_ms: last_claims.get(&l.name).map(|t| t.as_millis()),
                 name: l.name.to_string(),
                 consumers: l.consumers,
                 ready: l.ready,
@@ -89,4 +95,20 @@ async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
             lanes,
         }),
     )
+}
+
+/// Prometheus text: counters of this process and gauges read now (no key).
+#[utoipa::path(get, path = "/metrics", tag = "meta",
+    responses((status = 200, content_type = "text/plain; version=0.0.4", body = String)))]
+async fn metrics(
+    State(state): State<AppState>,
+) -> Result<([(axum::http::HeaderName, &'static str); 1], String), crate::error::ApiError> {
+    let text = crate::metrics::render(&state).await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    ))
 }

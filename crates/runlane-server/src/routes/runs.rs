@@ -3,12 +3,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::Json;
+use runlane::core::backend::RunFilter;
 use runlane::core::backend::RunRecord;
-use runlane::core::{EnvName, LaneName, QueueName, RetryPolicy, RunId, Timestamp};
-use runlane::TriggerRequest;
+use runlane::core::{
+    EnvName, LaneName, QueueName, RetryPolicy, RunId, RunStatus, TaskName, Timestamp, TriggerSource,
+};
+use runlane::{TriggerRequest, WaitOutcome};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -211,8 +214,13 @@ impl From<RunRecord> for Run {
 /// The routes of this area.
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(trigger))
+        .routes(routes!(trigger, list_runs))
+        .routes(routes!(trigger_batch))
+        .routes(routes!(trigger_wait))
         .routes(routes!(get_run))
+        .routes(routes!(cancel_run))
+        .routes(routes!(reschedule_run))
+        .routes(routes!(retry_run))
 }
 
 /// Parses a run id from a path (404 for one that cannot exist).
@@ -259,4 +267,331 @@ async fn get_run(
     Path(id): Path<String>,
 ) -> Result<Json<Run>, ApiError> {
     Ok(Json(visible_run(&state, &caller, &id).await?.into()))
+}
+
+/// `POST /v1/envs/{env}/runs/batch`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Batch {
+    /// The triggers (at most the server's `max_batch`).
+    pub runs: Vec<Trigger>,
+}
+
+/// The answer of a batch.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BatchTriggered {
+    /// One answer per trigger, in order.
+    pub runs: Vec<Triggered>,
+}
+
+/// Triggers a batch: all or nothing (admin, or an env key of `env`).
+#[utoipa::path(post, path = "/v1/envs/{env}/runs/batch", tag = "runs", request_body = Batch,
+    params(("env" = String, Path, description = "The env")),
+    responses((status = 201, body = BatchTriggered), (status = "4XX", body = ErrorBody)))]
+async fn trigger_batch(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(env): Path<String>,
+    ApiJson(body): ApiJson<Batch>,
+) -> Result<(StatusCode, Json<BatchTriggered>), ApiError> {
+    caller.require_env(&env)?;
+    let max = state.config().max_batch;
+    if body.runs.len() > max {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "batch_too_large",
+            format!("runs: {} triggers, at most {max}", body.runs.len()),
+        )
+        .field("runs"));
+    }
+    if body.runs.is_empty() {
+        return Err(ApiError::invalid("runs", "must hold at least one trigger"));
+    }
+    let mut requests = Vec::with_capacity(body.runs.len());
+    for (i, t) in body.runs.into_iter().enumerate() {
+        let request = t.request(&env).map_err(|e| e.in_batch(i))?;
+        requests.push(request);
+    }
+    let triggered = state.engine().trigger_batch(requests).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(BatchTriggered {
+            runs: triggered.into_iter().map(Triggered::from).collect(),
+        }),
+    ))
+}
+
+/// The longest trigger-and-wait, in milliseconds.
+pub const WAIT_MAX_MS: u64 = 300_000;
+/// The default trigger-and-wait timeout, in milliseconds.
+pub const WAIT_DEFAULT_MS: u64 = 30_000;
+
+/// `POST /v1/envs/{env}/runs/wait`: a trigger plus `timeout_ms`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct WaitTrigger {
+    /// The trigger.
+    #[serde(flatten)]
+    pub trigger: Trigger,
+    /// How long to wait (default 30 000, at most 300 000).
+    pub timeout_ms: Option<u64>,
+}
+
+/// The answer of a trigger-and-wait.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct WaitAnswer {
+    /// The run.
+    pub run_id: String,
+    /// Its status (terminal with 200, the current one with 202).
+    pub status: String,
+    /// Its output when completed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<serde_json::Value>,
+    /// Its error when it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Triggers a run on `fast_lane` and waits for its end: 200 when terminal, 202 on timeout,
+/// 429 `fast_lane_full` with `Retry-After`.
+#[utoipa::path(post, path = "/v1/envs/{env}/runs/wait", tag = "runs", request_body = WaitTrigger,
+    params(("env" = String, Path, description = "The env")),
+    responses((status = 200, body = WaitAnswer), (status = 202, body = WaitAnswer),
+        (status = "4XX", body = ErrorBody)))]
+async fn trigger_wait(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(env): Path<String>,
+    ApiJson(mut body): ApiJson<serde_json::Value>,
+) -> Result<(StatusCode, Json<WaitAnswer>), ApiError> {
+    caller.require_env(&env)?;
+    let timeout = match body.as_object_mut() {
+        Some(map) => map.remove("timeout_ms"),
+        None => None,
+    };
+    let timeout_ms = match timeout {
+        None | Some(serde_json::Value::Null) => WAIT_DEFAULT_MS,
+        Some(v) => match v.as_u64() {
+            Some(ms) if (1..=WAIT_MAX_MS).contains(&ms) => ms,
+            _ => {
+                return Err(ApiError::invalid(
+                    "timeout_ms",
+                    format!("must be an integer from 1 to {WAIT_MAX_MS}"),
+                ))
+            }
+        },
+    };
+    let trigger: Trigger = crate::json::from_value(body)?;
+    let mut request = trigger.request(&env)?;
+    request.source = TriggerSource::Sync;
+    let engine = state.engine();
+    let triggered = engine.trigger_request(request).await?;
+    let run_id = triggered.run.id;
+    let outcome = tokio::select! {
+        outcome = engine.wait(run_id, Duration::from_millis(timeout_ms)) => outcome?,
+        () = state.closed() => WaitOutcome::Pending {
+            run_id,
+            status: engine.get(run_id).await?.status,
+        },
+    };
+    Ok(match outcome {
+        WaitOutcome::Finished(r) => (
+            StatusCode::OK,
+            Json(WaitAnswer {
+                run_id: r.id.to_string(),
+                status: r.status.as_str().to_string(),
+                output: r.output.as_deref().map(json_text),
+                error: r.error,
+            }),
+        ),
+        WaitOutcome::Pending { run_id, status } => (
+            StatusCode::ACCEPTED,
+            Json(WaitAnswer {
+                run_id: run_id.to_string(),
+                status: status.as_str().to_string(),
+                output: None,
+                error: None,
+            }),
+        ),
+    })
+}
+
+/// The filters of `GET /v1/envs/{env}/runs`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only this status.
+    pub status: Option<String>,
+    /// Only this task.
+    pub task: Option<String>,
+    /// Only this queue.
+    pub queue: Option<String>,
+    /// Only this lane.
+    pub lane: Option<String>,
+    /// Only this source (`standard`, `scheduled`, `manual`, `sync`).
+    pub source: Option<String>,
+    /// Only this version.
+    pub version: Option<u32>,
+    /// Created at or after (ms since the epoch).
+    pub from_ms: Option<u64>,
+    /// Created before (ms since the epoch).
+    pub to_ms: Option<u64>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// Page size (default 100, at most 1000).
+    pub limit: Option<u32>,
+}
+
+/// A page of runs.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RunPage {
+    /// Runs in id (creation) order.
+    pub runs: Vec<Run>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+fn parse_source(s: &str) -> Result<TriggerSource, ApiError> {
+    [
+        TriggerSource::Standard,
+        TriggerSource::Scheduled,
+        TriggerSource::Manual,
+        TriggerSource::Sync,
+    ]
+    .into_iter()
+    .find(|src| src.as_str() == s)
+    .ok_or_else(|| ApiError::invalid("source", format!("unknown source {s:?}")))
+}
+
+impl ListQuery {
+    fn filter(self, env: EnvName) -> Result<RunFilter, ApiError> {
+        let limit = self.limit.unwrap_or(100);
+        if !(1..=1000).contains(&limit) {
+            return Err(ApiError::invalid("limit", "must be from 1 to 1000"));
+        }
+        Ok(RunFilter {
+            env: Some(env),
+            status: self
+                .status
+                .as_deref()
+                .map(str::parse::<RunStatus>)
+                .transpose()?,
+            task: self.task.as_deref().map(TaskName::new).transpose()?,
+            queue: self.queue.as_deref().map(QueueName::new).transpose()?,
+            lane: self.lane.as_deref().map(LaneName::new).transpose()?,
+            source: self.source.as_deref().map(parse_source).transpose()?,
+            version: self.version,
+            created_from: self.from_ms.map(Timestamp::from_millis),
+            created_to: self.to_ms.map(Timestamp::from_millis),
+            after: self
+                .cursor
+                .as_deref()
+                .map(|c| {
+                    c.parse::<RunId>()
+                        .map_err(|_| ApiError::invalid("cursor", "not a cursor of this API"))
+                })
+                .transpose()?,
+            limit: Some(limit),
+        })
+    }
+}
+
+/// Lists an env's runs with filters, a page at a time (admin, or an env key of `env`).
+#[utoipa::path(get, path = "/v1/envs/{env}/runs", tag = "runs",
+    params(("env" = String, Path, description = "The env"), ListQuery),
+    responses((status = 200, body = RunPage), (status = "4XX", body = ErrorBody)))]
+async fn list_runs(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(env): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<RunPage>, ApiError> {
+    caller.require_env(&env)?;
+    let query: ListQuery = crate::json::query(raw.as_deref())?;
+    let env_name = EnvName::new(&env)?;
+    let engine = state.engine();
+    engine.env_settings(&env).await?;
+    let filter = query.filter(env_name)?;
+    let limit = filter.limit.unwrap_or(100) as usize;
+    let runs = engine.list(&filter).await?;
+    let next_cursor = if runs.len() >= limit {
+        runs.last().map(|r| r.id.to_string())
+    } else {
+        None
+    };
+    Ok(Json(RunPage {
+        runs: runs.into_iter().map(Run::from).collect(),
+        next_cursor,
+    }))
+}
+
+/// Cancels a run (409 `already_finished` for a finished one).
+#[utoipa::path(post, path = "/v1/runs/{id}/cancel", tag = "runs",
+    params(("id" = String, Path, description = "The run's id")),
+    responses((status = 200, body = Run), (status = "4XX", body = ErrorBody)))]
+async fn cancel_run(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Run>, ApiError> {
+    let run = visible_run(&state, &caller, &id).await?;
+    Ok(Json(state.engine().cancel(run.id).await?.into()))
+}
+
+/// `POST /v1/runs/{id}/reschedule`: exactly one of the two.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Reschedule {
+    /// Run no earlier than now + this.
+    pub delay_ms: Option<u64>,
+    /// Run no earlier than this instant.
+    pub run_at_ms: Option<u64>,
+}
+
+/// Moves a delayed (or queued) run to a new time.
+#[utoipa::path(post, path = "/v1/runs/{id}/reschedule", tag = "runs", request_body = Reschedule,
+    params(("id" = String, Path, description = "The run's id")),
+    responses((status = 200, body = Run), (status = "4XX", body = ErrorBody)))]
+async fn reschedule_run(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<Reschedule>,
+) -> Result<Json<Run>, ApiError> {
+    let at = match (body.delay_ms, body.run_at_ms) {
+        (Some(d), None) => state
+            .engine()
+            .now()
+            .saturating_add(Duration::from_millis(d)),
+        (None, Some(at)) => Timestamp::from_millis(at),
+        _ => {
+            return Err(ApiError::invalid(
+                "delay_ms",
+                "give exactly one of delay_ms and run_at_ms",
+            ))
+        }
+    };
+    let run = visible_run(&state, &caller, &id).await?;
+    if run.status.is_terminal() {
+        return Err(runlane::EngineError::AlreadyFinished {
+            run: run.id,
+            status: run.status,
+        }
+        .into());
+    }
+    Ok(Json(state.engine().reschedule(run.id, at).await?.into()))
+}
+
+/// Retries a finished run: a new run with the same task and payload.
+#[utoipa::path(post, path = "/v1/runs/{id}/retry", tag = "runs",
+    params(("id" = String, Path, description = "The run's id")),
+    responses((status = 201, body = Triggered), (status = "4XX", body = ErrorBody)))]
+async fn retry_run(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Triggered>), ApiError> {
+    let run = visible_run(&state, &caller, &id).await?;
+    let triggered = state.engine().retry_run(run.id).await?;
+    Ok((StatusCode::CREATED, Json(triggered.into())))
 }

@@ -41,6 +41,7 @@ pub fn distributed_available() -> bool {
 pub struct TestServer {
     pub base: String,
     pub client: reqwest::Client,
+    pub state: runlane_server::AppState,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     dir: Option<PathBuf>,
@@ -77,6 +78,7 @@ impl TestServer {
         tweak(&mut config);
         let server = Server::bind(config).await.expect("server starts");
         let addr = server.local_addr().expect("bound address");
+        let state = server.state().clone();
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             server
@@ -89,6 +91,7 @@ impl TestServer {
         TestServer {
             base: format!("http://{addr}"),
             client: reqwest::Client::new(),
+            state,
             stop: Some(stop),
             task: Some(task),
             dir,
@@ -148,6 +151,11 @@ impl TestServer {
         self.call(Method::PATCH, path, Some(key), Some(body)).await
     }
 
+    /// The server's engine.
+    pub fn engine(&self) -> &runlane::Engine {
+        self.state.engine()
+    }
+
     /// Creates an env (admin) and asserts it worked.
     pub async fn env(&self, name: &str) {
         let (status, body) = self
@@ -190,4 +198,83 @@ pub fn assert_error(status: StatusCode, body: &Value, want: StatusCode, code: &s
     assert_eq!(body["error"]["code"], code, "{body}");
     assert!(body["error"]["message"].is_string(), "{body}");
     assert!(body["error"].get("field").is_some(), "{body}");
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone)]
+pub struct Sse {
+    pub event: String,
+    pub id: Option<String>,
+    pub data: Value,
+}
+
+/// Reads Server-Sent Events from a response.
+pub struct SseReader {
+    resp: reqwest::Response,
+    buf: String,
+}
+
+impl SseReader {
+    /// Opens `path` as an event stream.
+    pub async fn open(s: &TestServer, path: &str, key: &str, last_id: Option<&str>) -> SseReader {
+        let mut req = s
+            .client
+            .get(format!("{}{path}", s.base))
+            .bearer_auth(key)
+            .header("accept", "text/event-stream");
+        if let Some(id) = last_id {
+            req = req.header("last-event-id", id);
+        }
+        let resp = req.send().await.expect("stream opened");
+        assert_eq!(resp.status(), StatusCode::OK, "stream status");
+        SseReader {
+            resp,
+            buf: String::new(),
+        }
+    }
+
+    /// The next event (comments skipped); None when the stream ends. Panics after 10 s.
+    pub async fn next(&mut self) -> Option<Sse> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let frame: String = self.buf.drain(..end + 2).collect();
+                let mut event = String::from("message");
+                let mut id = None;
+                let mut data = String::new();
+                for line in frame.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        id = Some(v.trim().to_string());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim());
+                    }
+                }
+                if data.is_empty() && id.is_none() {
+                    continue; // a keep-alive comment
+                }
+                let data = serde_json::from_str(&data).unwrap_or(Value::String(data));
+                return Some(Sse { event, id, data });
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.resp.chunk())
+                .await
+                .expect("an event within 10 s")
+                .expect("stream read");
+            match chunk {
+                Some(bytes) => self.buf.push_str(&String::from_utf8_lossy(&bytes)),
+                None => return None,
+            }
+        }
+    }
+
+    /// Skips events until one matches.
+    pub async fn until(&mut self, f: impl Fn(&Sse) -> bool) -> Sse {
+        loop {
+            let e = self.next().await.expect("stream ended before the event");
+            if f(&e) {
+                return e;
+            }
+        }
+    }
 }

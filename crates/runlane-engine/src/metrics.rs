@@ -1,0 +1,154 @@
+//! Counters the engine keeps for `/metrics`: triggers (and how many took the fast path),
+//! idempotency hits, claims with the due → claimed latency, retries, expirations, lease
+//! losses and timeouts. Plain atomics, bumped on paths that already did the work; reading them
+//! costs nothing on the hot path.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use runlane_core::backend::Leased;
+use runlane_core::{LaneName, Timestamp};
+
+/// Upper bounds (ms) of the due → claimed latency histogram's buckets (`+Inf` is implied).
+pub const START_LATENCY_BUCKETS_MS: [u64; 14] = [
+    1, 2, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 60_000,
+];
+
+/// A snapshot of the engine's counters (all since open, this process only).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineMetrics {
+    /// Runs triggered (new runs; idempotency hits not counted).
+    pub triggered: u64,
+    /// Of those, runs admitted straight into their lane at trigger (the fast path or an open,
+    /// empty queue key).
+    pub triggered_ready: u64,
+    /// Triggers answered with an existing run (idempotency key).
+    pub idempotent_hits: u64,
+    /// Leases granted to this process's workers, in-process and remote.
+    pub claimed: u64,
+    /// Claims per latency bucket (cumulative counts are built by the exporter):
+    /// `start_latency_counts[i]` counts latencies ≤ `START_LATENCY_BUCKETS_MS[i]` and above the
+    /// previous bound; the last entry counts those above every bound.
+    pub start_latency_counts: Vec<u64>,
+    /// Sum of the claim latencies, in ms.
+    pub start_latency_sum_ms: u64,
+    /// Retries scheduled (a failed or crashed attempt with attempts left).
+    pub retries: u64,
+    /// Runs that expired (TTL) before any lease.
+    pub expired: u64,
+    /// Leases that lapsed (the worker died or stopped heartbeating).
+    pub lease_losses: u64,
+    /// Attempts that ran past their max duration.
+    pub timed_out: u64,
+}
+
+/// The live counters.
+pub(crate) struct Counters {
+    triggered: AtomicU64,
+    triggered_ready: AtomicU64,
+    idempotent_hits: AtomicU64,
+    claimed: AtomicU64,
+    latency: [AtomicU64; START_LATENCY_BUCKETS_MS.len() + 1],
+    latency_sum_ms: AtomicU64,
+    retries: AtomicU64,
+    expired: AtomicU64,
+    lease_losses: AtomicU64,
+    timed_out: AtomicU64,
+    last_claim: Mutex<HashMap<LaneName, Timestamp>>,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Counters {
+    pub(crate) fn new() -> Self {
+        Counters {
+            triggered: AtomicU64::new(0),
+            triggered_ready: AtomicU64::new(0),
+            idempotent_hits: AtomicU64::new(0),
+            claimed: AtomicU64::new(0),
+            latency: std::array::from_fn(|_| AtomicU64::new(0)),
+            latency_sum_ms: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+            lease_losses: AtomicU64::new(0),
+            timed_out: AtomicU64::new(0),
+            last_claim: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn triggered(&self, ready: bool) {
+        bump(&self.triggered, 1);
+        if ready {
+            bump(&self.triggered_ready, 1);
+        }
+    }
+
+    pub(crate) fn idempotent_hit(&self) {
+        bump(&self.idempotent_hits, 1);
+    }
+
+    /// Leases granted at `now`: each first attempt's latency from when it was due.
+    pub(crate) fn claimed(&self, leases: &[Leased], now: Timestamp) {
+        bump(&self.claimed, leases.len() as u64);
+        if !leases.is_empty() {
+            let mut last = self.last_claim.lock().unwrap_or_else(|p| p.into_inner());
+            for lease in leases {
+                last.insert(lease.dispatch.lane.clone(), now);
+            }
+        }
+        for lease in leases.iter().filter(|l| l.dispatch.attempt == 1) {
+            let ms = now
+                .as_millis()
+                .saturating_sub(lease.dispatch.run_after.as_millis());
+            let bucket = START_LATENCY_BUCKETS_MS
+                .iter()
+                .position(|b| ms <= *b)
+                .unwrap_or(START_LATENCY_BUCKETS_MS.len());
+            bump(&self.latency[bucket], 1);
+            bump(&self.latency_sum_ms, ms);
+        }
+    }
+
+    pub(crate) fn retried(&self) {
+        bump(&self.retries, 1);
+    }
+
+    pub(crate) fn expired(&self) {
+        bump(&self.expired, 1);
+    }
+
+    pub(crate) fn lease_lost(&self) {
+        bump(&self.lease_losses, 1);
+    }
+
+    pub(crate) fn timed_out(&self) {
+        bump(&self.timed_out, 1);
+    }
+
+    /// When each lane last had a run claimed (this process).
+    pub(crate) fn last_claims(&self) -> HashMap<LaneName, Timestamp> {
+        self.last_claim
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn snapshot(&self) -> EngineMetrics {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        EngineMetrics {
+            triggered: get(&self.triggered),
+            triggered_ready: get(&self.triggered_ready),
+            idempotent_hits: get(&self.idempotent_hits),
+            claimed: get(&self.claimed),
+            start_latency_counts: self.latency.iter().map(get).collect(),
+            start_latency_sum_ms: get(&self.latency_sum_ms),
+            retries: get(&self.retries),
+            expired: get(&self.expired),
+            lease_losses: get(&self.lease_losses),
+            timed_out: get(&self.timed_out),
+        }
+    }
+}
