@@ -660,15 +660,16 @@ impl Client {
         .await
     }
 
-    /// `POST /v1/workers/{id}/runs/{run}/fail` with the policy's retry.
+    /// `POST /v1/workers/{id}/runs/{run}/fail`; `retry` is `"policy"` or `"none"`.
     pub async fn fail(
         &self,
         worker: &str,
         run: &str,
         token: &Value,
         error: &str,
+        retry: &str,
     ) -> Result<Reply<Value>, ClientError> {
-        let body = serde_json::json!({ "token": token, "error": error, "retry": "policy" });
+        let body = serde_json::json!({ "token": token, "error": error, "retry": retry });
         self.post(
             &format!("/v1/workers/{}/runs/{}/fail", seg(worker), seg(run)),
             Some(&body),

@@ -64,10 +64,23 @@ pub struct Args {
     pub claim_wait: Duration,
 }
 
-/// A running attempt: its fencing token and how to stop it.
+/// Why the worker stopped a running command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reason {
+    /// The server reported the run cancelled: the attempt is reported failed without retry,
+    /// which ends the run `canceled`.
+    Cancelled,
+    /// The server reported the lease lost: the attempt is no longer ours; nothing is reported.
+    Lost,
+    /// The worker is stopping and the grace ran out: deregistering returns the run.
+    Shutdown,
+}
+
+/// A running attempt: its fencing token, how to stop it, and why it was stopped.
 struct Active {
     token: Value,
     stop: watch::Sender<Stop>,
+    reason: Option<Reason>,
 }
 
 /// What the worker's tasks share.
@@ -86,9 +99,10 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Asks the run's child to stop.
-    fn stop(&self, run_id: &str, how: Stop) {
-        if let Some(a) = self.active().get(run_id) {
+    /// Asks the run's child to stop; the first reason given is the one kept.
+    fn stop(&self, run_id: &str, how: Stop, reason: Reason) {
+        if let Some(a) = self.active().get_mut(run_id) {
+            a.reason.get_or_insert(reason);
             a.stop.send_if_modified(|s| {
                 if *s < how {
                     *s = how;
@@ -199,7 +213,7 @@ pub async fn run_until(args: Args, shutdown: CancellationToken) -> anyhow::Resul
             duration::format(args.grace)
         );
         for id in ids {
-            shared.stop(&id, Stop::Kill);
+            shared.stop(&id, Stop::Kill, Reason::Shutdown);
         }
         runs.wait().await;
     }
@@ -303,6 +317,7 @@ async fn execute(shared: &Shared, run: Claimed) {
         Active {
             token: run.token.clone(),
             stop: stop_tx,
+            reason: None,
         },
     );
     let payload = serde_json::to_vec(&run.payload).unwrap_or_else(|_| b"null".to_vec());
@@ -313,16 +328,34 @@ async fn execute(shared: &Shared, run: Claimed) {
         ("RUNLANE_ENV", run.env.clone()),
     ];
     let finished = child::run(&shared.spec, &payload, &env, stop_rx).await;
-    shared.active().remove(&run.run_id);
-    let outcome = match finished {
-        Err(e) => Err(format!("runlane worker: cannot start the command: {e}")),
-        Ok(f) if f.stopped.is_some() => {
-            // Cancelled, lost or killed at shutdown: the server already moved the run on (or
-            // will, when the worker deregisters), so there is nothing to report.
-            eprintln!("runlane worker: run {} stopped", run.run_id);
+    let reason = shared.active().remove(&run.run_id).and_then(|a| a.reason);
+    let (outcome, retry) = match (finished, reason) {
+        (Err(e), _) => (
+            Err(format!("runlane worker: cannot start the command: {e}")),
+            "policy",
+        ),
+        (Ok(f), Some(Reason::Cancelled)) => {
+            // Failing a run whose cancel was requested ends it `canceled` at once, instead of
+            // when the server's cancel grace runs out (a command that finished cleanly anyway
+            // still reports its output).
+            eprintln!("runlane worker: run {} cancelled", run.run_id);
+            (f.result(), "none")
+        }
+        (Ok(f), Some(Reason::Lost | Reason::Shutdown)) => {
+            // The lease is gone, or the run goes back to its queue when the worker
+            // deregisters: there is nothing to report.
+            eprintln!(
+                "runlane worker: run {} stopped ({})",
+                run.run_id,
+                if f.stopped.is_some() {
+                    "killed"
+                } else {
+                    "exited"
+                }
+            );
             return;
         }
-        Ok(f) => f.result(),
+        (Ok(f), None) => (f.result(), "policy"),
     };
     let reported = match &outcome {
         Ok(output) => {
@@ -334,7 +367,7 @@ async fn execute(shared: &Shared, run: Claimed) {
         Err(error) => {
             shared
                 .client
-                .fail(&shared.worker_id, &run.run_id, &run.token, error)
+                .fail(&shared.worker_id, &run.run_id, &run.token, error, retry)
                 .await
         }
     };
@@ -363,8 +396,11 @@ async fn heartbeat_loop(shared: Arc<Shared>, every: Duration, done: Cancellation
             .collect();
         match shared.client.heartbeat(&shared.worker_id, &runs).await {
             Ok(reply) => {
-                for id in reply.value.cancelled.iter().chain(&reply.value.lost) {
-                    shared.stop(id, Stop::Term);
+                for id in &reply.value.cancelled {
+                    shared.stop(id, Stop::Term, Reason::Cancelled);
+                }
+                for id in &reply.value.lost {
+                    shared.stop(id, Stop::Term, Reason::Lost);
                 }
             }
             Err(e) => eprintln!("runlane worker: heartbeat failed: {e}"),

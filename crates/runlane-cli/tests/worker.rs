@@ -1,7 +1,7 @@
 //! `runlane worker --exec` against a stand-in of the worker protocol (docs/API.md, "Worker
 //! protocol") served in-process on port 0: registration, claims within the workloop's slots,
-//! complete with the command's output, fail with its stderr, a cancel reported by the heartbeat
-//! stopping the child, and SIGTERM on the worker deregistering it.
+//! complete with the command's output, fail with its stderr, a cancel or a lost lease reported
+//! by the heartbeat stopping the child, and SIGTERM on the worker deregistering it.
 //!
 //! The stand-in hands out runs the test queues and records what the worker reports; every wait
 //! is on a change of that record, bounded.
@@ -29,6 +29,8 @@ struct Record {
     failed: HashMap<String, Value>,
     /// Runs the test cancelled: the next heartbeat naming them answers `cancelled`.
     cancel: HashSet<String>,
+    /// Runs whose lease the test declared lost: the next heartbeat naming them answers `lost`.
+    lose: HashSet<String>,
     /// Runs named by any heartbeat.
     heartbeated: HashSet<String>,
     max_asked: u64,
@@ -81,15 +83,19 @@ async fn heartbeat(State(s): State<Shared>, Json(body): Json<Value>) -> Json<Val
         })
         .unwrap_or_default();
     let mut cancelled = Vec::new();
+    let mut lost = Vec::new();
     s.send_modify(|r| {
         for id in &ids {
             r.heartbeated.insert(id.clone());
             if r.cancel.contains(id) {
                 cancelled.push(id.clone());
             }
+            if r.lose.contains(id) {
+                lost.push(id.clone());
+            }
         }
     });
-    Json(json!({ "cancelled": cancelled, "lost": [] }))
+    Json(json!({ "cancelled": cancelled, "lost": lost }))
 }
 
 async fn complete(
@@ -272,10 +278,12 @@ async fn read_fifo(path: &std::path::Path) -> String {
         .expect("the fifo reads")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancel_from_the_heartbeat_sends_sigterm_to_the_child_and_reports_nothing() {
+/// Runs a command that waits for SIGTERM, has the heartbeat report it with `mark`, and checks
+/// the command got SIGTERM; the record once the worker stopped.
+async fn stopped_by_the_heartbeat(name: &str, mark: impl FnOnce(&mut Record)) -> Record {
     let fake = Fake::start().await;
-    let dir = std::env::temp_dir().join(format!("runlane-worker-test-{}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("runlane-worker-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let ready = fifo(&dir, "ready");
     let term = fifo(&dir, "term");
@@ -289,9 +297,7 @@ async fn a_cancel_from_the_heartbeat_sends_sigterm_to_the_child_and_reports_noth
     );
     let worker = fake.worker(&exec, "10s");
     assert_eq!(read_fifo(&ready).await.trim(), "ready");
-    fake.record.send_modify(|r| {
-        r.cancel.insert("run_long".into());
-    });
+    fake.record.send_modify(mark);
     assert_eq!(
         read_fifo(&term).await.trim(),
         "term",
@@ -303,9 +309,29 @@ async fn a_cancel_from_the_heartbeat_sends_sigterm_to_the_child_and_reports_noth
     let r = fake.record.borrow().clone();
     assert!(r.heartbeated.contains("run_long"), "{r:?}");
     assert!(!r.completed.contains_key("run_long"), "{r:?}");
-    assert!(!r.failed.contains_key("run_long"), "{r:?}");
     assert!(r.deregistered);
     let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_from_the_heartbeat_sends_sigterm_and_fails_the_run_without_retry() {
+    let r = stopped_by_the_heartbeat("cancel", |r| {
+        r.cancel.insert("run_long".into());
+    })
+    .await;
+    let failed = &r.failed["run_long"];
+    assert_eq!(failed["retry"], "none", "{r:?}");
+    assert_eq!(failed["error"], "exit status 143");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lease_sends_sigterm_and_reports_nothing() {
+    let r = stopped_by_the_heartbeat("lost", |r| {
+        r.lose.insert("run_long".into());
+    })
+    .await;
+    assert!(!r.failed.contains_key("run_long"), "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
