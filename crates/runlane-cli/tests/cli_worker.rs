@@ -1,9 +1,11 @@
-//! `runlane worker --exec` against a real server (`runlane serve --memory` on port 0), runs
-//! triggered through the CLI: `cat` completes them with the payload as output, a failing
-//! command fails them with its stderr, a cancel kills the running command.
+//! `runlane worker --exec` against a real server (`runlane serve` on port 0: memory, and
+//! embedded for the main paths), runs triggered through the CLI: `cat` completes them with the
+//! payload as output, a failing command fails them with its stderr, a cancel kills the running
+//! command, `--task` declares a task to a strict env, and keys are held to their roles.
 
 mod support;
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -16,18 +18,39 @@ use support::{Cli, Server};
 struct Worker(Child);
 
 impl Worker {
+    /// Starts a worker of env `default` and waits until it says it registered.
     fn start(cli: &Cli, exec: &str) -> Worker {
-        let child = Command::new(env!("CARGO_BIN_EXE_runlane"))
+        Worker::start_in(cli, "default", exec)
+    }
+
+    /// Starts a worker of `env` (declaring the task `echo`) and waits until it registered.
+    fn start_in(cli: &Cli, env: &str, exec: &str) -> Worker {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_runlane"))
             .args(["worker", "--server", &cli.server, "--key", &cli.key])
-            .args(["--env", "default", "--task", "echo"])
+            .args(["--env", env, "--task", "echo"])
             .args(["--workloops", "fast_lane:2 *:2", "--exec", exec])
             .args(["--grace", "2s", "--claim-wait", "5s", "--lease", "3s"])
             .env_remove("RUNLANE_ENV")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("runlane worker starts");
-        Worker(child)
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains(" registered: ") {
+                    let _ = tx.send(());
+                }
+                eprintln!("[worker] {line}");
+            }
+        });
+        let worker = Worker(child);
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("the worker registered in time");
+        worker
     }
 
     /// SIGTERM, then the exit status (bounded).
@@ -96,7 +119,15 @@ fn read_fifo(path: &Path) -> String {
 
 #[test]
 fn cat_completes_triggered_runs_with_the_payload_as_output() {
-    let server = Server::start();
+    cat_completes(Server::start());
+}
+
+#[test]
+fn cat_completes_triggered_runs_on_the_embedded_backend() {
+    cat_completes(Server::start_embedded("cat"));
+}
+
+fn cat_completes(server: Server) {
     let admin = server.admin();
     let worker = Worker::start(&admin, "cat");
     for i in 0..3 {
@@ -147,9 +178,17 @@ fn a_failing_command_fails_the_run_with_its_stderr() {
 
 #[test]
 fn cancel_of_a_running_run_kills_its_command() {
-    let server = Server::start();
+    cancel_kills(Server::start(), "memory");
+}
+
+#[test]
+fn cancel_of_a_running_run_kills_its_command_on_the_embedded_backend() {
+    cancel_kills(Server::start_embedded("cancel"), "embedded");
+}
+
+fn cancel_kills(server: Server, name: &str) {
     let admin = server.admin();
-    let dir = scratch("cancel");
+    let dir = scratch(name);
     let ready = fifo(&dir, "ready");
     let term = fifo(&dir, "term");
     let exec = format!(
@@ -172,4 +211,75 @@ fn cancel_of_a_running_run_kills_its_command() {
     let run = admin.json(&["runs", "show", &id]);
     assert_eq!(run["status"], "canceled", "{run}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn task_declares_the_task_to_a_strict_env() {
+    let server = Server::start();
+    let admin = server.admin();
+    admin.ok(&["env", "create", "strict", "--strict-tasks", "true"]);
+    let refused = admin.fails(&["trigger", "echo", "--env", "strict"]);
+    assert!(refused.contains("unknown_task"), "{refused}");
+    let worker = Worker::start_in(&admin, "strict", "cat");
+    let out = admin.run(&[
+        "trigger",
+        "echo",
+        "--env",
+        "strict",
+        "--payload",
+        "7",
+        "--wait=60s",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", support::text(&out.stderr));
+    let answer: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(answer["output"], 7, "{answer}");
+    assert!(worker.stop().success());
+}
+
+#[test]
+fn a_worker_key_of_the_env_runs_it_and_an_env_key_cannot() {
+    let server = Server::start();
+    let admin = server.admin();
+    let made = admin.json(&["env", "create-key", "--role", "worker", "--env", "default"]);
+    let worker_key = server.with_key(made["key"].as_str().expect("secret"));
+    let worker = Worker::start(&worker_key, "cat");
+    let out = admin.run(&[
+        "trigger",
+        "echo",
+        "--env",
+        "default",
+        "--payload",
+        "\"hi\"",
+        "--wait=60s",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", support::text(&out.stderr));
+    let answer: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(answer["output"], "hi", "{answer}");
+    assert!(worker.stop().success());
+
+    // A worker key is for the worker protocol only.
+    let refused = worker_key.fails(&["runs", "list", "--env", "default"]);
+    assert!(refused.contains("forbidden"), "{refused}");
+    // An env key cannot register a worker: the worker exits non-zero saying why.
+    let made = admin.json(&["env", "create-key", "--role", "env", "--env", "default"]);
+    let out = support::runlane(
+        &[
+            "worker",
+            "--env",
+            "default",
+            "--workloops",
+            "*:1",
+            "--exec",
+            "cat",
+        ],
+        &[
+            ("RUNLANE_SERVER", server.addr.as_str()),
+            ("RUNLANE_KEY", made["key"].as_str().expect("secret")),
+        ],
+    );
+    assert!(!out.status.success());
+    let stderr = support::text(&out.stderr);
+    assert!(stderr.contains("forbidden"), "{stderr}");
 }

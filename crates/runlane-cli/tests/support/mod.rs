@@ -19,13 +19,30 @@ pub struct Server {
     child: Child,
     /// `http://127.0.0.1:PORT`.
     pub addr: String,
+    /// The embedded server's data directory, removed on drop.
+    data: Option<std::path::PathBuf>,
 }
 
 impl Server {
     /// Starts a memory server on a free port and waits for it to say where it listens.
     pub fn start() -> Server {
+        Server::start_with(&["--memory"], None)
+    }
+
+    /// Starts an embedded server (SQLite in a fresh directory, removed on drop).
+    pub fn start_embedded(name: &str) -> Server {
+        let dir =
+            std::env::temp_dir().join(format!("runlane-cli-serve-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let data = dir.display().to_string();
+        Server::start_with(&["--data", &data], Some(dir))
+    }
+
+    fn start_with(backend: &[&str], data: Option<std::path::PathBuf>) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_runlane"))
-            .args(["serve", "--memory", "--listen", "127.0.0.1:0"])
+            .arg("serve")
+            .args(backend)
+            .args(["--listen", "127.0.0.1:0"])
             .env("RUNLANE_ADMIN_KEY", ADMIN_KEY)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -56,7 +73,7 @@ impl Server {
                 panic!("the server did not say where it listens: {e}");
             }
         };
-        Server { child, addr }
+        Server { child, addr, data }
     }
 
     /// The CLI with the admin key.
@@ -77,6 +94,9 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(dir) = &self.data {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
