@@ -235,6 +235,18 @@ pub async fn run_until(args: Args, shutdown: CancellationToken) -> anyhow::Resul
     }
 }
 
+/// Attempts at reporting one run's end.
+const REPORT_TRIES: u32 = 4;
+
+/// Whether an error may pass if the call is made again.
+fn is_transient(e: &ClientError) -> bool {
+    match e {
+        ClientError::Transport { .. } => true,
+        ClientError::Api(a) => a.status == 503,
+        _ => false,
+    }
+}
+
 /// Whether a claim error means the worker cannot go on (its key or its registration is gone).
 fn is_fatal(e: &ClientError) -> bool {
     matches!(e, ClientError::Api(a) if matches!(a.status, 400 | 401 | 403 | 404))
@@ -357,18 +369,32 @@ async fn execute(shared: &Shared, run: Claimed) {
         }
         (Ok(f), None) => (f.result(), "policy"),
     };
-    let reported = match &outcome {
-        Ok(output) => {
-            shared
-                .client
-                .complete(&shared.worker_id, &run.run_id, &run.token, output)
-                .await
-        }
-        Err(error) => {
-            shared
-                .client
-                .fail(&shared.worker_id, &run.run_id, &run.token, error, retry)
-                .await
+    // A transient failure (connection, 503) is retried a few times: giving up leaves the run
+    // to its lease, which runs it again elsewhere.
+    let mut pause = Duration::from_millis(200);
+    let mut tries = 1;
+    let reported = loop {
+        let r = match &outcome {
+            Ok(output) => {
+                shared
+                    .client
+                    .complete(&shared.worker_id, &run.run_id, &run.token, output)
+                    .await
+            }
+            Err(error) => {
+                shared
+                    .client
+                    .fail(&shared.worker_id, &run.run_id, &run.token, error, retry)
+                    .await
+            }
+        };
+        match r {
+            Err(e) if is_transient(&e) && tries < REPORT_TRIES => {
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+                tries += 1;
+            }
+            other => break other,
         }
     };
     if let Err(e) = reported {

@@ -122,8 +122,8 @@ pub fn body(args: &Args) -> anyhow::Result<Value> {
 pub async fn run(args: Args) -> anyhow::Result<i32> {
     let body = body(&args)?;
     let client = Client::new(&args.server, args.api_key.clone())?;
-    if args.wait.is_some() {
-        let reply = client.trigger_and_wait(&args.env, &body).await?;
+    if let Some(wait) = args.wait {
+        let reply = client.trigger_and_wait(&args.env, &body, wait).await?;
         let w = &reply.value;
         emit(args.json, &reply.raw, || {
             let mut p = vec![("run_id", w.run_id.clone()), ("status", w.status.clone())];
