@@ -84,7 +84,22 @@ fn idempotency_key_returns_the_first_run() {
 
 #[test]
 fn cancel_reschedule_and_retry() {
-    let server = Server::start();
+    cancel_reschedule_retry(Server::start());
+}
+
+#[test]
+fn cancel_reschedule_and_retry_on_the_embedded_backend() {
+    cancel_reschedule_retry(Server::start_embedded("runs"));
+}
+
+#[test]
+fn cancel_reschedule_and_retry_on_the_distributed_backend() {
+    if let Some(server) = Server::start_distributed("runs") {
+        cancel_reschedule_retry(server);
+    }
+}
+
+fn cancel_reschedule_retry(server: Server) {
     let admin = server.admin();
     let delayed = admin.json(&["trigger", "t", "--env", "default", "--delay", "1h"]);
     let id = delayed["run_id"].as_str().expect("a run id").to_string();

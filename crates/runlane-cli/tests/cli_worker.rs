@@ -1,5 +1,5 @@
 //! `runlane worker --exec` against a real server (`runlane serve` on port 0: memory, and
-//! embedded for the main paths), runs triggered through the CLI: `cat` completes them with the
+//! embedded and distributed for the main paths), runs triggered through the CLI: `cat` completes them with the
 //! payload as output, a failing command fails them with its stderr, a cancel kills the running
 //! command, `--task` declares a task to a strict env, and keys are held to their roles.
 
@@ -127,6 +127,13 @@ fn cat_completes_triggered_runs_on_the_embedded_backend() {
     cat_completes(Server::start_embedded("cat"));
 }
 
+#[test]
+fn cat_completes_triggered_runs_on_the_distributed_backend() {
+    if let Some(server) = Server::start_distributed("cat") {
+        cat_completes(server);
+    }
+}
+
 fn cat_completes(server: Server) {
     let admin = server.admin();
     let worker = Worker::start(&admin, "cat");
@@ -184,6 +191,13 @@ fn cancel_of_a_running_run_kills_its_command() {
 #[test]
 fn cancel_of_a_running_run_kills_its_command_on_the_embedded_backend() {
     cancel_kills(Server::start_embedded("cancel"), "embedded");
+}
+
+#[test]
+fn cancel_of_a_running_run_kills_its_command_on_the_distributed_backend() {
+    if let Some(server) = Server::start_distributed("cancel") {
+        cancel_kills(server, "distributed");
+    }
 }
 
 fn cancel_kills(server: Server, name: &str) {

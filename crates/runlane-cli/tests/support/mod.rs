@@ -14,9 +14,15 @@ use serde_json::Value;
 /// The admin key the test server is started with.
 pub const ADMIN_KEY: &str = "rl_test_admin_key_for_the_cli_tests";
 
-/// A running `runlane serve`, killed on drop.
+/// A running `runlane serve` (a child process, killed on drop) or, for the distributed shape,
+/// the server in a thread of this process under a fresh key prefix and schema (stopped on
+/// drop, its keys and schema removed).
 pub struct Server {
-    child: Child,
+    child: Option<Child>,
+    in_process: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        std::thread::JoinHandle<()>,
+    )>,
     /// `http://127.0.0.1:PORT`.
     pub addr: String,
     /// The embedded server's data directory, removed on drop.
@@ -73,7 +79,74 @@ impl Server {
                 panic!("the server did not say where it listens: {e}");
             }
         };
-        Server { child, addr, data }
+        Server {
+            child: Some(child),
+            in_process: None,
+            addr,
+            data,
+        }
+    }
+
+    /// The distributed shape (Redis `RUNLANE_REDIS_URL`, PostgreSQL `RUNLANE_DATABASE_URL`)
+    /// under a fresh key prefix and schema; `None` when the services do not answer, except
+    /// under CI where that is a failure.
+    pub fn start_distributed(name: &str) -> Option<Server> {
+        let redis = std::env::var("RUNLANE_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string());
+        let pg = std::env::var("RUNLANE_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+        let up = std::net::TcpStream::connect("127.0.0.1:6379").is_ok()
+            && std::net::TcpStream::connect("127.0.0.1:5432").is_ok();
+        if !up {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true but Redis or PostgreSQL does not answer"
+            );
+            eprintln!("skipped: Redis or PostgreSQL does not answer");
+            return None;
+        }
+        let tag = format!("rlcli_{}_{name}", std::process::id());
+        let mut c = runlane::DistributedConfig::new(redis, pg);
+        c.redis.prefix = tag.clone();
+        c.postgres.schema = tag;
+        c.throwaway = true;
+        let mut config = runlane_server::ServerConfig::new(
+            runlane_server::BackendConfig::Distributed(Box::new(c)),
+        );
+        config.listen = "127.0.0.1:0".parse().expect("address");
+        config.admin_key = Some(ADMIN_KEY.to_string());
+        config.print_admin_key = false;
+        let (addr_tx, addr_rx) = mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            rt.block_on(async move {
+                let server = runlane_server::Server::bind(config)
+                    .await
+                    .expect("the distributed server starts");
+                let addr = server.local_addr().expect("bound address");
+                let _ = addr_tx.send(format!("http://{addr}"));
+                server
+                    .run(async move {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+                    .expect("the server runs");
+            });
+        });
+        let addr = addr_rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the distributed server said where it listens");
+        Some(Server {
+            child: None,
+            in_process: Some((stop_tx, thread)),
+            addr,
+            data: None,
+        })
     }
 
     /// The CLI with the admin key.
@@ -92,8 +165,15 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some((stop, thread)) = self.in_process.take() {
+            let _ = stop.send(());
+            // The engine drops its key prefix and schema as it shuts down.
+            let _ = thread.join();
+        }
         if let Some(dir) = &self.data {
             let _ = std::fs::remove_dir_all(dir);
         }
