@@ -138,23 +138,38 @@ pub fn registration(args: &Args) -> Value {
 /// Runs the worker until SIGINT or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
+    let force = CancellationToken::new();
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let on_signal = shutdown.clone();
+    let (on_signal, on_second) = (shutdown.clone(), force.clone());
     tokio::spawn(async move {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-            () = on_signal.cancelled() => return,
+        loop {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            if on_signal.is_cancelled() {
+                eprintln!("runlane worker: killing running commands");
+                on_second.cancel();
+                return;
+            }
+            eprintln!(
+                "runlane worker: stopping (no new claims; waiting for running commands; \
+                 a second signal kills them now)"
+            );
+            on_signal.cancel();
         }
-        eprintln!("runlane worker: stopping (no new claims; waiting for running commands)");
-        on_signal.cancel();
     });
-    run_until(args, shutdown).await
+    run_until(args, shutdown, force).await
 }
 
-/// Runs the worker until `shutdown` is cancelled (or a fatal error).
-pub async fn run_until(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Runs the worker until `shutdown` is cancelled (or a fatal error); `force` cuts the grace
+/// given to running commands short.
+pub async fn run_until(
+    args: Args,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+) -> anyhow::Result<()> {
     let client = Client::new(&args.server, args.key.clone())?;
     let reg = client
         .register_worker(&registration(&args))
@@ -205,12 +220,15 @@ pub async fn run_until(args: Args, shutdown: CancellationToken) -> anyhow::Resul
     loops.wait().await;
     // No more claims: running commands get the grace period, then SIGKILL.
     runs.close();
-    if tokio::time::timeout(args.grace, runs.wait()).await.is_err() {
+    let drained = tokio::select! {
+        r = tokio::time::timeout(args.grace, runs.wait()) => r.is_ok(),
+        () = force.cancelled() => false,
+    };
+    if !drained {
         let ids: Vec<String> = shared.active().keys().cloned().collect();
         eprintln!(
-            "runlane worker: killing {} command(s) still running after {}",
-            ids.len(),
-            duration::format(args.grace)
+            "runlane worker: killing {} command(s) still running",
+            ids.len()
         );
         for id in ids {
             shared.stop(&id, Stop::Kill, Reason::Shutdown);

@@ -174,8 +174,38 @@ impl Fake {
     }
 
     fn worker(&self, exec: &str, grace: &str) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_runlane"))
-            .args(["worker", "--server", &self.addr, "--key", "rl_worker"])
+        self.worker_command(exec, grace)
+            .spawn()
+            .expect("runlane worker starts")
+    }
+
+    /// A worker whose stderr lines are handed over (and echoed).
+    fn worker_with_lines(
+        &self,
+        exec: &str,
+        grace: &str,
+    ) -> (Child, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = self
+            .worker_command(exec, grace)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("runlane worker starts");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("[worker] {line}");
+                let _ = tx.send(line);
+            }
+        });
+        (child, rx)
+    }
+
+    fn worker_command(&self, exec: &str, grace: &str) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_runlane"));
+        cmd.args(["worker", "--server", &self.addr, "--key", "rl_worker"])
             .args([
                 "--env",
                 "default",
@@ -187,17 +217,21 @@ impl Fake {
             .args(["--exec", exec, "--grace", grace, "--claim-wait", "5s"])
             .env_remove("RUNLANE_ENV")
             .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("runlane worker starts")
+            .kill_on_drop(true);
+        cmd
     }
+}
+
+/// SIGTERM to the worker.
+fn sigterm(worker: &Child) {
+    let pid = worker.id().expect("the worker runs");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal the worker");
 }
 
 /// SIGTERM to the worker, then its exit status (bounded).
 async fn stop(mut worker: Child) -> std::process::ExitStatus {
-    let pid = worker.id().expect("the worker runs");
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a pid"));
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal the worker");
+    sigterm(&worker);
     tokio::time::timeout(Duration::from_secs(60), worker.wait())
         .await
         .expect("the worker stops")
@@ -344,6 +378,35 @@ async fn sigterm_waits_out_the_grace_then_kills_and_deregisters() {
         r.heartbeated.contains("run_stuck")
     })
     .await;
+    let status = stop(worker).await;
+    assert!(status.success(), "{status}");
+    let r = fake.record.borrow().clone();
+    assert!(r.deregistered);
+    assert!(!r.completed.contains_key("run_stuck") && !r.failed.contains_key("run_stuck"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_kills_running_commands_without_waiting_out_the_grace() {
+    let fake = Fake::start().await;
+    fake.push("run_stuck", json!(null));
+    // Ignores SIGTERM, and the grace is ten minutes: only the second signal ends it in time.
+    let (worker, mut lines) = fake.worker_with_lines("trap '' TERM; exec sleep 1000", "600s");
+    fake.until("a heartbeat naming the run", |r| {
+        r.heartbeated.contains("run_stuck")
+    })
+    .await;
+    sigterm(&worker);
+    // Two signals sent before the first is handled may arrive as one: wait for the first.
+    let said = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.recv().await {
+            if line.contains("stopping") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(said, Ok(true), "the worker said it is stopping");
     let status = stop(worker).await;
     assert!(status.success(), "{status}");
     let r = fake.record.borrow().clone();
