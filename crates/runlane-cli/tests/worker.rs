@@ -216,6 +216,8 @@ impl Fake {
             ])
             .args(["--exec", exec, "--grace", grace, "--claim-wait", "5s"])
             .env_remove("RUNLANE_ENV")
+            // The key is also in the worker's environment: the command must not see it.
+            .env("RUNLANE_KEY", "rl_worker")
             .stdin(Stdio::null())
             .kill_on_drop(true);
         cmd
@@ -412,4 +414,16 @@ async fn a_second_sigterm_kills_running_commands_without_waiting_out_the_grace()
     let r = fake.record.borrow().clone();
     assert!(r.deregistered);
     assert!(!r.completed.contains_key("run_stuck") && !r.failed.contains_key("run_stuck"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_does_not_see_the_workers_key() {
+    let fake = Fake::start().await;
+    fake.push("run_env", json!(null));
+    let worker = fake.worker("printf %s \"${RUNLANE_KEY:-unset}\"", "5s");
+    let r = fake
+        .until("a completion", |r| r.completed.contains_key("run_env"))
+        .await;
+    assert_eq!(r.completed["run_env"]["output"], "unset");
+    assert!(stop(worker).await.success());
 }
