@@ -105,7 +105,9 @@ impl Hosted {
         if !status.is_success() {
             bail!("trigger answered {status}: {body}");
         }
-        let id = body["run_id"].as_str().context("trigger answer without run_id")?;
+        let id = body["run_id"]
+            .as_str()
+            .context("trigger answer without run_id")?;
         Ok(id.parse()?)
     }
 
@@ -131,10 +133,7 @@ impl Hosted {
     async fn drained(&self) -> anyhow::Result<()> {
         loop {
             let queues = self.engine.queues("default").await?;
-            if queues
-                .iter()
-                .all(|q| q.delayed + q.queued + q.running == 0)
-            {
+            if queues.iter().all(|q| q.delayed + q.queued + q.running == 0) {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -293,7 +292,12 @@ pub async fn throughput(common: &Common, phase: Phase) -> anyhow::Result<Value> 
         Phase::DrainOnly => {
             // The backlog is not measured: it goes in through the engine directly.
             for _ in 0..runs {
-                hosted.engine.trigger("bench").payload(&*body).send().await?;
+                hosted
+                    .engine
+                    .trigger("bench")
+                    .payload(&*body)
+                    .send()
+                    .await?;
             }
             let start = Instant::now();
             let worker = ExecWorker::spawn(&hosted.base, common.slots, "true")?;
