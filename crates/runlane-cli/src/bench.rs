@@ -74,10 +74,15 @@ impl Deref for Opened {
 }
 
 /// A fresh temporary directory, removed (with everything in it) when dropped.
-struct DataDir(PathBuf);
+pub(crate) struct DataDir(PathBuf);
 
 impl DataDir {
-    fn fresh() -> anyhow::Result<DataDir> {
+    /// The directory.
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub(crate) fn fresh() -> anyhow::Result<DataDir> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let path = std::env::temp_dir().join(format!("runlane-bench-{}-{n}", std::process::id()));
@@ -354,7 +359,7 @@ pub enum Phase {
 }
 
 impl Phase {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Phase::TriggerOnly => "trigger_only",
             Phase::DrainOnly => "drain_only",

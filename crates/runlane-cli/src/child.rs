@@ -4,7 +4,8 @@
 //! (JSON when it parses, else a JSON string) and its standard error, trimmed and bounded, is the
 //! error of a failed attempt. The child leads its own process group, so a stop reaches whatever
 //! the shell started: SIGTERM first, SIGKILL after the grace period. When the shell exits, the
-//! rest of its group is killed too, so an attempt leaves no process behind.
+//! rest of its group is killed too, so an attempt leaves no process behind. The command does not
+//! see the worker's `RUNLANE_KEY`.
 
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -112,7 +113,9 @@ pub async fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
-        .kill_on_drop(true);
+        .kill_on_drop(true)
+        // The worker's API key is not the command's to use.
+        .env_remove("RUNLANE_KEY");
     for (k, v) in env {
         cmd.env(k, v);
     }

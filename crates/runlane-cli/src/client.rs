@@ -15,6 +15,13 @@ use serde_json::Value;
 /// The default server address.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7878";
 
+/// How long an ordinary call may take before it fails (a hung server must not hang a worker's
+/// heartbeat or a script).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a long-poll may take beyond the wait it asked for.
+const LONG_POLL_SLACK: Duration = Duration::from_secs(30);
+
 /// What went wrong talking to the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -380,7 +387,8 @@ impl Client {
     }
 
     /// One call: `method path` with an optional JSON body and query, decoding the answer as
-    /// `T` (an empty answer decodes from `null`).
+    /// `T` (an empty answer decodes from `null`); it fails if the answer takes over
+    /// [`CALL_TIMEOUT`].
     pub async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
@@ -388,8 +396,21 @@ impl Client {
         query: &[(&str, String)],
         body: Option<&Value>,
     ) -> Result<Reply<T>, ClientError> {
+        self.call_within(CALL_TIMEOUT, method, path, query, body)
+            .await
+    }
+
+    /// [`Client::call`] with its own bound on the answer's time (long-polls wait longer).
+    pub async fn call_within<T: DeserializeOwned>(
+        &self,
+        timeout: Duration,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<Reply<T>, ClientError> {
         let url = format!("{}{}", self.base, path);
-        let mut req = self.http.request(method.clone(), &url);
+        let mut req = self.http.request(method.clone(), &url).timeout(timeout);
         if !query.is_empty() {
             req = req.query(query);
         }
@@ -553,14 +574,21 @@ impl Client {
             .await
     }
 
-    /// `POST /v1/envs/{env}/runs/wait`.
+    /// `POST /v1/envs/{env}/runs/wait`; `wait` is the body's `timeout_ms`.
     pub async fn trigger_and_wait(
         &self,
         env: &str,
         trigger: &Value,
+        wait: Duration,
     ) -> Result<Reply<Waited>, ClientError> {
-        self.post(&format!("/v1/envs/{}/runs/wait", seg(env)), Some(trigger))
-            .await
+        self.call_within(
+            wait + LONG_POLL_SLACK,
+            Method::POST,
+            &format!("/v1/envs/{}/runs/wait", seg(env)),
+            &[],
+            Some(trigger),
+        )
+        .await
     }
 
     /// `GET /v1/envs/{env}/runs` with filters.
@@ -622,8 +650,14 @@ impl Client {
         wait: Duration,
     ) -> Result<Reply<ClaimList>, ClientError> {
         let body = serde_json::json!({ "workloop": workloop, "max": max, "wait_ms": millis(wait) });
-        self.post(&format!("/v1/workers/{}/claim", seg(worker)), Some(&body))
-            .await
+        self.call_within(
+            wait + LONG_POLL_SLACK,
+            Method::POST,
+            &format!("/v1/workers/{}/claim", seg(worker)),
+            &[],
+            Some(&body),
+        )
+        .await
     }
 
     /// `POST /v1/workers/{id}/heartbeat` with `[{run_id, token}]`.
@@ -660,15 +694,16 @@ impl Client {
         .await
     }
 
-    /// `POST /v1/workers/{id}/runs/{run}/fail` with the policy's retry.
+    /// `POST /v1/workers/{id}/runs/{run}/fail`; `retry` is `"policy"` or `"none"`.
     pub async fn fail(
         &self,
         worker: &str,
         run: &str,
         token: &Value,
         error: &str,
+        retry: &str,
     ) -> Result<Reply<Value>, ClientError> {
-        let body = serde_json::json!({ "token": token, "error": error, "retry": "policy" });
+        let body = serde_json::json!({ "token": token, "error": error, "retry": retry });
         self.post(
             &format!("/v1/workers/{}/runs/{}/fail", seg(worker), seg(run)),
             Some(&body),

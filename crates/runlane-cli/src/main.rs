@@ -6,6 +6,7 @@ mod client;
 mod command;
 mod duration;
 mod footprint;
+mod httpbench;
 mod progress;
 mod quickstart;
 mod separate;
@@ -138,6 +139,7 @@ impl From<DurabilityArg> for runlane::Durability {
 enum TopologyArg {
     SameProcess,
     SeparateProcess,
+    Server,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -156,8 +158,9 @@ enum BenchScenario {
         /// Pause between runs, in milliseconds.
         #[arg(long, default_value_t = 0)]
         gap_ms: u64,
-        /// Where the worker runs: `same-process`, or `separate-process` (a child process of
-        /// the distributed shape: `--backend distributed`).
+        /// Where the worker runs: `same-process`; `separate-process` (a child process of the
+        /// distributed shape: `--backend distributed`); `server` (triggers over the HTTP API,
+        /// a `runlane worker --exec` child process over the worker protocol).
         #[arg(long, value_enum, default_value_t = TopologyArg::SameProcess)]
         topology: TopologyArg,
     },
@@ -199,6 +202,10 @@ enum BenchScenario {
         /// Runs per trigger call (`trigger_batch`); 1 sends each run on its own.
         #[arg(long, default_value_t = 1)]
         batch: u32,
+        /// `same-process` (the library), or `server`: triggers over the HTTP API and a
+        /// `runlane worker --exec true` child process (default runs: 2,000).
+        #[arg(long, value_enum, default_value_t = TopologyArg::SameProcess)]
+        topology: TopologyArg,
     },
 }
 
@@ -295,19 +302,34 @@ fn run() -> anyhow::Result<()> {
                             TopologyArg::SeparateProcess => {
                                 separate::latency(&common(&c, 2_000), gap).await?
                             }
+                            TopologyArg::Server => {
+                                httpbench::latency(&common(&c, 2_000), gap).await?
+                            }
                         }
                     }
                     BenchScenario::Throughput {
                         common: c,
                         phase,
                         batch,
+                        topology,
                     } => {
                         let phase = match phase {
                             PhaseArg::TriggerOnly => bench::Phase::TriggerOnly,
                             PhaseArg::DrainOnly => bench::Phase::DrainOnly,
                             PhaseArg::Concurrent => bench::Phase::Concurrent,
                         };
-                        if batch > 1 {
+                        if topology == TopologyArg::SeparateProcess {
+                            anyhow::bail!(
+                                "throughput --topology: same-process or server \
+                                 (separate-process is a latency topology)"
+                            );
+                        }
+                        if topology == TopologyArg::Server {
+                            if batch > 1 {
+                                anyhow::bail!("--batch is not available with --topology server");
+                            }
+                            httpbench::throughput(&common(&c, 2_000), phase).await?
+                        } else if batch > 1 {
                             bench::throughput_batched(&common(&c, 200_000), phase, batch).await?
                         } else {
                             bench::throughput(&common(&c, 200_000), phase).await?

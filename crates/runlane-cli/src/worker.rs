@@ -64,10 +64,23 @@ pub struct Args {
     pub claim_wait: Duration,
 }
 
-/// A running attempt: its fencing token and how to stop it.
+/// Why the worker stopped a running command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reason {
+    /// The server reported the run cancelled: the attempt is reported failed without retry,
+    /// which ends the run `canceled`.
+    Cancelled,
+    /// The server reported the lease lost: the attempt is no longer ours; nothing is reported.
+    Lost,
+    /// The worker is stopping and the grace ran out: deregistering returns the run.
+    Shutdown,
+}
+
+/// A running attempt: its fencing token, how to stop it, and why it was stopped.
 struct Active {
     token: Value,
     stop: watch::Sender<Stop>,
+    reason: Option<Reason>,
 }
 
 /// What the worker's tasks share.
@@ -86,9 +99,10 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Asks the run's child to stop.
-    fn stop(&self, run_id: &str, how: Stop) {
-        if let Some(a) = self.active().get(run_id) {
+    /// Asks the run's child to stop; the first reason given is the one kept.
+    fn stop(&self, run_id: &str, how: Stop, reason: Reason) {
+        if let Some(a) = self.active().get_mut(run_id) {
+            a.reason.get_or_insert(reason);
             a.stop.send_if_modified(|s| {
                 if *s < how {
                     *s = how;
@@ -124,23 +138,38 @@ pub fn registration(args: &Args) -> Value {
 /// Runs the worker until SIGINT or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
+    let force = CancellationToken::new();
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let on_signal = shutdown.clone();
+    let (on_signal, on_second) = (shutdown.clone(), force.clone());
     tokio::spawn(async move {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-            () = on_signal.cancelled() => return,
+        loop {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            if on_signal.is_cancelled() {
+                eprintln!("runlane worker: killing running commands");
+                on_second.cancel();
+                return;
+            }
+            eprintln!(
+                "runlane worker: stopping (no new claims; waiting for running commands; \
+                 a second signal kills them now)"
+            );
+            on_signal.cancel();
         }
-        eprintln!("runlane worker: stopping (no new claims; waiting for running commands)");
-        on_signal.cancel();
     });
-    run_until(args, shutdown).await
+    run_until(args, shutdown, force).await
 }
 
-/// Runs the worker until `shutdown` is cancelled (or a fatal error).
-pub async fn run_until(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Runs the worker until `shutdown` is cancelled (or a fatal error); `force` cuts the grace
+/// given to running commands short.
+pub async fn run_until(
+    args: Args,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+) -> anyhow::Result<()> {
     let client = Client::new(&args.server, args.key.clone())?;
     let reg = client
         .register_worker(&registration(&args))
@@ -191,15 +220,18 @@ pub async fn run_until(args: Args, shutdown: CancellationToken) -> anyhow::Resul
     loops.wait().await;
     // No more claims: running commands get the grace period, then SIGKILL.
     runs.close();
-    if tokio::time::timeout(args.grace, runs.wait()).await.is_err() {
+    let drained = tokio::select! {
+        r = tokio::time::timeout(args.grace, runs.wait()) => r.is_ok(),
+        () = force.cancelled() => false,
+    };
+    if !drained {
         let ids: Vec<String> = shared.active().keys().cloned().collect();
         eprintln!(
-            "runlane worker: killing {} command(s) still running after {}",
-            ids.len(),
-            duration::format(args.grace)
+            "runlane worker: killing {} command(s) still running",
+            ids.len()
         );
         for id in ids {
-            shared.stop(&id, Stop::Kill);
+            shared.stop(&id, Stop::Kill, Reason::Shutdown);
         }
         runs.wait().await;
     }
@@ -218,6 +250,18 @@ pub async fn run_until(args: Args, shutdown: CancellationToken) -> anyhow::Resul
     match fatal {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Attempts at reporting one run's end.
+const REPORT_TRIES: u32 = 4;
+
+/// Whether an error may pass if the call is made again.
+fn is_transient(e: &ClientError) -> bool {
+    match e {
+        ClientError::Transport { .. } => true,
+        ClientError::Api(a) => a.status == 503,
+        _ => false,
     }
 }
 
@@ -303,6 +347,7 @@ async fn execute(shared: &Shared, run: Claimed) {
         Active {
             token: run.token.clone(),
             stop: stop_tx,
+            reason: None,
         },
     );
     let payload = serde_json::to_vec(&run.payload).unwrap_or_else(|_| b"null".to_vec());
@@ -313,29 +358,61 @@ async fn execute(shared: &Shared, run: Claimed) {
         ("RUNLANE_ENV", run.env.clone()),
     ];
     let finished = child::run(&shared.spec, &payload, &env, stop_rx).await;
-    shared.active().remove(&run.run_id);
-    let outcome = match finished {
-        Err(e) => Err(format!("runlane worker: cannot start the command: {e}")),
-        Ok(f) if f.stopped.is_some() => {
-            // Cancelled, lost or killed at shutdown: the server already moved the run on (or
-            // will, when the worker deregisters), so there is nothing to report.
-            eprintln!("runlane worker: run {} stopped", run.run_id);
+    let reason = shared.active().remove(&run.run_id).and_then(|a| a.reason);
+    let (outcome, retry) = match (finished, reason) {
+        (Err(e), _) => (
+            Err(format!("runlane worker: cannot start the command: {e}")),
+            "policy",
+        ),
+        (Ok(f), Some(Reason::Cancelled)) => {
+            // Failing a run whose cancel was requested ends it `canceled` at once, instead of
+            // when the server's cancel grace runs out (a command that finished cleanly anyway
+            // still reports its output).
+            eprintln!("runlane worker: run {} cancelled", run.run_id);
+            (f.result(), "none")
+        }
+        (Ok(f), Some(Reason::Lost | Reason::Shutdown)) => {
+            // The lease is gone, or the run goes back to its queue when the worker
+            // deregisters: there is nothing to report.
+            eprintln!(
+                "runlane worker: run {} stopped ({})",
+                run.run_id,
+                if f.stopped.is_some() {
+                    "killed"
+                } else {
+                    "exited"
+                }
+            );
             return;
         }
-        Ok(f) => f.result(),
+        (Ok(f), None) => (f.result(), "policy"),
     };
-    let reported = match &outcome {
-        Ok(output) => {
-            shared
-                .client
-                .complete(&shared.worker_id, &run.run_id, &run.token, output)
-                .await
-        }
-        Err(error) => {
-            shared
-                .client
-                .fail(&shared.worker_id, &run.run_id, &run.token, error)
-                .await
+    // A transient failure (connection, 503) is retried a few times: giving up leaves the run
+    // to its lease, which runs it again elsewhere.
+    let mut pause = Duration::from_millis(200);
+    let mut tries = 1;
+    let reported = loop {
+        let r = match &outcome {
+            Ok(output) => {
+                shared
+                    .client
+                    .complete(&shared.worker_id, &run.run_id, &run.token, output)
+                    .await
+            }
+            Err(error) => {
+                shared
+                    .client
+                    .fail(&shared.worker_id, &run.run_id, &run.token, error, retry)
+                    .await
+            }
+        };
+        match r {
+            Err(e) if is_transient(&e) && tries < REPORT_TRIES => {
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+                tries += 1;
+            }
+            other => break other,
         }
     };
     if let Err(e) = reported {
@@ -363,8 +440,11 @@ async fn heartbeat_loop(shared: Arc<Shared>, every: Duration, done: Cancellation
             .collect();
         match shared.client.heartbeat(&shared.worker_id, &runs).await {
             Ok(reply) => {
-                for id in reply.value.cancelled.iter().chain(&reply.value.lost) {
-                    shared.stop(id, Stop::Term);
+                for id in &reply.value.cancelled {
+                    shared.stop(id, Stop::Term, Reason::Cancelled);
+                }
+                for id in &reply.value.lost {
+                    shared.stop(id, Stop::Term, Reason::Lost);
                 }
             }
             Err(e) => eprintln!("runlane worker: heartbeat failed: {e}"),

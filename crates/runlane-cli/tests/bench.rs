@@ -1,6 +1,8 @@
-//! `runlane bench` through the built binary: the JSON line of a latency run in each topology,
-//! and a clear refusal of a topology the backend cannot have. The figures themselves are not
-//! asserted (timing belongs to the bench, not to tests), only that they are real samples.
+//! `runlane bench` through the built binary: the JSON line of a latency run in each topology
+//! (same process, a child worker process, through the server with `runlane worker`), throughput
+//! through the server, and a clear refusal of a topology the backend cannot have. The figures
+//! themselves are not asserted (timing belongs to the bench, not to tests), only that they are
+//! real samples.
 //!
 //! The separate-process topology needs Redis (`RUNLANE_REDIS_URL`) and PostgreSQL
 //! (`RUNLANE_DATABASE_URL`).
@@ -97,4 +99,51 @@ fn separate_process_on_a_one_process_backend_is_refused_naming_the_flag() {
         "the error names the flag: {stderr}"
     );
     assert!(output.stdout.is_empty(), "no result line for a refused run");
+}
+
+#[test]
+fn latency_through_the_server_runs_each_run_in_a_runlane_worker_command() {
+    let line = line(&runlane(&[
+        "bench",
+        "latency",
+        "--backend",
+        "memory",
+        "--topology",
+        "server",
+        "--runs",
+        "20",
+        "--slots",
+        "2",
+    ]));
+    assert_samples(&line, 20);
+    assert_eq!(line["topology"], "server");
+    assert_eq!(line["worker"], "runlane worker --exec 'date +%s%N'");
+}
+
+#[test]
+fn throughput_through_the_server_drains_every_run_with_runlane_worker_slots() {
+    for phase in ["drain_only", "concurrent"] {
+        let line = line(&runlane(&[
+            "bench",
+            "throughput",
+            "--backend",
+            "embedded",
+            "--topology",
+            "server",
+            "--phase",
+            phase,
+            "--runs",
+            "40",
+            "--slots",
+            "4",
+        ]));
+        assert_eq!(line["scenario"], "throughput");
+        assert_eq!(line["topology"], "server");
+        assert_eq!(line["phase"], phase);
+        assert_eq!(line["runs"], 40);
+        assert!(
+            line["runs_per_s"].as_u64().expect("runs_per_s") > 0,
+            "{line}"
+        );
+    }
 }

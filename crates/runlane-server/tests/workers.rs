@@ -2,15 +2,15 @@
 //! distributed when Redis and PostgreSQL answer (always under CI): the whole cycle (register,
 //! claim, heartbeat, progress, complete, fail with each retry choice, delete), stale tokens
 //! (409 `stale_token`), bad input naming its field (400), keys of another env or role (403),
-//! a cancel reported by the heartbeat, and a worker dropped after three idle leases with its
-//! held run back in its queue.
+//! a cancel reported by the heartbeat, a worker dropped after three idle leases (its run no
+//! longer held), and a long-poll longer than three leases keeping its worker. The worker
+//! routes' rows of the auth matrix are in `matrix.rs`.
 
 mod support;
 
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
-use runlane_server::{BackendConfig, Server, ServerConfig};
 use serde_json::{json, Value};
 use support::{assert_error, distributed_available, Shape, TestServer, ADMIN};
 
@@ -67,6 +67,30 @@ async fn run_status(server: &TestServer, run: &str) -> Value {
     let (status, body) = server.get(&format!("/v1/runs/{run}"), ADMIN).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     body
+}
+
+/// Everything a bad worker call could have changed: runs, envs (a declared task makes a new
+/// version), lanes (a registration adds consumers).
+async fn snapshot(server: &TestServer) -> Value {
+    let mut out = serde_json::Map::new();
+    for path in [
+        "/v1/envs/default/runs?limit=1000",
+        "/v1/envs",
+        "/v1/envs/default",
+        "/v1/lanes",
+    ] {
+        let (status, mut body) = server.get(path, ADMIN).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        // A claim's start mark is advisory and written after the claim (the embedded store
+        // buffers it for its writer's next transaction): not a change a call makes.
+        for run in body["runs"].as_array_mut().into_iter().flatten() {
+            if let Some(run) = run.as_object_mut() {
+                run.remove("started_at_ms");
+            }
+        }
+        out.insert(path.to_string(), body);
+    }
+    Value::Object(out)
 }
 
 async fn worker_key(server: &TestServer) -> String {
@@ -281,6 +305,7 @@ async fn bad_input_names_the_field(shape: Shape) {
         let (server, key) = (&server, &key);
         async move { server.post("/v1/workers", key, body).await }
     };
+    let before = snapshot(&server).await;
     let (status, body) = register_with(
         json!({ "envs": [{ "env": "default" }], "workloops": "manual>*:x", "tasks": ["new"] }),
     )
@@ -306,6 +331,22 @@ async fn bad_input_names_the_field(shape: Shape) {
     .await;
     assert_error(status, &body, StatusCode::BAD_REQUEST, "unknown_field");
     assert_eq!(body["error"]["field"], "colour");
+    let (status, body) = register_with(
+        json!({ "envs": [{ "env": "default" }], "workloops": "manual>*:1", "tasks": ["bad name!"] }),
+    )
+    .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_input");
+    assert_eq!(body["error"]["field"], "tasks");
+    let (status, body) = register_with(
+        json!({ "envs": [{ "env": "default", "version": 99 }], "workloops": "manual>*:1" }),
+    )
+    .await;
+    assert!(status.is_client_error(), "{status} {body}");
+    assert_eq!(
+        snapshot(&server).await,
+        before,
+        "a refused registration changes nothing"
+    );
 
     let worker = register(&server, &key, "manual>*:1", 30000).await;
     let claim_with = |body: Value| {
@@ -332,6 +373,7 @@ async fn bad_input_names_the_field(shape: Shape) {
     let run = trigger(&server, 1).await;
     let claimed = claim(&server, &key, &worker, 1).await;
     let token = claimed[0]["token"].clone();
+    let before = snapshot(&server).await;
     for (retry, field) in [
         (json!("sometimes"), "retry"),
         (json!({ "at_ms": "soon" }), "retry.at_ms"),
@@ -357,6 +399,11 @@ async fn bad_input_names_the_field(shape: Shape) {
         .await;
     assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_input");
     assert_eq!(body["error"]["field"], "runs[0].run_id");
+    assert_eq!(
+        snapshot(&server).await,
+        before,
+        "refused run calls change nothing"
+    );
     let (status, body) = server
         .post(
             "/v1/workers/w_nobody/claim",
@@ -422,136 +469,13 @@ async fn keys_outside_their_env_or_role_are_403(shape: Shape) {
     server.stop().await;
 }
 
-/// A server started here, to reach its engine (the run's cancel comes from the engine, as
-/// from any other caller of the env).
-struct Direct {
-    base: String,
-    client: reqwest::Client,
-    engine: runlane::Engine,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    dir: Option<std::path::PathBuf>,
-}
-
-impl Direct {
-    async fn start(shape: Shape) -> Direct {
-        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut dir = None;
-        let backend = match shape {
-            Shape::Embedded => {
-                let d = std::env::temp_dir()
-                    .join(format!("runlane-workers-test-{}-{n}", std::process::id()));
-                dir = Some(d.clone());
-                BackendConfig::Embedded { data_dir: d }
-            }
-            Shape::Distributed => {
-                let redis = std::env::var("RUNLANE_REDIS_URL")
-                    .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string());
-                let pg = std::env::var("RUNLANE_DATABASE_URL")
-                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
-                let mut c = runlane::DistributedConfig::new(redis, pg);
-                let id = format!("{}_{n}", std::process::id());
-                c.redis.prefix = format!("rlwrk_{id}");
-                c.postgres.schema = format!("rlwrk_{id}");
-                c.throwaway = true;
-                BackendConfig::Distributed(Box::new(c))
-            }
-            Shape::Memory => BackendConfig::Memory,
-        };
-        let mut config = ServerConfig::new(backend);
-        config.listen = "127.0.0.1:0".parse().expect("address");
-        config.admin_key = Some(ADMIN.to_string());
-        config.print_admin_key = false;
-        let server = Server::bind(config).await.expect("server starts");
-        let base = format!("http://{}", server.local_addr().expect("address"));
-        let engine = server.state().engine().clone();
-        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            server
-                .run(async move {
-                    let _ = rx.await;
-                })
-                .await
-                .expect("server runs");
-        });
-        Direct {
-            base,
-            client: reqwest::Client::new(),
-            engine,
-            stop: Some(stop),
-            task: Some(task),
-            dir,
-        }
-    }
-
-    async fn post(&self, path: &str, key: &str, body: Value) -> (StatusCode, Value) {
-        let resp = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(key)
-            .json(&body)
-            .send()
-            .await
-            .expect("request sent");
-        let status = resp.status();
-        let text = resp.text().await.expect("body read");
-        let value = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        (status, value)
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.await.expect("server task");
-        }
-        if let Some(dir) = self.dir.take() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
-
 async fn a_cancel_is_reported_by_the_heartbeat(shape: Shape) {
-    let server = Direct::start(shape).await;
-    let (status, body) = server
-        .post(
-            "/v1/keys",
-            ADMIN,
-            json!({ "role": "worker", "envs": ["default"] }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let key = body["key"].as_str().expect("key").to_string();
-    let (status, body) = server
-        .post("/v1/envs/default/runs", ADMIN, json!({ "task": "job" }))
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let run = body["run_id"].as_str().expect("run_id").to_string();
-    let (status, body) = server
-        .post(
-            "/v1/workers",
-            &key,
-            json!({ "envs": [{ "env": "default" }], "workloops": "manual>*:1" }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let worker = body["worker_id"].as_str().expect("worker_id").to_string();
-    let (status, body) = server
-        .post(
-            &format!("/v1/workers/{worker}/claim"),
-            &key,
-            json!({ "workloop": 0, "max": 1, "wait_ms": 10_000 }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["runs"][0]["run_id"], run.as_str(), "{body}");
-    let token = body["runs"][0]["token"].clone();
+    let server = TestServer::start(shape).await;
+    let key = worker_key(&server).await;
+    let run = trigger(&server, 1).await;
+    let worker = register(&server, &key, "manual>*:1", 30000).await;
+    let claimed = claim(&server, &key, &worker, 1).await;
+    let token = claimed[0]["token"].clone();
 
     let heartbeat = json!({ "runs": [{ "run_id": run, "token": token }] });
     let path = format!("/v1/workers/{worker}/heartbeat");
@@ -559,8 +483,15 @@ async fn a_cancel_is_reported_by_the_heartbeat(shape: Shape) {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body, json!({ "cancelled": [], "lost": [] }));
 
-    let run_id: runlane::core::RunId = run.parse().expect("run id");
-    server.engine.cancel(run_id).await.expect("cancel");
+    let (status, body) = server
+        .call(
+            Method::POST,
+            &format!("/v1/runs/{run}/cancel"),
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     let (status, body) = server.post(&path, &key, heartbeat).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body, json!({ "cancelled": [run], "lost": [] }));
@@ -575,8 +506,7 @@ async fn a_cancel_is_reported_by_the_heartbeat(shape: Shape) {
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body, json!({ "status": "canceled", "retry_at_ms": null }));
-    let record = server.engine.get(run_id).await.expect("get");
-    assert_eq!(record.status, runlane::core::RunStatus::Canceled);
+    assert_eq!(run_status(&server, &run).await["status"], "canceled");
     server.stop().await;
 }
 
@@ -586,7 +516,7 @@ async fn an_idle_worker_is_dropped(shape: Shape) {
     let key = worker_key(&server).await;
     let (_, theirs) = server.key("worker", &["other"]).await;
     let run = trigger(&server, 1).await;
-    let worker = register(&server, &key, "manual>*:1", 200).await;
+    let worker = register(&server, &key, "manual>*:1", 400).await;
     let claimed = claim(&server, &key, &worker, 1).await;
     assert_eq!(claimed[0]["run_id"], run.as_str());
     // Probed with another env's key: 403 while the worker exists, 404 once dropped; the probe
@@ -625,6 +555,32 @@ async fn an_idle_worker_is_dropped(shape: Shape) {
         )
         .await;
     assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    server.stop().await;
+}
+
+async fn a_long_poll_keeps_its_worker(shape: Shape) {
+    let server = TestServer::start(shape).await;
+    let key = worker_key(&server).await;
+    // Three leases are 750 ms; the poll waits 2 s with nothing to claim.
+    let worker = register(&server, &key, "manual>*:1", 250).await;
+    let (status, body) = server
+        .post(
+            &format!("/v1/workers/{worker}/claim"),
+            &key,
+            json!({ "workloop": 0, "max": 1, "wait_ms": 2000 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({ "runs": [] }));
+    // The claim's end counts as activity too: the worker is still there.
+    let (status, body) = server
+        .post(
+            &format!("/v1/workers/{worker}/heartbeat"),
+            &key,
+            json!({ "runs": [] }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     server.stop().await;
 }
 
@@ -668,6 +624,7 @@ on_shapes!(
     keys_outside_their_env_or_role_are_403,
     a_cancel_is_reported_by_the_heartbeat,
     an_idle_worker_is_dropped,
+    a_long_poll_keeps_its_worker,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -150,7 +150,7 @@ fn config() -> EngineConfig {
 
 const LONG_LEASE: Duration = Duration::from_secs(60);
 /// The cancel grace period on the system clock (the distributed tests).
-const REAL_CANCEL_GRACE: Duration = Duration::from_secs(2);
+const REAL_CANCEL_GRACE: Duration = Duration::from_secs(3);
 
 /// Claims without waiting.
 async fn claim_now(worker: &RemoteWorker, max: u32) -> Vec<ClaimedRun> {

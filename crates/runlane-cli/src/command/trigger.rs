@@ -44,6 +44,9 @@ pub struct Args {
     /// Idempotency key: a second trigger with it returns the first run.
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// Attempts at most, the first included (1: no retry); the task's policy otherwise.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: Option<u32>,
     /// The version the run is locked to.
     #[arg(long)]
     pub version: Option<u32>,
@@ -93,6 +96,9 @@ pub fn body(args: &Args) -> anyhow::Result<Value> {
             m.insert(field.into(), json!(v));
         }
     }
+    if let Some(n) = args.max_attempts {
+        m.insert("retry".into(), json!({ "max_attempts": n }));
+    }
     if let Some(v) = args.version {
         m.insert("version".into(), json!(v));
     }
@@ -116,8 +122,8 @@ pub fn body(args: &Args) -> anyhow::Result<Value> {
 pub async fn run(args: Args) -> anyhow::Result<i32> {
     let body = body(&args)?;
     let client = Client::new(&args.server, args.api_key.clone())?;
-    if args.wait.is_some() {
-        let reply = client.trigger_and_wait(&args.env, &body).await?;
+    if let Some(wait) = args.wait {
+        let reply = client.trigger_and_wait(&args.env, &body, wait).await?;
         let w = &reply.value;
         emit(args.json, &reply.raw, || {
             let mut p = vec![("run_id", w.run_id.clone()), ("status", w.status.clone())];
@@ -187,13 +193,14 @@ mod tests {
             "--ttl=2m",
             "--idempotency-key=k1",
             "--version=3",
+            "--max-attempts=2",
         ])
         .expect("parses");
         assert_eq!(
             body(&args).expect("body"),
             json!({"task": "email", "payload": {"to": "a@b"}, "queue": "mail", "key": "user-1",
                    "lane": "bulk", "priority_ms": 5000, "delay_ms": 500, "ttl_ms": 120000,
-                   "idempotency_key": "k1", "version": 3})
+                   "idempotency_key": "k1", "version": 3, "retry": {"max_attempts": 2}})
         );
         assert_eq!(args.wait, None);
     }

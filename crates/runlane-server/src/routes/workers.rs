@@ -136,7 +136,13 @@ async fn watchdog(
         let (due, limit) = {
             let Some(entry) = entry.upgrade() else { return };
             let limit = entry.worker.lease().saturating_mul(IDLE_LEASES);
-            (entry.seen() + limit, limit)
+            let due = if entry.claims.load(Ordering::SeqCst) > 0 {
+                // A long-poll is activity for as long as it waits: look again a limit later.
+                Instant::now() + limit
+            } else {
+                entry.seen() + limit
+            };
+            (due, limit)
         };
         tokio::time::sleep_until(due).await;
         let Some(e) = entry.upgrade() else { return };
@@ -450,6 +456,14 @@ async fn register(
     WorkloopSpec::parse(&body.workloops)?;
     if body.lease_ms == Some(0) {
         return Err(ApiError::invalid("lease_ms", "must be greater than zero"));
+    }
+    for task in body.tasks.iter().flatten() {
+        if let Err(e) = runlane::core::TaskName::new(task) {
+            return Err(ApiError::invalid(
+                "tasks",
+                format!("{task:?}: {}", e.reason),
+            ));
+        }
     }
     let engine = state.engine();
     let worker = engine
