@@ -14,17 +14,17 @@ pub struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:7878].
     #[arg(long, env = "RUNLANE_LISTEN")]
     listen: Option<SocketAddr>,
-    /// In-memory backends (no durability).
-    #[arg(long, conflicts_with_all = ["redis", "postgres", "data"])]
+    /// In-memory backends (no durability); wins over --data, --redis and --postgres.
+    #[arg(long)]
     memory: bool,
     /// Data directory of the embedded engine [default: ./runlane-data].
     #[arg(long, env = "RUNLANE_DATA")]
     data: Option<PathBuf>,
-    /// Distributed: the Redis server (with --postgres).
-    #[arg(long, env = "RUNLANE_SERVE_REDIS", requires = "postgres")]
+    /// Distributed: the Redis server (with --postgres); wins over --data.
+    #[arg(long, env = "RUNLANE_SERVE_REDIS")]
     redis: Option<String>,
     /// Distributed: the PostgreSQL server (with --redis).
-    #[arg(long, env = "RUNLANE_SERVE_POSTGRES", requires = "redis")]
+    #[arg(long, env = "RUNLANE_SERVE_POSTGRES")]
     postgres: Option<String>,
     /// Largest request body in bytes [default: 1048576].
     #[arg(long, env = "RUNLANE_MAX_BODY_BYTES")]
@@ -66,6 +66,10 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
         BackendConfig::Memory
     } else if let (Some(redis), Some(postgres)) = (&args.redis, &args.postgres) {
         BackendConfig::Distributed(Box::new(runlane::DistributedConfig::new(redis, postgres)))
+    } else if args.redis.is_some() || args.postgres.is_some() {
+        anyhow::bail!(
+            "--redis (RUNLANE_SERVE_REDIS) and --postgres (RUNLANE_SERVE_POSTGRES) go together"
+        );
     } else if args.data.is_some() {
         BackendConfig::Embedded {
             data_dir: args.data.clone().unwrap_or_default(),
@@ -114,33 +118,30 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
     Ok(config)
 }
 
-/// Resolves when SIGINT or SIGTERM arrives.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            eprintln!("runlane: cannot listen for SIGINT: {e}");
-            std::future::pending::<()>().await;
+/// Resolves when SIGINT or SIGTERM arrives. The handlers are installed here, before the
+/// future is first polled, so a signal sent as soon as the server says it serves is not lost
+/// (nor does it kill the process unhandled).
+#[cfg(unix)]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                eprintln!("runlane: cannot listen for SIGTERM: {e}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
-    eprintln!("runlane: shutting down (draining in-flight requests)");
+        eprintln!("runlane: shutting down (draining in-flight requests)");
+    })
+}
+
+/// Resolves when Ctrl-C arrives.
+#[cfg(not(unix))]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!("runlane: shutting down (draining in-flight requests)");
+    })
 }
 
 /// Runs the server until a signal.
@@ -151,11 +152,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         BackendConfig::Embedded { data_dir } => format!("embedded, data in {}", data_dir.display()),
         BackendConfig::Distributed(_) => "distributed (Redis + PostgreSQL)".to_string(),
     };
+    let shutdown = shutdown_signal()?;
     let server = runlane_server::Server::bind(config)
         .await
         .context("starting the server")?;
     eprintln!("runlane: serving http://{} ({shape})", server.local_addr()?);
-    server.run(shutdown_signal()).await?;
+    server.run(shutdown).await?;
     eprintln!("runlane: stopped");
     Ok(())
 }

@@ -143,3 +143,37 @@ fn serve_refuses_a_bad_config_file() {
     assert!(err.contains("colour"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn serve_memory_wins_over_a_data_dir_from_the_environment() {
+    let dir = std::env::temp_dir().join(format!("runlane-cli-envdata-{}", std::process::id()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_runlane"))
+        .args(["serve", "--memory", "--listen", "127.0.0.1:0"])
+        .env("RUNLANE_DATA", &dir)
+        .env("RUNLANE_ADMIN_KEY", "rl_cli_test_admin")
+        .env_remove("RUNLANE_SERVE_REDIS")
+        .env_remove("RUNLANE_SERVE_POSTGRES")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("starts");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    stderr.read_line(&mut line).expect("a line");
+    assert!(line.contains("(memory)"), "{line}");
+    assert!(!dir.exists(), "no data dir made for a memory server");
+    signal(&child, "TERM");
+    assert!(wait_exit(child));
+}
+
+#[test]
+fn serve_refuses_redis_without_postgres() {
+    let out = Command::new(env!("CARGO_BIN_EXE_runlane"))
+        .args(["serve", "--redis", "redis://127.0.0.1:6379"])
+        .env_remove("RUNLANE_SERVE_POSTGRES")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("go together"), "{err}");
+}
