@@ -27,6 +27,9 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
 }
 
+/// How long `run` waits, after the drain, for the last handle on the state to go.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A bound server, not yet serving.
 pub struct Server {
     listener: tokio::net::TcpListener,
@@ -37,6 +40,8 @@ pub struct Server {
 impl Server {
     /// Opens the engine and the key store of `config` and binds `config.listen`.
     pub async fn bind(config: ServerConfig) -> Result<Server, ServerError> {
+        // The address first: a busy port fails before any data is opened.
+        let listener = tokio::net::TcpListener::bind(config.listen).await?;
         let (backend, keys): (Backend, Arc<dyn KeyStore>) = match &config.backend {
             BackendConfig::Memory => (
                 Backend::Memory(
@@ -67,7 +72,6 @@ impl Server {
                 (Backend::Distributed(Box::new(shape)), Arc::new(keys))
             }
         };
-        let listener = tokio::net::TcpListener::bind(config.listen).await?;
         let state = AppState::new(backend, keys, config);
         let created_admin_key = ensure_admin(&state).await?;
         if let Some(key) = &created_admin_key {
@@ -98,6 +102,8 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then drains in-flight requests and stops the engine.
+    /// When it returns, the engine is closed (an embedded data dir can be opened again) unless
+    /// a handle taken with [`Server::state`] still holds it.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -117,6 +123,13 @@ impl Server {
         // Any worker registered while the drain ran.
         self.state.workers().close_all().await;
         self.state.backend().shutdown().await;
+        // Connection tasks drop their handles on the state just after the drain returns; wait
+        // (bounded) for the last one, so the engine and its files are closed when this returns.
+        let released = self.state.released();
+        drop(self.state);
+        if tokio::time::timeout(RELEASE_WAIT, released).await.is_err() {
+            tracing::warn!("the engine is still held {RELEASE_WAIT:?} after shutdown");
+        }
         served?;
         Ok(())
     }

@@ -61,6 +61,21 @@ struct Inner {
     workers: WorkerRegistry,
     events: Arc<EventLog>,
     closing: tokio::sync::watch::Sender<bool>,
+    /// Told when the last handle is gone (the engine, and so its files, with it).
+    released: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let tx = self
+            .released
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(tx) = tx {
+            let _ = tx.send(());
+        }
+    }
 }
 
 impl AppState {
@@ -75,6 +90,7 @@ impl AppState {
                 workers: WorkerRegistry::default(),
                 events: Arc::new(EventLog::default()),
                 closing: tokio::sync::watch::channel(false).0,
+                released: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -112,6 +128,18 @@ impl AppState {
     /// The SSE event log.
     pub fn events(&self) -> &Arc<EventLog> {
         &self.inner.events
+    }
+
+    /// Resolves once every handle on this state is dropped (and with it the engine: an
+    /// embedded data dir can be opened again).
+    pub fn released(&self) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        *self
+            .inner
+            .released
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        rx
     }
 
     /// Tells long requests (SSE streams, waits) that the server is shutting down.

@@ -17,7 +17,7 @@ async fn two_servers_share_keys_and_runs() {
     }
     // A owns the throwaway prefix and schema; B opens the same ones and leaves them be.
     let a = TestServer::start(Shape::Distributed).await;
-    let BackendConfig::Distributed(shared) = a.state.config().backend.clone() else {
+    let BackendConfig::Distributed(shared) = a.state().config().backend.clone() else {
         panic!("a distributed server");
     };
     let b = TestServer::start_with(Shape::Memory, |c| {

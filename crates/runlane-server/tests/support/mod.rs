@@ -41,7 +41,8 @@ pub fn distributed_available() -> bool {
 pub struct TestServer {
     pub base: String,
     pub client: reqwest::Client,
-    pub state: runlane_server::AppState,
+    /// The server's state (dropped by `stop` before it waits, so the engine closes).
+    pub state: Option<runlane_server::AppState>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     dir: Option<PathBuf>,
@@ -91,7 +92,7 @@ impl TestServer {
         TestServer {
             base: format!("http://{addr}"),
             client: reqwest::Client::new(),
-            state,
+            state: Some(state),
             stop: Some(stop),
             task: Some(task),
             dir,
@@ -105,6 +106,7 @@ impl TestServer {
 
     /// Stops the server gracefully and waits for it.
     pub async fn stop(mut self) {
+        self.state.take();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -153,7 +155,12 @@ impl TestServer {
 
     /// The server's engine.
     pub fn engine(&self) -> &runlane::Engine {
-        self.state.engine()
+        self.state().engine()
+    }
+
+    /// The server's state.
+    pub fn state(&self) -> &runlane_server::AppState {
+        self.state.as_ref().expect("the server is running")
     }
 
     /// Creates an env (admin) and asserts it worked.
