@@ -29,11 +29,13 @@ impl FromRequestParts<AppState> for Caller {
             .headers
             .get(header::AUTHORIZATION)
             .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <key>"))?;
+        // The scheme is case-insensitive (RFC 9110 §11.1).
         let secret = header
             .to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, key)| key.trim())
             .filter(|v| !v.is_empty())
             .ok_or_else(|| ApiError::unauthorized("Authorization must be Bearer <key>"))?;
         authenticate(state, secret).await.map(|key| Caller { key })

@@ -218,5 +218,21 @@ async fn openapi_lists_the_routes_and_health_needs_no_key() {
     assert_eq!(body["status"], "ok");
     let (st, body) = s.call(Method::GET, "/v1/envs", None, None).await;
     assert_error(st, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+    for (header, want) in [
+        (format!("bearer {ADMIN}"), StatusCode::OK),
+        (format!("Basic {ADMIN}"), StatusCode::UNAUTHORIZED),
+        ("Bearer ".to_string(), StatusCode::UNAUTHORIZED),
+        (ADMIN.to_string(), StatusCode::UNAUTHORIZED),
+    ] {
+        let status = s
+            .client
+            .get(format!("{}/v1/envs", s.base))
+            .header("authorization", header.clone())
+            .send()
+            .await
+            .expect("sent")
+            .status();
+        assert_eq!(status, want, "{header}");
+    }
     s.stop().await;
 }
