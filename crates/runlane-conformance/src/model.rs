@@ -834,6 +834,13 @@ impl State {
         now: Timestamp,
     ) -> Result<Effects, QueueError> {
         let i = self.leased_with(run, token, false)?;
+        if self.runs[i]
+            .lease
+            .as_ref()
+            .is_some_and(|l| l.cancel_requested_at.is_some())
+        {
+            return Err(QueueError::CancelRequested(run));
+        }
         let r = &mut self.runs[i];
         apply(r, Event::Release);
         r.lease = None;
