@@ -1982,6 +1982,26 @@ mod tests {
     }
 
     #[test]
+    fn release_of_a_cancelled_lease_is_refused_and_changes_nothing() {
+        let mut h = Harness::new();
+        h.limit("prod", 1, true);
+        let (a, _) = h.trigger("prod", "q", "default");
+        let leased = h.claim(&["prod"], any_lane(), 1, T0).remove(0);
+        h.rt.block_on(h.q.cancel(a, Duration::from_secs(10), at(1)))
+            .expect("cancel");
+        let before = h.rt.block_on(h.q.snapshot()).expect("snapshot");
+        assert_eq!(
+            h.rt.block_on(h.q.release(a, leased.token, at(2))),
+            Err(QueueError::CancelRequested(a))
+        );
+        assert_eq!(h.rt.block_on(h.q.snapshot()).expect("snapshot"), before);
+        // The engine then ends it: the lease is still live for `finish`.
+        h.rt.block_on(h.q.finish(a, leased.token, at(2)))
+            .expect("finish");
+        assert_eq!(h.rt.block_on(h.q.live(a)).expect("live"), None);
+    }
+
+    #[test]
     fn reschedule_moves_waiting_runs_only() {
         let mut h = Harness::new();
         h.limit("prod", 1, true);
