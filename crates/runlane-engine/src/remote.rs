@@ -739,7 +739,8 @@ impl RemoteWorker {
     }
 
     /// Hands a held run back to its queue without counting an attempt (the worker could not
-    /// run it); its slot frees.
+    /// run it); its slot frees. A run whose cancel was requested ends `canceled` instead (its
+    /// attempt recorded as canceled): a cancel survives a release.
     pub async fn release(&self, run: RunId, token: FencingToken) -> Result<(), EngineError> {
         let s = &self.shared;
         s.check_open()?;
@@ -788,6 +789,7 @@ impl RemoteWorker {
     }
 
     /// Closes the worker: its held runs go back to their queues without counting an attempt
+    /// (those whose cancel was requested end `canceled`, as with [`RemoteWorker::release`])
     /// and its consumers are unregistered. Later calls are refused (`worker`); closing twice
     /// does nothing.
     pub async fn close(&self) {

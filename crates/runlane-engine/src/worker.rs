@@ -984,7 +984,8 @@ impl Worker {
     }
 
     /// Stops claiming, waits up to the stop timeout, then cancels the rest with `Shutdown` and
-    /// releases them to their queues without counting an attempt.
+    /// releases them to their queues without counting an attempt (a run whose cancel was
+    /// requested ends `canceled` instead and is not counted as released).
     pub async fn stop(mut self) -> DrainReport {
         let shared = self.shared.clone();
         let engine = shared.engine.inner.clone();
