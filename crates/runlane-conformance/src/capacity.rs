@@ -138,6 +138,101 @@ pub async fn drain_01(b: &dyn Backends) {
     }
 }
 
+/// DRAIN-03: a drain does not lose a cancel: a run cancelled while executing whose handler is
+/// still running when `worker.stop()` runs out of time ends `canceled` (its attempt recorded as
+/// canceled, its slot released, gone from the queue backend) instead of going back to its
+/// queue; the worker's other run is released as in DRAIN-01 and is the only one run again.
+pub async fn drain_03(b: &dyn Backends) {
+    let h = Harness::open(b).await;
+    let mut p1 = Probe::new();
+    let w1 = h
+        .start(
+            h.engine
+                .worker()
+                .handler("t", p1.held())
+                .workloops("manual>*:2")
+                .stop_timeout(Duration::ZERO),
+        )
+        .await;
+    h.run("t").await;
+    h.run("t").await;
+    let s1 = p1.next().await;
+    let s2 = p1.next().await;
+    let (cancelled, other) = (s1.run, s2.run);
+    let rec = h.cancel(cancelled).await;
+    assert_eq!(
+        rec.status,
+        RunStatus::Executing,
+        "DRAIN-03: cancel requested"
+    );
+    assert_eq!(
+        s1.cancelled().await,
+        runlane_core::CancelReason::Cancel,
+        "DRAIN-03: the handler was told"
+    );
+    // The cancelled handler keeps running past the cancel; the drain aborts it.
+    let report = within("the worker to drain", w1.stop()).await;
+    assert_eq!(
+        (report.finished, report.released),
+        (1, 1),
+        "DRAIN-03: only the other run is released"
+    );
+    let rec = h.get(cancelled).await;
+    assert_eq!(
+        rec.status,
+        RunStatus::Canceled,
+        "DRAIN-03: the cancel survives the drain"
+    );
+    assert_eq!(rec.attempt, 1);
+    assert_eq!(
+        rec.attempts
+            .iter()
+            .map(|a| a.outcome.as_str())
+            .collect::<Vec<_>>(),
+        vec!["canceled"],
+        "DRAIN-03: the attempt is recorded as canceled"
+    );
+    assert_eq!(
+        h.live(cancelled).await,
+        None,
+        "DRAIN-03: gone from the queue backend"
+    );
+    assert_eq!(
+        h.statuses_of(cancelled)
+            .into_iter()
+            .filter(|s| s.is_terminal())
+            .collect::<Vec<_>>(),
+        vec![RunStatus::Canceled],
+        "DRAIN-03: canceled published once"
+    );
+    let rec = h.get(other).await;
+    assert!(
+        rec.status.is_waiting(),
+        "DRAIN-03: the other run is waiting again: {}",
+        rec.status
+    );
+    assert_eq!((rec.attempt, rec.attempts.len()), (1, 0));
+    assert_eq!(
+        h.usage("default").await.running,
+        1,
+        "DRAIN-03: the canceled run's slot is free, the other run re-admitted"
+    );
+
+    let mut p2 = Probe::new();
+    let _w2 = h.held_worker(&p2, "t", "manual>*:2").await;
+    let s = p2.next().await;
+    assert_eq!(
+        (s.run, s.attempt),
+        (other, 1),
+        "DRAIN-03: only the other run runs again"
+    );
+    s.complete(json!(null));
+    let rec = h.wait_terminal(other).await;
+    assert_eq!(rec.status, RunStatus::Completed);
+    p2.assert_quiet("DRAIN-03: the canceled run never starts again");
+    assert_eq!(h.status(cancelled).await, RunStatus::Canceled);
+}
+
 /// DRAIN-02: `worker.stop()` stops claiming and waits for in-flight runs: once the drain waits
 /// (parked on its stop timeout), a run completing counts as finished, and the slot it frees
 /// does not claim the run triggered during the drain.

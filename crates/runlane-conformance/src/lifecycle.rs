@@ -575,6 +575,72 @@ pub async fn life_13(b: &dyn Backends) {
     );
 }
 
+/// LIFE-15: a lease that lapses after a cancel request (the worker died, the lease of 5 s
+/// ends before the 10 s grace) ends the run `canceled`, its attempt recorded as canceled, its
+/// slot released; it is never retried although its policy has attempts left.
+pub async fn life_15(b: &dyn Backends) {
+    let h = Harness::open(b).await;
+    let mut p1 = Probe::new();
+    let w1 = h
+        .start(
+            h.engine
+                .worker()
+                .handler("t", p1.held())
+                .lease(secs(5))
+                .workloops("manual>*:1"),
+        )
+        .await;
+    let run = h
+        .trigger(h.engine.trigger("t").retry(retry_fixed(3, secs(1))))
+        .await
+        .id;
+    let _zombie = p1.next().await;
+    let rec = h.cancel(run).await;
+    assert_eq!(
+        rec.status,
+        RunStatus::Executing,
+        "LIFE-15: cancel requested"
+    );
+    w1.crash();
+    h.set_clock(at(secs(5)));
+    let rec = h.wait_terminal(run).await;
+    assert_eq!(
+        rec.status,
+        RunStatus::Canceled,
+        "LIFE-15: canceled, not retried"
+    );
+    assert_eq!(rec.attempt, 1);
+    assert_eq!(
+        rec.attempts
+            .iter()
+            .map(|a| a.outcome.as_str())
+            .collect::<Vec<_>>(),
+        vec!["canceled"],
+        "LIFE-15: the attempt is recorded as canceled"
+    );
+    assert_eq!(rec.finished_at, Some(at(secs(5))));
+    assert_eq!(
+        h.live(run).await,
+        None,
+        "LIFE-15: gone from the queue backend"
+    );
+    assert_eq!(
+        h.usage("default").await.running,
+        0,
+        "LIFE-15: slot released"
+    );
+    assert_eq!(
+        terminal_events(&h, run),
+        vec![RunStatus::Canceled],
+        "LIFE-15: one terminal state"
+    );
+    assert_eq!(
+        ok(h.queue.next_deadline()).await,
+        None,
+        "LIFE-15: no grace deadline or retry left armed"
+    );
+}
+
 /// The terminal statuses `run` published, in order.
 fn terminal_events(h: &Harness, run: runlane_core::RunId) -> Vec<RunStatus> {
     h.statuses_of(run)

@@ -834,6 +834,13 @@ impl State {
         now: Timestamp,
     ) -> Result<Effects, QueueError> {
         let i = self.leased_with(run, token, false)?;
+        if self.runs[i]
+            .lease
+            .as_ref()
+            .is_some_and(|l| l.cancel_requested_at.is_some())
+        {
+            return Err(QueueError::CancelRequested(run));
+        }
         let r = &mut self.runs[i];
         apply(r, Event::Release);
         r.lease = None;
@@ -1972,6 +1979,26 @@ mod tests {
             h.rt.block_on(h.q.cancel(b, grace, at(12))).expect("cancel"),
             CancelOutcome::NotFound
         );
+    }
+
+    #[test]
+    fn release_of_a_cancelled_lease_is_refused_and_changes_nothing() {
+        let mut h = Harness::new();
+        h.limit("prod", 1, true);
+        let (a, _) = h.trigger("prod", "q", "default");
+        let leased = h.claim(&["prod"], any_lane(), 1, T0).remove(0);
+        h.rt.block_on(h.q.cancel(a, Duration::from_secs(10), at(1)))
+            .expect("cancel");
+        let before = h.rt.block_on(h.q.snapshot()).expect("snapshot");
+        assert_eq!(
+            h.rt.block_on(h.q.release(a, leased.token, at(2))),
+            Err(QueueError::CancelRequested(a))
+        );
+        assert_eq!(h.rt.block_on(h.q.snapshot()).expect("snapshot"), before);
+        // The engine then ends it: the lease is still live for `finish`.
+        h.rt.block_on(h.q.finish(a, leased.token, at(2)))
+            .expect("finish");
+        assert_eq!(h.rt.block_on(h.q.live(a)).expect("live"), None);
     }
 
     #[test]

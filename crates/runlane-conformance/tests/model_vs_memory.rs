@@ -966,6 +966,21 @@ impl Driver {
                 ));
             }
         }
+        // A cancel survives a release: a cancelled lease is never handed back to its queue, and
+        // only a cancelled live lease is refused for that reason.
+        if let Call::Release(run, token) = c {
+            let cancelled = lease_before(*run)
+                .is_some_and(|l| l.token == *token && !l.lapsed && l.cancel_requested_at.is_some());
+            match out {
+                Outcome::Effects(Ok(_)) if cancelled => {
+                    return Err(format!("{c:?} handed a cancelled run back to its queue"));
+                }
+                Outcome::Effects(Err(QueueError::CancelRequested(_))) if !cancelled => {
+                    return Err(format!("{c:?} refused a lease without a cancel request"));
+                }
+                _ => {}
+            }
+        }
 
         // No run lost, removed runs never reappear, snapshot sorted by run id.
         let ids: Vec<RunId> = snapshot.iter().map(|r| r.dispatch.run_id).collect();
@@ -1127,7 +1142,7 @@ mod coverage {
     use std::sync::atomic::{AtomicU64, Ordering};
 
     /// The counted events.
-    pub const NAMES: [&str; 24] = [
+    pub const NAMES: [&str; 25] = [
         "enqueue ready",
         "enqueue queued",
         "enqueue delayed",
@@ -1143,6 +1158,7 @@ mod coverage {
         "stale token refused",
         "retry ok",
         "release ok",
+        "release cancel_requested",
         "cancel removed",
         "cancel requested",
         "reschedule ok",
@@ -1156,7 +1172,7 @@ mod coverage {
 
     /// Counts of one property run (shared by its cases, which proptest runs one by one).
     #[derive(Default)]
-    pub struct Coverage([AtomicU64; 24]);
+    pub struct Coverage([AtomicU64; 25]);
 
     impl Coverage {
         /// Counts one event by name.
@@ -1209,6 +1225,7 @@ fn count(coverage: &coverage::Coverage, c: &Call, out: &Outcome) {
             Call::Reschedule(..) => hit("reschedule ok"),
             _ => {}
         },
+        Outcome::Effects(Err(QueueError::CancelRequested(_))) => hit("release cancel_requested"),
         Outcome::Effects(Err(QueueError::StaleToken(_)))
         | Outcome::Check(Err(QueueError::StaleToken(_))) => hit("stale token refused"),
         Outcome::Effects(Err(QueueError::WrongState { .. })) => hit("reschedule wrong_state"),

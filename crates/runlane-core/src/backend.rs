@@ -343,7 +343,9 @@ pub trait QueueBackend: Send + Sync + 'static {
         run_after: Timestamp,
         now: Timestamp,
     ) -> Result<Effects, QueueError>;
-    /// Drain on stop: back to its queue with the same attempt, slots released.
+    /// Drain on stop: back to its queue with the same attempt, slots released. A run whose
+    /// cancel was requested is refused with [`QueueError::CancelRequested`] and nothing changes
+    /// (the engine then ends it `canceled`): a cancel survives a release.
     async fn release(
         &self,
         run: RunId,

@@ -65,6 +65,10 @@ pub enum QueueError {
         /// What was attempted.
         operation: &'static str,
     },
+    /// A release of a run whose cancel was requested: it is not handed back to its queue (it
+    /// must end `canceled`); nothing changed.
+    #[error("run {0} has a cancel requested; it cannot go back to its queue")]
+    CancelRequested(RunId),
     /// Bad input to the backend (unknown lane, unknown env).
     #[error(transparent)]
     Invalid(#[from] InvalidInput),

@@ -410,6 +410,36 @@ impl Inner {
         Ok(record)
     }
 
+    /// Lets go of a leased run without counting an attempt: the one path of an in-process
+    /// worker's drain, a remote worker's `release` and `close`, and a claimed run that could
+    /// not be loaded. The caller holds the run's settle lock. The backend hands the run back
+    /// to its queue (same attempt, slots released) unless its cancel was requested: it then
+    /// refuses in the same atomic step and the run ends `canceled` here instead (the store's
+    /// terminal write first, the attempt recorded as canceled, then the queue lets go of the
+    /// lease and frees its slots, then the event), so a cancel survives a release.
+    pub(crate) async fn release_leased(
+        &self,
+        run: RunId,
+        token: FencingToken,
+        env: &EnvName,
+        attempt: u32,
+    ) -> Result<Released, EngineError> {
+        match self.queue.release(run, token, self.now()).await {
+            Ok(effects) => {
+                self.apply_own(run, env, attempt, RunStatus::Queued, effects)
+                    .await;
+                Ok(Released::Queued)
+            }
+            Err(QueueError::CancelRequested(_)) => {
+                let ended = attempt_record(attempt, "canceled", None, self.now());
+                self.finish_leased(run, token, RunStatus::Canceled, None, Some(ended))
+                    .await?;
+                Ok(Released::Canceled)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Ends a completed attempt this process holds the lease of, batched with the others
     /// ending now (see [`crate::completer`]): the lease is checked (a zombie's completion is
     /// dropped), the store's terminal write is made without reading the run back, then the
@@ -875,6 +905,15 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// How [`Inner::release_leased`] let go of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Released {
+    /// Back to its queue with the same attempt.
+    Queued,
+    /// Its cancel was requested: it ended `canceled` instead of going back to its queue.
+    Canceled,
 }
 
 /// The one timer service: sleeps until the queue backend's earliest deadline, is woken early

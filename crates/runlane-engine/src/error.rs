@@ -109,6 +109,11 @@ impl From<QueueError> for EngineError {
                 status,
                 operation,
             },
+            QueueError::CancelRequested(run) => EngineError::WrongState {
+                run,
+                status: RunStatus::Executing,
+                operation: "release a run whose cancel was requested",
+            },
             QueueError::Invalid(i) => EngineError::Invalid(i),
             QueueError::Unavailable(s) => EngineError::Unavailable(s),
         }

@@ -408,7 +408,8 @@ impl Shared {
     }
 }
 
-/// Hands a leased run back to its queue without counting an attempt.
+/// Hands a leased run back to its queue without counting an attempt; a run whose cancel was
+/// requested ends `canceled` instead (see [`Inner::release_leased`]).
 async fn release_lease(
     engine: &Inner,
     run: RunId,
@@ -416,17 +417,14 @@ async fn release_lease(
     env: &EnvName,
     attempt: u32,
 ) -> Result<(), EngineError> {
-    match engine.queue.release(run, token, engine.now()).await {
-        Ok(effects) => {
-            engine
-                .apply_own(run, env, attempt, RunStatus::Queued, effects)
-                .await;
-            Ok(())
+    match engine.release_leased(run, token, env, attempt).await {
+        Ok(_) => Ok(()),
+        Err(EngineError::StaleToken(_) | EngineError::RunNotFound(_)) => {
+            Err(EngineError::StaleToken(run))
         }
-        Err(e) if lease_gone(&e) => Err(EngineError::StaleToken(run)),
         Err(e) => {
             tracing::warn!(%run, error = %e, "release failed; the lease will lapse");
-            Err(e.into())
+            Err(e)
         }
     }
 }
@@ -741,7 +739,8 @@ impl RemoteWorker {
     }
 
     /// Hands a held run back to its queue without counting an attempt (the worker could not
-    /// run it); its slot frees.
+    /// run it); its slot frees. A run whose cancel was requested ends `canceled` instead (its
+    /// attempt recorded as canceled): a cancel survives a release.
     pub async fn release(&self, run: RunId, token: FencingToken) -> Result<(), EngineError> {
         let s = &self.shared;
         s.check_open()?;
@@ -790,6 +789,7 @@ impl RemoteWorker {
     }
 
     /// Closes the worker: its held runs go back to their queues without counting an attempt
+    /// (those whose cancel was requested end `canceled`, as with [`RemoteWorker::release`])
     /// and its consumers are unregistered. Later calls are refused (`worker`); closing twice
     /// does nothing.
     pub async fn close(&self) {

@@ -24,7 +24,7 @@ use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::doorbell::any_of;
-use crate::engine::{attempt_record, Engine, Inner};
+use crate::engine::{attempt_record, Engine, Inner, Released};
 use crate::error::EngineError;
 use crate::handover::Handed;
 use crate::local::{AbortKind, Latch, LocalRun};
@@ -930,7 +930,8 @@ async fn complete(
     engine.finish_attempt(env, token, end).await
 }
 
-/// Drain: back to the queue without counting an attempt.
+/// Drain: back to the queue without counting an attempt, or `canceled` when a cancel was
+/// requested (see [`Inner::release_leased`]).
 async fn release(
     shared: &WorkerShared,
     run: RunId,
@@ -939,13 +940,11 @@ async fn release(
     attempt: u32,
 ) {
     let engine = &shared.engine.inner;
-    match engine.queue.release(run, token, engine.now()).await {
-        Ok(effects) => {
+    match engine.release_leased(run, token, env, attempt).await {
+        Ok(Released::Queued) => {
             shared.released.fetch_add(1, Ordering::Relaxed);
-            engine
-                .apply_own(run, env, attempt, RunStatus::Queued, effects)
-                .await;
         }
+        Ok(Released::Canceled) => {}
         Err(e) => tracing::warn!(%run, error = %e, "release failed; the lease will lapse"),
     }
 }
@@ -985,7 +984,8 @@ impl Worker {
     }
 
     /// Stops claiming, waits up to the stop timeout, then cancels the rest with `Shutdown` and
-    /// releases them to their queues without counting an attempt.
+    /// releases them to their queues without counting an attempt (a run whose cancel was
+    /// requested ends `canceled` instead and is not counted as released).
     pub async fn stop(mut self) -> DrainReport {
         let shared = self.shared.clone();
         let engine = shared.engine.inner.clone();

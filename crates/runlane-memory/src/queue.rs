@@ -1018,7 +1018,10 @@ impl QueueBackend for MemoryQueue {
         now: Timestamp,
     ) -> Result<Effects, QueueError> {
         let mut st = self.lock();
-        st.leased(run, token, false)?;
+        let entry = st.leased(run, token, false)?;
+        if matches!(&entry.place, Place::Leased(l) if l.cancel_requested_at.is_some()) {
+            return Err(QueueError::CancelRequested(run));
+        }
         let mut effects = Effects::default();
         if let Some(d) = st.end_lease(run) {
             // Back to its queue with its original run_after: it keeps its place.

@@ -947,6 +947,8 @@ if op == 'release' then
   local id = ARGV[6]
   local r, err = leased(id, tonumber(ARGV[7]), false)
   if err then return fail(err) end
+  -- A cancelled run never goes back to its queue: the engine ends it canceled.
+  if r[F_CRA] then return fail('cancel_requested') end
   end_lease(id, r)
   push_queued(id, r)
   moved(id, 'queued')

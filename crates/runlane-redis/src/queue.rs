@@ -1104,6 +1104,9 @@ impl QueueBackend for RedisQueue {
         let answer = self
             .call("release", now, || vec![run.into(), token.0.into()])
             .await?;
+        if answer.code == "cancel_requested" {
+            return Err(QueueError::CancelRequested(run));
+        }
         Self::leased_error(&answer.code, run)?;
         Ok(answer.effects)
     }

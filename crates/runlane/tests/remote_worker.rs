@@ -652,6 +652,104 @@ async fn close_releases_held_runs(fx: Fixture) {
     other.close().await;
 }
 
+/// Checks that a cancelled run ended `canceled` at its first attempt (the attempt recorded as
+/// canceled, the terminal status published) instead of going back to its queue.
+async fn assert_ended_canceled(fx: &Fixture, run: RunId, events: &mut runlane::RunEvents) {
+    assert_eq!(
+        engine_ended(events).await,
+        RunStatus::Canceled,
+        "the cancel survives"
+    );
+    let record = fx.engine.get(run).await.expect("get");
+    assert_eq!(record.status, RunStatus::Canceled);
+    assert_eq!(record.attempt, 1, "no attempt after the cancelled one");
+    assert_eq!(record.attempts.len(), 1, "{:?}", record.attempts);
+    assert_eq!(record.attempts[0].outcome, "canceled");
+    assert!(record.output.is_none());
+}
+
+async fn release_after_cancel_ends_canceled(fx: Fixture) {
+    let a = fx.trigger(1).await;
+    let mut events = fx.engine.subscribe(a).await.expect("subscribe");
+    let worker = fx.worker("manual>*:1", LONG_LEASE).await;
+    let c = claim_n(&worker, 1).await.remove(0);
+    fx.engine.cancel(a).await.expect("cancel");
+    // The worker hands the run back instead of stopping it: the cancel is not lost.
+    worker
+        .release(a, c.token)
+        .await
+        .expect("release after the cancel");
+    assert_ended_canceled(&fx, a, &mut events).await;
+    assert!(worker.held_runs().is_empty(), "the slot is free");
+    assert_eq!(
+        worker.complete(a, c.token, json!(1)).await,
+        Err(EngineError::StaleToken(a))
+    );
+    // The freed slot takes the next run; the canceled one never comes back.
+    let b = fx.trigger(2).await;
+    let next = claim_n(&worker, 1).await;
+    assert_eq!(next[0].run_id, b);
+    assert_eq!(next[0].attempt, 1);
+    worker.close().await;
+}
+
+async fn close_after_cancel_ends_canceled(fx: Fixture) {
+    let a = fx.trigger(1).await;
+    let b = fx.trigger(2).await;
+    let mut events = fx.engine.subscribe(a).await.expect("subscribe");
+    let worker = fx.worker("manual>*:2", LONG_LEASE).await;
+    let claimed = claim_n(&worker, 2).await;
+    assert_eq!(claimed.len(), 2);
+    fx.engine.cancel(a).await.expect("cancel");
+    // The worker deregisters (`DELETE /v1/workers/{id}`) while the cancelled run still runs.
+    worker.close().await;
+    assert_ended_canceled(&fx, a, &mut events).await;
+    let record = fx.engine.get(b).await.expect("get");
+    assert!(
+        matches!(record.status, RunStatus::Queued | RunStatus::Ready),
+        "the other run is back in its queue, got {}",
+        record.status
+    );
+    assert_eq!(record.attempt, 1, "a release counts no attempt");
+
+    // Another worker gets only the run that was not cancelled.
+    let other = fx.worker("manual>*:2", LONG_LEASE).await;
+    let again = claim_n(&other, 1).await;
+    assert_eq!((again[0].run_id, again[0].attempt), (b, 1));
+    assert!(
+        claim_now(&other, 1).await.is_empty(),
+        "the canceled run stays gone"
+    );
+    other
+        .complete(b, again[0].token, json!("done"))
+        .await
+        .expect("complete");
+    other.close().await;
+}
+
+async fn lapse_after_cancel_ends_canceled(fx: Fixture) {
+    let run = fx.trigger(1).await;
+    let mut events = fx.engine.subscribe(run).await.expect("subscribe");
+    // A lease shorter than the cancel grace: the worker dies after the cancel and its lease
+    // lapses before the grace ends; the run (which has attempts left) is not retried.
+    let lease = if fx.clock.is_some() {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_millis(400)
+    };
+    assert!(lease < fx.engine.config().cancel_grace);
+    let worker = fx.worker("manual>*:1", lease).await;
+    let c = claim_n(&worker, 1).await.remove(0);
+    fx.engine.cancel(run).await.expect("cancel");
+    fx.pass(lease + Duration::from_secs(1));
+    assert_ended_canceled(&fx, run, &mut events).await;
+    assert_eq!(
+        worker.complete(run, c.token, json!(1)).await,
+        Err(EngineError::StaleToken(run))
+    );
+    worker.close().await;
+}
+
 async fn bad_input_is_refused_by_name(fx: Fixture) {
     let spec = |envs: Vec<(&str, Option<u32>)>, workloops: &str, lease: Option<Duration>| {
         RemoteWorkerSpec {
@@ -816,6 +914,9 @@ on_every_shape!(
     slots_are_respected,
     a_slot_the_engine_frees_wakes_a_long_poll,
     close_releases_held_runs,
+    release_after_cancel_ends_canceled,
+    close_after_cancel_ends_canceled,
+    lapse_after_cancel_ends_canceled,
     bad_input_is_refused_by_name,
     declared_tasks_are_accepted_by_a_strict_env,
 );
