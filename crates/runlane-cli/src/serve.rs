@@ -26,6 +26,13 @@ pub struct ServeArgs {
     /// Distributed: the PostgreSQL server (with --redis).
     #[arg(long, env = "RUNLANE_SERVE_POSTGRES")]
     postgres: Option<String>,
+    /// Distributed: the Redis key prefix [default: runlane]; deployments sharing one Redis
+    /// and PostgreSQL keep apart by prefix and schema.
+    #[arg(long, env = "RUNLANE_SERVE_REDIS_PREFIX")]
+    redis_prefix: Option<String>,
+    /// Distributed: the PostgreSQL schema [default: runlane].
+    #[arg(long, env = "RUNLANE_SERVE_POSTGRES_SCHEMA")]
+    postgres_schema: Option<String>,
     /// Largest request body in bytes [default: 1048576].
     #[arg(long, env = "RUNLANE_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
@@ -33,7 +40,7 @@ pub struct ServeArgs {
     #[arg(long, env = "RUNLANE_MAX_BATCH")]
     max_batch: Option<usize>,
     /// A TOML file with any of: listen, backend ("memory" | "embedded" | "distributed"),
-    /// data, redis, postgres, max_body_bytes, max_batch.
+    /// data, redis, postgres, redis_prefix, postgres_schema, max_body_bytes, max_batch.
     #[arg(long, env = "RUNLANE_CONFIG")]
     config: Option<PathBuf>,
 }
@@ -47,6 +54,8 @@ struct FileConfig {
     data: Option<PathBuf>,
     redis: Option<String>,
     postgres: Option<String>,
+    redis_prefix: Option<String>,
+    postgres_schema: Option<String>,
     max_body_bytes: Option<usize>,
     max_batch: Option<usize>,
 }
@@ -101,6 +110,21 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
             ),
         }
     };
+    let mut backend = backend;
+    if let BackendConfig::Distributed(d) = &mut backend {
+        if let Some(prefix) = args.redis_prefix.clone().or(file.redis_prefix.clone()) {
+            d.redis.prefix = prefix;
+        }
+        if let Some(schema) = args
+            .postgres_schema
+            .clone()
+            .or(file.postgres_schema.clone())
+        {
+            d.postgres.schema = schema;
+        }
+    } else if args.redis_prefix.is_some() || args.postgres_schema.is_some() {
+        anyhow::bail!("--redis-prefix and --postgres-schema apply to the distributed backend only");
+    }
     let mut config = ServerConfig::new(backend);
     if let Some(listen) = args.listen.or(file.listen) {
         config.listen = listen;

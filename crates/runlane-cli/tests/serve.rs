@@ -17,6 +17,8 @@ fn start(args: &[&str]) -> (Child, String, BufReader<std::process::ChildStderr>)
         .env_remove("RUNLANE_SERVE_REDIS")
         .env_remove("RUNLANE_SERVE_POSTGRES")
         .env_remove("RUNLANE_LISTEN")
+        .env_remove("RUNLANE_SERVE_REDIS_PREFIX")
+        .env_remove("RUNLANE_SERVE_POSTGRES_SCHEMA")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -176,4 +178,68 @@ fn serve_refuses_redis_without_postgres() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("go together"), "{err}");
+}
+
+#[test]
+fn serve_distributed_keeps_to_its_redis_prefix_and_postgres_schema() {
+    let redis_url =
+        std::env::var("RUNLANE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let pg_url = std::env::var("RUNLANE_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let name = format!("rl_cli_serve_{}", std::process::id());
+    let (child, addr, _stderr) = start(&[
+        "--redis",
+        &redis_url,
+        "--postgres",
+        &pg_url,
+        "--redis-prefix",
+        &name,
+        "--postgres-schema",
+        &name,
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let (status, body) = get(&addr, "/health");
+    signal(&child, "TERM");
+    assert!(wait_exit(child));
+    assert!(status.contains("200"), "{status}: {body}");
+    assert!(body.contains("distributed"), "{body}");
+    // The key space and the schema are the ones named, and nothing else was needed.
+    let client = redis::Client::open(redis_url.as_str()).expect("redis url");
+    let mut conn = client.get_connection().expect("redis answers");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("*{name}*"))
+        .query(&mut conn)
+        .expect("keys");
+    let psql = |sql: &str| {
+        Command::new("psql")
+            .args([pg_url.as_str(), "-tAc", sql])
+            .output()
+            .expect("psql runs")
+    };
+    let schema = psql(&format!(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = '{name}'"
+    ));
+    // Clean up before asserting, so a failure leaves nothing behind.
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("del");
+    }
+    psql(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"));
+    assert!(!keys.is_empty(), "no Redis key under the prefix {name}");
+    let tables: u32 = String::from_utf8_lossy(&schema.stdout)
+        .trim()
+        .parse()
+        .expect("a count");
+    assert!(tables > 0, "no table in the schema {name}");
+}
+
+#[test]
+fn serve_refuses_a_prefix_without_the_distributed_backend() {
+    let out = Command::new(env!("CARGO_BIN_EXE_runlane"))
+        .args(["serve", "--memory", "--redis-prefix", "x"])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("distributed backend only"), "{err}");
 }

@@ -28,6 +28,7 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
 use crate::json::ApiJson;
 use crate::state::AppState;
+use crate::util::JsonText;
 
 /// The longest claim long-poll, in ms.
 pub const WAIT_MS_MAX: u64 = 60_000;
@@ -241,8 +242,8 @@ pub struct Claimed {
     pub env: String,
     /// Its task.
     pub task: String,
-    /// Its payload.
-    pub payload: serde_json::Value,
+    /// Its payload, exactly as triggered.
+    pub payload: JsonText,
     /// The attempt (1-based).
     pub attempt: u32,
     /// Its queue.
@@ -262,8 +263,7 @@ impl From<ClaimedRun> for Claimed {
             token: c.token.0,
             env: c.env.to_string(),
             task: c.task.to_string(),
-            payload: serde_json::from_str(&c.payload)
-                .unwrap_or_else(|_| serde_json::Value::String(c.payload.to_string())),
+            payload: JsonText::from_text(&c.payload),
             attempt: c.attempt,
             queue: c.queue.to_string(),
             key: c.key.to_string(),
