@@ -177,6 +177,7 @@ pub async fn drain_03(b: &dyn Backends) {
         (1, 1),
         "DRAIN-03: only the other run is released"
     );
+    h.wait_status(cancelled, RunStatus::Canceled).await;
     let rec = h.get(cancelled).await;
     assert_eq!(
         rec.status,

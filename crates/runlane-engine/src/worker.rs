@@ -602,12 +602,12 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
                                 // More leases than slots breaks the claim contract; hand the
                                 // run back rather than exceed the workloop's capacity.
                                 tracing::error!(run = %leased.dispatch.run_id, "claim returned more runs than free slots");
-                                if let Ok(fx) = engine
-                                    .queue
-                                    .release(leased.dispatch.run_id, leased.token, engine.now())
+                                let d = &leased.dispatch;
+                                if let Err(e) = engine
+                                    .release_leased(d.run_id, leased.token, &d.env, d.attempt)
                                     .await
                                 {
-                                    engine.apply(fx, None).await;
+                                    tracing::warn!(run = %d.run_id, error = %e, "release failed; the lease will lapse");
                                 }
                                 continue;
                             }

@@ -2,9 +2,10 @@
 //! distributed when Redis and PostgreSQL answer (always under CI): the whole cycle (register,
 //! claim, heartbeat, progress, complete, fail with each retry choice, delete), stale tokens
 //! (409 `stale_token`), bad input naming its field (400), keys of another env or role (403),
-//! a cancel reported by the heartbeat, a worker dropped after three idle leases (its run no
-//! longer held), and a long-poll longer than three leases keeping its worker. The worker
-//! routes' rows of the auth matrix are in `matrix.rs`.
+//! a cancel reported by the heartbeat, a delete after a cancel ending the run canceled (not back
+//! in its queue), a worker dropped after three idle leases (its run no longer held), and a
+//! long-poll longer than three leases keeping its worker. The worker routes' rows of the auth
+//! matrix are in `matrix.rs`.
 
 mod support;
 
@@ -510,6 +511,51 @@ async fn a_cancel_is_reported_by_the_heartbeat(shape: Shape) {
     server.stop().await;
 }
 
+async fn a_delete_after_a_cancel_ends_the_run_canceled(shape: Shape) {
+    let server = TestServer::start(shape).await;
+    let key = worker_key(&server).await;
+    let cancelled = trigger(&server, 1).await;
+    let other = trigger(&server, 2).await;
+    let worker = register(&server, &key, "manual>*:2", 30000).await;
+    claim(&server, &key, &worker, 2).await;
+    let (status, body) = server
+        .call(
+            Method::POST,
+            &format!("/v1/runs/{cancelled}/cancel"),
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "executing", "{body}");
+
+    // The worker deregisters while the cancelled run is still running: the cancel survives.
+    let (status, body) = server
+        .call(
+            Method::DELETE,
+            &format!("/v1/workers/{worker}"),
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let run = run_status(&server, &cancelled).await;
+    assert_eq!(run["status"], "canceled", "{run}");
+    assert_eq!(run["attempt"], 1, "{run}");
+    let run = run_status(&server, &other).await;
+    assert!(
+        ["queued", "ready"].contains(&run["status"].as_str().unwrap_or("")),
+        "the other run is back in its queue: {run}"
+    );
+    assert_eq!(run["attempt"], 1, "{run}");
+
+    // A new worker gets only the run that was not cancelled.
+    let again = register(&server, &key, "manual>*:2", 30000).await;
+    let claimed = claim(&server, &key, &again, 1).await;
+    assert_eq!(claimed[0]["run_id"], other.as_str());
+    server.stop().await;
+}
+
 async fn an_idle_worker_is_dropped(shape: Shape) {
     let server = TestServer::start(shape).await;
     server.env("other").await;
@@ -623,6 +669,7 @@ on_shapes!(
     bad_input_names_the_field,
     keys_outside_their_env_or_role_are_403,
     a_cancel_is_reported_by_the_heartbeat,
+    a_delete_after_a_cancel_ends_the_run_canceled,
     an_idle_worker_is_dropped,
     a_long_poll_keeps_its_worker,
 );
