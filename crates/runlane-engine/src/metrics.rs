@@ -96,7 +96,13 @@ impl Counters {
         if !leases.is_empty() {
             let mut last = self.last_claim.lock().unwrap_or_else(|p| p.into_inner());
             for lease in leases {
-                last.insert(lease.dispatch.lane.clone(), now);
+                // The lane is almost always known already: update in place, no name clone.
+                match last.get_mut(&lease.dispatch.lane) {
+                    Some(at) => *at = now,
+                    None => {
+                        last.insert(lease.dispatch.lane.clone(), now);
+                    }
+                }
             }
         }
         for lease in leases.iter().filter(|l| l.dispatch.attempt == 1) {
