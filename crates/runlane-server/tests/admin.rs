@@ -1,5 +1,6 @@
 //! Lanes and queues over HTTP: list with depth, add a lane, change queue limits, pause and
-//! resume (a paused queue admits nothing; resuming admits at once).
+//! resume (a paused queue admits nothing; resuming admits at once); concurrent creates of one env
+//! (one 201, the rest 409).
 
 mod support;
 
@@ -139,4 +140,47 @@ async fn lanes_and_queues_distributed() {
         return;
     }
     lanes_and_queues(Shape::Distributed).await;
+}
+
+/// Concurrent creates of one env name: exactly one 201, every other one 409 `conflict`, and the
+/// env keeps the settings of the create that won.
+async fn concurrent_env_creates(shape: Shape) {
+    let s = std::sync::Arc::new(TestServer::start(shape).await);
+    let calls: Vec<_> = (0..8u32)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let body = json!({ "name": "raced", "limit": 10 + i });
+                let (status, answer) = s
+                    .call(Method::POST, "/v1/envs", Some(ADMIN), Some(body))
+                    .await;
+                (status, answer, 10 + i)
+            })
+        })
+        .collect();
+    let mut won = Vec::new();
+    for call in calls {
+        let (status, answer, limit) = call.await.expect("call");
+        match status {
+            StatusCode::CREATED => won.push(limit),
+            StatusCode::CONFLICT => assert_eq!(answer["error"]["code"], "conflict"),
+            other => panic!("unexpected {other}: {answer}"),
+        }
+    }
+    assert_eq!(won.len(), 1, "exactly one create wins: {won:?}");
+    let (status, env) = s
+        .call(Method::GET, "/v1/envs/raced", Some(ADMIN), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(env["limit"], won[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_env_creates_memory() {
+    concurrent_env_creates(Shape::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_env_creates_embedded() {
+    concurrent_env_creates(Shape::Embedded).await;
 }

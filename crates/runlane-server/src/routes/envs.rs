@@ -113,6 +113,7 @@ async fn create_env(
     let name =
         runlane::core::EnvName::new(&body.name).map_err(|e| ApiError::invalid("name", e.reason))?;
     let engine = state.engine();
+    let _creating = state.env_create_lock().await;
     match engine.env_settings(name.as_str()).await {
         Ok(_) => {
             return Err(ApiError::conflict(format!("env {:?} exists", body.name)).field("name"))
