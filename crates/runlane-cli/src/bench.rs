@@ -293,6 +293,78 @@ pub(crate) fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
+/// The sequential loop of every latency topology: a warm-up (a tenth of the runs, 10 to
+/// 1,000) that is not counted, then `runs` measured samples, `gap` apart, with a progress bar.
+pub(crate) struct LatencySampler {
+    runs: u32,
+    warmup: u32,
+    done: u32,
+    gap: Duration,
+    samples: Vec<u64>,
+    progress: Progress,
+}
+
+impl LatencySampler {
+    pub(crate) fn start(runs: u32, gap: Duration) -> Self {
+        let warmup = (runs / 10).clamp(10, 1000);
+        LatencySampler {
+            runs,
+            warmup,
+            done: 0,
+            gap,
+            samples: Vec::with_capacity(runs as usize),
+            progress: Progress::start("latency", u64::from(runs + warmup)),
+        }
+    }
+
+    /// Whether another run is due.
+    pub(crate) fn more(&self) -> bool {
+        self.done < self.runs + self.warmup
+    }
+
+    /// Records one run's trigger start → handler start (µs; warm-up runs are dropped), then
+    /// waits the gap.
+    pub(crate) async fn record(&mut self, micros: u64) {
+        self.progress.inc(1);
+        if self.done >= self.warmup {
+            self.samples.push(micros);
+        }
+        self.done += 1;
+        if !self.gap.is_zero() {
+            tokio::time::sleep(self.gap).await;
+        }
+    }
+
+    /// The measured samples, sorted.
+    pub(crate) async fn finish(self) -> Vec<u64> {
+        self.progress.finish().await;
+        let mut samples = self.samples;
+        samples.sort_unstable();
+        samples
+    }
+}
+
+/// Waits up to 30 s for a child process the bench asked to stop, killing it after that; an
+/// exit other than success is an error naming `what`.
+pub(crate) async fn wait_stopped(
+    child: &mut tokio::process::Child,
+    what: &str,
+) -> anyhow::Result<()> {
+    match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
+        Ok(status) => {
+            let status = status?;
+            if !status.success() {
+                bail!("{what} exited with {status}");
+            }
+            Ok(())
+        }
+        Err(_) => {
+            child.kill().await?;
+            bail!("{what} did not stop within 30 s");
+        }
+    }
+}
+
 /// Trigger call start → the handler's first line, sequential, on an idle engine.
 pub async fn latency(common: &Common, gap: Duration) -> anyhow::Result<Value> {
     let engine = open(common).await?;
@@ -311,25 +383,18 @@ pub async fn latency(common: &Common, gap: Duration) -> anyhow::Result<Value> {
         .start()
         .await?;
     let body = payload(common.payload_bytes);
-    let mut samples = Vec::with_capacity(common.runs as usize);
-    let warmup = (common.runs / 10).clamp(10, 1000);
-    let progress = Progress::start("latency", u64::from(common.runs + warmup));
-    for i in 0..(common.runs + warmup) {
-        progress.inc(1);
+    let mut sampler = LatencySampler::start(common.runs, gap);
+    while sampler.more() {
         let t0 = Instant::now();
         let run = engine.trigger("bench").payload(&body).send().await?;
         let started = rx.recv().await.context("handler channel closed")?;
-        if i >= warmup {
-            samples.push(started.duration_since(t0).as_micros() as u64);
-        }
         engine.wait(run.run.id, Duration::from_secs(10)).await?;
-        if !gap.is_zero() {
-            tokio::time::sleep(gap).await;
-        }
+        sampler
+            .record(started.duration_since(t0).as_micros() as u64)
+            .await;
     }
-    progress.finish().await;
+    let samples = sampler.finish().await;
     worker.stop().await;
-    samples.sort_unstable();
     let line = json!({
         "scenario": "latency",
         "backend": common.backend,

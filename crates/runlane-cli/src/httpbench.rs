@@ -8,7 +8,7 @@
 
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
 use runlane::core::RunId;
@@ -17,8 +17,9 @@ use runlane_server::{BackendConfig, Server, ServerConfig};
 use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 
-use crate::bench::{self, Common, DataDir, Phase};
+use crate::bench::{self, Common, DataDir, LatencySampler, Phase};
 use crate::progress::Progress;
+use crate::separate::{micros_between, unix_nanos};
 
 /// The admin key of the bench's server (it listens on loopback only, for the bench's length).
 const KEY: &str = "rl_bench_admin_key";
@@ -171,19 +172,7 @@ impl ExecWorker {
             let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
             nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
         }
-        match tokio::time::timeout(Duration::from_secs(30), self.0.wait()).await {
-            Ok(status) => {
-                let status = status?;
-                if !status.success() {
-                    bail!("runlane worker exited with {status}");
-                }
-                Ok(())
-            }
-            Err(_) => {
-                self.0.kill().await?;
-                bail!("runlane worker did not stop within 30 s of SIGTERM");
-            }
-        }
+        bench::wait_stopped(&mut self.0, "runlane worker").await
     }
 }
 
@@ -191,24 +180,15 @@ impl ExecWorker {
 /// which is its run's output.
 const STAMP: &str = "date +%s%N";
 
-fn unix_nanos() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos())
-}
-
 /// Trigger request start (HTTP) → the worker's command running (its first line), sequential.
 pub async fn latency(common: &Common, gap: Duration) -> anyhow::Result<Value> {
     let hosted = Hosted::start(common).await?;
     let worker = ExecWorker::spawn(&hosted.base, common.slots, STAMP)?;
     hosted.worker_registered().await?;
     let body = bench::payload(common.payload_bytes);
-    let mut samples = Vec::with_capacity(common.runs as usize);
-    let warmup = (common.runs / 10).clamp(10, 1000);
-    let progress = Progress::start("latency", u64::from(common.runs + warmup));
-    for i in 0..(common.runs + warmup) {
-        progress.inc(1);
-        let t0 = unix_nanos();
+    let mut sampler = LatencySampler::start(common.runs, gap);
+    while sampler.more() {
+        let t0 = unix_nanos(SystemTime::now());
         let run = hosted.trigger(&body).await?;
         let record = match hosted.engine.wait(run, Duration::from_secs(30)).await? {
             runlane::WaitOutcome::Finished(record) => record,
@@ -224,16 +204,10 @@ pub async fn latency(common: &Common, gap: Duration) -> anyhow::Result<Value> {
             .trim()
             .parse()
             .with_context(|| format!("run {run}: output {output:?} is not an instant"))?;
-        if i >= warmup {
-            samples.push(u64::try_from(started.saturating_sub(t0) / 1_000).unwrap_or(u64::MAX));
-        }
-        if !gap.is_zero() {
-            tokio::time::sleep(gap).await;
-        }
+        sampler.record(micros_between(t0, started)).await;
     }
-    progress.finish().await;
+    let samples = sampler.finish().await;
     worker.stop().await?;
-    samples.sort_unstable();
     let line = json!({
         "scenario": "latency",
         "backend": common.backend,

@@ -18,8 +18,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio::sync::mpsc;
 
-use crate::bench::{self, Common};
-use crate::progress::Progress;
+use crate::bench::{self, Common, LatencySampler};
 
 /// Where the child worker connects: the servers, the key prefix and schema, its slots.
 #[derive(Clone, Debug)]
@@ -38,8 +37,13 @@ pub struct WorkerArgs {
     pub durability: runlane::Durability,
 }
 
-fn unix_nanos(t: SystemTime) -> u128 {
+pub(crate) fn unix_nanos(t: SystemTime) -> u128 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+}
+
+/// From one wall-clock reading to a later one (ns since the epoch), in µs.
+pub(crate) fn micros_between(from: u128, to: u128) -> u64 {
+    u64::try_from(to.saturating_sub(from) / 1_000).unwrap_or(u64::MAX)
 }
 
 /// The child: a worker of the distributed shape that reports each handler start on stdout,
@@ -147,19 +151,7 @@ impl ChildWorker {
     /// Closes the child's stdin and waits for it to stop (killed after 30 s).
     async fn stop(mut self) -> anyhow::Result<()> {
         drop(self.child.stdin.take());
-        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
-            Ok(status) => {
-                let status = status?;
-                if !status.success() {
-                    bail!("the child worker exited with {status}");
-                }
-            }
-            Err(_) => {
-                self.child.kill().await?;
-                bail!("the child worker did not stop within 30 s");
-            }
-        }
-        Ok(())
+        bench::wait_stopped(&mut self.child, "the child worker").await
     }
 }
 
@@ -184,25 +176,16 @@ pub async fn latency(common: &Common, gap: Duration) -> anyhow::Result<Value> {
     })
     .await?;
     let body = bench::payload(common.payload_bytes);
-    let mut samples = Vec::with_capacity(common.runs as usize);
-    let warmup = (common.runs / 10).clamp(10, 1000);
-    let progress = Progress::start("latency", u64::from(common.runs + warmup));
-    for i in 0..(common.runs + warmup) {
-        progress.inc(1);
+    let mut sampler = LatencySampler::start(common.runs, gap);
+    while sampler.more() {
         let t0 = unix_nanos(SystemTime::now());
         let run = engine.trigger("bench").payload(&body).send().await?;
         let started = child.started(&run.run.id.to_string()).await?;
-        if i >= warmup {
-            samples.push(u64::try_from(started.saturating_sub(t0) / 1_000).unwrap_or(u64::MAX));
-        }
         engine.wait(run.run.id, Duration::from_secs(10)).await?;
-        if !gap.is_zero() {
-            tokio::time::sleep(gap).await;
-        }
+        sampler.record(micros_between(t0, started)).await;
     }
-    progress.finish().await;
+    let samples = sampler.finish().await;
     child.stop().await?;
-    samples.sort_unstable();
     let line = json!({
         "scenario": "latency",
         "backend": common.backend,
