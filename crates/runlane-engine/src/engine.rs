@@ -314,6 +314,19 @@ impl Inner {
         self.timer.offer(effects.deadline);
     }
 
+    /// What a claim leaves to the engine, for in-process and remote workers alike: it counts
+    /// the leases (metrics) and arms the timer for their lease and attempt deadlines (a claim
+    /// creates deadlines but returns no effects).
+    pub(crate) fn claimed(&self, leases: &[runlane_core::backend::Leased]) {
+        self.counters.claimed(leases, self.now());
+        let earliest = leases
+            .iter()
+            .flat_map(|l| [Some(l.lease_deadline), l.attempt_deadline])
+            .flatten()
+            .min();
+        self.arm(earliest);
+    }
+
     /// Re-arms the timer service when `deadline` is earlier than the armed one (calls that
     /// create deadlines without returning `Effects`: claims, cancel requests).
     pub(crate) fn arm(&self, deadline: Option<Timestamp>) {

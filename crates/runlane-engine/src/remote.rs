@@ -329,14 +329,7 @@ impl Shared {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
-        engine.counters.claimed(&leases, engine.now());
-        // A claim creates lease and attempt deadlines but returns no effects.
-        let earliest = leases
-            .iter()
-            .flat_map(|l| [Some(l.lease_deadline), l.attempt_deadline])
-            .flatten()
-            .min();
-        engine.arm(earliest);
+        engine.claimed(&leases);
         let loaded = load_claimed(engine, &leases).await;
         let mut out = Vec::with_capacity(leases.len());
         for (leased, loaded) in leases.into_iter().zip(loaded) {

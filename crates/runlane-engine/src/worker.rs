@@ -583,14 +583,7 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
             Ok(leases) if !leases.is_empty() => {
                 backoff = CLAIM_BACKOFF_MIN;
                 debug_assert!(leases.len() <= free, "a claim never exceeds its free slots");
-                // A claim creates lease and attempt deadlines but returns no effects.
-                let earliest = leases
-                    .iter()
-                    .flat_map(|l| [Some(l.lease_deadline), l.attempt_deadline])
-                    .flatten()
-                    .min();
-                engine.arm(earliest);
-                engine.counters.claimed(&leases, engine.now());
+                engine.claimed(&leases);
                 let loaded = load_claimed(&engine, &leases).await;
                 let mut permit = Some(first);
                 for (leased, loaded) in leases.into_iter().zip(loaded) {
