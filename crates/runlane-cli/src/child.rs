@@ -340,24 +340,29 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_stop_sends_sigterm_first() {
-        let ready = Ready::new("term");
-        let command = format!("echo > '{}'; exec sleep 1000", ready.0.display());
+    /// Starts `sleep 1000` (ignoring SIGTERM when `ignore_term`), sends `stop` once it runs,
+    /// and answers how it finished (within 30 s).
+    async fn stopped(name: &str, ignore_term: bool, grace: Duration, stop: Stop) -> Finished {
+        let ready = Ready::new(name);
+        // `trap '' TERM` is inherited through exec: the sleep ignores SIGTERM.
+        let trap = if ignore_term { "trap '' TERM; " } else { "" };
+        let command = format!("{trap}echo > '{}'; exec sleep 1000", ready.0.display());
         let (tx, rx) = watch::channel(Stop::No);
-        let spec = Spec {
-            command,
-            // Long: SIGTERM alone must end it.
-            grace: Duration::from_secs(600),
-        };
+        let spec = Spec { command, grace };
         let task = tokio::spawn(async move { run(&spec, b"", &[], rx).await });
         ready.wait().await;
-        tx.send(Stop::Term).expect("the runner listens");
-        let f = tokio::time::timeout(Duration::from_secs(30), task)
+        tx.send(stop).expect("the runner listens");
+        tokio::time::timeout(Duration::from_secs(30), task)
             .await
             .expect("the child ends")
             .expect("the task ran")
-            .expect("the child started");
+            .expect("the child started")
+    }
+
+    #[tokio::test]
+    async fn a_stop_sends_sigterm_first() {
+        // A long grace: SIGTERM alone must end it.
+        let f = stopped("term", false, Duration::from_secs(600), Stop::Term).await;
         assert_eq!(f.stopped, Some(Stopped::ByTerm));
         assert_eq!(f.status.signal(), Some(Signal::SIGTERM as i32));
         assert!(f.result().is_err());
@@ -365,49 +370,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_child_that_ignores_sigterm_gets_sigkill_after_the_grace() {
-        let ready = Ready::new("kill");
-        // `trap '' TERM` is inherited through exec: the sleep ignores SIGTERM.
-        let command = format!(
-            "trap '' TERM; echo > '{}'; exec sleep 1000",
-            ready.0.display()
-        );
-        let (tx, rx) = watch::channel(Stop::No);
-        let spec = Spec {
-            command,
-            grace: Duration::from_millis(100),
-        };
-        let task = tokio::spawn(async move { run(&spec, b"", &[], rx).await });
-        ready.wait().await;
-        tx.send(Stop::Term).expect("the runner listens");
-        let f = tokio::time::timeout(Duration::from_secs(30), task)
-            .await
-            .expect("the child ends")
-            .expect("the task ran")
-            .expect("the child started");
+        let f = stopped("kill", true, Duration::from_millis(100), Stop::Term).await;
         assert_eq!(f.stopped, Some(Stopped::ByKill));
         assert_eq!(f.status.signal(), Some(Signal::SIGKILL as i32));
     }
 
     #[tokio::test]
     async fn kill_does_not_wait_for_the_grace() {
-        let ready = Ready::new("now");
-        let command = format!(
-            "trap '' TERM; echo > '{}'; exec sleep 1000",
-            ready.0.display()
-        );
-        let (tx, rx) = watch::channel(Stop::No);
-        let spec = Spec {
-            command,
-            grace: Duration::from_secs(600),
-        };
-        let task = tokio::spawn(async move { run(&spec, b"", &[], rx).await });
-        ready.wait().await;
-        tx.send(Stop::Kill).expect("the runner listens");
-        let f = tokio::time::timeout(Duration::from_secs(30), task)
-            .await
-            .expect("the child ends well before the grace")
-            .expect("the task ran")
-            .expect("the child started");
+        // The grace (600 s) is far beyond the 30 s the helper waits: only an immediate kill ends
+        // the child in time.
+        let f = stopped("now", true, Duration::from_secs(600), Stop::Kill).await;
         assert_eq!(f.stopped, Some(Stopped::ByKill));
     }
 
