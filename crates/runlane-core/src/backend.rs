@@ -801,6 +801,14 @@ pub trait RunStore: Send + Sync + 'static {
     async fn promote(&self, env: &EnvName, version: u32) -> Result<(), StoreError>;
     /// The current version (0 before any promotion).
     async fn current_version(&self, env: &EnvName) -> Result<u32, StoreError>;
+    /// The current version with its definition (the task metadata cache's one store read
+    /// after a miss). A store may answer in one query; the default asks `current_version`,
+    /// then `version`.
+    async fn current_definition(&self, env: &EnvName) -> Result<(u32, VersionDef), StoreError> {
+        let number = self.current_version(env).await?;
+        let def = self.version(env, number).await?.unwrap_or_default();
+        Ok((number, def))
+    }
 
     /// Whether a write costs a commit worth sharing (a sync to disk, a round trip): the engine
     /// then ends completed attempts in batches through [`RunStore::finish_many`], many per

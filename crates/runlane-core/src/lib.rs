@@ -13,6 +13,7 @@ pub mod error;
 pub mod id;
 pub mod lane;
 pub mod message;
+pub mod metacache;
 pub mod name;
 pub mod retry;
 pub mod run;

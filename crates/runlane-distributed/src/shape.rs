@@ -10,7 +10,9 @@ use runlane_core::Timestamp;
 use runlane_engine::{Engine, EngineBuilder, EngineError};
 use runlane_postgres::reconcile::{spawn_reconciler, ReconcileConfig};
 use runlane_postgres::{PostgresConfig, PostgresError, PostgresStore};
-use runlane_redis::{RedisConfig, RedisHealth, RedisOpenError, RedisQueue};
+use runlane_redis::{
+    RedisConfig, RedisHealth, RedisMetaCache, RedisMetaConfig, RedisOpenError, RedisQueue,
+};
 use tokio::sync::Notify;
 
 use crate::queue::DistributedQueue;
@@ -39,6 +41,9 @@ pub struct DistributedConfig {
     /// deployment's timers and renews it every third of this; when the owner dies, another
     /// process takes over within this period.
     pub timer_lease: Duration,
+    /// The shared task metadata cache's Redis (`None`, the default: the queue's URL). Its keys
+    /// use the queue's prefix.
+    pub meta_cache_url: Option<String>,
 }
 
 impl DistributedConfig {
@@ -52,6 +57,7 @@ impl DistributedConfig {
             mark_linger: Duration::from_millis(500),
             throwaway: false,
             timer_lease: Duration::from_secs(2),
+            meta_cache_url: None,
         }
     }
 }
@@ -182,6 +188,16 @@ pub async fn open(
 ) -> Result<Distributed, DistributedError> {
     let url = config.postgres.url.clone();
     let redis_url = config.redis.url.clone();
+    // The task metadata cache: its own connection (made at first use, so an unreachable cache
+    // Redis never stops the open) and its own announcements channel.
+    let meta = RedisMetaCache::new(RedisMetaConfig::new(
+        config
+            .meta_cache_url
+            .clone()
+            .unwrap_or_else(|| redis_url.clone()),
+        config.redis.prefix.clone(),
+    ))?;
+    let builder = builder.shared_meta_cache(Arc::new(meta));
     let store = Arc::new(PostgresStore::open(config.postgres).await?);
     let mut redis = RedisQueue::open(config.redis).await?;
     let mut run_store = DistributedStore::new(store.clone());

@@ -157,6 +157,9 @@ impl RunStore for DistributedStore {
     async fn current_version(&self, env: &EnvName) -> Result<u32, StoreError> {
         self.inner.current_version(env).await
     }
+    async fn current_definition(&self, env: &EnvName) -> Result<(u32, VersionDef), StoreError> {
+        self.inner.current_definition(env).await
+    }
     fn group_commits(&self) -> bool {
         self.inner.group_commits()
     }

@@ -34,6 +34,7 @@ use crate::local::{AbortKind, LocalRegistry};
 use crate::meta::MetaCache;
 use crate::trigger::{TriggerBuilder, TriggerRequest, Triggered, WaitOutcome};
 use crate::worker::WorkerBuilder;
+use runlane_core::metacache::SharedMetaCache;
 
 /// The backoff after a failing backend call in a background loop, first and largest.
 const ERROR_BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -43,7 +44,13 @@ const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub struct EngineBuilder {
     clock: Option<Arc<dyn Clock>>,
     config: EngineConfig,
+    shared_meta: Option<Arc<dyn SharedMetaCache>>,
+    meta_max_age: Duration,
 }
+
+/// How long an env-current entry stays in the in-process task metadata cache when a shared
+/// level is plugged in: the staleness bound when a promotion announcement is missed.
+pub const META_MAX_AGE: Duration = Duration::from_secs(5);
 
 impl EngineBuilder {
     /// A builder with the default config and the system clock.
@@ -51,7 +58,23 @@ impl EngineBuilder {
         EngineBuilder {
             clock: None,
             config: EngineConfig::default(),
+            shared_meta: None,
+            meta_max_age: META_MAX_AGE,
         }
+    }
+
+    /// Puts a shared (second-level) task metadata cache behind the in-process one (the
+    /// distributed shape plugs Redis in); its promotion announcements are listened to.
+    pub fn shared_meta_cache(mut self, cache: Arc<dyn SharedMetaCache>) -> Self {
+        self.shared_meta = Some(cache);
+        self
+    }
+
+    /// With a shared cache: how long an env-current entry stays in the in-process cache
+    /// (default [`META_MAX_AGE`]), the staleness bound when an announcement is missed.
+    pub fn meta_max_age(mut self, max_age: Duration) -> Self {
+        self.meta_max_age = max_age;
+        self
     }
 
     /// Uses this clock (tests pass a `ManualClock`).
@@ -75,6 +98,7 @@ impl EngineBuilder {
     ) -> Result<Engine, EngineError> {
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock));
         let config = self.config;
+        let meta = MetaCache::new(self.shared_meta, Some(self.meta_max_age));
         if config.lease.is_zero() {
             return Err(InvalidInput::new("lease", "must be greater than zero").into());
         }
@@ -110,7 +134,7 @@ impl EngineBuilder {
             bells: Doorbells::default(),
             timer: TimerState::default(),
             events: EventHub::new(),
-            meta: MetaCache::default(),
+            meta,
             local: LocalRegistry::default(),
             counters: crate::metrics::Counters::new(),
             shutdown: AtomicBool::new(false),
@@ -119,6 +143,16 @@ impl EngineBuilder {
             purge_at: Mutex::new(None),
         });
         inner.meta.set_envs(envs.iter().cloned());
+        if let Some(shared) = inner.meta.shared() {
+            let weak = Arc::downgrade(&inner);
+            shared.listen(Arc::new(move |announcement| match weak.upgrade() {
+                Some(inner) => {
+                    inner.meta.announced(announcement);
+                    true
+                }
+                None => false,
+            }));
+        }
         for (env, _) in &envs {
             effects.merge(inner.reapply_queue_limits(env, now).await?);
         }
@@ -1385,9 +1419,15 @@ impl Engine {
             })?;
         inner.store.promote(&env, version).await?;
         let effects = inner.put_task_queue_limits(&env, &def, inner.now()).await?;
-        inner.meta.promoted(&env, version, def);
+        inner.meta.promoted(&env, version, def).await;
         inner.apply(effects, None).await;
         Ok(())
+    }
+
+    /// What this engine heard about other processes' promotions (task metadata cache
+    /// announcements); changes each time one is applied. Always zero without a shared cache.
+    pub fn meta_announcements(&self) -> tokio::sync::watch::Receiver<crate::meta::MetaWatch> {
+        self.inner.meta.watch()
     }
 
     /// The engine's counters (this process, since open).

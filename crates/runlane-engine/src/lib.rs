@@ -45,7 +45,7 @@ pub mod event;
 mod external;
 mod handover;
 mod local;
-mod meta;
+pub mod meta;
 pub mod metrics;
 pub mod remote;
 pub mod trigger;
@@ -53,10 +53,11 @@ pub mod worker;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::EngineConfig;
-pub use engine::{Engine, EngineBuilder, TimerStats};
+pub use engine::{Engine, EngineBuilder, TimerStats, META_MAX_AGE};
 pub use error::EngineError;
 pub use event::{EnvEvents, RunEvent, RunEventKind, RunEvents, StatusTap};
 pub use external::WeakEngine;
+pub use meta::MetaWatch;
 pub use metrics::{EngineMetrics, START_LATENCY_BUCKETS_MS};
 pub use remote::{
     ClaimedRun, FailOutcome, RemoteWorker, RemoteWorkerSpec, RetryChoice, WorkloopInfo,

@@ -1111,4 +1111,30 @@ impl RunStore for PostgresStore {
                 .map_err(|e| unavailable("read", &e))?;
         Ok(v.map_or(Ok(0), u32_from_sql)?)
     }
+
+    /// One query: the current version joined with its definition.
+    async fn current_definition(&self, env: &EnvName) -> Result<(u32, VersionDef), StoreError> {
+        let row: Option<(i64, Option<String>)> = sqlx::query_as(
+            "SELECT c.version, v.definition FROM current_versions c \
+             LEFT JOIN versions v ON v.env = c.env AND v.number = c.version \
+             WHERE c.env = $1",
+        )
+        .bind(env.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| unavailable("read", &e))?;
+        let Some((number, json)) = row else {
+            return Ok((0, VersionDef::default()));
+        };
+        let number = u32_from_sql(number)?;
+        let def = match json {
+            Some(json) => serde_json::from_str(&json).map_err(|e| {
+                StoreError::from(DbError::Corrupt(format!(
+                    "version {number} of env {env}: {e}"
+                )))
+            })?,
+            None => VersionDef::default(),
+        };
+        Ok((number, def))
+    }
 }

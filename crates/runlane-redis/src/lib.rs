@@ -13,11 +13,13 @@
 
 #[cfg(test)]
 mod format1_tests;
+mod meta;
 mod queue;
 mod record;
 #[cfg(test)]
 mod ttl_bucket_tests;
 
+pub use meta::{RedisMetaCache, RedisMetaConfig, STAMP_FIELD};
 pub use queue::{
     RedisConfig, RedisHealth, RedisOpenError, RedisQueue, FAILPOINT_VAR, KEYSPACE_FORMAT,
     MID_REBUILD,
