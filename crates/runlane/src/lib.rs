@@ -25,7 +25,10 @@ pub use runlane_postgres::DispatchState;
 pub use runlane_postgres::{
     Durability, PostgresConfig, PostgresError, PostgresStats, PostgresStore,
 };
-pub use runlane_redis::{RedisConfig, RedisHealth, RedisOpenError, RedisQueue};
+pub use runlane_redis::{
+    RedisConfig, RedisHealth, RedisMetaCache, RedisMetaConfig, RedisOpenError, RedisQueue,
+    STAMP_FIELD,
+};
 pub use runlane_sqlite::{
     SqliteConfig, SqliteError, SqliteStats, SqliteStore, StoreSize, Synchronous,
 };
