@@ -983,3 +983,187 @@ pub async fn throughput_batched(
     });
     finish(engine, line).await
 }
+
+/// Samples `runs` sequential calls of `call` (after an uncounted warm-up of a tenth, 10 to
+/// 1,000), each timed on its own; answers the sorted durations in nanoseconds.
+async fn sample_calls<F, Fut, T>(runs: u32, mut call: F) -> anyhow::Result<Vec<u64>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let warmup = (runs / 10).clamp(10, 1_000);
+    for _ in 0..warmup {
+        std::hint::black_box(call().await?);
+    }
+    let mut samples = Vec::with_capacity(runs as usize);
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        let answer = call().await?;
+        samples.push(u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        std::hint::black_box(answer);
+    }
+    samples.sort_unstable();
+    Ok(samples)
+}
+
+fn micros(ns: u64) -> f64 {
+    (ns as f64 / 10.0).round() / 100.0
+}
+
+/// One `resolve` line: the warm figures against the store's, their p50 ratio, the settings.
+fn resolve_line(
+    common: &Common,
+    level: &str,
+    how: &str,
+    tasks: usize,
+    warm: &[u64],
+    store: &[u64],
+    store_how: &str,
+) -> Value {
+    let p = |s: &[u64], q: f64| micros(percentile(s, q));
+    let ratio = percentile(store, 0.5) as f64 / percentile(warm, 0.5).max(1) as f64;
+    json!({
+        "scenario": "resolve",
+        "backend": common.backend,
+        "level": level,
+        "warm_path": how,
+        "store_path": store_how,
+        "runs": common.runs,
+        "tasks_in_version": tasks,
+        "warm_p50_us": p(warm, 0.5),
+        "warm_p95_us": p(warm, 0.95),
+        "warm_p99_us": p(warm, 0.99),
+        "store_p50_us": p(store, 0.5),
+        "store_p95_us": p(store, 0.95),
+        "store_p99_us": p(store, 0.99),
+        "ratio_p50": (ratio * 10.0).round() / 10.0,
+        "git_revision": git_revision(),
+    })
+}
+
+/// A version of `tasks` task definitions, each with a queue, a TTL and a retry policy (what
+/// a real deploy carries), and the name of one in the middle.
+fn resolve_version(tasks: usize) -> anyhow::Result<(runlane::core::VersionDef, String)> {
+    let mut defs = Vec::with_capacity(tasks);
+    for i in 0..tasks {
+        let mut def =
+            runlane::core::TaskDef::new(runlane::core::TaskName::new(&format!("task-{i}"))?);
+        def.queue = Some(runlane::core::QueueName::new(&format!("queue-{i}"))?);
+        def.ttl = Some(Duration::from_secs(300));
+        def.max_duration = Some(Duration::from_secs(60));
+        defs.push(def);
+    }
+    Ok((
+        runlane::core::VersionDef { tasks: defs },
+        format!("task-{}", tasks / 2),
+    ))
+}
+
+/// `bench resolve`: task metadata resolution (SPEC §4), warm cache vs the store lookup a miss
+/// makes (`RunStore::current_definition`), sequential, `runs` calls each. Embedded: one line
+/// (the in-process level). Distributed: two lines, the in-process level and the shared Redis
+/// level (an engine whose in-process entries expire at once: one `HGETALL` per resolution).
+pub async fn resolve(common: &Common, tasks: usize) -> anyhow::Result<Vec<Value>> {
+    use runlane::core::backend::RunStore;
+    let (def, task) = resolve_version(tasks)?;
+    let env = runlane::core::EnvName::new("default")?;
+    match common.backend.as_str() {
+        "embedded" => {
+            let opened = open_embedded(common).await?;
+            let v = opened.register_version("default", def).await?;
+            opened.promote("default", v).await?;
+            let warm = sample_calls(common.runs, || async {
+                Ok(opened.resolve_task("default", &task, None).await?)
+            })
+            .await?;
+            let store = opened.store.clone().context("the embedded store")?;
+            let cold = sample_calls(common.runs, || async {
+                Ok(store.current_definition(&env).await?)
+            })
+            .await?;
+            let line = resolve_line(
+                common,
+                "in_process",
+                "Engine::resolve_task, in-process level hit",
+                tasks,
+                &warm,
+                &cold,
+                "SqliteStore::current_definition (current version and its definition)",
+            );
+            Ok(vec![finish(opened, line).await?])
+        }
+        "distributed" => {
+            let (prefix, schema) = fresh_distributed_names();
+            let opened = open_distributed_at(common, &prefix, &schema).await?;
+            let v = opened.register_version("default", def).await?;
+            opened.promote("default", v).await?;
+            let mut config =
+                runlane::DistributedConfig::new(&common.redis_url, &common.database_url);
+            config.redis.prefix = prefix.clone();
+            config.postgres.schema = schema.clone();
+            let shared_only = runlane::distributed_with(
+                EngineBuilder::new().meta_max_age(Duration::ZERO),
+                config,
+            )
+            .await?;
+            let warm = sample_calls(common.runs, || async {
+                Ok(opened.resolve_task("default", &task, None).await?)
+            })
+            .await?;
+            let shared = sample_calls(common.runs, || async {
+                Ok(shared_only.resolve_task("default", &task, None).await?)
+            })
+            .await?;
+            let store = opened
+                .distributed
+                .as_ref()
+                .context("the distributed shape")?
+                .store()
+                .clone();
+            let cold = sample_calls(common.runs, || async {
+                Ok(store.current_definition(&env).await?)
+            })
+            .await?;
+            shared_only.shutdown().await;
+            drop(shared_only);
+            let store_how = "PostgresStore::current_definition (one query: current version joined with its definition)";
+            let first = resolve_line(
+                common,
+                "in_process",
+                "Engine::resolve_task, in-process level hit",
+                tasks,
+                &warm,
+                &cold,
+                store_how,
+            );
+            let second = resolve_line(
+                common,
+                "shared",
+                "Engine::resolve_task, in-process level expired at once (meta_max_age 0): one Redis HGETALL of env-current + decode",
+                tasks,
+                &shared,
+                &cold,
+                store_how,
+            );
+            let mut first = first;
+            if let Some(fields) = first.as_object_mut() {
+                for key in ["topology", "gap_ms", "phase", "depth"] {
+                    fields.entry(key).or_insert(Value::Null);
+                }
+                fields.insert("batch".into(), json!(1));
+            }
+            let second = finish(opened, second).await?;
+            if let (Some(f), Some(s)) = (first.as_object_mut(), second.as_object()) {
+                for key in ["durability", "synchronous_commit", "topology_servers"] {
+                    if let Some(v) = s.get(key) {
+                        f.insert(key.into(), v.clone());
+                    }
+                }
+            }
+            Ok(vec![first, second])
+        }
+        other => {
+            bail!("bench resolve: unknown backend {other:?} (available: embedded, distributed)")
+        }
+    }
+}

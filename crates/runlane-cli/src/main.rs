@@ -192,6 +192,14 @@ enum BenchScenario {
         #[arg(long, default_value_t = 100_000)]
         runs: u64,
     },
+    /// Task metadata resolution: warm cache vs the store lookup (SPEC §4).
+    Resolve {
+        #[command(flatten)]
+        common: BenchCommon,
+        /// Task definitions in the measured version.
+        #[arg(long, default_value_t = 10)]
+        tasks: usize,
+    },
     /// No-op runs per second.
     Throughput {
         #[command(flatten)]
@@ -340,6 +348,12 @@ fn run() -> anyhow::Result<()> {
                     }
                     BenchScenario::Fairness { common: c, gap_ms } => {
                         bench::fairness(&common(&c, 300), Duration::from_millis(gap_ms)).await?
+                    }
+                    BenchScenario::Resolve { common: c, tasks } => {
+                        for line in bench::resolve(&common(&c, 10_000), tasks).await? {
+                            println!("{line}");
+                        }
+                        return Ok(());
                     }
                     BenchScenario::Footprint { backend, mix, runs } => {
                         use footprint::Mix;

@@ -257,3 +257,37 @@ impl MetaCache {
         });
     }
 }
+
+impl crate::Engine {
+    /// What a trigger of `task` in `env` resolves through the task metadata cache (SPEC §4):
+    /// the version (`lock_to_version`, else the env's current one) and the task's definition
+    /// in it (`None`: the version has no such task; a trigger then uses the defaults, or is
+    /// refused in a `strict_tasks` env). Warm, it reads no store.
+    pub async fn resolve_task(
+        &self,
+        env: &str,
+        task: &str,
+        lock_to_version: Option<u32>,
+    ) -> Result<(u32, Option<runlane_core::TaskDef>), crate::EngineError> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        let env = EnvName::new(env)?;
+        let task = runlane_core::TaskName::new(task)?;
+        let store = inner.store.as_ref();
+        match lock_to_version {
+            Some(v) => {
+                let def = inner.meta.version(store, &env, v).await?.ok_or_else(|| {
+                    crate::EngineError::UnknownVersion {
+                        version: v,
+                        task: task.to_string(),
+                    }
+                })?;
+                Ok((v, def.task(&task).cloned()))
+            }
+            None => {
+                let (v, def) = inner.meta.current(store, &env).await?;
+                Ok((v, def.task(&task).cloned()))
+            }
+        }
+    }
+}
