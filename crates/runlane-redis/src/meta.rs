@@ -429,3 +429,42 @@ fn parse_announcement(payload: &str, own: &str) -> Option<MetaAnnouncement> {
     let version = parts.next()?.parse().ok()?;
     Some(MetaAnnouncement::Promoted { env, version })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announcements_of_this_process_and_malformed_ones_are_skipped() {
+        assert_eq!(parse_announcement("me\tdefault\t3", "me"), None);
+        assert_eq!(parse_announcement("other\tbad env\t3", "me"), None);
+        assert_eq!(parse_announcement("other\tdefault\tx", "me"), None);
+        assert_eq!(
+            parse_announcement("other\tdefault\t3", "me"),
+            Some(MetaAnnouncement::Promoted {
+                env: EnvName::new("default").expect("env"),
+                version: 3
+            })
+        );
+    }
+
+    #[test]
+    fn an_entry_decodes_whole_and_only_with_its_stamp() {
+        let def = VersionDef {
+            tasks: vec![
+                TaskDef::new(runlane_core::TaskName::new("b").expect("task")),
+                TaskDef::new(runlane_core::TaskName::new("a").expect("task")),
+            ],
+        };
+        let mut fields: HashMap<String, String> = pairs(&def).expect("pairs").into_iter().collect();
+        assert_eq!(decode(fields.clone()).expect("decode"), None, "no stamp");
+        fields.insert(STAMP_FIELD.to_string(), "7".to_string());
+        let (version, back) = decode(fields.clone()).expect("decode").expect("entry");
+        assert_eq!(version, 7);
+        let mut sorted = def.tasks.clone();
+        sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        assert_eq!(back.tasks, sorted);
+        fields.insert("a".to_string(), "{".to_string());
+        assert!(decode(fields).is_err(), "a malformed entry is an error");
+    }
+}
