@@ -147,3 +147,62 @@ fn throughput_through_the_server_drains_every_run_with_runlane_worker_slots() {
         );
     }
 }
+
+/// Every line of `output`, parsed.
+fn lines(output: &std::process::Output) -> Vec<Value> {
+    assert!(
+        output.status.success(),
+        "runlane failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect()
+}
+
+fn assert_resolve(line: &Value, backend: &str, level: &str) {
+    assert_eq!(line["scenario"], "resolve");
+    assert_eq!(line["backend"], backend);
+    assert_eq!(line["level"], level);
+    assert_eq!(line["runs"], 50);
+    for path in ["warm", "store"] {
+        let p = |q: &str| {
+            line[format!("{path}_{q}_us")]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{path}_{q}_us in {line}"))
+        };
+        assert!(p("p50") > 0.0, "a resolution cannot take 0 µs: {line}");
+        assert!(
+            p("p50") <= p("p95") && p("p95") <= p("p99"),
+            "out of order: {line}"
+        );
+    }
+    assert!(line["ratio_p50"].as_f64().is_some_and(|r| r > 0.0));
+    assert_eq!(line["git_revision"].as_str().map(str::len), Some(7));
+}
+
+#[test]
+fn resolve_prints_a_line_per_cache_level() {
+    let embedded = lines(&runlane(&[
+        "bench",
+        "resolve",
+        "--backend",
+        "embedded",
+        "--runs",
+        "50",
+    ]));
+    assert_eq!(embedded.len(), 1);
+    assert_resolve(&embedded[0], "embedded", "in_process");
+    let distributed = lines(&runlane(&[
+        "bench",
+        "resolve",
+        "--backend",
+        "distributed",
+        "--runs",
+        "50",
+    ]));
+    assert_eq!(distributed.len(), 2);
+    assert_resolve(&distributed[0], "distributed", "in_process");
+    assert_resolve(&distributed[1], "distributed", "shared");
+}
