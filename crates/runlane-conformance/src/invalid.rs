@@ -341,3 +341,45 @@ pub async fn bad_10(b: &dyn Backends) {
         "BAD-10: queue settings unchanged"
     );
 }
+
+/// BAD-11: `create_env` of a name that exists is refused with `EnvExists` and leaves the
+/// settings it has; bad settings on a new name are refused naming the field and create nothing.
+pub async fn bad_11(b: &dyn Backends) {
+    let h = Harness::open(b).await;
+    let first = EnvSettings {
+        limit: 7,
+        ..EnvSettings::default()
+    };
+    ok(h.engine.create_env("e", first)).await;
+    let err = h
+        .refused(
+            "creating e again",
+            h.engine.create_env(
+                "e",
+                EnvSettings {
+                    limit: 9,
+                    ..EnvSettings::default()
+                },
+            ),
+        )
+        .await;
+    assert_eq!(err, EngineError::EnvExists("e".into()));
+    assert_eq!(ok(h.engine.env_settings("e")).await, first);
+    let err = h
+        .refused(
+            "a bad weight",
+            h.engine.create_env(
+                "f",
+                EnvSettings {
+                    weight: 0,
+                    ..EnvSettings::default()
+                },
+            ),
+        )
+        .await;
+    assert_invalid(&err, "weight");
+    assert_eq!(
+        h.engine.env_settings("f").await,
+        Err(EngineError::EnvNotFound("f".into()))
+    );
+}

@@ -87,6 +87,7 @@ macro_rules! __with_scenarios {
             (bad_08_trigger_fields, invalid::bad_08, "BAD-08", "unknown env, malformed env/queue, oversized key or payload are refused"),
             (bad_09_batch_item, invalid::bad_09, "BAD-09", "a batch with one bad item is refused whole, naming the item"),
             (bad_10_settings, invalid::bad_10, "BAD-10", "bad env or queue settings are refused naming the field, unchanged"),
+            (bad_11_env_exists, invalid::bad_11, "BAD-11", "creating an env that exists is refused with EnvExists, its settings unchanged"),
         }
     };
 }

@@ -788,6 +788,17 @@ pub trait RunStore: Send + Sync + 'static {
     async fn put_env(&self, env: &EnvName, settings: EnvSettings) -> Result<(), StoreError>;
     /// Every env with its settings.
     async fn envs(&self) -> Result<Vec<(EnvName, EnvSettings)>, StoreError>;
+    /// Stores a new env's settings unless the env exists; answers whether it was created.
+    /// Stores shared by several processes make this one atomic insert, so that two
+    /// processes creating the same env cannot both succeed. The default reads then writes
+    /// (atomic only within one process that serialises its calls).
+    async fn create_env(&self, env: &EnvName, settings: EnvSettings) -> Result<bool, StoreError> {
+        if self.envs().await?.iter().any(|(name, _)| name == env) {
+            return Ok(false);
+        }
+        self.put_env(env, settings).await?;
+        Ok(true)
+    }
     /// Registers a version; returns its number (1, 2, …; 0 is the implicit empty version).
     async fn add_version(
         &self,

@@ -140,6 +140,9 @@ impl RunStore for DistributedStore {
     async fn envs(&self) -> Result<Vec<(EnvName, EnvSettings)>, StoreError> {
         self.inner.envs().await
     }
+    async fn create_env(&self, env: &EnvName, settings: EnvSettings) -> Result<bool, StoreError> {
+        self.inner.create_env(env, settings).await
+    }
     async fn add_version(
         &self,
         env: &EnvName,

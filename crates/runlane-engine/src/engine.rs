@@ -1303,6 +1303,22 @@ impl Engine {
         Ok(())
     }
 
+    /// Creates an env; `EnvExists` when it is already there (also when another process
+    /// sharing the store created it first), and then nothing changes.
+    pub async fn create_env(&self, env: &str, settings: EnvSettings) -> Result<(), EngineError> {
+        self.inner.check_open()?;
+        let inner = &self.inner;
+        let name = EnvName::new(env)?;
+        settings.validate()?;
+        if !inner.store.create_env(&name, settings).await? {
+            return Err(EngineError::EnvExists(env.to_string()));
+        }
+        let effects = inner.queue.put_env(&name, settings, inner.now()).await?;
+        inner.meta.put_env(&name, settings);
+        inner.apply(effects, None).await;
+        Ok(())
+    }
+
     /// An env's settings.
     pub async fn env_settings(&self, env: &str) -> Result<EnvSettings, EngineError> {
         self.inner.check_open()?;

@@ -24,6 +24,9 @@ pub enum EngineError {
     /// No such env.
     #[error("env {0:?} not found")]
     EnvNotFound(String),
+    /// `create_env` found the env already there; nothing changed.
+    #[error("env {0:?} exists")]
+    EnvExists(String),
     /// A strict env refused a task no version defines.
     #[error("unknown task {task:?} in env {env:?}")]
     UnknownTask {

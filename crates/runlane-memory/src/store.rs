@@ -315,6 +315,15 @@ impl RunStore for MemoryStore {
         Ok(())
     }
 
+    async fn create_env(&self, env: &EnvName, settings: EnvSettings) -> Result<bool, StoreError> {
+        let mut st = self.lock();
+        if st.envs.contains_key(env) {
+            return Ok(false);
+        }
+        st.envs.insert(env.clone(), settings);
+        Ok(true)
+    }
+
     async fn envs(&self) -> Result<Vec<(EnvName, EnvSettings)>, StoreError> {
         Ok(self
             .lock()

@@ -1013,6 +1013,22 @@ impl RunStore for PostgresStore {
         .map(|_| ())
     }
 
+    async fn create_env(&self, env: &EnvName, settings: EnvSettings) -> Result<bool, StoreError> {
+        let json = serde_json::to_string(&settings)
+            .map_err(|e| StoreError::Unavailable(format!("env settings do not encode: {e}")))?;
+        let inserted = self
+            .execute(
+                sqlx::query(
+                    "INSERT INTO envs (name, settings) VALUES ($1, $2) \
+                     ON CONFLICT (name) DO NOTHING",
+                )
+                .bind(env.as_str())
+                .bind(json),
+            )
+            .await?;
+        Ok(inserted == 1)
+    }
+
     async fn envs(&self) -> Result<Vec<(EnvName, EnvSettings)>, StoreError> {
         let rows: Vec<PgRow> = sqlx::query("SELECT name, settings FROM envs ORDER BY name")
             .fetch_all(&self.pool)

@@ -153,6 +153,7 @@ impl From<EngineError> for ApiError {
             EngineError::RunNotFound(_) | EngineError::EnvNotFound(_) => {
                 ApiError::not_found(message)
             }
+            EngineError::EnvExists(_) => ApiError::conflict(message).field("name"),
             EngineError::UnknownTask { .. } => {
                 ApiError::new(StatusCode::BAD_REQUEST, "unknown_task", message).field("task")
             }

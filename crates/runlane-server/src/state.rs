@@ -61,8 +61,6 @@ struct Inner {
     workers: WorkerRegistry,
     events: Arc<EventLog>,
     closing: tokio::sync::watch::Sender<bool>,
-    /// Serialises env creation in this process (check, then create).
-    env_create: tokio::sync::Mutex<()>,
     /// Told when the last handle is gone (the engine, and so its files, with it).
     released: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
 }
@@ -81,12 +79,6 @@ impl Drop for Inner {
 }
 
 impl AppState {
-    /// Held while an env is checked for and created, so two creates of one name in this
-    /// process answer 201 once and 409 once.
-    pub async fn env_create_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.inner.env_create.lock().await
-    }
-
     /// Builds the state.
     pub fn new(backend: Backend, keys: Arc<dyn KeyStore>, config: ServerConfig) -> Self {
         AppState {
@@ -98,7 +90,6 @@ impl AppState {
                 workers: WorkerRegistry::default(),
                 events: Arc::new(EventLog::default()),
                 closing: tokio::sync::watch::channel(false).0,
-                env_create: tokio::sync::Mutex::new(()),
                 released: std::sync::Mutex::new(None),
             }),
         }

@@ -72,3 +72,60 @@ async fn two_servers_share_keys_and_runs() {
     b.stop().await;
     a.stop().await;
 }
+
+/// Two servers of one deployment race to create the same env: the store's insert decides, so
+/// exactly one create answers 201 and every other one 409 `conflict`, on either server, and
+/// both servers then read the winner's settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_create_one_env_once() {
+    if !support::distributed_available() {
+        eprintln!("skipped: Redis or PostgreSQL not reachable (CI is not set)");
+        return;
+    }
+    let a = TestServer::start(Shape::Distributed).await;
+    let BackendConfig::Distributed(shared) = a.state().config().backend.clone() else {
+        panic!("a distributed server");
+    };
+    let b = TestServer::start_with(Shape::Memory, |c| {
+        let mut shared = shared.clone();
+        shared.throwaway = false;
+        c.backend = BackendConfig::Distributed(shared);
+    })
+    .await;
+    let a = std::sync::Arc::new(a);
+    let b = std::sync::Arc::new(b);
+    let calls: Vec<_> = (0..8u32)
+        .map(|i| {
+            let server = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                let body = json!({ "name": "raced", "limit": 10 + i });
+                let (status, answer) = server
+                    .call(Method::POST, "/v1/envs", Some(ADMIN), Some(body))
+                    .await;
+                (status, answer, 10 + i)
+            })
+        })
+        .collect();
+    let mut won = Vec::new();
+    for call in calls {
+        let (status, answer, limit) = call.await.expect("call");
+        match status {
+            StatusCode::CREATED => won.push(limit),
+            StatusCode::CONFLICT => {
+                assert_eq!(answer["error"]["code"], "conflict");
+                assert_eq!(answer["error"]["field"], "name");
+            }
+            other => panic!("unexpected {other}: {answer}"),
+        }
+    }
+    assert_eq!(won.len(), 1, "exactly one create wins: {won:?}");
+    for server in [&a, &b] {
+        let (status, env) = server.get("/v1/envs/raced", ADMIN).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(env["limit"], won[0]);
+    }
+    let b = std::sync::Arc::into_inner(b).expect("no other handle");
+    b.stop().await;
+    let a = std::sync::Arc::into_inner(a).expect("no other handle");
+    a.stop().await;
+}

@@ -329,6 +329,13 @@ impl RunStore for SqliteStore {
             .await
     }
 
+    async fn create_env(&self, env: &EnvName, settings: EnvSettings) -> Result<bool, StoreError> {
+        let env = env.clone();
+        self.writer
+            .call(move |conn| write::create_env(conn, &env, &settings))
+            .await
+    }
+
     async fn envs(&self) -> Result<Vec<(EnvName, EnvSettings)>, StoreError> {
         self.reads.run(read::envs).await
     }

@@ -319,6 +319,20 @@ pub(crate) fn put_env(
     Ok(())
 }
 
+/// Inserts a new env's settings unless the env exists; answers whether it was inserted.
+pub(crate) fn create_env(
+    conn: &Connection,
+    env: &EnvName,
+    settings: &EnvSettings,
+) -> Result<bool, DbError> {
+    let json = serde_json::to_string(settings)
+        .map_err(|e| DbError::Corrupt(format!("env settings do not encode: {e}")))?;
+    let inserted = conn
+        .prepare_cached("INSERT INTO envs (name, settings) VALUES (?1, ?2) ON CONFLICT DO NOTHING")?
+        .execute(params![env.as_str(), json])?;
+    Ok(inserted == 1)
+}
+
 /// Registers the env's next version and returns its number.
 pub(crate) fn add_version(
     conn: &Connection,

@@ -130,6 +130,9 @@ impl RunStore for Scoped {
     async fn envs(&self) -> Result<Vec<(EnvName, EnvSettings)>, StoreError> {
         self.0.envs().await
     }
+    async fn create_env(&self, env: &EnvName, settings: EnvSettings) -> Result<bool, StoreError> {
+        self.0.create_env(env, settings).await
+    }
     async fn add_version(
         &self,
         env: &EnvName,

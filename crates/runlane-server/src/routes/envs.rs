@@ -113,14 +113,6 @@ async fn create_env(
     let name =
         runlane::core::EnvName::new(&body.name).map_err(|e| ApiError::invalid("name", e.reason))?;
     let engine = state.engine();
-    let _creating = state.env_create_lock().await;
-    match engine.env_settings(name.as_str()).await {
-        Ok(_) => {
-            return Err(ApiError::conflict(format!("env {:?} exists", body.name)).field("name"))
-        }
-        Err(runlane::EngineError::EnvNotFound(_)) => {}
-        Err(e) => return Err(e.into()),
-    }
     let d = EnvSettings::default();
     let settings = EnvSettings {
         limit: body.limit.unwrap_or(d.limit),
@@ -130,7 +122,7 @@ async fn create_env(
         strict_tasks: body.strict_tasks.unwrap_or(d.strict_tasks),
         fast_path: body.fast_path.unwrap_or(d.fast_path),
     };
-    engine.set_env(name.as_str(), settings).await?;
+    engine.create_env(name.as_str(), settings).await?;
     Ok((StatusCode::CREATED, Json(Env::new(name.as_str(), settings))))
 }
 
