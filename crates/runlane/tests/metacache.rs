@@ -156,6 +156,9 @@ impl RunStore for Counting {
     async fn put_env(&self, env: &EnvName, settings: EnvSettings) -> Result<(), StoreError> {
         self.inner.put_env(env, settings).await
     }
+    async fn create_env(&self, env: &EnvName, settings: EnvSettings) -> Result<bool, StoreError> {
+        self.inner.create_env(env, settings).await
+    }
     async fn envs(&self) -> Result<Vec<(EnvName, EnvSettings)>, StoreError> {
         self.count();
         self.inner.envs().await
