@@ -6,56 +6,70 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use runlane_core::backend::{Inserted, RunStore};
 use runlane_core::{RunStatus, StoreError, Timestamp};
 use tokio::io::copy_bidirectional;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 
-/// A loopback TCP proxy to the test server that can be cut and restored.
+/// A loopback TCP proxy to the test server that can be cut and restored. A cut closes every
+/// open connection before it returns, so nothing sent afterwards reaches the server.
 struct Proxy {
     addr: SocketAddr,
-    up: watch::Sender<bool>,
+    up: Arc<AtomicBool>,
+    cuts: mpsc::UnboundedSender<oneshot::Sender<()>>,
 }
 
 impl Proxy {
     async fn start(target: SocketAddr) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let (up, up_rx) = watch::channel(true);
+        let up = Arc::new(AtomicBool::new(true));
+        let (cuts, mut cut_requests) = mpsc::unbounded_channel::<oneshot::Sender<()>>();
+        let accepting = up.clone();
         tokio::spawn(async move {
+            let mut links = JoinSet::new();
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    return;
-                };
-                let mut up = up_rx.clone();
-                if !*up.borrow() {
-                    // Cut: refuse by closing at once.
-                    drop(inbound);
-                    continue;
-                }
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = up.wait_for(|up| !*up) => {}
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((mut inbound, _)) = accepted else { return };
+                        if !accepting.load(Ordering::SeqCst) {
+                            // Cut: refuse by closing at once.
+                            drop(inbound);
+                            continue;
+                        }
+                        links.spawn(async move {
+                            if let Ok(mut outbound) = TcpStream::connect(target).await {
+                                let _ = copy_bidirectional(&mut inbound, &mut outbound).await;
+                            }
+                        });
                     }
-                });
+                    Some(done) = cut_requests.recv() => {
+                        links.shutdown().await;
+                        let _ = done.send(());
+                    }
+                    Some(_) = links.join_next(), if !links.is_empty() => {}
+                }
             }
         });
-        Proxy { addr, up }
+        Proxy { addr, up, cuts }
     }
 
-    fn cut(&self) {
-        self.up.send_replace(false);
+    async fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        let (done, closed) = oneshot::channel();
+        if self.cuts.send(done).is_ok() {
+            let _ = closed.await;
+        }
     }
 
     fn restore(&self) {
-        self.up.send_replace(true);
+        self.up.store(true, Ordering::SeqCst);
     }
 }
 
@@ -83,7 +97,7 @@ async fn calls_fail_with_unavailable_during_an_outage_and_recover_by_themselves(
         Ok(vec![Inserted::New])
     );
 
-    proxy.cut();
+    proxy.cut().await;
     let write = store.insert(vec![(r2.clone(), None)], Timestamp(2)).await;
     assert!(
         matches!(write, Err(StoreError::Unavailable(_))),

@@ -87,7 +87,7 @@ async fn postgres_outage_fails_triggers_fast_and_resumes_by_itself() {
     let first = engine.trigger("job").send().await.expect("trigger").run.id;
     assert_completed(&engine, first).await;
 
-    proxy.cut();
+    proxy.cut().await;
     let refused = engine.trigger("job").send().await;
     assert!(
         matches!(refused, Err(EngineError::Unavailable(_))),

@@ -68,7 +68,7 @@ async fn redis_failure_after_commit_is_reconciled_nothing_lost_nothing_twice() {
     }
 
     // Redis unreachable: the commit succeeds, the enqueue fails, the trigger still accepts.
-    proxy.cut();
+    proxy.cut().await;
     let mut during = Vec::new();
     for _ in 0..3 {
         let triggered = engine

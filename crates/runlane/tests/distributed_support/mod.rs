@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 /// A loopback TCP proxy to a server (Redis, PostgreSQL) that can be cut: while cut, every open
@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 pub struct Proxy {
     port: u16,
     cut: Arc<AtomicBool>,
-    cut_now: Arc<Notify>,
+    cuts: mpsc::UnboundedSender<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -23,9 +23,9 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let port = listener.local_addr().expect("proxy address").port();
         let cut = Arc::new(AtomicBool::new(false));
-        let cut_now = Arc::new(Notify::new());
+        let (cuts, mut cut_requests) = mpsc::unbounded_channel::<oneshot::Sender<()>>();
         let task = {
-            let (cut, cut_now) = (cut.clone(), cut_now.clone());
+            let cut = cut.clone();
             tokio::spawn(async move {
                 let mut links = JoinSet::new();
                 loop {
@@ -43,7 +43,12 @@ impl Proxy {
                                 }
                             });
                         }
-                        _ = cut_now.notified() => links.abort_all(),
+                        Some(done) = cut_requests.recv() => {
+                            // Every link is aborted and joined (its sockets closed) before the
+                            // cut is acknowledged: nothing sent after `cut` returns gets through.
+                            links.shutdown().await;
+                            let _ = done.send(());
+                        }
                         Some(_) = links.join_next(), if !links.is_empty() => {}
                     }
                 }
@@ -52,7 +57,7 @@ impl Proxy {
         Proxy {
             port,
             cut,
-            cut_now,
+            cuts,
             task,
         }
     }
@@ -62,10 +67,14 @@ impl Proxy {
         self.port
     }
 
-    /// Closes every open connection and refuses new ones.
-    pub fn cut(&self) {
+    /// Closes every open connection and refuses new ones; returns once every open connection
+    /// is closed, so a request sent afterwards cannot reach the server.
+    pub async fn cut(&self) {
         self.cut.store(true, Ordering::SeqCst);
-        self.cut_now.notify_one();
+        let (done, closed) = oneshot::channel();
+        if self.cuts.send(done).is_ok() {
+            let _ = closed.await;
+        }
     }
 
     /// Accepts connections again.
