@@ -354,6 +354,48 @@ pub struct HeartbeatReply {
     pub lost: Vec<String>,
 }
 
+/// A registered version's answer.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct VersionRegistered {
+    /// Its number.
+    pub version: u64,
+    /// Whether it was made current.
+    pub promoted: bool,
+}
+
+/// A version with its task definitions (`Version`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Version {
+    /// Its number.
+    pub version: u64,
+    /// When it was registered.
+    pub created_at_ms: Option<u64>,
+    /// Whether it is current.
+    pub current: bool,
+    /// Its task definitions, as the server wrote them.
+    pub tasks: Vec<Value>,
+}
+
+/// `{current, versions: [Version]}`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct VersionList {
+    /// The current version.
+    pub current: u64,
+    /// The versions.
+    pub versions: Vec<Version>,
+}
+
+/// A promotion's answer.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Promoted {
+    /// The current version now.
+    pub current: u64,
+}
+
 /// A client of one server with one key.
 #[derive(Clone, Debug)]
 pub struct Client {
@@ -557,6 +599,46 @@ impl Client {
         let verb = if pause { "pause" } else { "resume" };
         self.post(
             &format!("/v1/envs/{}/queues/{}/{verb}", seg(env), seg(queue)),
+            None,
+        )
+        .await
+    }
+
+    // --- versions ---
+
+    /// `POST /v1/envs/{env}/versions`: `body` is `{tasks: [...], promote?}`.
+    pub async fn register_version(
+        &self,
+        env: &str,
+        body: &Value,
+    ) -> Result<Reply<VersionRegistered>, ClientError> {
+        self.post(&format!("/v1/envs/{}/versions", seg(env)), Some(body))
+            .await
+    }
+
+    /// `GET /v1/envs/{env}/versions`.
+    pub async fn list_versions(&self, env: &str) -> Result<Reply<VersionList>, ClientError> {
+        self.get(&format!("/v1/envs/{}/versions", seg(env))).await
+    }
+
+    /// `GET /v1/envs/{env}/versions/{version}`.
+    pub async fn get_version(
+        &self,
+        env: &str,
+        version: u32,
+    ) -> Result<Reply<Version>, ClientError> {
+        self.get(&format!("/v1/envs/{}/versions/{version}", seg(env)))
+            .await
+    }
+
+    /// `POST /v1/envs/{env}/versions/{version}/promote`.
+    pub async fn promote_version(
+        &self,
+        env: &str,
+        version: u32,
+    ) -> Result<Reply<Promoted>, ClientError> {
+        self.post(
+            &format!("/v1/envs/{}/versions/{version}/promote", seg(env)),
             None,
         )
         .await

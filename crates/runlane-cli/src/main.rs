@@ -74,6 +74,8 @@ enum Command {
     Lanes(command::lane::Args),
     /// Envs and API keys: create, list, show, set, keys, create-key, rotate, revoke.
     Env(command::env::Args),
+    /// Versions of an env's task definitions: register, list, show, promote.
+    Versions(command::version::Args),
     /// A worker that runs a shell command per run, over a server's worker protocol.
     Worker(worker::Args),
 }
@@ -290,6 +292,7 @@ fn run() -> anyhow::Result<()> {
             Command::Queues(args) => command::queue::run(args).await,
             Command::Lanes(args) => command::lane::run(args).await,
             Command::Env(args) => command::env::run(args).await,
+            Command::Versions(args) => command::version::run(args).await,
             Command::Worker(args) => worker::run(args).await,
             Command::Quickstart { runs, memory, data } => {
                 quickstart::run(quickstart::Options { runs, memory, data }).await

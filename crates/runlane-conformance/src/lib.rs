@@ -15,7 +15,8 @@
 //! and a fixed rng seed, drives it through the public engine API, and asserts in virtual time.
 //! Families: FP (fast path), ORD (order and timing), LIM (admission limits), LANE (lanes and
 //! claim chains), TTL (expiry), LIFE (lifecycle), IDEM (idempotency), WAIT (trigger-and-wait),
-//! CAP and DRAIN (queue caps, drain on stop), FAIR (fairness), BAD (bad input).
+//! CAP and DRAIN (queue caps, drain on stop), FAIR (fairness), BAD (bad input), VER
+//! (versions).
 //!
 //! [`ManualClock`]: runlane_engine::ManualClock
 
@@ -33,6 +34,7 @@ pub mod limit;
 pub mod order;
 mod suite;
 pub mod ttl;
+pub mod version;
 pub mod wait;
 
 pub use kit::{Backends, Harness, Probe, Started, EPOCH, WAIT};
@@ -68,7 +70,7 @@ mod tests {
         }
         for family in [
             "FP", "ORD", "LIM", "LANE", "TTL", "LIFE", "IDEM", "WAIT", "CAP", "DRAIN", "FAIR",
-            "BAD",
+            "BAD", "VER",
         ] {
             assert!(
                 SCENARIOS

@@ -709,6 +709,17 @@ pub struct AttemptEnd {
     pub attempt: AttemptRecord,
 }
 
+/// A registered version of an env's tasks, as [`RunStore::versions`] lists it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VersionInfo {
+    /// Its number (1, 2, …; 0, the implicit empty version, is never listed).
+    pub number: u32,
+    /// When it was registered; `None` when the store does not know.
+    pub created_at: Option<Timestamp>,
+    /// Its task definitions, exactly as registered.
+    pub def: VersionDef,
+}
+
 /// Durable run records. Writes happen at state transitions only.
 #[async_trait]
 pub trait RunStore: Send + Sync + 'static {
@@ -812,6 +823,23 @@ pub trait RunStore: Send + Sync + 'static {
     async fn promote(&self, env: &EnvName, version: u32) -> Result<(), StoreError>;
     /// The current version (0 before any promotion).
     async fn current_version(&self, env: &EnvName) -> Result<u32, StoreError>;
+    /// Every registered version of `env`, by number (1 first; the implicit version 0 is not
+    /// listed). A store may answer in one query; the default asks `version` for 1, 2, … until
+    /// one is missing and knows no creation times.
+    async fn versions(&self, env: &EnvName) -> Result<Vec<VersionInfo>, StoreError> {
+        let mut out = Vec::new();
+        for number in 1..=u32::MAX {
+            match self.version(env, number).await? {
+                Some(def) => out.push(VersionInfo {
+                    number,
+                    created_at: None,
+                    def,
+                }),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
     /// The current version with its definition (the task metadata cache's one store read
     /// after a miss). A store may answer in one query; the default asks `current_version`,
     /// then `version`.

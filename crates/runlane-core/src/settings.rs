@@ -102,6 +102,9 @@ impl EnvSettings {
     }
 }
 
+/// The largest accepted concurrency limit (env, queue and task-defined queue limits).
+pub const MAX_LIMIT: u32 = 1_000_000;
+
 /// A queue's runtime settings.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -189,8 +192,18 @@ impl TaskDef {
         }
     }
 
-    /// Checks the definition; errors name the field.
+    /// Checks the definition; errors name the field. Queue limits are capped like
+    /// [`QueueSettings`]'s (at most 1,000,000).
     pub fn validate(&self) -> Result<(), InvalidInput> {
+        if self.queue_limit.is_some_and(|l| l > MAX_LIMIT) {
+            return Err(InvalidInput::new("queue_limit", "must be at most 1000000"));
+        }
+        if self.key_total_limit.is_some_and(|l| l > MAX_LIMIT) {
+            return Err(InvalidInput::new(
+                "key_total_limit",
+                "must be at most 1000000",
+            ));
+        }
         if let Some(ttl) = self.ttl {
             crate::ttl::check_ttl(ttl)?;
         }
@@ -292,6 +305,20 @@ mod tests {
             tasks: vec![TaskDef::new(t.clone()), TaskDef::new(t)],
         };
         assert_eq!(v.validate().expect_err("dup").field, "tasks");
+        for (field, def) in [
+            ("queue_limit", r#"{"name":"a","queue_limit":1000001}"#),
+            (
+                "key_total_limit",
+                r#"{"name":"a","key_total_limit":1000001}"#,
+            ),
+        ] {
+            let def: TaskDef = serde_json::from_str(def).expect("parses");
+            assert_eq!(def.validate().expect_err(field).field, field);
+        }
+        let at_cap: TaskDef =
+            serde_json::from_str(r#"{"name":"a","queue_limit":1000000,"key_total_limit":1000000}"#)
+                .expect("parses");
+        assert!(at_cap.validate().is_ok());
         let err =
             serde_json::from_str::<TaskDef>(r#"{"name":"a","bogus":1}"#).expect_err("unknown");
         assert!(err.to_string().contains("bogus"));

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use runlane_core::backend::{
     AttemptEnd, AttemptRecord, IdempotencyClaim, Inserted, Retention, RunFilter, RunRecord,
-    RunStore,
+    RunStore, VersionInfo,
 };
 use runlane_core::{EnvName, EnvSettings, RunId, RunStatus, StoreError, Timestamp, VersionDef};
 use runlane_postgres::PostgresStore;
@@ -162,6 +162,9 @@ impl RunStore for DistributedStore {
     }
     async fn current_definition(&self, env: &EnvName) -> Result<(u32, VersionDef), StoreError> {
         self.inner.current_definition(env).await
+    }
+    async fn versions(&self, env: &EnvName) -> Result<Vec<VersionInfo>, StoreError> {
+        self.inner.versions(env).await
     }
     fn group_commits(&self) -> bool {
         self.inner.group_commits()

@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use runlane_core::backend::{
     AttemptEnd, AttemptRecord, CancelOutcome, Effects, LaneInfo, Lapsed, QueueBackend, QueueInfo,
-    RunFilter, RunRecord, RunStore, Tick,
+    RunFilter, RunRecord, RunStore, Tick, VersionInfo,
 };
 use runlane_core::{
     CancelReason, EnvName, EnvSettings, FencingToken, InvalidInput, LaneName, QueueError,
@@ -290,6 +290,15 @@ pub(crate) fn attempt_record(
 /// Whether a queue error only says the run or lease is gone (someone else ended it).
 fn is_gone(e: &QueueError) -> bool {
     matches!(e, QueueError::NotFound(_) | QueueError::StaleToken(_))
+}
+
+/// How a version's task-defined queue limits meet the limits the queue backend holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LimitWrite {
+    /// A promotion: each limit the definition sets replaces the held one.
+    Promotion,
+    /// At open: a definition's limit is written only where the backend holds none.
+    WhereUnset,
 }
 
 impl Inner {
@@ -671,21 +680,27 @@ impl Inner {
         Ok(effects)
     }
 
-    /// Applies the queue limits the env's current version defines (they live in the queue
-    /// backend, which may have started empty).
+    /// Applies the queue limits the env's current version defines where the queue backend
+    /// holds none (it may have started empty); a limit it holds (set at an earlier promotion
+    /// or by an admin) is kept, so a restart does not undo a runtime admin change.
     async fn reapply_queue_limits(
         &self,
         env: &EnvName,
         now: Timestamp,
     ) -> Result<Effects, EngineError> {
         let (_, def) = self.meta.current(self.store.as_ref(), env).await?;
-        self.put_task_queue_limits(env, &def, now).await
+        self.put_task_queue_limits(env, &def, LimitWrite::WhereUnset, now)
+            .await
     }
 
+    /// Writes the queue settings a version's task definitions set (`queue_limit`,
+    /// `key_total_limit`); a setting a definition leaves unset is never touched, so an admin
+    /// change to it holds (the precedence rule, docs/API.md).
     async fn put_task_queue_limits(
         &self,
         env: &EnvName,
         def: &VersionDef,
+        mode: LimitWrite,
         now: Timestamp,
     ) -> Result<Effects, EngineError> {
         let mut effects = Effects::default();
@@ -695,11 +710,18 @@ impl Inner {
             }
             let queue = task.queue_name();
             let current = self.queue.queue_settings(env, &queue).await?;
+            let pick = |defined: Option<u32>, held: Option<u32>| match mode {
+                LimitWrite::Promotion => defined.or(held),
+                LimitWrite::WhereUnset => held.or(defined),
+            };
             let settings = QueueSettings {
-                limit: task.queue_limit,
-                key_total_limit: task.key_total_limit,
+                limit: pick(task.queue_limit, current.limit),
+                key_total_limit: pick(task.key_total_limit, current.key_total_limit),
                 ..current
             };
+            if settings == current {
+                continue;
+            }
             effects.merge(self.queue.put_queue(env, &queue, settings, now).await?);
         }
         Ok(effects)
@@ -1419,7 +1441,51 @@ impl Engine {
         Ok(inner.store.add_version(&env, def, inner.now()).await?)
     }
 
-    /// Makes a version current.
+    /// Every registered version of an env, by number (the implicit version 0 is not listed),
+    /// as the run store holds them.
+    pub async fn versions(&self, env: &str) -> Result<Vec<VersionInfo>, EngineError> {
+        self.inner.check_open()?;
+        let inner = &self.inner;
+        let env = EnvName::new(env)?;
+        inner.env_settings(&env).await?;
+        Ok(inner.store.versions(&env).await?)
+    }
+
+    /// One version of an env (0 is the implicit empty version, with no creation time);
+    /// `UnknownVersion` when the env has no such version.
+    pub async fn version(&self, env: &str, version: u32) -> Result<VersionInfo, EngineError> {
+        let unknown = || EngineError::UnknownVersion {
+            version,
+            task: String::new(),
+        };
+        if version == 0 {
+            self.inner.check_open()?;
+            let env = EnvName::new(env)?;
+            self.inner.env_settings(&env).await?;
+            return Ok(VersionInfo {
+                number: 0,
+                created_at: None,
+                def: VersionDef::default(),
+            });
+        }
+        self.versions(env)
+            .await?
+            .into_iter()
+            .find(|v| v.number == version)
+            .ok_or_else(unknown)
+    }
+
+    /// The env's current version (0 before any promotion), read from the run store.
+    pub async fn current_version(&self, env: &str) -> Result<u32, EngineError> {
+        self.inner.check_open()?;
+        let inner = &self.inner;
+        let env = EnvName::new(env)?;
+        inner.env_settings(&env).await?;
+        Ok(inner.store.current_version(&env).await?)
+    }
+
+    /// Makes a version current and writes the queue limits its task definitions set (only
+    /// those: a limit a definition leaves unset keeps its value, admin changes included).
     pub async fn promote(&self, env: &str, version: u32) -> Result<(), EngineError> {
         self.inner.check_open()?;
         let inner = &self.inner;
@@ -1434,7 +1500,9 @@ impl Engine {
                 task: String::new(),
             })?;
         inner.store.promote(&env, version).await?;
-        let effects = inner.put_task_queue_limits(&env, &def, inner.now()).await?;
+        let effects = inner
+            .put_task_queue_limits(&env, &def, LimitWrite::Promotion, inner.now())
+            .await?;
         inner.meta.promoted(&env, version, def).await;
         inner.apply(effects, None).await;
         Ok(())

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use common::{bounded, T0};
 use runlane_core::backend::{
     AttemptEnd, AttemptRecord, IdempotencyClaim, Inserted, Retention, RunFilter, RunRecord,
-    RunStore,
+    RunStore, VersionInfo,
 };
 use runlane_core::{EnvName, EnvSettings, RunId, RunStatus, StoreError, Timestamp, VersionDef};
 use runlane_engine::{EngineBuilder, EngineConfig, HandlerError, ManualClock, RunContext};
@@ -130,6 +130,9 @@ impl RunStore for GatedStore {
     }
     async fn current_version(&self, env: &EnvName) -> Result<u32, StoreError> {
         self.inner.current_version(env).await
+    }
+    async fn versions(&self, env: &EnvName) -> Result<Vec<VersionInfo>, StoreError> {
+        self.inner.versions(env).await
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 use runlane_core::backend::{
     AttemptEnd, AttemptRecord, IdempotencyClaim, Inserted, Retention, RunFilter, RunRecord,
-    RunStore,
+    RunStore, VersionInfo,
 };
 use runlane_core::{
     EnvName, EnvSettings, RunId, RunStatus, StoreError, TaskName, Timestamp, VersionDef,
@@ -25,7 +25,8 @@ struct State {
     runs: BTreeMap<RunId, RunRecord>,
     idempotency: HashMap<IdemKey, (RunId, Timestamp)>,
     envs: BTreeMap<EnvName, EnvSettings>,
-    versions: HashMap<EnvName, Vec<VersionDef>>,
+    /// Per env, version `n` at index `n - 1` with its registration time.
+    versions: HashMap<EnvName, Vec<(VersionDef, Timestamp)>>,
     current: HashMap<EnvName, u32>,
 }
 
@@ -337,11 +338,11 @@ impl RunStore for MemoryStore {
         &self,
         env: &EnvName,
         def: VersionDef,
-        _now: Timestamp,
+        now: Timestamp,
     ) -> Result<u32, StoreError> {
         let mut st = self.lock();
         let versions = st.versions.entry(env.clone()).or_default();
-        versions.push(def);
+        versions.push((def, now));
         Ok(u32::try_from(versions.len()).unwrap_or(u32::MAX))
     }
 
@@ -354,7 +355,7 @@ impl RunStore for MemoryStore {
             .versions
             .get(env)
             .and_then(|v| v.get(version as usize - 1))
-            .cloned())
+            .map(|(def, _)| def.clone()))
     }
 
     async fn promote(&self, env: &EnvName, version: u32) -> Result<(), StoreError> {
@@ -376,5 +377,21 @@ impl RunStore for MemoryStore {
 
     async fn current_version(&self, env: &EnvName) -> Result<u32, StoreError> {
         Ok(self.lock().current.get(env).copied().unwrap_or(0))
+    }
+
+    async fn versions(&self, env: &EnvName) -> Result<Vec<VersionInfo>, StoreError> {
+        let st = self.lock();
+        let Some(versions) = st.versions.get(env) else {
+            return Ok(Vec::new());
+        };
+        Ok(versions
+            .iter()
+            .zip(1u32..)
+            .map(|((def, at), number)| VersionInfo {
+                number,
+                created_at: Some(*at),
+                def: def.clone(),
+            })
+            .collect())
     }
 }

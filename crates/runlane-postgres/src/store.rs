@@ -12,6 +12,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use runlane_core::backend::{
     AttemptEnd, AttemptRecord, IdempotencyClaim, Inserted, RunFilter, RunRecord, RunStore,
+    VersionInfo,
 };
 use runlane_core::{
     EnvName, EnvSettings, InvalidInput, RunId, RunStatus, StoreError, Timestamp, VersionDef,
@@ -1126,6 +1127,32 @@ impl RunStore for PostgresStore {
                 .await
                 .map_err(|e| unavailable("read", &e))?;
         Ok(v.map_or(Ok(0), u32_from_sql)?)
+    }
+
+    /// One query, by number.
+    async fn versions(&self, env: &EnvName) -> Result<Vec<VersionInfo>, StoreError> {
+        let rows: Vec<(i64, String, i64)> = sqlx::query_as(
+            "SELECT number, definition, created_at FROM versions WHERE env = $1 ORDER BY number",
+        )
+        .bind(env.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| unavailable("read", &e))?;
+        rows.into_iter()
+            .map(|(number, json, created_at)| {
+                let number = u32_from_sql(number)?;
+                let def = serde_json::from_str(&json).map_err(|e| {
+                    StoreError::from(DbError::Corrupt(format!(
+                        "version {number} of env {env}: {e}"
+                    )))
+                })?;
+                Ok(VersionInfo {
+                    number,
+                    created_at: Some(ts_from_sql(created_at)?),
+                    def,
+                })
+            })
+            .collect()
     }
 
     /// One query: the current version joined with its definition.

@@ -70,6 +70,8 @@ enum Step {
         version: u8,
     },
     Current(u8),
+    /// Every version of an env, with creation times.
+    Versions(u8),
     Version {
         env: u8,
         version: u8,
@@ -126,6 +128,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0..2u8).prop_map(Step::AddVersion),
         1 => (0..2u8, 0..3u8).prop_map(|(env, version)| Step::Promote { env, version }),
         1 => (0..2u8).prop_map(Step::Current),
+        1 => (0..2u8).prop_map(Step::Versions),
         1 => (0..2u8, 0..3u8).prop_map(|(env, version)| Step::Version { env, version }),
         2 => (1..1_500u64).prop_map(Step::Advance),
     ]
@@ -324,6 +327,11 @@ async fn check(steps: Vec<Step>) {
             Step::Current(e) => assert_eq!(
                 pg.current_version(&env(e)).await,
                 mem.current_version(&env(e)).await,
+                "{ctx}"
+            ),
+            Step::Versions(e) => assert_eq!(
+                pg.versions(&env(e)).await,
+                mem.versions(&env(e)).await,
                 "{ctx}"
             ),
             Step::Version { env: e, version } => {

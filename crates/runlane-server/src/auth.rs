@@ -119,6 +119,33 @@ impl Caller {
         }
     }
 
+    /// 403 unless an admin key or an env or worker key naming `env` (reads of an env's
+    /// versions: a worker reads what it serves).
+    pub fn require_env_reader(&self, env: &str) -> Result<(), ApiError> {
+        match self.key.role {
+            Role::Admin => Ok(()),
+            Role::Env | Role::Worker if self.key.names(env) => Ok(()),
+            Role::Env | Role::Worker => Err(ApiError::forbidden(format!(
+                "this key does not name env {env:?}"
+            ))),
+        }
+    }
+
+    /// 403 unless an admin key or a worker key naming `env` (registering a version: a
+    /// deploy's workers declare what they run).
+    pub fn require_version_writer(&self, env: &str) -> Result<(), ApiError> {
+        match self.key.role {
+            Role::Admin => Ok(()),
+            Role::Worker if self.key.names(env) => Ok(()),
+            Role::Worker => Err(ApiError::forbidden(format!(
+                "this key does not name env {env:?}"
+            ))),
+            Role::Env => Err(ApiError::forbidden(
+                "registering a version needs an admin key or a worker key of the env",
+            )),
+        }
+    }
+
     /// 403 for a worker key (env and admin keys pass; env checks come after).
     pub fn require_not_worker(&self) -> Result<(), ApiError> {
         if self.key.role == Role::Worker {

@@ -62,6 +62,7 @@ pub fn api() -> OpenApiRouter<AppState> {
         .merge(routes::runs::router())
         .merge(routes::workers::router())
         .merge(routes::admin::router())
+        .merge(routes::versions::router())
         .merge(routes::events::router())
 }
 

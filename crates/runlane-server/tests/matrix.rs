@@ -45,6 +45,8 @@ enum Access {
     RunOfProd,
     /// The worker protocol for `prod`: admin, or a worker key of `prod` (any other key: 403).
     WorkerOfProd,
+    /// Reads of `prod`'s versions: admin, or an env or worker key of `prod` (other env: 403).
+    ReadOfProd,
 }
 
 /// What a row needs made fresh before each call.
@@ -57,6 +59,8 @@ enum Fresh {
     /// A worker registered for `prod` (`{id}`); `{run}` is a fresh delayed run it does not
     /// hold (run calls of an allowed caller answer 409 `stale_token`).
     Worker,
+    /// A version of `prod` registered for this call (`{version}`).
+    Version,
 }
 
 struct Row {
@@ -299,6 +303,46 @@ fn rows() -> Vec<Row> {
         ),
         row(
             Method::POST,
+            "/v1/envs/{env}/versions",
+            Some(|_| json!({"tasks": [{"name": "t", "queue_limit": 3}]})),
+            WorkerOfProd,
+            Fresh::Nothing,
+            StatusCode::CREATED,
+        ),
+        row(
+            Method::POST,
+            "/v1/versions",
+            Some(|_| json!({"env": "prod", "tasks": [{"name": "t"}]})),
+            WorkerOfProd,
+            Fresh::Nothing,
+            StatusCode::CREATED,
+        ),
+        row(
+            Method::GET,
+            "/v1/envs/{env}/versions",
+            None,
+            ReadOfProd,
+            Fresh::Nothing,
+            StatusCode::OK,
+        ),
+        row(
+            Method::GET,
+            "/v1/envs/{env}/versions/{version}",
+            None,
+            ReadOfProd,
+            Fresh::Version,
+            StatusCode::OK,
+        ),
+        row(
+            Method::POST,
+            "/v1/envs/{env}/versions/{version}/promote",
+            None,
+            Admin,
+            Fresh::Version,
+            StatusCode::OK,
+        ),
+        row(
+            Method::POST,
             "/v1/workers",
             Some(|_| json!({"envs": [{"env": "prod"}], "workloops": "manual>*:1"})),
             WorkerOfProd,
@@ -364,6 +408,8 @@ fn expected(access: Access, who: Who, ok: StatusCode) -> StatusCode {
         (_, Admin) => ok,
         (Access::WorkerOfProd, Worker) => ok,
         (Access::WorkerOfProd, _) => StatusCode::FORBIDDEN,
+        (Access::ReadOfProd, Worker | Env) => ok,
+        (Access::ReadOfProd, _) => StatusCode::FORBIDDEN,
         (_, Worker) => StatusCode::FORBIDDEN,
         (Access::Admin, _) => StatusCode::FORBIDDEN,
         (Access::AnyEnvKey, _) => ok,
@@ -411,6 +457,19 @@ async fn fresh_worker(s: &TestServer) -> String {
     body["worker_id"].as_str().expect("worker_id").to_string()
 }
 
+/// A version of `prod` (admin key); answers its number.
+async fn fresh_version(s: &TestServer) -> String {
+    let (st, body) = s
+        .post(
+            "/v1/envs/prod/versions",
+            ADMIN,
+            json!({"tasks": [{"name": "t"}]}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    body["version"].as_u64().expect("version").to_string()
+}
+
 /// The path with its parameters filled for this call.
 async fn concrete(s: &TestServer, row: &Row) -> String {
     let mut path = row.path.replace("{env}", "prod").replace("{queue}", "q");
@@ -420,9 +479,14 @@ async fn concrete(s: &TestServer, row: &Row) -> String {
             Fresh::CanceledRun => fresh_run(s, true).await,
             Fresh::Key => s.key("env", &["prod"]).await.0,
             Fresh::Worker => fresh_worker(s).await,
-            Fresh::Nothing => unreachable!("a path with {{id}} names what it needs"),
+            Fresh::Nothing | Fresh::Version => {
+                unreachable!("a path with {{id}} names what it needs")
+            }
         };
         path = path.replace("{id}", &id);
+    }
+    if path.contains("{version}") {
+        path = path.replace("{version}", &fresh_version(s).await);
     }
     if path.contains("{run}") {
         path = path.replace("{run}", &fresh_run(s, false).await);

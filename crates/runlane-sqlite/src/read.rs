@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use runlane_core::backend::{RunFilter, RunRecord};
+use runlane_core::backend::{RunFilter, RunRecord, VersionInfo};
 use runlane_core::{EnvName, EnvSettings, RunStatus, StoreError, Timestamp, VersionDef};
 use rusqlite::types::Value;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -207,6 +207,27 @@ pub(crate) fn version(
             .map_err(|e| DbError::Corrupt(format!("version {version} of env {env}: {e}")))
     })
     .transpose()
+}
+
+/// Every registered version of `env` with its creation time, by number.
+pub(crate) fn versions(conn: &Connection, env: &EnvName) -> Result<Vec<VersionInfo>, DbError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT number, definition, created_at FROM versions WHERE env = ?1 ORDER BY number",
+    )?;
+    let mut rows = stmt.query([env.as_str()])?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let number = u32_from_sql(row.get(0)?)?;
+        let json: String = row.get(1)?;
+        let def = serde_json::from_str(&json)
+            .map_err(|e| DbError::Corrupt(format!("version {number} of env {env}: {e}")))?;
+        out.push(VersionInfo {
+            number,
+            created_at: Some(ts_from_sql(row.get(2)?)?),
+            def,
+        });
+    }
+    Ok(out)
 }
 
 /// The current version (0 before any promotion).

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use runlane_core::backend::{
     AttemptEnd, AttemptRecord, IdempotencyClaim, Inserted, RunFilter, RunRecord, RunStore,
+    VersionInfo,
 };
 use runlane_core::{EnvName, EnvSettings, RunId, RunStatus, StoreError, Timestamp, VersionDef};
 use rusqlite::config::DbConfig;
@@ -371,6 +372,11 @@ impl RunStore for SqliteStore {
         self.reads
             .run(move |conn| read::current_version(conn, &env))
             .await
+    }
+
+    async fn versions(&self, env: &EnvName) -> Result<Vec<VersionInfo>, StoreError> {
+        let env = env.clone();
+        self.reads.run(move |conn| read::versions(conn, &env)).await
     }
 }
 

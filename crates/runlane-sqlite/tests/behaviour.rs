@@ -486,6 +486,21 @@ async fn script<S: RunStore>(store: &S) -> Transcript {
         "add_version dev v1",
         &store.add_version(&dev, v1.clone(), Timestamp(15_002)).await,
     );
+    let listed = store.versions(&prod).await.expect("versions");
+    assert_eq!(
+        listed
+            .iter()
+            .map(|v| (v.number, v.created_at))
+            .collect::<Vec<_>>(),
+        [(1, Some(Timestamp(15_000))), (2, Some(Timestamp(15_001)))]
+    );
+    assert_eq!(listed[0].def, v1);
+    t.note("versions prod", &listed);
+    t.note("versions dev", &store.versions(&dev).await);
+    t.note(
+        "versions of an env without any",
+        &store.versions(&env("nope")).await,
+    );
     assert_eq!(store.version(&prod, 1).await.expect("version"), Some(v1));
     t.note("version prod 1", &store.version(&prod, 1).await);
     t.note("version prod 2", &store.version(&prod, 2).await);

@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use runlane::core::backend::QueueBackend;
 use runlane::core::backend::{
     AttemptRecord, IdempotencyClaim, Inserted, Retention, RunFilter, RunRecord, RunStore,
+    VersionInfo,
 };
 use runlane::core::{EnvName, EnvSettings, RunId, RunStatus, StoreError, Timestamp, VersionDef};
 use runlane::{PostgresConfig, PostgresStore};
@@ -149,6 +150,9 @@ impl RunStore for Scoped {
     }
     async fn current_version(&self, env: &EnvName) -> Result<u32, StoreError> {
         self.0.current_version(env).await
+    }
+    async fn versions(&self, env: &EnvName) -> Result<Vec<VersionInfo>, StoreError> {
+        self.0.versions(env).await
     }
 }
 

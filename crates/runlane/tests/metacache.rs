@@ -22,7 +22,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use runlane::core::backend::{
     AttemptEnd, AttemptRecord, IdempotencyClaim, Inserted, Retention, RunFilter, RunRecord,
-    RunStore,
+    RunStore, VersionInfo,
 };
 use runlane::core::metacache::SharedMetaCache;
 use runlane::core::{
@@ -181,6 +181,10 @@ impl RunStore for Counting {
     async fn current_version(&self, env: &EnvName) -> Result<u32, StoreError> {
         self.count();
         self.inner.current_version(env).await
+    }
+    async fn versions(&self, env: &EnvName) -> Result<Vec<VersionInfo>, StoreError> {
+        self.count();
+        self.inner.versions(env).await
     }
     async fn current_definition(&self, env: &EnvName) -> Result<(u32, VersionDef), StoreError> {
         self.count();
