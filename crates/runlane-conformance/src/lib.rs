@@ -15,7 +15,8 @@
 //! and a fixed rng seed, drives it through the public engine API, and asserts in virtual time.
 //! Families: FP (fast path), ORD (order and timing), LIM (admission limits), LANE (lanes and
 //! claim chains), TTL (expiry), LIFE (lifecycle), IDEM (idempotency), WAIT (trigger-and-wait),
-//! CAP and DRAIN (queue caps, drain on stop), FAIR (fairness), BAD (bad input).
+//! CAP and DRAIN (queue caps, drain on stop), FAIR (fairness), BAD (bad input), SCHED (cron
+//! schedules).
 //!
 //! [`ManualClock`]: runlane_engine::ManualClock
 
@@ -31,6 +32,7 @@ pub mod lane;
 pub mod lifecycle;
 pub mod limit;
 pub mod order;
+pub mod schedule;
 mod suite;
 pub mod ttl;
 pub mod wait;

@@ -48,6 +48,7 @@ mod local;
 pub mod meta;
 pub mod metrics;
 pub mod remote;
+pub mod scheduler;
 pub mod trigger;
 pub mod worker;
 
@@ -64,5 +65,6 @@ pub use remote::{
     RETRY_AT_MAX_AHEAD,
 };
 pub use runlane_core::backend::LeaseState;
+pub use scheduler::{ScheduleInfo, SCHEDULE_KEY_TTL};
 pub use trigger::{TriggerBuilder, TriggerRequest, Triggered, WaitOutcome};
 pub use worker::{CancelToken, DrainReport, HandlerError, RunContext, Worker, WorkerBuilder};

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 use runlane_core::backend::{
     AttemptEnd, AttemptRecord, IdempotencyClaim, Inserted, Retention, RunFilter, RunRecord,
-    RunStore,
+    RunStore, ScheduleCursor,
 };
 use runlane_core::{
     EnvName, EnvSettings, RunId, RunStatus, StoreError, TaskName, Timestamp, VersionDef,
@@ -27,6 +27,8 @@ struct State {
     envs: BTreeMap<EnvName, EnvSettings>,
     versions: HashMap<EnvName, Vec<VersionDef>>,
     current: HashMap<EnvName, u32>,
+    /// The last tick fired of each (env, task, schedule index).
+    cursors: HashMap<(EnvName, TaskName, u32), Timestamp>,
 }
 
 /// Run records, idempotency keys, envs and versions in memory (implements [`RunStore`]).
@@ -376,5 +378,36 @@ impl RunStore for MemoryStore {
 
     async fn current_version(&self, env: &EnvName) -> Result<u32, StoreError> {
         Ok(self.lock().current.get(env).copied().unwrap_or(0))
+    }
+
+    async fn schedule_cursors(&self, env: &EnvName) -> Result<Vec<ScheduleCursor>, StoreError> {
+        Ok(self
+            .lock()
+            .cursors
+            .iter()
+            .filter(|((e, _, _), _)| e == env)
+            .map(|((_, task, index), last_tick)| ScheduleCursor {
+                task: task.clone(),
+                index: *index,
+                last_tick: *last_tick,
+            })
+            .collect())
+    }
+
+    async fn advance_schedule_cursor(
+        &self,
+        env: &EnvName,
+        task: &TaskName,
+        index: u32,
+        from: Option<Timestamp>,
+        to: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let mut st = self.lock();
+        let key = (env.clone(), task.clone(), index);
+        if st.cursors.get(&key).copied() != from {
+            return Ok(false);
+        }
+        st.cursors.insert(key, to);
+        Ok(true)
     }
 }

@@ -150,6 +150,24 @@ impl RunStore for Scoped {
     async fn current_version(&self, env: &EnvName) -> Result<u32, StoreError> {
         self.0.current_version(env).await
     }
+    async fn schedule_cursors(
+        &self,
+        env: &EnvName,
+    ) -> Result<Vec<runlane::core::backend::ScheduleCursor>, StoreError> {
+        self.0.schedule_cursors(env).await
+    }
+    async fn advance_schedule_cursor(
+        &self,
+        env: &EnvName,
+        task: &runlane::core::TaskName,
+        index: u32,
+        from: Option<Timestamp>,
+        to: Timestamp,
+    ) -> Result<bool, StoreError> {
+        self.0
+            .advance_schedule_cursor(env, task, index, from, to)
+            .await
+    }
 }
 
 /// A fresh schema per scenario.
