@@ -63,6 +63,7 @@ pub fn api() -> OpenApiRouter<AppState> {
         .merge(routes::workers::router())
         .merge(routes::admin::router())
         .merge(routes::events::router())
+        .merge(routes::schedules::router())
 }
 
 /// The OpenAPI document of [`api`].

@@ -1,4 +1,5 @@
-//! The commands that talk to a runlane server: `trigger`, `runs`, `queues`, `lanes`, `env`.
+//! The commands that talk to a runlane server: `trigger`, `runs`, `queues`, `schedules`,
+//! `lanes`, `env`.
 //!
 //! Each prints a table for humans, or with `--json` the server's JSON unchanged (one document
 //! per line), and fails with the server's error (code, message, field) and a non-zero exit.
@@ -7,6 +8,7 @@ pub mod env;
 pub mod lane;
 pub mod queue;
 pub mod run;
+pub mod schedule;
 pub mod trigger;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

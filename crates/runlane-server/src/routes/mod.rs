@@ -6,4 +6,5 @@ pub mod events;
 pub mod keys;
 pub mod meta;
 pub mod runs;
+pub mod schedules;
 pub mod workers;
