@@ -3,7 +3,7 @@
 //! One task per engine, owned by it like the timer service (it holds the engine weakly and ends
 //! with it or at shutdown). It plans, sleeps on the engine's clock until the earliest tick, fires
 //! what is due, and plans again. Nothing polls: a plan is also redone when this process promotes
-//! a version ([`Scheduler::replan`]) and when another process's promotion is announced
+//! a version and when another process's promotion is announced
 //! ([`crate::Engine::meta_announcements`]).
 //!
 //! **Firing a tick** triggers a run of the task with source `scheduled` and the idempotency key

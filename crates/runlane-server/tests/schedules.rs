@@ -1,6 +1,6 @@
 //! `GET /v1/envs/{env}/schedules` over HTTP: the schedules of the env's current version with
 //! their next tick (as the core computes it) and the last tick fired (after an every-second
-//! schedule fired, waited for on the env's run events); env keys of other envs are refused.
+//! schedule fired twice, waited for on the env's run events); env keys of other envs are refused.
 
 mod support;
 
@@ -43,22 +43,35 @@ async fn schedules_list(shape: Shape) {
         .expect("register");
     engine.promote("prod", version).await.expect("promote");
 
-    // Wait for the first scheduled run (real time: within a second).
+    // Wait for two scheduled runs (real time: about a second each). The second tick is only
+    // triggered after the first one's cursor moved, so by then a last tick is listed.
     let fired = tokio::time::timeout(WAIT, async {
+        let mut fired = Vec::new();
         while let Some(event) = events.next().await {
             if !matches!(event.kind, RunEventKind::Status { .. }) {
                 continue;
             }
             let run = engine.get(event.run).await.expect("the run");
-            if run.source == TriggerSource::Scheduled {
-                return run;
+            if run.source == TriggerSource::Scheduled
+                && !fired
+                    .iter()
+                    .any(|r: &runlane::core::backend::RunRecord| r.id == run.id)
+            {
+                fired.push(run);
+                if fired.len() == 2 {
+                    return fired;
+                }
             }
         }
         panic!("the event stream ended");
     })
     .await
-    .expect("a scheduled run within the wait bound");
-    assert_eq!(fired.task.as_str(), "tick");
+    .expect("two scheduled runs within the wait bound");
+    assert!(fired.iter().all(|r| r.task.as_str() == "tick"));
+    let first_tick: Value = serde_json::from_str(&fired[0].payload).expect("payload");
+    let first_tick = first_tick["tick"]
+        .as_u64()
+        .expect("the tick in the payload");
 
     let (st, body) = s.get("/v1/envs/prod/schedules", &prod_key).await;
     assert_eq!(st, StatusCode::OK, "{body}");
@@ -97,6 +110,7 @@ async fn schedules_list(shape: Shape) {
     );
     assert_eq!(list[0]["last_tick_ms"], Value::Null, "never fired");
     let last = list[2]["last_tick_ms"].as_u64().expect("the tick fired");
+    assert!(last >= first_tick, "the cursor is at a fired tick");
     assert_eq!(last % 1000, 0, "ticks fall on whole seconds");
     assert!(list[2]["next_tick_ms"].as_u64().expect("next") > last);
 
