@@ -202,6 +202,32 @@ pub struct Queue {
     pub paused: Option<bool>,
 }
 
+/// A cron schedule of a task with its next and last ticks.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Schedule {
+    /// The task it triggers.
+    pub task: String,
+    /// Its position in the task's schedules.
+    pub index: Option<u32>,
+    /// The cron pattern.
+    pub cron: String,
+    /// The time zone.
+    pub timezone: String,
+    /// The next tick (ms since the epoch).
+    pub next_tick_ms: Option<u64>,
+    /// The last tick fired (ms since the epoch).
+    pub last_tick_ms: Option<u64>,
+}
+
+/// `{schedules: [Schedule]}`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct ScheduleList {
+    /// The schedules.
+    pub schedules: Vec<Schedule>,
+}
+
 /// `{queues: [Queue]}`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
@@ -573,6 +599,11 @@ impl Client {
     /// `GET /v1/envs/{env}/queues`.
     pub async fn list_queues(&self, env: &str) -> Result<Reply<QueueList>, ClientError> {
         self.get(&format!("/v1/envs/{}/queues", seg(env))).await
+    }
+
+    /// `GET /v1/envs/{env}/schedules`.
+    pub async fn list_schedules(&self, env: &str) -> Result<Reply<ScheduleList>, ClientError> {
+        self.get(&format!("/v1/envs/{}/schedules", seg(env))).await
     }
 
     /// `PATCH /v1/envs/{env}/queues/{queue}`.

@@ -70,6 +70,8 @@ enum Command {
     Runs(command::run::Args),
     /// Queues of an env: list, set limits, pause, resume.
     Queues(command::queue::Args),
+    /// Cron schedules of an env: list with the next tick of each.
+    Schedules(command::schedule::Args),
     /// Lanes: list, add.
     Lanes(command::lane::Args),
     /// Envs and API keys: create, list, show, set, keys, create-key, rotate, revoke.
@@ -290,6 +292,7 @@ fn run() -> anyhow::Result<()> {
             }
             Command::Runs(args) => command::run::run(args).await,
             Command::Queues(args) => command::queue::run(args).await,
+            Command::Schedules(args) => command::schedule::run(args).await,
             Command::Lanes(args) => command::lane::run(args).await,
             Command::Env(args) => command::env::run(args).await,
             Command::Versions(args) => command::version::run(args).await,

@@ -1,6 +1,6 @@
 //! The CLI against a real server: `runlane serve --memory --listen 127.0.0.1:0` as a child
 //! process, driven through the built `runlane` binary (env, keys, trigger, runs, queues, lanes,
-//! and bad input answered with a non-zero exit naming the field).
+//! schedules, and bad input answered with a non-zero exit naming the field).
 
 mod support;
 
@@ -276,6 +276,7 @@ fn help_everywhere() {
         &["runs", "list", "--help"],
         &["queues", "set", "--help"],
         &["lanes", "--help"],
+        &["schedules", "list", "--help"],
         &["env", "create-key", "--help"],
         &["worker", "--help"],
     ] {
@@ -286,4 +287,79 @@ fn help_everywhere() {
             "{args:?}"
         );
     }
+}
+
+#[test]
+fn schedules_list_shows_the_next_tick_of_each() {
+    // The versions routes are not the CLI's: the version is registered with an embedded engine
+    // on the data directory before the server opens it.
+    let dir = std::env::temp_dir().join(format!("runlane-cli-schedules-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let def: runlane::core::VersionDef = serde_json::from_value(serde_json::json!({"tasks": [
+        {"name": "yearly", "schedules": [
+            {"cron": "0 0 1 1 *"},
+            {"cron": "30 2 1 7 *", "timezone": "America/New_York"}
+        ]},
+        {"name": "plain"}
+    ]}))
+    .expect("a version definition");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    rt.block_on(async {
+        let engine = runlane::embedded(dir.join("runs.db"))
+            .await
+            .expect("the embedded engine opens");
+        let version = engine
+            .register_version("default", def)
+            .await
+            .expect("register");
+        engine.promote("default", version).await.expect("promote");
+        engine.shutdown().await;
+    });
+    drop(rt);
+
+    let server = Server::start_on_data(dir);
+    let admin = server.admin();
+    let list = admin.json(&["schedules", "list", "--env", "default"]);
+    let now = runlane::core::Timestamp(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after the epoch")
+            .as_millis() as u64,
+    );
+    let rows = list["schedules"].as_array().expect("schedules");
+    assert_eq!(rows.len(), 2, "{list}");
+    for (row, (cron, zone)) in rows
+        .iter()
+        .zip([("0 0 1 1 *", "UTC"), ("30 2 1 7 *", "America/New_York")])
+    {
+        assert_eq!(
+            (row["task"].as_str(), row["cron"].as_str()),
+            (Some("yearly"), Some(cron))
+        );
+        assert_eq!(row["timezone"], zone);
+        let def = runlane::core::ScheduleDef::new(cron).in_timezone(zone);
+        let next = runlane::core::schedule::next_tick(&def, now).expect("a next tick");
+        assert_eq!(row["next_tick_ms"], next.as_millis(), "{row}");
+        assert_eq!(row["last_tick_ms"], Value::Null);
+    }
+
+    let table = admin.ok(&["schedules", "list", "--env", "default"]);
+    let mut lines = table.lines();
+    let header = lines.next().expect("a header");
+    assert!(
+        header.starts_with("TASK") && header.contains("NEXT_TICK"),
+        "{table}"
+    );
+    let first = lines.next().expect("a row");
+    assert!(
+        first.contains("yearly") && first.contains("-01-01T00:00:00Z"),
+        "the next tick as RFC 3339: {table}"
+    );
+    assert!(first.trim_end().ends_with('-'), "no last tick yet: {table}");
+
+    let out = admin.run(&["schedules", "list", "--env", "nowhere"]);
+    assert!(!out.status.success(), "an unknown env fails");
 }

@@ -16,7 +16,7 @@
 //! Families: FP (fast path), ORD (order and timing), LIM (admission limits), LANE (lanes and
 //! claim chains), TTL (expiry), LIFE (lifecycle), IDEM (idempotency), WAIT (trigger-and-wait),
 //! CAP and DRAIN (queue caps, drain on stop), FAIR (fairness), BAD (bad input), VER
-//! (versions).
+//! (versions), SCHED (cron schedules).
 //!
 //! [`ManualClock`]: runlane_engine::ManualClock
 
@@ -32,6 +32,7 @@ pub mod lane;
 pub mod lifecycle;
 pub mod limit;
 pub mod order;
+pub mod schedule;
 mod suite;
 pub mod ttl;
 pub mod version;

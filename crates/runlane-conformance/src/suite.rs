@@ -90,6 +90,11 @@ macro_rules! __with_scenarios {
             (bad_09_batch_item, invalid::bad_09, "BAD-09", "a batch with one bad item is refused whole, naming the item"),
             (bad_10_settings, invalid::bad_10, "BAD-10", "bad env or queue settings are refused naming the field, unchanged"),
             (bad_11_env_exists, invalid::bad_11, "BAD-11", "creating an env that exists is refused with EnvExists, its settings unchanged"),
+            (sched_01_tick_fires_one_scheduled_run, schedule::sched_01, "SCHED-01", "a schedule's tick fires exactly one scheduled run at the tick, armed on the clock; the next tick is armed"),
+            (sched_02_missed_ticks_fire_once, schedule::sched_02, "SCHED-02", "ticks missed while nothing ran fire once, for the latest missed tick"),
+            (sched_03_promotion_replans, schedule::sched_03, "SCHED-03", "a promotion re-plans: a changed pattern arms its own tick, no schedules disarm"),
+            (sched_04_cursor_compare_and_set, schedule::sched_04, "SCHED-04", "schedule cursors move by compare-and-set only; one of concurrent advances wins"),
+            (sched_05_bad_schedule_refused, schedule::sched_05, "SCHED-05", "a version with a bad cron or time zone is refused naming the field"),
         }
     };
 }

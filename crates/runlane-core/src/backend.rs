@@ -720,6 +720,17 @@ pub struct VersionInfo {
     pub def: VersionDef,
 }
 
+/// Where one schedule of a task stands: the last tick that fired (a run was triggered for it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScheduleCursor {
+    /// The task.
+    pub task: TaskName,
+    /// The schedule's position in the task's `schedules`.
+    pub index: u32,
+    /// The last tick fired.
+    pub last_tick: Timestamp,
+}
+
 /// Durable run records. Writes happen at state transitions only.
 #[async_trait]
 pub trait RunStore: Send + Sync + 'static {
@@ -854,6 +865,33 @@ pub trait RunStore: Send + Sync + 'static {
     /// call. An in-memory store answers `false` (the default) and gets one call per attempt.
     fn group_commits(&self) -> bool {
         false
+    }
+
+    /// The schedule cursors of an env's tasks (see [`ScheduleCursor`]), in no set order. The
+    /// default answers `Unavailable`: a store must keep cursors for schedules to fire.
+    async fn schedule_cursors(&self, env: &EnvName) -> Result<Vec<ScheduleCursor>, StoreError> {
+        let _ = env;
+        Err(StoreError::Unavailable(
+            "this run store keeps no schedule cursors".into(),
+        ))
+    }
+
+    /// Moves the cursor of schedule `index` of `task` from `from` (`None`: no tick fired yet)
+    /// to `to`, as one compare-and-set: answers `true` when it moved, `false` (nothing
+    /// changed) when the cursor was not at `from`, so two processes that fired the same tick
+    /// never both advance. The default answers `Unavailable`.
+    async fn advance_schedule_cursor(
+        &self,
+        env: &EnvName,
+        task: &TaskName,
+        index: u32,
+        from: Option<Timestamp>,
+        to: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let _ = (env, task, index, from, to);
+        Err(StoreError::Unavailable(
+            "this run store keeps no schedule cursors".into(),
+        ))
     }
 
     /// Terminal writes of many attempts, each exactly as [`RunStore::finish`] with its attempt

@@ -8,6 +8,7 @@ use crate::error::InvalidInput;
 use crate::lane::LaneName;
 use crate::name::{QueueName, TaskName};
 use crate::retry::RetryPolicy;
+use crate::schedule::ScheduleDef;
 
 /// Serde helper: a `Duration` as integer milliseconds.
 pub mod duration_ms {
@@ -165,6 +166,10 @@ pub struct TaskDef {
     /// Attempts running longer are aborted.
     #[serde(default, with = "opt_duration_ms")]
     pub max_duration: Option<Duration>,
+    /// Cron schedules: the engine triggers a `scheduled` run at each tick while this
+    /// definition is in the env's current version.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedules: Vec<ScheduleDef>,
 }
 
 impl TaskDef {
@@ -179,6 +184,7 @@ impl TaskDef {
             ttl: None,
             retry: RetryPolicy::default(),
             max_duration: None,
+            schedules: Vec::new(),
         }
     }
 
@@ -213,6 +219,7 @@ impl TaskDef {
                 "must be greater than zero",
             ));
         }
+        crate::schedule::validate_schedules(&self.schedules)?;
         self.retry.validate()
     }
 }
@@ -331,6 +338,36 @@ mod tests {
             .expect_err("mq")
             .field,
             "max_queued"
+        );
+    }
+
+    #[test]
+    fn schedules_are_optional_round_trip_and_are_validated() {
+        let plain: TaskDef = serde_json::from_str(r#"{"name":"a"}"#).expect("parse");
+        assert!(plain.schedules.is_empty());
+        let text = serde_json::to_string(&plain).expect("serialize");
+        assert!(
+            !text.contains("schedules"),
+            "empty schedules are not written: {text}"
+        );
+
+        let def: TaskDef = serde_json::from_str(
+            r#"{"name":"a","schedules":[{"cron":"0 * * * *"},{"cron":"30 2 * * *","timezone":"Europe/Paris"}]}"#,
+        )
+        .expect("parse");
+        assert_eq!(def.schedules.len(), 2);
+        assert_eq!(def.schedules[0].timezone, "UTC");
+        assert!(def.validate().is_ok());
+        let back: TaskDef =
+            serde_json::from_str(&serde_json::to_string(&def).expect("serialize")).expect("parse");
+        assert_eq!(back, def);
+
+        let mut bad = def;
+        bad.schedules[1].timezone = "Nowhere/Land".into();
+        let version = VersionDef { tasks: vec![bad] };
+        assert_eq!(
+            version.validate().expect_err("bad tz").field,
+            "schedules[1].timezone"
         );
     }
 }

@@ -10,9 +10,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use runlane_core::backend::{
     AttemptEnd, AttemptRecord, IdempotencyClaim, Inserted, Retention, RunFilter, RunRecord,
-    RunStore, VersionInfo,
+    RunStore, ScheduleCursor, VersionInfo,
 };
-use runlane_core::{EnvName, EnvSettings, RunId, RunStatus, StoreError, Timestamp, VersionDef};
+use runlane_core::{
+    EnvName, EnvSettings, RunId, RunStatus, StoreError, TaskName, Timestamp, VersionDef,
+};
 use runlane_postgres::PostgresStore;
 
 /// The run store of the distributed shape (see the module docs).
@@ -159,6 +161,21 @@ impl RunStore for DistributedStore {
     }
     async fn current_version(&self, env: &EnvName) -> Result<u32, StoreError> {
         self.inner.current_version(env).await
+    }
+    async fn schedule_cursors(&self, env: &EnvName) -> Result<Vec<ScheduleCursor>, StoreError> {
+        self.inner.schedule_cursors(env).await
+    }
+    async fn advance_schedule_cursor(
+        &self,
+        env: &EnvName,
+        task: &TaskName,
+        index: u32,
+        from: Option<Timestamp>,
+        to: Timestamp,
+    ) -> Result<bool, StoreError> {
+        self.inner
+            .advance_schedule_cursor(env, task, index, from, to)
+            .await
     }
     async fn current_definition(&self, env: &EnvName) -> Result<(u32, VersionDef), StoreError> {
         self.inner.current_definition(env).await

@@ -32,6 +32,7 @@ use crate::event::{EnvEvents, EventHub, RunEvent, RunEventKind, RunEvents};
 use crate::handover::Handover;
 use crate::local::{AbortKind, LocalRegistry};
 use crate::meta::MetaCache;
+use crate::scheduler::{ScheduleInfo, Scheduler};
 use crate::trigger::{TriggerBuilder, TriggerRequest, Triggered, WaitOutcome};
 use crate::worker::WorkerBuilder;
 use runlane_core::metacache::SharedMetaCache;
@@ -141,6 +142,7 @@ impl EngineBuilder {
             worker_seq: AtomicU64::new(0),
             declaring: tokio::sync::Mutex::new(()),
             purge_at: Mutex::new(None),
+            scheduler: Scheduler::default(),
         });
         inner.meta.set_envs(envs.iter().cloned());
         if let Some(shared) = inner.meta.shared() {
@@ -168,6 +170,7 @@ impl EngineBuilder {
             inner.timer.notify.clone(),
         ));
         *inner.timer.handle() = Some(handle);
+        Scheduler::start(&inner).await;
         inner.apply(effects, None).await;
         Ok(Engine { inner })
     }
@@ -262,6 +265,8 @@ pub(crate) struct Inner {
     pub(crate) declaring: tokio::sync::Mutex<()>,
     /// The earliest instant a finished run passes its retention (`None`: nothing to purge).
     purge_at: Mutex<Option<Timestamp>>,
+    /// Fires the cron schedules of the current versions.
+    pub(crate) scheduler: Scheduler,
 }
 
 impl Drop for Inner {
@@ -269,6 +274,7 @@ impl Drop for Inner {
         // The timer service holds only a weak reference: wake it so it sees the engine is gone.
         self.shutdown.store(true, Ordering::SeqCst);
         self.timer.notify.notify_one();
+        self.scheduler.wake();
     }
 }
 
@@ -1505,7 +1511,18 @@ impl Engine {
             .await?;
         inner.meta.promoted(&env, version, def).await;
         inner.apply(effects, None).await;
+        inner.scheduler.replan();
         Ok(())
+    }
+
+    /// The cron schedules of `env`'s current version, each with its next tick (the first
+    /// after now) and the last tick fired.
+    pub async fn schedules(&self, env: &str) -> Result<Vec<ScheduleInfo>, EngineError> {
+        self.inner.check_open()?;
+        let inner = &self.inner;
+        let env = EnvName::new(env)?;
+        inner.env_settings(&env).await?;
+        inner.schedule_infos(&env, inner.now()).await
     }
 
     /// What this engine heard about other processes' promotions (task metadata cache
@@ -1541,6 +1558,7 @@ impl Engine {
                 tracing::warn!(error = %e, "timer service ended abnormally");
             }
         }
+        inner.scheduler.stop().await;
         inner.events.close();
     }
 }

@@ -32,6 +32,10 @@
 //!   is refused (`retry_at`). A remote call about a run the worker does not hold under that
 //!   token is `StaleToken` (`Lost` in a heartbeat), even when the token is another worker's live
 //!   lease.
+//! - **Cron schedules** fire in every process (one run per tick by the tick's idempotency key,
+//!   one cursor advance by compare-and-set; no leader); missed ticks fire once, for the latest;
+//!   a refused scheduled trigger (a full queue) skips its tick; a schedule with no cursor counts
+//!   from when this process first planned it (see [`scheduler`]).
 //! - **Status events** for runs moved by a queue call (admissions, promotions) cost one
 //!   `QueueBackend::live` lookup each, and are only looked up while somebody subscribes.
 
@@ -48,6 +52,7 @@ mod local;
 pub mod meta;
 pub mod metrics;
 pub mod remote;
+pub mod scheduler;
 pub mod trigger;
 pub mod worker;
 
@@ -64,5 +69,6 @@ pub use remote::{
     RETRY_AT_MAX_AHEAD,
 };
 pub use runlane_core::backend::LeaseState;
+pub use scheduler::{ScheduleInfo, SCHEDULE_KEY_TTL};
 pub use trigger::{TriggerBuilder, TriggerRequest, Triggered, WaitOutcome};
 pub use worker::{CancelToken, DrainReport, HandlerError, RunContext, Worker, WorkerBuilder};

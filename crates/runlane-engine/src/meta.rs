@@ -49,6 +49,9 @@ struct State {
     /// Bumped by every promotion and announcement: a read that started before keeps its
     /// answer out of the cache.
     epoch: u64,
+    /// Envs named by other processes' promotion announcements (possibly created after this
+    /// engine read its envs): the scheduler plans them too.
+    announced: std::collections::HashSet<EnvName>,
 }
 
 /// See the module docs.
@@ -97,6 +100,16 @@ impl MetaCache {
         for (env, settings) in envs {
             st.envs.insert(env, settings);
         }
+    }
+
+    /// Every env this cache knows of (from the store, this process's calls and other
+    /// processes' announcements), by name.
+    pub(crate) fn env_names(&self) -> Vec<EnvName> {
+        let st = self.lock();
+        let mut names: Vec<EnvName> = st.envs.keys().chain(st.announced.iter()).cloned().collect();
+        names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        names.dedup();
+        names
     }
 
     /// Records an env's settings.
@@ -248,6 +261,7 @@ impl MetaCache {
                 MetaAnnouncement::Subscribed => st.current.clear(),
                 MetaAnnouncement::Promoted { env, .. } => {
                     st.current.remove(env);
+                    st.announced.insert(env.clone());
                 }
             }
         }

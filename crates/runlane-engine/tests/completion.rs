@@ -134,6 +134,24 @@ impl RunStore for GatedStore {
     async fn versions(&self, env: &EnvName) -> Result<Vec<VersionInfo>, StoreError> {
         self.inner.versions(env).await
     }
+    async fn schedule_cursors(
+        &self,
+        env: &EnvName,
+    ) -> Result<Vec<runlane_core::backend::ScheduleCursor>, StoreError> {
+        self.inner.schedule_cursors(env).await
+    }
+    async fn advance_schedule_cursor(
+        &self,
+        env: &EnvName,
+        task: &runlane_core::TaskName,
+        index: u32,
+        from: Option<Timestamp>,
+        to: Timestamp,
+    ) -> Result<bool, StoreError> {
+        self.inner
+            .advance_schedule_cursor(env, task, index, from, to)
+            .await
+    }
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 use runlane_core::backend::{
     AttemptEnd, AttemptRecord, IdempotencyClaim, Inserted, Retention, RunFilter, RunRecord,
-    RunStore, VersionInfo,
+    RunStore, ScheduleCursor, VersionInfo,
 };
 use runlane_core::{
     EnvName, EnvSettings, RunId, RunStatus, StoreError, TaskName, Timestamp, VersionDef,
@@ -28,6 +28,8 @@ struct State {
     /// Per env, version `n` at index `n - 1` with its registration time.
     versions: HashMap<EnvName, Vec<(VersionDef, Timestamp)>>,
     current: HashMap<EnvName, u32>,
+    /// The last tick fired of each (env, task, schedule index).
+    cursors: HashMap<(EnvName, TaskName, u32), Timestamp>,
 }
 
 /// Run records, idempotency keys, envs and versions in memory (implements [`RunStore`]).
@@ -393,5 +395,35 @@ impl RunStore for MemoryStore {
                 def: def.clone(),
             })
             .collect())
+    }
+    async fn schedule_cursors(&self, env: &EnvName) -> Result<Vec<ScheduleCursor>, StoreError> {
+        Ok(self
+            .lock()
+            .cursors
+            .iter()
+            .filter(|((e, _, _), _)| e == env)
+            .map(|((_, task, index), last_tick)| ScheduleCursor {
+                task: task.clone(),
+                index: *index,
+                last_tick: *last_tick,
+            })
+            .collect())
+    }
+
+    async fn advance_schedule_cursor(
+        &self,
+        env: &EnvName,
+        task: &TaskName,
+        index: u32,
+        from: Option<Timestamp>,
+        to: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let mut st = self.lock();
+        let key = (env.clone(), task.clone(), index);
+        if st.cursors.get(&key).copied() != from {
+            return Ok(false);
+        }
+        st.cursors.insert(key, to);
+        Ok(true)
     }
 }

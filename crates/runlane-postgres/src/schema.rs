@@ -93,6 +93,18 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         version     bigint NOT NULL
     );
     "#,
+    // 2: schedule cursors.
+    r#"
+    -- The last tick fired of each schedule (a task's `schedules[schedule_index]`); advanced
+    -- by compare-and-set so that two processes never both move it.
+    CREATE TABLE schedule_cursors (
+        env             text NOT NULL,
+        task            text NOT NULL,
+        schedule_index  bigint NOT NULL,
+        last_tick       bigint NOT NULL,
+        PRIMARY KEY (env, task, schedule_index)
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -12,10 +12,11 @@ use std::time::Instant;
 use async_trait::async_trait;
 use runlane_core::backend::{
     AttemptEnd, AttemptRecord, IdempotencyClaim, Inserted, RunFilter, RunRecord, RunStore,
-    VersionInfo,
+    ScheduleCursor, VersionInfo,
 };
 use runlane_core::{
-    EnvName, EnvSettings, InvalidInput, RunId, RunStatus, StoreError, Timestamp, VersionDef,
+    EnvName, EnvSettings, InvalidInput, RunId, RunStatus, StoreError, TaskName, Timestamp,
+    VersionDef,
 };
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{ConnectOptions, Row};
@@ -1179,5 +1180,58 @@ impl RunStore for PostgresStore {
             None => VersionDef::default(),
         };
         Ok((number, def))
+    }
+
+    async fn schedule_cursors(&self, env: &EnvName) -> Result<Vec<ScheduleCursor>, StoreError> {
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT task, schedule_index, last_tick FROM schedule_cursors WHERE env = $1",
+        )
+        .bind(env.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| unavailable("read", &e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (task, index, last_tick) in rows {
+            out.push(ScheduleCursor {
+                task: TaskName::new(&task)
+                    .map_err(|e| StoreError::from(DbError::Corrupt(e.to_string())))?,
+                index: u32_from_sql(index)?,
+                last_tick: ts_from_sql(last_tick)?,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn advance_schedule_cursor(
+        &self,
+        env: &EnvName,
+        task: &TaskName,
+        index: u32,
+        from: Option<Timestamp>,
+        to: Timestamp,
+    ) -> Result<bool, StoreError> {
+        // One statement either way: the insert's conflict and the update's row lock make the
+        // compare-and-set atomic against another process doing the same.
+        let query = match from {
+            None => sqlx::query(
+                "INSERT INTO schedule_cursors (env, task, schedule_index, last_tick) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            ),
+            Some(_) => sqlx::query(
+                "UPDATE schedule_cursors SET last_tick = $4 \
+                 WHERE env = $1 AND task = $2 AND schedule_index = $3 AND last_tick = $5",
+            ),
+        };
+        let query = query
+            .bind(env.as_str())
+            .bind(task.as_str())
+            .bind(i64::from(index))
+            .bind(ts_to_sql(to));
+        let query = match from {
+            Some(from) => query.bind(ts_to_sql(from)),
+            None => query,
+        };
+        let changed = self.execute(query).await?;
+        Ok(changed == 1)
     }
 }

@@ -64,6 +64,7 @@ pub fn api() -> OpenApiRouter<AppState> {
         .merge(routes::admin::router())
         .merge(routes::versions::router())
         .merge(routes::events::router())
+        .merge(routes::schedules::router())
 }
 
 /// The OpenAPI document of [`api`].

@@ -198,6 +198,14 @@ fn rows() -> Vec<Row> {
             StatusCode::OK,
         ),
         row(
+            Method::GET,
+            "/v1/envs/{env}/schedules",
+            None,
+            EnvOfProd,
+            Fresh::Nothing,
+            StatusCode::OK,
+        ),
+        row(
             Method::PATCH,
             "/v1/envs/{env}/queues/{queue}",
             Some(|_| json!({"limit": 5})),

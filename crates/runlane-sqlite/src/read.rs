@@ -8,8 +8,8 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use runlane_core::backend::{RunFilter, RunRecord, VersionInfo};
-use runlane_core::{EnvName, EnvSettings, RunStatus, StoreError, Timestamp, VersionDef};
+use runlane_core::backend::{RunFilter, RunRecord, ScheduleCursor, VersionInfo};
+use runlane_core::{EnvName, EnvSettings, RunStatus, StoreError, TaskName, Timestamp, VersionDef};
 use rusqlite::types::Value;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::Semaphore;
@@ -185,6 +185,27 @@ pub(crate) fn envs(conn: &Connection) -> Result<Vec<(EnvName, EnvSettings)>, DbE
         let settings = serde_json::from_str(&settings)
             .map_err(|e| DbError::Corrupt(format!("settings of env {name}: {e}")))?;
         out.push((name, settings));
+    }
+    Ok(out)
+}
+
+/// The schedule cursors of an env.
+pub(crate) fn schedule_cursors(
+    conn: &Connection,
+    env: &EnvName,
+) -> Result<Vec<ScheduleCursor>, DbError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT task, schedule_index, last_tick FROM schedule_cursors WHERE env = ?1",
+    )?;
+    let mut rows = stmt.query([env.as_str()])?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let task: String = row.get(0)?;
+        out.push(ScheduleCursor {
+            task: TaskName::new(&task).map_err(|e| DbError::Corrupt(e.to_string()))?,
+            index: u32_from_sql(row.get(1)?)?,
+            last_tick: ts_from_sql(row.get(2)?)?,
+        });
     }
     Ok(out)
 }

@@ -114,6 +114,18 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         version     INTEGER NOT NULL
     ) WITHOUT ROWID;
     "#,
+    // 2: schedule cursors.
+    r#"
+    -- The last tick fired of each schedule (a task's `schedules[schedule_index]`); advanced
+    -- by compare-and-set so that two processes never both move it.
+    CREATE TABLE schedule_cursors (
+        env             TEXT NOT NULL,
+        task            TEXT NOT NULL,
+        schedule_index  INTEGER NOT NULL,
+        last_tick       INTEGER NOT NULL,
+        PRIMARY KEY (env, task, schedule_index)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this build writes.

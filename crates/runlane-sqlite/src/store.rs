@@ -9,9 +9,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use runlane_core::backend::{
     AttemptEnd, AttemptRecord, IdempotencyClaim, Inserted, RunFilter, RunRecord, RunStore,
-    VersionInfo,
+    ScheduleCursor, VersionInfo,
 };
-use runlane_core::{EnvName, EnvSettings, RunId, RunStatus, StoreError, Timestamp, VersionDef};
+use runlane_core::{
+    EnvName, EnvSettings, RunId, RunStatus, StoreError, TaskName, Timestamp, VersionDef,
+};
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags};
 
@@ -377,6 +379,27 @@ impl RunStore for SqliteStore {
     async fn versions(&self, env: &EnvName) -> Result<Vec<VersionInfo>, StoreError> {
         let env = env.clone();
         self.reads.run(move |conn| read::versions(conn, &env)).await
+    }
+
+    async fn schedule_cursors(&self, env: &EnvName) -> Result<Vec<ScheduleCursor>, StoreError> {
+        let env = env.clone();
+        self.reads
+            .run(move |conn| read::schedule_cursors(conn, &env))
+            .await
+    }
+
+    async fn advance_schedule_cursor(
+        &self,
+        env: &EnvName,
+        task: &TaskName,
+        index: u32,
+        from: Option<Timestamp>,
+        to: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let (env, task) = (env.clone(), task.clone());
+        self.writer
+            .call(move |conn| write::advance_schedule_cursor(conn, &env, &task, index, from, to))
+            .await
     }
 }
 

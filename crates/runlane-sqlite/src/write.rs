@@ -6,7 +6,9 @@
 use std::sync::Arc;
 
 use runlane_core::backend::{AttemptEnd, AttemptRecord, IdempotencyClaim, Inserted, RunRecord};
-use runlane_core::{EnvName, EnvSettings, RunId, RunStatus, StoreError, Timestamp, VersionDef};
+use runlane_core::{
+    EnvName, EnvSettings, RunId, RunStatus, StoreError, TaskName, Timestamp, VersionDef,
+};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::config::Retention;
@@ -370,6 +372,39 @@ pub(crate) fn promote(conn: &Connection, env: &EnvName, version: u32) -> Result<
     conn.prepare_cached("INSERT OR REPLACE INTO current_versions (env, version) VALUES (?1, ?2)")?
         .execute(params![env.as_str(), version])?;
     Ok(())
+}
+
+/// Moves a schedule cursor from `from` (no row) to `to`, only while it is at `from`; answers
+/// whether it moved.
+pub(crate) fn advance_schedule_cursor(
+    conn: &Connection,
+    env: &EnvName,
+    task: &TaskName,
+    index: u32,
+    from: Option<Timestamp>,
+    to: Timestamp,
+) -> Result<bool, DbError> {
+    let changed = match from {
+        None => conn
+            .prepare_cached(
+                "INSERT INTO schedule_cursors (env, task, schedule_index, last_tick) \
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+            )?
+            .execute(params![env.as_str(), task.as_str(), index, ts_to_sql(to)])?,
+        Some(from) => conn
+            .prepare_cached(
+                "UPDATE schedule_cursors SET last_tick = ?4 \
+                 WHERE env = ?1 AND task = ?2 AND schedule_index = ?3 AND last_tick = ?5",
+            )?
+            .execute(params![
+                env.as_str(),
+                task.as_str(),
+                index,
+                ts_to_sql(to),
+                ts_to_sql(from)
+            ])?,
+    };
+    Ok(changed == 1)
 }
 
 /// Deletes at most `limit` finished runs past their retention at `now` (with their attempts and

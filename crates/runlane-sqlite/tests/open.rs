@@ -193,6 +193,7 @@ async fn a_new_database_is_stamped_as_ours_in_wal_mode() {
             "envs",
             "idempotency_keys",
             "runs",
+            "schedule_cursors",
             "versions"
         ]
     );

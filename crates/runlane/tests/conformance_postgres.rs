@@ -154,6 +154,24 @@ impl RunStore for Scoped {
     async fn versions(&self, env: &EnvName) -> Result<Vec<VersionInfo>, StoreError> {
         self.0.versions(env).await
     }
+    async fn schedule_cursors(
+        &self,
+        env: &EnvName,
+    ) -> Result<Vec<runlane::core::backend::ScheduleCursor>, StoreError> {
+        self.0.schedule_cursors(env).await
+    }
+    async fn advance_schedule_cursor(
+        &self,
+        env: &EnvName,
+        task: &runlane::core::TaskName,
+        index: u32,
+        from: Option<Timestamp>,
+        to: Timestamp,
+    ) -> Result<bool, StoreError> {
+        self.0
+            .advance_schedule_cursor(env, task, index, from, to)
+            .await
+    }
 }
 
 /// A fresh schema per scenario.

@@ -372,3 +372,60 @@ async fn a_second_engine_on_the_same_path_is_refused() {
         .expect("the lock is released with the engine");
     close(again).await;
 }
+
+/// Waits until a sleeper is parked on `clock` until exactly `at` (a timer armed for it).
+async fn armed(clock: &ManualClock, at: Timestamp) {
+    bounded(&format!("a sleeper at {at}"), clock.wait_sleeper_at(at)).await;
+}
+
+async fn scheduled_runs(engine: &Engine) -> Vec<runlane::core::backend::RunRecord> {
+    let filter = runlane::core::backend::RunFilter {
+        source: Some(runlane::core::TriggerSource::Scheduled),
+        ..Default::default()
+    };
+    engine.list(&filter).await.expect("list")
+}
+
+/// Ticks missed while the process was down fire once on reopen, for the latest missed tick:
+/// every 30 s, the tick at EPOCH + 10 s fires; closed, the clock moves to EPOCH + 165 s (ticks
+/// at 40, 70, 100, 130 and 160 s missed); the reopened engine fires one run for 160 s and
+/// arms 190 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missed_schedule_ticks_fire_once_on_reopen() {
+    let path = data_path();
+    let clock = Arc::new(ManualClock::new(EPOCH));
+    let at = |s: u64| EPOCH.saturating_add(Duration::from_secs(s));
+    let engine = open(&path, &clock, EngineConfig::default()).await;
+    let def: runlane::core::VersionDef = serde_json::from_value(json!({"tasks": [
+        {"name": "report", "schedules": [{"cron": "*/30 * * * * *"}]}
+    ]}))
+    .expect("definition");
+    let v = engine
+        .register_version("default", def)
+        .await
+        .expect("register");
+    engine.promote("default", v).await.expect("promote");
+    armed(&clock, at(10)).await;
+    clock.set(at(10));
+    // Armed for the next tick once the tick fired and its cursor moved.
+    armed(&clock, at(40)).await;
+    let first = scheduled_runs(&engine).await;
+    assert_eq!(first.len(), 1);
+    close(engine).await;
+
+    clock.set(at(165));
+    let engine = open(&path, &clock, EngineConfig::default()).await;
+    armed(&clock, at(190)).await;
+    let runs = scheduled_runs(&engine).await;
+    let keys: Vec<Option<&str>> = runs.iter().map(|r| r.idempotency_key.as_deref()).collect();
+    let key = |s: u64| format!("schedule:report:0:{}", at(s).as_millis());
+    assert_eq!(
+        keys,
+        vec![Some(key(10).as_str()), Some(key(160).as_str())],
+        "five missed ticks fire one run, for the latest"
+    );
+    let info = engine.schedules("default").await.expect("schedules");
+    assert_eq!(info[0].last_tick, Some(at(160)));
+    assert_eq!(info[0].next_tick, Some(at(190)));
+    close(engine).await;
+}

@@ -186,6 +186,24 @@ impl RunStore for Counting {
         self.count();
         self.inner.versions(env).await
     }
+    async fn schedule_cursors(
+        &self,
+        env: &EnvName,
+    ) -> Result<Vec<runlane::core::backend::ScheduleCursor>, StoreError> {
+        self.inner.schedule_cursors(env).await
+    }
+    async fn advance_schedule_cursor(
+        &self,
+        env: &EnvName,
+        task: &runlane::core::TaskName,
+        index: u32,
+        from: Option<Timestamp>,
+        to: Timestamp,
+    ) -> Result<bool, StoreError> {
+        self.inner
+            .advance_schedule_cursor(env, task, index, from, to)
+            .await
+    }
     async fn current_definition(&self, env: &EnvName) -> Result<(u32, VersionDef), StoreError> {
         self.count();
         let answer = self.inner.current_definition(env).await;

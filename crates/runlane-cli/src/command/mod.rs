@@ -1,5 +1,5 @@
-//! The commands that talk to a runlane server: `trigger`, `runs`, `queues`, `lanes`, `env`,
-//! `versions`.
+//! The commands that talk to a runlane server: `trigger`, `runs`, `queues`, `schedules`,
+//! `lanes`, `env`, `versions`.
 //!
 //! Each prints a table for humans, or with `--json` the server's JSON unchanged (one document
 //! per line), and fails with the server's error (code, message, field) and a non-zero exit.
@@ -8,6 +8,7 @@ pub mod env;
 pub mod lane;
 pub mod queue;
 pub mod run;
+pub mod schedule;
 pub mod trigger;
 pub mod version;
 

@@ -44,6 +44,13 @@ impl Server {
         Server::start_with(&["--data", &data], Some(dir))
     }
 
+    /// Starts an embedded server on an existing data directory (removed on drop), e.g. one a
+    /// test prepared with an embedded engine first.
+    pub fn start_on_data(dir: std::path::PathBuf) -> Server {
+        let data = dir.display().to_string();
+        Server::start_with(&["--data", &data], Some(dir))
+    }
+
     fn start_with(backend: &[&str], data: Option<std::path::PathBuf>) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_runlane"))
             .arg("serve")

@@ -6,5 +6,6 @@ pub mod events;
 pub mod keys;
 pub mod meta;
 pub mod runs;
+pub mod schedules;
 pub mod versions;
 pub mod workers;
