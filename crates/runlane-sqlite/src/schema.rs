@@ -114,6 +114,10 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         version     INTEGER NOT NULL
     ) WITHOUT ROWID;
     "#,
+    // 2: a requested cancel is kept with the run, so it outlives the process (issue 5).
+    r#"
+    ALTER TABLE runs ADD COLUMN cancel_requested_at INTEGER;
+    "#,
 ];
 
 /// The schema version this build writes.
