@@ -689,11 +689,15 @@ impl Inner {
         now: Timestamp,
     ) -> Result<Effects, EngineError> {
         let run = record.id;
-        let (attempt, effects) = match self
-            .queue
-            .cancel(run, self.config.cancel_grace, now)
-            .await?
-        {
+        let outcome = match self.queue.cancel(run, self.config.cancel_grace, now).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                // Left unfinished with its request: its next claim, or the next open, ends it.
+                tracing::warn!(%run, error = %e, "recovery of a requested cancel refused");
+                return Ok(Effects::default());
+            }
+        };
+        let (attempt, effects) = match outcome {
             CancelOutcome::Requested { grace_deadline, .. } => {
                 return Ok(Effects {
                     deadline: Some(grace_deadline),
