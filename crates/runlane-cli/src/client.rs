@@ -280,6 +280,8 @@ pub struct Run {
     pub started_at_ms: Option<u64>,
     /// Finished.
     pub finished_at_ms: Option<u64>,
+    /// When its cancel was first requested.
+    pub cancel_requested_at_ms: Option<u64>,
 }
 
 /// `{runs: [Run], next_cursor}`.

@@ -38,7 +38,7 @@ pub async fn life_01(b: &dyn Backends) {
 }
 
 /// LIFE-02: cancelling a queued run ends it `canceled` and removes it from its queue; the run
-/// holding the slot is untouched.
+/// holding the slot is untouched. The request is kept in the store (`cancel_requested_at`).
 pub async fn life_02(b: &dyn Backends) {
     let h = Harness::open(b).await;
     h.limit(1).await;
@@ -47,6 +47,16 @@ pub async fn life_02(b: &dyn Backends) {
     assert_eq!(h.status(run).await, RunStatus::Queued);
     let rec = h.cancel(run).await;
     assert_eq!(rec.status, RunStatus::Canceled, "LIFE-02: canceled at once");
+    assert_eq!(
+        rec.cancel_requested_at,
+        Some(at(secs(0))),
+        "LIFE-02: the request is kept"
+    );
+    assert_eq!(
+        h.get(run).await,
+        rec,
+        "LIFE-02: the store holds what cancel answered"
+    );
     assert_eq!(h.live(run).await, None);
     assert_eq!(
         h.queue_info("q2").await.queued,
@@ -91,7 +101,8 @@ pub async fn life_03(b: &dyn Backends) {
 
 /// LIFE-04: cancelling an executing run fires its handler's token with reason `Cancel`; when
 /// the grace period (10 s) ends without a completion the run ends `canceled`, its slot is
-/// released, and a completion arriving after that is refused: the run stays `canceled`.
+/// released, and a completion arriving after that is refused: the run stays `canceled`. The
+/// request is in the store (`cancel_requested_at`) before cancel returns.
 pub async fn life_04(b: &dyn Backends) {
     let h = Harness::open(b).await;
     let mut probe = Probe::new();
@@ -103,6 +114,11 @@ pub async fn life_04(b: &dyn Backends) {
         rec.status,
         RunStatus::Executing,
         "LIFE-04: executing until it stops or grace ends"
+    );
+    assert_eq!(
+        rec.cancel_requested_at,
+        Some(at(secs(0))),
+        "LIFE-04: the request is kept in the store"
     );
     assert_eq!(
         s.cancelled().await,

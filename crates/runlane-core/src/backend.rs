@@ -512,6 +512,11 @@ pub struct RunRecord {
     /// Recovery counts a `crashed` attempt for an unfinished run that has one.
     #[serde(default)]
     pub started_at: Option<Timestamp>,
+    /// When a cancel of the run was first requested ([`RunStore::request_cancel`]). Kept in the
+    /// store so that a request outlives the process and the queue backend's state: recovery
+    /// and every later claim end a run that carries it `canceled` instead of running it again.
+    #[serde(default)]
+    pub cancel_requested_at: Option<Timestamp>,
     /// What made it.
     pub source: TriggerSource,
     /// The run this one retries (manual retry).
@@ -548,6 +553,7 @@ impl RunRecord {
             created_at: now,
             finished_at: None,
             started_at: None,
+            cancel_requested_at: None,
             source: TriggerSource::Standard,
             retry_of: None,
         }
@@ -770,6 +776,25 @@ pub trait RunStore: Send + Sync + 'static {
     /// a `crashed` attempt for a run that was executing when the process died. A note lost in a
     /// crash costs at most one uncounted attempt.
     fn note_start(&self, run: RunId, attempt: u32, at: Timestamp);
+    /// Records, durably, that a cancel of `run` was requested at `at` (sets
+    /// `cancel_requested_at`, SPEC §7 store first: the engine calls it before it asks the queue
+    /// backend to cancel). A second request keeps the first instant. Answers the instant in
+    /// force; `NotFound` for an unknown run, `AlreadyFinished` for a finished one (nothing
+    /// changes then).
+    ///
+    /// The default keeps nothing and only answers (`get`, then `at`): with it a request lives
+    /// in the queue backend alone and is lost with it. Every store of this workspace, and every
+    /// wrapper that forwards to one, implements it.
+    async fn request_cancel(&self, run: RunId, at: Timestamp) -> Result<Timestamp, StoreError> {
+        match self.get(run).await? {
+            None => Err(StoreError::NotFound(run)),
+            Some(r) if r.status.is_terminal() => Err(StoreError::AlreadyFinished {
+                run,
+                status: r.status,
+            }),
+            Some(r) => Ok(r.cancel_requested_at.unwrap_or(at)),
+        }
+    }
     /// The terminal write; the first one wins, later ones get `AlreadyFinished`. A write that
     /// carries an attempt applies only while that attempt is the run's current one; a store
     /// that fences by attempt (PostgreSQL, memory) answers `StaleAttempt` for an older one and

@@ -648,6 +648,10 @@ impl Inner {
             if !LaneName::BUILT_IN.contains(&record.lane.as_str()) {
                 self.queue.add_lane(&record.lane).await?;
             }
+            if record.cancel_requested_at.is_some() {
+                effects.merge(self.recover_cancel(&record, marks_count, now).await?);
+                continue;
+            }
             let mut dispatch = record.dispatch();
             if marks_count && record.started_at.is_some() {
                 let attempt = attempt_record(
@@ -682,6 +686,55 @@ impl Inner {
                 Ok(enqueued) => effects.merge(enqueued.effects),
                 Err(e) => tracing::warn!(run = %record.id, error = %e, "recovery enqueue refused"),
             }
+        }
+        Ok(effects)
+    }
+
+    /// Recovers an unfinished run whose cancel was requested (kept in the store): the cancel is
+    /// applied again instead of the run coming back. A run the queue backend still holds
+    /// executing under a live lease (another process's, or a backend that kept its state)
+    /// gets its grace period as any cancel; one it holds waiting is removed and ends
+    /// `canceled`; one it does not hold ends `canceled` at once, its attempt recorded as
+    /// canceled when a start mark says it was running (only when marks count, as for a
+    /// crashed attempt). The terminal write is fenced by that attempt like any other.
+    async fn recover_cancel(
+        &self,
+        record: &RunRecord,
+        marks_count: bool,
+        now: Timestamp,
+    ) -> Result<Effects, EngineError> {
+        let run = record.id;
+        let outcome = match self.queue.cancel(run, self.config.cancel_grace, now).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                // Left unfinished with its request: its next claim, or the next open, ends it.
+                tracing::warn!(%run, error = %e, "recovery of a requested cancel refused");
+                return Ok(Effects::default());
+            }
+        };
+        let (attempt, effects) = match outcome {
+            CancelOutcome::Requested { grace_deadline, .. } => {
+                return Ok(Effects {
+                    deadline: Some(grace_deadline),
+                    ..Effects::default()
+                });
+            }
+            CancelOutcome::Removed { effects, .. } => (None, effects),
+            CancelOutcome::NotFound => {
+                let ran = marks_count && record.started_at.is_some();
+                let attempt = ran.then(|| attempt_record(record.attempt, "canceled", None, now));
+                (attempt, Effects::default())
+            }
+        };
+        match self
+            .store
+            .finish(run, RunStatus::Canceled, None, attempt, now)
+            .await
+        {
+            Ok(finished) => self.publish_record(&finished),
+            // Another process ended it (or moved it on) meanwhile; it owns the outcome.
+            Err(StoreError::AlreadyFinished { .. } | StoreError::StaleAttempt { .. }) => {}
+            Err(e) => return Err(e.into()),
         }
         Ok(effects)
     }
@@ -854,7 +907,9 @@ impl Inner {
     }
 
     /// A lease lapsed (its worker died or stopped heartbeating): slots are already released;
-    /// count a `crashed` attempt and apply the retry policy.
+    /// count a `crashed` attempt and apply the retry policy. A run whose cancel was requested
+    /// (marked on the lease, or kept in the store by a requester that died before the queue
+    /// backend heard of it) ends `canceled` instead, never retried.
     async fn recover_lapsed(&self, lapsed: Lapsed) -> Result<(), EngineError> {
         let Lapsed { dispatch, token } = lapsed;
         let run = dispatch.run_id;
@@ -876,7 +931,7 @@ impl Inner {
         };
         if record.status.is_terminal() {
             self.queue_finish_quietly(run, token).await;
-        } else if self.cancel_requested(run).await? {
+        } else if record.cancel_requested_at.is_some() || self.cancel_requested(run).await? {
             let attempt = attempt_record(dispatch.attempt, "canceled", None, self.now());
             self.finish_leased(run, token, RunStatus::Canceled, None, Some(attempt))
                 .await?;
@@ -921,7 +976,7 @@ impl Inner {
         };
         if record.status.is_terminal() {
             self.queue_finish_quietly(run, token).await;
-        } else if self.cancel_requested(run).await? {
+        } else if record.cancel_requested_at.is_some() || self.cancel_requested(run).await? {
             let attempt = attempt_record(record.attempt, "canceled", None, self.now());
             self.finish_leased(run, token, RunStatus::Canceled, None, Some(attempt))
                 .await?;
@@ -1160,6 +1215,13 @@ impl Engine {
                 status: record.status,
             });
         }
+        // Store first: the request is durable before the queue backend hears of it, so a crash
+        // or a lost queue state after this point cannot bring the run back to life (recovery,
+        // lease-lapse recovery and every later claim end it `canceled`).
+        inner.store.request_cancel(run, now).await?;
+        // A run triggered here and not claimed yet is read back from the store at its claim
+        // (where the request is seen), not handed over.
+        inner.handover.forget(run);
         match inner
             .queue
             .cancel(run, inner.config.cancel_grace, now)

@@ -336,7 +336,7 @@ impl Shared {
             let run = leased.dispatch.run_id;
             let token = leased.token;
             let d = leased.dispatch;
-            let handed = match resolve(engine, run, token, loaded).await {
+            let handed = match resolve(engine, run, token, d.attempt, loaded).await {
                 Resolved::Ready(handed) => handed,
                 Resolved::Gone => continue,
                 Resolved::Unloadable(e) => {

@@ -429,6 +429,7 @@ impl Engine {
             created_at: now,
             finished_at: None,
             started_at: None,
+            cancel_requested_at: None,
             source: request.source,
             retry_of,
         };

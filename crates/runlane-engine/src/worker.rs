@@ -742,11 +742,17 @@ pub(crate) enum Resolved {
 }
 
 /// Turns what [`load_claimed`] found into a runnable run. (A run handed over cannot have ended
-/// in the store: every terminal write outside a lease first takes the run out of the queue.)
+/// in the store: every terminal write outside a lease first takes the run out of the queue;
+/// and a cancel request drops the hand-over entry, so such a run is read back.)
+///
+/// A run whose cancel is kept in the store (the request outlived the queue backend's state:
+/// a rebuilt Redis, a requester that died before the queue heard of it) ends `canceled` here,
+/// its `attempt` recorded as canceled, without running its handler.
 pub(crate) async fn resolve(
     engine: &Inner,
     run: RunId,
     token: FencingToken,
+    attempt: u32,
     loaded: Loaded,
 ) -> Resolved {
     match loaded {
@@ -754,6 +760,18 @@ pub(crate) async fn resolve(
         Loaded::Record(Some(record)) if record.status.is_terminal() => {
             // Cancelled (or ended) in the store while it waited in the queue.
             engine.queue_finish_quietly(run, token).await;
+            Resolved::Gone
+        }
+        Loaded::Record(Some(record)) if record.cancel_requested_at.is_some() => {
+            let ended = attempt_record(attempt, "canceled", None, engine.now());
+            if let Err(e) = engine
+                .finish_leased(run, token, RunStatus::Canceled, None, Some(ended))
+                .await
+            {
+                // The store could not answer: the lease lapses and its recovery, which
+                // honours the request too, ends the run.
+                tracing::warn!(%run, error = %e, "a claimed run whose cancel was requested was not ended");
+            }
             Resolved::Gone
         }
         Loaded::Record(Some(record)) => {
@@ -793,7 +811,7 @@ async fn execute(
     engine.publish(run, &d.env, RunStatus::Executing, d.attempt);
 
     // A run triggered in this process comes with its payload; any other is read back.
-    let handed = match resolve(&engine, run, token, loaded).await {
+    let handed = match resolve(&engine, run, token, d.attempt, loaded).await {
         Resolved::Ready(handed) => handed,
         Resolved::Gone => return,
         Resolved::Unloadable(e) => {

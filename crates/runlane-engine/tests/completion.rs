@@ -74,6 +74,9 @@ impl RunStore for GatedStore {
     ) -> Result<(), StoreError> {
         self.inner.record_retry(run, attempt, next_run_after).await
     }
+    async fn request_cancel(&self, run: RunId, at: Timestamp) -> Result<Timestamp, StoreError> {
+        self.inner.request_cancel(run, at).await
+    }
     fn note_start(&self, run: RunId, attempt: u32, at: Timestamp) {
         self.inner.note_start(run, attempt, at)
     }

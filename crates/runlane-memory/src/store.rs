@@ -169,6 +169,18 @@ impl RunStore for MemoryStore {
         Ok(())
     }
 
+    async fn request_cancel(&self, run: RunId, at: Timestamp) -> Result<Timestamp, StoreError> {
+        let mut st = self.lock();
+        let r = st.runs.get_mut(&run).ok_or(StoreError::NotFound(run))?;
+        if r.status.is_terminal() {
+            return Err(StoreError::AlreadyFinished {
+                run,
+                status: r.status,
+            });
+        }
+        Ok(*r.cancel_requested_at.get_or_insert(at))
+    }
+
     fn note_start(&self, run: RunId, attempt: u32, at: Timestamp) {
         let mut st = self.lock();
         if let Some(r) = st.runs.get_mut(&run) {

@@ -15,13 +15,14 @@ use crate::error::DbError;
 pub(crate) const RUN_COLUMNS: &str = "id, env, task, version, locked, payload, queue, \
      concurrency_key, lane, priority_ms, run_after, ttl_ms, ttl_deadline, idempotency_key, \
      retry, max_duration_ms, attempt, status, output, error, attempts::text, created_at, \
-     finished_at, started_at, source, retry_of";
+     finished_at, started_at, source, retry_of, cancel_requested_at";
 
 /// The same columns qualified by the alias `r` (for `UPDATE ... FROM ... RETURNING`).
 pub(crate) const RUN_COLUMNS_R: &str = "r.id, r.env, r.task, r.version, r.locked, r.payload, \
      r.queue, r.concurrency_key, r.lane, r.priority_ms, r.run_after, r.ttl_ms, r.ttl_deadline, \
      r.idempotency_key, r.retry, r.max_duration_ms, r.attempt, r.status, r.output, r.error, \
-     r.attempts::text, r.created_at, r.finished_at, r.started_at, r.source, r.retry_of";
+     r.attempts::text, r.created_at, r.finished_at, r.started_at, r.source, r.retry_of, \
+     r.cancel_requested_at";
 
 /// Waiting and executing statuses, as SQL (the `runs_unfinished` index's predicate).
 pub(crate) const UNFINISHED: &str = "status IN ('delayed', 'queued', 'ready', 'executing')";
@@ -102,6 +103,7 @@ pub(crate) fn decode_run(row: &PgRow) -> Result<RunRecord, DbError> {
         started_at: opt_ts(23)?,
         source: source_from_sql(&source)?,
         retry_of: retry_of.as_deref().map(id_from_sql).transpose()?,
+        cancel_requested_at: opt_ts(26)?,
     })
 }
 

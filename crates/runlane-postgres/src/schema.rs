@@ -105,6 +105,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (env, task, schedule_index)
     );
     "#,
+    // 3: a requested cancel is kept with the run, so it outlives a process and a lost Redis
+    // (issue 5).
+    r#"
+    ALTER TABLE runs ADD COLUMN cancel_requested_at bigint;
+    "#,
 ];
 
 /// The schema version this build writes.

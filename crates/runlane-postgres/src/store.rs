@@ -842,6 +842,24 @@ impl RunStore for PostgresStore {
         Ok(())
     }
 
+    async fn request_cancel(&self, run: RunId, at: Timestamp) -> Result<Timestamp, StoreError> {
+        // A rare write: straight to the (strict) pool, one statement. `coalesce` keeps the
+        // first request's instant.
+        let kept: Option<i64> = sqlx::query_scalar(&format!(
+            "UPDATE runs SET cancel_requested_at = coalesce(cancel_requested_at, $2) \
+             WHERE id = $1 AND {UNFINISHED} RETURNING cancel_requested_at"
+        ))
+        .bind(id_to_sql(run))
+        .bind(ts_to_sql(at))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| unavailable("write", &e))?;
+        match kept {
+            Some(kept) => Ok(ts_from_sql(kept).map_err(DbError::from)?),
+            None => Err(self.refusal(run).await),
+        }
+    }
+
     fn note_start(&self, run: RunId, attempt: u32, at: Timestamp) {
         if self.starts.note(run, attempt, at, Instant::now()) {
             self.start_notify.notify_one();

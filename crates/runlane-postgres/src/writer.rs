@@ -498,7 +498,7 @@ async fn insert_one(
             .fetch_optional(&mut *conn)
             .await?;
             if let Some(holder) = holder {
-                let expires: Option<i64> = holder.try_get(26)?;
+                let expires: Option<i64> = holder.try_get("claim_expires_at")?;
                 if expires.is_some_and(|e| e > ts_to_sql(row.now)) {
                     return Ok(Some(decode_run(&holder)?));
                 }

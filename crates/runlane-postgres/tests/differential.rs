@@ -45,6 +45,7 @@ enum Step {
         ttl: Option<u64>,
     },
     Remove(usize),
+    RequestCancel(usize),
     NoteStart(usize),
     Get(usize),
     List {
@@ -106,6 +107,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (any::<usize>(), 0..5_000u64, prop::option::of(0..5_000u64))
             .prop_map(|(pick, run_after, ttl)| Step::Reschedule { pick, run_after, ttl }),
         1 => any::<usize>().prop_map(Step::Remove),
+        2 => any::<usize>().prop_map(Step::RequestCancel),
         2 => any::<usize>().prop_map(Step::NoteStart),
         2 => any::<usize>().prop_map(Step::Get),
         2 => (
@@ -237,6 +239,14 @@ async fn check(steps: Vec<Step>) {
             Step::Remove(i) => {
                 let Some(run) = pick(&ids, i) else { continue };
                 assert_eq!(pg.remove(run).await, mem.remove(run).await, "{ctx}");
+            }
+            Step::RequestCancel(i) => {
+                let Some(run) = pick(&ids, i) else { continue };
+                assert_eq!(
+                    pg.request_cancel(run, at).await,
+                    mem.request_cancel(run, at).await,
+                    "{ctx}"
+                );
             }
             Step::NoteStart(i) => {
                 let Some(run) = pick(&ids, i) else { continue };

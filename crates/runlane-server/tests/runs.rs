@@ -101,6 +101,11 @@ async fn runs_lifecycle(shape: Shape) {
     let (st, run) = post0(&s, &format!("/v1/runs/{}/cancel", ids[0])).await;
     assert_eq!(st, StatusCode::OK, "{run}");
     assert_eq!(run["status"], "canceled");
+    assert_eq!(
+        run["cancel_requested_at_ms"], run["finished_at_ms"],
+        "the request is kept, at the instant the run ended: {run}"
+    );
+    assert!(run["cancel_requested_at_ms"].is_u64(), "{run}");
     let (st, body) = post0(&s, &format!("/v1/runs/{}/cancel", ids[0])).await;
     assert_error(st, &body, StatusCode::CONFLICT, "already_finished");
     let (st, body) = s

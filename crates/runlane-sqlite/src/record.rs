@@ -13,7 +13,8 @@ use crate::error::DbError;
 pub(crate) const RUN_COLUMNS: &str = "id, env, task, version, locked, payload, queue, \
      concurrency_key, lane, priority_ms, run_after, ttl_ms, ttl_deadline, idempotency_key, \
      retry_attempts_max, retry_factor, retry_min_ms, retry_max_ms, retry_jitter, \
-     max_duration_ms, attempt, status, output, error, created_at, finished_at, source, retry_of, started_at";
+     max_duration_ms, attempt, status, output, error, created_at, finished_at, source, retry_of, started_at, \
+     cancel_requested_at";
 
 use runlane_core::columns::{dur_from_sql, name_from_sql as name, source_from_sql};
 pub(crate) use runlane_core::columns::{
@@ -86,6 +87,10 @@ pub(crate) fn decode_run(row: &Row<'_>) -> Result<RunRecord, DbError> {
             .get::<_, Option<i64>>(28)?
             .map(ts_from_sql)
             .transpose()?,
+        cancel_requested_at: row
+            .get::<_, Option<i64>>(29)?
+            .map(ts_from_sql)
+            .transpose()?,
     })
 }
 
@@ -154,7 +159,7 @@ pub(crate) fn store_run(conn: &Connection, r: &RunRecord) -> Result<(), DbError>
     let mut stmt = conn.prepare_cached(&format!(
         "INSERT INTO runs ({RUN_COLUMNS}) VALUES \
          (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
-          ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29)"
+          ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)"
     ))?;
     stmt.execute(params![
         id,
@@ -186,6 +191,7 @@ pub(crate) fn store_run(conn: &Connection, r: &RunRecord) -> Result<(), DbError>
         r.source.as_str(),
         r.retry_of.map(id_to_sql),
         r.started_at.map(ts_to_sql),
+        r.cancel_requested_at.map(ts_to_sql),
     ])?;
     for (seq, attempt) in r.attempts.iter().enumerate() {
         append_attempt_at(conn, r.id, seq as i64, attempt)?;

@@ -126,6 +126,10 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (env, task, schedule_index)
     ) WITHOUT ROWID;
     "#,
+    // 3: a requested cancel is kept with the run, so it outlives the process (issue 5).
+    r#"
+    ALTER TABLE runs ADD COLUMN cancel_requested_at INTEGER;
+    "#,
 ];
 
 /// The schema version this build writes.

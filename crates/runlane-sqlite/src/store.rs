@@ -243,6 +243,12 @@ impl RunStore for SqliteStore {
         self.writer.call(move |conn| write::remove(conn, run)).await
     }
 
+    async fn request_cancel(&self, run: RunId, at: Timestamp) -> Result<Timestamp, StoreError> {
+        self.writer
+            .call(move |conn| write::request_cancel(conn, run, at))
+            .await
+    }
+
     fn note_start(&self, run: RunId, attempt: u32, at: Timestamp) {
         self.writer.note_start(run, attempt, at);
     }
@@ -661,5 +667,91 @@ mod tests {
             !all.contains("TEMP B-TREE"),
             "id order is table order: {all}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_cancel_request_is_kept_durably_and_the_first_instant_stays() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("runs.db");
+        let store = SqliteStore::open(&path, SqliteConfig::default()).expect("open");
+        let (a, done) = (record(1), record(2));
+        store
+            .insert(vec![(a.clone(), None), (done.clone(), None)], Timestamp(1))
+            .await
+            .expect("insert");
+        assert_eq!(
+            store.request_cancel(a.id, Timestamp(5)).await,
+            Ok(Timestamp(5))
+        );
+        assert_eq!(
+            store.request_cancel(a.id, Timestamp(9)).await,
+            Ok(Timestamp(5)),
+            "a second request keeps the first instant"
+        );
+        store
+            .finish(done.id, RunStatus::Completed, None, None, Timestamp(2))
+            .await
+            .expect("finish");
+        assert_eq!(
+            store.request_cancel(done.id, Timestamp(5)).await,
+            Err(StoreError::AlreadyFinished {
+                run: done.id,
+                status: RunStatus::Completed
+            })
+        );
+        let missing = record(3).id;
+        assert_eq!(
+            store.request_cancel(missing, Timestamp(5)).await,
+            Err(StoreError::NotFound(missing))
+        );
+        drop(store);
+
+        let store = SqliteStore::open(&path, SqliteConfig::default()).expect("reopen");
+        let kept = store.get(a.id).await.expect("get").expect("run");
+        assert_eq!(kept.cancel_requested_at, Some(Timestamp(5)));
+        assert_eq!(kept.status, a.status, "only the request changed");
+        let unfinished = store.unfinished().await.expect("unfinished");
+        assert_eq!(unfinished, vec![kept]);
+        let finished = store.get(done.id).await.expect("get").expect("run");
+        assert_eq!(finished.cancel_requested_at, None);
+    }
+
+    #[tokio::test]
+    async fn a_file_of_schema_one_is_migrated_and_its_runs_read_without_a_cancel_request() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("runs.db");
+        // A file as the first release wrote it: migration 1 only, one run in it.
+        {
+            let conn = rusqlite::Connection::open(&path).expect("create");
+            conn.execute_batch(schema::MIGRATIONS[0]).expect("schema 1");
+            conn.execute_batch(&format!(
+                "PRAGMA application_id = {}; PRAGMA user_version = 1;",
+                schema::APPLICATION_ID as i32
+            ))
+            .expect("stamp");
+            conn.execute(
+                "INSERT INTO runs (id, env, task, version, locked, payload, queue, \
+                 concurrency_key, lane, priority_ms, run_after, retry_attempts_max, \
+                 retry_factor, retry_min_ms, retry_max_ms, retry_jitter, attempt, status, \
+                 created_at, source) VALUES (?1, 'prod', 'email', 0, 0, '{}', 'email', '', \
+                 'default', 0, 1000, 3, 2.0, 1000, 60000, 0.0, 1, 'queued', 1000, 'standard')",
+                [crate::record::id_to_sql(record(1).id)],
+            )
+            .expect("a run of schema 1");
+        }
+        let store = SqliteStore::open(&path, SqliteConfig::default()).expect("open migrates");
+        let run = store.get(record(1).id).await.expect("get").expect("run");
+        assert_eq!(run.cancel_requested_at, None);
+        assert_eq!(run.status, RunStatus::Queued);
+        assert_eq!(
+            store.request_cancel(run.id, Timestamp(7)).await,
+            Ok(Timestamp(7))
+        );
+        drop(store);
+        let conn = rusqlite::Connection::open(&path).expect("open");
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("user_version");
+        assert_eq!(version as u32, schema::schema_version());
     }
 }

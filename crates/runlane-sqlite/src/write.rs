@@ -167,6 +167,29 @@ pub(crate) fn record_retry(
     Ok(())
 }
 
+/// Records a requested cancel (the first request's instant stays) and answers the instant in
+/// force; `NotFound` or `AlreadyFinished` otherwise, changing nothing.
+pub(crate) fn request_cancel(
+    conn: &Connection,
+    run: RunId,
+    at: Timestamp,
+) -> Result<Timestamp, DbError> {
+    live_status(conn, run)?;
+    conn.prepare_cached(
+        "UPDATE runs SET cancel_requested_at = ?2 WHERE id = ?1 AND cancel_requested_at IS NULL",
+    )?
+    .execute(params![id_to_sql(run), ts_to_sql(at)])?;
+    let kept: Option<i64> = conn
+        .prepare_cached("SELECT cancel_requested_at FROM runs WHERE id = ?1")?
+        .query_row([id_to_sql(run)], |r| r.get(0))?;
+    match kept {
+        Some(kept) => Ok(ts_from_sql(kept)?),
+        None => Err(DbError::Corrupt(format!(
+            "run {run}: the cancel request was not kept"
+        ))),
+    }
+}
+
 /// Marks the start of `attempt` (advisory, for crash recovery); a run that moved on or
 /// finished is left alone.
 pub(crate) fn note_start(

@@ -91,6 +91,9 @@ impl RunStore for Scoped {
     ) -> Result<(), StoreError> {
         self.0.record_retry(run, attempt, next_run_after).await
     }
+    async fn request_cancel(&self, run: RunId, at: Timestamp) -> Result<Timestamp, StoreError> {
+        self.0.request_cancel(run, at).await
+    }
     fn note_start(&self, run: RunId, attempt: u32, at: Timestamp) {
         self.0.note_start(run, attempt, at)
     }

@@ -200,6 +200,82 @@ async fn a_crash_on_the_last_attempt_ends_the_run_failed() {
     close(engine).await;
 }
 
+/// A cancel requested while the handler runs is kept in the store: the process "dies" within
+/// the grace period (nothing ended the run), and the reopen ends it `canceled`, its attempt
+/// recorded as canceled — not a crashed attempt and a retry — and it never runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_requested_before_the_crash_ends_the_run_canceled_at_reopen() {
+    let path = data_path();
+    let clock = Arc::new(ManualClock::new(EPOCH));
+    let engine = open(&path, &clock, EngineConfig::default()).await;
+    let (worker, mut started) = stuck_worker(&engine).await;
+    let policy = RetryPolicy {
+        attempts_max: 3,
+        min: Duration::from_secs(5),
+        max: Duration::from_secs(5),
+        jitter: 0.0,
+        ..RetryPolicy::default()
+    };
+    let run = engine
+        .trigger("job")
+        .retry(policy)
+        .send()
+        .await
+        .expect("trigger")
+        .run
+        .id;
+    assert_eq!(
+        bounded("the handler to start", started.recv()).await,
+        Some((run, 1))
+    );
+    let requested = engine.cancel(run).await.expect("cancel");
+    assert_eq!(
+        requested.status,
+        RunStatus::Executing,
+        "the handler ignores its token: the grace period runs"
+    );
+    assert_eq!(requested.cancel_requested_at, Some(EPOCH));
+    worker.crash();
+    close(engine).await; // The process "dies" within the grace period.
+
+    let engine = open(&path, &clock, EngineConfig::default()).await;
+    let record = engine.get(run).await.expect("recovered");
+    assert_eq!(
+        record.status,
+        RunStatus::Canceled,
+        "the cancel outlived the crash"
+    );
+    assert_eq!(record.attempt, 1, "no retry");
+    assert_eq!(
+        record
+            .attempts
+            .iter()
+            .map(|a| a.outcome.as_str())
+            .collect::<Vec<_>>(),
+        vec!["canceled"],
+        "the attempt that ran is recorded as canceled"
+    );
+    assert_eq!(record.cancel_requested_at, Some(EPOCH));
+    assert_eq!(record.finished_at, Some(EPOCH));
+
+    // Never again: past any backoff, a worker of the reopened engine starts only a new run.
+    let (worker, mut started) = quick_worker(&engine, 1).await;
+    clock.advance(Duration::from_secs(60));
+    let marker = engine.trigger("job").send().await.expect("marker").run.id;
+    assert_eq!(
+        bounded("the marker to start", started.recv()).await,
+        Some((marker, 1))
+    );
+    assert_eq!(finished(&engine, marker).await.status, RunStatus::Completed);
+    assert!(started.try_recv().is_err(), "nothing else started");
+    assert_eq!(
+        engine.get(run).await.expect("get").status,
+        RunStatus::Canceled
+    );
+    worker.stop().await;
+    close(engine).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_runs_come_back_in_order_with_their_deadlines() {
     let path = data_path();

@@ -232,6 +232,8 @@ pub struct Run {
     pub started_at_ms: Option<u64>,
     /// When it finished.
     pub finished_at_ms: Option<u64>,
+    /// When its cancel was first requested (kept durably: the run ends `canceled`).
+    pub cancel_requested_at_ms: Option<u64>,
     /// The run this one retries.
     pub retry_of: Option<String>,
 }
@@ -266,6 +268,7 @@ impl From<RunRecord> for Run {
             ttl_ms: r.ttl.map(ms),
             started_at_ms: r.started_at.map(Timestamp::as_millis),
             finished_at_ms: r.finished_at.map(Timestamp::as_millis),
+            cancel_requested_at_ms: r.cancel_requested_at.map(Timestamp::as_millis),
             retry_of: r.retry_of.map(|id| id.to_string()),
         }
     }
