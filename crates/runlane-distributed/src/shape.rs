@@ -227,6 +227,14 @@ pub async fn open(
             reason: e.to_string(),
         })?;
     let wake = Arc::new(Wake::new(lead.clone(), origin));
+    {
+        let wake = Arc::downgrade(&wake);
+        redis.on_rebuilt(move |effects| {
+            if let Some(wake) = wake.upgrade() {
+                wake.note_rebuilt(&effects);
+            }
+        });
+    }
     spawn_publisher(
         wake.clone(),
         client.clone(),

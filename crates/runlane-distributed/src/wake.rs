@@ -102,6 +102,13 @@ impl Wake {
         self.note_parts(&effects.ready_lanes, effects.deadline);
     }
 
+    /// Notes what a rebuild of the key space re-enqueued: its lanes are rung in every process
+    /// (this one too, through its own subscription) and its earliest deadline is announced even
+    /// when this process owns the timers, since no call of the owner's engine carried it.
+    pub(crate) fn note_rebuilt(&self, effects: &Effects) {
+        self.note_lanes_and_deadline(&effects.ready_lanes, effects.deadline);
+    }
+
     /// Notes a deadline a call created (a claim's lease).
     pub(crate) fn note_deadline(&self, deadline: Option<Timestamp>) {
         self.note_parts(&[], deadline);
@@ -110,6 +117,10 @@ impl Wake {
     fn note_parts(&self, lanes: &[LaneName], deadline: Option<Timestamp>) {
         // The owner's own calls re-arm its own timer through the engine.
         let deadline = deadline.filter(|_| !self.lead.is_leader());
+        self.note_lanes_and_deadline(lanes, deadline);
+    }
+
+    fn note_lanes_and_deadline(&self, lanes: &[LaneName], deadline: Option<Timestamp>) {
         if lanes.is_empty() && deadline.is_none() {
             return;
         }

@@ -122,6 +122,9 @@ struct Replay {
     consumers: BTreeMap<u64, String>,
 }
 
+/// Told the effects of a rebuild's re-enqueues.
+type RebuildListener = Arc<dyn Fn(Effects) + Send + Sync>;
+
 /// The Redis queue backend (implements [`QueueBackend`]).
 pub struct RedisQueue {
     conn: ConnectionManager,
@@ -133,6 +136,8 @@ pub struct RedisQueue {
     replay: Mutex<Replay>,
     store: Mutex<Option<Arc<dyn RunStore>>>,
     rebuild_lock: tokio::sync::Mutex<()>,
+    /// Told what a rebuild's re-enqueues made ready (see [`RedisQueue::on_rebuilt`]).
+    rebuilt: Mutex<Option<RebuildListener>>,
     connected: AtomicBool,
     last_error: Mutex<Option<String>>,
     rebuilds: AtomicU64,
@@ -343,6 +348,7 @@ impl RedisQueue {
             replay: Mutex::new(Replay::default()),
             store: Mutex::new(None),
             rebuild_lock: tokio::sync::Mutex::new(()),
+            rebuilt: Mutex::new(None),
             connected: AtomicBool::new(true),
             last_error: Mutex::new(None),
             rebuilds: AtomicU64::new(0),
@@ -384,6 +390,15 @@ impl RedisQueue {
     /// Attaches the run store the key space is rebuilt from when it is found lost.
     pub fn attach_store(&self, store: Arc<dyn RunStore>) {
         *lock(&self.store) = Some(store);
+    }
+
+    /// Sets who is told, after each rebuild, the effects of its re-enqueues: the lanes that
+    /// received ready runs and the earliest deadline. The call that found the key space lost
+    /// answers only for itself, so without this nobody would ring those lanes' doorbells or
+    /// re-arm the timer for the re-enqueued delayed runs, and idle workers (which never poll)
+    /// would leave them waiting.
+    pub fn on_rebuilt(&self, listener: impl Fn(Effects) + Send + Sync + 'static) {
+        *lock(&self.rebuilt) = Some(Arc::new(listener));
     }
 
     /// The earliest deadline, read by the deployment's timer owner for its timer: the script
@@ -599,6 +614,7 @@ impl RedisQueue {
             )
             .await?;
         }
+        let mut effects = Effects::default();
         if let Some(store) = store {
             let mut runs = store
                 .unfinished()
@@ -626,9 +642,14 @@ impl RedisQueue {
                 if answer.code != "ok" {
                     tracing::warn!(run = %id, code = %answer.code, "rebuild enqueue refused");
                 }
+                effects.merge(answer.effects);
             }
         }
         self.raw_checked("rebuilt", now, Vec::new()).await?;
+        let listener = lock(&self.rebuilt).clone();
+        if let Some(listener) = listener {
+            listener(effects);
+        }
         Ok(())
     }
 

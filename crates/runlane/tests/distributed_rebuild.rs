@@ -107,3 +107,85 @@ async fn lost_redis_is_rebuilt_from_postgres_terminal_runs_never_return() {
     assert_eq!(executed.len(), 40);
     engine.shutdown().await;
 }
+
+/// Workers never poll: an idle workloop waits on its lane's doorbell. A rebuild re-enqueues
+/// runs outside any caller's answer, so it must ring their lanes itself, in every process:
+/// here process A's idle workloop takes back a run whose key space process B rebuilt, with
+/// nothing else calling. Leases are long, so no heartbeat or expiry wakes A in the meantime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_in_one_process_wakes_idle_workers_of_another() {
+    use runlane::{HandlerError, RunContext};
+    use serde_json::Value;
+    use tokio::sync::{mpsc, Semaphore};
+
+    const LEASE: Duration = Duration::from_secs(600);
+    const BOUND: Duration = Duration::from_secs(20);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let prefix = redis_support::fresh_prefix("rebuild_wake");
+    let schema = format!("rlt_rebuild_wake_{}_{n}", std::process::id());
+    let open = |throwaway: bool| {
+        let mut config = DistributedConfig::new(redis_support::url(), database_url());
+        config.redis.prefix = prefix.clone();
+        config.postgres.schema = schema.clone();
+        config.postgres.pool_size = 4;
+        config.throwaway = throwaway;
+        async move {
+            match runlane::distributed_with(EngineBuilder::new(), config).await {
+                Ok(engine) => engine,
+                Err(e) => panic!("redis and postgresql are required: {e}"),
+            }
+        }
+    };
+    let a = open(true).await;
+    let b = open(false).await;
+
+    // A: two slots; the first start holds its slot until the gate opens.
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let gate = Arc::new(Semaphore::new(0));
+    let held = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker = {
+        let gate = gate.clone();
+        a.worker()
+            .workloops("manual>*:2")
+            .lease(LEASE)
+            .handler("job", move |ctx: RunContext| {
+                let (started_tx, gate) = (started_tx.clone(), gate.clone());
+                let first = !held.swap(true, Ordering::SeqCst);
+                async move {
+                    let _ = started_tx.send(ctx.run_id());
+                    if first {
+                        let _permit = gate
+                            .acquire()
+                            .await
+                            .map_err(|_| HandlerError::new("gate closed"))?;
+                    }
+                    Ok::<Value, HandlerError>(Value::Null)
+                }
+            })
+            .start()
+            .await
+            .expect("worker")
+    };
+    let run = b.trigger("job").send().await.expect("trigger").run.id;
+    let first = tokio::time::timeout(BOUND, started.recv())
+        .await
+        .expect("the first start");
+    assert_eq!(first, Some(run));
+
+    // The key space is lost; B's next call rebuilds it: the run comes back waiting.
+    let deleted = b.queue().redis().delete_keys().await.expect("delete");
+    assert!(deleted > 0, "the prefix had keys");
+    b.queue().snapshot().await.expect("snapshot (rebuilds)");
+    assert_eq!(b.health().await.redis_backend.rebuilds, 1);
+
+    // A's idle second slot is rung by B's rebuild and runs it again (its lease was lost).
+    let again = tokio::time::timeout(BOUND, started.recv())
+        .await
+        .expect("an idle worker of another process takes the rebuilt run back");
+    assert_eq!(again, Some(run), "the same run, its lost lease taken again");
+    assert_completed(&a, run).await;
+    gate.add_permits(1);
+    worker.stop().await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
