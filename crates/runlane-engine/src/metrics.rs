@@ -41,6 +41,11 @@ pub struct EngineMetrics {
     pub lease_losses: u64,
     /// Attempts that ran past their max duration.
     pub timed_out: u64,
+    /// Schedule ticks this process fired (each made a new `scheduled` run; a tick another
+    /// process fired first is not counted).
+    pub schedule_ticks_fired: u64,
+    /// Schedule ticks skipped because their trigger was refused (e.g. a full queue).
+    pub schedule_ticks_refused: u64,
 }
 
 /// The live counters.
@@ -55,6 +60,8 @@ pub(crate) struct Counters {
     expired: AtomicU64,
     lease_losses: AtomicU64,
     timed_out: AtomicU64,
+    schedule_fired: AtomicU64,
+    schedule_refused: AtomicU64,
     last_claim: Mutex<HashMap<LaneName, Timestamp>>,
 }
 
@@ -75,6 +82,8 @@ impl Counters {
             expired: AtomicU64::new(0),
             lease_losses: AtomicU64::new(0),
             timed_out: AtomicU64::new(0),
+            schedule_fired: AtomicU64::new(0),
+            schedule_refused: AtomicU64::new(0),
             last_claim: Mutex::new(HashMap::new()),
         }
     }
@@ -88,6 +97,16 @@ impl Counters {
 
     pub(crate) fn idempotent_hit(&self) {
         bump(&self.idempotent_hits, 1);
+    }
+
+    /// A schedule tick fired by this process (a new run).
+    pub(crate) fn schedule_fired(&self) {
+        bump(&self.schedule_fired, 1);
+    }
+
+    /// A schedule tick whose trigger was refused.
+    pub(crate) fn schedule_refused(&self) {
+        bump(&self.schedule_refused, 1);
     }
 
     /// Leases granted at `now`: each first attempt's latency from when it was due.
@@ -155,6 +174,8 @@ impl Counters {
             expired: get(&self.expired),
             lease_losses: get(&self.lease_losses),
             timed_out: get(&self.timed_out),
+            schedule_ticks_fired: get(&self.schedule_fired),
+            schedule_ticks_refused: get(&self.schedule_refused),
         }
     }
 }

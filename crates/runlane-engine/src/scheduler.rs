@@ -324,9 +324,14 @@ impl Inner {
             inner: self.clone(),
         };
         match engine.trigger_request(request).await {
-            Ok(_) => {}
+            Ok(triggered) => {
+                if !triggered.idempotent_hit {
+                    self.counters.schedule_fired();
+                }
+            }
             Err(e) if worth_retrying(&e) => return Err(e),
             Err(e) => {
+                self.counters.schedule_refused();
                 // Trying the same tick again would be refused again: the tick is skipped.
                 tracing::warn!(env = %due.env, task = %due.task, index = due.index,
                     tick = tick.as_millis(), error = %e, "scheduler: a scheduled trigger was refused");

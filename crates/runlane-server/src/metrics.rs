@@ -92,6 +92,19 @@ pub async fn render(state: &AppState) -> Result<String, ApiError> {
         m.timed_out,
     );
 
+    t.one(
+        "runlane_schedule_ticks_fired_total",
+        "counter",
+        "Schedule ticks this process fired (each a new run with source scheduled).",
+        m.schedule_ticks_fired,
+    );
+    t.one(
+        "runlane_schedule_ticks_refused_total",
+        "counter",
+        "Schedule ticks skipped because their trigger was refused.",
+        m.schedule_ticks_refused,
+    );
+
     let name = "runlane_start_latency_seconds";
     t.head(
         name,

@@ -63,6 +63,9 @@ async fn metrics(shape: Shape) {
     let text = resp.text().await.expect("text");
     assert_eq!(value(&text, "runlane_triggered_total"), 4.0);
     assert_eq!(value(&text, "runlane_claimed_total"), 3.0);
+    // No version carries schedules here: the series are there, at zero.
+    assert_eq!(value(&text, "runlane_schedule_ticks_fired_total"), 0.0);
+    assert_eq!(value(&text, "runlane_schedule_ticks_refused_total"), 0.0);
     assert_eq!(value(&text, "runlane_start_latency_seconds_count"), 3.0);
     assert_eq!(
         value(&text, "runlane_start_latency_seconds_bucket{le=\"+Inf\"}"),

@@ -68,6 +68,20 @@ async fn schedules_list(shape: Shape) {
     .await
     .expect("two scheduled runs within the wait bound");
     assert!(fired.iter().all(|r| r.task.as_str() == "tick"));
+    // The second tick fired after the first one's cursor moved, so its count is in.
+    let resp = s
+        .client
+        .get(format!("{}/metrics", s.base))
+        .send()
+        .await
+        .expect("sent");
+    let text = resp.text().await.expect("metrics text");
+    let counted = text
+        .lines()
+        .find_map(|l| l.strip_prefix("runlane_schedule_ticks_fired_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .expect("the fired-ticks series");
+    assert!(counted >= 1, "{text}");
     let first_tick: Value = serde_json::from_str(&fired[0].payload).expect("payload");
     let first_tick = first_tick["tick"]
         .as_u64()

@@ -99,6 +99,13 @@ async fn two_engines_make_exactly_one_run_per_tick() {
         armed(&clock, next, 2).await;
         let runs = scheduled_runs(a.engine()).await;
         assert_eq!(runs.len(), round + 1, "exactly one run per tick: {runs:?}");
+        let fired =
+            a.engine().metrics().schedule_ticks_fired + b.engine().metrics().schedule_ticks_fired;
+        assert_eq!(
+            fired,
+            round as u64 + 1,
+            "one process counts each tick as fired; the other's trigger was an idempotency hit"
+        );
         let key = format!("schedule:report:0:{}", tick.as_millis());
         assert_eq!(runs[round].idempotency_key.as_deref(), Some(key.as_str()));
         for engine in [a.engine(), b.engine()] {
