@@ -69,6 +69,26 @@ trait Call: Send {
     fn apply(&mut self, conn: &Connection) -> Applied;
     /// Answers the caller: its own result when the batch committed, else the batch's error.
     fn answer(self: Box<Self>, batch: Result<(), StoreError>);
+    /// Whether the call only wakes the writer (for start marks) and writes nothing itself.
+    fn is_wake(&self) -> bool {
+        false
+    }
+}
+
+/// The call a start mark sends to wake an idle writer: it writes nothing, and a batch of only
+/// these with no mark left to write (all withdrawn meanwhile) opens no transaction.
+struct Wake;
+
+impl Call for Wake {
+    fn apply(&mut self, _: &Connection) -> Applied {
+        Applied::Done
+    }
+
+    fn answer(self: Box<Self>, _: Result<(), StoreError>) {}
+
+    fn is_wake(&self) -> bool {
+        true
+    }
 }
 
 struct Pending<T, F> {
@@ -115,7 +135,16 @@ where
 }
 
 /// Start marks waiting for the writer's next batch (see [`Writer::note_start`]).
-type Starts = Arc<Mutex<Vec<(RunId, u32, Timestamp)>>>;
+#[derive(Default)]
+struct StartBuffer {
+    /// The marks, in the order they were noted.
+    marks: Vec<(RunId, u32, Timestamp)>,
+    /// A wake-up was sent and the writer has not taken the buffer since: marks noted now ride
+    /// with it (marks withdrawn and noted again do not wake the writer once per mark).
+    woken: bool,
+}
+
+type Starts = Arc<Mutex<StartBuffer>>;
 
 /// The handle to the writer thread. Dropping it lets the thread finish what is queued, then
 /// joins it, so the write connection is closed when the store is gone.
@@ -199,31 +228,41 @@ impl Writer {
     /// Queues a start mark for the next batch without waiting and without a call of its own:
     /// marks pile up in one buffer that the writer applies first in its next transaction (so a
     /// mark always lands before the end of the attempt it marks, which is sent later). Only
-    /// the first mark into an empty buffer wakes the writer. A full buffer drops the mark, as
-    /// a full queue would drop any other advisory write.
+    /// the first mark since the writer last took the buffer wakes it. A full buffer drops the
+    /// mark, as a full queue would drop any other advisory write.
     pub(crate) fn note_start(&self, run: RunId, attempt: u32, at: Timestamp) {
         let Some(queue) = self.queue.as_ref() else {
             return;
         };
         let first = {
             let mut starts = self.starts.lock().unwrap_or_else(|e| e.into_inner());
-            if starts.len() >= self.starts_max {
+            if starts.marks.len() >= self.starts_max {
                 self.counters.queue_timeouts.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            starts.push((run, attempt, at));
-            starts.len() == 1
+            starts.marks.push((run, attempt, at));
+            !std::mem::replace(&mut starts.woken, true)
         };
         if first {
             // Any call wakes the writer, which then takes the buffer; a full queue means it
             // is busy and will take it at its next batch anyway.
-            let (reply, _answer) = oneshot::channel();
-            let wake: Box<dyn Call> = Box::new(Pending {
-                step: |_: &Connection| Ok::<(), DbError>(()),
-                result: None,
-                reply,
-            });
-            let _ = queue.try_send(wake);
+            let _ = queue.try_send(Box::new(Wake));
+        }
+    }
+}
+
+impl Writer {
+    /// Drops the start mark of `attempt` of `run` if it is still waiting in the buffer: its
+    /// handler returned, so its end follows (see [`Writer::forget_starts`]).
+    pub(crate) fn forget_start(&self, run: RunId, attempt: u32) {
+        let mut starts = self.starts.lock().unwrap_or_else(|e| e.into_inner());
+        // The mark was noted shortly before: search from the end.
+        if let Some(i) = starts
+            .marks
+            .iter()
+            .rposition(|&(r, a, _)| r == run && a == attempt)
+        {
+            starts.marks.remove(i);
         }
     }
 }
@@ -236,11 +275,11 @@ impl Writer {
     /// re-run.
     pub(crate) fn forget_starts(&self, runs: &[RunId]) {
         let mut starts = self.starts.lock().unwrap_or_else(|e| e.into_inner());
-        if starts.is_empty() || runs.is_empty() {
+        if starts.marks.is_empty() || runs.is_empty() {
             return;
         }
         let ending: std::collections::HashSet<RunId> = runs.iter().copied().collect();
-        starts.retain(|(run, _, _)| !ending.contains(run));
+        starts.marks.retain(|(run, _, _)| !ending.contains(run));
     }
 }
 
@@ -274,7 +313,16 @@ fn run(
             }
         }
         // Taken after the calls: every mark noted before one of these calls was sent is in.
-        let marks = std::mem::take(&mut *starts.lock().unwrap_or_else(|e| e.into_inner()));
+        let marks = {
+            let mut starts = starts.lock().unwrap_or_else(|e| e.into_inner());
+            starts.woken = false;
+            std::mem::take(&mut starts.marks)
+        };
+        if marks.is_empty() && batch.iter().all(|call| call.is_wake()) {
+            // Woken for marks that were all withdrawn: nothing to write.
+            batch.clear();
+            continue;
+        }
         if !marks.is_empty() {
             let (reply, _answer) = oneshot::channel();
             let step = move |conn: &Connection| crate::write::note_starts(conn, &marks);
