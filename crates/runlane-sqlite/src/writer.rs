@@ -524,6 +524,88 @@ mod tests {
         Err(DbError::Corrupt("boom".into()))
     }
 
+    /// Runs `test` while the writer thread is held inside a call; `test` releases it by
+    /// sending on the channel it gets.
+    fn with_held_writer(test: impl FnOnce(&Writer, std::sync::mpsc::Sender<()>)) {
+        let (_dir, conn) = database();
+        let writer = Writer::spawn(
+            conn,
+            _dir.path().join("runs.db"),
+            16,
+            16,
+            Duration::from_secs(5),
+            Arc::default(),
+        )
+        .expect("writer");
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let held = Mutex::new(held);
+        let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+        let entered_tx = Mutex::new(entered_tx);
+        std::thread::scope(|scope| {
+            let writer = &writer;
+            scope.spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(writer.call(move |_: &Connection| {
+                    let _ = entered_tx.lock().map(|tx| tx.send(()));
+                    let _ = held.lock().map(|rx| rx.recv());
+                    Ok::<(), DbError>(())
+                }))
+            });
+            entered.recv().expect("the writer entered the holding call");
+            test(writer, release);
+        });
+    }
+
+    /// Waits until the writer answered one more call: every batch before it is done.
+    fn flush(writer: &Writer) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(writer.call(|_: &Connection| Ok::<(), DbError>(())))
+            .expect("flush");
+    }
+
+    #[test]
+    fn a_withdrawn_start_mark_is_not_written_and_its_wake_up_opens_no_transaction() {
+        with_held_writer(|writer, release| {
+            writer.note_start(RunId(1), 1, Timestamp(5));
+            writer.forget_start(RunId(1), 2); // another attempt: the mark stays
+            assert_eq!(writer.starts.lock().expect("lock").marks.len(), 1);
+            writer.forget_start(RunId(1), 1);
+            assert!(writer.starts.lock().expect("lock").marks.is_empty());
+            let before = writer.counters.commits.load(Ordering::SeqCst);
+            release.send(()).expect("release");
+            flush(writer);
+            // The holding call's batch and the flush committed; the lone wake-up did not.
+            let after = writer.counters.commits.load(Ordering::SeqCst);
+            assert_eq!(after - before, 2, "no transaction for the wake-up alone");
+        });
+    }
+
+    #[test]
+    fn a_kept_start_mark_rides_with_the_next_batch() {
+        with_held_writer(|writer, release| {
+            writer.note_start(RunId(1), 1, Timestamp(5));
+            writer.note_start(RunId(2), 1, Timestamp(6));
+            {
+                let starts = writer.starts.lock().expect("lock");
+                assert_eq!(starts.marks.len(), 2);
+                assert!(starts.woken, "one wake-up for both marks");
+            }
+            release.send(()).expect("release");
+            flush(writer);
+            let starts = writer.starts.lock().expect("lock");
+            assert!(starts.marks.is_empty(), "the marks were taken");
+            assert!(!starts.woken, "the next mark wakes the writer again");
+            drop(starts);
+            assert_eq!(writer.counters.failed_batches.load(Ordering::SeqCst), 0);
+        });
+    }
+
     #[test]
     fn a_failing_call_is_rolled_back_and_the_rest_of_its_batch_commits() {
         let (_dir, conn) = database();
