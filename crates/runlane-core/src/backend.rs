@@ -795,6 +795,13 @@ pub trait RunStore: Send + Sync + 'static {
             Some(r) => Ok(r.cancel_requested_at.unwrap_or(at)),
         }
     }
+    /// Withdraws a start note of `attempt` of `run` that is not written yet: its handler
+    /// returned and the attempt's end is about to be written, which makes the note moot. Like
+    /// the note itself, advisory: a store that writes notes at once (or not at all) ignores it
+    /// (the default), and a crash before the end is written costs what a lost note costs.
+    fn forget_start(&self, run: RunId, attempt: u32) {
+        let _ = (run, attempt);
+    }
     /// The terminal write; the first one wins, later ones get `AlreadyFinished`. A write that
     /// carries an attempt applies only while that attempt is the run's current one; a store
     /// that fences by attempt (PostgreSQL, memory) answers `StaleAttempt` for an older one and

@@ -865,6 +865,12 @@ async fn execute(
         }
     };
 
+    if !matches!(outcome, Outcome::Aborted(_)) {
+        // The handler returned and its end follows: a start mark not written yet is moot (a
+        // crash before the end is written costs what a lost mark costs, one uncounted re-run).
+        engine.store.forget_start(run, d.attempt);
+    }
+
     // The handler is done: its slot goes to the next run while this attempt's end is written.
     let Slot { permit, ending } = slot;
     let _ending = ending.acquire_owned().await;

@@ -80,6 +80,9 @@ impl RunStore for GatedStore {
     fn note_start(&self, run: RunId, attempt: u32, at: Timestamp) {
         self.inner.note_start(run, attempt, at)
     }
+    fn forget_start(&self, run: RunId, attempt: u32) {
+        self.inner.forget_start(run, attempt)
+    }
     async fn finish(
         &self,
         run: RunId,

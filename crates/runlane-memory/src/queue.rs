@@ -978,6 +978,18 @@ impl QueueBackend for MemoryQueue {
         self.lock().leased(run, token, false).map(|_| ())
     }
 
+    async fn check_leases(
+        &self,
+        leases: &[(RunId, FencingToken)],
+    ) -> Result<Vec<Result<(), QueueError>>, QueueError> {
+        // One lock for the whole batch (the completer checks every completion of a batch).
+        let st = self.lock();
+        Ok(leases
+            .iter()
+            .map(|&(run, token)| st.leased(run, token, false).map(|_| ()))
+            .collect())
+    }
+
     async fn finish(
         &self,
         run: RunId,
@@ -1579,6 +1591,38 @@ mod tests {
         let live = q.live(RunId(1)).await.expect("live").expect("held");
         assert_eq!(live.dispatch.attempt, 2);
         q.check_invariants().expect("invariants");
+    }
+
+    #[tokio::test]
+    async fn check_leases_answers_per_run_as_check_lease_does() {
+        let q = backend(&[("e", 2, 1)]).await;
+        q.enqueue(dispatch(1, "e", "q", "default"), false, T0)
+            .await
+            .expect("enqueue");
+        let l = q
+            .claim(&claim_req(&["e"], 1, ClaimChain::default_chain()), T0)
+            .await
+            .expect("claim");
+        let token = l[0].token;
+        let asked = [
+            (RunId(1), token),
+            (RunId(1), FencingToken(token.0 + 1)),
+            (RunId(9), token),
+        ];
+        let answers = q.check_leases(&asked).await.expect("one call");
+        let mut one_by_one = Vec::new();
+        for &(run, token) in &asked {
+            one_by_one.push(q.check_lease(run, token).await);
+        }
+        assert_eq!(answers, one_by_one);
+        assert_eq!(
+            answers,
+            vec![
+                Ok(()),
+                Err(QueueError::StaleToken(RunId(1))),
+                Err(QueueError::NotFound(RunId(9))),
+            ]
+        );
     }
 
     #[tokio::test]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use runlane_core::backend::{AttemptRecord, RunRecord};
 use runlane_core::{EnvName, LaneName, QueueName, RetryPolicy, RunId, TaskName};
-use rusqlite::{params, Connection, Row};
+use rusqlite::{params, Connection, Row, Statement};
 
 use crate::error::DbError;
 
@@ -199,18 +199,32 @@ pub(crate) fn store_run(conn: &Connection, r: &RunRecord) -> Result<(), DbError>
     Ok(())
 }
 
+/// The statement of [`append_attempt`]: one statement, the next `seq` is read inside the
+/// INSERT (no separate SELECT round trip). A scalar subquery in VALUES, not `INSERT … SELECT …
+/// FROM attempts`: a SELECT reading the table it inserts into makes SQLite copy its row into a
+/// temporary table first (an ephemeral B-tree opened and closed per row).
+pub(crate) const APPEND_ATTEMPT: &str =
+    "INSERT INTO attempts (run_id, seq, number, outcome, error, ended_at) \
+     VALUES (?1, (SELECT coalesce(max(seq) + 1, 0) FROM attempts WHERE run_id = ?1), \
+     ?2, ?3, ?4, ?5)";
+
 /// Appends an attempt after the run's last recorded one.
 pub(crate) fn append_attempt(
     conn: &Connection,
     run: RunId,
     attempt: &AttemptRecord,
 ) -> Result<(), DbError> {
-    // One statement: the next `seq` is read inside the INSERT (no separate SELECT round trip).
-    conn.prepare_cached(
-        "INSERT INTO attempts (run_id, seq, number, outcome, error, ended_at) \
-         SELECT ?1, coalesce(max(seq) + 1, 0), ?2, ?3, ?4, ?5 FROM attempts WHERE run_id = ?1",
-    )?
-    .execute(params![
+    let mut stmt = conn.prepare_cached(APPEND_ATTEMPT)?;
+    append_attempt_with(&mut stmt, run, attempt)
+}
+
+/// [`append_attempt`] with its statement already prepared (callers appending many at once).
+pub(crate) fn append_attempt_with(
+    stmt: &mut Statement<'_>,
+    run: RunId,
+    attempt: &AttemptRecord,
+) -> Result<(), DbError> {
+    stmt.execute(params![
         id_to_sql(run),
         attempt.number,
         attempt.outcome,

@@ -253,6 +253,10 @@ impl RunStore for SqliteStore {
         self.writer.note_start(run, attempt, at);
     }
 
+    fn forget_start(&self, run: RunId, attempt: u32) {
+        self.writer.forget_start(run, attempt);
+    }
+
     async fn purge_finished(
         &self,
         retention: &Retention,

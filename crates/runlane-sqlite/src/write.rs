@@ -14,8 +14,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use crate::config::Retention;
 use crate::error::DbError;
 use crate::record::{
-    append_attempt, id_from_sql, id_to_sql, load_run, status_from_sql, store_run, ts_from_sql,
-    ts_to_sql,
+    append_attempt, append_attempt_with, id_from_sql, id_to_sql, load_run, status_from_sql,
+    store_run, ts_from_sql, ts_to_sql, APPEND_ATTEMPT,
 };
 
 /// Stores new runs; a live idempotency key answers its run instead. Each run is written before
@@ -278,22 +278,23 @@ pub(crate) fn finish_many(
     now: Timestamp,
 ) -> Result<Vec<Result<(), StoreError>>, DbError> {
     let mut answers = Vec::with_capacity(ends.len());
+    // Each statement is taken from the cache once for the whole call, not once per run.
+    let mut update = conn.prepare_cached(
+        "UPDATE runs SET status = ?2, output = ?3, finished_at = ?4, error = ?5, \
+         attempt = ?6 WHERE id = ?1 AND finished_at IS NULL AND attempt = ?6",
+    )?;
+    let mut append = conn.prepare_cached(APPEND_ATTEMPT)?;
     for end in ends {
         debug_assert!(end.status.is_terminal(), "finish needs a terminal status");
         let a = &end.attempt;
-        let updated = conn
-            .prepare_cached(
-                "UPDATE runs SET status = ?2, output = ?3, finished_at = ?4, error = ?5, \
-                 attempt = ?6 WHERE id = ?1 AND finished_at IS NULL AND attempt = ?6",
-            )?
-            .execute(params![
-                id_to_sql(end.run),
-                end.status.as_str(),
-                end.output.as_deref(),
-                ts_to_sql(now),
-                a.error.as_deref(),
-                a.number,
-            ])?;
+        let updated = update.execute(params![
+            id_to_sql(end.run),
+            end.status.as_str(),
+            end.output.as_deref(),
+            ts_to_sql(now),
+            a.error.as_deref(),
+            a.number,
+        ])?;
         if updated == 0 {
             // Refused: find out why (nothing was written for this run).
             answers.push(match live_attempt(conn, end.run, a.number) {
@@ -308,7 +309,7 @@ pub(crate) fn finish_many(
             });
             continue;
         }
-        append_attempt(conn, end.run, a)?;
+        append_attempt_with(&mut append, end.run, a)?;
         answers.push(Ok(()));
     }
     Ok(answers)

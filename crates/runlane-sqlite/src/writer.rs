@@ -69,6 +69,26 @@ trait Call: Send {
     fn apply(&mut self, conn: &Connection) -> Applied;
     /// Answers the caller: its own result when the batch committed, else the batch's error.
     fn answer(self: Box<Self>, batch: Result<(), StoreError>);
+    /// Whether the call only wakes the writer (for start marks) and writes nothing itself.
+    fn is_wake(&self) -> bool {
+        false
+    }
+}
+
+/// The call a start mark sends to wake an idle writer: it writes nothing, and a batch of only
+/// these with no mark left to write (all withdrawn meanwhile) opens no transaction.
+struct Wake;
+
+impl Call for Wake {
+    fn apply(&mut self, _: &Connection) -> Applied {
+        Applied::Done
+    }
+
+    fn answer(self: Box<Self>, _: Result<(), StoreError>) {}
+
+    fn is_wake(&self) -> bool {
+        true
+    }
 }
 
 struct Pending<T, F> {
@@ -115,7 +135,16 @@ where
 }
 
 /// Start marks waiting for the writer's next batch (see [`Writer::note_start`]).
-type Starts = Arc<Mutex<Vec<(RunId, u32, Timestamp)>>>;
+#[derive(Default)]
+struct StartBuffer {
+    /// The marks, in the order they were noted.
+    marks: Vec<(RunId, u32, Timestamp)>,
+    /// A wake-up was sent and the writer has not taken the buffer since: marks noted now ride
+    /// with it (marks withdrawn and noted again do not wake the writer once per mark).
+    woken: bool,
+}
+
+type Starts = Arc<Mutex<StartBuffer>>;
 
 /// The handle to the writer thread. Dropping it lets the thread finish what is queued, then
 /// joins it, so the write connection is closed when the store is gone.
@@ -199,31 +228,41 @@ impl Writer {
     /// Queues a start mark for the next batch without waiting and without a call of its own:
     /// marks pile up in one buffer that the writer applies first in its next transaction (so a
     /// mark always lands before the end of the attempt it marks, which is sent later). Only
-    /// the first mark into an empty buffer wakes the writer. A full buffer drops the mark, as
-    /// a full queue would drop any other advisory write.
+    /// the first mark since the writer last took the buffer wakes it. A full buffer drops the
+    /// mark, as a full queue would drop any other advisory write.
     pub(crate) fn note_start(&self, run: RunId, attempt: u32, at: Timestamp) {
         let Some(queue) = self.queue.as_ref() else {
             return;
         };
         let first = {
             let mut starts = self.starts.lock().unwrap_or_else(|e| e.into_inner());
-            if starts.len() >= self.starts_max {
+            if starts.marks.len() >= self.starts_max {
                 self.counters.queue_timeouts.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            starts.push((run, attempt, at));
-            starts.len() == 1
+            starts.marks.push((run, attempt, at));
+            !std::mem::replace(&mut starts.woken, true)
         };
         if first {
             // Any call wakes the writer, which then takes the buffer; a full queue means it
             // is busy and will take it at its next batch anyway.
-            let (reply, _answer) = oneshot::channel();
-            let wake: Box<dyn Call> = Box::new(Pending {
-                step: |_: &Connection| Ok::<(), DbError>(()),
-                result: None,
-                reply,
-            });
-            let _ = queue.try_send(wake);
+            let _ = queue.try_send(Box::new(Wake));
+        }
+    }
+}
+
+impl Writer {
+    /// Drops the start mark of `attempt` of `run` if it is still waiting in the buffer: its
+    /// handler returned, so its end follows (see [`Writer::forget_starts`]).
+    pub(crate) fn forget_start(&self, run: RunId, attempt: u32) {
+        let mut starts = self.starts.lock().unwrap_or_else(|e| e.into_inner());
+        // The mark was noted shortly before: search from the end.
+        if let Some(i) = starts
+            .marks
+            .iter()
+            .rposition(|&(r, a, _)| r == run && a == attempt)
+        {
+            starts.marks.remove(i);
         }
     }
 }
@@ -236,11 +275,11 @@ impl Writer {
     /// re-run.
     pub(crate) fn forget_starts(&self, runs: &[RunId]) {
         let mut starts = self.starts.lock().unwrap_or_else(|e| e.into_inner());
-        if starts.is_empty() || runs.is_empty() {
+        if starts.marks.is_empty() || runs.is_empty() {
             return;
         }
         let ending: std::collections::HashSet<RunId> = runs.iter().copied().collect();
-        starts.retain(|(run, _, _)| !ending.contains(run));
+        starts.marks.retain(|(run, _, _)| !ending.contains(run));
     }
 }
 
@@ -274,7 +313,16 @@ fn run(
             }
         }
         // Taken after the calls: every mark noted before one of these calls was sent is in.
-        let marks = std::mem::take(&mut *starts.lock().unwrap_or_else(|e| e.into_inner()));
+        let marks = {
+            let mut starts = starts.lock().unwrap_or_else(|e| e.into_inner());
+            starts.woken = false;
+            std::mem::take(&mut starts.marks)
+        };
+        if marks.is_empty() && batch.iter().all(|call| call.is_wake()) {
+            // Woken for marks that were all withdrawn: nothing to write.
+            batch.clear();
+            continue;
+        }
         if !marks.is_empty() {
             let (reply, _answer) = oneshot::channel();
             let step = move |conn: &Connection| crate::write::note_starts(conn, &marks);
@@ -474,6 +522,88 @@ mod tests {
 
     fn fail() -> Result<(), DbError> {
         Err(DbError::Corrupt("boom".into()))
+    }
+
+    /// Runs `test` while the writer thread is held inside a call; `test` releases it by
+    /// sending on the channel it gets.
+    fn with_held_writer(test: impl FnOnce(&Writer, std::sync::mpsc::Sender<()>)) {
+        let (_dir, conn) = database();
+        let writer = Writer::spawn(
+            conn,
+            _dir.path().join("runs.db"),
+            16,
+            16,
+            Duration::from_secs(5),
+            Arc::default(),
+        )
+        .expect("writer");
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let held = Mutex::new(held);
+        let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+        let entered_tx = Mutex::new(entered_tx);
+        std::thread::scope(|scope| {
+            let writer = &writer;
+            scope.spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(writer.call(move |_: &Connection| {
+                    let _ = entered_tx.lock().map(|tx| tx.send(()));
+                    let _ = held.lock().map(|rx| rx.recv());
+                    Ok::<(), DbError>(())
+                }))
+            });
+            entered.recv().expect("the writer entered the holding call");
+            test(writer, release);
+        });
+    }
+
+    /// Waits until the writer answered one more call: every batch before it is done.
+    fn flush(writer: &Writer) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(writer.call(|_: &Connection| Ok::<(), DbError>(())))
+            .expect("flush");
+    }
+
+    #[test]
+    fn a_withdrawn_start_mark_is_not_written_and_its_wake_up_opens_no_transaction() {
+        with_held_writer(|writer, release| {
+            writer.note_start(RunId(1), 1, Timestamp(5));
+            writer.forget_start(RunId(1), 2); // another attempt: the mark stays
+            assert_eq!(writer.starts.lock().expect("lock").marks.len(), 1);
+            writer.forget_start(RunId(1), 1);
+            assert!(writer.starts.lock().expect("lock").marks.is_empty());
+            let before = writer.counters.commits.load(Ordering::SeqCst);
+            release.send(()).expect("release");
+            flush(writer);
+            // The holding call's batch and the flush committed; the lone wake-up did not.
+            let after = writer.counters.commits.load(Ordering::SeqCst);
+            assert_eq!(after - before, 2, "no transaction for the wake-up alone");
+        });
+    }
+
+    #[test]
+    fn a_kept_start_mark_rides_with_the_next_batch() {
+        with_held_writer(|writer, release| {
+            writer.note_start(RunId(1), 1, Timestamp(5));
+            writer.note_start(RunId(2), 1, Timestamp(6));
+            {
+                let starts = writer.starts.lock().expect("lock");
+                assert_eq!(starts.marks.len(), 2);
+                assert!(starts.woken, "one wake-up for both marks");
+            }
+            release.send(()).expect("release");
+            flush(writer);
+            let starts = writer.starts.lock().expect("lock");
+            assert!(starts.marks.is_empty(), "the marks were taken");
+            assert!(!starts.woken, "the next mark wakes the writer again");
+            drop(starts);
+            assert_eq!(writer.counters.failed_batches.load(Ordering::SeqCst), 0);
+        });
     }
 
     #[test]

@@ -97,6 +97,9 @@ impl RunStore for Scoped {
     fn note_start(&self, run: RunId, attempt: u32, at: Timestamp) {
         self.0.note_start(run, attempt, at)
     }
+    fn forget_start(&self, run: RunId, attempt: u32) {
+        self.0.forget_start(run, attempt)
+    }
     async fn finish(
         &self,
         run: RunId,
