@@ -351,3 +351,209 @@ impl<H: StoreHook> RunStore for Forward<H> {
         self.around(op, self.inner.finish_many(ends, now)).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A store that answers every call with nothing and logs which method was called.
+    #[derive(Default)]
+    struct Log(Mutex<Vec<String>>);
+
+    impl Log {
+        fn push(&self, what: &str) {
+            self.0.lock().expect("log").push(what.to_string());
+        }
+        fn take(&self) -> Vec<String> {
+            std::mem::take(&mut *self.0.lock().expect("log"))
+        }
+    }
+
+    struct Inner(Arc<Log>);
+
+    fn none() -> StoreError {
+        StoreError::Unavailable("test store".into())
+    }
+
+    #[async_trait]
+    impl RunStore for Inner {
+        async fn insert(
+            &self,
+            _: Vec<(RunRecord, Option<IdempotencyClaim>)>,
+            _: Timestamp,
+        ) -> Result<Vec<Inserted>, StoreError> {
+            Err(none())
+        }
+        async fn remove(&self, _: RunId) -> Result<(), StoreError> {
+            Err(none())
+        }
+        async fn get(&self, _: RunId) -> Result<Option<RunRecord>, StoreError> {
+            self.0.push("inner get");
+            Ok(None)
+        }
+        async fn list(&self, _: &RunFilter) -> Result<Vec<RunRecord>, StoreError> {
+            Err(none())
+        }
+        async fn record_retry(
+            &self,
+            _: RunId,
+            _: AttemptRecord,
+            _: Timestamp,
+        ) -> Result<(), StoreError> {
+            Err(none())
+        }
+        fn note_start(&self, _: RunId, _: u32, _: Timestamp) {
+            self.0.push("inner note_start");
+        }
+        async fn finish(
+            &self,
+            _: RunId,
+            _: RunStatus,
+            _: Option<Arc<str>>,
+            _: Option<AttemptRecord>,
+            _: Timestamp,
+        ) -> Result<RunRecord, StoreError> {
+            Err(none())
+        }
+        async fn reschedule(
+            &self,
+            _: RunId,
+            _: Timestamp,
+            _: Option<Timestamp>,
+        ) -> Result<(), StoreError> {
+            Err(none())
+        }
+        async fn unfinished(&self) -> Result<Vec<RunRecord>, StoreError> {
+            Err(none())
+        }
+        async fn purge_finished(&self, _: &Retention, _: Timestamp) -> Result<u64, StoreError> {
+            Err(none())
+        }
+        async fn next_purge_at(&self, _: &Retention) -> Result<Option<Timestamp>, StoreError> {
+            Err(none())
+        }
+        async fn put_env(&self, _: &EnvName, _: EnvSettings) -> Result<(), StoreError> {
+            Err(none())
+        }
+        async fn envs(&self) -> Result<Vec<(EnvName, EnvSettings)>, StoreError> {
+            Err(none())
+        }
+        async fn add_version(
+            &self,
+            _: &EnvName,
+            _: VersionDef,
+            _: Timestamp,
+        ) -> Result<u32, StoreError> {
+            Err(none())
+        }
+        async fn version(&self, _: &EnvName, _: u32) -> Result<Option<VersionDef>, StoreError> {
+            self.0.push("inner version");
+            Ok(None)
+        }
+        async fn promote(&self, _: &EnvName, _: u32) -> Result<(), StoreError> {
+            Err(none())
+        }
+        async fn current_version(&self, _: &EnvName) -> Result<u32, StoreError> {
+            self.0.push("inner current_version");
+            Ok(0)
+        }
+        // Overrides a default: the wrapper must call this one, not the trait default.
+        async fn current_definition(&self, _: &EnvName) -> Result<(u32, VersionDef), StoreError> {
+            self.0.push("inner current_definition");
+            Ok((7, VersionDef::default()))
+        }
+        fn group_commits(&self) -> bool {
+            true
+        }
+        fn shared_between_processes(&self) -> bool {
+            true
+        }
+    }
+
+    /// Logs every hook call; turns group commits off.
+    struct Hook(Arc<Log>);
+
+    #[async_trait]
+    impl StoreHook for Hook {
+        async fn before(&self, op: StoreOp<'_>) {
+            self.0.push(&format!("before {op:?}"));
+        }
+        async fn after(&self, op: StoreOp<'_>) {
+            self.0.push(&format!("after {op:?}"));
+        }
+        fn before_sync(&self, op: StoreOp<'_>) {
+            self.0.push(&format!("sync {op:?}"));
+        }
+        fn group_commits(&self, inner: bool) -> bool {
+            assert!(inner, "the inner store's answer is passed in");
+            false
+        }
+    }
+
+    #[test]
+    fn forwards_each_call_once_between_the_hooks() {
+        let log = Arc::new(Log::default());
+        let store = Forward::new(Arc::new(Inner(log.clone())), Hook(log.clone()));
+        let env = EnvName::new("e").expect("env name");
+        let run = RunId::from_bytes([1; 16]);
+
+        let answer = block_on(store.current_definition(&env)).expect("current_definition");
+        assert_eq!(
+            answer.0, 7,
+            "the inner store's own current_definition answered"
+        );
+        let op = StoreOp::CurrentDefinition(&env);
+        assert_eq!(
+            log.take(),
+            [
+                format!("before {op:?}"),
+                "inner current_definition".into(),
+                format!("after {op:?}"),
+            ],
+            "one call to the inner override, not the default's two reads"
+        );
+
+        assert_eq!(block_on(store.get(run)).expect("get"), None);
+        assert_eq!(
+            log.take(),
+            [
+                format!("before Get({run:?})"),
+                "inner get".into(),
+                format!("after Get({run:?})"),
+            ]
+        );
+
+        store.note_start(run, 2, Timestamp::ZERO);
+        assert_eq!(
+            log.take(),
+            [
+                format!("sync {:?}", StoreOp::NoteStart { run, attempt: 2 }),
+                "inner note_start".into(),
+            ]
+        );
+
+        assert!(!store.group_commits(), "the hook decides");
+        assert!(
+            store.shared_between_processes(),
+            "the default hook keeps it"
+        );
+        assert!(log.take().is_empty());
+    }
+
+    /// Polls a future that never waits (every store and hook here answers at once).
+    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        use std::task::{Context, Poll, Wake, Waker};
+        struct Noop;
+        impl Wake for Noop {
+            fn wake(self: Arc<Self>) {}
+        }
+        let waker = Waker::from(Arc::new(Noop));
+        let mut future = std::pin::pin!(future);
+        let mut cx = Context::from_waker(&waker);
+        match future.as_mut().poll(&mut cx) {
+            Poll::Ready(out) => out,
+            Poll::Pending => panic!("a test future waited"),
+        }
+    }
+}
