@@ -8,6 +8,8 @@
 //! step. Methods return [`Effects`] so the engine can ring lane doorbells, publish run events and
 //! re-arm its timer without polling.
 
+pub mod forward;
+
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;

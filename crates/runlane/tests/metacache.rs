@@ -20,14 +20,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use runlane::core::backend::{
-    AttemptEnd, AttemptRecord, IdempotencyClaim, Inserted, Retention, RunFilter, RunRecord,
-    RunStore, VersionInfo,
-};
+use runlane::core::backend::forward::{Forward, StoreHook, StoreOp};
+use runlane::core::backend::RunStore;
 use runlane::core::metacache::SharedMetaCache;
-use runlane::core::{
-    EnvName, EnvSettings, RunId, RunStatus, StoreError, TaskDef, TaskName, Timestamp, VersionDef,
-};
+use runlane::core::{EnvName, EnvSettings, TaskDef, TaskName, Timestamp, VersionDef};
 use runlane::{
     DistributedConfig, DistributedStore, Engine, EngineBuilder, PostgresConfig, PostgresStore,
     RedisMetaCache, RedisMetaConfig, RedisQueue, SqliteConfig,
@@ -48,33 +44,28 @@ fn database_url() -> String {
 /// A store read parked until the test releases it: (entered, release).
 type Park = (oneshot::Sender<()>, oneshot::Receiver<()>);
 
-/// A run store that counts metadata reads (`envs`, `version`, `current_version`,
+/// A run store that counts metadata reads (`envs`, `version`, `current_version`, `versions`,
 /// `current_definition`) and can park the next `current_definition` after it read.
-struct Counting {
-    inner: Arc<dyn RunStore>,
+type Counting = Forward<MetaReads>;
+
+/// The hook of [`Counting`].
+#[derive(Default)]
+struct MetaReads {
     meta_reads: AtomicU64,
     park: Mutex<Option<Park>>,
 }
 
-impl Counting {
-    fn new(inner: Arc<dyn RunStore>) -> Arc<Self> {
-        Arc::new(Counting {
-            inner,
-            meta_reads: AtomicU64::new(0),
-            park: Mutex::new(None),
-        })
-    }
+fn counting(inner: Arc<dyn RunStore>) -> Arc<Counting> {
+    Arc::new(Forward::new(inner, MetaReads::default()))
+}
 
+impl MetaReads {
     fn reads(&self) -> u64 {
         self.meta_reads.load(Ordering::SeqCst)
     }
 
     fn reset(&self) {
         self.meta_reads.store(0, Ordering::SeqCst);
-    }
-
-    fn count(&self) {
-        self.meta_reads.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Parks the next `current_definition` once it has read the store: answers (entered,
@@ -88,147 +79,29 @@ impl Counting {
 }
 
 #[async_trait]
-impl RunStore for Counting {
-    async fn insert(
-        &self,
-        runs: Vec<(RunRecord, Option<IdempotencyClaim>)>,
-        now: Timestamp,
-    ) -> Result<Vec<Inserted>, StoreError> {
-        self.inner.insert(runs, now).await
+impl StoreHook for MetaReads {
+    async fn before(&self, op: StoreOp<'_>) {
+        if matches!(
+            op,
+            StoreOp::Envs
+                | StoreOp::Version(..)
+                | StoreOp::CurrentVersion(_)
+                | StoreOp::Versions(_)
+                | StoreOp::CurrentDefinition(_)
+        ) {
+            self.meta_reads.fetch_add(1, Ordering::SeqCst);
+        }
     }
-    async fn remove(&self, run: RunId) -> Result<(), StoreError> {
-        self.inner.remove(run).await
-    }
-    async fn get(&self, run: RunId) -> Result<Option<RunRecord>, StoreError> {
-        self.inner.get(run).await
-    }
-    async fn get_many(&self, runs: &[RunId]) -> Result<Vec<Option<RunRecord>>, StoreError> {
-        self.inner.get_many(runs).await
-    }
-    async fn list(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, StoreError> {
-        self.inner.list(filter).await
-    }
-    async fn record_retry(
-        &self,
-        run: RunId,
-        attempt: AttemptRecord,
-        next_run_after: Timestamp,
-    ) -> Result<(), StoreError> {
-        self.inner.record_retry(run, attempt, next_run_after).await
-    }
-    async fn request_cancel(&self, run: RunId, at: Timestamp) -> Result<Timestamp, StoreError> {
-        self.inner.request_cancel(run, at).await
-    }
-    fn note_start(&self, run: RunId, attempt: u32, at: Timestamp) {
-        self.inner.note_start(run, attempt, at)
-    }
-    fn forget_start(&self, run: RunId, attempt: u32) {
-        self.inner.forget_start(run, attempt)
-    }
-    async fn finish(
-        &self,
-        run: RunId,
-        status: RunStatus,
-        output: Option<Arc<str>>,
-        attempt: Option<AttemptRecord>,
-        now: Timestamp,
-    ) -> Result<RunRecord, StoreError> {
-        self.inner.finish(run, status, output, attempt, now).await
-    }
-    async fn reschedule(
-        &self,
-        run: RunId,
-        run_after: Timestamp,
-        ttl_deadline: Option<Timestamp>,
-    ) -> Result<(), StoreError> {
-        self.inner.reschedule(run, run_after, ttl_deadline).await
-    }
-    async fn unfinished(&self) -> Result<Vec<RunRecord>, StoreError> {
-        self.inner.unfinished().await
-    }
-    fn shared_between_processes(&self) -> bool {
-        self.inner.shared_between_processes()
-    }
-    async fn purge_finished(
-        &self,
-        retention: &Retention,
-        now: Timestamp,
-    ) -> Result<u64, StoreError> {
-        self.inner.purge_finished(retention, now).await
-    }
-    async fn next_purge_at(&self, retention: &Retention) -> Result<Option<Timestamp>, StoreError> {
-        self.inner.next_purge_at(retention).await
-    }
-    async fn put_env(&self, env: &EnvName, settings: EnvSettings) -> Result<(), StoreError> {
-        self.inner.put_env(env, settings).await
-    }
-    async fn create_env(&self, env: &EnvName, settings: EnvSettings) -> Result<bool, StoreError> {
-        self.inner.create_env(env, settings).await
-    }
-    async fn envs(&self) -> Result<Vec<(EnvName, EnvSettings)>, StoreError> {
-        self.count();
-        self.inner.envs().await
-    }
-    async fn add_version(
-        &self,
-        env: &EnvName,
-        def: VersionDef,
-        now: Timestamp,
-    ) -> Result<u32, StoreError> {
-        self.inner.add_version(env, def, now).await
-    }
-    async fn version(&self, env: &EnvName, version: u32) -> Result<Option<VersionDef>, StoreError> {
-        self.count();
-        self.inner.version(env, version).await
-    }
-    async fn promote(&self, env: &EnvName, version: u32) -> Result<(), StoreError> {
-        self.inner.promote(env, version).await
-    }
-    async fn current_version(&self, env: &EnvName) -> Result<u32, StoreError> {
-        self.count();
-        self.inner.current_version(env).await
-    }
-    async fn versions(&self, env: &EnvName) -> Result<Vec<VersionInfo>, StoreError> {
-        self.count();
-        self.inner.versions(env).await
-    }
-    async fn schedule_cursors(
-        &self,
-        env: &EnvName,
-    ) -> Result<Vec<runlane::core::backend::ScheduleCursor>, StoreError> {
-        self.inner.schedule_cursors(env).await
-    }
-    async fn advance_schedule_cursor(
-        &self,
-        env: &EnvName,
-        task: &runlane::core::TaskName,
-        index: u32,
-        from: Option<Timestamp>,
-        to: Timestamp,
-    ) -> Result<bool, StoreError> {
-        self.inner
-            .advance_schedule_cursor(env, task, index, from, to)
-            .await
-    }
-    async fn current_definition(&self, env: &EnvName) -> Result<(u32, VersionDef), StoreError> {
-        self.count();
-        let answer = self.inner.current_definition(env).await;
+
+    async fn after(&self, op: StoreOp<'_>) {
+        if !matches!(op, StoreOp::CurrentDefinition(_)) {
+            return;
+        }
         let park = self.park.lock().expect("park").take();
         if let Some((entered, release)) = park {
             let _ = entered.send(());
             let _ = release.await;
         }
-        answer
-    }
-    fn group_commits(&self) -> bool {
-        self.inner.group_commits()
-    }
-    async fn finish_many(
-        &self,
-        ends: Vec<AttemptEnd>,
-        now: Timestamp,
-    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
-        self.inner.finish_many(ends, now).await
     }
 }
 
@@ -252,7 +125,7 @@ async fn embedded() -> (Engine, Arc<Counting>) {
     let sqlite = runlane::open_sqlite(dir.join("runs.db"), SqliteConfig::default())
         .await
         .expect("open sqlite");
-    let store = Counting::new(sqlite);
+    let store = counting(sqlite);
     let engine = EngineBuilder::new()
         .open(
             Arc::new(MemoryQueue::new(MemoryConfig::default())),
@@ -306,7 +179,7 @@ impl Deployment {
             queue = queue.delete_keys_on_drop();
         }
         queue.attach_store(pg);
-        let store = Counting::new(Arc::new(store));
+        let store = counting(Arc::new(store));
         let cache = RedisMetaCache::new(RedisMetaConfig::new(redis_support::url(), &self.prefix))
             .expect("cache config");
         let engine = EngineBuilder::new()
@@ -350,7 +223,7 @@ async fn warm_and_cold(engine: &Engine, store: &Counting) {
         .expect("env");
     let v1 = deploy(engine, "warm", version(vec![task("t", 60)])).await;
     // Warm: no metadata read, locked or not.
-    store.reset();
+    store.hook().reset();
     for _ in 0..3 {
         let run = engine
             .trigger("t")
@@ -371,7 +244,7 @@ async fn warm_and_cold(engine: &Engine, store: &Counting) {
         .run;
     assert!(locked.locked);
     assert_eq!(
-        store.reads(),
+        store.hook().reads(),
         0,
         "a warm trigger read metadata from the store"
     );
@@ -383,12 +256,12 @@ async fn warm_and_cold(engine: &Engine, store: &Counting) {
         .expect("env");
     let env = EnvName::new("cold").expect("env name");
     let n = store
-        .inner
+        .inner()
         .add_version(&env, version(vec![task("t", 30)]), Timestamp::ZERO)
         .await
         .expect("add version");
-    store.inner.promote(&env, n).await.expect("promote");
-    store.reset();
+    store.inner().promote(&env, n).await.expect("promote");
+    store.hook().reset();
     let run = engine
         .trigger("t")
         .env("cold")
@@ -397,14 +270,14 @@ async fn warm_and_cold(engine: &Engine, store: &Counting) {
         .expect("trigger")
         .run;
     assert_eq!((run.version, run.ttl), (n, Some(Duration::from_secs(30))));
-    assert_eq!(store.reads(), 1, "a miss reads the store once");
+    assert_eq!(store.hook().reads(), 1, "a miss reads the store once");
     engine
         .trigger("t")
         .env("cold")
         .send()
         .await
         .expect("trigger");
-    assert_eq!(store.reads(), 1, "the miss back-filled the cache");
+    assert_eq!(store.hook().reads(), 1, "the miss back-filled the cache");
 }
 
 #[tokio::test]
@@ -448,7 +321,7 @@ async fn a_locked_trigger_reads_the_by_version_keyspace() {
 
     // A second engine (its in-process level cold) on the same deployment.
     let (b, store) = d.engine(true).await;
-    store.reset();
+    store.hook().reset();
     let run = b
         .trigger("t")
         .lock_to_version(v1)
@@ -458,7 +331,11 @@ async fn a_locked_trigger_reads_the_by_version_keyspace() {
         .run;
     assert_eq!((run.version, run.locked), (v1, true));
     assert_eq!(run.ttl, Some(Duration::from_secs(11)));
-    assert_eq!(store.reads(), 0, "the locked version came from the cache");
+    assert_eq!(
+        store.hook().reads(),
+        0,
+        "the locked version came from the cache"
+    );
     let pttl: i64 = redis::cmd("PTTL")
         .arg(&key)
         .query_async(&mut conn)
@@ -490,9 +367,9 @@ async fn promotion_race(engine: &Engine, store: &Counting) -> (u32, u32) {
         .expect("register 2");
     // Version 1 promoted behind the engine's back: its caches know nothing of env `race`.
     let env = EnvName::new("race").expect("env name");
-    store.inner.promote(&env, v1).await.expect("promote 1");
+    store.inner().promote(&env, v1).await.expect("promote 1");
 
-    let (entered, release) = store.arm();
+    let (entered, release) = store.hook().arm();
     let trigger = {
         let engine = engine.clone();
         tokio::spawn(async move { engine.trigger("t").env("race").send().await })
@@ -546,7 +423,7 @@ async fn distributed_promotion_race_keeps_the_newer_version() {
     );
     // An engine with a cold in-process level reads the shared level: version 2.
     let (b, store_b) = d.engine(true).await;
-    store_b.reset();
+    store_b.hook().reset();
     let run = b
         .trigger("t")
         .env("race")
@@ -555,7 +432,7 @@ async fn distributed_promotion_race_keeps_the_newer_version() {
         .expect("trigger")
         .run;
     assert_eq!(run.version, v2);
-    assert_eq!(store_b.reads(), 0);
+    assert_eq!(store_b.hook().reads(), 0);
     drop(a);
 }
 
@@ -585,7 +462,7 @@ async fn an_empty_version_clears_env_current() {
     assert_eq!(stamp(&mut conn, &key).await, Some(empty.to_string()));
     // Both this engine and a cold one now resolve `t` without a definition.
     let (b, store_b) = d.engine(true).await;
-    store_b.reset();
+    store_b.hook().reset();
     for engine in [&a, &b] {
         let run = engine.trigger("t").send().await.expect("trigger").run;
         assert_eq!(run.version, empty);
@@ -596,7 +473,7 @@ async fn an_empty_version_clears_env_current() {
         );
         assert_eq!(run.ttl, None);
     }
-    assert_eq!(store_b.reads(), 0);
+    assert_eq!(store_b.hook().reads(), 0);
     drop(a);
 }
 
