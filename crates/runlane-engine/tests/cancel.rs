@@ -72,6 +72,18 @@ async fn stuck_worker(
     (worker, rx)
 }
 
+/// Triggers one `job` run, with three attempts at 1 s intervals: its id.
+async fn trigger_job(engine: &Engine) -> runlane_core::RunId {
+    engine
+        .trigger("job")
+        .retry(retry_three())
+        .send()
+        .await
+        .expect("trigger")
+        .run
+        .id
+}
+
 fn retry_three() -> RetryPolicy {
     RetryPolicy {
         attempts_max: 3,
@@ -97,14 +109,7 @@ fn outcomes(record: &runlane_core::backend::RunRecord) -> Vec<&str> {
 async fn a_cancel_of_a_queued_run_ends_it_at_once_and_is_kept_in_the_store() {
     let b = open().await;
     // No worker: the run waits (ready in its lane).
-    let run = b
-        .engine
-        .trigger("job")
-        .send()
-        .await
-        .expect("trigger")
-        .run
-        .id;
+    let run = trigger_job(&b.engine).await;
     let canceled = b.engine.cancel(run).await.expect("cancel");
     assert_eq!(canceled.status, RunStatus::Canceled, "canceled at once");
     assert_eq!(canceled.finished_at, Some(T0));
@@ -127,15 +132,7 @@ async fn a_cancel_of_a_queued_run_ends_it_at_once_and_is_kept_in_the_store() {
 async fn a_lease_that_lapses_after_a_cancel_the_queue_never_heard_of_ends_canceled() {
     let b = open().await;
     let (worker, mut started) = stuck_worker(&b.engine, Duration::ZERO).await;
-    let run = b
-        .engine
-        .trigger("job")
-        .retry(retry_three())
-        .send()
-        .await
-        .expect("trigger")
-        .run
-        .id;
+    let run = trigger_job(&b.engine).await;
     assert_eq!(bounded(started.recv()).await, Some(1));
     // The requester wrote the store and died before its queue call; then the worker dies.
     let at = b.store.request_cancel(run, T0).await.expect("request");
@@ -164,15 +161,7 @@ async fn a_claimed_run_whose_cancel_is_kept_in_the_store_ends_canceled_without_r
     // The first worker's drain hands the run back to its queue (no attempt counted), so the
     // next claim reads it back from the store.
     let (worker, mut started) = stuck_worker(&b.engine, Duration::ZERO).await;
-    let run = b
-        .engine
-        .trigger("job")
-        .retry(retry_three())
-        .send()
-        .await
-        .expect("trigger")
-        .run
-        .id;
+    let run = trigger_job(&b.engine).await;
     assert_eq!(bounded(started.recv()).await, Some(1));
     let report = bounded(worker.stop()).await;
     assert_eq!(report.released, 1);
@@ -197,14 +186,7 @@ async fn a_claimed_run_whose_cancel_is_kept_in_the_store_ends_canceled_without_r
 async fn a_second_cancel_keeps_the_first_request_instant() {
     let b = open().await;
     let (worker, mut started) = stuck_worker(&b.engine, Duration::ZERO).await;
-    let run = b
-        .engine
-        .trigger("job")
-        .send()
-        .await
-        .expect("trigger")
-        .run
-        .id;
+    let run = trigger_job(&b.engine).await;
     assert_eq!(bounded(started.recv()).await, Some(1));
     let first = b.engine.cancel(run).await.expect("cancel");
     assert_eq!(
