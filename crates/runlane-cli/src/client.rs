@@ -264,6 +264,8 @@ pub struct Run {
     pub source: Option<String>,
     /// The version it took.
     pub version: Option<u64>,
+    /// Whether it is locked to that version.
+    pub locked: Option<bool>,
     /// The run a manual retry retries.
     pub retry_of: Option<String>,
     /// Attempt number.

@@ -119,8 +119,10 @@ async fn workflow(shape: Shape) {
     // Triggers: unlocked take the current version, locked keep theirs.
     let unlocked_v2 = trigger(&s, "email", None).await;
     assert_eq!(placed(&unlocked_v2), (2, "mail2".into()));
+    assert_eq!(unlocked_v2["locked"], false, "{unlocked_v2}");
     let locked_v1 = trigger(&s, "email", Some(1)).await;
     assert_eq!(placed(&locked_v1), (1, "mail".into()));
+    assert_eq!(locked_v1["locked"], true, "{locked_v1}");
     assert_eq!(locked_v1["ttl_ms"], 60000, "v1's ttl");
 
     let (st, promoted) = s

@@ -218,6 +218,9 @@ pub struct Run {
     pub source: String,
     /// The version it took.
     pub version: u32,
+    /// Whether it is locked to that version (its trigger named it): it is only ever claimed
+    /// by workers serving that version.
+    pub locked: bool,
     /// The current (or last) attempt.
     pub attempt: u32,
     /// Its priority.
@@ -261,6 +264,7 @@ impl From<RunRecord> for Run {
             lane: r.lane.to_string(),
             source: r.source.as_str().to_string(),
             version: r.version,
+            locked: r.locked,
             attempt: r.attempt,
             priority_ms: ms(r.priority),
             created_at_ms: r.created_at.as_millis(),
