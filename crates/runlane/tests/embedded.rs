@@ -121,22 +121,16 @@ async fn finished(engine: &Engine, run: RunId) -> runlane::core::backend::RunRec
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_executing_at_the_crash_counts_a_crashed_attempt_and_retries() {
-    let path = data_path();
-    let clock = Arc::new(ManualClock::new(EPOCH));
-    let engine = open(&path, &clock, EngineConfig::default()).await;
-    let (worker, mut started) = stuck_worker(&engine).await;
-    let policy = RetryPolicy {
-        attempts_max: 2,
-        min: Duration::from_secs(5),
-        max: Duration::from_secs(5),
-        jitter: 0.0,
-        ..RetryPolicy::default()
-    };
+/// Starts a [`stuck_worker`], triggers one `job` run with `retry` and waits until its first
+/// attempt runs: the worker (to crash) and the run.
+async fn run_stuck_in_its_first_attempt(
+    engine: &Engine,
+    retry: RetryPolicy,
+) -> (runlane::Worker, RunId) {
+    let (worker, mut started) = stuck_worker(engine).await;
     let run = engine
         .trigger("job")
-        .retry(policy)
+        .retry(retry)
         .send()
         .await
         .expect("trigger")
@@ -146,6 +140,26 @@ async fn a_run_executing_at_the_crash_counts_a_crashed_attempt_and_retries() {
         bounded("the handler to start", started.recv()).await,
         Some((run, 1))
     );
+    (worker, run)
+}
+
+/// `attempts_max` attempts, 5 s apart (no jitter).
+fn backoff_5s(attempts_max: u32) -> RetryPolicy {
+    RetryPolicy {
+        attempts_max,
+        min: Duration::from_secs(5),
+        max: Duration::from_secs(5),
+        jitter: 0.0,
+        ..RetryPolicy::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_executing_at_the_crash_counts_a_crashed_attempt_and_retries() {
+    let path = data_path();
+    let clock = Arc::new(ManualClock::new(EPOCH));
+    let engine = open(&path, &clock, EngineConfig::default()).await;
+    let (worker, run) = run_stuck_in_its_first_attempt(&engine, backoff_5s(2)).await;
     worker.crash();
     close(engine).await; // The process "dies" here: nothing finished, the start mark is written.
 
@@ -176,19 +190,7 @@ async fn a_crash_on_the_last_attempt_ends_the_run_failed() {
     let path = data_path();
     let clock = Arc::new(ManualClock::new(EPOCH));
     let engine = open(&path, &clock, EngineConfig::default()).await;
-    let (worker, mut started) = stuck_worker(&engine).await;
-    let run = engine
-        .trigger("job")
-        .retry(RetryPolicy::none())
-        .send()
-        .await
-        .expect("trigger")
-        .run
-        .id;
-    assert_eq!(
-        bounded("the handler to start", started.recv()).await,
-        Some((run, 1))
-    );
+    let (worker, run) = run_stuck_in_its_first_attempt(&engine, RetryPolicy::none()).await;
     worker.crash();
     close(engine).await;
 
@@ -208,26 +210,7 @@ async fn a_cancel_requested_before_the_crash_ends_the_run_canceled_at_reopen() {
     let path = data_path();
     let clock = Arc::new(ManualClock::new(EPOCH));
     let engine = open(&path, &clock, EngineConfig::default()).await;
-    let (worker, mut started) = stuck_worker(&engine).await;
-    let policy = RetryPolicy {
-        attempts_max: 3,
-        min: Duration::from_secs(5),
-        max: Duration::from_secs(5),
-        jitter: 0.0,
-        ..RetryPolicy::default()
-    };
-    let run = engine
-        .trigger("job")
-        .retry(policy)
-        .send()
-        .await
-        .expect("trigger")
-        .run
-        .id;
-    assert_eq!(
-        bounded("the handler to start", started.recv()).await,
-        Some((run, 1))
-    );
+    let (worker, run) = run_stuck_in_its_first_attempt(&engine, backoff_5s(3)).await;
     let requested = engine.cancel(run).await.expect("cancel");
     assert_eq!(
         requested.status,
