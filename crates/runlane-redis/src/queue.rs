@@ -125,6 +125,68 @@ struct Replay {
 /// Told the effects of a rebuild's re-enqueues.
 type RebuildListener = Arc<dyn Fn(Effects) + Send + Sync>;
 
+/// How long the probe waits between two pings of an unreachable Redis.
+const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The connection's state as calls saw it. A call that fails with a connection error (after
+/// the connection manager's own reconnect attempts) marks the link down; while it is down every
+/// call fails at once with `Unavailable`, and one background task pings Redis every
+/// [`PROBE_INTERVAL`] over the same (reconnecting) connection until it answers, then marks the
+/// link up: processing resumes by itself, without a caller paying the reconnect attempts.
+#[derive(Debug)]
+struct Link {
+    up: AtomicBool,
+    probing: AtomicBool,
+}
+
+impl Default for Link {
+    fn default() -> Self {
+        Link {
+            up: AtomicBool::new(true),
+            probing: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Link {
+    fn up(&self) -> bool {
+        self.up.load(Ordering::SeqCst)
+    }
+
+    fn down(&self) {
+        self.up.store(false, Ordering::SeqCst);
+    }
+
+    /// Starts the probe unless one runs (or no runtime is there to run it).
+    fn probe(self: &Arc<Self>, conn: &ConnectionManager) {
+        if self.probing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.probing.store(false, Ordering::SeqCst);
+            return;
+        };
+        let link = Arc::downgrade(self);
+        let mut conn = conn.clone();
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(PROBE_INTERVAL).await;
+                // The queue is gone: nobody waits for the answer.
+                let Some(alive) = link.upgrade() else { return };
+                drop(alive);
+                let pong: redis::RedisResult<String> =
+                    redis::cmd("PING").query_async(&mut conn).await;
+                let Some(link) = link.upgrade() else { return };
+                if pong.is_ok() {
+                    link.up.store(true, Ordering::SeqCst);
+                    link.probing.store(false, Ordering::SeqCst);
+                    return;
+                }
+            }
+        });
+    }
+}
+
 /// The Redis queue backend (implements [`QueueBackend`]).
 pub struct RedisQueue {
     conn: ConnectionManager,
@@ -138,7 +200,8 @@ pub struct RedisQueue {
     rebuild_lock: tokio::sync::Mutex<()>,
     /// Told what a rebuild's re-enqueues made ready (see [`RedisQueue::on_rebuilt`]).
     rebuilt: Mutex<Option<RebuildListener>>,
-    connected: AtomicBool,
+    /// Whether Redis answered; while it does not, calls fail fast (see [`Link`]).
+    link: Arc<Link>,
     last_error: Mutex<Option<String>>,
     rebuilds: AtomicU64,
     /// The latest engine instant any call carried: a rebuild started by a call that carries
@@ -349,7 +412,7 @@ impl RedisQueue {
             store: Mutex::new(None),
             rebuild_lock: tokio::sync::Mutex::new(()),
             rebuilt: Mutex::new(None),
-            connected: AtomicBool::new(true),
+            link: Arc::new(Link::default()),
             last_error: Mutex::new(None),
             rebuilds: AtomicU64::new(0),
             latest_now: AtomicU64::new(0),
@@ -432,7 +495,7 @@ impl RedisQueue {
     /// The connection state.
     pub fn health(&self) -> RedisHealth {
         RedisHealth {
-            connected: self.connected.load(Ordering::Relaxed),
+            connected: self.link.up(),
             last_error: lock(&self.last_error).clone(),
             rebuilds: self.rebuilds.load(Ordering::Relaxed),
         }
@@ -491,12 +554,20 @@ impl RedisQueue {
                 Arg::Bytes(b) => inv.arg(b.as_slice()),
             };
         }
+        if !self.link.up() {
+            // Known down: fail at once instead of waiting out the connection's own retries
+            // (seconds per call), so a distributed trigger costs only its PostgreSQL commit
+            // during an outage. The probe finds out when Redis answers again.
+            self.link.probe(&self.conn);
+            let last = lock(&self.last_error).clone().unwrap_or_default();
+            return Err(QueueError::Unavailable(format!(
+                "redis at {} is unreachable; calls fail fast until it answers again ({last})",
+                self.address
+            )));
+        }
         let mut conn = self.conn.clone();
         match inv.invoke_async::<Vec<u8>>(&mut conn).await {
-            Ok(bytes) => {
-                self.connected.store(true, Ordering::Relaxed);
-                parse_answer(&bytes)
-            }
+            Ok(bytes) => parse_answer(&bytes),
             Err(e) => {
                 let text = format!("redis at {}: {e}", self.address);
                 let io = e.is_io_error()
@@ -504,10 +575,11 @@ impl RedisQueue {
                     || e.is_connection_dropped()
                     || e.is_connection_refusal()
                     || e.is_unrecoverable_error();
-                if io {
-                    self.connected.store(false, Ordering::Relaxed);
-                }
                 *lock(&self.last_error) = Some(text.clone());
+                if io {
+                    self.link.down();
+                    self.link.probe(&self.conn);
+                }
                 Err(QueueError::Unavailable(text))
             }
         }

@@ -184,18 +184,23 @@ async fn killed_server_fails_fast_then_recovers_by_itself() {
     );
     assert!(!queue.health().connected, "health reports the outage");
     assert!(queue.health().last_error.is_some());
+    let again = queue.env_usage(&env).await.expect_err("still gone");
+    assert!(
+        again.to_string().contains("fail fast"),
+        "a call while the link is known down fails at once: {again}"
+    );
 
     server.restart();
-    // The connection manager reconnects on its own; the first calls may still see the old
-    // connection fail. Each attempt waits for the call's own answer.
+    // While the link is down calls fail fast; the backend's probe pings the server over the
+    // reconnecting connection and marks it up once it answers.
     let mut recovered = None;
-    for _ in 0..100 {
+    for _ in 0..3000 {
         match queue.env_usage(&env).await {
             Ok(usage) => {
                 recovered = Some(usage);
                 break;
             }
-            Err(QueueError::Unavailable(_)) => tokio::task::yield_now().await,
+            Err(QueueError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
             Err(e) => panic!("unexpected error {e:?}"),
         }
     }
