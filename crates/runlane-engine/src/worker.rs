@@ -460,7 +460,8 @@ impl WorkerShared {
         self.runs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn spawn_run(self: &Arc<Self>, leased: Leased, permit: Slot, loaded: Loaded) {
+    /// Registers a claimed run as executing here (the engine's registry and this worker's).
+    fn register(&self, leased: &Leased) -> Arc<LocalRun> {
         let run = leased.dispatch.run_id;
         let local = Arc::new(LocalRun::new(run, leased.token));
         self.engine.inner.local.insert(local.clone());
@@ -474,11 +475,99 @@ impl WorkerShared {
             // Only the first run arms the heartbeat; later ones change nothing it waits for.
             self.changed.notify_waiters();
         }
+        local
+    }
+
+    fn spawn_run(
+        self: &Arc<Self>,
+        lp: &Arc<LoopShared>,
+        leased: Leased,
+        permit: OwnedSemaphorePermit,
+        loaded: Loaded,
+    ) {
         let mut runs = self.runs();
         // Reap finished runs so the set stays as large as what is in flight.
         while runs.try_join_next().is_some() {}
-        runs.spawn(execute(self.clone(), leased, local, permit, loaded));
+        runs.spawn(run_slot(self.clone(), lp.clone(), leased, permit, loaded));
     }
+}
+
+/// What a workloop shares with the run tasks it spawns: its semaphores and the claim a run
+/// task repeats for its slot.
+struct LoopShared {
+    /// The workloop's slots.
+    slots: Arc<Semaphore>,
+    /// The attempts whose handler returned, waiting for their end (see [`Slot`]).
+    ending: Arc<Semaphore>,
+    /// The workloop's claim for one run.
+    one: ClaimRequest,
+}
+
+/// One run task: runs the attempt it was spawned with, then, while its slot is still held
+/// (the store ends attempts without batching, so the slot stays with the run until its end is
+/// written), claims the workloop's next run itself and runs it in the same task. Under load a
+/// slot goes from run to run without a task spawned or a workloop woken per run; when the
+/// claim finds nothing, the slot goes back to the workloop, which waits on the doorbells.
+async fn run_slot(
+    shared: Arc<WorkerShared>,
+    lp: Arc<LoopShared>,
+    leased: Leased,
+    permit: OwnedSemaphorePermit,
+    loaded: Loaded,
+) {
+    let mut next = Some((leased, permit, loaded));
+    let mut continued = false;
+    while let Some((leased, permit, loaded)) = next.take() {
+        let local = shared.register(&leased);
+        let slot = Slot {
+            permit,
+            ending: lp.ending.clone(),
+        };
+        let Some(permit) = execute(shared.clone(), leased, local, slot, loaded, continued).await
+        else {
+            break;
+        };
+        next = claim_next(&shared, &lp, permit).await;
+        continued = true;
+    }
+}
+
+/// A run task's claim for the slot it holds: one run, unless the worker is stopping.
+async fn claim_next(
+    shared: &WorkerShared,
+    lp: &LoopShared,
+    permit: OwnedSemaphorePermit,
+) -> Option<(Leased, OwnedSemaphorePermit, Loaded)> {
+    if *shared.stop.borrow() {
+        return None;
+    }
+    let engine = &shared.engine.inner;
+    let mut leases = match engine.queue.claim(&lp.one, engine.now()).await {
+        Ok(leases) => leases,
+        Err(e) => {
+            // The workloop claims again with its backoff once the slot is back.
+            tracing::debug!(worker = %shared.id, error = %e, "claim for a freed slot failed");
+            return None;
+        }
+    };
+    if leases.is_empty() {
+        return None;
+    }
+    engine.claimed(&leases);
+    for extra in leases.drain(1..) {
+        // More leases than asked breaks the claim contract; hand the run back.
+        tracing::error!(run = %extra.dispatch.run_id, "claim returned more runs than free slots");
+        let d = &extra.dispatch;
+        if let Err(e) = engine
+            .release_leased(d.run_id, extra.token, &d.env, d.attempt)
+            .await
+        {
+            tracing::warn!(run = %d.run_id, error = %e, "release failed; the lease will lapse");
+        }
+    }
+    let loaded = load_claimed(engine, &leases).await.pop()?;
+    let leased = leases.pop()?;
+    Some((leased, permit, loaded))
 }
 
 /// A workloop slot held by one run: the permit of its handler, and the semaphore its attempt's
@@ -552,8 +641,20 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
     let ending = Arc::new(Semaphore::new(
         (slots as usize).saturating_mul(ENDING_PER_SLOT),
     ));
+    let mut request = ClaimRequest {
+        worker: shared.id,
+        chain,
+        max: 1,
+        envs: shared.envs.clone(),
+        lease: shared.lease,
+    };
+    let lp = Arc::new(LoopShared {
+        slots: slots_sem.clone(),
+        ending,
+        one: request.clone(),
+    });
     let mut stop = shared.stop.subscribe();
-    let bells = engine.bells.bells_for(&chain);
+    let bells = engine.bells.bells_for(&request.chain);
     let mut backoff = CLAIM_BACKOFF_MIN;
     loop {
         if *stop.borrow() {
@@ -572,13 +673,7 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
         for ring in &mut rings {
             ring.as_mut().enable();
         }
-        let request = ClaimRequest {
-            worker: shared.id,
-            chain: chain.clone(),
-            max: u32::try_from(free).unwrap_or(u32::MAX),
-            envs: shared.envs.clone(),
-            lease: shared.lease,
-        };
+        request.max = u32::try_from(free).unwrap_or(u32::MAX);
         match engine.queue.claim(&request, engine.now()).await {
             Ok(leases) if !leases.is_empty() => {
                 backoff = CLAIM_BACKOFF_MIN;
@@ -589,7 +684,7 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
                 for (leased, loaded) in leases.into_iter().zip(loaded) {
                     let p = match permit.take() {
                         Some(p) => p,
-                        None => match slots_sem.clone().try_acquire_owned() {
+                        None => match lp.slots.clone().try_acquire_owned() {
                             Ok(p) => p,
                             Err(_) => {
                                 // More leases than slots breaks the claim contract; hand the
@@ -606,11 +701,7 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
                             }
                         },
                     };
-                    let slot = Slot {
-                        permit: p,
-                        ending: ending.clone(),
-                    };
-                    shared.spawn_run(leased, slot, loaded);
+                    shared.spawn_run(&lp, leased, p, loaded);
                 }
             }
             Ok(_) => {
@@ -791,14 +882,18 @@ pub(crate) async fn resolve(
     }
 }
 
-/// Runs one leased attempt to its end.
+/// Runs one leased attempt to its end. Returns the slot's permit when it was held until the
+/// attempt's end was written (a store that does not batch ends), so the caller can claim the
+/// workloop's next run with it; `continued` says the run was claimed that way, and is handed
+/// back at once when the worker started to stop meanwhile.
 async fn execute(
     shared: Arc<WorkerShared>,
     leased: Leased,
     local: Arc<LocalRun>,
     slot: Slot,
     loaded: Loaded,
-) {
+    continued: bool,
+) -> Option<OwnedSemaphorePermit> {
     let run = leased.dispatch.run_id;
     let token = leased.token;
     let _guard = InFlightGuard {
@@ -808,17 +903,26 @@ async fn execute(
     };
     let engine = shared.engine.inner.clone();
     let d = &leased.dispatch;
+    if continued && *shared.stop.borrow() {
+        // Claimed by a run task as the drain began: it goes back like any run the drain stops.
+        let mut settle = local.settle.lock().await;
+        if !*settle {
+            release(&shared, run, token, &d.env, d.attempt).await;
+            *settle = true;
+        }
+        return None;
+    }
     engine.publish(run, &d.env, RunStatus::Executing, d.attempt);
 
     // A run triggered in this process comes with its payload; any other is read back.
     let handed = match resolve(&engine, run, token, d.attempt, loaded).await {
         Resolved::Ready(handed) => handed,
-        Resolved::Gone => return,
+        Resolved::Gone => return None,
         Resolved::Unloadable(e) => {
             // Without the payload nothing can run: hand the run back without an attempt.
             tracing::warn!(%run, error = %e, "claimed run could not be loaded; releasing it");
             release(&shared, run, token, &d.env, d.attempt).await;
-            return;
+            return None;
         }
     };
 
@@ -871,17 +975,24 @@ async fn execute(
         engine.store.forget_start(run, d.attempt);
     }
 
-    // The handler is done: its slot goes to the next run while this attempt's end is written.
+    // The handler is done. With a store that batches ends (a commit each), its slot goes to
+    // the next run while this attempt's end is written; otherwise the end is written at once
+    // and the slot is kept for the next claim.
     let Slot { permit, ending } = slot;
-    let _ending = ending.acquire_owned().await;
-    drop(permit);
+    let (_ending, permit) = if engine.store.group_commits() {
+        let waiting = ending.acquire_owned().await;
+        drop(permit);
+        (waiting.ok(), None)
+    } else {
+        (None, Some(permit))
+    };
 
     let mut settle = local.settle.lock().await;
     if *settle {
-        return; // The engine ended this attempt first (timeout, lapse, cancel grace).
+        return None; // The engine ended this attempt first (timeout, lapse, cancel grace).
     }
     let result = match outcome {
-        Outcome::Aborted(AbortKind::Engine) => return,
+        Outcome::Aborted(AbortKind::Engine) => return None,
         Outcome::Aborted(AbortKind::Drain) => {
             release(&shared, run, token, &d.env, d.attempt).await;
             Ok(())
@@ -889,7 +1000,7 @@ async fn execute(
         Outcome::Completed(value) => complete(&shared, run, token, &d.env, d.attempt, value).await,
         Outcome::Failed { outcome, error } => match local.cancel.get() {
             // The engine owns these endings; it takes the settle lock after us.
-            Some(CancelReason::Timeout | CancelReason::LeaseLost) => return,
+            Some(CancelReason::Timeout | CancelReason::LeaseLost) => return None,
             Some(CancelReason::Shutdown) => {
                 release(&shared, run, token, &d.env, d.attempt).await;
                 Ok(())
@@ -918,9 +1029,13 @@ async fn execute(
         },
     };
     match result {
-        Ok(()) => *settle = true,
+        Ok(()) => {
+            *settle = true;
+            permit
+        }
         Err(e) => {
-            tracing::warn!(%run, error = %e, "ending the attempt failed; the lease will lapse")
+            tracing::warn!(%run, error = %e, "ending the attempt failed; the lease will lapse");
+            None
         }
     }
 }
