@@ -27,6 +27,7 @@ use crate::doorbell::any_of;
 use crate::engine::{attempt_record, Engine, Inner, Released};
 use crate::error::EngineError;
 use crate::handover::Handed;
+use crate::idhash::IdBuild;
 use crate::local::{AbortKind, Latch, LocalRun};
 use crate::trigger::{TriggerRequest, WaitOutcome};
 
@@ -324,7 +325,7 @@ impl WorkerBuilder {
             handlers: self.handlers,
             lease,
             stop_timeout: self.stop_timeout.unwrap_or(inner.config.stop_timeout),
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::default()),
             changed: Notify::new(),
             stop: stop_tx,
             runs: Mutex::new(JoinSet::new()),
@@ -442,7 +443,7 @@ struct WorkerShared {
     handlers: HashMap<TaskName, Handler>,
     lease: Duration,
     stop_timeout: Duration,
-    in_flight: Mutex<HashMap<RunId, Arc<LocalRun>>>,
+    in_flight: Mutex<HashMap<RunId, Arc<LocalRun>, IdBuild>>,
     /// Rung when the first run starts (heartbeat arming) and when the last one ends (drain
     /// waiting): not per run.
     changed: Notify,
@@ -452,7 +453,7 @@ struct WorkerShared {
 }
 
 impl WorkerShared {
-    fn in_flight(&self) -> MutexGuard<'_, HashMap<RunId, Arc<LocalRun>>> {
+    fn in_flight(&self) -> MutexGuard<'_, HashMap<RunId, Arc<LocalRun>, IdBuild>> {
         self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
