@@ -566,8 +566,14 @@ async fn claim_next(
             tracing::warn!(run = %d.run_id, error = %e, "release failed; the lease will lapse");
         }
     }
-    let loaded = load_claimed(engine, &leases).await.pop()?;
     let leased = leases.pop()?;
+    // A run triggered here is handed over; only another is read back (one lease, no vectors).
+    let loaded = match engine.handover.take(leased.dispatch.run_id) {
+        Some(handed) => Loaded::Handed(handed),
+        None => load_claimed(engine, std::slice::from_ref(&leased))
+            .await
+            .pop()?,
+    };
     Some((leased, permit, loaded))
 }
 
@@ -1052,7 +1058,14 @@ async fn complete(
 ) -> Result<(), EngineError> {
     let engine = &shared.engine.inner;
     // The completer checks the lease first: a zombie never changes a run it lost.
-    let output: Arc<str> = Arc::from(value.to_string());
+    let output: Arc<str> = match value {
+        // The output of a handler with nothing to say: one shared text, no allocation.
+        serde_json::Value::Null => {
+            static NULL: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+            NULL.get_or_init(|| Arc::from("null")).clone()
+        }
+        value => Arc::from(value.to_string()),
+    };
     let attempt = attempt_record(attempt, "completed", None, engine.now());
     let end = AttemptEnd {
         run,
