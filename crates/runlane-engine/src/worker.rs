@@ -1,9 +1,11 @@
 //! In-process workers: handlers, workloops, heartbeats, cancellation, drain.
 //!
 //! A worker owns one task per workloop, one heartbeat task and one task per executing run
-//! (each handler runs in a task of its own, so a panic fails only its attempt and an abort
-//! drops it). Workloops claim only for their free slots and, when nothing is ready, wait on
-//! their lanes' doorbells: no polling. `stop` drains (SPEC §5); `crash` abandons everything so
+//! (a handler runs in its run's task, so a panic fails only its attempt and an abort drops
+//! it). Workloops claim only for their free slots and, when nothing is ready, wait on their
+//! lanes' doorbells: no polling. A run task whose slot is still held once its run's end is
+//! written (a store that does not group-commit) claims the workloop's next run itself and runs
+//! it in the same task ([`run_slot`]). `stop` drains (SPEC §5); `crash` abandons everything so
 //! tests can watch lapsed leases being recovered.
 
 use std::collections::HashMap;
@@ -580,11 +582,13 @@ async fn claim_next(
 /// A workloop slot held by one run: the permit of its handler, and the semaphore its attempt's
 /// end waits on once the handler is done.
 ///
-/// A slot bounds the handlers a workloop runs at once. When a handler returns, its run takes a
-/// permit of the workloop's *ending* semaphore (as many as slots) and gives its slot back, so
-/// the next run starts while this one's end is written (an fsync with a durable store): at most
-/// `slots` handlers and `slots × ENDING_PER_SLOT` ends per workloop, and the run keeps its lease
-/// and its queue slots until its end is written.
+/// A slot bounds the handlers a workloop runs at once. With a store that group-commits, when a
+/// handler returns, its run takes a permit of the workloop's *ending* semaphore (as many as
+/// slots) and gives its slot back, so the next run starts while this one's end is written (an
+/// fsync): at most `slots` handlers and `slots × ENDING_PER_SLOT` ends per workloop, and the
+/// run keeps its lease and its queue slots until its end is written. With any other store the
+/// end is written at once and the slot stays with the run until then, then goes to the next
+/// run its task claims ([`run_slot`]).
 struct Slot {
     permit: OwnedSemaphorePermit,
     ending: Arc<Semaphore>,
