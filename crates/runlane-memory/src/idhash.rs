@@ -49,16 +49,14 @@ impl Hasher for IdHasher {
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
-    use std::hash::{BuildHasher, Hash};
+    use std::hash::BuildHasher;
 
     use runlane_core::RunId;
 
     use super::*;
 
     fn hash(id: RunId) -> u64 {
-        let mut h = IdBuild::default().build_hasher();
-        id.hash(&mut h);
-        h.finish()
+        IdBuild::default().hash_one(id)
     }
 
     #[test]
