@@ -16,11 +16,11 @@ use std::time::Duration;
 
 use runlane_core::admission::{env_cap, key_cap};
 use runlane_core::backend::{
-    AttemptEnd, ClaimRequest, ConsumerId, Dispatch, LeaseState, Leased, RunRecord, ServedEnv,
+    AttemptEnd, ClaimRequest, ConsumerId, LeaseState, Leased, RunRecord, ServedEnv,
 };
 use runlane_core::{
-    CancelReason, ClaimChain, EnvName, FencingToken, InvalidInput, RunId, RunStatus, Scope,
-    StoreError, TaskName, TriggerSource, WorkerId, WorkloopSpec,
+    CancelReason, ClaimChain, EnvName, FencingToken, InvalidInput, LaneName, QueueName, RunId,
+    RunStatus, Scope, StoreError, TaskName, TriggerSource, WorkerId, WorkloopSpec,
 };
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
@@ -80,14 +80,17 @@ impl CancelToken {
     }
 }
 
-/// A run's context: the claim's dispatch facts are moved in, not cloned field by field (the
-/// names are shared `Arc`s, whose counts every run would otherwise bump on both cores).
 struct ContextInner {
     engine: Engine,
-    dispatch: Dispatch,
+    run_id: RunId,
     task: TaskName,
+    attempt: u32,
     payload: Arc<str>,
     cancel: CancelToken,
+    env: EnvName,
+    queue: QueueName,
+    key: Arc<str>,
+    lane: LaneName,
 }
 
 /// What a handler receives.
@@ -99,7 +102,7 @@ pub struct RunContext {
 impl RunContext {
     /// The run.
     pub fn run_id(&self) -> RunId {
-        self.inner.dispatch.run_id
+        self.inner.run_id
     }
 
     /// The task.
@@ -109,12 +112,12 @@ impl RunContext {
 
     /// The env.
     pub fn env(&self) -> &EnvName {
-        &self.inner.dispatch.env
+        &self.inner.env
     }
 
     /// The attempt, 1-based.
     pub fn attempt(&self) -> u32 {
-        self.inner.dispatch.attempt
+        self.inner.attempt
     }
 
     /// The payload as JSON text.
@@ -139,14 +142,14 @@ impl RunContext {
             Ok(text) => {
                 let engine = &self.inner.engine.inner;
                 engine.events.progress(
-                    self.inner.dispatch.run_id,
-                    &self.inner.dispatch.env,
+                    self.inner.run_id,
+                    &self.inner.env,
                     engine.now(),
                     Arc::from(text),
                 );
             }
             Err(e) => {
-                tracing::warn!(run = %self.inner.dispatch.run_id, error = %e, "progress not serializable")
+                tracing::warn!(run = %self.inner.run_id, error = %e, "progress not serializable")
             }
         }
     }
@@ -183,11 +186,11 @@ impl RunContext {
         &self,
         child: &runlane_core::backend::RunRecord,
     ) -> Result<Option<Scope>, EngineError> {
-        let me = &self.inner.dispatch;
+        let me = &self.inner;
         if child.env != me.env {
             return Ok(None);
         }
-        let engine = &self.inner.engine.inner;
+        let engine = &me.engine.inner;
         let settings = engine.env_settings(&me.env).await?;
         let (mine_fast, child_fast) = (me.lane.is_fast_lane(), child.lane.is_fast_lane());
         if !mine_fast && !child_fast && env_cap(settings.limit, settings.burst) <= 1 {
@@ -523,7 +526,8 @@ async fn run_slot(
             permit,
             ending: lp.ending.clone(),
         };
-        let Some(permit) = execute(&shared, leased, local, slot, loaded, continued).await else {
+        let Some(permit) = execute(shared.clone(), leased, local, slot, loaded, continued).await
+        else {
             break;
         };
         next = claim_next(&shared, &lp, permit).await;
@@ -591,13 +595,13 @@ struct Slot {
 }
 
 /// Unregisters a run from the worker and the engine when its task ends, however it ends.
-struct InFlightGuard<'a> {
-    shared: &'a WorkerShared,
+struct InFlightGuard {
+    shared: Arc<WorkerShared>,
     run: RunId,
     token: FencingToken,
 }
 
-impl Drop for InFlightGuard<'_> {
+impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.shared.engine.inner.local.remove(self.run, self.token);
         let now_empty = {
@@ -894,22 +898,22 @@ pub(crate) async fn resolve(
 /// workloop's next run with it; `continued` says the run was claimed that way, and is handed
 /// back at once when the worker started to stop meanwhile.
 async fn execute(
-    shared: &WorkerShared,
+    shared: Arc<WorkerShared>,
     leased: Leased,
     local: Arc<LocalRun>,
     slot: Slot,
     loaded: Loaded,
     continued: bool,
 ) -> Option<OwnedSemaphorePermit> {
-    let Leased {
-        dispatch, token, ..
-    } = leased;
-    let run = dispatch.run_id;
-    // Borrowed from the run task, not cloned: the worker's and the engine's counts are shared
-    // by every run, on both cores.
-    let _guard = InFlightGuard { shared, run, token };
-    let engine = &shared.engine.inner;
-    let d = &dispatch;
+    let run = leased.dispatch.run_id;
+    let token = leased.token;
+    let _guard = InFlightGuard {
+        shared: shared.clone(),
+        run,
+        token,
+    };
+    let engine = shared.engine.inner.clone();
+    let d = &leased.dispatch;
     if continued && *shared.stop.borrow() {
         // Claimed by a run task as the drain began: it goes back like any run the drain stops.
         let mut settle = local.settle.lock().await;
@@ -933,22 +937,29 @@ async fn execute(
         }
     };
 
-    let retry = handed.retry;
-    let ctx = Arc::new(ContextInner {
-        engine: shared.engine.clone(),
-        dispatch,
-        task: handed.task,
-        payload: handed.payload,
-        cancel: CancelToken::from_latch(local.cancel.clone()),
-    });
-    let d = &ctx.dispatch;
-    let outcome = match shared.handlers.get(&ctx.task) {
+    let outcome = match shared.handlers.get(&handed.task) {
         None => Outcome::Failed {
             outcome: "no_handler",
-            error: format!("no handler for task {} on worker {}", ctx.task, shared.id),
+            error: format!(
+                "no handler for task {} on worker {}",
+                handed.task, shared.id
+            ),
         },
         Some(handler) => {
-            let ctx = RunContext { inner: ctx.clone() };
+            let ctx = RunContext {
+                inner: Arc::new(ContextInner {
+                    engine: shared.engine.clone(),
+                    run_id: run,
+                    task: handed.task.clone(),
+                    attempt: d.attempt,
+                    payload: handed.payload.clone(),
+                    cancel: CancelToken::from_latch(local.cancel.clone()),
+                    env: d.env.clone(),
+                    queue: d.queue.clone(),
+                    key: d.key.clone(),
+                    lane: d.lane.clone(),
+                }),
+            };
             // An advisory, non-blocking start mark: if the process dies while the handler runs,
             // recovery at the next open counts this attempt as `crashed`.
             engine.store.note_start(run, d.attempt, engine.now());
@@ -1016,7 +1027,7 @@ async fn execute(
                 engine
                     .fail_attempt(
                         &d.env,
-                        &retry,
+                        &handed.retry,
                         run,
                         token,
                         d.attempt,

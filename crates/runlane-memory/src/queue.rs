@@ -534,15 +534,9 @@ impl State {
         effects: &mut Effects,
     ) -> Result<(), QueueError> {
         self.leased(run, token, true)?;
-        // The run is forgotten: its entry is taken out, not its dispatch facts cloned.
-        if let Some(entry) = self.runs.remove(&run) {
-            if let Place::Leased(lease) = &entry.place {
-                self.drop_lease_deadlines(run, lease);
-                if !lease.lapsed {
-                    self.release_slots(&entry.dispatch);
-                }
-            }
-            self.admit_env(&entry.dispatch.env, now, effects);
+        if let Some(d) = self.end_lease(run) {
+            self.runs.remove(&run);
+            self.admit_env(&d.env, now, effects);
         }
         Ok(())
     }
