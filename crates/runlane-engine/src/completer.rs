@@ -55,21 +55,48 @@ impl Completer {
 
     /// Ends one completed attempt in the caller's task, without batching (a store whose
     /// writes cost no commit: the hop to the completer's task would cost more than it saves).
+    /// The steps and answers of a batch of one, without its channel, reply and vectors.
     pub(crate) async fn end_now(
         inner: &Inner,
         env: &EnvName,
         token: FencingToken,
         end: AttemptEnd,
     ) -> Result<(), EngineError> {
-        let (reply, answer) = oneshot::channel();
-        let ending = Ending {
-            env: env.clone(),
-            token,
-            end,
-            reply,
+        let run = end.run;
+        if let Err(e) = inner.queue.check_lease(run, token).await {
+            tracing::debug!(%run, error = %e, "completion after the lease was lost; dropped");
+            return Ok(());
+        }
+        let now = inner.now();
+        let (status, attempt) = (end.status, end.attempt.number);
+        let written = match inner.store.finish_many(vec![end], now).await {
+            Ok(answers) => match <[_; 1]>::try_from(answers) {
+                Ok([answer]) => answer,
+                Err(_) => {
+                    let e = StoreError::Unavailable("the store answered a different count".into());
+                    return Err(e.into());
+                }
+            },
+            Err(e) => return Err(e.into()),
         };
-        end_batch(inner, vec![ending]).await;
-        answer.await.unwrap_or(Err(EngineError::ShutDown))
+        if matches!(written, Ok(()) | Err(StoreError::AlreadyFinished { .. })) {
+            match inner.queue.finish(run, token, now).await {
+                Ok(effects) => inner.apply(effects, None).await,
+                Err(e) => inner.warn_queue_finish(run, &e),
+            }
+        }
+        match written {
+            Ok(()) => {
+                inner.publish_finished(run, env, status, attempt, now);
+                Ok(())
+            }
+            Err(StoreError::AlreadyFinished { .. }) => Ok(()),
+            Err(StoreError::StaleAttempt { run, attempt, .. }) => {
+                tracing::debug!(%run, attempt, "completion of a stale attempt; dropped");
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Ends a completed attempt in the next batch; returns once its end is written (or was

@@ -14,6 +14,8 @@ use runlane_core::backend::RunStore;
 use runlane_core::{EnvName, RunId, RunStatus, Timestamp};
 use tokio::sync::broadcast;
 
+use crate::idhash::IdBuild;
+
 /// Events buffered per subscriber before it starts losing them.
 const CHANNEL_CAPACITY: usize = 4096;
 
@@ -75,7 +77,7 @@ pub type StatusTap = Arc<dyn Fn(&RunEvent) + Send + Sync>;
 pub(crate) struct EventHub {
     tx: Mutex<Option<broadcast::Sender<RunEvent>>>,
     seq: AtomicU64,
-    progress: Mutex<HashMap<RunId, RunEvent>>,
+    progress: Mutex<HashMap<RunId, RunEvent, IdBuild>>,
     /// Told of every status change published here (set once, by a shape).
     tap: std::sync::OnceLock<StatusTap>,
     listeners: Arc<AtomicUsize>,
@@ -113,7 +115,7 @@ impl EventHub {
         EventHub {
             tx: Mutex::new(Some(tx)),
             seq: AtomicU64::new(0),
-            progress: Mutex::new(HashMap::new()),
+            progress: Mutex::new(HashMap::default()),
             tap: std::sync::OnceLock::new(),
             listeners: Arc::new(AtomicUsize::new(0)),
             any_progress: AtomicBool::new(false),
@@ -129,7 +131,7 @@ impl EventHub {
         self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn progress_map(&self) -> MutexGuard<'_, HashMap<RunId, RunEvent>> {
+    fn progress_map(&self) -> MutexGuard<'_, HashMap<RunId, RunEvent, IdBuild>> {
         self.progress.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -18,6 +18,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use runlane_core::{RetryPolicy, RunId, TaskName};
 
+use crate::idhash::IdBuild;
+
 /// At most this many runs are held.
 const ENTRIES_MAX: usize = 1 << 18;
 /// At most this many payload bytes are held.
@@ -36,7 +38,7 @@ pub(crate) struct Handed {
 
 #[derive(Default)]
 struct State {
-    runs: HashMap<RunId, Handed>,
+    runs: HashMap<RunId, Handed, IdBuild>,
     bytes: usize,
 }
 

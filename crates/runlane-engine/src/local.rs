@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use runlane_core::{CancelReason, FencingToken, RunId};
 use tokio::sync::Notify;
 
+use crate::idhash::IdBuild;
+
 /// A value set once; waiters wake when it is set.
 #[derive(Debug)]
 pub(crate) struct Latch<T: Copy> {
@@ -123,7 +125,7 @@ struct EarlySignal {
 
 #[derive(Debug, Default)]
 struct RegistryState {
-    runs: HashMap<RunId, Arc<LocalRun>>,
+    runs: HashMap<RunId, Arc<LocalRun>, IdBuild>,
     early: VecDeque<EarlySignal>,
 }
 

@@ -495,6 +495,8 @@ impl Engine {
                     Placement::Queued => RunStatus::Queued,
                     Placement::Ready => RunStatus::Ready,
                 };
+                // A backend that reports the lane it made ready has it rung by `apply`.
+                let rung = enqueued.effects.ready_lanes.contains(&record.lane);
                 // With the fast path off, the enqueue may admit the run in the same step:
                 // queued, then ready.
                 record.status = inner
@@ -506,7 +508,7 @@ impl Engine {
                         enqueued.effects,
                     )
                     .await;
-                if record.status == RunStatus::Ready {
+                if record.status == RunStatus::Ready && !rung {
                     inner.bells.ring(&record.lane);
                 }
                 inner

@@ -1,9 +1,11 @@
 //! In-process workers: handlers, workloops, heartbeats, cancellation, drain.
 //!
 //! A worker owns one task per workloop, one heartbeat task and one task per executing run
-//! (each handler runs in a task of its own, so a panic fails only its attempt and an abort
-//! drops it). Workloops claim only for their free slots and, when nothing is ready, wait on
-//! their lanes' doorbells: no polling. `stop` drains (SPEC §5); `crash` abandons everything so
+//! (a handler runs in its run's task, so a panic fails only its attempt and an abort drops
+//! it). Workloops claim only for their free slots and, when nothing is ready, wait on their
+//! lanes' doorbells: no polling. A run task whose slot is still held once its run's end is
+//! written (a store that does not group-commit) claims the workloop's next run itself and runs
+//! it in the same task ([`run_slot`]). `stop` drains (SPEC §5); `crash` abandons everything so
 //! tests can watch lapsed leases being recovered.
 
 use std::collections::HashMap;
@@ -27,6 +29,7 @@ use crate::doorbell::any_of;
 use crate::engine::{attempt_record, Engine, Inner, Released};
 use crate::error::EngineError;
 use crate::handover::Handed;
+use crate::idhash::IdBuild;
 use crate::local::{AbortKind, Latch, LocalRun};
 use crate::trigger::{TriggerRequest, WaitOutcome};
 
@@ -324,7 +327,7 @@ impl WorkerBuilder {
             handlers: self.handlers,
             lease,
             stop_timeout: self.stop_timeout.unwrap_or(inner.config.stop_timeout),
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::default()),
             changed: Notify::new(),
             stop: stop_tx,
             runs: Mutex::new(JoinSet::new()),
@@ -442,7 +445,7 @@ struct WorkerShared {
     handlers: HashMap<TaskName, Handler>,
     lease: Duration,
     stop_timeout: Duration,
-    in_flight: Mutex<HashMap<RunId, Arc<LocalRun>>>,
+    in_flight: Mutex<HashMap<RunId, Arc<LocalRun>, IdBuild>>,
     /// Rung when the first run starts (heartbeat arming) and when the last one ends (drain
     /// waiting): not per run.
     changed: Notify,
@@ -452,7 +455,7 @@ struct WorkerShared {
 }
 
 impl WorkerShared {
-    fn in_flight(&self) -> MutexGuard<'_, HashMap<RunId, Arc<LocalRun>>> {
+    fn in_flight(&self) -> MutexGuard<'_, HashMap<RunId, Arc<LocalRun>, IdBuild>> {
         self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -460,7 +463,8 @@ impl WorkerShared {
         self.runs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn spawn_run(self: &Arc<Self>, leased: Leased, permit: Slot, loaded: Loaded) {
+    /// Registers a claimed run as executing here (the engine's registry and this worker's).
+    fn register(&self, leased: &Leased) -> Arc<LocalRun> {
         let run = leased.dispatch.run_id;
         let local = Arc::new(LocalRun::new(run, leased.token));
         self.engine.inner.local.insert(local.clone());
@@ -474,21 +478,117 @@ impl WorkerShared {
             // Only the first run arms the heartbeat; later ones change nothing it waits for.
             self.changed.notify_waiters();
         }
+        local
+    }
+
+    fn spawn_run(
+        self: &Arc<Self>,
+        lp: &Arc<LoopShared>,
+        leased: Leased,
+        permit: OwnedSemaphorePermit,
+        loaded: Loaded,
+    ) {
         let mut runs = self.runs();
         // Reap finished runs so the set stays as large as what is in flight.
         while runs.try_join_next().is_some() {}
-        runs.spawn(execute(self.clone(), leased, local, permit, loaded));
+        runs.spawn(run_slot(self.clone(), lp.clone(), leased, permit, loaded));
     }
+}
+
+/// What a workloop shares with the run tasks it spawns: its semaphores and the claim a run
+/// task repeats for its slot.
+struct LoopShared {
+    /// The workloop's slots.
+    slots: Arc<Semaphore>,
+    /// The attempts whose handler returned, waiting for their end (see [`Slot`]).
+    ending: Arc<Semaphore>,
+    /// The workloop's claim for one run.
+    one: ClaimRequest,
+}
+
+/// One run task: runs the attempt it was spawned with, then, while its slot is still held
+/// (the store ends attempts without batching, so the slot stays with the run until its end is
+/// written), claims the workloop's next run itself and runs it in the same task. Under load a
+/// slot goes from run to run without a task spawned or a workloop woken per run; when the
+/// claim finds nothing, the slot goes back to the workloop, which waits on the doorbells.
+async fn run_slot(
+    shared: Arc<WorkerShared>,
+    lp: Arc<LoopShared>,
+    leased: Leased,
+    permit: OwnedSemaphorePermit,
+    loaded: Loaded,
+) {
+    let mut next = Some((leased, permit, loaded));
+    let mut continued = false;
+    while let Some((leased, permit, loaded)) = next.take() {
+        let local = shared.register(&leased);
+        let slot = Slot {
+            permit,
+            ending: lp.ending.clone(),
+        };
+        let Some(permit) = execute(shared.clone(), leased, local, slot, loaded, continued).await
+        else {
+            break;
+        };
+        next = claim_next(&shared, &lp, permit).await;
+        continued = true;
+    }
+}
+
+/// A run task's claim for the slot it holds: one run, unless the worker is stopping.
+async fn claim_next(
+    shared: &WorkerShared,
+    lp: &LoopShared,
+    permit: OwnedSemaphorePermit,
+) -> Option<(Leased, OwnedSemaphorePermit, Loaded)> {
+    if *shared.stop.borrow() {
+        return None;
+    }
+    let engine = &shared.engine.inner;
+    let mut leases = match engine.queue.claim(&lp.one, engine.now()).await {
+        Ok(leases) => leases,
+        Err(e) => {
+            // The workloop claims again with its backoff once the slot is back.
+            tracing::debug!(worker = %shared.id, error = %e, "claim for a freed slot failed");
+            return None;
+        }
+    };
+    if leases.is_empty() {
+        return None;
+    }
+    engine.claimed(&leases);
+    for extra in leases.drain(1..) {
+        // More leases than asked breaks the claim contract; hand the run back.
+        tracing::error!(run = %extra.dispatch.run_id, "claim returned more runs than free slots");
+        let d = &extra.dispatch;
+        if let Err(e) = engine
+            .release_leased(d.run_id, extra.token, &d.env, d.attempt)
+            .await
+        {
+            tracing::warn!(run = %d.run_id, error = %e, "release failed; the lease will lapse");
+        }
+    }
+    let leased = leases.pop()?;
+    // A run triggered here is handed over; only another is read back (one lease, no vectors).
+    let loaded = match engine.handover.take(leased.dispatch.run_id) {
+        Some(handed) => Loaded::Handed(handed),
+        None => load_claimed(engine, std::slice::from_ref(&leased))
+            .await
+            .pop()?,
+    };
+    Some((leased, permit, loaded))
 }
 
 /// A workloop slot held by one run: the permit of its handler, and the semaphore its attempt's
 /// end waits on once the handler is done.
 ///
-/// A slot bounds the handlers a workloop runs at once. When a handler returns, its run takes a
-/// permit of the workloop's *ending* semaphore (as many as slots) and gives its slot back, so
-/// the next run starts while this one's end is written (an fsync with a durable store): at most
-/// `slots` handlers and `slots × ENDING_PER_SLOT` ends per workloop, and the run keeps its lease
-/// and its queue slots until its end is written.
+/// A slot bounds the handlers a workloop runs at once. With a store that group-commits, when a
+/// handler returns, its run takes a permit of the workloop's *ending* semaphore (as many as
+/// slots) and gives its slot back, so the next run starts while this one's end is written (an
+/// fsync): at most `slots` handlers and `slots × ENDING_PER_SLOT` ends per workloop, and the
+/// run keeps its lease and its queue slots until its end is written. With any other store the
+/// end is written at once and the slot stays with the run until then, then goes to the next
+/// run its task claims ([`run_slot`]).
 struct Slot {
     permit: OwnedSemaphorePermit,
     ending: Arc<Semaphore>,
@@ -552,8 +652,20 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
     let ending = Arc::new(Semaphore::new(
         (slots as usize).saturating_mul(ENDING_PER_SLOT),
     ));
+    let mut request = ClaimRequest {
+        worker: shared.id,
+        chain,
+        max: 1,
+        envs: shared.envs.clone(),
+        lease: shared.lease,
+    };
+    let lp = Arc::new(LoopShared {
+        slots: slots_sem.clone(),
+        ending,
+        one: request.clone(),
+    });
     let mut stop = shared.stop.subscribe();
-    let bells = engine.bells.bells_for(&chain);
+    let bells = engine.bells.bells_for(&request.chain);
     let mut backoff = CLAIM_BACKOFF_MIN;
     loop {
         if *stop.borrow() {
@@ -572,13 +684,7 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
         for ring in &mut rings {
             ring.as_mut().enable();
         }
-        let request = ClaimRequest {
-            worker: shared.id,
-            chain: chain.clone(),
-            max: u32::try_from(free).unwrap_or(u32::MAX),
-            envs: shared.envs.clone(),
-            lease: shared.lease,
-        };
+        request.max = u32::try_from(free).unwrap_or(u32::MAX);
         match engine.queue.claim(&request, engine.now()).await {
             Ok(leases) if !leases.is_empty() => {
                 backoff = CLAIM_BACKOFF_MIN;
@@ -589,7 +695,7 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
                 for (leased, loaded) in leases.into_iter().zip(loaded) {
                     let p = match permit.take() {
                         Some(p) => p,
-                        None => match slots_sem.clone().try_acquire_owned() {
+                        None => match lp.slots.clone().try_acquire_owned() {
                             Ok(p) => p,
                             Err(_) => {
                                 // More leases than slots breaks the claim contract; hand the
@@ -606,11 +712,7 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
                             }
                         },
                     };
-                    let slot = Slot {
-                        permit: p,
-                        ending: ending.clone(),
-                    };
-                    shared.spawn_run(leased, slot, loaded);
+                    shared.spawn_run(&lp, leased, p, loaded);
                 }
             }
             Ok(_) => {
@@ -791,14 +893,18 @@ pub(crate) async fn resolve(
     }
 }
 
-/// Runs one leased attempt to its end.
+/// Runs one leased attempt to its end. Returns the slot's permit when it was held until the
+/// attempt's end was written (a store that does not batch ends), so the caller can claim the
+/// workloop's next run with it; `continued` says the run was claimed that way, and is handed
+/// back at once when the worker started to stop meanwhile.
 async fn execute(
     shared: Arc<WorkerShared>,
     leased: Leased,
     local: Arc<LocalRun>,
     slot: Slot,
     loaded: Loaded,
-) {
+    continued: bool,
+) -> Option<OwnedSemaphorePermit> {
     let run = leased.dispatch.run_id;
     let token = leased.token;
     let _guard = InFlightGuard {
@@ -808,17 +914,26 @@ async fn execute(
     };
     let engine = shared.engine.inner.clone();
     let d = &leased.dispatch;
+    if continued && *shared.stop.borrow() {
+        // Claimed by a run task as the drain began: it goes back like any run the drain stops.
+        let mut settle = local.settle.lock().await;
+        if !*settle {
+            release(&shared, run, token, &d.env, d.attempt).await;
+            *settle = true;
+        }
+        return None;
+    }
     engine.publish(run, &d.env, RunStatus::Executing, d.attempt);
 
     // A run triggered in this process comes with its payload; any other is read back.
     let handed = match resolve(&engine, run, token, d.attempt, loaded).await {
         Resolved::Ready(handed) => handed,
-        Resolved::Gone => return,
+        Resolved::Gone => return None,
         Resolved::Unloadable(e) => {
             // Without the payload nothing can run: hand the run back without an attempt.
             tracing::warn!(%run, error = %e, "claimed run could not be loaded; releasing it");
             release(&shared, run, token, &d.env, d.attempt).await;
-            return;
+            return None;
         }
     };
 
@@ -871,17 +986,24 @@ async fn execute(
         engine.store.forget_start(run, d.attempt);
     }
 
-    // The handler is done: its slot goes to the next run while this attempt's end is written.
+    // The handler is done. With a store that batches ends (a commit each), its slot goes to
+    // the next run while this attempt's end is written; otherwise the end is written at once
+    // and the slot is kept for the next claim.
     let Slot { permit, ending } = slot;
-    let _ending = ending.acquire_owned().await;
-    drop(permit);
+    let (_ending, permit) = if engine.store.group_commits() {
+        let waiting = ending.acquire_owned().await;
+        drop(permit);
+        (waiting.ok(), None)
+    } else {
+        (None, Some(permit))
+    };
 
     let mut settle = local.settle.lock().await;
     if *settle {
-        return; // The engine ended this attempt first (timeout, lapse, cancel grace).
+        return None; // The engine ended this attempt first (timeout, lapse, cancel grace).
     }
     let result = match outcome {
-        Outcome::Aborted(AbortKind::Engine) => return,
+        Outcome::Aborted(AbortKind::Engine) => return None,
         Outcome::Aborted(AbortKind::Drain) => {
             release(&shared, run, token, &d.env, d.attempt).await;
             Ok(())
@@ -889,7 +1011,7 @@ async fn execute(
         Outcome::Completed(value) => complete(&shared, run, token, &d.env, d.attempt, value).await,
         Outcome::Failed { outcome, error } => match local.cancel.get() {
             // The engine owns these endings; it takes the settle lock after us.
-            Some(CancelReason::Timeout | CancelReason::LeaseLost) => return,
+            Some(CancelReason::Timeout | CancelReason::LeaseLost) => return None,
             Some(CancelReason::Shutdown) => {
                 release(&shared, run, token, &d.env, d.attempt).await;
                 Ok(())
@@ -918,9 +1040,13 @@ async fn execute(
         },
     };
     match result {
-        Ok(()) => *settle = true,
+        Ok(()) => {
+            *settle = true;
+            permit
+        }
         Err(e) => {
-            tracing::warn!(%run, error = %e, "ending the attempt failed; the lease will lapse")
+            tracing::warn!(%run, error = %e, "ending the attempt failed; the lease will lapse");
+            None
         }
     }
 }
@@ -936,7 +1062,14 @@ async fn complete(
 ) -> Result<(), EngineError> {
     let engine = &shared.engine.inner;
     // The completer checks the lease first: a zombie never changes a run it lost.
-    let output: Arc<str> = Arc::from(value.to_string());
+    let output: Arc<str> = match value {
+        // The output of a handler with nothing to say: one shared text, no allocation.
+        serde_json::Value::Null => {
+            static NULL: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+            NULL.get_or_init(|| Arc::from("null")).clone()
+        }
+        value => Arc::from(value.to_string()),
+    };
     let attempt = attempt_record(attempt, "completed", None, engine.now());
     let end = AttemptEnd {
         run,

@@ -9,6 +9,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::idhash::IdBuild;
+
 use async_trait::async_trait;
 use runlane_core::admission::{admit, AdmissionInput, Blocked, Scope};
 use runlane_core::backend::{
@@ -137,7 +139,7 @@ struct State {
     ready_timeout: Duration,
     envs: BTreeMap<EnvName, EnvState>,
     lanes: BTreeMap<LaneName, LaneState>,
-    runs: HashMap<RunId, Entry>,
+    runs: HashMap<RunId, Entry, IdBuild>,
     delayed: BTreeSet<(Timestamp, RunId)>,
     ttl: BTreeSet<(Timestamp, RunId)>,
     lease_deadlines: BTreeSet<(Timestamp, RunId)>,
@@ -164,7 +166,7 @@ impl MemoryQueue {
                 ready_timeout: config.ready_timeout,
                 envs: BTreeMap::new(),
                 lanes,
-                runs: HashMap::new(),
+                runs: HashMap::default(),
                 delayed: BTreeSet::new(),
                 ttl: BTreeSet::new(),
                 lease_deadlines: BTreeSet::new(),
@@ -823,21 +825,27 @@ impl QueueBackend for MemoryQueue {
         now: Timestamp,
     ) -> Result<Vec<Leased>, QueueError> {
         let mut st = self.lock();
-        let served: HashMap<&EnvName, u32> =
-            request.envs.iter().map(|s| (&s.env, s.version)).collect();
+        // A worker serves a few envs: a scan of its list costs less than building a map.
+        let served = |env: &EnvName| -> Option<u32> {
+            request
+                .envs
+                .iter()
+                .find(|s| &s.env == env)
+                .map(|s| s.version)
+        };
         let eligible = |st: &State, env: &EnvName, run: &RunId| -> bool {
-            let Some(version) = served.get(env) else {
+            let Some(version) = served(env) else {
                 return false;
             };
             st.runs
                 .get(run)
-                .is_some_and(|e| e.dispatch.locked_version.is_none_or(|v| v == *version))
+                .is_some_and(|e| e.dispatch.locked_version.is_none_or(|v| v == version))
         };
         // The smallest eligible ready_seq of a lane per env.
         let first_eligible = |st: &State, lane: &LaneState| -> Vec<(EnvName, u64, RunId)> {
             lane.ready
                 .iter()
-                .filter(|(env, _)| served.contains_key(env))
+                .filter(|(env, _)| served(env).is_some())
                 .filter_map(|(env, by_seq)| {
                     by_seq
                         .iter()
