@@ -11,6 +11,7 @@ pub mod chain;
 pub mod columns;
 pub mod error;
 pub mod id;
+pub mod idhash;
 pub mod lane;
 pub mod message;
 pub mod metacache;

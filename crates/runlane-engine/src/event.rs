@@ -14,7 +14,7 @@ use runlane_core::backend::RunStore;
 use runlane_core::{EnvName, RunId, RunStatus, Timestamp};
 use tokio::sync::broadcast;
 
-use crate::idhash::IdBuild;
+use runlane_core::idhash::IdBuild;
 
 /// Events buffered per subscriber before it starts losing them.
 const CHANNEL_CAPACITY: usize = 4096;

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use runlane_core::{RetryPolicy, RunId, TaskName};
 
-use crate::idhash::IdBuild;
+use runlane_core::idhash::IdBuild;
 
 /// At most this many runs are held.
 const ENTRIES_MAX: usize = 1 << 18;

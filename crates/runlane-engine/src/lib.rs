@@ -48,7 +48,6 @@ pub mod error;
 pub mod event;
 mod external;
 mod handover;
-mod idhash;
 mod local;
 pub mod meta;
 pub mod metrics;

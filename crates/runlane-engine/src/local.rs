@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use runlane_core::{CancelReason, FencingToken, RunId};
 use tokio::sync::Notify;
 
-use crate::idhash::IdBuild;
+use runlane_core::idhash::IdBuild;
 
 /// A value set once; waiters wake when it is set.
 #[derive(Debug)]

@@ -29,9 +29,9 @@ use crate::doorbell::any_of;
 use crate::engine::{attempt_record, Engine, Inner, Released};
 use crate::error::EngineError;
 use crate::handover::Handed;
-use crate::idhash::IdBuild;
 use crate::local::{AbortKind, Latch, LocalRun};
 use crate::trigger::{TriggerRequest, WaitOutcome};
+use runlane_core::idhash::IdBuild;
 
 /// The backoff after a failing claim, first and largest.
 const CLAIM_BACKOFF_MIN: Duration = Duration::from_millis(100);

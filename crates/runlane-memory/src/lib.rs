@@ -1,7 +1,6 @@
 //! In-memory backends: [`MemoryQueue`] implements the dispatch rules of `docs/dispatch.md`
 //! under one mutex (every method is one atomic step), [`MemoryStore`] keeps run records.
 
-mod idhash;
 mod queue;
 mod store;
 

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::idhash::IdBuild;
+use runlane_core::idhash::IdBuild;
 
 use async_trait::async_trait;
 use runlane_core::admission::{admit, AdmissionInput, Blocked, Scope};

@@ -12,13 +12,13 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 /// The hasher; see the module documentation.
 #[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct IdHasher {
+pub struct IdHasher {
     lo: u64,
     hi: u64,
 }
 
 /// The `BuildHasher` of [`IdHasher`].
-pub(crate) type IdBuild = BuildHasherDefault<IdHasher>;
+pub type IdBuild = BuildHasherDefault<IdHasher>;
 
 const LOW: u64 = (1 << 57) - 1;
 
@@ -51,7 +51,7 @@ mod tests {
     use std::collections::HashMap;
     use std::hash::BuildHasher;
 
-    use runlane_core::RunId;
+    use crate::RunId;
 
     use super::*;
 
