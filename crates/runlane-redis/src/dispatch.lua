@@ -1,7 +1,13 @@
--- runlane dispatch script: every QueueBackend step as one atomic script (SPEC §3).
+#!lua name=__RUNLANE_LIBRARY__
+-- runlane dispatch library: every QueueBackend step as one atomic function call (SPEC §3).
 --
--- KEYS[1] is the deployment's key base `{prefix}`; every key this script touches starts with it,
--- so all of them hash to one slot (one shard on Redis Cluster).
+-- A Redis function library (`FUNCTION LOAD`; the client fills in its name and the function's,
+-- both derived from a hash of this source): the helpers below are created once, when the
+-- library loads, not at every call as a script's would be; each call (`FCALL`) sets the
+-- per-call values (`setup`) and runs its operation (`OPS`).
+--
+-- KEYS[1] is the deployment's key base `{prefix}`; every key this library touches starts with
+-- it, so all of them hash to one slot (one shard on Redis Cluster).
 -- ARGV[1] = operation, ARGV[2] = now (ms, from the engine clock), ARGV[3] = ready_timeout (ms),
 -- ARGV[4] = format version expected by the client, ARGV[5] = generation expected ("" = any),
 -- ARGV[6..] = the operation's arguments. The answer is one MessagePack blob:
@@ -11,16 +17,12 @@
 -- lanes and deadline indexes hold the 16-byte run id only (TTL buckets: the id and 2 bytes of
 -- the deadline's milliseconds).
 
-local P = KEYS[1]
-local op = ARGV[1]
-local now = tonumber(ARGV[2])
-local ready_timeout = tonumber(ARGV[3])
-local FORMAT = ARGV[4]
-local GEN = ARGV[5]
+-- Per call (set by `setup`): the arguments, the key base and what derives from them.
+local KEYS, ARGV, P, op, now, ready_timeout, FORMAT, GEN
 local STRIDE = 1000000
 local Z = '\0'
 
-local K_CFG = P .. ':cfg'
+local K_CFG
 -- Run records live in 4,096 small hashes chosen by the low 12 bits of the run id (its counter
 -- bits), so each stays listpack-encoded (about 25 records at 100,000 runs).
 local RUN_BUCKETS = 4096
@@ -28,15 +30,15 @@ local function k_run(id)
   local hi, lo = string.byte(id, 15, 16)
   return P .. ':run:' .. ((hi % 16) * 256 + lo)
 end
-local K_ENVS = P .. ':envs'
-local K_LANES = P .. ':lanes'
-local K_CONS = P .. ':cons'
-local K_DELAYED = P .. ':delayed'
+local K_ENVS
+local K_LANES
+local K_CONS
+local K_DELAYED
 -- Format 1 kept TTL deadlines in this zset (one member per run); `init` moves them to buckets.
-local K_TTL = P .. ':ttl'
-local K_LEASE = P .. ':lease'
-local K_ATT = P .. ':att'
-local K_CXL = P .. ':cxl'
+local K_TTL
+local K_LEASE
+local K_ATT
+local K_CXL
 
 local function k_env(e) return P .. ':e:' .. e end
 local function k_qs(e) return P .. ':qs:' .. e end
@@ -62,8 +64,8 @@ local function k_lr(l, e) return P .. ':lr:' .. l .. Z .. e end
 -- reaches zero is deleted whole. Expiry is exact to the millisecond: the sweep pops the due runs
 -- from the head of a bucket in deadline order (the common case: TTL = trigger + a constant); a
 -- bucket out of order is taken whole once and its remaining runs go back sorted.
-local K_TBZ = P .. ':tbz'
-local K_TBN = P .. ':tbn'
+local K_TBZ
+local K_TBN
 local function k_tb(s) return P .. ':tb:' .. s end
 local function ttl_bucket(deadline) return string.format('%d', math.floor(deadline / 1000)) end
 
@@ -120,7 +122,7 @@ local function load(id)
 end
 
 -- `{p}:rb` is the set of non-empty record buckets, so a snapshot reads only those.
-local K_RB = P .. ':rb'
+local K_RB
 local function del_run(id)
   local key = k_run(id)
   redis.call('HDEL', key, id)
@@ -708,12 +710,42 @@ local function end_lease(id, r, later)
   r[F_PLACE] = 'q'
 end
 
+-- Per call: the arguments, the keys derived from the key base, and fresh effects and caches.
+local function setup(keys, args)
+  KEYS, ARGV = keys, args
+  P = keys[1]
+  op = args[1]
+  now = tonumber(args[2])
+  ready_timeout = tonumber(args[3])
+  FORMAT = args[4]
+  GEN = args[5]
+  K_CFG = P .. ':cfg'
+  K_ENVS = P .. ':envs'
+  K_LANES = P .. ':lanes'
+  K_CONS = P .. ':cons'
+  K_DELAYED = P .. ':delayed'
+  K_TTL = P .. ':ttl'
+  K_LEASE = P .. ':lease'
+  K_ATT = P .. ':att'
+  K_CXL = P .. ':cxl'
+  K_TBZ = P .. ':tbz'
+  K_TBN = P .. ':tbn'
+  K_RB = P .. ':rb'
+  fx_moved, fx_lanes, fx_rung = {}, {}, {}
+  consumer_cache = nil
+  env_known = {}
+  rel_order, rel_count = {}, {}
+  lease_drops = {}
+end
+
+local OPS = {}
+
 -- Start: configuration and generation checks -------------------------------------------------
 
 -- ARGV[6] = a fresh generation, ARGV[7] = '1' when the caller rebuilds a lost key space (the
 -- key space then stays marked `reb` until `rebuilt`: other callers get `lost` and wait for the
 -- rebuild instead of seeing half of it), ARGV[8..] = the built-in lanes.
-if op == 'init' then
+OPS['init'] = function()
   local cfg = redis.call('HMGET', K_CFG, 'fmt', 'gen', 'reb')
   if cfg[1] == '1' and FORMAT == '2' then
     -- Format 1 differs only in its TTL index (one zset member per run): move it to buckets.
@@ -739,7 +771,7 @@ if op == 'init' then
   return fail('ok', cfg[2], 0, rebuilding)
 end
 
-do
+local function check()
   local cfg = redis.call('HMGET', K_CFG, 'fmt', 'gen', 'reb')
   if not cfg[1] then return fail('lost') end
   if cfg[1] ~= FORMAT then return fail('format', cfg[1]) end
@@ -756,7 +788,7 @@ end
 
 -- Operations ------------------------------------------------------------------------------
 
-if op == 'put_env' then
+OPS['put_env'] = function()
   local e = ARGV[6]
   redis.call('HSET', k_env(e), 'elim', ARGV[7], 'ecap', ARGV[8], 'flcap', ARGV[9], 'weight', ARGV[10],
     'fp', ARGV[11])
@@ -765,7 +797,7 @@ if op == 'put_env' then
   return answer('ok')
 end
 
-if op == 'put_queue' then
+OPS['put_queue'] = function()
   local e, q = ARGV[6], ARGV[7]
   if redis.call('EXISTS', k_env(e)) == 0 then return fail('unknown_env') end
   local key = k_q(e, q)
@@ -780,24 +812,24 @@ if op == 'put_queue' then
   return answer('ok')
 end
 
-if op == 'queue_settings' then
+OPS['queue_settings'] = function()
   local e, q = ARGV[6], ARGV[7]
   if redis.call('EXISTS', k_env(e)) == 0 then return fail('unknown_env') end
   local s = redis.call('HMGET', k_q(e, q), 'lim', 'ktl', 'maxq', 'paused')
   return fail('ok', s[1] or '', s[2] or '', s[3] or '', s[4] or '0')
 end
 
-if op == 'add_lane' then
+OPS['add_lane'] = function()
   redis.call('SADD', K_LANES, ARGV[6])
   redis.call('HSETNX', k_l(ARGV[6]), 'count', 0)
   return fail('ok')
 end
 
-if op == 'has_lane' then
+OPS['has_lane'] = function()
   return fail('ok', redis.call('SISMEMBER', K_LANES, ARGV[6]))
 end
 
-if op == 'lanes' then
+OPS['lanes'] = function()
   local out = {}
   for _, lane in ipairs(redis.call('SMEMBERS', K_LANES)) do
     local L = redis.call('HMGET', k_l(lane), 'count', 'os')
@@ -818,7 +850,7 @@ if op == 'lanes' then
   return fail('ok', out)
 end
 
-if op == 'queues' then
+OPS['queues'] = function()
   local e = ARGV[6]
   if redis.call('EXISTS', k_env(e)) == 0 then return fail('unknown_env') end
   local out = {}
@@ -829,14 +861,14 @@ if op == 'queues' then
   return fail('ok', out)
 end
 
-if op == 'env_usage' then
+OPS['env_usage'] = function()
   local e = ARGV[6]
   if redis.call('EXISTS', k_env(e)) == 0 then return fail('unknown_env') end
   local s = redis.call('HMGET', k_env(e), 'run', 'flrun')
   return fail('ok', num(s[1]), num(s[2]))
 end
 
-if op == 'enqueue' then
+OPS['enqueue'] = function()
   -- ARGV[6] = id, ARGV[7] = packed record (place unset), ARGV[8] = sync ('1'/'0')
   local id = ARGV[6]
   local existing = load(id)
@@ -853,6 +885,7 @@ if op == 'enqueue' then
   -- a ready count), the key and the queue.
   local E = redis.call('HMGET', k_env(e), 'elim', 'ecap', 'flcap', 'run', 'flrun', 'fp')
   if not E[1] then return fail('unknown_env') end
+  env_known[e] = true
   local L = redis.call('HMGET', k_l(lane), 'count', 'orph')
   if not L[1] and redis.call('SISMEMBER', K_LANES, lane) == 0 then return fail('unknown_lane') end
   local K = redis.call('HMGET', k_k(e, q, k), 'qd', 'del', 'run', 'lts', 'lti')
@@ -878,7 +911,9 @@ if op == 'enqueue' then
     moved(id, 'delayed')
     placement = 'delayed'
   elseif fast then
-    push_ready(id, r)
+    -- A queue hash with a running count or a pause flag belongs to a queue of the env's set
+    -- (absent fields read as false).
+    push_ready(id, r, (Q[3] or Q[4]) and true or false)
     moved(id, 'ready')
     placement = 'ready'
   else
@@ -890,7 +925,7 @@ if op == 'enqueue' then
   return answer('ok', placement)
 end
 
-if op == 'claim' then
+OPS['claim'] = function()
   -- ARGV[6] = worker, ARGV[7] = chain, ARGV[8] = max, ARGV[9] = lease ms, ARGV[10..] = env, version pairs
   local worker, chain, max, lease_ms = ARGV[6], ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
   local served = {}
@@ -1093,7 +1128,7 @@ if op == 'claim' then
   return fail('ok', out)
 end
 
-if op == 'heartbeat' then
+OPS['heartbeat'] = function()
   local out = {}
   local leases = {}
   for i = 6, #ARGV, 2 do
@@ -1113,12 +1148,12 @@ if op == 'heartbeat' then
   return fail('ok', out)
 end
 
-if op == 'check_lease' then
+OPS['check_lease'] = function()
   local _, err = leased(ARGV[6], tonumber(ARGV[7]), false)
   return fail(err or 'ok')
 end
 
-if op == 'finish' then
+OPS['finish'] = function()
   local id = ARGV[6]
   local r, err = leased(id, tonumber(ARGV[7]), true)
   if err then return fail(err) end
@@ -1132,7 +1167,7 @@ end
 -- answers one code per run ('ok', 'not_found', 'stale'). The envs whose slots were released
 -- are admitted once each at the end (an admission pass admits as many runs as now fit), in
 -- the order they first ended a run.
-if op == 'finish_many' then
+OPS['finish_many'] = function()
   local out = {}
   local envs, seen = {}, {}
   for i = 6, #ARGV, 2 do
@@ -1157,7 +1192,7 @@ if op == 'finish_many' then
 end
 
 -- Many lease checks in one call: ARGV pairs (id, token), each as 'check_lease'.
-if op == 'check_leases' then
+OPS['check_leases'] = function()
   local out = {}
   for i = 6, #ARGV, 2 do
     local _, err = leased(ARGV[i], tonumber(ARGV[i + 1]), false)
@@ -1166,7 +1201,7 @@ if op == 'check_leases' then
   return fail('ok', out)
 end
 
-if op == 'retry' then
+OPS['retry'] = function()
   local id = ARGV[6]
   local r, err = leased(id, tonumber(ARGV[7]), true)
   if err then return fail(err) end
@@ -1178,7 +1213,7 @@ if op == 'retry' then
   return answer('ok')
 end
 
-if op == 'release' then
+OPS['release'] = function()
   local id = ARGV[6]
   local r, err = leased(id, tonumber(ARGV[7]), false)
   if err then return fail(err) end
@@ -1191,7 +1226,7 @@ if op == 'release' then
   return answer('ok')
 end
 
-if op == 'cancel' then
+OPS['cancel'] = function()
   local id, grace = ARGV[6], tonumber(ARGV[7])
   local r = load(id)
   if not r then return fail('not_found') end
@@ -1211,7 +1246,7 @@ if op == 'cancel' then
   return answer('removed', status)
 end
 
-if op == 'reschedule' then
+OPS['reschedule'] = function()
   local id = ARGV[6]
   local r = load(id)
   if not r then return fail('not_found') end
@@ -1225,7 +1260,7 @@ if op == 'reschedule' then
   return answer('ok')
 end
 
-if op == 'tick' then
+OPS['tick'] = function()
   local expired, lapsed, timed_out, cancel_elapsed, returned = {}, {}, {}, {}, {}
   -- 1. Delayed runs that came due.
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', now)) do
@@ -1348,7 +1383,7 @@ end
 
 -- ARGV[6] = 'arm' when the caller is the deployment's timer owner re-arming its timer: the
 -- deadline it will sleep until is kept in `{p}:cfg.tarm`, read by `announce`.
-if op == 'next_deadline' then
+OPS['next_deadline'] = function()
   if ARGV[6] == 'arm' then
     local d = next_deadline()
     if d < 0 then redis.call('HDEL', K_CFG, 'tarm') else redis.call('HSET', K_CFG, 'tarm', d) end
@@ -1358,7 +1393,7 @@ end
 
 -- ARGV[6] = a deadline (ms) a call of another process created. Answers 1 when the timer owner
 -- must hear of it (earlier than `tarm`, or no `tarm`), recording it as `tarm`, else 0.
-if op == 'announce' then
+OPS['announce'] = function()
   local d = tonumber(ARGV[6])
   local t = redis.call('HGET', K_CFG, 'tarm')
   if t and d >= tonumber(t) then return fail('ok', 0) end
@@ -1366,13 +1401,13 @@ if op == 'announce' then
   return fail('ok', 1)
 end
 
-if op == 'live' then
+OPS['live'] = function()
   local raw = redis.call('HGET', k_run(ARGV[6]), ARGV[6])
   if not raw then return fail('ok', {}) end
   return fail('ok', { ARGV[6], raw })
 end
 
-if op == 'snapshot' then
+OPS['snapshot'] = function()
   local all = {}
   for _, b in ipairs(redis.call('SMEMBERS', K_RB)) do
     local part = redis.call('HGETALL', P .. ':run:' .. b)
@@ -1381,7 +1416,7 @@ if op == 'snapshot' then
   return fail('ok', all)
 end
 
-if op == 'register_consumer' then
+OPS['register_consumer'] = function()
   local chain = ARGV[6]
   local id = redis.call('HINCRBY', K_CFG, 'cseq', 1)
   redis.call('HSET', K_CONS, id, chain)
@@ -1393,7 +1428,7 @@ if op == 'register_consumer' then
   return fail('ok', id)
 end
 
-if op == 'restore_consumer' then
+OPS['restore_consumer'] = function()
   redis.call('HSET', K_CONS, ARGV[6], ARGV[7])
   if num(redis.call('HGET', K_CFG, 'cseq')) < tonumber(ARGV[6]) then
     redis.call('HSET', K_CFG, 'cseq', ARGV[6])
@@ -1401,7 +1436,7 @@ if op == 'restore_consumer' then
   return fail('ok')
 end
 
-if op == 'unregister_consumer' then
+OPS['unregister_consumer'] = function()
   local id = ARGV[6]
   local chain = redis.call('HGET', K_CONS, id)
   if chain then
@@ -1416,4 +1451,18 @@ if op == 'unregister_consumer' then
   return answer('ok')
 end
 
-return fail('unknown_op', op)
+-- The library's one function: `FCALL <name> 1 {prefix} op now ready_timeout format generation ...`.
+local function dispatch(keys, args)
+  setup(keys, args)
+  if op == 'init' then return OPS['init']() end
+  local refused = check()
+  if refused ~= nil then return refused end
+  local run = OPS[op]
+  if run then
+    local answered = run()
+    if answered ~= nil then return answered end
+  end
+  return fail('unknown_op', op)
+end
+
+redis.register_function('__RUNLANE_FUNCTION__', dispatch)
