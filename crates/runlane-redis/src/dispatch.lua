@@ -549,23 +549,30 @@ local function admit_env(e)
     end
     return v
   end
-  -- queues[i] = { served, name, keys, settings }, keys[j] = { served, name, run, dead }
+  -- queues[i] = { served, name, keys, settings }, keys[j] = { served, name, run, dead }; a
+  -- queue's keys are read when the pass first reaches it.
   local queues = {}
   for _, q in ipairs(bq) do
-    local keys = {}
-    for _, k in ipairs(redis.call('SMEMBERS', k_bk(e, q))) do
-      keys[#keys + 1] = { num(redis.call('HGET', k_k(e, q, k), 'served')), k }
-    end
-    table.sort(keys, served_order)
-    queues[#queues + 1] = { num(redis.call('HGET', k_q(e, q), 'served')), q, keys }
+    queues[#queues + 1] = { num(redis.call('HGET', k_q(e, q), 'served')), q }
   end
   table.sort(queues, served_order)
+  local function keys_of(Qe)
+    if not Qe[3] then
+      local keys = {}
+      for _, k in ipairs(redis.call('SMEMBERS', k_bk(e, Qe[2]))) do
+        keys[#keys + 1] = { num(redis.call('HGET', k_k(e, Qe[2], k), 'served')), k }
+      end
+      table.sort(keys, served_order)
+      Qe[3] = keys
+    end
+    return Qe[3]
+  end
   local served_q, served_k, served_n = {}, {}, 0
   while E[4] < ecap or E[5] < flcap do
     local qi, ki, id, r = nil, nil, nil, nil
     for i, Qe in ipairs(queues) do
       local q = Qe[2]
-      for j, Ke in ipairs(Qe[3]) do
+      for j, Ke in ipairs(keys_of(Qe)) do
         if not Ke[4] then
           local k = Ke[2]
           local head, hr = key_head(e, q, k)
