@@ -5,8 +5,8 @@
 //! anyone else, and reports one JSON line: `redis_bytes_per_run` (the `used_memory` delta over
 //! the runs), `message_bytes` (the mean stored value per pending run), the mix, the runs, Redis's
 //! `zset-max-listpack-entries`, and the Redis time of claim + complete per run (the
-//! `evalsha` microseconds of `INFO commandstats` over a separate claim/finish pass, divided by
-//! the runs it finished).
+//! `fcall` microseconds of `INFO commandstats`, plus `evalsha` for builds that ran the dispatch
+//! as a script, over a separate claim/finish pass, divided by the runs it finished).
 //!
 //! Mixes: `reference` (due, default priority, 10 queues, half with a TTL), `delayed_prioritized`
 //! (half delayed up to an hour, half due with a priority up to an hour, 10 queues) and
@@ -326,10 +326,10 @@ async fn measure_claim(
     };
     let mut done = 0u64;
     let (mut claim_usec, mut finish_usec) = (0.0, 0.0);
-    let mut last = evalsha_usec(conn).await?;
+    let mut last = script_usec(conn).await?;
     loop {
         let leased = queue.claim(&request, T0).await?;
-        let after_claim = evalsha_usec(conn).await?;
+        let after_claim = script_usec(conn).await?;
         claim_usec += after_claim - last;
         if leased.is_empty() {
             break;
@@ -338,7 +338,7 @@ async fn measure_claim(
             queue.finish(l.dispatch.run_id, l.token, T0).await?;
             done += 1;
         }
-        last = evalsha_usec(conn).await?;
+        last = script_usec(conn).await?;
         finish_usec += last - after_claim;
     }
     let usec = claim_usec + finish_usec;
@@ -362,17 +362,22 @@ struct ClaimCost {
     runs: u64,
 }
 
-/// The `evalsha` microseconds Redis has counted since the last `CONFIG RESETSTAT`.
-async fn evalsha_usec(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<f64> {
-    let stat = match info_field(conn, "commandstats", "cmdstat_evalsha").await {
-        Ok(stat) => stat,
-        Err(_) => return Ok(0.0),
-    };
-    Ok(stat
-        .split(',')
-        .find_map(|kv| kv.strip_prefix("usec="))
-        .context("cmdstat_evalsha has no usec")?
-        .parse()?)
+/// The microseconds of dispatch calls (`fcall`, and `evalsha` of builds that ran the dispatch
+/// as a script) Redis has counted since the last `CONFIG RESETSTAT`.
+async fn script_usec(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<f64> {
+    let mut usec = 0.0;
+    for field in ["cmdstat_fcall", "cmdstat_evalsha"] {
+        let Ok(stat) = info_field(conn, "commandstats", field).await else {
+            continue;
+        };
+        let value: f64 = stat
+            .split(',')
+            .find_map(|kv| kv.strip_prefix("usec="))
+            .with_context(|| format!("{field} has no usec"))?
+            .parse()?;
+        usec += value;
+    }
+    Ok(usec)
 }
 
 /// Runs the footprint bench for `mixes`; one JSON line per mix.

@@ -1,10 +1,12 @@
 //! runlane-redis: the Redis queue backend (SPEC §3, §6).
 //!
-//! Every [`QueueBackend`](runlane_core::backend::QueueBackend) step is one call of one Lua
-//! script (`dispatch.lua`, run with `EVALSHA` and loaded on `NOSCRIPT`), so each step is atomic
-//! exactly like the memory backend's mutex-held steps. All keys of a deployment share one hash
-//! tag, `{prefix}`: on Redis Cluster a deployment lives on one shard. `now` always comes from the
-//! engine's clock, passed to the script as an argument; the script never reads Redis's clock.
+//! Every [`QueueBackend`](runlane_core::backend::QueueBackend) step is one call of one Redis
+//! function (`dispatch.lua`, a function library loaded with `FUNCTION LOAD` at open and again
+//! when the server answers that it does not know the function; called with `FCALL`), so each
+//! step is atomic exactly like the memory backend's mutex-held steps. All keys of a deployment
+//! share one hash tag, `{prefix}`: on Redis Cluster a deployment lives on one shard. `now` always
+//! comes from the engine's clock, passed to the function as an argument; it never reads Redis's
+//! clock.
 //!
 //! The key space carries a format version and a generation marker in `{prefix}:cfg`. A key space
 //! of another format is refused with an error naming both versions; a key space found missing
@@ -13,6 +15,8 @@
 
 #[cfg(test)]
 mod format1_tests;
+#[cfg(test)]
+mod function_tests;
 mod meta;
 mod queue;
 mod record;

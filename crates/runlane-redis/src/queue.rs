@@ -1,6 +1,6 @@
 //! [`RedisQueue`]: the [`QueueBackend`] over one Redis deployment. Every method is one call of
-//! the dispatch script (`dispatch.lua`), so each step is atomic exactly like the memory
-//! backend's mutex-held steps.
+//! the dispatch function (`dispatch.lua`, a Redis function library), so each step is atomic
+//! exactly like the memory backend's mutex-held steps.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -190,7 +190,7 @@ impl Link {
 /// The Redis queue backend (implements [`QueueBackend`]).
 pub struct RedisQueue {
     conn: ConnectionManager,
-    script: redis::Script,
+    library: Library,
     base: String,
     ready_timeout_ms: String,
     address: String,
@@ -259,8 +259,52 @@ fn glob_escape(s: &str) -> String {
     out
 }
 
-/// The script source.
+/// The dispatch library's source: a Redis function library (`FUNCTION LOAD`) whose name and
+/// function name are filled in by [`Library::new`].
 const SCRIPT: &str = include_str!("dispatch.lua");
+
+/// The dispatch library as loaded: named after a hash of its source, so processes of different
+/// versions sharing one server never replace each other's library (each keeps its own, like
+/// the script cache kept each version's script).
+struct Library {
+    /// `<library name>_dispatch`.
+    function: String,
+    source: String,
+}
+
+impl Library {
+    fn new() -> Self {
+        // FNV-1a (64 bits) of the source: a name per version, not a security measure.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in SCRIPT.bytes() {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        let name = format!("runlane_{hash:016x}");
+        let function = format!("{name}_dispatch");
+        let source = SCRIPT
+            .replace("__RUNLANE_LIBRARY__", &name)
+            .replace("__RUNLANE_FUNCTION__", &function);
+        Library { function, source }
+    }
+
+    /// Loads (or reloads) the library on the server.
+    async fn load(&self, conn: &mut ConnectionManager) -> redis::RedisResult<()> {
+        redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg("REPLACE")
+            .arg(&self.source)
+            .query_async::<String>(conn)
+            .await
+            .map(|_| ())
+    }
+}
+
+/// Whether a call failed because the server does not know the function (it restarted without
+/// persistence, or its functions were flushed): the library is loaded again.
+fn function_missing(e: &redis::RedisError) -> bool {
+    e.to_string().contains("Function not found")
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -398,12 +442,14 @@ impl RedisQueue {
             .set_number_of_retries(2)
             .set_factor(50)
             .set_max_delay(1000);
-        let conn = ConnectionManager::new_with_config(client, manager_config)
+        let mut conn = ConnectionManager::new_with_config(client, manager_config)
             .await
             .map_err(unreachable)?;
+        let library = Library::new();
+        library.load(&mut conn).await.map_err(unreachable)?;
         let queue = RedisQueue {
             conn,
-            script: redis::Script::new(SCRIPT),
+            library,
             base: format!("{{{prefix}}}"),
             ready_timeout_ms: ms(config.ready_timeout).to_string(),
             address: address.clone(),
@@ -487,6 +533,15 @@ impl RedisQueue {
         Ok(answer.extra(0)?.int()? == 1)
     }
 
+    /// The name of the dispatch library this build loads (tests).
+    #[cfg(test)]
+    pub(crate) fn library_name(&self) -> &str {
+        self.library
+            .function
+            .strip_suffix("_dispatch")
+            .unwrap_or(&self.library.function)
+    }
+
     /// The key base, `{prefix}`: every key of this deployment starts with it.
     pub fn key_base(&self) -> &str {
         &self.base
@@ -541,19 +596,6 @@ impl RedisQueue {
         generation: &str,
         args: Vec<Arg>,
     ) -> Result<Answer, QueueError> {
-        let mut inv = self.script.prepare_invoke();
-        inv.key(&self.base)
-            .arg(op)
-            .arg(now.as_millis())
-            .arg(&self.ready_timeout_ms)
-            .arg(KEYSPACE_FORMAT)
-            .arg(generation);
-        for a in &args {
-            match a {
-                Arg::Text(s) => inv.arg(s.as_str()),
-                Arg::Bytes(b) => inv.arg(b.as_slice()),
-            };
-        }
         if !self.link.up() {
             // Known down: fail at once instead of waiting out the connection's own retries
             // (seconds per call), so a distributed trigger costs only its PostgreSQL commit
@@ -565,8 +607,31 @@ impl RedisQueue {
                 self.address
             )));
         }
+        let mut fcall = redis::cmd("FCALL");
+        fcall
+            .arg(&self.library.function)
+            .arg(1)
+            .arg(&self.base)
+            .arg(op)
+            .arg(now.as_millis())
+            .arg(&self.ready_timeout_ms)
+            .arg(KEYSPACE_FORMAT)
+            .arg(generation);
+        for a in &args {
+            match a {
+                Arg::Text(s) => fcall.arg(s.as_str()),
+                Arg::Bytes(b) => fcall.arg(b.as_slice()),
+            };
+        }
         let mut conn = self.conn.clone();
-        match inv.invoke_async::<Vec<u8>>(&mut conn).await {
+        let mut result = fcall.query_async::<Vec<u8>>(&mut conn).await;
+        if matches!(&result, Err(e) if function_missing(e)) {
+            result = match self.library.load(&mut conn).await {
+                Ok(()) => fcall.query_async::<Vec<u8>>(&mut conn).await,
+                Err(e) => Err(e),
+            };
+        }
+        match result {
             Ok(bytes) => parse_answer(&bytes),
             Err(e) => {
                 let text = format!("redis at {}: {e}", self.address);
