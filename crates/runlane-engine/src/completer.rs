@@ -18,7 +18,7 @@
 use std::sync::{Arc, Weak};
 
 use runlane_core::backend::AttemptEnd;
-use runlane_core::{EnvName, FencingToken, QueueError, RunId, StoreError};
+use runlane_core::{EnvName, FencingToken, QueueError, RunId, RunStatus, StoreError, Timestamp};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 
@@ -85,18 +85,7 @@ impl Completer {
                 Err(e) => inner.warn_queue_finish(run, &e),
             }
         }
-        match written {
-            Ok(()) => {
-                inner.publish_finished(run, env, status, attempt, now);
-                Ok(())
-            }
-            Err(StoreError::AlreadyFinished { .. }) => Ok(()),
-            Err(StoreError::StaleAttempt { run, attempt, .. }) => {
-                tracing::debug!(%run, attempt, "completion of a stale attempt; dropped");
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
-        }
+        settle(inner, written, run, env, status, attempt, now)
     }
 
     /// Ends a completed attempt in the next batch; returns once its end is written (or was
@@ -217,22 +206,44 @@ async fn end_batch(inner: &Inner, batch: Vec<Ending>) {
         }
     }
     for (ending, answer) in live.into_iter().zip(written) {
-        let reply = match answer {
-            Ok(()) => {
-                let end = &ending.end;
-                inner.publish_finished(end.run, &ending.env, end.status, end.attempt.number, now);
-                Ok(())
-            }
-            Err(StoreError::AlreadyFinished { .. }) => Ok(()),
-            // The run moved on to a later attempt (this lease lapsed after the check): a zombie's
-            // end, dropped as above; the later attempt's holder ends the run.
-            Err(StoreError::StaleAttempt { run, attempt, .. }) => {
-                tracing::debug!(%run, attempt, "completion of a stale attempt; dropped");
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
-        };
+        let end = &ending.end;
+        let reply = settle(
+            inner,
+            answer,
+            end.run,
+            &ending.env,
+            end.status,
+            end.attempt.number,
+            now,
+        );
         let _ = ending.reply.send(reply);
+    }
+}
+
+/// The caller's answer for one written end: the run's terminal event is published when this
+/// end was the one written. An end the store already had (a retried call) or one of an attempt
+/// the run has moved past (its lease lapsed after the check: a zombie's end, the later
+/// attempt's holder ends the run) is dropped without an error.
+fn settle(
+    inner: &Inner,
+    written: Result<(), StoreError>,
+    run: RunId,
+    env: &EnvName,
+    status: RunStatus,
+    attempt: u32,
+    now: Timestamp,
+) -> Result<(), EngineError> {
+    match written {
+        Ok(()) => {
+            inner.publish_finished(run, env, status, attempt, now);
+            Ok(())
+        }
+        Err(StoreError::AlreadyFinished { .. }) => Ok(()),
+        Err(StoreError::StaleAttempt { run, attempt, .. }) => {
+            tracing::debug!(%run, attempt, "completion of a stale attempt; dropped");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -558,15 +558,7 @@ async fn claim_next(
     }
     engine.claimed(&leases);
     for extra in leases.drain(1..) {
-        // More leases than asked breaks the claim contract; hand the run back.
-        tracing::error!(run = %extra.dispatch.run_id, "claim returned more runs than free slots");
-        let d = &extra.dispatch;
-        if let Err(e) = engine
-            .release_leased(d.run_id, extra.token, &d.env, d.attempt)
-            .await
-        {
-            tracing::warn!(run = %d.run_id, error = %e, "release failed; the lease will lapse");
-        }
+        hand_back_excess(engine, &extra).await;
     }
     let leased = leases.pop()?;
     // A run triggered here is handed over; only another is read back (one lease, no vectors).
@@ -577,6 +569,19 @@ async fn claim_next(
             .pop()?,
     };
     Some((leased, permit, loaded))
+}
+
+/// A lease beyond the free slots (the backend broke the claim contract): handed back rather
+/// than run past the workloop's capacity.
+async fn hand_back_excess(engine: &Inner, leased: &Leased) {
+    let d = &leased.dispatch;
+    tracing::error!(run = %d.run_id, "claim returned more runs than free slots");
+    if let Err(e) = engine
+        .release_leased(d.run_id, leased.token, &d.env, d.attempt)
+        .await
+    {
+        tracing::warn!(run = %d.run_id, error = %e, "release failed; the lease will lapse");
+    }
 }
 
 /// A workloop slot held by one run: the permit of its handler, and the semaphore its attempt's
@@ -698,16 +703,7 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
                         None => match lp.slots.clone().try_acquire_owned() {
                             Ok(p) => p,
                             Err(_) => {
-                                // More leases than slots breaks the claim contract; hand the
-                                // run back rather than exceed the workloop's capacity.
-                                tracing::error!(run = %leased.dispatch.run_id, "claim returned more runs than free slots");
-                                let d = &leased.dispatch;
-                                if let Err(e) = engine
-                                    .release_leased(d.run_id, leased.token, &d.env, d.attempt)
-                                    .await
-                                {
-                                    tracing::warn!(run = %d.run_id, error = %e, "release failed; the lease will lapse");
-                                }
+                                hand_back_excess(&engine, &leased).await;
                                 continue;
                             }
                         },
