@@ -384,16 +384,24 @@ pub async fn latency(common: &Common, gap: Duration) -> anyhow::Result<Value> {
         .await?;
     let body = payload(common.payload_bytes);
     let mut sampler = LatencySampler::start(common.runs, gap);
-    while sampler.more() {
-        let t0 = Instant::now();
-        let run = engine.trigger("bench").payload(&body).send().await?;
-        let started = rx.recv().await.context("handler channel closed")?;
-        engine.wait(run.run.id, Duration::from_secs(10)).await?;
-        sampler
-            .record(started.duration_since(t0).as_micros() as u64)
-            .await;
-    }
-    let samples = sampler.finish().await;
+    // The caller is a task on the runtime, as a server's request handler or any async caller
+    // is, not the thread blocked in `block_on`: a trigger from a runtime thread hands the
+    // workloop's wake-up to that thread instead of unparking another through the kernel.
+    let caller = engine.clone();
+    let samples = tokio::spawn(async move {
+        while sampler.more() {
+            let t0 = Instant::now();
+            let run = caller.trigger("bench").payload(&body).send().await?;
+            let started = rx.recv().await.context("handler channel closed")?;
+            caller.wait(run.run.id, Duration::from_secs(10)).await?;
+            sampler
+                .record(started.duration_since(t0).as_micros() as u64)
+                .await;
+        }
+        anyhow::Ok(sampler.finish().await)
+    })
+    .await
+    .context("latency sampler task")??;
     worker.stop().await;
     let line = json!({
         "scenario": "latency",
