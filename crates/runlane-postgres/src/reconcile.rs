@@ -5,8 +5,10 @@
 //! row pending: the reconciler finds such rows (older than a grace period, so triggers still in
 //! flight are left alone), hands them to an enqueue callback (idempotent by run id on the queue
 //! side), and marks the ones the callback confirms. It runs once at start-up, then sleeps until
-//! the oldest pending row passes its grace period, or, when none is pending, until an insert
-//! signals a new one: no polling while idle.
+//! the oldest pending row passes its grace period. When none is pending it sleeps until an
+//! insert of this process signals a new one, or at most [`ReconcileConfig::idle_check`]: a row
+//! another process committed and then left behind (it died before its enqueue) is found by one
+//! indexed `min()` query per period, with no trigger or restart needed here.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -27,6 +29,9 @@ pub struct ReconcileConfig {
     pub batch: u32,
     /// After a failed pass (store or callback), the next try waits this long.
     pub retry_after: Duration,
+    /// With nothing pending, the store is asked again after this long: rows committed by
+    /// another process that died before enqueuing them signal no insert here.
+    pub idle_check: Duration,
 }
 
 impl Default for ReconcileConfig {
@@ -35,6 +40,7 @@ impl Default for ReconcileConfig {
             grace: Duration::from_secs(5),
             batch: 500,
             retry_after: Duration::from_secs(1),
+            idle_check: Duration::from_secs(5),
         }
     }
 }
@@ -116,7 +122,8 @@ where
                 Ok(r) if r.failed == 0 => match store.oldest_pending_at().await {
                     // Armed by the oldest pending row.
                     Ok(Some(oldest)) => Some(oldest.saturating_add(config.grace).since(now())),
-                    // Nothing pending: sleep until an insert makes something pending.
+                    // Nothing pending: sleep until an insert here makes something pending,
+                    // or until the next look for rows another process left behind.
                     Ok(None) => None,
                     Err(_) => Some(config.retry_after),
                 },
@@ -130,6 +137,7 @@ where
                 None => tokio::select! {
                     _ = shutdown.notified() => return,
                     _ = pending.notified() => {}
+                    _ = tokio::time::sleep(config.idle_check) => {}
                 },
             }
         }

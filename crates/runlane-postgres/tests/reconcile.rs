@@ -1,7 +1,7 @@
 //! The reconciler of the store-first protocol: rows left `pending_enqueue` (their enqueue was
 //! missed) are handed to the enqueue callback once past the grace period, marked `in_queue`
 //! when confirmed, kept pending when the callback fails; the loop runs at start-up and is
-//! armed by new pending rows.
+//! armed by new pending rows, its own process's and (by its idle check) another's.
 
 mod common;
 
@@ -90,6 +90,8 @@ async fn the_loop_runs_at_start_up_and_is_armed_by_new_pending_rows() {
         grace: Duration::ZERO,
         batch: 100,
         retry_after: Duration::from_millis(50),
+        // Long enough that only the insert's signal can wake the idle loop in this test.
+        idle_check: Duration::from_secs(3600),
     };
     let task = spawn_reconciler(
         store.clone(),
@@ -137,4 +139,65 @@ async fn the_loop_runs_at_start_up_and_is_armed_by_new_pending_rows() {
     task.await.expect("the reconciler ends on shutdown");
     let store = Arc::try_unwrap(store).expect("last handle");
     common::finish(store).await;
+}
+
+/// A row another process committed and left behind (it died before its enqueue) signals no
+/// insert in this one: the idle reconciler finds it by its periodic look at the store, without
+/// a trigger or a restart here.
+#[tokio::test]
+async fn an_idle_loop_finds_a_row_another_process_left_pending() {
+    let config = common::config();
+    let here = Arc::new(common::open(config.clone()).await);
+    let elsewhere = common::open(config).await;
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<RunId>();
+    let shutdown = Arc::new(Notify::new());
+    let task = spawn_reconciler(
+        here.clone(),
+        ReconcileConfig {
+            grace: Duration::ZERO,
+            batch: 100,
+            retry_after: Duration::from_millis(50),
+            idle_check: Duration::from_millis(100),
+        },
+        wall_now,
+        move |runs: Vec<runlane_core::backend::RunRecord>| {
+            let tx = tx.clone();
+            async move {
+                let ids: Vec<RunId> = runs.iter().map(|r| r.id).collect();
+                for id in &ids {
+                    let _ = tx.send(*id);
+                }
+                Ok::<_, String>(ids)
+            }
+        },
+        shutdown.clone(),
+    );
+    // The start-up pass finds nothing: the loop is idle, waiting for a local insert.
+    assert_eq!(here.oldest_pending_at().await.expect("oldest"), None);
+
+    // Committed through another handle (another process's pool): no signal reaches `here`.
+    let orphan = common::record(7);
+    elsewhere
+        .insert(vec![(orphan.clone(), None)], wall_now())
+        .await
+        .expect("insert elsewhere");
+    let found = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the idle check finds the orphan")
+        .expect("channel");
+    assert_eq!(found, orphan.id);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while here.oldest_pending_at().await.expect("oldest").is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the row stayed pending"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    shutdown.notify_one();
+    task.await.expect("the reconciler ends on shutdown");
+    drop(elsewhere);
+    let here = Arc::try_unwrap(here).expect("last handle");
+    common::finish(here).await;
 }

@@ -6,6 +6,9 @@
 //! - `after_commit_before_enqueue`: the run is not lost. The next engine on the same servers
 //!   enqueues it (its open re-enqueues PostgreSQL's unfinished runs, idempotently; its
 //!   reconciler would too) and it runs exactly once.
+//! - the same window while another engine is already open and idle: its reconciler finds the
+//!   row by its idle check (the insert signalled nothing in that process) and the run executes
+//!   exactly once, with no trigger or restart there.
 //! - `after_terminal_write_before_ack`: the run stays `completed`. Its lease lapses in Redis;
 //!   the next engine's timer (armed by Redis's earliest deadline) reads PostgreSQL first, finds
 //!   the run terminal and only cleans it out of Redis: it never runs again.
@@ -26,6 +29,7 @@ use runlane::{
 use serde_json::Value;
 
 const TEST: &str = "crash_after_commit_before_enqueue_loses_nothing";
+const TEST_RUNNING: &str = "a_running_engine_picks_up_a_run_another_process_left_pending";
 const TEST_ACK: &str = "crash_after_terminal_write_before_ack_never_runs_again";
 const ROLE: &str = "RUNLANE_TEST_ROLE";
 
@@ -90,6 +94,64 @@ async fn crash_after_commit_before_enqueue_loses_nothing() {
     assert!(!stored[0].status.is_terminal(), "it never ran");
 
     let worker = counting_worker(engine.worker().lease(Duration::from_secs(1)), &executed).await;
+    match engine
+        .wait(run, Duration::from_secs(60))
+        .await
+        .expect("wait")
+    {
+        WaitOutcome::Finished(r) => assert_eq!(r.status, RunStatus::Completed),
+        WaitOutcome::Pending { status, .. } => panic!("run still {status:?}"),
+    }
+    worker.stop().await;
+    let executed = executed.lock().expect("lock").clone();
+    assert_eq!(executed.get(&run), Some(&1), "executed exactly once");
+    assert_eq!(executed.len(), 1, "nothing else ran");
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_engine_picks_up_a_run_another_process_left_pending() {
+    if std::env::var(ROLE).is_ok() {
+        return dying_trigger().await;
+    }
+    let prefix = redis_support::fresh_prefix("failpoint-running");
+    let schema = format!("rlt_failrun_{}", std::process::id());
+    // Open first, with a worker: nothing is pending, so its reconciler goes idle.
+    let mut parent = config(&prefix, &schema);
+    parent.reconcile = ReconcileConfig {
+        grace: Duration::from_millis(200),
+        idle_check: Duration::from_millis(200),
+        ..ReconcileConfig::default()
+    };
+    parent.throwaway = true;
+    let engine = runlane::distributed_with(EngineBuilder::new(), parent)
+        .await
+        .expect("open");
+    let executed = Executions::default();
+    let worker = counting_worker(engine.worker().lease(Duration::from_secs(1)), &executed).await;
+
+    let status = Command::new(std::env::current_exe().expect("this test binary"))
+        .args([
+            "--exact",
+            TEST_RUNNING,
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(ROLE, "trigger")
+        .env(runlane::FAILPOINT_VAR, runlane::AFTER_COMMIT_BEFORE_ENQUEUE)
+        .env("RUNLANE_TEST_PREFIX", &prefix)
+        .env("RUNLANE_TEST_SCHEMA", &schema)
+        .stdout(Stdio::null())
+        .status()
+        .expect("run the child");
+    assert!(
+        !status.success(),
+        "the child died at the failpoint: {status:?}"
+    );
+    let stored = engine.list(&RunFilter::default()).await.expect("list");
+    assert_eq!(stored.len(), 1, "the child's run is committed");
+    let run = stored[0].id;
     match engine
         .wait(run, Duration::from_secs(60))
         .await

@@ -50,6 +50,7 @@ async fn redis_failure_after_commit_is_reconciled_nothing_lost_nothing_twice() {
         grace: Duration::from_millis(300),
         batch: 2,
         retry_after: Duration::from_millis(100),
+        ..ReconcileConfig::default()
     };
     config.throwaway = true;
     let engine = match runlane::distributed_with(EngineBuilder::new(), config).await {
