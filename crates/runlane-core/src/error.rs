@@ -111,7 +111,7 @@ pub enum StoreError {
     },
     /// A terminal write for an attempt that is no longer the run's current one (its lease
     /// lapsed and the run moved on to a later attempt); nothing changed. Stores that fence
-    /// terminal writes by attempt (PostgreSQL, memory) answer it; the engine treats it as a
+    /// terminal writes by attempt (PostgreSQL, SQLite, memory) answer it; the engine treats it as a
     /// lost lease.
     #[error("run {run} is at attempt {current}; the end of attempt {attempt} is stale")]
     StaleAttempt {

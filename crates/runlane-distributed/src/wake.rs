@@ -13,10 +13,11 @@
 //!   `Engine::wait` and subscriptions in every other process see runs finished here. Each
 //!   message starts with its sender's origin id; a process skips its own.
 //!
-//! A message lost while a subscriber reconnects costs a wake-up (the next ring or claim finds
-//! the run) or an early answer (a `wait` then answers from the store at its timeout), never a
-//! run; the timer owner re-reads its deadline each time its subscription is (re)established,
-//! so no announcement is lost for it.
+//! Messages published while a subscriber reconnects are lost, so each time its subscription
+//! is (re)established the process catches up instead (`Engine::resync_after_gap`): every
+//! `wait` and run subscription reads its run from the store once (an end announced during the
+//! gap is answered then, not at the wait's timeout), every idle workloop claims once (a ring
+//! lost in the gap costs no stuck run), and the timer owner re-reads its deadline.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -278,15 +279,19 @@ pub(crate) fn spawn_subscriber(
             if let Ok(mut pubsub) = client.get_async_pubsub().await {
                 let names = [&channels.wake, &channels.timer, &channels.events];
                 if pubsub.subscribe(&names[..]).await.is_ok() {
-                    // Announcements published while this process was not subscribed are lost:
-                    // the owner re-reads its deadline once it listens again.
-                    if let Some(engine) = engine.upgrade().filter(|_| wake.lead.is_leader()) {
-                        engine
-                            .apply_effects(Effects {
-                                deadline: Some(Timestamp::ZERO),
-                                ..Effects::default()
-                            })
-                            .await;
+                    // Messages published while this process was not subscribed are lost: waits
+                    // here read their runs from the store, idle workloops claim once, and the
+                    // timer owner re-reads its deadline, now that it listens again.
+                    if let Some(engine) = engine.upgrade() {
+                        engine.resync_after_gap();
+                        if wake.lead.is_leader() {
+                            engine
+                                .apply_effects(Effects {
+                                    deadline: Some(Timestamp::ZERO),
+                                    ..Effects::default()
+                                })
+                                .await;
+                        }
                     }
                     let mut messages = pubsub.on_message();
                     while let Some(msg) = messages.next().await {

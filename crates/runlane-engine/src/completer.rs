@@ -11,7 +11,8 @@
 //! of runs wait for their end.
 //!
 //! Per batch, in order (the order of a single completion, SPEC §7): leases are checked (a
-//! zombie's completion is dropped), the store writes every end (the first terminal write
+//! zombie's completion is dropped; one the queue cannot check is written, fenced by the
+//! store's attempt check), the store writes every end (the first terminal write
 //! wins), the queue finishes every run whose end is written or was already written, then the
 //! terminal statuses are published.
 
@@ -63,8 +64,7 @@ impl Completer {
         end: AttemptEnd,
     ) -> Result<(), EngineError> {
         let run = end.run;
-        if let Err(e) = inner.queue.check_lease(run, token).await {
-            tracing::debug!(%run, error = %e, "completion after the lease was lost; dropped");
+        if !writes_on(inner.queue.check_lease(run, token).await, run) {
             return Ok(());
         }
         let now = inner.now();
@@ -154,13 +154,10 @@ async fn end_batch(inner: &Inner, batch: Vec<Ending>) {
     };
     let mut live: Vec<Ending> = Vec::with_capacity(batch.len());
     for (ending, check) in batch.into_iter().zip(checks) {
-        let run = ending.end.run;
-        match check {
-            Ok(()) => live.push(ending),
-            Err(e) => {
-                tracing::debug!(%run, error = %e, "completion after the lease was lost; dropped");
-                let _ = ending.reply.send(Ok(()));
-            }
+        if writes_on(check, ending.end.run) {
+            live.push(ending);
+        } else {
+            let _ = ending.reply.send(Ok(()));
         }
     }
     if live.is_empty() {
@@ -217,6 +214,25 @@ async fn end_batch(inner: &Inner, batch: Vec<Ending>) {
             now,
         );
         let _ = ending.reply.send(reply);
+    }
+}
+
+/// Whether an end is written after its lease check. A lost lease drops it (a zombie never
+/// changes a run it lost). A queue that cannot be reached cannot say: the end is written
+/// anyway, since the store fences terminal writes by attempt (a run whose lease lapsed meanwhile
+/// has moved on to a later attempt and refuses it as `StaleAttempt`), so a run that completed
+/// during a queue outage is not run again once its lease lapses.
+fn writes_on(check: Result<(), QueueError>, run: RunId) -> bool {
+    match check {
+        Ok(()) => true,
+        Err(QueueError::Unavailable(e)) => {
+            tracing::debug!(%run, error = %e, "lease not checked (queue unavailable); the store fences the end");
+            true
+        }
+        Err(e) => {
+            tracing::debug!(%run, error = %e, "completion after the lease was lost; dropped");
+            false
+        }
     }
 }
 

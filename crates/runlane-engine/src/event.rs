@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use runlane_core::backend::RunStore;
 use runlane_core::{EnvName, RunId, RunStatus, Timestamp};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 use runlane_core::idhash::IdBuild;
 
@@ -82,12 +82,38 @@ pub(crate) struct EventHub {
     tap: std::sync::OnceLock<StatusTap>,
     listeners: Arc<AtomicUsize>,
     any_progress: AtomicBool,
+    /// Bumped when events from elsewhere may have been lost ([`EventHub::announce_gap`]).
+    gaps: watch::Sender<u64>,
 }
 
 /// A receiver of the hub's channel, counted as a listener while it lives.
 pub(crate) struct Rx {
     rx: broadcast::Receiver<RunEvent>,
     listeners: Arc<AtomicUsize>,
+    /// Gaps announced since this receiver was made (`None` once the hub is gone).
+    gaps: Option<watch::Receiver<u64>>,
+}
+
+impl Rx {
+    /// The next event, or `Ok(None)` when a gap was announced meanwhile: events published
+    /// elsewhere may have been lost, and the caller reads what it follows from the store.
+    pub(crate) async fn recv_or_gap(
+        &mut self,
+    ) -> Result<Option<RunEvent>, broadcast::error::RecvError> {
+        let Some(gaps) = self.gaps.as_mut() else {
+            return self.rx.recv().await.map(Some);
+        };
+        tokio::select! {
+            biased;
+            event = self.rx.recv() => event.map(Some),
+            changed = gaps.changed() => {
+                if changed.is_err() {
+                    self.gaps = None; // The hub is gone: only the channel is left.
+                }
+                Ok(None)
+            }
+        }
+    }
 }
 
 impl Drop for Rx {
@@ -119,7 +145,14 @@ impl EventHub {
             tap: std::sync::OnceLock::new(),
             listeners: Arc::new(AtomicUsize::new(0)),
             any_progress: AtomicBool::new(false),
+            gaps: watch::Sender::new(0),
         }
+    }
+
+    /// Events published elsewhere may have been lost (a shape's cross-process subscription
+    /// was re-established): every run subscription reads its run from the store once.
+    pub(crate) fn announce_gap(&self) {
+        self.gaps.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Installs the status tap; false when one is installed already.
@@ -240,6 +273,7 @@ impl EventHub {
         Some(Rx {
             rx: tx.subscribe(),
             listeners: self.listeners.clone(),
+            gaps: Some(self.gaps.subscribe()),
         })
     }
 
@@ -298,14 +332,15 @@ impl RunEvents {
         }
         loop {
             let rx = self.rx.as_mut()?;
-            match rx.recv().await {
-                Ok(event) if event.run == self.run => {
+            match rx.recv_or_gap().await {
+                Ok(Some(event)) if event.run == self.run => {
                     self.done = event.is_terminal();
                     return Some(event);
                 }
-                Ok(_) => continue,
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    // Events were lost: the store tells whether the run's end was among them.
+                Ok(Some(_)) => continue,
+                // Events were lost (a lag here, a gap elsewhere): the store tells whether the
+                // run's end was among them.
+                Ok(None) | Err(broadcast::error::RecvError::Lagged(_)) => {
                     if let Some(end) = self.resync().await {
                         self.done = true;
                         return Some(end);

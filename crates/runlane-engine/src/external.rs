@@ -45,6 +45,15 @@ impl Engine {
         self.inner.events.set_tap(tap)
     }
 
+    /// After a gap in what this engine hears from other processes (a shape's cross-process
+    /// subscription was re-established): ends and wake-ups sent during the gap are lost, so
+    /// every wait and run subscription reads its run from the store once, and every idle
+    /// workloop claims once.
+    pub fn resync_after_gap(&self) {
+        self.inner.events.announce_gap();
+        self.inner.bells.ring_all();
+    }
+
     /// Publishes, on this engine's event bus, a status change another process's engine made
     /// (so `wait` and subscriptions here see runs finished elsewhere). The tap is not told.
     pub fn publish_status_from_elsewhere(

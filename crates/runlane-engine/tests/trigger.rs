@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{at, bounded, ms, until_status, Harness, T0};
@@ -10,7 +11,10 @@ use runlane_core::backend::{QueueBackend, RunFilter};
 use runlane_core::{
     EnvSettings, QueueSettings, RunStatus, TaskDef, TaskName, TriggerSource, VersionDef,
 };
-use runlane_engine::{EngineConfig, EngineError, TriggerRequest, WaitOutcome};
+use runlane_engine::{
+    EngineBuilder, EngineConfig, EngineError, ManualClock, TriggerRequest, WaitOutcome,
+};
+use runlane_memory::{MemoryConfig, MemoryQueue, MemoryStore};
 
 fn field(e: EngineError) -> &'static str {
     match e {
@@ -567,4 +571,32 @@ async fn open_recovers_unfinished_runs_from_the_store() {
     );
     let lanes = second.lanes().await.expect("lanes");
     assert!(lanes.iter().any(|l| l.name.as_str() == "reports"));
+}
+
+/// Another engine on the same backends (another process) ends a run this engine's `wait`
+/// follows; its status event never reaches this engine's bus, as when a shape's cross-process
+/// subscription drops a message. `resync_after_gap` makes the subscription (what `wait` reads)
+/// read the store and answer.
+#[tokio::test]
+async fn a_wait_answers_from_the_store_after_a_gap_in_events_from_elsewhere() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let queue = Arc::new(MemoryQueue::new(MemoryConfig::default()));
+    let store: Arc<MemoryStore> = Arc::new(MemoryStore::new());
+    let open = || {
+        EngineBuilder::new()
+            .clock(clock.clone())
+            .open(queue.clone(), store.clone())
+    };
+    let here = open().await.expect("open here");
+    let elsewhere = open().await.expect("open elsewhere");
+    let run = here.trigger("report").send().await.expect("trigger").run.id;
+
+    // Subscribed before the end (what `wait` does): only an event or a resync answers it.
+    let mut events = here.subscribe(run).await.expect("subscribe");
+    let canceled = elsewhere.cancel(run).await.expect("cancel elsewhere");
+    assert_eq!(canceled.status, RunStatus::Canceled);
+
+    here.resync_after_gap();
+    let end = bounded(until_status(&mut events, RunStatus::Canceled)).await;
+    assert_eq!(end.run, run);
 }

@@ -14,6 +14,12 @@
 //! - `flushall_under_load_across_processes`: a private `redis-server` is flushed while runs are
 //!   triggered and two worker processes hold leases; nothing is lost, every run one terminal
 //!   state, only runs started before the flush ran twice;
+//! - `redis_outage_across_processes_nothing_lost`: every process reaches Redis through a
+//!   cuttable proxy; it is cut while two worker processes hold leases and the test process
+//!   triggers more: those triggers are accepted at once (committed `pending_enqueue`), health
+//!   names Redis, and once the proxy is restored every run completes and executed exactly
+//!   once (the reconciler enqueues the deferred runs, the workers resume by themselves, ends
+//!   written during the outage are never run again);
 //! - `crash_mid_rebuild_next_process_completes_it`: a child with `RUNLANE_FAILPOINT=mid_rebuild`
 //!   aborts halfway through rebuilding a flushed key space; the next process completes the
 //!   rebuild: no run lost, none executed twice, the completed ones never again.
@@ -21,6 +27,7 @@
 //! Redis (`RUNLANE_REDIS_URL`), PostgreSQL (`RUNLANE_DATABASE_URL`) and `redis-server` are
 //! required. The tests of this file run one at a time (their timing bounds need the cores).
 
+mod distributed_support;
 mod redis_support;
 mod run_counter;
 
@@ -31,6 +38,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use distributed_support::Proxy;
 use redis_support::PrivateRedis;
 use run_counter::{counting_worker, Executions};
 use runlane::core::backend::QueueBackend;
@@ -782,6 +790,119 @@ async fn flushall_under_load_across_processes() {
     eprintln!(
         "flushall: {RUNS} runs, lost 0, {} started before the flush, {twice} ran twice",
         started_before.len()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    engine.shutdown().await;
+}
+
+// ---- a Redis outage across processes ------------------------------------------------------
+
+/// `host:port` of the shared Redis URL (`redis://host:port[/db]`).
+fn redis_address() -> String {
+    let url = redis_support::url();
+    let rest = url.trim_start_matches("redis://");
+    let rest = rest.rsplit('@').next().unwrap_or(rest);
+    rest.split('/').next().unwrap_or(rest).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_across_processes_nothing_lost() {
+    if std::env::var(ROLE).is_ok() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    const BEFORE: usize = 400;
+    const DURING: usize = 200;
+    const OUTAGE: Duration = Duration::from_millis(1500);
+    // Every process (the test's and both workers) reaches the shared server through the proxy;
+    // the cut keeps Redis's data, as a network outage does.
+    let proxy = Proxy::start(redis_address()).await;
+    let url = format!("redis://127.0.0.1:{}", proxy.port());
+    let prefix = redis_support::fresh_prefix("outage");
+    let schema = format!("rlt_xoutage_{}", std::process::id());
+    let dir = scratch("outage");
+    let outs: Vec<PathBuf> = (0..2).map(|i| dir.join(format!("w{i}.txt"))).collect();
+    let mut parent = config(&url, &prefix, &schema);
+    parent.redis.response_timeout = Duration::from_millis(500);
+    parent.reconcile.grace = Duration::from_millis(300);
+    parent.reconcile.retry_after = Duration::from_millis(200);
+    parent.throwaway = true;
+    let engine = runlane::distributed_with(EngineBuilder::new(), parent)
+        .await
+        .unwrap_or_else(|e| panic!("redis and postgresql are required: {e}"));
+    engine
+        .set_env(
+            "b",
+            EnvSettings {
+                limit: 8,
+                ..EnvSettings::default()
+            },
+        )
+        .await
+        .expect("env b");
+    let children = Children(
+        outs.iter()
+            .map(|o| spawn_child(&url, &prefix, &schema, o, Duration::from_secs(2), &[]))
+            .collect(),
+    );
+    let channel = format!("{{{prefix}}}:wake");
+    until("the worker processes", Duration::from_secs(60), || {
+        subscribers(&redis_support::url(), &channel) >= 3
+    })
+    .await;
+
+    let work = |i: usize, _: &str, _: &str, _: &str| json!({ "ms": (i % 4) as u64 * 5 });
+    let before = trigger_many(engine.engine(), BEFORE, None, work).await;
+    until(
+        "a quarter of the runs to start",
+        Duration::from_secs(60),
+        || starts(&outs).len() >= BEFORE / 4,
+    )
+    .await;
+
+    // The outage: leases are outstanding in both workers.
+    proxy.cut().await;
+    let cut = Instant::now();
+    let during = trigger_many(engine.engine(), DURING, None, work).await;
+    let spent = cut.elapsed();
+    assert!(
+        spent < Duration::from_secs(20),
+        "triggers during the outage are accepted without waiting for redis each time: {spent:?}"
+    );
+    assert!(
+        engine.queue().deferred() >= 1,
+        "enqueues were deferred to the reconciler"
+    );
+    let health = engine.health().await;
+    assert!(
+        !health.redis && health.postgres,
+        "health names redis: {health:?}"
+    );
+    // The outage lasts past the subscribers' reconnect delay and most of a lease, so every
+    // process loses messages and heartbeats (the duration is the scenario, not a wait).
+    tokio::time::sleep(OUTAGE.saturating_sub(cut.elapsed())).await;
+    let outage = cut.elapsed();
+    proxy.restore();
+
+    let runs: Vec<RunId> = before.iter().chain(&during).copied().collect();
+    all_completed(&engine, &runs, Duration::from_secs(120)).await;
+    drop(children);
+    assert!(engine.health().await.ok(), "both sides answer again");
+
+    // Exactly once each. A handler (at most 15 ms) that ended during the outage had its end
+    // written to PostgreSQL though its lease could not be checked (the store fences by
+    // attempt); when that lease lapsed, PostgreSQL was read first and the run was only cleaned
+    // out of Redis, never run again.
+    let executions = starts(&outs);
+    for run in &runs {
+        let n = executions.get(&run.to_string()).copied().unwrap_or(0);
+        assert_eq!(n, 1, "run {run} executed {n} times");
+    }
+    eprintln!(
+        "redis outage: {} runs ({DURING} triggered during the cut, {} deferred), lost 0, \
+         none ran twice, redis cut for {outage:?} (triggers during it took {spent:?})",
+        runs.len(),
+        engine.queue().deferred()
     );
     let _ = std::fs::remove_dir_all(&dir);
     engine.shutdown().await;
