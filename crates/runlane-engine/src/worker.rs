@@ -36,6 +36,9 @@ use runlane_core::idhash::IdBuild;
 /// The backoff after a failing claim, first and largest.
 const CLAIM_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const CLAIM_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Backoff between writes of an attempt's end while the store is unavailable.
+const END_RETRY_MIN: Duration = Duration::from_millis(50);
+const END_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Attempts whose handler returned that may wait for their end to be written, per slot of a
 /// workloop (see [`Slot`]): deep enough that a durable store commits many ends per fsync.
@@ -1004,7 +1007,13 @@ async fn execute(
             release(&shared, run, token, &d.env, d.attempt).await;
             Ok(())
         }
-        Outcome::Completed(value) => complete(&shared, run, token, &d.env, d.attempt, value).await,
+        Outcome::Completed(value) => {
+            let end = completed_end(&engine, run, d.attempt, value);
+            until_written(&engine, || {
+                engine.finish_attempt(&d.env, token, end.clone())
+            })
+            .await
+        }
         Outcome::Failed { outcome, error } => match local.cancel.get() {
             // The engine owns these endings; it takes the settle lock after us.
             Some(CancelReason::Timeout | CancelReason::LeaseLost) => return None,
@@ -1020,18 +1029,19 @@ async fn execute(
                     .map(|_| ())
             }
             None => {
-                engine
-                    .fail_attempt(
+                until_written(&engine, || {
+                    engine.fail_attempt(
                         &d.env,
                         &handed.retry,
                         run,
                         token,
                         d.attempt,
                         outcome,
-                        error,
+                        error.clone(),
                         RunStatus::Failed,
                     )
-                    .await
+                })
+                .await
             }
         },
     };
@@ -1047,17 +1057,9 @@ async fn execute(
     }
 }
 
-/// A completed attempt: check the lease, write the store (first write wins), then the queue.
-async fn complete(
-    shared: &WorkerShared,
-    run: RunId,
-    token: FencingToken,
-    env: &EnvName,
-    attempt: u32,
-    value: serde_json::Value,
-) -> Result<(), EngineError> {
-    let engine = &shared.engine.inner;
-    // The completer checks the lease first: a zombie never changes a run it lost.
+/// A completed attempt's end (the completer checks the lease, writes the store — first write
+/// wins — then the queue).
+fn completed_end(engine: &Inner, run: RunId, attempt: u32, value: serde_json::Value) -> AttemptEnd {
     let output: Arc<str> = match value {
         // The output of a handler with nothing to say: one shared text, no allocation.
         serde_json::Value::Null => {
@@ -1066,14 +1068,39 @@ async fn complete(
         }
         value => Arc::from(value.to_string()),
     };
-    let attempt = attempt_record(attempt, "completed", None, engine.now());
-    let end = AttemptEnd {
+    AttemptEnd {
         run,
         status: RunStatus::Completed,
         output: Some(output),
-        attempt,
-    };
-    engine.finish_attempt(env, token, end).await
+        attempt: attempt_record(attempt, "completed", None, engine.now()),
+    }
+}
+
+/// Writes an attempt's end, again and again while the store is unavailable (an outage), with
+/// a backoff: the run stays in flight meanwhile, so its lease is kept by the heartbeat and the
+/// handler's result is not lost to a lapse and a second execution. Ends once the end is
+/// written or refused, the lease is found lost (the completer drops the end), or the engine
+/// shuts down. Every write is the same end: the store's first write wins, a repeat of one that
+/// landed unseen gets `AlreadyFinished`.
+async fn until_written<F, Fut>(engine: &Inner, mut write: F) -> Result<(), EngineError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), EngineError>>,
+{
+    let mut backoff = END_RETRY_MIN;
+    loop {
+        match write().await {
+            Err(EngineError::Unavailable(e)) if !engine.is_shut_down() => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "writing an attempt's end failed; retrying while its lease is held");
+                engine
+                    .clock
+                    .sleep_until(engine.now().saturating_add(backoff))
+                    .await;
+                backoff = (backoff * 2).min(END_RETRY_MAX);
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Drain: back to the queue without counting an attempt, or `canceled` when a cancel was

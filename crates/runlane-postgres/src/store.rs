@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use runlane_core::backend::{
@@ -135,6 +135,28 @@ fn address_of(options: &PgConnectOptions) -> String {
     }
 }
 
+/// A pooled connection idle this long is pinged before it is handed out: one that died while
+/// it waited (the server restarted, the network was cut) is replaced instead of failing the
+/// first call after an outage. A busy pool reuses its connections sooner and pays nothing.
+const PING_IF_IDLE: Duration = Duration::from_millis(100);
+
+/// The options of both pools: `size` connections, opened lazily, checked after idling.
+fn pool_options(size: u32, acquire_timeout: Duration) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(size)
+        .min_connections(0)
+        .acquire_timeout(acquire_timeout)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IF_IDLE {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+}
+
 impl PostgresStore {
     /// Connects to the server, creates or migrates the schema, and starts the writers. Must be
     /// called inside a tokio runtime.
@@ -183,18 +205,10 @@ impl PostgresStore {
         // Closing is a courtesy to the server; the migration already committed.
         let _ = sqlx::Connection::close(conn).await;
 
-        let pool = PgPoolOptions::new()
-            .max_connections(config.pool_size)
-            .min_connections(0)
-            .acquire_timeout(config.acquire_timeout)
-            .test_before_acquire(false)
+        let pool = pool_options(config.pool_size, config.acquire_timeout)
             .connect_lazy_with(options.clone());
         // Connections of relaxed envs' writes: opened on first use only.
-        let relaxed_pool = PgPoolOptions::new()
-            .max_connections(config.writers as u32)
-            .min_connections(0)
-            .acquire_timeout(config.acquire_timeout)
-            .test_before_acquire(false)
+        let relaxed_pool = pool_options(config.writers as u32, config.acquire_timeout)
             .connect_lazy_with(options.options([("synchronous_commit", "off")]));
         let counters = Arc::new(Counters::default());
         let (queue, rx) = mpsc::channel(config.queue_bound);

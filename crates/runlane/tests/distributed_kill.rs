@@ -20,6 +20,11 @@
 //!   names Redis, and once the proxy is restored every run completes and executed exactly
 //!   once (the reconciler enqueues the deferred runs, the workers resume by themselves, ends
 //!   written during the outage are never run again);
+//! - `postgres_outage_across_processes_nothing_lost`: every process reaches PostgreSQL through
+//!   a cuttable proxy; it is cut while two worker processes run handlers: a trigger fails fast
+//!   with `Unavailable`, health names PostgreSQL, ends of handlers that returned during the
+//!   outage are written again and again (the runs keep their leases) until it answers, and
+//!   every run completes, executed exactly once;
 //! - `crash_mid_rebuild_next_process_completes_it`: a child with `RUNLANE_FAILPOINT=mid_rebuild`
 //!   aborts halfway through rebuilding a flushed key space; the next process completes the
 //!   rebuild: no run lost, none executed twice, the completed ones never again.
@@ -38,13 +43,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use distributed_support::Proxy;
+use distributed_support::{split_url, Proxy};
 use redis_support::PrivateRedis;
 use run_counter::{counting_worker, Executions};
 use runlane::core::backend::QueueBackend;
 use runlane::core::retry::RetryPolicy;
 use runlane::core::{EnvSettings, QueueSettings, RunId, RunStatus};
-use runlane::{DistributedConfig, EngineBuilder, HandlerError, RunContext, WaitOutcome};
+use runlane::{
+    DistributedConfig, EngineBuilder, EngineError, HandlerError, RunContext, WaitOutcome,
+};
 use serde_json::{json, Value};
 
 const ROLE: &str = "RUNLANE_TEST_ROLE";
@@ -903,6 +910,104 @@ async fn redis_outage_across_processes_nothing_lost() {
          none ran twice, redis cut for {outage:?} (triggers during it took {spent:?})",
         runs.len(),
         engine.queue().deferred()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    engine.shutdown().await;
+}
+
+// ---- a PostgreSQL outage across processes -------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_across_processes_nothing_lost() {
+    if std::env::var(ROLE).is_ok() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    const RUNS: usize = 600;
+    const OUTAGE: Duration = Duration::from_millis(1500);
+    let (user, host, db) = split_url(&database_url());
+    let proxy = Proxy::start(host).await;
+    let database = format!("postgres://{user}127.0.0.1:{}{db}", proxy.port());
+    let url = redis_support::url();
+    let prefix = redis_support::fresh_prefix("pgoutage");
+    let schema = format!("rlt_xpgoutage_{}", std::process::id());
+    let dir = scratch("pgoutage");
+    let outs: Vec<PathBuf> = (0..2).map(|i| dir.join(format!("w{i}.txt"))).collect();
+    let mut parent = config(&url, &prefix, &schema);
+    parent.postgres.url = database.clone();
+    parent.postgres.acquire_timeout = Duration::from_secs(1);
+    parent.throwaway = true;
+    let engine = runlane::distributed_with(EngineBuilder::new(), parent)
+        .await
+        .unwrap_or_else(|e| panic!("redis and postgresql are required: {e}"));
+    engine
+        .set_env(
+            "b",
+            EnvSettings {
+                limit: 8,
+                ..EnvSettings::default()
+            },
+        )
+        .await
+        .expect("env b");
+    let children = Children(
+        outs.iter()
+            .map(|o| {
+                let extra = [("RUNLANE_DATABASE_URL", database.as_str())];
+                spawn_child(&url, &prefix, &schema, o, Duration::from_secs(2), &extra)
+            })
+            .collect(),
+    );
+    let channel = format!("{{{prefix}}}:wake");
+    until("the worker processes", Duration::from_secs(60), || {
+        subscribers(&url, &channel) >= 3
+    })
+    .await;
+
+    // Handlers of 0–60 ms, so some are running when the proxy is cut and return during it.
+    let work = |i: usize, _: &str, _: &str, _: &str| json!({ "ms": (i % 4) as u64 * 20 });
+    let runs = trigger_many(engine.engine(), RUNS, None, work).await;
+    until(
+        "a quarter of the runs to start",
+        Duration::from_secs(60),
+        || starts(&outs).len() >= RUNS / 4,
+    )
+    .await;
+
+    proxy.cut().await;
+    let cut = Instant::now();
+    let refused = engine.trigger("job").send().await;
+    assert!(
+        matches!(refused, Err(EngineError::Unavailable(_))),
+        "a trigger fails with Unavailable while postgresql is cut: {refused:?}"
+    );
+    let spent = cut.elapsed();
+    assert!(
+        spent < Duration::from_secs(10),
+        "the trigger failed fast: {spent:?}"
+    );
+    let health = engine.health().await;
+    assert!(
+        health.redis && !health.postgres,
+        "health names postgresql: {health:?}"
+    );
+    let started_by_cut = starts(&outs).len();
+    // The outage lasts most of a lease (the duration is the scenario, not a wait).
+    tokio::time::sleep(OUTAGE.saturating_sub(cut.elapsed())).await;
+    let outage = cut.elapsed();
+    proxy.restore();
+
+    all_completed(&engine, &runs, Duration::from_secs(120)).await;
+    drop(children);
+    assert!(engine.health().await.ok(), "both sides answer again");
+    let executions = starts(&outs);
+    for run in &runs {
+        let n = executions.get(&run.to_string()).copied().unwrap_or(0);
+        assert_eq!(n, 1, "run {run} executed {n} times");
+    }
+    eprintln!(
+        "postgres outage: {RUNS} runs, {started_by_cut} started by the cut, lost 0, none ran \
+         twice, postgresql cut for {outage:?} (a trigger during it failed in {spent:?})"
     );
     let _ = std::fs::remove_dir_all(&dir);
     engine.shutdown().await;

@@ -10,29 +10,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use distributed_support::Proxy;
+use distributed_support::{split_url, Proxy};
 use runlane::core::backend::RunFilter;
 use runlane::core::{RunId, RunStatus};
 use runlane::{
     DistributedConfig, EngineBuilder, EngineError, HandlerError, RunContext, WaitOutcome,
 };
 use serde_json::Value;
-
-/// `(user@, host:port, /db)` of a `postgres://` URL.
-fn split_url(url: &str) -> (String, String, String) {
-    let rest = url
-        .trim_start_matches("postgres://")
-        .trim_start_matches("postgresql://");
-    let (user, rest) = match rest.split_once('@') {
-        Some((user, rest)) => (format!("{user}@"), rest),
-        None => (String::new(), rest),
-    };
-    let (host, db) = match rest.split_once('/') {
-        Some((host, db)) => (host.to_string(), format!("/{db}")),
-        None => (rest.to_string(), String::new()),
-    };
-    (user, host, db)
-}
 
 async fn assert_completed(engine: &runlane::Engine, run: RunId) {
     match engine

@@ -1,5 +1,6 @@
 //! Shared by the distributed tests: a cuttable loopback TCP proxy, to make Redis or
 //! PostgreSQL unreachable without touching the shared servers.
+#![allow(dead_code)] // each test binary uses its own subset
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -87,4 +88,20 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// `(user@, host:port, /db)` of a `postgres://` URL.
+pub fn split_url(url: &str) -> (String, String, String) {
+    let rest = url
+        .trim_start_matches("postgres://")
+        .trim_start_matches("postgresql://");
+    let (user, rest) = match rest.split_once('@') {
+        Some((user, rest)) => (format!("{user}@"), rest),
+        None => (String::new(), rest),
+    };
+    let (host, db) = match rest.split_once('/') {
+        Some((host, db)) => (host.to_string(), format!("/{db}")),
+        None => (rest.to_string(), String::new()),
+    };
+    (user, host, db)
 }
