@@ -33,6 +33,10 @@ pub struct ServeArgs {
     /// Distributed: the PostgreSQL schema [default: runlane].
     #[arg(long, env = "RUNLANE_SERVE_POSTGRES_SCHEMA")]
     postgres_schema: Option<String>,
+    /// Distributed: a separate Redis for the shared task metadata cache [default: the queue's
+    /// --redis]; its keys use the same prefix.
+    #[arg(long, env = "RUNLANE_SERVE_META_CACHE_REDIS")]
+    meta_cache_redis: Option<String>,
     /// Largest request body in bytes [default: 1048576].
     #[arg(long, env = "RUNLANE_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
@@ -40,7 +44,8 @@ pub struct ServeArgs {
     #[arg(long, env = "RUNLANE_MAX_BATCH")]
     max_batch: Option<usize>,
     /// A TOML file with any of: listen, backend ("memory" | "embedded" | "distributed"),
-    /// data, redis, postgres, redis_prefix, postgres_schema, max_body_bytes, max_batch.
+    /// data, redis, postgres, redis_prefix, postgres_schema, meta_cache_redis, max_body_bytes,
+    /// max_batch.
     #[arg(long, env = "RUNLANE_CONFIG")]
     config: Option<PathBuf>,
 }
@@ -56,6 +61,7 @@ struct FileConfig {
     postgres: Option<String>,
     redis_prefix: Option<String>,
     postgres_schema: Option<String>,
+    meta_cache_redis: Option<String>,
     max_body_bytes: Option<usize>,
     max_batch: Option<usize>,
 }
@@ -122,8 +128,20 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
         {
             d.postgres.schema = schema;
         }
-    } else if args.redis_prefix.is_some() || args.postgres_schema.is_some() {
-        anyhow::bail!("--redis-prefix and --postgres-schema apply to the distributed backend only");
+        if let Some(url) = args
+            .meta_cache_redis
+            .clone()
+            .or(file.meta_cache_redis.clone())
+        {
+            d.meta_cache_url = Some(url);
+        }
+    } else if args.redis_prefix.is_some()
+        || args.postgres_schema.is_some()
+        || args.meta_cache_redis.is_some()
+    {
+        anyhow::bail!(
+            "--redis-prefix, --postgres-schema and --meta-cache-redis apply to the distributed backend only"
+        );
     }
     let mut config = ServerConfig::new(backend);
     if let Some(listen) = args.listen.or(file.listen) {

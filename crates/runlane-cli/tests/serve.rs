@@ -19,6 +19,7 @@ fn start(args: &[&str]) -> (Child, String, BufReader<std::process::ChildStderr>)
         .env_remove("RUNLANE_LISTEN")
         .env_remove("RUNLANE_SERVE_REDIS_PREFIX")
         .env_remove("RUNLANE_SERVE_POSTGRES_SCHEMA")
+        .env_remove("RUNLANE_SERVE_META_CACHE_REDIS")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -196,6 +197,8 @@ fn serve_distributed_keeps_to_its_redis_prefix_and_postgres_schema() {
         &name,
         "--postgres-schema",
         &name,
+        "--meta-cache-redis",
+        &redis_url,
         "--listen",
         "127.0.0.1:0",
     ]);
@@ -242,4 +245,18 @@ fn serve_refuses_a_prefix_without_the_distributed_backend() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("distributed backend only"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_runlane"))
+        .args([
+            "serve",
+            "--memory",
+            "--meta-cache-redis",
+            "redis://127.0.0.1:6379",
+        ])
+        .env_remove("RUNLANE_SERVE_REDIS")
+        .env_remove("RUNLANE_SERVE_POSTGRES")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--meta-cache-redis"), "{err}");
 }
