@@ -20,7 +20,7 @@ use runlane_core::backend::{
 };
 use runlane_core::{
     CancelReason, ClaimChain, EnvName, FencingToken, InvalidInput, LaneName, QueueName, RunId,
-    RunStatus, Scope, StoreError, TaskName, TriggerSource, WorkerId, WorkloopSpec,
+    RunStatus, Scope, StoreError, TaskName, Timestamp, TriggerSource, WorkerId, WorkloopSpec,
 };
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
@@ -1008,9 +1008,10 @@ async fn execute(
             Ok(())
         }
         Outcome::Completed(value) => {
-            let end = completed_end(&engine, run, d.attempt, value);
+            let (output, ended_at) = (output_text(value), engine.now());
             until_written(&engine, || {
-                engine.finish_attempt(&d.env, token, end.clone())
+                let end = completed_end(run, d.attempt, output.clone(), ended_at);
+                engine.finish_attempt(&d.env, token, end)
             })
             .await
         }
@@ -1057,22 +1058,26 @@ async fn execute(
     }
 }
 
-/// A completed attempt's end (the completer checks the lease, writes the store — first write
-/// wins — then the queue).
-fn completed_end(engine: &Inner, run: RunId, attempt: u32, value: serde_json::Value) -> AttemptEnd {
-    let output: Arc<str> = match value {
+/// A handler's output as JSON text.
+fn output_text(value: serde_json::Value) -> Arc<str> {
+    match value {
         // The output of a handler with nothing to say: one shared text, no allocation.
         serde_json::Value::Null => {
             static NULL: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
             NULL.get_or_init(|| Arc::from("null")).clone()
         }
         value => Arc::from(value.to_string()),
-    };
+    }
+}
+
+/// A completed attempt's end (the completer checks the lease, writes the store — first write
+/// wins — then the queue).
+fn completed_end(run: RunId, attempt: u32, output: Arc<str>, ended_at: Timestamp) -> AttemptEnd {
     AttemptEnd {
         run,
         status: RunStatus::Completed,
         output: Some(output),
-        attempt: attempt_record(attempt, "completed", None, engine.now()),
+        attempt: attempt_record(attempt, "completed", None, ended_at),
     }
 }
 
