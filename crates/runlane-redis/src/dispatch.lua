@@ -255,8 +255,13 @@ end
 -- The list entry of a list-resident run from its location (key id, append number): its key,
 -- its record (place `Q`) and its index in the list, or nil when it is no longer there (popped
 -- at the head, the list emptied, or a tombstone).
+local kn_cache = {}
 local function listed_at(id, kid, seq)
-  local ekq = redis.call('HGET', K_KN, kid)
+  local ekq = kn_cache[kid]
+  if ekq == nil then
+    ekq = redis.call('HGET', K_KN, kid) or false
+    kn_cache[kid] = ekq
+  end
   if not ekq then return nil end
   local e, q, k = split_key(ekq)
   local kl = k_kl(e, q, k)
@@ -530,15 +535,16 @@ local function push_queued(id, r)
 end
 
 -- Answers whether the key still has backlog, and whether its queue does. A list-resident run
--- (place `Q`) must be live in its list: popped when at the head, else made a tombstone.
-local function pull_queued(id, r)
+-- (place `Q`) must be live in its list: popped when at the head (`at_head`: the caller knows it
+-- is, as `key_head` answered it), else made a tombstone.
+local function pull_queued(id, r, at_head)
   local e, q, k = r[F_ENV], r[F_QUEUE], r[F_KEY]
   local kk = k_k(e, q, k)
   local removed = false
   if r[F_PLACE] == 'Q' then
     local kl = k_kl(e, q, k)
-    local head = redis.call('LINDEX', kl, 0)
-    if head and msg_id(head) == id then
+    local head = at_head or redis.call('LINDEX', kl, 0)
+    if at_head or (head and msg_id(head) == id) then
       redis.call('LPOP', kl)
     else
       redis.call('SADD', k_kt(e, q, k), id)
@@ -806,7 +812,7 @@ local function admit_env(e)
     local Qe = queues[qi]
     local Ke = Qe[3][ki]
     local q, k = Qe[2], Ke[2]
-    local key_left, queue_left = pull_queued(id, r)
+    local key_left, queue_left = pull_queued(id, r, true)
     served_n = served_n + 1
     served_q[q] = served_n
     served_k[#served_k + 1] = { q, k, served_n }
@@ -955,6 +961,7 @@ local function setup(keys, args)
   K_TBN = P .. ':tbn'
   K_RB = P .. ':rb'
   K_KN = P .. ':kn'
+  kn_cache = {}
   fx_moved, fx_lanes, fx_rung = {}, {}, {}
   consumer_cache = nil
   env_known = {}
