@@ -3,7 +3,8 @@
 //! Each mix loads `runs` pending runs into a fresh key prefix on a PRIVATE `redis-server`
 //! (unix socket in a temporary directory, no persistence), so `used_memory` is not polluted by
 //! anyone else, and reports one JSON line: `redis_bytes_per_run` (the `used_memory` delta over
-//! the runs), `message_bytes` (the mean stored value per pending run), the mix, the runs, Redis's
+//! the runs), `message_bytes` (the mean stored value per pending run: its record, or in key-space
+//! format 3 its key's list entry), the mix, the runs, Redis's
 //! `zset-max-listpack-entries`, and the Redis time of claim + complete per run (the
 //! `fcall` microseconds of `INFO commandstats`, plus `evalsha` for builds that ran the dispatch
 //! as a script, over a separate claim/finish pass, divided by the runs it finished).
@@ -224,21 +225,11 @@ async fn measure_mix(
     let before = used_memory(conn).await?;
     load(&queue, mix, runs, &env).await?;
     let after = used_memory(conn).await?;
-    // The mean stored value per pending run: the records of a sample of runs.
+    // The mean stored value per pending run: each pending run is stored once, as a record
+    // (`{p}:run:<bucket>` hash values) or, in key-space format 3, as its key's list entry
+    // (`{p}:kl:…`, tombstones excluded: none here, nothing was removed).
     let base = queue.key_base().to_string();
-    let sample = runs.min(1000);
-    let mut value_bytes = 0u64;
-    for i in 0..sample {
-        let id = RunId((u128::from(T0.as_millis()) << 80) | u128::from(i * (runs / sample)));
-        let bytes = id.to_bytes();
-        let bucket = u32::from(bytes[14] % 16) * 256 + u32::from(bytes[15]);
-        let len: u64 = redis::cmd("HSTRLEN")
-            .arg(format!("{base}:run:{bucket}"))
-            .arg(bytes.as_slice())
-            .query_async(conn)
-            .await?;
-        value_bytes += len;
-    }
+    let value_bytes = stored_value_bytes(conn, &base).await?;
     let keys: u64 = redis::cmd("DBSIZE").query_async(conn).await?;
     let by_kind = memory_by_kind(conn, &base).await?;
     queue.delete_keys().await?;
@@ -248,13 +239,55 @@ async fn measure_mix(
         "queues": mix.queues(),
         "redis_bytes_per_run": (after - before) as f64 / runs as f64,
         "used_memory_delta": after - before,
-        "message_bytes": value_bytes as f64 / sample as f64,
+        "message_bytes": value_bytes as f64 / runs as f64,
         "redis_keys": keys,
         "memory_usage_bytes_per_run_by_kind": by_kind
             .into_iter()
             .map(|(k, v)| (k, json!(v as f64 / runs as f64)))
             .collect::<serde_json::Map<String, Value>>(),
     }))
+}
+
+/// The bytes of every stored run value under `base`: record hash values and FIFO list entries.
+async fn stored_value_bytes(
+    conn: &mut redis::aio::MultiplexedConnection,
+    base: &str,
+) -> anyhow::Result<u64> {
+    let mut total = 0u64;
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{base}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        for key in keys {
+            let rest = &key[base.len().min(key.len())..];
+            let values: Vec<Vec<u8>> = if rest.starts_with(b":run:") {
+                redis::cmd("HVALS")
+                    .arg(key.as_slice())
+                    .query_async(conn)
+                    .await?
+            } else if rest.starts_with(b":kl:") {
+                redis::cmd("LRANGE")
+                    .arg(key.as_slice())
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(conn)
+                    .await?
+            } else {
+                Vec::new()
+            };
+            total += values.iter().map(|v| v.len() as u64).sum::<u64>();
+        }
+        if next == 0 {
+            return Ok(total);
+        }
+        cursor = next;
+    }
 }
 
 /// `MEMORY USAGE` of every key under `base`, summed per kind (the name part after the base).

@@ -422,6 +422,48 @@ pub trait QueueBackend: Send + Sync + 'static {
         self.claims_in_process()
     }
 
+    /// [`QueueBackend::live`] of a run whose dispatch facts the caller holds (the engine reads
+    /// them from the run's store record). A backend may use the facts to find a waiting run
+    /// without an index by run id: Redis (key-space format 3) keeps a due run enqueued in order
+    /// only as its queue key's list entry, found from its env, queue, key and score. The facts
+    /// must be those the run was enqueued (or last rescheduled) with. The default calls `live`.
+    async fn live_of(&self, dispatch: &Dispatch) -> Result<Option<LiveRun>, QueueError> {
+        self.live(dispatch.run_id).await
+    }
+
+    /// [`QueueBackend::live`] for a caller that only needs a run some structure holds by id: a
+    /// run that moved in the last call's effects (other than a fresh enqueue's own run) or holds
+    /// a lease. A backend may answer `None` for a waiting run it could only find from its
+    /// dispatch facts or by reading every queue (Redis: a list-resident run). The default calls
+    /// `live`.
+    async fn live_indexed(&self, run: RunId) -> Result<Option<LiveRun>, QueueError> {
+        self.live(run).await
+    }
+
+    /// [`QueueBackend::cancel`] of a run whose dispatch facts the caller holds (see
+    /// [`QueueBackend::live_of`]). The default calls `cancel`.
+    async fn cancel_of(
+        &self,
+        dispatch: &Dispatch,
+        grace: Duration,
+        now: Timestamp,
+    ) -> Result<CancelOutcome, QueueError> {
+        self.cancel(dispatch.run_id, grace, now).await
+    }
+
+    /// [`QueueBackend::reschedule`] of a run whose dispatch facts the caller holds (see
+    /// [`QueueBackend::live_of`]). The default calls `reschedule`.
+    async fn reschedule_of(
+        &self,
+        dispatch: &Dispatch,
+        run_after: Timestamp,
+        ttl_deadline: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError> {
+        self.reschedule(dispatch.run_id, run_after, ttl_deadline, now)
+            .await
+    }
+
     /// Ends many leased runs, as [`QueueBackend::finish`] does one by one, answering per run.
     /// A backend may do it in one step (one lock, one round trip); the default calls `finish`
     /// for each, in order. The effects of all of them are merged into the returned `Effects`.

@@ -111,6 +111,22 @@ impl DistributedQueue {
         self
     }
 
+    /// Passes a cancel's outcome on, noting its admissions or grace deadline for other
+    /// processes.
+    fn noted(
+        &self,
+        outcome: Result<CancelOutcome, QueueError>,
+    ) -> Result<CancelOutcome, QueueError> {
+        match (&self.wake, &outcome) {
+            (Some(wake), Ok(CancelOutcome::Removed { effects, .. })) => wake.note(effects),
+            (Some(wake), Ok(CancelOutcome::Requested { grace_deadline, .. })) => {
+                wake.note_deadline(Some(*grace_deadline));
+            }
+            _ => {}
+        }
+        outcome
+    }
+
     /// Passes a call's effects on, noting its ready lanes for other processes.
     fn rang(&self, effects: Result<Effects, QueueError>) -> Result<Effects, QueueError> {
         if let (Some(wake), Ok(fx)) = (&self.wake, &effects) {
@@ -374,14 +390,35 @@ impl QueueBackend for DistributedQueue {
         now: Timestamp,
     ) -> Result<CancelOutcome, QueueError> {
         let outcome = self.redis.cancel(run, grace, now).await;
-        match (&self.wake, &outcome) {
-            (Some(wake), Ok(CancelOutcome::Removed { effects, .. })) => wake.note(effects),
-            (Some(wake), Ok(CancelOutcome::Requested { grace_deadline, .. })) => {
-                wake.note_deadline(Some(*grace_deadline));
-            }
-            _ => {}
-        }
-        outcome
+        self.noted(outcome)
+    }
+    async fn cancel_of(
+        &self,
+        dispatch: &Dispatch,
+        grace: Duration,
+        now: Timestamp,
+    ) -> Result<CancelOutcome, QueueError> {
+        let outcome = self.redis.cancel_of(dispatch, grace, now).await;
+        self.noted(outcome)
+    }
+    async fn reschedule_of(
+        &self,
+        dispatch: &Dispatch,
+        run_after: Timestamp,
+        ttl_deadline: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError> {
+        self.rang(
+            self.redis
+                .reschedule_of(dispatch, run_after, ttl_deadline, now)
+                .await,
+        )
+    }
+    async fn live_of(&self, dispatch: &Dispatch) -> Result<Option<LiveRun>, QueueError> {
+        self.redis.live_of(dispatch).await
+    }
+    async fn live_indexed(&self, run: RunId) -> Result<Option<LiveRun>, QueueError> {
+        self.redis.live_indexed(run).await
     }
     async fn reschedule(
         &self,

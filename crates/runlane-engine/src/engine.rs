@@ -353,10 +353,29 @@ impl Inner {
                 if Some(*run) == skip || status.is_terminal() {
                     continue;
                 }
-                if let Ok(Some(live)) = self.queue.live(*run).await {
-                    let d = live.dispatch;
-                    self.events
-                        .status(*run, &d.env, self.now(), *status, d.attempt);
+                // By id only: a run that moved is held by id, except one a call enqueued into
+                // its key's list (a backend without an id index for those): its facts are then
+                // read from the store.
+                match self.queue.live_indexed(*run).await {
+                    Ok(Some(live)) => {
+                        let d = live.dispatch;
+                        self.events
+                            .status(*run, &d.env, self.now(), *status, d.attempt);
+                    }
+                    Ok(None) if *status == RunStatus::Queued => {
+                        if let Ok(Some(record)) = self.store.get(*run).await {
+                            if !record.status.is_terminal() {
+                                self.events.status(
+                                    *run,
+                                    &record.env,
+                                    self.now(),
+                                    *status,
+                                    record.attempt,
+                                );
+                            }
+                        }
+                    }
+                    _ => {}
                 }
             }
         }
@@ -704,7 +723,11 @@ impl Inner {
         now: Timestamp,
     ) -> Result<Effects, EngineError> {
         let run = record.id;
-        let outcome = match self.queue.cancel(run, self.config.cancel_grace, now).await {
+        let outcome = match self
+            .queue
+            .cancel_of(&record.dispatch(), self.config.cancel_grace, now)
+            .await
+        {
             Ok(outcome) => outcome,
             Err(e) => {
                 // Left unfinished with its request: its next claim, or the next open, ends it.
@@ -791,7 +814,7 @@ impl Inner {
         if record.status.is_terminal() {
             return Ok(record);
         }
-        match self.queue.live(record.id).await? {
+        match self.queue.live_of(&record.dispatch()).await? {
             Some(live) => {
                 record.status = live.status;
                 record.attempt = live.dispatch.attempt;
@@ -856,7 +879,8 @@ impl Inner {
         self.apply(effects, None).await;
         if self.events.has_subscribers() {
             for run in returned {
-                if let Ok(Some(live)) = self.queue.live(run).await {
+                // Runs returned to their queue keep their record (a key's zset).
+                if let Ok(Some(live)) = self.queue.live_indexed(run).await {
                     self.publish(run, &live.dispatch.env, live.status, live.dispatch.attempt);
                 }
             }
@@ -898,9 +922,10 @@ impl Inner {
 
     /// Whether the backend marked a cancel on the run's lease (canceled runs never retry).
     async fn cancel_requested(&self, run: RunId) -> Result<bool, EngineError> {
+        // A leased run is held by id.
         Ok(self
             .queue
-            .live(run)
+            .live_indexed(run)
             .await?
             .and_then(|l| l.lease)
             .is_some_and(|l| l.cancel_requested_at.is_some()))
@@ -1224,7 +1249,7 @@ impl Engine {
         inner.handover.forget(run);
         match inner
             .queue
-            .cancel(run, inner.config.cancel_grace, now)
+            .cancel_of(&record.dispatch(), inner.config.cancel_grace, now)
             .await?
         {
             CancelOutcome::Removed { effects, .. } => {
@@ -1281,7 +1306,7 @@ impl Engine {
         let ttl_deadline = runlane_core::ttl::deadline(now, run_after, record.ttl);
         let effects = inner
             .queue
-            .reschedule(run, run_after, ttl_deadline, now)
+            .reschedule_of(&record.dispatch(), run_after, ttl_deadline, now)
             .await?;
         inner.store.reschedule(run, run_after, ttl_deadline).await?;
         let status = if run_after > now {

@@ -606,7 +606,7 @@ impl Engine {
             let run = t.run.id;
             match inner
                 .queue
-                .cancel(run, inner.config.cancel_grace, self.now())
+                .cancel_of(&t.run.dispatch(), inner.config.cancel_grace, self.now())
                 .await
             {
                 Ok(runlane_core::backend::CancelOutcome::Removed { effects, .. }) => {

@@ -13,9 +13,12 @@
 -- ARGV[6..] = the operation's arguments. The answer is one MessagePack blob:
 -- { code, moved = {id, status, ...}, lanes = {...}, deadline (-1 = none), extra... }.
 --
--- A pending run is one compact record (MessagePack array) in the hash `{p}:run`; queue keys,
--- lanes and deadline indexes hold the 16-byte run id only (TTL buckets: the id and 2 bytes of
--- the deadline's milliseconds).
+-- Key-space format 3. A due run enqueued in order (the common case) is only its compact message,
+-- the entry of its key's FIFO list (`{p}:kl:…`): no record, no id index while it waits there.
+-- Every other run (delayed, in a key's zset, ready, leased) is one compact record (MessagePack
+-- array) in the hashes `{p}:run:<bucket>`; zsets and lanes hold its 16-byte run id. TTL buckets
+-- hold the id and 2 bytes of the deadline's milliseconds, and for a list-resident run where to
+-- find it (its key's interned id and its append number in the key's list).
 
 -- Per call (set by `setup`): the arguments, the key base and what derives from them.
 local KEYS, ARGV, P, op, now, ready_timeout, FORMAT, GEN
@@ -46,6 +49,10 @@ local function k_q(e, q) return P .. ':q:' .. e .. Z .. q end
 local function k_k(e, q, k) return P .. ':k:' .. e .. Z .. q .. Z .. k end
 local function k_kq(e, q, k) return P .. ':kq:' .. e .. Z .. q .. Z .. k end
 local function k_kl(e, q, k) return P .. ':kl:' .. e .. Z .. q .. Z .. k end
+-- The ids of a key's list entries removed out of order (tombstones), dropped at the list head.
+local function k_kt(e, q, k) return P .. ':kt:' .. e .. Z .. q .. Z .. k end
+-- Interned key ids (`{p}:k:….id`) → `env \0 queue \0 key`, for TTL bucket entries of list-resident runs.
+local K_KN
 local function k_bq(e) return P .. ':bq:' .. e end
 local function k_bk(e, q) return P .. ':bk:' .. e .. Z .. q end
 local function k_l(l) return P .. ':l:' .. l end
@@ -69,10 +76,11 @@ local K_TBN
 local function k_tb(s) return P .. ':tb:' .. s end
 local function ttl_bucket(deadline) return string.format('%d', math.floor(deadline / 1000)) end
 
-local function ttl_add(id, deadline)
+-- `loc`: for a list-resident run, where its list entry is (`listed_loc`), else nil.
+local function ttl_add(id, deadline, loc)
   local s = ttl_bucket(deadline)
   local off = deadline - tonumber(s) * 1000
-  redis.call('RPUSH', k_tb(s), id .. string.char(math.floor(off / 256), off % 256))
+  redis.call('RPUSH', k_tb(s), id .. string.char(math.floor(off / 256), off % 256) .. (loc or ''))
   redis.call('HINCRBY', K_TBN, s, 1)
   local tail = redis.call('HGET', K_TBN, s .. 't')
   if tail ~= 'u' and (not tail or tonumber(tail) <= deadline) then
@@ -92,8 +100,7 @@ end
 -- Record fields.
 local F_ENV, F_QUEUE, F_KEY, F_LANE, F_PRIO, F_AFTER, F_TTL, F_ATTEMPT, F_LOCKED, F_EVER, F_MAXDUR =
   1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
--- Field 13 marks a run that was once appended to its key's FIFO list (it never is again, so a
--- list holds each run at most once).
+-- Field 13 is unused since format 3 (format 2 marked a run once appended to its key's list).
 local F_PLACE, F_LISTED, F_SEQ, F_RAT = 12, 13, 14, 15
 local F_TOKEN, F_WORKER, F_LDUR, F_LDL, F_ADL, F_CRA, F_CDL, F_LAPSED = 16, 17, 18, 19, 20, 21, 22, 23
 local NFIELDS = 23
@@ -125,8 +132,7 @@ end
 local K_RB
 local function del_run(id)
   local key = k_run(id)
-  redis.call('HDEL', key, id)
-  if redis.call('HLEN', key) == 0 then
+  if redis.call('HDEL', key, id) == 1 and redis.call('HLEN', key) == 0 then
     local hi, lo = string.byte(id, 15, 16)
     redis.call('SREM', K_RB, (hi % 16) * 256 + lo)
   end
@@ -159,14 +165,133 @@ local function num(v)
   return tonumber(v)
 end
 
--- The run of a TTL bucket entry, its deadline, and whether the entry is live (its run still
--- waits, never leased, with exactly that deadline).
+-- Messages (format 3) -----------------------------------------------------------------------
+
+-- A list-resident run's list entry: message version, flags, the 16-byte run id, `run_after`
+-- (6 bytes, ms), then only the facts that differ from the common case, in flag order: TTL
+-- deadline (6), priority (6, ms), attempt (4, when not 1), locked version (4), max duration (6,
+-- ms), lane (2-byte length + name, when not `default`); flag 32 = ever leased. Env, queue and
+-- key are those of the list it sits in.
+local MSG_VERSION = 3
+local DEFAULT_LANE = 'default'
+local M_TTL, M_PRIO, M_ATT, M_LOCK, M_MAXD, M_EVER, M_LANE = 1, 2, 4, 8, 16, 32, 64
+
+local function has(flags, bitv) return math.floor(flags / bitv) % 2 == 1 end
+
+local function msg_pack(id, r)
+  local flags, tail = 0, {}
+  local function add(bitv, fmt, v)
+    flags = flags + bitv
+    tail[#tail + 1] = struct.pack(fmt, v)
+  end
+  if r[F_TTL] then add(M_TTL, '>I6', r[F_TTL]) end
+  if r[F_PRIO] ~= 0 then add(M_PRIO, '>I6', r[F_PRIO]) end
+  if r[F_ATTEMPT] ~= 1 then add(M_ATT, '>I4', r[F_ATTEMPT]) end
+  if r[F_LOCKED] then add(M_LOCK, '>I4', r[F_LOCKED]) end
+  if r[F_MAXDUR] then add(M_MAXD, '>I6', r[F_MAXDUR]) end
+  if r[F_EVER] then flags = flags + M_EVER end
+  if r[F_LANE] ~= DEFAULT_LANE then
+    add(M_LANE, '>I2', #r[F_LANE])
+    tail[#tail + 1] = r[F_LANE]
+  end
+  return string.char(MSG_VERSION, flags) .. id .. struct.pack('>I6', r[F_AFTER]) .. table.concat(tail)
+end
+
+-- The id of a list entry.
+local function msg_id(m) return string.sub(m, 3, 18) end
+
+-- A list entry of key (e, q, k) as its run id and a record (place `Q`, list-resident).
+local function msg_unpack(m, e, q, k)
+  local flags = string.byte(m, 2)
+  local pos = 19
+  local function take(n)
+    local v, nxt = struct.unpack('>I' .. n, m, pos)
+    pos = nxt
+    return v
+  end
+  local r = { e, q, k, DEFAULT_LANE, 0, take(6), false, 1, false, false, false, 'Q' }
+  if has(flags, M_TTL) then r[F_TTL] = take(6) end
+  if has(flags, M_PRIO) then r[F_PRIO] = take(6) end
+  if has(flags, M_ATT) then r[F_ATTEMPT] = take(4) end
+  if has(flags, M_LOCK) then r[F_LOCKED] = take(4) end
+  if has(flags, M_MAXD) then r[F_MAXDUR] = take(6) end
+  if has(flags, M_EVER) then r[F_EVER] = true end
+  if has(flags, M_LANE) then
+    local n = take(2)
+    r[F_LANE] = string.sub(m, pos, pos + n - 1)
+  end
+  return msg_id(m), r
+end
+
+-- Big-endian unsigned integers of 1..6 bytes (the location part of a TTL bucket entry).
+local function be_pack(v)
+  local out = ''
+  repeat
+    out = string.char(v % 256) .. out
+    v = math.floor(v / 256)
+  until v == 0
+  return out
+end
+local function be_unpack(str, from, n)
+  local v = 0
+  for i = from, from + n - 1 do v = v * 256 + string.byte(str, i) end
+  return v
+end
+
+-- Where a list-resident run's entry is, as the suffix of its TTL bucket entry: one byte of
+-- lengths, the key's interned id, the run's append number in the key's list (`lseq`).
+local function listed_loc(kid, seq)
+  local a, b = be_pack(kid), be_pack(seq)
+  return string.char(#a * 16 + #b) .. a .. b
+end
+
+-- Splits `env \0 queue \0 key` (the key may hold NULs; env and queue names do not).
+local function split_key(ekq)
+  local i = string.find(ekq, Z, 1, true)
+  local j = string.find(ekq, Z, i + 1, true)
+  return string.sub(ekq, 1, i - 1), string.sub(ekq, i + 1, j - 1), string.sub(ekq, j + 1)
+end
+
+-- The list entry of a list-resident run from its location (key id, append number): its key,
+-- its record (place `Q`) and its index in the list, or nil when it is no longer there (popped
+-- at the head, the list emptied, or a tombstone).
+local kn_cache = {}
+local function listed_at(id, kid, seq)
+  local ekq = kn_cache[kid]
+  if ekq == nil then
+    ekq = redis.call('HGET', K_KN, kid) or false
+    kn_cache[kid] = ekq
+  end
+  if not ekq then return nil end
+  local e, q, k = split_key(ekq)
+  local kl = k_kl(e, q, k)
+  local len = redis.call('LLEN', kl)
+  if len == 0 then return nil end
+  -- Entries are only appended (numbered by `lseq`) and popped at the head, so the head is
+  -- number lseq - len + 1.
+  local idx = seq - (num(redis.call('HGET', k_k(e, q, k), 'lseq')) - len + 1)
+  if idx < 0 then return nil end
+  local m = redis.call('LINDEX', kl, idx)
+  if not m or msg_id(m) ~= id then return nil end
+  if redis.call('SISMEMBER', k_kt(e, q, k), id) == 1 then return nil end
+  local _, r = msg_unpack(m, e, q, k)
+  return r
+end
+
+-- The run of a TTL bucket entry, its deadline, whether the entry is live (its run still waits,
+-- never leased, with exactly that deadline) and the entry's location suffix.
 local function ttl_entry(e, s)
   local id = string.sub(e, 1, 16)
   local hi, lo = string.byte(e, 17, 18)
   local deadline = tonumber(s) * 1000 + hi * 256 + lo
+  local loc = string.sub(e, 19)
   local r = load(id)
-  return id, r, deadline, r and r[F_TTL] == deadline and not r[F_EVER]
+  if not r and #loc > 0 then
+    local h = string.byte(loc, 1)
+    local la, lb = math.floor(h / 16), h % 16
+    r = listed_at(id, be_unpack(loc, 2, la), be_unpack(loc, 2 + la, lb))
+  end
+  return id, r, deadline, r and r[F_TTL] == deadline and not r[F_EVER], loc
 end
 
 -- Rewrites bucket `s` with its live entries (but run `gone`'s) in deadline order.
@@ -175,17 +300,17 @@ local function ttl_resort(s, gone)
   ttl_forget(s)
   local seen, live = {}, {}
   for _, e in ipairs(entries) do
-    local id, _, deadline, ok = ttl_entry(e, s)
+    local id, _, deadline, ok, loc = ttl_entry(e, s)
     if ok and id ~= gone and not seen[id] then
       seen[id] = true
-      live[#live + 1] = { deadline, id }
+      live[#live + 1] = { deadline, id, loc }
     end
   end
   table.sort(live, function(a, b)
     if a[1] ~= b[1] then return a[1] < b[1] end
     return lt(a[2], b[2])
   end)
-  for _, x in ipairs(live) do ttl_add(x[2], x[1]) end
+  for _, x in ipairs(live) do ttl_add(x[2], x[1], x[3]) end
 end
 
 -- Run `id` (deadline `deadline`) leaves its bucket. When it held the bucket's earliest deadline
@@ -351,28 +476,17 @@ end
 
 -- Placement -------------------------------------------------------------------------------
 
--- A queued run waits in its key's FIFO list (`kl`, place `Q`) when it sorts after everything
--- appended there before, which is the common case (due runs arrive in time order); otherwise
--- in its key's zset (`kq`, place `q`). A list entry whose run left the list any other way than
--- from the head is a tombstone: skipped (and dropped) when it reaches the head; `qd` counts
--- live queued runs only.
--- `tail`: the key hash's `lts` and `lti` when the caller already read them.
-local function push_queued(id, r, tail)
-  local e, q, k = r[F_ENV], r[F_QUEUE], r[F_KEY]
-  local sc = score_of(r)
-  local kk = k_k(e, q, k)
-  tail = tail or redis.call('HMGET', kk, 'lts', 'lti')
-  local lts = nil
-  if tail[1] then lts = tonumber(tail[1]) end
-  if not r[F_LISTED] and (lts == nil or sc > lts or (sc == lts and lt(tail[2], id))) then
-    redis.call('RPUSH', k_kl(e, q, k), id)
-    redis.call('HSET', kk, 'lts', sc, 'lti', id)
-    r[F_LISTED] = true
-    r[F_PLACE] = 'Q'
-  else
-    redis.call('ZADD', k_kq(e, q, k), sc, id)
-    r[F_PLACE] = 'q'
-  end
+-- A due run enqueued after everything appended to its key's FIFO list before (score, then id;
+-- the common case: due runs arrive in time order) waits there as its message only (place `Q`,
+-- no record). Every other queued run (out of order, a priority that jumps ahead, a retry, a
+-- released, rescheduled, promoted or returned run) waits in its key's zset (`kq`, place `q`)
+-- with its record. A list entry whose run left any other way than from the head is a
+-- tombstone: its id is in the key's tombstone set `kt`, skipped and dropped when it reaches the
+-- head; `qd` counts live queued runs only. The key hash keeps `lts`/`lti` (score and id of the
+-- last append) and `lseq` (appends so far) for as long as it exists, so appends to a key sort
+-- strictly increasing and are numbered for good.
+
+local function count_queued(e, q, k, kk)
   -- A key with live queued runs is already in its queue's backlog set, its queue in the env's
   -- backlog set and queue set: only the first queued run of a key adds them.
   if redis.call('HINCRBY', kk, 'qd', 1) == 1 then
@@ -381,17 +495,60 @@ local function push_queued(id, r, tail)
     redis.call('SADD', k_qs(e), q)
   end
   redis.call('HINCRBY', k_q(e, q), 'qd', 1)
+end
+
+-- Whether a run with score `sc` and id `id` sorts after the key's last append (`tail` = the key
+-- hash's `lts`, `lti`).
+local function after_tail(sc, id, tail)
+  if not tail[1] then return true end
+  local lts = tonumber(tail[1])
+  return sc > lts or (sc == lts and lt(tail[2], id))
+end
+
+-- Appends a fresh due run to its key's list as its message (no record). `kid` = the key hash's
+-- `id` (interned key id) as read by the caller, nil when not set yet.
+local function append_listed(id, r, kid)
+  local e, q, k = r[F_ENV], r[F_QUEUE], r[F_KEY]
+  local kk = k_k(e, q, k)
+  r[F_PLACE] = 'Q'
+  redis.call('RPUSH', k_kl(e, q, k), msg_pack(id, r))
+  local seq = redis.call('HINCRBY', kk, 'lseq', 1)
+  redis.call('HSET', kk, 'lts', score_of(r), 'lti', id)
+  if r[F_TTL] and not r[F_EVER] then
+    if not kid then
+      kid = redis.call('HINCRBY', K_CFG, 'kseq', 1)
+      redis.call('HSET', kk, 'id', kid)
+      redis.call('HSET', K_KN, kid, e .. Z .. q .. Z .. k)
+    end
+    ttl_add(id, r[F_TTL], listed_loc(tonumber(kid), seq))
+  end
+  count_queued(e, q, k, kk)
+end
+
+-- A record-bearing run waits in its key's zset.
+local function push_queued(id, r)
+  local e, q, k = r[F_ENV], r[F_QUEUE], r[F_KEY]
+  redis.call('ZADD', k_kq(e, q, k), score_of(r), id)
+  r[F_PLACE] = 'q'
+  count_queued(e, q, k, k_k(e, q, k))
   save(id, r)
 end
 
--- Answers whether the key still has backlog, and whether its queue does.
-local function pull_queued(id, r)
+-- Answers whether the key still has backlog, and whether its queue does. A list-resident run
+-- (place `Q`) must be live in its list: popped when at the head (`at_head`: the caller knows it
+-- is, as `key_head` answered it), else made a tombstone.
+local function pull_queued(id, r, at_head)
   local e, q, k = r[F_ENV], r[F_QUEUE], r[F_KEY]
   local kk = k_k(e, q, k)
   local removed = false
   if r[F_PLACE] == 'Q' then
     local kl = k_kl(e, q, k)
-    if redis.call('LINDEX', kl, 0) == id then redis.call('LPOP', kl) end
+    local head = at_head or redis.call('LINDEX', kl, 0)
+    if at_head or (head and msg_id(head) == id) then
+      redis.call('LPOP', kl)
+    else
+      redis.call('SADD', k_kt(e, q, k), id)
+    end
     removed = true
   elseif redis.call('ZREM', k_kq(e, q, k), id) == 1 then
     removed = true
@@ -405,8 +562,7 @@ local function pull_queued(id, r)
   end
   if qd > 0 then return true, true end
   -- No live queued run: whatever the list still holds is tombstones.
-  redis.call('DEL', k_kl(e, q, k))
-  redis.call('HDEL', kk, 'lts', 'lti')
+  redis.call('DEL', k_kl(e, q, k), k_kt(e, q, k))
   redis.call('SREM', k_bk(e, q), k)
   if redis.call('SCARD', k_bk(e, q)) == 0 then
     redis.call('SREM', k_bq(e), q)
@@ -415,21 +571,28 @@ local function pull_queued(id, r)
   return false, true
 end
 
--- The first queued run of a key by (score, run id): the first live list entry (tombstones at
--- the head are dropped) or the zset's first member, whichever sorts first.
-local function key_head(e, q, k)
+-- The first live entry of a key's list (tombstones at the head are dropped): id and record.
+local function list_head(e, q, k)
   local kl = k_kl(e, q, k)
-  local lid, lr = nil, nil
+  local kt = k_kt(e, q, k)
+  local tombs = nil
   while true do
-    local id = redis.call('LINDEX', kl, 0)
-    if not id then break end
-    local r = load(id)
-    if r and r[F_PLACE] == 'Q' then
-      lid, lr = id, r
-      break
+    local m = redis.call('LINDEX', kl, 0)
+    if not m then return nil, nil end
+    local id = msg_id(m)
+    if tombs == nil then tombs = redis.call('EXISTS', kt) == 1 end
+    if not (tombs and redis.call('SREM', kt, id) == 1) then
+      local _, r = msg_unpack(m, e, q, k)
+      return id, r
     end
     redis.call('LPOP', kl)
   end
+end
+
+-- The first queued run of a key by (score, run id): the first live list entry or the zset's
+-- first member, whichever sorts first.
+local function key_head(e, q, k)
+  local lid, lr = list_head(e, q, k)
   local z = redis.call('ZRANGE', k_kq(e, q, k), 0, 0, 'WITHSCORES')
   if z[1] then
     if lid then
@@ -439,6 +602,60 @@ local function key_head(e, q, k)
     return z[1], load(z[1])
   end
   return lid, lr
+end
+
+-- A list-resident run of key (e, q, k) with score `sc`: its record (place `Q`) while it is
+-- live in the list, else nil. The list is in (score, id) order, tombstones included: a binary
+-- search of `LINDEX`es.
+local function list_find(id, e, q, k, sc)
+  local kl = k_kl(e, q, k)
+  local lo, hi = 0, redis.call('LLEN', kl) - 1
+  while lo <= hi do
+    local mid = math.floor((lo + hi) / 2)
+    local m = redis.call('LINDEX', kl, mid)
+    if not m then return nil end
+    local mid_id, r = msg_unpack(m, e, q, k)
+    if mid_id == id then
+      if redis.call('SISMEMBER', k_kt(e, q, k), id) == 1 then return nil end
+      return r
+    end
+    local ms = score_of(r)
+    if ms < sc or (ms == sc and lt(mid_id, id)) then lo = mid + 1 else hi = mid - 1 end
+  end
+  return nil
+end
+
+-- A list-resident run of key (e, q, k) found by reading the key's whole list.
+local function list_scan_key(id, e, q, k)
+  for _, m in ipairs(redis.call('LRANGE', k_kl(e, q, k), 0, -1)) do
+    if msg_id(m) == id and redis.call('SISMEMBER', k_kt(e, q, k), id) == 0 then
+      local _, r = msg_unpack(m, e, q, k)
+      return r
+    end
+  end
+  return nil
+end
+
+-- A list-resident run found without its key (tools and tests: every backlog list is read).
+local function list_scan(id)
+  for _, e in ipairs(redis.call('SMEMBERS', K_ENVS)) do
+    for _, q in ipairs(redis.call('SMEMBERS', k_bq(e))) do
+      for _, k in ipairs(redis.call('SMEMBERS', k_bk(e, q))) do
+        local r = list_scan_key(id, e, q, k)
+        if r then return r end
+      end
+    end
+  end
+  return nil
+end
+
+-- A waiting or leased run: its record, else its live list entry, found from its key and score
+-- when the caller gave them (`at` = { env, queue, key, score }), else by reading every list.
+local function find(id, at)
+  local r = load(id)
+  if r then return r end
+  if at then return list_find(id, at[1], at[2], at[3], at[4]) end
+  return list_scan(id)
 end
 
 local function push_delayed(id, r)
@@ -595,7 +812,7 @@ local function admit_env(e)
     local Qe = queues[qi]
     local Ke = Qe[3][ki]
     local q, k = Qe[2], Ke[2]
-    local key_left, queue_left = pull_queued(id, r)
+    local key_left, queue_left = pull_queued(id, r, true)
     served_n = served_n + 1
     served_q[q] = served_n
     served_k[#served_k + 1] = { q, k, served_n }
@@ -697,10 +914,15 @@ local function place_waiting(id, r, kind)
   else moved(id, 'queued') end
 end
 
--- A leased run, or an error code.
+-- A leased run, or an error code. A run without a record was never leased under any token
+-- still valid; telling a list-resident run (stale token) from a gone one (not found) reads the
+-- backlog lists, which only calls with a lost lease pay.
 local function leased(id, token, allow_lapsed)
   local r = load(id)
-  if not r then return nil, 'not_found' end
+  if not r then
+    if list_scan(id) then return nil, 'stale' end
+    return nil, 'not_found'
+  end
   if r[F_PLACE] == 'l' and r[F_TOKEN] == token and (allow_lapsed or not r[F_LAPSED]) then
     return r, nil
   end
@@ -738,6 +960,8 @@ local function setup(keys, args)
   K_TBZ = P .. ':tbz'
   K_TBN = P .. ':tbn'
   K_RB = P .. ':rb'
+  K_KN = P .. ':kn'
+  kn_cache = {}
   fx_moved, fx_lanes, fx_rung = {}, {}, {}
   consumer_cache = nil
   env_known = {}
@@ -749,16 +973,65 @@ local OPS = {}
 
 -- Start: configuration and generation checks -------------------------------------------------
 
+-- Format 2 → 3: every key list held run ids whose records said `Q` (live) or not (tombstones).
+-- Each list is rewritten with its live runs' messages in the same order (their records
+-- deleted, appends numbered from 1), tombstones dropped; then the TTL bucket entries of those
+-- runs get their location. Counters (`qd`, bucket counts) do not change.
+local function migrate_2_to_3()
+  local where = {}
+  for _, e in ipairs(redis.call('SMEMBERS', K_ENVS)) do
+    for _, q in ipairs(redis.call('SMEMBERS', k_bq(e))) do
+      for _, k in ipairs(redis.call('SMEMBERS', k_bk(e, q))) do
+        local kl, kk = k_kl(e, q, k), k_k(e, q, k)
+        local ids = redis.call('LRANGE', kl, 0, -1)
+        redis.call('DEL', kl)
+        local seq, kid = 0, redis.call('HGET', kk, 'id')
+        for _, id in ipairs(ids) do
+          local r = load(id)
+          if r and r[F_PLACE] == 'Q' then
+            seq = seq + 1
+            redis.call('RPUSH', kl, msg_pack(id, r))
+            del_run(id)
+            if r[F_TTL] and not r[F_EVER] then
+              if not kid then
+                kid = redis.call('HINCRBY', K_CFG, 'kseq', 1)
+                redis.call('HSET', kk, 'id', kid)
+                redis.call('HSET', K_KN, kid, e .. Z .. q .. Z .. k)
+              end
+              where[id] = listed_loc(tonumber(kid), seq)
+            end
+          end
+        end
+        redis.call('HSET', kk, 'lseq', seq)
+      end
+    end
+  end
+  for _, s in ipairs(redis.call('ZRANGE', K_TBZ, 0, -1)) do
+    local kb = k_tb(s)
+    local entries = redis.call('LRANGE', kb, 0, -1)
+    redis.call('DEL', kb)
+    for _, ent in ipairs(entries) do
+      redis.call('RPUSH', kb, ent .. (where[string.sub(ent, 1, 16)] or ''))
+    end
+  end
+end
+
 -- ARGV[6] = a fresh generation, ARGV[7] = '1' when the caller rebuilds a lost key space (the
 -- key space then stays marked `reb` until `rebuilt`: other callers get `lost` and wait for the
 -- rebuild instead of seeing half of it), ARGV[8..] = the built-in lanes.
 OPS['init'] = function()
   local cfg = redis.call('HMGET', K_CFG, 'fmt', 'gen', 'reb')
-  if cfg[1] == '1' and FORMAT == '2' then
-    -- Format 1 differs only in its TTL index (one zset member per run): move it to buckets.
+  if cfg[1] == '1' and FORMAT == '3' then
+    -- Format 1 differs from format 2 only in its TTL index (one zset member per run): move it
+    -- to buckets, then on to format 3.
     local all = redis.call('ZRANGE', K_TTL, 0, -1, 'WITHSCORES')
     for i = 1, #all, 2 do ttl_add(all[i], tonumber(all[i + 1])) end
     redis.call('DEL', K_TTL)
+    redis.call('HSET', K_CFG, 'fmt', '2')
+    cfg[1] = '2'
+  end
+  if cfg[1] == '2' and FORMAT == '3' then
+    migrate_2_to_3()
     redis.call('HSET', K_CFG, 'fmt', FORMAT)
     cfg[1] = FORMAT
   end
@@ -878,13 +1151,12 @@ end
 OPS['enqueue'] = function()
   -- ARGV[6] = id, ARGV[7] = packed record (place unset), ARGV[8] = sync ('1'/'0')
   local id = ARGV[6]
-  local existing = load(id)
-  if existing then
-    local p = existing[F_PLACE]
-    local placement = 'ready'
-    if p == 'd' then placement = 'delayed' elseif p == 'q' or p == 'Q' then placement = 'queued' end
-    return answer('ok', placement)
+  local function placed(p)
+    if p == 'd' then return 'delayed' elseif p == 'q' or p == 'Q' then return 'queued' end
+    return 'ready'
   end
+  local existing = load(id)
+  if existing then return answer('ok', placed(existing[F_PLACE])) end
   local r = cmsgpack.unpack(ARGV[7])
   local sync = ARGV[8] == '1'
   local e, q, k, lane = r[F_ENV], r[F_QUEUE], r[F_KEY], r[F_LANE]
@@ -895,13 +1167,28 @@ OPS['enqueue'] = function()
   env_known[e] = true
   local L = redis.call('HMGET', k_l(lane), 'count', 'orph')
   if not L[1] and redis.call('SISMEMBER', K_LANES, lane) == 0 then return fail('unknown_lane') end
-  local K = redis.call('HMGET', k_k(e, q, k), 'qd', 'del', 'run', 'lts', 'lti')
+  local K = redis.call('HMGET', k_k(e, q, k), 'qd', 'del', 'run', 'lts', 'lti', 'id')
+  local delayed = r[F_AFTER] > now
+  local in_order = not delayed and after_tail(score_of(r), id, { K[4], K[5] })
+  -- Idempotent by run id. A list-resident run has no record: a fresh run (first attempt, never
+  -- leased) keeps the facts it was enqueued with, so one sorting after the key's last append
+  -- cannot be in the list and one that does not is found by the binary search. A run enqueued
+  -- again with other facts (recovery: the next attempt of a run that was executing) is looked
+  -- for in its key's whole list (rare: recovery and the reconciler only).
+  if num(K[1]) > 0 then
+    local found = false
+    if r[F_EVER] or r[F_ATTEMPT] ~= 1 then
+      found = list_scan_key(id, e, q, k) ~= nil
+    elseif not delayed and not in_order then
+      found = list_find(id, e, q, k, score_of(r)) ~= nil
+    end
+    if found then return answer('ok', 'queued') end
+  end
   local Q = redis.call('HMGET', k_q(e, q), 'lim', 'ktl', 'paused', 'run', 'maxq')
   local fast_path_on = E[6] == '1'
   local backlog = num(K[1])
   local waiting = backlog + num(K[2])
   local max_queued = Q[5]
-  local delayed = r[F_AFTER] > now
   local orphaned = L[2] == '1'
   local blocked = admission_of(E, Q, K[3], lane)
   local fast = (not delayed) and fast_path_on and backlog == 0 and (not orphaned) and blocked == nil
@@ -911,7 +1198,8 @@ OPS['enqueue'] = function()
   if not delayed and not fast and sync and blocked == 'fast_lane' then
     return fail('fast_lane_full')
   end
-  if r[F_TTL] and not r[F_EVER] then ttl_add(id, r[F_TTL]) end
+  local listed = not delayed and not fast and in_order
+  if r[F_TTL] and not r[F_EVER] and not listed then ttl_add(id, r[F_TTL]) end
   local placement
   if delayed then
     push_delayed(id, r)
@@ -924,7 +1212,7 @@ OPS['enqueue'] = function()
     moved(id, 'ready')
     placement = 'ready'
   else
-    push_queued(id, r, { K[4], K[5] })
+    if listed then append_listed(id, r, K[6]) else push_queued(id, r) end
     moved(id, 'queued')
     if not fast_path_on then admit_env(e) end
     placement = 'queued'
@@ -1233,9 +1521,24 @@ OPS['release'] = function()
   return answer('ok')
 end
 
+-- Where a run waits, as the caller's dispatch facts tell (ARGV[i..i+3] = env, queue, key,
+-- score), or nil when not given.
+local function at_args(i)
+  if ARGV[i] == nil or ARGV[i] == '' then return nil end
+  return { ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]) }
+end
+
+-- A run's record as stored (`live`, `snapshot`): the record bytes, or a list-resident run's
+-- message as a record.
+local function stored(id, r)
+  if r[F_PLACE] == 'Q' then return cmsgpack.pack(r) end
+  return redis.call('HGET', k_run(id), id)
+end
+
+-- ARGV[8..11] = where the run waits (optional, see `at_args`).
 OPS['cancel'] = function()
   local id, grace = ARGV[6], tonumber(ARGV[7])
-  local r = load(id)
+  local r = find(id, at_args(8))
   if not r then return fail('not_found') end
   if r[F_PLACE] == 'l' then
     if r[F_CDL] then return fail('requested', r[F_TOKEN], r[F_CDL], 0) end
@@ -1247,15 +1550,17 @@ OPS['cancel'] = function()
     return fail('requested', r[F_TOKEN], gd, 1)
   end
   local status = status_of(r)
+  local listed = r[F_PLACE] == 'Q'
   unplace_waiting(id, r)
-  del_run(id)
+  if not listed then del_run(id) end
   if status == 'ready' then admit_env(r[F_ENV]) end
   return answer('removed', status)
 end
 
+-- ARGV[9..12] = where the run waits (optional, see `at_args`).
 OPS['reschedule'] = function()
   local id = ARGV[6]
-  local r = load(id)
+  local r = find(id, at_args(9))
   if not r then return fail('not_found') end
   local status = status_of(r)
   if status ~= 'delayed' and status ~= 'queued' then return fail('wrong_state', status) end
@@ -1296,10 +1601,10 @@ OPS['tick'] = function()
           seen[id] = true
           if r[F_TTL] <= now then
             unplace_waiting(id, r, true)
-            del_run(id)
+            if r[F_PLACE] ~= 'Q' then del_run(id) end
             expired[#expired + 1] = { id, cmsgpack.pack(r) }
           else
-            later[#later + 1] = { r[F_TTL], id }
+            later[#later + 1] = { r[F_TTL], id, string.sub(e, 19) }
           end
         end
       end
@@ -1307,7 +1612,7 @@ OPS['tick'] = function()
         if a[1] ~= b[1] then return a[1] < b[1] end
         return lt(a[2], b[2])
       end)
-      for _, x in ipairs(later) do ttl_add(x[2], x[1]) end
+      for _, x in ipairs(later) do ttl_add(x[2], x[1], x[3]) end
     else
       -- In deadline order: the due runs are at the head.
       while true do
@@ -1324,7 +1629,7 @@ OPS['tick'] = function()
         redis.call('LPOP', kb)
         if live then
           unplace_waiting(id, r)
-          del_run(id)
+          if r[F_PLACE] ~= 'Q' then del_run(id) end
           expired[#expired + 1] = { id, cmsgpack.pack(r) }
         end
       end
@@ -1408,17 +1713,39 @@ OPS['announce'] = function()
   return fail('ok', 1)
 end
 
+-- ARGV[7..10] = where the run waits (optional, see `at_args`), or '-' for its record only.
 OPS['live'] = function()
-  local raw = redis.call('HGET', k_run(ARGV[6]), ARGV[6])
-  if not raw then return fail('ok', {}) end
-  return fail('ok', { ARGV[6], raw })
+  local id = ARGV[6]
+  local raw = redis.call('HGET', k_run(id), id)
+  if raw then return fail('ok', { id, raw }) end
+  -- '-': the caller asks for a run held by id only.
+  if ARGV[7] == '-' then return fail('ok', {}) end
+  local r = find(id, at_args(7))
+  if not r then return fail('ok', {}) end
+  return fail('ok', { id, stored(id, r) })
 end
 
+-- Every record, then every live list entry of every key with backlog.
 OPS['snapshot'] = function()
   local all = {}
   for _, b in ipairs(redis.call('SMEMBERS', K_RB)) do
     local part = redis.call('HGETALL', P .. ':run:' .. b)
     for i = 1, #part do all[#all + 1] = part[i] end
+  end
+  for _, e in ipairs(redis.call('SMEMBERS', K_ENVS)) do
+    for _, q in ipairs(redis.call('SMEMBERS', k_bq(e))) do
+      for _, k in ipairs(redis.call('SMEMBERS', k_bk(e, q))) do
+        local tombs = {}
+        for _, t in ipairs(redis.call('SMEMBERS', k_kt(e, q, k))) do tombs[t] = true end
+        for _, m in ipairs(redis.call('LRANGE', k_kl(e, q, k), 0, -1)) do
+          local id, r = msg_unpack(m, e, q, k)
+          if not tombs[id] then
+            all[#all + 1] = id
+            all[#all + 1] = cmsgpack.pack(r)
+          end
+        end
+      end
+    end
   end
   return fail('ok', all)
 end

@@ -8,13 +8,17 @@
 //! comes from the engine's clock, passed to the function as an argument; it never reads Redis's
 //! clock.
 //!
-//! The key space carries a format version and a generation marker in `{prefix}:cfg`. A key space
-//! of another format is refused with an error naming both versions; a key space found missing
+//! The key space carries a format version and a generation marker in `{prefix}:cfg` (format 3: a
+//! due run enqueued in order is only its queue key's list entry, no per-run record). A key space
+//! of format 1 or 2 is migrated in one script; one of another format is refused with an error
+//! naming both versions; a key space found missing
 //! (FLUSHALL, a restart without persistence) is rebuilt from the run store attached with
 //! [`RedisQueue::attach_store`], keeping every run and its order.
 
 #[cfg(test)]
 mod format1_tests;
+#[cfg(test)]
+mod format3_tests;
 #[cfg(test)]
 mod function_tests;
 mod meta;

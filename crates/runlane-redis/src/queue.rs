@@ -24,13 +24,15 @@ use crate::record::{self, malformed, run_id, unpack, ValueExt};
 
 /// The key-space format this build writes (stored in `{prefix}:cfg`, field `fmt`).
 ///
-/// Format 2 keeps TTL deadlines in per-second buckets; a format-1 key space (one TTL zset member
-/// per run, otherwise the same layout) is migrated in one script when this build opens it, or
-/// when a call finds it (written by an older process after a rebuild).
-pub const KEYSPACE_FORMAT: u32 = 2;
+/// Format 3 keeps a due run enqueued in order only as its queue key's list entry (its compact
+/// message, no per-run record); format 2 kept a record per run and ids in the lists; format 1
+/// also kept TTL deadlines in one zset member per run instead of per-second buckets. A key space
+/// of format 1 or 2 is migrated in one script when this build opens it, or when a call finds it
+/// (written by an older process after a rebuild). Any other format is refused.
+pub const KEYSPACE_FORMAT: u32 = 3;
 
-/// The older format this build reads (by migrating it to [`KEYSPACE_FORMAT`]).
-const PREVIOUS_FORMAT: &str = "1";
+/// The older formats this build reads (by migrating them to [`KEYSPACE_FORMAT`]).
+const PREVIOUS_FORMATS: [&str; 2] = ["1", "2"];
 
 /// The environment variable naming a crash point (tests); the distributed shape reads the
 /// same variable for its own crash points.
@@ -369,6 +371,25 @@ fn pair_args(pairs: &[(RunId, FencingToken)]) -> Vec<Arg> {
     args
 }
 
+/// Where a waiting run is, from its dispatch facts, for the dispatch library's lookups of a run
+/// without a record (format 3: a list-resident run): env, queue, key and score
+/// (`run_after − priority`, ms). Nothing when the caller has no facts (the library then reads
+/// every key's list).
+fn at_args(d: Option<&Dispatch>) -> Vec<Arg> {
+    match d {
+        None => Vec::new(),
+        Some(d) => {
+            let score = i128::from(d.run_after.as_millis()) - i128::from(ms(d.priority));
+            vec![
+                d.env.as_str().into(),
+                d.queue.as_str().into(),
+                (&*d.key).into(),
+                score.to_string().into(),
+            ]
+        }
+    }
+}
+
 fn opt_arg(v: Option<u32>) -> Arg {
     v.map_or(Arg::Text(String::new()), |n| Arg::from(u64::from(n)))
 }
@@ -669,7 +690,12 @@ impl RedisQueue {
                 "generation" => {
                     *lock(&self.generation) = answer.extra(0)?.text()?.to_string();
                 }
-                "format" if answer.extra(0).and_then(|v| v.text()).ok() == Some(PREVIOUS_FORMAT) => {
+                "format"
+                    if answer
+                        .extra(0)
+                        .and_then(|v| v.text())
+                        .is_ok_and(|f| PREVIOUS_FORMATS.contains(&f)) =>
+                {
                     // Written by an older process (e.g. its rebuild): `init` migrates it.
                     match self.init(false).await {
                         Ok(_) | Err(InitError::Format(_)) => {}
@@ -824,6 +850,92 @@ impl RedisQueue {
             return Err(QueueError::unknown_env(env));
         }
         Ok(answer)
+    }
+
+    /// `cancel` with the run's location when the caller knows it (see [`at_args`]).
+    async fn cancel_at(
+        &self,
+        run: RunId,
+        at: Option<&Dispatch>,
+        grace: Duration,
+        now: Timestamp,
+    ) -> Result<CancelOutcome, QueueError> {
+        let answer = self
+            .call("cancel", now, || {
+                let mut args = vec![run.into(), ms(grace).into()];
+                args.extend(at_args(at));
+                args
+            })
+            .await?;
+        match answer.code.as_str() {
+            "not_found" => Ok(CancelOutcome::NotFound),
+            "requested" => Ok(CancelOutcome::Requested {
+                token: FencingToken(u64::try_from(answer.extra(0)?.int()?).unwrap_or(0)),
+                grace_deadline: Timestamp(u64::try_from(answer.extra(1)?.int()?).unwrap_or(0)),
+                first: answer.extra(2)?.int()? == 1,
+            }),
+            "removed" => Ok(CancelOutcome::Removed {
+                was: record::status(answer.extra(0)?)?,
+                effects: answer.effects,
+            }),
+            other => Err(malformed(other)),
+        }
+    }
+
+    /// `reschedule` with the run's location when the caller knows it (see [`at_args`]).
+    async fn reschedule_at(
+        &self,
+        run: RunId,
+        at: Option<&Dispatch>,
+        run_after: Timestamp,
+        ttl_deadline: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError> {
+        let answer = self
+            .call("reschedule", now, || {
+                let mut args = vec![
+                    run.into(),
+                    run_after.as_millis().into(),
+                    ttl_deadline.map_or(Arg::Text(String::new()), |t| t.as_millis().into()),
+                ];
+                args.extend(at_args(at));
+                args
+            })
+            .await?;
+        match answer.code.as_str() {
+            "ok" => Ok(answer.effects),
+            "not_found" => Err(QueueError::NotFound(run)),
+            "wrong_state" => Err(QueueError::WrongState {
+                run,
+                status: record::status(answer.extra(0)?)?,
+                operation: "reschedule",
+            }),
+            other => Err(malformed(other)),
+        }
+    }
+
+    /// `live`: `at` = `None` reads the run's record only; `Some(None)` also reads every key's
+    /// list for a list-resident run; `Some(Some(d))` looks in `d`'s key list only.
+    async fn live_at(
+        &self,
+        run: RunId,
+        at: Option<Option<&Dispatch>>,
+    ) -> Result<Option<LiveRun>, QueueError> {
+        let answer = self
+            .call("live", Timestamp::ZERO, || {
+                let mut args = vec![run.into()];
+                match at {
+                    None => args.push("-".into()),
+                    Some(d) => args.extend(at_args(d)),
+                }
+                args
+            })
+            .await?;
+        let pair = answer.extra(0)?.list()?;
+        match pair {
+            [_, raw] => Ok(Some(unpack(run, raw.bytes()?)?.live())),
+            _ => Ok(None),
+        }
     }
 
     fn leased_error(code: &str, run: RunId) -> Result<(), QueueError> {
@@ -1275,22 +1387,17 @@ impl QueueBackend for RedisQueue {
         grace: Duration,
         now: Timestamp,
     ) -> Result<CancelOutcome, QueueError> {
-        let answer = self
-            .call("cancel", now, || vec![run.into(), ms(grace).into()])
-            .await?;
-        match answer.code.as_str() {
-            "not_found" => Ok(CancelOutcome::NotFound),
-            "requested" => Ok(CancelOutcome::Requested {
-                token: FencingToken(u64::try_from(answer.extra(0)?.int()?).unwrap_or(0)),
-                grace_deadline: Timestamp(u64::try_from(answer.extra(1)?.int()?).unwrap_or(0)),
-                first: answer.extra(2)?.int()? == 1,
-            }),
-            "removed" => Ok(CancelOutcome::Removed {
-                was: record::status(answer.extra(0)?)?,
-                effects: answer.effects,
-            }),
-            other => Err(malformed(other)),
-        }
+        self.cancel_at(run, None, grace, now).await
+    }
+
+    async fn cancel_of(
+        &self,
+        dispatch: &Dispatch,
+        grace: Duration,
+        now: Timestamp,
+    ) -> Result<CancelOutcome, QueueError> {
+        self.cancel_at(dispatch.run_id, Some(dispatch), grace, now)
+            .await
     }
 
     async fn reschedule(
@@ -1300,25 +1407,25 @@ impl QueueBackend for RedisQueue {
         ttl_deadline: Option<Timestamp>,
         now: Timestamp,
     ) -> Result<Effects, QueueError> {
-        let answer = self
-            .call("reschedule", now, || {
-                vec![
-                    run.into(),
-                    run_after.as_millis().into(),
-                    ttl_deadline.map_or(Arg::Text(String::new()), |t| t.as_millis().into()),
-                ]
-            })
-            .await?;
-        match answer.code.as_str() {
-            "ok" => Ok(answer.effects),
-            "not_found" => Err(QueueError::NotFound(run)),
-            "wrong_state" => Err(QueueError::WrongState {
-                run,
-                status: record::status(answer.extra(0)?)?,
-                operation: "reschedule",
-            }),
-            other => Err(malformed(other)),
-        }
+        self.reschedule_at(run, None, run_after, ttl_deadline, now)
+            .await
+    }
+
+    async fn reschedule_of(
+        &self,
+        dispatch: &Dispatch,
+        run_after: Timestamp,
+        ttl_deadline: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<Effects, QueueError> {
+        self.reschedule_at(
+            dispatch.run_id,
+            Some(dispatch),
+            run_after,
+            ttl_deadline,
+            now,
+        )
+        .await
     }
 
     async fn tick(&self, now: Timestamp) -> Result<Tick, QueueError> {
@@ -1370,14 +1477,15 @@ impl QueueBackend for RedisQueue {
     }
 
     async fn live(&self, run: RunId) -> Result<Option<LiveRun>, QueueError> {
-        let answer = self
-            .call("live", Timestamp::ZERO, || vec![run.into()])
-            .await?;
-        let pair = answer.extra(0)?.list()?;
-        match pair {
-            [_, raw] => Ok(Some(unpack(run, raw.bytes()?)?.live())),
-            _ => Ok(None),
-        }
+        self.live_at(run, Some(None)).await
+    }
+
+    async fn live_of(&self, dispatch: &Dispatch) -> Result<Option<LiveRun>, QueueError> {
+        self.live_at(dispatch.run_id, Some(Some(dispatch))).await
+    }
+
+    async fn live_indexed(&self, run: RunId) -> Result<Option<LiveRun>, QueueError> {
+        self.live_at(run, None).await
     }
 
     async fn snapshot(&self) -> Result<Vec<LiveRun>, QueueError> {

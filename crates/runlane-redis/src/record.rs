@@ -1,8 +1,10 @@
 //! The per-run record the dispatch script keeps, and the script's answers, as MessagePack.
 //!
 //! A record is a 23-element MessagePack array (see `dispatch.lua` for the field numbers): the
-//! dispatch facts with names as strings, the place (`d`elayed, `q`ueued, `r`eady, `l`eased), the
-//! score, the ready sequence and the lease fields. Absent values are `false`. The script and this
+//! dispatch facts with names as strings, the place (`d`elayed, `q`ueued in a key's zset, `Q`
+//! queued in a key's list, `r`eady, `l`eased), the ready sequence and the lease fields. Absent
+//! values are `false`. A list-resident run (format 3) has no stored record: `live`, `snapshot`
+//! and `tick` answer its list entry decoded into the same array (place `Q`). The script and this
 //! module are the only readers and writers.
 
 use std::sync::Arc;

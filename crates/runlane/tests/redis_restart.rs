@@ -246,7 +246,8 @@ async fn foreign_format_is_refused_naming_both_versions() {
         .expect("format 99 is refused");
     let text = err.to_string();
     assert!(matches!(err, RedisOpenError::Format { .. }), "{err:?}");
-    assert!(text.contains("99") && text.contains("version 2"), "{text}");
+    let ours = format!("version {}", runlane_redis::KEYSPACE_FORMAT);
+    assert!(text.contains("99") && text.contains(&ours), "{text}");
     let fmt: String = redis::cmd("HGET")
         .arg("{rl:fmt}:cfg")
         .arg("fmt")

@@ -1,0 +1,1475 @@
+#!lua name=__RUNLANE_LIBRARY__
+-- runlane dispatch library: every QueueBackend step as one atomic function call (SPEC §3).
+--
+-- A Redis function library (`FUNCTION LOAD`; the client fills in its name and the function's,
+-- both derived from a hash of this source): the helpers below are created once, when the
+-- library loads, not at every call as a script's would be; each call (`FCALL`) sets the
+-- per-call values (`setup`) and runs its operation (`OPS`).
+--
+-- KEYS[1] is the deployment's key base `{prefix}`; every key this library touches starts with
+-- it, so all of them hash to one slot (one shard on Redis Cluster).
+-- ARGV[1] = operation, ARGV[2] = now (ms, from the engine clock), ARGV[3] = ready_timeout (ms),
+-- ARGV[4] = format version expected by the client, ARGV[5] = generation expected ("" = any),
+-- ARGV[6..] = the operation's arguments. The answer is one MessagePack blob:
+-- { code, moved = {id, status, ...}, lanes = {...}, deadline (-1 = none), extra... }.
+--
+-- A pending run is one compact record (MessagePack array) in the hash `{p}:run`; queue keys,
+-- lanes and deadline indexes hold the 16-byte run id only (TTL buckets: the id and 2 bytes of
+-- the deadline's milliseconds).
+
+-- Per call (set by `setup`): the arguments, the key base and what derives from them.
+local KEYS, ARGV, P, op, now, ready_timeout, FORMAT, GEN
+local STRIDE = 1000000
+local Z = '\0'
+
+local K_CFG
+-- Run records live in 4,096 small hashes chosen by the low 12 bits of the run id (its counter
+-- bits), so each stays listpack-encoded (about 25 records at 100,000 runs).
+local RUN_BUCKETS = 4096
+local function k_run(id)
+  local hi, lo = string.byte(id, 15, 16)
+  return P .. ':run:' .. ((hi % 16) * 256 + lo)
+end
+local K_ENVS
+local K_LANES
+local K_CONS
+local K_DELAYED
+-- Format 1 kept TTL deadlines in this zset (one member per run); `init` moves them to buckets.
+local K_TTL
+local K_LEASE
+local K_ATT
+local K_CXL
+
+local function k_env(e) return P .. ':e:' .. e end
+local function k_qs(e) return P .. ':qs:' .. e end
+local function k_q(e, q) return P .. ':q:' .. e .. Z .. q end
+local function k_k(e, q, k) return P .. ':k:' .. e .. Z .. q .. Z .. k end
+local function k_kq(e, q, k) return P .. ':kq:' .. e .. Z .. q .. Z .. k end
+local function k_kl(e, q, k) return P .. ':kl:' .. e .. Z .. q .. Z .. k end
+local function k_bq(e) return P .. ':bq:' .. e end
+local function k_bk(e, q) return P .. ':bk:' .. e .. Z .. q end
+local function k_l(l) return P .. ':l:' .. l end
+local function k_lp(l) return P .. ':lp:' .. l end
+local function k_le(l) return P .. ':le:' .. l end
+local function k_lr(l, e) return P .. ':lr:' .. l .. Z .. e end
+
+-- TTL deadlines (format 2) in per-second buckets instead of a zset member per run:
+-- `{p}:tb:<s>` is a list of 18-byte entries (run id, then the deadline's milliseconds within
+-- second `s` as 2 bytes) of the runs whose deadline falls in second `s` (ms // 1000),
+-- `{p}:tbz` a zset of the buckets scored by the earliest deadline they may hold (kept with
+-- `ZADD LT`, so never later than the earliest live one), `{p}:tbn` per bucket `s` its live count
+-- and, as `s`..'t', the deadline last appended (or `u` once an append broke deadline order).
+-- An entry is live while its run still waits with exactly that deadline; a run that stops
+-- waiting only decrements its bucket's count (no `LREM`); a bucket whose count
+-- reaches zero is deleted whole. Expiry is exact to the millisecond: the sweep pops the due runs
+-- from the head of a bucket in deadline order (the common case: TTL = trigger + a constant); a
+-- bucket out of order is taken whole once and its remaining runs go back sorted.
+local K_TBZ
+local K_TBN
+local function k_tb(s) return P .. ':tb:' .. s end
+local function ttl_bucket(deadline) return string.format('%d', math.floor(deadline / 1000)) end
+
+local function ttl_add(id, deadline)
+  local s = ttl_bucket(deadline)
+  local off = deadline - tonumber(s) * 1000
+  redis.call('RPUSH', k_tb(s), id .. string.char(math.floor(off / 256), off % 256))
+  redis.call('HINCRBY', K_TBN, s, 1)
+  local tail = redis.call('HGET', K_TBN, s .. 't')
+  if tail ~= 'u' and (not tail or tonumber(tail) <= deadline) then
+    redis.call('HSET', K_TBN, s .. 't', string.format('%d', deadline))
+  else
+    redis.call('HSET', K_TBN, s .. 't', 'u')
+  end
+  redis.call('ZADD', K_TBZ, 'LT', deadline, s)
+end
+
+local function ttl_forget(s)
+  redis.call('HDEL', K_TBN, s, s .. 't')
+  redis.call('DEL', k_tb(s))
+  redis.call('ZREM', K_TBZ, s)
+end
+
+-- Record fields.
+local F_ENV, F_QUEUE, F_KEY, F_LANE, F_PRIO, F_AFTER, F_TTL, F_ATTEMPT, F_LOCKED, F_EVER, F_MAXDUR =
+  1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
+-- Field 13 marks a run that was once appended to its key's FIFO list (it never is again, so a
+-- list holds each run at most once).
+local F_PLACE, F_LISTED, F_SEQ, F_RAT = 12, 13, 14, 15
+local F_TOKEN, F_WORKER, F_LDUR, F_LDL, F_ADL, F_CRA, F_CDL, F_LAPSED = 16, 17, 18, 19, 20, 21, 22, 23
+local NFIELDS = 23
+
+-- Bytewise string order (Lua's `<` follows the locale).
+local function lt(a, b)
+  local la, lb = #a, #b
+  local n = la
+  if lb < n then n = lb end
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return la < lb
+end
+
+local function sorted(list)
+  table.sort(list, lt)
+  return list
+end
+
+local function load(id)
+  local raw = redis.call('HGET', k_run(id), id)
+  if not raw then return nil end
+  return cmsgpack.unpack(raw)
+end
+
+-- `{p}:rb` is the set of non-empty record buckets, so a snapshot reads only those.
+local K_RB
+local function del_run(id)
+  local key = k_run(id)
+  redis.call('HDEL', key, id)
+  if redis.call('HLEN', key) == 0 then
+    local hi, lo = string.byte(id, 15, 16)
+    redis.call('SREM', K_RB, (hi % 16) * 256 + lo)
+  end
+end
+
+local function score_of(r)
+  return r[F_AFTER] - r[F_PRIO]
+end
+
+-- Stores a record: the score is derived (never stored) and trailing absent fields are dropped,
+-- so a pending run's record stops at its place.
+local function save(id, r)
+  local n = 0
+  for i = 1, NFIELDS do
+    if r[i] == nil then r[i] = false end
+    if r[i] ~= false then n = i end
+  end
+  local out = {}
+  for i = 1, n do out[i] = r[i] end
+  local packed = cmsgpack.pack(out)
+  if redis.call('HSET', k_run(id), id, packed) == 1 then
+    local hi, lo = string.byte(id, 15, 16)
+    redis.call('SADD', K_RB, (hi % 16) * 256 + lo)
+  end
+  return packed
+end
+
+local function num(v)
+  if not v then return 0 end
+  return tonumber(v)
+end
+
+-- The run of a TTL bucket entry, its deadline, and whether the entry is live (its run still
+-- waits, never leased, with exactly that deadline).
+local function ttl_entry(e, s)
+  local id = string.sub(e, 1, 16)
+  local hi, lo = string.byte(e, 17, 18)
+  local deadline = tonumber(s) * 1000 + hi * 256 + lo
+  local r = load(id)
+  return id, r, deadline, r and r[F_TTL] == deadline and not r[F_EVER]
+end
+
+-- Rewrites bucket `s` with its live entries (but run `gone`'s) in deadline order.
+local function ttl_resort(s, gone)
+  local entries = redis.call('LRANGE', k_tb(s), 0, -1)
+  ttl_forget(s)
+  local seen, live = {}, {}
+  for _, e in ipairs(entries) do
+    local id, _, deadline, ok = ttl_entry(e, s)
+    if ok and id ~= gone and not seen[id] then
+      seen[id] = true
+      live[#live + 1] = { deadline, id }
+    end
+  end
+  table.sort(live, function(a, b)
+    if a[1] ~= b[1] then return a[1] < b[1] end
+    return lt(a[2], b[2])
+  end)
+  for _, x in ipairs(live) do ttl_add(x[2], x[1]) end
+end
+
+-- Run `id` (deadline `deadline`) leaves its bucket. When it held the bucket's earliest deadline
+-- the bucket is scored again exactly: a sorted bucket drops the dead entries at its head (each
+-- entry is dropped once), an unsorted one is rewritten sorted.
+local function ttl_drop(id, deadline)
+  local s = ttl_bucket(deadline)
+  if redis.call('HINCRBY', K_TBN, s, -1) <= 0 then
+    ttl_forget(s)
+    return
+  end
+  if tonumber(redis.call('ZSCORE', K_TBZ, s)) ~= deadline then return end
+  if redis.call('HGET', K_TBN, s .. 't') == 'u' then
+    ttl_resort(s, id)
+    return
+  end
+  local kb = k_tb(s)
+  while true do
+    local e = redis.call('LINDEX', kb, 0)
+    if not e then
+      ttl_forget(s)
+      return
+    end
+    local eid, _, d, live = ttl_entry(e, s)
+    if live and eid ~= id then
+      redis.call('ZADD', K_TBZ, d, s)
+      return
+    end
+    redis.call('LPOP', kb)
+  end
+end
+
+local function status_of(r)
+  local p = r[F_PLACE]
+  if p == 'd' then return 'delayed' elseif p == 'q' or p == 'Q' then return 'queued'
+  elseif p == 'r' then return 'ready' else return 'executing' end
+end
+
+local fx_moved, fx_lanes, fx_rung = {}, {}, {}
+local function moved(id, status)
+  fx_moved[#fx_moved + 1] = id
+  fx_moved[#fx_moved + 1] = status
+end
+local function ring(lane)
+  if not fx_rung[lane] then
+    fx_rung[lane] = true
+    fx_lanes[#fx_lanes + 1] = lane
+  end
+end
+
+-- Consumers -------------------------------------------------------------------------------
+
+local consumer_cache = nil
+local function chains()
+  if not consumer_cache then consumer_cache = redis.call('HVALS', K_CONS) end
+  return consumer_cache
+end
+local function covers(chain, lane)
+  if string.sub(chain, 1, 1) == 'P' then return true end
+  return string.find(chain .. '>', '>' .. lane .. '>', 1, true) ~= nil
+end
+local function consumers_of(lane)
+  local n = 0
+  for _, c in ipairs(chains()) do
+    if covers(c, lane) then n = n + 1 end
+  end
+  return n
+end
+
+-- Slots -----------------------------------------------------------------------------------
+
+-- Counters never go below zero: `decr(key, field, n)` is `n` times "minus one when positive"
+-- (one `HINCRBY`; a result below zero is put back to zero). Answers the new value.
+local function decr(key, field, n)
+  local v = redis.call('HINCRBY', key, field, -(n or 1))
+  if v < 0 then
+    redis.call('HINCRBY', key, field, -v)
+    v = 0
+  end
+  return v
+end
+
+local function decr_floor(key, field)
+  decr(key, field, 1)
+end
+
+-- Whether an env exists, asked of Redis once per call.
+local env_known = {}
+local function env_exists(e)
+  local v = env_known[e]
+  if v == nil then
+    v = redis.call('EXISTS', k_env(e)) == 1
+    env_known[e] = v
+  end
+  return v
+end
+
+-- `listed_queue`: the run's queue is already in the env's queue set (it was queued there).
+local function take_slots(r, listed_queue)
+  local e = r[F_ENV]
+  if not env_exists(e) then return end
+  if r[F_LANE] == 'fast_lane' then
+    redis.call('HINCRBY', k_env(e), 'flrun', 1)
+  else
+    redis.call('HINCRBY', k_env(e), 'run', 1)
+  end
+  if not listed_queue then redis.call('SADD', k_qs(e), r[F_QUEUE]) end
+  redis.call('HINCRBY', k_q(e, r[F_QUEUE]), 'run', 1)
+  redis.call('HINCRBY', k_k(e, r[F_QUEUE], r[F_KEY]), 'run', 1)
+end
+
+-- Slot releases of one call, applied together by `flush_releases` (one `HINCRBY` per counter
+-- touched instead of one per run and counter).
+local rel_order, rel_count = {}, {}
+local function release_slots_later(r)
+  local e = r[F_ENV]
+  local field = 'run'
+  if r[F_LANE] == 'fast_lane' then field = 'flrun' end
+  for _, kf in ipairs({ { k_env(e), field, e }, { k_q(e, r[F_QUEUE]), 'run', e },
+    { k_k(e, r[F_QUEUE], r[F_KEY]), 'run', e } }) do
+    local id = kf[1] .. Z .. kf[2]
+    local n = rel_count[id]
+    if n == nil then
+      rel_order[#rel_order + 1] = kf
+      rel_count[id] = 1
+    else
+      rel_count[id] = n + 1
+    end
+  end
+end
+
+local function flush_releases()
+  for _, kf in ipairs(rel_order) do
+    if env_exists(kf[3]) then decr(kf[1], kf[2], rel_count[kf[1] .. Z .. kf[2]]) end
+  end
+  rel_order, rel_count = {}, {}
+end
+
+local function release_slots(r)
+  release_slots_later(r)
+  flush_releases()
+end
+
+-- Admission (runlane_core::admission::admit) -----------------------------------------------
+
+-- `E` = env hash's elim, ecap, flcap, run, flrun; `Q` = queue hash's lim, ktl, paused, run;
+-- `krun` = the key's running count.
+local function admission_of(E, Q, krun, lane)
+  if not E[1] then return 'env' end
+  if Q[3] == '1' then return 'paused' end
+  local elim = tonumber(E[1])
+  local kcap = elim
+  if Q[1] then kcap = math.min(tonumber(Q[1]), elim) end
+  if num(krun) >= kcap then return 'key' end
+  if Q[2] and num(Q[4]) >= tonumber(Q[2]) then return 'total' end
+  if lane == 'fast_lane' then
+    if num(E[5]) >= tonumber(E[3]) then return 'fast_lane' end
+  elseif num(E[4]) >= tonumber(E[2]) then
+    return 'env'
+  end
+  return nil
+end
+
+-- Placement -------------------------------------------------------------------------------
+
+-- A queued run waits in its key's FIFO list (`kl`, place `Q`) when it sorts after everything
+-- appended there before, which is the common case (due runs arrive in time order); otherwise
+-- in its key's zset (`kq`, place `q`). A list entry whose run left the list any other way than
+-- from the head is a tombstone: skipped (and dropped) when it reaches the head; `qd` counts
+-- live queued runs only.
+-- `tail`: the key hash's `lts` and `lti` when the caller already read them.
+local function push_queued(id, r, tail)
+  local e, q, k = r[F_ENV], r[F_QUEUE], r[F_KEY]
+  local sc = score_of(r)
+  local kk = k_k(e, q, k)
+  tail = tail or redis.call('HMGET', kk, 'lts', 'lti')
+  local lts = nil
+  if tail[1] then lts = tonumber(tail[1]) end
+  if not r[F_LISTED] and (lts == nil or sc > lts or (sc == lts and lt(tail[2], id))) then
+    redis.call('RPUSH', k_kl(e, q, k), id)
+    redis.call('HSET', kk, 'lts', sc, 'lti', id)
+    r[F_LISTED] = true
+    r[F_PLACE] = 'Q'
+  else
+    redis.call('ZADD', k_kq(e, q, k), sc, id)
+    r[F_PLACE] = 'q'
+  end
+  -- A key with live queued runs is already in its queue's backlog set, its queue in the env's
+  -- backlog set and queue set: only the first queued run of a key adds them.
+  if redis.call('HINCRBY', kk, 'qd', 1) == 1 then
+    redis.call('SADD', k_bk(e, q), k)
+    redis.call('SADD', k_bq(e), q)
+    redis.call('SADD', k_qs(e), q)
+  end
+  redis.call('HINCRBY', k_q(e, q), 'qd', 1)
+  save(id, r)
+end
+
+-- Answers whether the key still has backlog, and whether its queue does.
+local function pull_queued(id, r)
+  local e, q, k = r[F_ENV], r[F_QUEUE], r[F_KEY]
+  local kk = k_k(e, q, k)
+  local removed = false
+  if r[F_PLACE] == 'Q' then
+    local kl = k_kl(e, q, k)
+    if redis.call('LINDEX', kl, 0) == id then redis.call('LPOP', kl) end
+    removed = true
+  elseif redis.call('ZREM', k_kq(e, q, k), id) == 1 then
+    removed = true
+  end
+  local qd
+  if removed then
+    decr_floor(k_q(e, q), 'qd')
+    qd = decr(kk, 'qd')
+  else
+    qd = num(redis.call('HGET', kk, 'qd'))
+  end
+  if qd > 0 then return true, true end
+  -- No live queued run: whatever the list still holds is tombstones.
+  redis.call('DEL', k_kl(e, q, k))
+  redis.call('HDEL', kk, 'lts', 'lti')
+  redis.call('SREM', k_bk(e, q), k)
+  if redis.call('SCARD', k_bk(e, q)) == 0 then
+    redis.call('SREM', k_bq(e), q)
+    return false, false
+  end
+  return false, true
+end
+
+-- The first queued run of a key by (score, run id): the first live list entry (tombstones at
+-- the head are dropped) or the zset's first member, whichever sorts first.
+local function key_head(e, q, k)
+  local kl = k_kl(e, q, k)
+  local lid, lr = nil, nil
+  while true do
+    local id = redis.call('LINDEX', kl, 0)
+    if not id then break end
+    local r = load(id)
+    if r and r[F_PLACE] == 'Q' then
+      lid, lr = id, r
+      break
+    end
+    redis.call('LPOP', kl)
+  end
+  local z = redis.call('ZRANGE', k_kq(e, q, k), 0, 0, 'WITHSCORES')
+  if z[1] then
+    if lid then
+      local ls, zs = score_of(lr), tonumber(z[2])
+      if ls < zs or (ls == zs and lt(lid, z[1])) then return lid, lr end
+    end
+    return z[1], load(z[1])
+  end
+  return lid, lr
+end
+
+local function push_delayed(id, r)
+  r[F_PLACE] = 'd'
+  local e, q, k = r[F_ENV], r[F_QUEUE], r[F_KEY]
+  redis.call('ZADD', K_DELAYED, r[F_AFTER], id)
+  redis.call('SADD', k_qs(e), q)
+  redis.call('HINCRBY', k_k(e, q, k), 'del', 1)
+  redis.call('HINCRBY', k_q(e, q), 'del', 1)
+  save(id, r)
+end
+
+local function pull_delayed(id, r)
+  if redis.call('ZREM', K_DELAYED, id) == 1 then
+    decr_floor(k_k(r[F_ENV], r[F_QUEUE], r[F_KEY]), 'del')
+    decr_floor(k_q(r[F_ENV], r[F_QUEUE]), 'del')
+  end
+end
+
+-- `listed_queue`: the run's queue is known to be in the env's queue set.
+local function push_ready(id, r, listed_queue)
+  local seq = redis.call('HINCRBY', K_CFG, 'seq', 1)
+  r[F_PLACE] = 'r'
+  r[F_SEQ] = seq
+  r[F_RAT] = now
+  take_slots(r, listed_queue)
+  -- The lane is known (in `{p}:lanes`): enqueue checked it and lanes are never removed.
+  local lane, e = r[F_LANE], r[F_ENV]
+  redis.call('ZADD', k_lr(lane, e), seq, id)
+  redis.call('SADD', k_le(lane), e)
+  redis.call('HINCRBY', k_l(lane), 'count', 1)
+  save(id, r)
+  ring(lane)
+end
+
+local function pull_ready(id, r)
+  local lane, e = r[F_LANE], r[F_ENV]
+  local lr = k_lr(lane, e)
+  if redis.call('ZREM', lr, id) == 1 then decr_floor(k_l(lane), 'count') end
+  if redis.call('ZCARD', lr) == 0 then redis.call('SREM', k_le(lane), e) end
+  release_slots(r)
+end
+
+-- Lease deadlines to drop, removed together by `flush_lease_drops` (one `ZREM` per call).
+local lease_drops = {}
+-- `cmd key member...` over `members`, a few hundred at a time (Lua's `unpack` limit).
+local function many(cmd, key, members)
+  for i = 1, #members, 500 do
+    redis.call(cmd, key, unpack(members, i, math.min(i + 499, #members)))
+  end
+end
+
+local function flush_lease_drops()
+  if #lease_drops > 0 then
+    many('ZREM', K_LEASE, lease_drops)
+    lease_drops = {}
+  end
+end
+
+-- A run is in the attempt (cancel) deadline zset only while its record holds that deadline.
+local function drop_lease_deadlines(id, r)
+  lease_drops[#lease_drops + 1] = id
+  if r[F_ADL] then redis.call('ZREM', K_ATT, id) end
+  if r[F_CDL] then redis.call('ZREM', K_CXL, id) end
+end
+
+-- `swept`: the run's TTL bucket was already taken by the sweep.
+local function unplace_waiting(id, r, swept)
+  local p = r[F_PLACE]
+  if p == 'd' then pull_delayed(id, r)
+  elseif p == 'q' or p == 'Q' then pull_queued(id, r)
+  elseif p == 'r' then pull_ready(id, r) end
+  if r[F_TTL] and not r[F_EVER] and not swept then ttl_drop(id, r[F_TTL]) end
+end
+
+local function clear_lease(r)
+  for i = F_TOKEN, F_LAPSED do r[i] = false end
+end
+
+-- Bytewise order of (served, name) pairs: least recently served first, then name.
+local function served_order(a, b)
+  if a[1] ~= b[1] then return a[1] < b[1] end
+  return lt(a[2], b[2])
+end
+
+-- The admission pass for one env (docs/dispatch.md): every key with backlog in serving order
+-- (least recently served queue, then name, then least recently served key, then name); the
+-- first whose head run is admissible wins, is admitted and becomes the most recently served
+-- (its queue moves behind every other queue, the key behind its queue's other keys); repeated
+-- until nothing fits. The order is read once per pass and kept up to date in place. Admission
+-- only gets stricter within a pass (running counts only grow, no run joins a key), so a key
+-- whose head is not admissible is skipped for the rest of the pass.
+local function admit_env(e)
+  local bq = redis.call('SMEMBERS', k_bq(e))
+  if #bq == 0 then return end
+  local E = redis.call('HMGET', k_env(e), 'elim', 'ecap', 'flcap', 'run', 'flrun')
+  if not E[1] then return end
+  local ecap, flcap = num(E[2]), num(E[3])
+  E[4], E[5] = num(E[4]), num(E[5])
+  -- Nothing fits when both the env row and the fast-lane row are full: skip the scan.
+  if E[4] >= ecap and E[5] >= flcap then return end
+  local orphaned = {}
+  local function lane_orphaned(lane)
+    local v = orphaned[lane]
+    if v == nil then
+      v = redis.call('HGET', k_l(lane), 'orph') == '1'
+      orphaned[lane] = v
+    end
+    return v
+  end
+  -- queues[i] = { served, name, keys, settings }, keys[j] = { served, name, run, dead }; a
+  -- queue's keys are read when the pass first reaches it.
+  local queues = {}
+  for _, q in ipairs(bq) do
+    queues[#queues + 1] = { num(redis.call('HGET', k_q(e, q), 'served')), q }
+  end
+  table.sort(queues, served_order)
+  local function keys_of(Qe)
+    if not Qe[3] then
+      local keys = {}
+      for _, k in ipairs(redis.call('SMEMBERS', k_bk(e, Qe[2]))) do
+        keys[#keys + 1] = { num(redis.call('HGET', k_k(e, Qe[2], k), 'served')), k }
+      end
+      table.sort(keys, served_order)
+      Qe[3] = keys
+    end
+    return Qe[3]
+  end
+  local served_q, served_k, served_n = {}, {}, 0
+  while E[4] < ecap or E[5] < flcap do
+    local qi, ki, id, r = nil, nil, nil, nil
+    for i, Qe in ipairs(queues) do
+      local q = Qe[2]
+      for j, Ke in ipairs(keys_of(Qe)) do
+        if not Ke[4] then
+          local k = Ke[2]
+          local head, hr = key_head(e, q, k)
+          local ok = false
+          if head and hr and not lane_orphaned(hr[F_LANE]) then
+            if not Qe[4] then Qe[4] = redis.call('HMGET', k_q(e, q), 'lim', 'ktl', 'paused', 'run') end
+            if not Ke[3] then Ke[3] = num(redis.call('HGET', k_k(e, q, k), 'run')) end
+            ok = admission_of(E, Qe[4], Ke[3], hr[F_LANE]) == nil
+          end
+          if ok then
+            qi, ki, id, r = i, j, head, hr
+            break
+          end
+          Ke[4] = true
+        end
+      end
+      if qi then break end
+    end
+    if not qi then break end
+    local Qe = queues[qi]
+    local Ke = Qe[3][ki]
+    local q, k = Qe[2], Ke[2]
+    local key_left, queue_left = pull_queued(id, r)
+    served_n = served_n + 1
+    served_q[q] = served_n
+    served_k[#served_k + 1] = { q, k, served_n }
+    push_ready(id, r, true)
+    moved(id, 'ready')
+    -- What `take_slots` counted.
+    if r[F_LANE] == 'fast_lane' then E[5] = E[5] + 1 else E[4] = E[4] + 1 end
+    Qe[4][4] = num(Qe[4][4]) + 1
+    Ke[3] = Ke[3] + 1
+    -- The most recently served queue and key go last.
+    table.remove(Qe[3], ki)
+    if key_left then Qe[3][#Qe[3] + 1] = Ke end
+    table.remove(queues, qi)
+    if queue_left then queues[#queues + 1] = Qe end
+  end
+  if served_n > 0 then
+    -- The pass served `served_n` times: serve numbers top - served_n + 1 .. top, in order.
+    local base = redis.call('HINCRBY', K_CFG, 'serve', served_n) - served_n
+    for q, n in pairs(served_q) do redis.call('HSET', k_q(e, q), 'served', base + n) end
+    local last = {}
+    for _, x in ipairs(served_k) do last[x[1] .. Z .. x[2]] = x end
+    for _, x in pairs(last) do redis.call('HSET', k_k(e, x[1], x[2]), 'served', base + x[3]) end
+  end
+end
+
+local function admit_all()
+  for _, e in ipairs(sorted(redis.call('SMEMBERS', K_ENVS))) do admit_env(e) end
+end
+
+local function zfirst(key)
+  local v = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if v[2] then return tonumber(v[2]) end
+  return nil
+end
+
+-- The earliest ready timeout of a lane without consumers. A wildcard consumer covers every
+-- lane: then there is none (no lane is read).
+local function orphan_deadline()
+  for _, c in ipairs(chains()) do
+    if string.sub(c, 1, 1) == 'P' then return nil end
+  end
+  local best = nil
+  for _, lane in ipairs(redis.call('SMEMBERS', K_LANES)) do
+    local L = consumers_of(lane) == 0 and redis.call('HMGET', k_l(lane), 'count', 'os')
+    if L and num(L[1]) > 0 then
+      local os = num(L[2])
+      for _, e in ipairs(redis.call('SMEMBERS', k_le(lane))) do
+        local head = redis.call('ZRANGE', k_lr(lane, e), 0, 0)[1]
+        if head then
+          local r = load(head)
+          if r and r[F_PLACE] == 'r' then
+            local d = math.max(r[F_RAT], os) + ready_timeout
+            if best == nil or d < best then best = d end
+          end
+        end
+      end
+    end
+  end
+  return best
+end
+
+local function next_deadline()
+  local best = zfirst(K_LEASE)
+  local keys = { K_TBZ }
+  -- Delayed runs, attempt deadlines and cancel grace periods are often none at all: one
+  -- `EXISTS` instead of three reads then.
+  if redis.call('EXISTS', K_DELAYED, K_ATT, K_CXL) > 0 then
+    keys = { K_DELAYED, K_TBZ, K_ATT, K_CXL }
+  end
+  for _, key in ipairs(keys) do
+    local v = zfirst(key)
+    if v and (best == nil or v < best) then best = v end
+  end
+  local o = orphan_deadline()
+  if o and (best == nil or o < best) then best = o end
+  return best or -1
+end
+
+local function answer(code, ...)
+  flush_lease_drops()
+  local out = { code, fx_moved, fx_lanes, next_deadline() }
+  for _, v in ipairs({ ... }) do out[#out + 1] = v end
+  return cmsgpack.pack(out)
+end
+
+local function fail(code, ...)
+  flush_lease_drops()
+  local out = { code, {}, {}, -1 }
+  for _, v in ipairs({ ... }) do out[#out + 1] = v end
+  return cmsgpack.pack(out)
+end
+
+local function place_waiting(id, r, kind)
+  local delayed = r[F_AFTER] > now
+  if r[F_TTL] and not r[F_EVER] then ttl_add(id, r[F_TTL]) end
+  if delayed then push_delayed(id, r) else push_queued(id, r) end
+  if kind == 'release' then moved(id, 'queued')
+  elseif delayed then moved(id, 'delayed')
+  else moved(id, 'queued') end
+end
+
+-- A leased run, or an error code.
+local function leased(id, token, allow_lapsed)
+  local r = load(id)
+  if not r then return nil, 'not_found' end
+  if r[F_PLACE] == 'l' and r[F_TOKEN] == token and (allow_lapsed or not r[F_LAPSED]) then
+    return r, nil
+  end
+  return nil, 'stale'
+end
+
+-- `later`: the slots are released by the caller's `flush_releases`.
+local function end_lease(id, r, later)
+  drop_lease_deadlines(id, r)
+  if not r[F_LAPSED] then
+    if later then release_slots_later(r) else release_slots(r) end
+  end
+  clear_lease(r)
+  r[F_PLACE] = 'q'
+end
+
+-- Per call: the arguments, the keys derived from the key base, and fresh effects and caches.
+local function setup(keys, args)
+  KEYS, ARGV = keys, args
+  P = keys[1]
+  op = args[1]
+  now = tonumber(args[2])
+  ready_timeout = tonumber(args[3])
+  FORMAT = args[4]
+  GEN = args[5]
+  K_CFG = P .. ':cfg'
+  K_ENVS = P .. ':envs'
+  K_LANES = P .. ':lanes'
+  K_CONS = P .. ':cons'
+  K_DELAYED = P .. ':delayed'
+  K_TTL = P .. ':ttl'
+  K_LEASE = P .. ':lease'
+  K_ATT = P .. ':att'
+  K_CXL = P .. ':cxl'
+  K_TBZ = P .. ':tbz'
+  K_TBN = P .. ':tbn'
+  K_RB = P .. ':rb'
+  fx_moved, fx_lanes, fx_rung = {}, {}, {}
+  consumer_cache = nil
+  env_known = {}
+  rel_order, rel_count = {}, {}
+  lease_drops = {}
+end
+
+local OPS = {}
+
+-- Start: configuration and generation checks -------------------------------------------------
+
+-- ARGV[6] = a fresh generation, ARGV[7] = '1' when the caller rebuilds a lost key space (the
+-- key space then stays marked `reb` until `rebuilt`: other callers get `lost` and wait for the
+-- rebuild instead of seeing half of it), ARGV[8..] = the built-in lanes.
+OPS['init'] = function()
+  local cfg = redis.call('HMGET', K_CFG, 'fmt', 'gen', 'reb')
+  if cfg[1] == '1' and FORMAT == '2' then
+    -- Format 1 differs only in its TTL index (one zset member per run): move it to buckets.
+    local all = redis.call('ZRANGE', K_TTL, 0, -1, 'WITHSCORES')
+    for i = 1, #all, 2 do ttl_add(all[i], tonumber(all[i + 1])) end
+    redis.call('DEL', K_TTL)
+    redis.call('HSET', K_CFG, 'fmt', FORMAT)
+    cfg[1] = FORMAT
+  end
+  if cfg[1] and cfg[1] ~= FORMAT then return fail('format', cfg[1]) end
+  if not cfg[1] then
+    local gen = ARGV[6]
+    redis.call('HSET', K_CFG, 'fmt', FORMAT, 'gen', gen, 'token', 0, 'seq', 0, 'serve', 0, 'cseq', 0)
+    if ARGV[7] == '1' then redis.call('HSET', K_CFG, 'reb', '1') end
+    for i = 8, #ARGV do
+      redis.call('SADD', K_LANES, ARGV[i])
+      redis.call('HSETNX', k_l(ARGV[i]), 'count', 0)
+    end
+    return fail('ok', gen, 1, 0)
+  end
+  local rebuilding = 0
+  if cfg[3] then rebuilding = 1 end
+  return fail('ok', cfg[2], 0, rebuilding)
+end
+
+local function check()
+  local cfg = redis.call('HMGET', K_CFG, 'fmt', 'gen', 'reb')
+  if not cfg[1] then return fail('lost') end
+  if cfg[1] ~= FORMAT then return fail('format', cfg[1]) end
+  if GEN == 'rebuild' then
+    if op == 'rebuilt' then
+      redis.call('HDEL', K_CFG, 'reb')
+      return fail('ok')
+    end
+  else
+    if cfg[3] then return fail('lost') end
+    if GEN ~= '' and cfg[2] ~= GEN then return fail('generation', cfg[2]) end
+  end
+end
+
+-- Operations ------------------------------------------------------------------------------
+
+OPS['put_env'] = function()
+  local e = ARGV[6]
+  redis.call('HSET', k_env(e), 'elim', ARGV[7], 'ecap', ARGV[8], 'flcap', ARGV[9], 'weight', ARGV[10],
+    'fp', ARGV[11])
+  redis.call('SADD', K_ENVS, e)
+  admit_env(e)
+  return answer('ok')
+end
+
+OPS['put_queue'] = function()
+  local e, q = ARGV[6], ARGV[7]
+  if redis.call('EXISTS', k_env(e)) == 0 then return fail('unknown_env') end
+  local key = k_q(e, q)
+  local names = { 'lim', 'ktl', 'maxq' }
+  for i, name in ipairs(names) do
+    local v = ARGV[7 + i]
+    if v == '' then redis.call('HDEL', key, name) else redis.call('HSET', key, name, v) end
+  end
+  redis.call('HSET', key, 'paused', ARGV[11])
+  redis.call('SADD', k_qs(e), q)
+  admit_env(e)
+  return answer('ok')
+end
+
+OPS['queue_settings'] = function()
+  local e, q = ARGV[6], ARGV[7]
+  if redis.call('EXISTS', k_env(e)) == 0 then return fail('unknown_env') end
+  local s = redis.call('HMGET', k_q(e, q), 'lim', 'ktl', 'maxq', 'paused')
+  return fail('ok', s[1] or '', s[2] or '', s[3] or '', s[4] or '0')
+end
+
+OPS['add_lane'] = function()
+  redis.call('SADD', K_LANES, ARGV[6])
+  redis.call('HSETNX', k_l(ARGV[6]), 'count', 0)
+  return fail('ok')
+end
+
+OPS['has_lane'] = function()
+  return fail('ok', redis.call('SISMEMBER', K_LANES, ARGV[6]))
+end
+
+OPS['lanes'] = function()
+  local out = {}
+  for _, lane in ipairs(redis.call('SMEMBERS', K_LANES)) do
+    local L = redis.call('HMGET', k_l(lane), 'count', 'os')
+    local count = num(L[1])
+    local consumers = consumers_of(lane)
+    local orphan = -1
+    if consumers == 0 and count > 0 then
+      local oldest = nil
+      for _, e in ipairs(redis.call('SMEMBERS', k_le(lane))) do
+        local head = redis.call('ZRANGE', k_lr(lane, e), 0, 0)[1]
+        local r = head and load(head)
+        if r and r[F_PLACE] == 'r' and (oldest == nil or r[F_RAT] < oldest) then oldest = r[F_RAT] end
+      end
+      orphan = math.max(num(L[2]), oldest or 0)
+    end
+    out[#out + 1] = { lane, count, consumers, orphan }
+  end
+  return fail('ok', out)
+end
+
+OPS['queues'] = function()
+  local e = ARGV[6]
+  if redis.call('EXISTS', k_env(e)) == 0 then return fail('unknown_env') end
+  local out = {}
+  for _, q in ipairs(redis.call('SMEMBERS', k_qs(e))) do
+    local s = redis.call('HMGET', k_q(e, q), 'lim', 'ktl', 'maxq', 'paused', 'del', 'qd', 'run')
+    out[#out + 1] = { q, s[1] or '', s[2] or '', s[3] or '', s[4] or '0', num(s[5]), num(s[6]), num(s[7]) }
+  end
+  return fail('ok', out)
+end
+
+OPS['env_usage'] = function()
+  local e = ARGV[6]
+  if redis.call('EXISTS', k_env(e)) == 0 then return fail('unknown_env') end
+  local s = redis.call('HMGET', k_env(e), 'run', 'flrun')
+  return fail('ok', num(s[1]), num(s[2]))
+end
+
+OPS['enqueue'] = function()
+  -- ARGV[6] = id, ARGV[7] = packed record (place unset), ARGV[8] = sync ('1'/'0')
+  local id = ARGV[6]
+  local existing = load(id)
+  if existing then
+    local p = existing[F_PLACE]
+    local placement = 'ready'
+    if p == 'd' then placement = 'delayed' elseif p == 'q' or p == 'Q' then placement = 'queued' end
+    return answer('ok', placement)
+  end
+  local r = cmsgpack.unpack(ARGV[7])
+  local sync = ARGV[8] == '1'
+  local e, q, k, lane = r[F_ENV], r[F_QUEUE], r[F_KEY], r[F_LANE]
+  -- One read per hash: the env (exists when it has a limit), the lane (a known lane always has
+  -- a ready count), the key and the queue.
+  local E = redis.call('HMGET', k_env(e), 'elim', 'ecap', 'flcap', 'run', 'flrun', 'fp')
+  if not E[1] then return fail('unknown_env') end
+  env_known[e] = true
+  local L = redis.call('HMGET', k_l(lane), 'count', 'orph')
+  if not L[1] and redis.call('SISMEMBER', K_LANES, lane) == 0 then return fail('unknown_lane') end
+  local K = redis.call('HMGET', k_k(e, q, k), 'qd', 'del', 'run', 'lts', 'lti')
+  local Q = redis.call('HMGET', k_q(e, q), 'lim', 'ktl', 'paused', 'run', 'maxq')
+  local fast_path_on = E[6] == '1'
+  local backlog = num(K[1])
+  local waiting = backlog + num(K[2])
+  local max_queued = Q[5]
+  local delayed = r[F_AFTER] > now
+  local orphaned = L[2] == '1'
+  local blocked = admission_of(E, Q, K[3], lane)
+  local fast = (not delayed) and fast_path_on and backlog == 0 and (not orphaned) and blocked == nil
+  if not fast and max_queued and waiting >= tonumber(max_queued) then
+    return fail('queue_full', tonumber(max_queued))
+  end
+  if not delayed and not fast and sync and blocked == 'fast_lane' then
+    return fail('fast_lane_full')
+  end
+  if r[F_TTL] and not r[F_EVER] then ttl_add(id, r[F_TTL]) end
+  local placement
+  if delayed then
+    push_delayed(id, r)
+    moved(id, 'delayed')
+    placement = 'delayed'
+  elseif fast then
+    -- A queue hash with a running count or a pause flag belongs to a queue of the env's set
+    -- (absent fields read as false).
+    push_ready(id, r, (Q[3] or Q[4]) and true or false)
+    moved(id, 'ready')
+    placement = 'ready'
+  else
+    push_queued(id, r, { K[4], K[5] })
+    moved(id, 'queued')
+    if not fast_path_on then admit_env(e) end
+    placement = 'queued'
+  end
+  return answer('ok', placement)
+end
+
+OPS['claim'] = function()
+  -- ARGV[6] = worker, ARGV[7] = chain, ARGV[8] = max, ARGV[9] = lease ms, ARGV[10..] = env, version pairs
+  local worker, chain, max, lease_ms = ARGV[6], ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
+  local served = {}
+  for i = 10, #ARGV, 2 do served[ARGV[i]] = tonumber(ARGV[i + 1]) end
+  local wildcard = string.sub(chain, 1, 1) == 'P'
+  local named = {}
+  local is_named = {}
+  for lane in string.gmatch(string.sub(chain, 2), '[^>]+') do
+    named[#named + 1] = lane
+    is_named[lane] = true
+  end
+  -- Nothing but this claim changes the ready sets while it runs, so everything it reads is read
+  -- once and kept up to date here; the claimed runs leave their ready zsets, and the lane
+  -- counters, fairness state and fencing counter are written, once at the end.
+  local lanes = sorted(redis.call('SMEMBERS', K_LANES))
+  local known = {}
+  for _, lane in ipairs(lanes) do known[lane] = true end
+  local lane_envs, cursors, counts, taken, vtimes, passes, weights = {}, {}, {}, {}, {}, {}, {}
+  local dirty = {}
+  local picks = {}
+  local function envs_of(lane)
+    local v = lane_envs[lane]
+    if not v then
+      v = sorted(redis.call('SMEMBERS', k_le(lane)))
+      lane_envs[lane] = v
+    end
+    return v
+  end
+  local function count_of(lane)
+    local v = counts[lane]
+    if v == nil then
+      v = num(redis.call('HGET', k_l(lane), 'count'))
+      counts[lane] = v
+    end
+    return math.max(v - (taken[lane] or 0), 0)
+  end
+  local function pass_of(lane, e)
+    local lp = passes[lane]
+    if not lp then
+      lp = {}
+      passes[lane] = lp
+    end
+    local v = lp[e]
+    if v == nil then
+      v = num(redis.call('HGET', k_lp(lane), e))
+      lp[e] = v
+    end
+    return v
+  end
+  -- The first eligible ready run of a lane and env not taken yet: a cursor over the ready zset
+  -- (pages of the runs still wanted, up to 64; runs locked to another version are skipped).
+  local function head_of(lane, e, version)
+    local key = k_lr(lane, e)
+    local c = cursors[key]
+    if not c then
+      c = { ids = {}, seqs = {}, pos = 1, from = 0, eof = false, lane = lane, env = e, took = {} }
+      cursors[key] = c
+      cursors[#cursors + 1] = key
+    end
+    while true do
+      if c.pos > #c.ids then
+        if c.eof then return nil end
+        local n = math.max(math.min(max - #picks, 64), 1)
+        local page = redis.call('ZRANGE', key, c.from, c.from + n - 1, 'WITHSCORES')
+        c.ids, c.seqs, c.recs, c.pos = {}, {}, {}, 1
+        for i = 1, #page, 2 do
+          c.ids[#c.ids + 1] = page[i]
+          c.seqs[#c.seqs + 1] = tonumber(page[i + 1])
+        end
+        c.from = c.from + #c.ids
+        if #c.ids < n then c.eof = true end
+        if #c.ids == 0 then return nil end
+      end
+      local id = c.ids[c.pos]
+      local r = c.recs[c.pos]
+      if r == nil then
+        r = load(id) or false
+        c.recs[c.pos] = r
+      end
+      if r and (not r[F_LOCKED] or r[F_LOCKED] == version) then return c, id, c.seqs[c.pos], r end
+      c.pos = c.pos + 1
+    end
+  end
+  -- The first eligible ready run of a lane, per served env: { env, seq, id, record, cursor }.
+  local function first_eligible(lane)
+    local out = {}
+    for _, e in ipairs(envs_of(lane)) do
+      local version = served[e]
+      if version then
+        local c, id, seq, r = head_of(lane, e, version)
+        if c then out[#out + 1] = { e, seq, id, r, c } end
+      end
+    end
+    return out
+  end
+  while #picks < max do
+    local pick_lane, cands = nil, nil
+    for _, lane in ipairs(named) do
+      if known[lane] then
+        local c = first_eligible(lane)
+        if #c > 0 then
+          pick_lane, cands = lane, c
+          break
+        end
+      end
+    end
+    if not pick_lane and wildcard then
+      local best_seq = nil
+      for _, lane in ipairs(lanes) do
+        if not is_named[lane] and count_of(lane) > 0 then
+          local c = first_eligible(lane)
+          local min = nil
+          for _, x in ipairs(c) do
+            if min == nil or x[2] < min then min = x[2] end
+          end
+          if min and (best_seq == nil or min < best_seq) then
+            best_seq, pick_lane, cands = min, lane, c
+          end
+        end
+      end
+    end
+    if not pick_lane then break end
+    local vtime = vtimes[pick_lane]
+    if vtime == nil then vtime = num(redis.call('HGET', k_l(pick_lane), 'vtime')) end
+    local chosen = nil
+    for _, c in ipairs(cands) do
+      local eff = math.max(pass_of(pick_lane, c[1]), vtime)
+      if chosen == nil or eff < chosen[1] or (eff == chosen[1] and lt(c[1], chosen[2])) then
+        chosen = { eff, c[1], c[3], c[4], c[5] }
+      end
+    end
+    local eff, e, id, r, cur = chosen[1], chosen[2], chosen[3], chosen[4], chosen[5]
+    local weight = weights[e]
+    if weight == nil then
+      weight = math.max(num(redis.call('HGET', k_env(e), 'weight')), 1)
+      weights[e] = weight
+    end
+    vtimes[pick_lane] = eff
+    passes[pick_lane][e] = eff + math.floor(STRIDE / weight)
+    dirty[pick_lane] = dirty[pick_lane] or {}
+    dirty[pick_lane][e] = true
+    cur.took[#cur.took + 1] = id
+    cur.pos = cur.pos + 1
+    taken[pick_lane] = (taken[pick_lane] or 0) + 1
+    picks[#picks + 1] = { id, r }
+  end
+  -- The claimed runs leave their ready zsets (an env whose zset empties leaves the lane).
+  for _, key in ipairs(cursors) do
+    local c = cursors[key]
+    if #c.took > 0 then
+      many('ZREM', key, c.took)
+      if redis.call('ZCARD', key) == 0 then redis.call('SREM', k_le(c.lane), c.env) end
+    end
+  end
+  for lane, vtime in pairs(vtimes) do
+    redis.call('HSET', k_l(lane), 'vtime', vtime)
+    local args = {}
+    for e in pairs(dirty[lane]) do
+      args[#args + 1] = e
+      args[#args + 1] = passes[lane][e]
+    end
+    redis.call('HSET', k_lp(lane), unpack(args))
+    decr(k_l(lane), 'count', taken[lane])
+  end
+  local out = {}
+  if #picks > 0 then
+    local token = redis.call('HINCRBY', K_CFG, 'token', #picks) - #picks
+    local deadline = now + lease_ms
+    local leases, attempts = {}, {}
+    for _, pick in ipairs(picks) do
+      local id, r = pick[1], pick[2]
+      token = token + 1
+      local was_leased = r[F_EVER]
+      r[F_EVER] = true
+      local adl = false
+      if r[F_MAXDUR] then adl = now + r[F_MAXDUR] end
+      r[F_PLACE] = 'l'
+      r[F_SEQ] = false
+      r[F_RAT] = false
+      r[F_TOKEN] = token
+      r[F_WORKER] = worker
+      r[F_LDUR] = lease_ms
+      r[F_LDL] = deadline
+      r[F_ADL] = adl
+      r[F_CRA] = false
+      r[F_CDL] = false
+      r[F_LAPSED] = false
+      if r[F_TTL] and not was_leased then ttl_drop(id, r[F_TTL]) end
+      leases[#leases + 1] = deadline
+      leases[#leases + 1] = id
+      if adl then
+        attempts[#attempts + 1] = adl
+        attempts[#attempts + 1] = id
+      end
+      out[#out + 1] = { id, save(id, r) }
+    end
+    many('ZADD', K_LEASE, leases)
+    if #attempts > 0 then many('ZADD', K_ATT, attempts) end
+  end
+  return fail('ok', out)
+end
+
+OPS['heartbeat'] = function()
+  local out = {}
+  local leases = {}
+  for i = 6, #ARGV, 2 do
+    local id, token = ARGV[i], tonumber(ARGV[i + 1])
+    local r = load(id)
+    if r and r[F_PLACE] == 'l' and r[F_TOKEN] == token and not r[F_LAPSED] then
+      r[F_LDL] = now + r[F_LDUR]
+      leases[#leases + 1] = r[F_LDL]
+      leases[#leases + 1] = id
+      save(id, r)
+      if r[F_CRA] then out[#out + 1] = 'cancel' else out[#out + 1] = 'alive' end
+    else
+      out[#out + 1] = 'lost'
+    end
+  end
+  if #leases > 0 then many('ZADD', K_LEASE, leases) end
+  return fail('ok', out)
+end
+
+OPS['check_lease'] = function()
+  local _, err = leased(ARGV[6], tonumber(ARGV[7]), false)
+  return fail(err or 'ok')
+end
+
+OPS['finish'] = function()
+  local id = ARGV[6]
+  local r, err = leased(id, tonumber(ARGV[7]), true)
+  if err then return fail(err) end
+  end_lease(id, r)
+  del_run(id)
+  admit_env(r[F_ENV])
+  return answer('ok')
+end
+
+-- Many finishes in one call: ARGV pairs (id, token), each as 'finish' above, in order;
+-- answers one code per run ('ok', 'not_found', 'stale'). The envs whose slots were released
+-- are admitted once each at the end (an admission pass admits as many runs as now fit), in
+-- the order they first ended a run.
+OPS['finish_many'] = function()
+  local out = {}
+  local envs, seen = {}, {}
+  for i = 6, #ARGV, 2 do
+    local id = ARGV[i]
+    local r, err = leased(id, tonumber(ARGV[i + 1]), true)
+    if err then
+      out[#out + 1] = err
+    else
+      end_lease(id, r, true)
+      del_run(id)
+      local e = r[F_ENV]
+      if not seen[e] then
+        seen[e] = true
+        envs[#envs + 1] = e
+      end
+      out[#out + 1] = 'ok'
+    end
+  end
+  flush_releases()
+  for _, e in ipairs(envs) do admit_env(e) end
+  return answer('ok', out)
+end
+
+-- Many lease checks in one call: ARGV pairs (id, token), each as 'check_lease'.
+OPS['check_leases'] = function()
+  local out = {}
+  for i = 6, #ARGV, 2 do
+    local _, err = leased(ARGV[i], tonumber(ARGV[i + 1]), false)
+    out[#out + 1] = err or 'ok'
+  end
+  return fail('ok', out)
+end
+
+OPS['retry'] = function()
+  local id = ARGV[6]
+  local r, err = leased(id, tonumber(ARGV[7]), true)
+  if err then return fail(err) end
+  end_lease(id, r)
+  r[F_ATTEMPT] = r[F_ATTEMPT] + 1
+  r[F_AFTER] = tonumber(ARGV[8])
+  place_waiting(id, r, 'retry')
+  admit_env(r[F_ENV])
+  return answer('ok')
+end
+
+OPS['release'] = function()
+  local id = ARGV[6]
+  local r, err = leased(id, tonumber(ARGV[7]), false)
+  if err then return fail(err) end
+  -- A cancelled run never goes back to its queue: the engine ends it canceled.
+  if r[F_CRA] then return fail('cancel_requested') end
+  end_lease(id, r)
+  push_queued(id, r)
+  moved(id, 'queued')
+  admit_env(r[F_ENV])
+  return answer('ok')
+end
+
+OPS['cancel'] = function()
+  local id, grace = ARGV[6], tonumber(ARGV[7])
+  local r = load(id)
+  if not r then return fail('not_found') end
+  if r[F_PLACE] == 'l' then
+    if r[F_CDL] then return fail('requested', r[F_TOKEN], r[F_CDL], 0) end
+    local gd = now + grace
+    r[F_CRA] = now
+    r[F_CDL] = gd
+    if not r[F_LAPSED] then redis.call('ZADD', K_CXL, gd, id) end
+    save(id, r)
+    return fail('requested', r[F_TOKEN], gd, 1)
+  end
+  local status = status_of(r)
+  unplace_waiting(id, r)
+  del_run(id)
+  if status == 'ready' then admit_env(r[F_ENV]) end
+  return answer('removed', status)
+end
+
+OPS['reschedule'] = function()
+  local id = ARGV[6]
+  local r = load(id)
+  if not r then return fail('not_found') end
+  local status = status_of(r)
+  if status ~= 'delayed' and status ~= 'queued' then return fail('wrong_state', status) end
+  unplace_waiting(id, r)
+  r[F_AFTER] = tonumber(ARGV[7])
+  if ARGV[8] == '' then r[F_TTL] = false else r[F_TTL] = tonumber(ARGV[8]) end
+  place_waiting(id, r, 'reschedule')
+  admit_env(r[F_ENV])
+  return answer('ok')
+end
+
+OPS['tick'] = function()
+  local expired, lapsed, timed_out, cancel_elapsed, returned = {}, {}, {}, {}, {}
+  -- 1. Delayed runs that came due.
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', now)) do
+    local r = load(id)
+    if not r then
+      redis.call('ZREM', K_DELAYED, id)
+    else
+      pull_delayed(id, r)
+      push_queued(id, r)
+      moved(id, 'queued')
+    end
+  end
+  -- 2. TTL expiry of waiting runs that never held a lease, from every bucket that may hold a
+  -- passed deadline. An entry counts only while its run still waits with that deadline (stale
+  -- entries of runs claimed, canceled or rescheduled are dropped as they are met).
+  for _, s in ipairs(redis.call('ZRANGEBYSCORE', K_TBZ, '-inf', now)) do
+    local kb = k_tb(s)
+    if redis.call('HGET', K_TBN, s .. 't') == 'u' then
+      -- Out of deadline order: taken whole; the runs not yet due go back sorted.
+      local entries = redis.call('LRANGE', kb, 0, -1)
+      ttl_forget(s)
+      local seen, later = {}, {}
+      for _, e in ipairs(entries) do
+        local id, r, _, live = ttl_entry(e, s)
+        if live and not seen[id] then
+          seen[id] = true
+          if r[F_TTL] <= now then
+            unplace_waiting(id, r, true)
+            del_run(id)
+            expired[#expired + 1] = { id, cmsgpack.pack(r) }
+          else
+            later[#later + 1] = { r[F_TTL], id }
+          end
+        end
+      end
+      table.sort(later, function(a, b)
+        if a[1] ~= b[1] then return a[1] < b[1] end
+        return lt(a[2], b[2])
+      end)
+      for _, x in ipairs(later) do ttl_add(x[2], x[1]) end
+    else
+      -- In deadline order: the due runs are at the head.
+      while true do
+        local e = redis.call('LINDEX', kb, 0)
+        if not e then
+          ttl_forget(s)
+          break
+        end
+        local id, r, deadline, live = ttl_entry(e, s)
+        if live and deadline > now then
+          redis.call('ZADD', K_TBZ, deadline, s)
+          break
+        end
+        redis.call('LPOP', kb)
+        if live then
+          unplace_waiting(id, r)
+          del_run(id)
+          expired[#expired + 1] = { id, cmsgpack.pack(r) }
+        end
+      end
+    end
+  end
+  -- 3. Lapsed leases.
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_LEASE, '-inf', now)) do
+    redis.call('ZREM', K_LEASE, id)
+    local r = load(id)
+    if r and r[F_PLACE] == 'l' then
+      r[F_LAPSED] = true
+      redis.call('ZREM', K_ATT, id)
+      redis.call('ZREM', K_CXL, id)
+      release_slots(r)
+      save(id, r)
+      lapsed[#lapsed + 1] = { id, cmsgpack.pack(r) }
+    end
+  end
+  -- 4. Attempts past their max duration; 5. cancel grace periods that ended.
+  for _, pair in ipairs({ { K_ATT, timed_out }, { K_CXL, cancel_elapsed } }) do
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', pair[1], '-inf', now)) do
+      redis.call('ZREM', pair[1], id)
+      local r = load(id)
+      if r and r[F_PLACE] == 'l' then
+        local list = pair[2]
+        list[#list + 1] = { id, r[F_TOKEN] }
+      end
+    end
+  end
+  -- 6. Ready runs in lanes with no consumer for ready_timeout, in run id order.
+  local due = {}
+  for _, lane in ipairs(redis.call('SMEMBERS', K_LANES)) do
+    local L = redis.call('HMGET', k_l(lane), 'count', 'os')
+    if num(L[1]) > 0 and consumers_of(lane) == 0 then
+      local os = num(L[2])
+      for _, e in ipairs(redis.call('SMEMBERS', k_le(lane))) do
+        for _, id in ipairs(redis.call('ZRANGE', k_lr(lane, e), 0, -1)) do
+          local r = load(id)
+          if r and r[F_PLACE] == 'r' and math.max(r[F_RAT], os) + ready_timeout <= now then
+            due[#due + 1] = id
+          end
+        end
+      end
+    end
+  end
+  sorted(due)
+  for _, id in ipairs(due) do
+    local r = load(id)
+    if r then
+      pull_ready(id, r)
+      r[F_SEQ] = false
+      r[F_RAT] = false
+      push_queued(id, r)
+      moved(id, 'queued')
+      returned[#returned + 1] = id
+      redis.call('HSET', k_l(r[F_LANE]), 'orph', '1')
+    end
+  end
+  -- 7. Admission for every env.
+  admit_all()
+  return answer('ok', expired, lapsed, timed_out, cancel_elapsed, returned)
+end
+
+-- ARGV[6] = 'arm' when the caller is the deployment's timer owner re-arming its timer: the
+-- deadline it will sleep until is kept in `{p}:cfg.tarm`, read by `announce`.
+OPS['next_deadline'] = function()
+  if ARGV[6] == 'arm' then
+    local d = next_deadline()
+    if d < 0 then redis.call('HDEL', K_CFG, 'tarm') else redis.call('HSET', K_CFG, 'tarm', d) end
+  end
+  return answer('ok')
+end
+
+-- ARGV[6] = a deadline (ms) a call of another process created. Answers 1 when the timer owner
+-- must hear of it (earlier than `tarm`, or no `tarm`), recording it as `tarm`, else 0.
+OPS['announce'] = function()
+  local d = tonumber(ARGV[6])
+  local t = redis.call('HGET', K_CFG, 'tarm')
+  if t and d >= tonumber(t) then return fail('ok', 0) end
+  redis.call('HSET', K_CFG, 'tarm', d)
+  return fail('ok', 1)
+end
+
+OPS['live'] = function()
+  local raw = redis.call('HGET', k_run(ARGV[6]), ARGV[6])
+  if not raw then return fail('ok', {}) end
+  return fail('ok', { ARGV[6], raw })
+end
+
+OPS['snapshot'] = function()
+  local all = {}
+  for _, b in ipairs(redis.call('SMEMBERS', K_RB)) do
+    local part = redis.call('HGETALL', P .. ':run:' .. b)
+    for i = 1, #part do all[#all + 1] = part[i] end
+  end
+  return fail('ok', all)
+end
+
+OPS['register_consumer'] = function()
+  local chain = ARGV[6]
+  local id = redis.call('HINCRBY', K_CFG, 'cseq', 1)
+  redis.call('HSET', K_CONS, id, chain)
+  consumer_cache = nil
+  for _, lane in ipairs(redis.call('SMEMBERS', K_LANES)) do
+    if covers(chain, lane) then redis.call('HSET', k_l(lane), 'os', 0, 'orph', '0') end
+  end
+  admit_all()
+  return fail('ok', id)
+end
+
+OPS['restore_consumer'] = function()
+  redis.call('HSET', K_CONS, ARGV[6], ARGV[7])
+  if num(redis.call('HGET', K_CFG, 'cseq')) < tonumber(ARGV[6]) then
+    redis.call('HSET', K_CFG, 'cseq', ARGV[6])
+  end
+  return fail('ok')
+end
+
+OPS['unregister_consumer'] = function()
+  local id = ARGV[6]
+  local chain = redis.call('HGET', K_CONS, id)
+  if chain then
+    redis.call('HDEL', K_CONS, id)
+    consumer_cache = nil
+    for _, lane in ipairs(redis.call('SMEMBERS', K_LANES)) do
+      if covers(chain, lane) and consumers_of(lane) == 0 then
+        redis.call('HSET', k_l(lane), 'os', now)
+      end
+    end
+  end
+  return answer('ok')
+end
+
+-- The library's one function: `FCALL <name> 1 {prefix} op now ready_timeout format generation ...`.
+local function dispatch(keys, args)
+  setup(keys, args)
+  if op == 'init' then return OPS['init']() end
+  local refused = check()
+  if refused ~= nil then return refused end
+  local run = OPS[op]
+  if run then
+    local answered = run()
+    if answered ~= nil then return answered end
+  end
+  return fail('unknown_op', op)
+end
+
+redis.register_function('__RUNLANE_FUNCTION__', dispatch)
