@@ -126,17 +126,26 @@ MUTANTS = [
         "id": "R5",
         "bug": "TTL expiry not releasing the slot (Redis)",
         "file": LUA,
-        "old": "    if r then\n      unplace_waiting(id, r)\n      del_run(id)",
-        "new": "    if r then\n      local was = r[F_PLACE]\n      unplace_waiting(id, r)\n      if was == 'r' then take_slots(r) end\n      del_run(id)",
+        "old": "        if live then\n          unplace_waiting(id, r)\n          if r[F_PLACE] ~= 'Q' then del_run(id) end",
+        "new": "        if live then\n          local was = r[F_PLACE]\n          unplace_waiting(id, r)\n          if was == 'r' then take_slots(r) end\n          if r[F_PLACE] ~= 'Q' then del_run(id) end",
         "tests": [CONFORMANCE_REDIS + ["ttl_03"]],
     },
     {
         "id": "R6",
         "bug": "a claimed run keeps its TTL deadline (Redis)",
         "file": LUA,
-        "old": "    if r[F_TTL] and not was_leased then redis.call('ZREM', K_TTL, id) end\n",
+        "old": "      if r[F_TTL] and not was_leased then ttl_drop(id, r[F_TTL]) end\n",
         "new": "",
         "tests": [CONFORMANCE_REDIS + ["ttl_04"]],
+    },
+    # Key-space format 3: a run removed out of order from its key's list is a tombstone.
+    {
+        "id": "R7",
+        "bug": "tombstones ignored at the list head: a canceled queued run is admitted (Redis)",
+        "file": LUA,
+        "old": "    if not (tombs and redis.call('SREM', kt, id) == 1) then",
+        "new": "    if true then",
+        "tests": [CONFORMANCE_REDIS + ["life_02"], CONFORMANCE_REDIS + ["life_01"]],
     },
 ]
 
