@@ -883,7 +883,7 @@ mod tests {
             r.status = status;
             r
         };
-        let runs = vec![
+        let runs = [
             in_env(1, "zeta", RunStatus::Executing),
             in_env(2, "alpha", RunStatus::Queued),
             in_env(3, "prod", RunStatus::Delayed),
