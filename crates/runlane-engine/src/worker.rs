@@ -41,8 +41,11 @@ const END_RETRY_MIN: Duration = Duration::from_millis(50);
 const END_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Attempts whose handler returned that may wait for their end to be written, per slot of a
-/// workloop (see [`Slot`]): deep enough that a durable store commits many ends per fsync.
-const ENDING_PER_SLOT: usize = 16;
+/// workloop (see [`Slot`]): deep enough that a durable store commits many ends per fsync. The
+/// completer keeps two batches in flight, so a batch holds up to about half of
+/// `slots × ENDING_PER_SLOT` ends (512 with 16 slots; with 16 per slot it was 128, and an
+/// embedded drain paid one commit per ~100 runs).
+const ENDING_PER_SLOT: usize = 64;
 
 /// A handler's failure: the attempt fails with this message and the retry policy applies.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

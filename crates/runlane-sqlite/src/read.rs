@@ -160,17 +160,34 @@ pub(crate) fn list(conn: &Connection, filter: &RunFilter) -> Result<Vec<RunRecor
 }
 
 /// Every run not yet terminal, in id order.
+///
+/// Found through `runs_by_env_status`: the envs that have runs are walked one index seek
+/// each (the next env name after the last), and each env's waiting and executing runs are one
+/// range per status, so the cost follows the unfinished runs and the envs, not the finished
+/// runs kept. (No index of its own: keeping one cost every trigger an insert and every
+/// terminal write a delete.)
 pub(crate) fn unfinished(conn: &Connection) -> Result<Vec<RunRecord>, DbError> {
-    // The condition repeats the partial index's, so the planner uses that index.
-    load_runs(
-        conn,
-        &format!(
-            "SELECT {RUN_COLUMNS} FROM runs \
-             WHERE status = 'delayed' OR status = 'queued' OR status = 'ready' \
-             OR status = 'executing' ORDER BY id"
-        ),
-        [],
-    )
+    let mut next_env =
+        conn.prepare_cached("SELECT env FROM runs WHERE env > ?1 ORDER BY env LIMIT 1")?;
+    let by_status =
+        format!("SELECT {RUN_COLUMNS} FROM runs WHERE env = ?1 AND status = ?2 ORDER BY id");
+    let mut out = Vec::new();
+    let mut env = String::new();
+    while let Some(found) = next_env
+        .query_row([&env], |r| r.get::<_, String>(0))
+        .optional()?
+    {
+        for status in RunStatus::ALL.into_iter().filter(|s| !s.is_terminal()) {
+            out.extend(load_runs(
+                conn,
+                &by_status,
+                params![found, status.as_str()],
+            )?);
+        }
+        env = found;
+    }
+    out.sort_unstable_by_key(|r| r.id);
+    Ok(out)
 }
 
 /// Every env with its settings, by name.

@@ -14,7 +14,7 @@ pub(crate) const RUN_COLUMNS: &str = "id, env, task, version, locked, payload, q
      concurrency_key, lane, priority_ms, run_after, ttl_ms, ttl_deadline, idempotency_key, \
      retry_attempts_max, retry_factor, retry_min_ms, retry_max_ms, retry_jitter, \
      max_duration_ms, attempt, status, output, error, created_at, finished_at, source, retry_of, started_at, \
-     cancel_requested_at";
+     cancel_requested_at, end_outcome, end_at";
 
 use runlane_core::columns::{dur_from_sql, name_from_sql as name, source_from_sql};
 pub(crate) use runlane_core::columns::{
@@ -26,7 +26,9 @@ pub(crate) fn id_to_sql(id: RunId) -> [u8; 16] {
     id.to_bytes()
 }
 
-/// Reads one `runs` row selected with [`RUN_COLUMNS`]; attempts are loaded separately.
+/// Reads one `runs` row selected with [`RUN_COLUMNS`]. Its `attempts` hold only the attempt
+/// its terminal write ended (kept in the row, see [`ended_attempt`]); the earlier ones are rows
+/// of `attempts`, put in front by [`with_attempts`].
 pub(crate) fn decode_run(row: &Row<'_>) -> Result<RunRecord, DbError> {
     let id: Vec<u8> = row.get(0)?;
     let env: String = row.get(1)?;
@@ -39,6 +41,24 @@ pub(crate) fn decode_run(row: &Row<'_>) -> Result<RunRecord, DbError> {
     let output: Option<String> = row.get(22)?;
     let source: String = row.get(26)?;
     let retry_of: Option<Vec<u8>> = row.get(27)?;
+    let attempt = u32_from_sql(row.get(20)?)?;
+    let error: Option<String> = row.get(23)?;
+    let end_outcome: Option<String> = row.get(30)?;
+    let end_at: Option<i64> = row.get(31)?;
+    let attempts = match (end_outcome, end_at) {
+        (Some(outcome), Some(ended_at)) => vec![AttemptRecord {
+            number: attempt,
+            outcome,
+            error: error.clone(),
+            ended_at: ts_from_sql(ended_at)?,
+        }],
+        (None, None) => Vec::new(),
+        _ => {
+            return Err(DbError::Corrupt(
+                "a run row has only one of end_outcome and end_at".into(),
+            ))
+        }
+    };
     Ok(RunRecord {
         id: id_from_sql(&id)?,
         env: name(&env, EnvName::new)?,
@@ -71,11 +91,11 @@ pub(crate) fn decode_run(row: &Row<'_>) -> Result<RunRecord, DbError> {
             .get::<_, Option<i64>>(19)?
             .map(dur_from_sql)
             .transpose()?,
-        attempt: u32_from_sql(row.get(20)?)?,
+        attempt,
         status: status_from_sql(&status)?,
         output: output.map(Arc::from),
-        error: row.get(23)?,
-        attempts: Vec::new(),
+        error,
+        attempts,
         created_at: ts_from_sql(row.get(24)?)?,
         finished_at: row
             .get::<_, Option<i64>>(25)?
@@ -112,6 +132,24 @@ pub(crate) fn load_attempts(conn: &Connection, run: RunId) -> Result<Vec<Attempt
     Ok(out)
 }
 
+/// Puts the attempts recorded as rows of `attempts` before the one the run's row keeps (a
+/// terminal write is the last write of a run, so its attempt is the last).
+fn with_attempts(conn: &Connection, record: &mut RunRecord) -> Result<(), DbError> {
+    let mut attempts = load_attempts(conn, record.id)?;
+    attempts.append(&mut record.attempts);
+    record.attempts = attempts;
+    Ok(())
+}
+
+/// The columns a terminal write sets for the attempt it ends: `end_outcome`, `end_at` (its
+/// number and error are the row's `attempt` and `error`).
+pub(crate) fn ended_attempt(attempt: Option<&AttemptRecord>) -> (Option<&str>, Option<i64>) {
+    match attempt {
+        Some(a) => (Some(a.outcome.as_str()), Some(ts_to_sql(a.ended_at))),
+        None => (None, None),
+    }
+}
+
 /// One run with its attempts.
 pub(crate) fn load_run(conn: &Connection, run: RunId) -> Result<Option<RunRecord>, DbError> {
     let mut stmt = conn.prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"))?;
@@ -120,7 +158,7 @@ pub(crate) fn load_run(conn: &Connection, run: RunId) -> Result<Option<RunRecord
         return Ok(None);
     };
     let mut record = decode_run(row)?;
-    record.attempts = load_attempts(conn, run)?;
+    with_attempts(conn, &mut record)?;
     Ok(Some(record))
 }
 
@@ -137,73 +175,86 @@ pub(crate) fn load_runs(
         out.push(decode_run(row)?);
     }
     for record in &mut out {
-        record.attempts = load_attempts(conn, record.id)?;
+        with_attempts(conn, record)?;
     }
     Ok(out)
 }
 
-/// Writes a whole record (replacing a run with the same id, attempts included).
+/// Writes a whole record (replacing a run with the same id, attempts included). Every attempt
+/// goes to `attempts`, the row keeps none (reading it back gives the same list).
 pub(crate) fn store_run(conn: &Connection, r: &RunRecord) -> Result<(), DbError> {
     let id = id_to_sql(r.id);
-    // Replace by delete + insert rather than `INSERT OR REPLACE`, which would make SQLite open
-    // a statement journal on every insert; an existing id is the rare case.
-    if conn
-        .prepare_cached("SELECT 1 FROM runs WHERE id = ?1")?
-        .exists([id])?
-    {
-        conn.prepare_cached("DELETE FROM runs WHERE id = ?1")?
-            .execute([id])?;
-        conn.prepare_cached("DELETE FROM attempts WHERE run_id = ?1")?
-            .execute([id])?;
-    }
     let mut stmt = conn.prepare_cached(&format!(
         "INSERT INTO runs ({RUN_COLUMNS}) VALUES \
          (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
-          ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)"
+          ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, NULL, NULL)"
     ))?;
-    stmt.execute(params![
-        id,
-        r.env.as_str(),
-        r.task.as_str(),
-        r.version,
-        r.locked,
-        &*r.payload,
-        r.queue.as_str(),
-        &*r.key,
-        r.lane.as_str(),
-        dur_to_sql(r.priority),
-        ts_to_sql(r.run_after),
-        r.ttl.map(dur_to_sql),
-        r.ttl_deadline.map(ts_to_sql),
-        r.idempotency_key.as_deref(),
-        r.retry.attempts_max,
-        r.retry.factor,
-        dur_to_sql(r.retry.min),
-        dur_to_sql(r.retry.max),
-        r.retry.jitter,
-        r.max_duration.map(dur_to_sql),
-        r.attempt,
-        r.status.as_str(),
-        r.output.as_deref(),
-        r.error.as_deref(),
-        ts_to_sql(r.created_at),
-        r.finished_at.map(ts_to_sql),
-        r.source.as_str(),
-        r.retry_of.map(id_to_sql),
-        r.started_at.map(ts_to_sql),
-        r.cancel_requested_at.map(ts_to_sql),
-    ])?;
+    let mut insert = || {
+        stmt.execute(params![
+            id,
+            r.env.as_str(),
+            r.task.as_str(),
+            r.version,
+            r.locked,
+            &*r.payload,
+            r.queue.as_str(),
+            &*r.key,
+            r.lane.as_str(),
+            dur_to_sql(r.priority),
+            ts_to_sql(r.run_after),
+            r.ttl.map(dur_to_sql),
+            r.ttl_deadline.map(ts_to_sql),
+            r.idempotency_key.as_deref(),
+            r.retry.attempts_max,
+            r.retry.factor,
+            dur_to_sql(r.retry.min),
+            dur_to_sql(r.retry.max),
+            r.retry.jitter,
+            r.max_duration.map(dur_to_sql),
+            r.attempt,
+            r.status.as_str(),
+            r.output.as_deref(),
+            r.error.as_deref(),
+            ts_to_sql(r.created_at),
+            r.finished_at.map(ts_to_sql),
+            r.source.as_str(),
+            r.retry_of.map(id_to_sql),
+            r.started_at.map(ts_to_sql),
+            r.cancel_requested_at.map(ts_to_sql),
+        ])
+    };
+    // Insert first; an existing id (the rare case) is replaced by delete + insert. Not
+    // `INSERT OR REPLACE`, which makes SQLite open a statement journal on every insert, and no
+    // lookup before the insert, which cost a second seek per run. A one-row INSERT checks its
+    // keys before it writes anything, so a refused one leaves nothing to undo.
+    match insert() {
+        Ok(_) => {}
+        Err(e) if is_primary_key_conflict(&e) => {
+            conn.prepare_cached("DELETE FROM runs WHERE id = ?1")?
+                .execute([id])?;
+            conn.prepare_cached("DELETE FROM attempts WHERE run_id = ?1")?
+                .execute([id])?;
+            insert()?;
+        }
+        Err(e) => return Err(e.into()),
+    }
     for (seq, attempt) in r.attempts.iter().enumerate() {
         append_attempt_at(conn, r.id, seq as i64, attempt)?;
     }
     Ok(())
 }
 
+/// Whether `e` is a refused insert of a primary key already present.
+fn is_primary_key_conflict(e: &rusqlite::Error) -> bool {
+    e.sqlite_error()
+        .is_some_and(|f| f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
+}
+
 /// The statement of [`append_attempt`]: one statement, the next `seq` is read inside the
 /// INSERT (no separate SELECT round trip). A scalar subquery in VALUES, not `INSERT … SELECT …
 /// FROM attempts`: a SELECT reading the table it inserts into makes SQLite copy its row into a
 /// temporary table first (an ephemeral B-tree opened and closed per row).
-pub(crate) const APPEND_ATTEMPT: &str =
+const APPEND_ATTEMPT: &str =
     "INSERT INTO attempts (run_id, seq, number, outcome, error, ended_at) \
      VALUES (?1, (SELECT coalesce(max(seq) + 1, 0) FROM attempts WHERE run_id = ?1), \
      ?2, ?3, ?4, ?5)";
@@ -219,7 +270,7 @@ pub(crate) fn append_attempt(
 }
 
 /// [`append_attempt`] with its statement already prepared (callers appending many at once).
-pub(crate) fn append_attempt_with(
+fn append_attempt_with(
     stmt: &mut Statement<'_>,
     run: RunId,
     attempt: &AttemptRecord,

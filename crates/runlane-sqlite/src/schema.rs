@@ -130,6 +130,19 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE runs ADD COLUMN cancel_requested_at INTEGER;
     "#,
+    // 4: cheaper terminal writes (issue 3).
+    r#"
+    -- Recovery finds unfinished runs through runs_by_env_status (one range per env and
+    -- unfinished status), so a terminal write no longer deletes an entry of this index, nor
+    -- does a trigger insert one.
+    DROP INDEX runs_unfinished;
+    -- The attempt a terminal write ends is kept in the run's row (its number and error are
+    -- the row's `attempt` and `error`): a terminal write is one UPDATE, no attempt row. Only
+    -- attempts followed by another (retries) are rows of `attempts`; a run finished before
+    -- this migration has its last attempt there and NULL here.
+    ALTER TABLE runs ADD COLUMN end_outcome TEXT;
+    ALTER TABLE runs ADD COLUMN end_at INTEGER;
+    "#,
 ];
 
 /// The schema version this build writes.

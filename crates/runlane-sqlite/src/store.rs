@@ -651,11 +651,13 @@ mod tests {
                 .collect::<Vec<_>>()
                 .join("; ")
         };
-        let unfinished = plan(
-            "SELECT id FROM runs WHERE status = 'delayed' OR status = 'queued' \
-             OR status = 'ready' OR status = 'executing' ORDER BY id",
-        );
-        assert!(unfinished.contains("runs_unfinished"), "{unfinished}");
+        // Recovery: the next env is one seek, each (env, status) one range in id order.
+        let next_env = plan("SELECT env FROM runs WHERE env > ?1 ORDER BY env LIMIT 1");
+        assert!(next_env.contains("COVERING INDEX"), "{next_env}");
+        assert!(!next_env.contains("TEMP B-TREE"), "no sort: {next_env}");
+        let unfinished = plan("SELECT id FROM runs WHERE env = ?1 AND status = ?2 ORDER BY id");
+        assert!(unfinished.contains("runs_by_env_status"), "{unfinished}");
+        assert!(!unfinished.contains("TEMP B-TREE"), "no sort: {unfinished}");
         let by_status = plan(
             "SELECT id FROM runs WHERE 1 AND env = ? AND status = ? AND id > ? ORDER BY id LIMIT ?",
         );
@@ -757,5 +759,215 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .expect("user_version");
         assert_eq!(version as u32, schema::schema_version());
+    }
+
+    fn attempt(number: u32, outcome: &str, error: Option<&str>, ended_at: u64) -> AttemptRecord {
+        AttemptRecord {
+            number,
+            outcome: outcome.to_owned(),
+            error: error.map(str::to_owned),
+            ended_at: Timestamp(ended_at),
+        }
+    }
+
+    fn attempt_rows(path: &Path) -> i64 {
+        let conn = Connection::open(path).expect("raw connection");
+        conn.query_row("SELECT count(*) FROM attempts", [], |r| r.get(0))
+            .expect("count")
+    }
+
+    #[tokio::test]
+    async fn a_terminal_write_keeps_its_attempt_in_the_row_after_the_retried_ones() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("runs.db");
+        let store = SqliteStore::open(&path, SqliteConfig::default()).expect("open");
+        let (a, b, c) = (record(1), record(2), record(3));
+        store
+            .insert(
+                vec![(a.clone(), None), (b.clone(), None), (c.clone(), None)],
+                Timestamp(1),
+            )
+            .await
+            .expect("insert");
+        // a: a failed attempt, retried, then completed in a batch of ends.
+        let failed = attempt(1, "failed", Some("boom"), 5);
+        store
+            .record_retry(a.id, failed.clone(), Timestamp(6))
+            .await
+            .expect("retry");
+        let completed = attempt(2, "completed", None, 8);
+        let end = AttemptEnd {
+            run: a.id,
+            status: RunStatus::Completed,
+            output: Some(Arc::from("42")),
+            attempt: completed.clone(),
+        };
+        assert_eq!(
+            store.finish_many(vec![end], Timestamp(9)).await,
+            Ok(vec![Ok(())])
+        );
+        // b: one attempt that timed out, ended by a single terminal write.
+        let timed_out = attempt(1, "timed_out", Some("took too long"), 7);
+        let written = store
+            .finish(
+                b.id,
+                RunStatus::TimedOut,
+                None,
+                Some(timed_out.clone()),
+                Timestamp(7),
+            )
+            .await
+            .expect("finish b");
+        // c: canceled before it ran, no attempt.
+        store
+            .finish(c.id, RunStatus::Canceled, None, None, Timestamp(3))
+            .await
+            .expect("finish c");
+
+        let a = store.get(a.id).await.expect("get").expect("a");
+        assert_eq!(a.attempts, vec![failed, completed], "retried one first");
+        assert_eq!((a.attempt, a.error.as_deref()), (2, None));
+        let b_read = store.get(b.id).await.expect("get").expect("b");
+        assert_eq!(b_read, written, "what finish answered is what is read");
+        assert_eq!(b_read.attempts, vec![timed_out]);
+        assert_eq!(b_read.error.as_deref(), Some("took too long"));
+        let c = store.get(c.id).await.expect("get").expect("c");
+        assert!(c.attempts.is_empty());
+        let listed = store
+            .list(&RunFilter::default())
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|r| r.attempts.len())
+            .collect::<Vec<_>>();
+        assert_eq!(listed, vec![2, 1, 0], "a listing reads the same attempts");
+        drop(store);
+        assert_eq!(attempt_rows(&path), 1, "only the retried attempt is a row");
+    }
+
+    #[tokio::test]
+    async fn inserting_an_existing_id_replaces_the_run_and_its_attempts() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("runs.db");
+        let store = SqliteStore::open(&path, SqliteConfig::default()).expect("open");
+        let first = record(1);
+        store
+            .insert(vec![(first.clone(), None)], Timestamp(1))
+            .await
+            .expect("insert");
+        let mut second = record(1);
+        second.payload = Arc::from("{\"second\":true}");
+        second.attempts = vec![attempt(1, "crashed", None, 4)];
+        second.attempt = 2;
+        assert_eq!(
+            store
+                .insert(vec![(second.clone(), None)], Timestamp(2))
+                .await,
+            Ok(vec![Inserted::New])
+        );
+        assert_eq!(store.get(first.id).await, Ok(Some(second)));
+        let stats = store.stats();
+        assert_eq!((stats.commits, stats.failed_batches), (2, 0));
+        drop(store);
+        assert_eq!(attempt_rows(&path), 1);
+    }
+
+    #[tokio::test]
+    async fn recovery_finds_the_unfinished_runs_of_every_env_in_id_order() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store =
+            SqliteStore::open(dir.path().join("runs.db"), SqliteConfig::default()).expect("open");
+        let in_env = |n: u128, env: &str, status: RunStatus| {
+            let mut r = record(n);
+            r.env = EnvName::new(env).expect("env");
+            r.status = status;
+            r
+        };
+        let runs = [
+            in_env(1, "zeta", RunStatus::Executing),
+            in_env(2, "alpha", RunStatus::Queued),
+            in_env(3, "prod", RunStatus::Delayed),
+            in_env(4, "alpha", RunStatus::Ready),
+            in_env(5, "zeta", RunStatus::Queued),
+            in_env(6, "alpha", RunStatus::Queued),
+            in_env(7, "prod", RunStatus::Queued),
+        ];
+        store
+            .insert(
+                runs.iter().map(|r| (r.clone(), None)).collect(),
+                Timestamp(1),
+            )
+            .await
+            .expect("insert");
+        for done in [runs[5].id, runs[6].id] {
+            store
+                .finish(done, RunStatus::Completed, None, None, Timestamp(2))
+                .await
+                .expect("finish");
+        }
+        let ids: Vec<RunId> = store
+            .unfinished()
+            .await
+            .expect("unfinished")
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        let expected: Vec<RunId> = runs[..5].iter().map(|r| r.id).collect();
+        assert_eq!(ids, expected);
+    }
+
+    #[tokio::test]
+    async fn a_file_of_schema_three_keeps_the_attempts_of_its_finished_runs() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("runs.db");
+        // A file as schema 3 wrote it: a finished run whose last attempt is a row of
+        // `attempts`, and a queued run.
+        {
+            let conn = rusqlite::Connection::open(&path).expect("create");
+            for sql in &schema::MIGRATIONS[..3] {
+                conn.execute_batch(sql).expect("schema 3");
+            }
+            conn.execute_batch(&format!(
+                "PRAGMA application_id = {}; PRAGMA user_version = 3;",
+                schema::APPLICATION_ID as i32
+            ))
+            .expect("stamp");
+            for (n, status, finished_at) in [(1, "completed", Some(9)), (2, "queued", None)] {
+                conn.execute(
+                    "INSERT INTO runs (id, env, task, version, locked, payload, queue, \
+                     concurrency_key, lane, priority_ms, run_after, retry_attempts_max, \
+                     retry_factor, retry_min_ms, retry_max_ms, retry_jitter, attempt, status, \
+                     created_at, source, output, finished_at) VALUES (?1, 'prod', 'email', 0, \
+                     0, '{}', 'email', '', 'default', 0, 1000, 3, 2.0, 1000, 60000, 0.0, 1, ?2, \
+                     1000, 'standard', NULL, ?3)",
+                    rusqlite::params![crate::record::id_to_sql(record(n).id), status, finished_at],
+                )
+                .expect("a run of schema 3");
+            }
+            conn.execute(
+                "INSERT INTO attempts (run_id, seq, number, outcome, error, ended_at) \
+                 VALUES (?1, 0, 1, 'completed', NULL, 8)",
+                [crate::record::id_to_sql(record(1).id)],
+            )
+            .expect("its attempt");
+        }
+        let store = SqliteStore::open(&path, SqliteConfig::default()).expect("open migrates");
+        let done = store.get(record(1).id).await.expect("get").expect("run");
+        assert_eq!(done.attempts, vec![attempt(1, "completed", None, 8)]);
+        let unfinished = store.unfinished().await.expect("unfinished");
+        assert_eq!(
+            unfinished.iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![record(2).id]
+        );
+        drop(store);
+        let conn = rusqlite::Connection::open(&path).expect("open");
+        let gone: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE name = 'runs_unfinished'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("schema");
+        assert_eq!(gone, 0, "migration 4 dropped the index");
     }
 }

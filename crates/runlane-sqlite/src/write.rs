@@ -14,8 +14,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use crate::config::Retention;
 use crate::error::DbError;
 use crate::record::{
-    append_attempt, append_attempt_with, id_from_sql, id_to_sql, load_run, status_from_sql,
-    store_run, ts_from_sql, ts_to_sql, APPEND_ATTEMPT,
+    append_attempt, ended_attempt, id_from_sql, id_to_sql, load_run, status_from_sql, store_run,
+    ts_from_sql, ts_to_sql,
 };
 
 /// Stores new runs; a live idempotency key answers its run instead. Each run is written before
@@ -216,6 +216,10 @@ pub(crate) fn note_starts(
     Ok(())
 }
 
+/// The terminal `UPDATE` of [`finish`]: the ended attempt (if any) is kept in the row.
+const FINISH: &str = "UPDATE runs SET status = ?2, output = ?3, finished_at = ?4, error = ?5, \
+     attempt = ?6, end_outcome = ?7, end_at = ?8 WHERE id = ?1";
+
 /// The terminal write: the first one wins, later ones get `AlreadyFinished`.
 pub(crate) fn finish(
     conn: &Connection,
@@ -248,30 +252,30 @@ pub(crate) fn finish(
     r.output = output.cloned();
     r.finished_at = Some(now);
     if let Some(a) = attempt {
-        append_attempt(conn, run, a)?;
         r.error = a.error.clone();
         r.attempt = a.number;
         r.attempts.push(a.clone());
     }
-    conn.prepare_cached(
-        "UPDATE runs SET status = ?2, output = ?3, finished_at = ?4, error = ?5, attempt = ?6 \
-         WHERE id = ?1",
-    )?
-    .execute(params![
+    // The ended attempt stays in the row (see `record::ended_attempt`), no attempt row.
+    let (end_outcome, end_at) = ended_attempt(attempt);
+    conn.prepare_cached(FINISH)?.execute(params![
         id_to_sql(run),
         r.status.as_str(),
         r.output.as_deref(),
         ts_to_sql(now),
         r.error.as_deref(),
         r.attempt,
+        end_outcome,
+        end_at,
     ])?;
     Ok(r)
 }
 
 /// Terminal writes of attempts the engine holds the leases of, without reading the runs back:
-/// per run one conditional `UPDATE` (the first terminal write wins) and the attempt's row.
-/// A run the `UPDATE` did not match is looked up only to name the refusal, and nothing of it
-/// is written. Answers per run.
+/// per run one conditional `UPDATE` (the first terminal write wins) that also keeps the ended
+/// attempt in the row (no attempt row, see `record::ended_attempt`). A run the `UPDATE` did
+/// not match is looked up only to name the refusal, and nothing of it is written. Answers per
+/// run.
 pub(crate) fn finish_many(
     conn: &Connection,
     ends: &[AttemptEnd],
@@ -281,12 +285,13 @@ pub(crate) fn finish_many(
     // Each statement is taken from the cache once for the whole call, not once per run.
     let mut update = conn.prepare_cached(
         "UPDATE runs SET status = ?2, output = ?3, finished_at = ?4, error = ?5, \
-         attempt = ?6 WHERE id = ?1 AND finished_at IS NULL AND attempt = ?6",
+         attempt = ?6, end_outcome = ?7, end_at = ?8 \
+         WHERE id = ?1 AND finished_at IS NULL AND attempt = ?6",
     )?;
-    let mut append = conn.prepare_cached(APPEND_ATTEMPT)?;
     for end in ends {
         debug_assert!(end.status.is_terminal(), "finish needs a terminal status");
         let a = &end.attempt;
+        let (end_outcome, end_at) = ended_attempt(Some(a));
         let updated = update.execute(params![
             id_to_sql(end.run),
             end.status.as_str(),
@@ -294,6 +299,8 @@ pub(crate) fn finish_many(
             ts_to_sql(now),
             a.error.as_deref(),
             a.number,
+            end_outcome,
+            end_at,
         ])?;
         if updated == 0 {
             // Refused: find out why (nothing was written for this run).
@@ -309,7 +316,6 @@ pub(crate) fn finish_many(
             });
             continue;
         }
-        append_attempt_with(&mut append, end.run, a)?;
         answers.push(Ok(()));
     }
     Ok(answers)
