@@ -134,8 +134,12 @@ MUTANTS = [
         "id": "R6",
         "bug": "a claimed run keeps its TTL deadline (Redis)",
         "file": LUA,
+        # The claim no longer drops the run's TTL bucket entry, and the sweep no longer checks
+        # that an entry's run never held a lease: a claimed run with a TTL expires.
         "old": "      if r[F_TTL] and not was_leased then ttl_drop(id, r[F_TTL]) end\n",
         "new": "",
+        "extra": [("return id, r, deadline, r and r[F_TTL] == deadline and not r[F_EVER], loc",
+                   "return id, r, deadline, r and r[F_TTL] == deadline, loc")],
         "tests": [CONFORMANCE_REDIS + ["ttl_04"]],
     },
     # Key-space format 3: a run removed out of order from its key's list is a tombstone.
@@ -145,7 +149,7 @@ MUTANTS = [
         "file": LUA,
         "old": "    if not (tombs and redis.call('SREM', kt, id) == 1) then",
         "new": "    if true then",
-        "tests": [CONFORMANCE_REDIS + ["life_02"], CONFORMANCE_REDIS + ["life_01"]],
+        "tests": [CONFORMANCE_REDIS + ["life_16"], CONFORMANCE_REDIS + ["life_02"]],
     },
 ]
 

@@ -739,3 +739,45 @@ pub async fn life_14(b: &dyn Backends) {
     s.complete(json!(null));
     h.wait_terminal(delayed).await;
 }
+
+/// LIFE-16: cancelling a queued run in the middle of its key's backlog (neither first nor last)
+/// ends it `canceled` and takes it out of the depth at once; the runs before and after it
+/// start in trigger order and it never starts.
+pub async fn life_16(b: &dyn Backends) {
+    let h = Harness::open(b).await;
+    h.limit(1).await;
+    let q = |h: &Harness| h.engine.trigger("t").queue("q");
+    let holder = h.trigger(q(&h)).await.id;
+    let mut backlog = Vec::new();
+    for _ in 0..3 {
+        backlog.push(h.trigger(q(&h)).await.id);
+    }
+    assert_eq!(h.queue_info("q").await.queued, 3);
+    let rec = h.cancel(backlog[1]).await;
+    assert_eq!(rec.status, RunStatus::Canceled, "LIFE-16: canceled at once");
+    assert_eq!(
+        h.live(backlog[1]).await,
+        None,
+        "LIFE-16: gone from the queue"
+    );
+    assert_eq!(
+        h.queue_info("q").await.queued,
+        2,
+        "LIFE-16: the depth excludes it"
+    );
+    let mut probe = Probe::new();
+    let _w = h.held_worker(&probe, "t", "manual>*:1").await;
+    for expected in [holder, backlog[0], backlog[2]] {
+        let s = probe.next().await;
+        assert_eq!(
+            s.run, expected,
+            "LIFE-16: the others start in order, it never does"
+        );
+        s.complete(json!(null));
+    }
+    for run in [holder, backlog[0], backlog[2]] {
+        h.wait_status(run, RunStatus::Completed).await;
+    }
+    assert_eq!(h.status(backlog[1]).await, RunStatus::Canceled);
+    assert_eq!(h.queue_info("q").await.queued, 0);
+}

@@ -62,6 +62,7 @@ macro_rules! __with_scenarios {
             (life_13_ack_idempotent, lifecycle::life_13, "LIFE-13", "an ack is recorded once; a repeated terminal write or finish is refused"),
             (life_14_reschedule, lifecycle::life_14, "LIFE-14", "reschedule moves delayed or queued runs; ready or executing runs are refused"),
             (life_15_lapse_after_cancel_ends_canceled, lifecycle::life_15, "LIFE-15", "a lease lapsing after a cancel ends the run canceled, never retried"),
+            (life_16_cancel_mid_backlog, lifecycle::life_16, "LIFE-16", "cancel of a run in the middle of its key's backlog: the others start in order, it never does"),
             (idem_01_hit_returns_existing_run, idempotency::idem_01, "IDEM-01", "an idempotency hit returns the existing run whatever its state or payload"),
             (idem_02_batch_duplicates_collapse, idempotency::idem_02, "IDEM-02", "idempotency duplicates inside one batch collapse onto the first"),
             (idem_03_concurrent_triggers_one_run, idempotency::idem_03, "IDEM-03", "50 concurrent triggers with one key yield exactly one run"),

@@ -93,22 +93,7 @@ async fn the_loop_runs_at_start_up_and_is_armed_by_new_pending_rows() {
         // Long enough that only the insert's signal can wake the idle loop in this test.
         idle_check: Duration::from_secs(3600),
     };
-    let task = spawn_reconciler(
-        store.clone(),
-        config,
-        wall_now,
-        move |runs: Vec<runlane_core::backend::RunRecord>| {
-            let tx = tx.clone();
-            async move {
-                let ids: Vec<RunId> = runs.iter().map(|r| r.id).collect();
-                for id in &ids {
-                    let _ = tx.send(*id);
-                }
-                Ok::<_, String>(ids)
-            }
-        },
-        shutdown.clone(),
-    );
+    let task = spawn_confirming(store.clone(), config, tx, shutdown.clone());
     let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await
         .expect("the start-up pass")
@@ -127,14 +112,7 @@ async fn the_loop_runs_at_start_up_and_is_armed_by_new_pending_rows() {
         .expect("channel");
     assert_eq!(second, later.id);
     // Marked once confirmed: wait for the mark (it follows the callback).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while store.oldest_pending_at().await.expect("oldest").is_some() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "rows stayed pending"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_none_pending(&store).await;
     shutdown.notify_one();
     task.await.expect("the reconciler ends on shutdown");
     let store = Arc::try_unwrap(store).expect("last handle");
@@ -152,27 +130,13 @@ async fn an_idle_loop_finds_a_row_another_process_left_pending() {
 
     let (tx, mut rx) = mpsc::unbounded_channel::<RunId>();
     let shutdown = Arc::new(Notify::new());
-    let task = spawn_reconciler(
-        here.clone(),
-        ReconcileConfig {
-            grace: Duration::ZERO,
-            batch: 100,
-            retry_after: Duration::from_millis(50),
-            idle_check: Duration::from_millis(100),
-        },
-        wall_now,
-        move |runs: Vec<runlane_core::backend::RunRecord>| {
-            let tx = tx.clone();
-            async move {
-                let ids: Vec<RunId> = runs.iter().map(|r| r.id).collect();
-                for id in &ids {
-                    let _ = tx.send(*id);
-                }
-                Ok::<_, String>(ids)
-            }
-        },
-        shutdown.clone(),
-    );
+    let config = ReconcileConfig {
+        grace: Duration::ZERO,
+        batch: 100,
+        retry_after: Duration::from_millis(50),
+        idle_check: Duration::from_millis(100),
+    };
+    let task = spawn_confirming(here.clone(), config, tx, shutdown.clone());
     // The start-up pass finds nothing: the loop is idle, waiting for a local insert.
     assert_eq!(here.oldest_pending_at().await.expect("oldest"), None);
 
@@ -187,17 +151,47 @@ async fn an_idle_loop_finds_a_row_another_process_left_pending() {
         .expect("the idle check finds the orphan")
         .expect("channel");
     assert_eq!(found, orphan.id);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while here.oldest_pending_at().await.expect("oldest").is_some() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the row stayed pending"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_none_pending(&here).await;
     shutdown.notify_one();
     task.await.expect("the reconciler ends on shutdown");
     drop(elsewhere);
     let here = Arc::try_unwrap(here).expect("last handle");
     common::finish(here).await;
+}
+
+/// Starts the reconciler with a callback that confirms every run it gets and sends its id.
+fn spawn_confirming(
+    store: Arc<runlane_postgres::PostgresStore>,
+    config: ReconcileConfig,
+    tx: mpsc::UnboundedSender<RunId>,
+    shutdown: Arc<Notify>,
+) -> tokio::task::JoinHandle<()> {
+    spawn_reconciler(
+        store,
+        config,
+        wall_now,
+        move |runs: Vec<runlane_core::backend::RunRecord>| {
+            let tx = tx.clone();
+            async move {
+                let ids: Vec<RunId> = runs.iter().map(|r| r.id).collect();
+                for id in &ids {
+                    let _ = tx.send(*id);
+                }
+                Ok::<_, String>(ids)
+            }
+        },
+        shutdown,
+    )
+}
+
+/// Waits (at most 10 s) until no row is pending: a confirmed run is marked after its callback.
+async fn until_none_pending(store: &runlane_postgres::PostgresStore) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.oldest_pending_at().await.expect("oldest").is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rows stayed pending"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }

@@ -56,6 +56,24 @@ async fn dying_trigger() {
     panic!("the failpoint should have aborted the process before the trigger returned");
 }
 
+/// Runs this binary's test `test` as a child that triggers one run with the failpoint after
+/// the commit armed, and checks it died there.
+fn dying_trigger_child(test: &str, prefix: &str, schema: &str) {
+    let status = Command::new(std::env::current_exe().expect("this test binary"))
+        .args(["--exact", test, "--nocapture", "--test-threads", "1"])
+        .env(ROLE, "trigger")
+        .env(runlane::FAILPOINT_VAR, runlane::AFTER_COMMIT_BEFORE_ENQUEUE)
+        .env("RUNLANE_TEST_PREFIX", prefix)
+        .env("RUNLANE_TEST_SCHEMA", schema)
+        .stdout(Stdio::null())
+        .status()
+        .expect("run the child");
+    assert!(
+        !status.success(),
+        "the child died at the failpoint: {status:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_after_commit_before_enqueue_loses_nothing() {
     if std::env::var(ROLE).is_ok() {
@@ -64,19 +82,7 @@ async fn crash_after_commit_before_enqueue_loses_nothing() {
     let executed = Executions::default();
     let prefix = redis_support::fresh_prefix("failpoint");
     let schema = format!("rlt_failpoint_{}", std::process::id());
-    let status = Command::new(std::env::current_exe().expect("this test binary"))
-        .args(["--exact", TEST, "--nocapture", "--test-threads", "1"])
-        .env(ROLE, "trigger")
-        .env(runlane::FAILPOINT_VAR, runlane::AFTER_COMMIT_BEFORE_ENQUEUE)
-        .env("RUNLANE_TEST_PREFIX", &prefix)
-        .env("RUNLANE_TEST_SCHEMA", &schema)
-        .stdout(Stdio::null())
-        .status()
-        .expect("run the child");
-    assert!(
-        !status.success(),
-        "the child died at the failpoint: {status:?}"
-    );
+    dying_trigger_child(TEST, &prefix, &schema);
 
     // A new engine on the same servers: its open (and its reconciler) enqueue the committed run.
     let mut parent = config(&prefix, &schema);

@@ -247,6 +247,41 @@ fn scratch(tag: &str) -> PathBuf {
     dir
 }
 
+/// Two worker processes beside `engine` (env `b` at limit 8, which `trigger_many` uses; lease
+/// 2 s; `redis_url` and `extra` environment for them; `outs` their outputs), answered once all
+/// three processes listen for wake-ups (counted on `watch_url`, a direct line to the server).
+async fn two_workers(
+    engine: &runlane::Distributed,
+    redis_url: &str,
+    watch_url: &str,
+    prefix: &str,
+    schema: &str,
+    outs: &[PathBuf],
+    extra: &[(&str, &str)],
+) -> Children {
+    engine
+        .set_env(
+            "b",
+            EnvSettings {
+                limit: 8,
+                ..EnvSettings::default()
+            },
+        )
+        .await
+        .expect("env b");
+    let children = Children(
+        outs.iter()
+            .map(|o| spawn_child(redis_url, prefix, schema, o, Duration::from_secs(2), extra))
+            .collect(),
+    );
+    let channel = format!("{{{prefix}}}:wake");
+    until("the worker processes", Duration::from_secs(60), || {
+        subscribers(watch_url, &channel) >= 3
+    })
+    .await;
+    children
+}
+
 /// Starts a child process of the given kind.
 fn spawn_child(
     redis_url: &str,
@@ -724,26 +759,7 @@ async fn flushall_under_load_across_processes() {
     let engine = runlane::distributed_with(EngineBuilder::new(), parent)
         .await
         .unwrap_or_else(|e| panic!("postgresql is required: {e}"));
-    engine
-        .set_env(
-            "b",
-            EnvSettings {
-                limit: 8,
-                ..EnvSettings::default()
-            },
-        )
-        .await
-        .expect("env b");
-    let children = Children(
-        outs.iter()
-            .map(|o| spawn_child(&url, &prefix, &schema, o, Duration::from_secs(2), &[]))
-            .collect(),
-    );
-    let channel = format!("{{{prefix}}}:wake");
-    until("the worker processes", Duration::from_secs(60), || {
-        subscribers(&url, &channel) >= 3
-    })
-    .await;
+    let children = two_workers(&engine, &url, &url, &prefix, &schema, &outs, &[]).await;
 
     // Producers trigger while the workers run; the server is flushed once a quarter of the
     // runs started, with leases outstanding.
@@ -837,26 +853,8 @@ async fn redis_outage_across_processes_nothing_lost() {
     let engine = runlane::distributed_with(EngineBuilder::new(), parent)
         .await
         .unwrap_or_else(|e| panic!("redis and postgresql are required: {e}"));
-    engine
-        .set_env(
-            "b",
-            EnvSettings {
-                limit: 8,
-                ..EnvSettings::default()
-            },
-        )
-        .await
-        .expect("env b");
-    let children = Children(
-        outs.iter()
-            .map(|o| spawn_child(&url, &prefix, &schema, o, Duration::from_secs(2), &[]))
-            .collect(),
-    );
-    let channel = format!("{{{prefix}}}:wake");
-    until("the worker processes", Duration::from_secs(60), || {
-        subscribers(&redis_support::url(), &channel) >= 3
-    })
-    .await;
+    let direct = redis_support::url();
+    let children = two_workers(&engine, &url, &direct, &prefix, &schema, &outs, &[]).await;
 
     let work = |i: usize, _: &str, _: &str, _: &str| json!({ "ms": (i % 4) as u64 * 5 });
     let before = trigger_many(engine.engine(), BEFORE, None, work).await;
@@ -940,29 +938,8 @@ async fn postgres_outage_across_processes_nothing_lost() {
     let engine = runlane::distributed_with(EngineBuilder::new(), parent)
         .await
         .unwrap_or_else(|e| panic!("redis and postgresql are required: {e}"));
-    engine
-        .set_env(
-            "b",
-            EnvSettings {
-                limit: 8,
-                ..EnvSettings::default()
-            },
-        )
-        .await
-        .expect("env b");
-    let children = Children(
-        outs.iter()
-            .map(|o| {
-                let extra = [("RUNLANE_DATABASE_URL", database.as_str())];
-                spawn_child(&url, &prefix, &schema, o, Duration::from_secs(2), &extra)
-            })
-            .collect(),
-    );
-    let channel = format!("{{{prefix}}}:wake");
-    until("the worker processes", Duration::from_secs(60), || {
-        subscribers(&url, &channel) >= 3
-    })
-    .await;
+    let extra = [("RUNLANE_DATABASE_URL", database.as_str())];
+    let children = two_workers(&engine, &url, &url, &prefix, &schema, &outs, &extra).await;
 
     // Handlers of 0–60 ms, so some are running when the proxy is cut and return during it.
     let work = |i: usize, _: &str, _: &str, _: &str| json!({ "ms": (i % 4) as u64 * 20 });
