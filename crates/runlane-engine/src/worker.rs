@@ -1012,7 +1012,7 @@ async fn execute(
         }
         Outcome::Completed(value) => {
             let (output, ended_at) = (output_text(value), engine.now());
-            until_written(&engine, || {
+            until_written(&engine, &local, || {
                 let end = completed_end(run, d.attempt, output.clone(), ended_at);
                 engine.finish_attempt(&d.env, token, end)
             })
@@ -1033,7 +1033,7 @@ async fn execute(
                     .map(|_| ())
             }
             None => {
-                until_written(&engine, || {
+                until_written(&engine, &local, || {
                     engine.fail_attempt(
                         &d.env,
                         &handed.retry,
@@ -1087,10 +1087,16 @@ fn completed_end(run: RunId, attempt: u32, output: Arc<str>, ended_at: Timestamp
 /// Writes an attempt's end, again and again while the store is unavailable (an outage), with
 /// a backoff: the run stays in flight meanwhile, so its lease is kept by the heartbeat and the
 /// handler's result is not lost to a lapse and a second execution. Ends once the end is
-/// written or refused, the lease is found lost (the completer drops the end), or the engine
-/// shuts down. Every write is the same end: the store's first write wins, a repeat of one that
+/// written or refused, the lease is found lost (the completer drops the end), the engine shuts
+/// down, or the run is stopped (a drain past its `stop_timeout`, or the engine taking the
+/// attempt over): the last error is then answered and the lease left to lapse, as without the
+/// retries. Every write is the same end: the store's first write wins, a repeat of one that
 /// landed unseen gets `AlreadyFinished`.
-async fn until_written<F, Fut>(engine: &Inner, mut write: F) -> Result<(), EngineError>
+async fn until_written<F, Fut>(
+    engine: &Inner,
+    local: &LocalRun,
+    mut write: F,
+) -> Result<(), EngineError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), EngineError>>,
@@ -1100,10 +1106,10 @@ where
         match write().await {
             Err(EngineError::Unavailable(e)) if !engine.is_shut_down() => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "writing an attempt's end failed; retrying while its lease is held");
-                engine
-                    .clock
-                    .sleep_until(engine.now().saturating_add(backoff))
-                    .await;
+                tokio::select! {
+                    () = engine.clock.sleep_until(engine.now().saturating_add(backoff)) => {}
+                    _ = local.abort.wait() => return Err(EngineError::Unavailable(e)),
+                }
                 backoff = (backoff * 2).min(END_RETRY_MAX);
             }
             other => return other,

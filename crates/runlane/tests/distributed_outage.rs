@@ -115,3 +115,83 @@ async fn postgres_outage_fails_triggers_fast_and_resumes_by_itself() {
     worker.stop().await;
     engine.shutdown().await;
 }
+
+/// A handler that returns while PostgreSQL is cut: its end is written again and again while
+/// the run keeps its lease, but a worker told to stop does not wait for PostgreSQL past its
+/// `stop_timeout`: the retries end, the stop returns, and once PostgreSQL is back the run
+/// completes (its lease lapses and another worker runs it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_worker_does_not_wait_for_postgres_past_its_stop_timeout() {
+    let database = std::env::var("RUNLANE_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let (user, host, db) = split_url(&database);
+    let proxy = Proxy::start(host).await;
+    let mut config = DistributedConfig::new(
+        redis_support::url(),
+        format!("postgres://{user}127.0.0.1:{}{db}", proxy.port()),
+    );
+    config.redis.prefix = redis_support::fresh_prefix("outage-stop");
+    config.postgres.schema = format!("rlt_outage_stop_{}", std::process::id());
+    config.postgres.pool_size = 4;
+    config.postgres.acquire_timeout = Duration::from_secs(1);
+    config.timer_lease = Duration::from_secs(1);
+    config.throwaway = true;
+    let engine = match runlane::distributed_with(EngineBuilder::new(), config).await {
+        Ok(engine) => engine,
+        Err(e) => panic!("redis and postgresql are required: {e}"),
+    };
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel::<RunId>();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let worker = {
+        let release = release.clone();
+        engine
+            .worker()
+            .lease(Duration::from_secs(1))
+            .stop_timeout(Duration::from_millis(300))
+            .handler("job", move |ctx: RunContext| {
+                let (started_tx, release) = (started_tx.clone(), release.clone());
+                async move {
+                    let _ = started_tx.send(ctx.run_id());
+                    release.notified().await;
+                    Ok::<Value, HandlerError>(Value::Null)
+                }
+            })
+            .start()
+            .await
+            .expect("worker")
+    };
+    let run = engine.trigger("job").send().await.expect("trigger").run.id;
+    let running = tokio::time::timeout(Duration::from_secs(30), started.recv())
+        .await
+        .expect("the handler starts")
+        .expect("channel");
+    assert_eq!(running, run);
+
+    // PostgreSQL goes away; the handler returns: its end cannot be written.
+    proxy.cut().await;
+    release.notify_one();
+    let stopping = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), worker.stop())
+        .await
+        .expect("the stop returns although postgresql is still cut");
+    let spent = stopping.elapsed();
+    assert!(
+        spent < Duration::from_secs(10),
+        "the stop returned after its timeout, not after postgresql: {spent:?}"
+    );
+
+    // Back: the run's lease lapses and a new worker completes it.
+    proxy.restore();
+    let again = engine
+        .worker()
+        .lease(Duration::from_secs(1))
+        .handler("job", |_ctx: RunContext| async move {
+            Ok::<Value, HandlerError>(Value::Null)
+        })
+        .start()
+        .await
+        .expect("second worker");
+    assert_completed(&engine, run).await;
+    again.stop().await;
+    engine.shutdown().await;
+}
