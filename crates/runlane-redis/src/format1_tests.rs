@@ -2,22 +2,18 @@
 //! (the base commit's `dispatch.lua`, kept as `testdata/dispatch_fmt1.lua`) on the shared Redis
 //! under a fresh prefix, then opened with this build, which migrates it in one script.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use runlane_core::backend::{ClaimRequest, Dispatch, QueueBackend, ServedEnv};
 use runlane_core::{
-    ClaimChain, EnvName, EnvSettings, LaneName, QueueName, RunId, RunStatus, Timestamp, WorkerId,
+    ClaimChain, EnvName, EnvSettings, LaneName, RunId, RunStatus, Timestamp, WorkerId,
 };
 
 use crate::queue::{put_env_args, Arg};
+use crate::test_support::{self as support, connect, url};
 use crate::{record, RedisConfig, RedisQueue, KEYSPACE_FORMAT};
 
 const FORMAT1_SCRIPT: &str = include_str!("testdata/dispatch_fmt1.lua");
-
-fn url() -> String {
-    std::env::var("RUNLANE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
-}
 
 /// One call of the format-1 script, as a format-1 client made it.
 async fn old_call(
@@ -27,57 +23,18 @@ async fn old_call(
     now: u64,
     args: Vec<Arg>,
 ) -> String {
-    let script = redis::Script::new(FORMAT1_SCRIPT);
-    let mut inv = script.prepare_invoke();
-    inv.key(base)
-        .arg(op)
-        .arg(now)
-        .arg(300_000u64)
-        .arg("1")
-        .arg("");
-    for a in &args {
-        match a {
-            Arg::Text(s) => inv.arg(s.as_str()),
-            Arg::Bytes(b) => inv.arg(b.as_slice()),
-        };
-    }
-    let bytes: Vec<u8> = inv
-        .invoke_async(conn)
-        .await
-        .expect("the format-1 script runs");
-    let answer = record::decode(&bytes).expect("msgpack answer");
-    let items = answer.as_array().expect("answer array");
-    items[0].as_str().expect("answer code").to_string()
+    support::legacy_call(conn, "EVAL", FORMAT1_SCRIPT, base, (op, now, "1"), args).await
 }
 
 fn dispatch(n: u128, env: &EnvName, run_after: u64, ttl: Option<u64>) -> Dispatch {
-    Dispatch {
-        run_id: RunId((1u128 << 80) | n),
-        env: env.clone(),
-        queue: QueueName::new("q").expect("queue name"),
-        key: Arc::from(""),
-        lane: LaneName::default_lane(),
-        priority: Duration::ZERO,
-        run_after: Timestamp(run_after),
-        ttl_deadline: ttl.map(Timestamp),
-        attempt: 1,
-        locked_version: None,
-        ever_leased: false,
-        max_duration: None,
-    }
+    support::dispatch(n, env, "", run_after, ttl)
 }
 
 #[tokio::test]
 async fn a_format1_key_space_is_migrated_on_open_and_read() {
     let prefix = format!("rl:test:fmt1:{}", std::process::id());
     let base = format!("{{{prefix}}}");
-    let client = redis::Client::open(url()).expect("redis url");
-    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "no Redis at {} under CI",
-            url()
-        );
+    let Some(mut conn) = connect().await else {
         return;
     };
     let env = EnvName::new("e").expect("env name");
@@ -211,13 +168,7 @@ async fn a_format1_key_space_is_migrated_on_open_and_read() {
 async fn a_call_finding_format1_migrates_it_and_goes_on() {
     let prefix = format!("rl:test:fmt1late:{}", std::process::id());
     let base = format!("{{{prefix}}}");
-    let client = redis::Client::open(url()).expect("redis url");
-    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "no Redis at {} under CI",
-            url()
-        );
+    let Some(mut conn) = connect().await else {
         return;
     };
     let queue = RedisQueue::open(RedisConfig::new(url()).with_prefix(&prefix))

@@ -3,55 +3,23 @@
 //! entry's location; the one-script migration from format 2 (the base commit's library, kept as
 //! `testdata/dispatch_fmt2.lua`); and the refusal of an unknown newer format.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use runlane_core::backend::{
     CancelOutcome, ClaimRequest, Dispatch, Placement, QueueBackend, ServedEnv,
 };
 use runlane_core::{
-    ClaimChain, EnvName, EnvSettings, LaneName, QueueName, RunId, RunStatus, Timestamp, WorkerId,
+    ClaimChain, EnvName, EnvSettings, LaneName, RunId, RunStatus, Timestamp, WorkerId,
 };
 
 use crate::queue::{put_env_args, Arg};
+use crate::test_support::{self as support, connect, url};
 use crate::{record, RedisConfig, RedisOpenError, RedisQueue, KEYSPACE_FORMAT};
 
 const FORMAT2_LIBRARY: &str = include_str!("testdata/dispatch_fmt2.lua");
 
-fn url() -> String {
-    std::env::var("RUNLANE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
-}
-
-async fn connect() -> Option<redis::aio::MultiplexedConnection> {
-    let client = redis::Client::open(url()).expect("redis url");
-    match client.get_multiplexed_async_connection().await {
-        Ok(conn) => Some(conn),
-        Err(_) => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "no Redis at {} under CI",
-                url()
-            );
-            None
-        }
-    }
-}
-
 fn dispatch(n: u128, env: &EnvName, run_after: u64, ttl: Option<u64>) -> Dispatch {
-    Dispatch {
-        run_id: RunId((1u128 << 80) | n),
-        env: env.clone(),
-        queue: QueueName::new("q").expect("queue name"),
-        key: Arc::from("k"),
-        lane: LaneName::default_lane(),
-        priority: Duration::ZERO,
-        run_after: Timestamp(run_after),
-        ttl_deadline: ttl.map(Timestamp),
-        attempt: 1,
-        locked_version: None,
-        ever_leased: false,
-        max_duration: None,
-    }
+    support::dispatch(n, env, "k", run_after, ttl)
 }
 
 fn closed() -> EnvSettings {
@@ -103,6 +71,21 @@ async fn records(conn: &mut redis::aio::MultiplexedConnection, base: &str) -> u6
     n
 }
 
+/// A fresh key space under `prefix` with env `e` closed (limit 0: every run stays queued).
+async fn open_closed(prefix: &str) -> (RedisQueue, String, EnvName) {
+    let queue = RedisQueue::open(RedisConfig::new(url()).with_prefix(prefix))
+        .await
+        .expect("open")
+        .delete_keys_on_drop();
+    let base = queue.key_base().to_string();
+    let env = EnvName::new("e").expect("env name");
+    queue
+        .put_env(&env, closed(), Timestamp(0))
+        .await
+        .expect("env");
+    (queue, base, env)
+}
+
 fn low(ids: impl IntoIterator<Item = RunId>) -> Vec<u128> {
     ids.into_iter().map(|id| id.0 & 0xffff).collect()
 }
@@ -113,17 +96,8 @@ async fn a_due_run_in_order_is_its_list_entry_only_until_admitted() {
         return;
     };
     let prefix = format!("rl:test:fmt3list:{}", std::process::id());
-    let queue = RedisQueue::open(RedisConfig::new(url()).with_prefix(&prefix))
-        .await
-        .expect("open")
-        .delete_keys_on_drop();
-    let base = queue.key_base().to_string();
+    let (queue, base, env) = open_closed(&prefix).await;
     let kl = format!("{base}:kl:e\0q\0k");
-    let env = EnvName::new("e").expect("env name");
-    queue
-        .put_env(&env, closed(), Timestamp(0))
-        .await
-        .expect("env");
     let mut runs: Vec<Dispatch> = (1..=5)
         .map(|n| dispatch(n, &env, 0, (n % 2 == 1).then_some(60_000)))
         .collect();
@@ -257,16 +231,7 @@ async fn a_list_resident_run_expires_through_its_bucket_entry() {
         return;
     };
     let prefix = format!("rl:test:fmt3ttl:{}", std::process::id());
-    let queue = RedisQueue::open(RedisConfig::new(url()).with_prefix(&prefix))
-        .await
-        .expect("open")
-        .delete_keys_on_drop();
-    let base = queue.key_base().to_string();
-    let env = EnvName::new("e").expect("env name");
-    queue
-        .put_env(&env, closed(), Timestamp(0))
-        .await
-        .expect("env");
+    let (queue, base, env) = open_closed(&prefix).await;
     let runs: Vec<Dispatch> = [5_000, 6_000, 5_500, 7_000]
         .iter()
         .zip(1..)
@@ -323,29 +288,7 @@ async fn fmt2_call(
     now: u64,
     args: Vec<Arg>,
 ) -> String {
-    let mut fcall = redis::cmd("FCALL");
-    fcall
-        .arg(function)
-        .arg(1)
-        .arg(base)
-        .arg(op)
-        .arg(now)
-        .arg(300_000u64)
-        .arg("2")
-        .arg("");
-    for a in &args {
-        match a {
-            Arg::Text(s) => fcall.arg(s.as_str()),
-            Arg::Bytes(b) => fcall.arg(b.as_slice()),
-        };
-    }
-    let bytes: Vec<u8> = fcall
-        .query_async(conn)
-        .await
-        .expect("the format-2 library runs");
-    let answer = record::decode(&bytes).expect("msgpack answer");
-    let items = answer.as_array().expect("answer array");
-    items[0].as_str().expect("answer code").to_string()
+    support::legacy_call(conn, "FCALL", function, base, (op, now, "2"), args).await
 }
 
 #[tokio::test]

@@ -2,25 +2,17 @@
 //! functions flushed): the next call loads it again and answers as if nothing happened.
 
 use crate::queue::RedisConfig;
+use crate::test_support::{skip_without_redis, url};
 use crate::RedisQueue;
 use runlane_core::backend::QueueBackend;
 use runlane_core::LaneName;
-
-fn url() -> String {
-    std::env::var("RUNLANE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
-}
 
 #[tokio::test]
 async fn a_call_finding_the_library_gone_loads_it_again() {
     let config =
         RedisConfig::new(url()).with_prefix(format!("rl:test:fnlib:{}", std::process::id()));
     let Ok(queue) = RedisQueue::open(config).await else {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "no Redis at {} under CI",
-            url()
-        );
-        eprintln!("skipped: no Redis at {}", url());
+        skip_without_redis();
         return;
     };
     let queue = queue.delete_keys_on_drop();

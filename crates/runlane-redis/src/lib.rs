@@ -25,6 +25,8 @@ mod meta;
 mod queue;
 mod record;
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod ttl_bucket_tests;
 
 pub use meta::{RedisMetaCache, RedisMetaConfig, STAMP_FIELD};

@@ -1,0 +1,103 @@
+//! What the crate's Redis tests share: the server's URL, a connection (a missing server is a
+//! failure under CI, a skip elsewhere), the dispatch facts of a numbered test run, and the code
+//! of a raw library answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use runlane_core::backend::Dispatch;
+use runlane_core::{EnvName, LaneName, QueueName, RunId, Timestamp};
+
+use crate::queue::Arg;
+use crate::record;
+
+/// The Redis the tests use (`RUNLANE_REDIS_URL`, default the loopback server).
+pub(crate) fn url() -> String {
+    std::env::var("RUNLANE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
+}
+
+/// Answers whether the test may go on without Redis: never under CI (this panics there).
+pub(crate) fn skip_without_redis() {
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "no Redis at {} under CI",
+        url()
+    );
+    eprintln!("skipped: no Redis at {}", url());
+}
+
+/// A connection of its own to the test server, or `None` (skipped) outside CI.
+pub(crate) async fn connect() -> Option<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(url()).expect("redis url");
+    match client.get_multiplexed_async_connection().await {
+        Ok(conn) => Some(conn),
+        Err(_) => {
+            skip_without_redis();
+            None
+        }
+    }
+}
+
+/// Test run `n` of `env` in queue `q`, key `key`, the default lane, attempt 1.
+pub(crate) fn dispatch(
+    n: u128,
+    env: &EnvName,
+    key: &str,
+    run_after: u64,
+    ttl: Option<u64>,
+) -> Dispatch {
+    Dispatch {
+        run_id: RunId((1u128 << 80) | n),
+        env: env.clone(),
+        queue: QueueName::new("q").expect("queue name"),
+        key: Arc::from(key),
+        lane: LaneName::default_lane(),
+        priority: Duration::ZERO,
+        run_after: Timestamp(run_after),
+        ttl_deadline: ttl.map(Timestamp),
+        attempt: 1,
+        locked_version: None,
+        ever_leased: false,
+        max_duration: None,
+    }
+}
+
+/// The code (first element) of a raw MessagePack answer of the dispatch library.
+pub(crate) fn answer_code(bytes: &[u8]) -> String {
+    let answer = record::decode(bytes).expect("msgpack answer");
+    let items = answer.as_array().expect("answer array");
+    items[0].as_str().expect("answer code").to_string()
+}
+
+/// One call of an older format's dispatch code, as a client of that format made it, answering
+/// its code: `command` is `EVAL` (`target` = the script's source) or `FCALL` (`target` = the
+/// function's name); `format` is the format the caller says it speaks.
+pub(crate) async fn legacy_call(
+    conn: &mut redis::aio::MultiplexedConnection,
+    command: &str,
+    target: &str,
+    base: &str,
+    (op, now, format): (&str, u64, &str),
+    args: Vec<Arg>,
+) -> String {
+    let mut cmd = redis::cmd(command);
+    cmd.arg(target)
+        .arg(1)
+        .arg(base)
+        .arg(op)
+        .arg(now)
+        .arg(300_000u64)
+        .arg(format)
+        .arg("");
+    for a in &args {
+        match a {
+            Arg::Text(s) => cmd.arg(s.as_str()),
+            Arg::Bytes(b) => cmd.arg(b.as_slice()),
+        };
+    }
+    let bytes: Vec<u8> = cmd
+        .query_async(conn)
+        .await
+        .unwrap_or_else(|e| panic!("the format-{format} code runs: {e}"));
+    answer_code(&bytes)
+}
