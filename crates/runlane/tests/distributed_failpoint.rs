@@ -22,9 +22,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use runlane::core::backend::{QueueBackend, RunFilter};
-use runlane::core::RunStatus;
+use runlane::core::{RunId, RunStatus};
 use runlane::{
     DistributedConfig, EngineBuilder, HandlerError, ReconcileConfig, RunContext, WaitOutcome,
+    Worker,
 };
 use serde_json::Value;
 
@@ -32,6 +33,28 @@ const TEST: &str = "crash_after_commit_before_enqueue_loses_nothing";
 const TEST_RUNNING: &str = "a_running_engine_picks_up_a_run_another_process_left_pending";
 const TEST_ACK: &str = "crash_after_terminal_write_before_ack_never_runs_again";
 const ROLE: &str = "RUNLANE_TEST_ROLE";
+
+/// Waits for `run` to complete, stops `worker`, and checks it executed `run` exactly once and
+/// nothing else.
+async fn completed_once_alone(
+    engine: &runlane::Engine,
+    worker: Worker,
+    executed: &Executions,
+    run: RunId,
+) {
+    match engine
+        .wait(run, Duration::from_secs(60))
+        .await
+        .expect("wait")
+    {
+        WaitOutcome::Finished(r) => assert_eq!(r.status, RunStatus::Completed),
+        WaitOutcome::Pending { status, .. } => panic!("run still {status:?}"),
+    }
+    worker.stop().await;
+    let executed = executed.lock().expect("lock").clone();
+    assert_eq!(executed.get(&run), Some(&1), "executed exactly once");
+    assert_eq!(executed.len(), 1, "nothing else ran");
+}
 
 fn config(prefix: &str, schema: &str) -> DistributedConfig {
     let database = std::env::var("RUNLANE_DATABASE_URL")
@@ -100,18 +123,7 @@ async fn crash_after_commit_before_enqueue_loses_nothing() {
     assert!(!stored[0].status.is_terminal(), "it never ran");
 
     let worker = counting_worker(engine.worker().lease(Duration::from_secs(1)), &executed).await;
-    match engine
-        .wait(run, Duration::from_secs(60))
-        .await
-        .expect("wait")
-    {
-        WaitOutcome::Finished(r) => assert_eq!(r.status, RunStatus::Completed),
-        WaitOutcome::Pending { status, .. } => panic!("run still {status:?}"),
-    }
-    worker.stop().await;
-    let executed = executed.lock().expect("lock").clone();
-    assert_eq!(executed.get(&run), Some(&1), "executed exactly once");
-    assert_eq!(executed.len(), 1, "nothing else ran");
+    completed_once_alone(&engine, worker, &executed, run).await;
     engine.shutdown().await;
 }
 
@@ -158,18 +170,7 @@ async fn a_running_engine_picks_up_a_run_another_process_left_pending() {
     let stored = engine.list(&RunFilter::default()).await.expect("list");
     assert_eq!(stored.len(), 1, "the child's run is committed");
     let run = stored[0].id;
-    match engine
-        .wait(run, Duration::from_secs(60))
-        .await
-        .expect("wait")
-    {
-        WaitOutcome::Finished(r) => assert_eq!(r.status, RunStatus::Completed),
-        WaitOutcome::Pending { status, .. } => panic!("run still {status:?}"),
-    }
-    worker.stop().await;
-    let executed = executed.lock().expect("lock").clone();
-    assert_eq!(executed.get(&run), Some(&1), "executed exactly once");
-    assert_eq!(executed.len(), 1, "nothing else ran");
+    completed_once_alone(&engine, worker, &executed, run).await;
     engine.shutdown().await;
 }
 

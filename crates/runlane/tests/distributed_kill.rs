@@ -371,6 +371,15 @@ fn starts(outs: &[PathBuf]) -> HashMap<String, u32> {
     n
 }
 
+/// Checks that every run in `runs` started exactly once over every output.
+fn started_once_each(outs: &[PathBuf], runs: &[RunId]) {
+    let executions = starts(outs);
+    for run in runs {
+        let n = executions.get(&run.to_string()).copied().unwrap_or(0);
+        assert_eq!(n, 1, "run {run} executed {n} times");
+    }
+}
+
 /// Waits for every run's end through `wait` (events cross processes; eight waits at a time)
 /// and checks it is `completed`.
 async fn all_completed(engine: &runlane::Engine, runs: &[RunId], limit: Duration) {
@@ -898,11 +907,7 @@ async fn redis_outage_across_processes_nothing_lost() {
     // written to PostgreSQL though its lease could not be checked (the store fences by
     // attempt); when that lease lapsed, PostgreSQL was read first and the run was only cleaned
     // out of Redis, never run again.
-    let executions = starts(&outs);
-    for run in &runs {
-        let n = executions.get(&run.to_string()).copied().unwrap_or(0);
-        assert_eq!(n, 1, "run {run} executed {n} times");
-    }
+    started_once_each(&outs, &runs);
     eprintln!(
         "redis outage: {} runs ({DURING} triggered during the cut, {} deferred), lost 0, \
          none ran twice, redis cut for {outage:?} (triggers during it took {spent:?})",
@@ -977,11 +982,7 @@ async fn postgres_outage_across_processes_nothing_lost() {
     all_completed(&engine, &runs, Duration::from_secs(120)).await;
     drop(children);
     assert!(engine.health().await.ok(), "both sides answer again");
-    let executions = starts(&outs);
-    for run in &runs {
-        let n = executions.get(&run.to_string()).copied().unwrap_or(0);
-        assert_eq!(n, 1, "run {run} executed {n} times");
-    }
+    started_once_each(&outs, &runs);
     eprintln!(
         "postgres outage: {RUNS} runs, {started_by_cut} started by the cut, lost 0, none ran \
          twice, postgresql cut for {outage:?} (a trigger during it failed in {spent:?})"

@@ -29,8 +29,9 @@ async fn assert_completed(engine: &runlane::Engine, run: RunId) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_outage_fails_triggers_fast_and_resumes_by_itself() {
+/// A configuration whose PostgreSQL is reached through a TCP proxy the test can cut, with a
+/// fresh key prefix and schema named after `name`, a small pool and a 1 s acquire timeout.
+async fn through_proxy(name: &str) -> (Proxy, DistributedConfig) {
     let database = std::env::var("RUNLANE_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let (user, host, db) = split_url(&database);
@@ -39,10 +40,16 @@ async fn postgres_outage_fails_triggers_fast_and_resumes_by_itself() {
         redis_support::url(),
         format!("postgres://{user}127.0.0.1:{}{db}", proxy.port()),
     );
-    config.redis.prefix = redis_support::fresh_prefix("outage");
-    config.postgres.schema = format!("rlt_outage_{}", std::process::id());
+    config.redis.prefix = redis_support::fresh_prefix(&name.replace('_', "-"));
+    config.postgres.schema = format!("rlt_{name}_{}", std::process::id());
     config.postgres.pool_size = 4;
     config.postgres.acquire_timeout = Duration::from_secs(1);
+    (proxy, config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_fails_triggers_fast_and_resumes_by_itself() {
+    let (proxy, mut config) = through_proxy("outage").await;
     config.throwaway = true;
     let engine = match runlane::distributed_with(EngineBuilder::new(), config).await {
         Ok(engine) => engine,
@@ -122,18 +129,7 @@ async fn postgres_outage_fails_triggers_fast_and_resumes_by_itself() {
 /// completes (its lease lapses and another worker runs it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_worker_does_not_wait_for_postgres_past_its_stop_timeout() {
-    let database = std::env::var("RUNLANE_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let (user, host, db) = split_url(&database);
-    let proxy = Proxy::start(host).await;
-    let mut config = DistributedConfig::new(
-        redis_support::url(),
-        format!("postgres://{user}127.0.0.1:{}{db}", proxy.port()),
-    );
-    config.redis.prefix = redis_support::fresh_prefix("outage-stop");
-    config.postgres.schema = format!("rlt_outage_stop_{}", std::process::id());
-    config.postgres.pool_size = 4;
-    config.postgres.acquire_timeout = Duration::from_secs(1);
+    let (proxy, mut config) = through_proxy("outage_stop").await;
     config.timer_lease = Duration::from_secs(1);
     config.throwaway = true;
     let engine = match runlane::distributed_with(EngineBuilder::new(), config).await {
