@@ -79,22 +79,36 @@ async fn dying_trigger() {
     panic!("the failpoint should have aborted the process before the trigger returned");
 }
 
-/// Runs this binary's test `test` as a child that triggers one run with the failpoint after
-/// the commit armed, and checks it died there.
-fn dying_trigger_child(test: &str, prefix: &str, schema: &str) {
-    let status = Command::new(std::env::current_exe().expect("this test binary"))
+/// Runs this binary's test `test` as a child in `role` with `failpoint` armed (and
+/// `RUNLANE_TEST_OUT` when given), and checks it died there.
+fn dying_child(
+    (test, role, failpoint): (&str, &str, &str),
+    prefix: &str,
+    schema: &str,
+    out: Option<&std::path::Path>,
+) {
+    let mut child = Command::new(std::env::current_exe().expect("this test binary"));
+    child
         .args(["--exact", test, "--nocapture", "--test-threads", "1"])
-        .env(ROLE, "trigger")
-        .env(runlane::FAILPOINT_VAR, runlane::AFTER_COMMIT_BEFORE_ENQUEUE)
+        .env(ROLE, role)
+        .env(runlane::FAILPOINT_VAR, failpoint)
         .env("RUNLANE_TEST_PREFIX", prefix)
         .env("RUNLANE_TEST_SCHEMA", schema)
-        .stdout(Stdio::null())
-        .status()
-        .expect("run the child");
+        .stdout(Stdio::null());
+    if let Some(out) = out {
+        child.env("RUNLANE_TEST_OUT", out);
+    }
+    let status = child.status().expect("run the child");
     assert!(
         !status.success(),
         "the child died at the failpoint: {status:?}"
     );
+}
+
+/// A child that triggers one run and dies after its commit, before its enqueue.
+fn dying_trigger_child(test: &str, prefix: &str, schema: &str) {
+    let failpoint = runlane::AFTER_COMMIT_BEFORE_ENQUEUE;
+    dying_child((test, "trigger", failpoint), prefix, schema, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,25 +162,7 @@ async fn a_running_engine_picks_up_a_run_another_process_left_pending() {
     let executed = Executions::default();
     let worker = counting_worker(engine.worker().lease(Duration::from_secs(1)), &executed).await;
 
-    let status = Command::new(std::env::current_exe().expect("this test binary"))
-        .args([
-            "--exact",
-            TEST_RUNNING,
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env(ROLE, "trigger")
-        .env(runlane::FAILPOINT_VAR, runlane::AFTER_COMMIT_BEFORE_ENQUEUE)
-        .env("RUNLANE_TEST_PREFIX", &prefix)
-        .env("RUNLANE_TEST_SCHEMA", &schema)
-        .stdout(Stdio::null())
-        .status()
-        .expect("run the child");
-    assert!(
-        !status.success(),
-        "the child died at the failpoint: {status:?}"
-    );
+    dying_trigger_child(TEST_RUNNING, &prefix, &schema);
     let stored = engine.list(&RunFilter::default()).await.expect("list");
     assert_eq!(stored.len(), 1, "the child's run is committed");
     let run = stored[0].id;
@@ -213,22 +209,12 @@ async fn crash_after_terminal_write_before_ack_never_runs_again() {
     let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("failpoint-ack-{}.txt", std::process::id()));
     let _ = std::fs::remove_file(&out);
-    let status = Command::new(std::env::current_exe().expect("this test binary"))
-        .args(["--exact", TEST_ACK, "--nocapture", "--test-threads", "1"])
-        .env(ROLE, "worker")
-        .env(
-            runlane::FAILPOINT_VAR,
-            runlane::AFTER_TERMINAL_WRITE_BEFORE_ACK,
-        )
-        .env("RUNLANE_TEST_PREFIX", &prefix)
-        .env("RUNLANE_TEST_SCHEMA", &schema)
-        .env("RUNLANE_TEST_OUT", &out)
-        .stdout(Stdio::null())
-        .status()
-        .expect("run the child");
-    assert!(
-        !status.success(),
-        "the child died at the failpoint: {status:?}"
+    let failpoint = runlane::AFTER_TERMINAL_WRITE_BEFORE_ACK;
+    dying_child(
+        (TEST_ACK, "worker", failpoint),
+        &prefix,
+        &schema,
+        Some(&out),
     );
     let ran = std::fs::read_to_string(&out).expect("the child ran the handler");
     let _ = std::fs::remove_file(&out);
