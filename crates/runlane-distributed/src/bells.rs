@@ -2,8 +2,8 @@
 //! call makes runs ready, but a worker in another process never hears those. So every dispatch
 //! call that made lanes ready also adds an entry, in the same atomic call, to a Redis stream per
 //! lane, `{prefix}:db:<lane>`, and to `{prefix}:db:*` (its `l` field names the lanes), each
-//! trimmed to one entry (`MAXLEN 1`: a few hundred bytes per lane, not per run). A rebuild of a
-//! lost key space adds an entry to every bell (see `dispatch.lua`).
+//! trimmed to one entry (`MAXLEN 1`: at most one stream node, ≤ 4.7 KB, per lane, not per
+//! run). A rebuild of a lost key space adds an entry to every bell (see `dispatch.lua`).
 //!
 //! Each distinct claim chain of this process has one reader task with its own dedicated
 //! connection (never the shared multiplexed one, no response timeout): it blocks in `XREAD`

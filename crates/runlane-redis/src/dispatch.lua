@@ -895,8 +895,8 @@ end
 -- processes block on (`XREAD BLOCK` on a dedicated connection per claim chain). Every call that
 -- made lanes ready adds an entry to each of their bells and one to the `*` bell (read by
 -- wildcard chains; its `l` field names the lanes). A reader remembers the last id it saw, so an
--- entry added after it is never missed; `MAXLEN 1` keeps a bell a few hundred bytes whatever
--- the number of runs. `id` is the entry id (default `*`).
+-- entry added after it is never missed; `MAXLEN 1` keeps a bell one stream node (≤ 4.7 KB)
+-- whatever the number of runs. `id` is the entry id (default `*`).
 local function bell(name, id, field, value)
   redis.call('XADD', P .. ':db:' .. name, 'MAXLEN', '1', id or '*', field, value)
 end
