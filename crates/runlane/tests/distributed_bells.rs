@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis_support::PrivateRedis;
+use runlane::core::backend::QueueBackend;
 use runlane::core::{RunId, RunStatus};
 use runlane::{
     Distributed, DistributedConfig, EngineBuilder, HandlerError, RunContext, WaitOutcome, Worker,
@@ -362,6 +363,68 @@ async fn a_run_in_one_lane_does_not_ring_a_process_that_only_claims_another() {
 
     x_worker.stop().await;
     y_worker.stop().await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_rings_every_bell_after_the_loss_even_with_nothing_to_re_enqueue() {
+    let server = PrivateRedis::start("bells-rebuild");
+    let deployment = Deployment::new("bells_rebuild", server.url());
+    let a = deployment.open(true).await;
+    let b = deployment.open(false).await;
+    let admin = redis::Client::open(server.url()).expect("private url");
+    let mut admin = admin.get_connection().expect("admin connection");
+    let bell = format!("{{{}}}:db:reports", deployment.prefix);
+    let newest = |conn: &mut redis::Connection| -> Option<(u64, u64)> {
+        let v: redis::Value = redis::cmd("XREVRANGE")
+            .arg(&bell)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query(conn)
+            .expect("xrevrange");
+        let redis::Value::Array(entries) = v else {
+            return None;
+        };
+        let redis::Value::Array(entry) = entries.first()? else {
+            return None;
+        };
+        let redis::Value::BulkString(id) = entry.first()? else {
+            return None;
+        };
+        let id = String::from_utf8(id.clone()).ok()?;
+        let (ms, seq) = id.split_once('-')?;
+        Some((ms.parse().ok()?, seq.parse().ok()?))
+    };
+
+    // B's reader has heard the `reports` bell once.
+    let (worker, mut started) = reporting_worker(&b, "reports:1").await;
+    let run = trigger(&a, "reports").await;
+    assert_eq!(taken(&mut started, "before the loss").await, run);
+    assert_completed(&a, run).await;
+    let before = newest(&mut admin).expect("the bell has an entry");
+    let wakes = b.bells().await[0].wakes;
+    assert!(wakes >= 1);
+
+    // The key space is lost with no run unfinished: the rebuild re-enqueues nothing, yet its
+    // last call rings every bell with an id after the loss, and B's reader hears it.
+    server.flushall();
+    a.queue().snapshot().await.expect("snapshot (rebuilds)");
+    assert_eq!(a.health().await.redis_backend.rebuilds, 1);
+    let after = newest(&mut admin).expect("the rebuild rang the bell");
+    assert!(after > before, "{after:?} after {before:?}");
+    until_bells(&b, "B hears the rebuild's ring", |r| {
+        r.len() == 1 && r[0].wakes > wakes
+    })
+    .await;
+
+    // And the bell works on: the next run reaches B's idle workloop.
+    let run = trigger(&a, "reports").await;
+    assert_eq!(taken(&mut started, "after the rebuild").await, run);
+    assert_completed(&a, run).await;
+    worker.stop().await;
     b.shutdown().await;
     a.shutdown().await;
 }
