@@ -17,12 +17,14 @@
 //!
 //! [`open`] wires it all and returns a [`Distributed`] engine handle with its [`Health`].
 
+mod bells;
 mod queue;
 mod shape;
 mod store;
 mod timer;
 mod wake;
 
+pub use bells::BellReader;
 pub use queue::{
     DistributedQueue, AFTER_COMMIT_BEFORE_ENQUEUE, AFTER_TERMINAL_WRITE_BEFORE_ACK, FAILPOINT_VAR,
 };

@@ -27,6 +27,7 @@ use runlane_postgres::PostgresStore;
 use runlane_redis::RedisQueue;
 use tokio::sync::Notify;
 
+use crate::bells::Bells;
 use crate::wake::Wake;
 
 /// The environment variable naming a crash point (tests of the store-first protocol).
@@ -75,6 +76,7 @@ pub struct DistributedQueue {
     redis: Arc<RedisQueue>,
     marks: Arc<Marks>,
     wake: Option<Arc<Wake>>,
+    bells: Option<Arc<Bells>>,
     /// Read once at construction: `RUNLANE_FAILPOINT`.
     failpoint: Option<String>,
 }
@@ -101,18 +103,25 @@ impl DistributedQueue {
             redis,
             marks,
             wake: None,
+            bells: None,
             failpoint: std::env::var(FAILPOINT_VAR).ok(),
         }
     }
 
-    /// Also publishes the lanes each call makes ready, for other processes' workers.
+    /// Also announces the deadlines each call leaves to the timer owner.
     pub(crate) fn with_wake(mut self, wake: Arc<Wake>) -> Self {
         self.wake = Some(wake);
         self
     }
 
-    /// Passes a cancel's outcome on, noting its admissions or grace deadline for other
-    /// processes.
+    /// Also reads the Redis doorbells of every chain a consumer registers, for this process's
+    /// workloops (see `bells.rs`).
+    pub(crate) fn with_bells(mut self, bells: Arc<Bells>) -> Self {
+        self.bells = Some(bells);
+        self
+    }
+
+    /// Passes a cancel's outcome on, noting its deadlines for the timer owner.
     fn noted(
         &self,
         outcome: Result<CancelOutcome, QueueError>,
@@ -127,7 +136,7 @@ impl DistributedQueue {
         outcome
     }
 
-    /// Passes a call's effects on, noting its ready lanes for other processes.
+    /// Passes a call's effects on, noting its deadline for the timer owner.
     fn rang(&self, effects: Result<Effects, QueueError>) -> Result<Effects, QueueError> {
         if let (Some(wake), Ok(fx)) = (&self.wake, &effects) {
             wake.note(fx);
@@ -460,13 +469,22 @@ impl QueueBackend for DistributedQueue {
         chain: &ClaimChain,
         now: Timestamp,
     ) -> Result<ConsumerId, QueueError> {
-        self.redis.register_consumer(chain, now).await
+        let id = self.redis.register_consumer(chain, now).await?;
+        if let Some(bells) = &self.bells {
+            // The chain's reader has read its bells' last ids before the workloop's first
+            // claim: every ring after that claim reaches it.
+            bells.join(id, chain).await;
+        }
+        Ok(id)
     }
     async fn unregister_consumer(
         &self,
         id: ConsumerId,
         now: Timestamp,
     ) -> Result<Effects, QueueError> {
+        if let Some(bells) = &self.bells {
+            bells.leave(id).await;
+        }
         self.rang(self.redis.unregister_consumer(id, now).await)
     }
     fn claims_in_process(&self) -> bool {

@@ -15,6 +15,7 @@ use runlane_redis::{
 };
 use tokio::sync::Notify;
 
+use crate::bells::{BellReader, Bells};
 use crate::queue::DistributedQueue;
 use crate::store::DistributedStore;
 use crate::timer::{spawn_lead, TimerLead};
@@ -110,6 +111,7 @@ pub struct Distributed {
     lead: Arc<TimerLead>,
     lead_task: tokio::task::JoinHandle<()>,
     client: redis::Client,
+    bells: Arc<Bells>,
 }
 
 impl Drop for Distributed {
@@ -119,6 +121,7 @@ impl Drop for Distributed {
         self.subscriber.abort();
         self.lead_task.abort();
         self.lead.abandon();
+        self.bells.abort_all();
     }
 }
 
@@ -168,6 +171,17 @@ impl Distributed {
         self.lead.taken()
     }
 
+    /// The doorbell readers of this process: one per distinct claim chain of its registered
+    /// consumers, each with its own blocking connection.
+    pub async fn bells(&self) -> Vec<BellReader> {
+        self.bells.readers().await
+    }
+
+    /// The connection name (`CLIENT SETNAME`) of this process's doorbell readers.
+    pub fn bell_client_name(&self) -> &str {
+        self.bells.client_name()
+    }
+
     /// Stops the reconciler, the cross-process tasks and the engine's timer service, and
     /// gives the timer ownership up so another process takes it at once.
     pub async fn shutdown(&self) {
@@ -176,6 +190,7 @@ impl Distributed {
         self.lead_task.abort();
         self.lead.release(&self.client).await;
         self.engine.shutdown().await;
+        self.bells.close().await;
     }
 }
 
@@ -188,6 +203,7 @@ pub async fn open(
 ) -> Result<Distributed, DistributedError> {
     let url = config.postgres.url.clone();
     let redis_url = config.redis.url.clone();
+    let config_prefix = config.redis.prefix.clone();
     // The task metadata cache: its own connection (made at first use, so an unreachable cache
     // Redis never stops the open) and its own announcements channel.
     let meta = RedisMetaCache::new(RedisMetaConfig::new(
@@ -226,6 +242,11 @@ pub async fn open(
             address: redis_url.clone(),
             reason: e.to_string(),
         })?;
+    let bells = Arc::new(Bells::new(
+        client.clone(),
+        redis.key_base(),
+        format!("runlane-bell:{}:{origin}", config_prefix),
+    ));
     let wake = Arc::new(Wake::new(lead.clone(), origin));
     {
         let wake = Arc::downgrade(&wake);
@@ -247,11 +268,13 @@ pub async fn open(
             store.clone(),
             config.mark_linger.min(config.reconcile.grace / 2),
         )
-        .with_wake(wake.clone()),
+        .with_wake(wake.clone())
+        .with_bells(bells.clone()),
     );
     let engine = builder
         .open(queue.clone() as Arc<dyn QueueBackend>, Arc::new(run_store))
         .await?;
+    bells.set_engine(engine.downgrade());
     {
         let wake = wake.clone();
         engine.tap_statuses(Arc::new(move |event| wake.note_event(event)));
@@ -293,5 +316,6 @@ pub async fn open(
         lead,
         lead_task,
         client,
+        bells,
     })
 }

@@ -1,11 +1,9 @@
-//! What crosses processes through Redis pub/sub, on three channels under the deployment's
+//! What crosses processes through Redis pub/sub, on two channels under the deployment's
 //! prefix, each published in batches by one publisher task (one `PUBLISH` per batch and
-//! channel, off the callers' paths) and read by one subscriber task per process:
+//! channel, off the callers' paths) and read by one subscriber task per process. (Doorbells
+//! do not go this way: they are per-lane streams read on a dedicated blocking connection per
+//! claim chain, see `bells.rs`.)
 //!
-//! - `{prefix}:wake` — doorbells. An engine rings its own lanes' doorbells when a queue call
-//!   makes runs ready, but a worker in another process never hears those; every call of this
-//!   process that made lanes ready publishes their names, and the subscriber rings the named
-//!   lanes in this process's engine. An idle process waits on the subscription: no polling.
 //! - `{prefix}:timer` — deadlines for the timer owner (see `timer.rs`): the earliest deadline a
 //!   batch of this process's calls left, published only when Redis says (`announce`) it is
 //!   earlier than what the owner sleeps until; the owner's subscriber re-arms its timer.
@@ -19,14 +17,13 @@
 //! gap is answered then, not at the wait's timeout), every idle workloop claims once (a ring
 //! lost in the gap costs no stuck run), and the timer owner re-reads its deadline.
 
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use runlane_core::backend::Effects;
-use runlane_core::{EnvName, LaneName, RunId, RunStatus, Timestamp};
+use runlane_core::{EnvName, RunId, RunStatus, Timestamp};
 use runlane_engine::{RunEvent, RunEventKind, WeakEngine};
 use runlane_redis::RedisQueue;
 use tokio::sync::Notify;
@@ -39,7 +36,6 @@ const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 /// The channels of one deployment.
 #[derive(Clone, Debug)]
 pub(crate) struct Channels {
-    pub(crate) wake: String,
     pub(crate) timer: String,
     pub(crate) events: String,
 }
@@ -47,7 +43,6 @@ pub(crate) struct Channels {
 impl Channels {
     pub(crate) fn new(base: &str) -> Self {
         Channels {
-            wake: format!("{base}:wake"),
             timer: format!("{base}:timer"),
             events: format!("{base}:events"),
         }
@@ -57,19 +52,17 @@ impl Channels {
 /// What this process has to publish.
 #[derive(Default)]
 struct Outbox {
-    lanes: BTreeSet<String>,
     deadline: Option<Timestamp>,
     events: Vec<String>,
 }
 
 impl Outbox {
     fn is_empty(&self) -> bool {
-        self.lanes.is_empty() && self.deadline.is_none() && self.events.is_empty()
+        self.deadline.is_none() && self.events.is_empty()
     }
 }
 
-/// Lanes made ready, deadlines created and runs finished in this process, waiting to be
-/// published.
+/// Deadlines created and runs finished in this process, waiting to be published.
 pub(crate) struct Wake {
     outbox: Mutex<Outbox>,
     notify: Notify,
@@ -98,42 +91,33 @@ impl Wake {
         self.outbox.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Notes the lanes a call made ready and the earliest deadline it left.
+    /// Notes the earliest deadline a call left (its ready lanes ring the Redis doorbells in
+    /// the call itself).
     pub(crate) fn note(&self, effects: &Effects) {
-        self.note_parts(&effects.ready_lanes, effects.deadline);
+        self.note_deadline(effects.deadline);
     }
 
-    /// Notes what a rebuild of the key space re-enqueued: its lanes are rung in every process
-    /// (this one too, through its own subscription) and its earliest deadline is announced even
-    /// when this process owns the timers, since no call of the owner's engine carried it.
+    /// Notes what a rebuild of the key space re-enqueued: its earliest deadline is announced
+    /// even when this process owns the timers, since no call of the owner's engine carried it.
+    /// (Its lanes, and every other, were rung by the rebuild's last call, in every process.)
     pub(crate) fn note_rebuilt(&self, effects: &Effects) {
-        self.note_lanes_and_deadline(&effects.ready_lanes, effects.deadline);
+        self.note_any_deadline(effects.deadline);
     }
 
     /// Notes a deadline a call created (a claim's lease).
     pub(crate) fn note_deadline(&self, deadline: Option<Timestamp>) {
-        self.note_parts(&[], deadline);
-    }
-
-    fn note_parts(&self, lanes: &[LaneName], deadline: Option<Timestamp>) {
         // The owner's own calls re-arm its own timer through the engine.
-        let deadline = deadline.filter(|_| !self.lead.is_leader());
-        self.note_lanes_and_deadline(lanes, deadline);
+        self.note_any_deadline(deadline.filter(|_| !self.lead.is_leader()));
     }
 
-    fn note_lanes_and_deadline(&self, lanes: &[LaneName], deadline: Option<Timestamp>) {
-        if lanes.is_empty() && deadline.is_none() {
+    fn note_any_deadline(&self, deadline: Option<Timestamp>) {
+        let Some(d) = deadline else {
             return;
-        }
+        };
         let first = {
             let mut out = self.lock();
             let was_empty = out.is_empty();
-            for lane in lanes {
-                out.lanes.insert(lane.as_str().to_string());
-            }
-            if let Some(d) = deadline {
-                out.deadline = Some(out.deadline.map_or(d, |o| o.min(d)));
-            }
+            out.deadline = Some(out.deadline.map_or(d, |o| o.min(d)));
             was_empty
         };
         if first {
@@ -206,10 +190,6 @@ pub(crate) fn spawn_publisher(
                 continue;
             };
             let mut failed = false;
-            if !out.lanes.is_empty() {
-                let lanes: Vec<String> = out.lanes.into_iter().collect();
-                failed |= publish(c, &channels.wake, lanes.join(",")).await;
-            }
             if let Some(d) = out.deadline.filter(|d| Some(*d) != covered) {
                 if let Some(redis) = redis.upgrade() {
                     match redis.announce(d).await {
@@ -265,7 +245,7 @@ fn parse_event(line: &str) -> Option<(RunId, EnvName, RunStatus, u32, Timestamp)
 }
 
 /// Acts, in this process's engine, on what other processes (and this one) publish, until
-/// the engine is gone: rings lanes, re-arms the timer when this process owns it, and
+/// the engine is gone: re-arms the timer when this process owns it, and
 /// publishes other processes' terminal statuses on the local event bus. The caller aborts it
 /// at shutdown.
 pub(crate) fn spawn_subscriber(
@@ -277,7 +257,7 @@ pub(crate) fn spawn_subscriber(
     tokio::spawn(async move {
         loop {
             if let Ok(mut pubsub) = client.get_async_pubsub().await {
-                let names = [&channels.wake, &channels.timer, &channels.events];
+                let names = [&channels.timer, &channels.events];
                 if pubsub.subscribe(&names[..]).await.is_ok() {
                     // Messages published while this process was not subscribed are lost: waits
                     // here read their runs from the store, idle workloops claim once, and the
@@ -302,18 +282,7 @@ pub(crate) fn spawn_subscriber(
                             return;
                         };
                         let channel = msg.get_channel_name();
-                        if channel == channels.wake {
-                            let ready_lanes = payload
-                                .split(',')
-                                .filter_map(|l| LaneName::new(l).ok())
-                                .collect();
-                            engine
-                                .apply_effects(Effects {
-                                    ready_lanes,
-                                    ..Effects::default()
-                                })
-                                .await;
-                        } else if channel == channels.timer {
+                        if channel == channels.timer {
                             if !wake.lead.is_leader() {
                                 continue;
                             }

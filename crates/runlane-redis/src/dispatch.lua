@@ -891,8 +891,41 @@ local function next_deadline()
   return best or -1
 end
 
+-- Doorbells (`{p}:db:<lane>`, `{p}:db:*`): streams of at most one entry that workloops of other
+-- processes block on (`XREAD BLOCK` on a dedicated connection per claim chain). Every call that
+-- made lanes ready adds an entry to each of their bells and one to the `*` bell (read by
+-- wildcard chains; its `l` field names the lanes). A reader remembers the last id it saw, so an
+-- entry added after it is never missed; `MAXLEN 1` keeps a bell one stream node (≤ 4.7 KB)
+-- whatever the number of runs. `id` is the entry id (default `*`).
+local function bell(name, id, field, value)
+  redis.call('XADD', P .. ':db:' .. name, 'MAXLEN', '1', id or '*', field, value)
+end
+
+local function ring_bells()
+  if #fx_lanes == 0 then return end
+  for _, lane in ipairs(fx_lanes) do bell(lane, nil, 'r', '1') end
+  bell('*', nil, 'l', table.concat(fx_lanes, ','))
+end
+
+-- After a rebuild: every lane's bell and the `*` bell, with an id after the server's clock (a
+-- reader whose last id is from before the key space was lost, even in the same millisecond,
+-- sees it). A bell whose last id is already later (the clock went back) takes the next id.
+local function ring_all_bells()
+  local t = redis.call('TIME')
+  local id = string.format('%d-*', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + 1)
+  local lanes = redis.call('SMEMBERS', K_LANES)
+  table.sort(lanes)
+  local function at(name, field, value)
+    local added = redis.pcall('XADD', P .. ':db:' .. name, 'MAXLEN', '1', id, field, value)
+    if type(added) == 'table' and added.err then bell(name, nil, field, value) end
+  end
+  for _, lane in ipairs(lanes) do at(lane, 'r', '1') end
+  at('*', 'l', table.concat(lanes, ','))
+end
+
 local function answer(code, ...)
   flush_lease_drops()
+  ring_bells()
   local out = { code, fx_moved, fx_lanes, next_deadline() }
   for _, v in ipairs({ ... }) do out[#out + 1] = v end
   return cmsgpack.pack(out)
@@ -900,6 +933,8 @@ end
 
 local function fail(code, ...)
   flush_lease_drops()
+  -- Lanes a refused call made ready (e.g. `register_consumer`'s admissions) still ring.
+  ring_bells()
   local out = { code, {}, {}, -1 }
   for _, v in ipairs({ ... }) do out[#out + 1] = v end
   return cmsgpack.pack(out)
@@ -1058,6 +1093,7 @@ local function check()
   if GEN == 'rebuild' then
     if op == 'rebuilt' then
       redis.call('HDEL', K_CFG, 'reb')
+      ring_all_bells()
       return fail('ok')
     end
   else

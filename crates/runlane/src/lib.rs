@@ -16,8 +16,9 @@
 
 pub use runlane_core as core;
 pub use runlane_distributed::{
-    Distributed, DistributedConfig, DistributedError, DistributedQueue, DistributedStore, Health,
-    AFTER_COMMIT_BEFORE_ENQUEUE, AFTER_TERMINAL_WRITE_BEFORE_ACK, FAILPOINT_VAR,
+    BellReader, Distributed, DistributedConfig, DistributedError, DistributedQueue,
+    DistributedStore, Health, AFTER_COMMIT_BEFORE_ENQUEUE, AFTER_TERMINAL_WRITE_BEFORE_ACK,
+    FAILPOINT_VAR,
 };
 pub use runlane_engine::*;
 pub use runlane_postgres::reconcile::ReconcileConfig;

@@ -249,7 +249,8 @@ fn scratch(tag: &str) -> PathBuf {
 
 /// Two worker processes beside `engine` (env `b` at limit 8, which `trigger_many` uses; lease
 /// 2 s; `redis_url` and `extra` environment for them; `outs` their outputs), answered once all
-/// three processes listen for wake-ups (counted on `watch_url`, a direct line to the server).
+/// three processes listen on the events channel (counted on `watch_url`, a direct line to the
+/// server).
 async fn two_workers(
     engine: &runlane::Distributed,
     redis_url: &str,
@@ -274,7 +275,7 @@ async fn two_workers(
             .map(|o| spawn_child(redis_url, prefix, schema, o, Duration::from_secs(2), extra))
             .collect(),
     );
-    let channel = format!("{{{prefix}}}:wake");
+    let channel = format!("{{{prefix}}}:events");
     until("the worker processes", Duration::from_secs(60), || {
         subscribers(watch_url, &channel) >= 3
     })
@@ -517,7 +518,7 @@ async fn twenty_thousand_runs_three_processes_limits_hold() {
             .map(|o| spawn_child(&url, &prefix, &schema, o, Duration::from_secs(10), &[]))
             .collect(),
     );
-    let channel = format!("{{{prefix}}}:wake");
+    let channel = format!("{{{prefix}}}:events");
     until("the worker processes", Duration::from_secs(60), || {
         subscribers(&url, &channel) >= 3
     })
@@ -653,7 +654,7 @@ async fn sigkilled_worker_runs_recovered_within_lease_plus_one_second() {
     let engine = runlane::distributed_with(EngineBuilder::new(), parent)
         .await
         .unwrap_or_else(|e| panic!("redis and postgresql are required: {e}"));
-    let channel = format!("{{{prefix}}}:wake");
+    let channel = format!("{{{prefix}}}:events");
     until("the first worker process", Duration::from_secs(60), || {
         subscribers(&url, &channel) >= 2
     })

@@ -1,0 +1,430 @@
+//! Per-lane doorbells across processes (issue 4): a run made ready in one process reaches the
+//! idle workloops of another through the Redis bell of its lane (`{prefix}:db:<lane>`, or the
+//! `*` bell for wildcard chains), read by one reader per distinct claim chain on its own
+//! blocking connection. Each engine here is a "process" of its own (its own connections and
+//! readers). Leases are long, so no heartbeat or lease expiry wakes a workloop: only a bell
+//! does. Redis (`RUNLANE_REDIS_URL`), PostgreSQL (`RUNLANE_DATABASE_URL`) and `redis-server`
+//! are required: a missing one fails the test.
+
+mod redis_support;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use redis_support::PrivateRedis;
+use runlane::core::backend::QueueBackend;
+use runlane::core::{RunId, RunStatus};
+use runlane::{
+    Distributed, DistributedConfig, EngineBuilder, HandlerError, RunContext, WaitOutcome, Worker,
+};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// Long enough that no heartbeat or expiry wakes anything during a test.
+const LEASE: Duration = Duration::from_secs(600);
+/// How long a run may take to reach an idle worker of another process.
+const BOUND: Duration = Duration::from_secs(5);
+
+fn database_url() -> String {
+    std::env::var("RUNLANE_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// One deployment (prefix and schema) on the Redis at `url`; each `open` is one process.
+struct Deployment {
+    url: String,
+    prefix: String,
+    schema: String,
+}
+
+impl Deployment {
+    fn new(tag: &str, url: String) -> Self {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        Deployment {
+            url,
+            prefix: redis_support::fresh_prefix(tag),
+            schema: format!("rlt_{tag}_{}_{n}", std::process::id()),
+        }
+    }
+
+    /// A process of the deployment; `throwaway` for the one that cleans up.
+    async fn open(&self, throwaway: bool) -> Distributed {
+        let mut config = DistributedConfig::new(self.url.clone(), database_url());
+        config.redis.prefix = self.prefix.clone();
+        config.redis.response_timeout = Duration::from_secs(5);
+        config.postgres.schema = self.schema.clone();
+        config.postgres.pool_size = 4;
+        config.throwaway = throwaway;
+        let engine = match runlane::distributed_with(EngineBuilder::new(), config).await {
+            Ok(engine) => engine,
+            Err(e) => panic!("redis and postgresql are required: {e}"),
+        };
+        for lane in ["reports", "other", "x", "y"] {
+            engine.add_lane(lane).await.expect("add lane");
+        }
+        engine
+    }
+}
+
+/// A worker of `engine` with `workloops`, whose `job` handler reports each run it starts.
+async fn reporting_worker(
+    engine: &Distributed,
+    workloops: &str,
+) -> (Worker, mpsc::UnboundedReceiver<RunId>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let worker = engine
+        .worker()
+        .workloops(workloops)
+        .lease(LEASE)
+        .handler("job", move |ctx: RunContext| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(ctx.run_id());
+                Ok::<Value, HandlerError>(Value::Null)
+            }
+        })
+        .start()
+        .await
+        .expect("worker");
+    (worker, rx)
+}
+
+async fn trigger(engine: &Distributed, lane: &str) -> RunId {
+    engine
+        .trigger("job")
+        .lane(lane)
+        .send()
+        .await
+        .expect("trigger")
+        .run
+        .id
+}
+
+async fn assert_completed(engine: &Distributed, run: RunId) {
+    match engine
+        .wait(run, Duration::from_secs(30))
+        .await
+        .expect("wait")
+    {
+        WaitOutcome::Finished(record) => assert_eq!(record.status, RunStatus::Completed),
+        WaitOutcome::Pending { status, .. } => panic!("run {run} still {status:?}"),
+    }
+}
+
+/// The next run `rx` reports, within [`BOUND`].
+async fn taken(rx: &mut mpsc::UnboundedReceiver<RunId>, what: &str) -> RunId {
+    tokio::time::timeout(BOUND, rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not taken within {BOUND:?}"))
+        .expect("worker alive")
+}
+
+/// `INFO clients` → `connected_clients` of a (private) server.
+fn connected_clients(conn: &mut redis::Connection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("clients").query(conn).expect("info");
+    info.lines()
+        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("connected_clients")
+}
+
+/// The `CLIENT LIST` lines of connections named `name`.
+fn clients_named(conn: &mut redis::Connection, name: &str) -> Vec<String> {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(conn)
+        .expect("client list");
+    let field = format!(" name={name} ");
+    list.lines()
+        .filter(|l| l.contains(&field))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Waits (bounded) until `check` holds for the bell readers of `engine`.
+async fn until_bells(
+    engine: &Distributed,
+    what: &str,
+    check: impl Fn(&[runlane::BellReader]) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + BOUND;
+    loop {
+        let bells = engine.bells().await;
+        if check(&bells) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: bells are {bells:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_of_another_process_takes_runs_through_its_lane_bell() {
+    let deployment = Deployment::new("bells_take", redis_support::url());
+    let a = deployment.open(true).await;
+    let b = deployment.open(false).await;
+    let base = format!("{{{}}}", deployment.prefix);
+
+    // A named-lane chain: B's reader blocks on the `reports` bell only.
+    let (filter, mut started) = reporting_worker(&b, "reports:1").await;
+    let bells = b.bells().await;
+    assert_eq!(bells.len(), 1, "{bells:?}");
+    assert_eq!(bells[0].keys, vec![format!("{base}:db:reports")]);
+    for i in 0..5 {
+        let run = trigger(&a, "reports").await;
+        assert_eq!(taken(&mut started, &format!("reports run {i}")).await, run);
+        assert_completed(&a, run).await;
+    }
+    let wakes = b.bells().await[0].wakes;
+    assert!(wakes >= 5, "each run rang B's bell: {wakes} wakes");
+    filter.stop().await;
+    until_bells(&b, "the last consumer of a chain ends its reader", |r| {
+        r.is_empty()
+    })
+    .await;
+
+    // A wildcard chain: B's reader blocks on the `*` bell, rung for every lane.
+    let (wildcard, mut started) = reporting_worker(&b, "*:1").await;
+    let bells = b.bells().await;
+    assert_eq!(bells.len(), 1, "{bells:?}");
+    assert_eq!(bells[0].keys, vec![format!("{base}:db:*")]);
+    for (i, lane) in ["other", "reports", "other"].into_iter().enumerate() {
+        let run = trigger(&a, lane).await;
+        assert_eq!(taken(&mut started, &format!("{lane} run {i}")).await, run);
+        assert_completed(&a, run).await;
+    }
+    assert!(b.bells().await[0].wakes >= 3);
+    wildcard.stop().await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_blocking_connection_per_distinct_chain_whatever_the_number_of_runs() {
+    let server = PrivateRedis::start("bells-conns");
+    let deployment = Deployment::new("bells_conns", server.url());
+    let a = deployment.open(true).await;
+    let b = deployment.open(false).await;
+    let admin = redis::Client::open(server.url()).expect("private url");
+    let mut admin = admin.get_connection().expect("admin connection");
+
+    // Five workers, three distinct chains: `reports` (twice), `other>reports`, wildcards
+    // (`*` and `manual>*` read the same `*` bell).
+    let mut workers = Vec::new();
+    let mut receivers = Vec::new();
+    for spec in [
+        "reports:2",
+        "reports:1",
+        "other>reports:1",
+        "*:1",
+        "manual>*:1",
+    ] {
+        let (w, rx) = reporting_worker(&b, spec).await;
+        workers.push(w);
+        receivers.push(rx);
+    }
+    let bells = b.bells().await;
+    assert_eq!(
+        bells.iter().map(|r| r.chain.as_str()).collect::<Vec<_>>(),
+        vec!["F>other>reports", "F>reports", "P"],
+    );
+    assert_eq!(bells.iter().map(|r| r.consumers).sum::<usize>(), 5);
+    let named = clients_named(&mut admin, b.bell_client_name());
+    assert_eq!(
+        named.len(),
+        3,
+        "one blocking connection per distinct chain: {named:#?}"
+    );
+    assert!(
+        clients_named(&mut admin, a.bell_client_name()).is_empty(),
+        "A has no workers"
+    );
+
+    // A first run warms every lazily made connection up.
+    let run = trigger(&a, "reports").await;
+    assert_completed(&a, run).await;
+    let before = connected_clients(&mut admin);
+
+    let mut runs = Vec::new();
+    for i in 0..500 {
+        let lane = ["reports", "other", "manual", "default"][i % 4];
+        runs.push(trigger(&a, lane).await);
+    }
+    for run in &runs {
+        assert_completed(&a, *run).await;
+    }
+    assert_eq!(
+        connected_clients(&mut admin),
+        before,
+        "500 runs open no connection"
+    );
+    assert_eq!(clients_named(&mut admin, b.bell_client_name()).len(), 3);
+
+    for w in workers {
+        w.stop().await;
+    }
+    until_bells(&b, "stopped workers end their readers", |r| r.is_empty()).await;
+    assert!(
+        clients_named(&mut admin, b.bell_client_name()).is_empty(),
+        "the readers' connections are closed with them"
+    );
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_bell_connection_is_reestablished_and_idle_workers_wake_again() {
+    let server = PrivateRedis::start("bells-kill");
+    let deployment = Deployment::new("bells_kill", server.url());
+    let a = deployment.open(true).await;
+    let b = deployment.open(false).await;
+    let admin = redis::Client::open(server.url()).expect("private url");
+    let mut admin = admin.get_connection().expect("admin connection");
+
+    let (worker, mut started) = reporting_worker(&b, "reports:1").await;
+    let run = trigger(&a, "reports").await;
+    assert_eq!(taken(&mut started, "before the kill").await, run);
+    assert_completed(&a, run).await;
+    assert_eq!(b.bells().await[0].connects, 1);
+
+    // Kill B's bell connection (only it).
+    let named = clients_named(&mut admin, b.bell_client_name());
+    assert_eq!(named.len(), 1, "{named:#?}");
+    let id = named[0]
+        .split(' ')
+        .find_map(|f| f.strip_prefix("id="))
+        .expect("client id")
+        .to_string();
+    let killed: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(&id)
+        .query(&mut admin)
+        .expect("client kill");
+    assert_eq!(killed, 1);
+
+    // B's idle workloop takes the next run (its reader reconnected, then resynced or rang).
+    let run = trigger(&a, "reports").await;
+    assert_eq!(taken(&mut started, "after the kill").await, run);
+    assert_completed(&a, run).await;
+    until_bells(&b, "the reader reconnects", |r| {
+        r.len() == 1 && r[0].connects == 2 && r[0].connected
+    })
+    .await;
+
+    // And the bell alone wakes it again, over the new connection.
+    let wakes = b.bells().await[0].wakes;
+    let run = trigger(&a, "reports").await;
+    assert_eq!(taken(&mut started, "over the new connection").await, run);
+    assert_completed(&a, run).await;
+    assert!(b.bells().await[0].wakes > wakes, "the new connection rang");
+    let named = clients_named(&mut admin, b.bell_client_name());
+    assert_eq!(named.len(), 1, "one connection again: {named:#?}");
+    assert_ne!(
+        named[0].split(' ').find_map(|f| f.strip_prefix("id=")),
+        Some(id.as_str()),
+        "a new connection"
+    );
+
+    worker.stop().await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_in_one_lane_does_not_ring_a_process_that_only_claims_another() {
+    let deployment = Deployment::new("bells_only", redis_support::url());
+    let a = deployment.open(true).await;
+    let b = deployment.open(false).await;
+
+    let (x_worker, mut x_started) = reporting_worker(&a, "x:1").await;
+    let (y_worker, mut y_started) = reporting_worker(&b, "y:1").await;
+    for i in 0..20 {
+        let run = trigger(&a, "x").await;
+        assert_eq!(taken(&mut x_started, &format!("x run {i}")).await, run);
+        assert_completed(&a, run).await;
+    }
+    let y = b.bells().await;
+    assert_eq!(y.len(), 1, "{y:?}");
+    assert_eq!(y[0].wakes, 0, "lane x never rang B's lane y bell");
+
+    // Lane y rings it: once.
+    let run = trigger(&a, "y").await;
+    assert_eq!(taken(&mut y_started, "the y run").await, run);
+    assert_completed(&a, run).await;
+    assert_eq!(b.bells().await[0].wakes, 1, "one ready run in y, one ring");
+    assert!(y_started.try_recv().is_err());
+    assert!(x_started.try_recv().is_err());
+
+    x_worker.stop().await;
+    y_worker.stop().await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_rings_every_bell_after_the_loss_even_with_nothing_to_re_enqueue() {
+    let server = PrivateRedis::start("bells-rebuild");
+    let deployment = Deployment::new("bells_rebuild", server.url());
+    let a = deployment.open(true).await;
+    let b = deployment.open(false).await;
+    let admin = redis::Client::open(server.url()).expect("private url");
+    let mut admin = admin.get_connection().expect("admin connection");
+    let bell = format!("{{{}}}:db:reports", deployment.prefix);
+    let newest = |conn: &mut redis::Connection| -> Option<(u64, u64)> {
+        let v: redis::Value = redis::cmd("XREVRANGE")
+            .arg(&bell)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query(conn)
+            .expect("xrevrange");
+        let redis::Value::Array(entries) = v else {
+            return None;
+        };
+        let redis::Value::Array(entry) = entries.first()? else {
+            return None;
+        };
+        let redis::Value::BulkString(id) = entry.first()? else {
+            return None;
+        };
+        let id = String::from_utf8(id.clone()).ok()?;
+        let (ms, seq) = id.split_once('-')?;
+        Some((ms.parse().ok()?, seq.parse().ok()?))
+    };
+
+    // B's reader has heard the `reports` bell once.
+    let (worker, mut started) = reporting_worker(&b, "reports:1").await;
+    let run = trigger(&a, "reports").await;
+    assert_eq!(taken(&mut started, "before the loss").await, run);
+    assert_completed(&a, run).await;
+    let before = newest(&mut admin).expect("the bell has an entry");
+    let wakes = b.bells().await[0].wakes;
+    assert!(wakes >= 1);
+
+    // The key space is lost with no run unfinished: the rebuild re-enqueues nothing, yet its
+    // last call rings every bell with an id after the loss, and B's reader hears it.
+    server.flushall();
+    a.queue().snapshot().await.expect("snapshot (rebuilds)");
+    assert_eq!(a.health().await.redis_backend.rebuilds, 1);
+    let after = newest(&mut admin).expect("the rebuild rang the bell");
+    assert!(after > before, "{after:?} after {before:?}");
+    until_bells(&b, "B hears the rebuild's ring", |r| {
+        r.len() == 1 && r[0].wakes > wakes
+    })
+    .await;
+
+    // And the bell works on: the next run reaches B's idle workloop.
+    let run = trigger(&a, "reports").await;
+    assert_eq!(taken(&mut started, "after the rebuild").await, run);
+    assert_completed(&a, run).await;
+    worker.stop().await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
