@@ -110,7 +110,7 @@ pub struct Distributed {
     subscriber: tokio::task::JoinHandle<()>,
     lead: Arc<TimerLead>,
     lead_task: tokio::task::JoinHandle<()>,
-    client: redis::Client,
+    shared: redis::aio::ConnectionManager,
     bells: Arc<Bells>,
 }
 
@@ -188,7 +188,7 @@ impl Distributed {
         self.stop.notify_one();
         self.subscriber.abort();
         self.lead_task.abort();
-        self.lead.release(&self.client).await;
+        self.lead.release(&self.shared).await;
         self.engine.shutdown().await;
         self.bells.close().await;
     }
@@ -204,8 +204,9 @@ pub async fn open(
     let url = config.postgres.url.clone();
     let redis_url = config.redis.url.clone();
     let config_prefix = config.redis.prefix.clone();
-    // The task metadata cache: its own connection (made at first use, so an unreachable cache
-    // Redis never stops the open) and its own announcements channel.
+    // The task metadata cache: on the queue's Redis it shares the queue's connection; on a
+    // Redis of its own, its own connection (made at first use, so an unreachable cache Redis
+    // never stops the open). Its announcements channel is its own either way.
     let meta = RedisMetaCache::new(RedisMetaConfig::new(
         config
             .meta_cache_url
@@ -213,7 +214,7 @@ pub async fn open(
             .unwrap_or_else(|| redis_url.clone()),
         config.redis.prefix.clone(),
     ))?;
-    let builder = builder.shared_meta_cache(Arc::new(meta));
+    let own_meta_redis = config.meta_cache_url.is_some();
     let store = Arc::new(PostgresStore::open(config.postgres).await?);
     let mut redis = RedisQueue::open(config.redis).await?;
     let mut run_store = DistributedStore::new(store.clone());
@@ -223,6 +224,16 @@ pub async fn open(
     }
     let redis = Arc::new(redis);
     redis.attach_store(store.clone());
+    // One multiplexed connection for every non-blocking call of this process: the queue's
+    // scripts, the publisher, the timer lead, the metadata cache (on this Redis). Blocking
+    // reads (bells) and subscriptions have connections of their own.
+    let shared = redis.connection();
+    let meta = if own_meta_redis {
+        meta
+    } else {
+        meta.with_connection(shared.clone())
+    };
+    let builder = builder.shared_meta_cache(Arc::new(meta));
     let channels = Channels::new(redis.key_base());
     let origin = format!(
         "{}-{:x}",
@@ -258,7 +269,7 @@ pub async fn open(
     }
     spawn_publisher(
         wake.clone(),
-        client.clone(),
+        shared.clone(),
         channels.clone(),
         Arc::downgrade(&redis),
     );
@@ -306,7 +317,7 @@ pub async fn open(
     };
     spawn_reconciler(store.clone(), config.reconcile, now, enqueue, stop.clone());
     let subscriber = spawn_subscriber(client.clone(), channels, engine.downgrade(), wake);
-    let lead_task = spawn_lead(lead.clone(), client.clone(), engine.downgrade());
+    let lead_task = spawn_lead(lead.clone(), shared.clone(), engine.downgrade());
     Ok(Distributed {
         engine,
         queue,
@@ -315,7 +326,7 @@ pub async fn open(
         subscriber,
         lead,
         lead_task,
-        client,
+        shared,
         bells,
     })
 }

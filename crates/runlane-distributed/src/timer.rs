@@ -19,11 +19,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use redis::aio::ConnectionManager;
 use runlane_core::backend::Effects;
 use runlane_core::Timestamp;
 use runlane_engine::WeakEngine;
 
-/// How long a process waits before it connects again after an error.
+/// How long a process waits before it calls again after an error.
 const RETRY_AFTER: Duration = Duration::from_millis(250);
 
 /// Renews the leader key only while it still holds this process's value.
@@ -76,17 +77,15 @@ impl TimerLead {
 
     /// Gives the ownership up (clean shutdown), so another process takes over at once
     /// instead of after the lease.
-    pub(crate) async fn release(&self, client: &redis::Client) {
+    pub(crate) async fn release(&self, conn: &ConnectionManager) {
         if !self.leader.swap(false, Ordering::SeqCst) {
             return;
         }
-        if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
-            let _: redis::RedisResult<i64> = redis::Script::new(RELEASE)
-                .key(&self.key)
-                .arg(&self.me)
-                .invoke_async(&mut conn)
-                .await;
-        }
+        let _: redis::RedisResult<i64> = redis::Script::new(RELEASE)
+            .key(&self.key)
+            .arg(&self.me)
+            .invoke_async(&mut conn.clone())
+            .await;
     }
 }
 
@@ -99,27 +98,18 @@ fn millis(d: Duration) -> u64 {
 /// earliest deadline); on losing it, stops answering deadlines to the timer.
 pub(crate) fn spawn_lead(
     lead: Arc<TimerLead>,
-    client: redis::Client,
+    mut conn: ConnectionManager,
     engine: WeakEngine,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let renew = redis::Script::new(RENEW);
         let lease_ms = millis(lead.lease);
-        let mut conn: Option<redis::aio::MultiplexedConnection> = None;
         loop {
             let Some(engine_now) = engine.upgrade() else {
                 return;
             };
             drop(engine_now);
-            if conn.is_none() {
-                conn = client.get_multiplexed_async_connection().await.ok();
-            }
-            let Some(c) = conn.as_mut() else {
-                // Redis is away: nobody can prove ownership; nobody ticks anyway.
-                lead.leader.store(false, Ordering::SeqCst);
-                tokio::time::sleep(RETRY_AFTER).await;
-                continue;
-            };
+            let c = &mut conn;
             if lead.is_leader() {
                 let renewed: redis::RedisResult<i64> = renew
                     .key(&lead.key)
@@ -134,8 +124,9 @@ pub(crate) fn spawn_lead(
                         lead.leader.store(false, Ordering::SeqCst);
                     }
                     Err(_) => {
+                        // Redis is away: nobody can prove ownership; nobody ticks anyway.
                         lead.leader.store(false, Ordering::SeqCst);
-                        conn = None;
+                        tokio::time::sleep(RETRY_AFTER).await;
                     }
                 }
                 continue;
@@ -172,19 +163,13 @@ pub(crate) fn spawn_lead(
                         Ok(ms) if ms >= 0 => Duration::from_millis(ms.unsigned_abs() + 1),
                         Ok(-2) => Duration::ZERO, // Just gone: try again at once.
                         Ok(_) => lead.lease,
-                        Err(_) => {
-                            conn = None;
-                            RETRY_AFTER
-                        }
+                        Err(_) => RETRY_AFTER,
                     };
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
                     }
                 }
-                Err(_) => {
-                    conn = None;
-                    tokio::time::sleep(RETRY_AFTER).await;
-                }
+                Err(_) => tokio::time::sleep(RETRY_AFTER).await,
             }
         }
     })

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use redis::aio::ConnectionManager;
 use runlane_core::backend::Effects;
 use runlane_core::{EnvName, RunId, RunStatus, Timestamp};
 use runlane_engine::{RunEvent, RunEventKind, WeakEngine};
@@ -159,15 +160,15 @@ impl Wake {
     }
 }
 
-/// Publishes what is noted, a batch per `PUBLISH` and channel, until closed.
+/// Publishes what is noted, a batch per `PUBLISH` and channel, until closed, on the process's
+/// one multiplexed connection (the Redis backend's: it reconnects by itself).
 pub(crate) fn spawn_publisher(
     wake: Arc<Wake>,
-    client: redis::Client,
+    mut conn: ConnectionManager,
     channels: Channels,
     redis: Weak<RedisQueue>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut conn: Option<redis::aio::MultiplexedConnection> = None;
         // The last deadline Redis answered `announce` for: the owner is armed for it or
         // earlier (or it was announced), so the same deadline needs no second round trip.
         let mut covered: Option<Timestamp> = None;
@@ -182,22 +183,16 @@ pub(crate) fn spawn_publisher(
             if out.is_empty() {
                 continue;
             }
-            if conn.is_none() {
-                conn = client.get_multiplexed_async_connection().await.ok();
-            }
-            let Some(c) = conn.as_mut() else {
-                // Redis is away: every process's claims fail and retry by themselves.
-                continue;
-            };
-            let mut failed = false;
+            // While Redis is away a publish fails and its message is lost: every process
+            // catches up when its subscription is re-established (`resync_after_gap`).
             if let Some(d) = out.deadline.filter(|d| Some(*d) != covered) {
                 if let Some(redis) = redis.upgrade() {
                     match redis.announce(d).await {
                         Ok(announce) => {
                             covered = Some(d);
                             if announce {
-                                failed |=
-                                    publish(c, &channels.timer, d.as_millis().to_string()).await;
+                                publish(&mut conn, &channels.timer, d.as_millis().to_string())
+                                    .await;
                             }
                         }
                         Err(e) => tracing::debug!(error = %e, "announcing a deadline failed"),
@@ -210,27 +205,22 @@ pub(crate) fn spawn_publisher(
                     text.push('\n');
                     text.push_str(line);
                 }
-                failed |= publish(c, &channels.events, text).await;
-            }
-            if failed {
-                conn = None;
+                publish(&mut conn, &channels.events, text).await;
             }
         }
     })
 }
 
-/// Publishes `text` on `channel`; true when it failed.
-async fn publish(
-    conn: &mut redis::aio::MultiplexedConnection,
-    channel: &str,
-    text: String,
-) -> bool {
+/// Publishes `text` on `channel` (a failure is logged: the message is lost).
+async fn publish(conn: &mut ConnectionManager, channel: &str, text: String) {
     let published: redis::RedisResult<i64> = redis::cmd("PUBLISH")
         .arg(channel)
         .arg(text)
         .query_async(conn)
         .await;
-    published.is_err()
+    if let Err(e) = published {
+        tracing::debug!(error = %e, channel, "publishing failed");
+    }
 }
 
 /// One terminal status line of an events message.

@@ -227,6 +227,14 @@ impl RedisMetaCache {
         })
     }
 
+    /// Uses `conn` (e.g. [`crate::RedisQueue::connection`], when the cache lives on the
+    /// queue's Redis) instead of a connection of its own made at first use.
+    pub fn with_connection(self, conn: ConnectionManager) -> Self {
+        // A cache is new here: nothing has made its connection yet.
+        let _ = self.conn.set(conn);
+        self
+    }
+
     /// The env-current key of `env`.
     pub fn current_key(&self, env: &EnvName) -> String {
         format!("{}:tm:cur:{}", self.base, env.as_str())

@@ -568,6 +568,13 @@ impl RedisQueue {
         &self.base
     }
 
+    /// A handle on this backend's one multiplexed connection (clones share it and its
+    /// reconnection), for the process's other non-blocking Redis traffic: one connection
+    /// carries it all. Never use it for blocking commands or subscriptions.
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
     /// The connection state.
     pub fn health(&self) -> RedisHealth {
         RedisHealth {

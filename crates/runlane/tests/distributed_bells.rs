@@ -428,3 +428,52 @@ async fn a_rebuild_rings_every_bell_after_the_loss_even_with_nothing_to_re_enque
     b.shutdown().await;
     a.shutdown().await;
 }
+
+/// Every non-blocking call of a process goes over one multiplexed connection (the queue's
+/// scripts, the publisher, the timer lead, the metadata cache): besides it, a process holds
+/// only its subscriptions (the `timer`/`events` channels, the metadata announcements) and one
+/// bell reader per chain, however many runs it triggers and executes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_other_traffic_of_a_process_shares_one_connection() {
+    let server = PrivateRedis::start("bells-shared");
+    let deployment = Deployment::new("bells_shared", server.url());
+    let admin = redis::Client::open(server.url()).expect("private url");
+    let mut admin = admin.get_connection().expect("admin connection");
+    let alone = connected_clients(&mut admin);
+
+    let engine = deployment.open(true).await;
+    let (worker, mut rx) = reporting_worker(&engine, "reports:4").await;
+    // A first run makes every lazily made connection (the metadata cache's included).
+    let run = trigger(&engine, "reports").await;
+    taken(&mut rx, "warm-up").await;
+    assert_completed(&engine, run).await;
+    until_bells(&engine, "the reader is connected", |r| {
+        r.len() == 1 && r[0].connected
+    })
+    .await;
+    let opened = connected_clients(&mut admin) - alone;
+    // 1 shared + 2 subscriptions (channels, metadata announcements) + 1 bell reader.
+    assert_eq!(
+        opened,
+        4,
+        "one shared connection, two subscriptions, one bell reader: {:#?}",
+        redis::cmd("CLIENT")
+            .arg("LIST")
+            .query::<String>(&mut admin)
+            .expect("client list")
+    );
+    let mut runs = Vec::new();
+    for _ in 0..200 {
+        runs.push(trigger(&engine, "reports").await);
+    }
+    for run in &runs {
+        assert_completed(&engine, *run).await;
+    }
+    assert_eq!(
+        connected_clients(&mut admin) - alone,
+        opened,
+        "200 runs open none"
+    );
+    worker.stop().await;
+    engine.shutdown().await;
+}
