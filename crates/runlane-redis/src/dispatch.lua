@@ -623,15 +623,21 @@ local function pull_queued(id, r, at_head)
 end
 
 -- The first live entry of a key's list (tombstones at the head are dropped): id and record.
-local function list_head(e, q, k)
+-- `memo` (the admission pass's entry for the key) keeps whether the key has a tombstone set
+-- across the pass: a pass only takes runs out of a key, so no tombstone appears meanwhile (one
+-- that went is no harm: its `SREM` answers 0).
+local function list_head(e, q, k, memo)
   local kl = k_kl(e, q, k)
   local kt = k_kt(e, q, k)
-  local tombs = nil
+  local tombs = memo.tombs
   while true do
     local m = redis.call('LINDEX', kl, 0)
     if not m then return nil, nil end
     local id = msg_id(m)
-    if tombs == nil then tombs = redis.call('EXISTS', kt) == 1 end
+    if tombs == nil then
+      tombs = redis.call('EXISTS', kt) == 1
+      memo.tombs = tombs
+    end
     if not (tombs and redis.call('SREM', kt, id) == 1) then
       local _, r = msg_unpack(m, e, q, k)
       return id, r
@@ -641,10 +647,13 @@ local function list_head(e, q, k)
 end
 
 -- The first queued run of a key by (score, run id): the first live list entry or the zset's
--- first member, whichever sorts first.
-local function key_head(e, q, k)
-  local lid, lr = list_head(e, q, k)
+-- first member, whichever sorts first. `memo` keeps, across the admission pass, that the
+-- key's zset is empty once it was found so (nothing joins it during a pass).
+local function key_head(e, q, k, memo)
+  local lid, lr = list_head(e, q, k, memo)
+  if memo.kq_empty then return lid, lr end
   local z = redis.call('ZRANGE', k_kq(e, q, k), 0, 0, 'WITHSCORES')
+  if not z[1] then memo.kq_empty = true end
   if z[1] then
     if lid then
       local ls, zs = score_of(lr), tonumber(z[2])
@@ -835,7 +844,14 @@ local function admit_env(e)
     end
     return Qe[3]
   end
+  -- What the pass changes is counted here and written once at its end: the running counts of
+  -- the env, queues and keys (exact: each was read before the pass admitted from it), the
+  -- queued counts, the ready seq counter, the ready zsets, lane sets and lane counts. Nothing
+  -- in the pass reads them back from Redis. Records are written as runs are admitted.
   local served_q, served_k, served_n = {}, {}, 0
+  local seq_base, nready = nil, 0
+  local ready_lanes, ready_add = {}, {}
+  local env_run0, env_flrun0 = E[4], E[5]
   while E[4] < ecap or E[5] < flcap do
     local qi, ki, id, r = nil, nil, nil, nil
     for i, Qe in ipairs(queues) do
@@ -843,11 +859,14 @@ local function admit_env(e)
       for j, Ke in ipairs(keys_of(Qe)) do
         if not Ke[4] then
           local k = Ke[2]
-          local head, hr = key_head(e, q, k)
+          local head, hr = key_head(e, q, k, Ke)
           local ok = false
           if head and hr and not lane_orphaned(hr[F_LANE]) then
             if not Qe[4] then Qe[4] = redis.call('HMGET', k_q(e, q), 'lim', 'ktl', 'paused', 'run') end
-            if not Ke[3] then Ke[3] = num(redis.call('HGET', k_k(e, q, k), 'run')) end
+            if not Ke[3] then
+              local KR = redis.call('HMGET', k_k(e, q, k), 'run', 'qd')
+              Ke[3], Ke.qd = num(KR[1]), num(KR[2])
+            end
             ok = admission_of(E, Qe[4], Ke[3], hr[F_LANE]) == nil
           end
           if ok then
@@ -863,14 +882,51 @@ local function admit_env(e)
     local Qe = queues[qi]
     local Ke = Qe[3][ki]
     local q, k = Qe[2], Ke[2]
-    local key_left, queue_left = pull_queued(id, r, true)
+    -- The run leaves its key (as `pull_queued` at the head): the queued counts of the key and
+    -- queue are written at the end of the pass.
+    if r[F_PLACE] == 'Q' then
+      redis.call('LPOP', k_kl(e, q, k))
+    else
+      redis.call('ZREM', k_kq(e, q, k), id)
+    end
+    Qe.qd_taken = (Qe.qd_taken or 0) + 1
+    Ke.qd = math.max(Ke.qd - 1, 0)
+    local key_left, queue_left = true, true
+    if Ke.qd == 0 then
+      -- No live queued run: whatever the list still holds is tombstones.
+      key_left = false
+      redis.call('DEL', k_kl(e, q, k), k_kt(e, q, k))
+      redis.call('SREM', k_bk(e, q), k)
+      if redis.call('SCARD', k_bk(e, q)) == 0 then
+        redis.call('SREM', k_bq(e), q)
+        queue_left = false
+      end
+    end
     served_n = served_n + 1
-    served_q[q] = served_n
-    served_k[#served_k + 1] = { q, k, served_n }
-    push_ready(id, r, true)
+    served_q[q] = Qe
+    Qe[5] = served_n
+    served_k[#served_k + 1] = { q, k, served_n, Ke }
+    -- The run becomes ready (as `push_ready`): its seq follows the counter's value.
+    if not seq_base then seq_base = num(redis.call('HGET', K_CFG, 'seq')) end
+    nready = nready + 1
+    local seq = seq_base + nready
+    r[F_PLACE] = 'r'
+    r[F_SEQ] = seq
+    r[F_RAT] = now
+    local lane = r[F_LANE]
+    local adds = ready_add[lane]
+    if not adds then
+      adds = {}
+      ready_add[lane] = adds
+      ready_lanes[#ready_lanes + 1] = lane
+    end
+    adds[#adds + 1] = seq
+    adds[#adds + 1] = id
+    save(id, r)
+    ring(lane)
     moved(id, 'ready')
-    -- What `take_slots` counted.
-    if r[F_LANE] == 'fast_lane' then E[5] = E[5] + 1 else E[4] = E[4] + 1 end
+    -- What `take_slots` counts.
+    if lane == 'fast_lane' then E[5] = E[5] + 1 else E[4] = E[4] + 1 end
     Qe[4][4] = num(Qe[4][4]) + 1
     Ke[3] = Ke[3] + 1
     -- The most recently served queue and key go last.
@@ -880,12 +936,29 @@ local function admit_env(e)
     if queue_left then queues[#queues + 1] = Qe end
   end
   if served_n > 0 then
+    redis.call('HINCRBY', K_CFG, 'seq', nready)
+    for _, lane in ipairs(ready_lanes) do
+      local adds = ready_add[lane]
+      many('ZADD', k_lr(lane, e), adds)
+      redis.call('SADD', k_le(lane), e)
+      redis.call('HINCRBY', k_l(lane), 'count', #adds / 2)
+    end
+    if E[4] ~= env_run0 then redis.call('HSET', k_env(e), 'run', E[4]) end
+    if E[5] ~= env_flrun0 then redis.call('HSET', k_env(e), 'flrun', E[5]) end
     -- The pass served `served_n` times: serve numbers top - served_n + 1 .. top, in order.
     local base = redis.call('HINCRBY', K_CFG, 'serve', served_n) - served_n
-    for q, n in pairs(served_q) do redis.call('HSET', k_q(e, q), 'served', base + n) end
+    for q, Qe in pairs(served_q) do
+      local kq = k_q(e, q)
+      redis.call('HSET', kq, 'served', base + Qe[5], 'run', Qe[4][4])
+      decr(kq, 'qd', Qe.qd_taken)
+      Qe.qd_taken = 0
+    end
     local last = {}
     for _, x in ipairs(served_k) do last[x[1] .. Z .. x[2]] = x end
-    for _, x in pairs(last) do redis.call('HSET', k_k(e, x[1], x[2]), 'served', base + x[3]) end
+    for _, x in pairs(last) do
+      local Ke = x[4]
+      redis.call('HSET', k_k(e, x[1], x[2]), 'served', base + x[3], 'run', Ke[3], 'qd', Ke.qd)
+    end
   end
 end
 
