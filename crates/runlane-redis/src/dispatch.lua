@@ -220,22 +220,20 @@ local function msg_id(m) return string.sub(m, 3, 18) end
 -- A list entry of key (e, q, k) as its run id and a record (place `Q`, list-resident).
 local function msg_unpack(m, e, q, k)
   local flags = string.byte(m, 2)
-  local pos = 19
-  local function take(n)
-    local v, nxt = struct.unpack('>I' .. n, m, pos)
-    pos = nxt
-    return v
-  end
-  local r = { e, q, k, DEFAULT_LANE, 0, take(6), false, 1, false, false, false, 'Q' }
-  if has(flags, M_TTL) then r[F_TTL] = take(6) end
-  if has(flags, M_PRIO) then r[F_PRIO] = take(6) end
-  if has(flags, M_ATT) then r[F_ATTEMPT] = take(4) end
-  if has(flags, M_LOCK) then r[F_LOCKED] = take(4) end
-  if has(flags, M_MAXD) then r[F_MAXDUR] = take(6) end
-  if has(flags, M_EVER) then r[F_EVER] = true end
-  if has(flags, M_LANE) then
-    local n = take(2)
-    r[F_LANE] = string.sub(m, pos, pos + n - 1)
+  local after, pos = struct.unpack('>I6', m, 19)
+  local r = { e, q, k, DEFAULT_LANE, 0, after, false, 1, false, false, false, 'Q' }
+  if flags ~= 0 then
+    if has(flags, M_TTL) then r[F_TTL], pos = struct.unpack('>I6', m, pos) end
+    if has(flags, M_PRIO) then r[F_PRIO], pos = struct.unpack('>I6', m, pos) end
+    if has(flags, M_ATT) then r[F_ATTEMPT], pos = struct.unpack('>I4', m, pos) end
+    if has(flags, M_LOCK) then r[F_LOCKED], pos = struct.unpack('>I4', m, pos) end
+    if has(flags, M_MAXD) then r[F_MAXDUR], pos = struct.unpack('>I6', m, pos) end
+    if has(flags, M_EVER) then r[F_EVER] = true end
+    if has(flags, M_LANE) then
+      local n
+      n, pos = struct.unpack('>I2', m, pos)
+      r[F_LANE] = string.sub(m, pos, pos + n - 1)
+    end
   end
   return msg_id(m), r
 end
@@ -622,16 +620,60 @@ local function pull_queued(id, r, at_head)
   return false, true
 end
 
+-- Within an admission pass, a key's list is read in pages and the entries the pass takes from
+-- its head are removed at the pass's end: `memo` (the pass's entry for the key) holds the page
+-- (`page`, list index of its first entry `pfrom`, whether the list ends in it `eof`), the
+-- entries taken so far (`popped`) and the next page's size (1, 2, 4 … 64: a key the pass
+-- admits from once reads one entry). Nothing is added to a list during a pass.
+local popped_lists = {}
+
+-- The entry at the head of the list as the pass sees it, or nil.
+local function list_peek(kl, memo)
+  local popped = memo.popped or 0
+  local page = memo.page
+  if page then
+    local m = page[popped - memo.pfrom + 1]
+    if m then return m end
+    if memo.eof then return nil end
+  end
+  local n = memo.fetch or 1
+  memo.fetch = math.min(n * 2, 64)
+  page = redis.call('LRANGE', kl, popped, popped + n - 1)
+  memo.page, memo.pfrom, memo.eof = page, popped, #page < n
+  return page[1]
+end
+
+-- Takes the head entry (removed from Redis by `flush_list_pops` at the end of the pass).
+local function list_pop(kl, memo)
+  if not memo.popped or memo.popped == 0 then
+    memo.popped = 0
+    memo.kl_popped = kl
+    popped_lists[#popped_lists + 1] = memo
+  end
+  memo.popped = memo.popped + 1
+end
+
+-- Removes the entries the pass took from the head of each list (`gone`: the list was deleted).
+local function flush_list_pops()
+  for _, memo in ipairs(popped_lists) do
+    if not memo.gone then redis.call('LTRIM', memo.kl_popped, memo.popped, -1) end
+  end
+  popped_lists = {}
+end
+
 -- The first live entry of a key's list (tombstones at the head are dropped): id and record.
--- `memo` (the admission pass's entry for the key) keeps whether the key has a tombstone set
--- across the pass: a pass only takes runs out of a key, so no tombstone appears meanwhile (one
--- that went is no harm: its `SREM` answers 0).
+-- `memo` (the admission pass's entry for the key) also keeps whether the key has a tombstone
+-- set across the pass: a pass only takes runs out of a key, so no tombstone appears meanwhile
+-- (one that went is no harm: its `SREM` answers 0).
 local function list_head(e, q, k, memo)
-  local kl = k_kl(e, q, k)
-  local kt = k_kt(e, q, k)
+  local kl, kt = memo.kl, memo.kt
+  if not kl then
+    kl, kt = k_kl(e, q, k), k_kt(e, q, k)
+    memo.kl, memo.kt = kl, kt
+  end
   local tombs = memo.tombs
   while true do
-    local m = redis.call('LINDEX', kl, 0)
+    local m = list_peek(kl, memo)
     if not m then return nil, nil end
     local id = msg_id(m)
     if tombs == nil then
@@ -642,7 +684,7 @@ local function list_head(e, q, k, memo)
       local _, r = msg_unpack(m, e, q, k)
       return id, r
     end
-    redis.call('LPOP', kl)
+    list_pop(kl, memo)
   end
 end
 
@@ -885,7 +927,7 @@ local function admit_env(e)
     -- The run leaves its key (as `pull_queued` at the head): the queued counts of the key and
     -- queue are written at the end of the pass.
     if r[F_PLACE] == 'Q' then
-      redis.call('LPOP', k_kl(e, q, k))
+      list_pop(Ke.kl, Ke)
     else
       redis.call('ZREM', k_kq(e, q, k), id)
     end
@@ -895,6 +937,7 @@ local function admit_env(e)
     if Ke.qd == 0 then
       -- No live queued run: whatever the list still holds is tombstones.
       key_left = false
+      Ke.gone = true
       redis.call('DEL', k_kl(e, q, k), k_kt(e, q, k))
       redis.call('SREM', k_bk(e, q), k)
       if redis.call('SCARD', k_bk(e, q)) == 0 then
@@ -905,7 +948,8 @@ local function admit_env(e)
     served_n = served_n + 1
     served_q[q] = Qe
     Qe[5] = served_n
-    served_k[#served_k + 1] = { q, k, served_n, Ke }
+    if not Ke.served_no then served_k[#served_k + 1] = { q, Ke } end
+    Ke.served_no = served_n
     -- The run becomes ready (as `push_ready`): its seq follows the counter's value.
     if not seq_base then seq_base = num(redis.call('HGET', K_CFG, 'seq')) end
     nready = nready + 1
@@ -935,6 +979,7 @@ local function admit_env(e)
     table.remove(queues, qi)
     if queue_left then queues[#queues + 1] = Qe end
   end
+  flush_list_pops()
   if served_n > 0 then
     redis.call('HINCRBY', K_CFG, 'seq', nready)
     for _, lane in ipairs(ready_lanes) do
@@ -953,11 +998,9 @@ local function admit_env(e)
       decr(kq, 'qd', Qe.qd_taken)
       Qe.qd_taken = 0
     end
-    local last = {}
-    for _, x in ipairs(served_k) do last[x[1] .. Z .. x[2]] = x end
-    for _, x in pairs(last) do
-      local Ke = x[4]
-      redis.call('HSET', k_k(e, x[1], x[2]), 'served', base + x[3], 'run', Ke[3], 'qd', Ke.qd)
+    for _, x in ipairs(served_k) do
+      local Ke = x[2]
+      redis.call('HSET', k_k(e, x[1], Ke[2]), 'served', base + Ke.served_no, 'run', Ke[3], 'qd', Ke.qd)
     end
   end
 end
@@ -1094,6 +1137,7 @@ local function setup(keys, args)
     run_keys = {}
   end
   kn_cache = {}
+  popped_lists = {}
   fx_moved, fx_lanes, fx_rung = {}, {}, {}
   consumer_cache = nil
   env_known = {}
