@@ -1671,7 +1671,9 @@ OPS['finish_many'] = function()
     if err then
       out[#out + 1] = err
     else
-      end_lease(id, r, true)
+      -- As `end_lease`, without clearing the lease fields of a record deleted at once.
+      drop_lease_deadlines(id, r)
+      if not r[F_LAPSED] then release_slots_later(r) end
       del_run(id)
       local e = r[F_ENV]
       if not seen[e] then
