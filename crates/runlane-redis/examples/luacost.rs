@@ -15,7 +15,8 @@
 //!
 //! Arguments: server URL (a private server: its statistics are reset), runs, claim batch, env
 //! limit (a limit below the runs leaves a backlog the finishes admit from, as the footprint
-//! bench's claim pass does), and optionally `ttl` (every other run gets a TTL deadline).
+//! bench's claim pass does), then optionally `ttl` (every other run gets a TTL deadline) and
+//! `single` (each run ends with its own `finish` call instead of a `finish_many` per batch).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -130,7 +131,10 @@ async fn main() {
     let runs = arg(2, 20_000);
     let batch = arg(3, 50) as u32;
     let limit = arg(4, 1_000_000) as u32;
-    let ttl = args.get(5).map(String::as_str) == Some("ttl");
+    let ttl = args[5.min(args.len())..].iter().any(|a| a == "ttl");
+    // `single`: each run ends with its own `finish` call (as the footprint bench's claim pass
+    // does) instead of one `finish_many` per claimed batch.
+    let single = args[5.min(args.len())..].iter().any(|a| a == "single");
 
     let client = redis::Client::open(url.as_str()).expect("url");
     let mut conn = client
@@ -244,7 +248,15 @@ async fn main() {
                 .collect();
             let checks = q.check_leases(&pairs).await.expect("check_leases");
             assert!(checks.iter().all(Result::is_ok), "every lease holds");
-            let (answers, _) = q.finish_many(&pairs, now).await.expect("finish_many");
+            let answers = if single {
+                let mut answers = Vec::new();
+                for (run, token) in &pairs {
+                    answers.push(q.finish(*run, *token, now).await.map(|_| ()));
+                }
+                answers
+            } else {
+                q.finish_many(&pairs, now).await.expect("finish_many").0
+            };
             assert!(answers.iter().all(Result::is_ok), "every finish holds");
             done += pairs.len() as u64;
         }
@@ -265,7 +277,15 @@ async fn main() {
         assert!(checks.iter().all(Result::is_ok), "every lease holds");
         let c = stats(&mut conn).await;
         diff(&mut s_check, &b, &c);
-        let (answers, _) = q.finish_many(&pairs, now).await.expect("finish_many");
+        let answers = if single {
+            let mut answers = Vec::new();
+            for (run, token) in &pairs {
+                answers.push(q.finish(*run, *token, now).await.map(|_| ()));
+            }
+            answers
+        } else {
+            q.finish_many(&pairs, now).await.expect("finish_many").0
+        };
         assert!(answers.iter().all(Result::is_ok), "every finish holds");
         let d = stats(&mut conn).await;
         diff(&mut s_finish, &c, &d);
