@@ -29,9 +29,18 @@ local K_CFG
 -- Run records live in 4,096 small hashes chosen by the low 12 bits of the run id (its counter
 -- bits), so each stays listpack-encoded (about 25 records at 100,000 runs).
 local RUN_BUCKETS = 4096
+-- The bucket key names of the current key base, built once each (a number's conversion to a
+-- string costs a `sprintf`); emptied by `setup` when the key base changes.
+local run_keys = {}
 local function k_run(id)
   local hi, lo = string.byte(id, 15, 16)
-  return P .. ':run:' .. ((hi % 16) * 256 + lo)
+  local b = (hi % 16) * 256 + lo
+  local key = run_keys[b]
+  if not key then
+    key = P .. ':run:' .. b
+    run_keys[b] = key
+  end
+  return key
 end
 local K_ENVS
 local K_LANES
@@ -128,14 +137,13 @@ local function load(id)
   return cmsgpack.unpack(raw)
 end
 
--- `{p}:rb` is the set of non-empty record buckets, so a snapshot reads only those.
+-- `{p}:rb` holds every record bucket that may hold records (a bucket joins it with its first
+-- record and stays), so a snapshot reads only those. A bucket that empties stays a member: a
+-- run's end is one `HDEL`, no `HLEN` to find out whether its bucket emptied (older processes
+-- removed an empty bucket; reading an empty one costs a snapshot nothing).
 local K_RB
 local function del_run(id)
-  local key = k_run(id)
-  if redis.call('HDEL', key, id) == 1 and redis.call('HLEN', key) == 0 then
-    local hi, lo = string.byte(id, 15, 16)
-    redis.call('SREM', K_RB, (hi % 16) * 256 + lo)
-  end
+  redis.call('HDEL', k_run(id), id)
 end
 
 local function score_of(r)
@@ -144,15 +152,24 @@ end
 
 -- Stores a record: the score is derived (never stored) and trailing absent fields are dropped,
 -- so a pending run's record stops at its place.
+-- The record is packed in place (no copy): absent fields up to the last one set are `false`,
+-- the trailing ones are cleared (nil and false read the same everywhere).
 local function save(id, r)
   local n = 0
-  for i = 1, NFIELDS do
-    if r[i] == nil then r[i] = false end
-    if r[i] ~= false then n = i end
+  for i = NFIELDS, 1, -1 do
+    local v = r[i]
+    if v ~= nil and v ~= false then
+      n = i
+      break
+    end
   end
-  local out = {}
-  for i = 1, n do out[i] = r[i] end
-  local packed = cmsgpack.pack(out)
+  for i = 1, n do
+    if r[i] == nil then r[i] = false end
+  end
+  for i = n + 1, NFIELDS do
+    if r[i] ~= nil then r[i] = nil end
+  end
+  local packed = cmsgpack.pack(r)
   if redis.call('HSET', k_run(id), id, packed) == 1 then
     local hi, lo = string.byte(id, 15, 16)
     redis.call('SADD', K_RB, (hi % 16) * 256 + lo)
@@ -203,22 +220,20 @@ local function msg_id(m) return string.sub(m, 3, 18) end
 -- A list entry of key (e, q, k) as its run id and a record (place `Q`, list-resident).
 local function msg_unpack(m, e, q, k)
   local flags = string.byte(m, 2)
-  local pos = 19
-  local function take(n)
-    local v, nxt = struct.unpack('>I' .. n, m, pos)
-    pos = nxt
-    return v
-  end
-  local r = { e, q, k, DEFAULT_LANE, 0, take(6), false, 1, false, false, false, 'Q' }
-  if has(flags, M_TTL) then r[F_TTL] = take(6) end
-  if has(flags, M_PRIO) then r[F_PRIO] = take(6) end
-  if has(flags, M_ATT) then r[F_ATTEMPT] = take(4) end
-  if has(flags, M_LOCK) then r[F_LOCKED] = take(4) end
-  if has(flags, M_MAXD) then r[F_MAXDUR] = take(6) end
-  if has(flags, M_EVER) then r[F_EVER] = true end
-  if has(flags, M_LANE) then
-    local n = take(2)
-    r[F_LANE] = string.sub(m, pos, pos + n - 1)
+  local after, pos = struct.unpack('>I6', m, 19)
+  local r = { e, q, k, DEFAULT_LANE, 0, after, false, 1, false, false, false, 'Q' }
+  if flags ~= 0 then
+    if has(flags, M_TTL) then r[F_TTL], pos = struct.unpack('>I6', m, pos) end
+    if has(flags, M_PRIO) then r[F_PRIO], pos = struct.unpack('>I6', m, pos) end
+    if has(flags, M_ATT) then r[F_ATTEMPT], pos = struct.unpack('>I4', m, pos) end
+    if has(flags, M_LOCK) then r[F_LOCKED], pos = struct.unpack('>I4', m, pos) end
+    if has(flags, M_MAXD) then r[F_MAXDUR], pos = struct.unpack('>I6', m, pos) end
+    if has(flags, M_EVER) then r[F_EVER] = true end
+    if has(flags, M_LANE) then
+      local n
+      n, pos = struct.unpack('>I2', m, pos)
+      r[F_LANE] = string.sub(m, pos, pos + n - 1)
+    end
   end
   return msg_id(m), r
 end
@@ -423,30 +438,64 @@ local function take_slots(r, listed_queue)
 end
 
 -- Slot releases of one call, applied together by `flush_releases` (one `HINCRBY` per counter
--- touched instead of one per run and counter).
-local rel_order, rel_count = {}, {}
+-- touched instead of one per run and counter). Counted per key and env counter field (`run`,
+-- or `flrun` for the fast lane) as the runs end; the queue and env counters are summed from
+-- those at the flush.
+-- `rel_by[field][env][queue][key]` = { env, queue, key, field, count }, `rel_order` the same
+-- entries in the order the runs first touched them.
+local rel_order, rel_by = {}, {}
 local function release_slots_later(r)
-  local e = r[F_ENV]
+  local e, q, k = r[F_ENV], r[F_QUEUE], r[F_KEY]
   local field = 'run'
   if r[F_LANE] == 'fast_lane' then field = 'flrun' end
-  for _, kf in ipairs({ { k_env(e), field, e }, { k_q(e, r[F_QUEUE]), 'run', e },
-    { k_k(e, r[F_QUEUE], r[F_KEY]), 'run', e } }) do
-    local id = kf[1] .. Z .. kf[2]
-    local n = rel_count[id]
-    if n == nil then
-      rel_order[#rel_order + 1] = kf
-      rel_count[id] = 1
-    else
-      rel_count[id] = n + 1
-    end
+  local t = rel_by[field]
+  if not t then
+    t = {}
+    rel_by[field] = t
+  end
+  local te = t[e]
+  if not te then
+    te = {}
+    t[e] = te
+  end
+  local tq = te[q]
+  if not tq then
+    tq = {}
+    te[q] = tq
+  end
+  local x = tq[k]
+  if x then
+    x[5] = x[5] + 1
+  else
+    x = { e, q, k, field, 1 }
+    tq[k] = x
+    rel_order[#rel_order + 1] = x
   end
 end
 
 local function flush_releases()
-  for _, kf in ipairs(rel_order) do
-    if env_exists(kf[3]) then decr(kf[1], kf[2], rel_count[kf[1] .. Z .. kf[2]]) end
+  -- Each counter once, in the order the runs first touched it: env, queue, key per run.
+  local order, count = {}, {}
+  local function add(key, field, e, n)
+    local id = key .. Z .. field
+    local c = count[id]
+    if c == nil then
+      order[#order + 1] = { key, field, e, id }
+      count[id] = n
+    else
+      count[id] = c + n
+    end
   end
-  rel_order, rel_count = {}, {}
+  for _, x in ipairs(rel_order) do
+    local e, q, n = x[1], x[2], x[5]
+    add(k_env(e), x[4], e, n)
+    add(k_q(e, q), 'run', e, n)
+    add(k_k(e, q, x[3]), 'run', e, n)
+  end
+  for _, kf in ipairs(order) do
+    if env_exists(kf[3]) then decr(kf[1], kf[2], count[kf[4]]) end
+  end
+  rel_order, rel_by = {}, {}
 end
 
 local function release_slots(r)
@@ -571,29 +620,82 @@ local function pull_queued(id, r, at_head)
   return false, true
 end
 
+-- Within an admission pass, a key's list is read in pages and the entries the pass takes from
+-- its head are removed at the pass's end: `memo` (the pass's entry for the key) holds the page
+-- (`page`, list index of its first entry `pfrom`, whether the list ends in it `eof`), the
+-- entries taken so far (`popped`) and the next page's size (1, 2, 4 … 64: a key the pass
+-- admits from once reads one entry). Nothing is added to a list during a pass.
+local popped_lists = {}
+
+-- The entry at the head of the list as the pass sees it, or nil.
+local function list_peek(kl, memo)
+  local popped = memo.popped or 0
+  local page = memo.page
+  if page then
+    local m = page[popped - memo.pfrom + 1]
+    if m then return m end
+    if memo.eof then return nil end
+  end
+  local n = memo.fetch or 1
+  memo.fetch = math.min(n * 2, 64)
+  page = redis.call('LRANGE', kl, popped, popped + n - 1)
+  memo.page, memo.pfrom, memo.eof = page, popped, #page < n
+  return page[1]
+end
+
+-- Takes the head entry (removed from Redis by `flush_list_pops` at the end of the pass).
+local function list_pop(kl, memo)
+  if not memo.popped or memo.popped == 0 then
+    memo.popped = 0
+    memo.kl_popped = kl
+    popped_lists[#popped_lists + 1] = memo
+  end
+  memo.popped = memo.popped + 1
+end
+
+-- Removes the entries the pass took from the head of each list (`gone`: the list was deleted).
+local function flush_list_pops()
+  for _, memo in ipairs(popped_lists) do
+    if not memo.gone then redis.call('LTRIM', memo.kl_popped, memo.popped, -1) end
+  end
+  popped_lists = {}
+end
+
 -- The first live entry of a key's list (tombstones at the head are dropped): id and record.
-local function list_head(e, q, k)
-  local kl = k_kl(e, q, k)
-  local kt = k_kt(e, q, k)
-  local tombs = nil
+-- `memo` (the admission pass's entry for the key) also keeps whether the key has a tombstone
+-- set across the pass: a pass only takes runs out of a key, so no tombstone appears meanwhile
+-- (one that went is no harm: its `SREM` answers 0).
+local function list_head(e, q, k, memo)
+  local kl, kt = memo.kl, memo.kt
+  if not kl then
+    kl, kt = k_kl(e, q, k), k_kt(e, q, k)
+    memo.kl, memo.kt = kl, kt
+  end
+  local tombs = memo.tombs
   while true do
-    local m = redis.call('LINDEX', kl, 0)
+    local m = list_peek(kl, memo)
     if not m then return nil, nil end
     local id = msg_id(m)
-    if tombs == nil then tombs = redis.call('EXISTS', kt) == 1 end
+    if tombs == nil then
+      tombs = redis.call('EXISTS', kt) == 1
+      memo.tombs = tombs
+    end
     if not (tombs and redis.call('SREM', kt, id) == 1) then
       local _, r = msg_unpack(m, e, q, k)
       return id, r
     end
-    redis.call('LPOP', kl)
+    list_pop(kl, memo)
   end
 end
 
 -- The first queued run of a key by (score, run id): the first live list entry or the zset's
--- first member, whichever sorts first.
-local function key_head(e, q, k)
-  local lid, lr = list_head(e, q, k)
+-- first member, whichever sorts first. `memo` keeps, across the admission pass, that the
+-- key's zset is empty once it was found so (nothing joins it during a pass).
+local function key_head(e, q, k, memo)
+  local lid, lr = list_head(e, q, k, memo)
+  if memo.kq_empty then return lid, lr end
   local z = redis.call('ZRANGE', k_kq(e, q, k), 0, 0, 'WITHSCORES')
+  if not z[1] then memo.kq_empty = true end
   if z[1] then
     if lid then
       local ls, zs = score_of(lr), tonumber(z[2])
@@ -784,7 +886,14 @@ local function admit_env(e)
     end
     return Qe[3]
   end
+  -- What the pass changes is counted here and written once at its end: the running counts of
+  -- the env, queues and keys (exact: each was read before the pass admitted from it), the
+  -- queued counts, the ready seq counter, the ready zsets, lane sets and lane counts. Nothing
+  -- in the pass reads them back from Redis. Records are written as runs are admitted.
   local served_q, served_k, served_n = {}, {}, 0
+  local seq_base, nready = nil, 0
+  local ready_lanes, ready_add = {}, {}
+  local env_run0, env_flrun0 = E[4], E[5]
   while E[4] < ecap or E[5] < flcap do
     local qi, ki, id, r = nil, nil, nil, nil
     for i, Qe in ipairs(queues) do
@@ -792,11 +901,14 @@ local function admit_env(e)
       for j, Ke in ipairs(keys_of(Qe)) do
         if not Ke[4] then
           local k = Ke[2]
-          local head, hr = key_head(e, q, k)
+          local head, hr = key_head(e, q, k, Ke)
           local ok = false
           if head and hr and not lane_orphaned(hr[F_LANE]) then
             if not Qe[4] then Qe[4] = redis.call('HMGET', k_q(e, q), 'lim', 'ktl', 'paused', 'run') end
-            if not Ke[3] then Ke[3] = num(redis.call('HGET', k_k(e, q, k), 'run')) end
+            if not Ke[3] then
+              local KR = redis.call('HMGET', k_k(e, q, k), 'run', 'qd')
+              Ke[3], Ke.qd = num(KR[1]), num(KR[2])
+            end
             ok = admission_of(E, Qe[4], Ke[3], hr[F_LANE]) == nil
           end
           if ok then
@@ -812,14 +924,53 @@ local function admit_env(e)
     local Qe = queues[qi]
     local Ke = Qe[3][ki]
     local q, k = Qe[2], Ke[2]
-    local key_left, queue_left = pull_queued(id, r, true)
+    -- The run leaves its key (as `pull_queued` at the head): the queued counts of the key and
+    -- queue are written at the end of the pass.
+    if r[F_PLACE] == 'Q' then
+      list_pop(Ke.kl, Ke)
+    else
+      redis.call('ZREM', k_kq(e, q, k), id)
+    end
+    Qe.qd_taken = (Qe.qd_taken or 0) + 1
+    Ke.qd = math.max(Ke.qd - 1, 0)
+    local key_left, queue_left = true, true
+    if Ke.qd == 0 then
+      -- No live queued run: whatever the list still holds is tombstones.
+      key_left = false
+      Ke.gone = true
+      redis.call('DEL', k_kl(e, q, k), k_kt(e, q, k))
+      redis.call('SREM', k_bk(e, q), k)
+      if redis.call('SCARD', k_bk(e, q)) == 0 then
+        redis.call('SREM', k_bq(e), q)
+        queue_left = false
+      end
+    end
     served_n = served_n + 1
-    served_q[q] = served_n
-    served_k[#served_k + 1] = { q, k, served_n }
-    push_ready(id, r, true)
+    served_q[q] = Qe
+    Qe[5] = served_n
+    if not Ke.served_no then served_k[#served_k + 1] = { q, Ke } end
+    Ke.served_no = served_n
+    -- The run becomes ready (as `push_ready`): its seq follows the counter's value.
+    if not seq_base then seq_base = num(redis.call('HGET', K_CFG, 'seq')) end
+    nready = nready + 1
+    local seq = seq_base + nready
+    r[F_PLACE] = 'r'
+    r[F_SEQ] = seq
+    r[F_RAT] = now
+    local lane = r[F_LANE]
+    local adds = ready_add[lane]
+    if not adds then
+      adds = {}
+      ready_add[lane] = adds
+      ready_lanes[#ready_lanes + 1] = lane
+    end
+    adds[#adds + 1] = seq
+    adds[#adds + 1] = id
+    save(id, r)
+    ring(lane)
     moved(id, 'ready')
-    -- What `take_slots` counted.
-    if r[F_LANE] == 'fast_lane' then E[5] = E[5] + 1 else E[4] = E[4] + 1 end
+    -- What `take_slots` counts.
+    if lane == 'fast_lane' then E[5] = E[5] + 1 else E[4] = E[4] + 1 end
     Qe[4][4] = num(Qe[4][4]) + 1
     Ke[3] = Ke[3] + 1
     -- The most recently served queue and key go last.
@@ -828,13 +979,29 @@ local function admit_env(e)
     table.remove(queues, qi)
     if queue_left then queues[#queues + 1] = Qe end
   end
+  flush_list_pops()
   if served_n > 0 then
+    redis.call('HINCRBY', K_CFG, 'seq', nready)
+    for _, lane in ipairs(ready_lanes) do
+      local adds = ready_add[lane]
+      many('ZADD', k_lr(lane, e), adds)
+      redis.call('SADD', k_le(lane), e)
+      redis.call('HINCRBY', k_l(lane), 'count', #adds / 2)
+    end
+    if E[4] ~= env_run0 then redis.call('HSET', k_env(e), 'run', E[4]) end
+    if E[5] ~= env_flrun0 then redis.call('HSET', k_env(e), 'flrun', E[5]) end
     -- The pass served `served_n` times: serve numbers top - served_n + 1 .. top, in order.
     local base = redis.call('HINCRBY', K_CFG, 'serve', served_n) - served_n
-    for q, n in pairs(served_q) do redis.call('HSET', k_q(e, q), 'served', base + n) end
-    local last = {}
-    for _, x in ipairs(served_k) do last[x[1] .. Z .. x[2]] = x end
-    for _, x in pairs(last) do redis.call('HSET', k_k(e, x[1], x[2]), 'served', base + x[3]) end
+    for q, Qe in pairs(served_q) do
+      local kq = k_q(e, q)
+      redis.call('HSET', kq, 'served', base + Qe[5], 'run', Qe[4][4])
+      decr(kq, 'qd', Qe.qd_taken)
+      Qe.qd_taken = 0
+    end
+    for _, x in ipairs(served_k) do
+      local Ke = x[2]
+      redis.call('HSET', k_k(e, x[1], Ke[2]), 'served', base + Ke.served_no, 'run', Ke[3], 'qd', Ke.qd)
+    end
   end
 end
 
@@ -974,6 +1141,9 @@ local function end_lease(id, r, later)
   r[F_PLACE] = 'q'
 end
 
+-- The key base the key names were built for.
+local setup_base = nil
+
 -- Per call: the arguments, the keys derived from the key base, and fresh effects and caches.
 local function setup(keys, args)
   KEYS, ARGV = keys, args
@@ -983,24 +1153,30 @@ local function setup(keys, args)
   ready_timeout = tonumber(args[3])
   FORMAT = args[4]
   GEN = args[5]
-  K_CFG = P .. ':cfg'
-  K_ENVS = P .. ':envs'
-  K_LANES = P .. ':lanes'
-  K_CONS = P .. ':cons'
-  K_DELAYED = P .. ':delayed'
-  K_TTL = P .. ':ttl'
-  K_LEASE = P .. ':lease'
-  K_ATT = P .. ':att'
-  K_CXL = P .. ':cxl'
-  K_TBZ = P .. ':tbz'
-  K_TBN = P .. ':tbn'
-  K_RB = P .. ':rb'
-  K_KN = P .. ':kn'
+  -- The key names derive from the key base only: built again when it changes.
+  if P ~= setup_base then
+    setup_base = P
+    K_CFG = P .. ':cfg'
+    K_ENVS = P .. ':envs'
+    K_LANES = P .. ':lanes'
+    K_CONS = P .. ':cons'
+    K_DELAYED = P .. ':delayed'
+    K_TTL = P .. ':ttl'
+    K_LEASE = P .. ':lease'
+    K_ATT = P .. ':att'
+    K_CXL = P .. ':cxl'
+    K_TBZ = P .. ':tbz'
+    K_TBN = P .. ':tbn'
+    K_RB = P .. ':rb'
+    K_KN = P .. ':kn'
+    run_keys = {}
+  end
   kn_cache = {}
+  popped_lists = {}
   fx_moved, fx_lanes, fx_rung = {}, {}, {}
   consumer_cache = nil
   env_known = {}
-  rel_order, rel_count = {}, {}
+  rel_order, rel_by = {}, {}
   lease_drops = {}
 end
 
@@ -1274,9 +1450,12 @@ OPS['claim'] = function()
   local lanes = sorted(redis.call('SMEMBERS', K_LANES))
   local known = {}
   for _, lane in ipairs(lanes) do known[lane] = true end
+  -- cursors[lane][env] = the cursor over that ready zset; cursors[1..] = the same cursors in
+  -- the order they were made.
   local lane_envs, cursors, counts, taken, vtimes, passes, weights = {}, {}, {}, {}, {}, {}, {}
   local dirty = {}
-  local picks = {}
+  -- The claimed runs: ids and records (parallel arrays: no table per pick).
+  local pick_ids, pick_recs, npicks = {}, {}, 0
   local function envs_of(lane)
     local v = lane_envs[lane]
     if not v then
@@ -1308,18 +1487,26 @@ OPS['claim'] = function()
   end
   -- The first eligible ready run of a lane and env not taken yet: a cursor over the ready zset
   -- (pages of the runs still wanted, up to 64; runs locked to another version are skipped).
+  -- Answers the cursor, its head run being `c.ids[c.pos]` (seq `c.seqs[c.pos]`, record
+  -- `c.recs[c.pos]`), or nil.
   local function head_of(lane, e, version)
-    local key = k_lr(lane, e)
-    local c = cursors[key]
-    if not c then
-      c = { ids = {}, seqs = {}, pos = 1, from = 0, eof = false, lane = lane, env = e, took = {} }
-      cursors[key] = c
-      cursors[#cursors + 1] = key
+    local lc = cursors[lane]
+    if not lc then
+      lc = {}
+      cursors[lane] = lc
     end
+    local c = lc[e]
+    if not c then
+      c = { ids = {}, seqs = {}, pos = 1, from = 0, eof = false, lane = lane, env = e, took = {},
+        key = k_lr(lane, e) }
+      lc[e] = c
+      cursors[#cursors + 1] = c
+    end
+    local key = c.key
     while true do
       if c.pos > #c.ids then
         if c.eof then return nil end
-        local n = math.max(math.min(max - #picks, 64), 1)
+        local n = math.max(math.min(max - npicks, 64), 1)
         local page = redis.call('ZRANGE', key, c.from, c.from + n - 1, 'WITHSCORES')
         c.ids, c.seqs, c.recs, c.pos = {}, {}, {}, 1
         for i = 1, #page, 2 do
@@ -1336,29 +1523,40 @@ OPS['claim'] = function()
         r = load(id) or false
         c.recs[c.pos] = r
       end
-      if r and (not r[F_LOCKED] or r[F_LOCKED] == version) then return c, id, c.seqs[c.pos], r end
+      if r and (not r[F_LOCKED] or r[F_LOCKED] == version) then return c end
       c.pos = c.pos + 1
     end
   end
-  -- The first eligible ready run of a lane, per served env: { env, seq, id, record, cursor }.
+  -- The cursors of a lane's served envs that have an eligible ready run (in a list kept per
+  -- lane and refilled at each call), and their count.
+  local lane_cands = {}
   local function first_eligible(lane)
-    local out = {}
+    local out = lane_cands[lane]
+    if not out then
+      out = {}
+      lane_cands[lane] = out
+    end
+    local n = 0
     for _, e in ipairs(envs_of(lane)) do
       local version = served[e]
       if version then
-        local c, id, seq, r = head_of(lane, e, version)
-        if c then out[#out + 1] = { e, seq, id, r, c } end
+        local c = head_of(lane, e, version)
+        if c then
+          n = n + 1
+          out[n] = c
+        end
       end
     end
-    return out
+    for i = #out, n + 1, -1 do out[i] = nil end
+    return out, n
   end
-  while #picks < max do
-    local pick_lane, cands = nil, nil
+  while npicks < max do
+    local pick_lane, cands, ncands = nil, nil, 0
     for _, lane in ipairs(named) do
       if known[lane] then
-        local c = first_eligible(lane)
-        if #c > 0 then
-          pick_lane, cands = lane, c
+        local c, n = first_eligible(lane)
+        if n > 0 then
+          pick_lane, cands, ncands = lane, c, n
           break
         end
       end
@@ -1367,13 +1565,14 @@ OPS['claim'] = function()
       local best_seq = nil
       for _, lane in ipairs(lanes) do
         if not is_named[lane] and count_of(lane) > 0 then
-          local c = first_eligible(lane)
+          local c, n = first_eligible(lane)
           local min = nil
-          for _, x in ipairs(c) do
-            if min == nil or x[2] < min then min = x[2] end
+          for i = 1, n do
+            local x = c[i].seqs[c[i].pos]
+            if min == nil or x < min then min = x end
           end
           if min and (best_seq == nil or min < best_seq) then
-            best_seq, pick_lane, cands = min, lane, c
+            best_seq, pick_lane, cands, ncands = min, lane, c, n
           end
         end
       end
@@ -1381,14 +1580,14 @@ OPS['claim'] = function()
     if not pick_lane then break end
     local vtime = vtimes[pick_lane]
     if vtime == nil then vtime = num(redis.call('HGET', k_l(pick_lane), 'vtime')) end
-    local chosen = nil
-    for _, c in ipairs(cands) do
-      local eff = math.max(pass_of(pick_lane, c[1]), vtime)
-      if chosen == nil or eff < chosen[1] or (eff == chosen[1] and lt(c[1], chosen[2])) then
-        chosen = { eff, c[1], c[3], c[4], c[5] }
-      end
+    -- The env of least effective pass (then name) among the candidates.
+    local cur, eff = nil, nil
+    for i = 1, ncands do
+      local c = cands[i]
+      local ce = math.max(pass_of(pick_lane, c.env), vtime)
+      if cur == nil or ce < eff or (ce == eff and lt(c.env, cur.env)) then cur, eff = c, ce end
     end
-    local eff, e, id, r, cur = chosen[1], chosen[2], chosen[3], chosen[4], chosen[5]
+    local e, id, r = cur.env, cur.ids[cur.pos], cur.recs[cur.pos]
     local weight = weights[e]
     if weight == nil then
       weight = math.max(num(redis.call('HGET', k_env(e), 'weight')), 1)
@@ -1401,11 +1600,12 @@ OPS['claim'] = function()
     cur.took[#cur.took + 1] = id
     cur.pos = cur.pos + 1
     taken[pick_lane] = (taken[pick_lane] or 0) + 1
-    picks[#picks + 1] = { id, r }
+    npicks = npicks + 1
+    pick_ids[npicks], pick_recs[npicks] = id, r
   end
   -- The claimed runs leave their ready zsets (an env whose zset empties leaves the lane).
-  for _, key in ipairs(cursors) do
-    local c = cursors[key]
+  for _, c in ipairs(cursors) do
+    local key = c.key
     if #c.took > 0 then
       many('ZREM', key, c.took)
       if redis.call('ZCARD', key) == 0 then redis.call('SREM', k_le(c.lane), c.env) end
@@ -1422,12 +1622,12 @@ OPS['claim'] = function()
     decr(k_l(lane), 'count', taken[lane])
   end
   local out = {}
-  if #picks > 0 then
-    local token = redis.call('HINCRBY', K_CFG, 'token', #picks) - #picks
+  if npicks > 0 then
+    local token = redis.call('HINCRBY', K_CFG, 'token', npicks) - npicks
     local deadline = now + lease_ms
     local leases, attempts = {}, {}
-    for _, pick in ipairs(picks) do
-      local id, r = pick[1], pick[2]
+    for i = 1, npicks do
+      local id, r = pick_ids[i], pick_recs[i]
       token = token + 1
       local was_leased = r[F_EVER]
       r[F_EVER] = true
@@ -1507,7 +1707,9 @@ OPS['finish_many'] = function()
     if err then
       out[#out + 1] = err
     else
-      end_lease(id, r, true)
+      -- As `end_lease`, without clearing the lease fields of a record deleted at once.
+      drop_lease_deadlines(id, r)
+      if not r[F_LAPSED] then release_slots_later(r) end
       del_run(id)
       local e = r[F_ENV]
       if not seen[e] then

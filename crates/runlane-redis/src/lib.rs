@@ -16,6 +16,8 @@
 //! [`RedisQueue::attach_store`], keeping every run and its order.
 
 #[cfg(test)]
+mod bucket_tests;
+#[cfg(test)]
 mod format1_tests;
 #[cfg(test)]
 mod format3_tests;
