@@ -2000,10 +2000,20 @@ OPS['register_consumer'] = function()
   return fail('ok', id)
 end
 
+-- A consumer put back under its id (a rebuild, or its process finding a key space another
+-- process rebuilt): once it is new here, the lanes it covers are no longer orphaned.
 OPS['restore_consumer'] = function()
-  redis.call('HSET', K_CONS, ARGV[6], ARGV[7])
+  local chain = ARGV[7]
+  local added = redis.call('HSET', K_CONS, ARGV[6], chain)
   if num(redis.call('HGET', K_CFG, 'cseq')) < tonumber(ARGV[6]) then
     redis.call('HSET', K_CFG, 'cseq', ARGV[6])
+  end
+  if added == 1 then
+    consumer_cache = nil
+    for _, lane in ipairs(redis.call('SMEMBERS', K_LANES)) do
+      if covers(chain, lane) then redis.call('HSET', k_l(lane), 'os', 0, 'orph', '0') end
+    end
+    admit_all()
   end
   return fail('ok')
 end

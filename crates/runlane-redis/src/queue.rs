@@ -2,7 +2,7 @@
 //! the dispatch function (`dispatch.lua`, a Redis function library), so each step is atomic
 //! exactly like the memory backend's mutex-held steps.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -695,7 +695,14 @@ impl RedisQueue {
             match answer.code.as_str() {
                 "lost" => self.rebuild(Timestamp(latest)).await?,
                 "generation" => {
-                    *lock(&self.generation) = answer.extra(0)?.text()?.to_string();
+                    let generation = answer.extra(0)?.text()?.to_string();
+                    *lock(&self.generation) = generation.clone();
+                    // Another process rebuilt the key space: it restored its own lanes and
+                    // consumers, not this process's. Put them back before going on, or runs of
+                    // a lane only this process added are refused, and a lane only its workers
+                    // claim looks orphaned.
+                    self.replay_membership(Timestamp(latest), &generation)
+                        .await?;
                 }
                 "format"
                     if answer
@@ -722,6 +729,24 @@ impl RedisQueue {
         Err(QueueError::Unavailable(
             "redis key space keeps changing generation".to_string(),
         ))
+    }
+
+    /// Adds this process's lanes and restores its consumers (both idempotent), in a key space
+    /// another process rebuilt.
+    async fn replay_membership(&self, now: Timestamp, generation: &str) -> Result<(), QueueError> {
+        let (lanes, consumers) = {
+            let r = lock(&self.replay);
+            (r.lanes.clone(), r.consumers.clone())
+        };
+        for lane in &lanes {
+            self.raw("add_lane", now, generation, vec![lane.as_str().into()])
+                .await?;
+        }
+        for (id, chain) in &consumers {
+            let args = vec![Arg::from(*id), chain.clone().into()];
+            self.raw("restore_consumer", now, generation, args).await?;
+        }
+        Ok(())
     }
 
     /// Rebuilds a lost key space: configuration, envs, queues, lanes, consumers, then every
@@ -791,6 +816,19 @@ impl RedisQueue {
                 .await
                 .map_err(|e| QueueError::Unavailable(format!("rebuild: {e}")))?;
             runs.sort_by_key(|r| r.id);
+            // Every lane a stored run names existed when it was triggered, though perhaps only
+            // another process added it: without it the run's enqueue would be refused and the
+            // run would wait in the store for ever.
+            let known: BTreeSet<&LaneName> = lanes.iter().collect();
+            let missing: BTreeSet<LaneName> = runs
+                .iter()
+                .map(|r| r.lane.clone())
+                .filter(|l| !known.contains(l))
+                .collect();
+            for lane in &missing {
+                self.raw_checked("add_lane", now, vec![lane.as_str().into()])
+                    .await?;
+            }
             // Crash point: with `RUNLANE_FAILPOINT=mid_rebuild` the process aborts after
             // re-enqueuing half of the runs (tests that the next process completes it).
             let abort_at = (std::env::var(FAILPOINT_VAR).ok().as_deref() == Some(MID_REBUILD))

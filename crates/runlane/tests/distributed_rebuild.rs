@@ -189,3 +189,116 @@ async fn a_rebuild_in_one_process_wakes_idle_workers_of_another() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+/// Two processes of one deployment on the shared Redis under a fresh prefix and schema; the
+/// first cleans up.
+async fn two_processes(tag: &str) -> (runlane::Distributed, runlane::Distributed) {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let prefix = redis_support::fresh_prefix(tag);
+    let schema = format!("rlt_{tag}_{}_{n}", std::process::id());
+    let open = |throwaway: bool| {
+        let mut config = DistributedConfig::new(redis_support::url(), database_url());
+        config.redis.prefix = prefix.clone();
+        config.postgres.schema = schema.clone();
+        config.postgres.pool_size = 4;
+        config.throwaway = throwaway;
+        async move {
+            match runlane::distributed_with(EngineBuilder::new(), config).await {
+                Ok(engine) => engine,
+                Err(e) => panic!("redis and postgresql are required: {e}"),
+            }
+        }
+    };
+    (open(true).await, open(false).await)
+}
+
+/// B rebuilds the lost key space (its next call finds it gone).
+async fn lose_and_rebuild_in(b: &runlane::Distributed) {
+    let deleted = b.queue().redis().delete_keys().await.expect("delete");
+    assert!(deleted > 0, "the prefix had keys");
+    b.queue().snapshot().await.expect("snapshot (rebuilds)");
+    assert_eq!(b.health().await.redis_backend.rebuilds, 1);
+}
+
+async fn lane_names(engine: &runlane::Distributed) -> Vec<String> {
+    let lanes = engine.lanes().await.expect("lanes");
+    lanes.into_iter().map(|l| l.name.to_string()).collect()
+}
+
+/// A lane only another process added is not in the rebuilder's memory; a run waiting in it
+/// comes back all the same (the rebuild adds the lanes its runs name) and runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_brings_back_runs_of_a_lane_another_process_added() {
+    let (a, b) = two_processes("rebuild_lane").await;
+    a.add_lane("y").await.expect("lane y, added by A only");
+    let run = b
+        .trigger("job")
+        .lane("y")
+        .send()
+        .await
+        .expect("trigger")
+        .run
+        .id;
+    lose_and_rebuild_in(&b).await;
+    let back = b.queue().snapshot().await.expect("snapshot");
+    assert!(
+        back.iter().any(|r| r.dispatch.run_id == run),
+        "the run of lane y is back in the queue: {back:?}"
+    );
+    assert!(lane_names(&b).await.contains(&"y".to_string()));
+    let executed = Executions::default();
+    let worker = counting_worker(b.worker().workloops("y:1"), &executed).await;
+    assert_completed(&b, run).await;
+    worker.stop().await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+/// After another process rebuilt the key space, a process puts its own lanes and consumers
+/// back at its next call: a lane only it added is known again (triggers into it are
+/// accepted) and the lane its workers claim is covered (not left to look orphaned).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_puts_its_lanes_and_consumers_back_in_a_key_space_another_rebuilt() {
+    let (a, b) = two_processes("rebuild_replay").await;
+    a.add_lane("z").await.expect("lane z, added by A only");
+    let executed = Executions::default();
+    let worker = counting_worker(a.worker().workloops("z:1"), &executed).await;
+    let cons = format!("{}:cons", a.queue().redis().key_base());
+    let client = redis::Client::open(redis_support::url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection");
+    let chains = |conn: &mut redis::aio::MultiplexedConnection| {
+        let cmd = redis::cmd("HVALS").arg(&cons).clone();
+        let mut conn = conn.clone();
+        async move {
+            cmd.query_async::<Vec<String>>(&mut conn)
+                .await
+                .expect("hvals")
+        }
+    };
+    assert_eq!(chains(&mut conn).await, vec!["F>z".to_string()]);
+
+    // B's rebuild knows neither lane z nor A's consumer.
+    lose_and_rebuild_in(&b).await;
+
+    // A's next call (if none of its tasks made one already) finds the new generation and
+    // puts its lane and consumer back.
+    a.queue().snapshot().await.expect("a call of A");
+    assert_eq!(chains(&mut conn).await, vec!["F>z".to_string()]);
+    assert!(lane_names(&b).await.contains(&"z".to_string()));
+    let run = b
+        .trigger("job")
+        .lane("z")
+        .send()
+        .await
+        .expect("a trigger into lane z is accepted again")
+        .run
+        .id;
+    assert_completed(&b, run).await;
+    worker.stop().await;
+    assert_eq!(executed.lock().expect("lock").get(&run), Some(&1));
+    b.shutdown().await;
+    a.shutdown().await;
+}
