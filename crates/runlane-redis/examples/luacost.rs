@@ -248,15 +248,7 @@ async fn main() {
                 .collect();
             let checks = q.check_leases(&pairs).await.expect("check_leases");
             assert!(checks.iter().all(Result::is_ok), "every lease holds");
-            let answers = if single {
-                let mut answers = Vec::new();
-                for (run, token) in &pairs {
-                    answers.push(q.finish(*run, *token, now).await.map(|_| ()));
-                }
-                answers
-            } else {
-                q.finish_many(&pairs, now).await.expect("finish_many").0
-            };
+            let answers = end_runs(&q, &pairs, single, now).await;
             assert!(answers.iter().all(Result::is_ok), "every finish holds");
             done += pairs.len() as u64;
         }
@@ -277,15 +269,7 @@ async fn main() {
         assert!(checks.iter().all(Result::is_ok), "every lease holds");
         let c = stats(&mut conn).await;
         diff(&mut s_check, &b, &c);
-        let answers = if single {
-            let mut answers = Vec::new();
-            for (run, token) in &pairs {
-                answers.push(q.finish(*run, *token, now).await.map(|_| ()));
-            }
-            answers
-        } else {
-            q.finish_many(&pairs, now).await.expect("finish_many").0
-        };
+        let answers = end_runs(&q, &pairs, single, now).await;
         assert!(answers.iter().all(Result::is_ok), "every finish holds");
         let d = stats(&mut conn).await;
         diff(&mut s_finish, &c, &d);
@@ -331,4 +315,23 @@ async fn main() {
             "finish_many": per_run(&s_finish),
         })
     );
+}
+
+/// Ends the leased `pairs`: one `finish` per run when `single` (as the footprint bench's pass
+/// does), else one `finish_many` (as the engine's completer does).
+async fn end_runs(
+    q: &RedisQueue,
+    pairs: &[(RunId, FencingToken)],
+    single: bool,
+    now: Timestamp,
+) -> Vec<Result<(), runlane_core::QueueError>> {
+    if single {
+        let mut answers = Vec::new();
+        for (run, token) in pairs {
+            answers.push(q.finish(*run, *token, now).await.map(|_| ()));
+        }
+        answers
+    } else {
+        q.finish_many(pairs, now).await.expect("finish_many").0
+    }
 }

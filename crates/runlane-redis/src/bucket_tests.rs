@@ -2,35 +2,14 @@
 //! records go, so a run's end is one `HDEL` (no `HLEN` to find out whether its bucket emptied);
 //! a snapshot still reads exactly the records held.
 
-use std::sync::Arc;
-use std::time::Duration;
+use runlane_core::backend::{Dispatch, QueueBackend};
+use runlane_core::{EnvName, EnvSettings, FencingToken, RunId, Timestamp};
 
-use runlane_core::backend::{ClaimRequest, Dispatch, QueueBackend, ServedEnv};
-use runlane_core::{
-    ClaimChain, EnvName, EnvSettings, FencingToken, LaneName, QueueName, RunId, Timestamp, WorkerId,
-};
-
+use crate::test_support::{self as support, url};
 use crate::{RedisConfig, RedisQueue};
 
-fn url() -> String {
-    std::env::var("RUNLANE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
-}
-
 fn dispatch(n: u128, env: &EnvName) -> Dispatch {
-    Dispatch {
-        run_id: RunId((1u128 << 80) | n),
-        env: env.clone(),
-        queue: QueueName::new("q").expect("queue name"),
-        key: Arc::from(""),
-        lane: LaneName::default_lane(),
-        priority: Duration::ZERO,
-        run_after: Timestamp(0),
-        ttl_deadline: None,
-        attempt: 1,
-        locked_version: None,
-        ever_leased: false,
-        max_duration: None,
-    }
+    support::dispatch(n, env, "", 0, None)
 }
 
 /// The bucket of a run's record (its id's low 12 bits), as `{p}:rb` lists it.
@@ -40,13 +19,7 @@ fn bucket(n: u128) -> String {
 
 #[tokio::test]
 async fn an_ended_runs_bucket_stays_listed_and_snapshots_read_the_records_held() {
-    let client = redis::Client::open(url()).expect("redis url");
-    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "no Redis at {} under CI",
-            url()
-        );
+    let Some(mut conn) = support::connect().await else {
         return;
     };
     let prefix = format!("rl:test:buckets:{}", std::process::id());
@@ -71,16 +44,7 @@ async fn an_ended_runs_bucket_stays_listed_and_snapshots_read_the_records_held()
             .await
             .expect("enqueue");
     }
-    let request = ClaimRequest {
-        worker: WorkerId(1),
-        chain: ClaimChain::default_chain(),
-        max: 10,
-        lease: Duration::from_secs(30),
-        envs: vec![ServedEnv {
-            env: env.clone(),
-            version: 1,
-        }],
-    };
+    let request = support::claim_all(&env);
     let leased = queue.claim(&request, Timestamp(2)).await.expect("claim");
     assert_eq!(leased.len(), 3);
     let ends: Vec<(RunId, FencingToken)> = leased

@@ -2,12 +2,8 @@
 //! (the base commit's `dispatch.lua`, kept as `testdata/dispatch_fmt1.lua`) on the shared Redis
 //! under a fresh prefix, then opened with this build, which migrates it in one script.
 
-use std::time::Duration;
-
-use runlane_core::backend::{ClaimRequest, Dispatch, QueueBackend, ServedEnv};
-use runlane_core::{
-    ClaimChain, EnvName, EnvSettings, LaneName, RunId, RunStatus, Timestamp, WorkerId,
-};
+use runlane_core::backend::{Dispatch, QueueBackend};
+use runlane_core::{EnvName, EnvSettings, LaneName, RunId, RunStatus, Timestamp};
 
 use crate::queue::{put_env_args, Arg};
 use crate::test_support::{self as support, connect, url};
@@ -130,16 +126,7 @@ async fn a_format1_key_space_is_migrated_on_open_and_read() {
         .put_env(&env, open, Timestamp(6_000))
         .await
         .expect("put_env");
-    let request = ClaimRequest {
-        worker: WorkerId(1),
-        chain: ClaimChain::default_chain(),
-        max: 10,
-        lease: Duration::from_secs(30),
-        envs: vec![ServedEnv {
-            env: env.clone(),
-            version: 1,
-        }],
-    };
+    let request = support::claim_all(&env);
     let claimed: Vec<RunId> = queue
         .claim(&request, Timestamp(6_000))
         .await

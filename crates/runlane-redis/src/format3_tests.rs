@@ -5,15 +5,11 @@
 
 use std::time::Duration;
 
-use runlane_core::backend::{
-    CancelOutcome, ClaimRequest, Dispatch, Placement, QueueBackend, ServedEnv,
-};
-use runlane_core::{
-    ClaimChain, EnvName, EnvSettings, LaneName, RunId, RunStatus, Timestamp, WorkerId,
-};
+use runlane_core::backend::{CancelOutcome, Dispatch, Placement, QueueBackend};
+use runlane_core::{EnvName, EnvSettings, LaneName, RunId, RunStatus, Timestamp};
 
 use crate::queue::{put_env_args, Arg};
-use crate::test_support::{self as support, connect, url};
+use crate::test_support::{self as support, claim_all, connect, url};
 use crate::{record, RedisConfig, RedisOpenError, RedisQueue, KEYSPACE_FORMAT};
 
 const FORMAT2_LIBRARY: &str = include_str!("testdata/dispatch_fmt2.lua");
@@ -33,19 +29,6 @@ fn open_env() -> EnvSettings {
     EnvSettings {
         limit: 10,
         ..EnvSettings::default()
-    }
-}
-
-fn claim_all(env: &EnvName) -> ClaimRequest {
-    ClaimRequest {
-        worker: WorkerId(1),
-        chain: ClaimChain::default_chain(),
-        max: 10,
-        lease: Duration::from_secs(30),
-        envs: vec![ServedEnv {
-            env: env.clone(),
-            version: 1,
-        }],
     }
 }
 

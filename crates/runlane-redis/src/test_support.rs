@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use runlane_core::backend::Dispatch;
-use runlane_core::{EnvName, LaneName, QueueName, RunId, Timestamp};
+use runlane_core::backend::{ClaimRequest, Dispatch, ServedEnv};
+use runlane_core::{ClaimChain, EnvName, LaneName, QueueName, RunId, Timestamp, WorkerId};
 
 use crate::queue::Arg;
 use crate::record;
@@ -59,6 +59,20 @@ pub(crate) fn dispatch(
         locked_version: None,
         ever_leased: false,
         max_duration: None,
+    }
+}
+
+/// A claim of up to 10 runs of `env` (version 1) on the default chain, 30 s leases.
+pub(crate) fn claim_all(env: &EnvName) -> ClaimRequest {
+    ClaimRequest {
+        worker: WorkerId(1),
+        chain: ClaimChain::default_chain(),
+        max: 10,
+        lease: Duration::from_secs(30),
+        envs: vec![ServedEnv {
+            env: env.clone(),
+            version: 1,
+        }],
     }
 }
 

@@ -120,24 +120,7 @@ async fn a_rebuild_in_one_process_wakes_idle_workers_of_another() {
 
     const LEASE: Duration = Duration::from_secs(600);
     const BOUND: Duration = Duration::from_secs(20);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let prefix = redis_support::fresh_prefix("rebuild_wake");
-    let schema = format!("rlt_rebuild_wake_{}_{n}", std::process::id());
-    let open = |throwaway: bool| {
-        let mut config = DistributedConfig::new(redis_support::url(), database_url());
-        config.redis.prefix = prefix.clone();
-        config.postgres.schema = schema.clone();
-        config.postgres.pool_size = 4;
-        config.throwaway = throwaway;
-        async move {
-            match runlane::distributed_with(EngineBuilder::new(), config).await {
-                Ok(engine) => engine,
-                Err(e) => panic!("redis and postgresql are required: {e}"),
-            }
-        }
-    };
-    let a = open(true).await;
-    let b = open(false).await;
+    let (a, b) = two_processes("rebuild_wake").await;
 
     // A: two slots; the first start holds its slot until the gate opens.
     let (started_tx, mut started) = mpsc::unbounded_channel();
@@ -173,10 +156,7 @@ async fn a_rebuild_in_one_process_wakes_idle_workers_of_another() {
     assert_eq!(first, Some(run));
 
     // The key space is lost; B's next call rebuilds it: the run comes back waiting.
-    let deleted = b.queue().redis().delete_keys().await.expect("delete");
-    assert!(deleted > 0, "the prefix had keys");
-    b.queue().snapshot().await.expect("snapshot (rebuilds)");
-    assert_eq!(b.health().await.redis_backend.rebuilds, 1);
+    lose_and_rebuild_in(&b).await;
 
     // A's idle second slot is rung by B's rebuild and runs it again (its lease was lost).
     let again = tokio::time::timeout(BOUND, started.recv())
