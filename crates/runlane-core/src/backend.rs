@@ -897,6 +897,27 @@ pub trait RunStore: Send + Sync + 'static {
         self.put_env(env, settings).await?;
         Ok(true)
     }
+    /// Stores a queue's admin settings (set at runtime through the engine), replacing any
+    /// stored before for that queue, so that they outlive the queue backend's state (a
+    /// restart of the embedded shape, a rebuild of a lost Redis key space). The settings
+    /// were checked by [`QueueSettings::validate`]. The default keeps nothing (a store that
+    /// does not keep them loses admin settings with the queue backend's state).
+    async fn put_queue_settings(
+        &self,
+        env: &EnvName,
+        queue: &QueueName,
+        settings: &QueueSettings,
+    ) -> Result<(), StoreError> {
+        let _ = (env, queue, settings);
+        Ok(())
+    }
+    /// Every queue's stored admin settings (see [`RunStore::put_queue_settings`]), in no set
+    /// order. The default answers none.
+    async fn queue_settings_all(
+        &self,
+    ) -> Result<Vec<(EnvName, QueueName, QueueSettings)>, StoreError> {
+        Ok(Vec::new())
+    }
     /// Registers a version; returns its number (1, 2, …; 0 is the implicit empty version).
     async fn add_version(
         &self,

@@ -13,7 +13,8 @@ use runlane_core::backend::{
     RunStore, ScheduleCursor, VersionInfo,
 };
 use runlane_core::{
-    EnvName, EnvSettings, RunId, RunStatus, StoreError, TaskName, Timestamp, VersionDef,
+    EnvName, EnvSettings, QueueName, QueueSettings, RunId, RunStatus, StoreError, TaskName,
+    Timestamp, VersionDef,
 };
 use runlane_postgres::PostgresStore;
 
@@ -147,6 +148,19 @@ impl RunStore for DistributedStore {
     }
     async fn envs(&self) -> Result<Vec<(EnvName, EnvSettings)>, StoreError> {
         self.inner.envs().await
+    }
+    async fn put_queue_settings(
+        &self,
+        env: &EnvName,
+        queue: &QueueName,
+        settings: &QueueSettings,
+    ) -> Result<(), StoreError> {
+        self.inner.put_queue_settings(env, queue, settings).await
+    }
+    async fn queue_settings_all(
+        &self,
+    ) -> Result<Vec<(EnvName, QueueName, QueueSettings)>, StoreError> {
+        self.inner.queue_settings_all().await
     }
     async fn create_env(&self, env: &EnvName, settings: EnvSettings) -> Result<bool, StoreError> {
         self.inner.create_env(env, settings).await

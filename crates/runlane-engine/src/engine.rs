@@ -120,6 +120,14 @@ impl EngineBuilder {
         for (env, settings) in &envs {
             effects.merge(queue.put_env(env, *settings, now).await?);
         }
+        // Queue settings kept by the store (admin changes, promoted limits) go back into the
+        // queue backend before the current version fills what they leave unset: a restart
+        // with empty queue state (embedded) or a lost key space keeps a paused queue paused.
+        for (env, queue_name, settings) in store.queue_settings_all().await? {
+            if envs.iter().any(|(e, _)| e == &env) {
+                effects.merge(queue.put_queue(&env, &queue_name, settings, now).await?);
+            }
+        }
 
         let handover = Handover::new(queue.hands_over(), !queue.claims_in_process());
         let (completer, completions) = Completer::new();
@@ -803,6 +811,13 @@ impl Inner {
             };
             if settings == current {
                 continue;
+            }
+            if mode == LimitWrite::Promotion {
+                // Kept with the admin settings, so that a restart or a rebuild applies the
+                // promoted limit, not an older stored one (store first, SPEC §7).
+                self.store
+                    .put_queue_settings(env, &queue, &settings)
+                    .await?;
             }
             effects.merge(self.queue.put_queue(env, &queue, settings, now).await?);
         }
@@ -1495,6 +1510,11 @@ impl Engine {
         settings: QueueSettings,
     ) -> Result<(), EngineError> {
         let inner = &self.inner;
+        // The store first (SPEC §7): the settings outlive the queue backend's state.
+        inner
+            .store
+            .put_queue_settings(env, queue, &settings)
+            .await?;
         let effects = inner
             .queue
             .put_queue(env, queue, settings, inner.now())

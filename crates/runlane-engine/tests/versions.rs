@@ -208,8 +208,10 @@ async fn admin_changes_hold_until_a_promotion_that_sets_the_same_setting() {
     );
 }
 
-/// Opening an engine writes the current version's limits only where the queue backend holds
-/// none: an empty backend gets them, an admin change in a kept backend survives the restart.
+/// Opening an engine puts the queue settings the store keeps, then writes the current
+/// version's limits only where the queue backend holds none: an admin change survives a
+/// restart over the kept backend and over an empty one (issue 4), and the version fills the
+/// limit the admin left unset.
 #[tokio::test]
 async fn a_restart_fills_missing_limits_and_keeps_admin_changes() {
     let clock = Arc::new(ManualClock::new(T0));
@@ -237,7 +239,6 @@ async fn a_restart_fills_missing_limits_and_keeps_admin_changes() {
             "mail",
             QueueSettings {
                 limit: Some(2),
-                key_total_limit: Some(7),
                 ..QueueSettings::default()
             },
         )
@@ -263,11 +264,12 @@ async fn a_restart_fills_missing_limits_and_keeps_admin_changes() {
             .await
             .expect("settings"),
         QueueSettings {
-            limit: Some(5),
+            limit: Some(2),
             key_total_limit: Some(7),
             ..QueueSettings::default()
         },
-        "an empty queue backend gets the current version's limits"
+        "an empty queue backend gets the admin settings kept in the store, and the current \
+         version's limit where they leave one unset"
     );
     fresh.shutdown().await;
 }

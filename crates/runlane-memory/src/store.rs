@@ -11,7 +11,8 @@ use runlane_core::backend::{
     RunStore, ScheduleCursor, VersionInfo,
 };
 use runlane_core::{
-    EnvName, EnvSettings, RunId, RunStatus, StoreError, TaskName, Timestamp, VersionDef,
+    EnvName, EnvSettings, QueueName, QueueSettings, RunId, RunStatus, StoreError, TaskName,
+    Timestamp, VersionDef,
 };
 
 /// The default page size of a listing, and its cap.
@@ -30,6 +31,8 @@ struct State {
     current: HashMap<EnvName, u32>,
     /// The last tick fired of each (env, task, schedule index).
     cursors: HashMap<(EnvName, TaskName, u32), Timestamp>,
+    /// Admin queue settings by (env, queue).
+    queue_settings: BTreeMap<(EnvName, QueueName), QueueSettings>,
 }
 
 /// Run records, idempotency keys, envs and versions in memory (implements [`RunStore`]).
@@ -345,6 +348,29 @@ impl RunStore for MemoryStore {
             .envs
             .iter()
             .map(|(k, v)| (k.clone(), *v))
+            .collect())
+    }
+
+    async fn put_queue_settings(
+        &self,
+        env: &EnvName,
+        queue: &QueueName,
+        settings: &QueueSettings,
+    ) -> Result<(), StoreError> {
+        self.lock()
+            .queue_settings
+            .insert((env.clone(), queue.clone()), *settings);
+        Ok(())
+    }
+
+    async fn queue_settings_all(
+        &self,
+    ) -> Result<Vec<(EnvName, QueueName, QueueSettings)>, StoreError> {
+        Ok(self
+            .lock()
+            .queue_settings
+            .iter()
+            .map(|((env, queue), settings)| (env.clone(), queue.clone(), *settings))
             .collect())
     }
 

@@ -110,6 +110,17 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE runs ADD COLUMN cancel_requested_at bigint;
     "#,
+    // 4: admin queue settings outlive a lost Redis (issue 4).
+    r#"
+    -- A queue's settings as an admin set them at runtime (limit, key_total_limit,
+    -- max_queued, paused; JSON), put back into Redis at open and by a rebuild.
+    CREATE TABLE queue_settings (
+        env         text NOT NULL,
+        queue       text NOT NULL,
+        settings    text NOT NULL,
+        PRIMARY KEY (env, queue)
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -15,8 +15,8 @@ use runlane_core::backend::{
     ScheduleCursor, VersionInfo,
 };
 use runlane_core::{
-    EnvName, EnvSettings, InvalidInput, RunId, RunStatus, StoreError, TaskName, Timestamp,
-    VersionDef,
+    EnvName, EnvSettings, InvalidInput, QueueName, QueueSettings, RunId, RunStatus, StoreError,
+    TaskName, Timestamp, VersionDef,
 };
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{ConnectOptions, Row};
@@ -1081,6 +1081,51 @@ impl RunStore for PostgresStore {
         }
         // Names sort like the memory store's BTreeMap: byte order, not the server's collation.
         out.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        Ok(out)
+    }
+
+    async fn put_queue_settings(
+        &self,
+        env: &EnvName,
+        queue: &QueueName,
+        settings: &QueueSettings,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_string(settings)
+            .map_err(|e| StoreError::Unavailable(format!("queue settings do not encode: {e}")))?;
+        self.execute(
+            sqlx::query(
+                "INSERT INTO queue_settings (env, queue, settings) VALUES ($1, $2, $3) \
+                 ON CONFLICT (env, queue) DO UPDATE SET settings = EXCLUDED.settings",
+            )
+            .bind(env.as_str())
+            .bind(queue.as_str())
+            .bind(json),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn queue_settings_all(
+        &self,
+    ) -> Result<Vec<(EnvName, QueueName, QueueSettings)>, StoreError> {
+        let rows: Vec<PgRow> = sqlx::query("SELECT env, queue, settings FROM queue_settings")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| unavailable("read", &e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let env: String = row.try_get(0).map_err(DbError::from)?;
+            let queue: String = row.try_get(1).map_err(DbError::from)?;
+            let settings: String = row.try_get(2).map_err(DbError::from)?;
+            let corrupt = |e: String| StoreError::from(DbError::Corrupt(e));
+            let env = EnvName::new(&env).map_err(|e| corrupt(e.to_string()))?;
+            let queue = QueueName::new(&queue).map_err(|e| corrupt(e.to_string()))?;
+            let settings = serde_json::from_str(&settings)
+                .map_err(|e| corrupt(format!("settings of queue {env}/{queue}: {e}")))?;
+            out.push((env, queue, settings));
+        }
+        // Byte order like the memory store's BTreeMap, not the server's collation.
+        out.sort_by(|a, b| (a.0.as_str(), a.1.as_str()).cmp(&(b.0.as_str(), b.1.as_str())));
         Ok(out)
     }
 

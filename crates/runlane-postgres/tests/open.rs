@@ -5,7 +5,7 @@
 mod common;
 
 use runlane_core::backend::RunStore;
-use runlane_core::Timestamp;
+use runlane_core::{EnvName, QueueName, QueueSettings, Timestamp};
 use runlane_postgres::{schema, PostgresConfig, PostgresError, PostgresStore};
 
 #[tokio::test]
@@ -142,4 +142,45 @@ async fn concurrent_migrations_from_several_openers_all_succeed_once() {
     let first = stores.next().expect("a store");
     drop(stores);
     common::finish(first).await;
+}
+
+/// Queue settings are upserted per (env, queue) and outlive the store: a reopen on the same
+/// schema lists them, sorted by env then queue.
+#[tokio::test]
+async fn queue_settings_are_upserted_and_kept_across_a_reopen() {
+    let config = common::config();
+    let store = common::open(config.clone()).await;
+    assert_eq!(store.queue_settings_all().await, Ok(Vec::new()));
+    let (prod, dev) = (
+        EnvName::new("prod").expect("env"),
+        EnvName::new("dev").expect("env"),
+    );
+    let mail = QueueName::new("mail").expect("queue");
+    let paused = QueueSettings {
+        limit: Some(2),
+        key_total_limit: Some(9),
+        max_queued: Some(40),
+        paused: true,
+    };
+    let puts = [
+        (&prod, QueueSettings::default()),
+        (&dev, QueueSettings::default()),
+        (&prod, paused),
+    ];
+    for (env, settings) in puts {
+        store
+            .put_queue_settings(env, &mail, &settings)
+            .await
+            .expect("put");
+    }
+    drop(store);
+    let store = common::open(config).await;
+    assert_eq!(
+        store.queue_settings_all().await,
+        Ok(vec![
+            (dev, mail.clone(), QueueSettings::default()),
+            (prod, mail, paused),
+        ])
+    );
+    common::finish(store).await;
 }

@@ -124,6 +124,17 @@ struct Replay {
     consumers: BTreeMap<u64, String>,
 }
 
+/// The settings a rebuild puts back for a queue: the stored ones (the store is written first,
+/// so they are the latest admin word), with a limit they leave unset taken from the ones this
+/// process held (a version's limit, applied where the queue held none).
+fn merge_queue_settings(stored: &QueueSettings, held: &QueueSettings) -> QueueSettings {
+    QueueSettings {
+        limit: stored.limit.or(held.limit),
+        key_total_limit: stored.key_total_limit.or(held.key_total_limit),
+        ..*stored
+    }
+}
+
 /// Told the effects of a rebuild's re-enqueues.
 type RebuildListener = Arc<dyn Fn(Effects) + Send + Sync>;
 
@@ -771,7 +782,7 @@ impl RedisQueue {
         self.rebuilds.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(base = %self.base, "redis key space lost; rebuilding from the run store");
         let store = lock(&self.store).clone();
-        let (mut envs, queues, lanes, consumers) = {
+        let (mut envs, mut queues, lanes, consumers) = {
             let r = lock(&self.replay);
             (
                 r.envs.clone(),
@@ -787,6 +798,20 @@ impl RedisQueue {
                 .map_err(|e| QueueError::Unavailable(format!("rebuild: {e}")))?;
             for (env, settings) in stored {
                 envs.entry(env).or_insert(settings);
+            }
+            // Queue settings another process set (a pause, an admin limit) are in the store,
+            // not in this process's replay: the stored ones win, and a limit they leave unset
+            // keeps the one this process had put (a version's limit applied at open).
+            let stored = store
+                .queue_settings_all()
+                .await
+                .map_err(|e| QueueError::Unavailable(format!("rebuild: {e}")))?;
+            for (env, queue, settings) in stored {
+                let merged = match queues.get(&(env.clone(), queue.clone())) {
+                    Some(held) => merge_queue_settings(&settings, held),
+                    None => settings,
+                };
+                queues.insert((env, queue), merged);
             }
         }
         for (env, settings) in &envs {

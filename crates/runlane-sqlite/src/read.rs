@@ -9,7 +9,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use runlane_core::backend::{RunFilter, RunRecord, ScheduleCursor, VersionInfo};
-use runlane_core::{EnvName, EnvSettings, RunStatus, StoreError, TaskName, Timestamp, VersionDef};
+use runlane_core::{
+    EnvName, EnvSettings, QueueName, QueueSettings, RunStatus, StoreError, TaskName, Timestamp,
+    VersionDef,
+};
 use rusqlite::types::Value;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::Semaphore;
@@ -202,6 +205,27 @@ pub(crate) fn envs(conn: &Connection) -> Result<Vec<(EnvName, EnvSettings)>, DbE
         let settings = serde_json::from_str(&settings)
             .map_err(|e| DbError::Corrupt(format!("settings of env {name}: {e}")))?;
         out.push((name, settings));
+    }
+    Ok(out)
+}
+
+/// Every queue's admin settings, by env and queue.
+pub(crate) fn queue_settings_all(
+    conn: &Connection,
+) -> Result<Vec<(EnvName, QueueName, QueueSettings)>, DbError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT env, queue, settings FROM queue_settings ORDER BY env, queue")?;
+    let mut rows = stmt.query([])?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let env: String = row.get(0)?;
+        let queue: String = row.get(1)?;
+        let settings: String = row.get(2)?;
+        let env = EnvName::new(&env).map_err(|e| DbError::Corrupt(e.to_string()))?;
+        let queue = QueueName::new(&queue).map_err(|e| DbError::Corrupt(e.to_string()))?;
+        let settings = serde_json::from_str(&settings)
+            .map_err(|e| DbError::Corrupt(format!("settings of queue {env}/{queue}: {e}")))?;
+        out.push((env, queue, settings));
     }
     Ok(out)
 }

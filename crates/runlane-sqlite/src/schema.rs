@@ -143,6 +143,17 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ALTER TABLE runs ADD COLUMN end_outcome TEXT;
     ALTER TABLE runs ADD COLUMN end_at INTEGER;
     "#,
+    // 5: admin queue settings outlive the in-memory queue state (issue 4).
+    r#"
+    -- A queue's settings as an admin set them at runtime (limit, key_total_limit,
+    -- max_queued, paused; JSON), put back into the queue backend at open.
+    CREATE TABLE queue_settings (
+        env         TEXT NOT NULL,
+        queue       TEXT NOT NULL,
+        settings    TEXT NOT NULL,
+        PRIMARY KEY (env, queue)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -12,7 +12,8 @@ use runlane_core::backend::{
     ScheduleCursor, VersionInfo,
 };
 use runlane_core::{
-    EnvName, EnvSettings, RunId, RunStatus, StoreError, TaskName, Timestamp, VersionDef,
+    EnvName, EnvSettings, QueueName, QueueSettings, RunId, RunStatus, StoreError, TaskName,
+    Timestamp, VersionDef,
 };
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags};
@@ -351,6 +352,24 @@ impl RunStore for SqliteStore {
 
     async fn envs(&self) -> Result<Vec<(EnvName, EnvSettings)>, StoreError> {
         self.reads.run(read::envs).await
+    }
+
+    async fn put_queue_settings(
+        &self,
+        env: &EnvName,
+        queue: &QueueName,
+        settings: &QueueSettings,
+    ) -> Result<(), StoreError> {
+        let (env, queue, settings) = (env.clone(), queue.clone(), *settings);
+        self.writer
+            .call(move |conn| write::put_queue_settings(conn, &env, &queue, &settings))
+            .await
+    }
+
+    async fn queue_settings_all(
+        &self,
+    ) -> Result<Vec<(EnvName, QueueName, QueueSettings)>, StoreError> {
+        self.reads.run(read::queue_settings_all).await
     }
 
     async fn add_version(

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use runlane_core::backend::{AttemptEnd, AttemptRecord, IdempotencyClaim, Inserted, RunRecord};
 use runlane_core::{
-    EnvName, EnvSettings, RunId, RunStatus, StoreError, TaskName, Timestamp, VersionDef,
+    EnvName, EnvSettings, QueueName, QueueSettings, RunId, RunStatus, StoreError, TaskName,
+    Timestamp, VersionDef,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -348,6 +349,22 @@ pub(crate) fn put_env(
         .map_err(|e| DbError::Corrupt(format!("env settings do not encode: {e}")))?;
     conn.prepare_cached("INSERT OR REPLACE INTO envs (name, settings) VALUES (?1, ?2)")?
         .execute(params![env.as_str(), json])?;
+    Ok(())
+}
+
+/// Creates or replaces a queue's admin settings.
+pub(crate) fn put_queue_settings(
+    conn: &Connection,
+    env: &EnvName,
+    queue: &QueueName,
+    settings: &QueueSettings,
+) -> Result<(), DbError> {
+    let json = serde_json::to_string(settings)
+        .map_err(|e| DbError::Corrupt(format!("queue settings do not encode: {e}")))?;
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO queue_settings (env, queue, settings) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![env.as_str(), queue.as_str(), json])?;
     Ok(())
 }
 

@@ -11,8 +11,8 @@ use std::time::Duration;
 use common::{attempt, env, id, record, task};
 use runlane_core::backend::{IdempotencyClaim, Inserted, RunFilter, RunRecord, RunStore};
 use runlane_core::{
-    EnvSettings, LaneName, QueueName, RetryPolicy, RunStatus, StoreError, TaskDef, Timestamp,
-    TriggerSource, VersionDef,
+    EnvSettings, LaneName, QueueName, QueueSettings, RetryPolicy, RunStatus, StoreError, TaskDef,
+    Timestamp, TriggerSource, VersionDef,
 };
 use runlane_memory::MemoryStore;
 
@@ -72,6 +72,44 @@ async fn script<S: RunStore>(store: &S) -> Transcript {
     assert_eq!(envs[0].0, dev, "envs are listed by name");
     assert_eq!(envs[1].1, tuned, "the second put replaced the first");
     t.note("envs", &envs);
+
+    // Queue settings: none at first; put twice for one queue (the second replaces), listed
+    // by env then queue.
+    t.note(
+        "queue_settings_all empty",
+        &store.queue_settings_all().await,
+    );
+    let mail = QueueName::new("mail").expect("queue");
+    let paused = QueueSettings {
+        limit: Some(2),
+        key_total_limit: Some(9),
+        max_queued: Some(40),
+        paused: true,
+    };
+    for (step, e, settings) in [
+        (
+            "put_queue_settings prod/mail",
+            &prod,
+            QueueSettings::default(),
+        ),
+        (
+            "put_queue_settings dev/mail",
+            &dev,
+            QueueSettings::default(),
+        ),
+        ("put_queue_settings prod/mail again", &prod, paused),
+    ] {
+        t.note(step, &store.put_queue_settings(e, &mail, &settings).await);
+    }
+    let queues = store.queue_settings_all().await.expect("queue settings");
+    assert_eq!(
+        queues,
+        vec![
+            (dev.clone(), mail.clone(), QueueSettings::default()),
+            (prod.clone(), mail.clone(), paused),
+        ]
+    );
+    t.note("queue_settings_all", &queues);
 
     // Plain inserts, one of them with every optional field set.
     let a = record(id(1_000, 1), "prod", "email", 1_000);

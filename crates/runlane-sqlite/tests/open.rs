@@ -192,6 +192,7 @@ async fn a_new_database_is_stamped_as_ours_in_wal_mode() {
             "current_versions",
             "envs",
             "idempotency_keys",
+            "queue_settings",
             "runs",
             "schedule_cursors",
             "versions"

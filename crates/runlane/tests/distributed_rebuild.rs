@@ -13,7 +13,7 @@ use std::time::Duration;
 use redis_support::PrivateRedis;
 use run_counter::{counting_worker, Executions};
 use runlane::core::backend::QueueBackend;
-use runlane::core::{RunId, RunStatus};
+use runlane::core::{EnvName, QueueName, QueueSettings, RunId, RunStatus};
 use runlane::{DistributedConfig, EngineBuilder, WaitOutcome};
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -279,6 +279,50 @@ async fn a_process_puts_its_lanes_and_consumers_back_in_a_key_space_another_rebu
     assert_completed(&b, run).await;
     worker.stop().await;
     assert_eq!(executed.lock().expect("lock").get(&run), Some(&1));
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+/// A queue paused (with an admin limit) through one process is kept in PostgreSQL: another
+/// process that rebuilds the lost key space puts the pause and the limit back, though its own
+/// memory never saw them, so a run triggered after the rebuild stays queued (issue 4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_keeps_a_pause_set_through_another_process() {
+    let (a, b) = two_processes("rebuild_pause").await;
+    a.set_queue(
+        "default",
+        "job",
+        QueueSettings {
+            limit: Some(3),
+            ..QueueSettings::default()
+        },
+    )
+    .await
+    .expect("A sets the queue's limit");
+    a.pause_queue("default", "job").await.expect("A pauses");
+
+    lose_and_rebuild_in(&b).await;
+
+    let env = EnvName::new("default").expect("env");
+    let queue = QueueName::new("job").expect("queue");
+    let settings = b
+        .queue()
+        .queue_settings(&env, &queue)
+        .await
+        .expect("settings");
+    assert!(settings.paused, "the pause is back after B's rebuild");
+    assert_eq!(settings.limit, Some(3), "so is A's limit");
+    let run = b.trigger("job").send().await.expect("trigger").run.id;
+    assert_eq!(
+        b.get(run).await.expect("run").status,
+        RunStatus::Queued,
+        "a paused queue admits nothing"
+    );
+    b.resume_queue("default", "job").await.expect("resume");
+    let executed = Executions::default();
+    let worker = counting_worker(b.worker(), &executed).await;
+    assert_completed(&b, run).await;
+    worker.stop().await;
     b.shutdown().await;
     a.shutdown().await;
 }

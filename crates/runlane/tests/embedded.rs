@@ -9,7 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use runlane::core::backend::Retention;
-use runlane::core::{EnvSettings, RetryPolicy, RunId, RunStatus, Timestamp};
+use runlane::core::{
+    EnvSettings, QueueSettings, RetryPolicy, RunId, RunStatus, TaskDef, TaskName, Timestamp,
+    VersionDef,
+};
 use runlane::{
     Engine, EngineBuilder, EngineConfig, EngineError, HandlerError, ManualClock, OpenError,
     RunContext, SqliteConfig, WaitOutcome,
@@ -486,5 +489,113 @@ async fn missed_schedule_ticks_fire_once_on_reopen() {
     let info = engine.schedules("default").await.expect("schedules");
     assert_eq!(info[0].last_tick, Some(at(160)));
     assert_eq!(info[0].next_tick, Some(at(190)));
+    close(engine).await;
+}
+
+/// The `job` queue of env `default`, as the engine reports it.
+async fn job_queue(engine: &Engine) -> runlane::core::backend::QueueInfo {
+    let queues = engine.queues("default").await.expect("queues");
+    queues
+        .into_iter()
+        .find(|q| q.name.as_str() == "job")
+        .expect("the job queue")
+}
+
+/// Admin queue settings are kept in the run store (issue 4): a queue paused with an admin
+/// limit stays paused across a restart (its recovered runs stay queued), the limit holds once
+/// it is resumed, and the resume itself outlives the next restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_queue_and_its_admin_limit_survive_a_restart() {
+    let path = data_path();
+    let clock = Arc::new(ManualClock::new(EPOCH));
+    let engine = open(&path, &clock, EngineConfig::default()).await;
+    engine
+        .set_queue(
+            "default",
+            "job",
+            QueueSettings {
+                limit: Some(1),
+                ..QueueSettings::default()
+            },
+        )
+        .await
+        .expect("set the queue");
+    engine.pause_queue("default", "job").await.expect("pause");
+    let first = engine.trigger("job").send().await.expect("first").run.id;
+    let second = engine.trigger("job").send().await.expect("second").run.id;
+    close(engine).await;
+    // Later, so that the reopened engine (same seed) hands out new run ids.
+    clock.advance(Duration::from_secs(1));
+
+    let engine = open(&path, &clock, EngineConfig::default()).await;
+    let queue = job_queue(&engine).await;
+    assert!(queue.settings.paused, "the pause outlives the restart");
+    assert_eq!(queue.settings.limit, Some(1), "so does the admin limit");
+    assert_eq!((queue.queued, queue.running), (2, 0), "nothing admitted");
+    for run in [first, second] {
+        assert_eq!(
+            engine.get(run).await.expect("run").status,
+            RunStatus::Queued
+        );
+    }
+    // A run triggered after the restart waits too.
+    let third = engine.trigger("job").send().await.expect("third").run.id;
+    assert_eq!(
+        engine.get(third).await.expect("third").status,
+        RunStatus::Queued
+    );
+
+    engine.resume_queue("default", "job").await.expect("resume");
+    let queue = job_queue(&engine).await;
+    assert!(!queue.settings.paused);
+    assert_eq!(queue.settings.limit, Some(1));
+    assert_eq!((queue.queued, queue.running), (2, 1), "the limit holds");
+    close(engine).await;
+
+    let engine = open(&path, &clock, EngineConfig::default()).await;
+    let queue = job_queue(&engine).await;
+    assert!(!queue.settings.paused, "the resume outlives the restart");
+    assert_eq!(queue.settings.limit, Some(1));
+    close(engine).await;
+}
+
+/// A promotion that sets a queue's limit replaces an admin limit (the precedence rule), and
+/// the stored copy follows it: after a restart the promoted limit holds, not the older admin
+/// one, while the admin's pause, which no version sets, is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_limit_replaces_a_stored_admin_limit_across_a_restart() {
+    let path = data_path();
+    let clock = Arc::new(ManualClock::new(EPOCH));
+    let engine = open(&path, &clock, EngineConfig::default()).await;
+    engine
+        .set_queue(
+            "default",
+            "job",
+            QueueSettings {
+                limit: Some(5),
+                paused: true,
+                ..QueueSettings::default()
+            },
+        )
+        .await
+        .expect("admin settings");
+    let mut job = TaskDef::new(TaskName::new("job").expect("task"));
+    job.queue_limit = Some(2);
+    let version = engine
+        .register_version("default", VersionDef { tasks: vec![job] })
+        .await
+        .expect("register");
+    engine.promote("default", version).await.expect("promote");
+    assert_eq!(job_queue(&engine).await.settings.limit, Some(2));
+    close(engine).await;
+
+    let engine = open(&path, &clock, EngineConfig::default()).await;
+    let settings = job_queue(&engine).await.settings;
+    assert_eq!(
+        settings.limit,
+        Some(2),
+        "the promoted limit, not the older admin one"
+    );
+    assert!(settings.paused, "the admin's pause holds");
     close(engine).await;
 }

@@ -32,9 +32,9 @@ use super::{
 };
 use crate::error::StoreError;
 use crate::id::RunId;
-use crate::name::{EnvName, TaskName};
+use crate::name::{EnvName, QueueName, TaskName};
 use crate::run::RunStatus;
-use crate::settings::{EnvSettings, VersionDef};
+use crate::settings::{EnvSettings, QueueSettings, VersionDef};
 use crate::time::Timestamp;
 
 /// Which [`RunStore`] method a [`Forward`] is calling, with the arguments a hook may want to
@@ -99,6 +99,10 @@ pub enum StoreOp<'a> {
     Envs,
     /// [`RunStore::create_env`].
     CreateEnv(&'a EnvName),
+    /// [`RunStore::put_queue_settings`].
+    PutQueueSettings(&'a EnvName, &'a QueueName),
+    /// [`RunStore::queue_settings_all`].
+    QueueSettingsAll,
     /// [`RunStore::add_version`].
     AddVersion(&'a EnvName),
     /// [`RunStore::version`].
@@ -300,6 +304,22 @@ impl<H: StoreHook> RunStore for Forward<H> {
             self.inner.create_env(env, settings),
         )
         .await
+    }
+    async fn put_queue_settings(
+        &self,
+        env: &EnvName,
+        queue: &QueueName,
+        settings: &QueueSettings,
+    ) -> Result<(), StoreError> {
+        let call = self.inner.put_queue_settings(env, queue, settings);
+        self.around(StoreOp::PutQueueSettings(env, queue), call)
+            .await
+    }
+    async fn queue_settings_all(
+        &self,
+    ) -> Result<Vec<(EnvName, QueueName, QueueSettings)>, StoreError> {
+        let call = self.inner.queue_settings_all();
+        self.around(StoreOp::QueueSettingsAll, call).await
     }
     async fn add_version(
         &self,
