@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use runlane_core::backend::{ClaimRequest, Dispatch, QueueBackend, ServedEnv};
+use runlane_core::backend::{ClaimRequest, Dispatch, Leased, QueueBackend, ServedEnv};
 use runlane_core::chain::ClaimChain;
 use runlane_core::{
     EnvName, EnvSettings, FencingToken, LaneName, QueueName, RunId, Timestamp, WorkerId,
@@ -242,12 +242,7 @@ async fn main() {
                 );
                 return;
             }
-            let pairs: Vec<(RunId, FencingToken)> = leased
-                .iter()
-                .map(|l| (l.dispatch.run_id, l.token))
-                .collect();
-            let checks = q.check_leases(&pairs).await.expect("check_leases");
-            assert!(checks.iter().all(Result::is_ok), "every lease holds");
+            let pairs = checked_pairs(&q, &leased).await;
             let answers = end_runs(&q, &pairs, single, now).await;
             assert!(answers.iter().all(Result::is_ok), "every finish holds");
             done += pairs.len() as u64;
@@ -261,12 +256,7 @@ async fn main() {
         if leased.is_empty() {
             break;
         }
-        let pairs: Vec<(RunId, FencingToken)> = leased
-            .iter()
-            .map(|l| (l.dispatch.run_id, l.token))
-            .collect();
-        let checks = q.check_leases(&pairs).await.expect("check_leases");
-        assert!(checks.iter().all(Result::is_ok), "every lease holds");
+        let pairs = checked_pairs(&q, &leased).await;
         let c = stats(&mut conn).await;
         diff(&mut s_check, &b, &c);
         let answers = end_runs(&q, &pairs, single, now).await;
@@ -334,4 +324,16 @@ async fn end_runs(
     } else {
         q.finish_many(pairs, now).await.expect("finish_many").0
     }
+}
+
+/// The leased runs' (id, token) pairs, after one `check_leases` that every lease holds (as the
+/// engine's completer checks before it ends runs).
+async fn checked_pairs(q: &RedisQueue, leased: &[Leased]) -> Vec<(RunId, FencingToken)> {
+    let pairs: Vec<(RunId, FencingToken)> = leased
+        .iter()
+        .map(|l| (l.dispatch.run_id, l.token))
+        .collect();
+    let checks = q.check_leases(&pairs).await.expect("check_leases");
+    assert!(checks.iter().all(Result::is_ok), "every lease holds");
+    pairs
 }

@@ -25,6 +25,16 @@ local KEYS, ARGV, P, op, now, ready_timeout, FORMAT, GEN
 local STRIDE = 1000000
 local Z = '\0'
 
+-- `t[k]`, a table created (and kept in `t`) on first use.
+local function subtable(t, k)
+  local v = t[k]
+  if not v then
+    v = {}
+    t[k] = v
+  end
+  return v
+end
+
 local K_CFG
 -- Run records live in 4,096 small hashes chosen by the low 12 bits of the run id (its counter
 -- bits), so each stays listpack-encoded (about 25 records at 100,000 runs).
@@ -448,21 +458,7 @@ local function release_slots_later(r)
   local e, q, k = r[F_ENV], r[F_QUEUE], r[F_KEY]
   local field = 'run'
   if r[F_LANE] == 'fast_lane' then field = 'flrun' end
-  local t = rel_by[field]
-  if not t then
-    t = {}
-    rel_by[field] = t
-  end
-  local te = t[e]
-  if not te then
-    te = {}
-    t[e] = te
-  end
-  local tq = te[q]
-  if not tq then
-    tq = {}
-    te[q] = tq
-  end
+  local tq = subtable(subtable(subtable(rel_by, field), e), q)
   local x = tq[k]
   if x then
     x[5] = x[5] + 1
@@ -1473,11 +1469,7 @@ OPS['claim'] = function()
     return math.max(v - (taken[lane] or 0), 0)
   end
   local function pass_of(lane, e)
-    local lp = passes[lane]
-    if not lp then
-      lp = {}
-      passes[lane] = lp
-    end
+    local lp = subtable(passes, lane)
     local v = lp[e]
     if v == nil then
       v = num(redis.call('HGET', k_lp(lane), e))
@@ -1490,11 +1482,7 @@ OPS['claim'] = function()
   -- Answers the cursor, its head run being `c.ids[c.pos]` (seq `c.seqs[c.pos]`, record
   -- `c.recs[c.pos]`), or nil.
   local function head_of(lane, e, version)
-    local lc = cursors[lane]
-    if not lc then
-      lc = {}
-      cursors[lane] = lc
-    end
+    local lc = subtable(cursors, lane)
     local c = lc[e]
     if not c then
       c = { ids = {}, seqs = {}, pos = 1, from = 0, eof = false, lane = lane, env = e, took = {},
@@ -1531,11 +1519,7 @@ OPS['claim'] = function()
   -- lane and refilled at each call), and their count.
   local lane_cands = {}
   local function first_eligible(lane)
-    local out = lane_cands[lane]
-    if not out then
-      out = {}
-      lane_cands[lane] = out
-    end
+    local out = subtable(lane_cands, lane)
     local n = 0
     for _, e in ipairs(envs_of(lane)) do
       local version = served[e]
