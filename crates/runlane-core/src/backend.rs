@@ -12,6 +12,7 @@ pub mod forward;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,6 +79,40 @@ impl Effects {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+    }
+
+    /// Splits the effects of one call that served many callers, one part per `(run, lane)` of
+    /// `runs` (in order): each part holds its run's moves, its lane when that lane was made
+    /// ready, and the deadline; the first part also holds the moves of runs outside `runs` and
+    /// every ready lane. Nothing is lost or repeated: the parts' moves are the whole's.
+    pub fn split(self, runs: &[(RunId, &LaneName)]) -> Vec<Effects> {
+        let mut parts: Vec<Effects> = runs
+            .iter()
+            .map(|(_, lane)| Effects {
+                moved: Vec::new(),
+                ready_lanes: if self.ready_lanes.contains(lane) {
+                    vec![(*lane).clone()]
+                } else {
+                    Vec::new()
+                },
+                deadline: self.deadline,
+            })
+            .collect();
+        let Some(first) = parts.first_mut() else {
+            return parts;
+        };
+        first.ready_lanes = self.ready_lanes;
+        let index: HashMap<RunId, usize> = runs
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(i, (run, _))| (*run, i))
+            .collect();
+        for (run, status) in self.moved {
+            let i = index.get(&run).copied().unwrap_or(0);
+            parts[i].moved.push((run, status));
+        }
+        parts
     }
 }
 
@@ -1009,5 +1044,62 @@ pub trait RunStore: Send + Sync + 'static {
             answers.push(written.map(|_| ()));
         }
         Ok(answers)
+    }
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::*;
+
+    fn lane(name: &str) -> LaneName {
+        LaneName::new(name).expect("lane")
+    }
+
+    #[test]
+    fn each_part_gets_its_runs_moves_and_the_first_the_rest() {
+        let (a, b) = (lane("a"), lane("b"));
+        let whole = Effects {
+            moved: vec![
+                (RunId(2), RunStatus::Ready),
+                (RunId(9), RunStatus::Ready),
+                (RunId(1), RunStatus::Queued),
+                (RunId(1), RunStatus::Ready),
+            ],
+            ready_lanes: vec![a.clone()],
+            deadline: Some(Timestamp(7)),
+        };
+        let parts = whole.split(&[(RunId(1), &b), (RunId(2), &a), (RunId(3), &b)]);
+        assert_eq!(parts.len(), 3);
+        // The first: its run's moves in order, the outsider's move, every ready lane.
+        assert_eq!(
+            parts[0].moved,
+            vec![
+                (RunId(9), RunStatus::Ready),
+                (RunId(1), RunStatus::Queued),
+                (RunId(1), RunStatus::Ready),
+            ]
+        );
+        assert_eq!(parts[0].ready_lanes, vec![a.clone()]);
+        // The second: its move and its lane, made ready.
+        assert_eq!(parts[1].moved, vec![(RunId(2), RunStatus::Ready)]);
+        assert_eq!(parts[1].ready_lanes, vec![a]);
+        // The third: nothing moved, its lane was not made ready.
+        assert!(parts[2].moved.is_empty() && parts[2].ready_lanes.is_empty());
+        assert!(parts.iter().all(|p| p.deadline == Some(Timestamp(7))));
+    }
+
+    #[test]
+    fn a_run_named_twice_gets_its_moves_once_in_its_first_part() {
+        let a = lane("a");
+        let whole = Effects {
+            moved: vec![(RunId(5), RunStatus::Ready)],
+            ready_lanes: Vec::new(),
+            deadline: None,
+        };
+        let parts = whole.split(&[(RunId(4), &a), (RunId(5), &a), (RunId(5), &a)]);
+        assert!(parts[0].moved.is_empty());
+        assert_eq!(parts[1].moved, vec![(RunId(5), RunStatus::Ready)]);
+        assert!(parts[2].moved.is_empty());
+        assert!(Effects::default().split(&[]).is_empty());
     }
 }
