@@ -1356,25 +1356,26 @@ OPS['env_usage'] = function()
   return fail('ok', num(s[1]), num(s[2]))
 end
 
-OPS['enqueue'] = function()
-  -- ARGV[6] = id, ARGV[7] = packed record (place unset), ARGV[8] = sync ('1'/'0')
-  local id = ARGV[6]
-  local function placed(p)
-    if p == 'd' then return 'delayed' elseif p == 'q' or p == 'Q' then return 'queued' end
-    return 'ready'
-  end
+local function placed(p)
+  if p == 'd' then return 'delayed' elseif p == 'q' or p == 'Q' then return 'queued' end
+  return 'ready'
+end
+
+-- One run's enqueue: `packed` is its record (place unset), `sync` refuses a fast-lane run that
+-- does not fit. Answers 'ok' and the placement, or a refusal code (and its value), having
+-- changed nothing then.
+local function enqueue_one(id, packed, sync)
   local existing = load(id)
-  if existing then return answer('ok', placed(existing[F_PLACE])) end
-  local r = cmsgpack.unpack(ARGV[7])
-  local sync = ARGV[8] == '1'
+  if existing then return 'ok', placed(existing[F_PLACE]) end
+  local r = cmsgpack.unpack(packed)
   local e, q, k, lane = r[F_ENV], r[F_QUEUE], r[F_KEY], r[F_LANE]
   -- One read per hash: the env (exists when it has a limit), the lane (a known lane always has
   -- a ready count), the key and the queue.
   local E = redis.call('HMGET', k_env(e), 'elim', 'ecap', 'flcap', 'run', 'flrun', 'fp')
-  if not E[1] then return fail('unknown_env') end
+  if not E[1] then return 'unknown_env' end
   env_known[e] = true
   local L = redis.call('HMGET', k_l(lane), 'count', 'orph')
-  if not L[1] and redis.call('SISMEMBER', K_LANES, lane) == 0 then return fail('unknown_lane') end
+  if not L[1] and redis.call('SISMEMBER', K_LANES, lane) == 0 then return 'unknown_lane' end
   local K = redis.call('HMGET', k_k(e, q, k), 'qd', 'del', 'run', 'lts', 'lti', 'id')
   local delayed = r[F_AFTER] > now
   local in_order = not delayed and after_tail(score_of(r), id, { K[4], K[5] })
@@ -1390,7 +1391,7 @@ OPS['enqueue'] = function()
     elseif not delayed and not in_order then
       found = list_find(id, e, q, k, score_of(r)) ~= nil
     end
-    if found then return answer('ok', 'queued') end
+    if found then return 'ok', 'queued' end
   end
   local Q = redis.call('HMGET', k_q(e, q), 'lim', 'ktl', 'paused', 'run', 'maxq')
   local fast_path_on = E[6] == '1'
@@ -1401,10 +1402,10 @@ OPS['enqueue'] = function()
   local blocked = admission_of(E, Q, K[3], lane)
   local fast = (not delayed) and fast_path_on and backlog == 0 and (not orphaned) and blocked == nil
   if not fast and max_queued and waiting >= tonumber(max_queued) then
-    return fail('queue_full', tonumber(max_queued))
+    return 'queue_full', tonumber(max_queued)
   end
   if not delayed and not fast and sync and blocked == 'fast_lane' then
-    return fail('fast_lane_full')
+    return 'fast_lane_full'
   end
   local listed = not delayed and not fast and in_order
   if r[F_TTL] and not r[F_EVER] and not listed then ttl_add(id, r[F_TTL]) end
@@ -1425,7 +1426,26 @@ OPS['enqueue'] = function()
     if not fast_path_on then admit_env(e) end
     placement = 'queued'
   end
-  return answer('ok', placement)
+  return 'ok', placement
+end
+
+OPS['enqueue'] = function()
+  -- ARGV[6] = id, ARGV[7] = packed record (place unset), ARGV[8] = sync ('1'/'0')
+  local code, v = enqueue_one(ARGV[6], ARGV[7], ARGV[8] == '1')
+  if code == 'ok' then return answer('ok', v) end
+  if v ~= nil then return fail(code, v) end
+  return fail(code)
+end
+
+-- Many enqueues in one call, each as 'enqueue' (in order): ARGV[6..] = (id, packed record,
+-- sync) triples. Answers per run { code, value or false }; the effects are the call's.
+OPS['enqueue_many'] = function()
+  local out = {}
+  for i = 6, #ARGV, 3 do
+    local code, v = enqueue_one(ARGV[i], ARGV[i + 1], ARGV[i + 2] == '1')
+    out[#out + 1] = { code, v or false }
+  end
+  return answer('ok', out)
 end
 
 OPS['claim'] = function()

@@ -17,6 +17,9 @@
 
 #[cfg(test)]
 mod bucket_tests;
+mod combine;
+#[cfg(test)]
+mod enqueue_many_tests;
 #[cfg(test)]
 mod format1_tests;
 #[cfg(test)]

@@ -20,6 +20,7 @@ use runlane_core::{
     RunId, Timestamp,
 };
 
+use crate::combine::{Combine, Joined, Leading, Turn, Waiter};
 use crate::record::{self, malformed, run_id, unpack, ValueExt};
 
 /// The key-space format this build writes (stored in `{prefix}:cfg`, field `fmt`).
@@ -223,6 +224,10 @@ pub struct RedisQueue {
     latest_now: AtomicU64,
     url: String,
     delete_on_drop: bool,
+    /// Concurrent enqueues sharing script calls (see [`crate::combine`]).
+    enqueues: Combine,
+    /// Script calls made for enqueues (one per run alone, one per batch).
+    enqueue_calls: AtomicU64,
 }
 
 impl Drop for RedisQueue {
@@ -382,6 +387,43 @@ fn pair_args(pairs: &[(RunId, FencingToken)]) -> Vec<Arg> {
     args
 }
 
+/// The `sync` flag of an enqueue as a script argument.
+fn sync_arg(sync: bool) -> Arg {
+    (if sync { "1" } else { "0" }).into()
+}
+
+/// A run's enqueue outcome from the library's code and value (`ok` with the placement, or a
+/// refusal).
+fn placement(code: &str, value: Option<&Value>, d: &Dispatch) -> Result<Placement, QueueError> {
+    match code {
+        "ok" => {}
+        "unknown_env" => return Err(QueueError::unknown_env(&d.env)),
+        "unknown_lane" => return Err(QueueError::unknown_lane(&d.lane)),
+        "queue_full" => {
+            let max = value.ok_or_else(|| malformed("missing value"))?.int()?;
+            return Err(QueueError::QueueFull {
+                queue: d.queue.to_string(),
+                key: d.key.to_string(),
+                max_queued: u32::try_from(max).unwrap_or(0),
+            });
+        }
+        "fast_lane_full" => {
+            return Err(QueueError::FastLaneFull {
+                env: d.env.to_string(),
+                retry_after: FAST_LANE_RETRY_AFTER,
+            })
+        }
+        other => return Err(malformed(other)),
+    }
+    Ok(
+        match value.ok_or_else(|| malformed("missing value"))?.text()? {
+            "delayed" => Placement::Delayed,
+            "queued" => Placement::Queued,
+            _ => Placement::Ready,
+        },
+    )
+}
+
 /// Where a waiting run is, from its dispatch facts, for the dispatch library's lookups of a run
 /// without a record (format 3: a list-resident run): env, queue, key and score
 /// (`run_after − priority`, ms). Nothing when the caller has no facts (the library then reads
@@ -496,6 +538,8 @@ impl RedisQueue {
             latest_now: AtomicU64::new(0),
             url: config.url.clone(),
             delete_on_drop: false,
+            enqueues: Combine::default(),
+            enqueue_calls: AtomicU64::new(0),
         };
         match queue.init(false).await {
             Ok(_) => Ok(queue),
@@ -509,6 +553,138 @@ impl RedisQueue {
                 reason: e.to_string(),
             }),
         }
+    }
+
+    /// Script calls made for enqueues since open: one per run enqueued alone, one per batch
+    /// of concurrent enqueues (see [`crate::combine`]).
+    pub fn enqueue_calls(&self) -> u64 {
+        self.enqueue_calls.load(Ordering::Relaxed)
+    }
+
+    /// One run's enqueue in its own script call.
+    async fn enqueue_alone(
+        &self,
+        dispatch: &Dispatch,
+        sync: bool,
+        now: Timestamp,
+    ) -> Result<Enqueued, QueueError> {
+        let packed = record::pack_new(dispatch);
+        self.enqueue_calls.fetch_add(1, Ordering::Relaxed);
+        let answer = self
+            .call("enqueue", now, || {
+                vec![
+                    dispatch.run_id.into(),
+                    packed.clone().into(),
+                    sync_arg(sync),
+                ]
+            })
+            .await?;
+        let placement = placement(&answer.code, answer.extra.first(), dispatch)?;
+        Ok(Enqueued {
+            placement,
+            effects: answer.effects,
+        })
+    }
+
+    /// The leading caller's run and the waiting ones, in one batch: each caller gets its run's
+    /// outcome and its part of the effects ([`Effects::split`]). The batch's instant is the
+    /// latest of its callers'.
+    async fn enqueue_with(
+        &self,
+        dispatch: Dispatch,
+        sync: bool,
+        now: Timestamp,
+        rest: Vec<Waiter>,
+    ) -> Result<Enqueued, QueueError> {
+        let now = rest.iter().map(|w| w.now).fold(now, Timestamp::max);
+        let mut items = Vec::with_capacity(rest.len() + 1);
+        items.push((dispatch, sync));
+        items.extend(rest.iter().map(|w| (w.dispatch.clone(), w.sync)));
+        let mut answers: Vec<Result<Enqueued, QueueError>> =
+            match self.enqueue_many(&items, now).await {
+                Ok((placements, effects)) => {
+                    let placed: Vec<(RunId, &LaneName)> = items
+                        .iter()
+                        .zip(&placements)
+                        .filter(|(_, p)| p.is_ok())
+                        .map(|((d, _), _)| (d.run_id, &d.lane))
+                        .collect();
+                    let mut parts = effects.split(&placed).into_iter();
+                    placements
+                        .into_iter()
+                        .map(|p| {
+                            p.map(|placement| Enqueued {
+                                placement,
+                                effects: parts.next().unwrap_or_default(),
+                            })
+                        })
+                        .collect()
+                }
+                Err(e) => vec![Err(e); items.len()],
+            };
+        let others = answers.split_off(1);
+        for (waiter, answer) in rest.into_iter().zip(others) {
+            waiter.answer(answer);
+        }
+        answers
+            .pop()
+            .unwrap_or_else(|| Err(malformed("batch answer count")))
+    }
+
+    /// Enqueues many runs, each as [`QueueBackend::enqueue`] and in order, with one script
+    /// call per [`BATCH_CHUNK`] runs: each run's placement or refusal, and the calls' effects.
+    /// A call that fails fails its runs and the later ones (earlier calls stand), or the whole
+    /// when it is the first.
+    pub async fn enqueue_many(
+        &self,
+        items: &[(Dispatch, bool)],
+        now: Timestamp,
+    ) -> Result<(Vec<Result<Placement, QueueError>>, Effects), QueueError> {
+        let mut out = Vec::with_capacity(items.len());
+        let mut effects = Effects::default();
+        for chunk in items.chunks(BATCH_CHUNK) {
+            let packed: Vec<Vec<u8>> = chunk.iter().map(|(d, _)| record::pack_new(d)).collect();
+            self.enqueue_calls.fetch_add(1, Ordering::Relaxed);
+            let done = self
+                .call("enqueue_many", now, || {
+                    let mut args: Vec<Arg> = Vec::with_capacity(chunk.len() * 3);
+                    for ((d, sync), p) in chunk.iter().zip(&packed) {
+                        args.push(d.run_id.into());
+                        args.push(p.clone().into());
+                        args.push(sync_arg(*sync));
+                    }
+                    args
+                })
+                .await;
+            let parsed = done.and_then(|answer| {
+                if answer.code != "ok" {
+                    return Err(malformed(&answer.code));
+                }
+                let codes = answer.extra(0)?.list()?;
+                if codes.len() != chunk.len() {
+                    return Err(malformed("batch answer count"));
+                }
+                let mut placed = Vec::with_capacity(chunk.len());
+                for (code, (d, _)) in codes.iter().zip(chunk) {
+                    let pair = code.list()?;
+                    let code = pair.first().ok_or_else(|| malformed("batch answer"))?;
+                    placed.push(placement(code.text()?, pair.get(1), d));
+                }
+                Ok((placed, answer.effects))
+            });
+            match parsed {
+                Ok((placed, answer_effects)) => {
+                    out.extend(placed);
+                    effects.merge(answer_effects);
+                }
+                Err(e) if out.is_empty() => return Err(e),
+                Err(e) => {
+                    out.resize(items.len(), Err(e));
+                    break;
+                }
+            }
+        }
+        Ok((out, effects))
     }
 
     /// Deletes every key of this deployment (SCAN + DEL under `{prefix}:`) when the backend is
@@ -1232,51 +1408,29 @@ impl QueueBackend for RedisQueue {
         })
     }
 
+    /// Concurrent calls share script calls (see [`crate::combine`]); a lone call makes its own
+    /// at once.
     async fn enqueue(
         &self,
         dispatch: Dispatch,
         sync: bool,
         now: Timestamp,
     ) -> Result<Enqueued, QueueError> {
-        let packed = record::pack_new(&dispatch);
-        let id = dispatch.run_id;
-        let answer = self
-            .call("enqueue", now, || {
-                vec![
-                    id.into(),
-                    packed.clone().into(),
-                    (if sync { "1" } else { "0" }).into(),
-                ]
-            })
-            .await?;
-        match answer.code.as_str() {
-            "ok" => {}
-            "unknown_env" => return Err(QueueError::unknown_env(&dispatch.env)),
-            "unknown_lane" => return Err(QueueError::unknown_lane(&dispatch.lane)),
-            "queue_full" => {
-                return Err(QueueError::QueueFull {
-                    queue: dispatch.queue.to_string(),
-                    key: dispatch.key.to_string(),
-                    max_queued: u32::try_from(answer.extra(0)?.int()?).unwrap_or(0),
-                })
-            }
-            "fast_lane_full" => {
-                return Err(QueueError::FastLaneFull {
-                    env: dispatch.env.to_string(),
-                    retry_after: FAST_LANE_RETRY_AFTER,
-                })
-            }
-            other => return Err(malformed(other)),
-        }
-        let placement = match answer.extra(0)?.text()? {
-            "delayed" => Placement::Delayed,
-            "queued" => Placement::Queued,
-            _ => Placement::Ready,
+        let rest = match self.enqueues.join(&dispatch, sync, now) {
+            Joined::Lead => Vec::new(),
+            Joined::Wait(turn) => match turn.await {
+                Ok(Turn::Done(answer)) => return answer,
+                Ok(Turn::Lead(rest)) => rest,
+                // The call that held this run went away unanswered; enqueue is idempotent by
+                // run id, so a run it did place is answered as placed.
+                Err(_) => return self.enqueue_alone(&dispatch, sync, now).await,
+            },
         };
-        Ok(Enqueued {
-            placement,
-            effects: answer.effects,
-        })
+        let _leading = Leading(&self.enqueues);
+        if rest.is_empty() {
+            return self.enqueue_alone(&dispatch, sync, now).await;
+        }
+        self.enqueue_with(dispatch, sync, now, rest).await
     }
 
     async fn claim(

@@ -1,0 +1,251 @@
+//! `enqueue_many` against one `enqueue` per run, and enqueue combining: concurrent enqueues share
+//! script calls, each caller gets its own run's answer, and a caller that goes away mid-batch
+//! loses nobody's run.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use runlane_core::backend::{ClaimRequest, Dispatch, Placement, QueueBackend, ServedEnv};
+use runlane_core::{
+    ClaimChain, EnvName, EnvSettings, QueueError, QueueName, QueueSettings, RunId, RunStatus,
+    Timestamp, WorkerId,
+};
+
+use crate::test_support::{self as support, url};
+use crate::{RedisConfig, RedisQueue};
+
+const NOW: u64 = 1_000;
+
+async fn open(name: &str) -> Option<RedisQueue> {
+    support::connect().await?;
+    let prefix = format!("rl:test:enqmany:{name}:{}", std::process::id());
+    let queue = RedisQueue::open(RedisConfig::new(url()).with_prefix(prefix))
+        .await
+        .expect("open")
+        .delete_keys_on_drop();
+    Some(queue)
+}
+
+fn env(name: &str) -> EnvName {
+    EnvName::new(name).expect("env name")
+}
+
+/// Env `a` admits 2 at once with the fast path; env `b` admits 1 without it, and its queue `q`
+/// holds at most 3 waiting runs per key.
+async fn set_up(queue: &RedisQueue) {
+    let a = EnvSettings {
+        limit: 2,
+        ..EnvSettings::default()
+    };
+    let b = EnvSettings {
+        limit: 1,
+        fast_path: false,
+        ..EnvSettings::default()
+    };
+    queue.put_env(&env("a"), a, Timestamp(0)).await.expect("a");
+    queue.put_env(&env("b"), b, Timestamp(0)).await.expect("b");
+    let q = QueueSettings {
+        max_queued: Some(3),
+        ..QueueSettings::default()
+    };
+    queue
+        .put_queue(
+            &env("b"),
+            &QueueName::new("q").expect("queue"),
+            q,
+            Timestamp(0),
+        )
+        .await
+        .expect("queue");
+}
+
+/// 40 enqueues over envs `a`, `b` and the unknown `c`, two keys, some delayed, some repeating
+/// an earlier run.
+fn mix() -> Vec<(Dispatch, bool)> {
+    let envs = [env("a"), env("b"), env("c")];
+    (1..=40u128)
+        .map(|n| {
+            let id = if n % 7 == 0 { n - 3 } else { n };
+            let e = &envs[(id % 3) as usize];
+            let key = if id % 2 == 0 { "k1" } else { "k2" };
+            let after = if id % 5 == 0 {
+                NOW + 60_000
+            } else {
+                NOW - id as u64
+            };
+            (support::dispatch(id, e, key, after, None), n % 4 == 0)
+        })
+        .collect()
+}
+
+fn claim_request() -> ClaimRequest {
+    ClaimRequest {
+        worker: WorkerId(1),
+        chain: ClaimChain::default_chain(),
+        max: 100,
+        lease: Duration::from_secs(30),
+        envs: ["a", "b"]
+            .iter()
+            .map(|e| ServedEnv {
+                env: env(e),
+                version: 1,
+            })
+            .collect(),
+    }
+}
+
+#[tokio::test]
+async fn enqueue_many_answers_and_leaves_the_queue_as_one_enqueue_per_run_does() {
+    let (Some(one_by_one), Some(batched)) = (open("single").await, open("many").await) else {
+        return;
+    };
+    set_up(&one_by_one).await;
+    set_up(&batched).await;
+    let mix = mix();
+    let mut expected = Vec::new();
+    for (d, sync) in &mix {
+        expected.push(
+            one_by_one
+                .enqueue(d.clone(), *sync, Timestamp(NOW))
+                .await
+                .map(|e| e.placement),
+        );
+    }
+    let calls = batched.enqueue_calls();
+    let (answers, effects) = batched
+        .enqueue_many(&mix, Timestamp(NOW))
+        .await
+        .expect("enqueue_many");
+    assert_eq!(batched.enqueue_calls() - calls, 1, "one script call");
+    assert_eq!(answers, expected);
+    // Every kind of answer is in the mix.
+    assert!(answers.contains(&Ok(Placement::Ready)));
+    assert!(answers.contains(&Ok(Placement::Queued)));
+    assert!(answers.contains(&Ok(Placement::Delayed)));
+    assert!(answers
+        .iter()
+        .any(|a| *a == Err(QueueError::unknown_env(&env("c")))));
+    assert!(answers
+        .iter()
+        .any(|a| matches!(a, Err(QueueError::QueueFull { .. }))));
+    assert!(effects
+        .moved
+        .iter()
+        .any(|(_, s)| matches!(s, RunStatus::Queued | RunStatus::Delayed)));
+    // The same runs are waiting in the same places, and claims take them in the same order.
+    let mut live_a = one_by_one.snapshot().await.expect("snapshot");
+    let mut live_b = batched.snapshot().await.expect("snapshot");
+    live_a.sort_by_key(|l| l.dispatch.run_id);
+    live_b.sort_by_key(|l| l.dispatch.run_id);
+    assert_eq!(live_a, live_b);
+    let at = Timestamp(NOW + 1);
+    let ids = |leased: Vec<runlane_core::backend::Leased>| -> Vec<RunId> {
+        leased.into_iter().map(|l| l.dispatch.run_id).collect()
+    };
+    let claimed_a = ids(one_by_one.claim(&claim_request(), at).await.expect("claim"));
+    let claimed_b = ids(batched.claim(&claim_request(), at).await.expect("claim"));
+    assert!(!claimed_a.is_empty());
+    assert_eq!(claimed_a, claimed_b);
+}
+
+/// Polls a future once, keeping it when it is not done.
+async fn poll_once<F: Future + Unpin>(f: &mut F) -> Option<F::Output> {
+    std::future::poll_fn(|cx| {
+        Poll::Ready(match Pin::new(&mut *f).poll(cx) {
+            Poll::Ready(v) => Some(v),
+            Poll::Pending => None,
+        })
+    })
+    .await
+}
+
+// On one thread the order is fixed: the first task's call is in flight while the 49 others
+// join the list, so they go in exactly one more call.
+#[tokio::test(flavor = "current_thread")]
+async fn concurrent_enqueues_share_one_call_and_each_gets_its_own_runs_answer() {
+    let Some(queue) = open("combine").await else {
+        return;
+    };
+    set_up(&queue).await;
+    let e = EnvSettings {
+        limit: 1_000,
+        ..EnvSettings::default()
+    };
+    queue.put_env(&env("a"), e, Timestamp(0)).await.expect("a");
+    let queue = Arc::new(queue);
+    let calls = queue.enqueue_calls();
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 1..=50u128 {
+        let queue = queue.clone();
+        tasks.spawn(async move {
+            let d = support::dispatch(n, &env("a"), "", NOW - 1, None);
+            (n, queue.enqueue(d, false, Timestamp(NOW)).await)
+        });
+    }
+    let mut moved = 0;
+    while let Some(done) = tasks.join_next().await {
+        let (n, answer) = done.expect("task");
+        let answer = answer.expect("enqueued");
+        assert_eq!(answer.placement, Placement::Ready);
+        let run = RunId((1u128 << 80) | n);
+        // Its own run's moves only (the batch's other moves went to their callers).
+        assert!(answer.effects.moved.iter().all(|(r, _)| *r == run));
+        assert!(answer.effects.moved.contains(&(run, RunStatus::Ready)));
+        moved += answer.effects.moved.len();
+    }
+    assert_eq!(moved, 50, "each move reported once");
+    assert_eq!(
+        queue.enqueue_calls() - calls,
+        2,
+        "one alone, then one batch of 49"
+    );
+    let live = queue.snapshot().await.expect("snapshot");
+    assert_eq!(live.len(), 50);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn callers_that_go_away_mid_batch_lose_no_other_callers_run() {
+    let Some(queue) = open("gone").await else {
+        return;
+    };
+    set_up(&queue).await;
+    let queue = Arc::new(queue);
+    let run = |n: u128| support::dispatch(n, &env("b"), &format!("k{n}"), NOW - 1, None);
+    // Run 1's caller leads; run 2's waits; run 3's waits in a task of its own.
+    let mut first = queue.enqueue(run(1), false, Timestamp(NOW));
+    assert!(poll_once(&mut first).await.is_none(), "in flight");
+    let mut second = queue.enqueue(run(2), false, Timestamp(NOW));
+    assert!(poll_once(&mut second).await.is_none(), "waiting");
+    let third = tokio::spawn({
+        let queue = queue.clone();
+        async move { queue.enqueue(run(3), false, Timestamp(NOW)).await }
+    });
+    tokio::task::yield_now().await;
+    // The leader goes away: run 2's caller leads runs 2 and 3, then goes away mid-call too.
+    drop(first);
+    assert!(poll_once(&mut second).await.is_none(), "leading its batch");
+    drop(second);
+    // Run 3's caller was in that batch, unanswered: it enqueues its run alone.
+    let answer = third.await.expect("task").expect("run 3 enqueued");
+    assert_eq!(answer.placement, Placement::Queued);
+    let live = queue.snapshot().await.expect("snapshot");
+    assert!(live
+        .iter()
+        .any(|l| l.dispatch.run_id == RunId((1u128 << 80) | 3)));
+    // Nothing is left in flight: the next caller leads at once, and runs 1 and 2 (placed or not
+    // by the calls that went away) are enqueued again idempotently.
+    let calls = queue.enqueue_calls();
+    for n in 1..=3 {
+        let again = queue
+            .enqueue(run(n), false, Timestamp(NOW))
+            .await
+            .expect("enqueued");
+        assert_ne!(again.placement, Placement::Delayed);
+    }
+    assert_eq!(queue.enqueue_calls() - calls, 3);
+    let live = queue.snapshot().await.expect("snapshot");
+    assert_eq!(live.len(), 3, "each run once: {live:?}");
+}
