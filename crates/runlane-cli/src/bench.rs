@@ -235,6 +235,10 @@ pub async fn finish(opened: Opened, mut line: Value) -> anyhow::Result<Value> {
         fields.insert("store_rows_inserted".into(), json!(stats.rows_inserted));
         fields.insert("marked_in_queue".into(), json!(d.queue().marked()));
         fields.insert("enqueues_deferred".into(), json!(d.queue().deferred()));
+        fields.insert(
+            "redis_enqueue_calls".into(),
+            json!(d.queue().redis().enqueue_calls()),
+        );
         d.shutdown().await;
     }
     opened.engine.shutdown().await;
@@ -503,6 +507,7 @@ pub async fn throughput(common: &Common, phase: Phase) -> anyhow::Result<Value> 
                 "drain_only fill",
             )
             .await?;
+            settle_marks(&engine, runs).await;
             let progress = Progress::with_counter("drain_only", runs, done.clone());
             let t0 = Instant::now();
             let worker = start_noop_worker(&engine, common.slots, done.clone()).await?;
@@ -538,6 +543,18 @@ pub async fn throughput(common: &Common, phase: Phase) -> anyhow::Result<Value> 
         "git_revision": git_revision(),
     });
     finish(engine, line).await
+}
+
+/// Distributed: waits until the marker task has marked the prefilled runs `in_queue` (at most
+/// 30 s), so the drain is measured as a backlog's drain, without the fill's own marker writes.
+async fn settle_marks(engine: &Opened, runs: u64) {
+    let Some(d) = &engine.distributed else {
+        return;
+    };
+    let until = Instant::now() + Duration::from_secs(30);
+    while d.queue().marked() < runs && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Triggers `runs` single runs from `producers` tasks at once (their share each).
