@@ -1,5 +1,9 @@
 //! The `runlane` command line. It parses arguments and calls the library; nothing else.
 
+/// The process's allocator (see the crate manifest).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod child;
 mod client;
