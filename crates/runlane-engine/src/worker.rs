@@ -678,6 +678,7 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
     let mut stop = shared.stop.subscribe();
     let bells = engine.bells.bells_for(&request.chain);
     let mut backoff = CLAIM_BACKOFF_MIN;
+    let remote_claims = !engine.queue.claims_in_process();
     loop {
         if *stop.borrow() {
             break;
@@ -717,11 +718,12 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
                     };
                     shared.spawn_run(&lp, leased, p, loaded);
                 }
-                if full {
+                if full && remote_claims {
                     // More may be ready: let the runs just started (and others) run first, so
                     // handlers that end at once free their slots into one larger next claim
                     // instead of many claims of one or two (each claim's fixed cost is a
-                    // round trip, and tens of µs of script time on Redis).
+                    // round trip, and tens of µs of script time on Redis; an in-process claim
+                    // costs too little to wait for).
                     tokio::task::yield_now().await;
                 }
             }
