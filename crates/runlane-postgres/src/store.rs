@@ -177,6 +177,13 @@ impl PostgresStore {
         let options = PgConnectOptions::from_str(&config.url)
             .map_err(|e| InvalidInput::new("url", format!("{e}")))?
             .options([("search_path", config.schema.as_str())])
+            // Every statement is planned for its own arguments. A cached generic plan is made
+            // from the statistics of its time: one made while `runs` was small (a new schema,
+            // or a server whose autovacuum has not analyzed it since) joins a batch's
+            // `UNNEST` by a sequential scan of the whole table, and keeps doing so as the
+            // table grows (20 ms per terminal-write statement at 50,000 rows, against 0.05 ms
+            // by the primary key; BENCHMARKS.md, 2026-12-04).
+            .options([("plan_cache_mode", "force_custom_plan")])
             .application_name("runlane")
             .disable_statement_logging();
         let address = address_of(&options);
@@ -307,11 +314,18 @@ impl PostgresStore {
     /// The `synchronous_commit` setting the writers of `durability` commit with, as the
     /// server reports it (`on` or `off`).
     pub async fn synchronous_commit(&self, durability: Durability) -> Result<String, StoreError> {
+        self.setting("synchronous_commit", durability).await
+    }
+
+    /// The value of a server setting as this store's connections for `durability` see it
+    /// (`current_setting`); an unknown name is an error.
+    pub async fn setting(&self, name: &str, durability: Durability) -> Result<String, StoreError> {
         let pool = match durability {
             Durability::Strict => &self.pool,
             Durability::Relaxed => &self.relaxed_pool,
         };
-        sqlx::query_scalar("SHOW synchronous_commit")
+        sqlx::query_scalar("SELECT current_setting($1)")
+            .bind(name)
             .fetch_one(pool)
             .await
             .map_err(|e| unavailable("read", &e))

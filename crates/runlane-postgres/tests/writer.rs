@@ -400,6 +400,21 @@ async fn relaxed_envs_commit_in_their_own_transactions() {
             .expect("show"),
         "on"
     );
+    // Both pools plan every statement for its arguments (no generic plan made while the table
+    // was small); an unknown setting is an error, not a value.
+    for durability in [Durability::Strict, Durability::Relaxed] {
+        assert_eq!(
+            store
+                .setting("plan_cache_mode", durability)
+                .await
+                .expect("setting"),
+            "force_custom_plan"
+        );
+    }
+    assert!(store
+        .setting("no_such_setting", Durability::Strict)
+        .await
+        .is_err());
     store.set_durability(&fast, Durability::Strict);
     assert_eq!(store.durability(&fast), Durability::Strict);
     common::finish(store).await;
