@@ -177,13 +177,6 @@ impl PostgresStore {
         let options = PgConnectOptions::from_str(&config.url)
             .map_err(|e| InvalidInput::new("url", format!("{e}")))?
             .options([("search_path", config.schema.as_str())])
-            // Every statement is planned for its own arguments. A cached generic plan is made
-            // from the statistics of its time: one made while `runs` was small (a new schema,
-            // or a server whose autovacuum has not analyzed it since) joins a batch's
-            // `UNNEST` by a sequential scan of the whole table, and keeps doing so as the
-            // table grows (20 ms per terminal-write statement at 50,000 rows, against 0.05 ms
-            // by the primary key; BENCHMARKS.md, 2026-12-04).
-            .options([("plan_cache_mode", "force_custom_plan")])
             .application_name("runlane")
             .disable_statement_logging();
         let address = address_of(&options);
@@ -484,6 +477,7 @@ impl PostgresStore {
             "UPDATE runs SET dispatch_state = 'in_queue' \
              WHERE id = ANY($1) AND dispatch_state = 'pending_enqueue' AND {UNFINISHED}"
         ))
+        .persistent(false)
         .bind(ids)
         .execute(&self.pool)
         .await
@@ -500,6 +494,7 @@ impl PostgresStore {
         }
         let ids: Vec<Vec<u8>> = runs.iter().map(|r| id_to_sql(*r)).collect();
         let rows = sqlx::query("SELECT id, status FROM runs WHERE id = ANY($1)")
+            .persistent(false)
             .bind(ids)
             .fetch_all(&self.pool)
             .await
@@ -765,7 +760,7 @@ impl RunStore for PostgresStore {
         let ids: Vec<Vec<u8>> = runs.iter().map(|&r| id_to_sql(r)).collect();
         let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ANY($1)");
         let mut found: HashMap<RunId, RunRecord> = self
-            .read_runs(sqlx::query(&sql).bind(ids))
+            .read_runs(sqlx::query(&sql).persistent(false).bind(ids))
             .await?
             .into_iter()
             .map(|r| (r.id, r))

@@ -720,6 +720,10 @@ async fn update_ends(
             AND (NOT u.has_attempt OR r.attempt = u.attempt_no) \
          RETURNING {returning}"
     ))
+    // Planned for its arguments each time (an unnamed statement): a generic plan cached while
+    // `runs` was small joined the batch by a sequential scan of the whole table, and kept doing
+    // so as it grew (tests/plans.rs). The same for every multi-row `UNNEST`/`ANY` statement.
+    .persistent(false)
     .bind(id)
     .bind(status)
     .bind(output)
@@ -755,6 +759,7 @@ async fn refusals(
         return Ok(refused);
     }
     let rows = sqlx::query("SELECT id, status, attempt FROM runs WHERE id = ANY($1)")
+        .persistent(false)
         .bind(missing)
         .fetch_all(&mut *conn)
         .await?;
@@ -823,6 +828,7 @@ pub(crate) async fn write_starts(
          FROM UNNEST($1::bytea[], $2::int8[], $3::int8[]) AS u(id, attempt, at) \
          WHERE r.id = u.id AND r.attempt = u.attempt AND r.{UNFINISHED}"
     ))
+    .persistent(false)
     .bind(id)
     .bind(attempt)
     .bind(at)

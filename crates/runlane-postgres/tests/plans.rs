@@ -1,0 +1,96 @@
+//! Terminal writes stay index lookups as `runs` grows. PostgreSQL may switch a prepared
+//! statement to a generic plan made from the statistics of that moment; one made while the
+//! table was small joined a batch by a sequential scan of the whole table, and kept doing so.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use runlane_core::backend::{AttemptEnd, AttemptRecord, RunStore};
+use runlane_core::{RunStatus, Timestamp};
+use sqlx::{Connection, Row};
+
+fn end(n: u128) -> AttemptEnd {
+    AttemptEnd {
+        run: common::record(n).id,
+        status: RunStatus::Completed,
+        output: Some(Arc::from("null")),
+        attempt: AttemptRecord {
+            number: 1,
+            outcome: "completed".into(),
+            error: None,
+            ended_at: Timestamp(2_000),
+        },
+    }
+}
+
+async fn finish_one(store: &runlane_postgres::PostgresStore, n: u128) {
+    let answers = store
+        .finish_many(vec![end(n)], Timestamp(2_000))
+        .await
+        .expect("finish_many");
+    assert_eq!(answers, vec![Ok(())]);
+}
+
+#[tokio::test]
+async fn terminal_writes_after_the_table_grew_do_not_scan_it() {
+    let store = common::open(common::config()).await;
+    let schema = store.schema().to_string();
+    const TINY: u128 = 30;
+    const FILL: u128 = 6_000;
+    const LATER: u128 = 10;
+    // While the table is tiny: enough single-run terminal writes for every writer connection
+    // to run the statement more than five times (when PostgreSQL may settle on a generic plan).
+    for n in 0..TINY {
+        store
+            .insert(vec![(common::record(n), None)], Timestamp(1_000))
+            .await
+            .expect("insert");
+        finish_one(&store, n).await;
+    }
+    for chunk in (TINY..TINY + FILL).collect::<Vec<_>>().chunks(1_000) {
+        let rows = chunk.iter().map(|&n| (common::record(n), None)).collect();
+        store.insert(rows, Timestamp(1_000)).await.expect("fill");
+    }
+    for n in TINY..TINY + LATER {
+        finish_one(&store, n).await;
+    }
+    // A backend reports its table statistics when it exits at the latest: close the pools,
+    // then wait until every update is counted.
+    drop(store);
+    let mut conn = sqlx::PgConnection::connect(&common::url())
+        .await
+        .expect("connect");
+    let until = Instant::now() + Duration::from_secs(30);
+    let (updated, seq_read) = loop {
+        let row = sqlx::query(
+            "SELECT n_tup_upd, seq_tup_read FROM pg_stat_user_tables \
+             WHERE schemaname = $1 AND relname = 'runs'",
+        )
+        .bind(&schema)
+        .fetch_one(&mut conn)
+        .await
+        .expect("table statistics");
+        let (updated, seq_read): (i64, i64) = (row.get(0), row.get(1));
+        if updated >= (TINY + LATER) as i64 || Instant::now() > until {
+            break (updated, seq_read);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        updated,
+        (TINY + LATER) as i64,
+        "every terminal write counted"
+    );
+    // Scans of the tiny table read at most a few rows each; one scan after the fill reads
+    // all 6,030.
+    assert!(
+        seq_read < FILL as i64,
+        "{seq_read} rows read by sequential scans: a terminal write scanned the table"
+    );
+    let _ = conn.close().await;
+    runlane_postgres::admin::drop_schema(&common::url(), &schema)
+        .await
+        .expect("drop the test schema");
+}
