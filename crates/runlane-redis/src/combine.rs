@@ -13,11 +13,13 @@
 //! a waiter whose leader was dropped with its run unanswered enqueues the run alone (enqueue is
 //! idempotent by run id, so a run the dropped call did place is answered as placed).
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
 use runlane_core::backend::{Dispatch, Enqueued};
 use runlane_core::{QueueError, Timestamp};
 use tokio::sync::oneshot;
+
+use crate::queue::lock;
 
 /// At most this many waiting runs go in one batch (one script call).
 pub(crate) const MOST: usize = 256;
@@ -66,14 +68,10 @@ pub(crate) struct Combine {
 }
 
 impl Combine {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Leads when nothing is in flight, else waits in the list. A caller that leads must hold a
     /// [`Leading`] until it has answered its batch.
     pub(crate) fn join(&self, dispatch: &Dispatch, sync: bool, now: Timestamp) -> Joined {
-        let mut state = self.lock();
+        let mut state = lock(&self.state);
         if !state.busy {
             state.busy = true;
             return Joined::Lead;
@@ -91,7 +89,7 @@ impl Combine {
     /// Passes the lead to the first caller still waiting, with the next batch; with nobody
     /// waiting, nothing is in flight any more.
     fn hand_off(&self) {
-        let mut state = self.lock();
+        let mut state = lock(&self.state);
         loop {
             if state.waiting.is_empty() {
                 state.busy = false;

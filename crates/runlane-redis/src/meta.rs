@@ -19,7 +19,7 @@
 //! retried at most once per `retry_after`.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -29,7 +29,7 @@ use runlane_core::metacache::{CacheError, MetaAnnouncement, MetaListener, Shared
 use runlane_core::{EnvName, TaskDef, VersionDef};
 use tokio::sync::OnceCell;
 
-use crate::queue::RedisOpenError;
+use crate::queue::{lock, RedisOpenError};
 
 /// The owner-stamp field of a cache hash.
 pub const STAMP_FIELD: &str = "#v";
@@ -138,10 +138,6 @@ impl Drop for RedisMetaCache {
             task.abort();
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn ms(d: Duration) -> u64 {

@@ -324,7 +324,9 @@ fn function_missing(e: &redis::RedisError) -> bool {
     e.to_string().contains("Function not found")
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Locks `m`; a holder that panicked left nothing half-written here, so a poisoned lock is taken
+/// as it is.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
