@@ -11,7 +11,8 @@
 //!
 //! With `LUACOST_LIBRARY=<path to a dispatch.lua variant>` the loaded library's code is
 //! replaced by the variant's after the fill (same names), so an idea is measured without a
-//! rebuild.
+//! rebuild; with `LUACOST_EARLY=1` as well, before the fill, so the enqueues run it too. The
+//! fill's `fcall` microseconds per run (one `enqueue` call each) go to stderr.
 //!
 //! Arguments: server URL (a private server: its statistics are reset), runs, claim batch, env
 //! limit (a limit below the runs leaves a backlog the finishes admit from, as the footprint
@@ -163,6 +164,16 @@ async fn main() {
     q.register_consumer(&ClaimChain::default_chain(), T0)
         .await
         .expect("consumer");
+    // `LUACOST_EARLY=1`: the variant is loaded before the fill, so the enqueues run it too.
+    let early = std::env::var("LUACOST_EARLY").is_ok();
+    if let (true, Ok(path)) = (early, std::env::var("LUACOST_LIBRARY")) {
+        swap_library(&mut conn, &path).await;
+    }
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("resetstat");
     let queue = QueueName::new("q").expect("queue");
     for i in 0..runs {
         let d = Dispatch {
@@ -183,6 +194,9 @@ async fn main() {
             .await
             .expect("enqueue");
     }
+    let filled = stats(&mut conn).await;
+    let enqueue_us = filled.get("fcall").map(|x| x.1).unwrap_or(0) as f64 / runs.max(1) as f64;
+    eprintln!("enqueue: fcall us per run {:.2}", enqueue_us);
     let now = Timestamp(T0.0 + runs + 1);
     let request = ClaimRequest {
         worker: WorkerId(1),
@@ -194,7 +208,7 @@ async fn main() {
         }],
         lease: Duration::from_secs(600),
     };
-    if let Ok(path) = std::env::var("LUACOST_LIBRARY") {
+    if let (false, Ok(path)) = (early, std::env::var("LUACOST_LIBRARY")) {
         swap_library(&mut conn, &path).await;
     }
     redis::cmd("CONFIG")
