@@ -239,6 +239,10 @@ pub async fn finish(opened: Opened, mut line: Value) -> anyhow::Result<Value> {
             "redis_enqueue_calls".into(),
             json!(d.queue().redis().enqueue_calls()),
         );
+        fields.insert(
+            "claimed_on_enqueue".into(),
+            json!(opened.engine.metrics().claimed_on_enqueue),
+        );
         d.shutdown().await;
     }
     opened.engine.shutdown().await;

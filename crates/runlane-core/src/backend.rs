@@ -426,6 +426,35 @@ pub trait QueueBackend: Send + Sync + 'static {
         now: Timestamp,
     ) -> Result<Effects, QueueError>;
 
+    /// Enqueues a run and, in the same step, makes `claim` for an idle worker of this process:
+    /// the leases are exactly those `claim` called right after the enqueue would have taken
+    /// (the run just placed, or older ready runs before it), and are answered with the
+    /// enqueue's outcome. Saves a shared backend the round trip of the claim the enqueue's
+    /// doorbell would cause. The default enqueues only (no leases); a backend that may claim
+    /// here says so with [`claims_on_enqueue`](Self::claims_on_enqueue).
+    async fn enqueue_claiming(
+        &self,
+        dispatch: Dispatch,
+        sync: bool,
+        now: Timestamp,
+        claim: &ClaimRequest,
+    ) -> Result<(Enqueued, Vec<Leased>), QueueError> {
+        let _ = claim;
+        Ok((self.enqueue(dispatch, sync, now).await?, Vec::new()))
+    }
+    /// Whether [`enqueue_claiming`](Self::enqueue_claiming) may claim (the engine offers
+    /// its idle workloops' free slots to triggers only then). `false`, the default.
+    fn claims_on_enqueue(&self) -> bool {
+        false
+    }
+    /// Whether an [`enqueue_claiming`](Self::enqueue_claiming) started now would claim (a
+    /// hint, read just before the call): a backend that batches concurrent enqueues answers
+    /// `false` while others are in flight, so an idle worker's slots are not held by a trigger
+    /// waiting for its batch. Defaults to [`claims_on_enqueue`](Self::claims_on_enqueue).
+    fn claims_on_enqueue_now(&self) -> bool {
+        self.claims_on_enqueue()
+    }
+
     /// Whether every lease of this backend is taken in this process (an in-memory queue).
     /// The engine then keeps the payloads of the runs it triggers until their first claim and
     /// hands them to its workers with the lease, instead of reading each run back from the

@@ -145,6 +145,44 @@ impl DistributedQueue {
     }
 
     /// Aborts the process when the failpoint `name` is armed.
+    /// A Redis enqueue's answer for the engine: an accepted run joins the `in_queue` marks;
+    /// one Redis could not take (unavailable) is already committed, so it is answered as
+    /// placed and left `pending_enqueue` for the reconciler.
+    fn enqueued(
+        &self,
+        run: RunId,
+        due: Timestamp,
+        now: Timestamp,
+        answer: Result<(Enqueued, Vec<Leased>), QueueError>,
+    ) -> Result<(Enqueued, Vec<Leased>), QueueError> {
+        match answer {
+            Ok(answer) => {
+                self.marks.push(run);
+                if let Some(wake) = &self.wake {
+                    wake.note(&answer.0.effects);
+                }
+                Ok(answer)
+            }
+            Err(QueueError::Unavailable(e)) => {
+                // The reconciler, armed by the oldest pending row, enqueues the run once Redis
+                // answers again.
+                tracing::warn!(%run, error = %e, "redis enqueue failed after the commit; the reconciler will enqueue the run");
+                self.marks.deferred.fetch_add(1, Ordering::Relaxed);
+                let placement = if due > now {
+                    Placement::Delayed
+                } else {
+                    Placement::Queued
+                };
+                let enqueued = Enqueued {
+                    placement,
+                    effects: Effects::default(),
+                };
+                Ok((enqueued, Vec::new()))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     fn failpoint(&self, name: &str, what: std::fmt::Arguments<'_>) {
         if self.failpoint.as_deref() == Some(name) {
             eprintln!("failpoint {name}: aborting {what}");
@@ -298,38 +336,39 @@ impl QueueBackend for DistributedQueue {
         sync: bool,
         now: Timestamp,
     ) -> Result<Enqueued, QueueError> {
-        let run = dispatch.run_id;
-        let due = dispatch.run_after;
+        let (run, due) = (dispatch.run_id, dispatch.run_after);
         // The engine committed the run; the process dies before Redis hears of it.
         self.failpoint(
             AFTER_COMMIT_BEFORE_ENQUEUE,
             format_args!("before run {run} is enqueued"),
         );
-        match self.redis.enqueue(dispatch, sync, now).await {
-            Ok(enqueued) => {
-                self.marks.push(run);
-                if let Some(wake) = &self.wake {
-                    wake.note(&enqueued.effects);
-                }
-                Ok(enqueued)
-            }
-            Err(QueueError::Unavailable(e)) => {
-                // The run is committed `pending_enqueue`: accepted; the reconciler, armed by
-                // the oldest pending row, enqueues it once Redis answers again.
-                tracing::warn!(%run, error = %e, "redis enqueue failed after the commit; the reconciler will enqueue the run");
-                self.marks.deferred.fetch_add(1, Ordering::Relaxed);
-                let placement = if due > now {
-                    Placement::Delayed
-                } else {
-                    Placement::Queued
-                };
-                Ok(Enqueued {
-                    placement,
-                    effects: Effects::default(),
-                })
-            }
-            Err(e) => Err(e),
-        }
+        let answer = self.redis.enqueue(dispatch, sync, now).await;
+        self.enqueued(run, due, now, answer.map(|e| (e, Vec::new())))
+            .map(|(e, _)| e)
+    }
+    async fn enqueue_claiming(
+        &self,
+        dispatch: Dispatch,
+        sync: bool,
+        now: Timestamp,
+        claim: &ClaimRequest,
+    ) -> Result<(Enqueued, Vec<Leased>), QueueError> {
+        let (run, due) = (dispatch.run_id, dispatch.run_after);
+        self.failpoint(
+            AFTER_COMMIT_BEFORE_ENQUEUE,
+            format_args!("before run {run} is enqueued"),
+        );
+        let answer = self
+            .redis
+            .enqueue_claiming(dispatch, sync, now, claim)
+            .await;
+        self.enqueued(run, due, now, answer)
+    }
+    fn claims_on_enqueue(&self) -> bool {
+        self.redis.claims_on_enqueue()
+    }
+    fn claims_on_enqueue_now(&self) -> bool {
+        self.redis.claims_on_enqueue_now()
     }
     async fn claim(
         &self,

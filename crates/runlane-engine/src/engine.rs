@@ -32,6 +32,7 @@ use crate::event::{EnvEvents, EventHub, RunEvent, RunEventKind, RunEvents};
 use crate::handover::Handover;
 use crate::local::{AbortKind, LocalRegistry};
 use crate::meta::MetaCache;
+use crate::offer::Offers;
 use crate::scheduler::{ScheduleInfo, Scheduler};
 use crate::trigger::{TriggerBuilder, TriggerRequest, Triggered, WaitOutcome};
 use crate::worker::WorkerBuilder;
@@ -130,11 +131,13 @@ impl EngineBuilder {
         }
 
         let handover = Handover::new(queue.hands_over(), !queue.claims_in_process());
+        let offers = Offers::new(queue.claims_on_enqueue());
         let (completer, completions) = Completer::new();
         let inner = Arc::new(Inner {
             queue,
             store,
             handover,
+            offers,
             completer,
             clock,
             config,
@@ -254,6 +257,8 @@ pub(crate) struct Inner {
     pub(crate) store: Arc<dyn RunStore>,
     /// Payloads of runs triggered here, for their first claim by a worker of this process.
     pub(crate) handover: Handover,
+    /// Idle workloops' free slots, claimed for by triggers' enqueues (claim on enqueue).
+    pub(crate) offers: Offers,
     /// Ends completed attempts in batches.
     completer: Completer,
     pub(crate) clock: Arc<dyn Clock>,
@@ -1636,6 +1641,12 @@ impl Engine {
     /// announcements); changes each time one is applied. Always zero without a shared cache.
     pub fn meta_announcements(&self) -> tokio::sync::watch::Receiver<crate::meta::MetaWatch> {
         self.inner.meta.watch()
+    }
+
+    /// Workloops of this process idle with their free slots offered to its triggers (claim
+    /// on enqueue; always zero with a queue that cannot claim in an enqueue).
+    pub fn idle_offers(&self) -> usize {
+        self.inner.offers.len()
     }
 
     /// The engine's counters (this process, since open).

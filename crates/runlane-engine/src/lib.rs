@@ -51,6 +51,7 @@ mod handover;
 mod local;
 pub mod meta;
 pub mod metrics;
+mod offer;
 pub mod remote;
 pub mod scheduler;
 pub mod trigger;

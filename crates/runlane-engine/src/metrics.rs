@@ -27,6 +27,9 @@ pub struct EngineMetrics {
     pub idempotent_hits: u64,
     /// Leases granted to this process's workers, in-process and remote.
     pub claimed: u64,
+    /// Of those, leases granted inside a trigger's enqueue to an idle workloop of this
+    /// process (claim on enqueue: no claim call of their own).
+    pub claimed_on_enqueue: u64,
     /// Claims per latency bucket (cumulative counts are built by the exporter):
     /// `start_latency_counts[i]` counts latencies ≤ `START_LATENCY_BUCKETS_MS[i]` and above the
     /// previous bound; the last entry counts those above every bound.
@@ -62,6 +65,7 @@ pub(crate) struct Counters {
     timed_out: AtomicU64,
     schedule_fired: AtomicU64,
     schedule_refused: AtomicU64,
+    claimed_on_enqueue: AtomicU64,
     last_claim: Mutex<HashMap<LaneName, Timestamp>>,
 }
 
@@ -84,6 +88,7 @@ impl Counters {
             timed_out: AtomicU64::new(0),
             schedule_fired: AtomicU64::new(0),
             schedule_refused: AtomicU64::new(0),
+            claimed_on_enqueue: AtomicU64::new(0),
             last_claim: Mutex::new(HashMap::new()),
         }
     }
@@ -105,6 +110,10 @@ impl Counters {
     }
 
     /// A schedule tick whose trigger was refused.
+    pub(crate) fn claimed_on_enqueue(&self, leases: usize) {
+        bump(&self.claimed_on_enqueue, leases as u64);
+    }
+
     pub(crate) fn schedule_refused(&self) {
         bump(&self.schedule_refused, 1);
     }
@@ -168,6 +177,7 @@ impl Counters {
             triggered_ready: get(&self.triggered_ready),
             idempotent_hits: get(&self.idempotent_hits),
             claimed: get(&self.claimed),
+            claimed_on_enqueue: get(&self.claimed_on_enqueue),
             start_latency_counts: self.latency.iter().map(get).collect(),
             start_latency_sum_ms: get(&self.latency_sum_ms),
             retries: get(&self.retries),

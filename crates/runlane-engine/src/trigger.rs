@@ -488,8 +488,28 @@ impl Engine {
                 retry: record.retry,
             },
         );
-        match inner.queue.enqueue(record.dispatch(), sync, now).await {
-            Ok(enqueued) => {
+        // An idle workloop of this process covering the run: the queue claims for it in the
+        // enqueue's step (see `crate::offer`).
+        let offer = if inner.offers.len() > 0 && inner.queue.claims_on_enqueue_now() {
+            inner.offers.take(&record.env, &record.lane)
+        } else {
+            None
+        };
+        let answer = match &offer {
+            Some(offer) => {
+                inner
+                    .queue
+                    .enqueue_claiming(record.dispatch(), sync, now, &offer.request)
+                    .await
+            }
+            None => inner
+                .queue
+                .enqueue(record.dispatch(), sync, now)
+                .await
+                .map(|enqueued| (enqueued, Vec::new())),
+        };
+        match answer {
+            Ok((enqueued, leases)) => {
                 let placed = match enqueued.placement {
                     Placement::Delayed => RunStatus::Delayed,
                     Placement::Queued => RunStatus::Queued,
@@ -510,6 +530,14 @@ impl Engine {
                     .await;
                 if record.status == RunStatus::Ready && !rung {
                     inner.bells.ring(&record.lane);
+                }
+                // After the statuses are published: the workloop starts what was leased.
+                if let Some(offer) = offer {
+                    if !leases.is_empty() {
+                        inner.claimed(&leases);
+                        inner.counters.claimed_on_enqueue(leases.len());
+                    }
+                    offer.fulfil(leases);
                 }
                 inner
                     .counters

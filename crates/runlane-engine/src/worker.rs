@@ -30,6 +30,7 @@ use crate::engine::{attempt_record, Engine, Inner, Released};
 use crate::error::EngineError;
 use crate::handover::Handed;
 use crate::local::{AbortKind, Latch, LocalRun};
+use crate::offer::{Offer, Taken};
 use crate::trigger::{TriggerRequest, WaitOutcome};
 use runlane_core::idhash::IdBuild;
 
@@ -727,6 +728,14 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
                     tokio::task::yield_now().await;
                 }
             }
+            Ok(_) if engine.offers.enabled() => {
+                backoff = CLAIM_BACKOFF_MIN;
+                let stopping =
+                    offer_and_wait(&shared, &lp, &request, first, &mut rings, &mut stop).await;
+                if stopping {
+                    break;
+                }
+            }
             Ok(_) => {
                 backoff = CLAIM_BACKOFF_MIN;
                 drop(first);
@@ -748,6 +757,63 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
         }
     }
     unregister(&engine, shared.id, consumer).await;
+}
+
+/// An idle workloop's wait when the queue claims on enqueue: its free slots (`first` and
+/// whatever else is free) are offered to this process's triggers until a doorbell rings or the
+/// worker stops (see [`crate::offer`]). Runs a trigger's enqueue claimed for the offer start
+/// here, as a claim's would. Answers whether the worker is stopping.
+async fn offer_and_wait<F: Future<Output = ()> + Unpin>(
+    shared: &Arc<WorkerShared>,
+    lp: &Arc<LoopShared>,
+    request: &ClaimRequest,
+    first: OwnedSemaphorePermit,
+    rings: &mut [F],
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    let engine = &shared.engine.inner;
+    let mut permit = first;
+    let more = lp.slots.available_permits();
+    if more > 0 {
+        if let Ok(p) = lp.slots.clone().try_acquire_many_owned(more as u32) {
+            permit.merge(p);
+        }
+    }
+    let (offer, mut taken) = Offer::new(request.clone(), permit);
+    let id = engine.offers.post(offer);
+    let mut stopping = false;
+    let answered = tokio::select! {
+        () = any_of(rings) => None,
+        answer = &mut taken => Some(answer.ok()),
+        _ = stop.changed() => {
+            stopping = true;
+            None
+        }
+    };
+    let answer = match answered {
+        Some(answer) => answer,
+        // Nobody took it: dropping it frees the slots.
+        None => match engine.offers.withdraw(id) {
+            Some(untaken) => {
+                drop(untaken);
+                None
+            }
+            // A trigger holds it: its claim may have leased runs for these slots.
+            None => taken.await.ok(),
+        },
+    };
+    if let Some(Taken { mut permit, leases }) = answer {
+        if !leases.is_empty() {
+            let loaded = load_claimed(engine, &leases).await;
+            for (leased, loaded) in leases.into_iter().zip(loaded) {
+                match permit.split(1) {
+                    Some(p) => shared.spawn_run(lp, leased, p, loaded),
+                    None => hand_back_excess(engine, &leased).await,
+                }
+            }
+        }
+    }
+    stopping
 }
 
 /// One heartbeat per `lease / 3` for all the worker's leases, only while it has any.

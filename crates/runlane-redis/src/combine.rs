@@ -68,6 +68,22 @@ pub(crate) struct Combine {
 }
 
 impl Combine {
+    /// Whether an enqueue is in flight.
+    pub(crate) fn busy(&self) -> bool {
+        lock(&self.state).busy
+    }
+
+    /// Leads when nothing is in flight (then the caller must hold a [`Leading`] until it has
+    /// answered); `false` changes nothing.
+    pub(crate) fn lead_alone(&self) -> bool {
+        let mut state = lock(&self.state);
+        if state.busy {
+            return false;
+        }
+        state.busy = true;
+        true
+    }
+
     /// Leads when nothing is in flight, else waits in the list. A caller that leads must hold a
     /// [`Leading`] until it has answered its batch.
     pub(crate) fn join(&self, dispatch: &Dispatch, sync: bool, now: Timestamp) -> Joined {

@@ -1429,9 +1429,15 @@ local function enqueue_one(id, packed, sync)
   return 'ok', placement
 end
 
+local claim_runs
+
 OPS['enqueue'] = function()
-  -- ARGV[6] = id, ARGV[7] = packed record (place unset), ARGV[8] = sync ('1'/'0')
+  -- ARGV[6] = id, ARGV[7] = packed record (place unset), ARGV[8] = sync ('1'/'0'), then
+  -- optionally an idle worker's claim as `claim`'s arguments (ARGV[9] = worker, ...): made in
+  -- the same step once the run is placed, exactly as that worker's next claim would be, and
+  -- answered after the placement.
   local code, v = enqueue_one(ARGV[6], ARGV[7], ARGV[8] == '1')
+  if code == 'ok' and #ARGV >= 12 then return answer('ok', v, claim_runs(9, #ARGV)) end
   if code == 'ok' then return answer('ok', v) end
   if v ~= nil then return fail(code, v) end
   return fail(code)
@@ -1448,11 +1454,14 @@ OPS['enqueue_many'] = function()
   return answer('ok', out)
 end
 
-OPS['claim'] = function()
-  -- ARGV[6] = worker, ARGV[7] = chain, ARGV[8] = max, ARGV[9] = lease ms, ARGV[10..] = env, version pairs
-  local worker, chain, max, lease_ms = ARGV[6], ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
+-- Takes up to `max` ready runs out of `chain`'s lanes for `worker` and leases them; answers
+-- { id, record } per leased run. ARGV[from] = worker, then chain, max, lease ms, then env,
+-- version pairs up to `to`. (Declared before `enqueue`, which claims with it.)
+claim_runs = function(from, to)
+  local worker, chain, max, lease_ms = ARGV[from], ARGV[from + 1], tonumber(ARGV[from + 2]),
+    tonumber(ARGV[from + 3])
   local served = {}
-  for i = 10, #ARGV, 2 do served[ARGV[i]] = tonumber(ARGV[i + 1]) end
+  for i = from + 4, to, 2 do served[ARGV[i]] = tonumber(ARGV[i + 1]) end
   local wildcard = string.sub(chain, 1, 1) == 'P'
   local named = {}
   local is_named = {}
@@ -1660,7 +1669,12 @@ OPS['claim'] = function()
     many('ZADD', K_LEASE, leases)
     if #attempts > 0 then many('ZADD', K_ATT, attempts) end
   end
-  return fail('ok', out)
+  return out
+end
+
+OPS['claim'] = function()
+  -- ARGV[6] = worker, ARGV[7] = chain, ARGV[8] = max, ARGV[9] = lease ms, ARGV[10..] = env, version pairs
+  return fail('ok', claim_runs(6, #ARGV))
 end
 
 OPS['heartbeat'] = function()

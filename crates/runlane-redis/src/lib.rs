@@ -17,6 +17,8 @@
 
 #[cfg(test)]
 mod bucket_tests;
+#[cfg(test)]
+mod claim_on_enqueue_tests;
 mod combine;
 #[cfg(test)]
 mod enqueue_many_tests;

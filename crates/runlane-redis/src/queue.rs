@@ -563,6 +563,35 @@ impl RedisQueue {
         self.enqueue_calls.load(Ordering::Relaxed)
     }
 
+    /// The leases of a claim's answer (`{ id, record }` per leased run).
+    fn leases(value: &Value) -> Result<Vec<Leased>, QueueError> {
+        let mut out = Vec::new();
+        for rec in Self::records(value.list()?)? {
+            let (Some(token), Some(lease_deadline)) = (rec.token, rec.lease_deadline) else {
+                return Err(malformed("claimed run without lease"));
+            };
+            out.push(Leased {
+                dispatch: rec.dispatch,
+                token: FencingToken(token),
+                lease_deadline,
+                attempt_deadline: rec.attempt_deadline,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A claim's arguments after the op: worker, chain, max, lease, then env and version pairs.
+    fn claim_args(request: &ClaimRequest, args: &mut Vec<Arg>) {
+        args.push(request.worker.0.to_string().into());
+        args.push(chain_text(&request.chain).into());
+        args.push(u64::from(request.max).into());
+        args.push(ms(request.lease).into());
+        for served in &request.envs {
+            args.push(served.env.as_str().into());
+            args.push(u64::from(served.version).into());
+        }
+    }
+
     /// One run's enqueue in its own script call.
     async fn enqueue_alone(
         &self,
@@ -570,22 +599,46 @@ impl RedisQueue {
         sync: bool,
         now: Timestamp,
     ) -> Result<Enqueued, QueueError> {
+        Ok(self.enqueue_call(dispatch, sync, now, None).await?.0)
+    }
+
+    /// One run's enqueue in its own script call, with the claim of `claim` made in the same
+    /// step once the run is placed (its leases are answered beside the enqueue's outcome).
+    async fn enqueue_call(
+        &self,
+        dispatch: &Dispatch,
+        sync: bool,
+        now: Timestamp,
+        claim: Option<&ClaimRequest>,
+    ) -> Result<(Enqueued, Vec<Leased>), QueueError> {
         let packed = record::pack_new(dispatch);
         self.enqueue_calls.fetch_add(1, Ordering::Relaxed);
         let answer = self
             .call("enqueue", now, || {
-                vec![
+                let mut args = vec![
                     dispatch.run_id.into(),
                     packed.clone().into(),
                     sync_arg(sync),
-                ]
+                ];
+                if let Some(request) = claim {
+                    Self::claim_args(request, &mut args);
+                }
+                args
             })
             .await?;
         let placement = placement(&answer.code, answer.extra.first(), dispatch)?;
-        Ok(Enqueued {
-            placement,
-            effects: answer.effects,
-        })
+        let leases = match (claim, answer.extra.get(1)) {
+            (Some(_), Some(value)) => Self::leases(value)?,
+            (Some(_), None) => return Err(malformed("enqueue answered without its claim")),
+            (None, _) => Vec::new(),
+        };
+        Ok((
+            Enqueued {
+                placement,
+                effects: answer.effects,
+            },
+            leases,
+        ))
     }
 
     /// The leading caller's run and the waiting ones, in one batch: each caller gets its run's
@@ -1435,6 +1488,30 @@ impl QueueBackend for RedisQueue {
         self.enqueue_with(dispatch, sync, now, rest).await
     }
 
+    /// Alone (no other enqueue of this process in flight), the claim rides on the enqueue's
+    /// script call; otherwise the run joins the combined enqueue and nothing is claimed.
+    async fn enqueue_claiming(
+        &self,
+        dispatch: Dispatch,
+        sync: bool,
+        now: Timestamp,
+        claim: &ClaimRequest,
+    ) -> Result<(Enqueued, Vec<Leased>), QueueError> {
+        if claim.max == 0 || !self.enqueues.lead_alone() {
+            return Ok((self.enqueue(dispatch, sync, now).await?, Vec::new()));
+        }
+        let _leading = Leading(&self.enqueues);
+        self.enqueue_call(&dispatch, sync, now, Some(claim)).await
+    }
+
+    fn claims_on_enqueue(&self) -> bool {
+        true
+    }
+
+    fn claims_on_enqueue_now(&self) -> bool {
+        !self.enqueues.busy()
+    }
+
     async fn claim(
         &self,
         request: &ClaimRequest,
@@ -1445,32 +1522,12 @@ impl QueueBackend for RedisQueue {
         }
         let answer = self
             .call("claim", now, || {
-                let mut args: Vec<Arg> = vec![
-                    request.worker.0.to_string().into(),
-                    chain_text(&request.chain).into(),
-                    u64::from(request.max).into(),
-                    ms(request.lease).into(),
-                ];
-                for served in &request.envs {
-                    args.push(served.env.as_str().into());
-                    args.push(u64::from(served.version).into());
-                }
+                let mut args = Vec::new();
+                Self::claim_args(request, &mut args);
                 args
             })
             .await?;
-        let mut out = Vec::new();
-        for rec in Self::records(answer.extra(0)?.list()?)? {
-            let (Some(token), Some(lease_deadline)) = (rec.token, rec.lease_deadline) else {
-                return Err(malformed("claimed run without lease"));
-            };
-            out.push(Leased {
-                dispatch: rec.dispatch,
-                token: FencingToken(token),
-                lease_deadline,
-                attempt_deadline: rec.attempt_deadline,
-            });
-        }
-        Ok(out)
+        Self::leases(answer.extra(0)?)
     }
 
     async fn heartbeat(

@@ -93,6 +93,12 @@ pub async fn render(state: &AppState) -> Result<String, ApiError> {
     );
 
     t.one(
+        "runlane_claimed_on_enqueue_total",
+        "counter",
+        "Leases granted inside a trigger's enqueue to an idle workloop of this process.",
+        m.claimed_on_enqueue,
+    );
+    t.one(
         "runlane_schedule_ticks_fired_total",
         "counter",
         "Schedule ticks this process fired (each a new run with source scheduled).",

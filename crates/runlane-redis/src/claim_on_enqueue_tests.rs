@@ -1,0 +1,188 @@
+//! Claim on enqueue: an `enqueue` that carries an idle worker's claim answers and leaves the
+//! queue exactly as that enqueue followed by that claim does, in one script call.
+
+use std::time::Duration;
+
+use runlane_core::backend::{ClaimRequest, Dispatch, Leased, Placement, QueueBackend, ServedEnv};
+use runlane_core::{
+    ClaimChain, EnvName, EnvSettings, FencingToken, QueueError, RunId, Timestamp, WorkerId,
+};
+
+use crate::test_support::{self as support, url};
+use crate::{RedisConfig, RedisQueue};
+
+const NOW: u64 = 1_000;
+
+async fn open(name: &str) -> Option<RedisQueue> {
+    support::connect().await?;
+    let prefix = format!("rl:test:claimenq:{name}:{}", std::process::id());
+    let queue = RedisQueue::open(RedisConfig::new(url()).with_prefix(prefix))
+        .await
+        .expect("open")
+        .delete_keys_on_drop();
+    Some(queue)
+}
+
+fn env(name: &str) -> EnvName {
+    EnvName::new(name).expect("env name")
+}
+
+/// Env `a` admits 3 at once, env `b` 1 (without the fast path); `c` is unknown.
+async fn set_up(queue: &RedisQueue) {
+    let a = EnvSettings {
+        limit: 3,
+        ..EnvSettings::default()
+    };
+    let b = EnvSettings {
+        limit: 1,
+        fast_path: false,
+        ..EnvSettings::default()
+    };
+    queue.put_env(&env("a"), a, Timestamp(0)).await.expect("a");
+    queue.put_env(&env("b"), b, Timestamp(0)).await.expect("b");
+}
+
+fn request(chain: &str, max: u32) -> ClaimRequest {
+    ClaimRequest {
+        worker: WorkerId(7),
+        chain: ClaimChain::parse("chain", chain).expect("chain"),
+        max,
+        lease: Duration::from_secs(30),
+        envs: ["a", "b"]
+            .iter()
+            .map(|e| ServedEnv {
+                env: env(e),
+                version: 1,
+            })
+            .collect(),
+    }
+}
+
+fn leased(leases: Vec<Leased>) -> Vec<(RunId, FencingToken)> {
+    leases
+        .into_iter()
+        .map(|l| (l.dispatch.run_id, l.token))
+        .collect()
+}
+
+type Step = Result<(Placement, Vec<(RunId, FencingToken)>), QueueError>;
+
+/// 24 runs over envs `a`, `b` and the unknown `c`, some delayed, claimed for with 0 to 2 slots.
+fn steps() -> Vec<(Dispatch, u32)> {
+    let envs = [env("a"), env("b"), env("c")];
+    (1..=24u128)
+        .map(|n| {
+            let after = if n % 5 == 0 {
+                NOW + 60_000
+            } else {
+                NOW - 100 + n as u64
+            };
+            let d = support::dispatch(n, &envs[(n % 3) as usize], "k", after, None);
+            (d, (n % 3) as u32)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_claim_carried_by_an_enqueue_leases_what_the_claim_after_it_would() {
+    let (Some(apart), Some(together)) = (open("apart").await, open("together").await) else {
+        return;
+    };
+    set_up(&apart).await;
+    set_up(&together).await;
+    let now = Timestamp(NOW);
+    let mut any_leased = false;
+    for (d, max) in steps() {
+        let req = request("*", max);
+        // Apart: the enqueue, then (when it placed the run) the claim its doorbell causes.
+        let expected: Step = match apart.enqueue(d.clone(), false, now).await {
+            Ok(e) => Ok((
+                e.placement,
+                leased(apart.claim(&req, now).await.expect("claim")),
+            )),
+            Err(e) => Err(e),
+        };
+        let calls = together.enqueue_calls();
+        let got: Step = together
+            .enqueue_claiming(d.clone(), false, now, &req)
+            .await
+            .map(|(e, leases)| (e.placement, leased(leases)));
+        assert_eq!(together.enqueue_calls() - calls, 1, "one script call");
+        assert_eq!(got, expected, "run {}", d.run_id);
+        any_leased |= got.as_ref().is_ok_and(|(_, l)| !l.is_empty());
+    }
+    assert!(any_leased);
+    let mut live_a = apart.snapshot().await.expect("snapshot");
+    let mut live_b = together.snapshot().await.expect("snapshot");
+    live_a.sort_by_key(|l| l.dispatch.run_id);
+    live_b.sort_by_key(|l| l.dispatch.run_id);
+    assert_eq!(live_a, live_b);
+}
+
+#[tokio::test]
+async fn a_run_outside_the_claims_lanes_is_placed_and_left_for_a_claim_that_covers_it() {
+    let Some(queue) = open("lanes").await else {
+        return;
+    };
+    set_up(&queue).await;
+    let now = Timestamp(NOW);
+    let d = support::dispatch(1, &env("a"), "k", NOW - 1, None);
+    let (enqueued, leases) = queue
+        .enqueue_claiming(d.clone(), false, now, &request("cron", 4))
+        .await
+        .expect("enqueue");
+    assert_eq!(enqueued.placement, Placement::Ready);
+    assert!(leases.is_empty(), "the cron lane's claim takes nothing");
+    // Nor does a claim for no slots, or one for an env the run is not in.
+    let d2 = support::dispatch(2, &env("a"), "k", NOW - 1, None);
+    let (_, leases) = queue
+        .enqueue_claiming(d2, false, now, &request("*", 0))
+        .await
+        .expect("enqueue");
+    assert!(leases.is_empty());
+    let mut other_env = request("*", 4);
+    other_env.envs.retain(|s| s.env == env("b"));
+    let d3 = support::dispatch(3, &env("a"), "k", NOW - 1, None);
+    let (_, leases) = queue
+        .enqueue_claiming(d3, false, now, &other_env)
+        .await
+        .expect("enqueue");
+    assert!(leases.is_empty());
+    let claimed = queue.claim(&request("*", 4), now).await.expect("claim");
+    let ids: Vec<RunId> = claimed.iter().map(|l| l.dispatch.run_id).collect();
+    assert_eq!(
+        ids.len(),
+        3,
+        "all three are ready for a covering claim: {ids:?}"
+    );
+    assert_eq!(ids[0], d.run_id, "oldest first");
+}
+
+#[tokio::test]
+async fn a_refused_enqueue_claims_nothing() {
+    let Some(queue) = open("refused").await else {
+        return;
+    };
+    set_up(&queue).await;
+    let now = Timestamp(NOW);
+    // A ready run of `a` a claim would take, then an enqueue into the unknown env `c`.
+    queue
+        .enqueue(
+            support::dispatch(1, &env("a"), "k", NOW - 1, None),
+            false,
+            now,
+        )
+        .await
+        .expect("enqueue");
+    let refused = queue
+        .enqueue_claiming(
+            support::dispatch(2, &env("c"), "k", NOW - 1, None),
+            false,
+            now,
+            &request("*", 4),
+        )
+        .await;
+    assert_eq!(refused.err(), Some(QueueError::unknown_env(&env("c"))));
+    let claimed = queue.claim(&request("*", 4), now).await.expect("claim");
+    assert_eq!(claimed.len(), 1, "the ready run is still there");
+}

@@ -1,0 +1,132 @@
+//! Claim on enqueue (distributed): an idle workloop offers its free slots to the triggers of
+//! its process, and a trigger whose run it covers has Redis lease the run to it in the enqueue's
+//! own script call. Runs outside the workloop's lanes, and triggers while no workloop is idle,
+//! take the usual path (doorbell, then claim). Redis (`RUNLANE_REDIS_URL`) and PostgreSQL
+//! (`RUNLANE_DATABASE_URL`) are required: a missing one fails the test.
+
+mod redis_support;
+
+use std::time::Duration;
+
+use runlane::core::{RunId, RunStatus};
+use runlane::{
+    Distributed, DistributedConfig, EngineBuilder, HandlerError, RunContext, WaitOutcome,
+};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+const LEASE: Duration = Duration::from_secs(600);
+const BOUND: Duration = Duration::from_secs(10);
+
+async fn open(tag: &str) -> Distributed {
+    let url = std::env::var("RUNLANE_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let mut config = DistributedConfig::new(redis_support::url(), url);
+    config.redis.prefix = redis_support::fresh_prefix(tag);
+    config.postgres.schema = format!("rlt_{tag}_{}", std::process::id());
+    config.postgres.pool_size = 4;
+    config.throwaway = true;
+    let engine = match runlane::distributed_with(EngineBuilder::new(), config).await {
+        Ok(engine) => engine,
+        Err(e) => panic!("redis and postgresql are required: {e}"),
+    };
+    engine.add_lane("reports").await.expect("lane");
+    engine
+}
+
+/// Waits (bounded) until `engine` has `n` idle offers posted.
+async fn until_offers(engine: &Distributed, n: usize, what: &str) {
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while engine.idle_offers() != n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: {} offers, not {n}",
+            engine.idle_offers()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn trigger(engine: &Distributed, lane: &str) -> RunId {
+    engine
+        .trigger("job")
+        .lane(lane)
+        .send()
+        .await
+        .expect("trigger")
+        .run
+        .id
+}
+
+async fn assert_completed(engine: &Distributed, run: RunId) {
+    match engine
+        .wait(run, Duration::from_secs(30))
+        .await
+        .expect("wait")
+    {
+        WaitOutcome::Finished(record) => assert_eq!(record.status, RunStatus::Completed),
+        WaitOutcome::Pending { status, .. } => panic!("run {run} still {status:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_workloop_gets_the_runs_it_covers_in_the_enqueue_and_the_others_take_the_bell() {
+    let engine = open("claimenq").await;
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let worker = engine
+        .worker()
+        .workloops("reports:2")
+        .lease(LEASE)
+        .handler("job", move |ctx: RunContext| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(ctx.run_id());
+                Ok::<Value, HandlerError>(Value::Null)
+            }
+        })
+        .start()
+        .await
+        .expect("worker");
+    let mut claimed_on_enqueue = 0;
+    for i in 0..3 {
+        until_offers(&engine, 1, "the idle workloop offers its slots").await;
+        let run = trigger(&engine, "reports").await;
+        let got = tokio::time::timeout(BOUND, started.recv()).await;
+        assert_eq!(got.expect("started in time"), Some(run), "run {i}");
+        assert_completed(&engine, run).await;
+        claimed_on_enqueue += 1;
+        let m = engine.metrics();
+        assert_eq!(m.claimed_on_enqueue, claimed_on_enqueue, "run {i}: {m:?}");
+    }
+    // A run on a lane the workloop does not read is only enqueued; the offer stays posted.
+    until_offers(&engine, 1, "idle again").await;
+    let other = trigger(&engine, "default").await;
+    assert_eq!(engine.metrics().claimed_on_enqueue, claimed_on_enqueue);
+    assert_eq!(engine.idle_offers(), 1);
+    // Stopping withdraws the offer and drains nothing.
+    let report = worker.stop().await;
+    assert_eq!(engine.idle_offers(), 0);
+    assert_eq!(report.released, 0, "{report:?}");
+    // A worker of the default lane, started after the run was enqueued, claims it as usual.
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let default = engine
+        .worker()
+        .workloops("default:1")
+        .lease(LEASE)
+        .handler("job", move |ctx: RunContext| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(ctx.run_id());
+                Ok::<Value, HandlerError>(Value::Null)
+            }
+        })
+        .start()
+        .await
+        .expect("worker");
+    let got = tokio::time::timeout(BOUND, started.recv()).await;
+    assert_eq!(got.expect("started in time"), Some(other));
+    assert_completed(&engine, other).await;
+    assert_eq!(engine.metrics().claimed_on_enqueue, claimed_on_enqueue);
+    default.stop().await;
+    engine.shutdown().await;
+}
