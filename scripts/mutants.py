@@ -21,6 +21,8 @@ CONFORMANCE = ["cargo", "test", "-q", "-p", "runlane", "--test", "conformance_me
 # The Redis mutants (R*) run the same scenarios against the Redis backend (needs a Redis server:
 # RUNLANE_REDIS_URL, default redis://127.0.0.1:6379).
 CONFORMANCE_REDIS = ["cargo", "test", "-q", "-p", "runlane", "--test", "conformance_redis_memory", "--"]
+CLAIM_ON_ENQUEUE_REDIS = ["cargo", "test", "-q", "-p", "runlane-redis", "--lib", "claim_on_enqueue"]
+CLAIM_ON_ENQUEUE = ["cargo", "test", "-q", "-p", "runlane", "--test", "distributed_claim_on_enqueue"]
 PROPTEST = ["cargo", "test", "-q", "-p", "runlane-conformance", "--test", "model_vs_memory",
             "model_and_memory_backend_agree_after_every_step"]
 
@@ -150,6 +152,23 @@ MUTANTS = [
         "old": "    if not (tombs and redis.call('SREM', kt, id) == 1) then",
         "new": "    if true then",
         "tests": [CONFORMANCE_REDIS + ["life_16"], CONFORMANCE_REDIS + ["life_02"]],
+    },
+    # Claim on enqueue: the claim an enqueue carries for an idle workloop.
+    {
+        "id": "R8",
+        "bug": "an enqueue drops the claim it carries (Redis)",
+        "file": LUA,
+        "old": "return answer('ok', v, claim_runs(9, #ARGV))",
+        "new": "return answer('ok', v, {})",
+        "tests": [CLAIM_ON_ENQUEUE_REDIS, CLAIM_ON_ENQUEUE],
+    },
+    {
+        "id": "R9",
+        "bug": "the carried claim loses its last served env (Redis)",
+        "file": LUA,
+        "old": "return answer('ok', v, claim_runs(9, #ARGV))",
+        "new": "return answer('ok', v, claim_runs(9, #ARGV - 2))",
+        "tests": [CLAIM_ON_ENQUEUE_REDIS],
     },
 ]
 
