@@ -144,7 +144,6 @@ impl DistributedQueue {
         effects
     }
 
-    /// Aborts the process when the failpoint `name` is armed.
     /// A Redis enqueue's answer for the engine: an accepted run joins the `in_queue` marks;
     /// one Redis could not take (unavailable) is already committed, so it is answered as
     /// placed and left `pending_enqueue` for the reconciler.
@@ -183,6 +182,7 @@ impl DistributedQueue {
         }
     }
 
+    /// Aborts the process when the failpoint `name` is armed.
     fn failpoint(&self, name: &str, what: std::fmt::Arguments<'_>) {
         if self.failpoint.as_deref() == Some(name) {
             eprintln!("failpoint {name}: aborting {what}");

@@ -109,11 +109,12 @@ impl Counters {
         bump(&self.schedule_fired, 1);
     }
 
-    /// A schedule tick whose trigger was refused.
+    /// Leases granted inside a trigger's enqueue (claim on enqueue).
     pub(crate) fn claimed_on_enqueue(&self, leases: usize) {
         bump(&self.claimed_on_enqueue, leases as u64);
     }
 
+    /// A schedule tick whose trigger was refused.
     pub(crate) fn schedule_refused(&self) {
         bump(&self.schedule_refused, 1);
     }

@@ -64,8 +64,14 @@ impl Offer {
         }
     }
 
-    fn covers(&self, env: &EnvName, lane: &LaneName) -> bool {
-        self.request.chain.covers(lane) && self.request.envs.iter().any(|s| &s.env == env)
+    /// Whether the workloop's claim would take a run of `env` on `lane` locked to `locked`.
+    fn covers(&self, env: &EnvName, lane: &LaneName, locked: Option<u32>) -> bool {
+        self.request.chain.covers(lane)
+            && self
+                .request
+                .envs
+                .iter()
+                .any(|s| &s.env == env && locked.is_none_or(|v| v == s.version))
     }
 }
 
@@ -129,15 +135,21 @@ impl Offers {
         Some(offer)
     }
 
-    /// The first offer covering a run of `env` on `lane` whose workloop still waits for it.
-    pub(crate) fn take(&self, env: &EnvName, lane: &LaneName) -> Option<Offer> {
+    /// The first offer covering a run of `env` on `lane` (locked to version `locked`) whose
+    /// workloop still waits for it.
+    pub(crate) fn take(
+        &self,
+        env: &EnvName,
+        lane: &LaneName,
+        locked: Option<u32>,
+    ) -> Option<Offer> {
         if self.len.load(Ordering::Acquire) == 0 {
             return None;
         }
         let mut posted = self.lock();
         // Offers of workloops that went away (crashed workers) are dropped on the way.
         posted.retain(|(_, o)| !o.reply.is_closed());
-        let at = posted.iter().position(|(_, o)| o.covers(env, lane));
+        let at = posted.iter().position(|(_, o)| o.covers(env, lane, locked));
         let offer = at.map(|at| posted.swap_remove(at).1);
         self.len.store(posted.len(), Ordering::Release);
         offer
@@ -183,11 +195,15 @@ mod tests {
         assert_eq!(offer.request.max, 3);
         let id = offers.post(offer);
         // Another lane or another env is not covered.
-        assert!(offers.take(&env("prod"), &lane("default")).is_none());
-        assert!(offers.take(&env("dev"), &lane("cron")).is_none());
-        let taken = offers.take(&env("prod"), &lane("cron")).expect("covered");
+        assert!(offers.take(&env("prod"), &lane("default"), None).is_none());
+        assert!(offers.take(&env("dev"), &lane("cron"), None).is_none());
+        // Nor a run locked to a version the workloop does not run (it runs version 0).
+        assert!(offers.take(&env("prod"), &lane("cron"), Some(2)).is_none());
+        let taken = offers
+            .take(&env("prod"), &lane("cron"), Some(0))
+            .expect("covered");
         assert!(
-            offers.take(&env("prod"), &lane("cron")).is_none(),
+            offers.take(&env("prod"), &lane("cron"), None).is_none(),
             "taken once"
         );
         assert!(
@@ -223,7 +239,7 @@ mod tests {
         );
         offers.post(offer);
         drop(rx);
-        assert!(offers.take(&env("prod"), &lane("default")).is_none());
+        assert!(offers.take(&env("prod"), &lane("default"), None).is_none());
         assert_eq!(slots.available_permits(), 2);
     }
 }

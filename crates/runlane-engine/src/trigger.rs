@@ -8,16 +8,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use runlane_core::backend::{IdempotencyClaim, Inserted, Placement, RunRecord};
+use runlane_core::backend::{Dispatch, Enqueued, IdempotencyClaim, Inserted, Placement, RunRecord};
 use runlane_core::{
-    assign_lane, EnvName, InvalidInput, LaneName, QueueName, RetryPolicy, RunId, RunStatus,
-    TaskDef, TaskName, Timestamp, TriggerSource,
+    assign_lane, EnvName, InvalidInput, LaneName, QueueError, QueueName, RetryPolicy, RunId,
+    RunStatus, TaskDef, TaskName, Timestamp, TriggerSource,
 };
 
 use crate::config::EngineConfig;
-use crate::engine::Engine;
+use crate::engine::{Engine, Inner};
 use crate::error::EngineError;
 use crate::handover::Handed;
+use crate::offer::Offer;
 
 /// The longest accepted idempotency key, in bytes.
 pub const IDEMPOTENCY_KEY_MAX_LEN: usize = 256;
@@ -488,60 +489,35 @@ impl Engine {
                 retry: record.retry,
             },
         );
-        // An idle workloop of this process covering the run: the queue claims for it in the
-        // enqueue's step (see `crate::offer`).
-        let offer = if inner.offers.len() > 0 && inner.queue.claims_on_enqueue_now() {
-            inner.offers.take(&record.env, &record.lane)
-        } else {
-            None
-        };
-        let answer = match &offer {
+        let dispatch = record.dispatch();
+        let answer = match self.offer_for(&dispatch, now) {
+            // In a task of its own: the leases its call makes reach the workloop even if this
+            // trigger goes away mid-call (a dropped HTTP request, a timeout).
             Some(offer) => {
-                inner
-                    .queue
-                    .enqueue_claiming(record.dispatch(), sync, now, &offer.request)
+                let inner = inner.clone();
+                tokio::spawn(enqueue_for_offer(inner, dispatch, sync, offer))
                     .await
+                    .unwrap_or_else(|e| {
+                        Err(QueueError::Unavailable(format!("enqueue task failed: {e}")))
+                    })
             }
-            None => inner
-                .queue
-                .enqueue(record.dispatch(), sync, now)
-                .await
-                .map(|enqueued| (enqueued, Vec::new())),
+            None => match inner.queue.enqueue(dispatch, sync, now).await {
+                Ok(enqueued) => Ok(settle(
+                    inner,
+                    &record.lane,
+                    record.attempt,
+                    enqueued,
+                    record.id,
+                    &record.env,
+                )
+                .await),
+                Err(e) => Err(e),
+            },
         };
         match answer {
-            Ok((enqueued, leases)) => {
-                let placed = match enqueued.placement {
-                    Placement::Delayed => RunStatus::Delayed,
-                    Placement::Queued => RunStatus::Queued,
-                    Placement::Ready => RunStatus::Ready,
-                };
-                // A backend that reports the lane it made ready has it rung by `apply`.
-                let rung = enqueued.effects.ready_lanes.contains(&record.lane);
-                // With the fast path off, the enqueue may admit the run in the same step:
-                // queued, then ready.
-                record.status = inner
-                    .apply_own(
-                        record.id,
-                        &record.env,
-                        record.attempt,
-                        placed,
-                        enqueued.effects,
-                    )
-                    .await;
-                if record.status == RunStatus::Ready && !rung {
-                    inner.bells.ring(&record.lane);
-                }
-                // After the statuses are published: the workloop starts what was leased.
-                if let Some(offer) = offer {
-                    if !leases.is_empty() {
-                        inner.claimed(&leases);
-                        inner.counters.claimed_on_enqueue(leases.len());
-                    }
-                    offer.fulfil(leases);
-                }
-                inner
-                    .counters
-                    .triggered(enqueued.placement == Placement::Ready);
+            Ok((placement, status)) => {
+                record.status = status;
+                inner.counters.triggered(placement == Placement::Ready);
                 Ok(Triggered {
                     run: record,
                     idempotent_hit: false,
@@ -555,6 +531,21 @@ impl Engine {
                 Err(e.into())
             }
         }
+    }
+
+    /// An idle workloop of this process that would claim the run at once (see
+    /// [`crate::offer`]): only for a run due now, when the queue would claim in this enqueue.
+    fn offer_for(&self, dispatch: &Dispatch, now: Timestamp) -> Option<Offer> {
+        let inner = &self.inner;
+        if inner.offers.len() == 0 || dispatch.run_after > now {
+            return None;
+        }
+        if !inner.queue.claims_on_enqueue_now() {
+            return None;
+        }
+        inner
+            .offers
+            .take(&dispatch.env, &dispatch.lane, dispatch.locked_version)
     }
 
     /// The batch path: validate and resolve all, one store insert, then enqueue each.
@@ -694,6 +685,64 @@ impl Engine {
         let prepared = self.prepare(&request, now, Some(run)).await?;
         self.commit(prepared, now).await
     }
+}
+
+/// After an accepted enqueue: publishes the statuses it moved the run through and rings the
+/// run's lane when the backend did not; answers the placement and the run's status.
+async fn settle(
+    inner: &Inner,
+    lane: &LaneName,
+    attempt: u32,
+    enqueued: Enqueued,
+    run: RunId,
+    env: &EnvName,
+) -> (Placement, RunStatus) {
+    let placed = match enqueued.placement {
+        Placement::Delayed => RunStatus::Delayed,
+        Placement::Queued => RunStatus::Queued,
+        Placement::Ready => RunStatus::Ready,
+    };
+    // A backend that reports the lane it made ready has it rung by `apply`.
+    let rung = enqueued.effects.ready_lanes.contains(lane);
+    // With the fast path off, the enqueue may admit the run in the same step: queued, then
+    // ready.
+    let status = inner
+        .apply_own(run, env, attempt, placed, enqueued.effects)
+        .await;
+    if status == RunStatus::Ready && !rung {
+        inner.bells.ring(lane);
+    }
+    (enqueued.placement, status)
+}
+
+/// The enqueue of a run that carries an idle workloop's claim (see [`crate::offer`]). The
+/// claim's leases start now (not when the trigger began); they are handed to the workloop
+/// after the run's statuses are published. A refused or failed call drops the offer: its
+/// slots go back and its workloop claims as usual.
+async fn enqueue_for_offer(
+    inner: Arc<Inner>,
+    dispatch: Dispatch,
+    sync: bool,
+    offer: Offer,
+) -> Result<(Placement, RunStatus), QueueError> {
+    let now = inner.now();
+    let (run, env, lane, attempt) = (
+        dispatch.run_id,
+        dispatch.env.clone(),
+        dispatch.lane.clone(),
+        dispatch.attempt,
+    );
+    let (enqueued, leases) = inner
+        .queue
+        .enqueue_claiming(dispatch, sync, now, &offer.request)
+        .await?;
+    let settled = settle(&inner, &lane, attempt, enqueued, run, &env).await;
+    if !leases.is_empty() {
+        inner.claimed(&leases);
+        inner.counters.claimed_on_enqueue(leases.len());
+    }
+    offer.fulfil(leases);
+    Ok(settled)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 
 mod redis_support;
 
+use std::future::Future;
 use std::time::Duration;
 
 use runlane::core::{RunId, RunStatus};
@@ -128,5 +129,56 @@ async fn an_idle_workloop_gets_the_runs_it_covers_in_the_enqueue_and_the_others_
     assert_completed(&engine, other).await;
     assert_eq!(engine.metrics().claimed_on_enqueue, claimed_on_enqueue);
     default.stop().await;
+    engine.shutdown().await;
+}
+
+/// A trigger that goes away once it took an idle workloop's offer (a dropped HTTP request, a
+/// timeout) does not lose what its enqueue leased: the run still starts at once, not after
+/// its lease lapses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_dropped_after_taking_an_offer_still_hands_its_leases_over() {
+    let engine = open("claimenq_drop").await;
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let worker = engine
+        .worker()
+        .workloops("reports:1")
+        .lease(LEASE)
+        .handler("job", move |ctx: RunContext| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(ctx.run_id());
+                Ok::<Value, HandlerError>(Value::Null)
+            }
+        })
+        .start()
+        .await
+        .expect("worker");
+    until_offers(&engine, 1, "the idle workloop offers its slot").await;
+    let mut call = Box::pin(engine.trigger("job").lane("reports").send());
+    // Poll the trigger until it has taken the offer (read right after each poll: the workloop
+    // offers again once it got its run), then drop it mid-call.
+    let deadline = tokio::time::Instant::now() + BOUND;
+    loop {
+        let polled =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(call.as_mut().poll(cx))).await;
+        assert!(
+            polled.is_pending(),
+            "the trigger ended before taking the offer"
+        );
+        if engine.idle_offers() == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the offer was never taken"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    drop(call);
+    let got = tokio::time::timeout(BOUND, started.recv()).await;
+    let run = got.expect("the run started in time").expect("worker alive");
+    assert_completed(&engine, run).await;
+    assert_eq!(engine.metrics().claimed_on_enqueue, 1);
+    worker.stop().await;
     engine.shutdown().await;
 }
