@@ -4,27 +4,15 @@
 use std::time::Duration;
 
 use runlane_core::backend::{ClaimRequest, Dispatch, Leased, Placement, QueueBackend, ServedEnv};
-use runlane_core::{
-    ClaimChain, EnvName, EnvSettings, FencingToken, QueueError, RunId, Timestamp, WorkerId,
-};
+use runlane_core::{ClaimChain, EnvSettings, FencingToken, QueueError, RunId, Timestamp, WorkerId};
 
-use crate::test_support::{self as support, url};
-use crate::{RedisConfig, RedisQueue};
+use crate::test_support::{self as support, env};
+use crate::RedisQueue;
 
 const NOW: u64 = 1_000;
 
 async fn open(name: &str) -> Option<RedisQueue> {
-    support::connect().await?;
-    let prefix = format!("rl:test:claimenq:{name}:{}", std::process::id());
-    let queue = RedisQueue::open(RedisConfig::new(url()).with_prefix(prefix))
-        .await
-        .expect("open")
-        .delete_keys_on_drop();
-    Some(queue)
-}
-
-fn env(name: &str) -> EnvName {
-    EnvName::new(name).expect("env name")
+    support::open_queue("claimenq", name).await
 }
 
 /// Env `a` admits 3 at once, env `b` 1 (without the fast path); `c` is unknown.

@@ -10,27 +10,17 @@ use std::time::Duration;
 
 use runlane_core::backend::{ClaimRequest, Dispatch, Placement, QueueBackend, ServedEnv};
 use runlane_core::{
-    ClaimChain, EnvName, EnvSettings, QueueError, QueueName, QueueSettings, RunId, RunStatus,
-    Timestamp, WorkerId,
+    ClaimChain, EnvSettings, QueueError, QueueName, QueueSettings, RunId, RunStatus, Timestamp,
+    WorkerId,
 };
 
-use crate::test_support::{self as support, url};
-use crate::{RedisConfig, RedisQueue};
+use crate::test_support::{self as support, env};
+use crate::RedisQueue;
 
 const NOW: u64 = 1_000;
 
 async fn open(name: &str) -> Option<RedisQueue> {
-    support::connect().await?;
-    let prefix = format!("rl:test:enqmany:{name}:{}", std::process::id());
-    let queue = RedisQueue::open(RedisConfig::new(url()).with_prefix(prefix))
-        .await
-        .expect("open")
-        .delete_keys_on_drop();
-    Some(queue)
-}
-
-fn env(name: &str) -> EnvName {
-    EnvName::new(name).expect("env name")
+    support::open_queue("enqmany", name).await
 }
 
 /// Env `a` admits 2 at once with the fast path; env `b` admits 1 without it, and its queue `q`

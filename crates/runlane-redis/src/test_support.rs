@@ -26,6 +26,23 @@ pub(crate) fn skip_without_redis() {
     eprintln!("skipped: no Redis at {}", url());
 }
 
+/// An env name the tests know to be valid.
+pub(crate) fn env(name: &str) -> EnvName {
+    EnvName::new(name).expect("env name")
+}
+
+/// A queue on the test server under a key prefix of its own (`rl:test:<group>:<name>:<pid>`),
+/// its keys deleted when dropped; `None` (skipped) without Redis outside CI.
+pub(crate) async fn open_queue(group: &str, name: &str) -> Option<crate::RedisQueue> {
+    connect().await?;
+    let prefix = format!("rl:test:{group}:{name}:{}", std::process::id());
+    let queue = crate::RedisQueue::open(crate::RedisConfig::new(url()).with_prefix(prefix))
+        .await
+        .expect("open")
+        .delete_keys_on_drop();
+    Some(queue)
+}
+
 /// A connection of its own to the test server, or `None` (skipped) outside CI.
 pub(crate) async fn connect() -> Option<redis::aio::MultiplexedConnection> {
     let client = redis::Client::open(url()).expect("redis url");

@@ -7,23 +7,20 @@
 //! are required: a missing one fails the test.
 
 mod redis_support;
+mod reporting;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis_support::PrivateRedis;
+use reporting::{assert_completed, reporting_worker, trigger};
 use runlane::core::backend::QueueBackend;
-use runlane::core::{RunId, RunStatus};
-use runlane::{
-    Distributed, DistributedConfig, EngineBuilder, HandlerError, RunContext, WaitOutcome, Worker,
-};
-use serde_json::Value;
+use runlane::core::RunId;
+use runlane::{Distributed, DistributedConfig, EngineBuilder};
 use tokio::sync::mpsc;
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
-/// Long enough that no heartbeat or expiry wakes anything during a test.
-const LEASE: Duration = Duration::from_secs(600);
 /// How long a run may take to reach an idle worker of another process.
 const BOUND: Duration = Duration::from_secs(5);
 
@@ -65,51 +62,6 @@ impl Deployment {
             engine.add_lane(lane).await.expect("add lane");
         }
         engine
-    }
-}
-
-/// A worker of `engine` with `workloops`, whose `job` handler reports each run it starts.
-async fn reporting_worker(
-    engine: &Distributed,
-    workloops: &str,
-) -> (Worker, mpsc::UnboundedReceiver<RunId>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let worker = engine
-        .worker()
-        .workloops(workloops)
-        .lease(LEASE)
-        .handler("job", move |ctx: RunContext| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(ctx.run_id());
-                Ok::<Value, HandlerError>(Value::Null)
-            }
-        })
-        .start()
-        .await
-        .expect("worker");
-    (worker, rx)
-}
-
-async fn trigger(engine: &Distributed, lane: &str) -> RunId {
-    engine
-        .trigger("job")
-        .lane(lane)
-        .send()
-        .await
-        .expect("trigger")
-        .run
-        .id
-}
-
-async fn assert_completed(engine: &Distributed, run: RunId) {
-    match engine
-        .wait(run, Duration::from_secs(30))
-        .await
-        .expect("wait")
-    {
-        WaitOutcome::Finished(record) => assert_eq!(record.status, RunStatus::Completed),
-        WaitOutcome::Pending { status, .. } => panic!("run {run} still {status:?}"),
     }
 }
 

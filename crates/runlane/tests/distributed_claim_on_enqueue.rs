@@ -5,18 +5,14 @@
 //! (`RUNLANE_DATABASE_URL`) are required: a missing one fails the test.
 
 mod redis_support;
+mod reporting;
 
 use std::future::Future;
 use std::time::Duration;
 
-use runlane::core::{RunId, RunStatus};
-use runlane::{
-    Distributed, DistributedConfig, EngineBuilder, HandlerError, RunContext, WaitOutcome,
-};
-use serde_json::Value;
-use tokio::sync::mpsc;
+use reporting::{assert_completed, reporting_worker, trigger};
+use runlane::{Distributed, DistributedConfig, EngineBuilder};
 
-const LEASE: Duration = Duration::from_secs(600);
 const BOUND: Duration = Duration::from_secs(10);
 
 async fn open(tag: &str) -> Distributed {
@@ -48,46 +44,10 @@ async fn until_offers(engine: &Distributed, n: usize, what: &str) {
     }
 }
 
-async fn trigger(engine: &Distributed, lane: &str) -> RunId {
-    engine
-        .trigger("job")
-        .lane(lane)
-        .send()
-        .await
-        .expect("trigger")
-        .run
-        .id
-}
-
-async fn assert_completed(engine: &Distributed, run: RunId) {
-    match engine
-        .wait(run, Duration::from_secs(30))
-        .await
-        .expect("wait")
-    {
-        WaitOutcome::Finished(record) => assert_eq!(record.status, RunStatus::Completed),
-        WaitOutcome::Pending { status, .. } => panic!("run {run} still {status:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_workloop_gets_the_runs_it_covers_in_the_enqueue_and_the_others_take_the_bell() {
     let engine = open("claimenq").await;
-    let (tx, mut started) = mpsc::unbounded_channel();
-    let worker = engine
-        .worker()
-        .workloops("reports:2")
-        .lease(LEASE)
-        .handler("job", move |ctx: RunContext| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(ctx.run_id());
-                Ok::<Value, HandlerError>(Value::Null)
-            }
-        })
-        .start()
-        .await
-        .expect("worker");
+    let (worker, mut started) = reporting_worker(&engine, "reports:2").await;
     let mut claimed_on_enqueue = 0;
     for i in 0..3 {
         until_offers(&engine, 1, "the idle workloop offers its slots").await;
@@ -109,21 +69,7 @@ async fn an_idle_workloop_gets_the_runs_it_covers_in_the_enqueue_and_the_others_
     assert_eq!(engine.idle_offers(), 0);
     assert_eq!(report.released, 0, "{report:?}");
     // A worker of the default lane, started after the run was enqueued, claims it as usual.
-    let (tx, mut started) = mpsc::unbounded_channel();
-    let default = engine
-        .worker()
-        .workloops("default:1")
-        .lease(LEASE)
-        .handler("job", move |ctx: RunContext| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(ctx.run_id());
-                Ok::<Value, HandlerError>(Value::Null)
-            }
-        })
-        .start()
-        .await
-        .expect("worker");
+    let (default, mut started) = reporting_worker(&engine, "default:1").await;
     let got = tokio::time::timeout(BOUND, started.recv()).await;
     assert_eq!(got.expect("started in time"), Some(other));
     assert_completed(&engine, other).await;
@@ -138,21 +84,7 @@ async fn an_idle_workloop_gets_the_runs_it_covers_in_the_enqueue_and_the_others_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trigger_dropped_after_taking_an_offer_still_hands_its_leases_over() {
     let engine = open("claimenq_drop").await;
-    let (tx, mut started) = mpsc::unbounded_channel();
-    let worker = engine
-        .worker()
-        .workloops("reports:1")
-        .lease(LEASE)
-        .handler("job", move |ctx: RunContext| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(ctx.run_id());
-                Ok::<Value, HandlerError>(Value::Null)
-            }
-        })
-        .start()
-        .await
-        .expect("worker");
+    let (worker, mut started) = reporting_worker(&engine, "reports:1").await;
     until_offers(&engine, 1, "the idle workloop offers its slot").await;
     let mut call = Box::pin(engine.trigger("job").lane("reports").send());
     // Poll the trigger until it has taken the offer (read right after each poll: the workloop
