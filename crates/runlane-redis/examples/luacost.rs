@@ -61,6 +61,15 @@ async fn stats(conn: &mut redis::aio::MultiplexedConnection) -> Stats {
     out
 }
 
+/// Zeroes the server's command statistics.
+async fn reset_stats(conn: &mut redis::aio::MultiplexedConnection) {
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async::<()>(conn)
+        .await
+        .expect("resetstat");
+}
+
 fn diff(into: &mut Stats, before: &Stats, after: &Stats) {
     for (name, (calls, usec)) in after {
         let (c0, u0) = before.get(name).copied().unwrap_or((0, 0));
@@ -169,11 +178,7 @@ async fn main() {
     if let (true, Ok(path)) = (early, std::env::var("LUACOST_LIBRARY")) {
         swap_library(&mut conn, &path).await;
     }
-    redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query_async::<()>(&mut conn)
-        .await
-        .expect("resetstat");
+    reset_stats(&mut conn).await;
     let queue = QueueName::new("q").expect("queue");
     for i in 0..runs {
         let d = Dispatch {
@@ -211,11 +216,7 @@ async fn main() {
     if let (false, Ok(path)) = (early, std::env::var("LUACOST_LIBRARY")) {
         swap_library(&mut conn, &path).await;
     }
-    redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query_async::<()>(&mut conn)
-        .await
-        .expect("resetstat");
+    reset_stats(&mut conn).await;
     let (mut s_claim, mut s_check, mut s_finish) = (Stats::new(), Stats::new(), Stats::new());
     let mut done = 0u64;
     // `LUACOST_TOTAL=1`: no statistics read between the calls (they cost the server CPU time
