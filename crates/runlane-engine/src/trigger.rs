@@ -509,6 +509,7 @@ impl Engine {
                     enqueued,
                     record.id,
                     &record.env,
+                    false,
                 )
                 .await),
                 Err(e) => Err(e),
@@ -688,7 +689,8 @@ impl Engine {
 }
 
 /// After an accepted enqueue: publishes the statuses it moved the run through and rings the
-/// run's lane when the backend did not; answers the placement and the run's status.
+/// run's lane when the backend did not (unless `leased`: the enqueue's own claim took the
+/// run); answers the placement and the run's status.
 async fn settle(
     inner: &Inner,
     lane: &LaneName,
@@ -696,6 +698,7 @@ async fn settle(
     enqueued: Enqueued,
     run: RunId,
     env: &EnvName,
+    leased: bool,
 ) -> (Placement, RunStatus) {
     let placed = match enqueued.placement {
         Placement::Delayed => RunStatus::Delayed,
@@ -709,7 +712,7 @@ async fn settle(
     let status = inner
         .apply_own(run, env, attempt, placed, enqueued.effects)
         .await;
-    if status == RunStatus::Ready && !rung {
+    if status == RunStatus::Ready && !rung && !leased {
         inner.bells.ring(lane);
     }
     (enqueued.placement, status)
@@ -736,7 +739,8 @@ async fn enqueue_for_offer(
         .queue
         .enqueue_claiming(dispatch, sync, now, &offer.request)
         .await?;
-    let settled = settle(&inner, &lane, attempt, enqueued, run, &env).await;
+    let leased = leases.iter().any(|l| l.dispatch.run_id == run);
+    let settled = settle(&inner, &lane, attempt, enqueued, run, &env, leased).await;
     if !leases.is_empty() {
         inner.claimed(&leases);
         inner.counters.claimed_on_enqueue(leases.len());

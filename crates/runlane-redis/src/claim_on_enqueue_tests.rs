@@ -121,6 +121,11 @@ async fn a_run_outside_the_claims_lanes_is_placed_and_left_for_a_claim_that_cove
         .expect("enqueue");
     assert_eq!(enqueued.placement, Placement::Ready);
     assert!(leases.is_empty(), "the cron lane's claim takes nothing");
+    assert_eq!(
+        enqueued.effects.ready_lanes,
+        vec![d.lane.clone()],
+        "the run waits: its lane rings"
+    );
     // Nor does a claim for no slots, or one for an env the run is not in.
     let d2 = support::dispatch(2, &env("a"), "k", NOW - 1, None);
     let (_, leases) = queue
@@ -173,4 +178,59 @@ async fn a_refused_enqueue_claims_nothing() {
     assert_eq!(refused.err(), Some(QueueError::unknown_env(&env("c"))));
     let claimed = queue.claim(&request("*", 4), now).await.expect("claim");
     assert_eq!(claimed.len(), 1, "the ready run is still there");
+}
+
+#[tokio::test]
+async fn a_lane_the_carried_claim_emptied_rings_no_doorbell() {
+    let Some(queue) = open("quiet").await else {
+        return;
+    };
+    set_up(&queue).await;
+    let now = Timestamp(NOW);
+    let bell = |queue: &RedisQueue| format!("{}:db:default", queue.key_base());
+    let mut conn = support::connect().await.expect("connection");
+    let len = |conn: &mut redis::aio::MultiplexedConnection, key: String| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("XLEN")
+                .arg(key)
+                .query_async::<u64>(&mut conn)
+                .await
+                .expect("xlen")
+        }
+    };
+    // The claim takes the run it carries: no ready run is left, nothing rings.
+    let d1 = support::dispatch(1, &env("a"), "k", NOW - 1, None);
+    let (enqueued, leases) = queue
+        .enqueue_claiming(d1.clone(), false, now, &request("*", 1))
+        .await
+        .expect("enqueue");
+    assert_eq!(leases.len(), 1);
+    assert!(
+        enqueued.effects.ready_lanes.is_empty(),
+        "{:?}",
+        enqueued.effects
+    );
+    assert_eq!(len(&mut conn, bell(&queue)).await, 0, "no bell entry");
+    // Two ready runs, a claim of one: the lane still holds a ready run and rings.
+    queue
+        .enqueue(
+            support::dispatch(2, &env("a"), "k", NOW - 1, None),
+            false,
+            now,
+        )
+        .await
+        .expect("enqueue");
+    let (enqueued, leases) = queue
+        .enqueue_claiming(
+            support::dispatch(3, &env("a"), "k", NOW - 1, None),
+            false,
+            now,
+            &request("*", 1),
+        )
+        .await
+        .expect("enqueue");
+    assert_eq!(leases.len(), 1);
+    assert_eq!(enqueued.effects.ready_lanes, vec![d1.lane.clone()]);
+    assert_eq!(len(&mut conn, bell(&queue)).await, 1, "the bell rang");
 }

@@ -1437,7 +1437,18 @@ OPS['enqueue'] = function()
   -- the same step once the run is placed, exactly as that worker's next claim would be, and
   -- answered after the placement.
   local code, v = enqueue_one(ARGV[6], ARGV[7], ARGV[8] == '1')
-  if code == 'ok' and #ARGV >= 12 then return answer('ok', v, claim_runs(9, #ARGV)) end
+  if code == 'ok' and #ARGV >= 12 then
+    local leased = claim_runs(9, #ARGV)
+    -- A lane the claim left without a ready run rings no doorbell: nobody could claim there.
+    if #leased > 0 then
+      local keep = {}
+      for _, lane in ipairs(fx_lanes) do
+        if num(redis.call('HGET', k_l(lane), 'count')) > 0 then keep[#keep + 1] = lane end
+      end
+      fx_lanes = keep
+    end
+    return answer('ok', v, leased)
+  end
   if code == 'ok' then return answer('ok', v) end
   if v ~= nil then return fail(code, v) end
   return fail(code)

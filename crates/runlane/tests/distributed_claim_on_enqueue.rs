@@ -59,6 +59,9 @@ async fn an_idle_workloop_gets_the_runs_it_covers_in_the_enqueue_and_the_others_
         let m = engine.metrics();
         assert_eq!(m.claimed_on_enqueue, claimed_on_enqueue, "run {i}: {m:?}");
     }
+    // Runs leased in their enqueue left no ready run behind: no doorbell rang for them.
+    let wakes: u64 = engine.bells().await.iter().map(|r| r.wakes).sum();
+    assert_eq!(wakes, 0, "runs claimed in their enqueue ring no doorbell");
     // A run on a lane the workloop does not read is only enqueued; the offer stays posted.
     until_offers(&engine, 1, "idle again").await;
     let other = trigger(&engine, "default").await;
