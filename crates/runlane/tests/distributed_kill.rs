@@ -735,14 +735,34 @@ async fn sigkilled_worker_runs_recovered_within_lease_plus_one_second() {
         "another process took the timers over: {took_over:?} (survivor {survivor_pid})"
     );
     // Every run executed once, except runs the victim had started, which may have run twice.
+    // A failure shows when each process started the run, in ms after the kill.
     let executions = starts(&outs);
+    let timeline = |id: &str| -> String {
+        let at = |lines: &[Line], who: &str| -> Vec<String> {
+            lines
+                .iter()
+                .filter(|l| l.run == id)
+                .map(|l| {
+                    let what = if l.done { "done" } else { "start" };
+                    format!("{who} {what} {:+}", l.at as i64 - killed_at as i64)
+                })
+                .collect()
+        };
+        [at(&victim, "victim"), at(&survivor, "survivor")]
+            .concat()
+            .join(", ")
+    };
     for run in &runs {
         let id = run.to_string();
         let n = executions.get(&id).copied().unwrap_or(0);
         if victim_started.contains(id.as_str()) {
-            assert!((1..=2).contains(&n), "run {run} executed {n} times");
+            assert!(
+                (1..=2).contains(&n),
+                "run {run} executed {n} times: {}",
+                timeline(&id)
+            );
         } else {
-            assert_eq!(n, 1, "run {run} executed exactly once");
+            assert_eq!(n, 1, "run {run} executed exactly once: {}", timeline(&id));
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
