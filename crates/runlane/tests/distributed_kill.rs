@@ -112,6 +112,15 @@ fn counter_keys(prefix: &str, env: &str, queue: &str, key: &str) -> [String; 5] 
 /// `RUNLANE_TEST_STDIN_REBUILD` it instead waits for a line on stdin and then reads the
 /// queue (which finds a flushed key space and rebuilds it).
 async fn child_process() {
+    // `RUNLANE_TEST_LOG=1`: the engine's warnings (failed heartbeats, claims, ends) go to the
+    // child's stderr, which the test process inherits.
+    if std::env::var("RUNLANE_TEST_LOG").is_ok() {
+        tracing_subscriber::fmt()
+            .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .init();
+    }
     let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is set for a child"));
     let (redis_url, prefix, schema, out) = (
         var("RUNLANE_TEST_REDIS"),
@@ -618,11 +627,13 @@ async fn sigkilled_worker_runs_recovered_within_lease_plus_one_second() {
     // The first worker process opens first and so owns the timers. It has half the runs'
     // slots and takes runs alone, so it holds exactly half of them; the second process, with
     // a slot for every run, then starts the other half and has room for all the victim's.
-    let env_b = [("RUNLANE_TEST_ENV_B", "1")];
+    // Both log their warnings: a lease the survivor loses shows why (see the last assertion).
+    let env_b = [("RUNLANE_TEST_ENV_B", "1"), ("RUNLANE_TEST_LOG", "1")];
     let victim_slots = RUNS / 2;
     let victim_env = [
         ("RUNLANE_TEST_ENV_B", "1"),
         ("RUNLANE_TEST_SLOTS", &*victim_slots.to_string()),
+        ("RUNLANE_TEST_LOG", "1"),
     ];
     let mut children = Children(vec![spawn_child(
         &url,
