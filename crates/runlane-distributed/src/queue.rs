@@ -144,6 +144,18 @@ impl DistributedQueue {
         effects
     }
 
+    /// The crash point before a committed run's enqueue; answers the run and when it is due
+    /// (what [`Self::enqueued`] needs once the call answered).
+    fn before_enqueue(&self, dispatch: &Dispatch) -> (RunId, Timestamp) {
+        let run = dispatch.run_id;
+        // The engine committed the run; the process dies before Redis hears of it.
+        self.failpoint(
+            AFTER_COMMIT_BEFORE_ENQUEUE,
+            format_args!("before run {run} is enqueued"),
+        );
+        (run, dispatch.run_after)
+    }
+
     /// A Redis enqueue's answer for the engine: an accepted run joins the `in_queue` marks;
     /// one Redis could not take (unavailable) is already committed, so it is answered as
     /// placed and left `pending_enqueue` for the reconciler.
@@ -336,12 +348,7 @@ impl QueueBackend for DistributedQueue {
         sync: bool,
         now: Timestamp,
     ) -> Result<Enqueued, QueueError> {
-        let (run, due) = (dispatch.run_id, dispatch.run_after);
-        // The engine committed the run; the process dies before Redis hears of it.
-        self.failpoint(
-            AFTER_COMMIT_BEFORE_ENQUEUE,
-            format_args!("before run {run} is enqueued"),
-        );
+        let (run, due) = self.before_enqueue(&dispatch);
         let answer = self.redis.enqueue(dispatch, sync, now).await;
         self.enqueued(run, due, now, answer.map(|e| (e, Vec::new())))
             .map(|(e, _)| e)
@@ -353,11 +360,7 @@ impl QueueBackend for DistributedQueue {
         now: Timestamp,
         claim: &ClaimRequest,
     ) -> Result<(Enqueued, Vec<Leased>), QueueError> {
-        let (run, due) = (dispatch.run_id, dispatch.run_after);
-        self.failpoint(
-            AFTER_COMMIT_BEFORE_ENQUEUE,
-            format_args!("before run {run} is enqueued"),
-        );
+        let (run, due) = self.before_enqueue(&dispatch);
         let answer = self
             .redis
             .enqueue_claiming(dispatch, sync, now, claim)

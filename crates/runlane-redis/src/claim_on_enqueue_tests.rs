@@ -1,10 +1,8 @@
 //! Claim on enqueue: an `enqueue` that carries an idle worker's claim answers and leaves the
 //! queue exactly as that enqueue followed by that claim does, in one script call.
 
-use std::time::Duration;
-
-use runlane_core::backend::{ClaimRequest, Dispatch, Leased, Placement, QueueBackend, ServedEnv};
-use runlane_core::{ClaimChain, EnvSettings, FencingToken, QueueError, RunId, Timestamp, WorkerId};
+use runlane_core::backend::{ClaimRequest, Dispatch, Leased, Placement, QueueBackend};
+use runlane_core::{ClaimChain, FencingToken, QueueError, RunId, Timestamp};
 
 use crate::test_support::{self as support, env};
 use crate::RedisQueue;
@@ -17,33 +15,13 @@ async fn open(name: &str) -> Option<RedisQueue> {
 
 /// Env `a` admits 3 at once, env `b` 1 (without the fast path); `c` is unknown.
 async fn set_up(queue: &RedisQueue) {
-    let a = EnvSettings {
-        limit: 3,
-        ..EnvSettings::default()
-    };
-    let b = EnvSettings {
-        limit: 1,
-        fast_path: false,
-        ..EnvSettings::default()
-    };
-    queue.put_env(&env("a"), a, Timestamp(0)).await.expect("a");
-    queue.put_env(&env("b"), b, Timestamp(0)).await.expect("b");
+    support::put_envs_a_b(queue, 3).await;
 }
 
+/// A claim of `max` runs of envs `a` and `b` on `chain`.
 fn request(chain: &str, max: u32) -> ClaimRequest {
-    ClaimRequest {
-        worker: WorkerId(7),
-        chain: ClaimChain::parse("chain", chain).expect("chain"),
-        max,
-        lease: Duration::from_secs(30),
-        envs: ["a", "b"]
-            .iter()
-            .map(|e| ServedEnv {
-                env: env(e),
-                version: 1,
-            })
-            .collect(),
-    }
+    let chain = ClaimChain::parse("chain", chain).expect("chain");
+    support::claim_of(chain, max, &["a", "b"])
 }
 
 fn leased(leases: Vec<Leased>) -> Vec<(RunId, FencingToken)> {

@@ -61,6 +61,11 @@ struct State {
     waiting: Vec<Waiter>,
 }
 
+/// Marks an enqueue in flight when none is: whether the caller leads.
+fn take_lead(state: &mut State) -> bool {
+    !std::mem::replace(&mut state.busy, true)
+}
+
 /// The enqueue in flight and the callers waiting behind it.
 #[derive(Default)]
 pub(crate) struct Combine {
@@ -76,20 +81,14 @@ impl Combine {
     /// Leads when nothing is in flight (then the caller must hold a [`Leading`] until it has
     /// answered); `false` changes nothing.
     pub(crate) fn lead_alone(&self) -> bool {
-        let mut state = lock(&self.state);
-        if state.busy {
-            return false;
-        }
-        state.busy = true;
-        true
+        take_lead(&mut lock(&self.state))
     }
 
     /// Leads when nothing is in flight, else waits in the list. A caller that leads must hold a
     /// [`Leading`] until it has answered its batch.
     pub(crate) fn join(&self, dispatch: &Dispatch, sync: bool, now: Timestamp) -> Joined {
         let mut state = lock(&self.state);
-        if !state.busy {
-            state.busy = true;
+        if take_lead(&mut state) {
             return Joined::Lead;
         }
         let (turn, rx) = oneshot::channel();

@@ -6,12 +6,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Duration;
 
-use runlane_core::backend::{ClaimRequest, Dispatch, Placement, QueueBackend, ServedEnv};
+use runlane_core::backend::{ClaimRequest, Dispatch, Placement, QueueBackend};
 use runlane_core::{
     ClaimChain, EnvSettings, QueueError, QueueName, QueueSettings, RunId, RunStatus, Timestamp,
-    WorkerId,
 };
 
 use crate::test_support::{self as support, env};
@@ -26,17 +24,7 @@ async fn open(name: &str) -> Option<RedisQueue> {
 /// Env `a` admits 2 at once with the fast path; env `b` admits 1 without it, and its queue `q`
 /// holds at most 3 waiting runs per key.
 async fn set_up(queue: &RedisQueue) {
-    let a = EnvSettings {
-        limit: 2,
-        ..EnvSettings::default()
-    };
-    let b = EnvSettings {
-        limit: 1,
-        fast_path: false,
-        ..EnvSettings::default()
-    };
-    queue.put_env(&env("a"), a, Timestamp(0)).await.expect("a");
-    queue.put_env(&env("b"), b, Timestamp(0)).await.expect("b");
+    support::put_envs_a_b(queue, 2).await;
     let q = QueueSettings {
         max_queued: Some(3),
         ..QueueSettings::default()
@@ -72,19 +60,7 @@ fn mix() -> Vec<(Dispatch, bool)> {
 }
 
 fn claim_request() -> ClaimRequest {
-    ClaimRequest {
-        worker: WorkerId(1),
-        chain: ClaimChain::default_chain(),
-        max: 100,
-        lease: Duration::from_secs(30),
-        envs: ["a", "b"]
-            .iter()
-            .map(|e| ServedEnv {
-                env: env(e),
-                version: 1,
-            })
-            .collect(),
-    }
+    support::claim_of(ClaimChain::default_chain(), 100, &["a", "b"])
 }
 
 #[tokio::test]

@@ -5,8 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use runlane_core::backend::{ClaimRequest, Dispatch, ServedEnv};
-use runlane_core::{ClaimChain, EnvName, LaneName, QueueName, RunId, Timestamp, WorkerId};
+use runlane_core::backend::{ClaimRequest, Dispatch, QueueBackend, ServedEnv};
+use runlane_core::{
+    ClaimChain, EnvName, EnvSettings, LaneName, QueueName, RunId, Timestamp, WorkerId,
+};
 
 use crate::queue::Arg;
 use crate::record;
@@ -81,16 +83,40 @@ pub(crate) fn dispatch(
 
 /// A claim of up to 10 runs of `env` (version 1) on the default chain, 30 s leases.
 pub(crate) fn claim_all(env: &EnvName) -> ClaimRequest {
+    claim_of(ClaimChain::default_chain(), 10, &[env.as_str()])
+}
+
+/// A claim by worker 1 of up to `max` runs of `envs` (each at version 1) on `chain`, 30 s
+/// leases.
+pub(crate) fn claim_of(chain: ClaimChain, max: u32, envs: &[&str]) -> ClaimRequest {
     ClaimRequest {
         worker: WorkerId(1),
-        chain: ClaimChain::default_chain(),
-        max: 10,
+        chain,
+        max,
         lease: Duration::from_secs(30),
-        envs: vec![ServedEnv {
-            env: env.clone(),
-            version: 1,
-        }],
+        envs: envs
+            .iter()
+            .map(|e| ServedEnv {
+                env: env(e),
+                version: 1,
+            })
+            .collect(),
     }
+}
+
+/// Env `a` admitting `limit_a` at once with the fast path, env `b` admitting 1 without it.
+pub(crate) async fn put_envs_a_b(queue: &crate::RedisQueue, limit_a: u32) {
+    let a = EnvSettings {
+        limit: limit_a,
+        ..EnvSettings::default()
+    };
+    let b = EnvSettings {
+        limit: 1,
+        fast_path: false,
+        ..EnvSettings::default()
+    };
+    queue.put_env(&env("a"), a, Timestamp(0)).await.expect("a");
+    queue.put_env(&env("b"), b, Timestamp(0)).await.expect("b");
 }
 
 /// The code (first element) of a raw MessagePack answer of the dispatch library.
