@@ -627,10 +627,9 @@ impl RedisQueue {
             })
             .await?;
         let placement = placement(&answer.code, answer.extra.first(), dispatch)?;
-        let leases = match (claim, answer.extra.get(1)) {
-            (Some(_), Some(value)) => Self::leases(value)?,
-            (Some(_), None) => return Err(malformed("enqueue answered without its claim")),
-            (None, _) => Vec::new(),
+        let leases = match claim {
+            Some(_) => Self::leases(answer.extra(1)?)?,
+            None => Vec::new(),
         };
         Ok((
             Enqueued {
