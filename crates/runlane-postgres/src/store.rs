@@ -472,17 +472,25 @@ impl PostgresStore {
         if runs.is_empty() {
             return Ok(0);
         }
-        let ids: Vec<Vec<u8>> = runs.iter().map(|r| id_to_sql(*r)).collect();
-        sqlx::query(&format!(
-            "UPDATE runs SET dispatch_state = 'in_queue' \
-             WHERE id = ANY($1) AND dispatch_state = 'pending_enqueue' AND {UNFINISHED}"
-        ))
-        .persistent(false)
-        .bind(ids)
-        .execute(&self.pool)
-        .await
-        .map(|r| r.rows_affected())
-        .map_err(|e| unavailable("write", &e))
+        let set = "UPDATE runs SET dispatch_state = 'in_queue'";
+        let rest = format!("dispatch_state = 'pending_enqueue' AND {UNFINISHED}");
+        let (one, many) = (
+            format!("{set} WHERE id = $1 AND {rest}"),
+            format!("{set} WHERE id = ANY($1) AND {rest}"),
+        );
+        let query = match runs {
+            // One run (a lone trigger): a prepared statement, its plan a primary-key lookup.
+            [run] => sqlx::query(&one).bind(id_to_sql(*run)),
+            _ => {
+                let ids: Vec<Vec<u8>> = runs.iter().map(|r| id_to_sql(*r)).collect();
+                sqlx::query(&many).persistent(false).bind(ids)
+            }
+        };
+        query
+            .execute(&self.pool)
+            .await
+            .map(|r| r.rows_affected())
+            .map_err(|e| unavailable("write", &e))
     }
 
     /// The stored status of each known run among `runs`, in one query: lease recovery and
@@ -756,6 +764,10 @@ impl RunStore for PostgresStore {
     async fn get_many(&self, runs: &[RunId]) -> Result<Vec<Option<RunRecord>>, StoreError> {
         if runs.is_empty() {
             return Ok(Vec::new());
+        }
+        if let [run] = runs {
+            // One run (a claim of one): the prepared primary-key lookup of `get`.
+            return Ok(vec![self.get(*run).await?]);
         }
         let ids: Vec<Vec<u8>> = runs.iter().map(|&r| id_to_sql(r)).collect();
         let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ANY($1)");

@@ -38,5 +38,14 @@ async fn many_runs_are_read_in_the_order_asked() {
         "a kept start is overlaid"
     );
     assert!(store.get_many(&[]).await.expect("empty").is_empty());
+    // One run asked (the single-run statement): the same answers.
+    assert_eq!(
+        store.get_many(&[runs[0].id]).await.expect("one"),
+        vec![one_by_one[2].clone()]
+    );
+    assert_eq!(
+        store.get_many(&[unknown]).await.expect("one unknown"),
+        vec![None]
+    );
     common::finish(store).await;
 }

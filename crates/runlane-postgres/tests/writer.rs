@@ -338,6 +338,23 @@ async fn runs_are_pending_enqueue_until_marked_in_queue() {
         .await
         .expect("finish");
     assert_eq!(store.oldest_pending_at().await.expect("oldest"), None);
+    // Many runs at once (one statement): only the unfinished pending one changes.
+    let r3 = common::record(3);
+    store
+        .insert(vec![(r3.clone(), None)], Timestamp(400))
+        .await
+        .expect("insert");
+    assert_eq!(
+        store
+            .mark_in_queue(&[r1.id, r2.id, r3.id])
+            .await
+            .expect("mark many"),
+        1
+    );
+    assert_eq!(
+        store.dispatch_state(r3.id).await.expect("state"),
+        Some(DispatchState::InQueue)
+    );
     assert!(store.pending_enqueue(10).await.expect("pending").is_empty());
     assert_eq!(
         store
