@@ -82,6 +82,30 @@ fn config(redis_url: &str, prefix: &str, schema: &str) -> DistributedConfig {
 
 // ---- the child process ----------------------------------------------------------------
 
+/// A thread that reports on stderr each time the child's runtime took over half a second to
+/// run a task it was handed (heartbeats run on that runtime: a stall that long lets a 2 s
+/// lease lapse in a CI run; the child's stderr is the test's, shown when it fails).
+fn watch_runtime(handle: tokio::runtime::Handle) {
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let asked = std::time::Instant::now();
+        let (tx, rx) = std::sync::mpsc::channel();
+        handle.spawn(async move {
+            let _ = tx.send(());
+        });
+        if rx.recv().is_err() {
+            return;
+        }
+        let waited = asked.elapsed();
+        if waited > Duration::from_millis(500) {
+            eprintln!(
+                "child {}: its runtime ran a task {waited:?} after it was spawned",
+                std::process::id()
+            );
+        }
+    });
+}
+
 /// Counts, in Redis, the runs executing at once per env, queue and key (KEYS[1..3]) and
 /// records each count above its limit (ARGV[1..3], 0 = none) in KEYS[4] and each maximum in
 /// the hash KEYS[5].
@@ -164,9 +188,15 @@ async fn child_process() {
         .await
         .expect("redis connection");
     let enter = redis::Script::new(ENTER);
+    watch_runtime(tokio::runtime::Handle::current());
+    // The line is written before the handler goes on (a SIGKILL right after still leaves it
+    // in the file), off the runtime's worker threads: a write held up by a busy disk must not
+    // hold up this process's heartbeats.
     let line = |file: &std::sync::Mutex<std::fs::File>, what: &str, run: RunId| {
-        let mut f = file.lock().map_err(|_| HandlerError::new("poisoned"))?;
-        writeln!(f, "{what} {run} {}", wall_ms()).map_err(|e| HandlerError::new(e.to_string()))
+        tokio::task::block_in_place(|| {
+            let mut f = file.lock().map_err(|_| HandlerError::new("poisoned"))?;
+            writeln!(f, "{what} {run} {}", wall_ms()).map_err(|e| HandlerError::new(e.to_string()))
+        })
     };
     let _worker = engine
         .worker()
