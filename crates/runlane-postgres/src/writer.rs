@@ -704,6 +704,29 @@ async fn update_ends(
     } else {
         "r.id"
     };
+    const TYPES: [&str; 10] = [
+        "bytea", "text", "text", "bool", "int8", "text", "text", "int8", "int8", "int8",
+    ];
+    const NAMES: &str = "id, status, output, has_attempt, attempt_no, error, attempt_json, at, \
+        start_attempt, start_at";
+    let single = n == 1;
+    let from = if single {
+        // One run (a lone completion): the first element of each array, so that the generic
+        // plan of this prepared statement is a primary-key lookup whatever the table's size.
+        let cols: Vec<String> = TYPES
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("(${}::{t}[])[1]", i + 1))
+            .collect();
+        format!("(SELECT {}) AS u({NAMES})", cols.join(", "))
+    } else {
+        let cols: Vec<String> = TYPES
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("${}::{t}[]", i + 1))
+            .collect();
+        format!("UNNEST({}) AS u({NAMES})", cols.join(", "))
+    };
     let returned = sqlx::query(&format!(
         "UPDATE runs r SET status = u.status, output = u.output, finished_at = u.at, \
          error = CASE WHEN u.has_attempt THEN u.error ELSE r.error END, \
@@ -712,18 +735,16 @@ async fn update_ends(
             THEN r.attempts || jsonb_build_array(u.attempt_json::jsonb) ELSE r.attempts END, \
          started_at = CASE WHEN u.start_attempt = r.attempt THEN u.start_at ELSE r.started_at END, \
          dispatch_state = 'in_queue' \
-         FROM UNNEST($1::bytea[], $2::text[], $3::text[], $4::bool[], $5::int8[], $6::text[], \
-            $7::text[], $8::int8[], $9::int8[], $10::int8[]) \
-         AS u(id, status, output, has_attempt, attempt_no, error, attempt_json, at, \
-            start_attempt, start_at) \
+         FROM {from} \
          WHERE r.id = u.id AND r.{UNFINISHED} \
             AND (NOT u.has_attempt OR r.attempt = u.attempt_no) \
          RETURNING {returning}"
     ))
-    // Planned for its arguments each time (an unnamed statement): a generic plan cached while
-    // `runs` was small joined the batch by a sequential scan of the whole table, and kept doing
-    // so as it grew (tests/plans.rs). The same for every multi-row `UNNEST`/`ANY` statement.
-    .persistent(false)
+    // Many runs: planned for their arguments each time (an unnamed statement): a generic plan
+    // cached while `runs` was small joined the batch by a sequential scan of the whole table,
+    // and kept doing so as it grew (tests/plans.rs). The same for every multi-row
+    // `UNNEST`/`ANY` statement. One run: prepared once per connection (see above).
+    .persistent(single)
     .bind(id)
     .bind(status)
     .bind(output)
