@@ -468,6 +468,13 @@ impl PostgresStore {
     /// Marks runs the queue now holds; returns how many rows changed. Only unfinished
     /// `pending_enqueue` rows are written: a run that finished first (its terminal write sets
     /// `in_queue` itself) costs no third row write.
+    ///
+    /// Several runs are marked without waiting for any row lock: a row another transaction
+    /// holds (in practice a terminal write, which sets `in_queue` itself) is skipped and stays
+    /// as it is (`pending_enqueue` if that transaction does not commit, for the reconciler, as
+    /// after a crash before the mark). Waiting instead deadlocked with terminal writes locking
+    /// the same rows in another order (PostgreSQL breaks a deadlock after `deadlock_timeout`,
+    /// 1 s: `concurrent` stalled in bursts). One run holds no other lock while it waits.
     pub async fn mark_in_queue(&self, runs: &[RunId]) -> Result<u64, StoreError> {
         if runs.is_empty() {
             return Ok(0);
@@ -476,7 +483,10 @@ impl PostgresStore {
         let rest = format!("dispatch_state = 'pending_enqueue' AND {UNFINISHED}");
         let (one, many) = (
             format!("{set} WHERE id = $1 AND {rest}"),
-            format!("{set} WHERE id = ANY($1) AND {rest}"),
+            format!(
+                "{set} WHERE id IN \
+                 (SELECT id FROM runs WHERE id = ANY($1) AND {rest} FOR UPDATE SKIP LOCKED)"
+            ),
         );
         let query = match runs {
             // One run (a lone trigger): a prepared statement, its plan a primary-key lookup.
