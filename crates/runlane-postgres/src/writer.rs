@@ -710,22 +710,18 @@ async fn update_ends(
     const NAMES: &str = "id, status, output, has_attempt, attempt_no, error, attempt_json, at, \
         start_attempt, start_at";
     let single = n == 1;
+    let arrays: Vec<String> = TYPES
+        .iter()
+        .enumerate()
+        .map(|(i, t)| format!("${}::{t}[]", i + 1))
+        .collect();
     let from = if single {
         // One run (a lone completion): the first element of each array, so that the generic
         // plan of this prepared statement is a primary-key lookup whatever the table's size.
-        let cols: Vec<String> = TYPES
-            .iter()
-            .enumerate()
-            .map(|(i, t)| format!("(${}::{t}[])[1]", i + 1))
-            .collect();
-        format!("(SELECT {}) AS u({NAMES})", cols.join(", "))
+        let firsts: Vec<String> = arrays.iter().map(|a| format!("({a})[1]")).collect();
+        format!("(SELECT {}) AS u({NAMES})", firsts.join(", "))
     } else {
-        let cols: Vec<String> = TYPES
-            .iter()
-            .enumerate()
-            .map(|(i, t)| format!("${}::{t}[]", i + 1))
-            .collect();
-        format!("UNNEST({}) AS u({NAMES})", cols.join(", "))
+        format!("UNNEST({}) AS u({NAMES})", arrays.join(", "))
     };
     let returned = sqlx::query(&format!(
         "UPDATE runs r SET status = u.status, output = u.output, finished_at = u.at, \

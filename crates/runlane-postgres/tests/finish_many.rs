@@ -156,14 +156,7 @@ async fn batched_ends_cost_one_update_per_run() {
     let store = common::open(config.clone()).await;
     let s = &config.schema;
     let mut conn = common::count_row_writes(s).await;
-    let runs: Vec<_> = (0..40u128).map(common::record).collect();
-    store
-        .insert(
-            runs.iter().map(|r| (r.clone(), None)).collect(),
-            Timestamp(1),
-        )
-        .await
-        .expect("insert");
+    let runs = common::insert_records(&store, 40).await;
     for r in &runs {
         store.note_start(r.id, 1, Timestamp(2));
     }

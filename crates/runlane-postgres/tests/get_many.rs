@@ -9,14 +9,7 @@ use runlane_core::{RunId, Timestamp};
 #[tokio::test]
 async fn many_runs_are_read_in_the_order_asked() {
     let store = common::open(common::config()).await;
-    let runs: Vec<_> = (0..3u128).map(common::record).collect();
-    store
-        .insert(
-            runs.iter().map(|r| (r.clone(), None)).collect(),
-            Timestamp(1),
-        )
-        .await
-        .expect("insert");
+    let runs = common::insert_records(&store, 3).await;
     store.note_start(runs[0].id, 1, Timestamp(5));
     let unknown = RunId(9 << 100);
     let asked = [runs[2].id, unknown, runs[0].id, runs[1].id];

@@ -6,8 +6,6 @@ mod common;
 
 use std::time::Duration;
 
-use runlane_core::backend::RunStore;
-use runlane_core::Timestamp;
 use runlane_postgres::DispatchState;
 use sqlx::Connection;
 
@@ -18,14 +16,7 @@ const HANG: Duration = Duration::from_secs(30);
 async fn a_mark_skips_a_row_another_transaction_holds() {
     let store = common::open(common::config()).await;
     let schema = store.schema().to_string();
-    let runs: Vec<_> = (0..3u128).map(common::record).collect();
-    store
-        .insert(
-            runs.iter().map(|r| (r.clone(), None)).collect(),
-            Timestamp(1),
-        )
-        .await
-        .expect("insert");
+    let runs = common::insert_records(&store, 3).await;
 
     // Another transaction holds run 1's row, as a terminal write waiting for its commit does.
     let mut holder = sqlx::PgConnection::connect(&common::url())

@@ -81,6 +81,20 @@ pub fn record(n: u128) -> RunRecord {
     )
 }
 
+/// Inserts runs `0..n` (see [`record`]) in one call at instant 1 and returns them.
+pub async fn insert_records(store: &PostgresStore, n: u128) -> Vec<RunRecord> {
+    use runlane_core::backend::RunStore;
+    let runs: Vec<_> = (0..n).map(record).collect();
+    store
+        .insert(
+            runs.iter().map(|r| (r.clone(), None)).collect(),
+            Timestamp(1),
+        )
+        .await
+        .expect("insert");
+    runs
+}
+
 /// Installs a row trigger (test only) on the schema's `runs` table that records every insert
 /// and update in `row_writes (op, id)`, and returns a connection to read it with.
 pub async fn count_row_writes(schema: &str) -> sqlx::PgConnection {
