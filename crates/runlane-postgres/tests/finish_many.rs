@@ -33,16 +33,9 @@ async fn a_batch_of_ends_commits_together_and_is_answered_per_run() {
         .insert("fast".into(), Durability::Relaxed);
     let store = common::open(config).await;
     assert!(store.group_commits());
-    let runs: Vec<_> = (0..8u128).map(common::record).collect();
+    let runs = common::insert_records(&store, 8).await;
     let mut relaxed = common::record(100);
     relaxed.env = EnvName::new("fast").expect("env");
-    store
-        .insert(
-            runs.iter().map(|r| (r.clone(), None)).collect(),
-            Timestamp(1),
-        )
-        .await
-        .expect("insert");
     store
         .insert(vec![(relaxed.clone(), None)], Timestamp(1))
         .await
