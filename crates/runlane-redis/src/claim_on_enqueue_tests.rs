@@ -24,6 +24,11 @@ fn request(chain: &str, max: u32) -> ClaimRequest {
     support::claim_of(chain, max, &["a", "b"])
 }
 
+/// Run `n` of env `name`, key `k`, due just before [`NOW`].
+fn ready(n: u128, name: &str) -> Dispatch {
+    support::dispatch(n, &env(name), "k", NOW - 1, None)
+}
+
 fn leased(leases: Vec<Leased>) -> Vec<(RunId, FencingToken)> {
     leases
         .into_iter()
@@ -92,7 +97,7 @@ async fn a_run_outside_the_claims_lanes_is_placed_and_left_for_a_claim_that_cove
     };
     set_up(&queue).await;
     let now = Timestamp(NOW);
-    let d = support::dispatch(1, &env("a"), "k", NOW - 1, None);
+    let d = ready(1, "a");
     let (enqueued, leases) = queue
         .enqueue_claiming(d.clone(), false, now, &request("cron", 4))
         .await
@@ -105,7 +110,7 @@ async fn a_run_outside_the_claims_lanes_is_placed_and_left_for_a_claim_that_cove
         "the run waits: its lane rings"
     );
     // Nor does a claim for no slots, or one for an env the run is not in.
-    let d2 = support::dispatch(2, &env("a"), "k", NOW - 1, None);
+    let d2 = ready(2, "a");
     let (_, leases) = queue
         .enqueue_claiming(d2, false, now, &request("*", 0))
         .await
@@ -113,7 +118,7 @@ async fn a_run_outside_the_claims_lanes_is_placed_and_left_for_a_claim_that_cove
     assert!(leases.is_empty());
     let mut other_env = request("*", 4);
     other_env.envs.retain(|s| s.env == env("b"));
-    let d3 = support::dispatch(3, &env("a"), "k", NOW - 1, None);
+    let d3 = ready(3, "a");
     let (_, leases) = queue
         .enqueue_claiming(d3, false, now, &other_env)
         .await
@@ -138,20 +143,11 @@ async fn a_refused_enqueue_claims_nothing() {
     let now = Timestamp(NOW);
     // A ready run of `a` a claim would take, then an enqueue into the unknown env `c`.
     queue
-        .enqueue(
-            support::dispatch(1, &env("a"), "k", NOW - 1, None),
-            false,
-            now,
-        )
+        .enqueue(ready(1, "a"), false, now)
         .await
         .expect("enqueue");
     let refused = queue
-        .enqueue_claiming(
-            support::dispatch(2, &env("c"), "k", NOW - 1, None),
-            false,
-            now,
-            &request("*", 4),
-        )
+        .enqueue_claiming(ready(2, "c"), false, now, &request("*", 4))
         .await;
     assert_eq!(refused.err(), Some(QueueError::unknown_env(&env("c"))));
     let claimed = queue.claim(&request("*", 4), now).await.expect("claim");
@@ -178,7 +174,7 @@ async fn a_lane_the_carried_claim_emptied_rings_no_doorbell() {
         }
     };
     // The claim takes the run it carries: no ready run is left, nothing rings.
-    let d1 = support::dispatch(1, &env("a"), "k", NOW - 1, None);
+    let d1 = ready(1, "a");
     let (enqueued, leases) = queue
         .enqueue_claiming(d1.clone(), false, now, &request("*", 1))
         .await
@@ -192,20 +188,11 @@ async fn a_lane_the_carried_claim_emptied_rings_no_doorbell() {
     assert_eq!(len(&mut conn, bell(&queue)).await, 0, "no bell entry");
     // Two ready runs, a claim of one: the lane still holds a ready run and rings.
     queue
-        .enqueue(
-            support::dispatch(2, &env("a"), "k", NOW - 1, None),
-            false,
-            now,
-        )
+        .enqueue(ready(2, "a"), false, now)
         .await
         .expect("enqueue");
     let (enqueued, leases) = queue
-        .enqueue_claiming(
-            support::dispatch(3, &env("a"), "k", NOW - 1, None),
-            false,
-            now,
-            &request("*", 1),
-        )
+        .enqueue_claiming(ready(3, "a"), false, now, &request("*", 1))
         .await
         .expect("enqueue");
     assert_eq!(leases.len(), 1);

@@ -11,22 +11,13 @@ use std::future::Future;
 use std::time::Duration;
 
 use reporting::{assert_completed, reporting_worker, trigger};
-use runlane::{Distributed, DistributedConfig, EngineBuilder};
+use runlane::Distributed;
 
 const BOUND: Duration = Duration::from_secs(10);
 
 async fn open(tag: &str) -> Distributed {
-    let url = std::env::var("RUNLANE_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let mut config = DistributedConfig::new(redis_support::url(), url);
-    config.redis.prefix = redis_support::fresh_prefix(tag);
-    config.postgres.schema = format!("rlt_{tag}_{}", std::process::id());
-    config.postgres.pool_size = 4;
-    config.throwaway = true;
-    let engine = match runlane::distributed_with(EngineBuilder::new(), config).await {
-        Ok(engine) => engine,
-        Err(e) => panic!("redis and postgresql are required: {e}"),
-    };
+    let config = redis_support::distributed_config(redis_support::url(), tag);
+    let engine = redis_support::open_distributed(config).await;
     engine.add_lane("reports").await.expect("lane");
     engine
 }

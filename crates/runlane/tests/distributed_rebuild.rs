@@ -6,7 +6,7 @@
 mod redis_support;
 mod run_counter;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,14 +14,7 @@ use redis_support::PrivateRedis;
 use run_counter::{counting_worker, Executions};
 use runlane::core::backend::QueueBackend;
 use runlane::core::{EnvName, QueueName, QueueSettings, RunId, RunStatus};
-use runlane::{DistributedConfig, EngineBuilder, WaitOutcome};
-
-static NEXT: AtomicU64 = AtomicU64::new(0);
-
-fn database_url() -> String {
-    std::env::var("RUNLANE_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
+use runlane::WaitOutcome;
 
 async fn assert_completed(engine: &runlane::Engine, run: RunId) {
     match engine
@@ -39,16 +32,8 @@ async fn assert_completed(engine: &runlane::Engine, run: RunId) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_redis_is_rebuilt_from_postgres_terminal_runs_never_return() {
     let server = PrivateRedis::start("dist-rebuild");
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let mut config = DistributedConfig::new(server.url(), database_url());
-    config.redis.prefix = redis_support::fresh_prefix("rebuild");
-    config.postgres.schema = format!("rlt_rebuild_{}_{n}", std::process::id());
-    config.postgres.pool_size = 4;
-    config.throwaway = true;
-    let engine = match runlane::distributed_with(EngineBuilder::new(), config).await {
-        Ok(engine) => engine,
-        Err(e) => panic!("postgresql is required: {e}"),
-    };
+    let config = redis_support::distributed_config(server.url(), "rebuild");
+    let engine = redis_support::open_distributed(config).await;
     let runs: Executions = Arc::default();
 
     // Twenty runs complete.
@@ -173,21 +158,11 @@ async fn a_rebuild_in_one_process_wakes_idle_workers_of_another() {
 /// Two processes of one deployment on the shared Redis under a fresh prefix and schema; the
 /// first cleans up.
 async fn two_processes(tag: &str) -> (runlane::Distributed, runlane::Distributed) {
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let prefix = redis_support::fresh_prefix(tag);
-    let schema = format!("rlt_{tag}_{}_{n}", std::process::id());
+    let shared = redis_support::distributed_config(redis_support::url(), tag);
     let open = |throwaway: bool| {
-        let mut config = DistributedConfig::new(redis_support::url(), database_url());
-        config.redis.prefix = prefix.clone();
-        config.postgres.schema = schema.clone();
-        config.postgres.pool_size = 4;
+        let mut config = shared.clone();
         config.throwaway = throwaway;
-        async move {
-            match runlane::distributed_with(EngineBuilder::new(), config).await {
-                Ok(engine) => engine,
-                Err(e) => panic!("redis and postgresql are required: {e}"),
-            }
-        }
+        redis_support::open_distributed(config)
     };
     (open(true).await, open(false).await)
 }

@@ -21,6 +21,32 @@ pub fn fresh_prefix(tag: &str) -> String {
     format!("rl:test:{tag}:{}:{n}", std::process::id())
 }
 
+/// `RUNLANE_DATABASE_URL`, default the local trust-auth server's `test` database.
+pub fn database_url() -> String {
+    std::env::var("RUNLANE_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A distributed deployment for one test on `redis_url`: a fresh key prefix and schema
+/// (`rlt_<tag>_<pid>_<n>`), 4 PostgreSQL connections, both dropped at shutdown (`throwaway`).
+pub fn distributed_config(redis_url: String, tag: &str) -> runlane::DistributedConfig {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut config = runlane::DistributedConfig::new(redis_url, database_url());
+    config.redis.prefix = fresh_prefix(tag);
+    config.postgres.schema = format!("rlt_{tag}_{}_{n}", std::process::id());
+    config.postgres.pool_size = 4;
+    config.throwaway = true;
+    config
+}
+
+/// Opens `config`'s deployment; the servers must be there (these tests never skip).
+pub async fn open_distributed(config: runlane::DistributedConfig) -> runlane::Distributed {
+    match runlane::distributed_with(runlane::EngineBuilder::new(), config).await {
+        Ok(engine) => engine,
+        Err(e) => panic!("redis and postgresql are required: {e}"),
+    }
+}
+
 /// A config on the shared server under a fresh prefix.
 pub fn fresh_config(tag: &str) -> RedisConfig {
     let mut config = RedisConfig::new(url()).with_prefix(fresh_prefix(tag));
