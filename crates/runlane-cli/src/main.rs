@@ -10,6 +10,7 @@ mod client;
 mod command;
 mod duration;
 mod footprint;
+mod fsync;
 mod httpbench;
 mod progress;
 mod quickstart;
@@ -200,6 +201,19 @@ enum BenchScenario {
         #[arg(long, default_value_t = 100_000)]
         runs: u64,
     },
+    /// What one durable commit costs the disk under `--dir`: 8 KiB rewritten in place and
+    /// `fdatasync`, back to back and after each pause of `--gaps-us` (one line per gap).
+    Fsync {
+        /// A directory on the disk to probe (e.g. PostgreSQL's or the SQLite file's).
+        #[arg(long, default_value = ".")]
+        dir: std::path::PathBuf,
+        /// Measured flushes per gap.
+        #[arg(long, default_value_t = 300)]
+        writes: u32,
+        /// Pauses before each flush, in microseconds, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "0,200,1000,5000")]
+        gaps_us: Vec<u64>,
+    },
     /// Task metadata resolution: warm cache vs the store lookup (SPEC §4).
     Resolve {
         #[command(flatten)]
@@ -361,6 +375,16 @@ fn run() -> anyhow::Result<()> {
                     }
                     BenchScenario::Resolve { common: c, tasks } => {
                         for line in bench::resolve(&common(&c, 10_000), tasks).await? {
+                            println!("{line}");
+                        }
+                        return Ok(());
+                    }
+                    BenchScenario::Fsync {
+                        dir,
+                        writes,
+                        gaps_us,
+                    } => {
+                        for line in fsync::fsync(dir, writes, gaps_us).await? {
                             println!("{line}");
                         }
                         return Ok(());

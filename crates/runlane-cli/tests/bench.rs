@@ -206,3 +206,55 @@ fn resolve_prints_a_line_per_cache_level() {
     assert_resolve(&distributed[0], "distributed", "in_process");
     assert_resolve(&distributed[1], "distributed", "shared");
 }
+
+#[test]
+fn fsync_prints_a_line_per_gap_and_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().to_str().expect("a UTF-8 path");
+    let lines = lines(&runlane(&[
+        "bench",
+        "fsync",
+        "--dir",
+        path,
+        "--writes",
+        "20",
+        "--gaps-us",
+        "0,500",
+    ]));
+    assert_eq!(lines.len(), 2, "one line per gap: {lines:?}");
+    for (line, gap) in lines.iter().zip([0, 500]) {
+        assert_eq!(line["scenario"], "fsync");
+        assert_eq!(line["gap_us"], gap);
+        assert_eq!(line["writes"], 20);
+        assert_eq!(line["write_bytes"], 8192);
+        let p50 = line["p50_us"].as_u64().expect("p50_us");
+        let p99 = line["p99_us"].as_u64().expect("p99_us");
+        assert!(p50 <= p99, "percentiles out of order: {line}");
+        assert_eq!(line["git_revision"].as_str().map(str::len), Some(7));
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("read the directory")
+        .collect();
+    assert!(left.is_empty(), "the probe file was left behind: {left:?}");
+}
+
+#[test]
+fn fsync_refuses_a_missing_directory_and_bad_gaps_naming_the_option() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let missing = dir.path().join("absent");
+    let missing = missing.to_str().expect("a UTF-8 path");
+    for (args, named) in [
+        (
+            vec!["bench", "fsync", "--dir", missing, "--writes", "5"],
+            "--dir",
+        ),
+        (vec!["bench", "fsync", "--gaps-us", "1,x"], "--gaps-us"),
+        (vec!["bench", "fsync", "--writes", "0"], "--writes"),
+    ] {
+        let output = runlane(&args);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(named), "{args:?}: {stderr}");
+    }
+    assert!(!dir.path().join("absent").exists(), "nothing was created");
+}

@@ -1,0 +1,128 @@
+//! `runlane bench fsync`: what one durable commit costs the disk under a directory, written the
+//! way a write-ahead log is (8 KiB rewritten in place in a preallocated file, then
+//! `fdatasync`), back to back and after each pause of `--gaps-us`.
+//!
+//! A strict-durability trigger waits for one such flush. On some machines (virtual disks whose
+//! host side sleeps when idle) a flush after even a fraction of a millisecond of idleness costs
+//! ten or twenty times a flush right after another: this probe measures that beside the engine's
+//! latency lines, so a strict figure can be read against what the disk allows.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::{json, Value};
+
+use crate::bench::{git_revision, percentile};
+use crate::progress::Progress;
+
+/// One write: a WAL page.
+const WRITE_BYTES: usize = 8192;
+/// Pages the writes cycle through (preallocated and flushed before measuring, so a flush
+/// carries data only, as a recycled WAL segment's does).
+const PAGES: u64 = 64;
+
+/// The probe file, removed however the probe ends.
+struct ProbeFile {
+    path: PathBuf,
+    file: File,
+}
+
+impl ProbeFile {
+    fn create(dir: &Path) -> anyhow::Result<ProbeFile> {
+        let path = dir.join(format!("runlane-fsync-probe-{}.tmp", std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .with_context(|| format!("--dir {}: cannot create a probe file", dir.display()))?;
+        let probe = ProbeFile { path, file };
+        let page = [0u8; WRITE_BYTES];
+        for i in 0..PAGES {
+            probe.file.write_all_at(&page, i * WRITE_BYTES as u64)?;
+        }
+        probe.file.sync_all()?;
+        Ok(probe)
+    }
+
+    /// Rewrites page `i` and waits until it is on the disk: the time that took.
+    fn flush(&self, i: u64, page: &[u8]) -> std::io::Result<Duration> {
+        let started = Instant::now();
+        self.file
+            .write_all_at(page, (i % PAGES) * WRITE_BYTES as u64)?;
+        self.file.sync_data()?;
+        Ok(started.elapsed())
+    }
+}
+
+impl Drop for ProbeFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Runs `writes` measured flushes (after a tenth as many unmeasured ones) for each gap, on a
+/// blocking thread: one JSON line per gap.
+pub async fn fsync(dir: PathBuf, writes: u32, gaps_us: Vec<u64>) -> anyhow::Result<Vec<Value>> {
+    if writes == 0 {
+        anyhow::bail!("--writes must be at least 1");
+    }
+    if gaps_us.is_empty() {
+        anyhow::bail!("--gaps-us needs at least one gap");
+    }
+    let warmup = (writes / 10).max(1);
+    let progress = Progress::start("fsync", u64::from(writes + warmup) * gaps_us.len() as u64);
+    let (lines, progress) = tokio::task::spawn_blocking(move || {
+        let lines = probe(&dir, writes, warmup, &gaps_us, &progress);
+        (lines, progress)
+    })
+    .await
+    .context("the fsync probe thread")?;
+    progress.finish().await;
+    lines
+}
+
+fn probe(
+    dir: &Path,
+    writes: u32,
+    warmup: u32,
+    gaps_us: &[u64],
+    progress: &Progress,
+) -> anyhow::Result<Vec<Value>> {
+    let file = ProbeFile::create(dir)?;
+    let mut page = [0u8; WRITE_BYTES];
+    let mut n = 0u64;
+    let mut lines = Vec::with_capacity(gaps_us.len());
+    for &gap in gaps_us {
+        let mut samples = Vec::with_capacity(writes as usize);
+        for i in 0..(writes + warmup) {
+            if gap > 0 {
+                std::thread::sleep(Duration::from_micros(gap));
+            }
+            n += 1;
+            page[..8].copy_from_slice(&n.to_le_bytes());
+            let took = file
+                .flush(n, &page)
+                .with_context(|| format!("--dir {}: write and fdatasync", dir.display()))?;
+            progress.inc(1);
+            if i >= warmup {
+                samples.push(u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
+            }
+        }
+        samples.sort_unstable();
+        lines.push(json!({
+            "scenario": "fsync",
+            "gap_us": gap,
+            "write_bytes": WRITE_BYTES,
+            "writes": writes,
+            "p50_us": percentile(&samples, 0.50),
+            "p95_us": percentile(&samples, 0.95),
+            "p99_us": percentile(&samples, 0.99),
+            "git_revision": git_revision(),
+        }));
+    }
+    Ok(lines)
+}
