@@ -834,6 +834,12 @@ async fn apply_starts(
 
 /// Sets `started_at` of the runs whose current attempt is the noted one and that are still
 /// unfinished (a run that moved on keeps its row as it is); returns how many rows changed.
+///
+/// Never waits for a row lock: a row another transaction holds is skipped. The holder is a
+/// write that moves the run on (its terminal write carries the start along; a retry or cancel
+/// supersedes it), and a start is advisory anyway (`start.rs`). Waiting instead let a batch of
+/// starts and a batch of terminal writes lock the same rows in other orders: a deadlock, which
+/// PostgreSQL breaks only after `deadlock_timeout` (1 s), stalling the writers meanwhile.
 pub(crate) async fn write_starts(
     conn: &mut PgConnection,
     id: Vec<Vec<u8>>,
@@ -843,7 +849,8 @@ pub(crate) async fn write_starts(
     Ok(sqlx::query(&format!(
         "UPDATE runs r SET started_at = u.at \
          FROM UNNEST($1::bytea[], $2::int8[], $3::int8[]) AS u(id, attempt, at) \
-         WHERE r.id = u.id AND r.attempt = u.attempt AND r.{UNFINISHED}"
+         WHERE r.id = u.id AND r.attempt = u.attempt AND r.{UNFINISHED} AND r.id IN \
+         (SELECT id FROM runs WHERE id = ANY($1) AND {UNFINISHED} FOR UPDATE SKIP LOCKED)"
     ))
     .persistent(false)
     .bind(id)

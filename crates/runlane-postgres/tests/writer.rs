@@ -39,23 +39,6 @@ impl TableLock {
     }
 }
 
-/// Waits (bounded) until `cond` holds on the store's stats.
-async fn until(
-    store: &PostgresStore,
-    what: &str,
-    cond: impl Fn(&runlane_postgres::PostgresStats) -> bool,
-) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !cond(&store.stats()) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}: {:?}",
-            store.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
 #[tokio::test]
 async fn calls_queued_during_a_commit_share_one_transaction() {
     let mut config = common::config();
@@ -72,9 +55,9 @@ async fn calls_queued_during_a_commit_share_one_transaction() {
     };
     // The writer takes call 0 and blocks on the lock; the other 49 wait in the queue.
     let mut tasks = vec![spawn(0)];
-    until(&store, "call 0 in the writer", |s| s.batches_taken == 1).await;
+    common::until(&store, "call 0 in the writer", |s| s.batches_taken == 1).await;
     tasks.extend((1..50).map(spawn));
-    until(&store, "49 queued calls", |s| s.queued == 49).await;
+    common::until(&store, "49 queued calls", |s| s.queued == 49).await;
     let queued = store.stats().queued;
     lock.release().await;
     for t in tasks {
@@ -115,9 +98,9 @@ async fn a_full_queue_refuses_with_unavailable_and_the_accepted_calls_commit() {
     };
     // Call 0 is taken by the writer (and blocks on the lock), call 1 fills the queue.
     spawn(0);
-    until(&store, "call 0 in the writer", |s| s.batches_taken == 1).await;
+    common::until(&store, "call 0 in the writer", |s| s.batches_taken == 1).await;
     spawn(1);
-    until(&store, "call 1 queued", |s| s.queued == 1).await;
+    common::until(&store, "call 1 queued", |s| s.queued == 1).await;
     // The other eight are refused at once, while the lock still blocks every commit.
     for n in 2..10 {
         spawn(n);
@@ -189,7 +172,7 @@ async fn a_short_run_costs_two_row_writes_and_a_long_one_gets_its_start_written(
         store.get(long.id).await.expect("get").map(|r| r.started_at),
         Some(Some(Timestamp(7)))
     );
-    until(&store, "the long run's start flushed", |s| {
+    common::until(&store, "the long run's start flushed", |s| {
         s.starts_flushed == 1
     })
     .await;
@@ -521,13 +504,13 @@ async fn a_call_the_server_refuses_fails_alone_and_its_batch_commits() {
         tokio::spawn(async move { store.insert(vec![(r, None)], Timestamp(1)).await })
     };
     let first = spawn(common::record(0));
-    until(&store, "call 0 in the writer", |s| s.batches_taken == 1).await;
+    common::until(&store, "call 0 in the writer", |s| s.batches_taken == 1).await;
     // PostgreSQL text cannot hold a NUL character: this call's rows are refused by the server.
     let mut bad = common::record(2);
     bad.payload = Arc::from("\"a\u{0}b\"");
     let good = spawn(common::record(1));
     let bad = spawn(bad);
-    until(&store, "two queued calls", |s| s.queued == 2).await;
+    common::until(&store, "two queued calls", |s| s.queued == 2).await;
     lock.release().await;
     assert_eq!(first.await.expect("task"), Ok(vec![Inserted::New]));
     assert_eq!(good.await.expect("task"), Ok(vec![Inserted::New]));

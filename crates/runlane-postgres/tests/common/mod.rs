@@ -113,3 +113,20 @@ pub async fn count_row_writes(schema: &str) -> sqlx::PgConnection {
         .expect("install the counting trigger");
     conn
 }
+
+/// Waits (bounded, 10 s) until `cond` holds on the store's stats.
+pub async fn until(
+    store: &PostgresStore,
+    what: &str,
+    cond: impl Fn(&runlane_postgres::PostgresStats) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !cond(&store.stats()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {:?}",
+            store.stats()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+}
