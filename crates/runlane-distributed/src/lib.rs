@@ -28,5 +28,5 @@ pub use bells::BellReader;
 pub use queue::{
     DistributedQueue, AFTER_COMMIT_BEFORE_ENQUEUE, AFTER_TERMINAL_WRITE_BEFORE_ACK, FAILPOINT_VAR,
 };
-pub use shape::{open, Distributed, DistributedConfig, DistributedError, Health};
+pub use shape::{open, Distributed, DistributedConfig, DistributedError, Health, MARK_FLUSH_BOUND};
 pub use store::DistributedStore;

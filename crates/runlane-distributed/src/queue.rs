@@ -75,6 +75,8 @@ impl Marks {
 pub struct DistributedQueue {
     redis: Arc<RedisQueue>,
     marks: Arc<Marks>,
+    /// The marker task, taken by [`DistributedQueue::flush_marks`].
+    marker: Mutex<Option<tokio::task::JoinHandle<()>>>,
     wake: Option<Arc<Wake>>,
     bells: Option<Arc<Bells>>,
     /// Read once at construction: `RUNLANE_FAILPOINT`.
@@ -98,13 +100,32 @@ impl DistributedQueue {
     /// be called inside a tokio runtime.
     pub fn new(redis: Arc<RedisQueue>, store: Arc<PostgresStore>, linger: Duration) -> Self {
         let marks = Arc::new(Marks::default());
-        tokio::spawn(marker(marks.clone(), store, linger));
+        let task = tokio::spawn(marker(marks.clone(), store, linger));
         DistributedQueue {
             redis,
             marks,
+            marker: Mutex::new(Some(task)),
             wake: None,
             bells: None,
             failpoint: std::env::var(FAILPOINT_VAR).ok(),
+        }
+    }
+
+    /// Writes the `in_queue` marks still buffered (without waiting out the linger) and ends
+    /// the marker, waiting at most `bound`: a planned stop leaves no accepted run
+    /// `pending_enqueue` for the reconciler. Marks of runs enqueued afterwards are not written
+    /// (the reconciler takes them). Called once the engine no longer enqueues.
+    pub async fn flush_marks(&self, bound: Duration) {
+        self.marks.closed.store(true, Ordering::SeqCst);
+        self.marks.wake.notify_one();
+        let task = self.marker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = task {
+            if tokio::time::timeout(bound, task).await.is_err() {
+                tracing::warn!(
+                    ?bound,
+                    "the in_queue marks were not all written before the stop"
+                );
+            }
         }
     }
 

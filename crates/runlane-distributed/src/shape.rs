@@ -21,6 +21,10 @@ use crate::store::DistributedStore;
 use crate::timer::{spawn_lead, TimerLead};
 use crate::wake::{spawn_publisher, spawn_subscriber, Channels, Wake};
 
+/// How long [`Distributed::shutdown`] waits for the buffered `in_queue` marks to be written
+/// (PostgreSQL unreachable: the reconciler of the next process takes them).
+pub const MARK_FLUSH_BOUND: Duration = Duration::from_secs(5);
+
 /// Settings of the distributed shape.
 #[derive(Clone, Debug)]
 pub struct DistributedConfig {
@@ -182,8 +186,9 @@ impl Distributed {
         self.bells.client_name()
     }
 
-    /// Stops the reconciler, the cross-process tasks and the engine's timer service, and
-    /// gives the timer ownership up so another process takes it at once.
+    /// Stops the reconciler, the cross-process tasks and the engine's timer service, gives
+    /// the timer ownership up so another process takes it at once, and writes the `in_queue`
+    /// marks still buffered (at most [`MARK_FLUSH_BOUND`] with PostgreSQL unreachable).
     pub async fn shutdown(&self) {
         self.stop.notify_one();
         self.subscriber.abort();
@@ -191,6 +196,7 @@ impl Distributed {
         self.lead.release(&self.shared).await;
         self.engine.shutdown().await;
         self.bells.close().await;
+        self.queue.flush_marks(MARK_FLUSH_BOUND).await;
     }
 }
 

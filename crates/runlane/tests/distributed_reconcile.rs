@@ -256,3 +256,40 @@ async fn a_quick_run_costs_one_insert_and_one_update_of_its_row() {
     worker.stop().await;
     engine.shutdown().await;
 }
+
+/// A planned stop writes the buffered `in_queue` marks: nothing it accepted is left
+/// `pending_enqueue` for a later reconciler (the marker lingers 4 s here, far past the stop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_writes_the_buffered_marks() {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut config = DistributedConfig::new(redis_support::url(), database_url());
+    config.redis.prefix = redis_support::fresh_prefix("stopmarks");
+    config.postgres.schema = format!("rlt_stopmarks_{}_{n}", std::process::id());
+    config.postgres.pool_size = 4;
+    config.mark_linger = Duration::from_secs(4);
+    config.reconcile.grace = Duration::from_secs(30);
+    config.throwaway = true;
+    let engine = match runlane::distributed_with(EngineBuilder::new(), config).await {
+        Ok(engine) => engine,
+        Err(e) => panic!("redis and postgresql are required: {e}"),
+    };
+    let mut runs = Vec::new();
+    for _ in 0..5 {
+        runs.push(engine.trigger("job").send().await.expect("trigger").run.id);
+    }
+    for run in &runs {
+        assert_eq!(
+            engine.store().dispatch_state(*run).await.expect("read"),
+            Some(runlane::DispatchState::PendingEnqueue),
+            "the mark is still buffered (no worker, 4 s linger)"
+        );
+    }
+    engine.shutdown().await;
+    for run in &runs {
+        assert_eq!(
+            engine.store().dispatch_state(*run).await.expect("read"),
+            Some(runlane::DispatchState::InQueue),
+            "written by the stop"
+        );
+    }
+}
