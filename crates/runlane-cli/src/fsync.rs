@@ -41,10 +41,10 @@ impl ProbeFile {
             .with_context(|| format!("--dir {}: cannot create a probe file", dir.display()))?;
         let probe = ProbeFile { path, file };
         let page = [0u8; WRITE_BYTES];
-        for i in 0..PAGES {
-            probe.file.write_all_at(&page, i * WRITE_BYTES as u64)?;
-        }
-        probe.file.sync_all()?;
+        let prepared = (0..PAGES)
+            .try_for_each(|i| probe.file.write_all_at(&page, i * WRITE_BYTES as u64))
+            .and_then(|()| probe.file.sync_all());
+        prepared.with_context(|| format!("--dir {}: preparing the probe file", dir.display()))?;
         Ok(probe)
     }
 
