@@ -97,12 +97,7 @@ async fn a_start_flush_skips_a_row_another_transaction_holds() {
     let_go(holder).await;
 
     // Another store reads the rows themselves, not this one's kept starts.
-    let mut other_config = config;
-    other_config.writers = 1;
-    other_config.pool_size = 2;
-    let other = PostgresStore::open(other_config)
-        .await
-        .expect("second store");
+    let other = common::reader(&config).await;
     let started = |n: usize| {
         let other = &other;
         let id = runs[n].id;

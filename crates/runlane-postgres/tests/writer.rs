@@ -187,12 +187,7 @@ async fn a_short_run_costs_two_row_writes_and_a_long_one_gets_its_start_written(
         "only the still-running run's start was written"
     );
     // Another store (another process) reads it from the row.
-    let mut other_config = config.clone();
-    other_config.writers = 1;
-    other_config.pool_size = 2;
-    let other = PostgresStore::open(other_config)
-        .await
-        .expect("second store");
+    let other = common::reader(&config).await;
     assert_eq!(
         other.get(long.id).await.expect("get").map(|r| r.started_at),
         Some(Some(Timestamp(7)))

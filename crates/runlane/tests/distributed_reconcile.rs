@@ -157,22 +157,11 @@ async fn assert_completed(engine: &runlane::Distributed, run: RunId) {
 async fn a_quick_run_costs_one_insert_and_one_update_of_its_row() {
     use sqlx::Connection;
 
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let mut config = DistributedConfig::new(redis_support::url(), database_url());
-    config.redis.prefix = redis_support::fresh_prefix("rows");
-    let schema = format!("rlt_rows_{}_{n}", std::process::id());
-    config.postgres.schema = schema.clone();
-    config.postgres.pool_size = 4;
+    let mut config = lingering_config("rows");
+    let schema = config.postgres.schema.clone();
     // The held run's start stays in memory (else it is written after 1 s: a long run's write).
     config.postgres.start_flush_after = Duration::from_secs(3600);
-    // The batch lands 4 s after its first run was accepted: the quick runs end well before.
-    config.mark_linger = Duration::from_secs(4);
-    config.reconcile.grace = Duration::from_secs(30);
-    config.throwaway = true;
-    let engine = match runlane::distributed_with(EngineBuilder::new(), config).await {
-        Ok(engine) => engine,
-        Err(e) => panic!("redis and postgresql are required: {e}"),
-    };
+    let engine = redis_support::open_distributed(config).await;
     let mut conn = sqlx::PgConnection::connect(&database_url())
         .await
         .expect("connect");
@@ -261,18 +250,7 @@ async fn a_quick_run_costs_one_insert_and_one_update_of_its_row() {
 /// `pending_enqueue` for a later reconciler (the marker lingers 4 s here, far past the stop).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_writes_the_buffered_marks() {
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let mut config = DistributedConfig::new(redis_support::url(), database_url());
-    config.redis.prefix = redis_support::fresh_prefix("stopmarks");
-    config.postgres.schema = format!("rlt_stopmarks_{}_{n}", std::process::id());
-    config.postgres.pool_size = 4;
-    config.mark_linger = Duration::from_secs(4);
-    config.reconcile.grace = Duration::from_secs(30);
-    config.throwaway = true;
-    let engine = match runlane::distributed_with(EngineBuilder::new(), config).await {
-        Ok(engine) => engine,
-        Err(e) => panic!("redis and postgresql are required: {e}"),
-    };
+    let engine = redis_support::open_distributed(lingering_config("stopmarks")).await;
     let mut runs = Vec::new();
     for _ in 0..5 {
         runs.push(engine.trigger("job").send().await.expect("trigger").run.id);
@@ -292,4 +270,13 @@ async fn shutdown_writes_the_buffered_marks() {
             "written by the stop"
         );
     }
+}
+
+/// A throwaway deployment whose marker lingers 4 s after a batch's first accepted run (the
+/// reconciler's grace is 30 s, so it never steps in).
+fn lingering_config(tag: &str) -> DistributedConfig {
+    let mut config = redis_support::distributed_config(redis_support::url(), tag);
+    config.mark_linger = Duration::from_secs(4);
+    config.reconcile.grace = Duration::from_secs(30);
+    config
 }

@@ -130,3 +130,12 @@ pub async fn until(
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
 }
+
+/// A second, small store on `config`'s schema (another process): it reads the rows
+/// themselves, not the kept starts of the store under test.
+pub async fn reader(config: &PostgresConfig) -> PostgresStore {
+    let mut config = config.clone();
+    config.writers = 1;
+    config.pool_size = 2;
+    PostgresStore::open(config).await.expect("second store")
+}
