@@ -433,18 +433,103 @@ local function env_exists(e)
   return v
 end
 
+-- Batch mode (`enqueue_many`, while every run of the call goes the fast path): the env,
+-- lane, key and queue hashes a placement reads are read once per call and kept in `bm` with
+-- the call's own changes; the running counters, the lanes' ready counts and the ready sequence
+-- are written once each, at the end (`bm_flush`), and a set member is added once. Nothing else
+-- reads or writes those fields in between: any other placement flushes first and runs
+-- without it. `bm` is nil outside a batch, where every helper is the plain command.
+local bm = nil
+
+local function bm_hash(key)
+  local h = bm.hashes[key]
+  if not h then
+    h = {}
+    bm.hashes[key] = h
+  end
+  return h
+end
+
+-- `HMGET key fields...`
+local function hm(key, ...)
+  if not bm then return redis.call('HMGET', key, ...) end
+  local h = bm_hash(key)
+  local fields = { ... }
+  local missing = {}
+  for _, f in ipairs(fields) do
+    if h[f] == nil then missing[#missing + 1] = f end
+  end
+  if #missing > 0 then
+    local got = redis.call('HMGET', key, unpack(missing))
+    for i, f in ipairs(missing) do h[f] = got[i] end
+  end
+  local out = {}
+  for i, f in ipairs(fields) do out[i] = h[f] end
+  return out
+end
+
+-- `HINCRBY key field n`
+local function hincr(key, field, n)
+  if not bm then return redis.call('HINCRBY', key, field, n) end
+  local h = bm_hash(key)
+  if h[field] == nil then h[field] = redis.call('HGET', key, field) end
+  local v = num(h[field]) + n
+  h[field] = v
+  local d = bm.deltas[key]
+  if not d then
+    d = {}
+    bm.deltas[key] = d
+    bm.order[#bm.order + 1] = key
+  end
+  if d[field] == nil then d[#d + 1] = field end
+  d[field] = (d[field] or 0) + n
+  return v
+end
+
+-- `SADD key member`
+local function sadd(key, member)
+  if bm then
+    local k = key .. Z .. member
+    if bm.sets[k] then return end
+    bm.sets[k] = true
+  end
+  redis.call('SADD', key, member)
+end
+
+-- The next ready sequence number (`{p}:cfg` `seq`).
+local function next_seq()
+  if not bm then return redis.call('HINCRBY', K_CFG, 'seq', 1) end
+  return hincr(K_CFG, 'seq', 1)
+end
+
+local function bm_start()
+  bm = { hashes = {}, deltas = {}, order = {}, sets = {} }
+end
+
+-- Writes what the batch kept and leaves batch mode.
+local function bm_flush()
+  if not bm then return end
+  for _, key in ipairs(bm.order) do
+    local d = bm.deltas[key]
+    for _, field in ipairs(d) do
+      if d[field] ~= 0 then redis.call('HINCRBY', key, field, d[field]) end
+    end
+  end
+  bm = nil
+end
+
 -- `listed_queue`: the run's queue is already in the env's queue set (it was queued there).
 local function take_slots(r, listed_queue)
   local e = r[F_ENV]
   if not env_exists(e) then return end
   if r[F_LANE] == 'fast_lane' then
-    redis.call('HINCRBY', k_env(e), 'flrun', 1)
+    hincr(k_env(e), 'flrun', 1)
   else
-    redis.call('HINCRBY', k_env(e), 'run', 1)
+    hincr(k_env(e), 'run', 1)
   end
-  if not listed_queue then redis.call('SADD', k_qs(e), r[F_QUEUE]) end
-  redis.call('HINCRBY', k_q(e, r[F_QUEUE]), 'run', 1)
-  redis.call('HINCRBY', k_k(e, r[F_QUEUE], r[F_KEY]), 'run', 1)
+  if not listed_queue then sadd(k_qs(e), r[F_QUEUE]) end
+  hincr(k_q(e, r[F_QUEUE]), 'run', 1)
+  hincr(k_k(e, r[F_QUEUE], r[F_KEY]), 'run', 1)
 end
 
 -- Slot releases of one call, applied together by `flush_releases` (one `HINCRBY` per counter
@@ -775,7 +860,7 @@ end
 
 -- `listed_queue`: the run's queue is known to be in the env's queue set.
 local function push_ready(id, r, listed_queue)
-  local seq = redis.call('HINCRBY', K_CFG, 'seq', 1)
+  local seq = next_seq()
   r[F_PLACE] = 'r'
   r[F_SEQ] = seq
   r[F_RAT] = now
@@ -783,8 +868,8 @@ local function push_ready(id, r, listed_queue)
   -- The lane is known (in `{p}:lanes`): enqueue checked it and lanes are never removed.
   local lane, e = r[F_LANE], r[F_ENV]
   redis.call('ZADD', k_lr(lane, e), seq, id)
-  redis.call('SADD', k_le(lane), e)
-  redis.call('HINCRBY', k_l(lane), 'count', 1)
+  sadd(k_le(lane), e)
+  hincr(k_l(lane), 'count', 1)
   save(id, r)
   ring(lane)
 end
@@ -1371,12 +1456,12 @@ local function enqueue_one(id, packed, sync)
   local e, q, k, lane = r[F_ENV], r[F_QUEUE], r[F_KEY], r[F_LANE]
   -- One read per hash: the env (exists when it has a limit), the lane (a known lane always has
   -- a ready count), the key and the queue.
-  local E = redis.call('HMGET', k_env(e), 'elim', 'ecap', 'flcap', 'run', 'flrun', 'fp')
+  local E = hm(k_env(e), 'elim', 'ecap', 'flcap', 'run', 'flrun', 'fp')
   if not E[1] then return 'unknown_env' end
   env_known[e] = true
-  local L = redis.call('HMGET', k_l(lane), 'count', 'orph')
+  local L = hm(k_l(lane), 'count', 'orph')
   if not L[1] and redis.call('SISMEMBER', K_LANES, lane) == 0 then return 'unknown_lane' end
-  local K = redis.call('HMGET', k_k(e, q, k), 'qd', 'del', 'run', 'lts', 'lti', 'id')
+  local K = hm(k_k(e, q, k), 'qd', 'del', 'run', 'lts', 'lti', 'id')
   local delayed = r[F_AFTER] > now
   local in_order = not delayed and after_tail(score_of(r), id, { K[4], K[5] })
   -- Idempotent by run id. A list-resident run has no record: a fresh run (first attempt, never
@@ -1393,7 +1478,7 @@ local function enqueue_one(id, packed, sync)
     end
     if found then return 'ok', 'queued' end
   end
-  local Q = redis.call('HMGET', k_q(e, q), 'lim', 'ktl', 'paused', 'run', 'maxq')
+  local Q = hm(k_q(e, q), 'lim', 'ktl', 'paused', 'run', 'maxq')
   local fast_path_on = E[6] == '1'
   local backlog = num(K[1])
   local waiting = backlog + num(K[2])
@@ -1408,6 +1493,8 @@ local function enqueue_one(id, packed, sync)
     return 'fast_lane_full'
   end
   local listed = not delayed and not fast and in_order
+  -- Only the fast path keeps a batch's state; any other placement writes it out first.
+  if not fast then bm_flush() end
   if r[F_TTL] and not r[F_EVER] and not listed then ttl_add(id, r[F_TTL]) end
   local placement
   if delayed then
@@ -1459,9 +1546,11 @@ end
 OPS['enqueue_many'] = function()
   local out = {}
   for i = 6, #ARGV, 3 do
+    if not bm then bm_start() end
     local code, v = enqueue_one(ARGV[i], ARGV[i + 1], ARGV[i + 2] == '1')
     out[#out + 1] = { code, v or false }
   end
+  bm_flush()
   return answer('ok', out)
 end
 

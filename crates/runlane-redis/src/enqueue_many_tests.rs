@@ -117,6 +117,80 @@ async fn enqueue_many_answers_and_leaves_the_queue_as_one_enqueue_per_run_does()
     assert_eq!(claimed_a, claimed_b);
 }
 
+/// What the counters of both queues say: each env's usage, each env's queues, the lanes.
+async fn counters(queue: &RedisQueue) -> String {
+    let mut out = String::new();
+    for e in [env("a"), env("b")] {
+        let usage = queue.env_usage(&e).await.expect("usage");
+        let queues = queue.queues(&e).await.expect("queues");
+        out.push_str(&format!("{e}: {usage:?} {queues:?}\n"));
+    }
+    let lanes = queue.lanes(Timestamp(NOW)).await.expect("lanes");
+    out.push_str(&format!("lanes: {lanes:?}"));
+    out
+}
+
+/// Runs `from..=to`: env `a` (fast path, admits 50) but every fifth in env `b` (no fast path,
+/// admits 1), over three keys.
+fn fast_mix(from: u128, to: u128) -> Vec<(Dispatch, bool)> {
+    (from..=to)
+        .map(|n| {
+            let e = if n % 5 == 0 { env("b") } else { env("a") };
+            let key = ["k1", "k2", "k3"][(n % 3) as usize];
+            (support::dispatch(n, &e, key, NOW - n as u64, None), false)
+        })
+        .collect()
+}
+
+/// A batch whose runs mostly take the fast path, between runs that wait: `enqueue_many` keeps
+/// the fast path's counters in the call and writes them once, and what it leaves (answers,
+/// waiting runs, running counters, lane depths, claims, and a second batch on top) matches one
+/// enqueue per run.
+#[tokio::test]
+async fn a_batch_of_fast_path_runs_leaves_the_counters_one_enqueue_per_run_does() {
+    let (Some(one_by_one), Some(batched)) = (open("fast-single").await, open("fast-many").await)
+    else {
+        return;
+    };
+    support::put_envs_a_b(&one_by_one, 50).await;
+    support::put_envs_a_b(&batched, 50).await;
+    for mix in [fast_mix(1, 60), fast_mix(61, 90)] {
+        let mut expected = Vec::new();
+        for (d, sync) in &mix {
+            expected.push(
+                one_by_one
+                    .enqueue(d.clone(), *sync, Timestamp(NOW))
+                    .await
+                    .map(|e| e.placement),
+            );
+        }
+        let (answers, _) = batched
+            .enqueue_many(&mix, Timestamp(NOW))
+            .await
+            .expect("enqueue_many");
+        assert_eq!(answers, expected);
+        assert!(answers.contains(&Ok(Placement::Ready)));
+        assert!(answers.contains(&Ok(Placement::Queued)));
+        assert_eq!(counters(&batched).await, counters(&one_by_one).await);
+        let mut live_a = one_by_one.snapshot().await.expect("snapshot");
+        let mut live_b = batched.snapshot().await.expect("snapshot");
+        live_a.sort_by_key(|l| l.dispatch.run_id);
+        live_b.sort_by_key(|l| l.dispatch.run_id);
+        assert_eq!(live_a, live_b);
+        // Claims take the same runs in the same order, and leave the same counters.
+        let ids = |leased: Vec<runlane_core::backend::Leased>| -> Vec<RunId> {
+            leased.into_iter().map(|l| l.dispatch.run_id).collect()
+        };
+        let request = support::claim_of(ClaimChain::default_chain(), 20, &["a", "b"]);
+        let at = Timestamp(NOW + 1);
+        let claimed_a = ids(one_by_one.claim(&request, at).await.expect("claim"));
+        let claimed_b = ids(batched.claim(&request, at).await.expect("claim"));
+        assert_eq!(claimed_a.len(), 20);
+        assert_eq!(claimed_a, claimed_b);
+        assert_eq!(counters(&batched).await, counters(&one_by_one).await);
+    }
+}
+
 /// Polls a future once, keeping it when it is not done.
 async fn poll_once<F: Future + Unpin>(f: &mut F) -> Option<F::Output> {
     std::future::poll_fn(|cx| {
