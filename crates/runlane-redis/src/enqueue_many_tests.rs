@@ -63,6 +63,36 @@ fn claim_request() -> ClaimRequest {
     support::claim_of(ClaimChain::default_chain(), 100, &["a", "b"])
 }
 
+/// The answers of one `enqueue` per run of `mix`, in order.
+async fn one_by_one_answers(
+    queue: &RedisQueue,
+    mix: &[(Dispatch, bool)],
+) -> Vec<Result<Placement, QueueError>> {
+    let mut answers = Vec::new();
+    for (d, sync) in mix {
+        answers.push(
+            queue
+                .enqueue(d.clone(), *sync, Timestamp(NOW))
+                .await
+                .map(|e| e.placement),
+        );
+    }
+    answers
+}
+
+/// Both queues hold the same runs in the same places.
+async fn assert_same_runs(a: &RedisQueue, b: &RedisQueue) {
+    let mut live_a = a.snapshot().await.expect("snapshot");
+    let mut live_b = b.snapshot().await.expect("snapshot");
+    live_a.sort_by_key(|l| l.dispatch.run_id);
+    live_b.sort_by_key(|l| l.dispatch.run_id);
+    assert_eq!(live_a, live_b);
+}
+
+fn ids(leased: Vec<runlane_core::backend::Leased>) -> Vec<RunId> {
+    leased.into_iter().map(|l| l.dispatch.run_id).collect()
+}
+
 #[tokio::test]
 async fn enqueue_many_answers_and_leaves_the_queue_as_one_enqueue_per_run_does() {
     let (Some(one_by_one), Some(batched)) = (open("single").await, open("many").await) else {
@@ -71,15 +101,7 @@ async fn enqueue_many_answers_and_leaves_the_queue_as_one_enqueue_per_run_does()
     set_up(&one_by_one).await;
     set_up(&batched).await;
     let mix = mix();
-    let mut expected = Vec::new();
-    for (d, sync) in &mix {
-        expected.push(
-            one_by_one
-                .enqueue(d.clone(), *sync, Timestamp(NOW))
-                .await
-                .map(|e| e.placement),
-        );
-    }
+    let expected = one_by_one_answers(&one_by_one, &mix).await;
     let calls = batched.enqueue_calls();
     let (answers, effects) = batched
         .enqueue_many(&mix, Timestamp(NOW))
@@ -102,15 +124,8 @@ async fn enqueue_many_answers_and_leaves_the_queue_as_one_enqueue_per_run_does()
         .iter()
         .any(|(_, s)| matches!(s, RunStatus::Queued | RunStatus::Delayed)));
     // The same runs are waiting in the same places, and claims take them in the same order.
-    let mut live_a = one_by_one.snapshot().await.expect("snapshot");
-    let mut live_b = batched.snapshot().await.expect("snapshot");
-    live_a.sort_by_key(|l| l.dispatch.run_id);
-    live_b.sort_by_key(|l| l.dispatch.run_id);
-    assert_eq!(live_a, live_b);
+    assert_same_runs(&one_by_one, &batched).await;
     let at = Timestamp(NOW + 1);
-    let ids = |leased: Vec<runlane_core::backend::Leased>| -> Vec<RunId> {
-        leased.into_iter().map(|l| l.dispatch.run_id).collect()
-    };
     let claimed_a = ids(one_by_one.claim(&claim_request(), at).await.expect("claim"));
     let claimed_b = ids(batched.claim(&claim_request(), at).await.expect("claim"));
     assert!(!claimed_a.is_empty());
@@ -155,15 +170,7 @@ async fn a_batch_of_fast_path_runs_leaves_the_counters_one_enqueue_per_run_does(
     support::put_envs_a_b(&one_by_one, 50).await;
     support::put_envs_a_b(&batched, 50).await;
     for mix in [fast_mix(1, 60), fast_mix(61, 90)] {
-        let mut expected = Vec::new();
-        for (d, sync) in &mix {
-            expected.push(
-                one_by_one
-                    .enqueue(d.clone(), *sync, Timestamp(NOW))
-                    .await
-                    .map(|e| e.placement),
-            );
-        }
+        let expected = one_by_one_answers(&one_by_one, &mix).await;
         let (answers, _) = batched
             .enqueue_many(&mix, Timestamp(NOW))
             .await
@@ -172,15 +179,8 @@ async fn a_batch_of_fast_path_runs_leaves_the_counters_one_enqueue_per_run_does(
         assert!(answers.contains(&Ok(Placement::Ready)));
         assert!(answers.contains(&Ok(Placement::Queued)));
         assert_eq!(counters(&batched).await, counters(&one_by_one).await);
-        let mut live_a = one_by_one.snapshot().await.expect("snapshot");
-        let mut live_b = batched.snapshot().await.expect("snapshot");
-        live_a.sort_by_key(|l| l.dispatch.run_id);
-        live_b.sort_by_key(|l| l.dispatch.run_id);
-        assert_eq!(live_a, live_b);
+        assert_same_runs(&one_by_one, &batched).await;
         // Claims take the same runs in the same order, and leave the same counters.
-        let ids = |leased: Vec<runlane_core::backend::Leased>| -> Vec<RunId> {
-            leased.into_iter().map(|l| l.dispatch.run_id).collect()
-        };
         let request = support::claim_of(ClaimChain::default_chain(), 20, &["a", "b"]);
         let at = Timestamp(NOW + 1);
         let claimed_a = ids(one_by_one.claim(&request, at).await.expect("claim"));
