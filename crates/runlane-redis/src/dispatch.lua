@@ -1259,6 +1259,8 @@ local function setup(keys, args)
   env_known = {}
   rel_order, rel_by = {}, {}
   lease_drops = {}
+  -- A call that failed half-way (a script error) must not leave its batch to the next one.
+  bm = nil
 end
 
 local OPS = {}
@@ -1545,12 +1547,17 @@ end
 -- sync) triples. Answers per run { code, value or false }; the effects are the call's.
 OPS['enqueue_many'] = function()
   local out = {}
-  for i = 6, #ARGV, 3 do
-    if not bm then bm_start() end
-    local code, v = enqueue_one(ARGV[i], ARGV[i + 1], ARGV[i + 2] == '1')
-    out[#out + 1] = { code, v or false }
-  end
+  -- A run that fails the call (a script error) leaves the runs placed before it as one
+  -- enqueue per run would: what the batch kept is written before the error goes on.
+  local ok, err = pcall(function()
+    for i = 6, #ARGV, 3 do
+      if not bm then bm_start() end
+      local code, v = enqueue_one(ARGV[i], ARGV[i + 1], ARGV[i + 2] == '1')
+      out[#out + 1] = { code, v or false }
+    end
+  end)
   bm_flush()
+  if not ok then error(err, 0) end
   return answer('ok', out)
 end
 

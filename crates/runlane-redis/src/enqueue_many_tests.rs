@@ -191,6 +191,59 @@ async fn a_batch_of_fast_path_runs_leaves_the_counters_one_enqueue_per_run_does(
     }
 }
 
+/// A call that fails half-way (a run whose record cannot be read raises a script error) leaves
+/// the fast-path runs it placed before the error counted, as one enqueue per run would, and
+/// the next call starts from the key space, not from the failed call's kept state.
+#[tokio::test]
+async fn a_batch_that_fails_half_way_writes_the_counters_of_the_runs_it_placed() {
+    let Some(queue) = open("half").await else {
+        return;
+    };
+    support::put_envs_a_b(&queue, 50).await;
+    let first = support::dispatch(1, &env("a"), "k1", NOW - 1, None);
+    let second = support::dispatch(2, &env("a"), "k1", NOW - 2, None);
+    let mut conn = queue.connection();
+    let failed = redis::cmd("FCALL")
+        .arg(format!("{}_dispatch", queue.library_name()))
+        .arg(1)
+        .arg(queue.key_base())
+        .arg("enqueue_many")
+        .arg(NOW)
+        .arg(300_000)
+        .arg(crate::KEYSPACE_FORMAT)
+        .arg("")
+        .arg(first.run_id.to_bytes().as_slice())
+        .arg(crate::record::pack_new(&first))
+        .arg("0")
+        .arg(second.run_id.to_bytes().as_slice())
+        .arg(b"\xc1".as_slice())
+        .arg("0")
+        .query_async::<Vec<u8>>(&mut conn)
+        .await;
+    assert!(
+        failed.is_err(),
+        "the second record cannot be read: {failed:?}"
+    );
+    let usage = queue.env_usage(&env("a")).await.expect("usage");
+    assert_eq!(usage.running, 1, "the first run holds its slot: {usage:?}");
+    let lanes = queue.lanes(Timestamp(NOW)).await.expect("lanes");
+    let ready = |lanes: &[runlane_core::backend::LaneInfo]| {
+        lanes
+            .iter()
+            .find(|l| l.name.as_str() == "default")
+            .map(|l| l.ready)
+    };
+    assert_eq!(ready(&lanes), Some(1), "the first run is ready: {lanes:?}");
+    let third = support::dispatch(3, &env("a"), "k2", NOW - 3, None);
+    let (answers, _) = queue
+        .enqueue_many(&[(third, false)], Timestamp(NOW))
+        .await
+        .expect("enqueue_many");
+    assert_eq!(answers, vec![Ok(Placement::Ready)]);
+    let usage = queue.env_usage(&env("a")).await.expect("usage");
+    assert_eq!(usage.running, 2, "{usage:?}");
+}
+
 /// Polls a future once, keeping it when it is not done.
 async fn poll_once<F: Future + Unpin>(f: &mut F) -> Option<F::Output> {
     std::future::poll_fn(|cx| {
