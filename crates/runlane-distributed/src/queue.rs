@@ -59,6 +59,12 @@ impl Marks {
         self.ids.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Tells the marker to write what is buffered at once (no linger) and then end.
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
     fn push(&self, run: RunId) {
         let first = {
             let mut ids = self.lock();
@@ -85,9 +91,7 @@ pub struct DistributedQueue {
 
 impl Drop for DistributedQueue {
     fn drop(&mut self) {
-        // The marker writes what is buffered, then ends.
-        self.marks.closed.store(true, Ordering::SeqCst);
-        self.marks.wake.notify_one();
+        self.marks.close();
         if let Some(wake) = &self.wake {
             wake.close();
         }
@@ -116,8 +120,7 @@ impl DistributedQueue {
     /// `pending_enqueue` for the reconciler. Marks of runs enqueued afterwards are not written
     /// (the reconciler takes them). Called once the engine no longer enqueues.
     pub async fn flush_marks(&self, bound: Duration) {
-        self.marks.closed.store(true, Ordering::SeqCst);
-        self.marks.wake.notify_one();
+        self.marks.close();
         let task = self.marker.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(task) = task {
             if tokio::time::timeout(bound, task).await.is_err() {

@@ -496,12 +496,6 @@ local function sadd(key, member)
   redis.call('SADD', key, member)
 end
 
--- The next ready sequence number (`{p}:cfg` `seq`).
-local function next_seq()
-  if not bm then return redis.call('HINCRBY', K_CFG, 'seq', 1) end
-  return hincr(K_CFG, 'seq', 1)
-end
-
 local function bm_start()
   bm = { hashes = {}, deltas = {}, order = {}, sets = {} }
 end
@@ -860,7 +854,7 @@ end
 
 -- `listed_queue`: the run's queue is known to be in the env's queue set.
 local function push_ready(id, r, listed_queue)
-  local seq = next_seq()
+  local seq = hincr(K_CFG, 'seq', 1)
   r[F_PLACE] = 'r'
   r[F_SEQ] = seq
   r[F_RAT] = now
