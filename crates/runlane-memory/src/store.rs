@@ -23,7 +23,9 @@ type IdemKey = (EnvName, TaskName, String);
 
 #[derive(Default)]
 struct State {
-    runs: BTreeMap<RunId, RunRecord>,
+    /// Boxed: a B-tree node holds its entries inline and is often half full, so inline
+    /// records would leave hundreds of bytes empty per run.
+    runs: BTreeMap<RunId, Box<RunRecord>>,
     idempotency: HashMap<IdemKey, (RunId, Timestamp)>,
     envs: BTreeMap<EnvName, EnvSettings>,
     /// Per env, version `n` at index `n - 1` with its registration time.
@@ -33,6 +35,13 @@ struct State {
     cursors: HashMap<(EnvName, TaskName, u32), Timestamp>,
     /// Admin queue settings by (env, queue).
     queue_settings: BTreeMap<(EnvName, QueueName), QueueSettings>,
+}
+
+/// Appends an attempt without the spare room a growing `Vec` keeps (most runs have one
+/// attempt, kept as long as the run).
+fn push_attempt(attempts: &mut Vec<AttemptRecord>, attempt: AttemptRecord) {
+    attempts.reserve_exact(1);
+    attempts.push(attempt);
 }
 
 /// Run records, idempotency keys, envs and versions in memory (implements [`RunStore`]).
@@ -90,12 +99,12 @@ impl RunStore for MemoryStore {
                     .and_then(|(id, _)| st.runs.get(id))
                     .cloned();
                 if let Some(existing) = hit {
-                    out.push(Inserted::Existing(Box::new(existing)));
+                    out.push(Inserted::Existing(existing));
                     continue;
                 }
                 st.idempotency.insert(key, (record.id, claim.expires_at));
             }
-            st.runs.insert(record.id, record);
+            st.runs.insert(record.id, Box::new(record));
             out.push(Inserted::New);
         }
         Ok(out)
@@ -104,6 +113,7 @@ impl RunStore for MemoryStore {
     async fn remove(&self, run: RunId) -> Result<(), StoreError> {
         let mut st = self.lock();
         if let Some(record) = st.runs.remove(&run) {
+            let record = *record;
             if let Some(key) = record.idempotency_key {
                 let k = (record.env, record.task, key);
                 if st.idempotency.get(&k).is_some_and(|(id, _)| *id == run) {
@@ -115,7 +125,7 @@ impl RunStore for MemoryStore {
     }
 
     async fn get(&self, run: RunId) -> Result<Option<RunRecord>, StoreError> {
-        Ok(self.lock().runs.get(&run).cloned())
+        Ok(self.lock().runs.get(&run).map(|r| RunRecord::clone(r)))
     }
 
     async fn list(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, StoreError> {
@@ -131,7 +141,7 @@ impl RunStore for MemoryStore {
             None => st.runs.range(..),
         };
         Ok(range
-            .map(|(_, r)| r)
+            .map(|(_, r)| &**r)
             .filter(|r| matches(filter, r))
             .take(limit)
             .cloned()
@@ -168,7 +178,7 @@ impl RunStore for MemoryStore {
         r.attempt = attempt.number + 1;
         r.run_after = next_run_after;
         r.started_at = None;
-        r.attempts.push(attempt);
+        push_attempt(&mut r.attempts, attempt);
         Ok(())
     }
 
@@ -258,9 +268,9 @@ impl RunStore for MemoryStore {
         if let Some(a) = attempt {
             r.error = a.error.clone();
             r.attempt = a.number;
-            r.attempts.push(a);
+            push_attempt(&mut r.attempts, a);
         }
-        Ok(r.clone())
+        Ok(RunRecord::clone(r))
     }
 
     async fn finish_many(
@@ -293,7 +303,7 @@ impl RunStore for MemoryStore {
                 r.finished_at = Some(now);
                 r.error = end.attempt.error.clone();
                 r.attempt = end.attempt.number;
-                r.attempts.push(end.attempt);
+                push_attempt(&mut r.attempts, end.attempt);
                 Ok(())
             })
             .collect())
@@ -324,7 +334,7 @@ impl RunStore for MemoryStore {
             .runs
             .values()
             .filter(|r| !r.status.is_terminal())
-            .cloned()
+            .map(|r| RunRecord::clone(r))
             .collect())
     }
 
@@ -463,5 +473,78 @@ impl RunStore for MemoryStore {
         }
         st.cursors.insert(key, to);
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runlane_core::backend::RunStore;
+
+    fn record(n: u128) -> RunRecord {
+        RunRecord::queued(
+            RunId(n),
+            EnvName::new("prod").expect("env"),
+            TaskName::new("email").expect("task"),
+            "{}",
+            Timestamp(1_000),
+        )
+    }
+
+    fn attempt(number: u32, outcome: &str) -> AttemptRecord {
+        AttemptRecord {
+            number,
+            outcome: outcome.into(),
+            error: None,
+            ended_at: Timestamp(2_000),
+        }
+    }
+
+    fn end(run: u128, number: u32) -> AttemptEnd {
+        AttemptEnd {
+            run: RunId(run),
+            status: RunStatus::Completed,
+            output: Some(Arc::from("1")),
+            attempt: attempt(number, "completed"),
+        }
+    }
+
+    /// The attempts a kept run holds take the room they need and no more: a `Vec` grown by
+    /// `push` keeps room for four, three of them empty for as long as the run is kept.
+    #[tokio::test]
+    async fn a_kept_run_holds_its_attempts_without_spare_room() {
+        let store = MemoryStore::new();
+        let runs = vec![(record(1), None), (record(2), None), (record(3), None)];
+        store.insert(runs, Timestamp(1_000)).await.expect("insert");
+        // Run 1 ends at its first attempt; run 2 fails once, then ends; run 3 by `finish`.
+        let ended = store.finish_many(vec![end(1, 1)], Timestamp(2_000)).await;
+        assert_eq!(ended, Ok(vec![Ok(())]));
+        let retried = store
+            .record_retry(RunId(2), attempt(1, "failed"), Timestamp(3_000))
+            .await;
+        assert_eq!(retried, Ok(()));
+        let ended = store.finish_many(vec![end(2, 2)], Timestamp(4_000)).await;
+        assert_eq!(ended, Ok(vec![Ok(())]));
+        let third = store
+            .finish(
+                RunId(3),
+                RunStatus::Completed,
+                None,
+                Some(attempt(1, "completed")),
+                Timestamp(2_000),
+            )
+            .await
+            .map(|r| r.status);
+        assert_eq!(third, Ok(RunStatus::Completed));
+
+        let st = store.lock();
+        let kept: Vec<(usize, usize)> = [1, 2, 3]
+            .iter()
+            .map(|n| {
+                let a = &st.runs[&RunId(*n)].attempts;
+                (a.len(), a.capacity())
+            })
+            .collect();
+        assert_eq!(kept, vec![(1, 1), (2, 2), (1, 1)]);
     }
 }
