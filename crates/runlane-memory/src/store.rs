@@ -479,7 +479,6 @@ impl RunStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use runlane_core::backend::RunStore;
 
     fn record(n: u128) -> RunRecord {
         RunRecord::queued(
