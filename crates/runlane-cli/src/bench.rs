@@ -235,9 +235,23 @@ pub async fn finish(opened: Opened, mut line: Value) -> anyhow::Result<Value> {
         fields.insert("store_rows_inserted".into(), json!(stats.rows_inserted));
         fields.insert("marked_in_queue".into(), json!(d.queue().marked()));
         fields.insert("enqueues_deferred".into(), json!(d.queue().deferred()));
+        let redis = d.queue().redis();
+        fields.insert("redis_enqueue_calls".into(), json!(redis.enqueue_calls()));
+        // Mean times per call, from sending to the answer (waits in Redis or for a writer's
+        // connection included), so a line tells where a run's time went.
+        let mean = |micros: u64, calls: u64| (calls > 0).then(|| micros / calls);
         fields.insert(
-            "redis_enqueue_calls".into(),
-            json!(d.queue().redis().enqueue_calls()),
+            "store_commit_us_mean".into(),
+            json!(mean(stats.commit_micros, stats.commits)),
+        );
+        fields.insert(
+            "redis_enqueue_us_mean".into(),
+            json!(mean(redis.enqueue_micros(), redis.enqueue_calls())),
+        );
+        fields.insert("redis_claim_calls".into(), json!(redis.claim_calls()));
+        fields.insert(
+            "redis_claim_us_mean".into(),
+            json!(mean(redis.claim_micros(), redis.claim_calls())),
         );
         fields.insert(
             "claimed_on_enqueue".into(),

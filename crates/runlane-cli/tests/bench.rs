@@ -81,6 +81,41 @@ fn latency_separate_process_runs_the_worker_in_a_child_process() {
 }
 
 #[test]
+fn distributed_throughput_says_where_the_time_went() {
+    let line = line(&runlane(&[
+        "bench",
+        "throughput",
+        "--backend",
+        "distributed",
+        "--phase",
+        "concurrent",
+        "--runs",
+        "300",
+        "--slots",
+        "4",
+        "--producers",
+        "8",
+    ]));
+    assert_eq!(line["runs"], 300);
+    let number = |field: &str| {
+        line[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{field}: {line}"))
+    };
+    // Every run was inserted and enqueued; the workloop claimed at least once.
+    assert!(number("store_commits") > 0 && number("redis_enqueue_calls") > 0);
+    assert!(number("redis_claim_calls") > 0);
+    // Mean times of round trips to PostgreSQL and Redis: never nothing.
+    for field in [
+        "store_commit_us_mean",
+        "redis_enqueue_us_mean",
+        "redis_claim_us_mean",
+    ] {
+        assert!(number(field) > 0, "{field}: {line}");
+    }
+}
+
+#[test]
 fn separate_process_on_a_one_process_backend_is_refused_naming_the_flag() {
     let output = runlane(&[
         "bench",

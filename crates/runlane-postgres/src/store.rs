@@ -69,6 +69,9 @@ pub struct PostgresStats {
     pub retried_batches: u64,
     /// Batches applied again one call per transaction after a statement failed.
     pub split_batches: u64,
+    /// The time the writers spent on their batches' transactions (from taking a connection
+    /// to the commit's answer, retries included), summed over writers, in µs.
+    pub commit_micros: u64,
 }
 
 /// Where a run is in the store-first protocol (SPEC §7).
@@ -285,6 +288,7 @@ impl PostgresStore {
             queued: (self.queue.max_capacity() - self.queue.capacity()) as u64,
             retried_batches: get(&c.retried_batches),
             split_batches: get(&c.split_batches),
+            commit_micros: get(&c.commit_micros),
         }
     }
 

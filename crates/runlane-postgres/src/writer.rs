@@ -50,6 +50,7 @@ pub(crate) struct Counters {
     pub(crate) starts_flushed: AtomicU64,
     pub(crate) retried_batches: AtomicU64,
     pub(crate) split_batches: AtomicU64,
+    pub(crate) commit_micros: AtomicU64,
 }
 
 /// One queued write.
@@ -206,7 +207,14 @@ async fn run_batch(shared: &WriterShared, batch: Vec<Queued>) {
 }
 
 async fn commit_group(shared: &WriterShared, group: Vec<Queued>, durability: Durability) {
-    match commit_with_retry(shared, &group, durability).await {
+    let started = std::time::Instant::now();
+    let committed = commit_with_retry(shared, &group, durability).await;
+    let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    shared
+        .counters
+        .commit_micros
+        .fetch_add(micros, Ordering::Relaxed);
+    match committed {
         Ok(answers) => answer_all(shared, group, answers),
         Err(DbError::Sql(e)) if !is_connection_error(&e) && group.len() > 1 => {
             // A statement failed (a value the server refuses, a constraint): apply each call

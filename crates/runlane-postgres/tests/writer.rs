@@ -56,9 +56,11 @@ async fn calls_queued_during_a_commit_share_one_transaction() {
     // The writer takes call 0 and blocks on the lock; the other 49 wait in the queue.
     let mut tasks = vec![spawn(0)];
     common::until(&store, "call 0 in the writer", |s| s.batches_taken == 1).await;
+    let blocked = std::time::Instant::now();
     tasks.extend((1..50).map(spawn));
     common::until(&store, "49 queued calls", |s| s.queued == 49).await;
     let queued = store.stats().queued;
+    let blocked = blocked.elapsed();
     lock.release().await;
     for t in tasks {
         assert_eq!(t.await.expect("task"), Ok(vec![Inserted::New]));
@@ -72,6 +74,11 @@ async fn calls_queued_during_a_commit_share_one_transaction() {
     );
     assert_eq!(stats.commits, 2, "{stats:?}");
     assert_eq!(stats.largest_batch, 49, "{stats:?}");
+    // The writers' time counts the first commit's wait for the lock.
+    assert!(
+        std::time::Duration::from_micros(stats.commit_micros) >= blocked,
+        "{blocked:?} blocked: {stats:?}"
+    );
     let store = Arc::try_unwrap(store).expect("last handle");
     common::finish(store).await;
 }

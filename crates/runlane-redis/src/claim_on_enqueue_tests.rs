@@ -199,3 +199,33 @@ async fn a_lane_the_carried_claim_emptied_rings_no_doorbell() {
     assert_eq!(enqueued.effects.ready_lanes, vec![d1.lane.clone()]);
     assert_eq!(len(&mut conn, bell(&queue)).await, 1, "the bell rang");
 }
+
+#[tokio::test]
+async fn enqueue_and_claim_calls_are_counted_with_their_time() {
+    let Some(queue) = open("timed").await else {
+        return;
+    };
+    set_up(&queue).await;
+    let now = Timestamp(NOW);
+    let counts = |q: &RedisQueue| (q.enqueue_calls(), q.claim_calls());
+    assert_eq!(counts(&queue), (0, 0));
+    assert_eq!((queue.enqueue_micros(), queue.claim_micros()), (0, 0));
+    // A claim riding on an enqueue is the enqueue's call; a claim for no slots makes no call.
+    let (_, leases) = queue
+        .enqueue_claiming(ready(1, "a"), false, now, &request("*", 1))
+        .await
+        .expect("enqueue");
+    assert_eq!(leases.len(), 1);
+    queue
+        .enqueue(ready(2, "a"), false, now)
+        .await
+        .expect("enqueue");
+    let none = queue.claim(&request("*", 0), now).await.expect("claim");
+    assert!(none.is_empty());
+    assert_eq!(counts(&queue), (2, 0));
+    let claimed = queue.claim(&request("*", 4), now).await.expect("claim");
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(counts(&queue), (2, 1));
+    // Each call is a round trip to Redis: tens of µs at least, never nothing.
+    assert!(queue.enqueue_micros() > 0 && queue.claim_micros() > 0);
+}

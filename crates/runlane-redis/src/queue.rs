@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -226,8 +226,35 @@ pub struct RedisQueue {
     delete_on_drop: bool,
     /// Concurrent enqueues sharing script calls (see [`crate::combine`]).
     enqueues: Combine,
-    /// Script calls made for enqueues (one per run alone, one per batch).
-    enqueue_calls: AtomicU64,
+    /// Script calls made for enqueues (one per run alone, one per batch) and their time.
+    enqueue_calls: Timed,
+    /// Claim calls and their time.
+    claim_calls: Timed,
+}
+
+/// Calls of one kind and the time they took, from sending to the parsed answer (benchmarks
+/// read them: `runlane bench` reports the mean).
+#[derive(Default)]
+struct Timed {
+    calls: AtomicU64,
+    micros: AtomicU64,
+}
+
+impl Timed {
+    /// Counts a call that began at `started`.
+    fn add(&self, started: Instant) {
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    fn micros(&self) -> u64 {
+        self.micros.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for RedisQueue {
@@ -541,7 +568,8 @@ impl RedisQueue {
             url: config.url.clone(),
             delete_on_drop: false,
             enqueues: Combine::default(),
-            enqueue_calls: AtomicU64::new(0),
+            enqueue_calls: Timed::default(),
+            claim_calls: Timed::default(),
         };
         match queue.init(false).await {
             Ok(_) => Ok(queue),
@@ -560,7 +588,23 @@ impl RedisQueue {
     /// Script calls made for enqueues since open: one per run enqueued alone, one per batch
     /// of concurrent enqueues (see [`crate::combine`]).
     pub fn enqueue_calls(&self) -> u64 {
-        self.enqueue_calls.load(Ordering::Relaxed)
+        self.enqueue_calls.calls()
+    }
+
+    /// The time the enqueue script calls took since open, summed, in µs (from sending to the
+    /// parsed answer, so a call waiting behind other clients' calls in Redis counts that wait).
+    pub fn enqueue_micros(&self) -> u64 {
+        self.enqueue_calls.micros()
+    }
+
+    /// `claim` calls made since open (claims riding on an enqueue are not among them).
+    pub fn claim_calls(&self) -> u64 {
+        self.claim_calls.calls()
+    }
+
+    /// The time the `claim` calls took since open, summed, in µs (as [`Self::enqueue_micros`]).
+    pub fn claim_micros(&self) -> u64 {
+        self.claim_calls.micros()
     }
 
     /// The leases of a claim's answer (`{ id, record }` per leased run).
@@ -612,7 +656,7 @@ impl RedisQueue {
         claim: Option<&ClaimRequest>,
     ) -> Result<(Enqueued, Vec<Leased>), QueueError> {
         let packed = record::pack_new(dispatch);
-        self.enqueue_calls.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
         let answer = self
             .call("enqueue", now, || {
                 let mut args = vec![
@@ -625,7 +669,9 @@ impl RedisQueue {
                 }
                 args
             })
-            .await?;
+            .await;
+        self.enqueue_calls.add(started);
+        let answer = answer?;
         let placement = placement(&answer.code, answer.extra.first(), dispatch)?;
         let leases = match claim {
             Some(_) => Self::leases(answer.extra(1)?)?,
@@ -698,7 +744,7 @@ impl RedisQueue {
         let mut effects = Effects::default();
         for chunk in items.chunks(BATCH_CHUNK) {
             let packed: Vec<Vec<u8>> = chunk.iter().map(|(d, _)| record::pack_new(d)).collect();
-            self.enqueue_calls.fetch_add(1, Ordering::Relaxed);
+            let started = Instant::now();
             let done = self
                 .call("enqueue_many", now, || {
                     let mut args: Vec<Arg> = Vec::with_capacity(chunk.len() * 3);
@@ -710,6 +756,7 @@ impl RedisQueue {
                     args
                 })
                 .await;
+            self.enqueue_calls.add(started);
             let parsed = done.and_then(|answer| {
                 if answer.code != "ok" {
                     return Err(malformed(&answer.code));
@@ -1519,14 +1566,16 @@ impl QueueBackend for RedisQueue {
         if request.max == 0 {
             return Ok(Vec::new());
         }
+        let started = Instant::now();
         let answer = self
             .call("claim", now, || {
                 let mut args = Vec::new();
                 Self::claim_args(request, &mut args);
                 args
             })
-            .await?;
-        Self::leases(answer.extra(0)?)
+            .await;
+        self.claim_calls.add(started);
+        Self::leases(answer?.extra(0)?)
     }
 
     async fn heartbeat(
