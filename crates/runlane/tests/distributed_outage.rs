@@ -29,16 +29,10 @@ async fn assert_completed(engine: &runlane::Engine, run: RunId) {
     }
 }
 
-/// The PostgreSQL server the tests use (behind the proxy, or directly).
-fn database_url() -> String {
-    std::env::var("RUNLANE_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
 /// A configuration whose PostgreSQL is reached through a TCP proxy the test can cut, with a
 /// fresh key prefix and schema named after `name`, a small pool and a 1 s acquire timeout.
 async fn through_proxy(name: &str) -> (Proxy, DistributedConfig) {
-    let database = database_url();
+    let database = redis_support::database_url();
     let (user, host, db) = split_url(&database);
     let proxy = Proxy::start(host).await;
     let mut config = DistributedConfig::new(
@@ -199,7 +193,7 @@ async fn a_stopping_worker_does_not_wait_for_postgres_past_its_stop_timeout() {
     // The throwaway schema is dropped through the proxy when the engine's last handle goes,
     // which the first worker's abandoned end may hold past this test and its proxy (a schema
     // was once left behind): drop it directly as well.
-    runlane_postgres::admin::drop_schema(&database_url(), &schema)
+    runlane_postgres::admin::drop_schema(&redis_support::database_url(), &schema)
         .await
         .expect("the test's schema dropped");
 }
