@@ -325,7 +325,7 @@ impl Shared {
             envs: self.envs.clone(),
             lease: self.lease,
         };
-        let leases = engine.queue.claim(&request, engine.now()).await?;
+        let leases = crate::worker::claim(engine, &request).await?;
         if leases.is_empty() {
             return Ok(Vec::new());
         }

@@ -19,6 +19,7 @@ use crate::engine::{Engine, Inner};
 use crate::error::EngineError;
 use crate::handover::Handed;
 use crate::offer::Offer;
+use crate::worker::renew_late;
 
 /// The longest accepted idempotency key, in bytes.
 pub const IDEMPOTENCY_KEY_MAX_LEN: usize = 256;
@@ -739,6 +740,13 @@ async fn enqueue_for_offer(
         .queue
         .enqueue_claiming(dispatch, sync, now, &offer.request)
         .await?;
+    let leases = renew_late(
+        inner.queue.as_ref(),
+        leases,
+        offer.request.lease,
+        inner.now(),
+    )
+    .await;
     let leased = leases.iter().any(|l| l.dispatch.run_id == run);
     let settled = settle(&inner, &lane, attempt, enqueued, run, &env, leased).await;
     if !leases.is_empty() {

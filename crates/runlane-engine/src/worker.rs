@@ -16,11 +16,12 @@ use std::time::Duration;
 
 use runlane_core::admission::{env_cap, key_cap};
 use runlane_core::backend::{
-    AttemptEnd, ClaimRequest, ConsumerId, LeaseState, Leased, RunRecord, ServedEnv,
+    AttemptEnd, ClaimRequest, ConsumerId, LeaseState, Leased, QueueBackend, RunRecord, ServedEnv,
 };
 use runlane_core::{
-    CancelReason, ClaimChain, EnvName, FencingToken, InvalidInput, LaneName, QueueName, RunId,
-    RunStatus, Scope, StoreError, TaskName, Timestamp, TriggerSource, WorkerId, WorkloopSpec,
+    CancelReason, ClaimChain, EnvName, FencingToken, InvalidInput, LaneName, QueueError, QueueName,
+    RunId, RunStatus, Scope, StoreError, TaskName, Timestamp, TriggerSource, WorkerId,
+    WorkloopSpec,
 };
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
@@ -552,7 +553,7 @@ async fn claim_next(
         return None;
     }
     let engine = &shared.engine.inner;
-    let mut leases = match engine.queue.claim(&lp.one, engine.now()).await {
+    let mut leases = match claim(engine, &lp.one).await {
         Ok(leases) => leases,
         Err(e) => {
             // The workloop claims again with its backoff once the slot is back.
@@ -698,7 +699,7 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
             ring.as_mut().enable();
         }
         request.max = u32::try_from(free).unwrap_or(u32::MAX);
-        match engine.queue.claim(&request, engine.now()).await {
+        match claim(&engine, &request).await {
             Ok(leases) if !leases.is_empty() => {
                 backoff = CLAIM_BACKOFF_MIN;
                 debug_assert!(leases.len() <= free, "a claim never exceeds its free slots");
@@ -876,6 +877,64 @@ pub(crate) enum Loaded {
 
 /// The task and payload of each claimed run, in claim order: handed over when this process
 /// triggered it, else read back from the store, one read for all of the claim's runs.
+/// Claims for `request` at the engine's `now`, with the leases renewed when the claim came back
+/// late (see [`renew_late`]).
+pub(crate) async fn claim(
+    engine: &Inner,
+    request: &ClaimRequest,
+) -> Result<Vec<Leased>, QueueError> {
+    let leases = engine.queue.claim(request, engine.now()).await?;
+    Ok(renew_late(engine.queue.as_ref(), leases, request.lease, engine.now()).await)
+}
+
+/// The leases of a claim that answered at `now`, renewed first when the claim ran with an old
+/// instant. A claim carries the `now` it was asked at, and the queue starts its leases from it;
+/// a claim that waited before it ran (its connection being re-established after an outage, a
+/// stalled server) thus comes back with leases that have little time left, or none: they lapse
+/// while their handlers run, the ends are refused as a lost lease's, and the runs run again.
+/// A lease with less than three quarters of its duration left is extended at once with one
+/// heartbeat from `now` (no call otherwise); one the heartbeat reports lost (its lapse was
+/// already seen) is dropped, not run: it is recovered like any lapsed lease. A heartbeat that
+/// fails leaves the leases as they came.
+pub(crate) async fn renew_late(
+    queue: &dyn QueueBackend,
+    mut leases: Vec<Leased>,
+    lease: Duration,
+    now: Timestamp,
+) -> Vec<Leased> {
+    let enough = lease.saturating_sub(lease / 4);
+    if leases.iter().all(|l| l.lease_deadline.since(now) >= enough) {
+        return leases;
+    }
+    let ids: Vec<(RunId, FencingToken)> = leases
+        .iter()
+        .map(|l| (l.dispatch.run_id, l.token))
+        .collect();
+    let states = match queue.heartbeat(&ids, now).await {
+        Ok(states) if states.len() == leases.len() => states,
+        Ok(_) | Err(_) => {
+            tracing::debug!(
+                leases = leases.len(),
+                "late claim: its leases could not be renewed"
+            );
+            return leases;
+        }
+    };
+    let deadline = now.saturating_add(lease);
+    let mut states = states.into_iter();
+    leases.retain_mut(|l| match states.next() {
+        Some(LeaseState::Lost) | None => {
+            tracing::debug!(run = %l.dispatch.run_id, "late claim: lease already lost; left to its recovery");
+            false
+        }
+        Some(LeaseState::Alive | LeaseState::CancelRequested) => {
+            l.lease_deadline = l.lease_deadline.max(deadline);
+            true
+        }
+    });
+    leases
+}
+
 pub(crate) async fn load_claimed(engine: &Inner, leases: &[Leased]) -> Vec<Loaded> {
     let mut out: Vec<Option<Loaded>> = leases
         .iter()
@@ -1317,5 +1376,111 @@ impl Drop for Worker {
     /// lapse and are recovered by the timer service.
     fn drop(&mut self) {
         self.abort_all();
+    }
+}
+
+#[cfg(test)]
+mod late_claim_tests {
+    use std::sync::Arc;
+
+    use runlane_core::backend::{Dispatch, QueueBackend, ServedEnv};
+    use runlane_core::{EnvSettings, WorkerId};
+    use runlane_memory::{MemoryConfig, MemoryQueue};
+
+    use super::*;
+
+    const T0: Timestamp = Timestamp(1_700_000_000_000);
+    const LEASE: Duration = Duration::from_secs(30);
+
+    fn dispatch(id: u128) -> Dispatch {
+        Dispatch {
+            run_id: RunId(id),
+            env: EnvName::new("e").expect("env"),
+            queue: QueueName::new("q").expect("queue"),
+            key: Arc::from(""),
+            lane: LaneName::new("default").expect("lane"),
+            priority: Duration::ZERO,
+            run_after: T0,
+            ttl_deadline: None,
+            attempt: 1,
+            locked_version: None,
+            ever_leased: false,
+            max_duration: None,
+        }
+    }
+
+    /// A queue holding run 1, leased by a claim made at `T0` (the `now` it carried).
+    async fn claimed_at_t0() -> (MemoryQueue, Vec<Leased>) {
+        let q = MemoryQueue::new(MemoryConfig::default());
+        let e = EnvName::new("e").expect("env");
+        q.put_env(&e, EnvSettings::default(), T0)
+            .await
+            .expect("env");
+        q.enqueue(dispatch(1), false, T0).await.expect("enqueue");
+        let request = ClaimRequest {
+            worker: WorkerId(1),
+            chain: ClaimChain::default_chain(),
+            max: 1,
+            envs: vec![ServedEnv { env: e, version: 0 }],
+            lease: LEASE,
+        };
+        let leases = q.claim(&request, T0).await.expect("claim");
+        assert_eq!(leases.len(), 1);
+        (q, leases)
+    }
+
+    fn lapsed_at(tick: runlane_core::backend::Tick) -> Vec<RunId> {
+        tick.lapsed.iter().map(|l| l.dispatch.run_id).collect()
+    }
+
+    #[tokio::test]
+    async fn a_claim_answered_in_time_is_left_as_it_came() {
+        let (q, leases) = claimed_at_t0().await;
+        let answered = T0.saturating_add(Duration::from_secs(1));
+        let kept = renew_late(&q, leases.clone(), LEASE, answered).await;
+        assert_eq!(kept[0].lease_deadline, leases[0].lease_deadline);
+        // No heartbeat was made: the lease still lapses at its first deadline.
+        let tick = q
+            .tick(T0.saturating_add(LEASE + Duration::from_millis(1)))
+            .await
+            .expect("tick");
+        assert_eq!(lapsed_at(tick), vec![RunId(1)]);
+    }
+
+    #[tokio::test]
+    async fn a_late_claim_is_renewed_from_when_it_answered() {
+        let (q, leases) = claimed_at_t0().await;
+        // The claim ran with `T0` but answered 25 s later: 5 s of its 30 s lease were left.
+        let answered = T0.saturating_add(Duration::from_secs(25));
+        let kept = renew_late(&q, leases, LEASE, answered).await;
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].lease_deadline, answered.saturating_add(LEASE));
+        let past_first = q
+            .tick(T0.saturating_add(LEASE + Duration::from_secs(1)))
+            .await
+            .expect("tick");
+        assert!(
+            lapsed_at(past_first).is_empty(),
+            "the renewed lease outlives the deadline the claim set"
+        );
+        let past_renewed = q
+            .tick(answered.saturating_add(LEASE + Duration::from_millis(1)))
+            .await
+            .expect("tick");
+        assert_eq!(lapsed_at(past_renewed), vec![RunId(1)]);
+    }
+
+    #[tokio::test]
+    async fn a_late_claim_whose_lease_already_lapsed_runs_nothing() {
+        let (q, leases) = claimed_at_t0().await;
+        let answered = T0.saturating_add(LEASE + Duration::from_secs(1));
+        // The lapse was seen before the claim's answer was used.
+        let tick = q.tick(answered).await.expect("tick");
+        assert_eq!(lapsed_at(tick), vec![RunId(1)]);
+        let kept = renew_late(&q, leases, LEASE, answered).await;
+        assert!(
+            kept.is_empty(),
+            "a lost lease is left to its recovery, not run"
+        );
     }
 }
