@@ -875,8 +875,6 @@ pub(crate) enum Loaded {
     Failed(StoreError),
 }
 
-/// The task and payload of each claimed run, in claim order: handed over when this process
-/// triggered it, else read back from the store, one read for all of the claim's runs.
 /// Claims for `request` at the engine's `now`, with the leases renewed when the claim came back
 /// late (see [`renew_late`]).
 pub(crate) async fn claim(
@@ -935,6 +933,8 @@ pub(crate) async fn renew_late(
     leases
 }
 
+/// The task and payload of each claimed run, in claim order: handed over when this process
+/// triggered it, else read back from the store, one read for all of the claim's runs.
 pub(crate) async fn load_claimed(engine: &Inner, leases: &[Leased]) -> Vec<Loaded> {
     let mut out: Vec<Option<Loaded>> = leases
         .iter()
