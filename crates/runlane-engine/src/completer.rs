@@ -11,12 +11,14 @@
 //! of runs wait for their end.
 //!
 //! Per batch, in order (the order of a single completion, SPEC §7): leases are checked (a
-//! zombie's completion is dropped; one the queue cannot check is written, fenced by the
-//! store's attempt check), the store writes every end (the first terminal write
-//! wins), the queue finishes every run whose end is written or was already written, then the
-//! terminal statuses are published.
+//! zombie's completion is dropped; one the queue cannot check, or does not check within
+//! [`QUEUE_WAIT`], is written, fenced by the store's attempt check), the store writes every end
+//! (the first terminal write wins), the queue finishes every run whose end is written or was
+//! already written (an ack not answered within [`QUEUE_WAIT`] is left to the lease's lapse),
+//! then the terminal statuses are published.
 
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use runlane_core::backend::AttemptEnd;
 use runlane_core::{EnvName, FencingToken, QueueError, RunId, RunStatus, StoreError, Timestamp};
@@ -33,6 +35,29 @@ pub(crate) const BATCH_MAX: usize = 1024;
 /// next is already checked and written (a store with several writers commits them side by
 /// side). A run is in one batch only, so each run's steps keep their order.
 const IN_FLIGHT: usize = 2;
+
+/// How long a batch waits for the queue backend's lease check, and for its ack, before going on
+/// without the answer. A queue backend may hold a call instead of failing it: Redis's connection
+/// manager keeps the calls issued while it reconnects and runs them once it is back (seen
+/// holding calls for 3.4 s through a cut). A lease check not answered in time counts as "queue
+/// unavailable" (the end is written, fenced by attempt, as during an outage); an ack not
+/// answered in time is left to the lease's lapse, whose recovery finds the run ended in the
+/// store. Without the bound, two held acks kept every later end waiting until their leases had
+/// lapsed: those ends were refused as a lost lease's and the runs ran again.
+const QUEUE_WAIT: Duration = Duration::from_millis(500);
+
+/// `call`'s answer, or `Unavailable` when it takes longer than [`QUEUE_WAIT`].
+async fn bounded<T>(
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, QueueError>>,
+) -> Result<T, QueueError> {
+    match tokio::time::timeout(QUEUE_WAIT, call).await {
+        Ok(answer) => answer,
+        Err(_) => Err(QueueError::Unavailable(format!(
+            "the queue backend did not answer the {what} within {QUEUE_WAIT:?}"
+        ))),
+    }
+}
 
 /// One completed attempt waiting for its end to be written.
 pub(crate) struct Ending {
@@ -64,7 +89,10 @@ impl Completer {
         end: AttemptEnd,
     ) -> Result<(), EngineError> {
         let run = end.run;
-        if !writes_on(inner.queue.check_lease(run, token).await, run) {
+        if !writes_on(
+            bounded("lease check", inner.queue.check_lease(run, token)).await,
+            run,
+        ) {
             return Ok(());
         }
         let now = inner.now();
@@ -80,7 +108,7 @@ impl Completer {
             Err(e) => return Err(e.into()),
         };
         if matches!(written, Ok(()) | Err(StoreError::AlreadyFinished { .. })) {
-            match inner.queue.finish(run, token, now).await {
+            match bounded("ack", inner.queue.finish(run, token, now)).await {
                 Ok(effects) => inner.apply(effects, None).await,
                 Err(e) => inner.warn_queue_finish(run, &e),
             }
@@ -144,7 +172,7 @@ async fn end_batch(inner: &Inner, batch: Vec<Ending>) {
     // caller is answered `Ok`, as a single completion was).
     // All the batch's leases are checked in one call.
     let leases: Vec<(RunId, FencingToken)> = batch.iter().map(|e| (e.end.run, e.token)).collect();
-    let checks = match inner.queue.check_leases(&leases).await {
+    let checks = match bounded("lease check", inner.queue.check_leases(&leases)).await {
         Ok(checks) if checks.len() == batch.len() => checks,
         Ok(_) => {
             let e = QueueError::Unavailable("the queue answered a different count".into());
@@ -186,7 +214,7 @@ async fn end_batch(inner: &Inner, batch: Vec<Ending>) {
         }
     }
     if !to_finish.is_empty() {
-        match inner.queue.finish_many(&to_finish, now).await {
+        match bounded("ack", inner.queue.finish_many(&to_finish, now)).await {
             Ok((answers, effects)) => {
                 for ((run, _), answer) in to_finish.iter().zip(answers) {
                     if let Err(e) = answer {
