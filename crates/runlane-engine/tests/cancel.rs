@@ -8,17 +8,13 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{bounded, T0};
+use common::{bounded, finished, T0};
 use runlane_core::backend::{QueueBackend, RunStore};
 use runlane_core::{RetryPolicy, RunStatus};
-use runlane_engine::{
-    Engine, EngineBuilder, EngineConfig, HandlerError, ManualClock, RunContext, WaitOutcome,
-};
+use runlane_engine::{Engine, EngineBuilder, EngineConfig, HandlerError, ManualClock, RunContext};
 use runlane_memory::{MemoryConfig, MemoryQueue, MemoryStore};
 use serde_json::Value;
 use tokio::sync::mpsc;
-
-const FOREVER: Duration = Duration::from_secs(24 * 3600);
 
 struct Backends {
     engine: Engine,
@@ -91,13 +87,6 @@ fn retry_three() -> RetryPolicy {
         max: Duration::from_secs(1),
         jitter: 0.0,
         ..RetryPolicy::default()
-    }
-}
-
-async fn finished(engine: &Engine, run: runlane_core::RunId) -> runlane_core::backend::RunRecord {
-    match bounded(engine.wait(run, FOREVER)).await.expect("wait") {
-        WaitOutcome::Finished(record) => record,
-        other => panic!("run {run} did not finish: {other:?}"),
     }
 }
 

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use runlane_core::{RunStatus, Timestamp};
-use runlane_engine::{Engine, EngineBuilder, EngineConfig, ManualClock, RunEvent, RunEvents};
+use runlane_engine::{
+    Engine, EngineBuilder, EngineConfig, ManualClock, RunEvent, RunEvents, WaitOutcome,
+};
 use runlane_memory::{MemoryConfig, MemoryQueue, MemoryStore};
 
 /// The instant every test starts at.
@@ -57,6 +59,20 @@ pub async fn bounded<F: Future>(f: F) -> F::Output {
     tokio::time::timeout(Duration::from_secs(30), f)
         .await
         .expect("the awaited event never came")
+}
+
+/// A wait timeout no test reaches (the manual clock never ends a wait by itself).
+pub const FOREVER: Duration = Duration::from_secs(24 * 3600);
+
+/// The run's record once it finished (its terminal event), bounded like every wait.
+pub async fn finished(
+    engine: &Engine,
+    run: runlane_core::RunId,
+) -> runlane_core::backend::RunRecord {
+    match bounded(engine.wait(run, FOREVER)).await.expect("wait") {
+        WaitOutcome::Finished(record) => record,
+        other => panic!("run {run} did not finish: {other:?}"),
+    }
 }
 
 /// The next status event with `status` on a run subscription.
