@@ -1,4 +1,5 @@
-//! A [`RunStore`] that forwards every method to another one, with hooks around each call.
+//! A [`RunStore`] that forwards every method to another one, with hooks around each call
+//! ([`ForwardQueue`] does the same for a queue backend).
 //!
 //! Tests use it to watch or hold a real store (count reads, park a call until the test lets it
 //! go, clean up on drop) without writing out the whole trait: a hook implements only the
@@ -25,6 +26,9 @@
 
 use async_trait::async_trait;
 use std::sync::Arc;
+
+mod queue;
+pub use queue::{ForwardQueue, QueueHook, QueueOp};
 
 use super::{
     AttemptEnd, AttemptRecord, IdempotencyClaim, Inserted, Retention, RunFilter, RunRecord,
