@@ -89,12 +89,10 @@ impl Completer {
         end: AttemptEnd,
     ) -> Result<(), EngineError> {
         let run = end.run;
-        if !writes_on(
+        writes_on(
             bounded("lease check", inner.queue.check_lease(run, token)).await,
             run,
-        ) {
-            return Ok(());
-        }
+        )?;
         let now = inner.now();
         let (status, attempt) = (end.status, end.attempt.number);
         let written = match inner.store.finish_many(vec![end], now).await {
@@ -117,7 +115,7 @@ impl Completer {
     }
 
     /// Ends a completed attempt in the next batch; returns once its end is written (or was
-    /// refused, or the attempt's lease was lost).
+    /// refused, or the attempt's lease was lost: `StaleToken`).
     pub(crate) async fn end(
         &self,
         env: &EnvName,
@@ -169,7 +167,7 @@ pub(crate) async fn serve(engine: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<E
 
 async fn end_batch(inner: &Inner, batch: Vec<Ending>) {
     // A zombie never changes a run it lost: completions whose lease is gone are dropped (their
-    // caller is answered `Ok`, as a single completion was).
+    // caller is answered `StaleToken`, as a single completion is).
     // All the batch's leases are checked in one call.
     let leases: Vec<(RunId, FencingToken)> = batch.iter().map(|e| (e.end.run, e.token)).collect();
     let checks = match bounded("lease check", inner.queue.check_leases(&leases)).await {
@@ -182,10 +180,11 @@ async fn end_batch(inner: &Inner, batch: Vec<Ending>) {
     };
     let mut live: Vec<Ending> = Vec::with_capacity(batch.len());
     for (ending, check) in batch.into_iter().zip(checks) {
-        if writes_on(check, ending.end.run) {
-            live.push(ending);
-        } else {
-            let _ = ending.reply.send(Ok(()));
+        match writes_on(check, ending.end.run) {
+            Ok(()) => live.push(ending),
+            Err(lost) => {
+                let _ = ending.reply.send(Err(lost));
+            }
         }
     }
     if live.is_empty() {
@@ -246,20 +245,24 @@ async fn end_batch(inner: &Inner, batch: Vec<Ending>) {
 }
 
 /// Whether an end is written after its lease check. A lost lease drops it (a zombie never
-/// changes a run it lost). A queue that cannot be reached cannot say: the end is written
-/// anyway, since the store fences terminal writes by attempt (a run whose lease lapsed meanwhile
-/// has moved on to a later attempt and refuses it as `StaleAttempt`), so a run that completed
-/// during a queue outage is not run again once its lease lapses.
-fn writes_on(check: Result<(), QueueError>, run: RunId) -> bool {
+/// changes a run it lost): its caller is answered the check's error (`StaleToken`), so the
+/// attempt is not taken as settled and the lapse's recovery applies the retry policy (answered
+/// `Ok`, the caller's process would take the attempt as ended and its own recovery of the lapse
+/// would only clean the queue, leaving the run unfinished in the store). A queue that cannot be
+/// reached cannot say: the end is written anyway, since the store fences terminal writes by
+/// attempt (a run whose lease lapsed meanwhile has moved on to a later attempt and refuses it as
+/// `StaleAttempt`), so a run that completed during a queue outage is not run again once its
+/// lease lapses.
+fn writes_on(check: Result<(), QueueError>, run: RunId) -> Result<(), EngineError> {
     match check {
-        Ok(()) => true,
+        Ok(()) => Ok(()),
         Err(QueueError::Unavailable(e)) => {
             tracing::debug!(%run, error = %e, "lease not checked (queue unavailable); the store fences the end");
-            true
+            Ok(())
         }
         Err(e) => {
             tracing::debug!(%run, error = %e, "completion after the lease was lost; dropped");
-            false
+            Err(e.into())
         }
     }
 }

@@ -1189,6 +1189,13 @@ async fn execute(
             *settle = true;
             permit
         }
+        // The lease was lost before the end could be written (a zombie's end is dropped): the
+        // attempt stays unsettled, so the lapse's recovery, here or elsewhere, applies the
+        // retry policy.
+        Err(EngineError::StaleToken(_)) => {
+            tracing::debug!(%run, "the attempt's lease was lost before its end; left to its recovery");
+            None
+        }
         Err(e) => {
             tracing::warn!(%run, error = %e, "ending the attempt failed; the lease will lapse");
             None

@@ -1,196 +1,36 @@
 //! A queue backend that holds calls instead of failing them (as Redis's connection manager does
-//! while it reconnects): completions must not wait on it past their leases.
+//! while it reconnects): completions must not wait on it past their leases, and a completion
+//! whose lease lapsed while its check was held leaves the run to the lapse's recovery.
 
 mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{finished, T0};
-use runlane_core::backend::forward::{Forward, StoreHook};
-use runlane_core::backend::{
-    CancelOutcome, ClaimRequest, ConsumerId, Dispatch, Effects, Enqueued, EnvUsage, LaneInfo,
-    LeaseState, Leased, LiveRun, QueueBackend, QueueInfo, Tick,
-};
-use runlane_core::{
-    ClaimChain, EnvName, EnvSettings, FencingToken, LaneName, QueueError, QueueName, QueueSettings,
-    RunId, RunStatus, Timestamp,
-};
+use common::{bounded, finished, T0};
+use runlane_core::backend::forward::{Forward, ForwardQueue, QueueHook, QueueOp, StoreHook};
+use runlane_core::backend::RunStore;
+use runlane_core::{RetryPolicy, RunStatus, Timestamp};
 use runlane_engine::{EngineBuilder, EngineConfig, ManualClock, RunContext};
 use runlane_memory::{MemoryConfig, MemoryQueue, MemoryStore};
 use serde_json::json;
+use tokio::sync::{mpsc, watch};
 
-/// The memory queue, except that while `held` is set its lease checks and acks never answer.
+/// Holds the memory queue's lease checks and acks while `held` is set: they never answer.
 struct Holding {
-    inner: MemoryQueue,
     held: AtomicBool,
 }
 
-impl Holding {
-    async fn hold_if_set(&self) {
-        if self.held.load(Ordering::SeqCst) {
+#[async_trait]
+impl QueueHook for Holding {
+    async fn before(&self, op: QueueOp<'_>) {
+        if matches!(op, QueueOp::CheckLeases(_) | QueueOp::Finish(_))
+            && self.held.load(Ordering::SeqCst)
+        {
             std::future::pending::<()>().await;
         }
-    }
-}
-
-#[async_trait]
-impl QueueBackend for Holding {
-    async fn put_env(
-        &self,
-        env: &EnvName,
-        settings: EnvSettings,
-        now: Timestamp,
-    ) -> Result<Effects, QueueError> {
-        self.inner.put_env(env, settings, now).await
-    }
-    async fn put_queue(
-        &self,
-        env: &EnvName,
-        queue: &QueueName,
-        settings: QueueSettings,
-        now: Timestamp,
-    ) -> Result<Effects, QueueError> {
-        self.inner.put_queue(env, queue, settings, now).await
-    }
-    async fn queue_settings(
-        &self,
-        env: &EnvName,
-        queue: &QueueName,
-    ) -> Result<QueueSettings, QueueError> {
-        self.inner.queue_settings(env, queue).await
-    }
-    async fn add_lane(&self, lane: &LaneName) -> Result<(), QueueError> {
-        self.inner.add_lane(lane).await
-    }
-    async fn has_lane(&self, lane: &LaneName) -> Result<bool, QueueError> {
-        self.inner.has_lane(lane).await
-    }
-    async fn lanes(&self, now: Timestamp) -> Result<Vec<LaneInfo>, QueueError> {
-        self.inner.lanes(now).await
-    }
-    async fn queues(&self, env: &EnvName) -> Result<Vec<QueueInfo>, QueueError> {
-        self.inner.queues(env).await
-    }
-    async fn env_usage(&self, env: &EnvName) -> Result<EnvUsage, QueueError> {
-        self.inner.env_usage(env).await
-    }
-    async fn enqueue(
-        &self,
-        dispatch: Dispatch,
-        sync: bool,
-        now: Timestamp,
-    ) -> Result<Enqueued, QueueError> {
-        self.inner.enqueue(dispatch, sync, now).await
-    }
-    async fn claim(
-        &self,
-        request: &ClaimRequest,
-        now: Timestamp,
-    ) -> Result<Vec<Leased>, QueueError> {
-        self.inner.claim(request, now).await
-    }
-    async fn heartbeat(
-        &self,
-        leases: &[(RunId, FencingToken)],
-        now: Timestamp,
-    ) -> Result<Vec<LeaseState>, QueueError> {
-        self.inner.heartbeat(leases, now).await
-    }
-    async fn check_lease(&self, run: RunId, token: FencingToken) -> Result<(), QueueError> {
-        self.hold_if_set().await;
-        self.inner.check_lease(run, token).await
-    }
-    async fn check_leases(
-        &self,
-        leases: &[(RunId, FencingToken)],
-    ) -> Result<Vec<Result<(), QueueError>>, QueueError> {
-        self.hold_if_set().await;
-        self.inner.check_leases(leases).await
-    }
-    async fn finish(
-        &self,
-        run: RunId,
-        token: FencingToken,
-        now: Timestamp,
-    ) -> Result<Effects, QueueError> {
-        self.hold_if_set().await;
-        self.inner.finish(run, token, now).await
-    }
-    async fn finish_many(
-        &self,
-        runs: &[(RunId, FencingToken)],
-        now: Timestamp,
-    ) -> Result<(Vec<Result<(), QueueError>>, Effects), QueueError> {
-        self.hold_if_set().await;
-        self.inner.finish_many(runs, now).await
-    }
-    async fn retry(
-        &self,
-        run: RunId,
-        token: FencingToken,
-        run_after: Timestamp,
-        now: Timestamp,
-    ) -> Result<Effects, QueueError> {
-        self.inner.retry(run, token, run_after, now).await
-    }
-    async fn release(
-        &self,
-        run: RunId,
-        token: FencingToken,
-        now: Timestamp,
-    ) -> Result<Effects, QueueError> {
-        self.inner.release(run, token, now).await
-    }
-    async fn cancel(
-        &self,
-        run: RunId,
-        grace: Duration,
-        now: Timestamp,
-    ) -> Result<CancelOutcome, QueueError> {
-        self.inner.cancel(run, grace, now).await
-    }
-    async fn reschedule(
-        &self,
-        run: RunId,
-        run_after: Timestamp,
-        ttl_deadline: Option<Timestamp>,
-        now: Timestamp,
-    ) -> Result<Effects, QueueError> {
-        self.inner
-            .reschedule(run, run_after, ttl_deadline, now)
-            .await
-    }
-    async fn tick(&self, now: Timestamp) -> Result<Tick, QueueError> {
-        self.inner.tick(now).await
-    }
-    async fn next_deadline(&self) -> Result<Option<Timestamp>, QueueError> {
-        self.inner.next_deadline().await
-    }
-    async fn live(&self, run: RunId) -> Result<Option<LiveRun>, QueueError> {
-        self.inner.live(run).await
-    }
-    async fn snapshot(&self) -> Result<Vec<LiveRun>, QueueError> {
-        self.inner.snapshot().await
-    }
-    async fn register_consumer(
-        &self,
-        chain: &ClaimChain,
-        now: Timestamp,
-    ) -> Result<ConsumerId, QueueError> {
-        self.inner.register_consumer(chain, now).await
-    }
-    async fn unregister_consumer(
-        &self,
-        id: ConsumerId,
-        now: Timestamp,
-    ) -> Result<Effects, QueueError> {
-        self.inner.unregister_consumer(id, now).await
-    }
-    fn claims_in_process(&self) -> bool {
-        self.inner.claims_in_process()
     }
 }
 
@@ -209,10 +49,12 @@ impl StoreHook for Grouping {
 /// and no run ends.
 #[tokio::test]
 async fn held_lease_checks_and_acks_do_not_keep_ends_from_being_written() {
-    let queue = Arc::new(Holding {
-        inner: MemoryQueue::new(MemoryConfig::default()),
-        held: AtomicBool::new(true),
-    });
+    let queue = Arc::new(ForwardQueue::new(
+        Arc::new(MemoryQueue::new(MemoryConfig::default())),
+        Holding {
+            held: AtomicBool::new(true),
+        },
+    ));
     let store = Arc::new(Forward::new(Arc::new(MemoryStore::new()), Grouping));
     let clock = Arc::new(ManualClock::new(T0));
     let engine = EngineBuilder::new()
@@ -244,6 +86,126 @@ async fn held_lease_checks_and_acks_do_not_keep_ends_from_being_written() {
         assert_eq!(done.status, RunStatus::Completed);
         assert_eq!(done.attempts.len(), 1, "one attempt: the run ran once");
     }
-    queue.held.store(false, Ordering::SeqCst);
+    queue.hook().held.store(false, Ordering::SeqCst);
     drop(worker);
+}
+
+/// Holds the first lease check until a tick at or after `lapse_at` has run (the run's lease
+/// lapsed in the queue meanwhile), and every heartbeat (so nothing renews that lease).
+struct LapseWhileChecking {
+    checking: mpsc::UnboundedSender<()>,
+    lapse_at: Mutex<Option<Timestamp>>,
+    lapsed: watch::Sender<bool>,
+}
+
+#[async_trait]
+impl QueueHook for LapseWhileChecking {
+    async fn before(&self, op: QueueOp<'_>) {
+        match op {
+            QueueOp::Heartbeat(_) => std::future::pending::<()>().await,
+            QueueOp::CheckLeases(_) if !*self.lapsed.borrow() => {
+                let mut lapsed = self.lapsed.subscribe();
+                let _ = self.checking.send(());
+                let _ = lapsed.wait_for(|lapsed| *lapsed).await;
+            }
+            _ => {}
+        }
+    }
+
+    async fn after(&self, op: QueueOp<'_>) {
+        let lapse_at = *self.lapse_at.lock().expect("lapse_at");
+        if let (QueueOp::Tick(now), Some(at)) = (op, lapse_at) {
+            if now >= at {
+                self.lapsed.send_replace(true);
+            }
+        }
+    }
+}
+
+/// A handler returned, but its run's lease lapsed (and this process's tick saw it) before the
+/// end's lease check was answered: the check says the lease is lost, the end is dropped (a
+/// zombie never changes a run it lost), and the lapse's recovery in the same process counts
+/// the attempt `crashed` and retries the run. Before, the dropped end answered the worker as
+/// if written, the worker marked the attempt settled, and the recovery only cleaned the queue:
+/// the run stayed `executing` in the store with nothing left to run it.
+async fn lapse_while_the_end_is_checked(group_commits: bool) {
+    let (checking_tx, mut checking) = mpsc::unbounded_channel();
+    let queue = Arc::new(ForwardQueue::new(
+        Arc::new(MemoryQueue::new(MemoryConfig::default())),
+        LapseWhileChecking {
+            checking: checking_tx,
+            lapse_at: Mutex::new(None),
+            lapsed: watch::Sender::new(false),
+        },
+    ));
+    let store: Arc<dyn RunStore> = if group_commits {
+        Arc::new(Forward::new(Arc::new(MemoryStore::new()), Grouping))
+    } else {
+        Arc::new(MemoryStore::new())
+    };
+    let clock = Arc::new(ManualClock::new(T0));
+    let engine = EngineBuilder::new()
+        .clock(clock.clone())
+        .config(EngineConfig {
+            seed: Some(7),
+            ..EngineConfig::default()
+        })
+        .open(queue.clone(), store)
+        .await
+        .expect("open");
+    let _worker = engine
+        .worker()
+        .handler("job", |ctx: RunContext| async move {
+            Ok(json!(format!("attempt {}", ctx.attempt())))
+        })
+        .start()
+        .await
+        .expect("worker");
+    let retry = RetryPolicy {
+        attempts_max: 2,
+        factor: 1.0,
+        min: Duration::ZERO,
+        max: Duration::ZERO,
+        jitter: 0.0,
+    };
+    let run = engine
+        .trigger("job")
+        .retry(retry)
+        .send()
+        .await
+        .expect("trigger")
+        .run
+        .id;
+
+    // The first attempt's handler returned; its end's lease check is held.
+    bounded(checking.recv()).await.expect("a lease check");
+    let live = queue
+        .inner()
+        .live(run)
+        .await
+        .expect("live")
+        .expect("live run");
+    let deadline = live.lease.expect("leased").deadline;
+    *queue.hook().lapse_at.lock().expect("lapse_at") = Some(deadline);
+    clock.set(deadline.saturating_add(Duration::from_millis(1)));
+
+    let done = finished(&engine, run).await;
+    assert_eq!(done.status, RunStatus::Completed);
+    let outcomes: Vec<&str> = done.attempts.iter().map(|a| a.outcome.as_str()).collect();
+    assert_eq!(
+        outcomes,
+        ["crashed", "completed"],
+        "the lapsed attempt counts as crashed and the retry completes the run"
+    );
+    assert_eq!(done.output.as_deref(), Some("\"attempt 2\""));
+}
+
+#[tokio::test]
+async fn a_lapse_while_an_end_is_checked_retries_the_run() {
+    lapse_while_the_end_is_checked(false).await;
+}
+
+#[tokio::test]
+async fn a_lapse_while_a_batched_end_is_checked_retries_the_run() {
+    lapse_while_the_end_is_checked(true).await;
 }
