@@ -23,6 +23,7 @@ CONFORMANCE = ["cargo", "test", "-q", "-p", "runlane", "--test", "conformance_me
 CONFORMANCE_REDIS = ["cargo", "test", "-q", "-p", "runlane", "--test", "conformance_redis_memory", "--"]
 CLAIM_ON_ENQUEUE_REDIS = ["cargo", "test", "-q", "-p", "runlane-redis", "--lib", "claim_on_enqueue"]
 CLAIM_ON_ENQUEUE = ["cargo", "test", "-q", "-p", "runlane", "--test", "distributed_claim_on_enqueue"]
+HEARTBEAT = ["cargo", "test", "-q", "-p", "runlane", "--test", "heartbeat"]
 PROPTEST = ["cargo", "test", "-q", "-p", "runlane-conformance", "--test", "model_vs_memory",
             "model_and_memory_backend_agree_after_every_step"]
 
@@ -177,6 +178,14 @@ MUTANTS = [
         "old": "if num(redis.call('HGET', k_l(lane), 'count')) > 0 then keep[#keep + 1] = lane end",
         "new": "keep[#keep + 1] = lane",
         "tests": [CLAIM_ON_ENQUEUE_REDIS, CLAIM_ON_ENQUEUE],
+    },
+    {
+        "id": "R11",
+        "bug": "a heartbeat that ran late shortens its lease (Redis)",
+        "file": LUA,
+        "old": "if ldl > r[F_LDL] then",
+        "new": "if ldl > 0 then",
+        "tests": [HEARTBEAT],
     },
 ]
 

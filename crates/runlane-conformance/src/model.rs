@@ -940,7 +940,7 @@ impl State {
                     .find(|l| l.token == token && !l.lapsed);
                 match lease {
                     Some(l) => {
-                        l.deadline = now.saturating_add(l.duration);
+                        l.deadline = l.deadline.max(now.saturating_add(l.duration));
                         if l.cancel_requested_at.is_some() {
                             LeaseState::CancelRequested
                         } else {

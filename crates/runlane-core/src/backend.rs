@@ -356,7 +356,9 @@ pub trait QueueBackend: Send + Sync + 'static {
         request: &ClaimRequest,
         now: Timestamp,
     ) -> Result<Vec<Leased>, QueueError>;
-    /// Extends the given leases by their lease duration; answers per lease.
+    /// Extends the given leases to `now` + their lease duration; answers per lease. A lease is
+    /// never shortened: a heartbeat that ran late (a client that held the call through a
+    /// reconnect runs it with the `now` it was issued at) leaves a later deadline as it is.
     async fn heartbeat(
         &self,
         leases: &[(RunId, FencingToken)],

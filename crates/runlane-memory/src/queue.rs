@@ -960,8 +960,10 @@ impl QueueBackend for MemoryQueue {
         for &(run, token) in leases {
             let extended = match st.runs.get_mut(&run).map(|e| &mut e.place) {
                 Some(Place::Leased(l)) if l.token == token && !l.lapsed => {
+                    // Never shortened: a heartbeat that ran late (its `now` older than an
+                    // earlier heartbeat's) leaves the later deadline.
                     let old = l.deadline;
-                    l.deadline = now.saturating_add(l.duration);
+                    l.deadline = old.max(now.saturating_add(l.duration));
                     Some((old, l.deadline, l.cancel_requested_at.is_some()))
                 }
                 _ => None,

@@ -1785,10 +1785,15 @@ OPS['heartbeat'] = function()
     local id, token = ARGV[i], tonumber(ARGV[i + 1])
     local r = load(id)
     if r and r[F_PLACE] == 'l' and r[F_TOKEN] == token and not r[F_LAPSED] then
-      r[F_LDL] = now + r[F_LDUR]
-      leases[#leases + 1] = r[F_LDL]
-      leases[#leases + 1] = id
-      save(id, r)
+      -- Never shortened: a heartbeat that ran late (held by a client through a reconnect,
+      -- its `now` older than an earlier heartbeat's) leaves the later deadline.
+      local ldl = now + r[F_LDUR]
+      if ldl > r[F_LDL] then
+        r[F_LDL] = ldl
+        leases[#leases + 1] = ldl
+        leases[#leases + 1] = id
+        save(id, r)
+      end
       if r[F_CRA] then out[#out + 1] = 'cancel' else out[#out + 1] = 'alive' end
     else
       out[#out + 1] = 'lost'
