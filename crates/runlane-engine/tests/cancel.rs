@@ -8,10 +8,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{bounded, finished, T0};
+use common::{bounded, finished, open_on, T0};
 use runlane_core::backend::{QueueBackend, RunStore};
 use runlane_core::{RetryPolicy, RunStatus};
-use runlane_engine::{Engine, EngineBuilder, EngineConfig, HandlerError, ManualClock, RunContext};
+use runlane_engine::{Engine, HandlerError, ManualClock, RunContext};
 use runlane_memory::{MemoryConfig, MemoryQueue, MemoryStore};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -24,18 +24,9 @@ struct Backends {
 }
 
 async fn open() -> Backends {
-    let clock = Arc::new(ManualClock::new(T0));
     let queue = Arc::new(MemoryQueue::new(MemoryConfig::default()));
     let store = Arc::new(MemoryStore::new());
-    let engine = EngineBuilder::new()
-        .clock(clock.clone())
-        .config(EngineConfig {
-            seed: Some(7),
-            ..EngineConfig::default()
-        })
-        .open(queue.clone(), store.clone())
-        .await
-        .expect("open");
+    let (engine, clock) = open_on(queue.clone(), store.clone()).await;
     Backends {
         engine,
         clock,

@@ -7,10 +7,10 @@ mod common;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use common::{bounded, T0};
+use common::{bounded, open_on};
 use runlane_core::backend::forward::{Forward, StoreHook, StoreOp};
 use runlane_core::RunStatus;
-use runlane_engine::{EngineBuilder, EngineConfig, HandlerError, ManualClock, RunContext};
+use runlane_engine::{HandlerError, RunContext};
 use runlane_memory::{MemoryConfig, MemoryQueue, MemoryStore};
 use serde_json::json;
 use tokio::sync::{mpsc, Semaphore};
@@ -58,18 +58,8 @@ async fn completions_waiting_behind_a_write_are_ended_in_one_batch() {
             entered: entered_tx,
         },
     ));
-    let engine = EngineBuilder::new()
-        .clock(Arc::new(ManualClock::new(T0)))
-        .config(EngineConfig {
-            seed: Some(7),
-            ..EngineConfig::default()
-        })
-        .open(
-            Arc::new(MemoryQueue::new(MemoryConfig::default())),
-            store.clone(),
-        )
-        .await
-        .expect("open");
+    let queue = Arc::new(MemoryQueue::new(MemoryConfig::default()));
+    let (engine, _clock) = open_on(queue, store.clone()).await;
     let (done_tx, mut done) = mpsc::unbounded_channel::<u64>();
     let worker = engine
         .worker()

@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{bounded, finished, T0};
+use common::{bounded, finished, open_on};
 use runlane_core::backend::forward::{Forward, ForwardQueue, QueueHook, QueueOp, StoreHook};
 use runlane_core::backend::RunStore;
 use runlane_core::{RetryPolicy, RunStatus, Timestamp};
-use runlane_engine::{EngineBuilder, EngineConfig, ManualClock, RunContext};
+use runlane_engine::RunContext;
 use runlane_memory::{MemoryConfig, MemoryQueue, MemoryStore};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
@@ -56,16 +56,7 @@ async fn held_lease_checks_and_acks_do_not_keep_ends_from_being_written() {
         },
     ));
     let store = Arc::new(Forward::new(Arc::new(MemoryStore::new()), Grouping));
-    let clock = Arc::new(ManualClock::new(T0));
-    let engine = EngineBuilder::new()
-        .clock(clock)
-        .config(EngineConfig {
-            seed: Some(7),
-            ..EngineConfig::default()
-        })
-        .open(queue.clone(), store)
-        .await
-        .expect("open");
+    let (engine, _clock) = open_on(queue.clone(), store).await;
     let worker = engine
         .worker()
         .handler(
@@ -143,16 +134,7 @@ async fn lapse_while_the_end_is_checked(group_commits: bool) {
     } else {
         Arc::new(MemoryStore::new())
     };
-    let clock = Arc::new(ManualClock::new(T0));
-    let engine = EngineBuilder::new()
-        .clock(clock.clone())
-        .config(EngineConfig {
-            seed: Some(7),
-            ..EngineConfig::default()
-        })
-        .open(queue.clone(), store)
-        .await
-        .expect("open");
+    let (engine, clock) = open_on(queue.clone(), store).await;
     let _worker = engine
         .worker()
         .handler("job", |ctx: RunContext| async move {

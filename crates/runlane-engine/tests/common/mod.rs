@@ -8,6 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use runlane_core::backend::{QueueBackend, RunStore};
 use runlane_core::{RunStatus, Timestamp};
 use runlane_engine::{
     Engine, EngineBuilder, EngineConfig, ManualClock, RunEvent, RunEvents, WaitOutcome,
@@ -30,17 +31,8 @@ impl Harness {
     }
 
     pub async fn with_config(config: EngineConfig) -> Self {
-        let clock = Arc::new(ManualClock::new(T0));
         let queue = Arc::new(MemoryQueue::new(MemoryConfig::default()));
-        let engine = EngineBuilder::new()
-            .clock(clock.clone())
-            .config(EngineConfig {
-                seed: Some(7),
-                ..config
-            })
-            .open(queue.clone(), Arc::new(MemoryStore::new()))
-            .await
-            .expect("open");
+        let (engine, clock) = open_with(config, queue.clone(), Arc::new(MemoryStore::new())).await;
         Harness {
             engine,
             clock,
@@ -52,6 +44,33 @@ impl Harness {
     pub fn check_invariants(&self) {
         self.queue.check_invariants().expect("queue invariants");
     }
+}
+
+/// An engine over `queue` and `store` on a manual clock at [`T0`] (seeded), and its clock.
+pub async fn open_on(
+    queue: Arc<dyn QueueBackend>,
+    store: Arc<dyn RunStore>,
+) -> (Engine, Arc<ManualClock>) {
+    open_with(EngineConfig::default(), queue, store).await
+}
+
+/// [`open_on`] with `config` (its seed replaced).
+pub async fn open_with(
+    config: EngineConfig,
+    queue: Arc<dyn QueueBackend>,
+    store: Arc<dyn RunStore>,
+) -> (Engine, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(T0));
+    let engine = EngineBuilder::new()
+        .clock(clock.clone())
+        .config(EngineConfig {
+            seed: Some(7),
+            ..config
+        })
+        .open(queue, store)
+        .await
+        .expect("open");
+    (engine, clock)
 }
 
 /// Bounds a wait on an event so that a bug fails the test instead of hanging it.
