@@ -4,16 +4,17 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering::{self, SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{bounded, finished, open_on};
+use common::{bounded, finished, open_on, FOREVER};
 use runlane_core::backend::forward::{Forward, ForwardQueue, QueueHook, QueueOp, StoreHook};
 use runlane_core::backend::RunStore;
-use runlane_core::{RetryPolicy, RunStatus, Timestamp};
-use runlane_engine::RunContext;
+use runlane_core::{RetryPolicy, RunId, RunStatus, Timestamp};
+use runlane_engine::{Engine, EngineError, ManualClock, RemoteWorkerSpec, RunContext};
 use runlane_memory::{MemoryConfig, MemoryQueue, MemoryStore};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
@@ -81,12 +82,63 @@ async fn held_lease_checks_and_acks_do_not_keep_ends_from_being_written() {
     drop(worker);
 }
 
-/// Holds the first lease check until a tick at or after `lapse_at` has run (the run's lease
-/// lapsed in the queue meanwhile), and every heartbeat (so nothing renews that lease).
+/// Lets `pass` lease checks through, then holds the next one until a tick at or after
+/// `lapse_at` has run (the run's lease lapsed in the queue meanwhile); holds every heartbeat
+/// (so nothing renews that lease).
 struct LapseWhileChecking {
+    pass: AtomicUsize,
     checking: mpsc::UnboundedSender<()>,
     lapse_at: Mutex<Option<Timestamp>>,
     lapsed: watch::Sender<bool>,
+}
+
+type Lapsing = ForwardQueue<LapseWhileChecking>;
+
+/// A memory queue whose lease check after the first `pass` is held until the lease lapses,
+/// and the receiver told when that check arrives.
+fn lapsing(pass: usize) -> (Arc<Lapsing>, mpsc::UnboundedReceiver<()>) {
+    let (checking, arrived) = mpsc::unbounded_channel();
+    let hook = LapseWhileChecking {
+        pass: AtomicUsize::new(pass),
+        checking,
+        lapse_at: Mutex::new(None),
+        lapsed: watch::Sender::new(false),
+    };
+    let inner = Arc::new(MemoryQueue::new(MemoryConfig::default()));
+    (Arc::new(ForwardQueue::new(inner, hook)), arrived)
+}
+
+/// Moves the clock just past `run`'s lease deadline: the engine's tick lapses the lease, and
+/// then the held check goes on (and finds the lease lost).
+async fn lapse(queue: &Lapsing, clock: &ManualClock, run: RunId) {
+    let live = queue.inner().live(run).await.expect("live");
+    let deadline = live.and_then(|l| l.lease).expect("leased").deadline;
+    *queue.hook().lapse_at.lock().expect("lapse_at") = Some(deadline);
+    clock.set(deadline.saturating_add(Duration::from_millis(1)));
+}
+
+/// Two attempts, the second at once.
+fn two_attempts() -> RetryPolicy {
+    RetryPolicy {
+        attempts_max: 2,
+        factor: 1.0,
+        min: Duration::ZERO,
+        max: Duration::ZERO,
+        jitter: 0.0,
+    }
+}
+
+/// The run ended on its second attempt, the first counted `crashed`, with `output`.
+async fn retried(engine: &Engine, run: RunId, output: &str) {
+    let done = finished(engine, run).await;
+    assert_eq!(done.status, RunStatus::Completed);
+    let outcomes: Vec<&str> = done.attempts.iter().map(|a| a.outcome.as_str()).collect();
+    assert_eq!(
+        outcomes,
+        ["crashed", "completed"],
+        "the lapsed attempt counts as crashed and the retry completes the run"
+    );
+    assert_eq!(done.output.as_deref(), Some(output));
 }
 
 #[async_trait]
@@ -95,6 +147,10 @@ impl QueueHook for LapseWhileChecking {
         match op {
             QueueOp::Heartbeat(_) => std::future::pending::<()>().await,
             QueueOp::CheckLeases(_) if !*self.lapsed.borrow() => {
+                let passed = self.pass.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1));
+                if passed.is_ok() {
+                    return;
+                }
                 let mut lapsed = self.lapsed.subscribe();
                 let _ = self.checking.send(());
                 let _ = lapsed.wait_for(|lapsed| *lapsed).await;
@@ -120,15 +176,7 @@ impl QueueHook for LapseWhileChecking {
 /// if written, the worker marked the attempt settled, and the recovery only cleaned the queue:
 /// the run stayed `executing` in the store with nothing left to run it.
 async fn lapse_while_the_end_is_checked(group_commits: bool) {
-    let (checking_tx, mut checking) = mpsc::unbounded_channel();
-    let queue = Arc::new(ForwardQueue::new(
-        Arc::new(MemoryQueue::new(MemoryConfig::default())),
-        LapseWhileChecking {
-            checking: checking_tx,
-            lapse_at: Mutex::new(None),
-            lapsed: watch::Sender::new(false),
-        },
-    ));
+    let (queue, mut checking) = lapsing(0);
     let store: Arc<dyn RunStore> = if group_commits {
         Arc::new(Forward::new(Arc::new(MemoryStore::new()), Grouping))
     } else {
@@ -143,43 +191,13 @@ async fn lapse_while_the_end_is_checked(group_commits: bool) {
         .start()
         .await
         .expect("worker");
-    let retry = RetryPolicy {
-        attempts_max: 2,
-        factor: 1.0,
-        min: Duration::ZERO,
-        max: Duration::ZERO,
-        jitter: 0.0,
-    };
-    let run = engine
-        .trigger("job")
-        .retry(retry)
-        .send()
-        .await
-        .expect("trigger")
-        .run
-        .id;
+    let trigger = engine.trigger("job").retry(two_attempts());
+    let run = trigger.send().await.expect("trigger").run.id;
 
     // The first attempt's handler returned; its end's lease check is held.
     bounded(checking.recv()).await.expect("a lease check");
-    let live = queue
-        .inner()
-        .live(run)
-        .await
-        .expect("live")
-        .expect("live run");
-    let deadline = live.lease.expect("leased").deadline;
-    *queue.hook().lapse_at.lock().expect("lapse_at") = Some(deadline);
-    clock.set(deadline.saturating_add(Duration::from_millis(1)));
-
-    let done = finished(&engine, run).await;
-    assert_eq!(done.status, RunStatus::Completed);
-    let outcomes: Vec<&str> = done.attempts.iter().map(|a| a.outcome.as_str()).collect();
-    assert_eq!(
-        outcomes,
-        ["crashed", "completed"],
-        "the lapsed attempt counts as crashed and the retry completes the run"
-    );
-    assert_eq!(done.output.as_deref(), Some("\"attempt 2\""));
+    lapse(&queue, &clock, run).await;
+    retried(&engine, run, "\"attempt 2\"").await;
 }
 
 #[tokio::test]
@@ -190,4 +208,45 @@ async fn a_lapse_while_an_end_is_checked_retries_the_run() {
 #[tokio::test]
 async fn a_lapse_while_a_batched_end_is_checked_retries_the_run() {
     lapse_while_the_end_is_checked(true).await;
+}
+
+/// The same through the worker protocol: a remote worker's `complete` whose lease lapses while
+/// the end's lease check is held is answered `StaleToken` (before: `Ok`, and the run never
+/// ended), its slot is freed, and the retried run is claimed and completed again.
+#[tokio::test]
+async fn a_lapse_while_a_remote_end_is_checked_answers_stale_and_retries_the_run() {
+    // `complete` checks the lease once before it ends the attempt: hold the end's check.
+    let (queue, mut checking) = lapsing(1);
+    let (engine, clock) = open_on(queue.clone(), Arc::new(MemoryStore::new())).await;
+    let spec = RemoteWorkerSpec {
+        envs: vec![("default".to_owned(), None)],
+        workloops: "*:1".to_owned(),
+        lease: None,
+    };
+    let worker = engine.remote_worker(spec).await.expect("remote worker");
+    let trigger = engine.trigger("job").retry(two_attempts());
+    let run = trigger.send().await.expect("trigger").run.id;
+    let claimed = worker.claim(0, 1, Duration::ZERO).await.expect("claim");
+    let token = claimed.first().expect("claimed the run").token;
+    let ending = tokio::spawn({
+        let worker = worker.clone();
+        async move { worker.complete(run, token, json!("first")).await }
+    });
+    bounded(checking.recv())
+        .await
+        .expect("the end's lease check");
+    lapse(&queue, &clock, run).await;
+    assert_eq!(
+        bounded(ending).await.expect("complete"),
+        Err(EngineError::StaleToken(run)),
+        "an end dropped for a lost lease is not answered as written"
+    );
+    let again = bounded(worker.claim(0, 1, FOREVER)).await.expect("claim");
+    let again = again.first().expect("the retried run");
+    assert_eq!((again.run_id, again.attempt), (run, 2));
+    worker
+        .complete(run, again.token, json!("second"))
+        .await
+        .expect("complete");
+    retried(&engine, run, "\"second\"").await;
 }
