@@ -741,11 +741,15 @@ impl RemoteWorker {
         let mut settle = held.local.settle.lock().await;
         s.check_live(&held, *settle).await?;
         let result = release_lease(s.inner(), run, token, &held.env, held.attempt).await;
-        if matches!(result, Ok(()) | Err(EngineError::StaleToken(_))) {
-            *settle = true;
-            drop(settle);
-            s.forget(run, token);
+        match result {
+            Ok(()) => *settle = true,
+            // The lease lapsed meanwhile: the attempt is its recovery's (left unsettled, so a
+            // recovery already waiting for it applies the retry policy), the slot is freed.
+            Err(EngineError::StaleToken(_)) => {}
+            Err(_) => return result,
         }
+        drop(settle);
+        s.forget(run, token);
         result
     }
 
@@ -801,9 +805,13 @@ impl RemoteWorker {
             let (run, token) = (h.local.run, h.local.token);
             let mut settle = h.local.settle.lock().await;
             if !*settle && h.local.abort.get().is_none() {
-                match release_lease(engine, run, token, &h.env, h.attempt).await {
-                    Ok(()) | Err(EngineError::StaleToken(_)) => *settle = true,
-                    Err(_) => {} // Logged; the lease lapses and the timer recovers the run.
+                // Unless released, the attempt is left unsettled: a lapsed lease (or one that
+                // will lapse) is recovered by the timer, which applies the retry policy.
+                if release_lease(engine, run, token, &h.env, h.attempt)
+                    .await
+                    .is_ok()
+                {
+                    *settle = true;
                 }
             }
             drop(settle);

@@ -1054,8 +1054,7 @@ async fn execute(
     if continued && *shared.stop.borrow() {
         // Claimed by a run task as the drain began: it goes back like any run the drain stops.
         let mut settle = local.settle.lock().await;
-        if !*settle {
-            release(&shared, run, token, &d.env, d.attempt).await;
+        if !*settle && release(&shared, run, token, &d.env, d.attempt).await {
             *settle = true;
         }
         return None;
@@ -1069,7 +1068,7 @@ async fn execute(
         Resolved::Unloadable(e) => {
             // Without the payload nothing can run: hand the run back without an attempt.
             tracing::warn!(%run, error = %e, "claimed run could not be loaded; releasing it");
-            release(&shared, run, token, &d.env, d.attempt).await;
+            let _ = release(&shared, run, token, &d.env, d.attempt).await;
             return None;
         }
     };
@@ -1142,7 +1141,9 @@ async fn execute(
     let result = match outcome {
         Outcome::Aborted(AbortKind::Engine) => return None,
         Outcome::Aborted(AbortKind::Drain) => {
-            release(&shared, run, token, &d.env, d.attempt).await;
+            if !release(&shared, run, token, &d.env, d.attempt).await {
+                return None;
+            }
             Ok(())
         }
         Outcome::Completed(value) => {
@@ -1157,7 +1158,9 @@ async fn execute(
             // The engine owns these endings; it takes the settle lock after us.
             Some(CancelReason::Timeout | CancelReason::LeaseLost) => return None,
             Some(CancelReason::Shutdown) => {
-                release(&shared, run, token, &d.env, d.attempt).await;
+                if !release(&shared, run, token, &d.env, d.attempt).await {
+                    return None;
+                }
                 Ok(())
             }
             Some(CancelReason::Cancel) => {
@@ -1260,21 +1263,28 @@ where
 }
 
 /// Drain: back to the queue without counting an attempt, or `canceled` when a cancel was
-/// requested (see [`Inner::release_leased`]).
+/// requested (see [`Inner::release_leased`]). `false` when the queue did not take the run
+/// back (its lease lapsed, or the call failed): the attempt is then not settled, and the
+/// lease's lapse is recovered like any other (here too, when this process's tick saw it while
+/// the release was on its way), applying the retry policy.
 async fn release(
     shared: &WorkerShared,
     run: RunId,
     token: FencingToken,
     env: &EnvName,
     attempt: u32,
-) {
+) -> bool {
     let engine = &shared.engine.inner;
     match engine.release_leased(run, token, env, attempt).await {
         Ok(Released::Queued) => {
             shared.released.fetch_add(1, Ordering::Relaxed);
+            true
         }
-        Ok(Released::Canceled) => {}
-        Err(e) => tracing::warn!(%run, error = %e, "release failed; the lease will lapse"),
+        Ok(Released::Canceled) => true,
+        Err(e) => {
+            tracing::warn!(%run, error = %e, "release failed; the lease will lapse");
+            false
+        }
     }
 }
 

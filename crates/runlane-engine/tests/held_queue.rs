@@ -14,7 +14,9 @@ use common::{bounded, finished, open_on, FOREVER};
 use runlane_core::backend::forward::{Forward, ForwardQueue, QueueHook, QueueOp, StoreHook};
 use runlane_core::backend::RunStore;
 use runlane_core::{RetryPolicy, RunId, RunStatus, Timestamp};
-use runlane_engine::{Engine, EngineError, ManualClock, RemoteWorkerSpec, RunContext};
+use runlane_engine::{
+    Engine, EngineError, HandlerError, ManualClock, RemoteWorker, RemoteWorkerSpec, RunContext,
+};
 use runlane_memory::{MemoryConfig, MemoryQueue, MemoryStore};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
@@ -82,10 +84,11 @@ async fn held_lease_checks_and_acks_do_not_keep_ends_from_being_written() {
     drop(worker);
 }
 
-/// Lets `pass` lease checks through, then holds the next one until a tick at or after
-/// `lapse_at` has run (the run's lease lapsed in the queue meanwhile); holds every heartbeat
-/// (so nothing renews that lease).
+/// Lets `pass` calls that `holds` picks through, then holds the next one until a tick at or
+/// after `lapse_at` has run (the run's lease lapsed in the queue meanwhile); holds every
+/// heartbeat (so nothing renews that lease).
 struct LapseWhileChecking {
+    holds: fn(&QueueOp<'_>) -> bool,
     pass: AtomicUsize,
     checking: mpsc::UnboundedSender<()>,
     lapse_at: Mutex<Option<Timestamp>>,
@@ -94,11 +97,15 @@ struct LapseWhileChecking {
 
 type Lapsing = ForwardQueue<LapseWhileChecking>;
 
-/// A memory queue whose lease check after the first `pass` is held until the lease lapses,
-/// and the receiver told when that check arrives.
-fn lapsing(pass: usize) -> (Arc<Lapsing>, mpsc::UnboundedReceiver<()>) {
+/// A memory queue whose call picked by `holds` after the first `pass` is held until the
+/// lease lapses, and the receiver told when that call arrives.
+fn lapsing(
+    holds: fn(&QueueOp<'_>) -> bool,
+    pass: usize,
+) -> (Arc<Lapsing>, mpsc::UnboundedReceiver<()>) {
     let (checking, arrived) = mpsc::unbounded_channel();
     let hook = LapseWhileChecking {
+        holds,
         pass: AtomicUsize::new(pass),
         checking,
         lapse_at: Mutex::new(None),
@@ -106,6 +113,14 @@ fn lapsing(pass: usize) -> (Arc<Lapsing>, mpsc::UnboundedReceiver<()>) {
     };
     let inner = Arc::new(MemoryQueue::new(MemoryConfig::default()));
     (Arc::new(ForwardQueue::new(inner, hook)), arrived)
+}
+
+fn lease_check(op: &QueueOp<'_>) -> bool {
+    matches!(op, QueueOp::CheckLeases(_))
+}
+
+fn release(op: &QueueOp<'_>) -> bool {
+    matches!(op, QueueOp::Release(_))
 }
 
 /// Moves the clock just past `run`'s lease deadline: the engine's tick lapses the lease, and
@@ -146,7 +161,7 @@ impl QueueHook for LapseWhileChecking {
     async fn before(&self, op: QueueOp<'_>) {
         match op {
             QueueOp::Heartbeat(_) => std::future::pending::<()>().await,
-            QueueOp::CheckLeases(_) if !*self.lapsed.borrow() => {
+            op if (self.holds)(&op) && !*self.lapsed.borrow() => {
                 let passed = self.pass.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1));
                 if passed.is_ok() {
                     return;
@@ -176,7 +191,7 @@ impl QueueHook for LapseWhileChecking {
 /// if written, the worker marked the attempt settled, and the recovery only cleaned the queue:
 /// the run stayed `executing` in the store with nothing left to run it.
 async fn lapse_while_the_end_is_checked(group_commits: bool) {
-    let (queue, mut checking) = lapsing(0);
+    let (queue, mut checking) = lapsing(lease_check, 0);
     let store: Arc<dyn RunStore> = if group_commits {
         Arc::new(Forward::new(Arc::new(MemoryStore::new()), Grouping))
     } else {
@@ -216,14 +231,9 @@ async fn a_lapse_while_a_batched_end_is_checked_retries_the_run() {
 #[tokio::test]
 async fn a_lapse_while_a_remote_end_is_checked_answers_stale_and_retries_the_run() {
     // `complete` checks the lease once before it ends the attempt: hold the end's check.
-    let (queue, mut checking) = lapsing(1);
+    let (queue, mut checking) = lapsing(lease_check, 1);
     let (engine, clock) = open_on(queue.clone(), Arc::new(MemoryStore::new())).await;
-    let spec = RemoteWorkerSpec {
-        envs: vec![("default".to_owned(), None)],
-        workloops: "*:1".to_owned(),
-        lease: None,
-    };
-    let worker = engine.remote_worker(spec).await.expect("remote worker");
+    let worker = remote_worker(&engine).await;
     let trigger = engine.trigger("job").retry(two_attempts());
     let run = trigger.send().await.expect("trigger").run.id;
     let claimed = worker.claim(0, 1, Duration::ZERO).await.expect("claim");
@@ -249,4 +259,87 @@ async fn a_lapse_while_a_remote_end_is_checked_answers_stale_and_retries_the_run
         .await
         .expect("complete");
     retried(&engine, run, "\"second\"").await;
+}
+
+/// A drain whose release finds the lease lapsed (this process's tick saw the lapse while the
+/// release was held) leaves the attempt to the lapse's recovery: counted `crashed` and retried.
+/// Before, the worker marked the attempt settled whatever the release answered, the recovery
+/// only cleaned the queue, and the run stayed `executing` in the store with nothing to run it.
+#[tokio::test]
+async fn a_lapse_while_a_drained_run_is_released_retries_the_run() {
+    let (queue, mut releasing) = lapsing(release, 0);
+    let (engine, clock) = open_on(queue.clone(), Arc::new(MemoryStore::new())).await;
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let stuck = engine
+        .worker()
+        .stop_timeout(Duration::ZERO)
+        .handler("job", move |_ctx: RunContext| {
+            let started = started_tx.clone();
+            async move {
+                let _ = started.send(());
+                std::future::pending::<Result<serde_json::Value, HandlerError>>().await
+            }
+        })
+        .start()
+        .await
+        .expect("worker");
+    let trigger = engine.trigger("job").retry(two_attempts());
+    let run = trigger.send().await.expect("trigger").run.id;
+    bounded(started.recv()).await.expect("the handler started");
+
+    // The drain aborts the handler and releases the run; the release is held.
+    let stopping = tokio::spawn(stuck.stop());
+    bounded(releasing.recv()).await.expect("the release");
+    lapse(&queue, &clock, run).await;
+    let report = bounded(stopping).await.expect("stop");
+    assert_eq!(report.released, 0, "the release found the lease lapsed");
+
+    let _worker = engine
+        .worker()
+        .handler("job", |_ctx: RunContext| async move { Ok(json!("done")) })
+        .start()
+        .await
+        .expect("worker");
+    retried(&engine, run, "\"done\"").await;
+}
+
+/// The same through the worker protocol's `release`: answered `StaleToken`, its slot freed,
+/// and the run retried (before, the attempt was marked settled and the run never ended).
+#[tokio::test]
+async fn a_lapse_while_a_remote_release_is_held_retries_the_run() {
+    let (queue, mut releasing) = lapsing(release, 0);
+    let (engine, clock) = open_on(queue.clone(), Arc::new(MemoryStore::new())).await;
+    let worker = remote_worker(&engine).await;
+    let trigger = engine.trigger("job").retry(two_attempts());
+    let run = trigger.send().await.expect("trigger").run.id;
+    let claimed = worker.claim(0, 1, Duration::ZERO).await.expect("claim");
+    let token = claimed.first().expect("claimed the run").token;
+    let releasing_run = tokio::spawn({
+        let worker = worker.clone();
+        async move { worker.release(run, token).await }
+    });
+    bounded(releasing.recv()).await.expect("the release");
+    lapse(&queue, &clock, run).await;
+    assert_eq!(
+        bounded(releasing_run).await.expect("release"),
+        Err(EngineError::StaleToken(run))
+    );
+    let again = bounded(worker.claim(0, 1, FOREVER)).await.expect("claim");
+    let again = again.first().expect("the retried run");
+    assert_eq!((again.run_id, again.attempt), (run, 2));
+    worker
+        .complete(run, again.token, json!("second"))
+        .await
+        .expect("complete");
+    retried(&engine, run, "\"second\"").await;
+}
+
+/// A remote worker serving `default` with one slot, on the engine's lease.
+async fn remote_worker(engine: &Engine) -> RemoteWorker {
+    let spec = RemoteWorkerSpec {
+        envs: vec![("default".to_owned(), None)],
+        workloops: "*:1".to_owned(),
+        lease: None,
+    };
+    engine.remote_worker(spec).await.expect("remote worker")
 }
