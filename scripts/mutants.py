@@ -75,7 +75,7 @@ MUTANTS = [
         "file": ENGINE,
         "old": "        for lane in &effects.ready_lanes {\n            self.bells.ring(lane);\n        }",
         "new": "        let _ = &effects.ready_lanes;",
-        "tests": [CONFORMANCE + ["ord_02"], CONFORMANCE + ["lim_07"]],
+        "tests": [CONFORMANCE + ["ord_02"], CONFORMANCE + ["lim_07"], CONFORMANCE + ["lane_08"]],
     },
     {
         "id": "M7",

@@ -310,3 +310,40 @@ pub async fn lane_07(b: &dyn Backends) {
     r.complete(json!(null));
     assert_eq!(h.wait_terminal(orphan).await.status, RunStatus::Completed);
 }
+
+/// LANE-08: a release that admits a run in another lane wakes that lane's idle worker through
+/// the lane's doorbell: env limit 1, a run of lane `x` executing on the `x` worker, a run of
+/// lane `y` queued behind it; the `x` run's end admits the `y` run, and the idle `y` worker
+/// (which the ending worker cannot stand in for: it claims only lane `x`) starts it, with no
+/// timer wake-up. Without the ring the `y` worker would wait for ever (nothing polls).
+pub async fn lane_08(b: &dyn Backends) {
+    let h = Harness::open(b).await;
+    h.limit(1).await;
+    ok(h.engine.add_lane("x")).await;
+    ok(h.engine.add_lane("y")).await;
+    let (mut px, mut py) = (Probe::new(), Probe::new());
+    let _wx = h.held_worker(&px, "t", "x:1").await;
+    let _wy = h.held_worker(&py, "t", "y:1").await;
+    let rx = h
+        .trigger(h.engine.trigger("t").queue("qx").lane("x"))
+        .await
+        .id;
+    let sx = px.next().await;
+    assert_eq!(sx.run, rx, "LANE-08: the x worker runs the x run");
+    let ry = h
+        .trigger(h.engine.trigger("t").queue("qy").lane("y"))
+        .await
+        .id;
+    assert_eq!(
+        h.status(ry).await,
+        RunStatus::Queued,
+        "LANE-08: the y run waits for the env"
+    );
+    sx.complete(json!(null));
+    let sy = py.next().await;
+    assert_eq!(sy.run, ry, "LANE-08: the admission woke the idle y worker");
+    sy.complete(json!(null));
+    assert_eq!(h.wait_terminal(ry).await.status, RunStatus::Completed);
+    px.assert_quiet("LANE-08: the x worker claimed outside its lane");
+    assert!(h.wakeups().is_empty(), "LANE-08: no timer wake-up");
+}

@@ -39,6 +39,7 @@ macro_rules! __with_scenarios {
             (lane_05_workloop_slots, lane::lane_05, "LANE-05", "a workloop never holds more runs than its slots"),
             (lane_06_version_lock, lane::lane_06, "LANE-06", "runs locked to a version only go to workers serving it"),
             (lane_07_orphan_lane_ready_timeout, lane::lane_07, "LANE-07", "a ready run in a lane with no consumer returns to its queue after ready_timeout"),
+            (lane_08_admission_wakes_other_lane, lane::lane_08, "LANE-08", "a release that admits a run in another lane wakes that lane's idle worker (its doorbell)"),
             (ver_01_promotion_moves_unlocked_triggers, version::ver_01, "VER-01", "a promotion changes the version new unlocked triggers take; locked triggers keep theirs"),
             (ver_02_versions_listed_and_shown_exactly, version::ver_02, "VER-02", "versions are listed in order with their times; show returns the definition exactly"),
             (ttl_01_expiry_while_delayed, ttl::ttl_01, "TTL-01", "a delayed run past its deadline expires in one wake-up, never admitted"),
