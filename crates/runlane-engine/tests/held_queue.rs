@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::future::Future;
 use std::sync::atomic::Ordering::{self, SeqCst};
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex};
@@ -13,7 +14,7 @@ use async_trait::async_trait;
 use common::{bounded, finished, open_on, FOREVER};
 use runlane_core::backend::forward::{Forward, ForwardQueue, QueueHook, QueueOp, StoreHook};
 use runlane_core::backend::RunStore;
-use runlane_core::{RetryPolicy, RunId, RunStatus, Timestamp};
+use runlane_core::{FencingToken, RetryPolicy, RunId, RunStatus, Timestamp};
 use runlane_engine::{
     Engine, EngineError, HandlerError, ManualClock, RemoteWorker, RemoteWorkerSpec, RunContext,
 };
@@ -231,25 +232,34 @@ async fn a_lapse_while_a_batched_end_is_checked_retries_the_run() {
 #[tokio::test]
 async fn a_lapse_while_a_remote_end_is_checked_answers_stale_and_retries_the_run() {
     // `complete` checks the lease once before it ends the attempt: hold the end's check.
-    let (queue, mut checking) = lapsing(lease_check, 1);
+    remote_call_across_a_lapse(lease_check, 1, |worker, run, token| async move {
+        worker.complete(run, token, json!("first")).await
+    })
+    .await;
+}
+
+/// A remote worker's call on the run it claimed, the `holds` call after `pass` held until the
+/// run's lease lapses: the call is answered `StaleToken`, the slot frees, and the retried run
+/// is claimed as attempt 2 and completed.
+async fn remote_call_across_a_lapse<F, Fut>(holds: fn(&QueueOp<'_>) -> bool, pass: usize, call: F)
+where
+    F: FnOnce(RemoteWorker, RunId, FencingToken) -> Fut,
+    Fut: Future<Output = Result<(), EngineError>> + Send + 'static,
+{
+    let (queue, mut held) = lapsing(holds, pass);
     let (engine, clock) = open_on(queue.clone(), Arc::new(MemoryStore::new())).await;
     let worker = remote_worker(&engine).await;
     let trigger = engine.trigger("job").retry(two_attempts());
     let run = trigger.send().await.expect("trigger").run.id;
     let claimed = worker.claim(0, 1, Duration::ZERO).await.expect("claim");
     let token = claimed.first().expect("claimed the run").token;
-    let ending = tokio::spawn({
-        let worker = worker.clone();
-        async move { worker.complete(run, token, json!("first")).await }
-    });
-    bounded(checking.recv())
-        .await
-        .expect("the end's lease check");
+    let calling = tokio::spawn(call(worker.clone(), run, token));
+    bounded(held.recv()).await.expect("the held call");
     lapse(&queue, &clock, run).await;
     assert_eq!(
-        bounded(ending).await.expect("complete"),
+        bounded(calling).await.expect("the call"),
         Err(EngineError::StaleToken(run)),
-        "an end dropped for a lost lease is not answered as written"
+        "a call the lapse overtook is not answered as done"
     );
     let again = bounded(worker.claim(0, 1, FOREVER)).await.expect("claim");
     let again = again.first().expect("the retried run");
@@ -307,31 +317,10 @@ async fn a_lapse_while_a_drained_run_is_released_retries_the_run() {
 /// and the run retried (before, the attempt was marked settled and the run never ended).
 #[tokio::test]
 async fn a_lapse_while_a_remote_release_is_held_retries_the_run() {
-    let (queue, mut releasing) = lapsing(release, 0);
-    let (engine, clock) = open_on(queue.clone(), Arc::new(MemoryStore::new())).await;
-    let worker = remote_worker(&engine).await;
-    let trigger = engine.trigger("job").retry(two_attempts());
-    let run = trigger.send().await.expect("trigger").run.id;
-    let claimed = worker.claim(0, 1, Duration::ZERO).await.expect("claim");
-    let token = claimed.first().expect("claimed the run").token;
-    let releasing_run = tokio::spawn({
-        let worker = worker.clone();
-        async move { worker.release(run, token).await }
-    });
-    bounded(releasing.recv()).await.expect("the release");
-    lapse(&queue, &clock, run).await;
-    assert_eq!(
-        bounded(releasing_run).await.expect("release"),
-        Err(EngineError::StaleToken(run))
-    );
-    let again = bounded(worker.claim(0, 1, FOREVER)).await.expect("claim");
-    let again = again.first().expect("the retried run");
-    assert_eq!((again.run_id, again.attempt), (run, 2));
-    worker
-        .complete(run, again.token, json!("second"))
-        .await
-        .expect("complete");
-    retried(&engine, run, "\"second\"").await;
+    remote_call_across_a_lapse(release, 0, |worker, run, token| async move {
+        worker.release(run, token).await
+    })
+    .await;
 }
 
 /// A remote worker serving `default` with one slot, on the engine's lease.
