@@ -1457,20 +1457,7 @@ mod tests {
         fn dispatch(&mut self, e: &str, q: &str, l: &str) -> Dispatch {
             let id = RunId(self.next_id);
             self.next_id += 1;
-            Dispatch {
-                run_id: id,
-                env: env(e),
-                queue: queue(q),
-                key: Arc::from(""),
-                lane: lane(l),
-                priority: Duration::ZERO,
-                run_after: T0,
-                ttl_deadline: None,
-                attempt: 1,
-                locked_version: None,
-                ever_leased: false,
-                max_duration: None,
-            }
+            Dispatch::first_attempt(id, env(e), queue(q), lane(l), T0)
         }
 
         fn enqueue(&self, d: &Dispatch, now: Timestamp) -> Result<Enqueued, QueueError> {

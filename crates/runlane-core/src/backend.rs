@@ -55,6 +55,34 @@ pub struct Dispatch {
     pub max_duration: Option<Duration>,
 }
 
+impl Dispatch {
+    /// The first attempt of a run due at `run_after`, with no key, priority, TTL, version lock
+    /// or duration limit: what a backend's tests (and a plain trigger) enqueue. Set the other
+    /// fields on the result when they matter.
+    pub fn first_attempt(
+        run_id: RunId,
+        env: EnvName,
+        queue: QueueName,
+        lane: LaneName,
+        run_after: Timestamp,
+    ) -> Dispatch {
+        Dispatch {
+            run_id,
+            env,
+            queue,
+            key: Arc::from(""),
+            lane,
+            priority: Duration::ZERO,
+            run_after,
+            ttl_deadline: None,
+            attempt: 1,
+            locked_version: None,
+            ever_leased: false,
+            max_duration: None,
+        }
+    }
+}
+
 /// What a mutating call changed, for the engine to act on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Effects {

@@ -1398,8 +1398,6 @@ impl Drop for Worker {
 
 #[cfg(test)]
 mod late_claim_tests {
-    use std::sync::Arc;
-
     use runlane_core::backend::{Dispatch, QueueBackend, ServedEnv};
     use runlane_core::{EnvSettings, WorkerId};
     use runlane_memory::{MemoryConfig, MemoryQueue};
@@ -1410,20 +1408,13 @@ mod late_claim_tests {
     const LEASE: Duration = Duration::from_secs(30);
 
     fn dispatch(id: u128) -> Dispatch {
-        Dispatch {
-            run_id: RunId(id),
-            env: EnvName::new("e").expect("env"),
-            queue: QueueName::new("q").expect("queue"),
-            key: Arc::from(""),
-            lane: LaneName::new("default").expect("lane"),
-            priority: Duration::ZERO,
-            run_after: T0,
-            ttl_deadline: None,
-            attempt: 1,
-            locked_version: None,
-            ever_leased: false,
-            max_duration: None,
-        }
+        Dispatch::first_attempt(
+            RunId(id),
+            EnvName::new("e").expect("env"),
+            QueueName::new("q").expect("queue"),
+            LaneName::default_lane(),
+            T0,
+        )
     }
 
     /// A queue holding run 1, leased by a claim made at `T0` (the `now` it carried).

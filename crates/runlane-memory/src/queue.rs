@@ -1480,20 +1480,13 @@ mod tests {
     }
 
     fn dispatch(id: u128, env_name: &str, queue_name: &str, lane_name: &str) -> Dispatch {
-        Dispatch {
-            run_id: RunId(id),
-            env: env(env_name),
-            queue: queue(queue_name),
-            key: Arc::from(""),
-            lane: lane(lane_name),
-            priority: Duration::ZERO,
-            run_after: T0,
-            ttl_deadline: None,
-            attempt: 1,
-            locked_version: None,
-            ever_leased: false,
-            max_duration: None,
-        }
+        Dispatch::first_attempt(
+            RunId(id),
+            env(env_name),
+            queue(queue_name),
+            lane(lane_name),
+            T0,
+        )
     }
 
     fn claim_req(envs: &[&str], max: u32, chain: ClaimChain) -> ClaimRequest {

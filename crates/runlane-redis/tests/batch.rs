@@ -3,7 +3,6 @@
 //! the finishes unblock. Needs the shared server (`RUNLANE_REDIS_URL`, default
 //! `redis://127.0.0.1:6379`); every test uses its own key prefix and deletes it.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use runlane_core::backend::{ClaimRequest, Dispatch, QueueBackend, ServedEnv};
@@ -25,20 +24,8 @@ fn env() -> EnvName {
 }
 
 fn dispatch(id: u128) -> Dispatch {
-    Dispatch {
-        run_id: RunId(id),
-        env: env(),
-        queue: QueueName::new("q").expect("queue"),
-        key: Arc::from(""),
-        lane: LaneName::new("default").expect("lane"),
-        priority: Duration::ZERO,
-        run_after: T0,
-        ttl_deadline: None,
-        attempt: 1,
-        locked_version: None,
-        ever_leased: false,
-        max_duration: None,
-    }
+    let queue = QueueName::new("q").expect("queue");
+    Dispatch::first_attempt(RunId(id), env(), queue, LaneName::default_lane(), T0)
 }
 
 fn claim(max: u32) -> ClaimRequest {

@@ -36,20 +36,8 @@ async fn late_heartbeat_leaves_the_later_deadline(name: &str, q: Arc<dyn QueueBa
     };
     q.put_env(&env(), settings, T0).await.expect("env");
     let run = RunId(1);
-    let dispatch = Dispatch {
-        run_id: run,
-        env: env(),
-        queue: QueueName::new("q").expect("queue"),
-        key: Arc::from(""),
-        lane: LaneName::default_lane(),
-        priority: Duration::ZERO,
-        run_after: T0,
-        ttl_deadline: None,
-        attempt: 1,
-        locked_version: None,
-        ever_leased: false,
-        max_duration: None,
-    };
+    let queue = QueueName::new("q").expect("queue");
+    let dispatch = Dispatch::first_attempt(run, env(), queue, LaneName::default_lane(), T0);
     q.enqueue(dispatch, false, T0).await.expect("enqueue");
     let request = ClaimRequest {
         worker: WorkerId(1),
