@@ -951,6 +951,20 @@ impl Inner {
             .is_some_and(|l| l.cancel_requested_at.is_some()))
     }
 
+    /// The attempt number of the run's lease `token` and whether a cancel is marked on it, or
+    /// `None` when the queue backend holds no such lease any more.
+    async fn leased_attempt(
+        &self,
+        run: RunId,
+        token: FencingToken,
+    ) -> Result<Option<(u32, bool)>, EngineError> {
+        let live = self.queue.live_indexed(run).await?;
+        Ok(live.and_then(|live| {
+            let lease = live.lease.filter(|lease| lease.token == token)?;
+            Some((live.dispatch.attempt, lease.cancel_requested_at.is_some()))
+        }))
+    }
+
     /// A lease lapsed (its worker died or stopped heartbeating): slots are already released;
     /// count a `crashed` attempt and apply the retry policy. A run whose cancel was requested
     /// (marked on the lease, or kept in the store by a requester that died before the queue
@@ -1015,14 +1029,21 @@ impl Inner {
             }
             None => None,
         };
+        // The tick's report may come late (its call held by the queue's connection): it is
+        // about that one lease. Only an attempt still holding it is ended, by the lease's own
+        // attempt number (the store fences the writes by it): one that ended by itself
+        // meanwhile leaves the run, and any retry it is waiting for, alone.
+        let Some((attempt, cancel_marked)) = self.leased_attempt(run, token).await? else {
+            return Ok(());
+        };
         let Some(record) = self.store.get(run).await? else {
             self.queue_finish_quietly(run, token).await;
             return Ok(());
         };
         if record.status.is_terminal() {
             self.queue_finish_quietly(run, token).await;
-        } else if record.cancel_requested_at.is_some() || self.cancel_requested(run).await? {
-            let attempt = attempt_record(record.attempt, "canceled", None, self.now());
+        } else if record.cancel_requested_at.is_some() || cancel_marked {
+            let attempt = attempt_record(attempt, "canceled", None, self.now());
             self.finish_leased(run, token, RunStatus::Canceled, None, Some(attempt))
                 .await?;
         } else {
@@ -1034,7 +1055,7 @@ impl Inner {
                 &record.retry,
                 run,
                 token,
-                record.attempt,
+                attempt,
                 "timed_out",
                 format!("attempt ran past its max duration{limit}"),
                 RunStatus::TimedOut,
