@@ -633,11 +633,22 @@ impl Inner {
                 .await?;
             return Ok(());
         };
-        match self.store.record_retry(run, record, at).await {
-            Ok(()) => {}
+        let at = match self.store.record_retry(run, record, at).await {
+            Ok(()) => at,
             Err(StoreError::AlreadyFinished { .. }) => {
                 self.queue_finish_quietly(run, token).await;
                 return Ok(());
+            }
+            // The store already holds this very retry (its write committed, then the queue's
+            // half failed and the caller tries again): the queue's half is still to do, at the
+            // instant the store recorded. A lease that moved on answers it as gone.
+            Err(StoreError::StaleAttempt { current, .. }) if current == attempt + 1 => {
+                match self.store.get(run).await? {
+                    Some(record) if !record.status.is_terminal() && record.attempt == current => {
+                        record.run_after
+                    }
+                    _ => return Ok(()),
+                }
             }
             // The run moved on to a later attempt (this lease lapsed): a zombie's retry, dropped
             // like a lost lease; the later attempt's holder owns the run and its queue entry.
@@ -646,7 +657,7 @@ impl Inner {
                 return Ok(());
             }
             Err(e) => return Err(e.into()),
-        }
+        };
         match self.queue.retry(run, token, at, now).await {
             Ok(effects) => {
                 self.counters.retried();

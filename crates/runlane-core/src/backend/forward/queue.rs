@@ -84,6 +84,12 @@ pub trait QueueHook: Send + Sync + 'static {
     async fn before(&self, op: QueueOp<'_>) {
         let _ = op;
     }
+    /// Called after [`QueueHook::before`]: an error here is the call's answer and the call is
+    /// not forwarded (a backend that fails a call, as an unreachable server does).
+    fn refuse(&self, op: QueueOp<'_>) -> Option<QueueError> {
+        let _ = op;
+        None
+    }
     /// Called after a method was forwarded, before its answer is returned; it may wait. It does
     /// not see the answer.
     async fn after(&self, op: QueueOp<'_>) {
@@ -116,9 +122,17 @@ impl<H: QueueHook> ForwardQueue<H> {
         &self.inner
     }
 
-    /// Runs `call` on the inner queue between the `before` and `after` hooks.
-    async fn around<T>(&self, op: QueueOp<'_>, call: impl std::future::Future<Output = T>) -> T {
+    /// Runs `call` on the inner queue between the `before` and `after` hooks, unless the hook
+    /// refuses it.
+    async fn around<T>(
+        &self,
+        op: QueueOp<'_>,
+        call: impl std::future::Future<Output = Result<T, QueueError>>,
+    ) -> Result<T, QueueError> {
         self.hook.before(op).await;
+        if let Some(e) = self.hook.refuse(op) {
+            return Err(e);
+        }
         let answer = call.await;
         self.hook.after(op).await;
         answer
