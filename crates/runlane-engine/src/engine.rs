@@ -12,7 +12,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use runlane_core::backend::{
-    AttemptEnd, AttemptRecord, CancelOutcome, Effects, LaneInfo, Lapsed, QueueBackend, QueueInfo,
+    AttemptEnd, AttemptRecord, CancelOutcome, Dispatch, Effects, LaneInfo, Lapsed, QueueBackend, QueueInfo,
     RunFilter, RunRecord, RunStore, Tick, VersionInfo,
 };
 use runlane_core::{
@@ -153,6 +153,7 @@ impl EngineBuilder {
             worker_seq: AtomicU64::new(0),
             declaring: tokio::sync::Mutex::new(()),
             purge_at: Mutex::new(None),
+            redo: Mutex::new(Vec::new()),
             scheduler: Scheduler::default(),
         });
         inner.meta.set_envs(envs.iter().cloned());
@@ -278,6 +279,8 @@ pub(crate) struct Inner {
     pub(crate) declaring: tokio::sync::Mutex<()>,
     /// The earliest instant a finished run passes its retention (`None`: nothing to purge).
     purge_at: Mutex<Option<Timestamp>>,
+    /// Tick reports whose handling failed, handled again by the timer (see [`Redo`]).
+    redo: Mutex<Vec<Redo>>,
     /// Fires the cron schedules of the current versions.
     pub(crate) scheduler: Scheduler,
 }
@@ -569,17 +572,22 @@ impl Inner {
             return;
         }
         let retention = self.config.retention;
+        // A failed step is tried again after a pause, not at once: its instant stays past, and
+        // the timer would otherwise wake for it in a loop (a full disk, a store that is down).
+        let retry = || Some(now.saturating_add(ERROR_BACKOFF_MAX));
         match self.store.purge_finished(&retention, now).await {
             Ok(n) => tracing::debug!(purged = n, "retention: finished runs deleted"),
             Err(e) => {
-                tracing::warn!(error = %e, "retention: purge failed; retrying at the next wake-up");
+                tracing::warn!(error = %e, retry_in = ?ERROR_BACKOFF_MAX, "retention: purge failed");
+                *self.purge_at() = retry();
                 return;
             }
         }
         match self.store.next_purge_at(&retention).await {
             Ok(next) => *self.purge_at() = next,
             Err(e) => {
-                tracing::warn!(error = %e, "retention: reading the next purge instant failed")
+                tracing::warn!(error = %e, retry_in = ?ERROR_BACKOFF_MAX, "retention: reading the next purge instant failed");
+                *self.purge_at() = retry();
             }
         }
     }
@@ -916,38 +924,95 @@ impl Inner {
                 }
             }
         }
-        for dispatch in expired {
-            let run = dispatch.run_id;
-            match self
-                .store
-                .finish(run, RunStatus::Expired, None, None, now)
-                .await
-            {
-                Ok(record) => {
-                    self.counters.expired();
-                    self.publish_record(&record)
-                }
-                Err(StoreError::AlreadyFinished { .. }) => {}
-                Err(e) => tracing::warn!(%run, error = %e, "expiry not recorded"),
-            }
-        }
-        for lapsed in lapsed {
+        for _ in &lapsed {
             self.counters.lease_lost();
-            let run = lapsed.dispatch.run_id;
-            if let Err(e) = self.recover_lapsed(lapsed).await {
-                tracing::warn!(%run, error = %e, "lapsed lease not recovered");
-            }
         }
-        for (run, token) in timed_out {
+        for _ in &timed_out {
             self.counters.timed_out();
-            if let Err(e) = self.time_out(run, token).await {
-                tracing::warn!(%run, error = %e, "timed out attempt not ended");
-            }
         }
-        for (run, token) in cancel_elapsed {
-            if let Err(e) = self.end_cancelled(run, token).await {
-                tracing::warn!(%run, error = %e, "cancelled run not ended");
+        let reports = (expired.into_iter().map(Report::Expired))
+            .chain(lapsed.into_iter().map(Report::Lapsed))
+            .chain(timed_out.into_iter().map(|(r, t)| Report::TimedOut(r, t)))
+            .chain(cancel_elapsed.into_iter().map(|(r, t)| Report::CancelElapsed(r, t)));
+        for report in reports {
+            self.handle_report(report, now, ERROR_BACKOFF_MIN).await;
+        }
+    }
+
+    /// Applies one tick report; one that fails (a store or queue call failed) is kept for the
+    /// timer to apply again after `backoff`. The queue reports each only once (a lapsed lease
+    /// leaves the lease set, an expired run the queue), so nothing else would: the run would
+    /// stay unfinished in the store with nothing left to end it.
+    async fn handle_report(&self, report: Report, now: Timestamp, backoff: Duration) {
+        let (run, what, done) = match &report {
+            Report::Expired(dispatch) => {
+                let run = dispatch.run_id;
+                let done = match self
+                    .store
+                    .finish(run, RunStatus::Expired, None, None, now)
+                    .await
+                {
+                    Ok(record) => {
+                        self.counters.expired();
+                        self.publish_record(&record);
+                        Ok(())
+                    }
+                    Err(StoreError::AlreadyFinished { .. }) => Ok(()),
+                    Err(e) => Err(e.into()),
+                };
+                (run, "expiry not recorded", done)
             }
+            Report::Lapsed(lapsed) => {
+                let run = lapsed.dispatch.run_id;
+                let done = self.recover_lapsed(lapsed.clone()).await;
+                (run, "lapsed lease not recovered", done)
+            }
+            Report::TimedOut(run, token) => {
+                let done = self.time_out(*run, *token).await;
+                (*run, "timed out attempt not ended", done)
+            }
+            Report::CancelElapsed(run, token) => {
+                let done = self.end_cancelled(*run, *token).await;
+                (*run, "cancelled run not ended", done)
+            }
+        };
+        if let Err(e) = done {
+            if self.is_shut_down() {
+                return;
+            }
+            tracing::warn!(%run, error = %e, retry_in = ?backoff, "{what}");
+            let at = self.now().saturating_add(backoff);
+            self.redo().push(Redo { report, at, backoff });
+            self.timer.notify.notify_one();
+        }
+    }
+
+    fn redo(&self) -> MutexGuard<'_, Vec<Redo>> {
+        self.redo.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The earliest instant a kept tick report is due again.
+    fn redo_at(&self) -> Option<Timestamp> {
+        self.redo().iter().map(|r| r.at).min()
+    }
+
+    /// Applies the kept tick reports due at `now` again, each failing one kept with its backoff
+    /// doubled.
+    async fn redo_due(&self, now: Timestamp) {
+        let due: Vec<Redo> = {
+            let mut redo = self.redo();
+            let (due, later) = std::mem::take(&mut *redo)
+                .into_iter()
+                .partition(|r| r.at <= now);
+            *redo = later;
+            due
+        };
+        for Redo {
+            report, backoff, ..
+        } in due
+        {
+            let backoff = (backoff * 2).min(ERROR_BACKOFF_MAX);
+            self.handle_report(report, now, backoff).await;
         }
     }
 
@@ -1123,6 +1188,26 @@ pub(crate) enum Released {
     Canceled,
 }
 
+/// What a tick reported about one run, for the engine to apply.
+enum Report {
+    /// A waiting run passed its TTL: it ends `expired`.
+    Expired(Dispatch),
+    /// A lease lapsed: the attempt counts `crashed`, the retry policy applies.
+    Lapsed(Lapsed),
+    /// An attempt ran past its max duration.
+    TimedOut(RunId, FencingToken),
+    /// A cancelled executing run's grace period ended.
+    CancelElapsed(RunId, FencingToken),
+}
+
+/// A tick report whose handling failed, applied again by the timer at `at`.
+struct Redo {
+    report: Report,
+    at: Timestamp,
+    /// The wait before this try; doubled (bounded) for the next.
+    backoff: Duration,
+}
+
 /// The one timer service: sleeps until the queue backend's earliest deadline, is woken early
 /// by `notify` when an earlier one appears, and calls `tick` at each deadline. It holds the
 /// engine weakly, so dropping the last engine handle ends it too.
@@ -1150,10 +1235,10 @@ async fn timer_service(
             match queue.next_deadline().await {
                 Ok(deadline) => {
                     let purge = *inner.purge_at();
-                    let deadline = match (deadline, purge) {
-                        (Some(a), Some(b)) => Some(a.min(b)),
-                        (a, b) => a.or(b),
-                    };
+                    let deadline = [deadline, purge, inner.redo_at()]
+                        .into_iter()
+                        .flatten()
+                        .min();
                     *inner.timer.armed() = deadline.unwrap_or(Timestamp::MAX);
                     deadline
                 }
@@ -1192,6 +1277,7 @@ async fn timer_service(
         let now = clock.now();
         inner.timer.stats().wakeups.push(now);
         inner.purge_if_due(now).await;
+        inner.redo_due(now).await;
         match queue.tick(now).await {
             Ok(tick) => {
                 backoff = ERROR_BACKOFF_MIN;

@@ -1,15 +1,16 @@
-//! Queue calls that fail after the store already took the step they follow: the step is
-//! finished on the next try, never dropped as a zombie's.
+//! Queue and store calls that fail on the way: the step is finished on the next try (never
+//! dropped as a zombie's, never forgotten because the queue reports it once), and a failing
+//! step is tried again after a pause, not in a loop.
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::{at, bounded, finished, open_on};
-use runlane_core::backend::forward::{ForwardQueue, QueueHook, QueueOp};
-use runlane_core::{QueueError, RetryPolicy, RunStatus};
+use runlane_core::backend::forward::{Forward, ForwardQueue, QueueHook, QueueOp, StoreHook, StoreOp};
+use runlane_core::{QueueError, RetryPolicy, RunStatus, StoreError};
 use runlane_engine::{HandlerError, RunContext};
 use runlane_memory::{MemoryConfig, MemoryQueue, MemoryStore};
 use serde_json::json;
@@ -26,6 +27,38 @@ impl QueueHook for FailFirstRetry {
     }
 }
 
+/// A queue whose first `retry` fails.
+fn failing_first_retry() -> Arc<ForwardQueue<FailFirstRetry>> {
+    Arc::new(ForwardQueue::new(
+        Arc::new(MemoryQueue::new(MemoryConfig::default())),
+        FailFirstRetry {
+            failed: AtomicBool::new(false),
+        },
+    ))
+}
+
+/// Two attempts, the second at once.
+fn two_attempts() -> RetryPolicy {
+    RetryPolicy {
+        attempts_max: 2,
+        factor: 1.0,
+        min: Duration::ZERO,
+        max: Duration::ZERO,
+        jitter: 0.0,
+    }
+}
+
+/// The run completed on its second attempt, the first ended with `first`.
+async fn completed_second(engine: &runlane_engine::Engine, run: runlane_core::RunId, first: &str) {
+    let done = finished(engine, run).await;
+    let outcomes: Vec<&str> = done.attempts.iter().map(|a| a.outcome.as_str()).collect();
+    assert_eq!(
+        (done.status, outcomes),
+        (RunStatus::Completed, vec![first, "completed"])
+    );
+    assert_eq!(done.output.as_deref(), Some("\"second\""));
+}
+
 /// A failed attempt's retry is recorded in the store, then the queue's `retry` fails: the
 /// worker writes the end again, the store says the retry is already recorded, and the queue's
 /// half is done now: attempt 2 runs. Before, the second try was taken for a zombie's (the store
@@ -33,12 +66,7 @@ impl QueueHook for FailFirstRetry {
 /// got, its lease held and never released.
 #[tokio::test]
 async fn a_retry_whose_queue_call_failed_is_completed_on_the_next_try() {
-    let queue = Arc::new(ForwardQueue::new(
-        Arc::new(MemoryQueue::new(MemoryConfig::default())),
-        FailFirstRetry {
-            failed: AtomicBool::new(false),
-        },
-    ));
+    let queue = failing_first_retry();
     let (engine, clock) = open_on(queue.clone(), Arc::new(MemoryStore::new())).await;
     let _worker = engine
         .worker()
@@ -51,24 +79,105 @@ async fn a_retry_whose_queue_call_failed_is_completed_on_the_next_try() {
         .start()
         .await
         .expect("worker");
-    let policy = RetryPolicy {
-        attempts_max: 2,
-        factor: 1.0,
-        min: Duration::ZERO,
-        max: Duration::ZERO,
-        jitter: 0.0,
-    };
-    let run = engine.trigger("job").retry(policy).send().await.expect("trigger").run.id;
+    let trigger = engine.trigger("job").retry(two_attempts());
+    let run = trigger.send().await.expect("trigger").run.id;
     // The worker waits its first backoff (50 ms) before writing the end again.
     let again = at(Duration::from_millis(50));
     bounded(clock.wait_sleeper_at(again)).await;
     assert!(queue.hook().failed.load(SeqCst), "the retry call failed");
     clock.set(again);
+    completed_second(&engine, run, "failed").await;
+}
+
+/// A lapsed lease whose recovery fails half-way (the store records the retry, the queue's
+/// `retry` fails) is recovered again by the timer after a pause: attempt 2 runs. Before, the
+/// failure was only logged; the queue reports a lapse once, so the run waited for ever.
+#[tokio::test]
+async fn a_lapse_whose_recovery_failed_is_recovered_again() {
+    let queue = failing_first_retry();
+    let (engine, clock) = open_on(queue.clone(), Arc::new(MemoryStore::new())).await;
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let crashing = engine
+        .worker()
+        .handler("job", move |_ctx: RunContext| {
+            let started = started_tx.clone();
+            async move {
+                let _ = started.send(());
+                std::future::pending::<Result<serde_json::Value, HandlerError>>().await
+            }
+        })
+        .start()
+        .await
+        .expect("worker");
+    let trigger = engine.trigger("job").retry(two_attempts());
+    let run = trigger.send().await.expect("trigger").run.id;
+    bounded(started.recv()).await.expect("attempt 1 started");
+    crashing.crash();
+
+    let lease_end = at(engine.config().lease);
+    bounded(clock.wait_sleeper_at(lease_end)).await;
+    clock.set(lease_end);
+    // The recovery's queue call failed; the timer tries it again after its first pause.
+    let again = lease_end.saturating_add(Duration::from_millis(100));
+    bounded(clock.wait_sleeper_at(again)).await;
+    assert!(queue.hook().failed.load(SeqCst), "the recovery's retry call failed");
+    let _worker = engine
+        .worker()
+        .handler("job", |_ctx: RunContext| async move { Ok(json!("second")) })
+        .start()
+        .await
+        .expect("worker");
+    clock.set(again);
+    completed_second(&engine, run, "crashed").await;
+}
+
+/// A store whose retention purge always fails, counting the tries.
+struct PurgeFails {
+    tries: AtomicUsize,
+}
+
+impl StoreHook for PurgeFails {
+    fn refuse(&self, op: StoreOp<'_>) -> Option<StoreError> {
+        if !matches!(op, StoreOp::PurgeFinished) {
+            return None;
+        }
+        self.tries.fetch_add(1, SeqCst);
+        Some(StoreError::Unavailable("disk full".to_owned()))
+    }
+}
+
+/// A retention purge that fails is tried again after a pause (the timer parks until then),
+/// once per pause. Before, the purge instant stayed past and the timer woke for it again at
+/// once, in a loop: it never parked.
+// Two runtime threads: a timer looping on its runtime thread (the bug) leaves the other one
+// to the test, whose bounded wait then fails instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_purge_is_tried_again_after_a_pause_not_in_a_loop() {
+    let store = Arc::new(Forward::new(
+        Arc::new(MemoryStore::new()),
+        PurgeFails {
+            tries: AtomicUsize::new(0),
+        },
+    ));
+    let queue = Arc::new(MemoryQueue::new(MemoryConfig::default()));
+    let (engine, clock) = open_on(queue, store.clone()).await;
+    let _worker = engine
+        .worker()
+        .handler("job", |_ctx: RunContext| async move { Ok(json!("done")) })
+        .start()
+        .await
+        .expect("worker");
+    let run = engine.trigger("job").send().await.expect("trigger").run.id;
     let done = finished(&engine, run).await;
-    let outcomes: Vec<&str> = done.attempts.iter().map(|a| a.outcome.as_str()).collect();
-    assert_eq!(
-        (done.status, outcomes),
-        (RunStatus::Completed, vec!["failed", "completed"])
-    );
-    assert_eq!(done.output.as_deref(), Some("\"second\""));
+    let retention = engine.config().retention.completed.expect("a completed retention");
+    let purge_at = done.finished_at.expect("finished").saturating_add(retention);
+    // The timer sleeps until its earliest deadline (the queue's or this purge's): moving the
+    // clock to the purge instant wakes it.
+    clock.set(purge_at);
+    let pause = Duration::from_secs(5);
+    bounded(clock.wait_sleeper_at(purge_at.saturating_add(pause))).await;
+    assert_eq!(store.hook().tries.load(SeqCst), 1, "one try, then a pause");
+    clock.set(purge_at.saturating_add(pause));
+    bounded(clock.wait_sleeper_at(purge_at.saturating_add(pause * 2))).await;
+    assert_eq!(store.hook().tries.load(SeqCst), 2, "one more try per pause");
 }

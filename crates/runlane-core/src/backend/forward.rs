@@ -144,6 +144,12 @@ pub trait StoreHook: Send + Sync + 'static {
     async fn before(&self, op: StoreOp<'_>) {
         let _ = op;
     }
+    /// Called after [`StoreHook::before`]: an error here is the async method's answer and
+    /// the call is not forwarded (a store that fails a call: a full disk, a lost connection).
+    fn refuse(&self, op: StoreOp<'_>) -> Option<StoreError> {
+        let _ = op;
+        None
+    }
     /// Called after an async method was forwarded, before its answer is returned; it may
     /// wait (park the caller after the store was read). It does not see the answer.
     async fn after(&self, op: StoreOp<'_>) {
@@ -192,9 +198,17 @@ impl<H: StoreHook> Forward<H> {
         &self.inner
     }
 
-    /// Runs `call` on the inner store between the `before` and `after` hooks.
-    async fn around<T>(&self, op: StoreOp<'_>, call: impl std::future::Future<Output = T>) -> T {
+    /// Runs `call` on the inner store between the `before` and `after` hooks, unless the hook
+    /// refuses it.
+    async fn around<T>(
+        &self,
+        op: StoreOp<'_>,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         self.hook.before(op).await;
+        if let Some(e) = self.hook.refuse(op) {
+            return Err(e);
+        }
         let answer = call.await;
         self.hook.after(op).await;
         answer
