@@ -383,3 +383,20 @@ pub async fn bad_11(b: &dyn Backends) {
         Err(EngineError::EnvNotFound("f".into()))
     );
 }
+
+/// BAD-12: a concurrency key or an idempotency key holding a NUL character is refused naming
+/// `key` or `idempotency_key` (stores refuse NUL in text; Redis separates names with it).
+pub async fn bad_12(b: &dyn Backends) {
+    let h = Harness::open(b).await;
+    let err = h
+        .refused("a key with a NUL", h.engine.trigger("t").key("a\0b").send())
+        .await;
+    assert_invalid(&err, "key");
+    let err = h
+        .refused(
+            "an idempotency key with a NUL",
+            h.engine.trigger("t").idempotency_key("a\0b").send(),
+        )
+        .await;
+    assert_invalid(&err, "idempotency_key");
+}

@@ -781,3 +781,29 @@ pub async fn life_16(b: &dyn Backends) {
     assert_eq!(h.status(backlog[1]).await, RunStatus::Canceled);
     assert_eq!(h.queue_info("q").await.queued, 0);
 }
+
+/// LIFE-17: an attempt's error holding a NUL character is kept with U+FFFD in its place, in the
+/// attempt and the run, and the run goes on to its retry (a store that refused the text would
+/// leave the attempt's end unwritable and the run executing).
+pub async fn life_17(b: &dyn Backends) {
+    let h = Harness::open(b).await;
+    let mut probe = Probe::new();
+    let _w = h.held_worker(&probe, "t", "manual>*:1").await;
+    let run = h
+        .trigger(h.engine.trigger("t").retry(retry_fixed(2, secs(0))))
+        .await
+        .id;
+    assert!(probe.next().await.fail("bad\0byte"));
+    let s = probe.next().await;
+    assert_eq!((s.run, s.attempt), (run, 2), "LIFE-17: the retry runs");
+    assert!(s.fail("again\0"));
+    let rec = h.wait_terminal(run).await;
+    assert_eq!(rec.status, RunStatus::Failed);
+    let errors: Vec<Option<&str>> = rec.attempts.iter().map(|a| a.error.as_deref()).collect();
+    assert_eq!(
+        errors,
+        [Some("bad\u{FFFD}byte"), Some("again\u{FFFD}")],
+        "LIFE-17: both attempts kept, NUL replaced"
+    );
+    assert_eq!(rec.error.as_deref(), Some("again\u{FFFD}"));
+}

@@ -122,6 +122,15 @@ pub fn check_concurrency_key(key: &str) -> Result<(), InvalidInput> {
             format!("must be at most {CONCURRENCY_KEY_MAX_LEN} bytes"),
         ));
     }
+    check_no_nul("key", key)
+}
+
+/// A free-text identifier (a concurrency or idempotency key) holds no NUL character: the
+/// stores' `text` columns refuse it and the Redis key space separates names with it.
+pub fn check_no_nul(field: &'static str, text: &str) -> Result<(), InvalidInput> {
+    if text.contains('\0') {
+        return Err(InvalidInput::new(field, "must not contain a NUL character"));
+    }
     Ok(())
 }
 

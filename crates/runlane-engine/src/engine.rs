@@ -12,8 +12,8 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use runlane_core::backend::{
-    AttemptEnd, AttemptRecord, CancelOutcome, Dispatch, Effects, LaneInfo, Lapsed, QueueBackend, QueueInfo,
-    RunFilter, RunRecord, RunStore, Tick, VersionInfo,
+    AttemptEnd, AttemptRecord, CancelOutcome, Dispatch, Effects, LaneInfo, Lapsed, QueueBackend,
+    QueueInfo, RunFilter, RunRecord, RunStore, Tick, VersionInfo,
 };
 use runlane_core::{
     CancelReason, EnvName, EnvSettings, FencingToken, InvalidInput, LaneName, QueueError,
@@ -304,8 +304,19 @@ pub(crate) fn attempt_record(
     AttemptRecord {
         number,
         outcome: outcome.to_owned(),
-        error,
+        error: error.map(without_nul),
         ended_at,
+    }
+}
+
+/// `text` with every NUL character replaced by U+FFFD: an attempt's error is free text (a
+/// handler's message), and PostgreSQL's `text` and `jsonb` refuse NUL, which would make the
+/// attempt's end unwritable there; every store keeps the same text.
+pub(crate) fn without_nul(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
     }
 }
 
@@ -933,7 +944,11 @@ impl Inner {
         let reports = (expired.into_iter().map(Report::Expired))
             .chain(lapsed.into_iter().map(Report::Lapsed))
             .chain(timed_out.into_iter().map(|(r, t)| Report::TimedOut(r, t)))
-            .chain(cancel_elapsed.into_iter().map(|(r, t)| Report::CancelElapsed(r, t)));
+            .chain(
+                cancel_elapsed
+                    .into_iter()
+                    .map(|(r, t)| Report::CancelElapsed(r, t)),
+            );
         for report in reports {
             self.handle_report(report, now, ERROR_BACKOFF_MIN).await;
         }
@@ -982,7 +997,11 @@ impl Inner {
             }
             tracing::warn!(%run, error = %e, retry_in = ?backoff, "{what}");
             let at = self.now().saturating_add(backoff);
-            self.redo().push(Redo { report, at, backoff });
+            self.redo().push(Redo {
+                report,
+                at,
+                backoff,
+            });
             self.timer.notify.notify_one();
         }
     }

@@ -116,6 +116,7 @@ impl TriggerRequest {
                     format!("must be 1 to {IDEMPOTENCY_KEY_MAX_LEN} bytes"),
                 ));
             }
+            runlane_core::name::check_no_nul("idempotency_key", key)?;
         }
         if self.idempotency_ttl.is_some_and(|d| d.is_zero()) {
             return Err(InvalidInput::new(

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{at, bounded, finished, open_on};
-use runlane_core::backend::forward::{Forward, ForwardQueue, QueueHook, QueueOp, StoreHook, StoreOp};
+use runlane_core::backend::forward::{
+    Forward, ForwardQueue, QueueHook, QueueOp, StoreHook, StoreOp,
+};
 use runlane_core::{QueueError, RetryPolicy, RunStatus, StoreError};
 use runlane_engine::{HandlerError, RunContext};
 use runlane_memory::{MemoryConfig, MemoryQueue, MemoryStore};
@@ -120,7 +122,10 @@ async fn a_lapse_whose_recovery_failed_is_recovered_again() {
     // The recovery's queue call failed; the timer tries it again after its first pause.
     let again = lease_end.saturating_add(Duration::from_millis(100));
     bounded(clock.wait_sleeper_at(again)).await;
-    assert!(queue.hook().failed.load(SeqCst), "the recovery's retry call failed");
+    assert!(
+        queue.hook().failed.load(SeqCst),
+        "the recovery's retry call failed"
+    );
     let _worker = engine
         .worker()
         .handler("job", |_ctx: RunContext| async move { Ok(json!("second")) })
@@ -169,8 +174,15 @@ async fn a_failing_purge_is_tried_again_after_a_pause_not_in_a_loop() {
         .expect("worker");
     let run = engine.trigger("job").send().await.expect("trigger").run.id;
     let done = finished(&engine, run).await;
-    let retention = engine.config().retention.completed.expect("a completed retention");
-    let purge_at = done.finished_at.expect("finished").saturating_add(retention);
+    let retention = engine
+        .config()
+        .retention
+        .completed
+        .expect("a completed retention");
+    let purge_at = done
+        .finished_at
+        .expect("finished")
+        .saturating_add(retention);
     // The timer sleeps until its earliest deadline (the queue's or this purge's): moving the
     // clock to the purge instant wakes it.
     clock.set(purge_at);

@@ -101,7 +101,9 @@ async fn a_late_timeout_of_an_attempt_that_already_failed_leaves_the_retry_alone
     *queue.hook().at.lock().expect("at") = Some(deadline);
     bounded(clock.wait_sleeper_at(deadline)).await;
     clock.set(deadline);
-    bounded(held.recv()).await.expect("the tick reporting the timeout");
+    bounded(held.recv())
+        .await
+        .expect("the tick reporting the timeout");
 
     // Meanwhile the handler fails: attempt 2 is due a minute later.
     release.notify_one();
