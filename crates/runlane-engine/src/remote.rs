@@ -16,7 +16,7 @@
 //! [`Worker`]: crate::worker::Worker
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -124,6 +124,8 @@ struct Held {
     env: EnvName,
     attempt: u32,
     retry: RetryPolicy,
+    /// When the lease lapses unless a heartbeat extends it (ms; shared by the clones).
+    lapses_at: Arc<AtomicU64>,
 }
 
 struct Shared {
@@ -279,13 +281,20 @@ impl Shared {
         }
     }
 
-    /// Lets go of every run the engine is ending or ended (timeout, lapse, cancel grace).
+    /// Lets go of every run the engine is ending or ended (timeout, lapse, cancel grace), and
+    /// of every run whose lease deadline passed without a heartbeat: its lapse is recovered
+    /// wherever the timer runs (maybe another process, whose recovery signals nothing here),
+    /// and a worker that stopped heartbeating it (it gave up on a call that failed) must not
+    /// keep its slot for ever.
     fn purge(&self) {
+        let now = self.inner().now().as_millis();
         let gone: Vec<(RunId, FencingToken)> = {
             let mut held = self.held();
             let gone: Vec<(RunId, FencingToken)> = held
                 .values()
-                .filter(|h| h.local.abort.get().is_some())
+                .filter(|h| {
+                    h.local.abort.get().is_some() || h.lapses_at.load(Ordering::Relaxed) < now
+                })
                 .map(|h| (h.local.run, h.local.token))
                 .collect();
             for (run, _) in &gone {
@@ -335,6 +344,7 @@ impl Shared {
         for (leased, loaded) in leases.into_iter().zip(loaded) {
             let run = leased.dispatch.run_id;
             let token = leased.token;
+            let lapses_at = Arc::new(AtomicU64::new(leased.lease_deadline.as_millis()));
             let d = leased.dispatch;
             let handed = match resolve(engine, run, token, d.attempt, loaded).await {
                 Resolved::Ready(handed) => handed,
@@ -358,6 +368,7 @@ impl Shared {
                     env: d.env.clone(),
                     attempt: d.attempt,
                     retry: handed.retry,
+                    lapses_at,
                 },
             );
             engine.publish(run, &d.env, RunStatus::Executing, d.attempt);
@@ -568,12 +579,13 @@ impl RemoteWorker {
         s.check_open()?;
         s.purge();
         let mut out = vec![LeaseState::Lost; runs.len()];
-        let mut asked: Vec<(usize, RunId, FencingToken, Arc<LocalRun>)> = Vec::new();
+        type Asked = (usize, RunId, FencingToken, Arc<LocalRun>, Arc<AtomicU64>);
+        let mut asked: Vec<Asked> = Vec::new();
         {
             let held = s.held();
             for (i, &(run, token)) in runs.iter().enumerate() {
                 if let Some(h) = held.get(&run).filter(|h| h.local.token == token) {
-                    asked.push((i, run, token, h.local.clone()));
+                    asked.push((i, run, token, h.local.clone(), h.lapses_at.clone()));
                 }
             }
         }
@@ -582,14 +594,20 @@ impl RemoteWorker {
         }
         let engine = s.inner();
         let leases: Vec<(RunId, FencingToken)> =
-            asked.iter().map(|(_, r, t, _)| (*r, *t)).collect();
-        let states = engine.queue.heartbeat(&leases, engine.now()).await?;
+            asked.iter().map(|(_, r, t, _, _)| (*r, *t)).collect();
+        let now = engine.now();
+        let states = engine.queue.heartbeat(&leases, now).await?;
         if states.len() != leases.len() {
             return Err(EngineError::Unavailable(
                 "the queue answered a different count".into(),
             ));
         }
-        for ((i, run, token, local), state) in asked.into_iter().zip(states) {
+        // A live lease now lapses a lease's length after this heartbeat (never sooner).
+        let extended = now.saturating_add(s.lease).as_millis();
+        for ((i, run, token, local, lapses_at), state) in asked.into_iter().zip(states) {
+            if state != LeaseState::Lost {
+                lapses_at.fetch_max(extended, Ordering::Relaxed);
+            }
             out[i] = match state {
                 LeaseState::Alive if local.cancel.get() == Some(CancelReason::Cancel) => {
                     LeaseState::CancelRequested
@@ -640,7 +658,14 @@ impl RemoteWorker {
             output: Some(Arc::from(output)),
             attempt: attempt_record(held.attempt, "completed", None, engine.now()),
         };
-        engine.finish_attempt(&held.env, token, end).await?;
+        if let Err(e) = engine.finish_attempt(&held.env, token, end).await {
+            if matches!(e, EngineError::StaleToken(_)) {
+                // The lease lapsed meanwhile: the attempt is its recovery's, the slot frees.
+                drop(settle);
+                s.forget(run, token);
+            }
+            return Err(e);
+        }
         *settle = true;
         drop(settle);
         s.forget(run, token);

@@ -193,3 +193,65 @@ async fn a_failing_purge_is_tried_again_after_a_pause_not_in_a_loop() {
     bounded(clock.wait_sleeper_at(purge_at.saturating_add(pause * 2))).await;
     assert_eq!(store.hook().tries.load(SeqCst), 2, "one more try per pause");
 }
+
+/// A queue whose ticks never answer: this process's timer recovers nothing (the timer of
+/// another process would).
+struct NoTicks;
+
+#[async_trait::async_trait]
+impl QueueHook for NoTicks {
+    async fn before(&self, op: QueueOp<'_>) {
+        if matches!(op, QueueOp::Tick(_)) {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// A store whose terminal writes fail.
+struct EndsFail;
+
+impl StoreHook for EndsFail {
+    fn refuse(&self, op: StoreOp<'_>) -> Option<StoreError> {
+        matches!(op, StoreOp::FinishMany { .. } | StoreOp::Finish { .. })
+            .then(|| StoreError::Unavailable("the store is down".to_owned()))
+    }
+}
+
+/// A remote worker's `complete` fails (the store is down) and the worker gives up on the run
+/// (no more heartbeats for it). Once its lease deadline passes the worker's slot is free
+/// again, even where no lapse recovery runs to say so (the timer is another process's). Before,
+/// the run stayed held and the one-slot worker claimed nothing until it was closed.
+#[tokio::test]
+async fn a_remote_run_given_up_after_a_failed_complete_frees_its_slot_at_its_lease_deadline() {
+    let queue = Arc::new(ForwardQueue::new(
+        Arc::new(MemoryQueue::new(MemoryConfig::default())),
+        NoTicks,
+    ));
+    let store = Arc::new(Forward::new(Arc::new(MemoryStore::new()), EndsFail));
+    let (engine, clock) = open_on(queue, store).await;
+    let spec = runlane_engine::RemoteWorkerSpec {
+        envs: vec![("default".to_owned(), None)],
+        workloops: "*:1".to_owned(),
+        lease: None,
+    };
+    let worker = engine.remote_worker(spec).await.expect("remote worker");
+    let first = engine.trigger("job").send().await.expect("trigger").run.id;
+    let claimed = worker.claim(0, 1, Duration::ZERO).await.expect("claim");
+    let token = claimed.first().expect("claimed the first run").token;
+    let failed = worker.complete(first, token, json!("done")).await;
+    assert!(
+        matches!(failed, Err(runlane_engine::EngineError::Unavailable(_))),
+        "the store refused the end: {failed:?}"
+    );
+    let second = engine.trigger("job").send().await.expect("trigger").run.id;
+    let none = worker.claim(0, 1, Duration::ZERO).await.expect("claim");
+    assert!(none.is_empty(), "the slot is still the first run's");
+    clock.set(at(engine.config().lease).saturating_add(Duration::from_millis(1)));
+    let claimed = worker.claim(0, 1, Duration::ZERO).await.expect("claim");
+    let ids: Vec<_> = claimed.iter().map(|c| c.run_id).collect();
+    assert_eq!(
+        ids,
+        [second],
+        "the lapsed lease's slot went to the next run"
+    );
+}
