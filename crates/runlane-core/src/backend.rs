@@ -940,6 +940,14 @@ pub trait RunStore: Send + Sync + 'static {
     fn forget_start(&self, run: RunId, attempt: u32) {
         let _ = (run, attempt);
     }
+    /// Removes the start mark of `attempt` of `run`, written or not: the attempt was handed
+    /// back without counting (a drain's release), so a crash now must not count it as
+    /// `crashed` at the next open. A store whose marks do not count (the default: none kept,
+    /// or shared between processes) does nothing.
+    async fn clear_start(&self, run: RunId, attempt: u32) -> Result<(), StoreError> {
+        let _ = (run, attempt);
+        Ok(())
+    }
     /// The terminal write; the first one wins, later ones get `AlreadyFinished`. A write that
     /// carries an attempt applies only while that attempt is the run's current one; a store
     /// that fences by attempt (PostgreSQL, memory) answers `StaleAttempt` for an older one and

@@ -109,6 +109,9 @@ impl RunStore for DistributedStore {
     fn forget_start(&self, run: RunId, attempt: u32) {
         self.inner.forget_start(run, attempt)
     }
+    async fn clear_start(&self, run: RunId, attempt: u32) -> Result<(), StoreError> {
+        self.inner.clear_start(run, attempt).await
+    }
     async fn finish(
         &self,
         run: RunId,

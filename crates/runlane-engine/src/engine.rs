@@ -532,6 +532,11 @@ impl Inner {
         env: &EnvName,
         attempt: u32,
     ) -> Result<Released, EngineError> {
+        // Nothing runs it any more: a crash from here on must not count the attempt at the
+        // next open (the mark goes first, so a successor's own mark is never the one cleared).
+        if let Err(e) = self.store.clear_start(run, attempt).await {
+            tracing::warn!(%run, error = %e, "start mark not cleared; a crash would count the attempt");
+        }
         match self.queue.release(run, token, self.now()).await {
             Ok(effects) => {
                 self.apply_own(run, env, attempt, RunStatus::Queued, effects)

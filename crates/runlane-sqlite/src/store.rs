@@ -258,6 +258,15 @@ impl RunStore for SqliteStore {
         self.writer.forget_start(run, attempt);
     }
 
+    async fn clear_start(&self, run: RunId, attempt: u32) -> Result<(), StoreError> {
+        // A mark not written yet is withdrawn; one written is cleared after it (one writer,
+        // in order).
+        self.writer.forget_start(run, attempt);
+        self.writer
+            .call(move |conn| write::clear_start(conn, run, attempt))
+            .await
+    }
+
     async fn purge_finished(
         &self,
         retention: &Retention,

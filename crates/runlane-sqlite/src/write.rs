@@ -206,6 +206,16 @@ pub(crate) fn note_start(
     Ok(())
 }
 
+/// Clears the start mark of `attempt` (its run was handed back without counting it); a run
+/// that moved on or finished is left alone.
+pub(crate) fn clear_start(conn: &Connection, run: RunId, attempt: u32) -> Result<(), DbError> {
+    conn.prepare_cached(
+        "UPDATE runs SET started_at = NULL WHERE id = ?1 AND attempt = ?2 AND finished_at IS NULL",
+    )?
+    .execute(params![id_to_sql(run), attempt])?;
+    Ok(())
+}
+
 /// Many start marks (see [`note_start`]), in the order they were noted.
 pub(crate) fn note_starts(
     conn: &Connection,

@@ -205,6 +205,62 @@ async fn a_crash_on_the_last_attempt_ends_the_run_failed() {
     close(engine).await;
 }
 
+/// A run a worker's stop hands back (its handler past the stop timeout) was not running when
+/// the process went away: the reopen queues it again with no attempt counted, and it runs.
+/// Before, its start mark stayed written, and the reopen counted a `crashed` attempt: with no
+/// attempt left the run ended `failed` without ever failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_handed_back_by_a_stop_is_not_counted_crashed_at_reopen() {
+    let path = data_path();
+    let clock = Arc::new(ManualClock::new(EPOCH));
+    let engine = open(&path, &clock, EngineConfig::default()).await;
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let worker = engine
+        .worker()
+        .stop_timeout(Duration::ZERO)
+        .handler("job", move |ctx: RunContext| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(ctx.run_id());
+                std::future::pending::<()>().await;
+                Ok::<Value, HandlerError>(Value::Null)
+            }
+        })
+        .start()
+        .await
+        .expect("worker");
+    let trigger = engine.trigger("job").retry(RetryPolicy::none());
+    let run = trigger.send().await.expect("trigger").run.id;
+    assert_eq!(
+        bounded("the handler to start", started.recv()).await,
+        Some(run)
+    );
+    // Another write goes through the writer after the start mark: the mark is on disk.
+    engine.trigger("other").send().await.expect("trigger");
+    let report = worker.stop().await;
+    assert_eq!(report.released, 1, "the stop handed the run back");
+    close(engine).await;
+
+    let engine = open(&path, &clock, EngineConfig::default()).await;
+    let record = engine.get(run).await.expect("recovered");
+    assert_eq!(
+        (
+            record.status.is_terminal(),
+            record.attempts.len(),
+            record.started_at
+        ),
+        (false, 0, None),
+        "waiting again, no attempt counted: {record:?}"
+    );
+    let (worker, mut started) = quick_worker(&engine, 1).await;
+    assert_eq!(
+        bounded("the run to start again", started.recv()).await,
+        Some((run, 1))
+    );
+    worker.stop().await;
+    close(engine).await;
+}
+
 /// A cancel requested while the handler runs is kept in the store: the process "dies" within
 /// the grace period (nothing ended the run), and the reopen ends it `canceled`, its attempt
 /// recorded as canceled — not a crashed attempt and a retry — and it never runs again.

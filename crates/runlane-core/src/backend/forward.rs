@@ -73,6 +73,8 @@ pub enum StoreOp<'a> {
         /// The attempt's number.
         attempt: u32,
     },
+    /// [`RunStore::clear_start`].
+    ClearStart(RunId),
     /// [`RunStore::forget_start`] (synchronous: see [`StoreHook::before_sync`]).
     ForgetStart {
         /// The run.
@@ -260,6 +262,13 @@ impl<H: StoreHook> RunStore for Forward<H> {
     fn forget_start(&self, run: RunId, attempt: u32) {
         self.hook.before_sync(StoreOp::ForgetStart { run, attempt });
         self.inner.forget_start(run, attempt)
+    }
+    async fn clear_start(&self, run: RunId, attempt: u32) -> Result<(), StoreError> {
+        self.around(
+            StoreOp::ClearStart(run),
+            self.inner.clear_start(run, attempt),
+        )
+        .await
     }
     async fn request_cancel(&self, run: RunId, at: Timestamp) -> Result<Timestamp, StoreError> {
         self.around(
