@@ -452,8 +452,37 @@ impl Engine {
         Ok(Prepared { record, claim })
     }
 
-    /// Stores a prepared run, then enqueues it.
+    /// Stores a prepared run, then enqueues it. With a store that commits in a writer, in a
+    /// task of its own (see [`Engine::detached`]).
     pub(crate) async fn commit(
+        &self,
+        prepared: Prepared,
+        now: Timestamp,
+    ) -> Result<Triggered, EngineError> {
+        if !self.inner.store.group_commits() {
+            return self.store_and_enqueue(prepared, now).await;
+        }
+        let engine = self.clone();
+        Self::detached(async move { engine.store_and_enqueue(prepared, now).await }).await
+    }
+
+    /// Runs a trigger's store-and-enqueue in a task of its own and waits for it. A store that
+    /// commits in a writer keeps a write whose caller went away (a dropped HTTP request, a
+    /// timeout around the trigger): the enqueue must go on too, or the stored run would wait
+    /// for the next open (one process has no reconciler). A store that writes at once needs no
+    /// task: nothing is left half done between its insert and the enqueue.
+    async fn detached<T: Send + 'static>(
+        work: impl std::future::Future<Output = Result<T, EngineError>> + Send + 'static,
+    ) -> Result<T, EngineError> {
+        tokio::spawn(work).await.unwrap_or_else(|e| {
+            Err(EngineError::Unavailable(format!(
+                "trigger task failed: {e}"
+            )))
+        })
+    }
+
+    /// Stores a prepared run, then enqueues it (in the caller's task).
+    async fn store_and_enqueue(
         &self,
         prepared: Prepared,
         now: Timestamp,
@@ -580,6 +609,20 @@ impl Engine {
                 })?;
             prepared.push(p);
         }
+        if !inner.store.group_commits() {
+            return self.store_batch(prepared, now).await;
+        }
+        let engine = self.clone();
+        Self::detached(async move { engine.store_batch(prepared, now).await }).await
+    }
+
+    /// One store insert for a prepared batch, then each run enqueued (all or nothing).
+    async fn store_batch(
+        &self,
+        prepared: Vec<Prepared>,
+        now: Timestamp,
+    ) -> Result<Vec<Triggered>, EngineError> {
+        let inner = &self.inner;
         let rows = prepared
             .iter()
             .map(|p| (p.record.clone(), p.claim.clone()))
