@@ -90,16 +90,19 @@ async fn completions_waiting_behind_a_write_are_ended_in_one_batch() {
         Some(1),
         "the first end alone"
     );
-    let mut rest = Vec::new();
-    for n in 1..RUNS as u64 {
-        let t = engine
-            .trigger("n")
-            .payload(&json!(n))
-            .send()
-            .await
-            .expect("trigger");
-        rest.push(t.run.id);
-    }
+    // One batch: its runs are stored and enqueued in one step (a store that group-commits
+    // does that in a task of its own), so their handlers run and their ends queue up together.
+    let batch = (1..RUNS as u64)
+        .map(|n| engine.trigger("n").payload(&json!(n)).request())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("requests");
+    let rest: Vec<_> = engine
+        .trigger_batch(batch)
+        .await
+        .expect("trigger")
+        .into_iter()
+        .map(|t| t.run.id)
+        .collect();
     let mut handled = vec![bounded(done.recv()).await.expect("handled")];
     while handled.len() < RUNS {
         handled.push(bounded(done.recv()).await.expect("handled"));
