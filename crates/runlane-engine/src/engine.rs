@@ -959,10 +959,10 @@ impl Inner {
         }
     }
 
-    /// Applies one tick report; one that fails (a store or queue call failed) is kept for the
-    /// timer to apply again after `backoff`. The queue reports each only once (a lapsed lease
-    /// leaves the lease set, an expired run the queue), so nothing else would: the run would
-    /// stay unfinished in the store with nothing left to end it.
+    /// Applies one tick report; one that fails because a store or queue call failed
+    /// (`Unavailable`) is kept for the timer to apply again after `backoff`. The queue reports
+    /// each only once (a lapsed lease leaves the lease set, an expired run the queue), so
+    /// nothing else would: the run would stay unfinished in the store with nothing to end it.
     async fn handle_report(&self, report: Report, now: Timestamp, backoff: Duration) {
         let (run, what, done) = match &report {
             Report::Expired(dispatch) => {
@@ -997,7 +997,9 @@ impl Inner {
             }
         };
         if let Err(e) = done {
-            if self.is_shut_down() {
+            // Only a call that failed on the way is tried again; any other answer is final.
+            if self.is_shut_down() || !matches!(e, EngineError::Unavailable(_)) {
+                tracing::warn!(%run, error = %e, "{what}");
                 return;
             }
             tracing::warn!(%run, error = %e, retry_in = ?backoff, "{what}");
@@ -1342,9 +1344,19 @@ impl Engine {
     /// Triggers one validated request.
     pub async fn trigger_request(&self, request: TriggerRequest) -> Result<Triggered, EngineError> {
         self.inner.check_open()?;
-        let now = self.now();
-        let prepared = self.prepare(&request, now, None).await?;
-        self.commit(prepared, now).await
+        if !self.inner.store.group_commits() {
+            let now = self.now();
+            let prepared = self.prepare(&request, now, None).await?;
+            return self.store_and_enqueue(prepared, now).await;
+        }
+        // Once polled, the trigger's outcome no longer depends on its caller (see `detached`).
+        let engine = self.clone();
+        Self::detached(async move {
+            let now = engine.now();
+            let prepared = engine.prepare(&request, now, None).await?;
+            engine.store_and_enqueue(prepared, now).await
+        })
+        .await
     }
 
     /// Triggers a batch: all valid or nothing stored (`BatchItem` names the bad one);

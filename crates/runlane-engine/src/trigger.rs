@@ -471,7 +471,7 @@ impl Engine {
     /// timeout around the trigger): the enqueue must go on too, or the stored run would wait
     /// for the next open (one process has no reconciler). A store that writes at once needs no
     /// task: nothing is left half done between its insert and the enqueue.
-    async fn detached<T: Send + 'static>(
+    pub(crate) async fn detached<T: Send + 'static>(
         work: impl std::future::Future<Output = Result<T, EngineError>> + Send + 'static,
     ) -> Result<T, EngineError> {
         tokio::spawn(work).await.unwrap_or_else(|e| {
@@ -482,7 +482,7 @@ impl Engine {
     }
 
     /// Stores a prepared run, then enqueues it (in the caller's task).
-    async fn store_and_enqueue(
+    pub(crate) async fn store_and_enqueue(
         &self,
         prepared: Prepared,
         now: Timestamp,
