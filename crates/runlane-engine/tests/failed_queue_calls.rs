@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{at, bounded, finished, open_on};
+use common::{at, bounded, completed_second, finished, open_on, stuck_worker, two_attempts};
 use runlane_core::backend::forward::{
     Forward, ForwardQueue, QueueHook, QueueOp, StoreHook, StoreOp,
 };
-use runlane_core::{QueueError, RetryPolicy, RunStatus, StoreError};
+use runlane_core::{QueueError, StoreError};
 use runlane_engine::{HandlerError, RunContext};
 use runlane_memory::{MemoryConfig, MemoryQueue, MemoryStore};
 use serde_json::json;
@@ -37,28 +37,6 @@ fn failing_first_retry() -> Arc<ForwardQueue<FailFirstRetry>> {
             failed: AtomicBool::new(false),
         },
     ))
-}
-
-/// Two attempts, the second at once.
-fn two_attempts() -> RetryPolicy {
-    RetryPolicy {
-        attempts_max: 2,
-        factor: 1.0,
-        min: Duration::ZERO,
-        max: Duration::ZERO,
-        jitter: 0.0,
-    }
-}
-
-/// The run completed on its second attempt, the first ended with `first`.
-async fn completed_second(engine: &runlane_engine::Engine, run: runlane_core::RunId, first: &str) {
-    let done = finished(engine, run).await;
-    let outcomes: Vec<&str> = done.attempts.iter().map(|a| a.outcome.as_str()).collect();
-    assert_eq!(
-        (done.status, outcomes),
-        (RunStatus::Completed, vec![first, "completed"])
-    );
-    assert_eq!(done.output.as_deref(), Some("\"second\""));
 }
 
 /// A failed attempt's retry is recorded in the store, then the queue's `retry` fails: the
@@ -88,7 +66,7 @@ async fn a_retry_whose_queue_call_failed_is_completed_on_the_next_try() {
     bounded(clock.wait_sleeper_at(again)).await;
     assert!(queue.hook().failed.load(SeqCst), "the retry call failed");
     clock.set(again);
-    completed_second(&engine, run, "failed").await;
+    completed_second(&engine, run, "failed", "\"second\"").await;
 }
 
 /// A lapsed lease whose recovery fails half-way (the store records the retry, the queue's
@@ -98,19 +76,7 @@ async fn a_retry_whose_queue_call_failed_is_completed_on_the_next_try() {
 async fn a_lapse_whose_recovery_failed_is_recovered_again() {
     let queue = failing_first_retry();
     let (engine, clock) = open_on(queue.clone(), Arc::new(MemoryStore::new())).await;
-    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
-    let crashing = engine
-        .worker()
-        .handler("job", move |_ctx: RunContext| {
-            let started = started_tx.clone();
-            async move {
-                let _ = started.send(());
-                std::future::pending::<Result<serde_json::Value, HandlerError>>().await
-            }
-        })
-        .start()
-        .await
-        .expect("worker");
+    let (crashing, mut started) = stuck_worker(&engine, Duration::from_secs(1)).await;
     let trigger = engine.trigger("job").retry(two_attempts());
     let run = trigger.send().await.expect("trigger").run.id;
     bounded(started.recv()).await.expect("attempt 1 started");
@@ -133,7 +99,7 @@ async fn a_lapse_whose_recovery_failed_is_recovered_again() {
         .await
         .expect("worker");
     clock.set(again);
-    completed_second(&engine, run, "crashed").await;
+    completed_second(&engine, run, "crashed", "\"second\"").await;
 }
 
 /// A store whose retention purge always fails, counting the tries.

@@ -11,12 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{bounded, finished, open_on, FOREVER};
+use common::{bounded, completed_second, finished, open_on, stuck_worker, two_attempts, FOREVER};
 use runlane_core::backend::forward::{Forward, ForwardQueue, QueueHook, QueueOp, StoreHook};
 use runlane_core::backend::RunStore;
-use runlane_core::{FencingToken, RetryPolicy, RunId, RunStatus, Timestamp};
+use runlane_core::{FencingToken, RunId, RunStatus, Timestamp};
 use runlane_engine::{
-    Engine, EngineError, HandlerError, ManualClock, RemoteWorker, RemoteWorkerSpec, RunContext,
+    Engine, EngineError, ManualClock, RemoteWorker, RemoteWorkerSpec, RunContext,
 };
 use runlane_memory::{MemoryConfig, MemoryQueue, MemoryStore};
 use serde_json::json;
@@ -133,30 +133,6 @@ async fn lapse(queue: &Lapsing, clock: &ManualClock, run: RunId) {
     clock.set(deadline.saturating_add(Duration::from_millis(1)));
 }
 
-/// Two attempts, the second at once.
-fn two_attempts() -> RetryPolicy {
-    RetryPolicy {
-        attempts_max: 2,
-        factor: 1.0,
-        min: Duration::ZERO,
-        max: Duration::ZERO,
-        jitter: 0.0,
-    }
-}
-
-/// The run ended on its second attempt, the first counted `crashed`, with `output`.
-async fn retried(engine: &Engine, run: RunId, output: &str) {
-    let done = finished(engine, run).await;
-    assert_eq!(done.status, RunStatus::Completed);
-    let outcomes: Vec<&str> = done.attempts.iter().map(|a| a.outcome.as_str()).collect();
-    assert_eq!(
-        outcomes,
-        ["crashed", "completed"],
-        "the lapsed attempt counts as crashed and the retry completes the run"
-    );
-    assert_eq!(done.output.as_deref(), Some(output));
-}
-
 #[async_trait]
 impl QueueHook for LapseWhileChecking {
     async fn before(&self, op: QueueOp<'_>) {
@@ -213,7 +189,7 @@ async fn lapse_while_the_end_is_checked(group_commits: bool) {
     // The first attempt's handler returned; its end's lease check is held.
     bounded(checking.recv()).await.expect("a lease check");
     lapse(&queue, &clock, run).await;
-    retried(&engine, run, "\"attempt 2\"").await;
+    completed_second(&engine, run, "crashed", "\"attempt 2\"").await;
 }
 
 #[tokio::test]
@@ -268,7 +244,7 @@ where
         .complete(run, again.token, json!("second"))
         .await
         .expect("complete");
-    retried(&engine, run, "\"second\"").await;
+    completed_second(&engine, run, "crashed", "\"second\"").await;
 }
 
 /// A drain whose release finds the lease lapsed (this process's tick saw the lapse while the
@@ -279,20 +255,7 @@ where
 async fn a_lapse_while_a_drained_run_is_released_retries_the_run() {
     let (queue, mut releasing) = lapsing(release, 0);
     let (engine, clock) = open_on(queue.clone(), Arc::new(MemoryStore::new())).await;
-    let (started_tx, mut started) = mpsc::unbounded_channel();
-    let stuck = engine
-        .worker()
-        .stop_timeout(Duration::ZERO)
-        .handler("job", move |_ctx: RunContext| {
-            let started = started_tx.clone();
-            async move {
-                let _ = started.send(());
-                std::future::pending::<Result<serde_json::Value, HandlerError>>().await
-            }
-        })
-        .start()
-        .await
-        .expect("worker");
+    let (stuck, mut started) = stuck_worker(&engine, Duration::ZERO).await;
     let trigger = engine.trigger("job").retry(two_attempts());
     let run = trigger.send().await.expect("trigger").run.id;
     bounded(started.recv()).await.expect("the handler started");
@@ -310,7 +273,7 @@ async fn a_lapse_while_a_drained_run_is_released_retries_the_run() {
         .start()
         .await
         .expect("worker");
-    retried(&engine, run, "\"done\"").await;
+    completed_second(&engine, run, "crashed", "\"done\"").await;
 }
 
 /// The same through the worker protocol's `release`: answered `StaleToken`, its slot freed,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use runlane_core::backend::{QueueBackend, RunStore};
-use runlane_core::{RunStatus, Timestamp};
+use runlane_core::{RetryPolicy, RunId, RunStatus, Timestamp};
 use runlane_engine::{
     Engine, EngineBuilder, EngineConfig, ManualClock, RunEvent, RunEvents, WaitOutcome,
 };
@@ -127,4 +127,55 @@ pub async fn reached(engine: &Engine, events: &mut RunEvents, status: RunStatus)
     if now != status {
         until_status(events, status).await;
     }
+}
+
+/// Two attempts, the second at once.
+pub fn two_attempts() -> RetryPolicy {
+    RetryPolicy {
+        attempts_max: 2,
+        factor: 1.0,
+        min: Duration::ZERO,
+        max: Duration::ZERO,
+        jitter: 0.0,
+    }
+}
+
+/// A worker of task `job` whose handler reports each start and never returns; its stop waits
+/// `stop_timeout` for it.
+pub async fn stuck_worker(
+    engine: &Engine,
+    stop_timeout: Duration,
+) -> (
+    runlane_engine::Worker,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    let (started_tx, started) = tokio::sync::mpsc::unbounded_channel();
+    let worker = engine
+        .worker()
+        .stop_timeout(stop_timeout)
+        .handler("job", move |_ctx: runlane_engine::RunContext| {
+            let started = started_tx.clone();
+            async move {
+                let _ = started.send(());
+                std::future::pending::<Result<serde_json::Value, runlane_engine::HandlerError>>()
+                    .await
+            }
+        })
+        .start()
+        .await
+        .expect("worker");
+    (worker, started)
+}
+
+/// The run completed on its second attempt with `output` (JSON text), the first attempt
+/// ended `first`.
+pub async fn completed_second(engine: &Engine, run: RunId, first: &str, output: &str) {
+    let done = finished(engine, run).await;
+    let outcomes: Vec<&str> = done.attempts.iter().map(|a| a.outcome.as_str()).collect();
+    assert_eq!(
+        (done.status, outcomes),
+        (RunStatus::Completed, vec![first, "completed"]),
+        "the first attempt ended {first}, the second completed the run"
+    );
+    assert_eq!(done.output.as_deref(), Some(output));
 }
