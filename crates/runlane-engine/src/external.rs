@@ -56,6 +56,12 @@ impl Engine {
 
     /// Publishes, on this engine's event bus, a status change another process's engine made
     /// (so `wait` and subscriptions here see runs finished elsewhere). The tap is not told.
+    ///
+    /// A run that ended elsewhere also leaves this process's hand-over: a worker here must
+    /// never start it from what its trigger handed over (a stale re-enqueue of the finished
+    /// run, by a process recovering at open from an older read, would otherwise run it again
+    /// without a look at the store), and the entry would only take room until the hand-over
+    /// fills.
     pub fn publish_status_from_elsewhere(
         &self,
         run: RunId,
@@ -64,6 +70,9 @@ impl Engine {
         attempt: u32,
         at: Timestamp,
     ) {
+        if status.is_terminal() {
+            self.inner.handover.forget(run);
+        }
         self.inner
             .events
             .status_from(run, env, at, status, attempt, false);
