@@ -7,12 +7,10 @@ use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use common::{bounded, finished, open_on};
+use common::{bounded, finished, open_on, worker_returning};
 use runlane_core::backend::forward::{Forward, StoreHook, StoreOp};
 use runlane_core::RunStatus;
-use runlane_engine::RunContext;
 use runlane_memory::{MemoryConfig, MemoryQueue, MemoryStore};
-use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 /// A store that says it group-commits (its writes go on whatever the caller does, as a writer
@@ -52,12 +50,7 @@ async fn a_run_stored_for_a_caller_that_went_away_still_runs() {
     let store = Arc::new(Forward::new(Arc::new(MemoryStore::new()), hook));
     let queue = Arc::new(MemoryQueue::new(MemoryConfig::default()));
     let (engine, _clock) = open_on(queue, store.clone()).await;
-    let _worker = engine
-        .worker()
-        .handler("job", |_ctx: RunContext| async move { Ok(json!("ran")) })
-        .start()
-        .await
-        .expect("worker");
+    let _worker = worker_returning(&engine, "ran").await;
     let caller = engine.clone();
     let trigger =
         tokio::spawn(async move { caller.trigger("job").idempotency_key("k").send().await });

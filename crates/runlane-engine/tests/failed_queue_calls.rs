@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{at, bounded, completed_second, finished, open_on, stuck_worker, two_attempts};
+use common::{
+    at, bounded, completed_second, finished, open_on, stuck_worker, two_attempts, worker_returning,
+};
 use runlane_core::backend::forward::{
     Forward, ForwardQueue, QueueHook, QueueOp, StoreHook, StoreOp,
 };
@@ -92,12 +94,7 @@ async fn a_lapse_whose_recovery_failed_is_recovered_again() {
         queue.hook().failed.load(SeqCst),
         "the recovery's retry call failed"
     );
-    let _worker = engine
-        .worker()
-        .handler("job", |_ctx: RunContext| async move { Ok(json!("second")) })
-        .start()
-        .await
-        .expect("worker");
+    let _worker = worker_returning(&engine, "second").await;
     clock.set(again);
     completed_second(&engine, run, "crashed", "\"second\"").await;
 }
@@ -132,12 +129,7 @@ async fn a_failing_purge_is_tried_again_after_a_pause_not_in_a_loop() {
     ));
     let queue = Arc::new(MemoryQueue::new(MemoryConfig::default()));
     let (engine, clock) = open_on(queue, store.clone()).await;
-    let _worker = engine
-        .worker()
-        .handler("job", |_ctx: RunContext| async move { Ok(json!("done")) })
-        .start()
-        .await
-        .expect("worker");
+    let _worker = worker_returning(&engine, "done").await;
     let run = engine.trigger("job").send().await.expect("trigger").run.id;
     let done = finished(&engine, run).await;
     let retention = engine

@@ -11,7 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{bounded, completed_second, finished, open_on, stuck_worker, two_attempts, FOREVER};
+use common::{
+    bounded, completed_second, finished, open_on, stuck_worker, two_attempts, worker_returning,
+    FOREVER,
+};
 use runlane_core::backend::forward::{Forward, ForwardQueue, QueueHook, QueueOp, StoreHook};
 use runlane_core::backend::RunStore;
 use runlane_core::{FencingToken, RunId, RunStatus, Timestamp};
@@ -267,12 +270,7 @@ async fn a_lapse_while_a_drained_run_is_released_retries_the_run() {
     let report = bounded(stopping).await.expect("stop");
     assert_eq!(report.released, 0, "the release found the lease lapsed");
 
-    let _worker = engine
-        .worker()
-        .handler("job", |_ctx: RunContext| async move { Ok(json!("done")) })
-        .start()
-        .await
-        .expect("worker");
+    let _worker = worker_returning(&engine, "done").await;
     completed_second(&engine, run, "crashed", "\"done\"").await;
 }
 

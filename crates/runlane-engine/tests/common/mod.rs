@@ -140,6 +140,18 @@ pub fn two_attempts() -> RetryPolicy {
     }
 }
 
+/// A worker of task `job` whose handler completes at once with `output`.
+pub async fn worker_returning(engine: &Engine, output: &'static str) -> runlane_engine::Worker {
+    engine
+        .worker()
+        .handler("job", move |_ctx: runlane_engine::RunContext| async move {
+            Ok(serde_json::json!(output))
+        })
+        .start()
+        .await
+        .expect("worker")
+}
+
 /// A worker of task `job` whose handler reports each start and never returns; its stop waits
 /// `stop_timeout` for it.
 pub async fn stuck_worker(
