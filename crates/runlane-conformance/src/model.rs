@@ -56,11 +56,11 @@ struct ModelLease {
     worker: WorkerId,
     deadline: Timestamp,
     duration: Duration,
+    /// When the attempt passes its max duration; once reported, when it is reported again.
     attempt_deadline: Option<Timestamp>,
-    timed_out_reported: bool,
     cancel_requested_at: Option<Timestamp>,
+    /// When the cancel grace period ends; once reported, when it is reported again.
     cancel_deadline: Option<Timestamp>,
-    cancel_reported: bool,
     lapsed: bool,
 }
 
@@ -485,14 +485,12 @@ impl State {
             if run.status.is_waiting() && !run.dispatch.ever_leased {
                 all.extend(run.dispatch.ttl_deadline);
             }
-            // Lapsing drops a lease's attempt and cancel deadlines (tick steps 4 and 5 look
-            // at live leases only), so only live leases count.
-            if let Some(lease) = run.lease.as_ref().filter(|l| !l.lapsed) {
+            // A lapsed lease keeps only its deadline (when it is reported again): lapsing drops
+            // its attempt and cancel deadlines (tick steps 4 and 5 look at live leases only).
+            if let Some(lease) = run.lease.as_ref() {
                 all.push(lease.deadline);
-                if !lease.timed_out_reported {
+                if !lease.lapsed {
                     all.extend(lease.attempt_deadline);
-                }
-                if !lease.cancel_reported {
                     all.extend(lease.cancel_deadline);
                 }
             }
@@ -756,10 +754,8 @@ impl State {
                 deadline: now.saturating_add(req.lease),
                 duration: req.lease,
                 attempt_deadline: run.dispatch.max_duration.map(|d| now.saturating_add(d)),
-                timed_out_reported: false,
                 cancel_requested_at: None,
                 cancel_deadline: None,
-                cancel_reported: false,
                 lapsed: false,
             };
             // Reading: the `Leased` dispatch is the one stored after the lease, so it says
@@ -988,15 +984,19 @@ impl State {
         }
         self.runs = kept;
 
-        // 3. Live leases at their deadline -> lapsed (slots released).
-        // 4. Live leases past their attempt deadline, once.
-        // 5. Leases past their cancel deadline, once.
+        // 3. Leases at their deadline -> lapsed (slots released once); a lapsed lease still
+        //    held at its deadline is reported again.
+        // 4. Live leases past their attempt deadline.
+        // 5. Live leases past their cancel deadline.
+        // Each report moves its deadline one lease duration on: one the engine did not act on
+        // (its process died in between) comes again.
         // Steps 3, 4 and 5 touch only the run's own lease, so one pass per step in run order
         // is the same as the document's order.
         for run in &mut self.runs {
             if let Some(l) = run.lease.as_mut() {
-                if !l.lapsed && l.deadline <= now {
+                if l.deadline <= now {
                     l.lapsed = true;
+                    l.deadline = now.saturating_add(l.duration);
                     tick.lapsed.push(Lapsed {
                         dispatch: run.dispatch.clone(),
                         token: l.token,
@@ -1006,19 +1006,16 @@ impl State {
         }
         for run in &mut self.runs {
             if let Some(l) = run.lease.as_mut() {
-                if !l.lapsed
-                    && !l.timed_out_reported
-                    && l.attempt_deadline.is_some_and(|d| d <= now)
-                {
-                    l.timed_out_reported = true;
+                if !l.lapsed && l.attempt_deadline.is_some_and(|d| d <= now) {
+                    l.attempt_deadline = Some(now.saturating_add(l.duration));
                     tick.timed_out.push((run.dispatch.run_id, l.token));
                 }
             }
         }
         for run in &mut self.runs {
             if let Some(l) = run.lease.as_mut() {
-                if !l.lapsed && !l.cancel_reported && l.cancel_deadline.is_some_and(|d| d <= now) {
-                    l.cancel_reported = true;
+                if !l.lapsed && l.cancel_deadline.is_some_and(|d| d <= now) {
+                    l.cancel_deadline = Some(now.saturating_add(l.duration));
                     tick.cancel_elapsed.push((run.dispatch.run_id, l.token));
                 }
             }
@@ -1908,8 +1905,8 @@ mod tests {
         ));
         assert_eq!(
             h.rt.block_on(h.q.next_deadline()).expect("deadline"),
-            Some(at(110)),
-            "only b's ready timeout (ready at 50 s)"
+            Some(at(80)),
+            "a's lapse reported again (b's ready timeout is at 110 s)"
         );
         assert!(h.tick(at(60)).cancel_elapsed.is_empty());
         let fx =
@@ -2097,7 +2094,7 @@ mod tests {
     }
 
     #[test]
-    fn timeouts_are_reported_once() {
+    fn a_timeout_is_reported_again_one_lease_duration_later_until_the_lease_ends() {
         let mut h = Harness::new();
         h.limit("prod", 1, true);
         let mut d = h.dispatch("prod", "q", "default");
@@ -2116,5 +2113,41 @@ mod tests {
             "the lease"
         );
         assert!(h.tick(at(6)).timed_out.is_empty());
+        // Not acted on (the process that heard it died): reported again at 5 + 30 s.
+        let hb =
+            h.rt.block_on(h.q.heartbeat(&[(d.run_id, leased.token)], at(20)))
+                .expect("hb");
+        assert_eq!(hb, vec![LeaseState::Alive]);
+        assert!(h.tick(at(34)).timed_out.is_empty());
+        assert_eq!(h.tick(at(35)).timed_out, vec![(d.run_id, leased.token)]);
+        // Ended: never again.
+        h.rt.block_on(h.q.finish(d.run_id, leased.token, at(36)))
+            .expect("finish");
+        assert!(h.tick(at(70)).timed_out.is_empty());
+    }
+
+    #[test]
+    fn a_lapsed_lease_not_ended_is_reported_again_one_lease_duration_later() {
+        let mut h = Harness::new();
+        h.limit("prod", 1, true);
+        let (a, _) = h.trigger("prod", "q", "default");
+        let leased = h.claim(&["prod"], any_lane(), 1, T0).remove(0);
+        let first = h.tick(at(30));
+        assert_eq!(first.lapsed.len(), 1);
+        assert_eq!(
+            h.usage("prod").running,
+            0,
+            "slots released at the first report"
+        );
+        assert_eq!(
+            h.rt.block_on(h.q.next_deadline()).expect("deadline"),
+            Some(at(60))
+        );
+        assert!(h.tick(at(59)).lapsed.is_empty());
+        assert_eq!(h.tick(at(60)).lapsed, first.lapsed, "the same report again");
+        assert_eq!(h.usage("prod").running, 0, "released once");
+        h.rt.block_on(h.q.retry(a, leased.token, at(61), at(61)))
+            .expect("retry");
+        assert!(h.tick(at(200)).lapsed.is_empty(), "ended by the retry");
     }
 }

@@ -254,11 +254,16 @@ pub struct Tick {
     pub effects: Effects,
     /// Runs that expired, removed from every structure with their slots released.
     pub expired: Vec<Dispatch>,
-    /// Leases that lapsed.
+    /// Leases that lapsed. A lease stays reported until the engine ends it: each report moves
+    /// its deadline one lease duration on, and a lapsed lease still held then is reported
+    /// again (the process that heard the report may have died before acting on it). The
+    /// same holds for `timed_out` and `cancel_elapsed`.
     pub lapsed: Vec<Lapsed>,
     /// Leases whose attempt passed its max duration (still leased; the engine aborts them).
+    /// Reported again one lease duration later while the lease is live.
     pub timed_out: Vec<(RunId, FencingToken)>,
     /// Cancelled executing runs whose grace period ended (still leased; the engine ends them).
+    /// Reported again one lease duration later while the lease is live.
     pub cancel_elapsed: Vec<(RunId, FencingToken)>,
     /// Ready runs returned to their queue because their lane had no consumer (`ready_timeout`).
     pub ready_returned: Vec<RunId>,

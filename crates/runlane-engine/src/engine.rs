@@ -940,12 +940,10 @@ impl Inner {
                 }
             }
         }
-        for _ in &lapsed {
-            self.counters.lease_lost();
-        }
-        for _ in &timed_out {
-            self.counters.timed_out();
-        }
+        // A report about a lease comes again one lease duration later while the lease is not
+        // ended (the process that heard it may have died first); one this process already
+        // keeps to apply again is left to that.
+        let kept: Vec<RunId> = self.redo().iter().map(|r| r.report.run()).collect();
         let reports = (expired.into_iter().map(Report::Expired))
             .chain(lapsed.into_iter().map(Report::Lapsed))
             .chain(timed_out.into_iter().map(|(r, t)| Report::TimedOut(r, t)))
@@ -953,16 +951,23 @@ impl Inner {
                 cancel_elapsed
                     .into_iter()
                     .map(|(r, t)| Report::CancelElapsed(r, t)),
-            );
+            )
+            .filter(|report| !kept.contains(&report.run()));
         for report in reports {
+            match report {
+                Report::Lapsed(_) => self.counters.lease_lost(),
+                Report::TimedOut(..) => self.counters.timed_out(),
+                Report::Expired(_) | Report::CancelElapsed(..) => {}
+            }
             self.handle_report(report, now, ERROR_BACKOFF_MIN).await;
         }
     }
 
     /// Applies one tick report; one that fails because a store or queue call failed
-    /// (`Unavailable`) is kept for the timer to apply again after `backoff`. The queue reports
-    /// each only once (a lapsed lease leaves the lease set, an expired run the queue), so
-    /// nothing else would: the run would stay unfinished in the store with nothing to end it.
+    /// (`Unavailable`) is kept for the timer to apply again after `backoff`. An expiry is
+    /// reported only once (the run leaves the queue), so nothing else would: the run would stay
+    /// unfinished in the store with nothing to end it. (A report about a lease also comes again
+    /// from the queue one lease duration later; this retry is sooner.)
     async fn handle_report(&self, report: Report, now: Timestamp, backoff: Duration) {
         let (run, what, done) = match &report {
             Report::Expired(dispatch) => {
@@ -1224,6 +1229,17 @@ enum Report {
     TimedOut(RunId, FencingToken),
     /// A cancelled executing run's grace period ended.
     CancelElapsed(RunId, FencingToken),
+}
+
+impl Report {
+    /// The run the report is about.
+    fn run(&self) -> RunId {
+        match self {
+            Report::Expired(dispatch) => dispatch.run_id,
+            Report::Lapsed(lapsed) => lapsed.dispatch.run_id,
+            Report::TimedOut(run, _) | Report::CancelElapsed(run, _) => *run,
+        }
+    }
 }
 
 /// A tick report whose handling failed, applied again by the timer at `at`.

@@ -1,7 +1,8 @@
 //! A tick whose answer reaches the engine late (the timer's call held, as a queue backend's
 //! connection may hold it): what it reports about a lease is about that lease only. An attempt
 //! it reports timed out that meanwhile ended on its own (failed and went on to a retry) leaves
-//! the run's next attempt alone.
+//! the run's next attempt alone. A tick whose answer never reaches any engine (the process that
+//! called it died) is made again: the queue reports the lease once more a lease duration later.
 
 mod common;
 
@@ -10,9 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{at, bounded, finished, open_on, until_status};
+use common::{
+    at, bounded, completed_second, finished, open_on, two_attempts, until_status, worker_returning,
+};
 use runlane_core::backend::forward::{ForwardQueue, QueueHook, QueueOp};
-use runlane_core::{RetryPolicy, RunStatus, Timestamp};
+use runlane_core::backend::{ClaimRequest, QueueBackend, ServedEnv};
+use runlane_core::chain::ClaimChain;
+use runlane_core::{EnvName, RetryPolicy, RunStatus, Timestamp, WorkerId};
 use runlane_engine::{HandlerError, RunContext};
 use runlane_memory::{MemoryConfig, MemoryQueue, MemoryStore};
 use serde_json::json;
@@ -128,4 +133,56 @@ async fn a_late_timeout_of_an_attempt_that_already_failed_leaves_the_retry_alone
         "the late timeout ended nothing: attempt 2 ran"
     );
     assert_eq!(done.output.as_deref(), Some("\"second\""));
+}
+
+/// A worker elsewhere claimed R and died; the timer that heard R's lapse was in a process that
+/// died too, before it acted on the report (here: the tick is called on the queue directly and
+/// its answer dropped). The queue reports the lapse again a lease duration later, and this
+/// engine's timer recovers R: its first attempt counts `crashed`, the second completes it.
+/// Before, a lapse was reported once: R stayed executing, held by a dead lease, for ever.
+#[tokio::test]
+async fn a_lapse_reported_to_a_process_that_died_is_reported_again_and_recovered() {
+    let queue = Arc::new(MemoryQueue::new(MemoryConfig::default()));
+    let (engine, clock) = open_on(queue.clone(), Arc::new(MemoryStore::new())).await;
+    let run = engine
+        .trigger("job")
+        .retry(two_attempts())
+        .send()
+        .await
+        .expect("trigger")
+        .run
+        .id;
+
+    // Elsewhere: a worker claims R and dies; a timer hears the lapse and dies.
+    let lease = Duration::from_secs(2);
+    let request = ClaimRequest {
+        worker: WorkerId(99),
+        chain: ClaimChain::default_chain(),
+        max: 1,
+        envs: vec![ServedEnv {
+            env: EnvName::new("default").expect("env"),
+            version: 0,
+        }],
+        lease,
+    };
+    assert_eq!(
+        queue
+            .claim(&request, at(Duration::ZERO))
+            .await
+            .expect("claim")
+            .len(),
+        1
+    );
+    let unheard = queue.tick(at(lease)).await.expect("tick");
+    assert_eq!(unheard.lapsed.len(), 1, "the lapse, reported to nobody");
+
+    // Here: a worker, and a marker trigger whose effects arm the timer.
+    let worker = worker_returning(&engine, "here").await;
+    let marker = engine.trigger("job").send().await.expect("marker").run.id;
+    assert_eq!(finished(&engine, marker).await.status, RunStatus::Completed);
+    let again = at(lease * 2);
+    bounded(clock.wait_sleeper_at(again)).await;
+    clock.set(again);
+    completed_second(&engine, run, "crashed", "\"here\"").await;
+    worker.stop().await;
 }

@@ -1177,7 +1177,11 @@ impl QueueBackend for MemoryQueue {
             st.runs.remove(&run);
             tick.expired.push(d);
         }
-        // 3. Lapsed leases.
+        // Each report of steps 3 to 5 moves its deadline one lease duration on, so a report the
+        // engine did not act on (the process that heard it died first) comes again; acting on
+        // it ends the lease, and its deadlines with it.
+        // 3. Lapsed leases (slots released the first time only).
+        let mut again = Vec::new();
         while let Some(&(at, run)) = st.lease_deadlines.first() {
             if at > now {
                 break;
@@ -1190,38 +1194,54 @@ impl QueueBackend for MemoryQueue {
             let Place::Leased(lease) = &mut entry.place else {
                 continue;
             };
+            let first = !lease.lapsed;
             lease.lapsed = true;
+            lease.deadline = now.saturating_add(lease.duration);
+            again.push((lease.deadline, run));
             let token = lease.token;
             let (attempt_at, cancel_at) = (lease.attempt_deadline, lease.cancel_deadline);
-            if let Some(a) = attempt_at {
-                st.attempt_deadlines.remove(&(a, run));
+            if first {
+                if let Some(a) = attempt_at {
+                    st.attempt_deadlines.remove(&(a, run));
+                }
+                if let Some(c) = cancel_at {
+                    st.cancel_deadlines.remove(&(c, run));
+                }
+                st.release_slots(&d);
             }
-            if let Some(c) = cancel_at {
-                st.cancel_deadlines.remove(&(c, run));
-            }
-            st.release_slots(&d);
             tick.lapsed.push(Lapsed { dispatch: d, token });
         }
-        // 4. Attempts past their max duration (reported once).
+        st.lease_deadlines.extend(again);
+        // 4. Attempts past their max duration.
+        let mut again = Vec::new();
         while let Some(&(at, run)) = st.attempt_deadlines.first() {
             if at > now {
                 break;
             }
             st.attempt_deadlines.remove(&(at, run));
-            if let Some(Place::Leased(l)) = st.runs.get(&run).map(|e| &e.place) {
+            if let Some(Place::Leased(l)) = st.runs.get_mut(&run).map(|e| &mut e.place) {
+                let next = now.saturating_add(l.duration);
+                l.attempt_deadline = Some(next);
+                again.push((next, run));
                 tick.timed_out.push((run, l.token));
             }
         }
-        // 5. Cancel grace periods that ended (reported once).
+        st.attempt_deadlines.extend(again);
+        // 5. Cancel grace periods that ended.
+        let mut again = Vec::new();
         while let Some(&(at, run)) = st.cancel_deadlines.first() {
             if at > now {
                 break;
             }
             st.cancel_deadlines.remove(&(at, run));
-            if let Some(Place::Leased(l)) = st.runs.get(&run).map(|e| &e.place) {
+            if let Some(Place::Leased(l)) = st.runs.get_mut(&run).map(|e| &mut e.place) {
+                let next = now.saturating_add(l.duration);
+                l.cancel_deadline = Some(next);
+                again.push((next, run));
                 tick.cancel_elapsed.push((run, l.token));
             }
         }
+        st.cancel_deadlines.extend(again);
         // 6. Ready runs in lanes with no consumer for ready_timeout, in run id order across
         // lanes (like every list of a tick).
         let rt = st.ready_timeout;

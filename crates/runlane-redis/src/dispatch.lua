@@ -1997,27 +1997,39 @@ OPS['tick'] = function()
       end
     end
   end
-  -- 3. Lapsed leases.
+  -- Each report of steps 3 to 5 moves its deadline one lease duration on, so a report the
+  -- engine did not act on (the process that heard it died first) comes again; acting on it
+  -- ends the lease, and its deadlines with it.
+  -- 3. Lapsed leases (slots released the first time only).
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_LEASE, '-inf', now)) do
-    redis.call('ZREM', K_LEASE, id)
     local r = load(id)
     if r and r[F_PLACE] == 'l' then
-      r[F_LAPSED] = true
-      redis.call('ZREM', K_ATT, id)
-      redis.call('ZREM', K_CXL, id)
-      release_slots(r)
+      if not r[F_LAPSED] then
+        r[F_LAPSED] = true
+        redis.call('ZREM', K_ATT, id)
+        redis.call('ZREM', K_CXL, id)
+        release_slots(r)
+      end
+      r[F_LDL] = now + r[F_LDUR]
+      redis.call('ZADD', K_LEASE, r[F_LDL], id)
       save(id, r)
       lapsed[#lapsed + 1] = { id, cmsgpack.pack(r) }
+    else
+      redis.call('ZREM', K_LEASE, id)
     end
   end
   -- 4. Attempts past their max duration; 5. cancel grace periods that ended.
-  for _, pair in ipairs({ { K_ATT, timed_out }, { K_CXL, cancel_elapsed } }) do
-    for _, id in ipairs(redis.call('ZRANGEBYSCORE', pair[1], '-inf', now)) do
-      redis.call('ZREM', pair[1], id)
+  for _, step in ipairs({ { K_ATT, timed_out, F_ADL }, { K_CXL, cancel_elapsed, F_CDL } }) do
+    local key, list, field = step[1], step[2], step[3]
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', key, '-inf', now)) do
       local r = load(id)
       if r and r[F_PLACE] == 'l' then
-        local list = pair[2]
+        r[field] = now + r[F_LDUR]
+        redis.call('ZADD', key, r[field], id)
+        save(id, r)
         list[#list + 1] = { id, r[F_TOKEN] }
+      else
+        redis.call('ZREM', key, id)
       end
     end
   end
