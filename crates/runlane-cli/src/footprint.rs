@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use runlane::core::backend::{ClaimRequest, Dispatch, QueueBackend, ServedEnv};
+use runlane::core::backend::{ClaimRequest, Dispatch, EnqueueAs, QueueBackend, ServedEnv};
 use runlane::core::{
     ClaimChain, EnvName, EnvSettings, LaneName, QueueName, RunId, Timestamp, WorkerId,
 };
@@ -193,7 +193,7 @@ async fn load(queue: &Arc<RedisQueue>, mix: Mix, runs: u64, env: &EnvName) -> an
                     continue;
                 }
                 queue
-                    .enqueue(dispatch(mix, i, &env, &queues), false, T0)
+                    .enqueue(dispatch(mix, i, &env, &queues), EnqueueAs::Trigger, T0)
                     .await?;
             }
             anyhow::Ok(())

@@ -17,8 +17,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use runlane_core::admission::{self, AdmissionInput, Blocked, Scope};
 use runlane_core::backend::{
-    CancelOutcome, ClaimRequest, ConsumerId, Dispatch, Effects, Enqueued, EnvUsage, LaneInfo,
-    Lapsed, LeaseInfo, LeaseState, Leased, LiveRun, Placement, QueueBackend, QueueInfo, Tick,
+    CancelOutcome, ClaimRequest, ConsumerId, Dispatch, Effects, EnqueueAs, Enqueued, EnvUsage,
+    LaneInfo, Lapsed, LeaseInfo, LeaseState, Leased, LiveRun, Placement, QueueBackend, QueueInfo,
+    Tick,
 };
 use runlane_core::chain::ClaimChain;
 use runlane_core::error::{InvalidInput, QueueError};
@@ -536,7 +537,12 @@ impl State {
 
     // ---- enqueue ----
 
-    fn enqueue(&mut self, d: Dispatch, sync: bool, now: Timestamp) -> Result<Enqueued, QueueError> {
+    fn enqueue(
+        &mut self,
+        d: Dispatch,
+        why: EnqueueAs,
+        now: Timestamp,
+    ) -> Result<Enqueued, QueueError> {
         // 1. A run id already held: no change; answer its current placement (a leased run
         //    answers `Ready`), with empty effects except `deadline`.
         if let Some(i) = self.run_index(d.run_id) {
@@ -568,8 +574,9 @@ impl State {
             && !key_has_queued
             && !self.lane_orphaned(&d.lane)
             && admitted.is_ok();
-        // 3. It would wait: the key's cap on delayed + queued runs.
-        if !fast {
+        // 3. It would wait: the key's cap on delayed + queued runs (new work only: a run
+        //    already accepted is never refused by it).
+        if !fast && why.capped() {
             let settings = self.queue_settings(&d.env, &d.queue);
             if let Some(max_queued) = settings.max_queued {
                 let waiting = self
@@ -590,7 +597,7 @@ impl State {
             }
         }
         // 6. A due sync run that is not fast-pathed and that the fast-lane row refuses.
-        if due && !fast && sync && admitted == Err(Blocked(Scope::FastLane)) {
+        if due && !fast && why.sync() && admitted == Err(Blocked(Scope::FastLane)) {
             return Err(QueueError::FastLaneFull {
                 env: d.env.as_str().to_owned(),
                 retry_after: FAST_LANE_RETRY_AFTER,
@@ -1280,10 +1287,10 @@ impl QueueBackend for ModelQueue {
     async fn enqueue(
         &self,
         dispatch: Dispatch,
-        sync: bool,
+        why: EnqueueAs,
         now: Timestamp,
     ) -> Result<Enqueued, QueueError> {
-        self.lock().enqueue(dispatch, sync, now)
+        self.lock().enqueue(dispatch, why, now)
     }
 
     async fn claim(
@@ -1458,7 +1465,8 @@ mod tests {
         }
 
         fn enqueue(&self, d: &Dispatch, now: Timestamp) -> Result<Enqueued, QueueError> {
-            self.rt.block_on(self.q.enqueue(d.clone(), false, now))
+            self.rt
+                .block_on(self.q.enqueue(d.clone(), EnqueueAs::Trigger, now))
         }
 
         fn trigger(&mut self, e: &str, q: &str, l: &str) -> (RunId, Placement) {
@@ -2064,16 +2072,20 @@ mod tests {
             max_queued: 1,
         };
         assert_eq!(h.enqueue(&d3, T0), Err(full));
+        // A run already accepted (recovery at open, a reconciler) is not refused by the cap.
+        let again = h.rt.block_on(h.q.enqueue(d3, EnqueueAs::Accepted, T0));
+        assert_eq!(again.expect("accepted").placement, Placement::Queued);
         // Sync into a full fast lane is refused, not queued.
         let f1 = h.dispatch("prod", "f", "fast_lane");
         assert_eq!(
-            h.rt.block_on(h.q.enqueue(f1, true, T0))
+            h.rt.block_on(h.q.enqueue(f1, EnqueueAs::SyncTrigger, T0))
                 .expect("f1")
                 .placement,
             Placement::Ready
         );
         let f2 = h.dispatch("prod", "g", "fast_lane");
-        let refused = h.rt.block_on(h.q.enqueue(f2.clone(), true, T0));
+        let refused =
+            h.rt.block_on(h.q.enqueue(f2.clone(), EnqueueAs::SyncTrigger, T0));
         assert!(matches!(refused, Err(QueueError::FastLaneFull { .. })));
         assert_eq!(h.status(f2.run_id), None);
         assert_eq!(

@@ -25,8 +25,8 @@ use proptest::test_runner::{Config, RngSeed, TestCaseError, TestError, TestRunne
 use runlane_conformance::model::ModelQueue;
 use runlane_core::admission::{env_cap, key_cap};
 use runlane_core::backend::{
-    CancelOutcome, ClaimRequest, ConsumerId, Dispatch, Effects, Enqueued, EnvUsage, LaneInfo,
-    LeaseState, Leased, LiveRun, Placement, QueueBackend, QueueInfo, ServedEnv, Tick,
+    CancelOutcome, ClaimRequest, ConsumerId, Dispatch, Effects, EnqueueAs, Enqueued, EnvUsage,
+    LaneInfo, LeaseState, Leased, LiveRun, Placement, QueueBackend, QueueInfo, ServedEnv, Tick,
 };
 use runlane_core::chain::ClaimChain;
 use runlane_core::error::{InvalidInput, QueueError};
@@ -123,7 +123,8 @@ enum Op {
         lock: Option<u32>,
         sync: bool,
         max_duration_s: Option<u8>,
-        /// Re-enqueued by recovery: attempt 2, `ever_leased` (it never expires).
+        /// Re-enqueued by recovery: attempt 2, `ever_leased` (it never expires), enqueued as
+        /// already accepted (`max_queued` does not apply).
         recovered: bool,
     },
     /// Enqueue again the original dispatch of a run still held (idempotent by run id).
@@ -442,7 +443,7 @@ fn case() -> impl Strategy<Value = Case> {
 /// A concrete call, identical for the model and the backend.
 #[derive(Clone, Debug)]
 enum Call {
-    Enqueue(Box<Dispatch>, bool),
+    Enqueue(Box<Dispatch>, EnqueueAs),
     Claim(ClaimRequest),
     Heartbeat(Vec<(RunId, FencingToken)>),
     Finish(RunId, FencingToken),
@@ -504,7 +505,7 @@ fn n<T>(r: R<T>) -> R<T> {
 
 async fn call<B: QueueBackend>(b: &B, c: &Call, now: Timestamp) -> Outcome {
     match c {
-        Call::Enqueue(d, sync) => Outcome::Enqueue(n(b.enqueue((**d).clone(), *sync, now).await)),
+        Call::Enqueue(d, why) => Outcome::Enqueue(n(b.enqueue((**d).clone(), *why, now).await)),
         Call::Claim(req) => Outcome::Claim(n(b.claim(req, now).await)),
         Call::Heartbeat(leases) => Outcome::Heartbeat(n(b.heartbeat(leases, now).await)),
         Call::Finish(run, token) => Outcome::Effects(n(b.finish(*run, *token, now).await)),
@@ -667,14 +668,22 @@ impl Driver {
                     ever_leased: *recovered,
                     max_duration: max_duration_s.map(|s| Duration::from_secs(u64::from(s))),
                 };
-                Call::Enqueue(Box::new(d), *sync)
+                // Recovery enqueues a run already accepted: the queue's cap does not apply.
+                let why = if *recovered {
+                    EnqueueAs::Accepted
+                } else {
+                    EnqueueAs::trigger(*sync)
+                };
+                Call::Enqueue(Box::new(d), why)
             }
             // Only runs still held: a removed run enqueued again is a new run to the backend.
             Op::Duplicate { pick: i } => {
                 match pick(&self.present.iter().copied().collect::<Vec<_>>(), *i) {
                     Some(run) => {
                         let d = self.dispatches.iter().find(|d| d.run_id == run).cloned();
-                        d.map_or(Call::Nothing, |d| Call::Enqueue(Box::new(d), false))
+                        d.map_or(Call::Nothing, |d| {
+                            Call::Enqueue(Box::new(d), EnqueueAs::Trigger)
+                        })
                     }
                     None => Call::Nothing,
                 }

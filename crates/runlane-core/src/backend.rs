@@ -83,6 +83,45 @@ impl Dispatch {
     }
 }
 
+/// Why a run is enqueued, which decides what the queue backend may refuse. Each caller of
+/// [`QueueBackend::enqueue`] says it: the cap on waiting runs (`max_queued`) limits the new work
+/// a trigger offers, never runs already accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EnqueueAs {
+    /// New work a trigger offers: refused with [`QueueError::QueueFull`] when it would wait and
+    /// its queue key already holds `max_queued` waiting runs (nothing changes then).
+    Trigger,
+    /// A sync trigger: as [`Trigger`](Self::Trigger), and a due fast-lane run that does not fit
+    /// is refused with [`QueueError::FastLaneFull`] instead of queued.
+    SyncTrigger,
+    /// A run already accepted (stored, its id answered or recorded) returning to the queue:
+    /// recovery at open, a reconciler's enqueue of a committed run, a rebuild of a lost queue.
+    /// `max_queued` is not applied (as for a retry) and nothing is refused for the fast lane:
+    /// a refusal would leave an accepted run in the store, never run.
+    Accepted,
+}
+
+impl EnqueueAs {
+    /// The trigger kind of a call with a `sync` flag.
+    pub fn trigger(sync: bool) -> EnqueueAs {
+        if sync {
+            EnqueueAs::SyncTrigger
+        } else {
+            EnqueueAs::Trigger
+        }
+    }
+
+    /// Whether the queue key's `max_queued` applies (new work only).
+    pub fn capped(self) -> bool {
+        !matches!(self, EnqueueAs::Accepted)
+    }
+
+    /// Whether a due fast-lane run that does not fit is refused (`FastLaneFull`).
+    pub fn sync(self) -> bool {
+        matches!(self, EnqueueAs::SyncTrigger)
+    }
+}
+
 /// What a mutating call changed, for the engine to act on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Effects {
@@ -375,12 +414,13 @@ pub trait QueueBackend: Send + Sync + 'static {
     async fn env_usage(&self, env: &EnvName) -> Result<EnvUsage, QueueError>;
 
     /// Stores a run's dispatch facts, deciding the fast path in the same step. Idempotent by
-    /// run id. `sync` refuses with `FastLaneFull` instead of queueing a fast-lane run that does
-    /// not fit.
+    /// run id. `why` says what may be refused (see [`EnqueueAs`]): a trigger over its queue
+    /// key's `max_queued` gets `QueueFull`, a sync trigger whose fast-lane run does not fit
+    /// gets `FastLaneFull`; a run already accepted is never refused for either.
     async fn enqueue(
         &self,
         dispatch: Dispatch,
-        sync: bool,
+        why: EnqueueAs,
         now: Timestamp,
     ) -> Result<Enqueued, QueueError>;
     /// Takes up to `max` runs out of the chain's lanes and leases them, in one step.
@@ -470,12 +510,12 @@ pub trait QueueBackend: Send + Sync + 'static {
     async fn enqueue_claiming(
         &self,
         dispatch: Dispatch,
-        sync: bool,
+        why: EnqueueAs,
         now: Timestamp,
         claim: &ClaimRequest,
     ) -> Result<(Enqueued, Vec<Leased>), QueueError> {
         let _ = claim;
-        Ok((self.enqueue(dispatch, sync, now).await?, Vec::new()))
+        Ok((self.enqueue(dispatch, why, now).await?, Vec::new()))
     }
     /// Whether [`enqueue_claiming`](Self::enqueue_claiming) may claim (the engine offers
     /// its idle workloops' free slots to triggers only then). `false`, the default.

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use runlane_core::backend::{
-    CancelOutcome, ClaimRequest, ConsumerId, Dispatch, Effects, Enqueued, EnvUsage, LaneInfo,
-    LeaseState, Leased, LiveRun, Placement, QueueBackend, QueueInfo, RunRecord, Tick,
+    CancelOutcome, ClaimRequest, ConsumerId, Dispatch, Effects, EnqueueAs, Enqueued, EnvUsage,
+    LaneInfo, LeaseState, Leased, LiveRun, Placement, QueueBackend, QueueInfo, RunRecord, Tick,
 };
 use runlane_core::chain::ClaimChain;
 use runlane_core::{
@@ -251,7 +251,11 @@ impl DistributedQueue {
     /// The reconciler's enqueue: every run of `records` into Redis (idempotent by run id).
     /// Answers the ids Redis now holds (the reconciler marks them `in_queue`) with the merged
     /// effects, or Redis's error when it is unavailable (the rest waits for the next pass).
-    /// A run Redis refuses (queue full) stays pending and is tried again later.
+    /// Each run is enqueued as already accepted ([`EnqueueAs::Accepted`]): it is committed, and
+    /// its trigger answered it as placed or its process died after the commit, so its queue
+    /// key's `max_queued` does not apply (a refusal would leave it pending for as long as the
+    /// key stays full). A run Redis still refuses (an unknown env) stays pending and is tried
+    /// again later.
     pub async fn reconcile(
         &self,
         records: Vec<RunRecord>,
@@ -266,7 +270,11 @@ impl DistributedQueue {
                     return (Err(e.to_string()), effects);
                 }
             }
-            match self.redis.enqueue(record.dispatch(), false, now).await {
+            match self
+                .redis
+                .enqueue(record.dispatch(), EnqueueAs::Accepted, now)
+                .await
+            {
                 Ok(enqueued) => {
                     if let Some(wake) = &self.wake {
                         wake.note(&enqueued.effects);
@@ -369,26 +377,23 @@ impl QueueBackend for DistributedQueue {
     async fn enqueue(
         &self,
         dispatch: Dispatch,
-        sync: bool,
+        why: EnqueueAs,
         now: Timestamp,
     ) -> Result<Enqueued, QueueError> {
         let (run, due) = self.before_enqueue(&dispatch);
-        let answer = self.redis.enqueue(dispatch, sync, now).await;
+        let answer = self.redis.enqueue(dispatch, why, now).await;
         self.enqueued(run, due, now, answer.map(|e| (e, Vec::new())))
             .map(|(e, _)| e)
     }
     async fn enqueue_claiming(
         &self,
         dispatch: Dispatch,
-        sync: bool,
+        why: EnqueueAs,
         now: Timestamp,
         claim: &ClaimRequest,
     ) -> Result<(Enqueued, Vec<Leased>), QueueError> {
         let (run, due) = self.before_enqueue(&dispatch);
-        let answer = self
-            .redis
-            .enqueue_claiming(dispatch, sync, now, claim)
-            .await;
+        let answer = self.redis.enqueue_claiming(dispatch, why, now, claim).await;
         self.enqueued(run, due, now, answer)
     }
     fn claims_on_enqueue(&self) -> bool {

@@ -12,8 +12,8 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use runlane_core::backend::{
-    AttemptEnd, AttemptRecord, CancelOutcome, Dispatch, Effects, LaneInfo, Lapsed, QueueBackend,
-    QueueInfo, RunFilter, RunRecord, RunStore, Tick, VersionInfo,
+    AttemptEnd, AttemptRecord, CancelOutcome, Dispatch, Effects, EnqueueAs, LaneInfo, Lapsed,
+    QueueBackend, QueueInfo, RunFilter, RunRecord, RunStore, Tick, VersionInfo,
 };
 use runlane_core::{
     CancelReason, EnvName, EnvSettings, FencingToken, InvalidInput, LaneName, QueueError,
@@ -708,6 +708,9 @@ impl Inner {
     ///
     /// A store shared between processes keeps its start marks out of this rule: the run may be
     /// executing in another process, and a lapsed lease recovers it if that process died.
+    ///
+    /// Every run comes back as already accepted ([`EnqueueAs::Accepted`]): a queue key over its
+    /// `max_queued` takes it all the same (the cap limits new work a trigger offers).
     async fn recover(&self, now: Timestamp) -> Result<Effects, EngineError> {
         let mut effects = Effects::default();
         let marks_count = !self.store.shared_between_processes();
@@ -749,7 +752,9 @@ impl Inner {
                     }
                 }
             }
-            match self.queue.enqueue(dispatch, false, now).await {
+            // Accepted before the process stopped: the queue's cap (`max_queued`) limits new
+            // work only, so it cannot leave this run in the store never run.
+            match self.queue.enqueue(dispatch, EnqueueAs::Accepted, now).await {
                 Ok(enqueued) => effects.merge(enqueued.effects),
                 Err(e) => tracing::warn!(run = %record.id, error = %e, "recovery enqueue refused"),
             }

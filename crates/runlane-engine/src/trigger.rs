@@ -8,7 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use runlane_core::backend::{Dispatch, Enqueued, IdempotencyClaim, Inserted, Placement, RunRecord};
+use runlane_core::backend::{
+    Dispatch, EnqueueAs, Enqueued, IdempotencyClaim, Inserted, Placement, RunRecord,
+};
 use runlane_core::{
     assign_lane, EnvName, InvalidInput, LaneName, QueueError, QueueName, RetryPolicy, RunId,
     RunStatus, TaskDef, TaskName, Timestamp, TriggerSource,
@@ -509,7 +511,8 @@ impl Engine {
         now: Timestamp,
     ) -> Result<Triggered, EngineError> {
         let inner = &self.inner;
-        let sync = prepared.sync();
+        // New work: the queue key's `max_queued` applies.
+        let why = EnqueueAs::trigger(prepared.sync());
         let mut record = prepared.record;
         // Kept before the enqueue: a worker of this process may claim the run at once.
         inner.handover.keep(
@@ -526,13 +529,13 @@ impl Engine {
             // trigger goes away mid-call (a dropped HTTP request, a timeout).
             Some(offer) => {
                 let inner = inner.clone();
-                tokio::spawn(enqueue_for_offer(inner, dispatch, sync, offer))
+                tokio::spawn(enqueue_for_offer(inner, dispatch, why, offer))
                     .await
                     .unwrap_or_else(|e| {
                         Err(QueueError::Unavailable(format!("enqueue task failed: {e}")))
                     })
             }
-            None => match inner.queue.enqueue(dispatch, sync, now).await {
+            None => match inner.queue.enqueue(dispatch, why, now).await {
                 Ok(enqueued) => Ok(settle(
                     inner,
                     &record.lane,
@@ -770,7 +773,7 @@ async fn settle(
 async fn enqueue_for_offer(
     inner: Arc<Inner>,
     dispatch: Dispatch,
-    sync: bool,
+    why: EnqueueAs,
     offer: Offer,
 ) -> Result<(Placement, RunStatus), QueueError> {
     let now = inner.now();
@@ -782,7 +785,7 @@ async fn enqueue_for_offer(
     );
     let (enqueued, leases) = inner
         .queue
-        .enqueue_claiming(dispatch, sync, now, &offer.request)
+        .enqueue_claiming(dispatch, why, now, &offer.request)
         .await?;
     let leases = renew_late(
         inner.queue.as_ref(),

@@ -1398,7 +1398,7 @@ impl Drop for Worker {
 
 #[cfg(test)]
 mod late_claim_tests {
-    use runlane_core::backend::{Dispatch, QueueBackend, ServedEnv};
+    use runlane_core::backend::{Dispatch, EnqueueAs, QueueBackend, ServedEnv};
     use runlane_core::{EnvSettings, WorkerId};
     use runlane_memory::{MemoryConfig, MemoryQueue};
 
@@ -1424,7 +1424,9 @@ mod late_claim_tests {
         q.put_env(&e, EnvSettings::default(), T0)
             .await
             .expect("env");
-        q.enqueue(dispatch(1), false, T0).await.expect("enqueue");
+        q.enqueue(dispatch(1), EnqueueAs::Trigger, T0)
+            .await
+            .expect("enqueue");
         let request = ClaimRequest {
             worker: WorkerId(1),
             chain: ClaimChain::default_chain(),

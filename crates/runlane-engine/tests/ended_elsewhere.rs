@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{finished, open_on, T0};
-use runlane_core::backend::{ClaimRequest, QueueBackend, RunStore, ServedEnv};
+use runlane_core::backend::{ClaimRequest, EnqueueAs, QueueBackend, RunStore, ServedEnv};
 use runlane_core::chain::ClaimChain;
 use runlane_core::{EnvName, RunStatus, WorkerId};
 use runlane_engine::RunContext;
@@ -56,7 +56,7 @@ async fn a_run_that_ended_elsewhere_is_not_run_from_the_hand_over() {
 
     // A stale re-enqueue of the finished run (a recovery's older read), then a marker run.
     queue
-        .enqueue(run.dispatch(), false, T0)
+        .enqueue(run.dispatch(), EnqueueAs::Trigger, T0)
         .await
         .expect("stale enqueue");
     let marker = engine.trigger("job").send().await.expect("marker").run.id;

@@ -14,8 +14,9 @@ use runlane_core::idhash::IdBuild;
 use async_trait::async_trait;
 use runlane_core::admission::{admit, AdmissionInput, Blocked, Scope};
 use runlane_core::backend::{
-    CancelOutcome, ClaimRequest, ConsumerId, Dispatch, Effects, Enqueued, EnvUsage, LaneInfo,
-    Lapsed, LeaseInfo, LeaseState, Leased, LiveRun, Placement, QueueBackend, QueueInfo, Tick,
+    CancelOutcome, ClaimRequest, ConsumerId, Dispatch, Effects, EnqueueAs, Enqueued, EnvUsage,
+    LaneInfo, Lapsed, LeaseInfo, LeaseState, Leased, LiveRun, Placement, QueueBackend, QueueInfo,
+    Tick,
 };
 use runlane_core::run::{transition, Event, RetryTarget};
 use runlane_core::score::{score, Score};
@@ -737,7 +738,7 @@ impl QueueBackend for MemoryQueue {
     async fn enqueue(
         &self,
         dispatch: Dispatch,
-        sync: bool,
+        why: EnqueueAs,
         now: Timestamp,
     ) -> Result<Enqueued, QueueError> {
         let mut st = self.lock();
@@ -763,7 +764,10 @@ impl QueueBackend for MemoryQueue {
         let key = queue.and_then(|q| q.keys.get(&dispatch.key));
         let backlog = key.is_some_and(|k| !k.queued.is_empty());
         let waiting = key.map_or(0, |k| k.delayed as usize + k.queued.len());
-        let max_queued = queue.and_then(|q| q.settings.max_queued);
+        // The cap limits new work; a run already accepted returns whatever the key holds.
+        let max_queued = queue
+            .and_then(|q| q.settings.max_queued)
+            .filter(|_| why.capped());
         let delayed = dispatch.run_after > now;
         let orphaned = st.lanes.get(&dispatch.lane).is_some_and(|l| l.orphaned);
         let admission = st.admission(&dispatch);
@@ -779,7 +783,7 @@ impl QueueBackend for MemoryQueue {
                 }
             }
         }
-        if !delayed && !fast && sync && admission == Err(Blocked(Scope::FastLane)) {
+        if !delayed && !fast && why.sync() && admission == Err(Blocked(Scope::FastLane)) {
             return Err(QueueError::FastLaneFull {
                 env: dispatch.env.to_string(),
                 retry_after: FAST_LANE_RETRY_AFTER,
@@ -1542,13 +1546,13 @@ mod tests {
     async fn fast_path_then_backlog_then_cross_queue_promotion() {
         let q = backend(&[("e", 1, 1)]).await;
         let a = q
-            .enqueue(dispatch(1, "e", "qa", "default"), false, T0)
+            .enqueue(dispatch(1, "e", "qa", "default"), EnqueueAs::Trigger, T0)
             .await
             .expect("a");
         assert_eq!(a.placement, Placement::Ready, "empty and open: fast path");
         assert_eq!(a.effects.ready_lanes, vec![lane("default")]);
         let b = q
-            .enqueue(dispatch(2, "e", "qb", "default"), false, T0)
+            .enqueue(dispatch(2, "e", "qb", "default"), EnqueueAs::Trigger, T0)
             .await
             .expect("b");
         assert_eq!(b.placement, Placement::Queued, "env full: slow path");
@@ -1573,7 +1577,7 @@ mod tests {
     #[tokio::test]
     async fn stale_tokens_and_lapsed_leases() {
         let q = backend(&[("e", 2, 1)]).await;
-        q.enqueue(dispatch(1, "e", "q", "default"), false, T0)
+        q.enqueue(dispatch(1, "e", "q", "default"), EnqueueAs::Trigger, T0)
             .await
             .expect("enqueue");
         let l = q
@@ -1619,7 +1623,7 @@ mod tests {
     #[tokio::test]
     async fn check_leases_answers_per_run_as_check_lease_does() {
         let q = backend(&[("e", 2, 1)]).await;
-        q.enqueue(dispatch(1, "e", "q", "default"), false, T0)
+        q.enqueue(dispatch(1, "e", "q", "default"), EnqueueAs::Trigger, T0)
             .await
             .expect("enqueue");
         let l = q
@@ -1653,7 +1657,7 @@ mod tests {
         let q = backend(&[("a", 100, 1), ("b", 100, 3)]).await;
         for i in 0..40u128 {
             let e = if i % 2 == 0 { "a" } else { "b" };
-            q.enqueue(dispatch(i + 1, e, "q", "default"), false, T0)
+            q.enqueue(dispatch(i + 1, e, "q", "default"), EnqueueAs::Trigger, T0)
                 .await
                 .expect("enqueue");
         }
@@ -1675,8 +1679,10 @@ mod tests {
         let q = backend(&[("e", 1, 1)]).await;
         let mut first = dispatch(1, "e", "q", "default");
         first.ttl_deadline = Some(T0.saturating_add(Duration::from_secs(5)));
-        q.enqueue(first, false, T0).await.expect("first");
-        q.enqueue(dispatch(2, "e", "q", "default"), false, T0)
+        q.enqueue(first, EnqueueAs::Trigger, T0)
+            .await
+            .expect("first");
+        q.enqueue(dispatch(2, "e", "q", "default"), EnqueueAs::Trigger, T0)
             .await
             .expect("second");
         assert_eq!(
@@ -1695,10 +1701,10 @@ mod tests {
     #[tokio::test]
     async fn orphan_lane_returns_runs_and_stops_admitting_into_it() {
         let q = backend(&[("e", 1, 1)]).await;
-        q.enqueue(dispatch(1, "e", "q1", "fast_lane"), false, T0)
+        q.enqueue(dispatch(1, "e", "q1", "fast_lane"), EnqueueAs::Trigger, T0)
             .await
             .expect("orphan run");
-        q.enqueue(dispatch(2, "e", "q2", "default"), false, T0)
+        q.enqueue(dispatch(2, "e", "q2", "default"), EnqueueAs::Trigger, T0)
             .await
             .expect("default run");
         let consumer = q

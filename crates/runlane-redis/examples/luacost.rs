@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use runlane_core::backend::{ClaimRequest, Dispatch, Leased, QueueBackend, ServedEnv};
+use runlane_core::backend::{ClaimRequest, Dispatch, EnqueueAs, Leased, QueueBackend, ServedEnv};
 use runlane_core::chain::ClaimChain;
 use runlane_core::{
     EnvName, EnvSettings, FencingToken, LaneName, QueueName, RunId, Timestamp, WorkerId,
@@ -195,7 +195,7 @@ async fn main() {
             ever_leased: false,
             max_duration: None,
         };
-        q.enqueue(d, false, Timestamp(T0.0 + runs))
+        q.enqueue(d, EnqueueAs::Trigger, Timestamp(T0.0 + runs))
             .await
             .expect("enqueue");
     }

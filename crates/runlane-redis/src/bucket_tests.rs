@@ -2,7 +2,7 @@
 //! records go, so a run's end is one `HDEL` (no `HLEN` to find out whether its bucket emptied);
 //! a snapshot still reads exactly the records held.
 
-use runlane_core::backend::{Dispatch, QueueBackend};
+use runlane_core::backend::{Dispatch, EnqueueAs, QueueBackend};
 use runlane_core::{EnvName, EnvSettings, FencingToken, RunId, Timestamp};
 
 use crate::test_support::{self as support, url};
@@ -40,7 +40,7 @@ async fn an_ended_runs_bucket_stays_listed_and_snapshots_read_the_records_held()
     // Fast path: each run is ready at once, with a record.
     for n in 1..=3 {
         queue
-            .enqueue(dispatch(n, &env), false, Timestamp(1))
+            .enqueue(dispatch(n, &env), EnqueueAs::Trigger, Timestamp(1))
             .await
             .expect("enqueue");
     }
@@ -72,7 +72,7 @@ async fn an_ended_runs_bucket_stays_listed_and_snapshots_read_the_records_held()
     // New records in the emptied buckets and in a fresh one are all read back.
     for n in [1, 2, 4] {
         queue
-            .enqueue(dispatch(n + 16, &env), false, Timestamp(4))
+            .enqueue(dispatch(n + 16, &env), EnqueueAs::Trigger, Timestamp(4))
             .await
             .expect("enqueue");
     }

@@ -1,7 +1,7 @@
 //! Claim on enqueue: an `enqueue` that carries an idle worker's claim answers and leaves the
 //! queue exactly as that enqueue followed by that claim does, in one script call.
 
-use runlane_core::backend::{ClaimRequest, Dispatch, Leased, Placement, QueueBackend};
+use runlane_core::backend::{ClaimRequest, Dispatch, EnqueueAs, Leased, Placement, QueueBackend};
 use runlane_core::{ClaimChain, FencingToken, QueueError, RunId, Timestamp};
 
 use crate::test_support::{self as support, env};
@@ -66,7 +66,7 @@ async fn a_claim_carried_by_an_enqueue_leases_what_the_claim_after_it_would() {
     for (d, max) in steps() {
         let req = request("*", max);
         // Apart: the enqueue, then (when it placed the run) the claim its doorbell causes.
-        let expected: Step = match apart.enqueue(d.clone(), false, now).await {
+        let expected: Step = match apart.enqueue(d.clone(), EnqueueAs::Trigger, now).await {
             Ok(e) => Ok((
                 e.placement,
                 leased(apart.claim(&req, now).await.expect("claim")),
@@ -75,7 +75,7 @@ async fn a_claim_carried_by_an_enqueue_leases_what_the_claim_after_it_would() {
         };
         let calls = together.enqueue_calls();
         let got: Step = together
-            .enqueue_claiming(d.clone(), false, now, &req)
+            .enqueue_claiming(d.clone(), EnqueueAs::Trigger, now, &req)
             .await
             .map(|(e, leases)| (e.placement, leased(leases)));
         assert_eq!(together.enqueue_calls() - calls, 1, "one script call");
@@ -99,7 +99,7 @@ async fn a_run_outside_the_claims_lanes_is_placed_and_left_for_a_claim_that_cove
     let now = Timestamp(NOW);
     let d = ready(1, "a");
     let (enqueued, leases) = queue
-        .enqueue_claiming(d.clone(), false, now, &request("cron", 4))
+        .enqueue_claiming(d.clone(), EnqueueAs::Trigger, now, &request("cron", 4))
         .await
         .expect("enqueue");
     assert_eq!(enqueued.placement, Placement::Ready);
@@ -112,7 +112,7 @@ async fn a_run_outside_the_claims_lanes_is_placed_and_left_for_a_claim_that_cove
     // Nor does a claim for no slots, or one for an env the run is not in.
     let d2 = ready(2, "a");
     let (_, leases) = queue
-        .enqueue_claiming(d2, false, now, &request("*", 0))
+        .enqueue_claiming(d2, EnqueueAs::Trigger, now, &request("*", 0))
         .await
         .expect("enqueue");
     assert!(leases.is_empty());
@@ -120,7 +120,7 @@ async fn a_run_outside_the_claims_lanes_is_placed_and_left_for_a_claim_that_cove
     other_env.envs.retain(|s| s.env == env("b"));
     let d3 = ready(3, "a");
     let (_, leases) = queue
-        .enqueue_claiming(d3, false, now, &other_env)
+        .enqueue_claiming(d3, EnqueueAs::Trigger, now, &other_env)
         .await
         .expect("enqueue");
     assert!(leases.is_empty());
@@ -143,11 +143,11 @@ async fn a_refused_enqueue_claims_nothing() {
     let now = Timestamp(NOW);
     // A ready run of `a` a claim would take, then an enqueue into the unknown env `c`.
     queue
-        .enqueue(ready(1, "a"), false, now)
+        .enqueue(ready(1, "a"), EnqueueAs::Trigger, now)
         .await
         .expect("enqueue");
     let refused = queue
-        .enqueue_claiming(ready(2, "c"), false, now, &request("*", 4))
+        .enqueue_claiming(ready(2, "c"), EnqueueAs::Trigger, now, &request("*", 4))
         .await;
     assert_eq!(refused.err(), Some(QueueError::unknown_env(&env("c"))));
     let claimed = queue.claim(&request("*", 4), now).await.expect("claim");
@@ -176,7 +176,7 @@ async fn a_lane_the_carried_claim_emptied_rings_no_doorbell() {
     // The claim takes the run it carries: no ready run is left, nothing rings.
     let d1 = ready(1, "a");
     let (enqueued, leases) = queue
-        .enqueue_claiming(d1.clone(), false, now, &request("*", 1))
+        .enqueue_claiming(d1.clone(), EnqueueAs::Trigger, now, &request("*", 1))
         .await
         .expect("enqueue");
     assert_eq!(leases.len(), 1);
@@ -188,11 +188,11 @@ async fn a_lane_the_carried_claim_emptied_rings_no_doorbell() {
     assert_eq!(len(&mut conn, bell(&queue)).await, 0, "no bell entry");
     // Two ready runs, a claim of one: the lane still holds a ready run and rings.
     queue
-        .enqueue(ready(2, "a"), false, now)
+        .enqueue(ready(2, "a"), EnqueueAs::Trigger, now)
         .await
         .expect("enqueue");
     let (enqueued, leases) = queue
-        .enqueue_claiming(ready(3, "a"), false, now, &request("*", 1))
+        .enqueue_claiming(ready(3, "a"), EnqueueAs::Trigger, now, &request("*", 1))
         .await
         .expect("enqueue");
     assert_eq!(leases.len(), 1);
@@ -212,12 +212,12 @@ async fn enqueue_and_claim_calls_are_counted_with_their_time() {
     assert_eq!((queue.enqueue_micros(), queue.claim_micros()), (0, 0));
     // A claim riding on an enqueue is the enqueue's call; a claim for no slots makes no call.
     let (_, leases) = queue
-        .enqueue_claiming(ready(1, "a"), false, now, &request("*", 1))
+        .enqueue_claiming(ready(1, "a"), EnqueueAs::Trigger, now, &request("*", 1))
         .await
         .expect("enqueue");
     assert_eq!(leases.len(), 1);
     queue
-        .enqueue(ready(2, "a"), false, now)
+        .enqueue(ready(2, "a"), EnqueueAs::Trigger, now)
         .await
         .expect("enqueue");
     let none = queue.claim(&request("*", 0), now).await.expect("claim");

@@ -15,7 +15,7 @@
 
 use std::sync::Mutex;
 
-use runlane_core::backend::{Dispatch, Enqueued};
+use runlane_core::backend::{Dispatch, EnqueueAs, Enqueued};
 use runlane_core::{QueueError, Timestamp};
 use tokio::sync::oneshot;
 
@@ -27,7 +27,7 @@ pub(crate) const MOST: usize = 256;
 /// A caller waiting for its run's enqueue.
 pub(crate) struct Waiter {
     pub(crate) dispatch: Dispatch,
-    pub(crate) sync: bool,
+    pub(crate) why: EnqueueAs,
     pub(crate) now: Timestamp,
     turn: oneshot::Sender<Turn>,
 }
@@ -86,7 +86,7 @@ impl Combine {
 
     /// Leads when nothing is in flight, else waits in the list. A caller that leads must hold a
     /// [`Leading`] until it has answered its batch.
-    pub(crate) fn join(&self, dispatch: &Dispatch, sync: bool, now: Timestamp) -> Joined {
+    pub(crate) fn join(&self, dispatch: &Dispatch, why: EnqueueAs, now: Timestamp) -> Joined {
         let mut state = lock(&self.state);
         if take_lead(&mut state) {
             return Joined::Lead;
@@ -94,7 +94,7 @@ impl Combine {
         let (turn, rx) = oneshot::channel();
         state.waiting.push(Waiter {
             dispatch: dispatch.clone(),
-            sync,
+            why,
             now,
             turn,
         });
@@ -173,17 +173,17 @@ mod tests {
     fn the_first_leads_the_next_wait_and_the_first_waiter_leads_them_after() {
         let c = Combine::default();
         assert!(matches!(
-            c.join(&dispatch(1), false, Timestamp(0)),
+            c.join(&dispatch(1), EnqueueAs::Trigger, Timestamp(0)),
             Joined::Lead
         ));
-        let mut second = waits(c.join(&dispatch(2), false, Timestamp(0)));
-        let mut third = waits(c.join(&dispatch(3), true, Timestamp(5)));
+        let mut second = waits(c.join(&dispatch(2), EnqueueAs::Trigger, Timestamp(0)));
+        let mut third = waits(c.join(&dispatch(3), EnqueueAs::SyncTrigger, Timestamp(5)));
         drop(Leading(&c));
         match second.try_recv() {
             Ok(Turn::Lead(rest)) => {
                 assert_eq!(rest.len(), 1);
                 assert_eq!(rest[0].dispatch.run_id, RunId(3));
-                assert!(rest[0].sync);
+                assert_eq!(rest[0].why, EnqueueAs::SyncTrigger);
                 assert_eq!(rest[0].now, Timestamp(5));
                 rest.into_iter()
                     .for_each(|w| w.answer(Err(QueueError::Unavailable("x".into()))));
@@ -192,12 +192,12 @@ mod tests {
         }
         assert!(matches!(third.try_recv(), Ok(Turn::Done(Err(_)))));
         // Still in flight (the second leads) until its lead ends; then nothing is.
-        let mut fourth = waits(c.join(&dispatch(4), false, Timestamp(0)));
+        let mut fourth = waits(c.join(&dispatch(4), EnqueueAs::Trigger, Timestamp(0)));
         drop(Leading(&c));
         assert!(matches!(fourth.try_recv(), Ok(Turn::Lead(rest)) if rest.is_empty()));
         drop(Leading(&c));
         assert!(matches!(
-            c.join(&dispatch(5), false, Timestamp(0)),
+            c.join(&dispatch(5), EnqueueAs::Trigger, Timestamp(0)),
             Joined::Lead
         ));
     }
@@ -206,12 +206,16 @@ mod tests {
     fn a_waiter_that_went_away_is_skipped_and_batches_are_bounded() {
         let c = Combine::default();
         assert!(matches!(
-            c.join(&dispatch(0), false, Timestamp(0)),
+            c.join(&dispatch(0), EnqueueAs::Trigger, Timestamp(0)),
             Joined::Lead
         ));
-        drop(waits(c.join(&dispatch(1), false, Timestamp(0))));
+        drop(waits(c.join(
+            &dispatch(1),
+            EnqueueAs::Trigger,
+            Timestamp(0),
+        )));
         let mut rxs: Vec<_> = (2..(MOST as u128) + 10)
-            .map(|n| waits(c.join(&dispatch(n), false, Timestamp(0))))
+            .map(|n| waits(c.join(&dispatch(n), EnqueueAs::Trigger, Timestamp(0))))
             .collect();
         drop(Leading(&c));
         // Run 1's caller is gone: run 2's leads the next MOST − 1 runs (its batch is MOST).

@@ -1442,10 +1442,12 @@ local function placed(p)
   return 'ready'
 end
 
--- One run's enqueue: `packed` is its record (place unset), `sync` refuses a fast-lane run that
--- does not fit. Answers 'ok' and the placement, or a refusal code (and its value), having
+-- One run's enqueue: `packed` is its record (place unset), `why` says why it is enqueued: '0' a
+-- trigger (refused over its key's `max_queued`), '1' a sync trigger (also refuses a fast-lane
+-- run that does not fit), 'a' a run already accepted (recovery, reconciler, rebuild: neither
+-- refusal applies). Answers 'ok' and the placement, or a refusal code (and its value), having
 -- changed nothing then.
-local function enqueue_one(id, packed, sync)
+local function enqueue_one(id, packed, why)
   local existing = load(id)
   if existing then return 'ok', placed(existing[F_PLACE]) end
   local r = cmsgpack.unpack(packed)
@@ -1482,10 +1484,10 @@ local function enqueue_one(id, packed, sync)
   local orphaned = L[2] == '1'
   local blocked = admission_of(E, Q, K[3], lane)
   local fast = (not delayed) and fast_path_on and backlog == 0 and (not orphaned) and blocked == nil
-  if not fast and max_queued and waiting >= tonumber(max_queued) then
+  if not fast and why ~= 'a' and max_queued and waiting >= tonumber(max_queued) then
     return 'queue_full', tonumber(max_queued)
   end
-  if not delayed and not fast and sync and blocked == 'fast_lane' then
+  if not delayed and not fast and why == '1' and blocked == 'fast_lane' then
     return 'fast_lane_full'
   end
   local listed = not delayed and not fast and in_order
@@ -1515,11 +1517,11 @@ end
 local claim_runs
 
 OPS['enqueue'] = function()
-  -- ARGV[6] = id, ARGV[7] = packed record (place unset), ARGV[8] = sync ('1'/'0'), then
+  -- ARGV[6] = id, ARGV[7] = packed record (place unset), ARGV[8] = why ('0'/'1'/'a'), then
   -- optionally an idle worker's claim as `claim`'s arguments (ARGV[9] = worker, ...): made in
   -- the same step once the run is placed, exactly as that worker's next claim would be, and
   -- answered after the placement.
-  local code, v = enqueue_one(ARGV[6], ARGV[7], ARGV[8] == '1')
+  local code, v = enqueue_one(ARGV[6], ARGV[7], ARGV[8])
   if code == 'ok' and #ARGV >= 12 then
     local leased = claim_runs(9, #ARGV)
     -- A lane the claim left without a ready run rings no doorbell: nobody could claim there.
@@ -1538,7 +1540,7 @@ OPS['enqueue'] = function()
 end
 
 -- Many enqueues in one call, each as 'enqueue' (in order): ARGV[6..] = (id, packed record,
--- sync) triples. Answers per run { code, value or false }; the effects are the call's.
+-- why) triples. Answers per run { code, value or false }; the effects are the call's.
 OPS['enqueue_many'] = function()
   local out = {}
   -- A run that fails the call (a script error) leaves the runs placed before it as one
@@ -1546,7 +1548,7 @@ OPS['enqueue_many'] = function()
   local ok, err = pcall(function()
     for i = 6, #ARGV, 3 do
       if not bm then bm_start() end
-      local code, v = enqueue_one(ARGV[i], ARGV[i + 1], ARGV[i + 2] == '1')
+      local code, v = enqueue_one(ARGV[i], ARGV[i + 1], ARGV[i + 2])
       out[#out + 1] = { code, v or false }
     end
   end)

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 
-use runlane_core::backend::{ClaimRequest, Dispatch, Placement, QueueBackend};
+use runlane_core::backend::{ClaimRequest, Dispatch, EnqueueAs, Placement, QueueBackend};
 use runlane_core::{
     ClaimChain, EnvSettings, QueueError, QueueName, QueueSettings, RunId, RunStatus, Timestamp,
 };
@@ -41,8 +41,8 @@ async fn set_up(queue: &RedisQueue) {
 }
 
 /// 40 enqueues over envs `a`, `b` and the unknown `c`, two keys, some delayed, some repeating
-/// an earlier run.
-fn mix() -> Vec<(Dispatch, bool)> {
+/// an earlier run, some sync, some already accepted (past `b`'s cap).
+fn mix() -> Vec<(Dispatch, EnqueueAs)> {
     let envs = [env("a"), env("b"), env("c")];
     (1..=40u128)
         .map(|n| {
@@ -54,7 +54,12 @@ fn mix() -> Vec<(Dispatch, bool)> {
             } else {
                 NOW - id as u64
             };
-            (support::dispatch(id, e, key, after, None), n % 4 == 0)
+            let why = match n % 4 {
+                0 => EnqueueAs::SyncTrigger,
+                _ if n % 9 == 0 => EnqueueAs::Accepted,
+                _ => EnqueueAs::Trigger,
+            };
+            (support::dispatch(id, e, key, after, None), why)
         })
         .collect()
 }
@@ -66,13 +71,13 @@ fn claim_request() -> ClaimRequest {
 /// The answers of one `enqueue` per run of `mix`, in order.
 async fn one_by_one_answers(
     queue: &RedisQueue,
-    mix: &[(Dispatch, bool)],
+    mix: &[(Dispatch, EnqueueAs)],
 ) -> Vec<Result<Placement, QueueError>> {
     let mut answers = Vec::new();
-    for (d, sync) in mix {
+    for (d, why) in mix {
         answers.push(
             queue
-                .enqueue(d.clone(), *sync, Timestamp(NOW))
+                .enqueue(d.clone(), *why, Timestamp(NOW))
                 .await
                 .map(|e| e.placement),
         );
@@ -147,12 +152,15 @@ async fn counters(queue: &RedisQueue) -> String {
 
 /// Runs `from..=to`: env `a` (fast path, admits 50) but every fifth in env `b` (no fast path,
 /// admits 1), over three keys.
-fn fast_mix(from: u128, to: u128) -> Vec<(Dispatch, bool)> {
+fn fast_mix(from: u128, to: u128) -> Vec<(Dispatch, EnqueueAs)> {
     (from..=to)
         .map(|n| {
             let e = if n % 5 == 0 { env("b") } else { env("a") };
             let key = ["k1", "k2", "k3"][(n % 3) as usize];
-            (support::dispatch(n, &e, key, NOW - n as u64, None), false)
+            (
+                support::dispatch(n, &e, key, NOW - n as u64, None),
+                EnqueueAs::Trigger,
+            )
         })
         .collect()
 }
@@ -236,7 +244,7 @@ async fn a_batch_that_fails_half_way_writes_the_counters_of_the_runs_it_placed()
     assert_eq!(ready(&lanes), Some(1), "the first run is ready: {lanes:?}");
     let third = support::dispatch(3, &env("a"), "k2", NOW - 3, None);
     let (answers, _) = queue
-        .enqueue_many(&[(third, false)], Timestamp(NOW))
+        .enqueue_many(&[(third, EnqueueAs::Trigger)], Timestamp(NOW))
         .await
         .expect("enqueue_many");
     assert_eq!(answers, vec![Ok(Placement::Ready)]);
@@ -275,7 +283,10 @@ async fn concurrent_enqueues_share_one_call_and_each_gets_its_own_runs_answer() 
         let queue = queue.clone();
         tasks.spawn(async move {
             let d = support::dispatch(n, &env("a"), "", NOW - 1, None);
-            (n, queue.enqueue(d, false, Timestamp(NOW)).await)
+            (
+                n,
+                queue.enqueue(d, EnqueueAs::Trigger, Timestamp(NOW)).await,
+            )
         });
     }
     let mut moved = 0;
@@ -308,13 +319,17 @@ async fn callers_that_go_away_mid_batch_lose_no_other_callers_run() {
     let queue = Arc::new(queue);
     let run = |n: u128| support::dispatch(n, &env("b"), &format!("k{n}"), NOW - 1, None);
     // Run 1's caller leads; run 2's waits; run 3's waits in a task of its own.
-    let mut first = queue.enqueue(run(1), false, Timestamp(NOW));
+    let mut first = queue.enqueue(run(1), EnqueueAs::Trigger, Timestamp(NOW));
     assert!(poll_once(&mut first).await.is_none(), "in flight");
-    let mut second = queue.enqueue(run(2), false, Timestamp(NOW));
+    let mut second = queue.enqueue(run(2), EnqueueAs::Trigger, Timestamp(NOW));
     assert!(poll_once(&mut second).await.is_none(), "waiting");
     let third = tokio::spawn({
         let queue = queue.clone();
-        async move { queue.enqueue(run(3), false, Timestamp(NOW)).await }
+        async move {
+            queue
+                .enqueue(run(3), EnqueueAs::Trigger, Timestamp(NOW))
+                .await
+        }
     });
     tokio::task::yield_now().await;
     // The leader goes away: run 2's caller leads runs 2 and 3, then goes away mid-call too.
@@ -333,7 +348,7 @@ async fn callers_that_go_away_mid_batch_lose_no_other_callers_run() {
     let calls = queue.enqueue_calls();
     for n in 1..=3 {
         let again = queue
-            .enqueue(run(n), false, Timestamp(NOW))
+            .enqueue(run(n), EnqueueAs::Trigger, Timestamp(NOW))
             .await
             .expect("enqueued");
         assert_ne!(again.placement, Placement::Delayed);

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use runlane_core::backend::{CancelOutcome, Dispatch, Placement, QueueBackend};
+use runlane_core::backend::{CancelOutcome, Dispatch, EnqueueAs, Placement, QueueBackend};
 use runlane_core::{EnvName, EnvSettings, LaneName, RunId, RunStatus, Timestamp};
 
 use crate::queue::{put_env_args, Arg};
@@ -90,7 +90,7 @@ async fn a_due_run_in_order_is_its_list_entry_only_until_admitted() {
     runs.push(prio);
     for d in &runs {
         let placed = queue
-            .enqueue(d.clone(), false, Timestamp(0))
+            .enqueue(d.clone(), EnqueueAs::Trigger, Timestamp(0))
             .await
             .expect("enqueue");
         assert_eq!(placed.placement, Placement::Queued);
@@ -121,7 +121,7 @@ async fn a_due_run_in_order_is_its_list_entry_only_until_admitted() {
 
     // An enqueue of a run already in the list is idempotent (nothing appended).
     let again = queue
-        .enqueue(runs[1].clone(), false, Timestamp(0))
+        .enqueue(runs[1].clone(), EnqueueAs::Trigger, Timestamp(0))
         .await
         .expect("enqueue again");
     assert_eq!(again.placement, Placement::Queued);
@@ -133,7 +133,7 @@ async fn a_due_run_in_order_is_its_list_entry_only_until_admitted() {
     next.ever_leased = true;
     next.run_after = Timestamp(50_000);
     let again = queue
-        .enqueue(next, false, Timestamp(0))
+        .enqueue(next, EnqueueAs::Trigger, Timestamp(0))
         .await
         .expect("enqueue the next attempt");
     assert_eq!(again.placement, Placement::Queued);
@@ -222,7 +222,7 @@ async fn a_list_resident_run_expires_through_its_bucket_entry() {
         .collect();
     for d in &runs {
         queue
-            .enqueue(d.clone(), false, Timestamp(0))
+            .enqueue(d.clone(), EnqueueAs::Trigger, Timestamp(0))
             .await
             .expect("enqueue");
     }
@@ -440,7 +440,7 @@ async fn an_unknown_newer_format_is_refused() {
     // A process that has it open refuses every call, naming both versions, and changes nothing.
     let env = EnvName::new("e").expect("env name");
     let refused = queue
-        .enqueue(dispatch(1, &env, 0, None), false, Timestamp(0))
+        .enqueue(dispatch(1, &env, 0, None), EnqueueAs::Trigger, Timestamp(0))
         .await
         .expect_err("refused");
     let text = refused.to_string();

@@ -12,8 +12,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use rmpv::Value;
 use runlane_core::admission::env_cap;
 use runlane_core::backend::{
-    CancelOutcome, ClaimRequest, ConsumerId, Dispatch, Effects, Enqueued, EnvUsage, LaneInfo,
-    Lapsed, LeaseState, Leased, LiveRun, Placement, QueueBackend, QueueInfo, RunStore, Tick,
+    CancelOutcome, ClaimRequest, ConsumerId, Dispatch, Effects, EnqueueAs, Enqueued, EnvUsage,
+    LaneInfo, Lapsed, LeaseState, Leased, LiveRun, Placement, QueueBackend, QueueInfo, RunStore,
+    Tick,
 };
 use runlane_core::{
     ClaimChain, EnvName, EnvSettings, FencingToken, LaneName, QueueError, QueueName, QueueSettings,
@@ -416,9 +417,15 @@ fn pair_args(pairs: &[(RunId, FencingToken)]) -> Vec<Arg> {
     args
 }
 
-/// The `sync` flag of an enqueue as a script argument.
-fn sync_arg(sync: bool) -> Arg {
-    (if sync { "1" } else { "0" }).into()
+/// Why a run is enqueued, as a script argument: `'0'` a trigger, `'1'` a sync trigger, `'a'`
+/// a run already accepted (the script applies no `max_queued` to it).
+fn why_arg(why: EnqueueAs) -> Arg {
+    match why {
+        EnqueueAs::Trigger => "0",
+        EnqueueAs::SyncTrigger => "1",
+        EnqueueAs::Accepted => "a",
+    }
+    .into()
 }
 
 /// A run's enqueue outcome from the library's code and value (`ok` with the placement, or a
@@ -640,10 +647,10 @@ impl RedisQueue {
     async fn enqueue_alone(
         &self,
         dispatch: &Dispatch,
-        sync: bool,
+        why: EnqueueAs,
         now: Timestamp,
     ) -> Result<Enqueued, QueueError> {
-        Ok(self.enqueue_call(dispatch, sync, now, None).await?.0)
+        Ok(self.enqueue_call(dispatch, why, now, None).await?.0)
     }
 
     /// One run's enqueue in its own script call, with the claim of `claim` made in the same
@@ -651,7 +658,7 @@ impl RedisQueue {
     async fn enqueue_call(
         &self,
         dispatch: &Dispatch,
-        sync: bool,
+        why: EnqueueAs,
         now: Timestamp,
         claim: Option<&ClaimRequest>,
     ) -> Result<(Enqueued, Vec<Leased>), QueueError> {
@@ -659,11 +666,7 @@ impl RedisQueue {
         let started = Instant::now();
         let answer = self
             .call("enqueue", now, || {
-                let mut args = vec![
-                    dispatch.run_id.into(),
-                    packed.clone().into(),
-                    sync_arg(sync),
-                ];
+                let mut args = vec![dispatch.run_id.into(), packed.clone().into(), why_arg(why)];
                 if let Some(request) = claim {
                     Self::claim_args(request, &mut args);
                 }
@@ -692,14 +695,14 @@ impl RedisQueue {
     async fn enqueue_with(
         &self,
         dispatch: Dispatch,
-        sync: bool,
+        why: EnqueueAs,
         now: Timestamp,
         rest: Vec<Waiter>,
     ) -> Result<Enqueued, QueueError> {
         let now = rest.iter().map(|w| w.now).fold(now, Timestamp::max);
         let mut items = Vec::with_capacity(rest.len() + 1);
-        items.push((dispatch, sync));
-        items.extend(rest.iter().map(|w| (w.dispatch.clone(), w.sync)));
+        items.push((dispatch, why));
+        items.extend(rest.iter().map(|w| (w.dispatch.clone(), w.why)));
         let mut answers: Vec<Result<Enqueued, QueueError>> =
             match self.enqueue_many(&items, now).await {
                 Ok((placements, effects)) => {
@@ -737,7 +740,7 @@ impl RedisQueue {
     /// when it is the first.
     pub async fn enqueue_many(
         &self,
-        items: &[(Dispatch, bool)],
+        items: &[(Dispatch, EnqueueAs)],
         now: Timestamp,
     ) -> Result<(Vec<Result<Placement, QueueError>>, Effects), QueueError> {
         let mut out = Vec::with_capacity(items.len());
@@ -748,10 +751,10 @@ impl RedisQueue {
             let done = self
                 .call("enqueue_many", now, || {
                     let mut args: Vec<Arg> = Vec::with_capacity(chunk.len() * 3);
-                    for ((d, sync), p) in chunk.iter().zip(&packed) {
+                    for ((d, why), p) in chunk.iter().zip(&packed) {
                         args.push(d.run_id.into());
                         args.push(p.clone().into());
-                        args.push(sync_arg(*sync));
+                        args.push(why_arg(*why));
                     }
                     args
                 })
@@ -1146,7 +1149,11 @@ impl RedisQueue {
                     .raw_checked(
                         "enqueue",
                         now,
-                        vec![id.into(), record::pack_new(&d).into(), "0".into()],
+                        vec![
+                            id.into(),
+                            record::pack_new(&d).into(),
+                            why_arg(EnqueueAs::Accepted),
+                        ],
                     )
                     .await?;
                 if answer.code != "ok" {
@@ -1514,24 +1521,24 @@ impl QueueBackend for RedisQueue {
     async fn enqueue(
         &self,
         dispatch: Dispatch,
-        sync: bool,
+        why: EnqueueAs,
         now: Timestamp,
     ) -> Result<Enqueued, QueueError> {
-        let rest = match self.enqueues.join(&dispatch, sync, now) {
+        let rest = match self.enqueues.join(&dispatch, why, now) {
             Joined::Lead => Vec::new(),
             Joined::Wait(turn) => match turn.await {
                 Ok(Turn::Done(answer)) => return answer,
                 Ok(Turn::Lead(rest)) => rest,
                 // The call that held this run went away unanswered; enqueue is idempotent by
                 // run id, so a run it did place is answered as placed.
-                Err(_) => return self.enqueue_alone(&dispatch, sync, now).await,
+                Err(_) => return self.enqueue_alone(&dispatch, why, now).await,
             },
         };
         let _leading = Leading(&self.enqueues);
         if rest.is_empty() {
-            return self.enqueue_alone(&dispatch, sync, now).await;
+            return self.enqueue_alone(&dispatch, why, now).await;
         }
-        self.enqueue_with(dispatch, sync, now, rest).await
+        self.enqueue_with(dispatch, why, now, rest).await
     }
 
     /// Alone (no other enqueue of this process in flight), the claim rides on the enqueue's
@@ -1539,15 +1546,15 @@ impl QueueBackend for RedisQueue {
     async fn enqueue_claiming(
         &self,
         dispatch: Dispatch,
-        sync: bool,
+        why: EnqueueAs,
         now: Timestamp,
         claim: &ClaimRequest,
     ) -> Result<(Enqueued, Vec<Leased>), QueueError> {
         if claim.max == 0 || !self.enqueues.lead_alone() {
-            return Ok((self.enqueue(dispatch, sync, now).await?, Vec::new()));
+            return Ok((self.enqueue(dispatch, why, now).await?, Vec::new()));
         }
         let _leading = Leading(&self.enqueues);
-        self.enqueue_call(&dispatch, sync, now, Some(claim)).await
+        self.enqueue_call(&dispatch, why, now, Some(claim)).await
     }
 
     fn claims_on_enqueue(&self) -> bool {

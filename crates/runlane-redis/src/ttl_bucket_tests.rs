@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use runlane_core::backend::{CancelOutcome, Dispatch, QueueBackend};
+use runlane_core::backend::{CancelOutcome, Dispatch, EnqueueAs, QueueBackend};
 use runlane_core::{EnvName, EnvSettings, Timestamp};
 
 use crate::test_support::{self as support, skip_without_redis, url};
@@ -45,7 +45,7 @@ async fn expiry_is_exact_in_any_bucket_order() {
         (6, 6_300),
     ] {
         queue
-            .enqueue(dispatch(n, &env, ttl), false, Timestamp(0))
+            .enqueue(dispatch(n, &env, ttl), EnqueueAs::Trigger, Timestamp(0))
             .await
             .expect("enqueue");
     }

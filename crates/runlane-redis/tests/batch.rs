@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use runlane_core::backend::{ClaimRequest, Dispatch, QueueBackend, ServedEnv};
+use runlane_core::backend::{ClaimRequest, Dispatch, EnqueueAs, QueueBackend, ServedEnv};
 use runlane_core::chain::ClaimChain;
 use runlane_core::{
     EnvName, EnvSettings, FencingToken, LaneName, QueueError, QueueName, RunId, RunStatus,
@@ -57,7 +57,9 @@ async fn finish_many_and_check_leases_answer_per_run_in_one_call() {
         .await
         .expect("lane");
     for id in 1..=4 {
-        q.enqueue(dispatch(id), false, T0).await.expect("enqueue");
+        q.enqueue(dispatch(id), EnqueueAs::Trigger, T0)
+            .await
+            .expect("enqueue");
     }
     let leased = q.claim(&claim(4), T0).await.expect("claim");
     assert_eq!(leased.len(), 2, "the env limit is 2");

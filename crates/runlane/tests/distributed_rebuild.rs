@@ -155,6 +155,71 @@ async fn a_rebuild_in_one_process_wakes_idle_workers_of_another() {
     a.shutdown().await;
 }
 
+/// A rebuild brings back every unfinished run, past its queue's `max_queued`: the cap limits
+/// the new work a trigger offers, not runs already accepted. Five runs wait in a paused queue
+/// that was capped at two afterwards; the key space is lost and rebuilt: all five are back and
+/// complete, while a new trigger is still refused. Before, the rebuild's enqueue of the third
+/// to fifth was refused (`queue_full`, only logged): they stayed unfinished in PostgreSQL and
+/// never ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_brings_back_runs_past_their_queues_cap() {
+    const CAP: u32 = 2;
+    let config = redis_support::distributed_config(redis_support::url(), "rebuild_cap");
+    let engine = redis_support::open_distributed(config).await;
+    // Paused, so the runs wait (queued) instead of taking the fast path.
+    engine.pause_queue("default", "job").await.expect("pause");
+    let mut accepted = Vec::new();
+    for i in 0..CAP + 3 {
+        let run = engine.trigger("job").send().await;
+        accepted.push(run.unwrap_or_else(|e| panic!("trigger {i}: {e}")).run.id);
+    }
+    let capped = QueueSettings {
+        max_queued: Some(CAP),
+        paused: true,
+        ..QueueSettings::default()
+    };
+    engine
+        .set_queue("default", "job", capped)
+        .await
+        .expect("cap the queue");
+
+    lose_and_rebuild_in(&engine).await;
+    let mut back: Vec<RunId> = engine
+        .queue()
+        .snapshot()
+        .await
+        .expect("snapshot")
+        .iter()
+        .map(|l| l.dispatch.run_id)
+        .collect();
+    back.sort();
+    let mut expected = accepted.clone();
+    expected.sort();
+    assert_eq!(back, expected, "every accepted run is rebuilt");
+    let settings = engine
+        .queue()
+        .queue_settings(
+            &EnvName::new("default").expect("env"),
+            &QueueName::new("job").expect("queue"),
+        )
+        .await
+        .expect("settings");
+    assert_eq!(settings.max_queued, Some(CAP), "the cap is in force");
+    match engine.trigger("job").send().await {
+        Err(runlane::EngineError::QueueFull { max_queued, .. }) => assert_eq!(max_queued, CAP),
+        other => panic!("a trigger over the cap is refused: {other:?}"),
+    }
+
+    engine.resume_queue("default", "job").await.expect("resume");
+    let runs: Executions = Arc::default();
+    let worker = counting_worker(engine.worker(), &runs).await;
+    for run in &accepted {
+        assert_completed(&engine, *run).await;
+    }
+    worker.stop().await;
+    engine.shutdown().await;
+}
+
 /// Two processes of one deployment on the shared Redis under a fresh prefix and schema; the
 /// first cleans up.
 async fn two_processes(tag: &str) -> (runlane::Distributed, runlane::Distributed) {

@@ -615,6 +615,65 @@ async fn a_paused_queue_and_its_admin_limit_survive_a_restart() {
     close(engine).await;
 }
 
+/// A queue's `max_queued` limits the new work a trigger offers, never runs already accepted:
+/// five runs accepted while their queue was paused and uncapped, then a cap of two set on it,
+/// all come back at the reopen (the recovery enqueues them past the cap) and complete. The cap
+/// still refuses a new trigger, which changes nothing. Before, the recovery's enqueue of the
+/// third to fifth was refused with `QueueFull` and only logged: they stayed unfinished in the
+/// store and never ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_accepted_past_a_queues_cap_are_all_recovered_at_reopen_and_complete() {
+    const CAP: u32 = 2;
+    let path = data_path();
+    let clock = Arc::new(ManualClock::new(EPOCH));
+    let engine = open(&path, &clock, EngineConfig::default()).await;
+    // Paused, so the runs wait (queued) instead of taking the fast path.
+    engine.pause_queue("default", "job").await.expect("pause");
+    let mut accepted = Vec::new();
+    for i in 0..CAP + 3 {
+        let run = engine.trigger("job").send().await;
+        accepted.push(run.unwrap_or_else(|e| panic!("trigger {i}: {e}")).run.id);
+    }
+    engine
+        .set_queue(
+            "default",
+            "job",
+            QueueSettings {
+                max_queued: Some(CAP),
+                paused: true,
+                ..QueueSettings::default()
+            },
+        )
+        .await
+        .expect("cap the queue");
+    close(engine).await;
+    // Later, so that the reopened engine (same seed) hands out new run ids.
+    clock.advance(Duration::from_secs(1));
+
+    let engine = open(&path, &clock, EngineConfig::default()).await;
+    let queue = job_queue(&engine).await;
+    assert_eq!(queue.settings.max_queued, Some(CAP), "the cap is in force");
+    assert_eq!(
+        queue.queued,
+        accepted.len() as u64,
+        "every accepted run is back in its queue"
+    );
+    // The cap still refuses new work, and the refused trigger changes nothing.
+    match engine.trigger("job").send().await {
+        Err(EngineError::QueueFull { max_queued, .. }) => assert_eq!(max_queued, CAP),
+        other => panic!("a trigger over the cap is refused: {other:?}"),
+    }
+    assert_eq!(job_queue(&engine).await.queued, accepted.len() as u64);
+
+    engine.resume_queue("default", "job").await.expect("resume");
+    let (worker, _started) = quick_worker(&engine, 2).await;
+    for run in &accepted {
+        assert_eq!(finished(&engine, *run).await.status, RunStatus::Completed);
+    }
+    worker.stop().await;
+    close(engine).await;
+}
+
 /// A promotion that sets a queue's limit replaces an admin limit (the precedence rule), and
 /// the stored copy follows it: after a restart the promoted limit holds, not the older admin
 /// one, while the admin's pause, which no version sets, is kept.

@@ -10,7 +10,9 @@ mod redis_support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use runlane::core::backend::{ClaimRequest, Dispatch, LeaseState, QueueBackend, ServedEnv};
+use runlane::core::backend::{
+    ClaimRequest, Dispatch, EnqueueAs, LeaseState, QueueBackend, ServedEnv,
+};
 use runlane::core::{
     ClaimChain, EnvName, EnvSettings, LaneName, QueueName, RunId, Timestamp, WorkerId,
 };
@@ -38,7 +40,9 @@ async fn late_heartbeat_leaves_the_later_deadline(name: &str, q: Arc<dyn QueueBa
     let run = RunId(1);
     let queue = QueueName::new("q").expect("queue");
     let dispatch = Dispatch::first_attempt(run, env(), queue, LaneName::default_lane(), T0);
-    q.enqueue(dispatch, false, T0).await.expect("enqueue");
+    q.enqueue(dispatch, EnqueueAs::Trigger, T0)
+        .await
+        .expect("enqueue");
     let request = ClaimRequest {
         worker: WorkerId(1),
         chain: ClaimChain::default_chain(),

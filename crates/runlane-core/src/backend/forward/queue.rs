@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backend::{
-    CancelOutcome, ClaimRequest, ConsumerId, Dispatch, Effects, Enqueued, EnvUsage, LaneInfo,
-    LeaseState, Leased, LiveRun, QueueBackend, QueueInfo, Tick,
+    CancelOutcome, ClaimRequest, ConsumerId, Dispatch, Effects, EnqueueAs, Enqueued, EnvUsage,
+    LaneInfo, LeaseState, Leased, LiveRun, QueueBackend, QueueInfo, Tick,
 };
 use crate::chain::ClaimChain;
 use crate::error::QueueError;
@@ -190,11 +190,11 @@ impl<H: QueueHook> QueueBackend for ForwardQueue<H> {
     async fn enqueue(
         &self,
         dispatch: Dispatch,
-        sync: bool,
+        why: EnqueueAs,
         now: Timestamp,
     ) -> Result<Enqueued, QueueError> {
         let op = QueueOp::Enqueue(dispatch.run_id);
-        self.around(op, self.inner.enqueue(dispatch, sync, now))
+        self.around(op, self.inner.enqueue(dispatch, why, now))
             .await
     }
     async fn claim(
@@ -298,12 +298,12 @@ impl<H: QueueHook> QueueBackend for ForwardQueue<H> {
     async fn enqueue_claiming(
         &self,
         dispatch: Dispatch,
-        sync: bool,
+        why: EnqueueAs,
         now: Timestamp,
         claim: &ClaimRequest,
     ) -> Result<(Enqueued, Vec<Leased>), QueueError> {
         let op = QueueOp::Enqueue(dispatch.run_id);
-        let call = self.inner.enqueue_claiming(dispatch, sync, now, claim);
+        let call = self.inner.enqueue_claiming(dispatch, why, now, claim);
         self.around(op, call).await
     }
     fn claims_on_enqueue(&self) -> bool {
