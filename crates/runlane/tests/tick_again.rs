@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use runlane::core::backend::{
-    CancelOutcome, ClaimRequest, Dispatch, LeaseState, QueueBackend, ServedEnv,
+    CancelOutcome, ClaimRequest, Dispatch, EnqueueAs, LeaseState, QueueBackend, ServedEnv,
 };
 use runlane::core::{
     ClaimChain, EnvName, EnvSettings, FencingToken, LaneName, QueueName, RunId, Timestamp, WorkerId,
@@ -37,7 +37,9 @@ async fn enqueue(q: &dyn QueueBackend, run: u128, max_duration: Option<Duration>
     let mut dispatch =
         Dispatch::first_attempt(RunId(run), env(), queue, LaneName::default_lane(), now);
     dispatch.max_duration = max_duration;
-    q.enqueue(dispatch, false, now).await.expect("enqueue");
+    q.enqueue(dispatch, EnqueueAs::Trigger, now)
+        .await
+        .expect("enqueue");
 }
 
 async fn claim(q: &dyn QueueBackend, max: u32, now: Timestamp) -> Vec<(RunId, FencingToken)> {
