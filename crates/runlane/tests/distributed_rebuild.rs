@@ -366,3 +366,74 @@ async fn a_rebuild_keeps_a_pause_set_through_another_process() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+/// Waits until every run of `runs` is marked `in_queue` (the marker's linger).
+async fn marked_in_queue(engine: &runlane::Distributed, runs: &[RunId]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for run in runs {
+        while engine.store().dispatch_state(*run).await.expect("read")
+            != Some(runlane::DispatchState::InQueue)
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the marker never marked {run}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A process opening on a key space in place leaves the runs marked `in_queue` to Redis, which
+/// holds them: its recovery enqueues none of them, and they run all the same, once each.
+/// Before, every open re-enqueued every unfinished run it read: an enqueue per waiting run,
+/// and a run that ended in another process between that read and the enqueue came back into
+/// Redis. A process that creates the key space (Redis lost it while no process ran) still puts
+/// every unfinished run back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_on_a_key_space_in_place_leaves_queued_runs_to_redis() {
+    let shared = redis_support::distributed_config(redis_support::url(), "open_in_place");
+    let open = |throwaway: bool| {
+        let mut config = shared.clone();
+        config.throwaway = throwaway;
+        redis_support::open_distributed(config)
+    };
+    let a = open(false).await;
+    let mut waiting = Vec::new();
+    for _ in 0..10 {
+        waiting.push(a.trigger("job").send().await.expect("trigger").run.id);
+    }
+    marked_in_queue(&a, &waiting).await;
+
+    let b = open(false).await;
+    assert!(!b.queue().redis().created_at_open());
+    assert_eq!(
+        b.queue().redis().enqueue_calls(),
+        0,
+        "B's open enqueued nothing: Redis holds the runs"
+    );
+    let runs: Executions = Arc::default();
+    let worker = counting_worker(b.worker(), &runs).await;
+    for run in &waiting[..5] {
+        assert_completed(&b, *run).await;
+    }
+    worker.stop().await;
+    a.shutdown().await;
+    b.shutdown().await;
+
+    // Redis loses the key space while no process runs: the next open creates it and puts the
+    // five runs still unfinished back.
+    let deleted = b.queue().redis().delete_keys().await.expect("delete");
+    assert!(deleted > 0, "the prefix had keys");
+    let c = open(true).await;
+    assert!(c.queue().redis().created_at_open());
+    let worker = counting_worker(c.worker(), &runs).await;
+    for run in &waiting {
+        assert_completed(&c, *run).await;
+    }
+    worker.stop().await;
+    let executed = runs.lock().expect("lock").clone();
+    for run in &waiting {
+        assert_eq!(executed.get(run), Some(&1), "run {run} executed once");
+    }
+    c.shutdown().await;
+}
