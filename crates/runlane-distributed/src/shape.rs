@@ -223,9 +223,7 @@ pub async fn open(
     let own_meta_redis = config.meta_cache_url.is_some();
     let store = Arc::new(PostgresStore::open(config.postgres).await?);
     let mut redis = RedisQueue::open(config.redis).await?;
-    // A key space found in place holds the runs marked `in_queue`: recovery leaves them out.
-    let mut run_store =
-        DistributedStore::new(store.clone()).recovering_queued_runs(redis.created_at_open());
+    let mut run_store = DistributedStore::new(store.clone());
     if config.throwaway {
         redis = redis.delete_keys_on_drop();
         run_store = run_store.drop_schema_on_drop(url);

@@ -24,9 +24,6 @@ pub struct DistributedStore {
     inner: Arc<PostgresStore>,
     /// The server URL whose schema is dropped with this store (throwaway schemas only).
     drop_schema: Option<String>,
-    /// Whether `unfinished` answers the runs marked `in_queue` too (see
-    /// [`DistributedStore::recovering_queued_runs`]).
-    recover_queued: bool,
 }
 
 impl Drop for DistributedStore {
@@ -58,7 +55,6 @@ impl DistributedStore {
         DistributedStore {
             inner,
             drop_schema: None,
-            recover_queued: true,
         }
     }
 
@@ -66,17 +62,6 @@ impl DistributedStore {
     /// and benchmarks that use a throwaway schema.
     pub fn drop_schema_on_drop(mut self, url: impl Into<String>) -> Self {
         self.drop_schema = Some(url.into());
-        self
-    }
-
-    /// Whether the engine's recovery at open gets the unfinished runs marked `in_queue` too
-    /// (the default), or only those Redis may not hold: `pending_enqueue` ones and those with
-    /// a requested cancel to apply again. The shape leaves them out when the Redis key space
-    /// was in place at open: Redis holds them (a key space found lost is rebuilt from every
-    /// unfinished run), and re-enqueueing them from this read could bring back a run that
-    /// ended in another process meanwhile, and costs an enqueue per waiting run at every open.
-    pub fn recovering_queued_runs(mut self, yes: bool) -> Self {
-        self.recover_queued = yes;
         self
     }
 
@@ -146,11 +131,7 @@ impl RunStore for DistributedStore {
         self.inner.reschedule(run, run_after, ttl_deadline).await
     }
     async fn unfinished(&self) -> Result<Vec<RunRecord>, StoreError> {
-        if self.recover_queued {
-            self.inner.unfinished().await
-        } else {
-            self.inner.unfinished_not_in_queue().await
-        }
+        self.inner.unfinished().await
     }
     fn shared_between_processes(&self) -> bool {
         true

@@ -530,18 +530,6 @@ impl PostgresStore {
         Ok(out)
     }
 
-    /// The unfinished runs the queue may not hold, in id order: those still `pending_enqueue`
-    /// and those whose cancel was requested (for a recovery at open that leaves the runs
-    /// marked `in_queue` to the queue, which holds them).
-    pub async fn unfinished_not_in_queue(&self) -> Result<Vec<RunRecord>, StoreError> {
-        let sql = format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE {UNFINISHED} \
-             AND (dispatch_state = 'pending_enqueue' OR cancel_requested_at IS NOT NULL) \
-             ORDER BY id"
-        );
-        self.read_runs(sqlx::query(&sql)).await
-    }
-
     /// A run's dispatch state (`None` for an unknown run).
     pub async fn dispatch_state(&self, run: RunId) -> Result<Option<DispatchState>, StoreError> {
         let v: Option<String> = sqlx::query_scalar("SELECT dispatch_state FROM runs WHERE id = $1")

@@ -204,9 +204,6 @@ impl Link {
 
 /// The Redis queue backend (implements [`QueueBackend`]).
 pub struct RedisQueue {
-    /// Whether this open created the key space (none was there): then no run of a store is
-    /// in it yet, and the opening engine's recovery must put every unfinished run back.
-    created_at_open: bool,
     conn: ConnectionManager,
     library: Library,
     base: String,
@@ -560,8 +557,7 @@ impl RedisQueue {
             .map_err(unreachable)?;
         let library = Library::new();
         library.load(&mut conn).await.map_err(unreachable)?;
-        let mut queue = RedisQueue {
-            created_at_open: false,
+        let queue = RedisQueue {
             conn,
             library,
             base: format!("{{{prefix}}}"),
@@ -583,10 +579,7 @@ impl RedisQueue {
             claim_calls: Timed::default(),
         };
         match queue.init(false).await {
-            Ok((created, _)) => {
-                queue.created_at_open = created;
-                Ok(queue)
-            }
+            Ok(_) => Ok(queue),
             Err(InitError::Format(found)) => Err(RedisOpenError::Format {
                 prefix,
                 found,
@@ -597,13 +590,6 @@ impl RedisQueue {
                 reason: e.to_string(),
             }),
         }
-    }
-
-    /// Whether this open created the key space (it did not exist: a new deployment, or a Redis
-    /// that lost its data while no process ran). A key space found in place holds every run
-    /// the store marked as enqueued (or a rebuild puts them back when it is found lost).
-    pub fn created_at_open(&self) -> bool {
-        self.created_at_open
     }
 
     /// Script calls made for enqueues since open: one per run enqueued alone, one per batch
