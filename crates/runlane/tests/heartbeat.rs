@@ -16,9 +16,6 @@ use runlane::core::backend::{
 use runlane::core::{
     ClaimChain, EnvName, EnvSettings, LaneName, QueueName, RunId, Timestamp, WorkerId,
 };
-use runlane::RedisQueue;
-use runlane_conformance::model::ModelQueue;
-use runlane_memory::{MemoryConfig, MemoryQueue};
 
 const T0: Timestamp = Timestamp(1_700_000_000_000);
 const LEASE: Duration = Duration::from_secs(30);
@@ -107,22 +104,8 @@ async fn late_heartbeat_leaves_the_later_deadline(name: &str, q: Arc<dyn QueueBa
 }
 
 #[tokio::test]
-async fn memory_queue() {
-    let q = Arc::new(MemoryQueue::new(MemoryConfig::default()));
-    late_heartbeat_leaves_the_later_deadline("memory", q).await;
-}
-
-#[tokio::test]
-async fn model() {
-    let q = Arc::new(ModelQueue::new(Duration::from_secs(300)));
-    late_heartbeat_leaves_the_later_deadline("model", q).await;
-}
-
-#[tokio::test]
-async fn redis_queue() {
-    let q = RedisQueue::open(redis_support::fresh_config("heartbeat"))
-        .await
-        .expect("redis must be reachable (set RUNLANE_REDIS_URL)")
-        .delete_keys_on_drop();
-    late_heartbeat_leaves_the_later_deadline("redis", Arc::new(q)).await;
+async fn on_every_queue_backend() {
+    for (name, q) in redis_support::every_queue("heartbeat").await {
+        late_heartbeat_leaves_the_later_deadline(name, q).await;
+    }
 }

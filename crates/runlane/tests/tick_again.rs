@@ -17,9 +17,6 @@ use runlane::core::backend::{
 use runlane::core::{
     ClaimChain, EnvName, EnvSettings, FencingToken, LaneName, QueueName, RunId, Timestamp, WorkerId,
 };
-use runlane::RedisQueue;
-use runlane_conformance::model::ModelQueue;
-use runlane_memory::{MemoryConfig, MemoryQueue};
 
 const T0: Timestamp = Timestamp(1_700_000_000_000);
 const LEASE: Duration = Duration::from_secs(30);
@@ -169,22 +166,8 @@ async fn reports_come_again_until_the_lease_ends(name: &str, q: Arc<dyn QueueBac
 }
 
 #[tokio::test]
-async fn memory_queue() {
-    let q = Arc::new(MemoryQueue::new(MemoryConfig::default()));
-    reports_come_again_until_the_lease_ends("memory", q).await;
-}
-
-#[tokio::test]
-async fn model() {
-    let q = Arc::new(ModelQueue::new(Duration::from_secs(300)));
-    reports_come_again_until_the_lease_ends("model", q).await;
-}
-
-#[tokio::test]
-async fn redis_queue() {
-    let q = RedisQueue::open(redis_support::fresh_config("tick_again"))
-        .await
-        .expect("redis must be reachable (set RUNLANE_REDIS_URL)")
-        .delete_keys_on_drop();
-    reports_come_again_until_the_lease_ends("redis", Arc::new(q)).await;
+async fn on_every_queue_backend() {
+    for (name, q) in redis_support::every_queue("tick_again").await {
+        reports_come_again_until_the_lease_ends(name, q).await;
+    }
 }

@@ -4,8 +4,10 @@
 #![allow(dead_code)] // each test file uses a different part of it
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use runlane::core::backend::QueueBackend;
 use runlane::RedisConfig;
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -52,6 +54,30 @@ pub fn fresh_config(tag: &str) -> RedisConfig {
     let mut config = RedisConfig::new(url()).with_prefix(fresh_prefix(tag));
     config.response_timeout = Duration::from_secs(5);
     config
+}
+
+/// The queue backends a queue-level scenario runs on, each with its name: the memory queue,
+/// the reference model and a Redis queue under a fresh prefix (its keys deleted on drop).
+pub async fn every_queue(tag: &str) -> Vec<(&'static str, Arc<dyn QueueBackend>)> {
+    let redis = runlane::RedisQueue::open(fresh_config(tag))
+        .await
+        .expect("redis must be reachable (set RUNLANE_REDIS_URL)")
+        .delete_keys_on_drop();
+    vec![
+        (
+            "memory",
+            Arc::new(runlane_memory::MemoryQueue::new(
+                runlane_memory::MemoryConfig::default(),
+            )),
+        ),
+        (
+            "model",
+            Arc::new(runlane_conformance::model::ModelQueue::new(
+                Duration::from_secs(300),
+            )),
+        ),
+        ("redis", Arc::new(redis)),
+    ]
 }
 
 /// A private `redis-server` on a unix socket in a scratch directory (`--save "" --appendonly
