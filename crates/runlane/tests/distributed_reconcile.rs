@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use distributed_support::Proxy;
 use run_counter::{counting_worker, Executions};
-use runlane::core::{RunId, RunStatus};
+use runlane::core::{QueueSettings, RunId, RunStatus};
 use runlane::{DistributedConfig, EngineBuilder, ReconcileConfig, WaitOutcome};
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -34,17 +34,18 @@ fn redis_address() -> String {
     rest.split('/').next().unwrap_or(rest).to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_failure_after_commit_is_reconciled_nothing_lost_nothing_twice() {
+/// A throwaway deployment whose Redis is reached through a cuttable proxy, with a quick
+/// reconciler (300 ms grace, pages of 2).
+async fn behind_proxy(tag: &str) -> (runlane::Distributed, Proxy) {
     let proxy = Proxy::start(redis_address()).await;
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let mut config = DistributedConfig::new(
         format!("redis://127.0.0.1:{}", proxy.port()),
         database_url(),
     );
-    config.redis.prefix = redis_support::fresh_prefix("recon");
+    config.redis.prefix = redis_support::fresh_prefix(tag);
     config.redis.response_timeout = Duration::from_millis(500);
-    config.postgres.schema = format!("rlt_recon_{}_{n}", std::process::id());
+    config.postgres.schema = format!("rlt_{tag}_{}_{n}", std::process::id());
     config.postgres.pool_size = 4;
     config.reconcile = ReconcileConfig {
         grace: Duration::from_millis(300),
@@ -58,6 +59,12 @@ async fn redis_failure_after_commit_is_reconciled_nothing_lost_nothing_twice() {
         Err(e) => panic!("redis and postgresql are required: {e}"),
     };
     assert!(engine.health().await.ok(), "both sides answer at start");
+    (engine, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_failure_after_commit_is_reconciled_nothing_lost_nothing_twice() {
+    let (engine, proxy) = behind_proxy("recon").await;
 
     let runs = Executions::default();
     let worker = counting_worker(engine.worker(), &runs).await;
@@ -279,4 +286,59 @@ fn lingering_config(tag: &str) -> DistributedConfig {
     config.mark_linger = Duration::from_secs(4);
     config.reconcile.grace = Duration::from_secs(30);
     config
+}
+
+/// The reconciler enqueues committed runs past their queue's `max_queued`: the cap limits new
+/// work, and these runs were accepted (their triggers answered while Redis was cut). Ten runs
+/// are accepted during a cut into a paused queue capped at four; once Redis is back all ten are
+/// marked `in_queue`, then the queue resumes and all complete, once each. Before, the reconciler's
+/// enqueue was refused past the cap (`queue_full`): six stayed `pending_enqueue` for as long as
+/// the key was full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_enqueues_accepted_runs_past_their_queues_cap() {
+    const CAP: u32 = 4;
+    let (engine, proxy) = behind_proxy("recon_cap").await;
+    // Paused, so the runs wait in the queue (a run that goes straight to ready is not capped).
+    let capped = QueueSettings {
+        max_queued: Some(CAP),
+        paused: true,
+        ..QueueSettings::default()
+    };
+    engine
+        .set_queue("default", "job", capped)
+        .await
+        .expect("cap the queue");
+
+    proxy.cut().await;
+    let mut accepted = Vec::new();
+    for _ in 0..10 {
+        let triggered = engine.trigger("job").send().await;
+        accepted.push(triggered.expect("accepted while redis is cut").run.id);
+    }
+    proxy.restore();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for run in &accepted {
+        while engine.store().dispatch_state(*run).await.expect("read")
+            != Some(runlane::DispatchState::InQueue)
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "run {run} was never enqueued past the cap"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    engine.resume_queue("default", "job").await.expect("resume");
+    let runs = Executions::default();
+    let worker = counting_worker(engine.worker(), &runs).await;
+    for run in &accepted {
+        assert_completed(&engine, *run).await;
+    }
+    let executed = runs.lock().expect("lock").clone();
+    for run in &accepted {
+        assert_eq!(executed.get(run), Some(&1), "run {run} executed once");
+    }
+    worker.stop().await;
+    engine.shutdown().await;
 }
