@@ -155,6 +155,7 @@ impl EngineBuilder {
             purge_at: Mutex::new(None),
             redo: Mutex::new(Vec::new()),
             scheduler: Scheduler::default(),
+            key_stripes: crate::trigger::KeyStripes::default(),
         });
         inner.meta.set_envs(envs.iter().cloned());
         if let Some(shared) = inner.meta.shared() {
@@ -283,6 +284,9 @@ pub(crate) struct Inner {
     redo: Mutex<Vec<Redo>>,
     /// Fires the cron schedules of the current versions.
     pub(crate) scheduler: Scheduler,
+    /// Triggers that carry an idempotency key take the stripe of their key for their store
+    /// write and enqueue (see `trigger.rs::store_and_enqueue`).
+    pub(crate) key_stripes: crate::trigger::KeyStripes,
 }
 
 impl Drop for Inner {

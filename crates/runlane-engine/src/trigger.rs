@@ -336,6 +336,37 @@ pub enum WaitOutcome {
     },
 }
 
+/// How many stripes the idempotency keys of one process share.
+const KEY_STRIPES: usize = 64;
+
+/// Locks that keep the triggers of one idempotency key (scope env, task, key) one at a time in
+/// this process, from the store write to the enqueue's answer; keys share a fixed set of
+/// stripes, so two keys may wait on each other, never on more.
+pub(crate) struct KeyStripes {
+    stripes: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl Default for KeyStripes {
+    fn default() -> Self {
+        KeyStripes {
+            stripes: (0..KEY_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+        }
+    }
+}
+
+impl KeyStripes {
+    /// Takes the stripe of `record`'s `(env, task, key)`.
+    async fn lock(&self, record: &RunRecord, key: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (record.env.as_str(), record.task.as_str(), key).hash(&mut hasher);
+        let stripe = usize::try_from(hasher.finish() % KEY_STRIPES as u64).unwrap_or(0);
+        self.stripes[stripe].lock().await
+    }
+}
+
 /// A run ready to be stored: its record and idempotency claim.
 pub(crate) struct Prepared {
     pub(crate) record: RunRecord,
@@ -484,12 +515,22 @@ impl Engine {
     }
 
     /// Stores a prepared run, then enqueues it (in the caller's task).
+    ///
+    /// A trigger with an idempotency key holds its key's stripe throughout: a refused enqueue
+    /// removes the stored run again, so a second trigger with the same key must not find that
+    /// run (an idempotency hit on a run about to be removed) but wait for the first to end, then
+    /// find its run placed, or store its own. (Triggers in other processes of a distributed
+    /// deployment are not held by it.)
     pub(crate) async fn store_and_enqueue(
         &self,
         prepared: Prepared,
         now: Timestamp,
     ) -> Result<Triggered, EngineError> {
         let inner = &self.inner;
+        let _stripe = match &prepared.claim {
+            Some(claim) => Some(inner.key_stripes.lock(&prepared.record, &claim.key).await),
+            None => None,
+        };
         let inserted = inner
             .store
             .insert(vec![(prepared.record.clone(), prepared.claim.clone())], now)

@@ -213,3 +213,78 @@ async fn a_remote_run_given_up_after_a_failed_complete_frees_its_slot_at_its_lea
         "the lapsed lease's slot went to the next run"
     );
 }
+
+/// Holds the first enqueue until `go`, then refuses it as a full queue does.
+struct RefuseFirstEnqueue {
+    held: AtomicBool,
+    refused: AtomicBool,
+    holding: tokio::sync::mpsc::UnboundedSender<()>,
+    go: tokio::sync::watch::Sender<bool>,
+}
+
+#[async_trait::async_trait]
+impl QueueHook for RefuseFirstEnqueue {
+    async fn before(&self, op: QueueOp<'_>) {
+        if matches!(op, QueueOp::Enqueue(_)) && !self.held.swap(true, SeqCst) {
+            let _ = self.holding.send(());
+            let _ = self.go.subscribe().wait_for(|go| *go).await;
+        }
+    }
+    fn refuse(&self, op: QueueOp<'_>) -> Option<QueueError> {
+        let first = matches!(op, QueueOp::Enqueue(_)) && !self.refused.swap(true, SeqCst);
+        first.then(|| QueueError::QueueFull {
+            queue: "job".to_owned(),
+            key: String::new(),
+            max_queued: 1,
+        })
+    }
+}
+
+/// Two triggers with one idempotency key at once, the first refused by a full queue after its
+/// run was stored (and removed again): the second is not answered with the first's run; it
+/// waits for the first to end, then stores a run of its own, which runs. Before, the second got
+/// the first's run as an idempotency hit, and that run was then removed: reading it answered
+/// "not found".
+#[tokio::test]
+async fn a_trigger_sharing_a_key_with_a_refused_one_gets_a_run_that_exists() {
+    let (holding, mut held) = tokio::sync::mpsc::unbounded_channel();
+    let hook = RefuseFirstEnqueue {
+        held: AtomicBool::new(false),
+        refused: AtomicBool::new(false),
+        holding,
+        go: tokio::sync::watch::Sender::new(false),
+    };
+    let inner = Arc::new(MemoryQueue::new(MemoryConfig::default()));
+    let queue = Arc::new(ForwardQueue::new(inner, hook));
+    let (engine, _clock) = open_on(queue.clone(), Arc::new(MemoryStore::new())).await;
+    let trigger = |engine: runlane_engine::Engine| async move {
+        engine.trigger("job").idempotency_key("k").send().await
+    };
+    let first = tokio::spawn(trigger(engine.clone()));
+    bounded(held.recv()).await.expect("the first enqueue, held");
+    let second = tokio::spawn(trigger(engine.clone()));
+    // This test's one runtime thread runs the second trigger as far as it goes.
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        !second.is_finished(),
+        "the second trigger waits for the first one's outcome"
+    );
+
+    queue.hook().go.send_replace(true);
+    let refused = bounded(first).await.expect("first");
+    assert!(
+        matches!(refused, Err(runlane_engine::EngineError::QueueFull { .. })),
+        "{refused:?}"
+    );
+    let second = bounded(second)
+        .await
+        .expect("second")
+        .expect("the second trigger stores a run of its own");
+    assert!(!second.idempotent_hit);
+    let worker = worker_returning(&engine, "ran").await;
+    let done = finished(&engine, second.run.id).await;
+    assert_eq!(done.status, runlane_core::RunStatus::Completed);
+    worker.stop().await;
+}
