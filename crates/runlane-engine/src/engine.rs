@@ -978,9 +978,9 @@ impl Inner {
     /// unfinished in the store with nothing to end it. (A report about a lease also comes again
     /// from the queue one lease duration later; this retry is sooner.)
     async fn handle_report(&self, report: Report, now: Timestamp, backoff: Duration) {
-        let (run, what, done) = match &report {
-            Report::Expired(dispatch) => {
-                let run = dispatch.run_id;
+        let run = report.run();
+        let (what, done) = match &report {
+            Report::Expired(_) => {
                 let done = match self
                     .store
                     .finish(run, RunStatus::Expired, None, None, now)
@@ -994,21 +994,20 @@ impl Inner {
                     Err(StoreError::AlreadyFinished { .. }) => Ok(()),
                     Err(e) => Err(e.into()),
                 };
-                (run, "expiry not recorded", done)
+                ("expiry not recorded", done)
             }
-            Report::Lapsed(lapsed) => {
-                let run = lapsed.dispatch.run_id;
-                let done = self.recover_lapsed(lapsed.clone()).await;
-                (run, "lapsed lease not recovered", done)
-            }
-            Report::TimedOut(run, token) => {
-                let done = self.time_out(*run, *token).await;
-                (*run, "timed out attempt not ended", done)
-            }
-            Report::CancelElapsed(run, token) => {
-                let done = self.end_cancelled(*run, *token).await;
-                (*run, "cancelled run not ended", done)
-            }
+            Report::Lapsed(lapsed) => (
+                "lapsed lease not recovered",
+                self.recover_lapsed(lapsed.clone()).await,
+            ),
+            Report::TimedOut(_, token) => (
+                "timed out attempt not ended",
+                self.time_out(run, *token).await,
+            ),
+            Report::CancelElapsed(_, token) => (
+                "cancelled run not ended",
+                self.end_cancelled(run, *token).await,
+            ),
         };
         if let Err(e) = done {
             // Only a call that failed on the way is tried again; any other answer is final.

@@ -173,15 +173,7 @@ async fn a_rebuild_brings_back_runs_past_their_queues_cap() {
         let run = engine.trigger("job").send().await;
         accepted.push(run.unwrap_or_else(|e| panic!("trigger {i}: {e}")).run.id);
     }
-    let capped = QueueSettings {
-        max_queued: Some(CAP),
-        paused: true,
-        ..QueueSettings::default()
-    };
-    engine
-        .set_queue("default", "job", capped)
-        .await
-        .expect("cap the queue");
+    redis_support::cap_job_queue_paused(&engine, CAP).await;
 
     lose_and_rebuild_in(&engine).await;
     let mut back: Vec<RunId> = engine

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use distributed_support::Proxy;
 use run_counter::{counting_worker, Executions};
-use runlane::core::{QueueSettings, RunId, RunStatus};
+use runlane::core::{RunId, RunStatus};
 use runlane::{DistributedConfig, EngineBuilder, ReconcileConfig, WaitOutcome};
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -298,16 +298,7 @@ fn lingering_config(tag: &str) -> DistributedConfig {
 async fn the_reconciler_enqueues_accepted_runs_past_their_queues_cap() {
     const CAP: u32 = 4;
     let (engine, proxy) = behind_proxy("recon_cap").await;
-    // Paused, so the runs wait in the queue (a run that goes straight to ready is not capped).
-    let capped = QueueSettings {
-        max_queued: Some(CAP),
-        paused: true,
-        ..QueueSettings::default()
-    };
-    engine
-        .set_queue("default", "job", capped)
-        .await
-        .expect("cap the queue");
+    redis_support::cap_job_queue_paused(&engine, CAP).await;
 
     proxy.cut().await;
     let mut accepted = Vec::new();

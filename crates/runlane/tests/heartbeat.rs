@@ -10,46 +10,15 @@ mod redis_support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use runlane::core::backend::{
-    ClaimRequest, Dispatch, EnqueueAs, LeaseState, QueueBackend, ServedEnv,
-};
-use runlane::core::{
-    ClaimChain, EnvName, EnvSettings, LaneName, QueueName, RunId, Timestamp, WorkerId,
-};
-
-const T0: Timestamp = Timestamp(1_700_000_000_000);
-const LEASE: Duration = Duration::from_secs(30);
-
-fn at(secs: u64) -> Timestamp {
-    T0.saturating_add(Duration::from_secs(secs))
-}
-
-fn env() -> EnvName {
-    EnvName::new("e").expect("env")
-}
+use redis_support::{at, claim_request, enqueue_first, put_env, LEASE, T0};
+use runlane::core::backend::{LeaseState, QueueBackend};
+use runlane::core::RunId;
 
 async fn late_heartbeat_leaves_the_later_deadline(name: &str, q: Arc<dyn QueueBackend>) {
-    let settings = EnvSettings {
-        limit: 2,
-        ..EnvSettings::default()
-    };
-    q.put_env(&env(), settings, T0).await.expect("env");
+    put_env(q.as_ref()).await;
     let run = RunId(1);
-    let queue = QueueName::new("q").expect("queue");
-    let dispatch = Dispatch::first_attempt(run, env(), queue, LaneName::default_lane(), T0);
-    q.enqueue(dispatch, EnqueueAs::Trigger, T0)
-        .await
-        .expect("enqueue");
-    let request = ClaimRequest {
-        worker: WorkerId(1),
-        chain: ClaimChain::default_chain(),
-        max: 1,
-        envs: vec![ServedEnv {
-            env: env(),
-            version: 0,
-        }],
-        lease: LEASE,
-    };
+    enqueue_first(q.as_ref(), 1, None, T0).await;
+    let request = claim_request(1);
     let leased = q.claim(&request, T0).await.expect("claim");
     assert_eq!(leased.len(), 1, "{name}: claimed");
     let token = leased[0].token;

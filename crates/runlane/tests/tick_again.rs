@@ -11,46 +11,12 @@ mod redis_support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use runlane::core::backend::{
-    CancelOutcome, ClaimRequest, Dispatch, EnqueueAs, LeaseState, QueueBackend, ServedEnv,
-};
-use runlane::core::{
-    ClaimChain, EnvName, EnvSettings, FencingToken, LaneName, QueueName, RunId, Timestamp, WorkerId,
-};
-
-const T0: Timestamp = Timestamp(1_700_000_000_000);
-const LEASE: Duration = Duration::from_secs(30);
-
-fn at(secs: u64) -> Timestamp {
-    T0.saturating_add(Duration::from_secs(secs))
-}
-
-fn env() -> EnvName {
-    EnvName::new("e").expect("env")
-}
-
-async fn enqueue(q: &dyn QueueBackend, run: u128, max_duration: Option<Duration>, now: Timestamp) {
-    let queue = QueueName::new("q").expect("queue");
-    let mut dispatch =
-        Dispatch::first_attempt(RunId(run), env(), queue, LaneName::default_lane(), now);
-    dispatch.max_duration = max_duration;
-    q.enqueue(dispatch, EnqueueAs::Trigger, now)
-        .await
-        .expect("enqueue");
-}
+use redis_support::{at, claim_request, enqueue_first, env, put_env, T0};
+use runlane::core::backend::{CancelOutcome, LeaseState, QueueBackend};
+use runlane::core::{FencingToken, RunId, Timestamp};
 
 async fn claim(q: &dyn QueueBackend, max: u32, now: Timestamp) -> Vec<(RunId, FencingToken)> {
-    let request = ClaimRequest {
-        worker: WorkerId(1),
-        chain: ClaimChain::default_chain(),
-        max,
-        envs: vec![ServedEnv {
-            env: env(),
-            version: 0,
-        }],
-        lease: LEASE,
-    };
-    let leased = q.claim(&request, now).await.expect("claim");
+    let leased = q.claim(&claim_request(max), now).await.expect("claim");
     leased
         .into_iter()
         .map(|l| (l.dispatch.run_id, l.token))
@@ -63,14 +29,10 @@ async fn running(q: &dyn QueueBackend) -> u32 {
 
 async fn reports_come_again_until_the_lease_ends(name: &str, q: Arc<dyn QueueBackend>) {
     let q = q.as_ref();
-    let settings = EnvSettings {
-        limit: 2,
-        ..EnvSettings::default()
-    };
-    q.put_env(&env(), settings, T0).await.expect("env");
+    put_env(q).await;
 
     // Past its max duration: reported at 5 s, and again at 35 s (not acted on).
-    enqueue(q, 1, Some(Duration::from_secs(5)), T0).await;
+    enqueue_first(q, 1, Some(Duration::from_secs(5)), T0).await;
     let one = claim(q, 1, T0).await[0];
     assert_eq!(
         q.tick(at(5)).await.expect("tick").timed_out,
@@ -96,8 +58,8 @@ async fn reports_come_again_until_the_lease_ends(name: &str, q: Arc<dyn QueueBac
 
     // A lapse: reported at 70 s and again at 100 s, its slot released once (run 3 keeps its
     // own slot throughout).
-    enqueue(q, 2, None, at(40)).await;
-    enqueue(q, 3, None, at(40)).await;
+    enqueue_first(q, 2, None, at(40)).await;
+    enqueue_first(q, 3, None, at(40)).await;
     let leased = claim(q, 2, at(40)).await;
     let (two, three) = (leased[0], leased[1]);
     assert_eq!((two.0, three.0), (RunId(2), RunId(3)), "{name}");

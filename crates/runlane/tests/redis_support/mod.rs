@@ -7,7 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use runlane::core::backend::QueueBackend;
+use runlane::core::backend::{ClaimRequest, Dispatch, EnqueueAs, QueueBackend, ServedEnv};
+use runlane::core::{
+    ClaimChain, EnvName, EnvSettings, LaneName, QueueName, RunId, Timestamp, WorkerId,
+};
 use runlane::RedisConfig;
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -54,6 +57,76 @@ pub fn fresh_config(tag: &str) -> RedisConfig {
     let mut config = RedisConfig::new(url()).with_prefix(fresh_prefix(tag));
     config.response_timeout = Duration::from_secs(5);
     config
+}
+
+/// Pauses queue `job` of env `default` and caps it at `cap` waiting runs: paused, so its runs
+/// wait in it (a run that goes straight to ready is not capped).
+pub async fn cap_job_queue_paused(engine: &runlane::Engine, cap: u32) {
+    let capped = runlane::core::QueueSettings {
+        max_queued: Some(cap),
+        paused: true,
+        ..runlane::core::QueueSettings::default()
+    };
+    engine
+        .set_queue("default", "job", capped)
+        .await
+        .expect("cap the queue");
+}
+
+// ---- queue-level scenarios (a scenario run on `every_queue`) ----
+
+/// Where a queue-level scenario's time starts.
+pub const T0: Timestamp = Timestamp(1_700_000_000_000);
+/// The lease a queue-level scenario's claims take.
+pub const LEASE: Duration = Duration::from_secs(30);
+
+/// `T0 + secs`.
+pub fn at(secs: u64) -> Timestamp {
+    T0.saturating_add(Duration::from_secs(secs))
+}
+
+/// The env of a queue-level scenario.
+pub fn env() -> EnvName {
+    EnvName::new("e").expect("env")
+}
+
+/// Creates [`env`] with room for two runs at once.
+pub async fn put_env(q: &dyn QueueBackend) {
+    let settings = EnvSettings {
+        limit: 2,
+        ..EnvSettings::default()
+    };
+    q.put_env(&env(), settings, T0).await.expect("env");
+}
+
+/// Triggers run `run`'s first attempt in queue `q` of [`env`] at `now`.
+pub async fn enqueue_first(
+    q: &dyn QueueBackend,
+    run: u128,
+    max_duration: Option<Duration>,
+    now: Timestamp,
+) {
+    let queue = QueueName::new("q").expect("queue");
+    let mut dispatch =
+        Dispatch::first_attempt(RunId(run), env(), queue, LaneName::default_lane(), now);
+    dispatch.max_duration = max_duration;
+    q.enqueue(dispatch, EnqueueAs::Trigger, now)
+        .await
+        .expect("enqueue");
+}
+
+/// A claim of up to `max` runs of [`env`] by worker 1 for [`LEASE`].
+pub fn claim_request(max: u32) -> ClaimRequest {
+    ClaimRequest {
+        worker: WorkerId(1),
+        chain: ClaimChain::default_chain(),
+        max,
+        envs: vec![ServedEnv {
+            env: env(),
+            version: 0,
+        }],
+        lease: LEASE,
+    }
 }
 
 /// The queue backends a queue-level scenario runs on, each with its name: the memory queue,
