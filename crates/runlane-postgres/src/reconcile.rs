@@ -9,6 +9,12 @@
 //! insert of this process signals a new one, or at most [`ReconcileConfig::idle_check`]: a row
 //! another process committed and then left behind (it died before its enqueue) is found by one
 //! indexed `min()` query per period, with no trigger or restart needed here.
+//!
+//! Every pass also sweeps the runs marked `in_queue` whose TTL deadline passed at least a grace
+//! period ago and that are still waiting here ([`sweep_ttl_once`]): the queue reports an expiry
+//! once, to the process whose timer ticked, and removes the run; if that process died before
+//! recording it, nothing else would. Such a run is enqueued again (a run the queue still holds
+//! is left as it is), its deadline is past, and the queue reports it again, to a live process.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -100,8 +106,69 @@ where
     }
 }
 
+/// What one TTL sweep did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Runs handed to the callback and confirmed in the queue.
+    pub requeued: u64,
+    /// The callback's error, when it failed a whole page (the sweep stopped there).
+    pub error: Option<String>,
+}
+
+/// Hands every run [`PostgresStore::ttl_passed`] finds up to `cutoff` to `enqueue`, `batch`
+/// at a time (keyset pages by deadline and id). A run the queue still holds is answered as
+/// it is; one it lost is placed again, its deadline past, and reported again. A run the
+/// callback does not confirm (a refusal, which the callback logs, or Redis going away
+/// mid-page) is left for the next sweep, which starts from the beginning again: a run past
+/// its TTL stays unfinished here only until some live process records its expiry.
+pub async fn sweep_ttl_once<F, Fut>(
+    store: &PostgresStore,
+    cutoff: Timestamp,
+    batch: u32,
+    enqueue: &F,
+) -> Result<Swept, StoreError>
+where
+    F: Fn(Vec<RunRecord>) -> Fut,
+    Fut: Future<Output = Result<Vec<RunId>, String>>,
+{
+    let mut done = Swept::default();
+    let batch = batch.max(1);
+    let mut after = (Timestamp::ZERO, RunId(0));
+    loop {
+        let page = store.ttl_passed(after, cutoff, batch).await?;
+        let n = page.len();
+        let Some(last) = page.last() else {
+            return Ok(done);
+        };
+        after = (last.ttl_deadline.unwrap_or(cutoff), last.id);
+        // A start this process noted but has not written yet: the run is executing.
+        let page: Vec<RunRecord> = page
+            .into_iter()
+            .filter(|r| r.started_at.is_none())
+            .collect();
+        if page.is_empty() {
+            if n < batch as usize {
+                return Ok(done);
+            }
+            continue;
+        }
+        match enqueue(page).await {
+            Ok(ids) => done.requeued += ids.len() as u64,
+            Err(e) => {
+                done.error = Some(e);
+                return Ok(done);
+            }
+        }
+        if n < batch as usize {
+            return Ok(done);
+        }
+    }
+}
+
 /// Runs the reconciler until `shutdown` is notified: one pass at once (start-up), then one
-/// whenever the oldest pending row passes `grace`. `now` is the engine's clock.
+/// whenever the oldest pending row passes `grace`, and with nothing pending at least every
+/// `idle_check`; each pass also sweeps the waiting runs past their TTL ([`sweep_ttl_once`]).
+/// `now` is the engine's clock.
 pub fn spawn_reconciler<F, Fut>(
     store: Arc<PostgresStore>,
     config: ReconcileConfig,
@@ -118,8 +185,10 @@ where
         loop {
             let cutoff = now().saturating_sub(config.grace);
             let pass = reconcile_once(&store, cutoff, config.batch, &enqueue).await;
+            let swept = sweep_ttl_once(&store, cutoff, config.batch, &enqueue).await;
+            let swept_all = matches!(swept, Ok(Swept { error: None, .. }));
             let wait = match pass {
-                Ok(r) if r.failed == 0 => match store.oldest_pending_at().await {
+                Ok(r) if r.failed == 0 && swept_all => match store.oldest_pending_at().await {
                     // Armed by the oldest pending row.
                     Ok(Some(oldest)) => Some(oldest.saturating_add(config.grace).since(now())),
                     // Nothing pending: sleep until an insert here makes something pending,

@@ -121,6 +121,14 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (env, queue)
     );
     "#,
+    // 5: the reconciler's sweep of waiting runs past their TTL (issue 5).
+    r#"
+    -- Waiting runs with a TTL by deadline: a run whose expiry was reported to a process that
+    -- died before recording it is found here once its deadline is past, and enqueued again.
+    -- Runs without a TTL never enter it, and a run leaves it when it finishes.
+    CREATE INDEX runs_ttl_waiting ON runs (ttl_deadline, id)
+        WHERE ttl_deadline IS NOT NULL AND status IN ('delayed', 'queued', 'ready', 'executing');
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -452,6 +452,33 @@ impl PostgresStore {
         .await
     }
 
+    /// Unfinished runs marked `in_queue` that never started and whose TTL deadline is in
+    /// `(after, cutoff]`, by deadline then id, `after` excluded as a `(deadline, id)` pair: the
+    /// reconciler's sweep for expiries heard by a process that died before recording them
+    /// (SPEC §7; found through the `runs_ttl_waiting` index, which only unfinished runs with a
+    /// TTL enter).
+    pub async fn ttl_passed(
+        &self,
+        after: (Timestamp, RunId),
+        cutoff: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<RunRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE ttl_deadline IS NOT NULL AND {UNFINISHED} \
+             AND (ttl_deadline, id) > ($1, $2) AND ttl_deadline <= $3 \
+             AND dispatch_state = 'in_queue' AND started_at IS NULL \
+             ORDER BY ttl_deadline, id LIMIT $4"
+        );
+        self.read_runs(
+            sqlx::query(&sql)
+                .bind(ts_to_sql(after.0))
+                .bind(id_to_sql(after.1))
+                .bind(ts_to_sql(cutoff))
+                .bind(i64::from(limit)),
+        )
+        .await
+    }
+
     /// Notified after every insert: an idle reconciler waits on it.
     pub fn pending_signal(&self) -> Arc<Notify> {
         self.pending.clone()

@@ -1,7 +1,8 @@
 //! The reconciler of the store-first protocol: rows left `pending_enqueue` (their enqueue was
 //! missed) are handed to the enqueue callback once past the grace period, marked `in_queue`
 //! when confirmed, kept pending when the callback fails; the loop runs at start-up and is
-//! armed by new pending rows, its own process's and (by its idle check) another's.
+//! armed by new pending rows, its own process's and (by its idle check) another's. Its TTL
+//! sweep hands over the runs marked `in_queue` that never started and whose TTL passed.
 
 mod common;
 
@@ -10,7 +11,9 @@ use std::time::Duration;
 
 use runlane_core::backend::RunStore;
 use runlane_core::{RunId, Timestamp};
-use runlane_postgres::reconcile::{reconcile_once, spawn_reconciler, ReconcileConfig};
+use runlane_postgres::reconcile::{
+    reconcile_once, spawn_reconciler, sweep_ttl_once, ReconcileConfig,
+};
 use runlane_postgres::DispatchState;
 use tokio::sync::{mpsc, Notify};
 
@@ -194,4 +197,114 @@ async fn until_none_pending(store: &runlane_postgres::PostgresStore) {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Run `n` (see [`common::record`]) with a TTL deadline at `deadline`.
+fn with_ttl(n: u128, deadline: Option<u64>) -> runlane_core::backend::RunRecord {
+    let mut r = common::record(n);
+    r.ttl = deadline.map(|_| Duration::from_millis(100));
+    r.ttl_deadline = deadline.map(Timestamp);
+    r
+}
+
+#[tokio::test]
+async fn the_ttl_sweep_hands_over_waiting_runs_past_their_deadline_in_order() {
+    let store = common::open(common::config()).await;
+    let schema = store.schema().to_string();
+    let swept = with_ttl(1, Some(500));
+    let first = with_ttl(2, Some(400));
+    let pending = with_ttl(3, Some(450));
+    let same_deadline = with_ttl(9, Some(450));
+    let later = with_ttl(4, Some(5_000));
+    let no_ttl = with_ttl(5, None);
+    let finished = with_ttl(6, Some(300));
+    let started = with_ttl(7, Some(350));
+    let noted = with_ttl(8, Some(600));
+    let all = [
+        &swept,
+        &first,
+        &pending,
+        &same_deadline,
+        &later,
+        &no_ttl,
+        &finished,
+        &started,
+        &noted,
+    ];
+    store
+        .insert(
+            all.iter().map(|r| ((*r).clone(), None)).collect(),
+            Timestamp(100),
+        )
+        .await
+        .expect("insert");
+    let marked: Vec<RunId> = all
+        .iter()
+        .filter(|r| r.id != pending.id)
+        .map(|r| r.id)
+        .collect();
+    store.mark_in_queue(&marked).await.expect("mark");
+    store
+        .finish(
+            finished.id,
+            runlane_core::RunStatus::Expired,
+            None,
+            None,
+            Timestamp(300),
+        )
+        .await
+        .expect("finish");
+    // A start another process wrote, and one this process noted but has not written yet.
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&common::url())
+        .await
+        .expect("connect");
+    sqlx::query(&format!(
+        "UPDATE \"{schema}\".runs SET started_at = 200 WHERE id = $1"
+    ))
+    .bind(started.id.0.to_be_bytes().to_vec())
+    .execute(&mut conn)
+    .await
+    .expect("write a start");
+    store.note_start(noted.id, 1, Timestamp(200));
+
+    let seen = std::sync::Mutex::new(Vec::new());
+    let ok = |runs: Vec<runlane_core::backend::RunRecord>| {
+        let ids: Vec<RunId> = runs.iter().map(|r| r.id).collect();
+        seen.lock().expect("lock").extend(ids.clone());
+        async move { Ok::<_, String>(ids) }
+    };
+    // Pages of one: each run once, by deadline then id.
+    let done = sweep_ttl_once(&store, Timestamp(1_000), 1, &ok)
+        .await
+        .expect("sweep");
+    let expected = vec![first.id, same_deadline.id, swept.id];
+    assert_eq!(*seen.lock().expect("lock"), expected);
+    assert_eq!((done.requeued, done.error), (3, None));
+    // The next sweep starts over: a run the queue lost again is handed over again.
+    seen.lock().expect("lock").clear();
+    let done = sweep_ttl_once(&store, Timestamp(1_000), 10, &ok)
+        .await
+        .expect("sweep");
+    assert_eq!(*seen.lock().expect("lock"), expected);
+    assert_eq!(done.requeued, 3);
+    // Nothing before the cutoff: nothing handed over.
+    seen.lock().expect("lock").clear();
+    let done = sweep_ttl_once(&store, Timestamp(399), 10, &ok)
+        .await
+        .expect("sweep");
+    assert!(seen.lock().expect("lock").is_empty());
+    assert_eq!(done.requeued, 0);
+    // A failing callback stops the sweep and says why.
+    let failing = |_runs: Vec<runlane_core::backend::RunRecord>| async {
+        Err::<Vec<RunId>, _>("redis is down".to_string())
+    };
+    let done = sweep_ttl_once(&store, Timestamp(1_000), 1, &failing)
+        .await
+        .expect("sweep");
+    assert_eq!(
+        (done.requeued, done.error.as_deref()),
+        (0, Some("redis is down"))
+    );
+    drop(conn);
+    common::finish(store).await;
 }

@@ -333,3 +333,71 @@ async fn the_reconciler_enqueues_accepted_runs_past_their_queues_cap() {
     worker.stop().await;
     engine.shutdown().await;
 }
+
+/// The queue reports an expiry once, to the process whose timer ticked, and forgets the run:
+/// a process that died before recording it left the run waiting in PostgreSQL with nothing
+/// to end it (until some process's next open). The reconciler's TTL sweep enqueues it again
+/// once its deadline is a grace period past, and this process's timer records the expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_heard_by_a_process_that_died_is_recorded_by_the_sweep() {
+    use runlane::core::backend::QueueBackend;
+
+    let mut config = redis_support::distributed_config(redis_support::url(), "ttl_sweep");
+    config.reconcile = ReconcileConfig {
+        grace: Duration::from_millis(300),
+        retry_after: Duration::from_millis(100),
+        idle_check: Duration::from_millis(200),
+        ..ReconcileConfig::default()
+    };
+    let prefix = config.redis.prefix.clone();
+    let engine = redis_support::open_distributed(config).await;
+    // No worker: the run waits in its queue until its TTL passes.
+    let run = engine
+        .trigger("job")
+        .ttl(Duration::from_secs(3))
+        .send()
+        .await
+        .expect("trigger")
+        .run
+        .id;
+    let deadline = engine
+        .get(run)
+        .await
+        .expect("read")
+        .ttl_deadline
+        .expect("a ttl deadline");
+
+    // Another process of the deployment: its timer ticks past the deadline (the instant is
+    // the caller's argument), hears the expiry, and dies before recording it.
+    let other = runlane::RedisQueue::open(
+        runlane::RedisConfig::new(redis_support::url()).with_prefix(prefix),
+    )
+    .await
+    .expect("open the other process's queue");
+    let tick = other
+        .tick(deadline.saturating_add(Duration::from_millis(1)))
+        .await
+        .expect("tick");
+    let heard: Vec<RunId> = tick.expired.iter().map(|d| d.run_id).collect();
+    assert_eq!(heard, vec![run], "the other process heard the expiry");
+    assert!(
+        other.live(run).await.expect("live").is_none(),
+        "the run left redis"
+    );
+    drop(other);
+
+    match engine
+        .wait(run, Duration::from_secs(30))
+        .await
+        .expect("wait")
+    {
+        WaitOutcome::Finished(record) => {
+            assert_eq!(record.status, RunStatus::Expired, "run {run}");
+            assert!(record.attempts.is_empty(), "an expired run never started");
+        }
+        WaitOutcome::Pending { status, .. } => {
+            panic!("the expiry was never recorded: run {run} still {status:?}")
+        }
+    }
+    engine.shutdown().await;
+}
