@@ -105,7 +105,7 @@ async fn a_rebuild_in_one_process_wakes_idle_workers_of_another() {
 
     const LEASE: Duration = Duration::from_secs(600);
     const BOUND: Duration = Duration::from_secs(20);
-    let (a, b) = two_processes("rebuild_wake").await;
+    let (a, b) = redis_support::two_processes("rebuild_wake").await;
 
     // A: two slots; the first start holds its slot until the gate opens.
     let (started_tx, mut started) = mpsc::unbounded_channel();
@@ -212,18 +212,6 @@ async fn a_rebuild_brings_back_runs_past_their_queues_cap() {
     engine.shutdown().await;
 }
 
-/// Two processes of one deployment on the shared Redis under a fresh prefix and schema; the
-/// first cleans up.
-async fn two_processes(tag: &str) -> (runlane::Distributed, runlane::Distributed) {
-    let shared = redis_support::distributed_config(redis_support::url(), tag);
-    let open = |throwaway: bool| {
-        let mut config = shared.clone();
-        config.throwaway = throwaway;
-        redis_support::open_distributed(config)
-    };
-    (open(true).await, open(false).await)
-}
-
 /// B rebuilds the lost key space (its next call finds it gone).
 async fn lose_and_rebuild_in(b: &runlane::Distributed) {
     let deleted = b.queue().redis().delete_keys().await.expect("delete");
@@ -241,7 +229,7 @@ async fn lane_names(engine: &runlane::Distributed) -> Vec<String> {
 /// comes back all the same (the rebuild adds the lanes its runs name) and runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_brings_back_runs_of_a_lane_another_process_added() {
-    let (a, b) = two_processes("rebuild_lane").await;
+    let (a, b) = redis_support::two_processes("rebuild_lane").await;
     a.add_lane("y").await.expect("lane y, added by A only");
     let run = b
         .trigger("job")
@@ -271,7 +259,7 @@ async fn a_rebuild_brings_back_runs_of_a_lane_another_process_added() {
 /// accepted) and the lane its workers claim is covered (not left to look orphaned).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_puts_its_lanes_and_consumers_back_in_a_key_space_another_rebuilt() {
-    let (a, b) = two_processes("rebuild_replay").await;
+    let (a, b) = redis_support::two_processes("rebuild_replay").await;
     a.add_lane("z").await.expect("lane z, added by A only");
     let executed = Executions::default();
     let worker = counting_worker(a.worker().workloops("z:1"), &executed).await;
@@ -320,7 +308,7 @@ async fn a_process_puts_its_lanes_and_consumers_back_in_a_key_space_another_rebu
 /// memory never saw them, so a run triggered after the rebuild stays queued (issue 4).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_keeps_a_pause_set_through_another_process() {
-    let (a, b) = two_processes("rebuild_pause").await;
+    let (a, b) = redis_support::two_processes("rebuild_pause").await;
     a.set_queue(
         "default",
         "job",

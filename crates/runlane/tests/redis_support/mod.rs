@@ -52,6 +52,18 @@ pub async fn open_distributed(config: runlane::DistributedConfig) -> runlane::Di
     }
 }
 
+/// Two processes of one deployment on the shared Redis under a fresh prefix and schema; the
+/// first cleans up.
+pub async fn two_processes(tag: &str) -> (runlane::Distributed, runlane::Distributed) {
+    let shared = distributed_config(url(), tag);
+    let open = |throwaway: bool| {
+        let mut config = shared.clone();
+        config.throwaway = throwaway;
+        open_distributed(config)
+    };
+    (open(true).await, open(false).await)
+}
+
 /// A config on the shared server under a fresh prefix.
 pub fn fresh_config(tag: &str) -> RedisConfig {
     let mut config = RedisConfig::new(url()).with_prefix(fresh_prefix(tag));
