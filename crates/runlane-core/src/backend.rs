@@ -932,6 +932,18 @@ pub trait RunStore: Send + Sync + 'static {
     ) -> Result<Vec<Inserted>, StoreError>;
     /// Deletes a run that was never enqueued (its enqueue was refused), with its key.
     async fn remove(&self, run: RunId) -> Result<(), StoreError>;
+    /// Takes back a run whose trigger was refused (its enqueue refused, or its batch failed):
+    /// deletes it with its key, unless that key answered another trigger meanwhile (an
+    /// idempotency hit, which handed the run's id to that trigger's caller). Answers whether
+    /// the run is gone (`true` also when it was not stored); `false` means it stays, and the
+    /// engine enqueues it as already accepted.
+    ///
+    /// The default deletes it ([`RunStore::remove`]) and answers `true`: right for a store
+    /// that only one process writes, where the engine holds a key's triggers one at a time.
+    /// A store shared by processes counts the hits on a key (PostgreSQL: `key_hits`).
+    async fn remove_refused(&self, run: RunId) -> Result<bool, StoreError> {
+        self.remove(run).await.map(|()| true)
+    }
     /// One run.
     async fn get(&self, run: RunId) -> Result<Option<RunRecord>, StoreError>;
     /// Many runs, answered in the order asked (`None` for a run not stored). A store may read

@@ -83,6 +83,9 @@ impl RunStore for DistributedStore {
     async fn remove(&self, run: RunId) -> Result<(), StoreError> {
         self.inner.remove(run).await
     }
+    async fn remove_refused(&self, run: RunId) -> Result<bool, StoreError> {
+        self.inner.remove_refused(run).await
+    }
     async fn get(&self, run: RunId) -> Result<Option<RunRecord>, StoreError> {
         self.inner.get(run).await
     }

@@ -601,9 +601,7 @@ impl Engine {
             }
             Err(e) => {
                 inner.handover.forget(record.id);
-                if let Err(remove) = inner.store.remove(record.id).await {
-                    tracing::warn!(run = %record.id, error = %remove, "refused run not removed");
-                }
+                withdraw(inner, &record, now).await;
                 Err(e.into())
             }
         }
@@ -690,9 +688,7 @@ impl Engine {
                         // the earlier ones are taken back.
                         for (_, (p, inserted)) in items {
                             if matches!(inserted, Inserted::New) {
-                                if let Err(e) = inner.store.remove(p.record.id).await {
-                                    tracing::warn!(run = %p.record.id, error = %e, "batch rollback: remove failed");
-                                }
+                                withdraw(inner, &p.record, now).await;
                             }
                         }
                         self.take_back(&out).await;
@@ -720,10 +716,8 @@ impl Engine {
             {
                 Ok(runlane_core::backend::CancelOutcome::Removed { effects, .. }) => {
                     inner.handover.forget(run);
-                    if let Err(e) = inner.store.remove(run).await {
-                        tracing::warn!(%run, error = %e, "batch rollback: remove failed");
-                    }
                     inner.apply(effects, Some(run)).await;
+                    withdraw(inner, &t.run, self.now()).await;
                 }
                 Ok(runlane_core::backend::CancelOutcome::Requested { token, .. }) => {
                     tracing::warn!(%run, "batch rollback: run already executing, cancelled");
@@ -780,6 +774,43 @@ impl Engine {
 /// After an accepted enqueue: publishes the statuses it moved the run through and rings the
 /// run's lane when the backend did not (unless `leased`: the enqueue's own claim took the
 /// run); answers the placement and the run's status.
+/// Takes back a stored run whose trigger was refused (its enqueue refused, its batch rolled
+/// back): removed from the store with its key, unless the store says the key answered another
+/// trigger meanwhile (another process's, whose caller now holds the run's id; see
+/// [`RunStore::remove_refused`](runlane_core::backend::RunStore::remove_refused)). That run
+/// stays, for that trigger: it is enqueued as already accepted (past its key's `max_queued`).
+/// Failures are logged: a run left stored and not enqueued is the reconciler's (distributed)
+/// or the next open's.
+async fn withdraw(inner: &Arc<Inner>, record: &RunRecord, now: Timestamp) {
+    let run = record.id;
+    match inner.store.remove_refused(run).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::info!(%run, "refused run kept: its idempotency key answered another trigger");
+            match inner
+                .queue
+                .enqueue(record.dispatch(), EnqueueAs::Accepted, now)
+                .await
+            {
+                Ok(enqueued) => {
+                    settle(
+                        inner,
+                        &record.lane,
+                        record.attempt,
+                        enqueued,
+                        run,
+                        &record.env,
+                        false,
+                    )
+                    .await;
+                }
+                Err(e) => tracing::warn!(%run, error = %e, "kept run not enqueued"),
+            }
+        }
+        Err(e) => tracing::warn!(%run, error = %e, "refused run not removed"),
+    }
+}
+
 async fn settle(
     inner: &Inner,
     lane: &LaneName,

@@ -129,6 +129,13 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX runs_ttl_waiting ON runs (ttl_deadline, id)
         WHERE ttl_deadline IS NOT NULL AND status IN ('delayed', 'queued', 'ready', 'executing');
     "#,
+    // 6: a refused trigger's run stays when its key answered another trigger (issue 5).
+    r#"
+    -- Idempotency hits this run answered (a trigger with its key, in any process, was handed
+    -- this run). A trigger whose enqueue was refused removes its run only while this is 0:
+    -- else the run stays, for the trigger it was handed to.
+    ALTER TABLE runs ADD COLUMN key_hits integer NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// The schema version this build writes.

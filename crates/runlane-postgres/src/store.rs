@@ -794,6 +794,28 @@ impl RunStore for PostgresStore {
             .map(|_| ())
     }
 
+    async fn remove_refused(&self, run: RunId) -> Result<bool, StoreError> {
+        // One statement: the delete applies only while no trigger was handed the run; the
+        // existence check reads the snapshot from before it.
+        let row = sqlx::query(
+            "WITH gone AS (DELETE FROM runs WHERE id = $1 AND key_hits = 0 RETURNING 1) \
+             SELECT (SELECT count(*) FROM gone) AS gone, \
+                    EXISTS (SELECT 1 FROM runs WHERE id = $1) AS stored",
+        )
+        .bind(id_to_sql(run))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| unavailable("write", &e))?;
+        let gone: i64 = row.try_get("gone").map_err(|e| unavailable("read", &e))?;
+        let stored: bool = row.try_get("stored").map_err(|e| unavailable("read", &e))?;
+        if gone == 0 && stored {
+            return Ok(false);
+        }
+        self.starts.take(run);
+        self.relaxed_runs().remove(&run);
+        Ok(true)
+    }
+
     async fn get(&self, run: RunId) -> Result<Option<RunRecord>, StoreError> {
         let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1");
         Ok(self

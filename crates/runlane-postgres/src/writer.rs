@@ -366,6 +366,10 @@ struct NewRow<'a> {
     record: &'a RunRecord,
     claim: Option<(&'a str, Timestamp)>,
     now: Timestamp,
+    /// The call it came from.
+    op: usize,
+    /// Other calls of the batch its key answered (their `SameAs` slots).
+    hits: i32,
 }
 
 type ClaimScope = (String, String, String);
@@ -397,6 +401,11 @@ async fn apply_inserts(
                 if let Some(&earlier) = claimed.get(&scope) {
                     let held = rows[earlier].claim.is_some_and(|(_, until)| until > *now);
                     if held {
+                        // Another call handed this row's run counts as a hit; the same call's
+                        // duplicates stand or fall with it.
+                        if rows[earlier].op != i {
+                            rows[earlier].hits += 1;
+                        }
                         call.push(Slot::SameAs(earlier));
                         continue;
                     }
@@ -414,6 +423,8 @@ async fn apply_inserts(
                 record,
                 claim: claim.as_ref().map(|c| (c.key.as_str(), c.expires_at)),
                 now: *now,
+                op: i,
+                hits: 0,
             });
         }
         slots.push((i, call));
@@ -462,6 +473,17 @@ async fn apply_inserts(
         }
         tx.commit().await?;
     }
+    // Hits across calls of this batch on a run it stored (rare: two processes' triggers meet
+    // in one batch only through `insert` calls of one process).
+    for (i, row) in rows.iter().enumerate() {
+        if row.hits > 0 && !existing.contains_key(&i) {
+            sqlx::query("UPDATE runs SET key_hits = key_hits + $2 WHERE id = $1")
+                .bind(id_to_sql(row.record.id))
+                .bind(row.hits)
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
     counters
         .rows_inserted
         .fetch_add((rows.len() - existing.len()) as u64, Ordering::Relaxed);
@@ -496,28 +518,34 @@ async fn insert_one(
     let id = id_to_sql(row.record.id);
     for _ in 0..8 {
         if let Some((key, _)) = row.claim {
+            // A live holder answers, and counts the hit: its own trigger, if refused, then
+            // leaves it in place for this one (`remove_refused`).
             let holder = sqlx::query(&format!(
-                "SELECT {RUN_COLUMNS}, claim_expires_at FROM runs \
-                 WHERE env = $1 AND task = $2 AND claim_key = $3"
+                "UPDATE runs SET key_hits = key_hits + 1 \
+                 WHERE env = $1 AND task = $2 AND claim_key = $3 AND claim_expires_at > $4 \
+                 RETURNING {RUN_COLUMNS}"
             ))
             .bind(row.record.env.as_str())
             .bind(row.record.task.as_str())
             .bind(key)
+            .bind(ts_to_sql(row.now))
             .fetch_optional(&mut *conn)
             .await?;
             if let Some(holder) = holder {
-                let expires: Option<i64> = holder.try_get("claim_expires_at")?;
-                if expires.is_some_and(|e| e > ts_to_sql(row.now)) {
-                    return Ok(Some(decode_run(&holder)?));
-                }
-                // Expired: the key is free for this run.
-                sqlx::query(
-                    "UPDATE runs SET claim_key = NULL, claim_expires_at = NULL WHERE id = $1",
-                )
-                .bind(holder.try_get::<Vec<u8>, _>(0)?)
-                .execute(&mut *conn)
-                .await?;
+                return Ok(Some(decode_run(&holder)?));
             }
+            // A holder whose claim expired: the key is free for this run.
+            sqlx::query(
+                "UPDATE runs SET claim_key = NULL, claim_expires_at = NULL \
+                 WHERE env = $1 AND task = $2 AND claim_key = $3 \
+                 AND (claim_expires_at IS NULL OR claim_expires_at <= $4)",
+            )
+            .bind(row.record.env.as_str())
+            .bind(row.record.task.as_str())
+            .bind(key)
+            .bind(ts_to_sql(row.now))
+            .execute(&mut *conn)
+            .await?;
         }
         // A run stored before under this id is replaced, attempts and key included.
         sqlx::query("DELETE FROM runs WHERE id = $1")

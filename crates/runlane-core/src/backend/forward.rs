@@ -231,6 +231,10 @@ impl<H: StoreHook> RunStore for Forward<H> {
         self.around(StoreOp::Remove(run), self.inner.remove(run))
             .await
     }
+    async fn remove_refused(&self, run: RunId) -> Result<bool, StoreError> {
+        self.around(StoreOp::Remove(run), self.inner.remove_refused(run))
+            .await
+    }
     async fn get(&self, run: RunId) -> Result<Option<RunRecord>, StoreError> {
         self.around(StoreOp::Get(run), self.inner.get(run)).await
     }
