@@ -691,8 +691,17 @@ mod tests {
         );
         assert!(by_status.contains("runs_by_env_status"), "{by_status}");
         assert!(!by_status.contains("TEMP B-TREE"), "no sort: {by_status}");
-        let by_env = plan("SELECT id FROM runs WHERE 1 AND env = ? AND id > ? ORDER BY id LIMIT ?");
-        assert!(by_env.contains("runs_by_env"), "{by_env}");
+        // One env across statuses: one range per status, merged (no index on env alone).
+        let arm =
+            |s: &str| format!("SELECT id FROM runs WHERE status = '{s}' AND env = ? AND id > ?");
+        let by_env = plan(&format!(
+            "{} UNION ALL {} UNION ALL {} ORDER BY id LIMIT ?",
+            arm("queued"),
+            arm("completed"),
+            arm("failed")
+        ));
+        assert!(by_env.contains("MERGE (UNION ALL)"), "{by_env}");
+        assert_eq!(by_env.matches("runs_by_env_status").count(), 3, "{by_env}");
         assert!(!by_env.contains("TEMP B-TREE"), "no sort: {by_env}");
         let purge = plan("SELECT id FROM runs WHERE status = ? AND finished_at < ? LIMIT ?");
         assert!(purge.contains("runs_finished"), "{purge}");
