@@ -357,13 +357,33 @@ impl Default for KeyStripes {
 }
 
 impl KeyStripes {
-    /// Takes the stripe of `record`'s `(env, task, key)`.
-    async fn lock(&self, record: &RunRecord, key: &str) -> tokio::sync::MutexGuard<'_, ()> {
+    /// The stripe of `record`'s `(env, task, key)`.
+    fn stripe(record: &RunRecord, key: &str) -> usize {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         (record.env.as_str(), record.task.as_str(), key).hash(&mut hasher);
-        let stripe = usize::try_from(hasher.finish() % KEY_STRIPES as u64).unwrap_or(0);
-        self.stripes[stripe].lock().await
+        usize::try_from(hasher.finish() % KEY_STRIPES as u64).unwrap_or(0)
+    }
+
+    /// Takes the stripe of `record`'s `(env, task, key)`.
+    async fn lock(&self, record: &RunRecord, key: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        self.stripes[Self::stripe(record, key)].lock().await
+    }
+
+    /// Takes the stripes of every keyed run of a batch, in stripe order (so two batches never
+    /// wait on each other in a cycle; a single trigger holds one stripe only).
+    async fn lock_all(&self, prepared: &[Prepared]) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        let mut stripes: Vec<usize> = prepared
+            .iter()
+            .filter_map(|p| p.claim.as_ref().map(|c| Self::stripe(&p.record, &c.key)))
+            .collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut held = Vec::with_capacity(stripes.len());
+        for stripe in stripes {
+            held.push(self.stripes[stripe].lock().await);
+        }
+        held
     }
 }
 
@@ -665,6 +685,10 @@ impl Engine {
         now: Timestamp,
     ) -> Result<Vec<Triggered>, EngineError> {
         let inner = &self.inner;
+        // Held to the last enqueue's answer (or the rollback's end), as a single trigger holds
+        // its key's stripe: a trigger with one of these keys waits, instead of being handed a
+        // run the rollback then removes.
+        let _stripes = inner.key_stripes.lock_all(&prepared).await;
         let rows = prepared
             .iter()
             .map(|p| (p.record.clone(), p.claim.clone()))

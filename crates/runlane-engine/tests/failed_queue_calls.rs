@@ -240,14 +240,14 @@ impl QueueHook for RefuseFirstEnqueue {
     }
 }
 
-/// Two triggers with one idempotency key at once, the first refused by a full queue after its
-/// run was stored (and removed again): the second is not answered with the first's run; it
-/// waits for the first to end, then stores a run of its own, which runs. Before, the second got
-/// the first's run as an idempotency hit, and that run was then removed: reading it answered
-/// "not found".
-#[tokio::test]
-async fn a_trigger_sharing_a_key_with_a_refused_one_gets_a_run_that_exists() {
-    let (holding, mut held) = tokio::sync::mpsc::unbounded_channel();
+/// An engine on a memory queue whose first enqueue is held (`held` hears of it) until the
+/// hook's `go`, then refused with `QueueFull`.
+async fn refusing_first_enqueue() -> (
+    runlane_engine::Engine,
+    Arc<ForwardQueue<RefuseFirstEnqueue>>,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    let (holding, held) = tokio::sync::mpsc::unbounded_channel();
     let hook = RefuseFirstEnqueue {
         held: AtomicBool::new(false),
         refused: AtomicBool::new(false),
@@ -257,6 +257,61 @@ async fn a_trigger_sharing_a_key_with_a_refused_one_gets_a_run_that_exists() {
     let inner = Arc::new(MemoryQueue::new(MemoryConfig::default()));
     let queue = Arc::new(ForwardQueue::new(inner, hook));
     let (engine, _clock) = open_on(queue.clone(), Arc::new(MemoryStore::new())).await;
+    (engine, queue, held)
+}
+
+/// The same with a batch first: its keyed run stored, its enqueue held, then refused (the batch
+/// rolls back and removes the run). A single trigger with that key meanwhile waits, then
+/// stores a run of its own, which runs. Before, it was handed the batch's run, then removed.
+#[tokio::test]
+async fn a_trigger_sharing_a_key_with_a_refused_batch_gets_a_run_that_exists() {
+    let (engine, queue, mut held) = refusing_first_enqueue().await;
+    let mut keyed = runlane_engine::TriggerRequest::new("job").expect("request");
+    keyed.idempotency_key = Some("k".into());
+    let batch = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.trigger_batch(vec![keyed]).await }
+    });
+    bounded(held.recv())
+        .await
+        .expect("the batch's enqueue, held");
+    let single = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.trigger("job").idempotency_key("k").send().await }
+    });
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        !single.is_finished(),
+        "the trigger waits for the batch's outcome"
+    );
+
+    queue.hook().go.send_replace(true);
+    let refused = bounded(batch).await.expect("batch");
+    assert!(
+        matches!(refused, Err(runlane_engine::EngineError::BatchItem { .. })),
+        "{refused:?}"
+    );
+    let single = bounded(single)
+        .await
+        .expect("single")
+        .expect("the trigger stores a run of its own");
+    assert!(!single.idempotent_hit);
+    let worker = worker_returning(&engine, "ran").await;
+    let done = finished(&engine, single.run.id).await;
+    assert_eq!(done.status, runlane_core::RunStatus::Completed);
+    worker.stop().await;
+}
+
+/// Two triggers with one idempotency key at once, the first refused by a full queue after its
+/// run was stored (and removed again): the second is not answered with the first's run; it
+/// waits for the first to end, then stores a run of its own, which runs. Before, the second got
+/// the first's run as an idempotency hit, and that run was then removed: reading it answered
+/// "not found".
+#[tokio::test]
+async fn a_trigger_sharing_a_key_with_a_refused_one_gets_a_run_that_exists() {
+    let (engine, queue, mut held) = refusing_first_enqueue().await;
     let trigger = |engine: runlane_engine::Engine| async move {
         engine.trigger("job").idempotency_key("k").send().await
     };
