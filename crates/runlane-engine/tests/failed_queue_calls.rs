@@ -260,64 +260,24 @@ async fn refusing_first_enqueue() -> (
     (engine, queue, held)
 }
 
-/// The same with a batch first: its keyed run stored, its enqueue held, then refused (the batch
-/// rolls back and removes the run). A single trigger with that key meanwhile waits, then
-/// stores a run of its own, which runs. Before, it was handed the batch's run, then removed.
-#[tokio::test]
-async fn a_trigger_sharing_a_key_with_a_refused_batch_gets_a_run_that_exists() {
+/// `first` (a trigger or a batch with idempotency key `k`, its run stored, its enqueue held,
+/// then refused) and a trigger with that key which comes while the enqueue is held: that one
+/// is not handed the first's run (which the refusal removes); it waits for the first to end,
+/// then stores a run of its own, which runs. `refusal` says what the first must answer.
+async fn a_keyed_trigger_after_a_refused<T, Fut>(
+    first: impl FnOnce(runlane_engine::Engine) -> Fut,
+    refusal: fn(&runlane_engine::EngineError) -> bool,
+) where
+    T: std::fmt::Debug + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, runlane_engine::EngineError>> + Send + 'static,
+{
     let (engine, queue, mut held) = refusing_first_enqueue().await;
-    let mut keyed = runlane_engine::TriggerRequest::new("job").expect("request");
-    keyed.idempotency_key = Some("k".into());
-    let batch = tokio::spawn({
-        let engine = engine.clone();
-        async move { engine.trigger_batch(vec![keyed]).await }
-    });
-    bounded(held.recv())
-        .await
-        .expect("the batch's enqueue, held");
-    let single = tokio::spawn({
+    let first = tokio::spawn(first(engine.clone()));
+    bounded(held.recv()).await.expect("the first enqueue, held");
+    let second = tokio::spawn({
         let engine = engine.clone();
         async move { engine.trigger("job").idempotency_key("k").send().await }
     });
-    for _ in 0..100 {
-        tokio::task::yield_now().await;
-    }
-    assert!(
-        !single.is_finished(),
-        "the trigger waits for the batch's outcome"
-    );
-
-    queue.hook().go.send_replace(true);
-    let refused = bounded(batch).await.expect("batch");
-    assert!(
-        matches!(refused, Err(runlane_engine::EngineError::BatchItem { .. })),
-        "{refused:?}"
-    );
-    let single = bounded(single)
-        .await
-        .expect("single")
-        .expect("the trigger stores a run of its own");
-    assert!(!single.idempotent_hit);
-    let worker = worker_returning(&engine, "ran").await;
-    let done = finished(&engine, single.run.id).await;
-    assert_eq!(done.status, runlane_core::RunStatus::Completed);
-    worker.stop().await;
-}
-
-/// Two triggers with one idempotency key at once, the first refused by a full queue after its
-/// run was stored (and removed again): the second is not answered with the first's run; it
-/// waits for the first to end, then stores a run of its own, which runs. Before, the second got
-/// the first's run as an idempotency hit, and that run was then removed: reading it answered
-/// "not found".
-#[tokio::test]
-async fn a_trigger_sharing_a_key_with_a_refused_one_gets_a_run_that_exists() {
-    let (engine, queue, mut held) = refusing_first_enqueue().await;
-    let trigger = |engine: runlane_engine::Engine| async move {
-        engine.trigger("job").idempotency_key("k").send().await
-    };
-    let first = tokio::spawn(trigger(engine.clone()));
-    bounded(held.recv()).await.expect("the first enqueue, held");
-    let second = tokio::spawn(trigger(engine.clone()));
     // This test's one runtime thread runs the second trigger as far as it goes.
     for _ in 0..100 {
         tokio::task::yield_now().await;
@@ -329,10 +289,7 @@ async fn a_trigger_sharing_a_key_with_a_refused_one_gets_a_run_that_exists() {
 
     queue.hook().go.send_replace(true);
     let refused = bounded(first).await.expect("first");
-    assert!(
-        matches!(refused, Err(runlane_engine::EngineError::QueueFull { .. })),
-        "{refused:?}"
-    );
+    assert!(refused.as_ref().is_err_and(refusal), "{refused:?}");
     let second = bounded(second)
         .await
         .expect("second")
@@ -342,4 +299,31 @@ async fn a_trigger_sharing_a_key_with_a_refused_one_gets_a_run_that_exists() {
     let done = finished(&engine, second.run.id).await;
     assert_eq!(done.status, runlane_core::RunStatus::Completed);
     worker.stop().await;
+}
+
+/// Two triggers with one idempotency key at once, the first refused by a full queue after its
+/// run was stored (and removed again). Before, the second got the first's run as an
+/// idempotency hit, and that run was then removed: reading it answered "not found".
+#[tokio::test]
+async fn a_trigger_sharing_a_key_with_a_refused_one_gets_a_run_that_exists() {
+    a_keyed_trigger_after_a_refused(
+        |engine| async move { engine.trigger("job").idempotency_key("k").send().await },
+        |e| matches!(e, runlane_engine::EngineError::QueueFull { .. }),
+    )
+    .await;
+}
+
+/// The same with a batch first (its rollback removes the run). Before, the single trigger
+/// was handed the batch's run, then removed.
+#[tokio::test]
+async fn a_trigger_sharing_a_key_with_a_refused_batch_gets_a_run_that_exists() {
+    a_keyed_trigger_after_a_refused(
+        |engine| async move {
+            let mut keyed = runlane_engine::TriggerRequest::new("job")?;
+            keyed.idempotency_key = Some("k".into());
+            engine.trigger_batch(vec![keyed]).await
+        },
+        |e| matches!(e, runlane_engine::EngineError::BatchItem { .. }),
+    )
+    .await;
 }

@@ -8,11 +8,10 @@ mod redis_support;
 mod run_counter;
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 use run_counter::{counting_worker, Executions};
 use runlane::core::{RunId, RunStatus};
-use runlane::{EngineError, WaitOutcome};
+use runlane::EngineError;
 
 /// Keys each triggered by both processes at once.
 const KEYS: usize = 40;
@@ -76,10 +75,8 @@ async fn a_run_handed_to_another_process_outlives_its_triggers_refusal() {
     expected.sort();
     expected.dedup();
     for run in &expected {
-        match a.wait(*run, Duration::from_secs(60)).await.expect("wait") {
-            WaitOutcome::Finished(record) => assert_eq!(record.status, RunStatus::Completed),
-            WaitOutcome::Pending { status, .. } => panic!("run {run} still {status:?}"),
-        }
+        let record = redis_support::finished(&a, *run).await;
+        assert_eq!(record.status, RunStatus::Completed, "run {run}");
     }
     let executed = runs.lock().expect("lock").clone();
     for run in &expected {

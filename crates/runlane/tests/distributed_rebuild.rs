@@ -14,19 +14,10 @@ use redis_support::PrivateRedis;
 use run_counter::{counting_worker, Executions};
 use runlane::core::backend::QueueBackend;
 use runlane::core::{EnvName, QueueName, QueueSettings, RunId, RunStatus};
-use runlane::WaitOutcome;
 
 async fn assert_completed(engine: &runlane::Engine, run: RunId) {
-    match engine
-        .wait(run, Duration::from_secs(60))
-        .await
-        .expect("wait")
-    {
-        WaitOutcome::Finished(record) => {
-            assert_eq!(record.status, RunStatus::Completed, "run {run}");
-        }
-        WaitOutcome::Pending { status, .. } => panic!("run {run} still {status:?}"),
-    }
+    let record = redis_support::finished(engine, run).await;
+    assert_eq!(record.status, RunStatus::Completed, "run {run}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,7 +14,7 @@ use std::time::Duration;
 use distributed_support::Proxy;
 use run_counter::{counting_worker, Executions};
 use runlane::core::{RunId, RunStatus};
-use runlane::{DistributedConfig, EngineBuilder, ReconcileConfig, WaitOutcome};
+use runlane::{DistributedConfig, EngineBuilder, ReconcileConfig};
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
@@ -142,17 +142,9 @@ async fn redis_failure_after_commit_is_reconciled_nothing_lost_nothing_twice() {
 }
 
 async fn assert_completed(engine: &runlane::Distributed, run: RunId) {
-    match engine
-        .wait(run, Duration::from_secs(60))
-        .await
-        .expect("wait")
-    {
-        WaitOutcome::Finished(record) => {
-            assert_eq!(record.status, RunStatus::Completed, "run {run}");
-            assert_eq!(record.attempts.len(), 1, "run {run} had one attempt");
-        }
-        WaitOutcome::Pending { status, .. } => panic!("run {run} still {status:?}"),
-    }
+    let record = redis_support::finished(engine, run).await;
+    assert_eq!(record.status, RunStatus::Completed, "run {run}");
+    assert_eq!(record.attempts.len(), 1, "run {run} had one attempt");
 }
 
 /// A quick run in the distributed shape costs exactly one insert and one update of its row:
@@ -386,18 +378,8 @@ async fn an_expiry_heard_by_a_process_that_died_is_recorded_by_the_sweep() {
     );
     drop(other);
 
-    match engine
-        .wait(run, Duration::from_secs(30))
-        .await
-        .expect("wait")
-    {
-        WaitOutcome::Finished(record) => {
-            assert_eq!(record.status, RunStatus::Expired, "run {run}");
-            assert!(record.attempts.is_empty(), "an expired run never started");
-        }
-        WaitOutcome::Pending { status, .. } => {
-            panic!("the expiry was never recorded: run {run} still {status:?}")
-        }
-    }
+    let record = redis_support::finished(&engine, run).await;
+    assert_eq!(record.status, RunStatus::Expired, "run {run}");
+    assert!(record.attempts.is_empty(), "an expired run never started");
     engine.shutdown().await;
 }

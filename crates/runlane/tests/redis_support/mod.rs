@@ -64,6 +64,19 @@ pub async fn two_processes(tag: &str) -> (runlane::Distributed, runlane::Distrib
     (open(true).await, open(false).await)
 }
 
+/// Waits (at most a minute) for `run` to finish and answers its record; a run still
+/// unfinished then fails the test.
+pub async fn finished(engine: &runlane::Engine, run: RunId) -> runlane::core::backend::RunRecord {
+    match engine
+        .wait(run, Duration::from_secs(60))
+        .await
+        .expect("wait")
+    {
+        runlane::WaitOutcome::Finished(record) => record,
+        runlane::WaitOutcome::Pending { status, .. } => panic!("run {run} still {status:?}"),
+    }
+}
+
 /// A config on the shared server under a fresh prefix.
 pub fn fresh_config(tag: &str) -> RedisConfig {
     let mut config = RedisConfig::new(url()).with_prefix(fresh_prefix(tag));
