@@ -452,7 +452,8 @@ impl PostgresStore {
         .await
     }
 
-    /// Unfinished runs marked `in_queue` that never started and whose TTL deadline is in
+    /// Unfinished runs marked `in_queue` that never started (first attempt, no start written;
+    /// a TTL only bounds the wait before the first start) and whose TTL deadline is in
     /// `(after, cutoff]`, by deadline then id, `after` excluded as a `(deadline, id)` pair: the
     /// reconciler's sweep for expiries heard by a process that died before recording them
     /// (SPEC §7; found through the `runs_ttl_waiting` index, which only unfinished runs with a
@@ -466,7 +467,7 @@ impl PostgresStore {
         let sql = format!(
             "SELECT {RUN_COLUMNS} FROM runs WHERE ttl_deadline IS NOT NULL AND {UNFINISHED} \
              AND (ttl_deadline, id) > ($1, $2) AND ttl_deadline <= $3 \
-             AND dispatch_state = 'in_queue' AND started_at IS NULL \
+             AND dispatch_state = 'in_queue' AND started_at IS NULL AND attempt = 1 \
              ORDER BY ttl_deadline, id LIMIT $4"
         );
         self.read_runs(

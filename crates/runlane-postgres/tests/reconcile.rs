@@ -220,6 +220,9 @@ async fn the_ttl_sweep_hands_over_waiting_runs_past_their_deadline_in_order() {
     let finished = with_ttl(6, Some(300));
     let started = with_ttl(7, Some(350));
     let noted = with_ttl(8, Some(600));
+    // A retry waiting for its second attempt: its TTL no longer applies.
+    let mut retried = with_ttl(10, Some(420));
+    retried.attempt = 2;
     let all = [
         &swept,
         &first,
@@ -230,6 +233,7 @@ async fn the_ttl_sweep_hands_over_waiting_runs_past_their_deadline_in_order() {
         &finished,
         &started,
         &noted,
+        &retried,
     ];
     store
         .insert(
