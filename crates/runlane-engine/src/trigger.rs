@@ -795,9 +795,6 @@ impl Engine {
     }
 }
 
-/// After an accepted enqueue: publishes the statuses it moved the run through and rings the
-/// run's lane when the backend did not (unless `leased`: the enqueue's own claim took the
-/// run); answers the placement and the run's status.
 /// Takes back a stored run whose trigger was refused (its enqueue refused, its batch rolled
 /// back): removed from the store with its key, unless the store says the key answered another
 /// trigger meanwhile (another process's, whose caller now holds the run's id; see
@@ -835,6 +832,9 @@ async fn withdraw(inner: &Arc<Inner>, record: &RunRecord, now: Timestamp) {
     }
 }
 
+/// After an accepted enqueue: publishes the statuses it moved the run through and rings the
+/// run's lane when the backend did not (unless `leased`: the enqueue's own claim took the
+/// run); answers the placement and the run's status.
 async fn settle(
     inner: &Inner,
     lane: &LaneName,
