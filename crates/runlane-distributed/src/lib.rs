@@ -12,7 +12,8 @@
 //! 4. The reconciler ([`runlane_postgres::reconcile`]) runs at start-up, then whenever the
 //!    oldest `pending_enqueue` row passes its grace period, and enqueues what missed Redis;
 //!    each pass also enqueues again the waiting runs whose TTL passed a grace period ago, so
-//!    an expiry heard by a process that died before recording it is reported again.
+//!    an expiry heard by a process that died before recording it is reported again, and
+//!    applies again the cancels requested a grace period ago of runs still unfinished.
 //! 5. Terminal writes go to PostgreSQL first (the engine's completer: lease check, store,
 //!    then the Redis ack); lease recovery and Redis rebuilds read PostgreSQL first, so a run
 //!    terminal there is cleaned out of Redis, never retried.

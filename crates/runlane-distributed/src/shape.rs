@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use runlane_core::backend::QueueBackend;
+use runlane_core::backend::{QueueBackend, RunRecord};
 use runlane_core::Timestamp;
 use runlane_engine::{Engine, EngineBuilder, EngineError};
 use runlane_postgres::reconcile::{spawn_reconciler, ReconcileConfig};
@@ -305,7 +305,7 @@ pub async fn open(
         let weak = engine.downgrade();
         let queue = Arc::downgrade(&queue);
         let stop = stop.clone();
-        move |records| {
+        move |records: Vec<RunRecord>| {
             let engine = weak.upgrade();
             let queue = queue.upgrade();
             let stop = stop.clone();
@@ -315,9 +315,29 @@ pub async fn open(
                     stop.notify_one();
                     return Err("the engine is gone".to_string());
                 };
+                // A run whose cancel was requested is ended, not run: the cancel is applied
+                // again (the requesting process may have died before the terminal write).
+                let (cancelled, records): (Vec<RunRecord>, Vec<RunRecord>) = records
+                    .into_iter()
+                    .partition(|r| r.cancel_requested_at.is_some());
+                let mut ended = Vec::with_capacity(cancelled.len());
+                for record in &cancelled {
+                    match engine.recover_requested_cancel(record).await {
+                        Ok(()) => ended.push(record.id),
+                        Err(e) => {
+                            tracing::warn!(run = %record.id, error = %e, "requested cancel not applied again")
+                        }
+                    }
+                }
+                if records.is_empty() {
+                    return Ok(ended);
+                }
                 let (confirmed, effects) = queue.reconcile(records, engine.now()).await;
                 engine.apply_effects(effects).await;
-                confirmed
+                confirmed.map(|mut ids| {
+                    ids.extend(ended);
+                    ids
+                })
             }
         }
     };

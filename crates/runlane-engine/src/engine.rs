@@ -773,7 +773,7 @@ impl Inner {
     /// `canceled`; one it does not hold ends `canceled` at once, its attempt recorded as
     /// canceled when a start mark says it was running (only when marks count, as for a
     /// crashed attempt). The terminal write is fenced by that attempt like any other.
-    async fn recover_cancel(
+    pub(crate) async fn recover_cancel(
         &self,
         record: &RunRecord,
         marks_count: bool,

@@ -5,10 +5,11 @@
 
 use std::sync::{Arc, Weak};
 
-use runlane_core::backend::Effects;
+use runlane_core::backend::{Effects, RunRecord};
 use runlane_core::{EnvName, RunId, RunStatus, Timestamp};
 
 use crate::engine::{Engine, Inner};
+use crate::error::EngineError;
 use crate::event::StatusTap;
 
 /// A handle on an engine that does not keep it open ([`Engine::downgrade`]).
@@ -36,6 +37,23 @@ impl Engine {
     /// doorbells of lanes that received ready runs, publishes the moves and re-arms the timer.
     pub async fn apply_effects(&self, effects: Effects) {
         self.inner.apply(effects, None).await
+    }
+
+    /// Applies a cancel kept in the store again, as the engine's open does: the distributed
+    /// reconciler calls it for an unfinished run whose cancel was requested a grace period ago
+    /// (the requesting process removes the run from the queue, then writes it `canceled`, and
+    /// may die in between). A run the queue holds executing keeps its grace period (a second
+    /// request keeps the first deadline), one it holds waiting is removed and ends `canceled`,
+    /// one it does not hold ends `canceled` at once; a run another process ended meanwhile is
+    /// left as it ended.
+    pub async fn recover_requested_cancel(&self, record: &RunRecord) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        let marks_count = !inner.store.shared_between_processes();
+        let effects = inner
+            .recover_cancel(record, marks_count, self.now())
+            .await?;
+        inner.apply(effects, Some(record.id)).await;
+        Ok(())
     }
 
     /// Installs a tap told of every status change this engine publishes itself (a shape

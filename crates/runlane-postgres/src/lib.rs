@@ -33,4 +33,4 @@ mod writer;
 
 pub use config::{Durability, PostgresConfig, Retention};
 pub use error::PostgresError;
-pub use store::{DispatchState, PostgresStats, PostgresStore};
+pub use store::{DispatchState, PostgresStats, PostgresStore, Sweep};

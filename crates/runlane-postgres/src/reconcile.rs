@@ -10,11 +10,14 @@
 //! another process committed and then left behind (it died before its enqueue) is found by one
 //! indexed `min()` query per period, with no trigger or restart needed here.
 //!
-//! Every pass also sweeps the runs marked `in_queue` whose TTL deadline passed at least a grace
-//! period ago and that are still waiting here ([`sweep_ttl_once`]): the queue reports an expiry
-//! once, to the process whose timer ticked, and removes the run; if that process died before
-//! recording it, nothing else would. Such a run is enqueued again (a run the queue still holds
-//! is left as it is), its deadline is past, and the queue reports it again, to a live process.
+//! Every pass also sweeps ([`sweep_once`]) the runs a process may have died in the middle of
+//! handling, a grace period after the instant that matters: the runs marked `in_queue` whose
+//! TTL deadline passed and that are still waiting here (the queue reports an expiry once, to
+//! the process whose timer ticked, and removes the run; if that process died before recording
+//! it, nothing else would: the run is enqueued again, its deadline past, and reported again, to
+//! a live process), and the unfinished runs whose cancel was requested (the requesting process
+//! removes the run from the queue, then writes it `canceled`: the callback applies the cancel
+//! again).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,7 +27,7 @@ use runlane_core::backend::RunRecord;
 use runlane_core::{RunId, StoreError, Timestamp};
 use tokio::sync::Notify;
 
-use crate::store::PostgresStore;
+use crate::store::{PostgresStore, Sweep};
 
 /// Settings of the reconciler.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,23 +109,26 @@ where
     }
 }
 
-/// What one TTL sweep did.
+/// What one sweep did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Swept {
-    /// Runs handed to the callback and confirmed in the queue.
-    pub requeued: u64,
+    /// Runs handed to the callback and confirmed by it.
+    pub handed: u64,
     /// The callback's error, when it failed a whole page (the sweep stopped there).
     pub error: Option<String>,
 }
 
-/// Hands every run [`PostgresStore::ttl_passed`] finds up to `cutoff` to `enqueue`, `batch`
-/// at a time (keyset pages by deadline and id). A run the queue still holds is answered as
-/// it is; one it lost is placed again, its deadline past, and reported again. A run the
-/// callback does not confirm (a refusal, which the callback logs, or Redis going away
-/// mid-page) is left for the next sweep, which starts from the beginning again: a run past
-/// its TTL stays unfinished here only until some live process records its expiry.
-pub async fn sweep_ttl_once<F, Fut>(
+/// Hands every run [`PostgresStore::swept`] finds for `sweep` up to `cutoff` to `enqueue`,
+/// `batch` at a time (keyset pages by the sweep's instant and id). The callback puts each
+/// run back in the queue as the store says it should be: a run the queue still holds is
+/// answered as it is; one past its TTL that the queue lost is placed again, its deadline
+/// past, and reported again; one whose cancel was requested has the cancel applied again. A
+/// run the callback does not confirm (a refusal, which the callback logs, or Redis going
+/// away mid-page) is left for the next sweep, which starts from the beginning again: such a
+/// run stays unfinished here only until some live process ends it.
+pub async fn sweep_once<F, Fut>(
     store: &PostgresStore,
+    sweep: Sweep,
     cutoff: Timestamp,
     batch: u32,
     enqueue: &F,
@@ -134,17 +140,22 @@ where
     let mut done = Swept::default();
     let batch = batch.max(1);
     let mut after = (Timestamp::ZERO, RunId(0));
+    let instant = |r: &RunRecord| match sweep {
+        Sweep::TtlPassed => r.ttl_deadline,
+        Sweep::CancelRequested => r.cancel_requested_at,
+    };
     loop {
-        let page = store.ttl_passed(after, cutoff, batch).await?;
+        let page = store.swept(sweep, after, cutoff, batch).await?;
         let n = page.len();
         let Some(last) = page.last() else {
             return Ok(done);
         };
-        after = (last.ttl_deadline.unwrap_or(cutoff), last.id);
-        // A start this process noted but has not written yet: the run is executing.
+        after = (instant(last).unwrap_or(cutoff), last.id);
+        // A start this process noted but has not written yet: the run is executing, and its
+        // TTL no longer applies.
         let page: Vec<RunRecord> = page
             .into_iter()
-            .filter(|r| r.started_at.is_none())
+            .filter(|r| sweep != Sweep::TtlPassed || r.started_at.is_none())
             .collect();
         if page.is_empty() {
             if n < batch as usize {
@@ -153,7 +164,7 @@ where
             continue;
         }
         match enqueue(page).await {
-            Ok(ids) => done.requeued += ids.len() as u64,
+            Ok(ids) => done.handed += ids.len() as u64,
             Err(e) => {
                 done.error = Some(e);
                 return Ok(done);
@@ -167,7 +178,8 @@ where
 
 /// Runs the reconciler until `shutdown` is notified: one pass at once (start-up), then one
 /// whenever the oldest pending row passes `grace`, and with nothing pending at least every
-/// `idle_check`; each pass also sweeps the waiting runs past their TTL ([`sweep_ttl_once`]).
+/// `idle_check`; each pass also sweeps the waiting runs past their TTL and the runs whose
+/// cancel was requested ([`sweep_once`]).
 /// `now` is the engine's clock.
 pub fn spawn_reconciler<F, Fut>(
     store: Arc<PostgresStore>,
@@ -185,8 +197,11 @@ where
         loop {
             let cutoff = now().saturating_sub(config.grace);
             let pass = reconcile_once(&store, cutoff, config.batch, &enqueue).await;
-            let swept = sweep_ttl_once(&store, cutoff, config.batch, &enqueue).await;
-            let swept_all = matches!(swept, Ok(Swept { error: None, .. }));
+            let mut swept_all = true;
+            for sweep in [Sweep::TtlPassed, Sweep::CancelRequested] {
+                let swept = sweep_once(&store, sweep, cutoff, config.batch, &enqueue).await;
+                swept_all &= matches!(swept, Ok(Swept { error: None, .. }));
+            }
             let wait = match pass {
                 Ok(r) if r.failed == 0 && swept_all => match store.oldest_pending_at().await {
                     // Armed by the oldest pending row.

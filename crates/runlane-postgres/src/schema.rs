@@ -136,6 +136,14 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     -- else the run stays, for the trigger it was handed to.
     ALTER TABLE runs ADD COLUMN key_hits integer NOT NULL DEFAULT 0;
     "#,
+    // 7: the reconciler's sweep of cancels whose requesting process may have died (issue 5).
+    r#"
+    -- Unfinished runs whose cancel was requested, by request time: few, and only for the
+    -- moments between a request and the run's end.
+    CREATE INDEX runs_cancel_requested ON runs (cancel_requested_at, id)
+        WHERE cancel_requested_at IS NOT NULL
+        AND status IN ('delayed', 'queued', 'ready', 'executing');
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -93,6 +93,19 @@ impl DispatchState {
     }
 }
 
+/// What a reconciler sweep looks for among the unfinished runs (SPEC §7), each a run a process
+/// may have died in the middle of handling, found through a partial index only such runs enter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sweep {
+    /// Runs marked `in_queue` that never started (first attempt, no start written: a TTL only
+    /// bounds the wait before the first start) whose TTL deadline passed (`runs_ttl_waiting`):
+    /// the queue reports an expiry once, to the process whose timer ticked, and forgets the run.
+    TtlPassed,
+    /// Runs whose cancel was requested (`runs_cancel_requested`): the requesting process
+    /// removes the run from the queue, then writes it `canceled`, and may die in between.
+    CancelRequested,
+}
+
 /// The PostgreSQL run store (implements [`RunStore`]); also answers the reconciler of the
 /// store-first protocol ([`PostgresStore::pending_enqueue`], [`PostgresStore::mark_in_queue`]).
 ///
@@ -452,23 +465,27 @@ impl PostgresStore {
         .await
     }
 
-    /// Unfinished runs marked `in_queue` that never started (first attempt, no start written;
-    /// a TTL only bounds the wait before the first start) and whose TTL deadline is in
-    /// `(after, cutoff]`, by deadline then id, `after` excluded as a `(deadline, id)` pair: the
-    /// reconciler's sweep for expiries heard by a process that died before recording them
-    /// (SPEC §7; found through the `runs_ttl_waiting` index, which only unfinished runs with a
-    /// TTL enter).
-    pub async fn ttl_passed(
+    /// The unfinished runs a reconciler sweep hands over whose instant (the TTL deadline, the
+    /// cancel request) is in `(after, cutoff]`, by that instant then id, `after` excluded as
+    /// an `(instant, id)` pair (keyset pages); see [`Sweep`].
+    pub async fn swept(
         &self,
+        sweep: Sweep,
         after: (Timestamp, RunId),
         cutoff: Timestamp,
         limit: u32,
     ) -> Result<Vec<RunRecord>, StoreError> {
+        let (at, only) = match sweep {
+            Sweep::TtlPassed => (
+                "ttl_deadline",
+                "dispatch_state = 'in_queue' AND started_at IS NULL AND attempt = 1",
+            ),
+            Sweep::CancelRequested => ("cancel_requested_at", "TRUE"),
+        };
         let sql = format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE ttl_deadline IS NOT NULL AND {UNFINISHED} \
-             AND (ttl_deadline, id) > ($1, $2) AND ttl_deadline <= $3 \
-             AND dispatch_state = 'in_queue' AND started_at IS NULL AND attempt = 1 \
-             ORDER BY ttl_deadline, id LIMIT $4"
+            "SELECT {RUN_COLUMNS} FROM runs WHERE {at} IS NOT NULL AND {UNFINISHED} \
+             AND ({at}, id) > ($1, $2) AND {at} <= $3 AND {only} \
+             ORDER BY {at}, id LIMIT $4"
         );
         self.read_runs(
             sqlx::query(&sql)

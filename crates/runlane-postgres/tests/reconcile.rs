@@ -1,8 +1,9 @@
 //! The reconciler of the store-first protocol: rows left `pending_enqueue` (their enqueue was
 //! missed) are handed to the enqueue callback once past the grace period, marked `in_queue`
 //! when confirmed, kept pending when the callback fails; the loop runs at start-up and is
-//! armed by new pending rows, its own process's and (by its idle check) another's. Its TTL
-//! sweep hands over the runs marked `in_queue` that never started and whose TTL passed.
+//! armed by new pending rows, its own process's and (by its idle check) another's. Its sweeps
+//! hand over the runs marked `in_queue` that never started and whose TTL passed, and the
+//! unfinished runs whose cancel was requested.
 
 mod common;
 
@@ -11,10 +12,8 @@ use std::time::Duration;
 
 use runlane_core::backend::RunStore;
 use runlane_core::{RunId, Timestamp};
-use runlane_postgres::reconcile::{
-    reconcile_once, spawn_reconciler, sweep_ttl_once, ReconcileConfig,
-};
-use runlane_postgres::DispatchState;
+use runlane_postgres::reconcile::{reconcile_once, spawn_reconciler, sweep_once, ReconcileConfig};
+use runlane_postgres::{DispatchState, Sweep};
 use tokio::sync::{mpsc, Notify};
 
 #[tokio::test]
@@ -278,37 +277,90 @@ async fn the_ttl_sweep_hands_over_waiting_runs_past_their_deadline_in_order() {
         async move { Ok::<_, String>(ids) }
     };
     // Pages of one: each run once, by deadline then id.
-    let done = sweep_ttl_once(&store, Timestamp(1_000), 1, &ok)
+    let done = sweep_once(&store, Sweep::TtlPassed, Timestamp(1_000), 1, &ok)
         .await
         .expect("sweep");
     let expected = vec![first.id, same_deadline.id, swept.id];
     assert_eq!(*seen.lock().expect("lock"), expected);
-    assert_eq!((done.requeued, done.error), (3, None));
+    assert_eq!((done.handed, done.error), (3, None));
     // The next sweep starts over: a run the queue lost again is handed over again.
     seen.lock().expect("lock").clear();
-    let done = sweep_ttl_once(&store, Timestamp(1_000), 10, &ok)
+    let done = sweep_once(&store, Sweep::TtlPassed, Timestamp(1_000), 10, &ok)
         .await
         .expect("sweep");
     assert_eq!(*seen.lock().expect("lock"), expected);
-    assert_eq!(done.requeued, 3);
+    assert_eq!(done.handed, 3);
     // Nothing before the cutoff: nothing handed over.
     seen.lock().expect("lock").clear();
-    let done = sweep_ttl_once(&store, Timestamp(399), 10, &ok)
+    let done = sweep_once(&store, Sweep::TtlPassed, Timestamp(399), 10, &ok)
         .await
         .expect("sweep");
     assert!(seen.lock().expect("lock").is_empty());
-    assert_eq!(done.requeued, 0);
+    assert_eq!(done.handed, 0);
     // A failing callback stops the sweep and says why.
     let failing = |_runs: Vec<runlane_core::backend::RunRecord>| async {
         Err::<Vec<RunId>, _>("redis is down".to_string())
     };
-    let done = sweep_ttl_once(&store, Timestamp(1_000), 1, &failing)
+    let done = sweep_once(&store, Sweep::TtlPassed, Timestamp(1_000), 1, &failing)
         .await
         .expect("sweep");
     assert_eq!(
-        (done.requeued, done.error.as_deref()),
+        (done.handed, done.error.as_deref()),
         (0, Some("redis is down"))
     );
     drop(conn);
+    common::finish(store).await;
+}
+
+#[tokio::test]
+async fn the_cancel_sweep_hands_over_unfinished_runs_whose_cancel_was_requested() {
+    let store = common::open(common::config()).await;
+    let runs: Vec<_> = (1..=4u128).map(common::record).collect();
+    store
+        .insert(
+            runs.iter().map(|r| (r.clone(), None)).collect(),
+            Timestamp(100),
+        )
+        .await
+        .expect("insert");
+    // Requested at 300 (twice: the first instant holds), 200, and 900 (after the cutoff); run
+    // 4 has no request.
+    for (run, at) in [(0, 300), (0, 350), (1, 200), (2, 900)] {
+        store
+            .request_cancel(runs[run].id, Timestamp(at))
+            .await
+            .expect("request");
+    }
+    let ended = common::record(5);
+    store
+        .insert(vec![(ended.clone(), None)], Timestamp(100))
+        .await
+        .expect("insert");
+    store
+        .request_cancel(ended.id, Timestamp(250))
+        .await
+        .expect("request");
+    store
+        .finish(
+            ended.id,
+            runlane_core::RunStatus::Canceled,
+            None,
+            None,
+            Timestamp(260),
+        )
+        .await
+        .expect("finish");
+
+    let seen = std::sync::Mutex::new(Vec::new());
+    let ok = |runs: Vec<runlane_core::backend::RunRecord>| {
+        let ids: Vec<RunId> = runs.iter().map(|r| r.id).collect();
+        seen.lock().expect("lock").extend(ids.clone());
+        async move { Ok::<_, String>(ids) }
+    };
+    let done = sweep_once(&store, Sweep::CancelRequested, Timestamp(500), 1, &ok)
+        .await
+        .expect("sweep");
+    assert_eq!(*seen.lock().expect("lock"), vec![runs[1].id, runs[0].id]);
+    assert_eq!((done.handed, done.error), (2, None));
     common::finish(store).await;
 }

@@ -334,15 +334,7 @@ async fn the_reconciler_enqueues_accepted_runs_past_their_queues_cap() {
 async fn an_expiry_heard_by_a_process_that_died_is_recorded_by_the_sweep() {
     use runlane::core::backend::QueueBackend;
 
-    let mut config = redis_support::distributed_config(redis_support::url(), "ttl_sweep");
-    config.reconcile = ReconcileConfig {
-        grace: Duration::from_millis(300),
-        retry_after: Duration::from_millis(100),
-        idle_check: Duration::from_millis(200),
-        ..ReconcileConfig::default()
-    };
-    let prefix = config.redis.prefix.clone();
-    let engine = redis_support::open_distributed(config).await;
+    let (engine, other) = with_another_process("ttl_sweep").await;
     // No worker: the run waits in its queue until its TTL passes.
     let run = engine
         .trigger("job")
@@ -361,11 +353,6 @@ async fn an_expiry_heard_by_a_process_that_died_is_recorded_by_the_sweep() {
 
     // Another process of the deployment: its timer ticks past the deadline (the instant is
     // the caller's argument), hears the expiry, and dies before recording it.
-    let other = runlane::RedisQueue::open(
-        runlane::RedisConfig::new(redis_support::url()).with_prefix(prefix),
-    )
-    .await
-    .expect("open the other process's queue");
     let tick = other
         .tick(deadline.saturating_add(Duration::from_millis(1)))
         .await
@@ -381,5 +368,71 @@ async fn an_expiry_heard_by_a_process_that_died_is_recorded_by_the_sweep() {
     let record = redis_support::finished(&engine, run).await;
     assert_eq!(record.status, RunStatus::Expired, "run {run}");
     assert!(record.attempts.is_empty(), "an expired run never started");
+    engine.shutdown().await;
+}
+
+/// A deployment with a quick reconciler (300 ms grace, 200 ms idle check), and the queue of
+/// another process of it (a plain Redis queue on its prefix), to act as a process that died
+/// half-way through something.
+async fn with_another_process(tag: &str) -> (runlane::Distributed, runlane::RedisQueue) {
+    let mut config = redis_support::distributed_config(redis_support::url(), tag);
+    config.reconcile = ReconcileConfig {
+        grace: Duration::from_millis(300),
+        retry_after: Duration::from_millis(100),
+        idle_check: Duration::from_millis(200),
+        ..ReconcileConfig::default()
+    };
+    let prefix = config.redis.prefix.clone();
+    let engine = redis_support::open_distributed(config).await;
+    let other = runlane::RedisQueue::open(
+        runlane::RedisConfig::new(redis_support::url()).with_prefix(prefix),
+    )
+    .await
+    .expect("open the other process's queue");
+    (engine, other)
+}
+
+/// A cancel is kept in the store first, then the run leaves the queue, then it is written
+/// `canceled`: a process that died between the last two left the run unfinished in
+/// PostgreSQL and gone from Redis (until some process's next open). The reconciler's sweep
+/// of requested cancels applies the cancel again: the run ends `canceled`, never runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_whose_process_died_before_the_terminal_write_is_ended_by_the_sweep() {
+    use runlane::core::backend::{CancelOutcome, QueueBackend, RunStore};
+
+    let (engine, other) = with_another_process("cancel_sweep").await;
+    // Paused: the run waits, and a worker started later could only run it if it came back.
+    engine.pause_queue("default", "job").await.expect("pause");
+    let run = engine.trigger("job").send().await.expect("trigger").run.id;
+    let record = engine.get(run).await.expect("read");
+
+    // The other process: the request kept, the run removed from Redis, then it dies.
+    let at = engine.now();
+    engine
+        .store()
+        .request_cancel(run, at)
+        .await
+        .expect("request the cancel");
+    let removed = other
+        .cancel_of(&record.dispatch(), Duration::from_secs(10), at)
+        .await
+        .expect("cancel in redis");
+    assert!(
+        matches!(removed, CancelOutcome::Removed { .. }),
+        "the waiting run left redis: {removed:?}"
+    );
+    drop(other);
+
+    let runs = Executions::default();
+    let worker = counting_worker(engine.worker(), &runs).await;
+    engine.resume_queue("default", "job").await.expect("resume");
+    let record = redis_support::finished(&engine, run).await;
+    assert_eq!(record.status, RunStatus::Canceled, "run {run}");
+    assert!(
+        record.attempts.is_empty(),
+        "a run cancelled waiting never started"
+    );
+    assert!(runs.lock().expect("lock").is_empty(), "nothing ran");
+    worker.stop().await;
     engine.shutdown().await;
 }
