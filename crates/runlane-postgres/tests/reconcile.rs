@@ -30,11 +30,7 @@ async fn a_pass_enqueues_old_pending_rows_and_keeps_failures_pending() {
 
     // Only rows at or before the cutoff are touched (r3 is still in its trigger's hands).
     let seen = std::sync::Mutex::new(Vec::new());
-    let ok = |runs: Vec<runlane_core::backend::RunRecord>| {
-        let ids: Vec<RunId> = runs.iter().map(|r| r.id).collect();
-        seen.lock().expect("lock").extend(ids.clone());
-        async move { Ok::<_, String>(ids) }
-    };
+    let ok = confirming(&seen);
     let done = reconcile_once(&store, Timestamp(250), 10, &ok)
         .await
         .expect("pass");
@@ -271,11 +267,7 @@ async fn the_ttl_sweep_hands_over_waiting_runs_past_their_deadline_in_order() {
     store.note_start(noted.id, 1, Timestamp(200));
 
     let seen = std::sync::Mutex::new(Vec::new());
-    let ok = |runs: Vec<runlane_core::backend::RunRecord>| {
-        let ids: Vec<RunId> = runs.iter().map(|r| r.id).collect();
-        seen.lock().expect("lock").extend(ids.clone());
-        async move { Ok::<_, String>(ids) }
-    };
+    let ok = confirming(&seen);
     // Pages of one: each run once, by deadline then id.
     let done = sweep_once(&store, Sweep::TtlPassed, Timestamp(1_000), 1, &ok)
         .await
@@ -352,15 +344,23 @@ async fn the_cancel_sweep_hands_over_unfinished_runs_whose_cancel_was_requested(
         .expect("finish");
 
     let seen = std::sync::Mutex::new(Vec::new());
-    let ok = |runs: Vec<runlane_core::backend::RunRecord>| {
-        let ids: Vec<RunId> = runs.iter().map(|r| r.id).collect();
-        seen.lock().expect("lock").extend(ids.clone());
-        async move { Ok::<_, String>(ids) }
-    };
+    let ok = confirming(&seen);
     let done = sweep_once(&store, Sweep::CancelRequested, Timestamp(500), 1, &ok)
         .await
         .expect("sweep");
     assert_eq!(*seen.lock().expect("lock"), vec![runs[1].id, runs[0].id]);
     assert_eq!((done.handed, done.error), (2, None));
     common::finish(store).await;
+}
+
+/// A callback that confirms every run it is handed, noting their ids in `seen`.
+fn confirming(
+    seen: &std::sync::Mutex<Vec<RunId>>,
+) -> impl Fn(Vec<runlane_core::backend::RunRecord>) -> std::future::Ready<Result<Vec<RunId>, String>> + '_
+{
+    move |runs| {
+        let ids: Vec<RunId> = runs.iter().map(|r| r.id).collect();
+        seen.lock().expect("lock").extend(ids.clone());
+        std::future::ready(Ok(ids))
+    }
 }
