@@ -723,7 +723,7 @@ impl Inner {
                 self.queue.add_lane(&record.lane).await?;
             }
             if record.cancel_requested_at.is_some() {
-                effects.merge(self.recover_cancel(&record, marks_count, now).await?);
+                effects.merge(self.recover_cancel(&record, now).await?);
                 continue;
             }
             let mut dispatch = record.dispatch();
@@ -772,14 +772,15 @@ impl Inner {
     /// gets its grace period as any cancel; one it holds waiting is removed and ends
     /// `canceled`; one it does not hold ends `canceled` at once, its attempt recorded as
     /// canceled when a start mark says it was running (only when marks count, as for a
-    /// crashed attempt). The terminal write is fenced by that attempt like any other.
+    /// crashed attempt: a store shared between processes keeps its marks out of it). The
+    /// terminal write is fenced by that attempt like any other.
     pub(crate) async fn recover_cancel(
         &self,
         record: &RunRecord,
-        marks_count: bool,
         now: Timestamp,
     ) -> Result<Effects, EngineError> {
         let run = record.id;
+        let marks_count = !self.store.shared_between_processes();
         let outcome = match self
             .queue
             .cancel_of(&record.dispatch(), self.config.cancel_grace, now)

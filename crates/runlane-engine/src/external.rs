@@ -48,10 +48,7 @@ impl Engine {
     /// left as it ended.
     pub async fn recover_requested_cancel(&self, record: &RunRecord) -> Result<(), EngineError> {
         let inner = &self.inner;
-        let marks_count = !inner.store.shared_between_processes();
-        let effects = inner
-            .recover_cancel(record, marks_count, self.now())
-            .await?;
+        let effects = inner.recover_cancel(record, self.now()).await?;
         inner.apply(effects, Some(record.id)).await;
         Ok(())
     }
