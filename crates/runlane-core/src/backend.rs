@@ -529,6 +529,13 @@ pub trait QueueBackend: Send + Sync + 'static {
     fn claims_on_enqueue_now(&self) -> bool {
         self.claims_on_enqueue()
     }
+    /// Whether concurrent [`enqueue`](Self::enqueue) calls share work (one round trip for
+    /// many, taken in the order the calls were made): then a batch trigger's runs are enqueued
+    /// together instead of one after another. Defaults to `false` (an in-memory queue gains
+    /// nothing from it).
+    fn combines_enqueues(&self) -> bool {
+        false
+    }
 
     /// Whether every lease of this backend is taken in this process (an in-memory queue).
     /// The engine then keeps the payloads of the runs it triggers until their first claim and

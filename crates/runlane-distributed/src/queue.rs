@@ -402,6 +402,9 @@ impl QueueBackend for DistributedQueue {
     fn claims_on_enqueue_now(&self) -> bool {
         self.redis.claims_on_enqueue_now()
     }
+    fn combines_enqueues(&self) -> bool {
+        self.redis.combines_enqueues()
+    }
     async fn claim(
         &self,
         request: &ClaimRequest,

@@ -678,7 +678,13 @@ impl Engine {
         Self::detached(async move { engine.store_batch(prepared, now).await }).await
     }
 
-    /// One store insert for a prepared batch, then each run enqueued (all or nothing).
+    /// One store insert for a prepared batch, then its runs enqueued (all or nothing).
+    ///
+    /// On a queue backend that combines concurrent enqueues (Redis: one script call instead of
+    /// a round trip per run) the enqueues are made together, in batch order, except around a
+    /// run an idle workloop of this process may claim on the way: the runs before it are
+    /// placed first, then it alone, so batch order is placement order. Otherwise one after
+    /// another.
     async fn store_batch(
         &self,
         prepared: Vec<Prepared>,
@@ -694,37 +700,66 @@ impl Engine {
             .map(|p| (p.record.clone(), p.claim.clone()))
             .collect();
         let inserted = inner.store.insert(rows, now).await?;
-        let mut out: Vec<Triggered> = Vec::with_capacity(prepared.len());
-        let mut items = prepared.into_iter().zip(inserted).enumerate();
-        while let Some((index, (p, inserted))) = items.next() {
-            match inserted {
-                Inserted::Existing(existing) => {
-                    inner.counters.idempotent_hit();
-                    out.push(Triggered {
-                        run: inner.overlay(*existing).await?,
-                        idempotent_hit: true,
-                    })
-                }
-                Inserted::New => match self.enqueue_stored(p, now).await {
-                    Ok(t) => out.push(t),
-                    Err(e) => {
-                        // All or nothing: the later new runs were stored but never enqueued,
-                        // the earlier ones are taken back.
-                        for (_, (p, inserted)) in items {
-                            if matches!(inserted, Inserted::New) {
-                                withdraw(inner, &p.record, now).await;
-                            }
-                        }
-                        self.take_back(&out).await;
-                        return Err(EngineError::BatchItem {
-                            index,
-                            source: Box::new(e),
-                        });
-                    }
-                },
+        let mut placed = Placed {
+            out: (0..prepared.len()).map(|_| None).collect(),
+            failed: None,
+        };
+        let combines = inner.queue.combines_enqueues();
+        let mut together = Vec::new();
+        // Stored after the failure, never enqueued: taken back from the store only.
+        let mut unsent: Vec<Prepared> = Vec::new();
+        // Idempotency hits, answered once every new run is placed.
+        let mut hits = Vec::new();
+        for (index, (p, inserted)) in prepared.into_iter().zip(inserted).enumerate() {
+            if let Inserted::Existing(existing) = inserted {
+                inner.counters.idempotent_hit();
+                hits.push((index, existing));
+                continue;
+            }
+            let alone = !combines || self.may_claim_on_the_way(&p.record, now);
+            if alone {
+                placed.settle(std::mem::take(&mut together)).await;
+            }
+            if placed.failed.is_some() {
+                unsent.push(p);
+                continue;
+            }
+            together.push((index, self.enqueue_stored(p, now)));
+            if alone {
+                placed.settle(std::mem::take(&mut together)).await;
             }
         }
+        placed.settle(together).await;
+        let Placed { mut out, failed } = placed;
+        if failed.is_none() {
+            for (index, existing) in hits {
+                out[index] = Some(Triggered {
+                    run: inner.overlay(*existing).await?,
+                    idempotent_hit: true,
+                });
+            }
+        }
+        let out: Vec<Triggered> = out.into_iter().flatten().collect();
+        if let Some((index, e)) = failed {
+            // All or nothing: a refused run already took itself back; the runs enqueued (before
+            // or beside it) and those never sent are taken back too.
+            for p in unsent {
+                withdraw(inner, &p.record, now).await;
+            }
+            self.take_back(&out).await;
+            return Err(EngineError::BatchItem {
+                index,
+                source: Box::new(e),
+            });
+        }
         Ok(out)
+    }
+
+    /// Whether an idle workloop of this process may claim `record` in its enqueue (a cheap
+    /// look, without taking the offer: [`Engine::offer_for`] decides).
+    fn may_claim_on_the_way(&self, record: &RunRecord, now: Timestamp) -> bool {
+        let inner = &self.inner;
+        inner.offers.len() > 0 && record.run_after <= now && inner.queue.claims_on_enqueue_now()
     }
 
     /// Best-effort rollback of runs a failed batch already enqueued: a waiting run is removed
@@ -792,6 +827,39 @@ impl Engine {
         let now = self.now();
         let prepared = self.prepare(&request, now, Some(run)).await?;
         self.commit(prepared, now).await
+    }
+}
+
+/// A batch's enqueue outcomes, by batch index, and its first refusal.
+struct Placed {
+    out: Vec<Option<Triggered>>,
+    failed: Option<(usize, EngineError)>,
+}
+
+impl Placed {
+    /// Awaits enqueues made together (polled first in the order given, so a backend that
+    /// combines them sees them in batch order) and records their outcomes.
+    async fn settle<F>(&mut self, together: Vec<(usize, F)>)
+    where
+        F: std::future::Future<Output = Result<Triggered, EngineError>>,
+    {
+        let (indexes, calls): (Vec<usize>, Vec<F>) = together.into_iter().unzip();
+        let answers = match <[F; 1]>::try_from(calls) {
+            // One run (a backend that does not combine enqueues, or a run placed alone).
+            Ok([call]) => vec![call.await],
+            Err(calls) if calls.is_empty() => return,
+            Err(calls) => futures_util::future::join_all(calls).await,
+        };
+        for (index, answer) in indexes.into_iter().zip(answers) {
+            match answer {
+                Ok(t) => self.out[index] = Some(t),
+                Err(e) => {
+                    if self.failed.is_none() {
+                        self.failed = Some((index, e));
+                    }
+                }
+            }
+        }
     }
 }
 

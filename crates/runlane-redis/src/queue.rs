@@ -1561,6 +1561,10 @@ impl QueueBackend for RedisQueue {
         true
     }
 
+    /// Concurrent enqueues share script calls ([`crate::combine`]).
+    fn combines_enqueues(&self) -> bool {
+        true
+    }
     fn claims_on_enqueue_now(&self) -> bool {
         !self.enqueues.busy()
     }

@@ -1,6 +1,8 @@
 //! Helpers of the distributed tests whose workers report each run they start (included as a
 //! module by each test file that uses them).
 
+#![allow(dead_code)] // each test file uses a different part of it
+
 use std::time::Duration;
 
 use runlane::core::{RunId, RunStatus};
