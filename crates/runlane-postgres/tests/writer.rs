@@ -660,3 +660,68 @@ async fn started_at(store: &PostgresStore, run: runlane_core::RunId) -> Option<T
         .expect("get")
         .and_then(|r| r.started_at)
 }
+
+#[tokio::test]
+async fn a_batch_commits_its_inserts_and_its_ends_apart_side_by_side() {
+    let mut config = common::config();
+    config.writers = 1;
+    let store = Arc::new(common::open(config.clone()).await);
+    let ended = common::record(100);
+    store
+        .insert(vec![(ended.clone(), None)], Timestamp(1))
+        .await
+        .expect("insert the run to end");
+    let before = store.stats();
+    let lock = lock_runs(&config.schema).await;
+    let insert = |n: u128| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .insert(vec![(common::record(n), None)], Timestamp(2))
+                .await
+                .map(|_| ())
+        })
+    };
+    // Call 0 blocks the writer on the lock; ten inserts and one end queue behind it.
+    let mut tasks = vec![insert(0)];
+    common::until(&store, "call 0 in the writer", |s| {
+        s.batches_taken == before.batches_taken + 1
+    })
+    .await;
+    tasks.extend((1..11).map(insert));
+    let end = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .finish(ended.id, RunStatus::Completed, None, None, Timestamp(3))
+                .await
+                .map(|_| ())
+        })
+    };
+    tasks.push(end);
+    common::until(&store, "11 queued calls", |s| s.queued == 11).await;
+    lock.release().await;
+    for t in tasks {
+        assert_eq!(t.await.expect("task"), Ok(()));
+    }
+    let stats = store.stats();
+    assert_eq!(
+        stats.batches_taken - before.batches_taken,
+        2,
+        "call 0, then the 11 queued together: {stats:?}"
+    );
+    // The queued batch is two commits: its inserts in one statement, its end in another.
+    assert_eq!(stats.commits - before.commits, 3, "{stats:?}");
+    assert_eq!(stats.rows_inserted - before.rows_inserted, 11);
+    let record = store.get(ended.id).await.expect("get").expect("stored");
+    assert_eq!(record.status, RunStatus::Completed);
+    for n in 0..11 {
+        assert!(store
+            .get(common::record(n).id)
+            .await
+            .expect("get")
+            .is_some());
+    }
+    let store = Arc::try_unwrap(store).expect("last handle");
+    common::finish(store).await;
+}
