@@ -139,6 +139,14 @@ async fn redis_failure_after_commit_is_reconciled_nothing_lost_nothing_twice() {
     assert!(engine.health().await.ok(), "both sides answer again");
     worker.stop().await;
     engine.shutdown().await;
+    // Its key space is reached through the proxy, which goes before the engine's own cleanup
+    // at drop could reach it: deleted now.
+    engine
+        .queue()
+        .redis()
+        .delete_keys()
+        .await
+        .expect("delete the test's keys");
 }
 
 async fn assert_completed(engine: &runlane::Distributed, run: RunId) {
@@ -324,6 +332,14 @@ async fn the_reconciler_enqueues_accepted_runs_past_their_queues_cap() {
     }
     worker.stop().await;
     engine.shutdown().await;
+    // Its key space is reached through the proxy, which goes before the engine's own cleanup
+    // at drop could reach it: deleted now.
+    engine
+        .queue()
+        .redis()
+        .delete_keys()
+        .await
+        .expect("delete the test's keys");
 }
 
 /// The queue reports an expiry once, to the process whose timer ticked, and forgets the run:
