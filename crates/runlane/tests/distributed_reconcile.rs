@@ -62,6 +62,18 @@ async fn behind_proxy(tag: &str) -> (runlane::Distributed, Proxy) {
     (engine, proxy)
 }
 
+/// Shuts an engine of [`behind_proxy`] down and deletes its key space now: it is reached
+/// through the proxy, which goes before the engine's own cleanup at drop could reach it.
+async fn shut_down_behind_proxy(engine: &runlane::Distributed) {
+    engine.shutdown().await;
+    engine
+        .queue()
+        .redis()
+        .delete_keys()
+        .await
+        .expect("delete the test's keys");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_failure_after_commit_is_reconciled_nothing_lost_nothing_twice() {
     let (engine, proxy) = behind_proxy("recon").await;
@@ -138,15 +150,7 @@ async fn redis_failure_after_commit_is_reconciled_nothing_lost_nothing_twice() {
     assert_eq!(executed.len(), 3 + DURING, "no other run executed");
     assert!(engine.health().await.ok(), "both sides answer again");
     worker.stop().await;
-    engine.shutdown().await;
-    // Its key space is reached through the proxy, which goes before the engine's own cleanup
-    // at drop could reach it: deleted now.
-    engine
-        .queue()
-        .redis()
-        .delete_keys()
-        .await
-        .expect("delete the test's keys");
+    shut_down_behind_proxy(&engine).await;
 }
 
 async fn assert_completed(engine: &runlane::Distributed, run: RunId) {
@@ -331,15 +335,7 @@ async fn the_reconciler_enqueues_accepted_runs_past_their_queues_cap() {
         assert_eq!(executed.get(run), Some(&1), "run {run} executed once");
     }
     worker.stop().await;
-    engine.shutdown().await;
-    // Its key space is reached through the proxy, which goes before the engine's own cleanup
-    // at drop could reach it: deleted now.
-    engine
-        .queue()
-        .redis()
-        .delete_keys()
-        .await
-        .expect("delete the test's keys");
+    shut_down_behind_proxy(&engine).await;
 }
 
 /// The queue reports an expiry once, to the process whose timer ticked, and forgets the run:
