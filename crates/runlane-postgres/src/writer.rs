@@ -189,49 +189,21 @@ pub(crate) fn spawn(
         .collect()
 }
 
-/// Commits a batch and answers its calls: its strict and relaxed calls apart, and within each
-/// its inserts, its terminal writes and its attempt starts apart, all side by side on their own
-/// connections. Relaxed calls never wait for a strict fsync; a kind of write that is one
-/// statement (key-less inserts, terminal writes, starts) commits without `BEGIN` and `COMMIT`,
-/// so a batch mixing inserts and ends costs one round trip each, at once, instead of four one
-/// after another (the kinds touch different rows: a run is ended only after its insert
-/// committed, and starts skip rows another write holds).
+/// Commits a batch (strict and relaxed calls in separate transactions) and answers its calls.
 async fn run_batch(shared: &WriterShared, batch: Vec<Queued>) {
-    let mut groups: Vec<(Durability, Kind, Vec<Queued>)> = Vec::new();
-    for q in batch {
-        let kind = Kind::of(&q.op);
-        match groups
-            .iter_mut()
-            .find(|(d, k, _)| *d == q.durability && *k == kind)
-        {
-            Some((_, _, group)) => group.push(q),
-            None => groups.push((q.durability, kind, vec![q])),
+    let (strict, relaxed): (Vec<Queued>, Vec<Queued>) = batch
+        .into_iter()
+        .partition(|q| q.durability == Durability::Strict);
+    // Side by side on two connections: relaxed calls never wait for a strict fsync.
+    let commit = |group: Vec<Queued>, durability| async move {
+        if !group.is_empty() {
+            commit_group(shared, group, durability).await;
         }
-    }
-    futures_util::future::join_all(
-        groups
-            .into_iter()
-            .map(|(durability, _, group)| commit_group(shared, group, durability)),
-    )
-    .await;
-}
-
-/// The kinds of write a batch commits apart.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Inserts,
-    Ends,
-    Starts,
-}
-
-impl Kind {
-    fn of(op: &Op) -> Kind {
-        match op {
-            Op::Insert { .. } => Kind::Inserts,
-            Op::Finish { .. } | Op::FinishMany { .. } => Kind::Ends,
-            Op::Starts(_) => Kind::Starts,
-        }
-    }
+    };
+    tokio::join!(
+        commit(strict, Durability::Strict),
+        commit(relaxed, Durability::Relaxed)
+    );
 }
 
 async fn commit_group(shared: &WriterShared, group: Vec<Queued>, durability: Durability) {
