@@ -562,7 +562,7 @@ impl Engine {
                 idempotent_hit: true,
             });
         }
-        self.enqueue_stored(prepared, now).await
+        self.enqueue_stored(prepared, now, true).await
     }
 
     /// Enqueues a stored run; a refused enqueue removes it from the store again.
@@ -570,6 +570,7 @@ impl Engine {
         &self,
         prepared: Prepared,
         now: Timestamp,
+        may_offer: bool,
     ) -> Result<Triggered, EngineError> {
         let inner = &self.inner;
         // New work: the queue key's `max_queued` applies.
@@ -585,7 +586,12 @@ impl Engine {
             },
         );
         let dispatch = record.dispatch();
-        let answer = match self.offer_for(&dispatch, now) {
+        let offer = if may_offer {
+            self.offer_for(&dispatch, now)
+        } else {
+            None
+        };
+        let answer = match offer {
             // In a task of its own: the leases its call makes reach the workloop even if this
             // trigger goes away mid-call (a dropped HTTP request, a timeout).
             Some(offer) => {
@@ -704,18 +710,38 @@ impl Engine {
             out: (0..prepared.len()).map(|_| None).collect(),
             failed: None,
         };
+        // Idempotency hits are answered first: a hit that cannot be read leaves nothing
+        // enqueued, and the batch's new runs are taken back from the store.
+        let mut new_runs = Vec::with_capacity(prepared.len());
+        let mut hits = Vec::new();
+        for (index, (p, inserted)) in prepared.into_iter().zip(inserted).enumerate() {
+            match inserted {
+                Inserted::New => new_runs.push((index, p)),
+                Inserted::Existing(existing) => hits.push((index, existing)),
+            }
+        }
+        for (index, existing) in hits {
+            inner.counters.idempotent_hit();
+            match inner.overlay(*existing).await {
+                Ok(run) => {
+                    placed.out[index] = Some(Triggered {
+                        run,
+                        idempotent_hit: true,
+                    })
+                }
+                Err(e) => {
+                    for (_, p) in new_runs {
+                        withdraw(inner, &p.record, now).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
         let combines = inner.queue.combines_enqueues();
         let mut together = Vec::new();
         // Stored after the failure, never enqueued: taken back from the store only.
         let mut unsent: Vec<Prepared> = Vec::new();
-        // Idempotency hits, answered once every new run is placed.
-        let mut hits = Vec::new();
-        for (index, (p, inserted)) in prepared.into_iter().zip(inserted).enumerate() {
-            if let Inserted::Existing(existing) = inserted {
-                inner.counters.idempotent_hit();
-                hits.push((index, existing));
-                continue;
-            }
+        for (index, p) in new_runs {
             let alone = !combines || self.may_claim_on_the_way(&p.record, now);
             if alone {
                 placed.settle(std::mem::take(&mut together)).await;
@@ -724,21 +750,15 @@ impl Engine {
                 unsent.push(p);
                 continue;
             }
-            together.push((index, self.enqueue_stored(p, now)));
+            // A run made together with others takes no offer: its claim would run in a task
+            // of its own, after the others joined the combined call (out of batch order).
+            together.push((index, self.enqueue_stored(p, now, alone)));
             if alone {
                 placed.settle(std::mem::take(&mut together)).await;
             }
         }
         placed.settle(together).await;
-        let Placed { mut out, failed } = placed;
-        if failed.is_none() {
-            for (index, existing) in hits {
-                out[index] = Some(Triggered {
-                    run: inner.overlay(*existing).await?,
-                    idempotent_hit: true,
-                });
-            }
-        }
+        let Placed { out, failed } = placed;
         let out: Vec<Triggered> = out.into_iter().flatten().collect();
         if let Some((index, e)) = failed {
             // All or nothing: a refused run already took itself back; the runs enqueued (before

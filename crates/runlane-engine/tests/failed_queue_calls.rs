@@ -327,3 +327,63 @@ async fn a_trigger_sharing_a_key_with_a_refused_batch_gets_a_run_that_exists() {
     )
     .await;
 }
+
+/// Refuses the queue's live read of one run (a queue server gone for that call).
+struct FailLiveOf {
+    run: std::sync::Mutex<Option<runlane_core::RunId>>,
+}
+
+impl QueueHook for FailLiveOf {
+    fn refuse(&self, op: QueueOp<'_>) -> Option<QueueError> {
+        let run = *self.run.lock().expect("lock");
+        matches!(op, QueueOp::Live(r) if Some(r) == run)
+            .then(|| QueueError::Unavailable("the queue server is unreachable".to_owned()))
+    }
+}
+
+/// A batch whose idempotency hit cannot be answered (the queue cannot say how the existing run
+/// stands) fails whole: its new runs are neither left queued nor left stored. Before, the runs
+/// before the hit stayed enqueued and those after it stayed stored, never enqueued.
+#[tokio::test]
+async fn a_batch_whose_idempotency_hit_cannot_be_read_leaves_nothing_behind() {
+    let queue = Arc::new(ForwardQueue::new(
+        Arc::new(MemoryQueue::new(MemoryConfig::default())),
+        FailLiveOf {
+            run: std::sync::Mutex::new(None),
+        },
+    ));
+    let (engine, _clock) = open_on(queue.clone(), Arc::new(MemoryStore::new())).await;
+    let existing = engine
+        .trigger("job")
+        .idempotency_key("k")
+        .send()
+        .await
+        .expect("the existing run")
+        .run;
+    *queue.hook().run.lock().expect("lock") = Some(existing.id);
+    let fresh = runlane_engine::TriggerRequest::new("job").expect("request");
+    let mut keyed = fresh.clone();
+    keyed.idempotency_key = Some("k".into());
+    let refused = engine
+        .trigger_batch(vec![fresh.clone(), keyed, fresh])
+        .await
+        .expect_err("the hit cannot be answered");
+    assert!(
+        matches!(refused, runlane_engine::EngineError::Unavailable(_)),
+        "{refused:?}"
+    );
+    *queue.hook().run.lock().expect("lock") = None;
+    let stored = engine
+        .list(&runlane_core::backend::RunFilter::default())
+        .await
+        .expect("list");
+    assert_eq!(
+        stored.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![existing.id],
+        "only the existing run is stored"
+    );
+    let held = runlane_core::backend::QueueBackend::snapshot(queue.as_ref())
+        .await
+        .expect("snapshot");
+    assert_eq!(held.len(), 1, "only the existing run is queued: {held:?}");
+}
