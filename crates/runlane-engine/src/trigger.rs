@@ -636,14 +636,10 @@ impl Engine {
     /// An idle workloop of this process that would claim the run at once (see
     /// [`crate::offer`]): only for a run due now, when the queue would claim in this enqueue.
     fn offer_for(&self, dispatch: &Dispatch, now: Timestamp) -> Option<Offer> {
-        let inner = &self.inner;
-        if inner.offers.len() == 0 || dispatch.run_after > now {
+        if !self.may_claim_on_the_way(dispatch.run_after, now) {
             return None;
         }
-        if !inner.queue.claims_on_enqueue_now() {
-            return None;
-        }
-        inner
+        self.inner
             .offers
             .take(&dispatch.env, &dispatch.lane, dispatch.locked_version)
     }
@@ -742,7 +738,7 @@ impl Engine {
         // Stored after the failure, never enqueued: taken back from the store only.
         let mut unsent: Vec<Prepared> = Vec::new();
         for (index, p) in new_runs {
-            let alone = !combines || self.may_claim_on_the_way(&p.record, now);
+            let alone = !combines || self.may_claim_on_the_way(p.record.run_after, now);
             if alone {
                 placed.settle(std::mem::take(&mut together)).await;
             }
@@ -775,11 +771,12 @@ impl Engine {
         Ok(out)
     }
 
-    /// Whether an idle workloop of this process may claim `record` in its enqueue (a cheap
-    /// look, without taking the offer: [`Engine::offer_for`] decides).
-    fn may_claim_on_the_way(&self, record: &RunRecord, now: Timestamp) -> bool {
+    /// Whether an idle workloop of this process may claim a run due at `run_after` in its
+    /// enqueue (a look without taking an offer; [`Engine::offer_for`] then takes one that
+    /// covers the run's env and lane).
+    fn may_claim_on_the_way(&self, run_after: Timestamp, now: Timestamp) -> bool {
         let inner = &self.inner;
-        inner.offers.len() > 0 && record.run_after <= now && inner.queue.claims_on_enqueue_now()
+        inner.offers.len() > 0 && run_after <= now && inner.queue.claims_on_enqueue_now()
     }
 
     /// Best-effort rollback of runs a failed batch already enqueued: a waiting run is removed
