@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use runlane_core::backend::{ConsumerId, Effects};
 use runlane_core::chain::ClaimChain;
-use runlane_core::LaneName;
+use runlane_core::{LaneName, RunId};
 use runlane_engine::WeakEngine;
 
 /// How long one `XREAD` blocks before it is sent again (no claim, no ring: it only proves the
@@ -386,6 +386,7 @@ async fn read(mut task: ReadTask) {
                 }
             };
             let mut lanes: Vec<LaneName> = Vec::new();
+            let mut hinted: Vec<RunId> = Vec::new();
             for (key, stream) in streams(&value) {
                 let Some(i) = task.bells.keys.iter().position(|k| k.as_bytes() == key) else {
                     continue;
@@ -398,6 +399,7 @@ async fn read(mut task: ReadTask) {
                     Some(lane) => lanes.push(lane.clone()),
                     None => lanes.extend(named_lanes(&fields)),
                 }
+                hinted.extend(hinted_runs(&fields));
             }
             if lanes.is_empty() {
                 // The block expired (or a `*` entry named no lane): block again.
@@ -406,8 +408,12 @@ async fn read(mut task: ReadTask) {
             task.stats.wakes.fetch_add(1, Ordering::Relaxed);
             lanes.sort();
             lanes.dedup();
+            hinted.sort_unstable();
+            hinted.dedup();
             match engine_of(&task) {
                 Ok(Some(engine)) => {
+                    // The read goes out before the workloops wake to claim.
+                    engine.read_ahead(&hinted);
                     engine
                         .apply_effects(Effects {
                             ready_lanes: lanes,
@@ -460,8 +466,11 @@ fn streams(value: &redis::Value) -> Vec<(&[u8], &redis::Value)> {
     }
 }
 
+/// A stream entry's fields, values as bytes (a hint holds binary run ids).
+type Fields = Vec<(String, Vec<u8>)>;
+
 /// The `(id, fields)` entries of a stream answer, oldest first.
-fn entries(value: &redis::Value) -> Vec<(String, Vec<(String, String)>)> {
+fn entries(value: &redis::Value) -> Vec<(String, Fields)> {
     let redis::Value::Array(items) = value else {
         return Vec::new();
     };
@@ -479,13 +488,13 @@ fn entries(value: &redis::Value) -> Vec<(String, Vec<(String, String)>)> {
                 redis::Value::Array(flat) => flat
                     .chunks(2)
                     .filter_map(|p| match p {
-                        [k, v] => Some((text(k)?, text(v)?)),
+                        [k, v] => Some((text(k)?, bytes(v)?)),
                         _ => None,
                     })
                     .collect(),
                 redis::Value::Map(map) => map
                     .iter()
-                    .filter_map(|(k, v)| Some((text(k)?, text(v)?)))
+                    .filter_map(|(k, v)| Some((text(k)?, bytes(v)?)))
                     .collect(),
                 _ => Vec::new(),
             };
@@ -502,13 +511,33 @@ fn text(value: &redis::Value) -> Option<String> {
     }
 }
 
+fn bytes(value: &redis::Value) -> Option<Vec<u8>> {
+    match value {
+        redis::Value::BulkString(b) => Some(b.clone()),
+        redis::Value::SimpleString(s) => Some(s.clone().into_bytes()),
+        _ => None,
+    }
+}
+
 /// The lanes a `*` bell entry names (its `l` field, comma-separated).
-fn named_lanes(fields: &[(String, String)]) -> Vec<LaneName> {
+fn named_lanes(fields: &[(String, Vec<u8>)]) -> Vec<LaneName> {
     fields
         .iter()
         .filter(|(k, _)| k == "l")
-        .flat_map(|(_, v)| v.split(','))
+        .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+        .flat_map(|v| v.split(','))
         .filter_map(|l| LaneName::new(l).ok())
+        .collect()
+}
+
+/// The runs a bell entry's hint names (its `h` field: 16-byte run ids, concatenated; a
+/// field of another length names none).
+fn hinted_runs(fields: &[(String, Vec<u8>)]) -> Vec<RunId> {
+    fields
+        .iter()
+        .filter(|(k, v)| k == "h" && v.len() % 16 == 0)
+        .flat_map(|(_, v)| v.chunks_exact(16))
+        .filter_map(|c| <[u8; 16]>::try_from(c).ok().map(RunId::from_bytes))
         .collect()
 }
 
@@ -550,5 +579,18 @@ mod tests {
             .map(|l| l.as_str().to_string())
             .collect();
         assert_eq!(lanes, vec!["a", "b_2"]);
+    }
+
+    #[test]
+    fn a_hint_names_whole_run_ids_only() {
+        let ids: Vec<u8> = [RunId(7), RunId(u128::MAX)]
+            .iter()
+            .flat_map(|r| r.to_bytes())
+            .collect();
+        let fields = vec![("r".to_string(), b"1".to_vec()), ("h".to_string(), ids)];
+        assert_eq!(hinted_runs(&fields), vec![RunId(7), RunId(u128::MAX)]);
+        let torn = vec![("h".to_string(), vec![0u8; 17])];
+        assert!(hinted_runs(&torn).is_empty(), "not a whole number of ids");
+        assert!(hinted_runs(&[]).is_empty());
     }
 }

@@ -1830,7 +1830,9 @@ impl Engine {
 
     /// The engine's counters (this process, since open).
     pub fn metrics(&self) -> crate::metrics::EngineMetrics {
-        self.inner.counters.snapshot()
+        let mut m = self.inner.counters.snapshot();
+        m.read_ahead_used = self.inner.handover.read_ahead_taken();
+        m
     }
 
     /// When each lane last had a run claimed in this process (readiness: a stalled consumer

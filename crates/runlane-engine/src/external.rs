@@ -11,6 +11,10 @@ use runlane_core::{EnvName, RunId, RunStatus, Timestamp};
 use crate::engine::{Engine, Inner};
 use crate::error::EngineError;
 use crate::event::StatusTap;
+use crate::handover::Handed;
+
+/// How long a claim waits for the read ahead of a run it leased before reading the run itself.
+pub(crate) const READ_AHEAD_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// A handle on an engine that does not keep it open ([`Engine::downgrade`]).
 #[derive(Clone)]
@@ -37,6 +41,52 @@ impl Engine {
     /// doorbells of lanes that received ready runs, publishes the moves and re-arms the timer.
     pub async fn apply_effects(&self, effects: Effects) {
         self.inner.apply(effects, None).await
+    }
+
+    /// Reads ahead runs another process just made ready (its doorbell named them), while a
+    /// workloop of this engine waits idle: the read goes out now, beside the claim the doorbell
+    /// causes, and that claim takes a run it leases from the read (waiting for its answer, 50 ms
+    /// at most) instead of reading it after the claim. A run read here and
+    /// leased elsewhere leaves with its terminal status (as a trigger's hand-over does); a run
+    /// the read finds ended or with a cancel requested is not kept (its claim reads it again).
+    /// Does nothing while no workloop waits (under load each claim reads what it leased).
+    pub fn read_ahead(&self, runs: &[RunId]) {
+        let inner = &self.inner;
+        if runs.is_empty() || inner.offers.len() == 0 {
+            return;
+        }
+        let wanted = inner.handover.expect(runs);
+        if wanted.is_empty() {
+            return;
+        }
+        inner.counters.read_ahead(wanted.len());
+        let weak = Arc::downgrade(&self.inner);
+        let store = inner.store.clone();
+        tokio::spawn(async move {
+            let read = store.get_many(&wanted).await;
+            let Some(inner) = weak.upgrade() else {
+                return;
+            };
+            let filled = match read {
+                Ok(records) if records.len() == wanted.len() => wanted
+                    .iter()
+                    .zip(records)
+                    .map(|(run, record)| {
+                        let handed = record
+                            .filter(|r| !r.status.is_terminal() && r.cancel_requested_at.is_none())
+                            .map(|r| Handed {
+                                task: r.task,
+                                payload: r.payload,
+                                retry: r.retry,
+                            });
+                        (*run, handed)
+                    })
+                    .collect(),
+                // The claims read the runs themselves.
+                _ => wanted.iter().map(|run| (*run, None)).collect(),
+            };
+            inner.handover.fill(filled);
+        });
     }
 
     /// Applies a cancel kept in the store again, as the engine's open does: the distributed

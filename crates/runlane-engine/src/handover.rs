@@ -11,10 +11,16 @@
 //! entry count and payload bytes; a run that does not fit is simply read from the store at its
 //! claim, as every retry and every run recovered at open is. Runs that end without being
 //! claimed (cancelled, expired) drop their entry when their terminal state is published.
+//!
+//! Runs another process made ready can be read ahead ([`Handover::expect`], then
+//! [`Handover::fill`]): while the read is on the way they are *pending*, and a claim that
+//! leased one waits for the read ([`Handover::take_awaited`], bounded) instead of reading the
+//! run again. Forgetting a pending run cancels its entry: the read's answer is dropped.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use runlane_core::{RetryPolicy, RunId, TaskName};
 
@@ -24,6 +30,8 @@ use runlane_core::idhash::IdBuild;
 const ENTRIES_MAX: usize = 1 << 18;
 /// At most this many payload bytes are held.
 const BYTES_MAX: usize = 64 << 20;
+/// At most this many runs are being read ahead at once (more are not read ahead).
+const PENDING_MAX: usize = 64;
 
 /// What a worker needs of a run besides its dispatch facts.
 #[derive(Clone, Debug)]
@@ -38,8 +46,11 @@ pub(crate) struct Handed {
 
 #[derive(Default)]
 struct State {
-    runs: HashMap<RunId, Handed, IdBuild>,
+    /// Each entry, and whether it came from a read ahead.
+    runs: HashMap<RunId, (Handed, bool), IdBuild>,
     bytes: usize,
+    /// Runs being read ahead (their entry comes with the read's answer).
+    pending: HashMap<RunId, (), IdBuild>,
 }
 
 /// The runs triggered here and not claimed yet.
@@ -50,6 +61,12 @@ pub(crate) struct Handover {
     state: Mutex<State>,
     /// Entries held, readable without the lock (forgetting skips the lock when zero).
     len: AtomicUsize,
+    /// Runs pending, readable without the lock.
+    pending: AtomicUsize,
+    /// Told whenever a read ahead answered.
+    filled: tokio::sync::Notify,
+    /// Entries of reads ahead taken by claims.
+    ahead_taken: AtomicU64,
 }
 
 impl Handover {
@@ -59,6 +76,9 @@ impl Handover {
             shared,
             state: Mutex::new(State::default()),
             len: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            filled: tokio::sync::Notify::new(),
+            ahead_taken: AtomicU64::new(0),
         }
     }
 
@@ -73,6 +93,10 @@ impl Handover {
             return;
         }
         let mut st = self.lock();
+        self.insert(&mut st, run, handed, false);
+    }
+
+    fn insert(&self, st: &mut State, run: RunId, handed: Handed, ahead: bool) {
         let size = handed.payload.len();
         if st.runs.len() >= ENTRIES_MAX || st.bytes.saturating_add(size) > BYTES_MAX {
             if !self.shared {
@@ -82,10 +106,98 @@ impl Handover {
             st.runs.clear();
             st.bytes = 0;
         }
-        if st.runs.insert(run, handed).is_none() {
+        if st.runs.insert(run, (handed, ahead)).is_none() {
             st.bytes += size;
             self.len.store(st.runs.len(), Ordering::Relaxed);
         }
+    }
+
+    /// Marks runs about to be read ahead as pending; answers those to read (not held, not
+    /// pending already, within [`PENDING_MAX`]).
+    pub(crate) fn expect(&self, runs: &[RunId]) -> Vec<RunId> {
+        if !self.enabled {
+            return Vec::new();
+        }
+        let mut st = self.lock();
+        let mut out = Vec::new();
+        for run in runs {
+            if st.pending.len() >= PENDING_MAX {
+                break;
+            }
+            if !st.runs.contains_key(run) && st.pending.insert(*run, ()).is_none() {
+                out.push(*run);
+            }
+        }
+        self.pending.store(st.pending.len(), Ordering::Relaxed);
+        out
+    }
+
+    /// A read ahead answered: each run still pending gets its entry (`None`: the read found
+    /// nothing to hand over; the claim reads the run itself). Wakes the claims waiting.
+    pub(crate) fn fill(&self, read: Vec<(RunId, Option<Handed>)>) {
+        {
+            let mut st = self.lock();
+            for (run, handed) in read {
+                if st.pending.remove(&run).is_some() {
+                    if let Some(handed) = handed {
+                        self.insert(&mut st, run, handed, true);
+                    }
+                }
+            }
+            self.pending.store(st.pending.len(), Ordering::Relaxed);
+        }
+        self.filled.notify_waiters();
+    }
+
+    /// Takes a run's entry, waiting up to `within` for it when it is being read ahead.
+    pub(crate) async fn take_awaited(&self, run: RunId, within: Duration) -> Option<Handed> {
+        if !self.enabled {
+            return None;
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            // Armed before the look, so an answer in between is not missed.
+            let filled = self.filled.notified();
+            tokio::pin!(filled);
+            filled.as_mut().enable();
+            {
+                let mut st = self.lock();
+                if let Some(handed) = self.remove(&mut st, run, true) {
+                    return Some(handed);
+                }
+                if !st.pending.contains_key(&run) {
+                    return None;
+                }
+            }
+            if tokio::time::timeout_at(deadline, filled).await.is_err() {
+                // A late read: the claim reads the run itself, the late answer is dropped.
+                let mut st = self.lock();
+                st.pending.remove(&run);
+                self.pending.store(st.pending.len(), Ordering::Relaxed);
+                return None;
+            }
+        }
+    }
+
+    /// Whether some run is being read ahead.
+    pub(crate) fn has_pending(&self) -> bool {
+        self.pending.load(Ordering::Relaxed) > 0
+    }
+
+    /// Entries of reads ahead that claims took (since open).
+    pub(crate) fn read_ahead_taken(&self) -> u64 {
+        self.ahead_taken.load(Ordering::Relaxed)
+    }
+
+    /// Removes a run's entry; `claimed`: a claim takes it (counted when read ahead).
+    fn remove(&self, st: &mut State, run: RunId, claimed: bool) -> Option<Handed> {
+        let (handed, ahead) = st.runs.remove(&run)?;
+        st.bytes = st.bytes.saturating_sub(handed.payload.len());
+        self.len.store(st.runs.len(), Ordering::Relaxed);
+        if ahead && claimed {
+            self.ahead_taken.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(handed)
     }
 
     /// Takes a run's entry (at its claim).
@@ -94,15 +206,23 @@ impl Handover {
             return None;
         }
         let mut st = self.lock();
-        let handed = st.runs.remove(&run)?;
-        st.bytes = st.bytes.saturating_sub(handed.payload.len());
-        self.len.store(st.runs.len(), Ordering::Relaxed);
-        Some(handed)
+        self.remove(&mut st, run, true)
     }
 
-    /// Drops a run's entry if it has one (it ended without a claim, or was taken back).
+    /// Drops a run's entry if it has one (it ended without a claim, or was taken back), and
+    /// the answer of its read ahead if one is on the way.
     pub(crate) fn forget(&self, run: RunId) {
-        drop(self.take(run));
+        if self.pending.load(Ordering::Relaxed) > 0 {
+            let mut st = self.lock();
+            if st.pending.remove(&run).is_some() {
+                self.pending.store(st.pending.len(), Ordering::Relaxed);
+            }
+            drop(self.remove(&mut st, run, false));
+            return;
+        }
+        if self.len.load(Ordering::Relaxed) > 0 {
+            drop(self.remove(&mut self.lock(), run, false));
+        }
     }
 }
 
@@ -147,6 +267,72 @@ mod tests {
         );
         assert!(shared.take(RunId(2)).is_some(), "the new entry is kept");
         assert_eq!(shared.lock().bytes, 0);
+    }
+
+    #[tokio::test]
+    async fn a_claim_waits_for_the_read_ahead_of_its_run() {
+        let h = Arc::new(Handover::new(true, true));
+        assert_eq!(h.expect(&[RunId(1), RunId(2)]), vec![RunId(1), RunId(2)]);
+        assert!(h.expect(&[RunId(1)]).is_empty(), "pending already");
+        assert!(h.has_pending());
+        let filler = {
+            let h = h.clone();
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                h.fill(vec![(RunId(1), Some(handed("{}"))), (RunId(2), None)]);
+            })
+        };
+        let got = h.take_awaited(RunId(1), Duration::from_secs(30)).await;
+        assert_eq!(got.map(|x| x.payload), Some(Arc::from("{}")));
+        filler.await.expect("filler");
+        assert!(!h.has_pending());
+        assert!(
+            h.take_awaited(RunId(2), Duration::from_secs(30))
+                .await
+                .is_none(),
+            "a read that found nothing to hand over"
+        );
+        assert_eq!(h.read_ahead_taken(), 1);
+        // A run never read ahead is not waited for.
+        assert!(h
+            .take_awaited(RunId(3), Duration::from_secs(30))
+            .await
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn a_forgotten_or_late_read_ahead_is_dropped() {
+        let h = Handover::new(true, true);
+        h.expect(&[RunId(1), RunId(2)]);
+        // Ended (or cancelled) while its read was on the way: the answer is not kept.
+        h.forget(RunId(1));
+        h.fill(vec![(RunId(1), Some(handed("{}")))]);
+        assert!(h.take(RunId(1)).is_none());
+        // Not answered in time: the claim reads the run itself, the late answer is dropped.
+        assert!(h
+            .take_awaited(RunId(2), Duration::from_millis(1))
+            .await
+            .is_none());
+        assert!(!h.has_pending());
+        h.fill(vec![(RunId(2), Some(handed("{}")))]);
+        assert!(h.take(RunId(2)).is_none());
+        // An entry read ahead and forgotten (its run ended elsewhere) is not counted as taken.
+        h.expect(&[RunId(3)]);
+        h.fill(vec![(RunId(3), Some(handed("{}")))]);
+        h.forget(RunId(3));
+        assert!(h.take(RunId(3)).is_none());
+        assert_eq!(h.read_ahead_taken(), 0);
+    }
+
+    #[test]
+    fn reads_ahead_are_bounded_and_skip_held_runs() {
+        let h = Handover::new(true, true);
+        h.keep(RunId(0), handed("{}"));
+        let many: Vec<RunId> = (0..200).map(RunId).collect();
+        let wanted = h.expect(&many);
+        assert_eq!(wanted.len(), PENDING_MAX);
+        assert_eq!(wanted[0], RunId(1), "a held run is not read");
+        assert!(Handover::new(false, true).expect(&many).is_empty());
     }
 
     #[test]

@@ -30,6 +30,11 @@ pub struct EngineMetrics {
     /// Of those, leases granted inside a trigger's enqueue to an idle workloop of this
     /// process (claim on enqueue: no claim call of their own).
     pub claimed_on_enqueue: u64,
+    /// Runs read from the store ahead of their claim, named by another process's doorbell
+    /// while a workloop here waited idle (the read overlaps the claim it causes).
+    pub read_ahead: u64,
+    /// Claimed runs this process started from such a read (no read after the claim).
+    pub read_ahead_used: u64,
     /// Claims per latency bucket (cumulative counts are built by the exporter):
     /// `start_latency_counts[i]` counts latencies ≤ `START_LATENCY_BUCKETS_MS[i]` and above the
     /// previous bound; the last entry counts those above every bound.
@@ -66,6 +71,7 @@ pub(crate) struct Counters {
     schedule_fired: AtomicU64,
     schedule_refused: AtomicU64,
     claimed_on_enqueue: AtomicU64,
+    read_ahead: AtomicU64,
     last_claim: Mutex<HashMap<LaneName, Timestamp>>,
 }
 
@@ -89,6 +95,7 @@ impl Counters {
             schedule_fired: AtomicU64::new(0),
             schedule_refused: AtomicU64::new(0),
             claimed_on_enqueue: AtomicU64::new(0),
+            read_ahead: AtomicU64::new(0),
             last_claim: Mutex::new(HashMap::new()),
         }
     }
@@ -112,6 +119,11 @@ impl Counters {
     /// Leases granted inside a trigger's enqueue (claim on enqueue).
     pub(crate) fn claimed_on_enqueue(&self, leases: usize) {
         bump(&self.claimed_on_enqueue, leases as u64);
+    }
+
+    /// Runs read ahead of their claim (a doorbell's hint).
+    pub(crate) fn read_ahead(&self, runs: usize) {
+        bump(&self.read_ahead, runs as u64);
     }
 
     /// A schedule tick whose trigger was refused.
@@ -179,6 +191,9 @@ impl Counters {
             idempotent_hits: get(&self.idempotent_hits),
             claimed: get(&self.claimed),
             claimed_on_enqueue: get(&self.claimed_on_enqueue),
+            read_ahead: get(&self.read_ahead),
+            // Counted by the hand-over (see `Engine::metrics`).
+            read_ahead_used: 0,
             start_latency_counts: self.latency.iter().map(get).collect(),
             start_latency_sum_ms: get(&self.latency_sum_ms),
             retries: get(&self.retries),

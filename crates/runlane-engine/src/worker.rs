@@ -940,6 +940,18 @@ pub(crate) async fn load_claimed(engine: &Inner, leases: &[Leased]) -> Vec<Loade
         .iter()
         .map(|l| engine.handover.take(l.dispatch.run_id).map(Loaded::Handed))
         .collect();
+    if engine.handover.has_pending() {
+        // Runs read ahead (another process's doorbell named them): their read is on the way.
+        for (l, o) in leases.iter().zip(out.iter_mut()) {
+            if o.is_none() {
+                *o = engine
+                    .handover
+                    .take_awaited(l.dispatch.run_id, crate::external::READ_AHEAD_WAIT)
+                    .await
+                    .map(Loaded::Handed);
+            }
+        }
+    }
     let missing: Vec<RunId> = leases
         .iter()
         .zip(&out)

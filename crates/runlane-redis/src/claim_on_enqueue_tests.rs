@@ -229,3 +229,89 @@ async fn enqueue_and_claim_calls_are_counted_with_their_time() {
     // Each call is a round trip to Redis: tens of µs at least, never nothing.
     assert!(queue.enqueue_micros() > 0 && queue.claim_micros() > 0);
 }
+
+/// A stream entry: its id and its fields.
+type Entry = (String, Vec<(String, Vec<u8>)>);
+
+/// The `h` field of the newest entry of `key` (a bell), if it has one.
+async fn bell_hint(conn: &mut redis::aio::MultiplexedConnection, key: String) -> Option<Vec<u8>> {
+    let newest: Vec<Entry> = redis::cmd("XREVRANGE")
+        .arg(key)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await
+        .expect("xrevrange");
+    let (_, fields) = newest.into_iter().next().expect("a bell entry");
+    fields.into_iter().find(|(k, _)| k == "h").map(|(_, v)| v)
+}
+
+#[tokio::test]
+async fn a_bell_names_the_runs_its_call_made_ready_up_to_four() {
+    let Some(queue) = open("hint").await else {
+        return;
+    };
+    support::put_envs_a_b(&queue, 100).await;
+    let now = Timestamp(NOW);
+    let lane_bell = format!("{}:db:default", queue.key_base());
+    let star_bell = format!("{}:db:*", queue.key_base());
+    let mut conn = support::connect().await.expect("connection");
+    let ids = |runs: &[u128]| -> Option<Vec<u8>> {
+        Some(
+            runs.iter()
+                .flat_map(|n| ready(*n, "a").run_id.to_bytes())
+                .collect(),
+        )
+    };
+    let of_a =
+        |max: u32| support::claim_of(ClaimChain::parse("chain", "*").expect("chain"), max, &["a"]);
+    // One run made ready: both bells name it.
+    queue
+        .enqueue(ready(1, "a"), EnqueueAs::Trigger, now)
+        .await
+        .expect("enqueue");
+    assert_eq!(bell_hint(&mut conn, lane_bell.clone()).await, ids(&[1]));
+    assert_eq!(bell_hint(&mut conn, star_bell.clone()).await, ids(&[1]));
+    queue
+        .enqueue(ready(2, "b"), EnqueueAs::Trigger, now)
+        .await
+        .expect("enqueue");
+    assert_eq!(bell_hint(&mut conn, lane_bell.clone()).await, ids(&[2]));
+    // A carried claim leases run 1 (env a's oldest ready run): the hint names run 3 only.
+    let (_, leases) = queue
+        .enqueue_claiming(ready(3, "a"), EnqueueAs::Trigger, now, &of_a(1))
+        .await
+        .expect("enqueue");
+    assert_eq!(leases[0].dispatch.run_id, ready(1, "a").run_id);
+    assert_eq!(bell_hint(&mut conn, lane_bell.clone()).await, ids(&[3]));
+    // A carried claim takes the run its call made ready (and run 3); run 2 (env b) still
+    // rings the lane, with no hint: nothing this call made ready is left to read.
+    let (_, leases) = queue
+        .enqueue_claiming(ready(4, "a"), EnqueueAs::Trigger, now, &of_a(2))
+        .await
+        .expect("enqueue");
+    assert_eq!(leases.len(), 2, "runs 3 and 4");
+    assert_eq!(bell_hint(&mut conn, lane_bell.clone()).await, None);
+    // Four runs made ready in one call are named; five are not (their claims read them).
+    let many = |from: u128, n: u128| -> Vec<(Dispatch, EnqueueAs)> {
+        (from..from + n)
+            .map(|i| (ready(i, "a"), EnqueueAs::Trigger))
+            .collect()
+    };
+    queue
+        .enqueue_many(&many(10, 4), now)
+        .await
+        .expect("enqueue");
+    assert_eq!(
+        bell_hint(&mut conn, lane_bell.clone()).await,
+        ids(&[10, 11, 12, 13])
+    );
+    queue
+        .enqueue_many(&many(20, 5), now)
+        .await
+        .expect("enqueue");
+    assert_eq!(bell_hint(&mut conn, lane_bell).await, None);
+    assert_eq!(bell_hint(&mut conn, star_bell).await, None);
+}

@@ -375,15 +375,20 @@ local function status_of(r)
 end
 
 local fx_moved, fx_lanes, fx_rung = {}, {}, {}
+-- The runs this call made ready, up to one more than `HINT_MAX` (more than that: no hint).
+local fx_ready = {}
+local HINT_MAX = 4
 local function moved(id, status)
   fx_moved[#fx_moved + 1] = id
   fx_moved[#fx_moved + 1] = status
 end
-local function ring(lane)
+-- Run `id` became ready on `lane`: the lane rings, naming the run while few did (see `bell`).
+local function ring_ready(lane, id)
   if not fx_rung[lane] then
     fx_rung[lane] = true
     fx_lanes[#fx_lanes + 1] = lane
   end
+  if #fx_ready <= HINT_MAX then fx_ready[#fx_ready + 1] = id end
 end
 
 -- Consumers -------------------------------------------------------------------------------
@@ -865,7 +870,7 @@ local function push_ready(id, r, listed_queue)
   sadd(k_le(lane), e)
   hincr(k_l(lane), 'count', 1)
   save(id, r)
-  ring(lane)
+  ring_ready(lane, id)
 end
 
 local function pull_ready(id, r)
@@ -1042,7 +1047,7 @@ local function admit_env(e)
     adds[#adds + 1] = seq
     adds[#adds + 1] = id
     save(id, r)
-    ring(lane)
+    ring_ready(lane, id)
     moved(id, 'ready')
     -- What `take_slots` counts.
     if lane == 'fast_lane' then E[5] = E[5] + 1 else E[4] = E[4] + 1 end
@@ -1139,14 +1144,23 @@ end
 -- wildcard chains; its `l` field names the lanes). A reader remembers the last id it saw, so an
 -- entry added after it is never missed; `MAXLEN 1` keeps a bell one stream node (≤ 4.7 KB)
 -- whatever the number of runs. `id` is the entry id (default `*`).
-local function bell(name, id, field, value)
-  redis.call('XADD', P .. ':db:' .. name, 'MAXLEN', '1', id or '*', field, value)
+-- A call that made at most `HINT_MAX` runs ready names them in an `h` field (their 16-byte
+-- ids, concatenated): a process whose workloops wait reads those runs from the store while
+-- its claim is on the way (readers that do not know the field skip it).
+local function bell(name, id, field, value, hint)
+  if hint then
+    redis.call('XADD', P .. ':db:' .. name, 'MAXLEN', '1', id or '*', field, value, 'h', hint)
+  else
+    redis.call('XADD', P .. ':db:' .. name, 'MAXLEN', '1', id or '*', field, value)
+  end
 end
 
 local function ring_bells()
   if #fx_lanes == 0 then return end
-  for _, lane in ipairs(fx_lanes) do bell(lane, nil, 'r', '1') end
-  bell('*', nil, 'l', table.concat(fx_lanes, ','))
+  local hint = nil
+  if #fx_ready > 0 and #fx_ready <= HINT_MAX then hint = table.concat(fx_ready) end
+  for _, lane in ipairs(fx_lanes) do bell(lane, nil, 'r', '1', hint) end
+  bell('*', nil, 'l', table.concat(fx_lanes, ','), hint)
 end
 
 -- After a rebuild: every lane's bell and the `*` bell, with an id after the server's clock (a
@@ -1249,6 +1263,7 @@ local function setup(keys, args)
   kn_cache = {}
   popped_lists = {}
   fx_moved, fx_lanes, fx_rung = {}, {}, {}
+  fx_ready = {}
   consumer_cache = nil
   env_known = {}
   rel_order, rel_by = {}, {}
@@ -1531,6 +1546,16 @@ OPS['enqueue'] = function()
         if num(redis.call('HGET', k_l(lane), 'count')) > 0 then keep[#keep + 1] = lane end
       end
       fx_lanes = keep
+      -- Nor does a run the claim took count in the bells' hint (one past the limit stays so).
+      if #fx_ready <= HINT_MAX then
+        local took = {}
+        for _, l in ipairs(leased) do took[l[1]] = true end
+        local ready = {}
+        for _, id in ipairs(fx_ready) do
+          if not took[id] then ready[#ready + 1] = id end
+        end
+        fx_ready = ready
+      end
     end
     return answer('ok', v, leased)
   end

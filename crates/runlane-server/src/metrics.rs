@@ -99,6 +99,18 @@ pub async fn render(state: &AppState) -> Result<String, ApiError> {
         m.claimed_on_enqueue,
     );
     t.one(
+        "runlane_read_ahead_total",
+        "counter",
+        "Runs read from the store ahead of their claim, named by another process's doorbell.",
+        m.read_ahead,
+    );
+    t.one(
+        "runlane_read_ahead_used_total",
+        "counter",
+        "Claimed runs started from a read ahead (no read after the claim).",
+        m.read_ahead_used,
+    );
+    t.one(
         "runlane_schedule_ticks_fired_total",
         "counter",
         "Schedule ticks this process fired (each a new run with source scheduled).",

@@ -429,3 +429,65 @@ async fn all_other_traffic_of_a_process_shares_one_connection() {
     worker.stop().await;
     engine.shutdown().await;
 }
+
+/// Waits (bounded) until `engine` has `n` idle workloops (waiting on their doorbells).
+async fn until_idle(engine: &Distributed, n: usize) {
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while engine.idle_offers() != n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} idle workloops, not {n}",
+            engine.idle_offers()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_of_another_process_reads_a_run_ahead_while_it_claims_it() {
+    let deployment = Deployment::new("bells_ahead", redis_support::url());
+    let a = deployment.open(true).await;
+    let b = deployment.open(false).await;
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let worker = b
+        .worker()
+        .workloops("*:1")
+        .lease(reporting::LEASE)
+        .handler("job", move |ctx: runlane::RunContext| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send((ctx.run_id(), ctx.payload_text().to_string()));
+                Ok::<_, runlane::HandlerError>(serde_json::Value::Null)
+            }
+        })
+        .start()
+        .await
+        .expect("worker");
+    let before = b.metrics();
+    assert_eq!((before.read_ahead, before.read_ahead_used), (0, 0));
+    // Each run A triggers while B's workloop waits is named by its bell: B reads it from the
+    // store while its claim is on the way, and starts it from that read.
+    for i in 0..5 {
+        until_idle(&b, 1).await;
+        let run = a
+            .trigger("job")
+            .payload(&serde_json::json!({ "i": i }))
+            .send()
+            .await
+            .expect("trigger")
+            .run
+            .id;
+        let (got, payload) = tokio::time::timeout(BOUND, started.recv())
+            .await
+            .expect("started in time")
+            .expect("worker alive");
+        assert_eq!(got, run);
+        assert_eq!(payload, format!("{{\"i\":{i}}}"), "the payload read ahead");
+        assert_completed(&a, run).await;
+    }
+    let m = b.metrics();
+    assert_eq!((m.read_ahead, m.read_ahead_used), (5, 5), "{m:?}");
+    worker.stop().await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
