@@ -413,7 +413,7 @@ async fn read(mut task: ReadTask) {
             match engine_of(&task) {
                 Ok(Some(engine)) => {
                     // The read goes out before the workloops wake to claim.
-                    engine.read_ahead(&hinted);
+                    engine.read_ahead(&lanes, &hinted);
                     engine
                         .apply_effects(Effects {
                             ready_lanes: lanes,

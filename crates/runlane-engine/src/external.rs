@@ -6,15 +6,45 @@
 use std::sync::{Arc, Weak};
 
 use runlane_core::backend::{Effects, RunRecord};
-use runlane_core::{EnvName, RunId, RunStatus, Timestamp};
+use runlane_core::{EnvName, LaneName, RunId, RunStatus, Timestamp};
 
 use crate::engine::{Engine, Inner};
 use crate::error::EngineError;
 use crate::event::StatusTap;
 use crate::handover::Handed;
 
-/// How long a claim waits for the read ahead of a run it leased before reading the run itself.
-pub(crate) const READ_AHEAD_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+/// How long a read ahead may take, and a claim wait for it (then the claim reads the run
+/// itself: a read that slow is the store's state, not the read ahead's).
+pub(crate) const READ_AHEAD_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The runs of a read ahead, answered `None` (read by their claims) unless `fill`ed: a read
+/// that failed, timed out or whose task was dropped leaves nothing pending.
+struct Unanswered {
+    inner: Weak<Inner>,
+    runs: Vec<RunId>,
+}
+
+impl Unanswered {
+    fn fill(mut self, read: Vec<(RunId, Option<Handed>)>) {
+        self.runs.clear();
+        if let Some(inner) = self.inner.upgrade() {
+            inner.handover.fill(read);
+        }
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if self.runs.is_empty() {
+            return;
+        }
+        if let Some(inner) = self.inner.upgrade() {
+            inner
+                .handover
+                .fill(self.runs.iter().map(|run| (*run, None)).collect());
+        }
+    }
+}
 
 /// A handle on an engine that does not keep it open ([`Engine::downgrade`]).
 #[derive(Clone)]
@@ -43,16 +73,18 @@ impl Engine {
         self.inner.apply(effects, None).await
     }
 
-    /// Reads ahead runs another process just made ready (its doorbell named them), while a
-    /// workloop of this engine waits idle: the read goes out now, beside the claim the doorbell
-    /// causes, and that claim takes a run it leases from the read (waiting for its answer, 50 ms
-    /// at most) instead of reading it after the claim. A run read here and
-    /// leased elsewhere leaves with its terminal status (as a trigger's hand-over does); a run
-    /// the read finds ended or with a cancel requested is not kept (its claim reads it again).
-    /// Does nothing while no workloop waits (under load each claim reads what it leased).
-    pub fn read_ahead(&self, runs: &[RunId]) {
+    /// Reads ahead runs another process just made ready on `lanes` (its doorbell named them),
+    /// while a workloop of this engine that claims on one of those lanes waits idle: the read
+    /// goes out now, beside the claim the doorbell causes, and that claim takes a run it leases
+    /// from the read (waiting for its answer, as long as the read may take: 1 s) instead of
+    /// reading it after the claim. A run read here and leased elsewhere leaves with its
+    /// terminal status (as a trigger's hand-over does); a run the read finds ended or with a
+    /// cancel requested is not kept (its claim reads it again); what was read for a run goes
+    /// when the run starts here, so only its first claim here uses it. Does nothing while no
+    /// such workloop waits (under load each claim reads what it leased).
+    pub fn read_ahead(&self, lanes: &[LaneName], runs: &[RunId]) {
         let inner = &self.inner;
-        if runs.is_empty() || inner.offers.len() == 0 {
+        if runs.is_empty() || !inner.offers.covers_any_lane(lanes) {
             return;
         }
         let wanted = inner.handover.expect(runs);
@@ -60,15 +92,16 @@ impl Engine {
             return;
         }
         inner.counters.read_ahead(wanted.len());
-        let weak = Arc::downgrade(&self.inner);
         let store = inner.store.clone();
+        let answer = Unanswered {
+            inner: Arc::downgrade(&self.inner),
+            runs: wanted,
+        };
         tokio::spawn(async move {
-            let read = store.get_many(&wanted).await;
-            let Some(inner) = weak.upgrade() else {
-                return;
-            };
+            let wanted = answer.runs.clone();
+            let read = tokio::time::timeout(READ_AHEAD_WAIT, store.get_many(&wanted)).await;
             let filled = match read {
-                Ok(records) if records.len() == wanted.len() => wanted
+                Ok(Ok(records)) if records.len() == wanted.len() => wanted
                     .iter()
                     .zip(records)
                     .map(|(run, record)| {
@@ -82,10 +115,10 @@ impl Engine {
                         (*run, handed)
                     })
                     .collect(),
-                // The claims read the runs themselves.
+                // Failed or late: the claims read the runs themselves.
                 _ => wanted.iter().map(|run| (*run, None)).collect(),
             };
-            inner.handover.fill(filled);
+            answer.fill(filled);
         });
     }
 

@@ -15,12 +15,13 @@
 //! Runs another process made ready can be read ahead ([`Handover::expect`], then
 //! [`Handover::fill`]): while the read is on the way they are *pending*, and a claim that
 //! leased one waits for the read ([`Handover::take_awaited`], bounded) instead of reading the
-//! run again. Forgetting a pending run cancels its entry: the read's answer is dropped.
+//! run again. Forgetting a pending run cancels its entry: the read's answer is dropped. An
+//! entry read ahead never outlives the run's first claim here ([`Handover::drop_read_ahead`]
+//! when a claimed run starts), so a later attempt reads its run from the store.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use runlane_core::{RetryPolicy, RunId, TaskName};
 
@@ -49,6 +50,8 @@ struct State {
     /// Each entry, and whether it came from a read ahead.
     runs: HashMap<RunId, (Handed, bool), IdBuild>,
     bytes: usize,
+    /// Entries that came from a read ahead.
+    ahead: usize,
     /// Runs being read ahead (their entry comes with the read's answer).
     pending: HashMap<RunId, (), IdBuild>,
 }
@@ -63,6 +66,8 @@ pub(crate) struct Handover {
     len: AtomicUsize,
     /// Runs pending, readable without the lock.
     pending: AtomicUsize,
+    /// Entries read ahead, readable without the lock.
+    ahead: AtomicUsize,
     /// Told whenever a read ahead answered.
     filled: tokio::sync::Notify,
     /// Entries of reads ahead taken by claims.
@@ -77,6 +82,7 @@ impl Handover {
             state: Mutex::new(State::default()),
             len: AtomicUsize::new(0),
             pending: AtomicUsize::new(0),
+            ahead: AtomicUsize::new(0),
             filled: tokio::sync::Notify::new(),
             ahead_taken: AtomicU64::new(0),
         }
@@ -105,11 +111,22 @@ impl Handover {
             // Mostly entries of runs other processes claimed: start again.
             st.runs.clear();
             st.bytes = 0;
+            st.ahead = 0;
         }
-        if st.runs.insert(run, (handed, ahead)).is_none() {
-            st.bytes += size;
-            self.len.store(st.runs.len(), Ordering::Relaxed);
+        if let Some((old, was_ahead)) = st.runs.insert(run, (handed, ahead)) {
+            st.bytes = st.bytes.saturating_sub(old.payload.len());
+            st.ahead -= usize::from(was_ahead);
         }
+        st.bytes += size;
+        st.ahead += usize::from(ahead);
+        self.counts(st);
+    }
+
+    /// Publishes the counts read without the lock.
+    fn counts(&self, st: &State) {
+        self.len.store(st.runs.len(), Ordering::Release);
+        self.pending.store(st.pending.len(), Ordering::Release);
+        self.ahead.store(st.ahead, Ordering::Release);
     }
 
     /// Marks runs about to be read ahead as pending; answers those to read (not held, not
@@ -128,7 +145,7 @@ impl Handover {
                 out.push(*run);
             }
         }
-        self.pending.store(st.pending.len(), Ordering::Relaxed);
+        self.counts(&st);
         out
     }
 
@@ -144,17 +161,20 @@ impl Handover {
                     }
                 }
             }
-            self.pending.store(st.pending.len(), Ordering::Relaxed);
+            self.counts(&st);
         }
         self.filled.notify_waiters();
     }
 
-    /// Takes a run's entry, waiting up to `within` for it when it is being read ahead.
-    pub(crate) async fn take_awaited(&self, run: RunId, within: Duration) -> Option<Handed> {
+    /// Takes a run's entry, waiting until `deadline` for it when it is being read ahead.
+    pub(crate) async fn take_awaited(
+        &self,
+        run: RunId,
+        deadline: tokio::time::Instant,
+    ) -> Option<Handed> {
         if !self.enabled {
             return None;
         }
-        let deadline = tokio::time::Instant::now() + within;
         loop {
             // Armed before the look, so an answer in between is not missed.
             let filled = self.filled.notified();
@@ -170,10 +190,14 @@ impl Handover {
                 }
             }
             if tokio::time::timeout_at(deadline, filled).await.is_err() {
-                // A late read: the claim reads the run itself, the late answer is dropped.
+                // Late: an answer that came meanwhile is taken; else the claim reads the run
+                // itself and the late answer is dropped.
                 let mut st = self.lock();
+                if let Some(handed) = self.remove(&mut st, run, true) {
+                    return Some(handed);
+                }
                 st.pending.remove(&run);
-                self.pending.store(st.pending.len(), Ordering::Relaxed);
+                self.counts(&st);
                 return None;
             }
         }
@@ -181,7 +205,22 @@ impl Handover {
 
     /// Whether some run is being read ahead.
     pub(crate) fn has_pending(&self) -> bool {
-        self.pending.load(Ordering::Relaxed) > 0
+        self.pending.load(Ordering::Acquire) > 0
+    }
+
+    /// A claimed run starts here: an entry read ahead for it goes (one for another attempt
+    /// would skip that attempt's look at the store), as does a read still on the way.
+    pub(crate) fn drop_read_ahead(&self, run: RunId) {
+        if self.ahead.load(Ordering::Acquire) == 0 && self.pending.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut st = self.lock();
+        if st.runs.get(&run).is_some_and(|(_, ahead)| *ahead) {
+            drop(self.remove(&mut st, run, false));
+        }
+        if st.pending.remove(&run).is_some() {
+            self.counts(&st);
+        }
     }
 
     /// Entries of reads ahead that claims took (since open).
@@ -193,7 +232,8 @@ impl Handover {
     fn remove(&self, st: &mut State, run: RunId, claimed: bool) -> Option<Handed> {
         let (handed, ahead) = st.runs.remove(&run)?;
         st.bytes = st.bytes.saturating_sub(handed.payload.len());
-        self.len.store(st.runs.len(), Ordering::Relaxed);
+        st.ahead -= usize::from(ahead);
+        self.counts(st);
         if ahead && claimed {
             self.ahead_taken.fetch_add(1, Ordering::Relaxed);
         }
@@ -202,7 +242,7 @@ impl Handover {
 
     /// Takes a run's entry (at its claim).
     pub(crate) fn take(&self, run: RunId) -> Option<Handed> {
-        if !self.enabled || self.len.load(Ordering::Relaxed) == 0 {
+        if !self.enabled || self.len.load(Ordering::Acquire) == 0 {
             return None;
         }
         let mut st = self.lock();
@@ -212,15 +252,21 @@ impl Handover {
     /// Drops a run's entry if it has one (it ended without a claim, or was taken back), and
     /// the answer of its read ahead if one is on the way.
     pub(crate) fn forget(&self, run: RunId) {
-        if self.pending.load(Ordering::Relaxed) > 0 {
+        if self.pending.load(Ordering::Acquire) > 0 {
             let mut st = self.lock();
-            if st.pending.remove(&run).is_some() {
-                self.pending.store(st.pending.len(), Ordering::Relaxed);
+            let was_pending = st.pending.remove(&run).is_some();
+            if was_pending {
+                self.counts(&st);
             }
             drop(self.remove(&mut st, run, false));
+            drop(st);
+            if was_pending {
+                // A claim waiting for that read reads the run itself now.
+                self.filled.notify_waiters();
+            }
             return;
         }
-        if self.len.load(Ordering::Relaxed) > 0 {
+        if self.len.load(Ordering::Acquire) > 0 {
             drop(self.remove(&mut self.lock(), run, false));
         }
     }
@@ -229,6 +275,12 @@ impl Handover {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    /// `d` from now.
+    fn within(d: Duration) -> tokio::time::Instant {
+        tokio::time::Instant::now() + d
+    }
 
     fn handed(payload: &str) -> Handed {
         Handed {
@@ -282,12 +334,14 @@ mod tests {
                 h.fill(vec![(RunId(1), Some(handed("{}"))), (RunId(2), None)]);
             })
         };
-        let got = h.take_awaited(RunId(1), Duration::from_secs(30)).await;
+        let got = h
+            .take_awaited(RunId(1), within(Duration::from_secs(30)))
+            .await;
         assert_eq!(got.map(|x| x.payload), Some(Arc::from("{}")));
         filler.await.expect("filler");
         assert!(!h.has_pending());
         assert!(
-            h.take_awaited(RunId(2), Duration::from_secs(30))
+            h.take_awaited(RunId(2), within(Duration::from_secs(30)))
                 .await
                 .is_none(),
             "a read that found nothing to hand over"
@@ -295,7 +349,7 @@ mod tests {
         assert_eq!(h.read_ahead_taken(), 1);
         // A run never read ahead is not waited for.
         assert!(h
-            .take_awaited(RunId(3), Duration::from_secs(30))
+            .take_awaited(RunId(3), within(Duration::from_secs(30)))
             .await
             .is_none());
     }
@@ -310,7 +364,7 @@ mod tests {
         assert!(h.take(RunId(1)).is_none());
         // Not answered in time: the claim reads the run itself, the late answer is dropped.
         assert!(h
-            .take_awaited(RunId(2), Duration::from_millis(1))
+            .take_awaited(RunId(2), within(Duration::from_millis(1)))
             .await
             .is_none());
         assert!(!h.has_pending());
@@ -322,6 +376,47 @@ mod tests {
         h.forget(RunId(3));
         assert!(h.take(RunId(3)).is_none());
         assert_eq!(h.read_ahead_taken(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_forget_wakes_the_claim_waiting_for_that_read() {
+        let h = Arc::new(Handover::new(true, true));
+        h.expect(&[RunId(1)]);
+        let waiter = {
+            let h = h.clone();
+            tokio::spawn(async move {
+                h.take_awaited(RunId(1), within(Duration::from_secs(3600)))
+                    .await
+            })
+        };
+        tokio::task::yield_now().await;
+        h.forget(RunId(1));
+        let got = tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("woken by the forget, not by its hour-long deadline")
+            .expect("waiter");
+        assert!(got.is_none());
+    }
+
+    #[test]
+    fn an_entry_read_ahead_goes_when_its_run_starts_here() {
+        let h = Handover::new(true, true);
+        // Read ahead after a local claim already started the run: a later attempt must not
+        // find the entry.
+        h.expect(&[RunId(1), RunId(2)]);
+        h.fill(vec![(RunId(1), Some(handed("{}")))]);
+        h.drop_read_ahead(RunId(1));
+        h.drop_read_ahead(RunId(2));
+        assert!(h.take(RunId(1)).is_none());
+        assert!(!h.has_pending(), "the read on the way is dropped too");
+        h.fill(vec![(RunId(2), Some(handed("{}")))]);
+        assert!(h.take(RunId(2)).is_none());
+        // A trigger's entry stays for its claim.
+        h.keep(RunId(3), handed("[]"));
+        h.drop_read_ahead(RunId(3));
+        assert!(h.take(RunId(3)).is_some());
+        let st = h.lock();
+        assert_eq!((st.ahead, st.bytes), (0, 0));
     }
 
     #[test]

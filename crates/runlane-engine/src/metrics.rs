@@ -30,7 +30,7 @@ pub struct EngineMetrics {
     /// Of those, leases granted inside a trigger's enqueue to an idle workloop of this
     /// process (claim on enqueue: no claim call of their own).
     pub claimed_on_enqueue: u64,
-    /// Runs read from the store ahead of their claim, named by another process's doorbell
+    /// Runs whose read ahead of their claim was sent, named by another process's doorbell
     /// while a workloop here waited idle (the read overlaps the claim it causes).
     pub read_ahead: u64,
     /// Claimed runs this process started from such a read (no read after the claim).

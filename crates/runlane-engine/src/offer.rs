@@ -135,6 +135,16 @@ impl Offers {
         Some(offer)
     }
 
+    /// Whether a posted offer's workloop claims on one of `lanes` (any env).
+    pub(crate) fn covers_any_lane(&self, lanes: &[LaneName]) -> bool {
+        if self.len.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        self.lock()
+            .iter()
+            .any(|(_, o)| lanes.iter().any(|l| o.request.chain.covers(l)))
+    }
+
     /// The first offer covering a run of `env` on `lane` (locked to version `locked`) whose
     /// workloop still waits for it.
     pub(crate) fn take(

@@ -474,6 +474,8 @@ impl WorkerShared {
     /// Registers a claimed run as executing here (the engine's registry and this worker's).
     fn register(&self, leased: &Leased) -> Arc<LocalRun> {
         let run = leased.dispatch.run_id;
+        // Loaded already: nothing read ahead for this run may serve a later attempt.
+        self.engine.inner.handover.drop_read_ahead(run);
         let local = Arc::new(LocalRun::new(run, leased.token));
         self.engine.inner.local.insert(local.clone());
         let was_empty = {
@@ -941,12 +943,14 @@ pub(crate) async fn load_claimed(engine: &Inner, leases: &[Leased]) -> Vec<Loade
         .map(|l| engine.handover.take(l.dispatch.run_id).map(Loaded::Handed))
         .collect();
     if engine.handover.has_pending() {
-        // Runs read ahead (another process's doorbell named them): their read is on the way.
+        // Runs read ahead (another process's doorbell named them): their read is on the way,
+        // bounded as the read itself is.
+        let deadline = tokio::time::Instant::now() + crate::external::READ_AHEAD_WAIT;
         for (l, o) in leases.iter().zip(out.iter_mut()) {
             if o.is_none() {
                 *o = engine
                     .handover
-                    .take_awaited(l.dispatch.run_id, crate::external::READ_AHEAD_WAIT)
+                    .take_awaited(l.dispatch.run_id, deadline)
                     .await
                     .map(Loaded::Handed);
             }

@@ -312,6 +312,20 @@ async fn a_bell_names_the_runs_its_call_made_ready_up_to_four() {
         .enqueue_many(&many(20, 5), now)
         .await
         .expect("enqueue");
-    assert_eq!(bell_hint(&mut conn, lane_bell).await, None);
-    assert_eq!(bell_hint(&mut conn, star_bell).await, None);
+    assert_eq!(bell_hint(&mut conn, lane_bell.clone()).await, None);
+    assert_eq!(bell_hint(&mut conn, star_bell.clone()).await, None);
+    // A lane's bell names its lane's runs; the `*` bell names them all.
+    let other = runlane_core::LaneName::new("other").expect("lane");
+    queue.add_lane(&other).await.expect("lane");
+    let mut elsewhere = ready(31, "a");
+    elsewhere.lane = other;
+    let mixed = vec![
+        (ready(30, "a"), EnqueueAs::Trigger),
+        (elsewhere, EnqueueAs::Trigger),
+    ];
+    queue.enqueue_many(&mixed, now).await.expect("enqueue");
+    assert_eq!(bell_hint(&mut conn, lane_bell).await, ids(&[30]));
+    let other_bell = format!("{}:db:other", queue.key_base());
+    assert_eq!(bell_hint(&mut conn, other_bell).await, ids(&[31]));
+    assert_eq!(bell_hint(&mut conn, star_bell).await, ids(&[30, 31]));
 }

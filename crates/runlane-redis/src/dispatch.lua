@@ -375,8 +375,9 @@ local function status_of(r)
 end
 
 local fx_moved, fx_lanes, fx_rung = {}, {}, {}
--- The runs this call made ready, up to one more than `HINT_MAX` (more than that: no hint).
-local fx_ready = {}
+-- The runs this call made ready, up to one more than `HINT_MAX` (more than that: no hint),
+-- and the lane of each.
+local fx_ready, fx_ready_lane = {}, {}
 local HINT_MAX = 4
 local function moved(id, status)
   fx_moved[#fx_moved + 1] = id
@@ -388,7 +389,10 @@ local function ring_ready(lane, id)
     fx_rung[lane] = true
     fx_lanes[#fx_lanes + 1] = lane
   end
-  if #fx_ready <= HINT_MAX then fx_ready[#fx_ready + 1] = id end
+  if #fx_ready <= HINT_MAX then
+    fx_ready[#fx_ready + 1] = id
+    fx_ready_lane[#fx_ready] = lane
+  end
 end
 
 -- Consumers -------------------------------------------------------------------------------
@@ -1145,8 +1149,9 @@ end
 -- entry added after it is never missed; `MAXLEN 1` keeps a bell one stream node (≤ 4.7 KB)
 -- whatever the number of runs. `id` is the entry id (default `*`).
 -- A call that made at most `HINT_MAX` runs ready names them in an `h` field (their 16-byte
--- ids, concatenated): a process whose workloops wait reads those runs from the store while
--- its claim is on the way (readers that do not know the field skip it).
+-- ids, concatenated; a lane's bell names its lane's runs, the `*` bell all of them): a process
+-- whose workloops wait reads those runs from the store while its claim is on the way
+-- (readers that do not know the field skip it).
 local function bell(name, id, field, value, hint)
   if hint then
     redis.call('XADD', P .. ':db:' .. name, 'MAXLEN', '1', id or '*', field, value, 'h', hint)
@@ -1157,10 +1162,19 @@ end
 
 local function ring_bells()
   if #fx_lanes == 0 then return end
-  local hint = nil
-  if #fx_ready > 0 and #fx_ready <= HINT_MAX then hint = table.concat(fx_ready) end
-  for _, lane in ipairs(fx_lanes) do bell(lane, nil, 'r', '1', hint) end
-  bell('*', nil, 'l', table.concat(fx_lanes, ','), hint)
+  local hinted = #fx_ready > 0 and #fx_ready <= HINT_MAX
+  for _, lane in ipairs(fx_lanes) do
+    local hint = nil
+    if hinted then
+      local ids = {}
+      for i, id in ipairs(fx_ready) do
+        if fx_ready_lane[i] == lane then ids[#ids + 1] = id end
+      end
+      if #ids > 0 then hint = table.concat(ids) end
+    end
+    bell(lane, nil, 'r', '1', hint)
+  end
+  bell('*', nil, 'l', table.concat(fx_lanes, ','), hinted and table.concat(fx_ready) or nil)
 end
 
 -- After a rebuild: every lane's bell and the `*` bell, with an id after the server's clock (a
@@ -1263,7 +1277,7 @@ local function setup(keys, args)
   kn_cache = {}
   popped_lists = {}
   fx_moved, fx_lanes, fx_rung = {}, {}, {}
-  fx_ready = {}
+  fx_ready, fx_ready_lane = {}, {}
   consumer_cache = nil
   env_known = {}
   rel_order, rel_by = {}, {}
@@ -1550,11 +1564,14 @@ OPS['enqueue'] = function()
       if #fx_ready <= HINT_MAX then
         local took = {}
         for _, l in ipairs(leased) do took[l[1]] = true end
-        local ready = {}
-        for _, id in ipairs(fx_ready) do
-          if not took[id] then ready[#ready + 1] = id end
+        local ready, lanes = {}, {}
+        for i, id in ipairs(fx_ready) do
+          if not took[id] then
+            ready[#ready + 1] = id
+            lanes[#ready] = fx_ready_lane[i]
+          end
         end
-        fx_ready = ready
+        fx_ready, fx_ready_lane = ready, lanes
       end
     end
     return answer('ok', v, leased)

@@ -101,7 +101,7 @@ pub async fn render(state: &AppState) -> Result<String, ApiError> {
     t.one(
         "runlane_read_ahead_total",
         "counter",
-        "Runs read from the store ahead of their claim, named by another process's doorbell.",
+        "Runs whose read ahead of their claim was sent (another process's doorbell named them).",
         m.read_ahead,
     );
     t.one(
