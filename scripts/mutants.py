@@ -187,6 +187,30 @@ MUTANTS = [
         "new": "if ldl > 0 then",
         "tests": [HEARTBEAT],
     },
+    {
+        "id": "R12",
+        "bug": "a bell names a run its call's carried claim took (Redis)",
+        "file": LUA,
+        "old": "          if not took[id] then",
+        "new": "          if true then",
+        "tests": [CLAIM_ON_ENQUEUE_REDIS],
+    },
+    {
+        "id": "R13",
+        "bug": "a lane's bell names the runs of other lanes (Redis)",
+        "file": LUA,
+        "old": "        if fx_ready_lane[i] == lane then ids[#ids + 1] = id end",
+        "new": "        ids[#ids + 1] = id",
+        "tests": [CLAIM_ON_ENQUEUE_REDIS],
+    },
+    {
+        "id": "M8",
+        "bug": "a read ahead kept past its run's start (engine)",
+        "file": "crates/runlane-engine/src/handover.rs",
+        "old": "        if st.runs.get(&run).is_some_and(|(_, ahead)| *ahead) {",
+        "new": "        if false {",
+        "tests": [["cargo", "test", "-q", "-p", "runlane-engine", "--lib", "handover"]],
+    },
 ]
 
 

@@ -166,6 +166,11 @@ impl LocalRegistry {
         }
     }
 
+    /// Whether the run executes here (under any lease).
+    pub(crate) fn contains(&self, run: RunId) -> bool {
+        self.lock().runs.contains_key(&run)
+    }
+
     /// The run's entry when it executes here under `token`.
     #[cfg(test)]
     fn get(&self, run: RunId, token: FencingToken) -> Option<Arc<LocalRun>> {

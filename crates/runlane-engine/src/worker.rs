@@ -474,10 +474,12 @@ impl WorkerShared {
     /// Registers a claimed run as executing here (the engine's registry and this worker's).
     fn register(&self, leased: &Leased) -> Arc<LocalRun> {
         let run = leased.dispatch.run_id;
-        // Loaded already: nothing read ahead for this run may serve a later attempt.
-        self.engine.inner.handover.drop_read_ahead(run);
         let local = Arc::new(LocalRun::new(run, leased.token));
         self.engine.inner.local.insert(local.clone());
+        // Loaded already: nothing read ahead for this run may serve a later attempt. After the
+        // registration: a read ahead marked before this is dropped here, one marked after it
+        // sees the run executing (`Engine::read_ahead`).
+        self.engine.inner.handover.drop_read_ahead(run);
         let was_empty = {
             let mut in_flight = self.in_flight();
             let was_empty = in_flight.is_empty();

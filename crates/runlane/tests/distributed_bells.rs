@@ -491,3 +491,46 @@ async fn an_idle_worker_of_another_process_reads_a_run_ahead_while_it_claims_it(
     b.shutdown().await;
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_executing_here_is_not_read_ahead() {
+    let deployment = Deployment::new("bells_busy", redis_support::url());
+    let a = deployment.open(true).await;
+    let b = deployment.open(false).await;
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let (release_tx, release) = tokio::sync::watch::channel(false);
+    let worker = b
+        .worker()
+        .workloops("*:2")
+        .lease(reporting::LEASE)
+        .handler("job", move |ctx: runlane::RunContext| {
+            let tx = tx.clone();
+            let mut release = release.clone();
+            async move {
+                let _ = tx.send(ctx.run_id());
+                let _ = release.wait_for(|r| *r).await;
+                Ok::<_, runlane::HandlerError>(serde_json::Value::Null)
+            }
+        })
+        .start()
+        .await
+        .expect("worker");
+    until_idle(&b, 1).await;
+    let run = trigger(&a, "default").await;
+    assert_eq!(taken(&mut started, "the run").await, run);
+    // One slot runs it, the other waits idle: a hint naming the executing run reads nothing
+    // (a late bell of its trigger); one naming a run not here is read.
+    until_idle(&b, 1).await;
+    let before = b.metrics().read_ahead;
+    let lanes = [runlane::core::LaneName::default_lane()];
+    b.read_ahead(&lanes, &[run]);
+    assert_eq!(b.metrics().read_ahead, before, "the run executes here");
+    let elsewhere = RunId(run.0 + 1);
+    b.read_ahead(&lanes, &[elsewhere]);
+    assert_eq!(b.metrics().read_ahead, before + 1);
+    release_tx.send(true).expect("release");
+    assert_completed(&a, run).await;
+    worker.stop().await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
