@@ -52,14 +52,7 @@ async fn a_batch_is_enqueued_together_and_runs_in_batch_order() {
     }
     // With the workloop idle (its slot offered to this process's triggers), the batch's first
     // run is leased in its own enqueue and the others are placed after it, in order.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while engine.idle_offers() != 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the workloop never went idle"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    redis_support::until_idle_offers(&engine, 1, "the workloop goes idle").await;
     let claimed_before = engine.metrics().claimed_on_enqueue;
     let out = engine
         .trigger_batch(requests(50, "default"))

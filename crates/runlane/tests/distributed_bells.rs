@@ -430,19 +430,6 @@ async fn all_other_traffic_of_a_process_shares_one_connection() {
     engine.shutdown().await;
 }
 
-/// Waits (bounded) until `engine` has `n` idle workloops (waiting on their doorbells).
-async fn until_idle(engine: &Distributed, n: usize) {
-    let deadline = tokio::time::Instant::now() + BOUND;
-    while engine.idle_offers() != n {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} idle workloops, not {n}",
-            engine.idle_offers()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_worker_of_another_process_reads_a_run_ahead_while_it_claims_it() {
     let deployment = Deployment::new("bells_ahead", redis_support::url());
@@ -468,7 +455,7 @@ async fn an_idle_worker_of_another_process_reads_a_run_ahead_while_it_claims_it(
     // Each run A triggers while B's workloop waits is named by its bell: B reads it from the
     // store while its claim is on the way, and starts it from that read.
     for i in 0..5 {
-        until_idle(&b, 1).await;
+        redis_support::until_idle_offers(&b, 1, "B's workloop idle").await;
         let run = a
             .trigger("job")
             .payload(&serde_json::json!({ "i": i }))
@@ -515,12 +502,12 @@ async fn a_run_executing_here_is_not_read_ahead() {
         .start()
         .await
         .expect("worker");
-    until_idle(&b, 1).await;
+    redis_support::until_idle_offers(&b, 1, "B's workloop idle").await;
     let run = trigger(&a, "default").await;
     assert_eq!(taken(&mut started, "the run").await, run);
     // One slot runs it, the other waits idle: a hint naming the executing run reads nothing
     // (a late bell of its trigger); one naming a run not here is read.
-    until_idle(&b, 1).await;
+    redis_support::until_idle_offers(&b, 1, "B's workloop idle").await;
     let before = b.metrics().read_ahead;
     let lanes = [runlane::core::LaneName::default_lane()];
     b.read_ahead(&lanes, &[run]);

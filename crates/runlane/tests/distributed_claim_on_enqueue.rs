@@ -22,26 +22,13 @@ async fn open(tag: &str) -> Distributed {
     engine
 }
 
-/// Waits (bounded) until `engine` has `n` idle offers posted.
-async fn until_offers(engine: &Distributed, n: usize, what: &str) {
-    let deadline = tokio::time::Instant::now() + BOUND;
-    while engine.idle_offers() != n {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: {} offers, not {n}",
-            engine.idle_offers()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_workloop_gets_the_runs_it_covers_in_the_enqueue_and_the_others_take_the_bell() {
     let engine = open("claimenq").await;
     let (worker, mut started) = reporting_worker(&engine, "reports:2").await;
     let mut claimed_on_enqueue = 0;
     for i in 0..3 {
-        until_offers(&engine, 1, "the idle workloop offers its slots").await;
+        redis_support::until_idle_offers(&engine, 1, "the idle workloop offers its slots").await;
         let run = trigger(&engine, "reports").await;
         let got = tokio::time::timeout(BOUND, started.recv()).await;
         assert_eq!(got.expect("started in time"), Some(run), "run {i}");
@@ -54,7 +41,7 @@ async fn an_idle_workloop_gets_the_runs_it_covers_in_the_enqueue_and_the_others_
     let wakes: u64 = engine.bells().await.iter().map(|r| r.wakes).sum();
     assert_eq!(wakes, 0, "runs claimed in their enqueue ring no doorbell");
     // A run on a lane the workloop does not read is only enqueued; the offer stays posted.
-    until_offers(&engine, 1, "idle again").await;
+    redis_support::until_idle_offers(&engine, 1, "idle again").await;
     let other = trigger(&engine, "default").await;
     assert_eq!(engine.metrics().claimed_on_enqueue, claimed_on_enqueue);
     assert_eq!(engine.idle_offers(), 1);
@@ -79,7 +66,7 @@ async fn an_idle_workloop_gets_the_runs_it_covers_in_the_enqueue_and_the_others_
 async fn a_trigger_dropped_mid_call_still_hands_its_leases_over() {
     let engine = open("claimenq_drop").await;
     let (worker, mut started) = reporting_worker(&engine, "reports:1").await;
-    until_offers(&engine, 1, "the idle workloop offers its slot").await;
+    redis_support::until_idle_offers(&engine, 1, "the idle workloop offers its slot").await;
     let mut call = Box::pin(engine.trigger("job").lane("reports").send());
     let polled = std::future::poll_fn(|cx| std::task::Poll::Ready(call.as_mut().poll(cx))).await;
     assert!(polled.is_pending(), "the trigger is in flight");

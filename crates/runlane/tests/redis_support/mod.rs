@@ -45,6 +45,20 @@ pub fn distributed_config(redis_url: String, tag: &str) -> runlane::DistributedC
 }
 
 /// Opens `config`'s deployment; the servers must be there (these tests never skip).
+/// Waits (10 s at most) until `engine` has `n` idle workloops (each posted its offer: it waits
+/// on its doorbells); `what` names the wait in the failure.
+pub async fn until_idle_offers(engine: &runlane::Engine, n: usize, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while engine.idle_offers() != n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: {} idle workloops, not {n}",
+            engine.idle_offers()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 pub async fn open_distributed(config: runlane::DistributedConfig) -> runlane::Distributed {
     match runlane::distributed_with(runlane::EngineBuilder::new(), config).await {
         Ok(engine) => engine,
