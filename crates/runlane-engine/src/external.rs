@@ -87,17 +87,17 @@ impl Engine {
         if runs.is_empty() || !inner.offers.covers_any_lane(lanes) {
             return;
         }
-        let mut wanted = inner.handover.expect(runs);
         // A run already executing here needs no read (and one kept would serve its next
         // attempt); checked after marking, so a run registered meanwhile drops the mark.
-        let executing: Vec<(RunId, Option<Handed>)> = wanted
-            .iter()
-            .filter(|run| inner.local.contains(**run))
-            .map(|run| (*run, None))
-            .collect();
+        let (executing, wanted): (Vec<RunId>, Vec<RunId>) = inner
+            .handover
+            .expect(runs)
+            .into_iter()
+            .partition(|run| inner.local.contains(*run));
         if !executing.is_empty() {
-            wanted.retain(|run| executing.iter().all(|(e, _)| e != run));
-            inner.handover.fill(executing);
+            inner
+                .handover
+                .fill(executing.into_iter().map(|run| (run, None)).collect());
         }
         if wanted.is_empty() {
             return;

@@ -19,7 +19,7 @@
 //! entry read ahead never outlives the run's first claim here ([`Handover::drop_read_ahead`]
 //! when a claimed run starts), so a later attempt reads its run from the store.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -53,7 +53,7 @@ struct State {
     /// Entries that came from a read ahead.
     ahead: usize,
     /// Runs being read ahead (their entry comes with the read's answer).
-    pending: HashMap<RunId, (), IdBuild>,
+    pending: HashSet<RunId, IdBuild>,
 }
 
 /// The runs triggered here and not claimed yet.
@@ -141,7 +141,7 @@ impl Handover {
             if st.pending.len() >= PENDING_MAX {
                 break;
             }
-            if !st.runs.contains_key(run) && st.pending.insert(*run, ()).is_none() {
+            if !st.runs.contains_key(run) && st.pending.insert(*run) {
                 out.push(*run);
             }
         }
@@ -155,7 +155,7 @@ impl Handover {
         {
             let mut st = self.lock();
             for (run, handed) in read {
-                if st.pending.remove(&run).is_some() {
+                if st.pending.remove(&run) {
                     if let Some(handed) = handed {
                         self.insert(&mut st, run, handed, true);
                     }
@@ -185,7 +185,7 @@ impl Handover {
                 if let Some(handed) = self.remove(&mut st, run, true) {
                     return Some(handed);
                 }
-                if !st.pending.contains_key(&run) {
+                if !st.pending.contains(&run) {
                     return None;
                 }
             }
@@ -218,7 +218,7 @@ impl Handover {
         if st.runs.get(&run).is_some_and(|(_, ahead)| *ahead) {
             drop(self.remove(&mut st, run, false));
         }
-        if st.pending.remove(&run).is_some() {
+        if st.pending.remove(&run) {
             self.counts(&st);
         }
     }
@@ -254,7 +254,7 @@ impl Handover {
     pub(crate) fn forget(&self, run: RunId) {
         if self.pending.load(Ordering::Acquire) > 0 {
             let mut st = self.lock();
-            let was_pending = st.pending.remove(&run).is_some();
+            let was_pending = st.pending.remove(&run);
             if was_pending {
                 self.counts(&st);
             }
