@@ -377,6 +377,23 @@ pub struct EnvUsage {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConsumerId(pub u64);
 
+/// An idle workloop's offer parked in the queue ([`QueueBackend::parks_offers`]): the
+/// workloop's consumer id and the offer's sequence number (new for each offer it parks).
+pub type ParkedOffer = (ConsumerId, u64);
+
+/// What a workloop's claim does with its parked offers ([`QueueBackend::claim_parking`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OfferSteps {
+    /// The workloop.
+    pub consumer: ConsumerId,
+    /// The offer it parked last, to take back first, and whether that offer's delivery was
+    /// heard (its leases are then not answered again).
+    pub withdraw: Option<(u64, bool)>,
+    /// An offer to park (its seq, and the instant it stops being taken) when the claim leases
+    /// nothing.
+    pub park: Option<(u64, Timestamp)>,
+}
+
 /// The dispatch state: queues, lanes, slots, leases and deadlines. Every method is one atomic
 /// step; `now` always comes from the engine's clock.
 #[async_trait]
@@ -516,6 +533,46 @@ pub trait QueueBackend: Send + Sync + 'static {
     ) -> Result<(Enqueued, Vec<Leased>), QueueError> {
         let _ = claim;
         Ok((self.enqueue(dispatch, why, now).await?, Vec::new()))
+    }
+    /// [`enqueue`](Self::enqueue), or [`enqueue_claiming`](Self::enqueue_claiming) with
+    /// `carried`'s claim, for a backend that also lets workloops of other processes lease in
+    /// the enqueue's step ([`parks_offers`](Self::parks_offers)): `carried`'s offer, when
+    /// parked too, is taken with the claim (or the claim is not made if another process's
+    /// enqueue took it first), and `handed` (what a worker needs of the run, opaque here) goes
+    /// with a lease made for a parked offer, so its worker need not read the run. The default
+    /// ignores both.
+    async fn enqueue_handing(
+        &self,
+        dispatch: Dispatch,
+        why: EnqueueAs,
+        now: Timestamp,
+        carried: Option<(&ClaimRequest, Option<ParkedOffer>)>,
+        handed: Option<&[u8]>,
+    ) -> Result<(Enqueued, Vec<Leased>), QueueError> {
+        let _ = handed;
+        match carried {
+            Some((claim, _)) => self.enqueue_claiming(dispatch, why, now, claim).await,
+            None => Ok((self.enqueue(dispatch, why, now).await?, Vec::new())),
+        }
+    }
+    /// Whether an idle workloop's offer can be parked in the queue for other processes'
+    /// enqueues ([`claim_parking`](Self::claim_parking)); their leases reach the workloop
+    /// through the backend's cross-process doorbells. `false`, the default.
+    fn parks_offers(&self) -> bool {
+        false
+    }
+    /// [`claim`](Self::claim) with `steps` on the workloop's parked offer: the one named in
+    /// `withdraw` is taken back first (the leases an enqueue made for it and the workloop did
+    /// not hear of come first in the answer, within `max`), and when nothing is leased an offer
+    /// of `request` is parked until the given instant. The default only claims.
+    async fn claim_parking(
+        &self,
+        request: &ClaimRequest,
+        steps: &OfferSteps,
+        now: Timestamp,
+    ) -> Result<Vec<Leased>, QueueError> {
+        let _ = steps;
+        self.claim(request, now).await
     }
     /// Whether [`enqueue_claiming`](Self::enqueue_claiming) may claim (the engine offers
     /// its idle workloops' free slots to triggers only then). `false`, the default.

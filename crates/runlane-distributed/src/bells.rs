@@ -18,6 +18,13 @@
 //! - a ring is delivered after the entry was added, hence after the run became ready: a
 //!   workloop that claimed before that had armed its bells already and is woken.
 //!
+//! An entry may also deliver leases an enqueue made for workloops' offers parked in Redis (an
+//! `o` field: see `RedisQueue::deliveries`; on a lane's bell with `r` = `0` when the lane has
+//! nothing ready left, which rings nothing): the reader hands each to
+//! `Engine::offer_delivered` before it rings, so the workloop whose offer it was starts the
+//! runs at once. A delivery missed (trimmed, or heard after the workloop stopped waiting) is
+//! not lost: the workloop's next claim takes its offer back with those leases.
+//!
 //! The reader ends when the last consumer of its chain unregisters, or when the shape shuts
 //! down. A lost connection is re-established with backoff; then the last ids are read again
 //! and the engine resyncs (`Engine::resync_after_gap`: idle workloops claim once), since
@@ -32,6 +39,7 @@ use runlane_core::backend::{ConsumerId, Effects};
 use runlane_core::chain::ClaimChain;
 use runlane_core::{LaneName, RunId};
 use runlane_engine::WeakEngine;
+use runlane_redis::{Delivery, RedisQueue};
 
 /// How long one `XREAD` blocks before it is sent again (no claim, no ring: it only proves the
 /// connection is alive).
@@ -387,6 +395,7 @@ async fn read(mut task: ReadTask) {
             };
             let mut lanes: Vec<LaneName> = Vec::new();
             let mut hinted: Vec<RunId> = Vec::new();
+            let mut delivered: Vec<Delivery> = Vec::new();
             for (key, stream) in streams(&value) {
                 let Some(i) = task.bells.keys.iter().position(|k| k.as_bytes() == key) else {
                     continue;
@@ -396,13 +405,15 @@ async fn read(mut task: ReadTask) {
                 };
                 link.ids[i] = id;
                 match &task.bells.lanes[i] {
-                    Some(lane) => lanes.push(lane.clone()),
+                    Some(lane) if rings(&fields) => lanes.push(lane.clone()),
+                    Some(_) => {}
                     None => lanes.extend(named_lanes(&fields)),
                 }
                 hinted.extend(hinted_runs(&fields));
+                delivered.extend(deliveries(&fields));
             }
-            if lanes.is_empty() {
-                // The block expired (or a `*` entry named no lane): block again.
+            if lanes.is_empty() && delivered.is_empty() {
+                // The block expired (or an entry rang no lane): block again.
                 continue;
             }
             task.stats.wakes.fetch_add(1, Ordering::Relaxed);
@@ -412,14 +423,21 @@ async fn read(mut task: ReadTask) {
             hinted.dedup();
             match engine_of(&task) {
                 Ok(Some(engine)) => {
-                    // The read goes out before the workloops wake to claim.
-                    engine.read_ahead(&lanes, &hinted);
-                    engine
-                        .apply_effects(Effects {
-                            ready_lanes: lanes,
-                            ..Effects::default()
-                        })
-                        .await;
+                    // Leases made for workloops here start before any workloop wakes (one
+                    // heard twice, on two of its chain's bells, is taken once).
+                    for d in delivered {
+                        engine.offer_delivered((d.consumer, d.seq), d.runs);
+                    }
+                    if !lanes.is_empty() {
+                        // The read goes out before the workloops wake to claim.
+                        engine.read_ahead(&lanes, &hinted);
+                        engine
+                            .apply_effects(Effects {
+                                ready_lanes: lanes,
+                                ..Effects::default()
+                            })
+                            .await;
+                    }
                 }
                 Ok(None) => {}
                 Err(Gone) => return,
@@ -527,6 +545,29 @@ fn named_lanes(fields: &[(String, Vec<u8>)]) -> Vec<LaneName> {
         .filter_map(|(_, v)| std::str::from_utf8(v).ok())
         .flat_map(|v| v.split(','))
         .filter_map(|l| LaneName::new(l).ok())
+        .collect()
+}
+
+/// Whether a lane bell's entry rings its lane: not one that only delivers leases made for
+/// parked offers (`r` = `0`).
+fn rings(fields: &[(String, Vec<u8>)]) -> bool {
+    !fields.iter().any(|(k, v)| k == "r" && v.as_slice() == b"0")
+}
+
+/// The leases a bell entry delivers for parked offers (its `o` field); a malformed one is
+/// logged and skipped (the workloop's next claim answers those leases).
+fn deliveries(fields: &[(String, Vec<u8>)]) -> Vec<Delivery> {
+    fields
+        .iter()
+        .filter(|(k, _)| k == "o")
+        .filter_map(|(_, v)| match RedisQueue::deliveries(v) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::warn!(error = %e, "undecodable delivery on a doorbell");
+                None
+            }
+        })
+        .flatten()
         .collect()
 }
 

@@ -16,7 +16,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use runlane_core::backend::{
     CancelOutcome, ClaimRequest, ConsumerId, Dispatch, Effects, EnqueueAs, Enqueued, EnvUsage,
-    LaneInfo, LeaseState, Leased, LiveRun, Placement, QueueBackend, QueueInfo, RunRecord, Tick,
+    LaneInfo, LeaseState, Leased, LiveRun, OfferSteps, ParkedOffer, Placement, QueueBackend,
+    QueueInfo, RunRecord, Tick,
 };
 use runlane_core::chain::ClaimChain;
 use runlane_core::{
@@ -166,6 +167,17 @@ impl DistributedQueue {
             wake.note(fx);
         }
         effects
+    }
+
+    /// Arms the lease timer for the deadlines of the leases a claim answered.
+    fn note_leases(&self, leased: &Result<Vec<Leased>, QueueError>) {
+        if let (Some(wake), Ok(runs)) = (&self.wake, leased) {
+            let earliest = runs
+                .iter()
+                .flat_map(|l| std::iter::once(l.lease_deadline).chain(l.attempt_deadline))
+                .min();
+            wake.note_deadline(earliest);
+        }
     }
 
     /// The crash point before a committed run's enqueue; answers the run and when it is due
@@ -396,6 +408,34 @@ impl QueueBackend for DistributedQueue {
         let answer = self.redis.enqueue_claiming(dispatch, why, now, claim).await;
         self.enqueued(run, due, now, answer)
     }
+    async fn enqueue_handing(
+        &self,
+        dispatch: Dispatch,
+        why: EnqueueAs,
+        now: Timestamp,
+        carried: Option<(&ClaimRequest, Option<ParkedOffer>)>,
+        handed: Option<&[u8]>,
+    ) -> Result<(Enqueued, Vec<Leased>), QueueError> {
+        let (run, due) = self.before_enqueue(&dispatch);
+        let answer = self
+            .redis
+            .enqueue_handing(dispatch, why, now, carried, handed)
+            .await;
+        self.enqueued(run, due, now, answer)
+    }
+    fn parks_offers(&self) -> bool {
+        self.redis.parks_offers()
+    }
+    async fn claim_parking(
+        &self,
+        request: &ClaimRequest,
+        steps: &OfferSteps,
+        now: Timestamp,
+    ) -> Result<Vec<Leased>, QueueError> {
+        let leased = self.redis.claim_parking(request, steps, now).await;
+        self.note_leases(&leased);
+        leased
+    }
     fn claims_on_enqueue(&self) -> bool {
         self.redis.claims_on_enqueue()
     }
@@ -411,13 +451,7 @@ impl QueueBackend for DistributedQueue {
         now: Timestamp,
     ) -> Result<Vec<Leased>, QueueError> {
         let leased = self.redis.claim(request, now).await;
-        if let (Some(wake), Ok(runs)) = (&self.wake, &leased) {
-            let earliest = runs
-                .iter()
-                .flat_map(|l| std::iter::once(l.lease_deadline).chain(l.attempt_deadline))
-                .min();
-            wake.note_deadline(earliest);
-        }
+        self.note_leases(&leased);
         leased
     }
     async fn heartbeat(

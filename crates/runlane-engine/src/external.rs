@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Weak};
 
-use runlane_core::backend::{Effects, RunRecord};
+use runlane_core::backend::{Effects, Leased, ParkedOffer, RunRecord};
 use runlane_core::{EnvName, LaneName, RunId, RunStatus, Timestamp};
 
 use crate::engine::{Engine, Inner};
@@ -71,6 +71,28 @@ impl Engine {
     /// doorbells of lanes that received ready runs, publishes the moves and re-arms the timer.
     pub async fn apply_effects(&self, effects: Effects) {
         self.inner.apply(effects, None).await
+    }
+
+    /// Leases another process's enqueue made for the offer a workloop here parked in the
+    /// queue (`parked`), as the doorbells deliver them, each with what its trigger handed when
+    /// sent: they start on that workloop as its own claim's would, without a claim call (nor a
+    /// read of a run whose trigger sent what the worker needs). Does nothing when the workloop
+    /// no longer waits on that offer: its next claim withdraws the offer and answers them.
+    pub fn offer_delivered(&self, parked: ParkedOffer, runs: Vec<(Leased, Option<Vec<u8>>)>) {
+        let inner = &self.inner;
+        let Some(offer) = inner.offers.delivered(parked) else {
+            return;
+        };
+        let mut leases = Vec::with_capacity(runs.len());
+        for (lease, handed) in runs {
+            if let Some(handed) = handed.as_deref().and_then(Handed::decode) {
+                inner.handover.keep_delivered(lease.dispatch.run_id, handed);
+            }
+            leases.push(lease);
+        }
+        inner.claimed(&leases);
+        inner.counters.claimed_delivered(leases.len());
+        offer.fulfil_delivered(leases);
     }
 
     /// Reads ahead runs another process just made ready on `lanes` (its doorbell named them),

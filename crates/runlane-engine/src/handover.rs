@@ -45,6 +45,42 @@ pub(crate) struct Handed {
     pub(crate) retry: RetryPolicy,
 }
 
+/// At most this many payload bytes go with a lease made for another process's parked offer
+/// (a larger payload is read from the store by the claiming worker).
+const SENT_MAX: usize = 16 << 10;
+
+impl Handed {
+    /// What goes with a lease made for another process's parked offer, `None` when the payload
+    /// is too large to send: the task, the retry policy (JSON) and the payload, one line each
+    /// (neither a task name nor compact JSON holds a line break; the payload comes last).
+    pub(crate) fn encode(&self) -> Option<Vec<u8>> {
+        if self.payload.len() > SENT_MAX {
+            return None;
+        }
+        let retry = serde_json::to_string(&self.retry).ok()?;
+        let mut out =
+            Vec::with_capacity(self.task.as_str().len() + retry.len() + self.payload.len() + 2);
+        out.extend_from_slice(self.task.as_str().as_bytes());
+        out.push(b'\n');
+        out.extend_from_slice(retry.as_bytes());
+        out.push(b'\n');
+        out.extend_from_slice(self.payload.as_bytes());
+        Some(out)
+    }
+
+    /// Reads what [`Handed::encode`] wrote; `None` for anything else.
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Handed> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let (task, rest) = text.split_once('\n')?;
+        let (retry, payload) = rest.split_once('\n')?;
+        Some(Handed {
+            task: TaskName::new(task).ok()?,
+            payload: Arc::from(payload),
+            retry: serde_json::from_str(retry).ok()?,
+        })
+    }
+}
+
 #[derive(Default)]
 struct State {
     /// Each entry, and whether it came from a read ahead.
@@ -100,6 +136,16 @@ impl Handover {
         }
         let mut st = self.lock();
         self.insert(&mut st, run, handed, false);
+    }
+
+    /// Keeps what came with a lease another process's enqueue made for a workloop here, as a
+    /// read ahead (dropped when the run starts: a later attempt reads its run).
+    pub(crate) fn keep_delivered(&self, run: RunId, handed: Handed) {
+        if !self.enabled {
+            return;
+        }
+        let mut st = self.lock();
+        self.insert(&mut st, run, handed, true);
     }
 
     fn insert(&self, st: &mut State, run: RunId, handed: Handed, ahead: bool) {

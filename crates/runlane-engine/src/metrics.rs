@@ -30,10 +30,15 @@ pub struct EngineMetrics {
     /// Of those, leases granted inside a trigger's enqueue to an idle workloop of this
     /// process (claim on enqueue: no claim call of their own).
     pub claimed_on_enqueue: u64,
+    /// Of those, leases another process's enqueue made for an idle workloop's offer parked in
+    /// the queue, delivered here by the doorbells (no claim call, no read after it when the
+    /// trigger sent what the worker needs).
+    pub claimed_delivered: u64,
     /// Runs whose read ahead of their claim was sent, named by another process's doorbell
     /// while a workloop here waited idle (the read overlaps the claim it causes).
     pub read_ahead: u64,
-    /// Claimed runs this process started from such a read (no read after the claim).
+    /// Claimed runs this process started from such a read, or from what another process's
+    /// trigger sent with a delivered lease (no read after the claim).
     pub read_ahead_used: u64,
     /// Claims per latency bucket (cumulative counts are built by the exporter):
     /// `start_latency_counts[i]` counts latencies ≤ `START_LATENCY_BUCKETS_MS[i]` and above the
@@ -71,6 +76,7 @@ pub(crate) struct Counters {
     schedule_fired: AtomicU64,
     schedule_refused: AtomicU64,
     claimed_on_enqueue: AtomicU64,
+    claimed_delivered: AtomicU64,
     read_ahead: AtomicU64,
     last_claim: Mutex<HashMap<LaneName, Timestamp>>,
 }
@@ -95,6 +101,7 @@ impl Counters {
             schedule_fired: AtomicU64::new(0),
             schedule_refused: AtomicU64::new(0),
             claimed_on_enqueue: AtomicU64::new(0),
+            claimed_delivered: AtomicU64::new(0),
             read_ahead: AtomicU64::new(0),
             last_claim: Mutex::new(HashMap::new()),
         }
@@ -119,6 +126,11 @@ impl Counters {
     /// Leases granted inside a trigger's enqueue (claim on enqueue).
     pub(crate) fn claimed_on_enqueue(&self, leases: usize) {
         bump(&self.claimed_on_enqueue, leases as u64);
+    }
+
+    /// Leases delivered for a parked offer.
+    pub(crate) fn claimed_delivered(&self, leases: usize) {
+        bump(&self.claimed_delivered, leases as u64);
     }
 
     /// Runs read ahead of their claim (a doorbell's hint).
@@ -191,6 +203,7 @@ impl Counters {
             idempotent_hits: get(&self.idempotent_hits),
             claimed: get(&self.claimed),
             claimed_on_enqueue: get(&self.claimed_on_enqueue),
+            claimed_delivered: get(&self.claimed_delivered),
             read_ahead: get(&self.read_ahead),
             // Counted by the hand-over (see `Engine::metrics`).
             read_ahead_used: 0,

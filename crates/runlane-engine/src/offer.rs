@@ -11,6 +11,14 @@
 //! The trigger hands the leases and the held slots back to the workloop, which runs them as it
 //! runs its own claim's.
 //!
+//! A queue shared by processes may also keep the offer
+//! ([`QueueBackend::parks_offers`](runlane_core::backend::QueueBackend::parks_offers)): the
+//! workloop's empty claim parks its twin there (`Offer::parked`), an enqueue of any process
+//! leases for the twin, and the leases come back through the doorbells
+//! ([`Offers::delivered`], then [`Offer::fulfil_delivered`]). A trigger here that takes the
+//! offer takes the twin with its carried claim, or claims nothing when another process's
+//! enqueue took the twin first.
+//!
 //! An offer is taken at most once. The workloop withdraws an offer nobody took when a doorbell
 //! rings or it stops; one that was taken is waited for. An offer dropped untaken (its trigger
 //! went away mid-call) frees its slots and wakes its workloop; a lease its call may still
@@ -19,7 +27,7 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use runlane_core::backend::{ClaimRequest, Leased};
+use runlane_core::backend::{ClaimRequest, Leased, ParkedOffer};
 use runlane_core::{EnvName, LaneName};
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
@@ -27,6 +35,9 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit};
 pub(crate) struct Offer {
     /// The workloop's claim, `max` = the slots `permit` holds.
     pub(crate) request: ClaimRequest,
+    /// The twin parked in the queue for other processes' enqueues, if any
+    /// ([`QueueBackend::parks_offers`](runlane_core::backend::QueueBackend::parks_offers)).
+    pub(crate) parked: Option<ParkedOffer>,
     permit: OwnedSemaphorePermit,
     reply: oneshot::Sender<Taken>,
 }
@@ -35,6 +46,7 @@ impl Offer {
     /// An offer of the slots `permit` holds, answered on the returned receiver once taken.
     pub(crate) fn new(
         mut request: ClaimRequest,
+        parked: Option<ParkedOffer>,
         permit: OwnedSemaphorePermit,
     ) -> (Offer, oneshot::Receiver<Taken>) {
         request.max = u32::try_from(permit.num_permits()).unwrap_or(u32::MAX);
@@ -42,6 +54,7 @@ impl Offer {
         (
             Offer {
                 request,
+                parked,
                 permit,
                 reply,
             },
@@ -51,9 +64,20 @@ impl Offer {
 
     /// Gives the slots back to the workloop with what the claim leased.
     pub(crate) fn fulfil(self, leases: Vec<Leased>) {
+        self.answer(leases, false);
+    }
+
+    /// Gives the slots back to the workloop with the leases another process's enqueue made
+    /// for the parked twin (delivered by the doorbells).
+    pub(crate) fn fulfil_delivered(self, leases: Vec<Leased>) {
+        self.answer(leases, true);
+    }
+
+    fn answer(self, leases: Vec<Leased>, delivered: bool) {
         let taken = Taken {
             permit: self.permit,
             leases,
+            delivered,
         };
         if let Err(taken) = self.reply.send(taken) {
             // The workloop is gone (its worker crashed): the leases lapse and are recovered.
@@ -81,6 +105,8 @@ pub(crate) struct Taken {
     pub(crate) permit: OwnedSemaphorePermit,
     /// At most `max` leases, in claim order.
     pub(crate) leases: Vec<Leased>,
+    /// Made by another process's enqueue for the parked twin, and heard from the doorbells.
+    pub(crate) delivered: bool,
 }
 
 /// The offers posted and not taken yet.
@@ -135,6 +161,18 @@ impl Offers {
         Some(offer)
     }
 
+    /// The offer whose parked twin is `parked`, unless it was taken or withdrawn.
+    pub(crate) fn delivered(&self, parked: ParkedOffer) -> Option<Offer> {
+        if self.len.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut posted = self.lock();
+        let at = posted.iter().position(|(_, o)| o.parked == Some(parked))?;
+        let (_, offer) = posted.swap_remove(at);
+        self.len.store(posted.len(), Ordering::Release);
+        Some(offer)
+    }
+
     /// Whether a posted offer's workloop claims on one of `lanes` (any env).
     pub(crate) fn covers_any_lane(&self, lanes: &[LaneName]) -> bool {
         if self.len.load(Ordering::Acquire) == 0 {
@@ -169,7 +207,7 @@ impl Offers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use runlane_core::backend::ServedEnv;
+    use runlane_core::backend::{ConsumerId, ServedEnv};
     use runlane_core::{ClaimChain, WorkerId};
     use std::sync::Arc;
     use std::time::Duration;
@@ -201,7 +239,7 @@ mod tests {
         let slots = Arc::new(Semaphore::new(4));
         let permit = slots.clone().try_acquire_many_owned(3).expect("permits");
         let offers = Offers::new(true);
-        let (offer, rx) = Offer::new(request("cron", "prod"), permit);
+        let (offer, rx) = Offer::new(request("cron", "prod"), None, permit);
         assert_eq!(offer.request.max, 3);
         let id = offers.post(offer);
         // Another lane or another env is not covered.
@@ -237,6 +275,7 @@ mod tests {
         let offers = Offers::new(true);
         let (offer, _rx) = Offer::new(
             request("*", "prod"),
+            None,
             slots.clone().try_acquire_owned().expect("permit"),
         );
         let id = offers.post(offer);
@@ -245,11 +284,42 @@ mod tests {
         // A workloop that went away: its offer is skipped and dropped.
         let (offer, rx) = Offer::new(
             request("*", "prod"),
+            None,
             slots.clone().try_acquire_owned().expect("permit"),
         );
         offers.post(offer);
         drop(rx);
         assert!(offers.take(&env("prod"), &lane("default"), None).is_none());
         assert_eq!(slots.available_permits(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_delivery_takes_only_the_offer_of_its_parked_twin() {
+        let slots = Arc::new(Semaphore::new(2));
+        let offers = Offers::new(true);
+        let (offer, mut rx) = Offer::new(
+            request("*", "prod"),
+            Some((ConsumerId(7), 3)),
+            slots.clone().try_acquire_many_owned(2).expect("permits"),
+        );
+        let id = offers.post(offer);
+        assert!(
+            offers.delivered((ConsumerId(7), 2)).is_none(),
+            "an older seq"
+        );
+        assert!(
+            offers.delivered((ConsumerId(8), 3)).is_none(),
+            "another workloop"
+        );
+        let offer = offers.delivered((ConsumerId(7), 3)).expect("its twin");
+        assert!(offers.withdraw(id).is_none(), "taken once");
+        offer.fulfil_delivered(Vec::new());
+        let taken = rx.try_recv().expect("answered");
+        assert!(taken.delivered);
+        assert_eq!(taken.permit.num_permits(), 2);
+        assert!(
+            offers.delivered((ConsumerId(7), 3)).is_none(),
+            "delivered once"
+        );
     }
 }

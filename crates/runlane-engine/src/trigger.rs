@@ -576,15 +576,19 @@ impl Engine {
         // New work: the queue key's `max_queued` applies.
         let why = EnqueueAs::trigger(prepared.sync());
         let mut record = prepared.record;
+        let handed = Handed {
+            task: record.task.clone(),
+            payload: record.payload.clone(),
+            retry: record.retry,
+        };
+        // Sent with the enqueue when a workloop of another process may lease the run in it.
+        let sent = if inner.queue.parks_offers() {
+            handed.encode()
+        } else {
+            None
+        };
         // Kept before the enqueue: a worker of this process may claim the run at once.
-        inner.handover.keep(
-            record.id,
-            Handed {
-                task: record.task.clone(),
-                payload: record.payload.clone(),
-                retry: record.retry,
-            },
-        );
+        inner.handover.keep(record.id, handed);
         let dispatch = record.dispatch();
         let offer = if may_offer {
             self.offer_for(&dispatch, now)
@@ -596,13 +600,13 @@ impl Engine {
             // trigger goes away mid-call (a dropped HTTP request, a timeout).
             Some(offer) => {
                 let inner = inner.clone();
-                tokio::spawn(enqueue_for_offer(inner, dispatch, why, offer))
+                tokio::spawn(enqueue_for_offer(inner, dispatch, why, offer, sent))
                     .await
                     .unwrap_or_else(|e| {
                         Err(QueueError::Unavailable(format!("enqueue task failed: {e}")))
                     })
             }
-            None => match inner.queue.enqueue(dispatch, why, now).await {
+            None => match enqueue_sending(inner, dispatch, why, now, sent).await {
                 Ok(enqueued) => Ok(settle(
                     inner,
                     &record.lane,
@@ -947,6 +951,25 @@ async fn settle(
     (enqueued.placement, status)
 }
 
+/// A trigger's enqueue, with what a worker needs of the run when it is `sent` (see
+/// [`runlane_core::backend::QueueBackend::enqueue_handing`]).
+async fn enqueue_sending(
+    inner: &Inner,
+    dispatch: Dispatch,
+    why: EnqueueAs,
+    now: Timestamp,
+    sent: Option<Vec<u8>>,
+) -> Result<Enqueued, QueueError> {
+    match sent {
+        Some(sent) => Ok(inner
+            .queue
+            .enqueue_handing(dispatch, why, now, None, Some(&sent))
+            .await?
+            .0),
+        None => inner.queue.enqueue(dispatch, why, now).await,
+    }
+}
+
 /// The enqueue of a run that carries an idle workloop's claim (see [`crate::offer`]). The
 /// claim's leases start now (not when the trigger began); they are handed to the workloop
 /// after the run's statuses are published. A refused or failed call drops the offer: its
@@ -956,6 +979,7 @@ async fn enqueue_for_offer(
     dispatch: Dispatch,
     why: EnqueueAs,
     offer: Offer,
+    sent: Option<Vec<u8>>,
 ) -> Result<(Placement, RunStatus), QueueError> {
     let now = inner.now();
     let (run, env, lane, attempt) = (
@@ -966,7 +990,13 @@ async fn enqueue_for_offer(
     );
     let (enqueued, leases) = inner
         .queue
-        .enqueue_claiming(dispatch, why, now, &offer.request)
+        .enqueue_handing(
+            dispatch,
+            why,
+            now,
+            Some((&offer.request, offer.parked)),
+            sent.as_deref(),
+        )
         .await?;
     let leases = renew_late(
         inner.queue.as_ref(),

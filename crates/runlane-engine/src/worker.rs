@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use runlane_core::admission::{env_cap, key_cap};
 use runlane_core::backend::{
-    AttemptEnd, ClaimRequest, ConsumerId, LeaseState, Leased, QueueBackend, RunRecord, ServedEnv,
+    AttemptEnd, ClaimRequest, ConsumerId, LeaseState, Leased, OfferSteps, ParkedOffer,
+    QueueBackend, RunRecord, ServedEnv,
 };
 use runlane_core::{
     CancelReason, ClaimChain, EnvName, FencingToken, InvalidInput, LaneName, QueueError, QueueName,
@@ -685,6 +686,11 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
     let bells = engine.bells.bells_for(&request.chain);
     let mut backoff = CLAIM_BACKOFF_MIN;
     let remote_claims = !engine.queue.claims_in_process();
+    // Offers parked in the queue too (for other processes' enqueues): the seq of the last one
+    // this workloop's claim may have parked, and whether that offer's delivery was heard.
+    let parks = engine.offers.enabled() && engine.queue.parks_offers();
+    let mut parked: Option<(u64, bool)> = None;
+    let mut seq = 0u64;
     loop {
         if *stop.borrow() {
             break;
@@ -703,7 +709,20 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
             ring.as_mut().enable();
         }
         request.max = u32::try_from(free).unwrap_or(u32::MAX);
-        match claim(&engine, &request).await {
+        let claimed = if parks {
+            seq += 1;
+            let now = engine.now();
+            let steps = OfferSteps {
+                consumer,
+                withdraw: parked.take(),
+                park: Some((seq, now.saturating_add(parked_for(request.lease)))),
+            };
+            parked = Some((seq, false));
+            claim_parking(&engine, &request, &steps, now).await
+        } else {
+            claim(&engine, &request).await
+        };
+        match claimed {
             Ok(leases) if !leases.is_empty() => {
                 backoff = CLAIM_BACKOFF_MIN;
                 debug_assert!(leases.len() <= free, "a claim never exceeds its free slots");
@@ -735,8 +754,13 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
             }
             Ok(_) if engine.offers.enabled() => {
                 backoff = CLAIM_BACKOFF_MIN;
-                let stopping =
-                    offer_and_wait(&shared, &lp, &request, first, &mut rings, &mut stop).await;
+                let twin = parked.map(|(s, _)| (consumer, s));
+                let (stopping, delivered) =
+                    offer_and_wait(&shared, &lp, &request, twin, first, &mut rings, &mut stop)
+                        .await;
+                if delivered {
+                    parked = parked.map(|(s, _)| (s, true));
+                }
                 if stopping {
                     break;
                 }
@@ -768,14 +792,20 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
 /// whatever else is free) are offered to this process's triggers until a doorbell rings or the
 /// worker stops (see [`crate::offer`]). Runs a trigger's enqueue claimed for the offer start
 /// here, as a claim's would. Answers whether the worker is stopping.
+///
+/// With `twin` (the offer its claim parked in the queue for other processes' enqueues), the
+/// wait also ends when the twin is half-way to the end of its time, so the next claim parks
+/// a fresh one; and leases another process's enqueue made for the twin start here as soon
+/// as the doorbells deliver them. Answers also whether they did.
 async fn offer_and_wait<F: Future<Output = ()> + Unpin>(
     shared: &Arc<WorkerShared>,
     lp: &Arc<LoopShared>,
     request: &ClaimRequest,
+    twin: Option<ParkedOffer>,
     first: OwnedSemaphorePermit,
     rings: &mut [F],
     stop: &mut watch::Receiver<bool>,
-) -> bool {
+) -> (bool, bool) {
     let engine = &shared.engine.inner;
     let mut permit = first;
     let more = lp.slots.available_permits();
@@ -784,12 +814,22 @@ async fn offer_and_wait<F: Future<Output = ()> + Unpin>(
             permit.merge(p);
         }
     }
-    let (offer, mut taken) = Offer::new(request.clone(), permit);
+    let (offer, mut taken) = Offer::new(request.clone(), twin, permit);
     let id = engine.offers.post(offer);
     let mut stopping = false;
+    let refresh = async {
+        match twin {
+            Some(_) => {
+                let at = engine.now().saturating_add(parked_for(request.lease) / 2);
+                engine.clock.sleep_until(at).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
     let answered = tokio::select! {
         () = any_of(rings) => None,
         answer = &mut taken => Some(answer.ok()),
+        () = refresh => None,
         _ = stop.changed() => {
             stopping = true;
             None
@@ -807,7 +847,17 @@ async fn offer_and_wait<F: Future<Output = ()> + Unpin>(
             None => taken.await.ok(),
         },
     };
-    if let Some(Taken { mut permit, leases }) = answer {
+    let delivered = matches!(
+        answer,
+        Some(Taken {
+            delivered: true,
+            ..
+        })
+    );
+    if let Some(Taken {
+        mut permit, leases, ..
+    }) = answer
+    {
         if !leases.is_empty() {
             let loaded = load_claimed(engine, &leases).await;
             for (leased, loaded) in leases.into_iter().zip(loaded) {
@@ -818,7 +868,26 @@ async fn offer_and_wait<F: Future<Output = ()> + Unpin>(
             }
         }
     }
-    stopping
+    (stopping, delivered)
+}
+
+/// How long an idle workloop's offer stays parked in the queue: a quarter of its lease, from
+/// 200 ms to 5 s. The workloop parks a fresh one half-way; the offer of a process that died
+/// (or lost the queue) is not taken after that, and a lease made for it before is recovered
+/// as any lapsed lease.
+fn parked_for(lease: Duration) -> Duration {
+    (lease / 4).clamp(Duration::from_millis(200), Duration::from_secs(5))
+}
+
+/// [`claim`] with steps on the workloop's parked offer.
+async fn claim_parking(
+    engine: &Inner,
+    request: &ClaimRequest,
+    steps: &OfferSteps,
+    now: Timestamp,
+) -> Result<Vec<Leased>, QueueError> {
+    let leases = engine.queue.claim_parking(request, steps, now).await?;
+    Ok(renew_late(engine.queue.as_ref(), leases, request.lease, engine.now()).await)
 }
 
 /// One heartbeat per `lease / 3` for all the worker's leases, only while it has any.

@@ -72,6 +72,7 @@ local function k_kl(e, q, k) return P .. ':kl:' .. e .. Z .. q .. Z .. k end
 local function k_kt(e, q, k) return P .. ':kt:' .. e .. Z .. q .. Z .. k end
 -- Interned key ids (`{p}:k:….id`) → `env \0 queue \0 key`, for TTL bucket entries of list-resident runs.
 local K_KN
+local K_OFFERS
 local function k_bq(e) return P .. ':bq:' .. e end
 local function k_bk(e, q) return P .. ':bk:' .. e .. Z .. q end
 local function k_l(l) return P .. ':l:' .. l end
@@ -378,6 +379,9 @@ local fx_moved, fx_lanes, fx_rung = {}, {}, {}
 -- The runs this call made ready, up to one more than `HINT_MAX` (more than that: no hint),
 -- and the lane of each.
 local fx_ready, fx_ready_lane = {}, {}
+-- The parked offers this call's enqueue took: { consumer, seq, { { id, record, handed }, ... } }
+-- each, and the lanes of the runs they leased (a set).
+local fx_deliver, fx_deliver_lanes = {}, {}
 local HINT_MAX = 4
 local function moved(id, status)
   fx_moved[#fx_moved + 1] = id
@@ -1152,17 +1156,28 @@ end
 -- ids, concatenated; a lane's bell names its lane's runs, the `*` bell all of them): a process
 -- whose workloops wait reads those runs from the store while its claim is on the way
 -- (readers that do not know the field skip it).
-local function bell(name, id, field, value, hint)
+-- A call whose enqueue leased runs for other processes' parked offers (see `take_offers`)
+-- delivers them in an `o` field: on the `*` bell and on the bell of each lane it leased runs
+-- of, which are rung for that even when nothing stayed ready there (`r` = '0', `l` naming
+-- only the lanes still ready: readers ring nothing for those).
+local function bell(name, id, field, value, hint, delivery)
+  local args = { 'XADD', P .. ':db:' .. name, 'MAXLEN', '1', id or '*', field, value }
   if hint then
-    redis.call('XADD', P .. ':db:' .. name, 'MAXLEN', '1', id or '*', field, value, 'h', hint)
-  else
-    redis.call('XADD', P .. ':db:' .. name, 'MAXLEN', '1', id or '*', field, value)
+    args[#args + 1] = 'h'
+    args[#args + 1] = hint
   end
+  if delivery then
+    args[#args + 1] = 'o'
+    args[#args + 1] = delivery
+  end
+  redis.call(unpack(args))
 end
 
 local function ring_bells()
-  if #fx_lanes == 0 then return end
+  if #fx_lanes == 0 and #fx_deliver == 0 then return end
   local hinted = #fx_ready > 0 and #fx_ready <= HINT_MAX
+  local delivery = #fx_deliver > 0 and cmsgpack.pack(fx_deliver) or nil
+  local rung = {}
   for _, lane in ipairs(fx_lanes) do
     local hint = nil
     if hinted then
@@ -1172,9 +1187,16 @@ local function ring_bells()
       end
       if #ids > 0 then hint = table.concat(ids) end
     end
-    bell(lane, nil, 'r', '1', hint)
+    rung[lane] = true
+    bell(lane, nil, 'r', '1', hint, fx_deliver_lanes[lane] and delivery or nil)
   end
-  bell('*', nil, 'l', table.concat(fx_lanes, ','), hinted and table.concat(fx_ready) or nil)
+  local only = {}
+  for lane in pairs(fx_deliver_lanes) do
+    if not rung[lane] then only[#only + 1] = lane end
+  end
+  for _, lane in ipairs(sorted(only)) do bell(lane, nil, 'r', '0', nil, delivery) end
+  bell('*', nil, 'l', table.concat(fx_lanes, ','), hinted and table.concat(fx_ready) or nil,
+    delivery)
 end
 
 -- After a rebuild: every lane's bell and the `*` bell, with an id after the server's clock (a
@@ -1272,12 +1294,14 @@ local function setup(keys, args)
     K_TBN = P .. ':tbn'
     K_RB = P .. ':rb'
     K_KN = P .. ':kn'
+    K_OFFERS = P .. ':of'
     run_keys = {}
   end
   kn_cache = {}
   popped_lists = {}
   fx_moved, fx_lanes, fx_rung = {}, {}, {}
   fx_ready, fx_ready_lane = {}, {}
+  fx_deliver, fx_deliver_lanes = {}, {}
   consumer_cache = nil
   env_known = {}
   rel_order, rel_by = {}, {}
@@ -1545,40 +1569,138 @@ end
 
 local claim_runs
 
-OPS['enqueue'] = function()
-  -- ARGV[6] = id, ARGV[7] = packed record (place unset), ARGV[8] = why ('0'/'1'/'a'), then
-  -- optionally an idle worker's claim as `claim`'s arguments (ARGV[9] = worker, ...): made in
-  -- the same step once the run is placed, exactly as that worker's next claim would be, and
-  -- answered after the placement.
-  local code, v = enqueue_one(ARGV[6], ARGV[7], ARGV[8])
-  if code == 'ok' and #ARGV >= 12 then
-    local leased = claim_runs(9, #ARGV)
-    -- A lane the claim left without a ready run rings no doorbell: nobody could claim there.
-    if #leased > 0 then
-      local keep = {}
+-- Parked offers (`{p}:of`, field = consumer): an idle workloop's claim, left here by its empty
+-- claim so that an enqueue of any process leases for it in the enqueue's own step (as a
+-- trigger of the workloop's process does with its in-process offer), and delivers the leases
+-- on the bells. A parked offer is { seq, deadline, claim arguments }; one an enqueue took is
+-- { seq, false, { id, token, ... } } (its leases) until the workloop withdraws it: it then
+-- gets in its claim's answer the leases it did not hear of. A parked offer past its deadline
+-- (its process died or lost Redis) is never taken; the workloop parks a new one before then.
+
+-- Takes the consumer's entry out; answers the leases of a taken one still held under their
+-- token, unless the workloop heard of them (`heard`: it got offer `seq` delivered).
+local function withdraw_offer(consumer, seq, heard)
+  local raw = redis.call('HGET', K_OFFERS, consumer)
+  if not raw then return {} end
+  redis.call('HDEL', K_OFFERS, consumer)
+  local o = cmsgpack.unpack(raw)
+  if o[2] ~= false or (heard and o[1] == seq) then return {} end
+  local out = {}
+  local t = o[3]
+  for i = 1, #t, 2 do
+    local id = t[i]
+    local r = load(id)
+    if r and r[F_PLACE] == 'l' and r[F_TOKEN] == t[i + 1] then
+      out[#out + 1] = { id, redis.call('HGET', k_run(id), id) }
+    end
+  end
+  return out
+end
+
+-- Whether the carried claim of the in-process offer `seq` of `consumer` may lease: not when
+-- an enqueue of another process took the parked twin already (it used the same slots).
+local function take_own_offer(consumer, seq)
+  local raw = redis.call('HGET', K_OFFERS, consumer)
+  if not raw then return true end
+  local o = cmsgpack.unpack(raw)
+  if o[1] ~= seq then return true end
+  if o[2] == false then return false end
+  redis.call('HDEL', K_OFFERS, consumer)
+  return true
+end
+
+-- Leases the ready runs of this call's lanes for parked offers that cover them (one claim per
+-- offer, as the workloop's own next claim would be), while any stays ready. `handed_id`'s
+-- delivery carries `handed` (what its worker needs, from the trigger), so the workloop need
+-- not read the run. Answers the runs leased (a set).
+local function take_offers(handed_id, handed)
+  local took = {}
+  if #fx_lanes == 0 then return took end
+  local all = redis.call('HGETALL', K_OFFERS)
+  local left = #fx_lanes
+  for i = 1, #all, 2 do
+    if left == 0 then break end
+    local consumer, o = all[i], cmsgpack.unpack(all[i + 1])
+    local args = o[3]
+    if o[2] ~= false and o[2] <= now then
+      redis.call('HDEL', K_OFFERS, consumer)
+    elseif o[2] ~= false then
+      local wanted = false
       for _, lane in ipairs(fx_lanes) do
-        if num(redis.call('HGET', k_l(lane), 'count')) > 0 then keep[#keep + 1] = lane end
+        if covers(args[2], lane) then wanted = true end
       end
-      fx_lanes = keep
-      -- Nor does a run the claim took count in the bells' hint (one past the limit stays so).
-      if #fx_ready <= HINT_MAX then
-        local took = {}
-        for _, l in ipairs(leased) do took[l[1]] = true end
-        local ready, lanes = {}, {}
-        for i, id in ipairs(fx_ready) do
-          if not took[id] then
-            ready[#ready + 1] = id
-            lanes[#ready] = fx_ready_lane[i]
+      if wanted then
+        local leased, tokens = claim_runs(args, 1, #args, 0)
+        if #leased > 0 then
+          local held, runs = {}, {}
+          for j, l in ipairs(leased) do
+            local id = l[1]
+            took[id] = true
+            held[#held + 1] = id
+            held[#held + 1] = tokens[j]
+            runs[#runs + 1] = { id, l[2], id == handed_id and handed ~= '' and handed or false }
+            fx_deliver_lanes[cmsgpack.unpack(l[2])[F_LANE]] = true
+          end
+          redis.call('HSET', K_OFFERS, consumer, cmsgpack.pack({ o[1], false, held }))
+          fx_deliver[#fx_deliver + 1] = { tonumber(consumer), o[1], runs }
+          left = 0
+          for _, lane in ipairs(fx_lanes) do
+            if num(redis.call('HGET', k_l(lane), 'count')) > 0 then left = left + 1 end
           end
         end
-        fx_ready, fx_ready_lane = ready, lanes
       end
     end
-    return answer('ok', v, leased)
   end
-  if code == 'ok' then return answer('ok', v) end
-  if v ~= nil then return fail(code, v) end
-  return fail(code)
+  return took
+end
+
+-- After the enqueue's claims: a lane they left without a ready run rings no doorbell (nobody
+-- could claim there), nor does a run they took count in the bells' hint (one past the limit
+-- stays so).
+local function drop_taken(took)
+  local keep = {}
+  for _, lane in ipairs(fx_lanes) do
+    if num(redis.call('HGET', k_l(lane), 'count')) > 0 then keep[#keep + 1] = lane end
+  end
+  fx_lanes = keep
+  if #fx_ready <= HINT_MAX then
+    local ready, lanes = {}, {}
+    for i, id in ipairs(fx_ready) do
+      if not took[id] then
+        ready[#ready + 1] = id
+        lanes[#ready] = fx_ready_lane[i]
+      end
+    end
+    fx_ready, fx_ready_lane = ready, lanes
+  end
+end
+
+OPS['enqueue'] = function()
+  -- ARGV[6] = id, ARGV[7] = packed record (place unset), ARGV[8] = why ('0'/'1'/'a'),
+  -- ARGV[9] = what a worker needs of the run ('' when not sent), ARGV[10] = the in-process
+  -- offer the next arguments come from ('consumer seq', or ''), then optionally an idle
+  -- worker's claim as `claim`'s arguments (ARGV[11] = worker, ...): made in the same step once
+  -- the run is placed, exactly as that worker's next claim would be, and answered after the
+  -- placement. Parked offers of other workloops then take what stays ready.
+  local code, v = enqueue_one(ARGV[6], ARGV[7], ARGV[8])
+  if code ~= 'ok' then
+    if v ~= nil then return fail(code, v) end
+    return fail(code)
+  end
+  local leased = {}
+  local took = {}
+  if #ARGV >= 14 then
+    local consumer, seq = string.match(ARGV[10], '^(%d+) (%d+)$')
+    if not consumer or take_own_offer(consumer, tonumber(seq)) then
+      leased = claim_runs(ARGV, 11, #ARGV, 0)
+      for _, l in ipairs(leased) do took[l[1]] = true end
+      if #leased > 0 then drop_taken(took) end
+    end
+  end
+  local remote = take_offers(ARGV[6], ARGV[9])
+  if next(remote) then drop_taken(remote) end
+  if #ARGV >= 14 then return answer('ok', v, leased) end
+  return answer('ok', v)
 end
 
 -- Many enqueues in one call, each as 'enqueue' (in order): ARGV[6..] = (id, packed record,
@@ -1599,14 +1721,15 @@ OPS['enqueue_many'] = function()
   return answer('ok', out)
 end
 
--- Takes up to `max` ready runs out of `chain`'s lanes for `worker` and leases them; answers
--- { id, record } per leased run. ARGV[from] = worker, then chain, max, lease ms, then env,
--- version pairs up to `to`. (Declared before `enqueue`, which claims with it.)
-claim_runs = function(from, to)
-  local worker, chain, max, lease_ms = ARGV[from], ARGV[from + 1], tonumber(ARGV[from + 2]),
-    tonumber(ARGV[from + 3])
+-- Takes up to `max` (less `fewer`) ready runs out of `chain`'s lanes for `worker` and leases
+-- them; answers { id, record } per leased run, and their tokens. A[from] = worker, then chain,
+-- max, lease ms, then env, version pairs up to `to` (A: the call's ARGV, or a parked offer's
+-- claim). (Declared before `enqueue`, which claims with it.)
+claim_runs = function(A, from, to, fewer)
+  local worker, chain, max, lease_ms = A[from], A[from + 1], tonumber(A[from + 2]) - fewer,
+    tonumber(A[from + 3])
   local served = {}
-  for i = from + 4, to, 2 do served[ARGV[i]] = tonumber(ARGV[i + 1]) end
+  for i = from + 4, to, 2 do served[A[i]] = tonumber(A[i + 1]) end
   local wildcard = string.sub(chain, 1, 1) == 'P'
   local named = {}
   local is_named = {}
@@ -1779,7 +1902,7 @@ claim_runs = function(from, to)
     redis.call('HSET', k_lp(lane), unpack(args))
     decr(k_l(lane), 'count', taken[lane])
   end
-  local out = {}
+  local out, tokens = {}, {}
   if npicks > 0 then
     local token = redis.call('HINCRBY', K_CFG, 'token', npicks) - npicks
     local deadline = now + lease_ms
@@ -1810,16 +1933,32 @@ claim_runs = function(from, to)
         attempts[#attempts + 1] = id
       end
       out[#out + 1] = { id, save(id, r) }
+      tokens[#tokens + 1] = token
     end
     many('ZADD', K_LEASE, leases)
     if #attempts > 0 then many('ZADD', K_ATT, attempts) end
   end
-  return out
+  return out, tokens
 end
 
 OPS['claim'] = function()
-  -- ARGV[6] = worker, ARGV[7] = chain, ARGV[8] = max, ARGV[9] = lease ms, ARGV[10..] = env, version pairs
-  return fail('ok', claim_runs(6, #ARGV))
+  -- ARGV[6] = the workloop's parked offer steps ('' for none, else 'consumer withdraw heard
+  -- park deadline': the seq of the offer to take back ('-' none) and whether its delivery was
+  -- heard ('1'), the seq of an offer to park when nothing is leased ('-' none) and its
+  -- deadline), ARGV[7] = worker, ARGV[8] = chain, ARGV[9] = max, ARGV[10] = lease ms,
+  -- ARGV[11..] = env, version pairs. A withdrawn offer's unheard leases come first.
+  local consumer, w, heard, park, deadline =
+    string.match(ARGV[6], '^(%d+) (%S+) (%S+) (%S+) (%S+)$')
+  local out = {}
+  if consumer and w ~= '-' then out = withdraw_offer(consumer, tonumber(w), heard == '1') end
+  local leased = claim_runs(ARGV, 7, #ARGV, #out)
+  for _, l in ipairs(leased) do out[#out + 1] = l end
+  if consumer and park ~= '-' and #out == 0 then
+    local args = {}
+    for i = 7, #ARGV do args[#args + 1] = ARGV[i] end
+    redis.call('HSET', K_OFFERS, consumer, cmsgpack.pack({ tonumber(park), tonumber(deadline), args }))
+  end
+  return fail('ok', out)
 end
 
 OPS['heartbeat'] = function()
@@ -2200,6 +2339,8 @@ end
 
 OPS['unregister_consumer'] = function()
   local id = ARGV[6]
+  -- A parked offer goes; leases an enqueue made for it lapse and are recovered.
+  redis.call('HDEL', K_OFFERS, id)
   local chain = redis.call('HGET', K_CONS, id)
   if chain then
     redis.call('HDEL', K_CONS, id)

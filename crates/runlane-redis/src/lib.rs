@@ -29,6 +29,8 @@ mod format3_tests;
 #[cfg(test)]
 mod function_tests;
 mod meta;
+#[cfg(test)]
+mod parked_offer_tests;
 mod queue;
 mod record;
 #[cfg(test)]
@@ -38,6 +40,6 @@ mod ttl_bucket_tests;
 
 pub use meta::{RedisMetaCache, RedisMetaConfig, STAMP_FIELD};
 pub use queue::{
-    RedisConfig, RedisHealth, RedisOpenError, RedisQueue, FAILPOINT_VAR, KEYSPACE_FORMAT,
+    Delivery, RedisConfig, RedisHealth, RedisOpenError, RedisQueue, FAILPOINT_VAR, KEYSPACE_FORMAT,
     MID_REBUILD,
 };

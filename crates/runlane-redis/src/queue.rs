@@ -13,8 +13,8 @@ use rmpv::Value;
 use runlane_core::admission::env_cap;
 use runlane_core::backend::{
     CancelOutcome, ClaimRequest, ConsumerId, Dispatch, Effects, EnqueueAs, Enqueued, EnvUsage,
-    LaneInfo, Lapsed, LeaseState, Leased, LiveRun, Placement, QueueBackend, QueueInfo, RunStore,
-    Tick,
+    LaneInfo, Lapsed, LeaseState, Leased, LiveRun, OfferSteps, ParkedOffer, Placement,
+    QueueBackend, QueueInfo, RunStore, Tick,
 };
 use runlane_core::{
     ClaimChain, EnvName, EnvSettings, FencingToken, LaneName, QueueError, QueueName, QueueSettings,
@@ -200,6 +200,18 @@ impl Link {
             }
         });
     }
+}
+
+/// Leases an enqueue made for a workloop's parked offer, as the doorbells deliver them
+/// ([`RedisQueue::deliveries`]).
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    /// The workloop.
+    pub consumer: ConsumerId,
+    /// The offer's seq.
+    pub seq: u64,
+    /// Each run leased, with what its trigger handed (when it was sent).
+    pub runs: Vec<(Leased, Option<Vec<u8>>)>,
 }
 
 /// The Redis queue backend (implements [`QueueBackend`]).
@@ -616,16 +628,52 @@ impl RedisQueue {
 
     /// The leases of a claim's answer (`{ id, record }` per leased run).
     fn leases(value: &Value) -> Result<Vec<Leased>, QueueError> {
+        Self::records(value.list()?)?
+            .into_iter()
+            .map(Self::lease_of)
+            .collect()
+    }
+
+    /// The lease a claimed run's record holds.
+    fn lease_of(rec: record::Record) -> Result<Leased, QueueError> {
+        let (Some(token), Some(lease_deadline)) = (rec.token, rec.lease_deadline) else {
+            return Err(malformed("claimed run without lease"));
+        };
+        Ok(Leased {
+            dispatch: rec.dispatch,
+            token: FencingToken(token),
+            lease_deadline,
+            attempt_deadline: rec.attempt_deadline,
+        })
+    }
+
+    /// The leases a doorbell entry delivers (its `o` field): made by an enqueue for workloops'
+    /// parked offers ([`QueueBackend::parks_offers`]), each with what the run's trigger handed.
+    pub fn deliveries(bytes: &[u8]) -> Result<Vec<Delivery>, QueueError> {
+        let value = record::decode(bytes)?;
         let mut out = Vec::new();
-        for rec in Self::records(value.list()?)? {
-            let (Some(token), Some(lease_deadline)) = (rec.token, rec.lease_deadline) else {
-                return Err(malformed("claimed run without lease"));
+        for offer in value.list()? {
+            let [consumer, seq, runs] = offer.list()? else {
+                return Err(malformed("delivery"));
             };
-            out.push(Leased {
-                dispatch: rec.dispatch,
-                token: FencingToken(token),
-                lease_deadline,
-                attempt_deadline: rec.attempt_deadline,
+            let mut leased = Vec::new();
+            for run in runs.list()? {
+                let [id, raw, handed] = run.list()? else {
+                    return Err(malformed("delivered run"));
+                };
+                let lease = Self::lease_of(unpack(run_id(id)?, raw.bytes()?)?)?;
+                let handed = if handed.truthy() {
+                    Some(handed.bytes()?.to_vec())
+                } else {
+                    None
+                };
+                leased.push((lease, handed));
+            }
+            let int = |v: &Value| u64::try_from(v.int()?).map_err(|_| malformed("negative id"));
+            out.push(Delivery {
+                consumer: ConsumerId(int(consumer)?),
+                seq: int(seq)?,
+                runs: leased,
             });
         }
         Ok(out)
@@ -642,32 +690,70 @@ impl RedisQueue {
             args.push(u64::from(served.version).into());
         }
     }
+    /// An enqueue that joins concurrent ones ([`crate::combine`]); alone, in its own call
+    /// with `handed`.
+    async fn enqueue_sending(
+        &self,
+        dispatch: Dispatch,
+        why: EnqueueAs,
+        now: Timestamp,
+        handed: Option<&[u8]>,
+    ) -> Result<Enqueued, QueueError> {
+        let rest = match self.enqueues.join(&dispatch, why, now) {
+            Joined::Lead => Vec::new(),
+            Joined::Wait(turn) => match turn.await {
+                Ok(Turn::Done(answer)) => return answer,
+                Ok(Turn::Lead(rest)) => rest,
+                // The call that held this run went away unanswered; enqueue is idempotent by
+                // run id, so a run it did place is answered as placed.
+                Err(_) => return self.enqueue_alone(&dispatch, why, now, None).await,
+            },
+        };
+        let _leading = Leading(&self.enqueues);
+        if rest.is_empty() {
+            return self.enqueue_alone(&dispatch, why, now, handed).await;
+        }
+        self.enqueue_with(dispatch, why, now, rest).await
+    }
 
-    /// One run's enqueue in its own script call.
+    /// One run's enqueue in its own script call (`handed` goes with a lease a parked offer
+    /// takes).
     async fn enqueue_alone(
         &self,
         dispatch: &Dispatch,
         why: EnqueueAs,
         now: Timestamp,
+        handed: Option<&[u8]>,
     ) -> Result<Enqueued, QueueError> {
-        Ok(self.enqueue_call(dispatch, why, now, None).await?.0)
+        Ok(self.enqueue_call(dispatch, why, now, None, handed).await?.0)
     }
 
     /// One run's enqueue in its own script call, with the claim of `claim` made in the same
-    /// step once the run is placed (its leases are answered beside the enqueue's outcome).
+    /// step once the run is placed (its leases are answered beside the enqueue's outcome;
+    /// its in-process offer's parked twin, if any, is taken with it). Parked offers of other
+    /// workloops then take what stays ready.
     async fn enqueue_call(
         &self,
         dispatch: &Dispatch,
         why: EnqueueAs,
         now: Timestamp,
-        claim: Option<&ClaimRequest>,
+        claim: Option<(&ClaimRequest, Option<ParkedOffer>)>,
+        handed: Option<&[u8]>,
     ) -> Result<(Enqueued, Vec<Leased>), QueueError> {
         let packed = record::pack_new(dispatch);
         let started = Instant::now();
         let answer = self
             .call("enqueue", now, || {
-                let mut args = vec![dispatch.run_id.into(), packed.clone().into(), why_arg(why)];
-                if let Some(request) = claim {
+                let mut args = vec![
+                    dispatch.run_id.into(),
+                    packed.clone().into(),
+                    why_arg(why),
+                    Arg::from(handed.unwrap_or_default().to_vec()),
+                ];
+                if let Some((request, parked)) = claim {
+                    args.push(Arg::from(
+                        parked.map_or_else(String::new, |(c, seq)| format!("{} {seq}", c.0)),
+                    ));
                     Self::claim_args(request, &mut args);
                 }
                 args
@@ -1524,21 +1610,68 @@ impl QueueBackend for RedisQueue {
         why: EnqueueAs,
         now: Timestamp,
     ) -> Result<Enqueued, QueueError> {
-        let rest = match self.enqueues.join(&dispatch, why, now) {
-            Joined::Lead => Vec::new(),
-            Joined::Wait(turn) => match turn.await {
-                Ok(Turn::Done(answer)) => return answer,
-                Ok(Turn::Lead(rest)) => rest,
-                // The call that held this run went away unanswered; enqueue is idempotent by
-                // run id, so a run it did place is answered as placed.
-                Err(_) => return self.enqueue_alone(&dispatch, why, now).await,
-            },
-        };
-        let _leading = Leading(&self.enqueues);
-        if rest.is_empty() {
-            return self.enqueue_alone(&dispatch, why, now).await;
+        self.enqueue_sending(dispatch, why, now, None).await
+    }
+
+    async fn enqueue_handing(
+        &self,
+        dispatch: Dispatch,
+        why: EnqueueAs,
+        now: Timestamp,
+        carried: Option<(&ClaimRequest, Option<ParkedOffer>)>,
+        handed: Option<&[u8]>,
+    ) -> Result<(Enqueued, Vec<Leased>), QueueError> {
+        match carried {
+            Some((claim, parked)) => {
+                if claim.max == 0 || !self.enqueues.lead_alone() {
+                    return Ok((
+                        self.enqueue_sending(dispatch, why, now, handed).await?,
+                        Vec::new(),
+                    ));
+                }
+                let _leading = Leading(&self.enqueues);
+                self.enqueue_call(&dispatch, why, now, Some((claim, parked)), handed)
+                    .await
+            }
+            None => Ok((
+                self.enqueue_sending(dispatch, why, now, handed).await?,
+                Vec::new(),
+            )),
         }
-        self.enqueue_with(dispatch, why, now, rest).await
+    }
+
+    fn parks_offers(&self) -> bool {
+        true
+    }
+
+    async fn claim_parking(
+        &self,
+        request: &ClaimRequest,
+        steps: &OfferSteps,
+        now: Timestamp,
+    ) -> Result<Vec<Leased>, QueueError> {
+        let started = Instant::now();
+        let answer = self
+            .call("claim", now, || {
+                let seq = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+                let mut args = vec![Arg::from(format!(
+                    "{} {} {} {} {}",
+                    steps.consumer.0,
+                    seq(steps.withdraw.map(|(s, _)| s)),
+                    if matches!(steps.withdraw, Some((_, true))) {
+                        1
+                    } else {
+                        0
+                    },
+                    seq(steps.park.map(|(s, _)| s)),
+                    steps.park.map_or(0, |(_, until)| until.as_millis()),
+                ))];
+                Self::claim_args(request, &mut args);
+                args
+            })
+            .await;
+        self.claim_calls.add(started);
+        Self::leases(answer?.extra(0)?)
     }
 
     /// Alone (no other enqueue of this process in flight), the claim rides on the enqueue's
@@ -1550,11 +1683,8 @@ impl QueueBackend for RedisQueue {
         now: Timestamp,
         claim: &ClaimRequest,
     ) -> Result<(Enqueued, Vec<Leased>), QueueError> {
-        if claim.max == 0 || !self.enqueues.lead_alone() {
-            return Ok((self.enqueue(dispatch, why, now).await?, Vec::new()));
-        }
-        let _leading = Leading(&self.enqueues);
-        self.enqueue_call(&dispatch, why, now, Some(claim)).await
+        self.enqueue_handing(dispatch, why, now, Some((claim, None)), None)
+            .await
     }
 
     fn claims_on_enqueue(&self) -> bool {
@@ -1580,7 +1710,7 @@ impl QueueBackend for RedisQueue {
         let started = Instant::now();
         let answer = self
             .call("claim", now, || {
-                let mut args = Vec::new();
+                let mut args = vec![Arg::from("")];
                 Self::claim_args(request, &mut args);
                 args
             })

@@ -99,6 +99,12 @@ pub async fn render(state: &AppState) -> Result<String, ApiError> {
         m.claimed_on_enqueue,
     );
     t.one(
+        "runlane_claimed_delivered_total",
+        "counter",
+        "Leases another process's enqueue made for an idle workloop's parked offer here.",
+        m.claimed_delivered,
+    );
+    t.one(
         "runlane_read_ahead_total",
         "counter",
         "Runs whose read ahead of their claim was sent (another process's doorbell named them).",

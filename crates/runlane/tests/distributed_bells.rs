@@ -430,12 +430,11 @@ async fn all_other_traffic_of_a_process_shares_one_connection() {
     engine.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_worker_of_another_process_reads_a_run_ahead_while_it_claims_it() {
-    let deployment = Deployment::new("bells_ahead", redis_support::url());
-    let a = deployment.open(true).await;
-    let b = deployment.open(false).await;
-    let (tx, mut started) = mpsc::unbounded_channel();
+/// A worker of `b` on every lane, one slot, that reports each run it starts with its payload.
+async fn payload_worker(
+    b: &Distributed,
+) -> (runlane::Worker, mpsc::UnboundedReceiver<(RunId, String)>) {
+    let (tx, started) = mpsc::unbounded_channel();
     let worker = b
         .worker()
         .workloops("*:1")
@@ -450,30 +449,89 @@ async fn an_idle_worker_of_another_process_reads_a_run_ahead_while_it_claims_it(
         .start()
         .await
         .expect("worker");
+    (worker, started)
+}
+
+/// Triggers `payload` on `a` (due after `delay`) once `b`'s workloop waits idle; answers the run
+/// once `b` started it with that payload.
+async fn trigger_for_idle(
+    a: &Distributed,
+    b: &Distributed,
+    started: &mut mpsc::UnboundedReceiver<(RunId, String)>,
+    payload: serde_json::Value,
+    delay: Option<Duration>,
+) -> RunId {
+    redis_support::until_idle_offers(b, 1, "B's workloop idle").await;
+    let mut trigger = a.trigger("job").payload(&payload);
+    if let Some(delay) = delay {
+        trigger = trigger.delay(delay);
+    }
+    let run = trigger.send().await.expect("trigger").run.id;
+    let (got, text) = tokio::time::timeout(BOUND, started.recv())
+        .await
+        .expect("started in time")
+        .expect("worker alive");
+    assert_eq!(got, run);
+    assert_eq!(
+        text,
+        payload.to_string(),
+        "the payload it was triggered with"
+    );
+    assert_completed(a, run).await;
+    run
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_of_another_process_reads_a_run_ahead_while_it_claims_it() {
+    let deployment = Deployment::new("bells_ahead", redis_support::url());
+    let a = deployment.open(true).await;
+    let b = deployment.open(false).await;
+    let (worker, mut started) = payload_worker(&b).await;
     let before = b.metrics();
     assert_eq!((before.read_ahead, before.read_ahead_used), (0, 0));
-    // Each run A triggers while B's workloop waits is named by its bell: B reads it from the
-    // store while its claim is on the way, and starts it from that read.
+    // Each run that comes due while B's workloop waits is named by its bell (a timer's call
+    // made it ready, not an enqueue that could lease it for B's parked offer): B reads it from
+    // the store while its claim is on the way, and starts it from that read.
     for i in 0..5 {
-        redis_support::until_idle_offers(&b, 1, "B's workloop idle").await;
-        let run = a
-            .trigger("job")
-            .payload(&serde_json::json!({ "i": i }))
-            .send()
-            .await
-            .expect("trigger")
-            .run
-            .id;
-        let (got, payload) = tokio::time::timeout(BOUND, started.recv())
-            .await
-            .expect("started in time")
-            .expect("worker alive");
-        assert_eq!(got, run);
-        assert_eq!(payload, format!("{{\"i\":{i}}}"), "the payload read ahead");
-        assert_completed(&a, run).await;
+        let payload = serde_json::json!({ "i": i });
+        trigger_for_idle(
+            &a,
+            &b,
+            &mut started,
+            payload,
+            Some(Duration::from_millis(20)),
+        )
+        .await;
     }
     let m = b.metrics();
     assert_eq!((m.read_ahead, m.read_ahead_used), (5, 5), "{m:?}");
+    assert_eq!(m.claimed_delivered, 0, "{m:?}");
+    worker.stop().await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_of_another_process_starts_a_run_the_trigger_leased_for_it() {
+    let deployment = Deployment::new("bells_parked", redis_support::url());
+    let a = deployment.open(true).await;
+    let b = deployment.open(false).await;
+    let (worker, mut started) = payload_worker(&b).await;
+    // Each run A triggers while B's workloop waits is leased in A's enqueue for the offer B's
+    // empty claim parked, and delivered on the bells with its payload: B starts it without a
+    // claim call of its own and without reading it.
+    for i in 0..5 {
+        let payload = serde_json::json!({ "i": i });
+        trigger_for_idle(&a, &b, &mut started, payload, None).await;
+    }
+    let m = b.metrics();
+    assert_eq!((m.claimed_delivered, m.claimed), (5, 5), "{m:?}");
+    assert_eq!((m.read_ahead, m.read_ahead_used), (0, 5), "{m:?}");
+    // A payload too large to send goes with no hand-over: B reads the run it was leased.
+    let large = serde_json::json!({ "blob": "x".repeat(20 << 10) });
+    trigger_for_idle(&a, &b, &mut started, large, None).await;
+    let m = b.metrics();
+    assert_eq!((m.claimed_delivered, m.read_ahead_used), (6, 5), "{m:?}");
     worker.stop().await;
     b.shutdown().await;
     a.shutdown().await;

@@ -1,0 +1,369 @@
+//! Parked offers: an idle workloop's empty claim parks its claim, an enqueue of any process
+//! leases for it in its own step and delivers the leases on the doorbells, and the workloop's
+//! next claim takes the offer back (with the leases it did not hear of).
+
+use runlane_core::backend::{
+    ClaimRequest, ConsumerId, Dispatch, EnqueueAs, OfferSteps, QueueBackend,
+};
+use runlane_core::{ClaimChain, RunId, RunStatus, Timestamp, WorkerId};
+
+use crate::test_support::{self as support, env};
+use crate::{Delivery, RedisQueue};
+
+const NOW: u64 = 1_000;
+/// When the offers these tests park stop being taken.
+const UNTIL: u64 = NOW + 5_000;
+
+async fn open(name: &str) -> Option<RedisQueue> {
+    let queue = support::open_queue("parked", name).await?;
+    // Env `a` admits 10 at once: no test here reaches its limit.
+    support::put_envs_a_b(&queue, 10).await;
+    Some(queue)
+}
+
+/// Worker `worker`'s claim of `max` runs of envs `a` and `b` on `chain`.
+fn request(worker: u64, chain: &str, max: u32) -> ClaimRequest {
+    let chain = ClaimChain::parse("chain", chain).expect("chain");
+    let mut r = support::claim_of(chain, max, &["a", "b"]);
+    r.worker = WorkerId(worker);
+    r
+}
+
+/// Run `n` of env `a`, due just before [`NOW`].
+fn ready(n: u128) -> Dispatch {
+    support::dispatch(n, &env("a"), "k", NOW - 1, None)
+}
+
+/// Consumer `c`'s steps: take back offer `withdraw` (heard or not), park offer `park`.
+fn steps(c: u64, withdraw: Option<(u64, bool)>, park: Option<u64>) -> OfferSteps {
+    OfferSteps {
+        consumer: ConsumerId(c),
+        withdraw,
+        park: park.map(|s| (s, Timestamp(UNTIL))),
+    }
+}
+
+/// The fields of a bell's last entry (none when it never rang).
+async fn last_entry(queue: &RedisQueue, bell: &str) -> Vec<(String, Vec<u8>)> {
+    let mut conn = support::connect().await.expect("connection");
+    let entries: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XREVRANGE")
+        .arg(format!("{}:db:{bell}", queue.key_base()))
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .expect("xrevrange");
+    let Some((_, fields)) = entries.into_iter().next() else {
+        return Vec::new();
+    };
+    fields
+        .chunks_exact(2)
+        .map(|kv| (String::from_utf8_lossy(&kv[0]).into_owned(), kv[1].clone()))
+        .collect()
+}
+
+fn field<'a>(fields: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
+    fields
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_slice())
+}
+
+/// The deliveries of a bell's last entry.
+async fn delivered(queue: &RedisQueue, bell: &str) -> Vec<Delivery> {
+    let fields = last_entry(queue, bell).await;
+    field(&fields, "o").map_or_else(Vec::new, |o| {
+        RedisQueue::deliveries(o).expect("a delivery decodes")
+    })
+}
+
+fn ids(d: &Delivery) -> Vec<RunId> {
+    d.runs.iter().map(|(l, _)| l.dispatch.run_id).collect()
+}
+
+#[tokio::test]
+async fn an_enqueue_leases_for_a_parked_offer_and_delivers_on_the_bells() {
+    let Some(queue) = open("deliver").await else {
+        return;
+    };
+    let now = Timestamp(NOW);
+    let empty = queue
+        .claim_parking(&request(7, "*", 2), &steps(3, None, Some(1)), now)
+        .await
+        .expect("claim");
+    assert!(empty.is_empty(), "nothing ready: the offer parks");
+    let d = ready(1);
+    let (enqueued, leases) = queue
+        .enqueue_handing(
+            d.clone(),
+            EnqueueAs::Trigger,
+            now,
+            None,
+            Some(b"what the worker needs"),
+        )
+        .await
+        .expect("enqueue");
+    assert!(
+        leases.is_empty(),
+        "no carried claim: nothing for the caller"
+    );
+    assert!(
+        enqueued.effects.ready_lanes.is_empty(),
+        "the run is leased, its lane has nothing ready: {:?}",
+        enqueued.effects
+    );
+    let live = queue.live(d.run_id).await.expect("live").expect("held");
+    assert_eq!(live.status, RunStatus::Executing);
+    let lease = live.lease.expect("leased");
+    assert_eq!(lease.worker, WorkerId(7), "for the offer's worker");
+    // Delivered on the `*` bell and on the run's lane's bell, which rings nothing (`r` = 0).
+    let star = delivered(&queue, "*").await;
+    assert_eq!(star.len(), 1);
+    assert_eq!((star[0].consumer, star[0].seq), (ConsumerId(3), 1));
+    assert_eq!(ids(&star[0]), vec![d.run_id]);
+    let (leased, handed) = &star[0].runs[0];
+    assert_eq!(leased.token, lease.token);
+    assert_eq!(leased.lease_deadline, lease.deadline);
+    assert_eq!(handed.as_deref(), Some(&b"what the worker needs"[..]));
+    let star_fields = last_entry(&queue, "*").await;
+    assert_eq!(field(&star_fields, "l"), Some(&b""[..]), "no lane rings");
+    let lane_fields = last_entry(&queue, "default").await;
+    assert_eq!(field(&lane_fields, "r"), Some(&b"0"[..]));
+    assert_eq!(delivered(&queue, "default").await.len(), 1);
+    // Taken once: the next run stays ready and rings.
+    let d2 = ready(2);
+    let (enqueued, _) = queue
+        .enqueue_handing(d2.clone(), EnqueueAs::Trigger, now, None, None)
+        .await
+        .expect("enqueue");
+    assert_eq!(enqueued.effects.ready_lanes, vec![d2.lane.clone()]);
+    // The workloop heard the delivery: taking the offer back answers nothing more, and its
+    // claim leases the ready run.
+    let claimed = queue
+        .claim_parking(
+            &request(7, "*", 2),
+            &steps(3, Some((1, true)), Some(2)),
+            now,
+        )
+        .await
+        .expect("claim");
+    let got: Vec<RunId> = claimed.iter().map(|l| l.dispatch.run_id).collect();
+    assert_eq!(got, vec![d2.run_id]);
+}
+
+#[tokio::test]
+async fn a_withdrawn_offer_answers_the_leases_its_workloop_did_not_hear_of() {
+    let Some(queue) = open("unheard").await else {
+        return;
+    };
+    let now = Timestamp(NOW);
+    queue
+        .claim_parking(&request(7, "*", 2), &steps(3, None, Some(1)), now)
+        .await
+        .expect("claim");
+    let d = ready(1);
+    queue
+        .enqueue(d.clone(), EnqueueAs::Trigger, now)
+        .await
+        .expect("enqueue");
+    let token = queue
+        .live(d.run_id)
+        .await
+        .expect("live")
+        .and_then(|l| l.lease)
+        .expect("leased for the offer")
+        .token;
+    queue
+        .enqueue(ready(2), EnqueueAs::Trigger, now)
+        .await
+        .expect("enqueue");
+    // Not heard: the withdrawn offer's lease comes first, then one ready run (max 2).
+    let claimed = queue
+        .claim_parking(
+            &request(7, "*", 2),
+            &steps(3, Some((1, false)), Some(2)),
+            now,
+        )
+        .await
+        .expect("claim");
+    let got: Vec<(RunId, u64)> = claimed
+        .iter()
+        .map(|l| (l.dispatch.run_id, l.token.0))
+        .collect();
+    assert_eq!(got, vec![(d.run_id, token.0), (ready(2).run_id, got[1].1)]);
+    // Leases were answered: nothing parked, so the next run is not taken.
+    let (enqueued, _) = queue
+        .enqueue_handing(ready(3), EnqueueAs::Trigger, now, None, None)
+        .await
+        .expect("enqueue");
+    assert_eq!(enqueued.effects.ready_lanes.len(), 1, "ready, not leased");
+    // A run that ended meanwhile is not answered.
+    queue
+        .claim(&request(9, "*", 5), now)
+        .await
+        .expect("drain the ready run");
+    let empty = queue
+        .claim_parking(&request(7, "*", 1), &steps(3, None, Some(3)), now)
+        .await
+        .expect("claim");
+    assert!(empty.is_empty());
+    let d4 = ready(4);
+    queue
+        .enqueue(d4.clone(), EnqueueAs::Trigger, now)
+        .await
+        .expect("enqueue");
+    let held = queue
+        .live(d4.run_id)
+        .await
+        .expect("live")
+        .and_then(|l| l.lease)
+        .expect("leased for the offer");
+    assert_eq!(held.worker, WorkerId(7));
+    QueueBackend::finish(&queue, d4.run_id, held.token, now)
+        .await
+        .expect("finish");
+    let claimed = queue
+        .claim_parking(&request(7, "*", 1), &steps(3, Some((3, false)), None), now)
+        .await
+        .expect("claim");
+    assert!(
+        claimed.iter().all(|l| l.dispatch.run_id != d4.run_id),
+        "a run that ended is not answered: {claimed:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_offer_is_not_taken_past_its_deadline_nor_for_a_lane_it_does_not_cover() {
+    let Some(queue) = open("stale").await else {
+        return;
+    };
+    let now = Timestamp(NOW);
+    queue
+        .claim_parking(&request(7, "cron", 2), &steps(3, None, Some(1)), now)
+        .await
+        .expect("claim");
+    let (enqueued, _) = queue
+        .enqueue_handing(ready(1), EnqueueAs::Trigger, now, None, None)
+        .await
+        .expect("enqueue");
+    assert_eq!(
+        enqueued.effects.ready_lanes.len(),
+        1,
+        "the cron offer takes nothing"
+    );
+    queue
+        .claim_parking(
+            &request(7, "*", 2),
+            &steps(3, Some((1, false)), Some(2)),
+            now,
+        )
+        .await
+        .expect("claim");
+    queue.claim(&request(9, "*", 5), now).await.expect("drain");
+    let late = Timestamp(UNTIL);
+    let d = ready(2);
+    let (enqueued, _) = queue
+        .enqueue_handing(d.clone(), EnqueueAs::Trigger, late, None, None)
+        .await
+        .expect("enqueue");
+    assert_eq!(
+        enqueued.effects.ready_lanes,
+        vec![d.lane.clone()],
+        "past its deadline"
+    );
+    let live = queue.live(d.run_id).await.expect("live").expect("held");
+    assert_eq!(live.status, RunStatus::Ready);
+}
+
+#[tokio::test]
+async fn a_carried_claim_takes_its_parked_twin_unless_another_enqueue_took_it_first() {
+    let Some(queue) = open("twin").await else {
+        return;
+    };
+    let now = Timestamp(NOW);
+    let req = request(7, "*", 1);
+    queue
+        .claim_parking(&req, &steps(3, None, Some(1)), now)
+        .await
+        .expect("claim");
+    // The carried claim of offer 1 leases the run and removes the twin.
+    let d1 = ready(1);
+    let (_, leases) = queue
+        .enqueue_handing(
+            d1.clone(),
+            EnqueueAs::Trigger,
+            now,
+            Some((&req, Some((ConsumerId(3), 1)))),
+            None,
+        )
+        .await
+        .expect("enqueue");
+    assert_eq!(leases.len(), 1);
+    assert!(delivered(&queue, "*").await.is_empty(), "nothing delivered");
+    let (enqueued, _) = queue
+        .enqueue_handing(ready(2), EnqueueAs::Trigger, now, None, None)
+        .await
+        .expect("enqueue");
+    assert_eq!(enqueued.effects.ready_lanes.len(), 1, "the twin is gone");
+    queue.claim(&request(9, "*", 5), now).await.expect("drain");
+    // Another enqueue takes offer 2 first: the carried claim then leases nothing.
+    queue
+        .claim_parking(&req, &steps(3, Some((1, false)), Some(2)), now)
+        .await
+        .expect("claim");
+    queue
+        .enqueue_handing(ready(3), EnqueueAs::Trigger, now, None, None)
+        .await
+        .expect("enqueue");
+    assert_eq!(delivered(&queue, "*").await.len(), 1);
+    let (enqueued, leases) = queue
+        .enqueue_handing(
+            ready(4),
+            EnqueueAs::Trigger,
+            now,
+            Some((&req, Some((ConsumerId(3), 2)))),
+            None,
+        )
+        .await
+        .expect("enqueue");
+    assert!(leases.is_empty(), "its slots went to the delivered lease");
+    assert_eq!(enqueued.effects.ready_lanes.len(), 1, "the run waits");
+}
+
+#[tokio::test]
+async fn unregistering_drops_the_parked_offer() {
+    let Some(queue) = open("gone").await else {
+        return;
+    };
+    let now = Timestamp(NOW);
+    let chain = ClaimChain::default_chain();
+    let consumer = queue
+        .register_consumer(&chain, now)
+        .await
+        .expect("register");
+    queue
+        .claim_parking(
+            &request(7, "*", 1),
+            &OfferSteps {
+                consumer,
+                withdraw: None,
+                park: Some((1, Timestamp(UNTIL))),
+            },
+            now,
+        )
+        .await
+        .expect("claim");
+    queue
+        .unregister_consumer(consumer, now)
+        .await
+        .expect("unregister");
+    let d = ready(1);
+    queue
+        .enqueue(d.clone(), EnqueueAs::Trigger, now)
+        .await
+        .expect("enqueue");
+    let live = queue.live(d.run_id).await.expect("live").expect("held");
+    assert_eq!(live.status, RunStatus::Ready);
+}
