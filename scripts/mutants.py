@@ -24,6 +24,8 @@ CONFORMANCE_REDIS = ["cargo", "test", "-q", "-p", "runlane", "--test", "conforma
 CLAIM_ON_ENQUEUE_REDIS = ["cargo", "test", "-q", "-p", "runlane-redis", "--lib", "claim_on_enqueue"]
 CLAIM_ON_ENQUEUE = ["cargo", "test", "-q", "-p", "runlane", "--test", "distributed_claim_on_enqueue"]
 HEARTBEAT = ["cargo", "test", "-q", "-p", "runlane", "--test", "heartbeat"]
+PARKED_REDIS = ["cargo", "test", "-q", "-p", "runlane-redis", "--lib", "parked_offer"]
+BELLS = ["cargo", "test", "-q", "-p", "runlane", "--test", "distributed_bells", "--"]
 PROPTEST = ["cargo", "test", "-q", "-p", "runlane-conformance", "--test", "model_vs_memory",
             "model_and_memory_backend_agree_after_every_step"]
 
@@ -159,16 +161,16 @@ MUTANTS = [
         "id": "R8",
         "bug": "an enqueue drops the claim it carries (Redis)",
         "file": LUA,
-        "old": "local leased = claim_runs(9, #ARGV)",
-        "new": "local leased = {}",
+        "old": "      leased = claim_runs(ARGV, 11, #ARGV, 0)",
+        "new": "      leased = {}",
         "tests": [CLAIM_ON_ENQUEUE_REDIS, CLAIM_ON_ENQUEUE],
     },
     {
         "id": "R9",
         "bug": "the carried claim loses its last served env (Redis)",
         "file": LUA,
-        "old": "local leased = claim_runs(9, #ARGV)",
-        "new": "local leased = claim_runs(9, #ARGV - 2)",
+        "old": "      leased = claim_runs(ARGV, 11, #ARGV, 0)",
+        "new": "      leased = claim_runs(ARGV, 11, #ARGV - 2, 0)",
         "tests": [CLAIM_ON_ENQUEUE_REDIS],
     },
     {
@@ -191,8 +193,8 @@ MUTANTS = [
         "id": "R12",
         "bug": "a bell names a run its call's carried claim took (Redis)",
         "file": LUA,
-        "old": "          if not took[id] then",
-        "new": "          if true then",
+        "old": "      if not took[id] then",
+        "new": "      if true then",
         "tests": [CLAIM_ON_ENQUEUE_REDIS],
     },
     {
@@ -210,6 +212,70 @@ MUTANTS = [
         "old": "        if st.runs.get(&run).is_some_and(|(_, ahead)| *ahead) {",
         "new": "        if false {",
         "tests": [["cargo", "test", "-q", "-p", "runlane-engine", "--lib", "handover"]],
+    },
+    {
+        "id": "P1",
+        "bug": "a withdrawn offer answers leases its workloop heard of (Redis)",
+        "file": LUA,
+        "old": "  if o[2] ~= false or (heard and o[1] == seq) then return {} end",
+        "new": "  if o[2] ~= false then return {} end",
+        "tests": [PARKED_REDIS],
+    },
+    {
+        "id": "P2",
+        "bug": "a withdrawn offer answers a run no longer held under its lease (Redis)",
+        "file": LUA,
+        "old": "    if r and r[F_PLACE] == 'l' and r[F_TOKEN] == t[i + 1] then",
+        "new": "    if r then",
+        "tests": [PARKED_REDIS],
+    },
+    {
+        "id": "P3",
+        "bug": "a carried claim leases although another enqueue took its parked twin (Redis)",
+        "file": LUA,
+        "old": "  if o[2] == false then return false end",
+        "new": "  if false then return false end",
+        "tests": [PARKED_REDIS],
+    },
+    {
+        "id": "P4",
+        "bug": "an offer past its deadline is taken (Redis)",
+        "file": LUA,
+        "old": "    if o[2] ~= false and o[2] <= now then",
+        "new": "    if false then",
+        "tests": [PARKED_REDIS],
+    },
+    {
+        "id": "P5",
+        "bug": "runs leased for parked offers still ring their lanes (Redis)",
+        "file": LUA,
+        "old": "  if next(remote) then drop_taken(remote) end",
+        "new": "  if false then drop_taken(remote) end",
+        "tests": [PARKED_REDIS],
+    },
+    {
+        "id": "P6",
+        "bug": "a delivery is not handed to the engine (bell reader)",
+        "file": "crates/runlane-distributed/src/bells.rs",
+        "old": "                        engine.offer_delivered((d.consumer, d.seq), d.runs);",
+        "new": "                        let _ = d;",
+        "tests": [BELLS + ["starts_a_run_the_trigger"]],
+    },
+    {
+        "id": "P7",
+        "bug": "a heard delivery is withdrawn as unheard (engine)",
+        "file": "crates/runlane-engine/src/worker.rs",
+        "old": "parked = parked.map(|(s, _)| (s, true));",
+        "new": "parked = parked.map(|(s, _)| (s, false));",
+        "tests": [BELLS + ["a_delivered_lease_runs_once"]],
+    },
+    {
+        "id": "P8",
+        "bug": "a trigger does not send what the worker needs (engine)",
+        "file": "crates/runlane-engine/src/trigger.rs",
+        "old": "            handed.encode()",
+        "new": "            None",
+        "tests": [BELLS + ["starts_a_run_the_trigger"]],
     },
 ]
 

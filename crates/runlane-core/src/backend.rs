@@ -561,10 +561,12 @@ pub trait QueueBackend: Send + Sync + 'static {
     fn parks_offers(&self) -> bool {
         false
     }
-    /// [`claim`](Self::claim) with `steps` on the workloop's parked offer: the one named in
-    /// `withdraw` is taken back first (the leases an enqueue made for it and the workloop did
-    /// not hear of come first in the answer, within `max`), and when nothing is leased an offer
-    /// of `request` is parked until the given instant. The default only claims.
+    /// [`claim`](Self::claim) with `steps` on the workloop's parked offer: the offer parked
+    /// for it is taken back first, whatever its seq (the leases an enqueue made for it that the
+    /// workloop did not hear of, still held and not lapsed, come first in the answer, even past
+    /// `max`: they used slots the workloop held for the offer; `max` then bounds the rest), and
+    /// when nothing is leased an offer of `request` is parked until the given instant. The
+    /// default only claims.
     async fn claim_parking(
         &self,
         request: &ClaimRequest,

@@ -19,11 +19,12 @@
 //!   workloop that claimed before that had armed its bells already and is woken.
 //!
 //! An entry may also deliver leases an enqueue made for workloops' offers parked in Redis (an
-//! `o` field: see `RedisQueue::deliveries`; on a lane's bell with `r` = `0` when the lane has
-//! nothing ready left, which rings nothing): the reader hands each to
-//! `Engine::offer_delivered` before it rings, so the workloop whose offer it was starts the
-//! runs at once. A delivery missed (trimmed, or heard after the workloop stopped waiting) is
-//! not lost: the workloop's next claim takes its offer back with those leases.
+//! `o` field: see `RedisQueue::deliveries`; the entry also rings the lanes of those runs, as
+//! every entry rings: one that rang nothing could hide an older unread one): the reader hands
+//! each delivery to `Engine::offer_delivered` before it rings, so the workloop whose offer it
+//! was starts the runs at once. A delivery missed (trimmed, or heard while the workloop was not
+//! waiting on that offer) is not lost: the ring wakes the workloop, whose next claim takes its
+//! offer back with those leases.
 //!
 //! The reader ends when the last consumer of its chain unregisters, or when the shape shuts
 //! down. A lost connection is re-established with backoff; then the last ids are read again
@@ -405,15 +406,14 @@ async fn read(mut task: ReadTask) {
                 };
                 link.ids[i] = id;
                 match &task.bells.lanes[i] {
-                    Some(lane) if rings(&fields) => lanes.push(lane.clone()),
-                    Some(_) => {}
+                    Some(lane) => lanes.push(lane.clone()),
                     None => lanes.extend(named_lanes(&fields)),
                 }
                 hinted.extend(hinted_runs(&fields));
                 delivered.extend(deliveries(&fields));
             }
             if lanes.is_empty() && delivered.is_empty() {
-                // The block expired (or an entry rang no lane): block again.
+                // The block expired (or a `*` entry named no lane): block again.
                 continue;
             }
             task.stats.wakes.fetch_add(1, Ordering::Relaxed);
@@ -546,12 +546,6 @@ fn named_lanes(fields: &[(String, Vec<u8>)]) -> Vec<LaneName> {
         .flat_map(|v| v.split(','))
         .filter_map(|l| LaneName::new(l).ok())
         .collect()
-}
-
-/// Whether a lane bell's entry rings its lane: not one that only delivers leases made for
-/// parked offers (`r` = `0`).
-fn rings(fields: &[(String, Vec<u8>)]) -> bool {
-    !fields.iter().any(|(k, v)| k == "r" && v.as_slice() == b"0")
 }
 
 /// The leases a bell entry delivers for parked offers (its `o` field); a malformed one is

@@ -714,11 +714,19 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
             let now = engine.now();
             let steps = OfferSteps {
                 consumer,
-                withdraw: parked.take(),
+                withdraw: parked,
                 park: Some((seq, now.saturating_add(parked_for(request.lease)))),
             };
-            parked = Some((seq, false));
-            claim_parking(&engine, &request, &steps, now).await
+            let answer = claim_parking(&engine, &request, &steps, now).await;
+            // A claim that leased took back what was parked and parked nothing. A failed call
+            // may or may not have run: the next claim takes back whatever is parked (any seq),
+            // and still knows which delivery was heard.
+            parked = match (&answer, parked) {
+                (Ok(leases), _) if !leases.is_empty() => None,
+                (Err(_), Some(before)) => Some(before),
+                _ => Some((seq, false)),
+            };
+            answer
         } else {
             claim(&engine, &request).await
         };
@@ -785,7 +793,50 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
             }
         }
     }
+    if let Some(last) = parked {
+        withdraw_parked(&engine, &request, consumer, last).await;
+    }
     unregister(&engine, shared.id, consumer).await;
+}
+
+/// A stopping workloop takes its parked offer back: leases an enqueue made for it that the
+/// workloop did not start go back to their queues, as a drained run does (not left to lapse
+/// and count as a crashed attempt).
+async fn withdraw_parked(
+    engine: &Inner,
+    request: &ClaimRequest,
+    consumer: ConsumerId,
+    last: (u64, bool),
+) {
+    let none = ClaimRequest {
+        max: 0,
+        ..request.clone()
+    };
+    let steps = OfferSteps {
+        consumer,
+        withdraw: Some(last),
+        park: None,
+    };
+    match engine
+        .queue
+        .claim_parking(&none, &steps, engine.now())
+        .await
+    {
+        Ok(leases) => {
+            for l in leases {
+                let d = &l.dispatch;
+                if let Err(e) = engine
+                    .release_leased(d.run_id, l.token, &d.env, d.attempt)
+                    .await
+                {
+                    tracing::warn!(run = %d.run_id, error = %e, "release failed; the lease will lapse");
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(consumer = consumer.0, error = %e, "taking the parked offer back failed; leases made for it will lapse");
+        }
+    }
 }
 
 /// An idle workloop's wait when the queue claims on enqueue: its free slots (`first` and

@@ -1156,10 +1156,10 @@ end
 -- ids, concatenated; a lane's bell names its lane's runs, the `*` bell all of them): a process
 -- whose workloops wait reads those runs from the store while its claim is on the way
 -- (readers that do not know the field skip it).
--- A call whose enqueue leased runs for other processes' parked offers (see `take_offers`)
--- delivers them in an `o` field: on the `*` bell and on the bell of each lane it leased runs
--- of, which are rung for that even when nothing stayed ready there (`r` = '0', `l` naming
--- only the lanes still ready: readers ring nothing for those).
+-- A call whose enqueue leased runs for parked offers (see `take_offers`) delivers them in an
+-- `o` field: on the `*` bell and on the bell of each lane it leased runs of, which is rung for
+-- that even when nothing stayed ready there. Every entry rings its lanes: a bell keeps one
+-- entry, so an entry that rang nothing could hide an older one no reader has read yet.
 local function bell(name, id, field, value, hint, delivery)
   local args = { 'XADD', P .. ':db:' .. name, 'MAXLEN', '1', id or '*', field, value }
   if hint then
@@ -1177,8 +1177,17 @@ local function ring_bells()
   if #fx_lanes == 0 and #fx_deliver == 0 then return end
   local hinted = #fx_ready > 0 and #fx_ready <= HINT_MAX
   local delivery = #fx_deliver > 0 and cmsgpack.pack(fx_deliver) or nil
-  local rung = {}
+  local lanes, rung = {}, {}
   for _, lane in ipairs(fx_lanes) do
+    lanes[#lanes + 1] = lane
+    rung[lane] = true
+  end
+  local only = {}
+  for lane in pairs(fx_deliver_lanes) do
+    if not rung[lane] then only[#only + 1] = lane end
+  end
+  for _, lane in ipairs(sorted(only)) do lanes[#lanes + 1] = lane end
+  for _, lane in ipairs(lanes) do
     local hint = nil
     if hinted then
       local ids = {}
@@ -1187,15 +1196,9 @@ local function ring_bells()
       end
       if #ids > 0 then hint = table.concat(ids) end
     end
-    rung[lane] = true
     bell(lane, nil, 'r', '1', hint, fx_deliver_lanes[lane] and delivery or nil)
   end
-  local only = {}
-  for lane in pairs(fx_deliver_lanes) do
-    if not rung[lane] then only[#only + 1] = lane end
-  end
-  for _, lane in ipairs(sorted(only)) do bell(lane, nil, 'r', '0', nil, delivery) end
-  bell('*', nil, 'l', table.concat(fx_lanes, ','), hinted and table.concat(fx_ready) or nil,
+  bell('*', nil, 'l', table.concat(lanes, ','), hinted and table.concat(fx_ready) or nil,
     delivery)
 end
 
@@ -1573,9 +1576,11 @@ local claim_runs
 -- claim so that an enqueue of any process leases for it in the enqueue's own step (as a
 -- trigger of the workloop's process does with its in-process offer), and delivers the leases
 -- on the bells. A parked offer is { seq, deadline, claim arguments }; one an enqueue took is
--- { seq, false, { id, token, ... } } (its leases) until the workloop withdraws it: it then
--- gets in its claim's answer the leases it did not hear of. A parked offer past its deadline
--- (its process died or lost Redis) is never taken; the workloop parks a new one before then.
+-- { seq, false, claim arguments, { id, token, ... } (its leases), their lease deadline } until
+-- the workloop withdraws it: it then gets in its claim's answer the leases it did not hear of.
+-- A parked offer past its deadline (its process died or lost Redis) is never taken; the
+-- workloop parks a new one before then. Entries past their deadline (a parked one's, or a
+-- taken one's leases') are deleted by the next enqueue that looks at the offers.
 
 -- Takes the consumer's entry out; answers the leases of a taken one still held under their
 -- token, unless the workloop heard of them (`heard`: it got offer `seq` delivered).
@@ -1586,11 +1591,11 @@ local function withdraw_offer(consumer, seq, heard)
   local o = cmsgpack.unpack(raw)
   if o[2] ~= false or (heard and o[1] == seq) then return {} end
   local out = {}
-  local t = o[3]
+  local t = o[4]
   for i = 1, #t, 2 do
     local id = t[i]
     local r = load(id)
-    if r and r[F_PLACE] == 'l' and r[F_TOKEN] == t[i + 1] then
+    if r and r[F_PLACE] == 'l' and r[F_TOKEN] == t[i + 1] and not r[F_LAPSED] then
       out[#out + 1] = { id, redis.call('HGET', k_run(id), id) }
     end
   end
@@ -1619,12 +1624,11 @@ local function take_offers(handed_id, handed)
   local all = redis.call('HGETALL', K_OFFERS)
   local left = #fx_lanes
   for i = 1, #all, 2 do
-    if left == 0 then break end
     local consumer, o = all[i], cmsgpack.unpack(all[i + 1])
     local args = o[3]
-    if o[2] ~= false and o[2] <= now then
+    if (o[2] == false and o[5] <= now) or (o[2] ~= false and o[2] <= now) then
       redis.call('HDEL', K_OFFERS, consumer)
-    elseif o[2] ~= false then
+    elseif o[2] ~= false and left > 0 then
       local wanted = false
       for _, lane in ipairs(fx_lanes) do
         if covers(args[2], lane) then wanted = true end
@@ -1641,7 +1645,8 @@ local function take_offers(handed_id, handed)
             runs[#runs + 1] = { id, l[2], id == handed_id and handed ~= '' and handed or false }
             fx_deliver_lanes[cmsgpack.unpack(l[2])[F_LANE]] = true
           end
-          redis.call('HSET', K_OFFERS, consumer, cmsgpack.pack({ o[1], false, held }))
+          redis.call('HSET', K_OFFERS, consumer,
+            cmsgpack.pack({ o[1], false, args, held, now + tonumber(args[4]) }))
           fx_deliver[#fx_deliver + 1] = { tonumber(consumer), o[1], runs }
           left = 0
           for _, lane in ipairs(fx_lanes) do

@@ -79,6 +79,16 @@ async fn delivered(queue: &RedisQueue, bell: &str) -> Vec<Delivery> {
     })
 }
 
+/// Entries in the parked offers' hash.
+async fn offers_kept(queue: &RedisQueue) -> u64 {
+    let mut conn = support::connect().await.expect("connection");
+    redis::cmd("HLEN")
+        .arg(format!("{}:of", queue.key_base()))
+        .query_async(&mut conn)
+        .await
+        .expect("hlen")
+}
+
 fn ids(d: &Delivery) -> Vec<RunId> {
     d.runs.iter().map(|(l, _)| l.dispatch.run_id).collect()
 }
@@ -118,7 +128,8 @@ async fn an_enqueue_leases_for_a_parked_offer_and_delivers_on_the_bells() {
     assert_eq!(live.status, RunStatus::Executing);
     let lease = live.lease.expect("leased");
     assert_eq!(lease.worker, WorkerId(7), "for the offer's worker");
-    // Delivered on the `*` bell and on the run's lane's bell, which rings nothing (`r` = 0).
+    // Delivered on the `*` bell and on the run's lane's bell, which ring the lane (an entry
+    // that rang nothing could hide an unread one), without naming the run in a hint.
     let star = delivered(&queue, "*").await;
     assert_eq!(star.len(), 1);
     assert_eq!((star[0].consumer, star[0].seq), (ConsumerId(3), 1));
@@ -128,9 +139,11 @@ async fn an_enqueue_leases_for_a_parked_offer_and_delivers_on_the_bells() {
     assert_eq!(leased.lease_deadline, lease.deadline);
     assert_eq!(handed.as_deref(), Some(&b"what the worker needs"[..]));
     let star_fields = last_entry(&queue, "*").await;
-    assert_eq!(field(&star_fields, "l"), Some(&b""[..]), "no lane rings");
+    assert_eq!(field(&star_fields, "l"), Some(&b"default"[..]));
+    assert_eq!(field(&star_fields, "h"), None, "the run is not ready");
     let lane_fields = last_entry(&queue, "default").await;
-    assert_eq!(field(&lane_fields, "r"), Some(&b"0"[..]));
+    assert_eq!(field(&lane_fields, "r"), Some(&b"1"[..]));
+    assert_eq!(field(&lane_fields, "h"), None);
     assert_eq!(delivered(&queue, "default").await.len(), 1);
     // Taken once: the next run stays ready and rings.
     let d2 = ready(2);
@@ -199,7 +212,8 @@ async fn a_withdrawn_offer_answers_the_leases_its_workloop_did_not_hear_of() {
         .await
         .expect("enqueue");
     assert_eq!(enqueued.effects.ready_lanes.len(), 1, "ready, not leased");
-    // A run that ended meanwhile is not answered.
+    // A run no longer held under the offer's lease (its attempt failed and it waits for its
+    // retry) is not answered.
     queue
         .claim(&request(9, "*", 5), now)
         .await
@@ -221,16 +235,17 @@ async fn a_withdrawn_offer_answers_the_leases_its_workloop_did_not_hear_of() {
         .and_then(|l| l.lease)
         .expect("leased for the offer");
     assert_eq!(held.worker, WorkerId(7));
-    QueueBackend::finish(&queue, d4.run_id, held.token, now)
+    queue
+        .retry(d4.run_id, held.token, Timestamp(NOW + 60_000), now)
         .await
-        .expect("finish");
+        .expect("retry");
     let claimed = queue
         .claim_parking(&request(7, "*", 1), &steps(3, Some((3, false)), None), now)
         .await
         .expect("claim");
     assert!(
         claimed.iter().all(|l| l.dispatch.run_id != d4.run_id),
-        "a run that ended is not answered: {claimed:?}"
+        "a run waiting for its retry is not answered: {claimed:?}"
     );
 }
 
@@ -275,6 +290,57 @@ async fn an_offer_is_not_taken_past_its_deadline_nor_for_a_lane_it_does_not_cove
     );
     let live = queue.live(d.run_id).await.expect("live").expect("held");
     assert_eq!(live.status, RunStatus::Ready);
+    assert_eq!(
+        offers_kept(&queue).await,
+        0,
+        "the expired offer was deleted"
+    );
+    // A taken offer nobody withdrew (its process died) goes once its leases' deadline passed.
+    queue.claim(&request(9, "*", 5), late).await.expect("drain");
+    let parked = OfferSteps {
+        park: Some((1, Timestamp(UNTIL + 5_000))),
+        ..steps(4, None, None)
+    };
+    queue
+        .claim_parking(&request(7, "*", 1), &parked, late)
+        .await
+        .expect("claim");
+    queue
+        .enqueue(ready(3), EnqueueAs::Trigger, late)
+        .await
+        .expect("enqueue");
+    assert_eq!(offers_kept(&queue).await, 1, "taken, kept for its workloop");
+    let after_lease = Timestamp(UNTIL + 30_000);
+    queue
+        .enqueue(ready(4), EnqueueAs::Trigger, after_lease)
+        .await
+        .expect("enqueue");
+    assert_eq!(offers_kept(&queue).await, 0);
+}
+
+#[tokio::test]
+async fn a_stopping_workloop_takes_its_offer_back_with_the_leases_it_did_not_start() {
+    let Some(queue) = open("stop").await else {
+        return;
+    };
+    let now = Timestamp(NOW);
+    queue
+        .claim_parking(&request(7, "*", 2), &steps(3, None, Some(1)), now)
+        .await
+        .expect("claim");
+    let d = ready(1);
+    queue
+        .enqueue(d.clone(), EnqueueAs::Trigger, now)
+        .await
+        .expect("enqueue");
+    // A claim of no runs that only takes the offer back answers its lease (to be released).
+    let back = queue
+        .claim_parking(&request(7, "*", 0), &steps(3, Some((1, false)), None), now)
+        .await
+        .expect("claim");
+    let got: Vec<RunId> = back.iter().map(|l| l.dispatch.run_id).collect();
+    assert_eq!(got, vec![d.run_id]);
+    assert_eq!(offers_kept(&queue).await, 0);
 }
 
 #[tokio::test]

@@ -538,6 +538,47 @@ async fn an_idle_worker_of_another_process_starts_a_run_the_trigger_leased_for_i
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivered_lease_runs_once_while_its_workloop_parks_again() {
+    let deployment = Deployment::new("bells_heard", redis_support::url());
+    let a = deployment.open(true).await;
+    let b = deployment.open(false).await;
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let (release_tx, release) = tokio::sync::watch::channel(false);
+    let worker = b
+        .worker()
+        .workloops("*:2")
+        .lease(reporting::LEASE)
+        .handler("job", move |ctx: runlane::RunContext| {
+            let tx = tx.clone();
+            let mut release = release.clone();
+            async move {
+                let _ = tx.send(ctx.run_id());
+                let _ = release.wait_for(|r| *r).await;
+                Ok::<_, runlane::HandlerError>(serde_json::Value::Null)
+            }
+        })
+        .start()
+        .await
+        .expect("worker");
+    // The first run is delivered to B's parked offer and keeps its slot; the workloop's next
+    // claim (parking the other slot) must not answer that lease again: it heard of it.
+    redis_support::until_idle_offers(&b, 1, "B's workloop idle").await;
+    let first = trigger(&a, "default").await;
+    assert_eq!(taken(&mut started, "the first run").await, first);
+    redis_support::until_idle_offers(&b, 1, "B's other slot offered").await;
+    let second = trigger(&a, "default").await;
+    assert_eq!(taken(&mut started, "the second run").await, second);
+    release_tx.send(true).expect("release");
+    assert_completed(&a, first).await;
+    assert_completed(&a, second).await;
+    assert!(started.try_recv().is_err(), "each run started once");
+    assert_eq!(b.metrics().claimed_delivered, 2, "{:?}", b.metrics());
+    worker.stop().await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_executing_here_is_not_read_ahead() {
     let deployment = Deployment::new("bells_busy", redis_support::url());
     let a = deployment.open(true).await;
