@@ -538,9 +538,10 @@ pub trait QueueBackend: Send + Sync + 'static {
     /// `carried`'s claim, for a backend that also lets workloops of other processes lease in
     /// the enqueue's step ([`parks_offers`](Self::parks_offers)): `carried`'s offer, when
     /// parked too, is taken with the claim (or the claim is not made if another process's
-    /// enqueue took it first), and `handed` (what a worker needs of the run, opaque here) goes
-    /// with a lease made for a parked offer, so its worker need not read the run. The default
-    /// ignores both.
+    /// enqueue took it first). With `handed`, parked offers lease what the enqueue leaves
+    /// ready, and `handed` (what a worker needs of the run, opaque here; empty when not sent)
+    /// goes with a lease of the run, so its worker need not read it; without, none is taken.
+    /// The default ignores both.
     async fn enqueue_handing(
         &self,
         dispatch: Dispatch,

@@ -581,9 +581,11 @@ impl Engine {
             payload: record.payload.clone(),
             retry: record.retry,
         };
-        // Sent with the enqueue when a workloop of another process may lease the run in it.
-        let sent = if inner.queue.parks_offers() {
-            handed.encode()
+        // Parked offers lease in this enqueue only while this process is not busy enqueuing
+        // (under load, workers' own claims take more runs per call); what a worker needs goes
+        // with such a lease.
+        let sent = if inner.queue.parks_offers() && inner.queue.claims_on_enqueue_now() {
+            Some(handed.encode().unwrap_or_default())
         } else {
             None
         };
@@ -951,8 +953,8 @@ async fn settle(
     (enqueued.placement, status)
 }
 
-/// A trigger's enqueue, with what a worker needs of the run when it is `sent` (see
-/// [`runlane_core::backend::QueueBackend::enqueue_handing`]).
+/// A trigger's enqueue; with `sent`, parked offers may lease the run in it, with what a worker
+/// needs of the run (see [`runlane_core::backend::QueueBackend::enqueue_handing`]).
 async fn enqueue_sending(
     inner: &Inner,
     dispatch: Dispatch,

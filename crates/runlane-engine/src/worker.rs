@@ -718,14 +718,8 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
                 park: Some((seq, now.saturating_add(parked_for(request.lease)))),
             };
             let answer = claim_parking(&engine, &request, &steps, now).await;
-            // A claim that leased took back what was parked and parked nothing. A failed call
-            // may or may not have run: the next claim takes back whatever is parked (any seq),
-            // and still knows which delivery was heard.
-            parked = match (&answer, parked) {
-                (Ok(leases), _) if !leases.is_empty() => None,
-                (Err(_), Some(before)) => Some(before),
-                _ => Some((seq, false)),
-            };
+            let leased = answer.as_ref().ok().map(|l| !l.is_empty());
+            parked = parked_after(leased, parked, seq);
             answer
         } else {
             claim(&engine, &request).await
@@ -928,6 +922,23 @@ async fn offer_and_wait<F: Future<Output = ()> + Unpin>(
 /// as any lapsed lease.
 fn parked_for(lease: Duration) -> Duration {
     (lease / 4).clamp(Duration::from_millis(200), Duration::from_secs(5))
+}
+
+/// What a workloop knows is parked for it after a claim that parked offer `seq` when it leased
+/// nothing (`leased`: whether it answered leases, `None` when the call failed), `before` being
+/// what it withdrew. A claim that leased took back what was parked and parked nothing. A failed
+/// call may or may not have run: the next claim takes back whatever is parked (any seq), and
+/// must still know which delivery was heard, or it would start a heard lease again.
+fn parked_after(
+    leased: Option<bool>,
+    before: Option<(u64, bool)>,
+    seq: u64,
+) -> Option<(u64, bool)> {
+    match (leased, before) {
+        (Some(true), _) => None,
+        (None, Some(before)) => Some(before),
+        _ => Some((seq, false)),
+    }
 }
 
 /// [`claim`] with steps on the workloop's parked offer.
@@ -1630,5 +1641,28 @@ mod late_claim_tests {
             kept.is_empty(),
             "a lost lease is left to its recovery, not run"
         );
+    }
+}
+
+#[cfg(test)]
+mod parked_after_tests {
+    use super::parked_after;
+
+    #[test]
+    fn parked_after_keeps_what_a_failed_claim_withdrew() {
+        // Empty answer: the offer parked now is the one to take back, not heard yet.
+        assert_eq!(
+            parked_after(Some(false), Some((3, true)), 4),
+            Some((4, false))
+        );
+        assert_eq!(parked_after(Some(false), None, 4), Some((4, false)));
+        // Leases: nothing is parked any more.
+        assert_eq!(parked_after(Some(true), Some((3, true)), 4), None);
+        // A failed call: the last offer and whether its delivery was heard are kept, so a heard
+        // lease is not answered (and started) again; with nothing before, the new one may be
+        // parked.
+        assert_eq!(parked_after(None, Some((3, true)), 4), Some((3, true)));
+        assert_eq!(parked_after(None, Some((3, false)), 4), Some((3, false)));
+        assert_eq!(parked_after(None, None, 4), Some((4, false)));
     }
 }

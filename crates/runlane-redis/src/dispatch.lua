@@ -1589,7 +1589,7 @@ local function withdraw_offer(consumer, seq, heard)
   if not raw then return {} end
   redis.call('HDEL', K_OFFERS, consumer)
   local o = cmsgpack.unpack(raw)
-  if o[2] ~= false or (heard and o[1] == seq) then return {} end
+  if o[2] ~= false or (heard and o[1] == seq) or type(o[4]) ~= 'table' then return {} end
   local out = {}
   local t = o[4]
   for i = 1, #t, 2 do
@@ -1626,7 +1626,10 @@ local function take_offers(handed_id, handed)
   for i = 1, #all, 2 do
     local consumer, o = all[i], cmsgpack.unpack(all[i + 1])
     local args = o[3]
-    if (o[2] == false and o[5] <= now) or (o[2] ~= false and o[2] <= now) then
+    -- A parked offer's deadline, or a taken one's leases' (an entry of another shape: gone).
+    local until_ms = o[2]
+    if until_ms == false then until_ms = o[5] end
+    if type(until_ms) ~= 'number' or type(args) ~= 'table' or until_ms <= now then
       redis.call('HDEL', K_OFFERS, consumer)
     elseif o[2] ~= false and left > 0 then
       local wanted = false
@@ -1642,7 +1645,7 @@ local function take_offers(handed_id, handed)
             took[id] = true
             held[#held + 1] = id
             held[#held + 1] = tokens[j]
-            runs[#runs + 1] = { id, l[2], id == handed_id and handed ~= '' and handed or false }
+            runs[#runs + 1] = { id, l[2], id == handed_id and handed or false }
             fx_deliver_lanes[cmsgpack.unpack(l[2])[F_LANE]] = true
           end
           redis.call('HSET', K_OFFERS, consumer,
@@ -1682,7 +1685,8 @@ end
 
 OPS['enqueue'] = function()
   -- ARGV[6] = id, ARGV[7] = packed record (place unset), ARGV[8] = why ('0'/'1'/'a'),
-  -- ARGV[9] = what a worker needs of the run ('' when not sent), ARGV[10] = the in-process
+  -- ARGV[9] = whether parked offers may lease in this call ('' not) and what a worker needs of
+  -- the run ('!' when not sent), ARGV[10] = the in-process
   -- offer the next arguments come from ('consumer seq', or ''), then optionally an idle
   -- worker's claim as `claim`'s arguments (ARGV[11] = worker, ...): made in the same step once
   -- the run is placed, exactly as that worker's next claim would be, and answered after the
@@ -1702,8 +1706,11 @@ OPS['enqueue'] = function()
       if #leased > 0 then drop_taken(took) end
     end
   end
-  local remote = take_offers(ARGV[6], ARGV[9])
-  if next(remote) then drop_taken(remote) end
+  local sent = ARGV[9]
+  if sent and sent ~= '' then
+    local remote = take_offers(ARGV[6], sent ~= '!' and sent or false)
+    if next(remote) then drop_taken(remote) end
+  end
   if #ARGV >= 14 then return answer('ok', v, leased) end
   return answer('ok', v)
 end

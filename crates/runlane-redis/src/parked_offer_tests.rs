@@ -148,7 +148,7 @@ async fn an_enqueue_leases_for_a_parked_offer_and_delivers_on_the_bells() {
     // Taken once: the next run stays ready and rings.
     let d2 = ready(2);
     let (enqueued, _) = queue
-        .enqueue_handing(d2.clone(), EnqueueAs::Trigger, now, None, None)
+        .enqueue_handing(d2.clone(), EnqueueAs::Trigger, now, None, Some(b""))
         .await
         .expect("enqueue");
     assert_eq!(enqueued.effects.ready_lanes, vec![d2.lane.clone()]);
@@ -178,7 +178,7 @@ async fn a_withdrawn_offer_answers_the_leases_its_workloop_did_not_hear_of() {
         .expect("claim");
     let d = ready(1);
     queue
-        .enqueue(d.clone(), EnqueueAs::Trigger, now)
+        .enqueue_handing(d.clone(), EnqueueAs::Trigger, now, None, Some(b""))
         .await
         .expect("enqueue");
     let token = queue
@@ -189,7 +189,7 @@ async fn a_withdrawn_offer_answers_the_leases_its_workloop_did_not_hear_of() {
         .expect("leased for the offer")
         .token;
     queue
-        .enqueue(ready(2), EnqueueAs::Trigger, now)
+        .enqueue_handing(ready(2), EnqueueAs::Trigger, now, None, Some(b""))
         .await
         .expect("enqueue");
     // Not heard: the withdrawn offer's lease comes first, then one ready run (max 2).
@@ -208,7 +208,7 @@ async fn a_withdrawn_offer_answers_the_leases_its_workloop_did_not_hear_of() {
     assert_eq!(got, vec![(d.run_id, token.0), (ready(2).run_id, got[1].1)]);
     // Leases were answered: nothing parked, so the next run is not taken.
     let (enqueued, _) = queue
-        .enqueue_handing(ready(3), EnqueueAs::Trigger, now, None, None)
+        .enqueue_handing(ready(3), EnqueueAs::Trigger, now, None, Some(b""))
         .await
         .expect("enqueue");
     assert_eq!(enqueued.effects.ready_lanes.len(), 1, "ready, not leased");
@@ -225,7 +225,7 @@ async fn a_withdrawn_offer_answers_the_leases_its_workloop_did_not_hear_of() {
     assert!(empty.is_empty());
     let d4 = ready(4);
     queue
-        .enqueue(d4.clone(), EnqueueAs::Trigger, now)
+        .enqueue_handing(d4.clone(), EnqueueAs::Trigger, now, None, Some(b""))
         .await
         .expect("enqueue");
     let held = queue
@@ -260,7 +260,7 @@ async fn an_offer_is_not_taken_past_its_deadline_nor_for_a_lane_it_does_not_cove
         .await
         .expect("claim");
     let (enqueued, _) = queue
-        .enqueue_handing(ready(1), EnqueueAs::Trigger, now, None, None)
+        .enqueue_handing(ready(1), EnqueueAs::Trigger, now, None, Some(b""))
         .await
         .expect("enqueue");
     assert_eq!(
@@ -280,7 +280,7 @@ async fn an_offer_is_not_taken_past_its_deadline_nor_for_a_lane_it_does_not_cove
     let late = Timestamp(UNTIL);
     let d = ready(2);
     let (enqueued, _) = queue
-        .enqueue_handing(d.clone(), EnqueueAs::Trigger, late, None, None)
+        .enqueue_handing(d.clone(), EnqueueAs::Trigger, late, None, Some(b""))
         .await
         .expect("enqueue");
     assert_eq!(
@@ -306,16 +306,63 @@ async fn an_offer_is_not_taken_past_its_deadline_nor_for_a_lane_it_does_not_cove
         .await
         .expect("claim");
     queue
-        .enqueue(ready(3), EnqueueAs::Trigger, late)
+        .enqueue_handing(ready(3), EnqueueAs::Trigger, late, None, Some(b""))
         .await
         .expect("enqueue");
     assert_eq!(offers_kept(&queue).await, 1, "taken, kept for its workloop");
+    queue
+        .enqueue_handing(
+            ready(5),
+            EnqueueAs::Trigger,
+            Timestamp(UNTIL + 29_999),
+            None,
+            Some(b""),
+        )
+        .await
+        .expect("enqueue");
+    assert_eq!(
+        offers_kept(&queue).await,
+        1,
+        "kept while its leases may be held"
+    );
     let after_lease = Timestamp(UNTIL + 30_000);
     queue
-        .enqueue(ready(4), EnqueueAs::Trigger, after_lease)
+        .enqueue_handing(ready(4), EnqueueAs::Trigger, after_lease, None, Some(b""))
         .await
         .expect("enqueue");
     assert_eq!(offers_kept(&queue).await, 0);
+}
+
+#[tokio::test]
+async fn a_withdrawn_offer_does_not_answer_a_lapsed_lease() {
+    let Some(queue) = open("lapsed").await else {
+        return;
+    };
+    let now = Timestamp(NOW);
+    queue
+        .claim_parking(&request(7, "*", 1), &steps(3, None, Some(1)), now)
+        .await
+        .expect("claim");
+    let d = ready(1);
+    queue
+        .enqueue_handing(d.clone(), EnqueueAs::Trigger, now, None, Some(b""))
+        .await
+        .expect("enqueue");
+    // The 30 s lease lapses (the timer saw it) before the workloop takes its offer back.
+    let later = Timestamp(NOW + 31_000);
+    queue.tick(later).await.expect("tick");
+    let back = queue
+        .claim_parking(
+            &request(7, "*", 0),
+            &steps(3, Some((1, false)), None),
+            later,
+        )
+        .await
+        .expect("claim");
+    assert!(
+        back.is_empty(),
+        "a lapsed lease is recovered, not run: {back:?}"
+    );
 }
 
 #[tokio::test]
@@ -330,7 +377,7 @@ async fn a_stopping_workloop_takes_its_offer_back_with_the_leases_it_did_not_sta
         .expect("claim");
     let d = ready(1);
     queue
-        .enqueue(d.clone(), EnqueueAs::Trigger, now)
+        .enqueue_handing(d.clone(), EnqueueAs::Trigger, now, None, Some(b""))
         .await
         .expect("enqueue");
     // A claim of no runs that only takes the offer back answers its lease (to be released).
@@ -369,7 +416,7 @@ async fn a_carried_claim_takes_its_parked_twin_unless_another_enqueue_took_it_fi
     assert_eq!(leases.len(), 1);
     assert!(delivered(&queue, "*").await.is_empty(), "nothing delivered");
     let (enqueued, _) = queue
-        .enqueue_handing(ready(2), EnqueueAs::Trigger, now, None, None)
+        .enqueue_handing(ready(2), EnqueueAs::Trigger, now, None, Some(b""))
         .await
         .expect("enqueue");
     assert_eq!(enqueued.effects.ready_lanes.len(), 1, "the twin is gone");
@@ -380,7 +427,7 @@ async fn a_carried_claim_takes_its_parked_twin_unless_another_enqueue_took_it_fi
         .await
         .expect("claim");
     queue
-        .enqueue_handing(ready(3), EnqueueAs::Trigger, now, None, None)
+        .enqueue_handing(ready(3), EnqueueAs::Trigger, now, None, Some(b""))
         .await
         .expect("enqueue");
     assert_eq!(delivered(&queue, "*").await.len(), 1);
@@ -396,6 +443,28 @@ async fn a_carried_claim_takes_its_parked_twin_unless_another_enqueue_took_it_fi
         .expect("enqueue");
     assert!(leases.is_empty(), "its slots went to the delivered lease");
     assert_eq!(enqueued.effects.ready_lanes.len(), 1, "the run waits");
+}
+
+#[tokio::test]
+async fn an_enqueue_that_may_not_lease_for_parked_offers_leaves_them_parked() {
+    let Some(queue) = open("plain").await else {
+        return;
+    };
+    let now = Timestamp(NOW);
+    queue
+        .claim_parking(&request(7, "*", 1), &steps(3, None, Some(1)), now)
+        .await
+        .expect("claim");
+    // A busy process's enqueue (no `handed`), a retry's, a rebuild's: the run waits and rings.
+    let d = ready(1);
+    let enqueued = queue
+        .enqueue(d.clone(), EnqueueAs::Trigger, now)
+        .await
+        .expect("enqueue");
+    assert_eq!(enqueued.effects.ready_lanes, vec![d.lane.clone()]);
+    let live = queue.live(d.run_id).await.expect("live").expect("held");
+    assert_eq!(live.status, RunStatus::Ready);
+    assert_eq!(offers_kept(&queue).await, 1, "still parked");
 }
 
 #[tokio::test]
@@ -427,7 +496,7 @@ async fn unregistering_drops_the_parked_offer() {
         .expect("unregister");
     let d = ready(1);
     queue
-        .enqueue(d.clone(), EnqueueAs::Trigger, now)
+        .enqueue_handing(d.clone(), EnqueueAs::Trigger, now, None, Some(b""))
         .await
         .expect("enqueue");
     let live = queue.live(d.run_id).await.expect("live").expect("held");

@@ -748,7 +748,12 @@ impl RedisQueue {
                     dispatch.run_id.into(),
                     packed.clone().into(),
                     why_arg(why),
-                    Arg::from(handed.unwrap_or_default().to_vec()),
+                    // '' = parked offers take nothing; '!' = they do, nothing sent.
+                    Arg::from(match handed {
+                        None => Vec::new(),
+                        Some([]) => b"!".to_vec(),
+                        Some(h) => h.to_vec(),
+                    }),
                 ];
                 if let Some((request, parked)) = claim {
                     args.push(Arg::from(
