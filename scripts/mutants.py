@@ -217,8 +217,8 @@ MUTANTS = [
         "id": "P1",
         "bug": "a withdrawn offer answers leases its workloop heard of (Redis)",
         "file": LUA,
-        "old": "  if o[2] ~= false or (heard and o[1] == seq) then return {} end",
-        "new": "  if o[2] ~= false then return {} end",
+        "old": "  if o[2] ~= false or (heard and o[1] == seq) or type(o[4]) ~= 'table' then return {} end",
+        "new": "  if o[2] ~= false or type(o[4]) ~= 'table' then return {} end",
         "tests": [PARKED_REDIS],
     },
     {
