@@ -289,8 +289,8 @@ MUTANTS = [
         "id": "P8",
         "bug": "a trigger does not send what the worker needs (engine)",
         "file": "crates/runlane-engine/src/trigger.rs",
-        "old": "            handed.encode()",
-        "new": "            None",
+        "old": "            Some(handed.encode().unwrap_or_default())",
+        "new": "            Some(Vec::new())",
         "tests": [BELLS + ["starts_a_run_the_trigger"]],
     },
 ]
