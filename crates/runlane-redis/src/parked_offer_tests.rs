@@ -3,7 +3,7 @@
 //! next claim takes the offer back (with the leases it did not hear of).
 
 use runlane_core::backend::{
-    ClaimRequest, ConsumerId, Dispatch, EnqueueAs, OfferSteps, QueueBackend,
+    ClaimRequest, ConsumerId, Dispatch, EnqueueAs, Enqueued, Leased, OfferSteps, QueueBackend,
 };
 use runlane_core::{ClaimChain, RunId, RunStatus, Timestamp, WorkerId};
 
@@ -41,6 +41,23 @@ fn steps(c: u64, withdraw: Option<(u64, bool)>, park: Option<u64>) -> OfferSteps
         withdraw,
         park: park.map(|s| (s, Timestamp(UNTIL))),
     }
+}
+
+/// Worker 7's claim of `max` runs on every lane, as consumer `steps.consumer` with `steps`.
+async fn park(queue: &RedisQueue, max: u32, steps: OfferSteps, now: Timestamp) -> Vec<Leased> {
+    queue
+        .claim_parking(&request(7, "*", max), &steps, now)
+        .await
+        .expect("claim")
+}
+
+/// An enqueue in which parked offers may lease (nothing sent with it).
+async fn take(queue: &RedisQueue, d: Dispatch, now: Timestamp) -> Enqueued {
+    queue
+        .enqueue_handing(d, EnqueueAs::Trigger, now, None, Some(b""))
+        .await
+        .expect("enqueue")
+        .0
 }
 
 /// The fields of a bell's last entry (none when it never rang).
@@ -99,10 +116,7 @@ async fn an_enqueue_leases_for_a_parked_offer_and_delivers_on_the_bells() {
         return;
     };
     let now = Timestamp(NOW);
-    let empty = queue
-        .claim_parking(&request(7, "*", 2), &steps(3, None, Some(1)), now)
-        .await
-        .expect("claim");
+    let empty = park(&queue, 2, steps(3, None, Some(1)), now).await;
     assert!(empty.is_empty(), "nothing ready: the offer parks");
     let d = ready(1);
     let (enqueued, leases) = queue
@@ -147,21 +161,11 @@ async fn an_enqueue_leases_for_a_parked_offer_and_delivers_on_the_bells() {
     assert_eq!(delivered(&queue, "default").await.len(), 1);
     // Taken once: the next run stays ready and rings.
     let d2 = ready(2);
-    let (enqueued, _) = queue
-        .enqueue_handing(d2.clone(), EnqueueAs::Trigger, now, None, Some(b""))
-        .await
-        .expect("enqueue");
+    let enqueued = take(&queue, d2.clone(), now).await;
     assert_eq!(enqueued.effects.ready_lanes, vec![d2.lane.clone()]);
     // The workloop heard the delivery: taking the offer back answers nothing more, and its
     // claim leases the ready run.
-    let claimed = queue
-        .claim_parking(
-            &request(7, "*", 2),
-            &steps(3, Some((1, true)), Some(2)),
-            now,
-        )
-        .await
-        .expect("claim");
+    let claimed = park(&queue, 2, steps(3, Some((1, true)), Some(2)), now).await;
     let got: Vec<RunId> = claimed.iter().map(|l| l.dispatch.run_id).collect();
     assert_eq!(got, vec![d2.run_id]);
 }
@@ -172,15 +176,9 @@ async fn a_withdrawn_offer_answers_the_leases_its_workloop_did_not_hear_of() {
         return;
     };
     let now = Timestamp(NOW);
-    queue
-        .claim_parking(&request(7, "*", 2), &steps(3, None, Some(1)), now)
-        .await
-        .expect("claim");
+    park(&queue, 2, steps(3, None, Some(1)), now).await;
     let d = ready(1);
-    queue
-        .enqueue_handing(d.clone(), EnqueueAs::Trigger, now, None, Some(b""))
-        .await
-        .expect("enqueue");
+    take(&queue, d.clone(), now).await;
     let token = queue
         .live(d.run_id)
         .await
@@ -188,29 +186,16 @@ async fn a_withdrawn_offer_answers_the_leases_its_workloop_did_not_hear_of() {
         .and_then(|l| l.lease)
         .expect("leased for the offer")
         .token;
-    queue
-        .enqueue_handing(ready(2), EnqueueAs::Trigger, now, None, Some(b""))
-        .await
-        .expect("enqueue");
+    take(&queue, ready(2), now).await;
     // Not heard: the withdrawn offer's lease comes first, then one ready run (max 2).
-    let claimed = queue
-        .claim_parking(
-            &request(7, "*", 2),
-            &steps(3, Some((1, false)), Some(2)),
-            now,
-        )
-        .await
-        .expect("claim");
+    let claimed = park(&queue, 2, steps(3, Some((1, false)), Some(2)), now).await;
     let got: Vec<(RunId, u64)> = claimed
         .iter()
         .map(|l| (l.dispatch.run_id, l.token.0))
         .collect();
     assert_eq!(got, vec![(d.run_id, token.0), (ready(2).run_id, got[1].1)]);
     // Leases were answered: nothing parked, so the next run is not taken.
-    let (enqueued, _) = queue
-        .enqueue_handing(ready(3), EnqueueAs::Trigger, now, None, Some(b""))
-        .await
-        .expect("enqueue");
+    let enqueued = take(&queue, ready(3), now).await;
     assert_eq!(enqueued.effects.ready_lanes.len(), 1, "ready, not leased");
     // A run no longer held under the offer's lease (its attempt failed and it waits for its
     // retry) is not answered.
@@ -218,16 +203,10 @@ async fn a_withdrawn_offer_answers_the_leases_its_workloop_did_not_hear_of() {
         .claim(&request(9, "*", 5), now)
         .await
         .expect("drain the ready run");
-    let empty = queue
-        .claim_parking(&request(7, "*", 1), &steps(3, None, Some(3)), now)
-        .await
-        .expect("claim");
+    let empty = park(&queue, 1, steps(3, None, Some(3)), now).await;
     assert!(empty.is_empty());
     let d4 = ready(4);
-    queue
-        .enqueue_handing(d4.clone(), EnqueueAs::Trigger, now, None, Some(b""))
-        .await
-        .expect("enqueue");
+    take(&queue, d4.clone(), now).await;
     let held = queue
         .live(d4.run_id)
         .await
@@ -239,10 +218,7 @@ async fn a_withdrawn_offer_answers_the_leases_its_workloop_did_not_hear_of() {
         .retry(d4.run_id, held.token, Timestamp(NOW + 60_000), now)
         .await
         .expect("retry");
-    let claimed = queue
-        .claim_parking(&request(7, "*", 1), &steps(3, Some((3, false)), None), now)
-        .await
-        .expect("claim");
+    let claimed = park(&queue, 1, steps(3, Some((3, false)), None), now).await;
     assert!(
         claimed.iter().all(|l| l.dispatch.run_id != d4.run_id),
         "a run waiting for its retry is not answered: {claimed:?}"
@@ -259,30 +235,17 @@ async fn an_offer_is_not_taken_past_its_deadline_nor_for_a_lane_it_does_not_cove
         .claim_parking(&request(7, "cron", 2), &steps(3, None, Some(1)), now)
         .await
         .expect("claim");
-    let (enqueued, _) = queue
-        .enqueue_handing(ready(1), EnqueueAs::Trigger, now, None, Some(b""))
-        .await
-        .expect("enqueue");
+    let enqueued = take(&queue, ready(1), now).await;
     assert_eq!(
         enqueued.effects.ready_lanes.len(),
         1,
         "the cron offer takes nothing"
     );
-    queue
-        .claim_parking(
-            &request(7, "*", 2),
-            &steps(3, Some((1, false)), Some(2)),
-            now,
-        )
-        .await
-        .expect("claim");
+    park(&queue, 2, steps(3, Some((1, false)), Some(2)), now).await;
     queue.claim(&request(9, "*", 5), now).await.expect("drain");
     let late = Timestamp(UNTIL);
     let d = ready(2);
-    let (enqueued, _) = queue
-        .enqueue_handing(d.clone(), EnqueueAs::Trigger, late, None, Some(b""))
-        .await
-        .expect("enqueue");
+    let enqueued = take(&queue, d.clone(), late).await;
     assert_eq!(
         enqueued.effects.ready_lanes,
         vec![d.lane.clone()],
@@ -301,14 +264,8 @@ async fn an_offer_is_not_taken_past_its_deadline_nor_for_a_lane_it_does_not_cove
         park: Some((1, Timestamp(UNTIL + 5_000))),
         ..steps(4, None, None)
     };
-    queue
-        .claim_parking(&request(7, "*", 1), &parked, late)
-        .await
-        .expect("claim");
-    queue
-        .enqueue_handing(ready(3), EnqueueAs::Trigger, late, None, Some(b""))
-        .await
-        .expect("enqueue");
+    park(&queue, 1, parked, late).await;
+    take(&queue, ready(3), late).await;
     assert_eq!(offers_kept(&queue).await, 1, "taken, kept for its workloop");
     queue
         .enqueue_handing(
@@ -326,10 +283,7 @@ async fn an_offer_is_not_taken_past_its_deadline_nor_for_a_lane_it_does_not_cove
         "kept while its leases may be held"
     );
     let after_lease = Timestamp(UNTIL + 30_000);
-    queue
-        .enqueue_handing(ready(4), EnqueueAs::Trigger, after_lease, None, Some(b""))
-        .await
-        .expect("enqueue");
+    take(&queue, ready(4), after_lease).await;
     assert_eq!(offers_kept(&queue).await, 0);
 }
 
@@ -339,26 +293,13 @@ async fn a_withdrawn_offer_does_not_answer_a_lapsed_lease() {
         return;
     };
     let now = Timestamp(NOW);
-    queue
-        .claim_parking(&request(7, "*", 1), &steps(3, None, Some(1)), now)
-        .await
-        .expect("claim");
+    park(&queue, 1, steps(3, None, Some(1)), now).await;
     let d = ready(1);
-    queue
-        .enqueue_handing(d.clone(), EnqueueAs::Trigger, now, None, Some(b""))
-        .await
-        .expect("enqueue");
+    take(&queue, d.clone(), now).await;
     // The 30 s lease lapses (the timer saw it) before the workloop takes its offer back.
     let later = Timestamp(NOW + 31_000);
     queue.tick(later).await.expect("tick");
-    let back = queue
-        .claim_parking(
-            &request(7, "*", 0),
-            &steps(3, Some((1, false)), None),
-            later,
-        )
-        .await
-        .expect("claim");
+    let back = park(&queue, 0, steps(3, Some((1, false)), None), later).await;
     assert!(
         back.is_empty(),
         "a lapsed lease is recovered, not run: {back:?}"
@@ -371,20 +312,11 @@ async fn a_stopping_workloop_takes_its_offer_back_with_the_leases_it_did_not_sta
         return;
     };
     let now = Timestamp(NOW);
-    queue
-        .claim_parking(&request(7, "*", 2), &steps(3, None, Some(1)), now)
-        .await
-        .expect("claim");
+    park(&queue, 2, steps(3, None, Some(1)), now).await;
     let d = ready(1);
-    queue
-        .enqueue_handing(d.clone(), EnqueueAs::Trigger, now, None, Some(b""))
-        .await
-        .expect("enqueue");
+    take(&queue, d.clone(), now).await;
     // A claim of no runs that only takes the offer back answers its lease (to be released).
-    let back = queue
-        .claim_parking(&request(7, "*", 0), &steps(3, Some((1, false)), None), now)
-        .await
-        .expect("claim");
+    let back = park(&queue, 0, steps(3, Some((1, false)), None), now).await;
     let got: Vec<RunId> = back.iter().map(|l| l.dispatch.run_id).collect();
     assert_eq!(got, vec![d.run_id]);
     assert_eq!(offers_kept(&queue).await, 0);
@@ -415,10 +347,7 @@ async fn a_carried_claim_takes_its_parked_twin_unless_another_enqueue_took_it_fi
         .expect("enqueue");
     assert_eq!(leases.len(), 1);
     assert!(delivered(&queue, "*").await.is_empty(), "nothing delivered");
-    let (enqueued, _) = queue
-        .enqueue_handing(ready(2), EnqueueAs::Trigger, now, None, Some(b""))
-        .await
-        .expect("enqueue");
+    let enqueued = take(&queue, ready(2), now).await;
     assert_eq!(enqueued.effects.ready_lanes.len(), 1, "the twin is gone");
     queue.claim(&request(9, "*", 5), now).await.expect("drain");
     // Another enqueue takes offer 2 first: the carried claim then leases nothing.
@@ -426,10 +355,7 @@ async fn a_carried_claim_takes_its_parked_twin_unless_another_enqueue_took_it_fi
         .claim_parking(&req, &steps(3, Some((1, false)), Some(2)), now)
         .await
         .expect("claim");
-    queue
-        .enqueue_handing(ready(3), EnqueueAs::Trigger, now, None, Some(b""))
-        .await
-        .expect("enqueue");
+    take(&queue, ready(3), now).await;
     assert_eq!(delivered(&queue, "*").await.len(), 1);
     let (enqueued, leases) = queue
         .enqueue_handing(
@@ -451,10 +377,7 @@ async fn an_enqueue_that_may_not_lease_for_parked_offers_leaves_them_parked() {
         return;
     };
     let now = Timestamp(NOW);
-    queue
-        .claim_parking(&request(7, "*", 1), &steps(3, None, Some(1)), now)
-        .await
-        .expect("claim");
+    park(&queue, 1, steps(3, None, Some(1)), now).await;
     // A busy process's enqueue (no `handed`), a retry's, a rebuild's: the run waits and rings.
     let d = ready(1);
     let enqueued = queue
@@ -478,27 +401,23 @@ async fn unregistering_drops_the_parked_offer() {
         .register_consumer(&chain, now)
         .await
         .expect("register");
-    queue
-        .claim_parking(
-            &request(7, "*", 1),
-            &OfferSteps {
-                consumer,
-                withdraw: None,
-                park: Some((1, Timestamp(UNTIL))),
-            },
-            now,
-        )
-        .await
-        .expect("claim");
+    park(
+        &queue,
+        1,
+        OfferSteps {
+            consumer,
+            withdraw: None,
+            park: Some((1, Timestamp(UNTIL))),
+        },
+        now,
+    )
+    .await;
     queue
         .unregister_consumer(consumer, now)
         .await
         .expect("unregister");
     let d = ready(1);
-    queue
-        .enqueue_handing(d.clone(), EnqueueAs::Trigger, now, None, Some(b""))
-        .await
-        .expect("enqueue");
+    take(&queue, d.clone(), now).await;
     let live = queue.live(d.run_id).await.expect("live").expect("held");
     assert_eq!(live.status, RunStatus::Ready);
 }

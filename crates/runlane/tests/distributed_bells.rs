@@ -537,12 +537,16 @@ async fn an_idle_worker_of_another_process_starts_a_run_the_trigger_leased_for_i
     a.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_delivered_lease_runs_once_while_its_workloop_parks_again() {
-    let deployment = Deployment::new("bells_heard", redis_support::url());
-    let a = deployment.open(true).await;
-    let b = deployment.open(false).await;
-    let (tx, mut started) = mpsc::unbounded_channel();
+/// A worker of `b` on every lane, two slots, whose handlers report their run and then wait
+/// until the returned sender says `true`.
+async fn held_worker(
+    b: &Distributed,
+) -> (
+    runlane::Worker,
+    mpsc::UnboundedReceiver<RunId>,
+    tokio::sync::watch::Sender<bool>,
+) {
+    let (tx, started) = mpsc::unbounded_channel();
     let (release_tx, release) = tokio::sync::watch::channel(false);
     let worker = b
         .worker()
@@ -560,6 +564,15 @@ async fn a_delivered_lease_runs_once_while_its_workloop_parks_again() {
         .start()
         .await
         .expect("worker");
+    (worker, started, release_tx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivered_lease_runs_once_while_its_workloop_parks_again() {
+    let deployment = Deployment::new("bells_heard", redis_support::url());
+    let a = deployment.open(true).await;
+    let b = deployment.open(false).await;
+    let (worker, mut started, release_tx) = held_worker(&b).await;
     // The first run is delivered to B's parked offer and keeps its slot; the workloop's next
     // claim (parking the other slot) must not answer that lease again: it heard of it.
     redis_support::until_idle_offers(&b, 1, "B's workloop idle").await;
@@ -583,24 +596,7 @@ async fn a_run_executing_here_is_not_read_ahead() {
     let deployment = Deployment::new("bells_busy", redis_support::url());
     let a = deployment.open(true).await;
     let b = deployment.open(false).await;
-    let (tx, mut started) = mpsc::unbounded_channel();
-    let (release_tx, release) = tokio::sync::watch::channel(false);
-    let worker = b
-        .worker()
-        .workloops("*:2")
-        .lease(reporting::LEASE)
-        .handler("job", move |ctx: runlane::RunContext| {
-            let tx = tx.clone();
-            let mut release = release.clone();
-            async move {
-                let _ = tx.send(ctx.run_id());
-                let _ = release.wait_for(|r| *r).await;
-                Ok::<_, runlane::HandlerError>(serde_json::Value::Null)
-            }
-        })
-        .start()
-        .await
-        .expect("worker");
+    let (worker, mut started, release_tx) = held_worker(&b).await;
     redis_support::until_idle_offers(&b, 1, "B's workloop idle").await;
     let run = trigger(&a, "default").await;
     assert_eq!(taken(&mut started, "the run").await, run);
