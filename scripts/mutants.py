@@ -270,6 +270,14 @@ MUTANTS = [
         "tests": [PARKED_REDIS],
     },
     {
+        "id": "P11",
+        "bug": "a run leased for a parked offer is reported ready (its trigger publishes a late `ready`) (Redis)",
+        "file": LUA,
+        "old": "        if remote[fx_moved[i - 1]] then fx_moved[i] = 'executing' end",
+        "new": "        if false then fx_moved[i] = 'executing' end",
+        "tests": [PARKED_REDIS],
+    },
+    {
         "id": "P6",
         "bug": "a delivery is not handed to the engine (bell reader)",
         "file": "crates/runlane-distributed/src/bells.rs",

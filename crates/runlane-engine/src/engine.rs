@@ -380,8 +380,10 @@ impl Inner {
         }
         if self.events.has_subscribers() {
             for (run, status) in &effects.moved {
-                // Terminal statuses are published by whoever wrote them to the store.
-                if Some(*run) == skip || status.is_terminal() {
+                // Terminal statuses are published by whoever wrote them to the store, and
+                // `executing` by the worker that starts the run (one leased inside this call,
+                // for an offer parked by a workloop of any process).
+                if Some(*run) == skip || status.is_terminal() || *status == RunStatus::Executing {
                     continue;
                 }
                 // By id only: a run that moved is held by id, except one a call enqueued into
@@ -446,7 +448,10 @@ impl Inner {
     ) -> RunStatus {
         let mut last = None;
         for (_, status) in effects.moved.iter().filter(|(r, _)| *r == run) {
-            self.publish(run, env, *status, attempt);
+            // A run leased inside the call is published executing by its worker (see `apply`).
+            if *status != RunStatus::Executing {
+                self.publish(run, env, *status, attempt);
+            }
             last = Some(*status);
         }
         let last = last.unwrap_or_else(|| {

@@ -1709,7 +1709,14 @@ OPS['enqueue'] = function()
   local sent = ARGV[9]
   if sent and sent ~= '' then
     local remote = take_offers(ARGV[6], sent ~= '!' and sent or false)
-    if next(remote) then drop_taken(remote) end
+    if next(remote) then
+      drop_taken(remote)
+      -- A run leased here for a parked offer moved on to executing (its worker publishes
+      -- that; the caller must not publish a `ready` that could follow the worker's events).
+      for i = 2, #fx_moved, 2 do
+        if remote[fx_moved[i - 1]] then fx_moved[i] = 'executing' end
+      end
+    end
   end
   if #ARGV >= 14 then return answer('ok', v, leased) end
   return answer('ok', v)

@@ -138,6 +138,11 @@ async fn an_enqueue_leases_for_a_parked_offer_and_delivers_on_the_bells() {
         "the run is leased, its lane has nothing ready: {:?}",
         enqueued.effects
     );
+    assert_eq!(
+        enqueued.effects.moved,
+        vec![(d.run_id, RunStatus::Executing)],
+        "reported leased, so the trigger publishes no `ready` after the worker's events"
+    );
     let live = queue.live(d.run_id).await.expect("live").expect("held");
     assert_eq!(live.status, RunStatus::Executing);
     let lease = live.lease.expect("leased");
