@@ -265,8 +265,8 @@ MUTANTS = [
         "id": "P5",
         "bug": "runs leased for parked offers still ring their lanes (Redis)",
         "file": LUA,
-        "old": "    if next(remote) then drop_taken(remote) end",
-        "new": "    if false then drop_taken(remote) end",
+        "old": "      drop_taken(remote)\n      -- A run leased here for a parked offer",
+        "new": "      -- A run leased here for a parked offer",
         "tests": [PARKED_REDIS],
     },
     {
