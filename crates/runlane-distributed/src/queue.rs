@@ -423,8 +423,9 @@ impl QueueBackend for DistributedQueue {
             .await;
         self.enqueued(run, due, now, answer)
     }
+    /// The shape's bell readers deliver what enqueues lease for parked offers.
     fn parks_offers(&self) -> bool {
-        self.redis.parks_offers()
+        true
     }
     async fn claim_parking(
         &self,

@@ -1618,6 +1618,9 @@ impl QueueBackend for RedisQueue {
         self.enqueue_sending(dispatch, why, now, None).await
     }
 
+    /// Parked offers work here, but their leases are delivered on the doorbell streams, which
+    /// only the distributed shape reads: it says `parks_offers` (alone, this queue does not,
+    /// and a process's own triggers take its in-process offers).
     async fn enqueue_handing(
         &self,
         dispatch: Dispatch,
@@ -1643,10 +1646,6 @@ impl QueueBackend for RedisQueue {
                 Vec::new(),
             )),
         }
-    }
-
-    fn parks_offers(&self) -> bool {
-        true
     }
 
     async fn claim_parking(
