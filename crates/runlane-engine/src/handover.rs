@@ -131,21 +131,21 @@ impl Handover {
     /// Keeps a run for its first claim (before it is enqueued, so a claim cannot miss it);
     /// does nothing when disabled or full.
     pub(crate) fn keep(&self, run: RunId, handed: Handed) {
-        if !self.enabled {
-            return;
-        }
-        let mut st = self.lock();
-        self.insert(&mut st, run, handed, false);
+        self.keep_as(run, handed, false);
     }
 
     /// Keeps what came with a lease another process's enqueue made for a workloop here, as a
     /// read ahead (dropped when the run starts: a later attempt reads its run).
     pub(crate) fn keep_delivered(&self, run: RunId, handed: Handed) {
+        self.keep_as(run, handed, true);
+    }
+
+    fn keep_as(&self, run: RunId, handed: Handed, ahead: bool) {
         if !self.enabled {
             return;
         }
         let mut st = self.lock();
-        self.insert(&mut st, run, handed, true);
+        self.insert(&mut st, run, handed, ahead);
     }
 
     fn insert(&self, st: &mut State, run: RunId, handed: Handed, ahead: bool) {

@@ -587,8 +587,13 @@ async fn claim_next(
 /// A lease beyond the free slots (the backend broke the claim contract): handed back rather
 /// than run past the workloop's capacity.
 async fn hand_back_excess(engine: &Inner, leased: &Leased) {
+    tracing::error!(run = %leased.dispatch.run_id, "claim returned more runs than free slots");
+    release_unstarted(engine, leased).await;
+}
+
+/// A lease this worker will not run goes back to its queue (same attempt), as a drain does.
+async fn release_unstarted(engine: &Inner, leased: &Leased) {
     let d = &leased.dispatch;
-    tracing::error!(run = %d.run_id, "claim returned more runs than free slots");
     if let Err(e) = engine
         .release_leased(d.run_id, leased.token, &d.env, d.attempt)
         .await
@@ -817,14 +822,8 @@ async fn withdraw_parked(
         .await
     {
         Ok(leases) => {
-            for l in leases {
-                let d = &l.dispatch;
-                if let Err(e) = engine
-                    .release_leased(d.run_id, l.token, &d.env, d.attempt)
-                    .await
-                {
-                    tracing::warn!(run = %d.run_id, error = %e, "release failed; the lease will lapse");
-                }
+            for l in &leases {
+                release_unstarted(engine, l).await;
             }
         }
         Err(e) => {

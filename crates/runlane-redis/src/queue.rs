@@ -679,6 +679,26 @@ impl RedisQueue {
         Ok(out)
     }
 
+    /// One `claim` script call: `steps` on the workloop's parked offer (`''`: none), then the
+    /// claim (timed in [`Self::claim_micros`]).
+    async fn claim_call(
+        &self,
+        request: &ClaimRequest,
+        steps: String,
+        now: Timestamp,
+    ) -> Result<Vec<Leased>, QueueError> {
+        let started = Instant::now();
+        let answer = self
+            .call("claim", now, || {
+                let mut args = vec![Arg::from(steps.as_str())];
+                Self::claim_args(request, &mut args);
+                args
+            })
+            .await;
+        self.claim_calls.add(started);
+        Self::leases(answer?.extra(0)?)
+    }
+
     /// A claim's arguments after the op: worker, chain, max, lease, then env and version pairs.
     fn claim_args(request: &ClaimRequest, args: &mut Vec<Arg>) {
         args.push(request.worker.0.to_string().into());
@@ -1654,28 +1674,20 @@ impl QueueBackend for RedisQueue {
         steps: &OfferSteps,
         now: Timestamp,
     ) -> Result<Vec<Leased>, QueueError> {
-        let started = Instant::now();
-        let answer = self
-            .call("claim", now, || {
-                let seq = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
-                let mut args = vec![Arg::from(format!(
-                    "{} {} {} {} {}",
-                    steps.consumer.0,
-                    seq(steps.withdraw.map(|(s, _)| s)),
-                    if matches!(steps.withdraw, Some((_, true))) {
-                        1
-                    } else {
-                        0
-                    },
-                    seq(steps.park.map(|(s, _)| s)),
-                    steps.park.map_or(0, |(_, until)| until.as_millis()),
-                ))];
-                Self::claim_args(request, &mut args);
-                args
-            })
-            .await;
-        self.claim_calls.add(started);
-        Self::leases(answer?.extra(0)?)
+        let seq = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+        let steps = format!(
+            "{} {} {} {} {}",
+            steps.consumer.0,
+            seq(steps.withdraw.map(|(s, _)| s)),
+            if matches!(steps.withdraw, Some((_, true))) {
+                1
+            } else {
+                0
+            },
+            seq(steps.park.map(|(s, _)| s)),
+            steps.park.map_or(0, |(_, until)| until.as_millis()),
+        );
+        self.claim_call(request, steps, now).await
     }
 
     /// Alone (no other enqueue of this process in flight), the claim rides on the enqueue's
@@ -1711,16 +1723,7 @@ impl QueueBackend for RedisQueue {
         if request.max == 0 {
             return Ok(Vec::new());
         }
-        let started = Instant::now();
-        let answer = self
-            .call("claim", now, || {
-                let mut args = vec![Arg::from("")];
-                Self::claim_args(request, &mut args);
-                args
-            })
-            .await;
-        self.claim_calls.add(started);
-        Self::leases(answer?.extra(0)?)
+        self.claim_call(request, String::new(), now).await
     }
 
     async fn heartbeat(
