@@ -423,9 +423,12 @@ impl QueueBackend for DistributedQueue {
             .await;
         self.enqueued(run, due, now, answer)
     }
-    /// The shape's bell readers deliver what enqueues lease for parked offers.
+    /// Only with the shape's bell readers (the distributed shape wires them), which deliver
+    /// what enqueues lease for parked offers: a queue used without them (as the conformance
+    /// suite does) parks none, since a lease made for a parked offer would then wait for its
+    /// workloop's next claim (the offer's refresh).
     fn parks_offers(&self) -> bool {
-        true
+        self.bells.is_some()
     }
     async fn claim_parking(
         &self,

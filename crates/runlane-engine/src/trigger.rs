@@ -947,9 +947,7 @@ async fn settle(
     let status = inner
         .apply_own(run, env, attempt, placed, enqueued.effects)
         .await;
-    // A run leased in the call for a parked offer (`Executing`) rings too: that offer may be
-    // of a workloop here that no longer waits on it, whose next claim then takes the lease.
-    if matches!(status, RunStatus::Ready | RunStatus::Executing) && !rung && !leased {
+    if status == RunStatus::Ready && !rung && !leased {
         inner.bells.ring(lane);
     }
     (enqueued.placement, status)

@@ -57,3 +57,17 @@ impl runlane_conformance::Backends for Distributed {
 }
 
 runlane_conformance::conformance_suite!(Distributed);
+
+/// Without the shape's doorbell readers nothing would deliver a lease an enqueue made for a
+/// parked offer (the workloop would start it only at its offer's refresh): such a queue parks
+/// none. (With the readers, `distributed_bells.rs` shows deliveries starting runs.)
+#[tokio::test]
+async fn a_queue_without_doorbell_readers_parks_no_offers() {
+    use runlane_conformance::Backends;
+    let (queue, _store) = Distributed.open().await;
+    assert!(queue.claims_on_enqueue(), "it still claims on enqueue");
+    assert!(
+        !queue.parks_offers(),
+        "no reader delivers parked offers' leases"
+    );
+}
