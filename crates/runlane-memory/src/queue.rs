@@ -129,10 +129,57 @@ struct LaneState {
     /// Ready runs per env, by `ready_seq`.
     ready: BTreeMap<EnvName, BTreeMap<u64, RunId>>,
     count: u64,
-    pass: HashMap<EnvName, u64>,
+    pass: BTreeMap<EnvName, u64>,
     vtime: u64,
     orphan_since: Timestamp,
     orphaned: bool,
+}
+
+/// What one lane offers a claim: of each served env's first eligible ready run, the one of the
+/// env with the smallest effective pass (ties: env name), and the smallest of their ready seqs
+/// (how a wildcard compares lanes).
+struct LanePick<'a> {
+    first_seq: u64,
+    eff: u64,
+    env: &'a EnvName,
+    seq: u64,
+    run: RunId,
+}
+
+fn lane_pick<'a>(
+    st: &State,
+    lane: &'a LaneState,
+    served: &impl Fn(&EnvName) -> Option<u32>,
+    eligible: &impl Fn(&State, &EnvName, &RunId) -> bool,
+) -> Option<LanePick<'a>> {
+    let mut pick: Option<LanePick<'a>> = None;
+    for (env, by_seq) in &lane.ready {
+        if served(env).is_none() {
+            continue;
+        }
+        let Some((&seq, &run)) = by_seq.iter().find(|(_, run)| eligible(st, env, run)) else {
+            continue;
+        };
+        let eff = lane.pass.get(env).copied().unwrap_or(0).max(lane.vtime);
+        match &mut pick {
+            None => {
+                pick = Some(LanePick {
+                    first_seq: seq,
+                    eff,
+                    env,
+                    seq,
+                    run,
+                })
+            }
+            Some(p) => {
+                p.first_seq = p.first_seq.min(seq);
+                if (eff, env) < (p.eff, p.env) {
+                    (p.eff, p.env, p.seq, p.run) = (eff, env, seq, run);
+                }
+            }
+        }
+    }
+    pick
 }
 
 #[derive(Debug)]
@@ -845,70 +892,52 @@ impl QueueBackend for MemoryQueue {
                 .get(run)
                 .is_some_and(|e| e.dispatch.locked_version.is_none_or(|v| v == version))
         };
-        // The smallest eligible ready_seq of a lane per env.
-        let first_eligible = |st: &State, lane: &LaneState| -> Vec<(EnvName, u64, RunId)> {
-            lane.ready
-                .iter()
-                .filter(|(env, _)| served(env).is_some())
-                .filter_map(|(env, by_seq)| {
-                    by_seq
-                        .iter()
-                        .find(|(_, run)| eligible(st, env, run))
-                        .map(|(seq, run)| (env.clone(), *seq, *run))
-                })
-                .collect()
-        };
         let mut out = Vec::new();
         while (out.len() as u32) < request.max {
-            let mut pick: Option<(LaneName, Vec<(EnvName, u64, RunId)>)> = None;
+            // A named lane with an eligible run wins in chain order; past a wildcard, the lane
+            // whose eligible run became ready first. No allocation per claim: the pick borrows
+            // the state until the env it names is cloned once.
+            let mut pick: Option<(&LaneName, LanePick<'_>)> = None;
             for name in request.chain.named() {
-                if let Some(lane) = st.lanes.get(name) {
-                    let c = first_eligible(&st, lane);
-                    if !c.is_empty() {
-                        pick = Some((name.clone(), c));
-                        break;
-                    }
+                if let Some(p) = st
+                    .lanes
+                    .get(name)
+                    .and_then(|l| lane_pick(&st, l, &served, &eligible))
+                {
+                    pick = Some((name, p));
+                    break;
                 }
             }
             if pick.is_none() && request.chain.is_wildcard() {
-                let mut best: Option<(u64, LaneName, Vec<(EnvName, u64, RunId)>)> = None;
                 for (name, lane) in &st.lanes {
-                    if request.chain.named().contains(name) || lane.count == 0 {
+                    if lane.count == 0 || request.chain.named().contains(name) {
                         continue;
                     }
-                    let c = first_eligible(&st, lane);
-                    if let Some(min) = c.iter().map(|x| x.1).min() {
-                        if best.as_ref().is_none_or(|b| min < b.0) {
-                            best = Some((min, name.clone(), c));
+                    if let Some(p) = lane_pick(&st, lane, &served, &eligible) {
+                        if pick.as_ref().is_none_or(|(_, b)| p.first_seq < b.first_seq) {
+                            pick = Some((name, p));
                         }
                     }
                 }
-                pick = best.map(|(_, name, c)| (name, c));
             }
-            let Some((lane_name, candidates)) = pick else {
+            let Some((lane_name, p)) = pick else {
                 break;
             };
-            let Some(lane) = st.lanes.get(&lane_name) else {
-                break;
-            };
-            let vtime = lane.vtime;
-            let chosen = candidates
-                .iter()
-                .map(|(env, seq, run)| {
-                    let pass = lane.pass.get(env).copied().unwrap_or(0);
-                    (pass.max(vtime), env.clone(), *seq, *run)
-                })
-                .min_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-            let Some((eff, env, seq, run)) = chosen else {
-                break;
-            };
+            let (lane_name, env, eff, seq, run) =
+                (lane_name.clone(), p.env.clone(), p.eff, p.seq, p.run);
             let weight = st
                 .envs
                 .get(&env)
                 .map_or(1, |e| u64::from(e.settings.weight.max(1)));
             if let Some(lane) = st.lanes.get_mut(&lane_name) {
                 lane.vtime = eff;
-                lane.pass.insert(env.clone(), eff + STRIDE / weight);
+                let next = eff + STRIDE / weight;
+                match lane.pass.get_mut(&env) {
+                    Some(pass) => *pass = next,
+                    None => {
+                        lane.pass.insert(env.clone(), next);
+                    }
+                }
                 if let Some(by_seq) = lane.ready.get_mut(&env) {
                     by_seq.remove(&seq);
                     if by_seq.is_empty() {
