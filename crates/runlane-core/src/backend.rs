@@ -706,6 +706,33 @@ pub struct AttemptRecord {
     pub ended_at: Timestamp,
 }
 
+/// What a worker reads of a claimed run before it starts it ([`RunStore::get_to_start`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToStart {
+    /// Its status (terminal: it ended while it waited in the queue).
+    pub status: RunStatus,
+    /// Whether a cancel was requested (the run then ends `canceled` without running).
+    pub cancel_requested: bool,
+    /// Its task.
+    pub task: TaskName,
+    /// Its payload.
+    pub payload: Arc<str>,
+    /// Its retry policy.
+    pub retry: RetryPolicy,
+}
+
+impl From<RunRecord> for ToStart {
+    fn from(r: RunRecord) -> Self {
+        ToStart {
+            status: r.status,
+            cancel_requested: r.cancel_requested_at.is_some(),
+            task: r.task,
+            payload: r.payload,
+            retry: r.retry,
+        }
+    }
+}
+
 /// A run's durable record.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunRecord {
@@ -1021,6 +1048,17 @@ pub trait RunStore: Send + Sync + 'static {
             out.push(self.get(run).await?);
         }
         Ok(out)
+    }
+    /// What workers need of claimed runs to start them, in the order asked (`None` for a run
+    /// not stored). The default reads whole records (`get_many`); a store may read less (the
+    /// memory store copies five fields instead of a record).
+    async fn get_to_start(&self, runs: &[RunId]) -> Result<Vec<Option<ToStart>>, StoreError> {
+        Ok(self
+            .get_many(runs)
+            .await?
+            .into_iter()
+            .map(|r| r.map(ToStart::from))
+            .collect())
     }
     /// Runs matching the filter, in id order.
     async fn list(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, StoreError>;

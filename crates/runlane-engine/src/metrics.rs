@@ -3,7 +3,7 @@
 //! losses and timeouts. Plain atomics, bumped on paths that already did the work; reading them
 //! costs nothing on the hot path.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -78,7 +78,8 @@ pub(crate) struct Counters {
     claimed_on_enqueue: AtomicU64,
     claimed_delivered: AtomicU64,
     read_ahead: AtomicU64,
-    last_claim: Mutex<HashMap<LaneName, Timestamp>>,
+    /// By name in a B-tree: a claim updates it per lease (a few lanes: no hashing).
+    last_claim: Mutex<BTreeMap<LaneName, Timestamp>>,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -103,7 +104,7 @@ impl Counters {
             claimed_on_enqueue: AtomicU64::new(0),
             claimed_delivered: AtomicU64::new(0),
             read_ahead: AtomicU64::new(0),
-            last_claim: Mutex::new(HashMap::new()),
+            last_claim: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -192,7 +193,9 @@ impl Counters {
         self.last_claim
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .iter()
+            .map(|(lane, at)| (lane.clone(), *at))
+            .collect()
     }
 
     pub(crate) fn snapshot(&self) -> EngineMetrics {

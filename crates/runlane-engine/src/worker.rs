@@ -8,7 +8,7 @@
 //! it in the same task ([`run_slot`]). `stop` drains (SPEC §5); `crash` abandons everything so
 //! tests can watch lapsed leases being recovered.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,7 +17,7 @@ use std::time::Duration;
 use runlane_core::admission::{env_cap, key_cap};
 use runlane_core::backend::{
     AttemptEnd, ClaimRequest, ConsumerId, LeaseState, Leased, OfferSteps, ParkedOffer,
-    QueueBackend, RunRecord, ServedEnv,
+    QueueBackend, ServedEnv, ToStart,
 };
 use runlane_core::{
     CancelReason, ClaimChain, EnvName, FencingToken, InvalidInput, LaneName, QueueError, QueueName,
@@ -233,7 +233,7 @@ pub struct WorkerBuilder {
     engine: Engine,
     envs: Vec<(String, Option<u32>)>,
     envs_given: bool,
-    handlers: HashMap<TaskName, Handler>,
+    handlers: BTreeMap<TaskName, Handler>,
     error: Option<InvalidInput>,
     workloops: Option<String>,
     lease: Option<Duration>,
@@ -247,7 +247,7 @@ impl WorkerBuilder {
             engine,
             envs: vec![("default".to_owned(), None)],
             envs_given: false,
-            handlers: HashMap::new(),
+            handlers: BTreeMap::new(),
             error: None,
             workloops: None,
             lease: None,
@@ -451,7 +451,7 @@ struct WorkerShared {
     id: WorkerId,
     engine: Engine,
     envs: Vec<ServedEnv>,
-    handlers: HashMap<TaskName, Handler>,
+    handlers: BTreeMap<TaskName, Handler>,
     lease: Duration,
     stop_timeout: Duration,
     in_flight: Mutex<HashMap<RunId, Arc<LocalRun>, IdBuild>>,
@@ -1004,7 +1004,7 @@ pub(crate) enum Loaded {
     /// Handed over by this process's trigger.
     Handed(Handed),
     /// Read back from the store (`None`: not there).
-    Record(Option<Box<RunRecord>>),
+    Record(Option<ToStart>),
     /// The read failed.
     Failed(StoreError),
 }
@@ -1095,11 +1095,10 @@ pub(crate) async fn load_claimed(engine: &Inner, leases: &[Leased]) -> Vec<Loade
         .map(|(l, _)| l.dispatch.run_id)
         .collect();
     if !missing.is_empty() {
-        let read: Vec<Loaded> = match engine.store.get_many(&missing).await {
-            Ok(records) if records.len() == missing.len() => records
-                .into_iter()
-                .map(|r| Loaded::Record(r.map(Box::new)))
-                .collect(),
+        let read: Vec<Loaded> = match engine.store.get_to_start(&missing).await {
+            Ok(records) if records.len() == missing.len() => {
+                records.into_iter().map(Loaded::Record).collect()
+            }
             Ok(_) => {
                 let e = StoreError::Unavailable("the store answered a different count".into());
                 missing.iter().map(|_| Loaded::Failed(e.clone())).collect()
@@ -1149,7 +1148,7 @@ pub(crate) async fn resolve(
             engine.queue_finish_quietly(run, token).await;
             Resolved::Gone
         }
-        Loaded::Record(Some(record)) if record.cancel_requested_at.is_some() => {
+        Loaded::Record(Some(record)) if record.cancel_requested => {
             let ended = attempt_record(attempt, "canceled", None, engine.now());
             if let Err(e) = engine
                 .finish_leased(run, token, RunStatus::Canceled, None, Some(ended))
@@ -1161,14 +1160,11 @@ pub(crate) async fn resolve(
             }
             Resolved::Gone
         }
-        Loaded::Record(Some(record)) => {
-            let record = *record;
-            Resolved::Ready(Handed {
-                task: record.task,
-                payload: record.payload,
-                retry: record.retry,
-            })
-        }
+        Loaded::Record(Some(record)) => Resolved::Ready(Handed {
+            task: record.task,
+            payload: record.payload,
+            retry: record.retry,
+        }),
         Loaded::Record(None) => {
             tracing::warn!(%run, "claimed run is not in the store; dropping it");
             engine.queue_finish_quietly(run, token).await;

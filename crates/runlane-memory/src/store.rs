@@ -2,14 +2,15 @@
 //! mutex. Each method is one atomic step, so concurrent triggers with one idempotency key yield
 //! exactly one run.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use runlane_core::backend::{
     AttemptEnd, AttemptRecord, IdempotencyClaim, Inserted, Retention, RunFilter, RunRecord,
-    RunStore, ScheduleCursor, VersionInfo,
+    RunStore, ScheduleCursor, ToStart, VersionInfo,
 };
+use runlane_core::idhash::IdBuild;
 use runlane_core::{
     EnvName, EnvSettings, QueueName, QueueSettings, RunId, RunStatus, StoreError, TaskName,
     Timestamp, VersionDef,
@@ -21,11 +22,54 @@ const LIST_LIMIT_MAX: u32 = 1000;
 
 type IdemKey = (EnvName, TaskName, String);
 
+/// The records by id (a hash lookup: a worker's read, start mark and end each look one up, and
+/// a B-tree of a million records cost several cache misses per lookup), with the ids in order
+/// beside them for listing. Boxed: a table slot is sized for its largest entry.
+#[derive(Default)]
+struct Runs {
+    by_id: HashMap<RunId, Box<RunRecord>, IdBuild>,
+    order: BTreeSet<RunId>,
+}
+
+impl Runs {
+    fn get(&self, run: &RunId) -> Option<&RunRecord> {
+        self.by_id.get(run).map(|r| &**r)
+    }
+
+    fn get_mut(&mut self, run: &RunId) -> Option<&mut RunRecord> {
+        self.by_id.get_mut(run).map(|r| &mut **r)
+    }
+
+    fn insert(&mut self, record: RunRecord) {
+        self.order.insert(record.id);
+        self.by_id.insert(record.id, Box::new(record));
+    }
+
+    fn remove(&mut self, run: &RunId) -> Option<RunRecord> {
+        self.order.remove(run);
+        self.by_id.remove(run).map(|r| *r)
+    }
+
+    /// The records after `after` (all without), in id order.
+    fn after(&self, after: Option<RunId>) -> impl Iterator<Item = &RunRecord> {
+        let ids = match after {
+            Some(after) => self
+                .order
+                .range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
+            None => self.order.range(..),
+        };
+        ids.filter_map(|id| self.get(id))
+    }
+
+    /// Every record, in id order.
+    fn values(&self) -> impl Iterator<Item = &RunRecord> {
+        self.after(None)
+    }
+}
+
 #[derive(Default)]
 struct State {
-    /// Boxed: a B-tree node holds its entries inline and is often half full, so inline
-    /// records would leave hundreds of bytes empty per run.
-    runs: BTreeMap<RunId, Box<RunRecord>>,
+    runs: Runs,
     idempotency: HashMap<IdemKey, (RunId, Timestamp)>,
     envs: BTreeMap<EnvName, EnvSettings>,
     /// Per env, version `n` at index `n - 1` with its registration time.
@@ -97,14 +141,14 @@ impl RunStore for MemoryStore {
                     .get(&key)
                     .filter(|(_, expires)| *expires > now)
                     .and_then(|(id, _)| st.runs.get(id))
-                    .cloned();
+                    .map(|r| Box::new(r.clone()));
                 if let Some(existing) = hit {
                     out.push(Inserted::Existing(existing));
                     continue;
                 }
                 st.idempotency.insert(key, (record.id, claim.expires_at));
             }
-            st.runs.insert(record.id, Box::new(record));
+            st.runs.insert(record);
             out.push(Inserted::New);
         }
         Ok(out)
@@ -113,7 +157,6 @@ impl RunStore for MemoryStore {
     async fn remove(&self, run: RunId) -> Result<(), StoreError> {
         let mut st = self.lock();
         if let Some(record) = st.runs.remove(&run) {
-            let record = *record;
             if let Some(key) = record.idempotency_key {
                 let k = (record.env, record.task, key);
                 if st.idempotency.get(&k).is_some_and(|(id, _)| *id == run) {
@@ -125,7 +168,23 @@ impl RunStore for MemoryStore {
     }
 
     async fn get(&self, run: RunId) -> Result<Option<RunRecord>, StoreError> {
-        Ok(self.lock().runs.get(&run).map(|r| RunRecord::clone(r)))
+        Ok(self.lock().runs.get(&run).cloned())
+    }
+
+    async fn get_to_start(&self, runs: &[RunId]) -> Result<Vec<Option<ToStart>>, StoreError> {
+        let st = self.lock();
+        Ok(runs
+            .iter()
+            .map(|run| {
+                st.runs.get(run).map(|r| ToStart {
+                    status: r.status,
+                    cancel_requested: r.cancel_requested_at.is_some(),
+                    task: r.task.clone(),
+                    payload: r.payload.clone(),
+                    retry: r.retry,
+                })
+            })
+            .collect())
     }
 
     async fn list(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, StoreError> {
@@ -134,14 +193,9 @@ impl RunStore for MemoryStore {
             .limit
             .unwrap_or(LIST_LIMIT_DEFAULT)
             .min(LIST_LIMIT_MAX) as usize;
-        let range = match filter.after {
-            Some(after) => st
-                .runs
-                .range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
-            None => st.runs.range(..),
-        };
-        Ok(range
-            .map(|(_, r)| &**r)
+        Ok(st
+            .runs
+            .after(filter.after)
             .filter(|r| matches(filter, r))
             .take(limit)
             .cloned()
@@ -219,7 +273,9 @@ impl RunStore for MemoryStore {
             })
             .map(|r| r.id)
             .collect();
-        st.runs.retain(|id, _| !doomed.contains(id));
+        for id in &doomed {
+            st.runs.remove(id);
+        }
         st.idempotency.retain(|_, (id, _)| !doomed.contains(id));
         Ok(doomed.len() as u64)
     }
@@ -334,7 +390,7 @@ impl RunStore for MemoryStore {
             .runs
             .values()
             .filter(|r| !r.status.is_terminal())
-            .map(|r| RunRecord::clone(r))
+            .cloned()
             .collect())
     }
 
@@ -479,6 +535,7 @@ impl RunStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use runlane_core::retry::RetryPolicy;
 
     fn record(n: u128) -> RunRecord {
         RunRecord::queued(
@@ -506,6 +563,72 @@ mod tests {
             output: Some(Arc::from("1")),
             attempt: attempt(number, "completed"),
         }
+    }
+
+    /// What a worker reads to start a run is what the whole record says (the trait's default
+    /// reads records), in the order asked, `None` for a run not stored; a cancel request and a
+    /// terminal status show.
+    #[tokio::test]
+    async fn what_a_worker_reads_to_start_a_run_matches_its_record() {
+        let store = MemoryStore::new();
+        let mut third = record(3);
+        third.payload = Arc::from(r#"{"to":"a@b"}"#);
+        third.retry.attempts_max = 5;
+        let runs = vec![(record(1), None), (record(2), None), (third, None)];
+        store.insert(runs, Timestamp(1_000)).await.expect("insert");
+        let ended = store.finish_many(vec![end(1, 1)], Timestamp(2_000)).await;
+        assert_eq!(ended, Ok(vec![Ok(())]));
+        let requested = store.request_cancel(RunId(2), Timestamp(3_000)).await;
+        assert_eq!(requested, Ok(Timestamp(3_000)));
+
+        let ids = [RunId(3), RunId(9), RunId(1), RunId(2)];
+        let read = store.get_to_start(&ids).await.expect("read");
+        let mut expected = Vec::new();
+        for id in ids {
+            expected.push(store.get(id).await.expect("get").map(ToStart::from));
+        }
+        assert_eq!(read, expected);
+        let summary: Vec<Option<(RunStatus, bool, &str, u32)>> = read
+            .iter()
+            .map(|r| {
+                r.as_ref().map(|r| {
+                    (
+                        r.status,
+                        r.cancel_requested,
+                        &*r.payload,
+                        r.retry.attempts_max,
+                    )
+                })
+            })
+            .collect();
+        let fresh = RetryPolicy::default().attempts_max;
+        assert_eq!(
+            summary,
+            vec![
+                Some((RunStatus::Queued, false, r#"{"to":"a@b"}"#, 5)),
+                None,
+                Some((RunStatus::Completed, false, "{}", fresh)),
+                Some((RunStatus::Queued, true, "{}", fresh)),
+            ]
+        );
+    }
+
+    /// Listing walks the ids in order, after removals and from a cursor.
+    #[tokio::test]
+    async fn a_list_walks_ids_in_order_after_removals() {
+        let store = MemoryStore::new();
+        let runs = [5, 1, 4, 2, 3].map(|n| (record(n), None)).to_vec();
+        store.insert(runs, Timestamp(1_000)).await.expect("insert");
+        store.remove(RunId(4)).await.expect("remove");
+        let all = RunFilter::default();
+        let ids = |rs: Vec<RunRecord>| rs.iter().map(|r| r.id.0).collect::<Vec<_>>();
+        assert_eq!(ids(store.list(&all).await.expect("list")), vec![1, 2, 3, 5]);
+        let after = RunFilter {
+            after: Some(RunId(2)),
+            ..RunFilter::default()
+        };
+        assert_eq!(ids(store.list(&after).await.expect("list")), vec![3, 5]);
+        assert_eq!(store.get(RunId(4)).await, Ok(None));
     }
 
     /// The attempts a kept run holds take the room they need and no more: a `Vec` grown by
@@ -540,7 +663,7 @@ mod tests {
         let kept: Vec<(usize, usize)> = [1, 2, 3]
             .iter()
             .map(|n| {
-                let a = &st.runs[&RunId(*n)].attempts;
+                let a = &st.runs.get(&RunId(*n)).expect("stored").attempts;
                 (a.len(), a.capacity())
             })
             .collect();
