@@ -10,7 +10,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use runlane_core::backend::{
     AttemptEnd, AttemptRecord, IdempotencyClaim, Inserted, Retention, RunFilter, RunRecord,
-    RunStore, ScheduleCursor, VersionInfo,
+    RunStore, ScheduleCursor, ToStart, VersionInfo,
 };
 use runlane_core::{
     EnvName, EnvSettings, QueueName, QueueSettings, RunId, RunStatus, StoreError, TaskName,
@@ -91,6 +91,9 @@ impl RunStore for DistributedStore {
     }
     async fn get_many(&self, runs: &[RunId]) -> Result<Vec<Option<RunRecord>>, StoreError> {
         self.inner.get_many(runs).await
+    }
+    async fn get_to_start(&self, runs: &[RunId]) -> Result<Vec<Option<ToStart>>, StoreError> {
+        self.inner.get_to_start(runs).await
     }
     async fn list(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, StoreError> {
         self.inner.list(filter).await

@@ -24,7 +24,7 @@ use runlane_core::{
     RunId, RunStatus, Scope, StoreError, TaskName, Timestamp, TriggerSource, WorkerId,
     WorkloopSpec,
 };
-use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::doorbell::any_of;
@@ -472,8 +472,10 @@ impl WorkerShared {
         self.runs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a claimed run as executing here (the engine's registry and this worker's).
-    fn register(&self, leased: &Leased) -> Arc<LocalRun> {
+    /// Registers a claimed run as executing here (the engine's registry and this worker's), as
+    /// soon as it has a slot and before its task first runs, so a drain that begins meanwhile
+    /// counts it; the guard takes it out again, even if the task never ran (aborted).
+    fn register(self: &Arc<Self>, leased: &Leased) -> (Arc<LocalRun>, InFlightGuard) {
         let run = leased.dispatch.run_id;
         let local = Arc::new(LocalRun::new(run, leased.token));
         self.engine.inner.local.insert(local.clone());
@@ -491,7 +493,12 @@ impl WorkerShared {
             // Only the first run arms the heartbeat; later ones change nothing it waits for.
             self.changed.notify_waiters();
         }
-        local
+        let guard = InFlightGuard {
+            shared: self.clone(),
+            run,
+            token: leased.token,
+        };
+        (local, guard)
     }
 
     fn spawn_run(
@@ -501,10 +508,12 @@ impl WorkerShared {
         permit: OwnedSemaphorePermit,
         loaded: Loaded,
     ) {
+        let registered = self.register(&leased);
         let mut runs = self.runs();
         // Reap finished runs so the set stays as large as what is in flight.
         while runs.try_join_next().is_some() {}
-        runs.spawn(run_slot(self.clone(), lp.clone(), leased, permit, loaded));
+        let first = (leased, registered, permit, loaded);
+        runs.spawn(run_slot(self.clone(), lp.clone(), first));
     }
 }
 
@@ -524,29 +533,36 @@ struct LoopShared {
 /// written), claims the workloop's next run itself and runs it in the same task. Under load a
 /// slot goes from run to run without a task spawned or a workloop woken per run; when the
 /// claim finds nothing, the slot goes back to the workloop, which waits on the doorbells.
-async fn run_slot(
-    shared: Arc<WorkerShared>,
-    lp: Arc<LoopShared>,
-    leased: Leased,
-    permit: OwnedSemaphorePermit,
-    loaded: Loaded,
-) {
-    let mut next = Some((leased, permit, loaded));
+async fn run_slot(shared: Arc<WorkerShared>, lp: Arc<LoopShared>, first: ToRun) {
+    let mut next = Some(first);
     let mut continued = false;
-    while let Some((leased, permit, loaded)) = next.take() {
-        let local = shared.register(&leased);
+    while let Some((leased, registered, permit, loaded)) = next.take() {
         let slot = Slot {
             permit,
             ending: lp.ending.clone(),
         };
-        let Some(permit) = execute(shared.clone(), leased, local, slot, loaded, continued).await
+        let Some(permit) =
+            execute(shared.clone(), leased, registered, slot, loaded, continued).await
         else {
             break;
         };
-        next = claim_next(&shared, &lp, permit).await;
+        next = claim_next(&shared, &lp, permit)
+            .await
+            .map(|(leased, permit, loaded)| {
+                let registered = shared.register(&leased);
+                (leased, registered, permit, loaded)
+            });
         continued = true;
     }
 }
+
+/// A run with its slot, registered, and what was loaded of it.
+type ToRun = (
+    Leased,
+    (Arc<LocalRun>, InFlightGuard),
+    OwnedSemaphorePermit,
+    Loaded,
+);
 
 /// A run task's claim for the slot it holds: one run, unless the worker is stopping.
 async fn claim_next(
@@ -696,6 +712,10 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
     let parks = engine.offers.enabled() && engine.queue.parks_offers();
     let mut parked: Option<(u64, bool)> = None;
     let mut seq = 0u64;
+    // The read of the runs of the last claim, when it goes on beside the next claim: the
+    // workloop waits for it before it starts another, and before it ends (its runs must be
+    // in the worker's run set before a drain takes that set).
+    let mut loading: Option<oneshot::Receiver<()>> = None;
     loop {
         if *stop.borrow() {
             break;
@@ -735,20 +755,34 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
                 debug_assert!(leases.len() <= free, "a claim never exceeds its free slots");
                 let full = leases.len() == free;
                 engine.claimed(&leases);
-                let loaded = load_claimed(&engine, &leases).await;
+                // The slots are taken now, before the next claim counts what is free.
                 let mut permit = Some(first);
-                for (leased, loaded) in leases.into_iter().zip(loaded) {
-                    let p = match permit.take() {
-                        Some(p) => p,
-                        None => match lp.slots.clone().try_acquire_owned() {
-                            Ok(p) => p,
-                            Err(_) => {
-                                hand_back_excess(&engine, &leased).await;
-                                continue;
-                            }
-                        },
-                    };
-                    shared.spawn_run(&lp, leased, p, loaded);
+                let mut held = Vec::with_capacity(leases.len());
+                for leased in leases {
+                    match permit
+                        .take()
+                        .map_or_else(|| lp.slots.clone().try_acquire_owned().ok(), Some)
+                    {
+                        Some(p) => held.push((leased, p)),
+                        None => hand_back_excess(&engine, &leased).await,
+                    }
+                }
+                if remote_claims {
+                    // The runs' read goes on beside the workloop's next claim (one read at a
+                    // time: the previous one ends first), so a loop of claims under load
+                    // costs a claim's round trip per turn, not a claim's and a read's.
+                    if let Some(previous) = loading.take() {
+                        let _ = previous.await;
+                    }
+                    let (done, finished) = oneshot::channel::<()>();
+                    let (shared2, lp2) = (shared.clone(), lp.clone());
+                    shared.runs().spawn(async move {
+                        start_loaded(&shared2, &lp2, held).await;
+                        drop(done);
+                    });
+                    loading = Some(finished);
+                } else {
+                    start_loaded(&shared, &lp, held).await;
                 }
                 if full && remote_claims {
                     // More may be ready: let the runs just started (and others) run first, so
@@ -792,10 +826,27 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
             }
         }
     }
+    if let Some(previous) = loading.take() {
+        let _ = previous.await;
+    }
     if let Some(last) = parked {
         withdraw_parked(&engine, &request, consumer, last).await;
     }
     unregister(&engine, shared.id, consumer).await;
+}
+
+/// Reads what the claimed runs need (hand-over, reads ahead, the store) and starts each on the
+/// slot taken for it.
+async fn start_loaded(
+    shared: &Arc<WorkerShared>,
+    lp: &Arc<LoopShared>,
+    held: Vec<(Leased, OwnedSemaphorePermit)>,
+) {
+    let (leases, permits): (Vec<Leased>, Vec<OwnedSemaphorePermit>) = held.into_iter().unzip();
+    let loaded = load_claimed(&shared.engine.inner, &leases).await;
+    for ((leased, permit), loaded) in leases.into_iter().zip(permits).zip(loaded) {
+        shared.spawn_run(lp, leased, permit, loaded);
+    }
 }
 
 /// A stopping workloop takes its parked offer back: leases an enqueue made for it that the
@@ -1181,18 +1232,13 @@ pub(crate) async fn resolve(
 async fn execute(
     shared: Arc<WorkerShared>,
     leased: Leased,
-    local: Arc<LocalRun>,
+    (local, _guard): (Arc<LocalRun>, InFlightGuard),
     slot: Slot,
     loaded: Loaded,
     continued: bool,
 ) -> Option<OwnedSemaphorePermit> {
     let run = leased.dispatch.run_id;
     let token = leased.token;
-    let _guard = InFlightGuard {
-        shared: shared.clone(),
-        run,
-        token,
-    };
     let engine = shared.engine.inner.clone();
     let d = &leased.dispatch;
     if continued && *shared.stop.borrow() {

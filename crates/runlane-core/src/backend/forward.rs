@@ -32,7 +32,7 @@ pub use queue::{ForwardQueue, QueueHook, QueueOp};
 
 use super::{
     AttemptEnd, AttemptRecord, IdempotencyClaim, Inserted, Retention, RunFilter, RunRecord,
-    RunStore, ScheduleCursor, VersionInfo,
+    RunStore, ScheduleCursor, ToStart, VersionInfo,
 };
 use crate::error::StoreError;
 use crate::id::RunId;
@@ -55,7 +55,7 @@ pub enum StoreOp<'a> {
     Remove(RunId),
     /// [`RunStore::get`].
     Get(RunId),
-    /// [`RunStore::get_many`].
+    /// [`RunStore::get_many`] (and [`RunStore::get_to_start`]).
     GetMany(&'a [RunId]),
     /// [`RunStore::list`].
     List(&'a RunFilter),
@@ -240,6 +240,11 @@ impl<H: StoreHook> RunStore for Forward<H> {
     }
     async fn get_many(&self, runs: &[RunId]) -> Result<Vec<Option<RunRecord>>, StoreError> {
         self.around(StoreOp::GetMany(runs), self.inner.get_many(runs))
+            .await
+    }
+    async fn get_to_start(&self, runs: &[RunId]) -> Result<Vec<Option<ToStart>>, StoreError> {
+        // A read of many runs to a hook, as `get_many` is.
+        self.around(StoreOp::GetMany(runs), self.inner.get_to_start(runs))
             .await
     }
     async fn list(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, StoreError> {

@@ -95,6 +95,15 @@ pub trait QueueHook: Send + Sync + 'static {
     async fn after(&self, op: QueueOp<'_>) {
         let _ = op;
     }
+    /// The answer to [`QueueBackend::claims_in_process`], given the inner queue's (a test may
+    /// make an in-memory queue look shared, as Redis is).
+    fn claims_in_process(&self, inner: bool) -> bool {
+        inner
+    }
+    /// The answer to [`QueueBackend::hands_over`], given the inner queue's.
+    fn hands_over(&self, inner: bool) -> bool {
+        inner
+    }
 }
 
 /// Forwards nothing extra: `ForwardQueue<()>` is the inner queue, unchanged.
@@ -313,7 +322,7 @@ impl<H: QueueHook> QueueBackend for ForwardQueue<H> {
         self.inner.claims_on_enqueue_now()
     }
     fn claims_in_process(&self) -> bool {
-        self.inner.claims_in_process()
+        self.hook.claims_in_process(self.inner.claims_in_process())
     }
     async fn check_leases(
         &self,
@@ -323,7 +332,7 @@ impl<H: QueueHook> QueueBackend for ForwardQueue<H> {
         self.around(QueueOp::CheckLeases(leases), call).await
     }
     fn hands_over(&self) -> bool {
-        self.inner.hands_over()
+        self.hook.hands_over(self.inner.hands_over())
     }
     async fn live_of(&self, dispatch: &Dispatch) -> Result<Option<LiveRun>, QueueError> {
         let call = self.inner.live_of(dispatch);
