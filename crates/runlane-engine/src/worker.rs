@@ -1241,8 +1241,13 @@ async fn execute(
     let token = leased.token;
     let engine = shared.engine.inner.clone();
     let d = &leased.dispatch;
-    if continued && *shared.stop.borrow() {
-        // Claimed by a run task as the drain began: it goes back like any run the drain stops.
+    let aborted = local.abort.get();
+    if aborted == Some(AbortKind::Engine) {
+        return None; // The engine ended this attempt before it started (its lease lapsed).
+    }
+    if aborted == Some(AbortKind::Drain) || (continued && *shared.stop.borrow()) {
+        // Claimed by a run task as the drain began, or stopped by the drain before its task
+        // first ran: it goes back like any run the drain stops, its handler never started.
         let mut settle = local.settle.lock().await;
         if !*settle && release(&shared, run, token, &d.env, d.attempt).await {
             *settle = true;
