@@ -301,6 +301,22 @@ MUTANTS = [
         "new": "            Some(Vec::new())",
         "tests": [BELLS + ["starts_a_run_the_trigger"]],
     },
+    {
+        "id": "W1",
+        "bug": "a workloop ends without waiting for the read of its last claim's runs (they start after the drain)",
+        "file": "crates/runlane-engine/src/worker.rs",
+        "old": "    if let Some(previous) = loading.take() {\n        let _ = previous.await;\n    }\n    if let Some(last) = parked {",
+        "new": "    drop(loading.take());\n    if let Some(last) = parked {",
+        "tests": [["cargo", "test", "-q", "-p", "runlane-engine", "--test", "held_read"]],
+    },
+    {
+        "id": "W2",
+        "bug": "a distributed queue without doorbell readers parks offers (their leases wait for a refresh)",
+        "file": "crates/runlane-distributed/src/queue.rs",
+        "old": "        self.bells.is_some()",
+        "new": "        true",
+        "tests": [["cargo", "test", "-q", "-p", "runlane", "--test", "conformance_distributed", "--", "a_queue_without_doorbell_readers_parks_no_offers"]],
+    },
 ]
 
 
