@@ -764,16 +764,12 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
                 engine.claimed(&leases);
                 // The slots are taken now, before the next claim counts what is free.
                 let mut permit = Some(first);
-                let mut held = Vec::with_capacity(leases.len());
-                for leased in leases {
-                    match permit
+                let held = take_slots(&engine, leases, || {
+                    permit
                         .take()
-                        .map_or_else(|| lp.slots.clone().try_acquire_owned().ok(), Some)
-                    {
-                        Some(p) => held.push((leased, p)),
-                        None => hand_back_excess(&engine, &leased).await,
-                    }
-                }
+                        .or_else(|| lp.slots.clone().try_acquire_owned().ok())
+                })
+                .await;
                 if remote_claims {
                     // The runs' read goes on beside the workloop's next claim (one read at a
                     // time: the previous one ends first), so a loop of claims under load
@@ -840,6 +836,23 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
         withdraw_parked(&engine, &request, consumer, last).await;
     }
     unregister(&engine, shared.id, consumer).await;
+}
+
+/// Pairs each lease with a slot from `slot` while it gives one; a lease past the free slots
+/// goes back ([`hand_back_excess`]).
+async fn take_slots(
+    engine: &Inner,
+    leases: Vec<Leased>,
+    mut slot: impl FnMut() -> Option<OwnedSemaphorePermit>,
+) -> Vec<(Leased, OwnedSemaphorePermit)> {
+    let mut held = Vec::with_capacity(leases.len());
+    for leased in leases {
+        match slot() {
+            Some(p) => held.push((leased, p)),
+            None => hand_back_excess(engine, &leased).await,
+        }
+    }
+    held
 }
 
 /// Reads what the claimed runs need (hand-over, reads ahead, the store) and starts each on the
@@ -961,13 +974,8 @@ async fn offer_and_wait<F: Future<Output = ()> + Unpin>(
     }) = answer
     {
         if !leases.is_empty() {
-            let loaded = load_claimed(engine, &leases).await;
-            for (leased, loaded) in leases.into_iter().zip(loaded) {
-                match permit.split(1) {
-                    Some(p) => shared.spawn_run(lp, leased, p, loaded),
-                    None => hand_back_excess(engine, &leased).await,
-                }
-            }
+            let held = take_slots(engine, leases, || permit.split(1)).await;
+            start_loaded(shared, lp, held).await;
         }
     }
     (stopping, delivered)
@@ -1246,12 +1254,15 @@ async fn execute(
 ) -> Option<OwnedSemaphorePermit> {
     let run = leased.dispatch.run_id;
     let token = leased.token;
-    if registered.first {
+    let Registered {
+        local,
+        _guard,
+        first,
+    } = registered;
+    if first {
         // Only the first run arms the heartbeat; later ones change nothing it waits for.
         shared.changed.notify_waiters();
     }
-    let local = registered.local.clone();
-    let _registered = registered;
     let engine = shared.engine.inner.clone();
     let d = &leased.dispatch;
     let aborted = local.abort.get();
