@@ -721,13 +721,13 @@ pub struct ToStart {
     pub retry: RetryPolicy,
 }
 
-impl From<RunRecord> for ToStart {
-    fn from(r: RunRecord) -> Self {
+impl From<&RunRecord> for ToStart {
+    fn from(r: &RunRecord) -> Self {
         ToStart {
             status: r.status,
             cancel_requested: r.cancel_requested_at.is_some(),
-            task: r.task,
-            payload: r.payload,
+            task: r.task.clone(),
+            payload: r.payload.clone(),
             retry: r.retry,
         }
     }
@@ -1057,7 +1057,7 @@ pub trait RunStore: Send + Sync + 'static {
             .get_many(runs)
             .await?
             .into_iter()
-            .map(|r| r.map(ToStart::from))
+            .map(|r| r.as_ref().map(ToStart::from))
             .collect())
     }
     /// Runs matching the filter, in id order.

@@ -175,15 +175,7 @@ impl RunStore for MemoryStore {
         let st = self.lock();
         Ok(runs
             .iter()
-            .map(|run| {
-                st.runs.get(run).map(|r| ToStart {
-                    status: r.status,
-                    cancel_requested: r.cancel_requested_at.is_some(),
-                    task: r.task.clone(),
-                    payload: r.payload.clone(),
-                    retry: r.retry,
-                })
-            })
+            .map(|run| st.runs.get(run).map(ToStart::from))
             .collect())
     }
 
@@ -585,7 +577,14 @@ mod tests {
         let read = store.get_to_start(&ids).await.expect("read");
         let mut expected = Vec::new();
         for id in ids {
-            expected.push(store.get(id).await.expect("get").map(ToStart::from));
+            expected.push(
+                store
+                    .get(id)
+                    .await
+                    .expect("get")
+                    .as_ref()
+                    .map(ToStart::from),
+            );
         }
         assert_eq!(read, expected);
         let summary: Vec<Option<(RunStatus, bool, &str, u32)>> = read
