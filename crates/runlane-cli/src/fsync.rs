@@ -95,34 +95,58 @@ fn probe(
     let file = ProbeFile::create(dir)?;
     let mut page = [0u8; WRITE_BYTES];
     let mut n = 0u64;
-    let mut lines = Vec::with_capacity(gaps_us.len());
+    let per_gap = gap_samples(writes, warmup, gaps_us, progress, || {
+        n += 1;
+        page[..8].copy_from_slice(&n.to_le_bytes());
+        file.flush(n, &page)
+            .with_context(|| format!("--dir {}: write and fdatasync", dir.display()))
+    })?;
+    Ok(per_gap
+        .into_iter()
+        .map(|(gap, samples)| {
+            let micros: Vec<u64> = samples
+                .iter()
+                .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+                .collect();
+            json!({
+                "scenario": "fsync",
+                "gap_us": gap,
+                "write_bytes": WRITE_BYTES,
+                "writes": writes,
+                "p50_us": percentile(&micros, 0.50),
+                "p95_us": percentile(&micros, 0.95),
+                "p99_us": percentile(&micros, 0.99),
+                "git_revision": git_revision(),
+            })
+        })
+        .collect())
+}
+
+/// The loop of the idle probes (`bench fsync`, `bench cache`): for each gap, `warmup`
+/// unmeasured then `measured` measured calls of `measure`, each after a sleep of the gap (none
+/// for 0) on this thread; returns each gap with its samples, sorted.
+pub(crate) fn gap_samples<E>(
+    measured: u32,
+    warmup: u32,
+    gaps_us: &[u64],
+    progress: &Progress,
+    mut measure: impl FnMut() -> Result<Duration, E>,
+) -> Result<Vec<(u64, Vec<Duration>)>, E> {
+    let mut per_gap = Vec::with_capacity(gaps_us.len());
     for &gap in gaps_us {
-        let mut samples = Vec::with_capacity(writes as usize);
-        for i in 0..(writes + warmup) {
+        let mut samples = Vec::with_capacity(measured as usize);
+        for i in 0..(measured + warmup) {
             if gap > 0 {
                 std::thread::sleep(Duration::from_micros(gap));
             }
-            n += 1;
-            page[..8].copy_from_slice(&n.to_le_bytes());
-            let took = file
-                .flush(n, &page)
-                .with_context(|| format!("--dir {}: write and fdatasync", dir.display()))?;
+            let took = measure()?;
             progress.inc(1);
             if i >= warmup {
-                samples.push(u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
+                samples.push(took);
             }
         }
         samples.sort_unstable();
-        lines.push(json!({
-            "scenario": "fsync",
-            "gap_us": gap,
-            "write_bytes": WRITE_BYTES,
-            "writes": writes,
-            "p50_us": percentile(&samples, 0.50),
-            "p95_us": percentile(&samples, 0.95),
-            "p99_us": percentile(&samples, 0.99),
-            "git_revision": git_revision(),
-        }));
+        per_gap.push((gap, samples));
     }
-    Ok(lines)
+    Ok(per_gap)
 }

@@ -5,6 +5,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
+mod cache;
 mod child;
 mod client;
 mod command;
@@ -214,6 +215,19 @@ enum BenchScenario {
         #[arg(long, value_delimiter = ',', default_value = "0,200,1000,5000")]
         gaps_us: Vec<u64>,
     },
+    /// What walking a working set of `--kib` costs back to back and after each idle pause of
+    /// `--gaps-us` (one line per gap): how cold the machine leaves the CPU caches.
+    Cache {
+        /// Size of the working set, KiB.
+        #[arg(long, default_value_t = 32)]
+        kib: usize,
+        /// Measured walks per gap.
+        #[arg(long, default_value_t = 300)]
+        walks: u32,
+        /// Pauses before each walk, in microseconds, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "0,1000,5000,20000")]
+        gaps_us: Vec<u64>,
+    },
     /// Task metadata resolution: warm cache vs the store lookup (SPEC §4).
     Resolve {
         #[command(flatten)]
@@ -385,6 +399,16 @@ fn run() -> anyhow::Result<()> {
                         gaps_us,
                     } => {
                         for line in fsync::fsync(dir, writes, gaps_us).await? {
+                            println!("{line}");
+                        }
+                        return Ok(());
+                    }
+                    BenchScenario::Cache {
+                        kib,
+                        walks,
+                        gaps_us,
+                    } => {
+                        for line in cache::cache(kib, walks, gaps_us).await? {
                             println!("{line}");
                         }
                         return Ok(());

@@ -293,3 +293,39 @@ fn fsync_refuses_a_missing_directory_and_bad_gaps_naming_the_option() {
     }
     assert!(!dir.path().join("absent").exists(), "nothing was created");
 }
+
+#[test]
+fn cache_prints_a_line_per_gap_and_refuses_bad_settings_naming_the_option() {
+    let lines = lines(&runlane(&[
+        "bench",
+        "cache",
+        "--kib",
+        "8",
+        "--walks",
+        "20",
+        "--gaps-us",
+        "0,300",
+    ]));
+    assert_eq!(lines.len(), 2, "one line per gap: {lines:?}");
+    for (line, gap) in lines.iter().zip([0, 300]) {
+        assert_eq!(line["scenario"], "cache");
+        assert_eq!(line["gap_us"], gap);
+        assert_eq!(line["kib"], 8);
+        assert_eq!(line["lines"], 128);
+        assert_eq!(line["walks"], 20);
+        let p50 = line["p50_ns"].as_u64().expect("p50_ns");
+        let p99 = line["p99_ns"].as_u64().expect("p99_ns");
+        assert!(0 < p50 && p50 <= p99, "percentiles out of order: {line}");
+        assert!(line["ns_per_line_p50"].as_f64().expect("ns_per_line_p50") > 0.0);
+    }
+    for (args, named) in [
+        (vec!["bench", "cache", "--kib", "0"], "--kib"),
+        (vec!["bench", "cache", "--walks", "0"], "--walks"),
+        (vec!["bench", "cache", "--gaps-us", "1,x"], "--gaps-us"),
+    ] {
+        let output = runlane(&args);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(named), "{args:?}: {stderr}");
+    }
+}
