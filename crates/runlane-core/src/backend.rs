@@ -558,7 +558,9 @@ pub trait QueueBackend: Send + Sync + 'static {
     }
     /// Whether an idle workloop's offer can be parked in the queue for other processes'
     /// enqueues ([`claim_parking`](Self::claim_parking)); their leases reach the workloop
-    /// through the backend's cross-process doorbells. `false`, the default.
+    /// through the backend's cross-process doorbells. Asked before every claim: it may turn
+    /// `false` (the doorbells are no longer read), and the next claim then takes the last
+    /// offer back. `false`, the default.
     fn parks_offers(&self) -> bool {
         false
     }

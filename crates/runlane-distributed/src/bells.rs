@@ -108,6 +108,8 @@ pub(crate) struct Bells {
     client_name: String,
     engine: Arc<OnceLock<WeakEngine>>,
     state: tokio::sync::Mutex<State>,
+    /// Set once the readers are ended for good (shutdown, or the shape's handle dropped).
+    ended: AtomicBool,
 }
 
 impl Drop for Bells {
@@ -128,7 +130,15 @@ impl Bells {
             client_name,
             engine: Arc::new(OnceLock::new()),
             state: tokio::sync::Mutex::new(State::default()),
+            ended: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the readers still hear the bells (false once [`Bells::close`] or
+    /// [`Bells::abort_all`] ended them): a lease another process delivers on a bell is only
+    /// heard while they do.
+    pub(crate) fn reading(&self) -> bool {
+        !self.ended.load(Ordering::Acquire)
     }
 
     /// The engine whose doorbells the readers ring (set once it is open; no workloop exists
@@ -203,6 +213,7 @@ impl Bells {
 
     /// Ends every reader (shutdown); later registrations start none.
     pub(crate) async fn close(&self) {
+        self.ended.store(true, Ordering::Release);
         let mut state = self.state.lock().await;
         state.closed = true;
         state.consumers.clear();
@@ -214,6 +225,7 @@ impl Bells {
     /// Ends every reader now if no registration is under way (a dropped shape handle; the
     /// rest end with the queue).
     pub(crate) fn abort_all(&self) {
+        self.ended.store(true, Ordering::Release);
         if let Ok(mut state) = self.state.try_lock() {
             state.closed = true;
             for (_, reader) in state.readers.drain() {

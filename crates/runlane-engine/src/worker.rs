@@ -716,7 +716,6 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
     let remote_claims = !engine.queue.claims_in_process();
     // Offers parked in the queue too (for other processes' enqueues): the seq of the last one
     // this workloop's claim may have parked, and whether that offer's delivery was heard.
-    let parks = engine.offers.enabled() && engine.queue.parks_offers();
     let mut parked: Option<(u64, bool)> = None;
     let mut seq = 0u64;
     // The read of the runs of the last claim, when it goes on beside the next claim: the
@@ -741,17 +740,27 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
             ring.as_mut().enable();
         }
         request.max = u32::try_from(free).unwrap_or(u32::MAX);
-        let claimed = if parks {
+        // Asked at every claim: a queue whose doorbell readers stopped (the shape's handle
+        // dropped while this worker runs on) parks no more, and the claim takes the last offer
+        // back, so other processes' enqueues stop leasing runs for a workloop deaf to their
+        // delivery.
+        let park = engine.offers.enabled() && engine.queue.parks_offers();
+        let claimed = if park || parked.is_some() {
             seq += 1;
             let now = engine.now();
             let steps = OfferSteps {
                 consumer,
                 withdraw: parked,
-                park: Some((seq, now.saturating_add(parked_for(request.lease)))),
+                park: park.then(|| (seq, now.saturating_add(parked_for(request.lease)))),
             };
             let answer = claim_parking(&engine, &request, &steps, now).await;
             let leased = answer.as_ref().ok().map(|l| !l.is_empty());
-            parked = parked_after(leased, parked, seq);
+            parked = match (park, leased) {
+                (true, _) => parked_after(leased, parked, seq),
+                // Taken back (with any leases it had that were not heard): nothing parked.
+                (false, Some(_)) => None,
+                (false, None) => parked,
+            };
             answer
         } else {
             claim(&engine, &request).await

@@ -616,3 +616,69 @@ async fn a_run_executing_here_is_not_read_ahead() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_whose_bell_readers_ended_parks_no_more_offers() {
+    let deployment = Deployment::new("bells_deaf", redis_support::url());
+    let a = deployment.open(true).await;
+    let b = deployment.open(false).await;
+    let offers_key = format!("{{{}}}:of", deployment.prefix);
+    let mut conn = redis::Client::open(deployment.url.as_str())
+        .expect("redis url")
+        .get_connection()
+        .expect("redis connection");
+    let mut parked = move || -> u64 {
+        redis::cmd("HLEN")
+            .arg(&offers_key)
+            .query(&mut conn)
+            .expect("hlen")
+    };
+    // A short lease: the idle workloop refreshes its parked offer every quarter second.
+    let worker = b
+        .worker()
+        .workloops("*:1")
+        .lease(Duration::from_secs(2))
+        .handler("job", |_ctx: runlane::RunContext| async {
+            Ok::<_, runlane::HandlerError>(serde_json::Value::Null)
+        })
+        .start()
+        .await
+        .expect("worker");
+    redis_support::until_idle_offers(&b, 1, "B's workloop idle").await;
+    assert_eq!(parked(), 1, "the idle workloop's offer is parked in Redis");
+    // B's shape handle is dropped without shutdown: its doorbell readers end while the worker
+    // (holding the engine) runs on. A lease another process's enqueue made for B's offer would
+    // be delivered on a bell nobody reads, so the workloop's next claim takes the offer back
+    // and parks none again.
+    drop(b);
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while parked() != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "B's workloop still parks an offer {BOUND:?} after its readers ended"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A run A triggers now is left ready in its queue (no lease for a deaf workloop): A's own
+    // worker takes it at once.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let a_worker = a
+        .worker()
+        .workloops("*:1")
+        .handler("job", move |ctx: runlane::RunContext| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(ctx.run_id());
+                Ok::<_, runlane::HandlerError>(serde_json::Value::Null)
+            }
+        })
+        .start()
+        .await
+        .expect("A's worker");
+    let run = a.trigger("job").send().await.expect("trigger").run.id;
+    assert_eq!(taken(&mut rx, "A's run").await, run);
+    assert_eq!(parked(), 0, "nothing parked after the run");
+    a_worker.stop().await;
+    worker.stop().await;
+    a.shutdown().await;
+}
