@@ -22,6 +22,8 @@ use crate::progress::Progress;
 const LINE: usize = 64;
 /// Words of one line.
 const WORDS: usize = LINE / std::mem::size_of::<usize>();
+/// The largest working set accepted, KiB (1 GiB).
+const MAX_KIB: usize = 1 << 20;
 
 /// A working set of `lines` cache lines linked in one random cycle.
 struct Chase {
@@ -61,8 +63,8 @@ impl Chase {
 /// Runs `walks` measured walks (after a tenth as many unmeasured ones) for each gap, on a
 /// blocking thread: one JSON line per gap.
 pub async fn cache(kib: usize, walks: u32, gaps_us: Vec<u64>) -> anyhow::Result<Vec<Value>> {
-    if kib == 0 {
-        anyhow::bail!("--kib must be at least 1");
+    if !(1..=MAX_KIB).contains(&kib) {
+        anyhow::bail!("--kib must be from 1 to {MAX_KIB} (1 GiB)");
     }
     if walks == 0 {
         anyhow::bail!("--walks must be at least 1");
@@ -76,7 +78,7 @@ pub async fn cache(kib: usize, walks: u32, gaps_us: Vec<u64>) -> anyhow::Result<
         let chase = Chase::new(kib, 0x9e37_79b9_7f4a_7c15);
         let measured = gap_samples(walks, warmup, &gaps_us, &progress, || {
             let started = Instant::now();
-            std::hint::black_box(chase.walk());
+            std::hint::black_box(std::hint::black_box(&chase).walk());
             Ok::<Duration, std::convert::Infallible>(started.elapsed())
         });
         let lines: Vec<Value> = match measured {

@@ -320,6 +320,7 @@ fn cache_prints_a_line_per_gap_and_refuses_bad_settings_naming_the_option() {
     }
     for (args, named) in [
         (vec!["bench", "cache", "--kib", "0"], "--kib"),
+        (vec!["bench", "cache", "--kib", "1048577"], "--kib"),
         (vec!["bench", "cache", "--walks", "0"], "--walks"),
         (vec!["bench", "cache", "--gaps-us", "1,x"], "--gaps-us"),
     ] {

@@ -558,11 +558,17 @@ pub trait QueueBackend: Send + Sync + 'static {
     }
     /// Whether an idle workloop's offer can be parked in the queue for other processes'
     /// enqueues ([`claim_parking`](Self::claim_parking)); their leases reach the workloop
-    /// through the backend's cross-process doorbells. Asked before every claim: it may turn
-    /// `false` (the doorbells are no longer read), and the next claim then takes the last
-    /// offer back. `false`, the default.
+    /// through the backend's cross-process doorbells. `false`, the default.
     fn parks_offers(&self) -> bool {
         false
+    }
+    /// Whether what other processes' enqueues lease for this process's parked offers is
+    /// heard now (its doorbell readers still run). A workloop parks only while it is, asking
+    /// before every claim: once it is not, the next claim takes the last offer back, and the
+    /// idle workloop, deaf to other processes, claims again at each offer refresh instead of
+    /// waiting for a bell. `true`, the default.
+    fn hears_deliveries(&self) -> bool {
+        true
     }
     /// [`claim`](Self::claim) with `steps` on the workloop's parked offer: the offer parked
     /// for it is taken back first, whatever its seq (the leases an enqueue made for it that the

@@ -134,9 +134,10 @@ impl Bells {
         }
     }
 
-    /// Whether the readers still hear the bells (false once [`Bells::close`] or
-    /// [`Bells::abort_all`] ended them): a lease another process delivers on a bell is only
-    /// heard while they do.
+    /// Whether the readers still hear the bells (false from [`Bells::close`] or
+    /// [`Bells::abort_all`] on, even when the latter leaves a registration under way to end
+    /// its reader with the queue): a lease another process delivers on a bell is only heard
+    /// while they do.
     pub(crate) fn reading(&self) -> bool {
         !self.ended.load(Ordering::Acquire)
     }

@@ -423,12 +423,16 @@ impl QueueBackend for DistributedQueue {
             .await;
         self.enqueued(run, due, now, answer)
     }
-    /// Only while the shape's bell readers run (the distributed shape wires them; shutdown or
-    /// dropping the shape's handle ends them), since they deliver what enqueues lease for
-    /// parked offers: a queue used without them (as the conformance suite does) parks none,
-    /// and one whose readers ended parks no more, since a lease made for a parked offer would
-    /// then wait for its workloop's next claim (the offer's refresh).
+    /// Only with the shape's bell readers (the distributed shape wires them), which deliver
+    /// what enqueues lease for parked offers: a queue used without them (as the conformance
+    /// suite does) parks none, since a lease made for a parked offer would then wait for its
+    /// workloop's next claim (the offer's refresh).
     fn parks_offers(&self) -> bool {
+        self.bells.is_some()
+    }
+    /// Until shutdown or dropping the shape's handle ends the readers (a worker may run on,
+    /// holding the engine).
+    fn hears_deliveries(&self) -> bool {
         self.bells.as_ref().is_some_and(|bells| bells.reading())
     }
     async fn claim_parking(

@@ -716,6 +716,7 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
     let remote_claims = !engine.queue.claims_in_process();
     // Offers parked in the queue too (for other processes' enqueues): the seq of the last one
     // this workloop's claim may have parked, and whether that offer's delivery was heard.
+    let parks = engine.offers.enabled() && engine.queue.parks_offers();
     let mut parked: Option<(u64, bool)> = None;
     let mut seq = 0u64;
     // The read of the runs of the last claim, when it goes on beside the next claim: the
@@ -740,11 +741,10 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
             ring.as_mut().enable();
         }
         request.max = u32::try_from(free).unwrap_or(u32::MAX);
-        // Asked at every claim: a queue whose doorbell readers stopped (the shape's handle
-        // dropped while this worker runs on) parks no more, and the claim takes the last offer
-        // back, so other processes' enqueues stop leasing runs for a workloop deaf to their
-        // delivery.
-        let park = engine.offers.enabled() && engine.queue.parks_offers();
+        // Asked at every claim: once this process no longer hears deliveries (its doorbell
+        // readers ended while this worker runs on), the claim takes the last offer back and
+        // parks none, so other processes' enqueues stop leasing runs for a deaf workloop.
+        let park = parks && engine.queue.hears_deliveries();
         let claimed = if park || parked.is_some() {
             seq += 1;
             let now = engine.now();
@@ -808,8 +808,15 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
             Ok(_) if engine.offers.enabled() => {
                 backoff = CLAIM_BACKOFF_MIN;
                 let twin = parked.map(|(s, _)| (consumer, s));
+                // Deaf to other processes' runs (no bell reaches it): it claims again at each
+                // refresh, as a parked offer's workloop does.
+                let deaf = parks && !park;
+                let wait = OfferWait {
+                    twin,
+                    refresh: twin.is_some() || deaf,
+                };
                 let (stopping, delivered) =
-                    offer_and_wait(&shared, &lp, &request, twin, first, &mut rings, &mut stop)
+                    offer_and_wait(&shared, &lp, &request, wait, first, &mut rings, &mut stop)
                         .await;
                 if delivered {
                     parked = parked.map(|(s, _)| (s, true));
@@ -912,20 +919,30 @@ async fn withdraw_parked(
     }
 }
 
+/// How an idle workloop's offer waits ([`offer_and_wait`]).
+#[derive(Clone, Copy)]
+struct OfferWait {
+    /// The offer its claim parked in the queue, if any.
+    twin: Option<ParkedOffer>,
+    /// Whether the wait ends half-way through a parked offer's time, for another claim.
+    refresh: bool,
+}
+
 /// An idle workloop's wait when the queue claims on enqueue: its free slots (`first` and
 /// whatever else is free) are offered to this process's triggers until a doorbell rings or the
 /// worker stops (see [`crate::offer`]). Runs a trigger's enqueue claimed for the offer start
 /// here, as a claim's would. Answers whether the worker is stopping.
 ///
-/// With `twin` (the offer its claim parked in the queue for other processes' enqueues), the
-/// wait also ends when the twin is half-way to the end of its time, so the next claim parks
-/// a fresh one; and leases another process's enqueue made for the twin start here as soon
-/// as the doorbells deliver them. Answers also whether they did.
+/// With a `twin` (the offer its claim parked in the queue for other processes' enqueues),
+/// leases another process's enqueue made for the twin start here as soon as the doorbells
+/// deliver them; with `refresh` (a twin, or a workloop deaf to other processes), the wait also
+/// ends half-way through a parked offer's time, so the next claim parks a fresh one or takes
+/// what other processes left ready. Answers also whether a delivery was heard.
 async fn offer_and_wait<F: Future<Output = ()> + Unpin>(
     shared: &Arc<WorkerShared>,
     lp: &Arc<LoopShared>,
     request: &ClaimRequest,
-    twin: Option<ParkedOffer>,
+    wait: OfferWait,
     first: OwnedSemaphorePermit,
     rings: &mut [F],
     stop: &mut watch::Receiver<bool>,
@@ -938,16 +955,15 @@ async fn offer_and_wait<F: Future<Output = ()> + Unpin>(
             permit.merge(p);
         }
     }
-    let (offer, mut taken) = Offer::new(request.clone(), twin, permit);
+    let (offer, mut taken) = Offer::new(request.clone(), wait.twin, permit);
     let id = engine.offers.post(offer);
     let mut stopping = false;
     let refresh = async {
-        match twin {
-            Some(_) => {
-                let at = engine.now().saturating_add(parked_for(request.lease) / 2);
-                engine.clock.sleep_until(at).await;
-            }
-            None => std::future::pending().await,
+        if wait.refresh {
+            let at = engine.now().saturating_add(parked_for(request.lease) / 2);
+            engine.clock.sleep_until(at).await;
+        } else {
+            std::future::pending::<()>().await;
         }
     };
     let answered = tokio::select! {

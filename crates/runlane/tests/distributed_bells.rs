@@ -634,12 +634,17 @@ async fn a_process_whose_bell_readers_ended_parks_no_more_offers() {
             .expect("hlen")
     };
     // A short lease: the idle workloop refreshes its parked offer every quarter second.
+    let (tx, mut rx) = mpsc::unbounded_channel();
     let worker = b
         .worker()
         .workloops("*:1")
         .lease(Duration::from_secs(2))
-        .handler("job", |_ctx: runlane::RunContext| async {
-            Ok::<_, runlane::HandlerError>(serde_json::Value::Null)
+        .handler("job", move |ctx: runlane::RunContext| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(ctx.run_id());
+                Ok::<_, runlane::HandlerError>(serde_json::Value::Null)
+            }
         })
         .start()
         .await
@@ -659,26 +664,16 @@ async fn a_process_whose_bell_readers_ended_parks_no_more_offers() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // A run A triggers now is left ready in its queue (no lease for a deaf workloop): A's own
-    // worker takes it at once.
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let a_worker = a
-        .worker()
-        .workloops("*:1")
-        .handler("job", move |ctx: runlane::RunContext| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(ctx.run_id());
-                Ok::<_, runlane::HandlerError>(serde_json::Value::Null)
-            }
-        })
-        .start()
-        .await
-        .expect("A's worker");
+    // Deaf to A's bells, B's idle workloop still claims at each refresh (every quarter
+    // second with this lease): a run A triggers now (no worker of A, no offer parked to lease
+    // it for) is left ready and taken there.
     let run = a.trigger("job").send().await.expect("trigger").run.id;
-    assert_eq!(taken(&mut rx, "A's run").await, run);
-    assert_eq!(parked(), 0, "nothing parked after the run");
-    a_worker.stop().await;
+    assert_eq!(
+        taken(&mut rx, "the run of a process with no worker").await,
+        run
+    );
+    assert_completed(&a, run).await;
+    assert_eq!(parked(), 0, "B parked no offer again");
     worker.stop().await;
     a.shutdown().await;
 }
