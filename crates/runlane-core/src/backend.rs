@@ -565,8 +565,8 @@ pub trait QueueBackend: Send + Sync + 'static {
     /// Whether what other processes' enqueues lease for this process's parked offers is
     /// heard now (its doorbell readers still run). A workloop parks only while it is, asking
     /// before every claim: once it is not, the next claim takes the last offer back, and the
-    /// idle workloop, deaf to other processes, claims again at each offer refresh instead of
-    /// waiting for a bell. `true`, the default.
+    /// idle workloop, deaf to other processes, claims again at each offer refresh as well as
+    /// when its own process's bells ring. `true`, the default.
     fn hears_deliveries(&self) -> bool {
         true
     }

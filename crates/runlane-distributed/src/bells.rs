@@ -134,10 +134,11 @@ impl Bells {
         }
     }
 
-    /// Whether the readers still hear the bells (false from [`Bells::close`] or
-    /// [`Bells::abort_all`] on, even when the latter leaves a registration under way to end
-    /// its reader with the queue): a lease another process delivers on a bell is only heard
-    /// while they do.
+    /// Whether the readers still hear the bells: false from [`Bells::close`] or
+    /// [`Bells::abort_all`] on (when the latter finds the readers' lock held it ends none and
+    /// they run until the queue is dropped; the answer is false all the same, so the process's
+    /// workloops claim at each refresh without needing to). A lease another process delivers
+    /// on a bell is only heard while they run.
     pub(crate) fn reading(&self) -> bool {
         !self.ended.load(Ordering::Acquire)
     }

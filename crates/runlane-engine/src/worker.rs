@@ -714,9 +714,10 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
     let bells = engine.bells.bells_for(&request.chain);
     let mut backoff = CLAIM_BACKOFF_MIN;
     let remote_claims = !engine.queue.claims_in_process();
-    // Offers parked in the queue too (for other processes' enqueues): the seq of the last one
-    // this workloop's claim may have parked, and whether that offer's delivery was heard.
+    // Whether offers are parked in the queue too (for other processes' enqueues).
     let parks = engine.offers.enabled() && engine.queue.parks_offers();
+    // The seq of the last offer this workloop's claim may have parked, and whether that
+    // offer's delivery was heard.
     let mut parked: Option<(u64, bool)> = None;
     let mut seq = 0u64;
     // The read of the runs of the last claim, when it goes on beside the next claim: the

@@ -651,6 +651,7 @@ async fn a_process_whose_bell_readers_ended_parks_no_more_offers() {
         .expect("worker");
     redis_support::until_idle_offers(&b, 1, "B's workloop idle").await;
     assert_eq!(parked(), 1, "the idle workloop's offer is parked in Redis");
+    let b_engine: runlane::Engine = (*b).clone();
     // B's shape handle is dropped without shutdown: its doorbell readers end while the worker
     // (holding the engine) runs on. A lease another process's enqueue made for B's offer would
     // be delivered on a bell nobody reads, so the workloop's next claim takes the offer back
@@ -675,5 +676,37 @@ async fn a_process_whose_bell_readers_ended_parks_no_more_offers() {
     assert_completed(&a, run).await;
     assert_eq!(parked(), 0, "B parked no offer again");
     worker.stop().await;
+    // B's triggers still lease for other processes' parked offers (their readers deliver):
+    // a run B triggers while A's worker waits idle goes to A's offer in B's enqueue.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let a_worker = a
+        .worker()
+        .workloops("*:1")
+        .handler("job", move |ctx: runlane::RunContext| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(ctx.run_id());
+                Ok::<_, runlane::HandlerError>(serde_json::Value::Null)
+            }
+        })
+        .start()
+        .await
+        .expect("A's worker");
+    redis_support::until_idle_offers(&a, 1, "A's workloop idle").await;
+    let before = a.metrics().claimed_delivered;
+    let run = b_engine
+        .trigger("job")
+        .send()
+        .await
+        .expect("trigger")
+        .run
+        .id;
+    assert_eq!(taken(&mut rx, "B's run").await, run);
+    assert_eq!(
+        a.metrics().claimed_delivered,
+        before + 1,
+        "A started B's run from the lease B's enqueue made for A's parked offer"
+    );
+    a_worker.stop().await;
     a.shutdown().await;
 }

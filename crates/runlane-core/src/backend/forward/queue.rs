@@ -321,6 +321,9 @@ impl<H: QueueHook> QueueBackend for ForwardQueue<H> {
     fn claims_on_enqueue_now(&self) -> bool {
         self.inner.claims_on_enqueue_now()
     }
+    fn hears_deliveries(&self) -> bool {
+        self.inner.hears_deliveries()
+    }
     fn claims_in_process(&self) -> bool {
         self.hook.claims_in_process(self.inner.claims_in_process())
     }
