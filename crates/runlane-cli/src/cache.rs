@@ -11,12 +11,10 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use serde_json::{json, Value};
 
 use crate::bench::{git_revision, percentile};
-use crate::fsync::gap_samples;
-use crate::progress::Progress;
+use crate::fsync::{gap_samples, idle_probe};
 
 /// Bytes of one cache line on the CPUs this runs on.
 const LINE: usize = 64;
@@ -66,34 +64,25 @@ pub async fn cache(kib: usize, walks: u32, gaps_us: Vec<u64>) -> anyhow::Result<
     if !(1..=MAX_KIB).contains(&kib) {
         anyhow::bail!("--kib must be from 1 to {MAX_KIB} (1 GiB)");
     }
-    if walks == 0 {
-        anyhow::bail!("--walks must be at least 1");
-    }
-    if gaps_us.is_empty() {
-        anyhow::bail!("--gaps-us needs at least one gap");
-    }
-    let warmup = (walks / 10).max(1);
-    let progress = Progress::start("cache", u64::from(walks + warmup) * gaps_us.len() as u64);
-    let (lines, progress) = tokio::task::spawn_blocking(move || {
-        let chase = Chase::new(kib, 0x9e37_79b9_7f4a_7c15);
-        let measured = gap_samples(walks, warmup, &gaps_us, &progress, || {
-            let started = Instant::now();
-            std::hint::black_box(std::hint::black_box(&chase).walk());
-            Ok::<Duration, std::convert::Infallible>(started.elapsed())
-        });
-        let lines: Vec<Value> = match measured {
-            Ok(per_gap) => per_gap
+    idle_probe(
+        "cache",
+        "--walks",
+        walks,
+        gaps_us,
+        move |gaps, warmup, progress| {
+            let chase = Chase::new(kib, 0x9e37_79b9_7f4a_7c15);
+            let per_gap = gap_samples(walks, warmup, gaps, progress, || {
+                let started = Instant::now();
+                std::hint::black_box(std::hint::black_box(&chase).walk());
+                anyhow::Ok(started.elapsed())
+            })?;
+            Ok(per_gap
                 .into_iter()
                 .map(|(gap, samples)| line(kib, chase.lines, walks, gap, &samples))
-                .collect(),
-            Err(never) => match never {},
-        };
-        (lines, progress)
-    })
+                .collect())
+        },
+    )
     .await
-    .context("the cache probe thread")?;
-    progress.finish().await;
-    Ok(lines)
 }
 
 fn line(kib: usize, lines: usize, walks: u32, gap: u64, samples: &[Duration]) -> Value {

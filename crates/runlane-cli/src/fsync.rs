@@ -67,22 +67,43 @@ impl Drop for ProbeFile {
 /// Runs `writes` measured flushes (after a tenth as many unmeasured ones) for each gap, on a
 /// blocking thread: one JSON line per gap.
 pub async fn fsync(dir: PathBuf, writes: u32, gaps_us: Vec<u64>) -> anyhow::Result<Vec<Value>> {
-    if writes == 0 {
-        anyhow::bail!("--writes must be at least 1");
+    idle_probe(
+        "fsync",
+        "--writes",
+        writes,
+        gaps_us,
+        move |gaps, warmup, progress| probe(&dir, writes, warmup, gaps, progress),
+    )
+    .await
+}
+
+/// The frame of the idle probes (`bench fsync`, `bench cache`): refuses no measured call
+/// (naming `flag`) or no gap, then runs `probe` on a blocking thread with the gaps, the
+/// warm-up count (a tenth of `measured`, at least 1) and a progress bar over every call.
+pub(crate) async fn idle_probe<T: Send + 'static>(
+    label: &'static str,
+    flag: &str,
+    measured: u32,
+    gaps_us: Vec<u64>,
+    probe: impl FnOnce(&[u64], u32, &Progress) -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    if measured == 0 {
+        anyhow::bail!("{flag} must be at least 1");
     }
     if gaps_us.is_empty() {
         anyhow::bail!("--gaps-us needs at least one gap");
     }
-    let warmup = (writes / 10).max(1);
-    let progress = Progress::start("fsync", u64::from(writes + warmup) * gaps_us.len() as u64);
-    let (lines, progress) = tokio::task::spawn_blocking(move || {
-        let lines = probe(&dir, writes, warmup, &gaps_us, &progress);
-        (lines, progress)
+    let warmup = (measured / 10).max(1);
+    let calls = u64::from(measured) + u64::from(warmup);
+    let progress = Progress::start(label, calls * gaps_us.len() as u64);
+    let (out, progress) = tokio::task::spawn_blocking(move || {
+        let out = probe(&gaps_us, warmup, &progress);
+        (out, progress)
     })
     .await
-    .context("the fsync probe thread")?;
+    .with_context(|| format!("the {label} probe thread"))?;
     progress.finish().await;
-    lines
+    out
 }
 
 fn probe(

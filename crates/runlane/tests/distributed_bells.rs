@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis_support::PrivateRedis;
-use reporting::{assert_completed, reporting_worker, trigger};
+use reporting::{assert_completed, reporting_worker, reporting_worker_leasing, trigger};
 use runlane::core::backend::QueueBackend;
 use runlane::core::RunId;
 use runlane::{Distributed, DistributedConfig, EngineBuilder};
@@ -634,21 +634,7 @@ async fn a_process_whose_bell_readers_ended_parks_no_more_offers() {
             .expect("hlen")
     };
     // A short lease: the idle workloop refreshes its parked offer every quarter second.
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let worker = b
-        .worker()
-        .workloops("*:1")
-        .lease(Duration::from_secs(2))
-        .handler("job", move |ctx: runlane::RunContext| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(ctx.run_id());
-                Ok::<_, runlane::HandlerError>(serde_json::Value::Null)
-            }
-        })
-        .start()
-        .await
-        .expect("worker");
+    let (worker, mut rx) = reporting_worker_leasing(&b, "*:1", Duration::from_secs(2)).await;
     redis_support::until_idle_offers(&b, 1, "B's workloop idle").await;
     assert_eq!(parked(), 1, "the idle workloop's offer is parked in Redis");
     let b_engine: runlane::Engine = (*b).clone();
@@ -678,20 +664,7 @@ async fn a_process_whose_bell_readers_ended_parks_no_more_offers() {
     worker.stop().await;
     // B's triggers still lease for other processes' parked offers (their readers deliver):
     // a run B triggers while A's worker waits idle goes to A's offer in B's enqueue.
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let a_worker = a
-        .worker()
-        .workloops("*:1")
-        .handler("job", move |ctx: runlane::RunContext| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(ctx.run_id());
-                Ok::<_, runlane::HandlerError>(serde_json::Value::Null)
-            }
-        })
-        .start()
-        .await
-        .expect("A's worker");
+    let (a_worker, mut rx) = reporting_worker(&a, "*:1").await;
     redis_support::until_idle_offers(&a, 1, "A's workloop idle").await;
     let before = a.metrics().claimed_delivered;
     let run = b_engine

@@ -18,11 +18,20 @@ pub async fn reporting_worker(
     engine: &Distributed,
     workloops: &str,
 ) -> (Worker, mpsc::UnboundedReceiver<RunId>) {
+    reporting_worker_leasing(engine, workloops, LEASE).await
+}
+
+/// [`reporting_worker`] with its own lease.
+pub async fn reporting_worker_leasing(
+    engine: &Distributed,
+    workloops: &str,
+    lease: Duration,
+) -> (Worker, mpsc::UnboundedReceiver<RunId>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let worker = engine
         .worker()
         .workloops(workloops)
-        .lease(LEASE)
+        .lease(lease)
         .handler("job", move |ctx: RunContext| {
             let tx = tx.clone();
             async move {
