@@ -317,6 +317,30 @@ MUTANTS = [
         "new": "        true",
         "tests": [["cargo", "test", "-q", "-p", "runlane", "--test", "conformance_distributed", "--", "a_queue_without_doorbell_readers_parks_no_offers"]],
     },
+    {
+        "id": "W3",
+        "bug": "a workloop keeps parking offers after its process's doorbell readers ended (leases for it wait on unread bells)",
+        "file": "crates/runlane-engine/src/worker.rs",
+        "old": "let park = parks && engine.queue.hears_deliveries();",
+        "new": "let park = parks;",
+        "tests": [["cargo", "test", "-q", "-p", "runlane", "--test", "distributed_bells", "--", "a_process_whose_bell_readers_ended_parks_no_more_offers"]],
+    },
+    {
+        "id": "W4",
+        "bug": "a workloop deaf to other processes waits only for bells, which never come, instead of claiming at each refresh",
+        "file": "crates/runlane-engine/src/worker.rs",
+        "old": "refresh: twin.is_some() || deaf,",
+        "new": "refresh: twin.is_some(),",
+        "tests": [["cargo", "test", "-q", "-p", "runlane", "--test", "distributed_bells", "--", "a_process_whose_bell_readers_ended_parks_no_more_offers"]],
+    },
+    {
+        "id": "W5",
+        "bug": "a process whose doorbell readers ended stops leasing for other processes' parked offers in its triggers",
+        "file": "crates/runlane-engine/src/trigger.rs",
+        "old": "let sent = if inner.queue.parks_offers() && inner.queue.claims_on_enqueue_now() {",
+        "new": "let sent = if inner.queue.hears_deliveries() && inner.queue.parks_offers() && inner.queue.claims_on_enqueue_now() {",
+        "tests": [["cargo", "test", "-q", "-p", "runlane", "--test", "distributed_bells", "--", "a_process_whose_bell_readers_ended_parks_no_more_offers"]],
+    },
 ]
 
 
