@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::backend::{
     CancelOutcome, ClaimRequest, ConsumerId, Dispatch, Effects, EnqueueAs, Enqueued, EnvUsage,
-    LaneInfo, LeaseState, Leased, LiveRun, QueueBackend, QueueInfo, Tick,
+    LaneInfo, LeaseState, Leased, LiveRun, OfferSteps, ParkedOffer, QueueBackend, QueueInfo, Tick,
 };
 use crate::chain::ClaimChain;
 use crate::error::QueueError;
@@ -323,6 +323,35 @@ impl<H: QueueHook> QueueBackend for ForwardQueue<H> {
     }
     fn hears_deliveries(&self) -> bool {
         self.inner.hears_deliveries()
+    }
+    async fn enqueue_handing(
+        &self,
+        dispatch: Dispatch,
+        why: EnqueueAs,
+        now: Timestamp,
+        carried: Option<(&ClaimRequest, Option<ParkedOffer>)>,
+        handed: Option<&[u8]>,
+    ) -> Result<(Enqueued, Vec<Leased>), QueueError> {
+        let op = QueueOp::Enqueue(dispatch.run_id);
+        let call = self
+            .inner
+            .enqueue_handing(dispatch, why, now, carried, handed);
+        self.around(op, call).await
+    }
+    fn parks_offers(&self) -> bool {
+        self.inner.parks_offers()
+    }
+    async fn claim_parking(
+        &self,
+        request: &ClaimRequest,
+        steps: &OfferSteps,
+        now: Timestamp,
+    ) -> Result<Vec<Leased>, QueueError> {
+        let call = self.inner.claim_parking(request, steps, now);
+        self.around(QueueOp::Claim(now), call).await
+    }
+    fn combines_enqueues(&self) -> bool {
+        self.inner.combines_enqueues()
     }
     fn claims_in_process(&self) -> bool {
         self.hook.claims_in_process(self.inner.claims_in_process())
