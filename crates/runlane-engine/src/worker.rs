@@ -756,12 +756,7 @@ async fn workloop(shared: Arc<WorkerShared>, chain: ClaimChain, slots: u32, cons
             };
             let answer = claim_parking(&engine, &request, &steps, now).await;
             let leased = answer.as_ref().ok().map(|l| !l.is_empty());
-            parked = match (park, leased) {
-                (true, _) => parked_after(leased, parked, seq),
-                // Taken back (with any leases it had that were not heard): nothing parked.
-                (false, Some(_)) => None,
-                (false, None) => parked,
-            };
+            parked = parked_after(leased, parked, park.then_some(seq));
             answer
         } else {
             claim(&engine, &request).await
@@ -1015,20 +1010,21 @@ fn parked_for(lease: Duration) -> Duration {
     (lease / 4).clamp(Duration::from_millis(200), Duration::from_secs(5))
 }
 
-/// What a workloop knows is parked for it after a claim that parked offer `seq` when it leased
-/// nothing (`leased`: whether it answered leases, `None` when the call failed), `before` being
-/// what it withdrew. A claim that leased took back what was parked and parked nothing. A failed
-/// call may or may not have run: the next claim takes back whatever is parked (any seq), and
-/// must still know which delivery was heard, or it would start a heard lease again.
+/// What a workloop knows is parked for it after a claim that took back `before` and, with
+/// `parks` (its seq), parked an offer when it leased nothing (`leased`: whether it answered
+/// leases, `None` when the call failed). A claim that leased, or that only took back (its
+/// process no longer hears deliveries), left nothing parked. A failed call may or may not have
+/// run: the next claim takes back whatever is parked (any seq), and must still know which
+/// delivery was heard, or it would start a heard lease again.
 fn parked_after(
     leased: Option<bool>,
     before: Option<(u64, bool)>,
-    seq: u64,
+    parks: Option<u64>,
 ) -> Option<(u64, bool)> {
-    match (leased, before) {
-        (Some(true), _) => None,
-        (None, Some(before)) => Some(before),
-        _ => Some((seq, false)),
+    match (leased, before, parks) {
+        (None, Some(before), _) => Some(before),
+        (Some(true), _, _) | (_, _, None) => None,
+        (_, _, Some(seq)) => Some((seq, false)),
     }
 }
 
@@ -1748,17 +1744,34 @@ mod parked_after_tests {
     fn parked_after_keeps_what_a_failed_claim_withdrew() {
         // Empty answer: the offer parked now is the one to take back, not heard yet.
         assert_eq!(
-            parked_after(Some(false), Some((3, true)), 4),
+            parked_after(Some(false), Some((3, true)), Some(4)),
             Some((4, false))
         );
-        assert_eq!(parked_after(Some(false), None, 4), Some((4, false)));
+        assert_eq!(parked_after(Some(false), None, Some(4)), Some((4, false)));
         // Leases: nothing is parked any more.
-        assert_eq!(parked_after(Some(true), Some((3, true)), 4), None);
+        assert_eq!(parked_after(Some(true), Some((3, true)), Some(4)), None);
         // A failed call: the last offer and whether its delivery was heard are kept, so a heard
         // lease is not answered (and started) again; with nothing before, the new one may be
         // parked.
-        assert_eq!(parked_after(None, Some((3, true)), 4), Some((3, true)));
-        assert_eq!(parked_after(None, Some((3, false)), 4), Some((3, false)));
-        assert_eq!(parked_after(None, None, 4), Some((4, false)));
+        assert_eq!(
+            parked_after(None, Some((3, true)), Some(4)),
+            Some((3, true))
+        );
+        assert_eq!(
+            parked_after(None, Some((3, false)), Some(4)),
+            Some((3, false))
+        );
+        assert_eq!(parked_after(None, None, Some(4)), Some((4, false)));
+    }
+
+    #[test]
+    fn a_claim_that_only_takes_back_leaves_nothing_parked_unless_it_failed() {
+        // Taken back (with any leases the offer had that were not heard): nothing is parked.
+        assert_eq!(parked_after(Some(false), Some((3, true)), None), None);
+        assert_eq!(parked_after(Some(true), Some((3, false)), None), None);
+        assert_eq!(parked_after(Some(false), None, None), None);
+        // A failed call: what was parked may still be, and is taken back at the next claim.
+        assert_eq!(parked_after(None, Some((3, false)), None), Some((3, false)));
+        assert_eq!(parked_after(None, None, None), None);
     }
 }
