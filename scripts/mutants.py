@@ -257,8 +257,8 @@ MUTANTS = [
         "id": "P10",
         "bug": "a failed claim forgets which delivery was heard (engine)",
         "file": "crates/runlane-engine/src/worker.rs",
-        "old": "        (None, Some(before)) => Some(before),",
-        "new": "        (None, Some(_)) => Some((seq, false)),",
+        "old": "        (None, Some(before), _) => Some(before),",
+        "new": "        (None, Some(_), Some(seq)) => Some((seq, false)),\n        (None, Some(before), None) => Some(before),",
         "tests": [["cargo", "test", "-q", "-p", "runlane-engine", "--lib", "parked_after"]],
     },
     {
