@@ -77,6 +77,10 @@ pub async fn fsync(dir: PathBuf, writes: u32, gaps_us: Vec<u64>) -> anyhow::Resu
     .await
 }
 
+/// The most measured calls per gap an idle probe takes (its count plus a tenth stays in a
+/// `u32`).
+const MAX_MEASURED: u32 = 10_000_000;
+
 /// The frame of the idle probes (`bench fsync`, `bench cache`): refuses no measured call
 /// (naming `flag`) or no gap, then runs `probe` on a blocking thread with the gaps, the
 /// warm-up count (a tenth of `measured`, at least 1) and a progress bar over every call.
@@ -87,8 +91,8 @@ pub(crate) async fn idle_probe<T: Send + 'static>(
     gaps_us: Vec<u64>,
     probe: impl FnOnce(&[u64], u32, &Progress) -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
-    if measured == 0 {
-        anyhow::bail!("{flag} must be at least 1");
+    if !(1..=MAX_MEASURED).contains(&measured) {
+        anyhow::bail!("{flag} must be from 1 to {MAX_MEASURED}");
     }
     if gaps_us.is_empty() {
         anyhow::bail!("--gaps-us needs at least one gap");

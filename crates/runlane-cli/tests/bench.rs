@@ -285,6 +285,7 @@ fn fsync_refuses_a_missing_directory_and_bad_gaps_naming_the_option() {
         ),
         (vec!["bench", "fsync", "--gaps-us", "1,x"], "--gaps-us"),
         (vec!["bench", "fsync", "--writes", "0"], "--writes"),
+        (vec!["bench", "fsync", "--writes", "10000001"], "--writes"),
     ] {
         let output = runlane(&args);
         assert!(!output.status.success(), "{args:?} succeeded");
@@ -322,6 +323,7 @@ fn cache_prints_a_line_per_gap_and_refuses_bad_settings_naming_the_option() {
         (vec!["bench", "cache", "--kib", "0"], "--kib"),
         (vec!["bench", "cache", "--kib", "1048577"], "--kib"),
         (vec!["bench", "cache", "--walks", "0"], "--walks"),
+        (vec!["bench", "cache", "--walks", "4294967295"], "--walks"),
         (vec!["bench", "cache", "--gaps-us", "1,x"], "--gaps-us"),
     ] {
         let output = runlane(&args);
