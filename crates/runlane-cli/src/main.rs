@@ -334,14 +334,14 @@ fn run() -> anyhow::Result<()> {
             }
             Command::Serve(args) => serve::run(args).await,
             Command::Bench { scenario } => {
-                let line = match scenario {
+                let lines = match scenario {
                     BenchScenario::Latency {
                         common: c,
                         gap_ms,
                         topology,
                     } => {
                         let gap = Duration::from_millis(gap_ms);
-                        match topology {
+                        vec![match topology {
                             TopologyArg::SameProcess => {
                                 bench::latency(&common(&c, 2_000), gap).await?
                             }
@@ -351,7 +351,7 @@ fn run() -> anyhow::Result<()> {
                             TopologyArg::Server => {
                                 httpbench::latency(&common(&c, 2_000), gap).await?
                             }
-                        }
+                        }]
                     }
                     BenchScenario::Throughput {
                         common: c,
@@ -374,45 +374,38 @@ fn run() -> anyhow::Result<()> {
                             if batch > 1 {
                                 anyhow::bail!("--batch is not available with --topology server");
                             }
-                            httpbench::throughput(&common(&c, 2_000), phase).await?
+                            vec![httpbench::throughput(&common(&c, 2_000), phase).await?]
                         } else if batch > 1 {
-                            bench::throughput_batched(&common(&c, 200_000), phase, batch).await?
+                            vec![
+                                bench::throughput_batched(&common(&c, 200_000), phase, batch)
+                                    .await?,
+                            ]
                         } else {
-                            bench::throughput(&common(&c, 200_000), phase).await?
+                            vec![bench::throughput(&common(&c, 200_000), phase).await?]
                         }
                     }
                     BenchScenario::Scale { common: c, depth } => {
-                        bench::scale(&common(&c, 2_000), depth).await?
+                        vec![bench::scale(&common(&c, 2_000), depth).await?]
                     }
                     BenchScenario::Fairness { common: c, gap_ms } => {
-                        bench::fairness(&common(&c, 300), Duration::from_millis(gap_ms)).await?
+                        vec![
+                            bench::fairness(&common(&c, 300), Duration::from_millis(gap_ms))
+                                .await?,
+                        ]
                     }
                     BenchScenario::Resolve { common: c, tasks } => {
-                        for line in bench::resolve(&common(&c, 10_000), tasks).await? {
-                            println!("{line}");
-                        }
-                        return Ok(());
+                        bench::resolve(&common(&c, 10_000), tasks).await?
                     }
                     BenchScenario::Fsync {
                         dir,
                         writes,
                         gaps_us,
-                    } => {
-                        for line in fsync::fsync(dir, writes, gaps_us).await? {
-                            println!("{line}");
-                        }
-                        return Ok(());
-                    }
+                    } => fsync::fsync(dir, writes, gaps_us).await?,
                     BenchScenario::Cache {
                         kib,
                         walks,
                         gaps_us,
-                    } => {
-                        for line in cache::cache(kib, walks, gaps_us).await? {
-                            println!("{line}");
-                        }
-                        return Ok(());
-                    }
+                    } => cache::cache(kib, walks, gaps_us).await?,
                     BenchScenario::Footprint { backend, mix, runs } => {
                         use footprint::Mix;
                         let mixes: Vec<Mix> = match mix {
@@ -423,13 +416,12 @@ fn run() -> anyhow::Result<()> {
                                 vec![Mix::Reference, Mix::DelayedPrioritized, Mix::TenKQueues]
                             }
                         };
-                        for line in footprint::footprint(&backend, &mixes, runs).await? {
-                            println!("{line}");
-                        }
-                        return Ok(());
+                        footprint::footprint(&backend, &mixes, runs).await?
                     }
                 };
-                println!("{line}");
+                for line in lines {
+                    println!("{line}");
+                }
                 Ok(())
             }
             Command::BenchWorker {

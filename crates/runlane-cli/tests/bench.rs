@@ -184,6 +184,16 @@ fn throughput_through_the_server_drains_every_run_with_runlane_worker_slots() {
 }
 
 /// Every line of `output`, parsed.
+/// Each command fails, its error naming the option.
+fn assert_refused_naming(cases: &[(Vec<&str>, &str)]) {
+    for (args, named) in cases {
+        let output = runlane(args);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(named), "{args:?}: {stderr}");
+    }
+}
+
 fn lines(output: &std::process::Output) -> Vec<Value> {
     assert!(
         output.status.success(),
@@ -278,7 +288,7 @@ fn fsync_refuses_a_missing_directory_and_bad_gaps_naming_the_option() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let missing = dir.path().join("absent");
     let missing = missing.to_str().expect("a UTF-8 path");
-    for (args, named) in [
+    assert_refused_naming(&[
         (
             vec!["bench", "fsync", "--dir", missing, "--writes", "5"],
             "--dir",
@@ -286,12 +296,7 @@ fn fsync_refuses_a_missing_directory_and_bad_gaps_naming_the_option() {
         (vec!["bench", "fsync", "--gaps-us", "1,x"], "--gaps-us"),
         (vec!["bench", "fsync", "--writes", "0"], "--writes"),
         (vec!["bench", "fsync", "--writes", "10000001"], "--writes"),
-    ] {
-        let output = runlane(&args);
-        assert!(!output.status.success(), "{args:?} succeeded");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(stderr.contains(named), "{args:?}: {stderr}");
-    }
+    ]);
     assert!(!dir.path().join("absent").exists(), "nothing was created");
 }
 
@@ -319,16 +324,11 @@ fn cache_prints_a_line_per_gap_and_refuses_bad_settings_naming_the_option() {
         assert!(0 < p50 && p50 <= p99, "percentiles out of order: {line}");
         assert!(line["ns_per_line_p50"].as_f64().expect("ns_per_line_p50") > 0.0);
     }
-    for (args, named) in [
+    assert_refused_naming(&[
         (vec!["bench", "cache", "--kib", "0"], "--kib"),
         (vec!["bench", "cache", "--kib", "1048577"], "--kib"),
         (vec!["bench", "cache", "--walks", "0"], "--walks"),
         (vec!["bench", "cache", "--walks", "4294967295"], "--walks"),
         (vec!["bench", "cache", "--gaps-us", "1,x"], "--gaps-us"),
-    ] {
-        let output = runlane(&args);
-        assert!(!output.status.success(), "{args:?} succeeded");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(stderr.contains(named), "{args:?}: {stderr}");
-    }
+    ]);
 }
