@@ -9,13 +9,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use runlane_core::idhash::NameBuild;
 use runlane_core::{ClaimChain, LaneName};
 use tokio::sync::Notify;
 
 /// The doorbells of every lane this process has seen.
 #[derive(Debug, Default)]
 pub(crate) struct Doorbells {
-    lanes: Mutex<HashMap<LaneName, Arc<Notify>>>,
+    lanes: Mutex<HashMap<LaneName, Arc<Notify>, NameBuild>>,
     any: Arc<Notify>,
 }
 

@@ -20,6 +20,8 @@
 //!   a store error while back-filling fails only that trigger.
 
 use std::collections::HashMap;
+
+use runlane_core::idhash::NameBuild;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -43,15 +45,15 @@ pub struct MetaWatch {
 
 #[derive(Default)]
 struct State {
-    envs: HashMap<EnvName, EnvSettings>,
-    current: HashMap<EnvName, (Current, Option<Instant>)>,
-    versions: HashMap<(EnvName, u32), Arc<VersionDef>>,
+    envs: HashMap<EnvName, EnvSettings, NameBuild>,
+    current: HashMap<EnvName, (Current, Option<Instant>), NameBuild>,
+    versions: HashMap<(EnvName, u32), Arc<VersionDef>, NameBuild>,
     /// Bumped by every promotion and announcement: a read that started before keeps its
     /// answer out of the cache.
     epoch: u64,
     /// Envs named by other processes' promotion announcements (possibly created after this
     /// engine read its envs): the scheduler plans them too.
-    announced: std::collections::HashSet<EnvName>,
+    announced: std::collections::HashSet<EnvName, NameBuild>,
 }
 
 /// See the module docs.

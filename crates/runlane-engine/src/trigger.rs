@@ -296,16 +296,16 @@ impl TriggerBuilder {
 
     /// Triggers the run.
     pub async fn send(self) -> Result<Triggered, EngineError> {
+        // `trigger_request` validates the request (once: `request()` would check it twice).
         let engine = self.engine.clone();
-        let request = self.request()?;
-        engine.trigger_request(request).await
+        engine.trigger_request(self.request?).await
     }
 
     /// Triggers with source `sync` (lane `fast_lane` unless a lane is given) and waits up to
     /// `timeout` for a terminal state.
     pub async fn wait(self, timeout: Duration) -> Result<WaitOutcome, EngineError> {
         let engine = self.engine.clone();
-        let request = self.source(TriggerSource::Sync).request()?;
+        let request = self.source(TriggerSource::Sync).request?;
         let triggered = engine.trigger_request(request).await?;
         engine.wait(triggered.run.id, timeout).await
     }
@@ -527,7 +527,9 @@ impl Engine {
     pub(crate) async fn detached<T: Send + 'static>(
         work: impl std::future::Future<Output = Result<T, EngineError>> + Send + 'static,
     ) -> Result<T, EngineError> {
-        tokio::spawn(work).await.unwrap_or_else(|e| {
+        // Boxed: the task's cell holds a pointer, not the future (kilobytes), which tokio would
+        // otherwise copy at the spawn and again when the task finishes.
+        tokio::spawn(Box::pin(work)).await.unwrap_or_else(|e| {
             Err(EngineError::Unavailable(format!(
                 "trigger task failed: {e}"
             )))

@@ -516,7 +516,9 @@ impl WorkerShared {
         // Reap finished runs so the set stays as large as what is in flight.
         while runs.try_join_next().is_some() {}
         let first = (leased, registered, permit, loaded);
-        runs.spawn(run_slot(self.clone(), lp.clone(), first));
+        // Boxed: the task's cell holds a pointer, not the ~4 KiB future, which tokio would
+        // otherwise copy at the spawn and again when the task finishes.
+        runs.spawn(Box::pin(run_slot(self.clone(), lp.clone(), first)));
     }
 }
 
