@@ -21,9 +21,11 @@ pub struct IdHasher {
 /// The `BuildHasher` of [`IdHasher`].
 pub type IdBuild = BuildHasherDefault<IdHasher>;
 
-/// The `BuildHasher` of maps keyed by names and keys (envs, lanes, concurrency keys), looked
-/// up on every trigger and claim: foldhash, seeded per process. Several times cheaper than
-/// SipHash on short strings; names come from callers, so the seed stays random.
+/// The `BuildHasher` of maps keyed by env and lane names, looked up on every trigger and
+/// claim: foldhash (seeded at random per map), several times cheaper than SipHash on short
+/// strings. Only for names an admin defines (a bounded set): foldhash resists hash flooding
+/// only minimally, so maps keyed by what any caller sends (concurrency keys, idempotency
+/// keys) keep SipHash.
 pub type NameBuild = foldhash::fast::RandomState;
 
 const LOW: u64 = (1 << 57) - 1;

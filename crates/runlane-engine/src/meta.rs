@@ -20,12 +20,11 @@
 //!   a store error while back-filling fails only that trigger.
 
 use std::collections::HashMap;
-
-use runlane_core::idhash::NameBuild;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use runlane_core::backend::RunStore;
+use runlane_core::idhash::NameBuild;
 use runlane_core::metacache::{MetaAnnouncement, SharedMetaCache};
 use runlane_core::{EnvName, EnvSettings, StoreError, VersionDef};
 use tokio::sync::watch;

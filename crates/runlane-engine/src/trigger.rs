@@ -527,8 +527,8 @@ impl Engine {
     pub(crate) async fn detached<T: Send + 'static>(
         work: impl std::future::Future<Output = Result<T, EngineError>> + Send + 'static,
     ) -> Result<T, EngineError> {
-        // Boxed: the task's cell holds a pointer, not the future (kilobytes), which tokio would
-        // otherwise copy at the spawn and again when the task finishes.
+        // Boxed: the task's cell holds a pointer, not the future (kilobytes; tokio moves the
+        // future into the cell at the spawn and writes its stage over when the task ends).
         tokio::spawn(Box::pin(work)).await.unwrap_or_else(|e| {
             Err(EngineError::Unavailable(format!(
                 "trigger task failed: {e}"

@@ -516,8 +516,8 @@ impl WorkerShared {
         // Reap finished runs so the set stays as large as what is in flight.
         while runs.try_join_next().is_some() {}
         let first = (leased, registered, permit, loaded);
-        // Boxed: the task's cell holds a pointer, not the ~4 KiB future, which tokio would
-        // otherwise copy at the spawn and again when the task finishes.
+        // Boxed: the task's cell holds a pointer, not the ~4 KiB future (tokio moves the future
+        // into the cell at the spawn and writes its stage over when the task ends).
         runs.spawn(Box::pin(run_slot(self.clone(), lp.clone(), first)));
     }
 }

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use runlane_core::idhash::{IdBuild, NameBuild};
+use runlane_core::idhash::IdBuild;
 
 use async_trait::async_trait;
 use runlane_core::admission::{admit, AdmissionInput, Blocked, Scope};
@@ -111,7 +111,7 @@ struct QueueState {
     settings: QueueSettings,
     running: u32,
     last_served: u64,
-    keys: HashMap<Arc<str>, KeyState, NameBuild>,
+    keys: HashMap<Arc<str>, KeyState>,
     backlog_keys: BTreeSet<Arc<str>>,
 }
 
