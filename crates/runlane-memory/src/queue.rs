@@ -106,6 +106,18 @@ struct KeyState {
     last_served: u64,
 }
 
+/// Forgets a queue key's state once it is what a missing one reads as (nothing queued,
+/// delayed or running, never served by an admission pass), so keys used once (a user id as
+/// the key) leave nothing behind. A key an admission pass served keeps its stamp: it orders
+/// the key among the queue's backlogged keys (the Redis backend keeps it too).
+fn forget_idle_key(queue: &mut QueueState, key: &str) {
+    if queue.keys.get(key).is_some_and(|k| {
+        k.queued.is_empty() && k.delayed == 0 && k.running == 0 && k.last_served == 0
+    }) {
+        queue.keys.remove(key);
+    }
+}
+
 #[derive(Debug, Default)]
 struct QueueState {
     settings: QueueSettings,
@@ -307,6 +319,7 @@ impl State {
                 if let Some(key) = queue.keys.get_mut(&d.key) {
                     key.running = key.running.saturating_sub(1);
                 }
+                forget_idle_key(queue, &d.key);
             }
         }
     }
@@ -342,6 +355,7 @@ impl State {
                         queue.backlog_keys.remove(&d.key);
                     }
                 }
+                forget_idle_key(queue, &d.key);
                 if queue.backlog_keys.is_empty() {
                     env.backlog_queues.remove(&d.queue);
                 }
@@ -364,13 +378,15 @@ impl State {
 
     fn pull_delayed(&mut self, d: &Dispatch) {
         self.delayed.remove(&(d.run_after, d.run_id));
-        if let Some(key) = self
+        if let Some(queue) = self
             .envs
             .get_mut(&d.env)
             .and_then(|e| e.queues.get_mut(&d.queue))
-            .and_then(|q| q.keys.get_mut(&d.key))
         {
-            key.delayed = key.delayed.saturating_sub(1);
+            if let Some(key) = queue.keys.get_mut(&d.key) {
+                key.delayed = key.delayed.saturating_sub(1);
+            }
+            forget_idle_key(queue, &d.key);
         }
     }
 
@@ -494,7 +510,6 @@ impl State {
                 return;
             };
             let (d, sc) = (entry.dispatch.clone(), entry.score);
-            self.pull_queued(&d, sc);
             self.serve_counter += 1;
             let served = self.serve_counter;
             if let Some(queue) = self
@@ -507,6 +522,8 @@ impl State {
                     ks.last_served = served;
                 }
             }
+            // After the stamp: a key whose last queued run this was keeps its state.
+            self.pull_queued(&d, sc);
             self.push_ready(run, now, effects);
             moved(effects, run, RunStatus::Queued, d.ever_leased, Event::Admit);
         }
@@ -1679,6 +1696,87 @@ mod tests {
                 Err(QueueError::NotFound(RunId(9))),
             ]
         );
+    }
+
+    /// The key states the queue holds, over every env and queue.
+    fn key_states(q: &MemoryQueue) -> usize {
+        let st = q.lock();
+        st.envs
+            .values()
+            .flat_map(|e| e.queues.values())
+            .map(|q| q.keys.len())
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn a_key_used_once_leaves_no_state_once_its_run_ends() {
+        // Limit 2: runs 1-2 take the fast path; run 3 waits in its key's backlog and an
+        // admission pass serves it (its key keeps that stamp); delayed run 4 is due later;
+        // run 5 is canceled while queued, delayed run 6 before it is due.
+        let q = backend(&[("e", 2, 1)]).await;
+        let keyed = |n: u128, after: Timestamp| {
+            let mut d = dispatch(n, "e", "q", "default");
+            d.key = Arc::from(format!("user-{n}"));
+            d.run_after = after;
+            d
+        };
+        let later = T0.saturating_add(Duration::from_secs(5));
+        let much_later = T0.saturating_add(Duration::from_secs(60));
+        for (n, after) in [
+            (1, T0),
+            (2, T0),
+            (3, T0),
+            (4, later),
+            (5, T0),
+            (6, much_later),
+        ] {
+            q.enqueue(keyed(n, after), EnqueueAs::Trigger, T0)
+                .await
+                .expect("enqueue");
+        }
+        assert_eq!(key_states(&q), 6);
+        for run in [5, 6] {
+            let cancel = q
+                .cancel(RunId(run), Duration::ZERO, T0)
+                .await
+                .expect("cancel");
+            assert!(matches!(cancel, CancelOutcome::Removed { .. }));
+        }
+        assert_eq!(
+            key_states(&q),
+            4,
+            "a canceled waiting run's key goes with it"
+        );
+        let req = claim_req(&["e"], 10, ClaimChain::default_chain());
+        for _ in 0..2 {
+            let leases = q.claim(&req, later).await.expect("claim");
+            for l in leases {
+                q.finish(l.dispatch.run_id, l.token, later)
+                    .await
+                    .expect("finish");
+            }
+            q.tick(later).await.expect("tick");
+        }
+        // Runs 1 and 2 never waited in a backlog: nothing of their keys is left. Runs 3 and 4
+        // (due later, it was admitted by a pass too) were served by admission passes: their
+        // keys keep the stamp that orders them among backlogged keys.
+        assert_eq!(q.lock().runs.len(), 0, "every run ended");
+        assert_eq!(key_states(&q), 2);
+        let st = q.lock();
+        let mut kept: Vec<&str> = st
+            .envs
+            .values()
+            .flat_map(|e| e.queues.values())
+            .flat_map(|q| q.keys.iter())
+            .map(|(k, s)| {
+                assert!(s.last_served > 0, "kept for its stamp");
+                &**k
+            })
+            .collect();
+        kept.sort_unstable();
+        assert_eq!(kept, vec!["user-3", "user-4"]);
+        drop(st);
+        q.check_invariants().expect("invariants");
     }
 
     #[tokio::test]

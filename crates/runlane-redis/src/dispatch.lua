@@ -435,6 +435,13 @@ local function decr_floor(key, field)
   decr(key, field, 1)
 end
 
+-- A queue key's hash left with one field, the counter just brought to zero (no serve stamp,
+-- no list bookkeeping), reads as a missing hash does: it goes, so keys used once (a user id
+-- as the key) leave nothing behind.
+local function drop_idle_key(kk)
+  if redis.call('HLEN', kk) == 1 then redis.call('DEL', kk) end
+end
+
 -- Whether an env exists, asked of Redis once per call.
 local env_known = {}
 local function env_exists(e)
@@ -564,11 +571,11 @@ end
 local function flush_releases()
   -- Each counter once, in the order the runs first touched it: env, queue, key per run.
   local order, count = {}, {}
-  local function add(key, field, e, n)
+  local function add(key, field, e, n, is_key)
     local id = key .. Z .. field
     local c = count[id]
     if c == nil then
-      order[#order + 1] = { key, field, e, id }
+      order[#order + 1] = { key, field, e, id, is_key }
       count[id] = n
     else
       count[id] = c + n
@@ -576,12 +583,14 @@ local function flush_releases()
   end
   for _, x in ipairs(rel_order) do
     local e, q, n = x[1], x[2], x[5]
-    add(k_env(e), x[4], e, n)
-    add(k_q(e, q), 'run', e, n)
-    add(k_k(e, q, x[3]), 'run', e, n)
+    add(k_env(e), x[4], e, n, false)
+    add(k_q(e, q), 'run', e, n, false)
+    add(k_k(e, q, x[3]), 'run', e, n, true)
   end
   for _, kf in ipairs(order) do
-    if env_exists(kf[3]) then decr(kf[1], kf[2], count[kf[4]]) end
+    if env_exists(kf[3]) and decr(kf[1], kf[2], count[kf[4]]) == 0 and kf[5] then
+      drop_idle_key(kf[1])
+    end
   end
   rel_order, rel_by = {}, {}
 end
@@ -860,7 +869,8 @@ end
 
 local function pull_delayed(id, r)
   if redis.call('ZREM', K_DELAYED, id) == 1 then
-    decr_floor(k_k(r[F_ENV], r[F_QUEUE], r[F_KEY]), 'del')
+    local kk = k_k(r[F_ENV], r[F_QUEUE], r[F_KEY])
+    if decr(kk, 'del', 1) == 0 then drop_idle_key(kk) end
     decr_floor(k_q(r[F_ENV], r[F_QUEUE]), 'del')
   end
 end

@@ -28,6 +28,8 @@ mod format1_tests;
 mod format3_tests;
 #[cfg(test)]
 mod function_tests;
+#[cfg(test)]
+mod key_state_tests;
 mod meta;
 #[cfg(test)]
 mod parked_offer_tests;
