@@ -11,10 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use common::{bounded, open_on};
 use runlane_core::backend::forward::{Forward, ForwardQueue, QueueHook, StoreHook, StoreOp};
-use runlane_core::RunStatus;
 use runlane_engine::{DrainReport, HandlerError, RunContext};
 use runlane_memory::{MemoryConfig, MemoryQueue, MemoryStore};
-use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 /// The memory queue, answering that other processes may claim (as Redis does): the engine

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use redis::AsyncCommands;
 use runlane_core::backend::{CancelOutcome, Dispatch, EnqueueAs, QueueBackend};
 use runlane_core::{EnvSettings, Timestamp};
 
@@ -14,26 +15,11 @@ use crate::test_support::{self as support, claim_all, env, open_queue};
 async fn key_hashes(queue: &crate::RedisQueue) -> Vec<String> {
     let mut conn = support::connect().await.expect("redis");
     let pattern = format!("{}:k:*", queue.key_base());
+    let mut keys = conn.scan_match::<_, Vec<u8>>(pattern).await.expect("scan");
     let mut names: Vec<String> = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await
-            .expect("scan");
-        for key in keys {
-            let name = key.rsplit(|b| *b == 0).next().unwrap_or_default();
-            names.push(String::from_utf8_lossy(name).into_owned());
-        }
-        if next == 0 {
-            break;
-        }
-        cursor = next;
+    while let Some(key) = keys.next_item().await {
+        let name = key.rsplit(|b| *b == 0).next().unwrap_or_default();
+        names.push(String::from_utf8_lossy(name).into_owned());
     }
     names.sort_unstable();
     names
