@@ -107,8 +107,8 @@ struct KeyState {
 }
 
 /// Forgets a queue key's state once it is what a missing one reads as (nothing queued,
-/// delayed or running, never served by an admission pass), so keys used once (a user id as
-/// the key) leave nothing behind. A key an admission pass served keeps its stamp: it orders
+/// delayed or running, never served by an admission pass), so a key whose runs never waited
+/// in a backlog (a user id as the key, capacity to spare) leaves nothing behind. A key an admission pass served keeps its stamp: it orders
 /// the key among the queue's backlogged keys (the Redis backend keeps it too).
 fn forget_idle_key(queue: &mut QueueState, key: &str) {
     if queue.keys.get(key).is_some_and(|k| {

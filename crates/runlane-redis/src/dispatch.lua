@@ -436,8 +436,8 @@ local function decr_floor(key, field)
 end
 
 -- A queue key's hash left with one field, the counter just brought to zero (no serve stamp,
--- no list bookkeeping), reads as a missing hash does: it goes, so keys used once (a user id
--- as the key) leave nothing behind.
+-- no list bookkeeping), reads as a missing hash does: it goes, so a key whose runs never
+-- waited queued (a user id as the key, capacity to spare) leaves nothing behind.
 local function drop_idle_key(kk)
   if redis.call('HLEN', kk) == 1 then redis.call('DEL', kk) end
 end
