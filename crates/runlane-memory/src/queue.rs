@@ -106,16 +106,30 @@ struct KeyState {
     last_served: u64,
 }
 
-/// Forgets a queue key's state once it is what a missing one reads as (nothing queued,
-/// delayed or running, never served by an admission pass), so a key whose runs never waited
-/// in a backlog (a user id as the key, capacity to spare) leaves nothing behind. A key an admission pass served keeps its stamp: it orders
-/// the key among the queue's backlogged keys (the Redis backend keeps it too).
-fn forget_idle_key(queue: &mut QueueState, key: &str) {
-    if queue.keys.get(key).is_some_and(|k| {
-        k.queued.is_empty() && k.delayed == 0 && k.running == 0 && k.last_served == 0
-    }) {
+impl KeyState {
+    /// What a missing state reads as: nothing queued, delayed or running, never served by an
+    /// admission pass.
+    fn is_idle(&self) -> bool {
+        self.queued.is_empty() && self.delayed == 0 && self.running == 0 && self.last_served == 0
+    }
+}
+
+/// Applies a decrement to a queue key's state (`None` when it has none), then forgets the
+/// state if it is left idle ([`KeyState::is_idle`]), so a key whose runs never waited in a
+/// backlog (a user id as the key, capacity to spare) leaves nothing behind. A key an admission
+/// pass served keeps its stamp: it orders the key among the queue's backlogged keys (the Redis
+/// backend keeps it too). One lookup, and a removal only when idle.
+fn decrement_key<R>(
+    queue: &mut QueueState,
+    key: &str,
+    f: impl FnOnce(&mut KeyState) -> R,
+) -> Option<R> {
+    let state = queue.keys.get_mut(key)?;
+    let out = f(state);
+    if state.is_idle() {
         queue.keys.remove(key);
     }
+    Some(out)
 }
 
 #[derive(Debug, Default)]
@@ -316,10 +330,7 @@ impl State {
             }
             if let Some(queue) = env.queues.get_mut(&d.queue) {
                 queue.running = queue.running.saturating_sub(1);
-                if let Some(key) = queue.keys.get_mut(&d.key) {
-                    key.running = key.running.saturating_sub(1);
-                }
-                forget_idle_key(queue, &d.key);
+                decrement_key(queue, &d.key, |k| k.running = k.running.saturating_sub(1));
             }
         }
     }
@@ -349,13 +360,13 @@ impl State {
     fn pull_queued(&mut self, d: &Dispatch, sc: Score) {
         if let Some(env) = self.envs.get_mut(&d.env) {
             if let Some(queue) = env.queues.get_mut(&d.queue) {
-                if let Some(key) = queue.keys.get_mut(&d.key) {
-                    key.queued.remove(&sc);
-                    if key.queued.is_empty() {
-                        queue.backlog_keys.remove(&d.key);
-                    }
+                let emptied = decrement_key(queue, &d.key, |k| {
+                    k.queued.remove(&sc);
+                    k.queued.is_empty()
+                });
+                if emptied == Some(true) {
+                    queue.backlog_keys.remove(&d.key);
                 }
-                forget_idle_key(queue, &d.key);
                 if queue.backlog_keys.is_empty() {
                     env.backlog_queues.remove(&d.queue);
                 }
@@ -383,10 +394,7 @@ impl State {
             .get_mut(&d.env)
             .and_then(|e| e.queues.get_mut(&d.queue))
         {
-            if let Some(key) = queue.keys.get_mut(&d.key) {
-                key.delayed = key.delayed.saturating_sub(1);
-            }
-            forget_idle_key(queue, &d.key);
+            decrement_key(queue, &d.key, |k| k.delayed = k.delayed.saturating_sub(1));
         }
     }
 
@@ -1698,14 +1706,19 @@ mod tests {
         );
     }
 
-    /// The key states the queue holds, over every env and queue.
-    fn key_states(q: &MemoryQueue) -> usize {
+    /// The keys the queue holds a state of, over every env and queue, with their serve
+    /// stamps, in name order.
+    fn key_states(q: &MemoryQueue) -> Vec<(String, u64)> {
         let st = q.lock();
-        st.envs
+        let mut keys: Vec<(String, u64)> = st
+            .envs
             .values()
             .flat_map(|e| e.queues.values())
-            .map(|q| q.keys.len())
-            .sum()
+            .flat_map(|q| q.keys.iter())
+            .map(|(k, s)| (k.to_string(), s.last_served))
+            .collect();
+        keys.sort_unstable();
+        keys
     }
 
     #[tokio::test]
@@ -1734,7 +1747,7 @@ mod tests {
                 .await
                 .expect("enqueue");
         }
-        assert_eq!(key_states(&q), 6);
+        assert_eq!(key_states(&q).len(), 6);
         for run in [5, 6] {
             let cancel = q
                 .cancel(RunId(run), Duration::ZERO, T0)
@@ -1743,7 +1756,7 @@ mod tests {
             assert!(matches!(cancel, CancelOutcome::Removed { .. }));
         }
         assert_eq!(
-            key_states(&q),
+            key_states(&q).len(),
             4,
             "a canceled waiting run's key goes with it"
         );
@@ -1761,21 +1774,14 @@ mod tests {
         // (due later, it was admitted by a pass too) were served by admission passes: their
         // keys keep the stamp that orders them among backlogged keys.
         assert_eq!(q.lock().runs.len(), 0, "every run ended");
-        assert_eq!(key_states(&q), 2);
-        let st = q.lock();
-        let mut kept: Vec<&str> = st
-            .envs
-            .values()
-            .flat_map(|e| e.queues.values())
-            .flat_map(|q| q.keys.iter())
-            .map(|(k, s)| {
-                assert!(s.last_served > 0, "kept for its stamp");
-                &**k
-            })
-            .collect();
-        kept.sort_unstable();
-        assert_eq!(kept, vec!["user-3", "user-4"]);
-        drop(st);
+        let kept = key_states(&q);
+        assert_eq!(kept.len(), 2);
+        assert!(
+            kept.iter().all(|(_, stamp)| *stamp > 0),
+            "kept for its stamp"
+        );
+        let names: Vec<&str> = kept.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, vec!["user-3", "user-4"]);
         q.check_invariants().expect("invariants");
     }
 

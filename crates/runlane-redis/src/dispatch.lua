@@ -435,11 +435,12 @@ local function decr_floor(key, field)
   decr(key, field, 1)
 end
 
--- A queue key's hash left with one field, the counter just brought to zero (no serve stamp,
--- no list bookkeeping), reads as a missing hash does: it goes, so a key whose runs never
--- waited queued (a user id as the key, capacity to spare) leaves nothing behind.
-local function drop_idle_key(kk)
-  if redis.call('HLEN', kk) == 1 then redis.call('DEL', kk) end
+-- `decr` of a queue key's hash `kk`. A hash left with one field, the counter just brought to
+-- zero (no serve stamp, no list bookkeeping), reads as a missing hash does: it goes, so a key
+-- whose runs never waited queued (a user id as the key, capacity to spare) leaves nothing
+-- behind.
+local function decr_key(kk, field, n)
+  if decr(kk, field, n) == 0 and redis.call('HLEN', kk) == 1 then redis.call('DEL', kk) end
 end
 
 -- Whether an env exists, asked of Redis once per call.
@@ -588,9 +589,7 @@ local function flush_releases()
     add(k_k(e, q, x[3]), 'run', e, n, true)
   end
   for _, kf in ipairs(order) do
-    if env_exists(kf[3]) and decr(kf[1], kf[2], count[kf[4]]) == 0 and kf[5] then
-      drop_idle_key(kf[1])
-    end
+    if env_exists(kf[3]) then (kf[5] and decr_key or decr)(kf[1], kf[2], count[kf[4]]) end
   end
   rel_order, rel_by = {}, {}
 end
@@ -869,8 +868,7 @@ end
 
 local function pull_delayed(id, r)
   if redis.call('ZREM', K_DELAYED, id) == 1 then
-    local kk = k_k(r[F_ENV], r[F_QUEUE], r[F_KEY])
-    if decr(kk, 'del', 1) == 0 then drop_idle_key(kk) end
+    decr_key(k_k(r[F_ENV], r[F_QUEUE], r[F_KEY]), 'del', 1)
     decr_floor(k_q(r[F_ENV], r[F_QUEUE]), 'del')
   end
 end
