@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use redis::AsyncCommands;
 use runlane::core::backend::{ClaimRequest, Dispatch, EnqueueAs, QueueBackend, ServedEnv};
 use runlane::core::{
     ClaimChain, EnvName, EnvSettings, LaneName, QueueName, RunId, Timestamp, WorkerId,
@@ -248,46 +249,46 @@ async fn measure_mix(
     }))
 }
 
+/// Every key under `base`, each once (SCAN may return a key more than once while the keyspace
+/// rehashes, which would count its bytes twice).
+async fn keys_under(
+    conn: &mut redis::aio::MultiplexedConnection,
+    base: &str,
+) -> anyhow::Result<std::collections::BTreeSet<Vec<u8>>> {
+    let mut iter = conn.scan_match::<_, Vec<u8>>(format!("{base}:*")).await?;
+    let mut keys = std::collections::BTreeSet::new();
+    while let Some(key) = iter.next_item().await {
+        keys.insert(key);
+    }
+    Ok(keys)
+}
+
 /// The bytes of every stored run value under `base`: record hash values and FIFO list entries.
 async fn stored_value_bytes(
     conn: &mut redis::aio::MultiplexedConnection,
     base: &str,
 ) -> anyhow::Result<u64> {
     let mut total = 0u64;
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{base}:*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await?;
-        for key in keys {
-            let rest = &key[base.len().min(key.len())..];
-            let values: Vec<Vec<u8>> = if rest.starts_with(b":run:") {
-                redis::cmd("HVALS")
-                    .arg(key.as_slice())
-                    .query_async(conn)
-                    .await?
-            } else if rest.starts_with(b":kl:") {
-                redis::cmd("LRANGE")
-                    .arg(key.as_slice())
-                    .arg(0)
-                    .arg(-1)
-                    .query_async(conn)
-                    .await?
-            } else {
-                Vec::new()
-            };
-            total += values.iter().map(|v| v.len() as u64).sum::<u64>();
-        }
-        if next == 0 {
-            return Ok(total);
-        }
-        cursor = next;
+    for key in keys_under(conn, base).await? {
+        let rest = &key[base.len().min(key.len())..];
+        let values: Vec<Vec<u8>> = if rest.starts_with(b":run:") {
+            redis::cmd("HVALS")
+                .arg(key.as_slice())
+                .query_async(conn)
+                .await?
+        } else if rest.starts_with(b":kl:") {
+            redis::cmd("LRANGE")
+                .arg(key.as_slice())
+                .arg(0)
+                .arg(-1)
+                .query_async(conn)
+                .await?
+        } else {
+            Vec::new()
+        };
+        total += values.iter().map(|v| v.len() as u64).sum::<u64>();
     }
+    Ok(total)
 }
 
 /// `MEMORY USAGE` of every key under `base`, summed per kind (the name part after the base).
@@ -296,40 +297,25 @@ async fn memory_by_kind(
     base: &str,
 ) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
     let mut out = std::collections::BTreeMap::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{base}:*"))
-            .arg("COUNT")
-            .arg(1000)
+    for key in keys_under(conn, base).await? {
+        let usage: Option<u64> = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(key.as_slice())
+            .arg("SAMPLES")
+            .arg(0)
             .query_async(conn)
             .await?;
-        for key in keys {
-            let usage: Option<u64> = redis::cmd("MEMORY")
-                .arg("USAGE")
-                .arg(key.as_slice())
-                .arg("SAMPLES")
-                .arg(0)
-                .query_async(conn)
-                .await?;
-            let rest = &key[base.len().min(key.len())..];
-            let kind = rest
-                .split(|b| *b == b':')
-                .nth(1)
-                .map(|k| String::from_utf8_lossy(k).into_owned())
-                .unwrap_or_default();
-            *out.entry(kind).or_default() += usage.unwrap_or(0);
-        }
-        if next == 0 {
-            return Ok(out);
-        }
-        cursor = next;
+        let rest = &key[base.len().min(key.len())..];
+        let kind = rest
+            .split(|b| *b == b':')
+            .nth(1)
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .unwrap_or_default();
+        *out.entry(kind).or_default() += usage.unwrap_or(0);
     }
+    Ok(out)
 }
 
-/// Claim + complete: Redis script time per run over `CLAIM_RUNS` runs (claims of up to 100).
 async fn measure_claim(
     server: &PrivateRedis,
     conn: &mut redis::aio::MultiplexedConnection,

@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use redis::AsyncCommands;
 use runlane_core::backend::{CancelOutcome, Dispatch, EnqueueAs, QueueBackend};
 use runlane_core::{EnvSettings, Timestamp};
 
@@ -13,16 +12,14 @@ use crate::test_support::{self as support, claim_all, env, open_queue};
 
 /// The queue keys' hashes (`<base>:k:<env>\0<queue>\0<key>`), as the key names they end in.
 async fn key_hashes(queue: &crate::RedisQueue) -> Vec<String> {
-    let mut conn = support::connect().await.expect("redis");
-    let pattern = format!("{}:k:*", queue.key_base());
-    let mut keys = conn.scan_match::<_, Vec<u8>>(pattern).await.expect("scan");
-    let mut names: Vec<String> = Vec::new();
-    while let Some(key) = keys.next_item().await {
-        let name = key.rsplit(|b| *b == 0).next().unwrap_or_default();
-        names.push(String::from_utf8_lossy(name).into_owned());
-    }
-    names.sort_unstable();
-    names
+    support::keys_matching(&format!("{}:k:*", queue.key_base()))
+        .await
+        .iter()
+        .map(|key| {
+            let name = key.rsplit(|b| *b == 0).next().unwrap_or_default();
+            String::from_utf8_lossy(name).into_owned()
+        })
+        .collect()
 }
 
 fn keyed(n: u128, run_after: u64) -> Dispatch {

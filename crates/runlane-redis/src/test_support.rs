@@ -57,6 +57,21 @@ pub(crate) async fn connect() -> Option<redis::aio::MultiplexedConnection> {
     }
 }
 
+/// Every key matching the SCAN `pattern` on the test server, sorted, each once: SCAN walks the
+/// whole keyspace (a cursor loop) and may return a key more than once while it rehashes.
+pub(crate) async fn keys_matching(pattern: &str) -> Vec<Vec<u8>> {
+    use redis::AsyncCommands;
+    let mut conn = connect().await.expect("redis");
+    let mut iter = conn.scan_match::<_, Vec<u8>>(pattern).await.expect("scan");
+    let mut keys = Vec::new();
+    while let Some(key) = iter.next_item().await {
+        keys.push(key);
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
 /// Test run `n` of `env` in queue `q`, key `key`, the default lane, attempt 1.
 pub(crate) fn dispatch(
     n: u128,

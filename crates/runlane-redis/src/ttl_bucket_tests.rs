@@ -115,14 +115,13 @@ async fn expiry_is_exact_in_any_bucket_order() {
             .expect("exists");
         assert_eq!(exists, 0, "{key} is gone");
     }
-    let (_, buckets): (u64, Vec<String>) = redis::cmd("SCAN")
-        .arg(0)
-        .arg("MATCH")
-        .arg(format!("{base}:tb:*"))
-        .arg("COUNT")
-        .arg(1000)
-        .query_async(&mut conn)
-        .await
-        .expect("scan");
-    assert!(buckets.is_empty(), "no bucket list is left: {buckets:?}");
+    let buckets = support::keys_matching(&format!("{base}:tb:*")).await;
+    assert!(
+        buckets.is_empty(),
+        "no bucket list is left: {:?}",
+        buckets
+            .iter()
+            .map(|k| String::from_utf8_lossy(k))
+            .collect::<Vec<_>>()
+    );
 }
