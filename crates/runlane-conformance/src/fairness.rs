@@ -78,6 +78,38 @@ pub async fn fair_02(b: &dyn Backends) {
     assert_eq!(order, "abaabaaba", "FAIR-02: weighted fair claim order");
 }
 
+/// FAIR-03: a key returning to its queue's backlog goes behind the keys already waiting, not
+/// ahead on an old serve: env limit 1, keys `r`, `o`, `p` of one queue. `r` is served and
+/// leaves; `o` (two runs) and `p` join; `o` then `p` are served; `r` returns while `p` runs.
+/// The next slot goes to `o`, waiting since its serve, and only then to `r`.
+pub async fn fair_03(b: &dyn Backends) {
+    let h = Harness::open(b).await;
+    h.limit(1).await;
+    let trigger = |key: &str| h.engine.trigger("t").queue("q").key(key);
+    let z = h.trigger(trigger("z")).await.id; // fast path: holds the slot
+    let r1 = h.trigger(trigger("r")).await.id;
+    let mut probe = Probe::new();
+    let _w = h.held_worker(&probe, "t", "manual>*:1").await;
+    let mut order = complete_in_order(&mut probe, 1).await; // z: admits r1
+    let r1_running = probe.next().await;
+    order.push(r1_running.run);
+    let o1 = h.trigger(trigger("o")).await.id;
+    let o2 = h.trigger(trigger("o")).await.id;
+    let p1 = h.trigger(trigger("p")).await.id;
+    r1_running.complete(json!(null)); // admits o1 (o before p: joined together, key text)
+    order.extend(complete_in_order(&mut probe, 1).await); // o1: admits p1
+    let p1_running = probe.next().await;
+    order.push(p1_running.run);
+    let r2 = h.trigger(trigger("r")).await.id; // r returns while p1 runs
+    p1_running.complete(json!(null));
+    order.extend(complete_in_order(&mut probe, 2).await);
+    assert_eq!(
+        order,
+        vec![z, r1, o1, p1, o2, r2],
+        "FAIR-03: a returning key waits behind the keys already waiting"
+    );
+}
+
 /// Completes `n` runs one at a time; returns their ids in start order.
 async fn complete_in_order(probe: &mut Probe, n: usize) -> Vec<RunId> {
     let mut order = Vec::new();

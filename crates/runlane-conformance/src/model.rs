@@ -74,7 +74,8 @@ struct QueueRow {
     last_served: u64,
 }
 
-/// When the admission pass last served a queue key.
+/// A queue key's place in its queue's round: when the admission pass last served it, or when
+/// it last joined the backlog (stamped behind every key served so far), whichever is later.
 #[derive(Clone, Debug)]
 struct KeyRow {
     env: EnvName,
@@ -298,19 +299,41 @@ impl State {
         self.next_serve += 1;
         let qi = self.touch_queue(env, queue);
         self.queues[qi].last_served = serve;
+        self.stamp_key(env, queue, key, serve);
+    }
+
+    fn stamp_key(&mut self, env: &EnvName, queue: &QueueName, key: &Arc<str>, stamp: u64) {
         match self
             .keys
             .iter_mut()
             .find(|k| &k.env == env && &k.queue == queue && k.key == *key)
         {
-            Some(row) => row.last_served = serve,
+            Some(row) => row.last_served = stamp,
             None => self.keys.push(KeyRow {
                 env: env.clone(),
                 queue: queue.clone(),
                 key: key.clone(),
-                last_served: serve,
+                last_served: stamp,
             }),
         }
+    }
+
+    /// Run `i` just became queued: when no other run of its key is, the key joins its queue's
+    /// backlog, stamped with the last serve number (behind every key served so far; keys that
+    /// join between the same two serves go by key text).
+    fn joined(&mut self, i: usize) {
+        let d = &self.runs[i].dispatch;
+        if self.runs[i].status != RunStatus::Queued
+            || self
+                .runs
+                .iter()
+                .enumerate()
+                .any(|(j, r)| j != i && r.status == RunStatus::Queued && same_key(&r.dispatch, d))
+        {
+            return;
+        }
+        let (env, queue, key) = (d.env.clone(), d.queue.clone(), d.key.clone());
+        self.stamp_key(&env, &queue, &key, self.next_serve - 1);
     }
 
     fn run_index(&self, run: RunId) -> Option<usize> {
@@ -636,6 +659,7 @@ impl State {
         push_moved(&mut fx, run.dispatch.run_id, run.status);
         let env_name = run.dispatch.env.clone();
         self.runs.push(run);
+        self.joined(self.runs.len() - 1);
         if placement == Placement::Queued && !env.fast_path {
             // The placement stays `Queued` even when this pass admits the new run at once;
             // `moved` then lists it queued, then ready.
@@ -824,6 +848,7 @@ impl State {
         r.dispatch.attempt += 1;
         r.dispatch.run_after = run_after;
         let (status, env) = (r.status, r.dispatch.env.clone());
+        self.joined(i);
         let mut fx = Effects::default();
         push_moved(&mut fx, run, status);
         self.admit_env(&env, now, &mut fx);
@@ -848,6 +873,7 @@ impl State {
         apply(r, Event::Release);
         r.lease = None;
         let env = r.dispatch.env.clone();
+        self.joined(i);
         let mut fx = Effects::default();
         push_moved(&mut fx, run, RunStatus::Queued);
         self.admit_env(&env, now, &mut fx);
@@ -918,6 +944,7 @@ impl State {
         r.dispatch.run_after = run_after;
         r.dispatch.ttl_deadline = ttl_deadline;
         let (after, env) = (r.status, r.dispatch.env.clone());
+        self.joined(i);
         let mut fx = Effects::default();
         // The rescheduled run is listed with its new status even when it did not change
         // (delayed -> delayed), as dispatch.md's Effects section says for reschedule.
@@ -973,6 +1000,7 @@ impl State {
         for (_, id) in due {
             if let Some(i) = self.run_index(id) {
                 apply(&mut self.runs[i], Event::Promote);
+                self.joined(i);
                 push_moved(&mut fx, id, RunStatus::Queued);
             }
         }
@@ -1043,6 +1071,7 @@ impl State {
         for id in &returned {
             if let Some(i) = self.run_index(*id) {
                 apply(&mut self.runs[i], Event::ReadyTimeout);
+                self.joined(i);
                 let lane = self.runs[i].dispatch.lane.clone();
                 if let Some(row) = self.lanes.iter_mut().find(|l| l.name == lane) {
                     row.orphaned = true;

@@ -107,18 +107,16 @@ struct KeyState {
 }
 
 impl KeyState {
-    /// What a missing state reads as: nothing queued, delayed or running, never served by an
-    /// admission pass.
+    /// What a missing state reads as: nothing queued, delayed or running. A serve stamp alone
+    /// keeps nothing: a key joining its queue's backlog is stamped then.
     fn is_idle(&self) -> bool {
-        self.queued.is_empty() && self.delayed == 0 && self.running == 0 && self.last_served == 0
+        self.queued.is_empty() && self.delayed == 0 && self.running == 0
     }
 }
 
 /// Applies a decrement to a queue key's state (`None` when it has none), then forgets the
-/// state if it is left idle ([`KeyState::is_idle`]), so a key whose runs never waited in a
-/// backlog (a user id as the key, capacity to spare) leaves nothing behind. A key an admission
-/// pass served keeps its stamp: it orders the key among the queue's backlogged keys (the Redis
-/// backend keeps it too). One lookup, and a removal only when idle.
+/// state if it is left idle ([`KeyState::is_idle`]), so a key whose runs have all ended (a user
+/// id as the key) leaves nothing behind. One lookup, and a removal only when idle.
 fn decrement_key<R>(
     queue: &mut QueueState,
     key: &str,
@@ -345,12 +343,12 @@ impl State {
         let sc = entry.score;
         if let Some(env) = self.envs.get_mut(&d.env) {
             let queue = env.queues.entry(d.queue.clone()).or_default();
-            queue
-                .keys
-                .entry(d.key.clone())
-                .or_default()
-                .queued
-                .insert(sc);
+            let ks = queue.keys.entry(d.key.clone()).or_default();
+            if ks.queued.is_empty() {
+                // The key joins its queue's backlog: behind every key served so far.
+                ks.last_served = self.serve_counter;
+            }
+            ks.queued.insert(sc);
             queue.backlog_keys.insert(d.key.clone());
             env.backlog_queues.insert(d.queue.clone());
         }
@@ -530,7 +528,6 @@ impl State {
                     ks.last_served = served;
                 }
             }
-            // After the stamp: a key whose last queued run this was keeps its state.
             self.pull_queued(&d, sc);
             self.push_ready(run, now, effects);
             moved(effects, run, RunStatus::Queued, d.ever_leased, Event::Admit);
@@ -1481,6 +1478,9 @@ impl MemoryQueue {
                     ));
                 }
                 for (key, ks) in &q.keys {
+                    if ks.is_idle() {
+                        return Err(format!("key {qname}/{key}: an idle state is kept"));
+                    }
                     let want = key_running
                         .get(&(name, qname, &**key))
                         .copied()
@@ -1706,26 +1706,25 @@ mod tests {
         );
     }
 
-    /// The keys the queue holds a state of, over every env and queue, with their serve
-    /// stamps, in name order.
-    fn key_states(q: &MemoryQueue) -> Vec<(String, u64)> {
+    /// The keys the queue holds a state of, over every env and queue, in name order.
+    fn key_states(q: &MemoryQueue) -> Vec<String> {
         let st = q.lock();
-        let mut keys: Vec<(String, u64)> = st
+        let mut keys: Vec<String> = st
             .envs
             .values()
             .flat_map(|e| e.queues.values())
-            .flat_map(|q| q.keys.iter())
-            .map(|(k, s)| (k.to_string(), s.last_served))
+            .flat_map(|q| q.keys.keys())
+            .map(|k| k.to_string())
             .collect();
         keys.sort_unstable();
         keys
     }
 
     #[tokio::test]
-    async fn a_key_used_once_leaves_no_state_once_its_run_ends() {
+    async fn a_key_leaves_no_state_once_its_runs_end() {
         // Limit 2: runs 1-2 take the fast path; run 3 waits in its key's backlog and an
-        // admission pass serves it (its key keeps that stamp); delayed run 4 is due later;
-        // run 5 is canceled while queued, delayed run 6 before it is due.
+        // admission pass serves it; delayed run 4 is due later (a pass admits it too); run 5
+        // is canceled while queued, delayed run 6 before it is due.
         let q = backend(&[("e", 2, 1)]).await;
         let keyed = |n: u128, after: Timestamp| {
             let mut d = dispatch(n, "e", "q", "default");
@@ -1756,8 +1755,8 @@ mod tests {
             assert!(matches!(cancel, CancelOutcome::Removed { .. }));
         }
         assert_eq!(
-            key_states(&q).len(),
-            4,
+            key_states(&q),
+            vec!["user-1", "user-2", "user-3", "user-4"],
             "a canceled waiting run's key goes with it"
         );
         let req = claim_req(&["e"], 10, ClaimChain::default_chain());
@@ -1770,18 +1769,10 @@ mod tests {
             }
             q.tick(later).await.expect("tick");
         }
-        // Runs 1 and 2 never waited in a backlog: nothing of their keys is left. Runs 3 and 4
-        // (due later, it was admitted by a pass too) were served by admission passes: their
-        // keys keep the stamp that orders them among backlogged keys.
+        // Every run ended: no key keeps a state, whether its run took the fast path (1, 2) or
+        // waited and was served by an admission pass (3, 4).
         assert_eq!(q.lock().runs.len(), 0, "every run ended");
-        let kept = key_states(&q);
-        assert_eq!(kept.len(), 2);
-        assert!(
-            kept.iter().all(|(_, stamp)| *stamp > 0),
-            "kept for its stamp"
-        );
-        let names: Vec<&str> = kept.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(names, vec!["user-3", "user-4"]);
+        assert_eq!(key_states(&q), Vec::<String>::new());
         q.check_invariants().expect("invariants");
     }
 

@@ -435,12 +435,11 @@ local function decr_floor(key, field)
   decr(key, field, 1)
 end
 
--- `decr` of a queue key's hash `kk`. A hash left with one field, the counter just brought to
--- zero (no serve stamp, no list bookkeeping), reads as a missing hash does: it goes, so a key
--- whose runs never waited queued (a user id as the key, capacity to spare) leaves nothing
--- behind.
+-- `decr` of a queue key's hash `kk`: a counter brought to zero is removed (a missing field
+-- reads as zero), and Redis drops the hash with its last field, so a key whose runs have all
+-- ended (a user id as the key) leaves nothing behind.
 local function decr_key(kk, field, n)
-  if decr(kk, field, n) == 0 and redis.call('HLEN', kk) == 1 then redis.call('DEL', kk) end
+  if decr(kk, field, n) == 0 then redis.call('HDEL', kk, field) end
 end
 
 -- Whether an env exists, asked of Redis once per call.
@@ -633,8 +632,10 @@ end
 
 local function count_queued(e, q, k, kk)
   -- A key with live queued runs is already in its queue's backlog set, its queue in the env's
-  -- backlog set and queue set: only the first queued run of a key adds them.
+  -- backlog set and queue set: only the first queued run of a key adds them, and stamps the
+  -- key behind every key served so far (the serve counter's value).
   if redis.call('HINCRBY', kk, 'qd', 1) == 1 then
+    redis.call('HSET', kk, 'served', num(redis.call('HGET', K_CFG, 'serve')))
     redis.call('SADD', k_bk(e, q), k)
     redis.call('SADD', k_bq(e), q)
     redis.call('SADD', k_qs(e), q)
@@ -679,6 +680,19 @@ local function push_queued(id, r)
   save(id, r)
 end
 
+-- A key left its queue's backlog (no live queued run): its list (whatever it still holds is
+-- tombstones) and tombstone set go, and so does what its hash kept for them: the queued count,
+-- the serve stamp (a key joining again is stamped then), the list's append bookkeeping and the
+-- key's interned id (a TTL entry naming it finds no list: stale, as it is). What is left is
+-- the key's running and delayed counts, gone with their last run.
+local function key_left(e, q, k, kk)
+  redis.call('DEL', k_kl(e, q, k), k_kt(e, q, k))
+  local kid = redis.call('HGET', kk, 'id')
+  if kid then redis.call('HDEL', K_KN, kid) end
+  redis.call('HDEL', kk, 'qd', 'served', 'lseq', 'lts', 'lti', 'id')
+  redis.call('SREM', k_bk(e, q), k)
+end
+
 -- Answers whether the key still has backlog, and whether its queue does. A list-resident run
 -- (place `Q`) must be live in its list: popped when at the head (`at_head`: the caller knows it
 -- is, as `key_head` answered it), else made a tombstone.
@@ -706,9 +720,7 @@ local function pull_queued(id, r, at_head)
     qd = num(redis.call('HGET', kk, 'qd'))
   end
   if qd > 0 then return true, true end
-  -- No live queued run: whatever the list still holds is tombstones.
-  redis.call('DEL', k_kl(e, q, k), k_kt(e, q, k))
-  redis.call('SREM', k_bk(e, q), k)
+  key_left(e, q, k, kk)
   if redis.call('SCARD', k_bk(e, q)) == 0 then
     redis.call('SREM', k_bq(e), q)
     return false, false
@@ -1029,13 +1041,11 @@ local function admit_env(e)
     end
     Qe.qd_taken = (Qe.qd_taken or 0) + 1
     Ke.qd = math.max(Ke.qd - 1, 0)
-    local key_left, queue_left = true, true
+    local still_queued, queue_left = true, true
     if Ke.qd == 0 then
-      -- No live queued run: whatever the list still holds is tombstones.
-      key_left = false
+      still_queued = false
       Ke.gone = true
-      redis.call('DEL', k_kl(e, q, k), k_kt(e, q, k))
-      redis.call('SREM', k_bk(e, q), k)
+      key_left(e, q, k, k_k(e, q, k))
       if redis.call('SCARD', k_bk(e, q)) == 0 then
         redis.call('SREM', k_bq(e), q)
         queue_left = false
@@ -1071,7 +1081,7 @@ local function admit_env(e)
     Ke[3] = Ke[3] + 1
     -- The most recently served queue and key go last.
     table.remove(Qe[3], ki)
-    if key_left then Qe[3][#Qe[3] + 1] = Ke end
+    if still_queued then Qe[3][#Qe[3] + 1] = Ke end
     table.remove(queues, qi)
     if queue_left then queues[#queues + 1] = Qe end
   end
@@ -1096,7 +1106,12 @@ local function admit_env(e)
     end
     for _, x in ipairs(served_k) do
       local Ke = x[2]
-      redis.call('HSET', k_k(e, x[1], Ke[2]), 'served', base + Ke.served_no, 'run', Ke[3], 'qd', Ke.qd)
+      local kk = k_k(e, x[1], Ke[2])
+      if Ke.gone then
+        redis.call('HSET', kk, 'run', Ke[3])
+      else
+        redis.call('HSET', kk, 'served', base + Ke.served_no, 'run', Ke[3], 'qd', Ke.qd)
+      end
     end
   end
 end

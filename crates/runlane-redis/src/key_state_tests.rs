@@ -1,7 +1,6 @@
-//! Queue key state: a key whose runs never waited in a backlog (a user id as the key, with
-//! capacity to spare) leaves nothing in Redis once its run ends; a key an admission pass
-//! served keeps its hash (the serve stamp that orders it among backlogged keys), and so does
-//! one whose run waited in its list (the list's bookkeeping).
+//! Queue key state: a key leaves nothing in Redis once its runs end (a user id as the key),
+//! whether its runs took the fast path, waited in its list with a TTL (the list's bookkeeping,
+//! the interned key id) or were served by an admission pass (the serve stamp).
 
 use std::time::Duration;
 
@@ -27,7 +26,7 @@ fn keyed(n: u128, run_after: u64) -> Dispatch {
 }
 
 #[tokio::test]
-async fn a_key_used_once_leaves_no_hash_once_its_run_ends() {
+async fn a_key_leaves_no_state_once_its_runs_end() {
     let Some(queue) = open_queue("keystate", "once").await else {
         return;
     };
@@ -39,15 +38,25 @@ async fn a_key_used_once_leaves_no_hash_once_its_run_ends() {
         .put_env(&env("e"), settings, Timestamp(0))
         .await
         .expect("env");
-    // Limit 2: runs 1-2 take the fast path; run 3 waits in its key's backlog and an admission
-    // pass serves it; delayed run 4 is due at 5 s; run 5 is canceled while queued, delayed
-    // run 6 before it is due.
+    // Limit 2: runs 1-2 take the fast path; run 3 waits in its key's list (with a TTL: its key
+    // gets an interned id) and an admission pass serves it; delayed run 4 is due at 5 s; run 5
+    // is canceled while queued, delayed run 6 before it is due.
     for (n, after) in [(1, 0), (2, 0), (3, 0), (4, 5_000), (5, 0), (6, 60_000)] {
+        let mut d = keyed(n, after);
+        if n == 3 {
+            d.ttl_deadline = Some(Timestamp(600_000));
+        }
         queue
-            .enqueue(keyed(n, after), EnqueueAs::Trigger, Timestamp(0))
+            .enqueue(d, EnqueueAs::Trigger, Timestamp(0))
             .await
             .expect("enqueue");
     }
+    let interned = format!("{}:kn", queue.key_base());
+    assert_eq!(
+        support::keys_matching(&interned).await.len(),
+        1,
+        "run 3's key id"
+    );
     assert_eq!(key_hashes(&queue).await.len(), 6);
     for n in [5, 6] {
         let canceled = queue
@@ -76,10 +85,13 @@ async fn a_key_used_once_leaves_no_hash_once_its_run_ends() {
     }
     let live = queue.snapshot().await.expect("snapshot");
     assert!(live.is_empty(), "every run ended: {live:?}");
-    // Runs 1, 2 and 6 never waited in a backlog: their keys' hashes are gone. Runs 3 and 4
-    // (due later, a pass admitted it too) were served by admission passes, and queued run 5's
-    // key keeps its list bookkeeping: those hashes stay (the memory backend keeps the stamped
-    // states and forgets run 5's key too).
-    let kept = key_hashes(&queue).await;
-    assert_eq!(kept, vec!["user-3", "user-4", "user-5"]);
+    // No key keeps anything: not the fast-path keys (1, 2), nor those a pass served (3, 4),
+    // nor the one whose queued run was canceled (5); no key list, tombstone set or key id is
+    // left either.
+    assert_eq!(key_hashes(&queue).await, Vec::<String>::new());
+    let base = queue.key_base();
+    for kind in ["kl", "kt", "kq", "kn"] {
+        let left = support::keys_matching(&format!("{base}:{kind}*")).await;
+        assert!(left.is_empty(), "{kind}: {} keys left", left.len());
+    }
 }
