@@ -360,7 +360,7 @@ impl Library {
 
 /// Whether a call failed because the server does not know the function (it restarted without
 /// persistence, or its functions were flushed): the library is loaded again.
-fn function_missing(e: &redis::RedisError) -> bool {
+pub(crate) fn function_missing(e: &redis::RedisError) -> bool {
     e.to_string().contains("Function not found")
 }
 

@@ -45,6 +45,8 @@ fn run(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_start_creates_an_admin_key_once() {
     let dir = std::env::temp_dir().join(format!("runlane-admin-key-{}", std::process::id()));
+    // A directory left by an earlier run with the same pid would hold its key already.
+    let _ = std::fs::remove_dir_all(&dir);
     let server = Server::bind(config(&dir, None)).await.expect("starts");
     let key = server
         .created_admin_key()

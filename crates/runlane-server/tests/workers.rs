@@ -562,7 +562,8 @@ async fn an_idle_worker_is_dropped(shape: Shape) {
     let key = worker_key(&server).await;
     let (_, theirs) = server.key("worker", &["other"]).await;
     let run = trigger(&server, 1).await;
-    let worker = register(&server, &key, "manual>*:1", 400).await;
+    // Three leases (3 s) of no activity drop it; the claim comes well before.
+    let worker = register(&server, &key, "manual>*:1", 1000).await;
     let claimed = claim(&server, &key, &worker, 1).await;
     assert_eq!(claimed[0]["run_id"], run.as_str());
     // Probed with another env's key: 403 while the worker exists, 404 once dropped; the probe
@@ -607,13 +608,14 @@ async fn an_idle_worker_is_dropped(shape: Shape) {
 async fn a_long_poll_keeps_its_worker(shape: Shape) {
     let server = TestServer::start(shape).await;
     let key = worker_key(&server).await;
-    // Three leases are 750 ms; the poll waits 2 s with nothing to claim.
-    let worker = register(&server, &key, "manual>*:1", 250).await;
+    // Three leases are 3 s; the poll waits 5 s with nothing to claim (the heartbeat after it
+    // has 3 s to come).
+    let worker = register(&server, &key, "manual>*:1", 1000).await;
     let (status, body) = server
         .post(
             &format!("/v1/workers/{worker}/claim"),
             &key,
-            json!({ "workloop": 0, "max": 1, "wait_ms": 2000 }),
+            json!({ "workloop": 0, "max": 1, "wait_ms": 5000 }),
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");

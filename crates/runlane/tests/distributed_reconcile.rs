@@ -258,7 +258,7 @@ async fn a_quick_run_costs_one_insert_and_one_update_of_its_row() {
 }
 
 /// A planned stop writes the buffered `in_queue` marks: nothing it accepted is left
-/// `pending_enqueue` for a later reconciler (the marker lingers 4 s here, far past the stop).
+/// `pending_enqueue` for a later reconciler (the marker lingers 10 s here, far past the stop).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_writes_the_buffered_marks() {
     let engine = redis_support::open_distributed(lingering_config("stopmarks")).await;
@@ -270,7 +270,7 @@ async fn shutdown_writes_the_buffered_marks() {
         assert_eq!(
             engine.store().dispatch_state(*run).await.expect("read"),
             Some(runlane::DispatchState::PendingEnqueue),
-            "the mark is still buffered (no worker, 4 s linger)"
+            "the mark is still buffered (no worker, 10 s linger)"
         );
     }
     engine.shutdown().await;
@@ -283,11 +283,12 @@ async fn shutdown_writes_the_buffered_marks() {
     }
 }
 
-/// A throwaway deployment whose marker lingers 4 s after a batch's first accepted run (the
-/// reconciler's grace is 30 s, so it never steps in).
+/// A throwaway deployment whose marker lingers 10 s after a batch's first accepted run, long
+/// enough for quick runs to end first on a loaded machine (the reconciler's grace is 30 s, so
+/// it never steps in).
 fn lingering_config(tag: &str) -> DistributedConfig {
     let mut config = redis_support::distributed_config(redis_support::url(), tag);
-    config.mark_linger = Duration::from_secs(4);
+    config.mark_linger = Duration::from_secs(10);
     config.reconcile.grace = Duration::from_secs(30);
     config
 }

@@ -28,8 +28,11 @@ use tokio::sync::mpsc;
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
 const TIMER_LEASE: Duration = Duration::from_secs(1);
-/// How late a promotion may be: one tick, a publish and a claim on a shared 2-core machine.
-const ON_TIME: Duration = Duration::from_millis(700);
+/// How late a promotion may be: one tick, a publish and a claim on a shared 2-core machine
+/// running the rest of the suite beside. Generous: the exact instant is ORD-02's (manual
+/// clock); this checks that the deadline crosses processes (unannounced, the run would wait
+/// for some later wake-up, or for ever on an idle owner).
+const ON_TIME: Duration = Duration::from_millis(1_500);
 
 fn database_url() -> String {
     std::env::var("RUNLANE_DATABASE_URL")
@@ -161,8 +164,10 @@ async fn a_dead_timer_owner_is_replaced_within_one_lease_and_deadlines_stay_on_t
         .await
         .expect("the second engine takes the timer ownership over");
     let since_drop = dropped.elapsed();
+    // The leader key outlives its owner by at most one lease (a renewal in flight at the drop
+    // still lands), then the watcher takes it over.
     assert!(
-        since_drop <= TIMER_LEASE + Duration::from_millis(300),
+        since_drop <= TIMER_LEASE * 2,
         "taken over {since_drop:?} after the owner died ({took:?} of watching), lease {TIMER_LEASE:?}"
     );
     assert_eq!(second.timer_takeovers(), 1);
@@ -213,7 +218,7 @@ async fn a_wait_answers_when_another_process_completes_the_run() {
             }
         }
         assert!(
-            took < Duration::from_secs(2),
+            took < Duration::from_secs(5),
             "the wait answered after {took:?}, its timeout is {timeout:?}"
         );
     }
