@@ -632,6 +632,34 @@ async fn twenty_thousand_runs_three_processes_limits_hold() {
         .copied()
         .unwrap_or(0);
     assert!(env_b >= 2, "env b ran at most {env_b} at once");
+    // Every run ended: no queue key keeps state in Redis (40 keys whose runs waited behind
+    // their limits). The acks trail the terminal writes a moment.
+    let key_state = || -> Vec<String> {
+        let mut conn = redis_conn(&url);
+        let mut left = Vec::new();
+        for kind in ["k:", "kl:", "kt:", "kq:", "kn"] {
+            let found: Vec<String> = redis::Commands::scan_match::<_, String>(
+                &mut conn,
+                format!("{{{prefix}}}:{kind}*"),
+            )
+            .expect("scan")
+            .collect();
+            left.extend(found);
+        }
+        left
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = key_state();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "queue key state left after every run ended: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let _ = std::fs::remove_dir_all(&dir);
     engine.shutdown().await;
 }
