@@ -110,6 +110,33 @@ pub async fn fair_03(b: &dyn Backends) {
     );
 }
 
+/// FAIR-04: a key joining its queue's backlog goes behind the key served just before it
+/// joined, whatever their names: env limit 1, key `b` with three runs (one takes the fast
+/// path), key `a` joins after `b`'s second run was admitted, while `b`'s third still waits.
+/// `b`'s third run was in line first and starts before `a`'s (key text alone would put `a`
+/// first).
+pub async fn fair_04(b: &dyn Backends) {
+    let h = Harness::open(b).await;
+    h.limit(1).await;
+    let trigger = |key: &str| h.engine.trigger("t").queue("q").key(key);
+    let b0 = h.trigger(trigger("b")).await.id; // fast path: holds the slot
+    let b1 = h.trigger(trigger("b")).await.id;
+    let b2 = h.trigger(trigger("b")).await.id;
+    let mut probe = Probe::new();
+    let _w = h.held_worker(&probe, "t", "manual>*:1").await;
+    let mut order = complete_in_order(&mut probe, 1).await; // b0: admits b1
+    let b1_running = probe.next().await;
+    order.push(b1_running.run);
+    let a1 = h.trigger(trigger("a")).await.id; // joins while b2 waits
+    b1_running.complete(json!(null));
+    order.extend(complete_in_order(&mut probe, 2).await);
+    assert_eq!(
+        order,
+        vec![b0, b1, b2, a1],
+        "FAIR-04: a joining key goes behind the key served just before"
+    );
+}
+
 /// Completes `n` runs one at a time; returns their ids in start order.
 async fn complete_in_order(probe: &mut Probe, n: usize) -> Vec<RunId> {
     let mut order = Vec::new();

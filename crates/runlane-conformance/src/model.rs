@@ -163,7 +163,8 @@ impl ModelQueue {
                 // Both counters start at 1 and only grow (dispatch.md, "State per run").
                 next_ready_seq: 1,
                 next_token: 1,
-                next_serve: 1,
+                // Serve numbers are even, 2, 4, … (dispatch.md, "Admission pass").
+                next_serve: 2,
                 // Reading: consumer ids are not fixed by dispatch.md; they start at 1 and grow.
                 next_consumer: 1,
             }),
@@ -296,7 +297,7 @@ impl State {
 
     fn mark_served(&mut self, env: &EnvName, queue: &QueueName, key: &Arc<str>) {
         let serve = self.next_serve;
-        self.next_serve += 1;
+        self.next_serve += 2;
         let qi = self.touch_queue(env, queue);
         self.queues[qi].last_served = serve;
         self.stamp_key(env, queue, key, serve);
@@ -319,8 +320,8 @@ impl State {
     }
 
     /// Run `i` just became queued: when no other run of its key is, the key joins its queue's
-    /// backlog, stamped with the last serve number (behind every key served so far; keys that
-    /// join between the same two serves go by key text).
+    /// backlog, stamped one past the last serve number (behind every key served so far, ahead
+    /// of every key served later; keys that join between the same two serves go by key text).
     fn joined(&mut self, i: usize) {
         let d = &self.runs[i].dispatch;
         if self.runs[i].status != RunStatus::Queued

@@ -83,6 +83,7 @@ macro_rules! __with_scenarios {
             (fair_01_admission_round_robin, fairness::fair_01, "FAIR-01", "admission is round-robin across an env's queues: a flood does not starve a trickle"),
             (fair_02_claim_weighted_across_envs, fairness::fair_02, "FAIR-02", "claims are shared across envs by weight"),
             (fair_03_returning_key_waits_its_turn, fairness::fair_03, "FAIR-03", "a key returning to its queue's backlog goes behind the keys already waiting"),
+            (fair_04_joining_key_behind_the_last_served, fairness::fair_04, "FAIR-04", "a key joining its queue's backlog goes behind the key served just before, whatever their names"),
             (bad_01_task_name, invalid::bad_01, "BAD-01", "empty, oversized or malformed task names are refused naming task"),
             (bad_02_ttl_and_durations, invalid::bad_02, "BAD-02", "zero ttl, zero max_duration, zero attempts are refused naming the field"),
             (bad_03_priority_range, invalid::bad_03, "BAD-03", "a priority above 2,592,000 s is refused naming priority"),

@@ -345,8 +345,9 @@ impl State {
             let queue = env.queues.entry(d.queue.clone()).or_default();
             let ks = queue.keys.entry(d.key.clone()).or_default();
             if ks.queued.is_empty() {
-                // The key joins its queue's backlog: behind every key served so far.
-                ks.last_served = self.serve_counter;
+                // The key joins its queue's backlog: behind every key served so far (serve
+                // numbers are even).
+                ks.last_served = self.serve_counter + 1;
             }
             ks.queued.insert(sc);
             queue.backlog_keys.insert(d.key.clone());
@@ -516,7 +517,7 @@ impl State {
                 return;
             };
             let (d, sc) = (entry.dispatch.clone(), entry.score);
-            self.serve_counter += 1;
+            self.serve_counter += 2;
             let served = self.serve_counter;
             if let Some(queue) = self
                 .envs

@@ -627,15 +627,16 @@ end
 -- with its record. A list entry whose run left any other way than from the head is a
 -- tombstone: its id is in the key's tombstone set `kt`, skipped and dropped when it reaches the
 -- head; `qd` counts live queued runs only. The key hash keeps `lts`/`lti` (score and id of the
--- last append) and `lseq` (appends so far) for as long as it exists, so appends to a key sort
--- strictly increasing and are numbered for good.
+-- last append) and `lseq` (appends so far) for as long as the list lives, so its appends sort
+-- strictly increasing and are numbered in order (`key_left` drops them with the list).
 
 local function count_queued(e, q, k, kk)
   -- A key with live queued runs is already in its queue's backlog set, its queue in the env's
   -- backlog set and queue set: only the first queued run of a key adds them, and stamps the
-  -- key behind every key served so far (the serve counter's value).
+  -- key behind every key served so far (the last serve number, plus one: serve numbers are
+  -- even).
   if redis.call('HINCRBY', kk, 'qd', 1) == 1 then
-    redis.call('HSET', kk, 'served', num(redis.call('HGET', K_CFG, 'serve')))
+    redis.call('HSET', kk, 'served', num(redis.call('HGET', K_CFG, 'serve')) + 1)
     redis.call('SADD', k_bk(e, q), k)
     redis.call('SADD', k_bq(e), q)
     redis.call('SADD', k_qs(e), q)
@@ -1096,11 +1097,12 @@ local function admit_env(e)
     end
     if E[4] ~= env_run0 then redis.call('HSET', k_env(e), 'run', E[4]) end
     if E[5] ~= env_flrun0 then redis.call('HSET', k_env(e), 'flrun', E[5]) end
-    -- The pass served `served_n` times: serve numbers top - served_n + 1 .. top, in order.
-    local base = redis.call('HINCRBY', K_CFG, 'serve', served_n) - served_n
+    -- The pass served `served_n` times: serve numbers (even, docs/dispatch.md) top -
+    -- 2 served_n + 2 .. top, in order.
+    local base = redis.call('HINCRBY', K_CFG, 'serve', 2 * served_n) - 2 * served_n
     for q, Qe in pairs(served_q) do
       local kq = k_q(e, q)
-      redis.call('HSET', kq, 'served', base + Qe[5], 'run', Qe[4][4])
+      redis.call('HSET', kq, 'served', base + 2 * Qe[5], 'run', Qe[4][4])
       decr(kq, 'qd', Qe.qd_taken)
       Qe.qd_taken = 0
     end
@@ -1110,7 +1112,7 @@ local function admit_env(e)
       if Ke.gone then
         redis.call('HSET', kk, 'run', Ke[3])
       else
-        redis.call('HSET', kk, 'served', base + Ke.served_no, 'run', Ke[3], 'qd', Ke.qd)
+        redis.call('HSET', kk, 'served', base + 2 * Ke.served_no, 'run', Ke[3], 'qd', Ke.qd)
       end
     end
   end
