@@ -4,6 +4,7 @@
 //! weighted by env weight.
 
 use runlane_core::{EnvSettings, RunId};
+use runlane_engine::TriggerBuilder;
 use serde_json::json;
 
 use crate::kit::{Backends, Harness, Probe};
@@ -84,8 +85,23 @@ pub async fn fair_02(b: &dyn Backends) {
 /// The next slot goes to `o`, waiting since its serve, and only then to `r`.
 pub async fn fair_03(b: &dyn Backends) {
     let h = Harness::open(b).await;
+    returning_one_waits_its_turn(&h, "FAIR-03", |g| h.engine.trigger("t").queue("q").key(g)).await;
+}
+
+/// FAIR-05: FAIR-03 one level up: a queue returning to its env's backlog goes behind the queues
+/// already waiting (queues `r`, `o`, `p`, one key each).
+pub async fn fair_05(b: &dyn Backends) {
+    let h = Harness::open(b).await;
+    returning_one_waits_its_turn(&h, "FAIR-05", |g| h.engine.trigger("t").queue(g)).await;
+}
+
+/// FAIR-03 and FAIR-05: groups `z`, `r`, `o`, `p` (keys of one queue, or queues), env limit 1.
+async fn returning_one_waits_its_turn(
+    h: &Harness,
+    id: &str,
+    trigger: impl Fn(&str) -> TriggerBuilder,
+) {
     h.limit(1).await;
-    let trigger = |key: &str| h.engine.trigger("t").queue("q").key(key);
     let z = h.trigger(trigger("z")).await.id; // fast path: holds the slot
     let r1 = h.trigger(trigger("r")).await.id;
     let mut probe = Probe::new();
@@ -96,7 +112,7 @@ pub async fn fair_03(b: &dyn Backends) {
     let o1 = h.trigger(trigger("o")).await.id;
     let o2 = h.trigger(trigger("o")).await.id;
     let p1 = h.trigger(trigger("p")).await.id;
-    r1_running.complete(json!(null)); // admits o1 (o before p: joined together, key text)
+    r1_running.complete(json!(null)); // admits o1 (o before p: joined together, name order)
     order.extend(complete_in_order(&mut probe, 1).await); // o1: admits p1
     let p1_running = probe.next().await;
     order.push(p1_running.run);
@@ -106,7 +122,7 @@ pub async fn fair_03(b: &dyn Backends) {
     assert_eq!(
         order,
         vec![z, r1, o1, p1, o2, r2],
-        "FAIR-03: a returning key waits behind the keys already waiting"
+        "{id}: a returning one waits behind those already waiting"
     );
 }
 

@@ -65,7 +65,8 @@ struct ModelLease {
     lapsed: bool,
 }
 
-/// A queue: its settings and when the admission pass last served it.
+/// A queue: its settings and its place in its env's round (when the admission pass last served
+/// it, or when it last joined the env's backlog, whichever is later).
 #[derive(Clone, Debug)]
 struct QueueRow {
     env: EnvName,
@@ -321,20 +322,30 @@ impl State {
 
     /// Run `i` just became queued: when no other run of its key is, the key joins its queue's
     /// backlog, stamped one past the last serve number (behind every key served so far, ahead
-    /// of every key served later; keys that join between the same two serves go by key text).
+    /// of every key served later; keys that join between the same two serves go by key text);
+    /// when no other run of its queue is, the queue joins its env's backlog, stamped so too.
     fn joined(&mut self, i: usize) {
-        let d = &self.runs[i].dispatch;
-        if self.runs[i].status != RunStatus::Queued
-            || self
-                .runs
-                .iter()
-                .enumerate()
-                .any(|(j, r)| j != i && r.status == RunStatus::Queued && same_key(&r.dispatch, d))
-        {
+        if self.runs[i].status != RunStatus::Queued {
             return;
         }
+        let d = &self.runs[i].dispatch;
+        let others = |same: &dyn Fn(&Dispatch) -> bool| {
+            self.runs
+                .iter()
+                .enumerate()
+                .any(|(j, r)| j != i && r.status == RunStatus::Queued && same(&r.dispatch))
+        };
+        let key_waits = others(&|o| same_key(o, d));
+        let queue_waits = others(&|o| o.env == d.env && o.queue == d.queue);
         let (env, queue, key) = (d.env.clone(), d.queue.clone(), d.key.clone());
-        self.stamp_key(&env, &queue, &key, self.next_serve - 1);
+        let stamp = self.next_serve - 1;
+        if !queue_waits {
+            let qi = self.touch_queue(&env, &queue);
+            self.queues[qi].last_served = stamp;
+        }
+        if !key_waits {
+            self.stamp_key(&env, &queue, &key, stamp);
+        }
     }
 
     fn run_index(&self, run: RunId) -> Option<usize> {

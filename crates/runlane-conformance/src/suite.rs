@@ -84,6 +84,7 @@ macro_rules! __with_scenarios {
             (fair_02_claim_weighted_across_envs, fairness::fair_02, "FAIR-02", "claims are shared across envs by weight"),
             (fair_03_returning_key_waits_its_turn, fairness::fair_03, "FAIR-03", "a key returning to its queue's backlog goes behind the keys already waiting"),
             (fair_04_joining_key_behind_the_last_served, fairness::fair_04, "FAIR-04", "a key joining its queue's backlog goes behind the key served just before, whatever their names"),
+            (fair_05_returning_queue_waits_its_turn, fairness::fair_05, "FAIR-05", "a queue returning to its env's backlog goes behind the queues already waiting"),
             (bad_01_task_name, invalid::bad_01, "BAD-01", "empty, oversized or malformed task names are refused naming task"),
             (bad_02_ttl_and_durations, invalid::bad_02, "BAD-02", "zero ttl, zero max_duration, zero attempts are refused naming the field"),
             (bad_03_priority_range, invalid::bad_03, "BAD-03", "a priority above 2,592,000 s is refused naming priority"),

@@ -351,7 +351,10 @@ impl State {
             }
             ks.queued.insert(sc);
             queue.backlog_keys.insert(d.key.clone());
-            env.backlog_queues.insert(d.queue.clone());
+            if env.backlog_queues.insert(d.queue.clone()) {
+                // The queue joins its env's backlog: behind every queue served so far.
+                queue.last_served = self.serve_counter + 1;
+            }
         }
     }
 

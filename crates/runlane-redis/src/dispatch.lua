@@ -634,11 +634,12 @@ local function count_queued(e, q, k, kk)
   -- A key with live queued runs is already in its queue's backlog set, its queue in the env's
   -- backlog set and queue set: only the first queued run of a key adds them, and stamps the
   -- key behind every key served so far (the last serve number, plus one: serve numbers are
-  -- even).
+  -- even); a queue joining its env's backlog is stamped so too.
   if redis.call('HINCRBY', kk, 'qd', 1) == 1 then
-    redis.call('HSET', kk, 'served', num(redis.call('HGET', K_CFG, 'serve')) + 1)
+    local stamp = num(redis.call('HGET', K_CFG, 'serve')) + 1
+    redis.call('HSET', kk, 'served', stamp)
     redis.call('SADD', k_bk(e, q), k)
-    redis.call('SADD', k_bq(e), q)
+    if redis.call('SADD', k_bq(e), q) == 1 then redis.call('HSET', k_q(e, q), 'served', stamp) end
     redis.call('SADD', k_qs(e), q)
   end
   redis.call('HINCRBY', k_q(e, q), 'qd', 1)
