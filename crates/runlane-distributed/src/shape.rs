@@ -230,6 +230,7 @@ pub async fn open(
     }
     let redis = Arc::new(redis);
     redis.attach_store(store.clone());
+    RedisQueue::tidy_key_state(&redis);
     // One multiplexed connection for every non-blocking call of this process: the queue's
     // scripts, the publisher, the timer lead, the metadata cache (on this Redis). Blocking
     // reads (bells) and subscriptions have connections of their own.

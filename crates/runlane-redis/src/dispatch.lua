@@ -1408,7 +1408,8 @@ OPS['init'] = function()
   if cfg[1] and cfg[1] ~= FORMAT then return fail('format', cfg[1]) end
   if not cfg[1] then
     local gen = ARGV[6]
-    redis.call('HSET', K_CFG, 'fmt', FORMAT, 'gen', gen, 'token', 0, 'seq', 0, 'serve', 0, 'cseq', 0)
+    redis.call('HSET', K_CFG, 'fmt', FORMAT, 'gen', gen, 'token', 0, 'seq', 0, 'serve', 0, 'cseq', 0,
+      'tidy', 1)
     if ARGV[7] == '1' then redis.call('HSET', K_CFG, 'reb', '1') end
     for i = 8, #ARGV do
       redis.call('SADD', K_LANES, ARGV[i])
@@ -1474,6 +1475,29 @@ OPS['add_lane'] = function()
   redis.call('SADD', K_LANES, ARGV[6])
   redis.call('HSETNX', k_l(ARGV[6]), 'count', 0)
   return fail('ok')
+end
+
+-- Queue key hashes (ARGV[6..], names from a SCAN of `{p}:k:*`) left by a library that kept a
+-- key's state after its runs ended (`RedisQueue::tidy_key_state`): a hash whose key has no
+-- queued run loses what such a key no longer keeps (`key_left`'s fields, its `{p}:kn` entry,
+-- zero counters) and goes with its last field; a key with queued runs is left alone. Answers
+-- how many hashes were tidied.
+OPS['tidy_keys'] = function()
+  local prefix = P .. ':k:'
+  local n = 0
+  for i = 6, #ARGV do
+    local kk = ARGV[i]
+    if string.sub(kk, 1, #prefix) == prefix and num(redis.call('HGET', kk, 'qd')) == 0 then
+      local kid = redis.call('HGET', kk, 'id')
+      if kid then redis.call('HDEL', K_KN, kid) end
+      redis.call('HDEL', kk, 'qd', 'served', 'lseq', 'lts', 'lti', 'id')
+      for _, f in ipairs({ 'run', 'del' }) do
+        if num(redis.call('HGET', kk, f)) == 0 then redis.call('HDEL', kk, f) end
+      end
+      n = n + 1
+    end
+  end
+  return fail('ok', n)
 end
 
 OPS['has_lane'] = function()

@@ -38,6 +38,8 @@ mod record;
 #[cfg(test)]
 mod test_support;
 #[cfg(test)]
+mod tidy_tests;
+#[cfg(test)]
 mod ttl_bucket_tests;
 
 pub use meta::{RedisMetaCache, RedisMetaConfig, STAMP_FIELD};

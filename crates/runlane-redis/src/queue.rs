@@ -902,6 +902,86 @@ impl RedisQueue {
         Ok((out, effects))
     }
 
+    /// Starts, in a task of its own, the once-per-key-space tidy of queue key hashes that a
+    /// library of this key-space format left behind before a key's state went with its runs (a
+    /// served key's stamp, a drained list's bookkeeping and key id, zero counters, kept for
+    /// good): it walks `{base}:k:*` with SCAN in pages and has the script drop, from each hash
+    /// whose key has no queued run, what such a key no longer keeps (the hash goes with its last
+    /// field). A key space created by this build, or already tidied, is marked (`{base}:cfg`
+    /// field `tidy`) and not walked. The walk ends with the queue (a later open walks again);
+    /// a failure is logged and leaves the mark unset.
+    pub fn tidy_key_state(queue: &Arc<RedisQueue>) {
+        let queue = Arc::downgrade(queue);
+        tokio::spawn(async move {
+            match Self::tidy(queue).await {
+                Ok(Some(n)) => tracing::info!(hashes = n, "queue key state tidied"),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "queue key state not tidied (next open tries again)")
+                }
+            }
+        });
+    }
+
+    /// The walk of [`Self::tidy_key_state`]: `None` when there was nothing to walk (marked, or
+    /// the queue dropped), else how many hashes the script tidied.
+    async fn tidy(queue: std::sync::Weak<RedisQueue>) -> Result<Option<u64>, QueueError> {
+        let (mut conn, cfg, pattern) = match queue.upgrade() {
+            Some(q) => (
+                q.conn.clone(),
+                format!("{}:cfg", q.base),
+                format!("{}:k:*", glob_escape(&q.base)),
+            ),
+            None => return Ok(None),
+        };
+        let unavailable = |e: redis::RedisError| QueueError::Unavailable(e.to_string());
+        let marked: Option<String> = redis::cmd("HGET")
+            .arg(&cfg)
+            .arg("tidy")
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if marked.is_some() {
+            return Ok(None);
+        }
+        let mut tidied = 0u64;
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if !keys.is_empty() {
+                let Some(q) = queue.upgrade() else {
+                    return Ok(None);
+                };
+                let answer = q
+                    .call("tidy_keys", Timestamp::ZERO, || {
+                        keys.iter().map(|k| Arg::Bytes(k.clone())).collect()
+                    })
+                    .await?;
+                tidied += u64::try_from(answer.extra(0)?.int()?).unwrap_or(0);
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        redis::cmd("HSET")
+            .arg(&cfg)
+            .arg("tidy")
+            .arg(1)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(Some(tidied))
+    }
+
     /// Deletes every key of this deployment (SCAN + DEL under `{prefix}:`) when the backend is
     /// dropped. For tests and benchmarks that use a throwaway prefix.
     pub fn delete_keys_on_drop(mut self) -> Self {

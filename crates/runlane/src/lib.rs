@@ -141,7 +141,9 @@ pub async fn redis_queue(
 ) -> Result<Arc<RedisQueue>, RedisOpenError> {
     let queue = RedisQueue::open(config).await?;
     queue.attach_store(store);
-    Ok(Arc::new(queue))
+    let queue = Arc::new(queue);
+    RedisQueue::tidy_key_state(&queue);
+    Ok(queue)
 }
 
 /// Opens the distributed shape on one process: queue state in Redis, runs durable in the SQLite
