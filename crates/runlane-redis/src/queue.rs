@@ -280,6 +280,17 @@ impl Drop for RedisQueue {
     }
 }
 
+/// One page of a SCAN walk: `SCAN cursor MATCH pattern COUNT count`.
+fn scan_page(cursor: u64, pattern: &str, count: u32) -> redis::Cmd {
+    let mut cmd = redis::cmd("SCAN");
+    cmd.arg(cursor)
+        .arg("MATCH")
+        .arg(pattern)
+        .arg("COUNT")
+        .arg(count);
+    cmd
+}
+
 /// Deletes every key under `base` (SCAN + DEL, never FLUSH) over a short-lived connection.
 fn delete_keys_blocking(url: &str, base: &str) -> redis::RedisResult<u64> {
     let client = redis::Client::open(url)?;
@@ -288,13 +299,8 @@ fn delete_keys_blocking(url: &str, base: &str) -> redis::RedisResult<u64> {
     let mut cursor: u64 = 0;
     let mut deleted = 0;
     loop {
-        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query(&mut conn)?;
+        let (next, keys): (u64, Vec<Vec<u8>>) =
+            scan_page(cursor, &pattern, 1000).query(&mut conn)?;
         if !keys.is_empty() {
             deleted += redis::cmd("DEL").arg(&keys).query::<u64>(&mut conn)?;
         }
@@ -947,12 +953,7 @@ impl RedisQueue {
         let mut tidied = 0u64;
         let mut cursor: u64 = 0;
         loop {
-            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(500)
+            let (next, keys): (u64, Vec<Vec<u8>>) = scan_page(cursor, &pattern, 500)
                 .query_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
