@@ -345,7 +345,7 @@ MUTANTS = [
         "id": "K4",
         "bug": "a key leaving the backlog keeps its stamp and list bookkeeping in Redis (memory that only grows)",
         "file": LUA,
-        "old": "  redis.call('HDEL', kk, 'qd', 'served', 'lseq', 'lts', 'lti', 'id')\n  redis.call('SREM', k_bk(e, q), k)",
+        "old": "  drop_backlog_fields(kk)\n  redis.call('SREM', k_bk(e, q), k)",
         "new": "  redis.call('SREM', k_bk(e, q), k)",
         "tests": [["cargo", "test", "-q", "-p", "runlane-redis", "--lib", "key_state"]],
     },

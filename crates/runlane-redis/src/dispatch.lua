@@ -682,16 +682,21 @@ local function push_queued(id, r)
   save(id, r)
 end
 
--- A key left its queue's backlog (no live queued run): its list (whatever it still holds is
--- tombstones) and tombstone set go, and so does what its hash kept for them: the queued count,
+-- What a key's hash `kk` keeps only while the key is in its queue's backlog: the queued count,
 -- the serve stamp (a key joining again is stamped then), the list's append bookkeeping and the
--- key's interned id (a TTL entry naming it finds no list: stale, as it is). What is left is
--- the key's running and delayed counts, gone with their last run.
-local function key_left(e, q, k, kk)
-  redis.call('DEL', k_kl(e, q, k), k_kt(e, q, k))
+-- key's interned id with its `{p}:kn` entry (a TTL entry naming it finds no list: stale, as it
+-- is). What is left is the key's running and delayed counts, gone with their last run.
+local function drop_backlog_fields(kk)
   local kid = redis.call('HGET', kk, 'id')
   if kid then redis.call('HDEL', K_KN, kid) end
   redis.call('HDEL', kk, 'qd', 'served', 'lseq', 'lts', 'lti', 'id')
+end
+
+-- A key left its queue's backlog (no live queued run): its list (whatever it still holds is
+-- tombstones), its tombstone set and its backlog fields go.
+local function key_left(e, q, k, kk)
+  redis.call('DEL', k_kl(e, q, k), k_kt(e, q, k))
+  drop_backlog_fields(kk)
   redis.call('SREM', k_bk(e, q), k)
 end
 
@@ -1479,18 +1484,15 @@ end
 
 -- Queue key hashes (ARGV[6..], names from a SCAN of `{p}:k:*`) left by a library that kept a
 -- key's state after its runs ended (`RedisQueue::tidy_key_state`): a hash whose key has no
--- queued run loses what such a key no longer keeps (`key_left`'s fields, its `{p}:kn` entry,
--- zero counters) and goes with its last field; a key with queued runs is left alone. Answers
--- how many hashes were tidied.
+-- queued run loses its backlog fields and zero counters and goes with its last field; a key
+-- with queued runs is left alone. Answers how many hashes were tidied.
 OPS['tidy_keys'] = function()
   local prefix = P .. ':k:'
   local n = 0
   for i = 6, #ARGV do
     local kk = ARGV[i]
     if string.sub(kk, 1, #prefix) == prefix and num(redis.call('HGET', kk, 'qd')) == 0 then
-      local kid = redis.call('HGET', kk, 'id')
-      if kid then redis.call('HDEL', K_KN, kid) end
-      redis.call('HDEL', kk, 'qd', 'served', 'lseq', 'lts', 'lti', 'id')
+      drop_backlog_fields(kk)
       for _, f in ipairs({ 'run', 'del' }) do
         if num(redis.call('HGET', kk, f)) == 0 then redis.call('HDEL', kk, f) end
       end
