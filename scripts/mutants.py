@@ -355,7 +355,7 @@ MUTANTS = [
         "file": QUEUE,
         "old": "        self.queued.is_empty() && self.delayed == 0 && self.running == 0\n",
         "new": "        self.queued.is_empty() && self.delayed == 0 && self.running == 0 && self.last_served == 0\n",
-        "tests": [["cargo", "test", "-q", "-p", "runlane-memory", "--lib", "a_key_leaves_no_state"]],
+        "tests": [["cargo", "test", "-q", "-p", "runlane-memory", "--lib", "a_key_leaves_no_state"], PROPTEST],
     },
     {
         "id": "W3",

@@ -5,7 +5,9 @@
 //! invariants of STYLE.md are checked on the backend at every step as well: no run lost, at most
 //! one live lease per run with strictly increasing tokens, nothing ready or leased before its
 //! `run_after`, attempts only grow, removed runs never reappear, no admission over a limit, and
-//! priority-then-FIFO admission within a queue key.
+//! priority-then-FIFO admission within a queue key; and so are the memory backend's own
+//! (`MemoryQueue::check_invariants`: its indexes and counters agree with its runs, no idle key
+//! state is kept).
 //!
 //! The universe is small on purpose so that collisions happen: 2–3 envs of different weights,
 //! three queues, two keys, the built-in lanes plus one custom lane, versions 0–2, three workers.
@@ -1265,7 +1267,25 @@ fn placement_of(out: &Outcome) -> Option<Placement> {
 }
 
 /// Runs one case on the model and on the backend made by `sut`.
-fn run_case<B: QueueBackend>(
+/// What a backend checks of its own state beyond what the model compares (the memory backend:
+/// its indexes and counters agree with its runs, no idle key state is kept), after every step.
+trait OwnInvariants {
+    fn own_invariants(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl OwnInvariants for MemoryQueue {
+    fn own_invariants(&self) -> Result<(), String> {
+        self.check_invariants()
+    }
+}
+
+impl OwnInvariants for runlane_redis::RedisQueue {}
+
+impl OwnInvariants for ModelQueue {}
+
+fn run_case<B: QueueBackend + OwnInvariants>(
     case: &Case,
     sut: impl Fn() -> B,
     coverage: &coverage::Coverage,
@@ -1382,6 +1402,8 @@ fn run_case<B: QueueBackend>(
         let snapshot = got_view
             .snapshot
             .map_err(|e| fail("snapshot failed", format!("  {e:?}")))?;
+        real.own_invariants()
+            .map_err(|e| fail("the backend's own invariants", format!("  {e}")))?;
         // A fresh run admitted by the fast path must be ready in the snapshot.
         if let (Call::Enqueue(d, _), Some(Placement::Ready)) = (&c, placement_of(&got)) {
             if !snapshot
@@ -1476,7 +1498,7 @@ fn env_u64(name: &str) -> Option<u64> {
 
 /// Runs the property with the configured cases and seed; panics with the seed and the minimal
 /// failing sequence.
-fn check_against<B: QueueBackend>(sut: impl Fn() -> B, default_cases: u32) {
+fn check_against<B: QueueBackend + OwnInvariants>(sut: impl Fn() -> B, default_cases: u32) {
     let cases = env_u64("RUNLANE_PROPTEST_CASES")
         .and_then(|c| u32::try_from(c).ok())
         .unwrap_or(default_cases);

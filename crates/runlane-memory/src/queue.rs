@@ -1482,7 +1482,9 @@ impl MemoryQueue {
                     ));
                 }
                 for (key, ks) in &q.keys {
-                    if ks.is_idle() {
+                    // Spelled out, not `is_idle`: the check must not share the predicate it
+                    // checks.
+                    if ks.queued.is_empty() && ks.delayed == 0 && ks.running == 0 {
                         return Err(format!("key {qname}/{key}: an idle state is kept"));
                     }
                     let want = key_running
