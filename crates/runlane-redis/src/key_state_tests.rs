@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use runlane_core::backend::{CancelOutcome, Dispatch, EnqueueAs, QueueBackend};
-use runlane_core::{EnvSettings, Timestamp};
+use runlane_core::Timestamp;
 
 use crate::test_support::{self as support, claim_all, env, open_queue};
 
@@ -30,14 +30,7 @@ async fn a_key_leaves_no_state_once_its_runs_end() {
     let Some(queue) = open_queue("keystate", "once").await else {
         return;
     };
-    let settings = EnvSettings {
-        limit: 2,
-        ..EnvSettings::default()
-    };
-    queue
-        .put_env(&env("e"), settings, Timestamp(0))
-        .await
-        .expect("env");
+    support::put_env_e(&queue, 2).await;
     // Limit 2: runs 1-2 take the fast path; run 3 waits in its key's list (with a TTL: its key
     // gets an interned id) and an admission pass serves it; delayed run 4 is due at 5 s; run 5
     // is canceled while queued, delayed run 6 before it is due.

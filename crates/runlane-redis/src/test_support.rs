@@ -119,6 +119,18 @@ pub(crate) fn claim_of(chain: ClaimChain, max: u32, envs: &[&str]) -> ClaimReque
     }
 }
 
+/// Env `e` admitting `limit` runs at once (default settings otherwise).
+pub(crate) async fn put_env_e(queue: &crate::RedisQueue, limit: u32) {
+    let settings = EnvSettings {
+        limit,
+        ..EnvSettings::default()
+    };
+    queue
+        .put_env(&env("e"), settings, Timestamp(0))
+        .await
+        .expect("env");
+}
+
 /// Env `a` admitting `limit_a` at once with the fast path, env `b` admitting 1 without it.
 pub(crate) async fn put_envs_a_b(queue: &crate::RedisQueue, limit_a: u32) {
     let a = EnvSettings {

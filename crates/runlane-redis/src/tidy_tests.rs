@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use runlane_core::backend::{EnqueueAs, QueueBackend};
-use runlane_core::{EnvSettings, Timestamp};
+use runlane_core::Timestamp;
 
 use crate::test_support::{self as support, env, open_queue};
 use crate::RedisQueue;
@@ -19,14 +19,7 @@ async fn an_earlier_librarys_key_state_is_tidied_once() {
         return;
     };
     let queue = Arc::new(queue);
-    let settings = EnvSettings {
-        limit: 1,
-        ..EnvSettings::default()
-    };
-    queue
-        .put_env(&env("e"), settings, Timestamp(0))
-        .await
-        .expect("env");
+    support::put_env_e(&queue, 1).await;
     // Run 1 (key `busy`) takes the slot; run 2 (key `live`) waits queued.
     for (n, key) in [(1, "busy"), (2, "live")] {
         let d = support::dispatch(n, &env("e"), key, 0, None);
