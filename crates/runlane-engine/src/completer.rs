@@ -46,11 +46,16 @@ const IN_FLIGHT: usize = 2;
 /// lapsed: those ends were refused as a lost lease's and the runs ran again.
 const QUEUE_WAIT: Duration = Duration::from_millis(500);
 
-/// `call`'s answer, or `Unavailable` when it takes longer than [`QUEUE_WAIT`].
+/// `call`'s answer, or `Unavailable` when it takes longer than [`QUEUE_WAIT`]. A call that
+/// answers at its first poll (an in-process queue) arms no timer and reads no clock.
 async fn bounded<T>(
     what: &str,
     call: impl std::future::Future<Output = Result<T, QueueError>>,
 ) -> Result<T, QueueError> {
+    let mut call = std::pin::pin!(call);
+    if let Some(answer) = futures_util::FutureExt::now_or_never(call.as_mut()) {
+        return answer;
+    }
     match tokio::time::timeout(QUEUE_WAIT, call).await {
         Ok(answer) => answer,
         Err(_) => Err(QueueError::Unavailable(format!(
