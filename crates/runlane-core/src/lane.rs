@@ -1,16 +1,16 @@
 //! Lanes: named ready-lists that workers claim from, and the rule that picks a run's lane.
 
-use serde::{Deserialize, Serialize};
-use std::fmt;
-use std::sync::Arc;
-
 use crate::error::InvalidInput;
 use crate::name::check;
 use crate::run::TriggerSource;
+use crate::text::NameText;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::sync::LazyLock;
 
 /// A lane's name: `[A-Za-z0-9_]+`, at most 64 bytes.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct LaneName(Arc<str>);
+pub struct LaneName(NameText);
 
 fn lane_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '_'
@@ -29,7 +29,7 @@ impl LaneName {
     /// Validates a lane name; `field` names the input it came from.
     pub fn parse(field: &'static str, value: &str) -> Result<Self, InvalidInput> {
         check(field, value, 64, lane_char, "A-Z a-z 0-9 _")?;
-        Ok(LaneName(Arc::from(value)))
+        Ok(LaneName(NameText::new(value)))
     }
 
     /// Validates a lane name given as the `lane` field.
@@ -39,45 +39,51 @@ impl LaneName {
 
     /// The `default` lane.
     pub fn default_lane() -> Self {
-        LaneName(Arc::from(Self::DEFAULT))
+        static LANE: LazyLock<LaneName> =
+            LazyLock::new(|| LaneName(NameText::new(LaneName::DEFAULT)));
+        LANE.clone()
     }
 
     /// The `fast_lane` lane.
     pub fn fast_lane() -> Self {
-        LaneName(Arc::from(Self::FAST_LANE))
+        static LANE: LazyLock<LaneName> =
+            LazyLock::new(|| LaneName(NameText::new(LaneName::FAST_LANE)));
+        LANE.clone()
     }
 
     /// The `manual` lane.
     pub fn manual() -> Self {
-        LaneName(Arc::from(Self::MANUAL))
+        static LANE: LazyLock<LaneName> =
+            LazyLock::new(|| LaneName(NameText::new(LaneName::MANUAL)));
+        LANE.clone()
     }
 
     /// Whether this is `fast_lane`, whose runs skip the env row of admission.
     pub fn is_fast_lane(&self) -> bool {
-        &*self.0 == Self::FAST_LANE
+        self.0.as_str() == Self::FAST_LANE
     }
 
     /// The name as text.
     pub fn as_str(&self) -> &str {
-        &self.0
+        self.0.as_str()
     }
 }
 
 impl fmt::Display for LaneName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.0.as_str())
     }
 }
 
 impl fmt::Debug for LaneName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", &*self.0)
+        write!(f, "{:?}", self.0.as_str())
     }
 }
 
 impl Serialize for LaneName {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
+        s.serialize_str(self.0.as_str())
     }
 }
 

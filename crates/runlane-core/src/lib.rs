@@ -21,6 +21,7 @@ pub mod run;
 pub mod schedule;
 pub mod score;
 pub mod settings;
+pub(crate) mod text;
 pub mod time;
 pub mod ttl;
 pub mod workloop;

@@ -1,12 +1,12 @@
 //! Validated names: envs, tasks, queues (lanes live in [`crate::lane`]).
 //!
-//! Names are cheap to clone (`Arc<str>`) because every queued run carries its env and queue.
-
-use serde::{Deserialize, Serialize};
-use std::fmt;
-use std::sync::Arc;
+//! Names are cheap to clone (interned text, see [`crate::text`]) because every queued run
+//! carries its env, task, queue and lane.
 
 use crate::error::InvalidInput;
+use crate::text::NameText;
+use serde::{Deserialize, Serialize};
+use std::fmt;
 
 /// Checks `value` against a length bound and a character class; the error names `field`.
 pub(crate) fn check(
@@ -46,7 +46,7 @@ macro_rules! name_type {
     ($(#[$doc:meta])* $name:ident, $field:literal, $max:expr, $allowed:path, $class:literal) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-        pub struct $name(Arc<str>);
+        pub struct $name(NameText);
 
         impl $name {
             /// The longest accepted name, in bytes.
@@ -55,24 +55,24 @@ macro_rules! name_type {
             /// Validates and wraps a name; the error names the field.
             pub fn new(value: &str) -> Result<Self, InvalidInput> {
                 check($field, value, $max, $allowed, $class)?;
-                Ok($name(Arc::from(value)))
+                Ok($name(NameText::new(value)))
             }
 
             /// The name as text.
             pub fn as_str(&self) -> &str {
-                &self.0
+                self.0.as_str()
             }
         }
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
+                f.write_str(self.0.as_str())
             }
         }
 
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{:?}", &*self.0)
+                write!(f, "{:?}", self.0.as_str())
             }
         }
 
@@ -85,7 +85,7 @@ macro_rules! name_type {
 
         impl Serialize for $name {
             fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(&self.0)
+                s.serialize_str(self.0.as_str())
             }
         }
 
@@ -137,7 +137,7 @@ pub fn check_no_nul(field: &'static str, text: &str) -> Result<(), InvalidInput>
 /// A task's default queue has the task's name: both accept the same characters and length.
 impl From<&TaskName> for QueueName {
     fn from(task: &TaskName) -> Self {
-        QueueName(Arc::clone(&task.0))
+        QueueName(task.0.clone())
     }
 }
 
