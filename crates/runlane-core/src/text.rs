@@ -8,26 +8,27 @@
 //! the life of the process, so a copy is a pointer copy and two interned names are equal
 //! exactly when they are the same pointer. Names past that bound (a deployment that makes
 //! names from unbounded data) are reference-counted as before, so what the process keeps for
-//! ever is bounded: at most [`INTERN_MAX`] names of at most 128 bytes.
+//! ever is bounded: at most [`INTERN_MAX`] names of at most 128 bytes. The slots go to the
+//! first names a process sees, whatever their use (a caller naming envs that do not exist uses
+//! them up too); a name that finds them taken costs what every name cost before.
 //!
 //! Interning is a cache, not a behaviour: a name reads, compares, orders and hashes by its
 //! text whichever way it is held.
 
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex};
-
-use crate::idhash::NameBuild;
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::{Arc, RwLock};
 
 /// At most this many distinct names are interned per process (each kept for the process's
 /// life: with names of at most 128 bytes, under 1 MiB in all).
 pub const INTERN_MAX: usize = 4096;
 
-/// Names a thread remembers from the interner, so creating a name it saw before takes no lock
-/// shared with other threads.
-const THREAD_CACHE_MAX: usize = 256;
+/// Slots of a thread's cache of interned names (direct-mapped by the name's hash: a name takes
+/// its slot over from whatever held it, so the names a thread uses most stay there).
+const THREAD_SLOTS: usize = 256;
 
 /// An interned name's text: one leaked allocation per distinct name.
 pub(crate) struct Interned(Box<str>);
@@ -54,50 +55,83 @@ impl Interner {
         }
     }
 
+    /// The interned text of `value`.
+    fn get(&self, value: &str) -> Option<&'static Interned> {
+        self.names.get(value).copied()
+    }
+
     /// The interned text of `value`, interned now if fewer than `cap` names are; `None` past
     /// the bound.
     fn intern(&mut self, value: &str) -> Option<&'static Interned> {
-        if let Some(&known) = self.names.get(value) {
+        if let Some(known) = self.get(value) {
             return Some(known);
         }
-        if self.names.len() >= self.cap {
+        if self.is_full() {
             return None;
         }
         let kept: &'static Interned = Box::leak(Box::new(Interned(value.into())));
         self.names.insert(&kept.0, kept);
         Some(kept)
     }
+
+    fn is_full(&self) -> bool {
+        self.names.len() >= self.cap
+    }
 }
 
-/// The process's interned names.
-static INTERNER: Mutex<Interner> = Mutex::new(Interner::new(INTERN_MAX));
+/// The process's interned names (read-locked to find one, write-locked to add one).
+static INTERNER: RwLock<Interner> = RwLock::new(Interner::new(INTERN_MAX));
+
+/// Set once [`INTERNER`] holds [`INTERN_MAX`] names: a name it does not hold then takes no
+/// write lock.
+static FULL: AtomicBool = AtomicBool::new(false);
 
 thread_local! {
-    /// What this thread learnt from [`INTERNER`] (at most [`THREAD_CACHE_MAX`] names).
-    /// (Bounded and holding interned names only: the cheap hash cannot be flooded.)
-    static SEEN: RefCell<HashMap<&'static str, &'static Interned, NameBuild>> =
-        RefCell::new(HashMap::with_hasher(NameBuild::default()));
+    /// This thread's cache of interned names, by slot (see [`THREAD_SLOTS`]).
+    static SEEN: [Cell<Option<&'static Interned>>; THREAD_SLOTS] =
+        const { [const { Cell::new(None) }; THREAD_SLOTS] };
+}
+
+/// The slot of `value` in a thread's cache (a fixed hash: the core draws no randomness, and a
+/// slot collision only costs a lookup in the interner).
+fn slot_of(value: &str) -> usize {
+    (foldhash::fast::FixedState::default().hash_one(value) as usize) % THREAD_SLOTS
+}
+
+/// Finds `value` in the process's interner, interning it while there is room.
+fn interned(value: &str) -> Option<&'static Interned> {
+    let found = INTERNER
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(value);
+    if found.is_some() || FULL.load(AtomicOrdering::Acquire) {
+        return found;
+    }
+    let mut interner = INTERNER.write().unwrap_or_else(|e| e.into_inner());
+    let kept = interner.intern(value);
+    if interner.is_full() {
+        FULL.store(true, AtomicOrdering::Release);
+    }
+    kept
 }
 
 impl NameText {
     /// The text of `value` (already validated), interned while fewer than [`INTERN_MAX`]
     /// names are.
     pub(crate) fn new(value: &str) -> Self {
-        if let Some(hit) = SEEN.with(|seen| seen.borrow().get(value).copied()) {
-            return NameText::Interned(hit);
+        let slot = slot_of(value);
+        // A thread whose locals are being torn down skips its cache.
+        let cached = SEEN
+            .try_with(|seen| seen[slot].get())
+            .ok()
+            .flatten()
+            .filter(|kept| &*kept.0 == value);
+        if let Some(kept) = cached {
+            return NameText::Interned(kept);
         }
-        let interned = INTERNER
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .intern(value);
-        match interned {
+        match interned(value) {
             Some(kept) => {
-                SEEN.with(|seen| {
-                    let mut seen = seen.borrow_mut();
-                    if seen.len() < THREAD_CACHE_MAX {
-                        seen.insert(&kept.0, kept);
-                    }
-                });
+                let _ = SEEN.try_with(|seen| seen[slot].set(Some(kept)));
                 NameText::Interned(kept)
             }
             None => NameText::Counted(Arc::from(value)),
@@ -168,30 +202,38 @@ mod tests {
         assert!(std::ptr::eq(a, again), "one text per name");
         let b = interner.intern("b").expect("second name");
         assert!(!std::ptr::eq(a, b));
+        assert!(interner.is_full());
         assert!(
             interner.intern("c").is_none(),
             "past the bound nothing is kept"
         );
-        assert!(interner.intern("b").is_some(), "known names still answer");
+        assert!(interner.get("c").is_none());
+        assert!(std::ptr::eq(interner.intern("b").expect("known"), b));
         assert_eq!(interner.names.len(), 2);
     }
 
     #[test]
-    fn one_name_is_one_text() {
+    fn one_name_is_one_text_and_a_thread_finds_it_again() {
         let a = NameText::new("text-test-one");
         let b = NameText::new("text-test-one");
-        if let (NameText::Interned(x), NameText::Interned(y)) = (&a, &b) {
-            assert!(std::ptr::eq(*x, *y));
+        let elsewhere = std::thread::spawn(|| NameText::new("text-test-one"))
+            .join()
+            .expect("thread");
+        for other in [&b, &elsewhere] {
+            match (&a, other) {
+                (NameText::Interned(x), NameText::Interned(y)) => assert!(std::ptr::eq(*x, *y)),
+                // The process interned 4,096 other names first (no test here does).
+                _ => assert!(FULL.load(AtomicOrdering::Acquire)),
+            }
+            assert_eq!(&a, other);
         }
-        assert_eq!(a, b);
         assert_ne!(a, NameText::new("text-test-two"));
         assert_eq!(a.as_str(), "text-test-one");
     }
 
     #[test]
     fn interned_and_counted_texts_compare_order_and_hash_alike() {
-        let kept: &'static Interned = Box::leak(Box::new(Interned("text-test-same".into())));
-        let interned = NameText::Interned(kept);
+        let interned = NameText::new("text-test-same");
         let counted = NameText::Counted(Arc::from("text-test-same"));
         assert_eq!(interned, counted);
         assert_eq!(counted, interned);
@@ -199,6 +241,7 @@ mod tests {
         assert_eq!(hash_of(&interned), hash_of(&counted));
         let later = NameText::Counted(Arc::from("text-test-z"));
         assert_eq!(interned.cmp(&later), Ordering::Less);
+        assert_eq!(later.cmp(&interned), Ordering::Greater);
         assert_ne!(interned, later);
         assert_eq!(interned.as_str(), "text-test-same");
     }
