@@ -1,12 +1,13 @@
 //! Lanes: named ready-lists that workers claim from, and the rule that picks a run's lane.
 
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::sync::LazyLock;
+
 use crate::error::InvalidInput;
 use crate::name::check;
 use crate::run::TriggerSource;
 use crate::text::NameText;
-use serde::{Deserialize, Serialize};
-use std::fmt;
-use std::sync::LazyLock;
 
 /// A lane's name: `[A-Za-z0-9_]+`, at most 64 bytes.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -3,10 +3,11 @@
 //! Names are cheap to clone (interned text, see [`crate::text`]) because every queued run
 //! carries its env, task, queue and lane.
 
-use crate::error::InvalidInput;
-use crate::text::NameText;
 use serde::{Deserialize, Serialize};
 use std::fmt;
+
+use crate::error::InvalidInput;
+use crate::text::NameText;
 
 /// Checks `value` against a length bound and a character class; the error names `field`.
 pub(crate) fn check(
