@@ -2,7 +2,7 @@
 //!
 //! Every queued run carries its env, task, queue and lane, and the engine copies them at each
 //! step of a run (claim, context, events). With reference-counted text each copy and drop is
-//! an atomic update of one counter that every run of that name shares: with two worker threads
+//! an atomic update of a counter shared with the name's other copies: with two worker threads
 //! that counter's cache line moves between the cores at every step. The first
 //! [`INTERN_MAX`] distinct names a process sees are therefore interned instead: kept once for
 //! the life of the process, so a copy is a pointer copy and two interned names are equal
