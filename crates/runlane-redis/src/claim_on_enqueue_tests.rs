@@ -90,6 +90,165 @@ async fn a_claim_carried_by_an_enqueue_leases_what_the_claim_after_it_would() {
     assert_eq!(live_a, live_b);
 }
 
+/// A queue's key space (see [`support::key_space`]) without its generation (`{p}:cfg` field
+/// `gen`, random per key space) and with its TTL state as what it says of live runs: the
+/// buckets' order and scores (`{p}:tbz`) and live counts (`{p}:tbn`), not the bucket lists
+/// (which may keep entries of runs that left) nor the deadline each bucket last appended
+/// (`{p}:tbn` fields `<s>t`).
+async fn live_state(
+    queue: &RedisQueue,
+) -> std::collections::BTreeMap<String, (String, Vec<String>)> {
+    let mut state = support::key_space(queue.key_base()).await;
+    state.retain(|name, _| !name.starts_with(":tb:"));
+    let drop_fields = |items: &mut Vec<String>, drop: &dyn Fn(&str) -> bool| {
+        let kept: Vec<String> = items
+            .chunks(2)
+            .filter(|fv| !drop(&fv[0]))
+            .flatten()
+            .cloned()
+            .collect();
+        *items = kept;
+    };
+    if let Some((_, items)) = state.get_mut(":cfg") {
+        drop_fields(items, &|f| f == "gen");
+    }
+    if let Some((_, items)) = state.get_mut(":tbn") {
+        drop_fields(items, &|f| f.ends_with('t'));
+    }
+    state
+}
+
+/// The TTL bucket lists of a queue: entries per list, by bucket key.
+async fn ttl_entries(queue: &RedisQueue) -> Vec<(String, usize)> {
+    support::key_space(queue.key_base())
+        .await
+        .into_iter()
+        .filter(|(name, _)| name.starts_with(":tb:"))
+        .map(|(name, (_, items))| (name, items.len()))
+        .collect()
+}
+
+/// Runs over two lanes and envs `a` (fast path) and `b` (without), some with a TTL, a max
+/// duration or locked to a version the claims do not serve, enqueued with claims of 0 to 2
+/// slots on chains that cover one lane, both or all, every third step ending what is leased.
+fn mixed_steps() -> Vec<(Dispatch, ClaimRequest, bool)> {
+    let other = runlane_core::LaneName::new("other").expect("lane");
+    let chains = ["*", "default", "other>default", "other"];
+    (1..=60u128)
+        .map(|n| {
+            let name = if n % 4 == 3 { "b" } else { "a" };
+            let ttl = (n % 3 == 0).then_some(NOW + 10_000 + (n as u64 % 7) * 100);
+            let mut d = support::dispatch(n, &env(name), &format!("k{}", n % 5), NOW - 1, ttl);
+            if n % 2 == 0 {
+                d.lane = other.clone();
+            }
+            if n % 4 == 0 {
+                d.max_duration = Some(std::time::Duration::from_secs(5));
+            }
+            if n % 11 == 0 {
+                d.locked_version = Some(2);
+            }
+            let req = request(chains[(n % 4) as usize], (n % 3) as u32);
+            (d, req, n % 3 == 0)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_run_leased_as_it_is_placed_leaves_the_key_space_as_placing_then_claiming_does() {
+    let (Some(apart), Some(together)) = (open("ks-apart").await, open("ks-together").await) else {
+        return;
+    };
+    let other = runlane_core::LaneName::new("other").expect("lane");
+    for q in [&apart, &together] {
+        set_up(q).await;
+        q.add_lane(&other).await.expect("lane");
+    }
+    let now = Timestamp(NOW);
+    let mut held: Vec<(RunId, FencingToken)> = Vec::new();
+    let mut leased_on_enqueue = 0u64;
+    for (d, req, end_all) in mixed_steps() {
+        let expected: Step = match apart.enqueue(d.clone(), EnqueueAs::Trigger, now).await {
+            Ok(e) => Ok((
+                e.placement,
+                leased(apart.claim(&req, now).await.expect("claim")),
+            )),
+            Err(e) => Err(e),
+        };
+        let got: Step = together
+            .enqueue_claiming(d.clone(), EnqueueAs::Trigger, now, &req)
+            .await
+            .map(|(e, leases)| (e.placement, leased(leases)));
+        assert_eq!(got, expected, "run {}", d.run_id);
+        if let Ok((_, leases)) = &got {
+            leased_on_enqueue += leases.iter().filter(|(id, _)| *id == d.run_id).count() as u64;
+            held.extend(leases.iter().copied());
+        }
+        if end_all {
+            // Both queues leased the same runs under the same tokens (compared above).
+            for (id, token) in held.drain(..) {
+                apart.finish(id, token, now).await.expect("finish");
+                together.finish(id, token, now).await.expect("finish");
+            }
+        }
+        assert_eq!(
+            live_state(&together).await,
+            live_state(&apart).await,
+            "after run {}",
+            d.run_id
+        );
+    }
+    assert!(
+        leased_on_enqueue > 0,
+        "some runs were leased on their enqueue"
+    );
+}
+
+#[tokio::test]
+async fn a_run_leased_as_it_is_placed_leaves_no_ttl_entry_unless_it_was_ready_first() {
+    let Some(queue) = open("alone").await else {
+        return;
+    };
+    set_up(&queue).await;
+    let now = Timestamp(NOW);
+    // A delayed run holds an entry in the TTL bucket of second 11.
+    let held = support::dispatch(1, &env("a"), "k", NOW + 60_000, Some(NOW + 10_100));
+    queue
+        .enqueue(held, EnqueueAs::Trigger, now)
+        .await
+        .expect("enqueue");
+    let bucket = vec![(":tb:11".to_string(), 1)];
+    assert_eq!(ttl_entries(&queue).await, bucket);
+    // An idle claim and nothing ready: the run is leased as it is placed, never ready, so it
+    // never had an entry (a placement then a claim leaves the claimed run's behind).
+    let alone = support::dispatch(2, &env("a"), "k2", NOW - 1, Some(NOW + 10_500));
+    let (_, leases) = queue
+        .enqueue_claiming(alone.clone(), EnqueueAs::Trigger, now, &request("*", 2))
+        .await
+        .expect("enqueue");
+    let ids: Vec<RunId> = leases.iter().map(|l| l.dispatch.run_id).collect();
+    assert_eq!(ids, vec![alone.run_id]);
+    assert_eq!(ttl_entries(&queue).await, bucket, "no entry for the run");
+    // With a run already ready (no claim took it), the new run is placed, then the claim takes
+    // both, oldest first: the new run's entry stays behind, dead.
+    queue
+        .enqueue(ready(3, "a"), EnqueueAs::Trigger, now)
+        .await
+        .expect("enqueue");
+    let placed = support::dispatch(4, &env("a"), "k4", NOW - 1, Some(NOW + 10_600));
+    let (_, leases) = queue
+        .enqueue_claiming(placed.clone(), EnqueueAs::Trigger, now, &request("*", 2))
+        .await
+        .expect("enqueue");
+    let ids: Vec<RunId> = leases.iter().map(|l| l.dispatch.run_id).collect();
+    assert_eq!(ids, vec![ready(3, "a").run_id, placed.run_id]);
+    assert_eq!(
+        ttl_entries(&queue).await,
+        vec![(":tb:11".to_string(), 2)],
+        "the placed run's entry"
+    );
+}
+
 #[tokio::test]
 async fn a_run_outside_the_claims_lanes_is_placed_and_left_for_a_claim_that_covers_it() {
     let Some(queue) = open("lanes").await else {

@@ -1550,12 +1550,72 @@ local function placed(p)
   return 'ready'
 end
 
+-- Whether `claim_runs(A, from, #A, 0)` made right after run `r` is placed ready would lease
+-- that run and nothing else: the claim has a free slot, covers the run's lane and serves its
+-- env at a version the run may run on, and no lane it covers has a ready run (so the run is
+-- its one candidate, whatever the lanes' order).
+local function leases_alone(A, from, r)
+  local chain, max = A[from + 1], tonumber(A[from + 2])
+  if not max or max < 1 or not covers(chain, r[F_LANE]) then return false end
+  local e, version = r[F_ENV], nil
+  for i = from + 4, #A, 2 do
+    if A[i] == e then version = tonumber(A[i + 1]) end
+  end
+  if version == nil or (r[F_LOCKED] and r[F_LOCKED] ~= version) then return false end
+  for _, lane in ipairs(redis.call('SMEMBERS', K_LANES)) do
+    if covers(chain, lane) and num(redis.call('HGET', k_l(lane), 'count')) > 0 then
+      return false
+    end
+  end
+  return true
+end
+
+-- Leases run `id` (record `r`, due and admitted, not placed yet) as `push_ready` then
+-- `claim_runs(A, from, …)` would when `leases_alone` holds, without writing the run to its
+-- ready set and reading it back: its slots, the ready sequence counter, the lane's fairness
+-- state, the fencing counter, the lease record and deadlines are left exactly as the two
+-- steps leave them (the ready set, the lane's ready count and its env set end where they
+-- started). No TTL entry is written: the claim would drop it again (the two steps can leave
+-- it in its bucket's list, dead). Answers the claim's answer for it: { { id, record } }.
+local function lease_placed(A, from, id, r, listed_queue)
+  local worker, lease_ms = A[from], tonumber(A[from + 3])
+  local e, lane = r[F_ENV], r[F_LANE]
+  hincr(K_CFG, 'seq', 1)
+  take_slots(r, listed_queue)
+  local vtime = num(redis.call('HGET', k_l(lane), 'vtime'))
+  local eff = math.max(num(redis.call('HGET', k_lp(lane), e)), vtime)
+  local weight = math.max(num(redis.call('HGET', k_env(e), 'weight')), 1)
+  redis.call('HSET', k_l(lane), 'vtime', eff)
+  redis.call('HSET', k_lp(lane), e, eff + math.floor(STRIDE / weight))
+  local token = redis.call('HINCRBY', K_CFG, 'token', 1)
+  local deadline = now + lease_ms
+  local adl = false
+  if r[F_MAXDUR] then adl = now + r[F_MAXDUR] end
+  r[F_EVER] = true
+  r[F_PLACE] = 'l'
+  r[F_SEQ] = false
+  r[F_RAT] = false
+  r[F_TOKEN] = token
+  r[F_WORKER] = worker
+  r[F_LDUR] = lease_ms
+  r[F_LDL] = deadline
+  r[F_ADL] = adl
+  r[F_CRA] = false
+  r[F_CDL] = false
+  r[F_LAPSED] = false
+  redis.call('ZADD', K_LEASE, deadline, id)
+  if adl then redis.call('ZADD', K_ATT, adl, id) end
+  return { { id, save(id, r) } }
+end
+
 -- One run's enqueue: `packed` is its record (place unset), `why` says why it is enqueued: '0' a
 -- trigger (refused over its key's `max_queued`), '1' a sync trigger (also refuses a fast-lane
 -- run that does not fit), 'a' a run already accepted (recovery, reconciler, rebuild: neither
 -- refusal applies). Answers 'ok' and the placement, or a refusal code (and its value), having
--- changed nothing then.
-local function enqueue_one(id, packed, why)
+-- changed nothing then. `claim` (optional): an idle in-process worker's claim arguments
+-- (`claim_runs(claim, 11, …)`, made right after this placement); when it would lease this run
+-- alone, the run is leased here directly and the leases are the third answer.
+local function enqueue_one(id, packed, why, claim)
   local existing = load(id)
   if existing then return 'ok', placed(existing[F_PLACE]) end
   local r = cmsgpack.unpack(packed)
@@ -1599,10 +1659,11 @@ local function enqueue_one(id, packed, why)
     return 'fast_lane_full'
   end
   local listed = not delayed and not fast and in_order
+  local direct = fast and claim ~= nil and leases_alone(claim, 11, r)
   -- Only the fast path keeps a batch's state; any other placement writes it out first.
   if not fast then bm_flush() end
-  if r[F_TTL] and not r[F_EVER] and not listed then ttl_add(id, r[F_TTL]) end
-  local placement
+  if r[F_TTL] and not r[F_EVER] and not listed and not direct then ttl_add(id, r[F_TTL]) end
+  local placement, leases
   if delayed then
     push_delayed(id, r)
     moved(id, 'delayed')
@@ -1610,7 +1671,12 @@ local function enqueue_one(id, packed, why)
   elseif fast then
     -- A queue hash with a running count or a pause flag belongs to a queue of the env's set
     -- (absent fields read as false).
-    push_ready(id, r, (Q[3] or Q[4]) and true or false)
+    local listed_queue = (Q[3] or Q[4]) and true or false
+    if direct then
+      leases = lease_placed(claim, 11, id, r, listed_queue)
+    else
+      push_ready(id, r, listed_queue)
+    end
     moved(id, 'ready')
     placement = 'ready'
   else
@@ -1619,7 +1685,7 @@ local function enqueue_one(id, packed, why)
     if not fast_path_on then admit_env(e) end
     placement = 'queued'
   end
-  return 'ok', placement
+  return 'ok', placement, leases
 end
 
 local claim_runs
@@ -1655,15 +1721,15 @@ local function withdraw_offer(consumer, seq, heard)
 end
 
 -- Whether the carried claim of the in-process offer `seq` of `consumer` may lease: not when
--- an enqueue of another process took the parked twin already (it used the same slots).
-local function take_own_offer(consumer, seq)
+-- an enqueue of another process took the parked twin already (it used the same slots); and
+-- whether the parked twin, not taken, is to be deleted (once the enqueue placed its run).
+local function own_offer(consumer, seq)
   local raw = redis.call('HGET', K_OFFERS, consumer)
-  if not raw then return true end
+  if not raw then return true, false end
   local o = cmsgpack.unpack(raw)
-  if o[1] ~= seq then return true end
-  if o[2] == false then return false end
-  redis.call('HDEL', K_OFFERS, consumer)
-  return true
+  if o[1] ~= seq then return true, false end
+  if o[2] == false then return false, false end
+  return true, true
 end
 
 -- Leases the ready runs of this call's lanes for parked offers that cover them (one claim per
@@ -1743,20 +1809,29 @@ OPS['enqueue'] = function()
   -- worker's claim as `claim`'s arguments (ARGV[11] = worker, ...): made in the same step once
   -- the run is placed, exactly as that worker's next claim would be, and answered after the
   -- placement. Parked offers of other workloops then take what stays ready.
-  local code, v = enqueue_one(ARGV[6], ARGV[7], ARGV[8])
+  local claim, consumer, parked = nil, nil, false
+  if #ARGV >= 14 then
+    local seq
+    consumer, seq = string.match(ARGV[10], '^(%d+) (%d+)$')
+    local may = true
+    if consumer then may, parked = own_offer(consumer, tonumber(seq)) end
+    if may then claim = ARGV end
+  end
+  local code, v, direct = enqueue_one(ARGV[6], ARGV[7], ARGV[8], claim)
   if code ~= 'ok' then
     if v ~= nil then return fail(code, v) end
     return fail(code)
   end
   local leased = {}
-  local took = {}
-  if #ARGV >= 14 then
-    local consumer, seq = string.match(ARGV[10], '^(%d+) (%d+)$')
-    if not consumer or take_own_offer(consumer, tonumber(seq)) then
-      leased = claim_runs(ARGV, 11, #ARGV, 0)
-      for _, l in ipairs(leased) do took[l[1]] = true end
-      if #leased > 0 then drop_taken(took) end
-    end
+  if parked then redis.call('HDEL', K_OFFERS, consumer) end
+  if direct then
+    -- Leased as it was placed: it never was ready, so no lane rang for it.
+    leased = direct
+  elseif claim then
+    leased = claim_runs(ARGV, 11, #ARGV, 0)
+    local took = {}
+    for _, l in ipairs(leased) do took[l[1]] = true end
+    if #leased > 0 then drop_taken(took) end
   end
   local sent = ARGV[9]
   if sent and sent ~= '' then

@@ -185,3 +185,67 @@ pub(crate) async fn legacy_call(
         .unwrap_or_else(|e| panic!("the format-{format} code runs: {e}"));
     answer_code(&bytes)
 }
+
+/// Every key under `base` but the doorbells (`:db:`, streams whose entry ids are times), by
+/// its name after `base`: its type, then its content: a hash's fields and values (field
+/// order), a set's members (sorted), a zset's members and scores (in order), a list's items
+/// (in order), a string's value; binary bytes escaped. Two key spaces compare equal when
+/// they hold the same dispatch state.
+pub(crate) async fn key_space(
+    base: &str,
+) -> std::collections::BTreeMap<String, (String, Vec<String>)> {
+    let mut conn = connect().await.expect("redis");
+    let mut out = std::collections::BTreeMap::new();
+    for key in keys_matching(&format!("{base}*")).await {
+        let name = String::from_utf8_lossy(&key[base.len()..]).into_owned();
+        if name.starts_with(":db:") {
+            continue;
+        }
+        let kind: String = redis::cmd("TYPE")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("type");
+        let read = |cmd: &str| {
+            let mut cmd = redis::cmd(cmd);
+            cmd.arg(&key);
+            cmd
+        };
+        let items: Vec<Vec<u8>> = match kind.as_str() {
+            "string" => vec![read("GET").query_async(&mut conn).await.expect("get")],
+            "hash" => {
+                let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = read("HGETALL")
+                    .query_async(&mut conn)
+                    .await
+                    .expect("hgetall");
+                pairs.sort();
+                pairs.into_iter().flat_map(|(f, v)| [f, v]).collect()
+            }
+            "set" => {
+                let mut members: Vec<Vec<u8>> = read("SMEMBERS")
+                    .query_async(&mut conn)
+                    .await
+                    .expect("smembers");
+                members.sort();
+                members
+            }
+            "zset" => read("ZRANGE")
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .query_async(&mut conn)
+                .await
+                .expect("zrange"),
+            "list" => read("LRANGE")
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+                .expect("lrange"),
+            other => panic!("key {name} has an unexpected type {other}"),
+        };
+        let items = items.iter().map(|i| i.escape_ascii().to_string()).collect();
+        out.insert(name, (kind, items));
+    }
+    out
+}
