@@ -1554,20 +1554,64 @@ end
 -- that run and nothing else: the claim has a free slot, covers the run's lane and serves its
 -- env at a version the run may run on, and no lane it covers has a ready run (so the run is
 -- its one candidate, whatever the lanes' order).
-local function leases_alone(A, from, r)
+-- The ready count of every lane (read once per check; `leases_alone`).
+local function ready_counts()
+  local counts = {}
+  for _, lane in ipairs(redis.call('SMEMBERS', K_LANES)) do
+    counts[lane] = num(redis.call('HGET', k_l(lane), 'count'))
+  end
+  return counts
+end
+
+-- Whether no lane `chain` covers has a ready run (`counts`: `ready_counts()`).
+local function idle_lanes(chain, counts)
+  for lane, n in pairs(counts) do
+    if n > 0 and covers(chain, lane) then return false end
+  end
+  return true
+end
+
+-- Whether a claim from `A[from]` (worker, chain, max, lease ms, env version pairs up to #A)
+-- serves run `r`: a free slot, its lane covered, its env served at a version it may run on.
+local function serves(A, from, r)
   local chain, max = A[from + 1], tonumber(A[from + 2])
   if not max or max < 1 or not covers(chain, r[F_LANE]) then return false end
   local e, version = r[F_ENV], nil
   for i = from + 4, #A, 2 do
     if A[i] == e then version = tonumber(A[i + 1]) end
   end
-  if version == nil or (r[F_LOCKED] and r[F_LOCKED] ~= version) then return false end
-  for _, lane in ipairs(redis.call('SMEMBERS', K_LANES)) do
-    if covers(chain, lane) and num(redis.call('HGET', k_l(lane), 'count')) > 0 then
-      return false
+  return version ~= nil and not (r[F_LOCKED] and r[F_LOCKED] ~= version)
+end
+
+-- Whether `claim_runs(A, from, #A, 0)` made right after run `r` is placed ready would lease
+-- that run and nothing else: the claim serves it and no lane it covers has a ready run (so the
+-- run is its one candidate, whatever the lanes' order).
+local function leases_alone(A, from, r)
+  return serves(A, from, r) and idle_lanes(A[from + 1], ready_counts())
+end
+
+-- The parked offer (its consumer, and its entry unpacked) whose claim `take_offers` would
+-- make lease run `r` alone once `r` is placed ready: the offers are looked at in
+-- `take_offers`'s order, the first live one that serves the run takes it, and every live one
+-- before it that covers the run's lane must lease nothing then (none covers a lane with a
+-- ready run). Nil when no offer would take the run, or when which one would, or what else it
+-- would take, depends on other ready runs.
+local function offer_alone(r)
+  local counts = nil
+  local all = redis.call('HGETALL', K_OFFERS)
+  for i = 1, #all, 2 do
+    local o = cmsgpack.unpack(all[i + 1])
+    local args = o[3]
+    local until_ms = o[2]
+    if until_ms == false then until_ms = o[5] end
+    local live = type(until_ms) == 'number' and type(args) == 'table' and until_ms > now
+    if live and o[2] ~= false and covers(args[2], r[F_LANE]) then
+      counts = counts or ready_counts()
+      if not idle_lanes(args[2], counts) then return nil end
+      if serves(args, 1, r) then return all[i], o end
     end
   end
-  return true
+  return nil
 end
 
 -- Leases run `id` (record `r`, due and admitted, not placed yet) as `push_ready` then
@@ -1576,7 +1620,8 @@ end
 -- state, the fencing counter, the lease record and deadlines are left exactly as the two
 -- steps leave them (the ready set, the lane's ready count and its env set end where they
 -- started). No TTL entry is written: the claim would drop it again (the two steps can leave
--- it in its bucket's list, dead). Answers the claim's answer for it: { { id, record } }.
+-- it in its bucket's list, dead). Answers the claim's answer for it: { { id, record } }, and
+-- { token }.
 local function lease_placed(A, from, id, r, listed_queue)
   local worker, lease_ms = A[from], tonumber(A[from + 3])
   local e, lane = r[F_ENV], r[F_LANE]
@@ -1605,7 +1650,7 @@ local function lease_placed(A, from, id, r, listed_queue)
   r[F_LAPSED] = false
   redis.call('ZADD', K_LEASE, deadline, id)
   if adl then redis.call('ZADD', K_ATT, adl, id) end
-  return { { id, save(id, r) } }
+  return { { id, save(id, r) } }, { token }
 end
 
 -- One run's enqueue: `packed` is its record (place unset), `why` says why it is enqueued: '0' a
@@ -1613,9 +1658,12 @@ end
 -- run that does not fit), 'a' a run already accepted (recovery, reconciler, rebuild: neither
 -- refusal applies). Answers 'ok' and the placement, or a refusal code (and its value), having
 -- changed nothing then. `claim` (optional): an idle in-process worker's claim arguments
--- (`claim_runs(claim, 11, …)`, made right after this placement); when it would lease this run
--- alone, the run is leased here directly and the leases are the third answer.
-local function enqueue_one(id, packed, why, claim)
+-- (`claim_runs(claim, 11, …)`, made right after this placement); `offers`: without one, whether
+-- parked offers lease in this call (`take_offers`, after this placement). When the claim, or
+-- the parked offer that would lease first, would lease this run alone, the run is leased here
+-- directly: the third answer is then { leased = the claim's answer, tokens = its tokens,
+-- consumer = the parked offer's consumer, entry = its entry } (no consumer: the claim's).
+local function enqueue_one(id, packed, why, claim, offers)
   local existing = load(id)
   if existing then return 'ok', placed(existing[F_PLACE]) end
   local r = cmsgpack.unpack(packed)
@@ -1659,7 +1707,13 @@ local function enqueue_one(id, packed, why, claim)
     return 'fast_lane_full'
   end
   local listed = not delayed and not fast and in_order
-  local direct = fast and claim ~= nil and leases_alone(claim, 11, r)
+  local direct, taker, offer = false, nil, nil
+  if fast and claim ~= nil then
+    direct = leases_alone(claim, 11, r)
+  elseif fast and offers then
+    taker, offer = offer_alone(r)
+    direct = taker ~= nil
+  end
   -- Only the fast path keeps a batch's state; any other placement writes it out first.
   if not fast then bm_flush() end
   if r[F_TTL] and not r[F_EVER] and not listed and not direct then ttl_add(id, r[F_TTL]) end
@@ -1673,7 +1727,10 @@ local function enqueue_one(id, packed, why, claim)
     -- (absent fields read as false).
     local listed_queue = (Q[3] or Q[4]) and true or false
     if direct then
-      leases = lease_placed(claim, 11, id, r, listed_queue)
+      local A, from = claim, 11
+      if taker then A, from = offer[3], 1 end
+      local leased, tokens = lease_placed(A, from, id, r, listed_queue)
+      leases = { leased = leased, tokens = tokens, consumer = taker, entry = offer }
     else
       push_ready(id, r, listed_queue)
     end
@@ -1735,12 +1792,29 @@ end
 -- Leases the ready runs of this call's lanes for parked offers that cover them (one claim per
 -- offer, as the workloop's own next claim would be), while any stays ready. `handed_id`'s
 -- delivery carries `handed` (what its worker needs, from the trigger), so the workloop need
--- not read the run. Answers the runs leased (a set).
-local function take_offers(handed_id, handed)
+-- not read the run. `pre` (optional): a run the enqueue leased as it placed it, for the offer
+-- that would have taken it (`enqueue_one`'s third answer): that offer takes those leases, and
+-- no other offer leases (nothing was left ready). Answers the runs leased (a set).
+local function take_offers(handed_id, handed, pre)
   local took = {}
-  if #fx_lanes == 0 then return took end
+  if #fx_lanes == 0 and not pre then return took end
   local all = redis.call('HGETALL', K_OFFERS)
   local left = #fx_lanes
+  -- The offer `consumer` (entry `o`, its claim `args`) takes `leased` (and `tokens`).
+  local function deliver(consumer, o, args, leased, tokens)
+    local held, runs = {}, {}
+    for j, l in ipairs(leased) do
+      local id = l[1]
+      took[id] = true
+      held[#held + 1] = id
+      held[#held + 1] = tokens[j]
+      runs[#runs + 1] = { id, l[2], id == handed_id and handed or false }
+      fx_deliver_lanes[cmsgpack.unpack(l[2])[F_LANE]] = true
+    end
+    redis.call('HSET', K_OFFERS, consumer,
+      cmsgpack.pack({ o[1], false, args, held, now + tonumber(args[4]) }))
+    fx_deliver[#fx_deliver + 1] = { tonumber(consumer), o[1], runs }
+  end
   for i = 1, #all, 2 do
     local consumer, o = all[i], cmsgpack.unpack(all[i + 1])
     local args = o[3]
@@ -1749,6 +1823,8 @@ local function take_offers(handed_id, handed)
     if until_ms == false then until_ms = o[5] end
     if type(until_ms) ~= 'number' or type(args) ~= 'table' or until_ms <= now then
       redis.call('HDEL', K_OFFERS, consumer)
+    elseif pre and consumer == pre.consumer then
+      deliver(consumer, o, args, pre.leased, pre.tokens)
     elseif o[2] ~= false and left > 0 then
       local wanted = false
       for _, lane in ipairs(fx_lanes) do
@@ -1757,18 +1833,7 @@ local function take_offers(handed_id, handed)
       if wanted then
         local leased, tokens = claim_runs(args, 1, #args, 0)
         if #leased > 0 then
-          local held, runs = {}, {}
-          for j, l in ipairs(leased) do
-            local id = l[1]
-            took[id] = true
-            held[#held + 1] = id
-            held[#held + 1] = tokens[j]
-            runs[#runs + 1] = { id, l[2], id == handed_id and handed or false }
-            fx_deliver_lanes[cmsgpack.unpack(l[2])[F_LANE]] = true
-          end
-          redis.call('HSET', K_OFFERS, consumer,
-            cmsgpack.pack({ o[1], false, args, held, now + tonumber(args[4]) }))
-          fx_deliver[#fx_deliver + 1] = { tonumber(consumer), o[1], runs }
+          deliver(consumer, o, args, leased, tokens)
           left = 0
           for _, lane in ipairs(fx_lanes) do
             if num(redis.call('HGET', k_l(lane), 'count')) > 0 then left = left + 1 end
@@ -1817,25 +1882,27 @@ OPS['enqueue'] = function()
     if consumer then may, parked = own_offer(consumer, tonumber(seq)) end
     if may then claim = ARGV end
   end
-  local code, v, direct = enqueue_one(ARGV[6], ARGV[7], ARGV[8], claim)
+  local sent = ARGV[9]
+  local offers = sent ~= nil and sent ~= ''
+  local code, v, direct = enqueue_one(ARGV[6], ARGV[7], ARGV[8], claim, offers)
   if code ~= 'ok' then
     if v ~= nil then return fail(code, v) end
     return fail(code)
   end
   local leased = {}
   if parked then redis.call('HDEL', K_OFFERS, consumer) end
-  if direct then
+  if direct and not direct.consumer then
     -- Leased as it was placed: it never was ready, so no lane rang for it.
-    leased = direct
+    leased = direct.leased
   elseif claim then
     leased = claim_runs(ARGV, 11, #ARGV, 0)
     local took = {}
     for _, l in ipairs(leased) do took[l[1]] = true end
     if #leased > 0 then drop_taken(took) end
   end
-  local sent = ARGV[9]
-  if sent and sent ~= '' then
-    local remote = take_offers(ARGV[6], sent ~= '!' and sent or false)
+  if offers then
+    local pre = direct and direct.consumer and direct or nil
+    local remote = take_offers(ARGV[6], sent ~= '!' and sent or false, pre)
     if next(remote) then
       drop_taken(remote)
       -- A run leased here for a parked offer moved on to executing (its worker publishes

@@ -426,3 +426,89 @@ async fn unregistering_drops_the_parked_offer() {
     let live = queue.live(d.run_id).await.expect("live").expect("held");
     assert_eq!(live.status, RunStatus::Ready);
 }
+
+/// Entries in a queue's TTL bucket lists, by bucket key.
+async fn ttl_entries(queue: &RedisQueue) -> Vec<(String, usize)> {
+    support::key_space(queue.key_base())
+        .await
+        .into_iter()
+        .filter(|(name, _)| name.starts_with(":tb:"))
+        .map(|(name, (_, items))| (name, items.len()))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_offer_that_would_take_a_run_takes_it_as_it_is_placed_unless_other_runs_are_ready() {
+    let Some(queue) = open("as-placed").await else {
+        return;
+    };
+    let other = runlane_core::LaneName::new("other").expect("lane");
+    queue.add_lane(&other).await.expect("lane");
+    let now = Timestamp(NOW);
+    // Consumer 3's offer serves env `b` only, consumer 4's env `a` (one slot each).
+    let mut only_b = request(7, "*", 1);
+    only_b.envs.retain(|s| s.env == env("b"));
+    let mut only_a = request(7, "*", 1);
+    only_a.envs.retain(|s| s.env == env("a"));
+    let parks = |c: u64, seq: u64, withdraw: Option<(u64, bool)>| steps(c, withdraw, Some(seq));
+    let empty = queue
+        .claim_parking(&only_b, &parks(3, 1, None), now)
+        .await
+        .expect("claim");
+    assert!(empty.is_empty());
+    let empty = queue
+        .claim_parking(&only_a, &parks(4, 1, None), now)
+        .await
+        .expect("claim");
+    assert!(empty.is_empty());
+    // A delayed run holds an entry in the TTL bucket of second 11.
+    let delayed = support::dispatch(1, &env("a"), "k1", NOW + 60_000, Some(NOW + 10_100));
+    queue
+        .enqueue(delayed, EnqueueAs::Trigger, now)
+        .await
+        .expect("enqueue");
+    // Nothing ready: consumer 3's offer would lease nothing, consumer 4's takes the run as it
+    // is placed (it never is ready, so it never gets a TTL entry).
+    let first = support::dispatch(2, &env("a"), "k2", NOW - 1, Some(NOW + 10_500));
+    let enqueued = take(&queue, first.clone(), now).await;
+    assert_eq!(
+        enqueued.effects.moved,
+        vec![(first.run_id, RunStatus::Executing)]
+    );
+    let star = delivered(&queue, "*").await;
+    assert_eq!(star.len(), 1);
+    assert_eq!(
+        (star[0].consumer, ids(&star[0])),
+        (ConsumerId(4), vec![first.run_id])
+    );
+    assert_eq!(ttl_entries(&queue).await, vec![(":tb:11".to_string(), 1)]);
+    // A ready run of env `b` on lane `other` (placed where no offer may lease), consumer 4
+    // parks again: now consumer 3's offer leases that run, and consumer 4's takes the new run
+    // once it is ready (a placement then a claim: its TTL entry stays behind, dead).
+    let mut of_b = support::dispatch(3, &env("b"), "k3", NOW - 1, None);
+    of_b.lane = other;
+    queue
+        .enqueue(of_b.clone(), EnqueueAs::Trigger, now)
+        .await
+        .expect("enqueue");
+    let live = queue.live(of_b.run_id).await.expect("live").expect("held");
+    assert_eq!(live.status, RunStatus::Ready, "queued, then admitted");
+    let back = queue
+        .claim_parking(&only_a, &parks(4, 2, Some((1, true))), now)
+        .await
+        .expect("claim");
+    assert!(back.is_empty(), "consumer 4 does not serve env b");
+    let second = support::dispatch(4, &env("a"), "k4", NOW - 1, Some(NOW + 10_600));
+    take(&queue, second.clone(), now).await;
+    let mut star = delivered(&queue, "*").await;
+    star.sort_by_key(|d| d.consumer);
+    let got: Vec<(ConsumerId, Vec<RunId>)> = star.iter().map(|d| (d.consumer, ids(d))).collect();
+    assert_eq!(
+        got,
+        vec![
+            (ConsumerId(3), vec![of_b.run_id]),
+            (ConsumerId(4), vec![second.run_id])
+        ]
+    );
+    assert_eq!(ttl_entries(&queue).await, vec![(":tb:11".to_string(), 2)]);
+}
