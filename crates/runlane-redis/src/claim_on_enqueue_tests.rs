@@ -148,7 +148,11 @@ fn mixed_steps() -> Vec<(Dispatch, ClaimRequest, bool)> {
             if n % 11 == 0 {
                 d.locked_version = Some(2);
             }
-            let req = request(chains[(n % 4) as usize], (n % 3) as u32);
+            let mut req = request(chains[(n % 4) as usize], (n % 3) as u32);
+            if n % 7 == 0 {
+                // A claim that does not serve env `a`.
+                req.envs.retain(|s| s.env == env("b"));
+            }
             (d, req, n % 3 == 0)
         })
         .collect()
@@ -229,6 +233,28 @@ async fn a_run_leased_as_it_is_placed_leaves_no_ttl_entry_unless_it_was_ready_fi
     let ids: Vec<RunId> = leases.iter().map(|l| l.dispatch.run_id).collect();
     assert_eq!(ids, vec![alone.run_id]);
     assert_eq!(ttl_entries(&queue).await, bucket, "no entry for the run");
+    // A ready run on another lane the claim covers (the run's own lane idle): the run is
+    // placed, then the claim takes both, the other lane's older run first.
+    let other = runlane_core::LaneName::new("other").expect("lane");
+    queue.add_lane(&other).await.expect("lane");
+    let mut elsewhere = support::dispatch(5, &env("a"), "k5", NOW - 1, None);
+    elsewhere.lane = other;
+    queue
+        .enqueue(elsewhere.clone(), EnqueueAs::Trigger, now)
+        .await
+        .expect("enqueue");
+    let next = support::dispatch(6, &env("a"), "k6", NOW - 1, Some(NOW + 10_700));
+    let (_, leases) = queue
+        .enqueue_claiming(next.clone(), EnqueueAs::Trigger, now, &request("*", 2))
+        .await
+        .expect("enqueue");
+    let ids: Vec<RunId> = leases.iter().map(|l| l.dispatch.run_id).collect();
+    assert_eq!(ids, vec![elsewhere.run_id, next.run_id]);
+    let bucket = vec![(":tb:11".to_string(), 2)];
+    assert_eq!(ttl_entries(&queue).await, bucket, "the placed run's entry");
+    for (id, token) in leased(leases) {
+        queue.finish(id, token, now).await.expect("finish");
+    }
     // With a run already ready (no claim took it), the new run is placed, then the claim takes
     // both, oldest first: the new run's entry stays behind, dead.
     queue
@@ -244,8 +270,8 @@ async fn a_run_leased_as_it_is_placed_leaves_no_ttl_entry_unless_it_was_ready_fi
     assert_eq!(ids, vec![ready(3, "a").run_id, placed.run_id]);
     assert_eq!(
         ttl_entries(&queue).await,
-        vec![(":tb:11".to_string(), 2)],
-        "the placed run's entry"
+        vec![(":tb:11".to_string(), 3)],
+        "the placed run's entry too"
     );
 }
 

@@ -1620,7 +1620,8 @@ end
 -- state, the fencing counter, the lease record and deadlines are left exactly as the two
 -- steps leave them (the ready set, the lane's ready count and its env set end where they
 -- started). No TTL entry is written: the claim would drop it again (the two steps can leave
--- it in its bucket's list, dead). Answers the claim's answer for it: { { id, record } }, and
+-- it in its bucket's list, dead, move the bucket's last-append marker or rewrite the bucket;
+-- what the buckets say of live runs, and so every expiry, is the same). Answers the claim's answer for it: { { id, record } }, and
 -- { token }.
 local function lease_placed(A, from, id, r, listed_queue)
   local worker, lease_ms = A[from], tonumber(A[from + 3])

@@ -512,3 +512,48 @@ async fn the_offer_that_would_take_a_run_takes_it_as_it_is_placed_unless_other_r
     );
     assert_eq!(ttl_entries(&queue).await, vec![(":tb:11".to_string(), 2)]);
 }
+
+#[tokio::test]
+async fn an_offer_that_covers_a_lane_with_a_ready_run_takes_it_before_the_placed_run() {
+    let Some(queue) = open("as-placed-busy").await else {
+        return;
+    };
+    let other = runlane_core::LaneName::new("other").expect("lane");
+    queue.add_lane(&other).await.expect("lane");
+    let now = Timestamp(NOW);
+    // An offer already past its deadline comes first; consumer 4's live offer (two slots,
+    // every lane) comes next.
+    let stale = OfferSteps {
+        consumer: ConsumerId(2),
+        withdraw: None,
+        park: Some((1, Timestamp(NOW))),
+    };
+    assert!(park(&queue, 2, stale, Timestamp(NOW - 10)).await.is_empty());
+    assert!(park(&queue, 2, steps(4, None, Some(1)), now)
+        .await
+        .is_empty());
+    assert_eq!(offers_kept(&queue).await, 2);
+    // A delayed run holds an entry in the TTL bucket of second 11.
+    let delayed = support::dispatch(3, &env("a"), "k3", NOW + 60_000, Some(NOW + 10_100));
+    queue
+        .enqueue(delayed, EnqueueAs::Trigger, now)
+        .await
+        .expect("enqueue");
+    // A ready run on lane `other` (placed where no offer may lease), then a run of the
+    // default lane that the offer could take alone were the other lane idle: the offer's
+    // claim takes both, the older first.
+    let mut elsewhere = support::dispatch(1, &env("a"), "k1", NOW - 1, None);
+    elsewhere.lane = other;
+    queue
+        .enqueue(elsewhere.clone(), EnqueueAs::Trigger, now)
+        .await
+        .expect("enqueue");
+    let d = support::dispatch(2, &env("a"), "k2", NOW - 1, Some(NOW + 10_500));
+    take(&queue, d.clone(), now).await;
+    let star = delivered(&queue, "*").await;
+    let got: Vec<(ConsumerId, Vec<RunId>)> = star.iter().map(|x| (x.consumer, ids(x))).collect();
+    assert_eq!(got, vec![(ConsumerId(4), vec![elsewhere.run_id, d.run_id])]);
+    // Placed, then claimed: its TTL entry stays behind, dead. The stale offer is gone.
+    assert_eq!(ttl_entries(&queue).await, vec![(":tb:11".to_string(), 2)]);
+    assert_eq!(offers_kept(&queue).await, 1);
+}
