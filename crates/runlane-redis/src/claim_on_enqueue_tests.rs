@@ -118,16 +118,6 @@ async fn live_state(
     state
 }
 
-/// The TTL bucket lists of a queue: entries per list, by bucket key.
-async fn ttl_entries(queue: &RedisQueue) -> Vec<(String, usize)> {
-    support::key_space(queue.key_base())
-        .await
-        .into_iter()
-        .filter(|(name, _)| name.starts_with(":tb:"))
-        .map(|(name, (_, items))| (name, items.len()))
-        .collect()
-}
-
 /// Runs over two lanes and envs `a` (fast path) and `b` (without), some with a TTL, a max
 /// duration or locked to a version the claims do not serve, enqueued with claims of 0 to 2
 /// slots on chains that cover one lane, both or all, every third step ending what is leased.
@@ -222,7 +212,7 @@ async fn a_run_leased_as_it_is_placed_leaves_no_ttl_entry_unless_it_was_ready_fi
         .await
         .expect("enqueue");
     let bucket = vec![(":tb:11".to_string(), 1)];
-    assert_eq!(ttl_entries(&queue).await, bucket);
+    assert_eq!(support::ttl_entries(&queue).await, bucket);
     // An idle claim and nothing ready: the run is leased as it is placed, never ready, so it
     // never had an entry (a placement then a claim leaves the claimed run's behind).
     let alone = support::dispatch(2, &env("a"), "k2", NOW - 1, Some(NOW + 10_500));
@@ -232,7 +222,11 @@ async fn a_run_leased_as_it_is_placed_leaves_no_ttl_entry_unless_it_was_ready_fi
         .expect("enqueue");
     let ids: Vec<RunId> = leases.iter().map(|l| l.dispatch.run_id).collect();
     assert_eq!(ids, vec![alone.run_id]);
-    assert_eq!(ttl_entries(&queue).await, bucket, "no entry for the run");
+    assert_eq!(
+        support::ttl_entries(&queue).await,
+        bucket,
+        "no entry for the run"
+    );
     // A ready run on another lane the claim covers (the run's own lane idle): the run is
     // placed, then the claim takes both, the other lane's older run first.
     let other = runlane_core::LaneName::new("other").expect("lane");
@@ -251,7 +245,11 @@ async fn a_run_leased_as_it_is_placed_leaves_no_ttl_entry_unless_it_was_ready_fi
     let ids: Vec<RunId> = leases.iter().map(|l| l.dispatch.run_id).collect();
     assert_eq!(ids, vec![elsewhere.run_id, next.run_id]);
     let bucket = vec![(":tb:11".to_string(), 2)];
-    assert_eq!(ttl_entries(&queue).await, bucket, "the placed run's entry");
+    assert_eq!(
+        support::ttl_entries(&queue).await,
+        bucket,
+        "the placed run's entry"
+    );
     for (id, token) in leased(leases) {
         queue.finish(id, token, now).await.expect("finish");
     }
@@ -269,7 +267,7 @@ async fn a_run_leased_as_it_is_placed_leaves_no_ttl_entry_unless_it_was_ready_fi
     let ids: Vec<RunId> = leases.iter().map(|l| l.dispatch.run_id).collect();
     assert_eq!(ids, vec![ready(3, "a").run_id, placed.run_id]);
     assert_eq!(
-        ttl_entries(&queue).await,
+        support::ttl_entries(&queue).await,
         vec![(":tb:11".to_string(), 3)],
         "the placed run's entry too"
     );

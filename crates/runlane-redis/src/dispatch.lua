@@ -1554,6 +1554,26 @@ end
 -- that run and nothing else: the claim has a free slot, covers the run's lane and serves its
 -- env at a version the run may run on, and no lane it covers has a ready run (so the run is
 -- its one candidate, whatever the lanes' order).
+-- Makes run `r`'s record a lease: token `token` of `worker` for `lease_ms` until `deadline`,
+-- ever leased, no ready state, no cancel; answers its attempt deadline (false: none).
+local function lease_fields(r, token, worker, lease_ms, deadline)
+  local adl = false
+  if r[F_MAXDUR] then adl = now + r[F_MAXDUR] end
+  r[F_EVER] = true
+  r[F_PLACE] = 'l'
+  r[F_SEQ] = false
+  r[F_RAT] = false
+  r[F_TOKEN] = token
+  r[F_WORKER] = worker
+  r[F_LDUR] = lease_ms
+  r[F_LDL] = deadline
+  r[F_ADL] = adl
+  r[F_CRA] = false
+  r[F_CDL] = false
+  r[F_LAPSED] = false
+  return adl
+end
+
 -- The ready count of every lane (read once per check; `leases_alone`).
 local function ready_counts()
   local counts = {}
@@ -1635,20 +1655,7 @@ local function lease_placed(A, from, id, r, listed_queue)
   redis.call('HSET', k_lp(lane), e, eff + math.floor(STRIDE / weight))
   local token = redis.call('HINCRBY', K_CFG, 'token', 1)
   local deadline = now + lease_ms
-  local adl = false
-  if r[F_MAXDUR] then adl = now + r[F_MAXDUR] end
-  r[F_EVER] = true
-  r[F_PLACE] = 'l'
-  r[F_SEQ] = false
-  r[F_RAT] = false
-  r[F_TOKEN] = token
-  r[F_WORKER] = worker
-  r[F_LDUR] = lease_ms
-  r[F_LDL] = deadline
-  r[F_ADL] = adl
-  r[F_CRA] = false
-  r[F_CDL] = false
-  r[F_LAPSED] = false
+  local adl = lease_fields(r, token, worker, lease_ms, deadline)
   redis.call('ZADD', K_LEASE, deadline, id)
   if adl then redis.call('ZADD', K_ATT, adl, id) end
   return { { id, save(id, r) } }, { token }
@@ -2125,20 +2132,7 @@ claim_runs = function(A, from, to, fewer)
       local id, r = pick_ids[i], pick_recs[i]
       token = token + 1
       local was_leased = r[F_EVER]
-      r[F_EVER] = true
-      local adl = false
-      if r[F_MAXDUR] then adl = now + r[F_MAXDUR] end
-      r[F_PLACE] = 'l'
-      r[F_SEQ] = false
-      r[F_RAT] = false
-      r[F_TOKEN] = token
-      r[F_WORKER] = worker
-      r[F_LDUR] = lease_ms
-      r[F_LDL] = deadline
-      r[F_ADL] = adl
-      r[F_CRA] = false
-      r[F_CDL] = false
-      r[F_LAPSED] = false
+      local adl = lease_fields(r, token, worker, lease_ms, deadline)
       if r[F_TTL] and not was_leased then ttl_drop(id, r[F_TTL]) end
       leases[#leases + 1] = deadline
       leases[#leases + 1] = id

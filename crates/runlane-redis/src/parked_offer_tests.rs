@@ -427,16 +427,6 @@ async fn unregistering_drops_the_parked_offer() {
     assert_eq!(live.status, RunStatus::Ready);
 }
 
-/// Entries in a queue's TTL bucket lists, by bucket key.
-async fn ttl_entries(queue: &RedisQueue) -> Vec<(String, usize)> {
-    support::key_space(queue.key_base())
-        .await
-        .into_iter()
-        .filter(|(name, _)| name.starts_with(":tb:"))
-        .map(|(name, (_, items))| (name, items.len()))
-        .collect()
-}
-
 #[tokio::test]
 async fn the_offer_that_would_take_a_run_takes_it_as_it_is_placed_unless_other_runs_are_ready() {
     let Some(queue) = open("as-placed").await else {
@@ -481,7 +471,10 @@ async fn the_offer_that_would_take_a_run_takes_it_as_it_is_placed_unless_other_r
         (star[0].consumer, ids(&star[0])),
         (ConsumerId(4), vec![first.run_id])
     );
-    assert_eq!(ttl_entries(&queue).await, vec![(":tb:11".to_string(), 1)]);
+    assert_eq!(
+        support::ttl_entries(&queue).await,
+        vec![(":tb:11".to_string(), 1)]
+    );
     // A ready run of env `b` on lane `other` (placed where no offer may lease), consumer 4
     // parks again: now consumer 3's offer leases that run, and consumer 4's takes the new run
     // once it is ready (a placement then a claim: its TTL entry stays behind, dead).
@@ -510,7 +503,10 @@ async fn the_offer_that_would_take_a_run_takes_it_as_it_is_placed_unless_other_r
             (ConsumerId(4), vec![second.run_id])
         ]
     );
-    assert_eq!(ttl_entries(&queue).await, vec![(":tb:11".to_string(), 2)]);
+    assert_eq!(
+        support::ttl_entries(&queue).await,
+        vec![(":tb:11".to_string(), 2)]
+    );
 }
 
 #[tokio::test]
@@ -554,6 +550,9 @@ async fn an_offer_that_covers_a_lane_with_a_ready_run_takes_it_before_the_placed
     let got: Vec<(ConsumerId, Vec<RunId>)> = star.iter().map(|x| (x.consumer, ids(x))).collect();
     assert_eq!(got, vec![(ConsumerId(4), vec![elsewhere.run_id, d.run_id])]);
     // Placed, then claimed: its TTL entry stays behind, dead. The stale offer is gone.
-    assert_eq!(ttl_entries(&queue).await, vec![(":tb:11".to_string(), 2)]);
+    assert_eq!(
+        support::ttl_entries(&queue).await,
+        vec![(":tb:11".to_string(), 2)]
+    );
     assert_eq!(offers_kept(&queue).await, 1);
 }

@@ -249,3 +249,14 @@ pub(crate) async fn key_space(
     }
     out
 }
+
+/// The TTL bucket lists of a queue (`{p}:tb:<s>`): entries per list, by bucket key (the name
+/// after the key base).
+pub(crate) async fn ttl_entries(queue: &crate::RedisQueue) -> Vec<(String, usize)> {
+    key_space(queue.key_base())
+        .await
+        .into_iter()
+        .filter(|(name, _)| name.starts_with(":tb:"))
+        .map(|(name, (_, items))| (name, items.len()))
+        .collect()
+}
