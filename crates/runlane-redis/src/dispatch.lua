@@ -918,6 +918,10 @@ end
 
 -- Lease deadlines to drop, removed together by `flush_lease_drops` (one `ZREM` per call).
 local lease_drops = {}
+-- The parked offers hash as this call's `offer_alone` read it (nil: not read); `take_offers`
+-- takes it instead of reading the hash again: nothing writes the hash between the two (an
+-- enqueue looks at parked offers only when it carries no claim, and so has no twin to drop).
+local offers_read = nil
 -- `cmd key member...` over `members`, a few hundred at a time (Lua's `unpack` limit).
 local function many(cmd, key, members)
   for i = 1, #members, 500 do
@@ -1340,6 +1344,7 @@ local function setup(keys, args)
   env_known = {}
   rel_order, rel_by = {}, {}
   lease_drops = {}
+  offers_read = nil
   -- A call that failed half-way (a script error) must not leave its batch to the next one.
   bm = nil
 end
@@ -1619,6 +1624,7 @@ end
 local function offer_alone(r)
   local counts = nil
   local all = redis.call('HGETALL', K_OFFERS)
+  offers_read = all
   for i = 1, #all, 2 do
     local o = cmsgpack.unpack(all[i + 1])
     local args = o[3]
@@ -1806,7 +1812,8 @@ end
 local function take_offers(handed_id, handed, pre)
   local took = {}
   if #fx_lanes == 0 and not pre then return took end
-  local all = redis.call('HGETALL', K_OFFERS)
+  local all = offers_read or redis.call('HGETALL', K_OFFERS)
+  offers_read = nil
   local left = #fx_lanes
   -- The offer `consumer` (entry `o`, its claim `args`) takes `leased` (and `tokens`).
   local function deliver(consumer, o, args, leased, tokens)
