@@ -1,6 +1,7 @@
 //! Model-based property test (STYLE.md, "Tests"): random operation sequences are applied to the
 //! reference model (`runlane_conformance::model::ModelQueue`) and to the real in-memory backend
-//! (`runlane_memory::MemoryQueue`), and after **every** step the two must agree on the
+//! (`runlane_memory::MemoryQueue`; the Redis backend too, below), and after **every** step the
+//! two must agree on the
 //! operation's answer, `snapshot()`, `next_deadline()` and every env's `env_usage`. The
 //! invariants of STYLE.md are checked on the backend at every step as well: no run lost, at most
 //! one live lease per run with strictly increasing tokens, nothing ready or leased before its
@@ -131,6 +132,9 @@ enum Op {
     },
     /// Enqueue again the original dispatch of a run still held (idempotent by run id).
     Duplicate { pick: u16 },
+    /// A trigger that carries an idle workloop's claim (`Trigger`, then `Claim`, in one step:
+    /// `enqueue_claiming` where the backend claims on enqueue, else the two calls).
+    TriggerClaiming(Box<Op>, Box<Op>),
     /// A workloop claims.
     Claim {
         worker: u8,
@@ -397,10 +401,13 @@ fn op() -> impl Strategy<Value = Op> {
         queue,
         paused,
     });
+    let trigger_claiming = (trigger.clone(), claim.clone())
+        .prop_map(|(t, c)| Op::TriggerClaiming(Box::new(t), Box::new(c)));
     prop_oneof![
         7 => trigger,
         1 => any::<u16>().prop_map(|pick| Op::Duplicate { pick }),
         6 => claim,
+        3 => trigger_claiming,
         4 => heartbeat,
         4 => complete,
         3 => fail,
@@ -447,6 +454,8 @@ fn case() -> impl Strategy<Value = Case> {
 enum Call {
     Enqueue(Box<Dispatch>, EnqueueAs),
     Claim(ClaimRequest),
+    /// An enqueue carrying a claim (see [`Op::TriggerClaiming`]).
+    EnqueueClaiming(Box<Dispatch>, EnqueueAs, ClaimRequest),
     Heartbeat(Vec<(RunId, FencingToken)>),
     Finish(RunId, FencingToken),
     Retry(RunId, FencingToken, Timestamp),
@@ -486,6 +495,9 @@ type R<T> = Result<T, QueueError>;
 enum Outcome {
     Enqueue(R<Enqueued>),
     Claim(R<Vec<Leased>>),
+    /// The placement and the leases (the effects of one call and of two differ by design: a
+    /// lane the carried claim emptied does not ring).
+    EnqueueClaiming(R<(Placement, Vec<Leased>)>),
     Heartbeat(R<Vec<LeaseState>>),
     Effects(R<Effects>),
     Cancel(R<CancelOutcome>),
@@ -509,6 +521,15 @@ async fn call<B: QueueBackend>(b: &B, c: &Call, now: Timestamp) -> Outcome {
     match c {
         Call::Enqueue(d, why) => Outcome::Enqueue(n(b.enqueue((**d).clone(), *why, now).await)),
         Call::Claim(req) => Outcome::Claim(n(b.claim(req, now).await)),
+        Call::EnqueueClaiming(d, why, req) => Outcome::EnqueueClaiming(if b.claims_on_enqueue() {
+            n(b.enqueue_claiming((**d).clone(), *why, now, req).await)
+                .map(|(e, leased)| (e.placement, leased))
+        } else {
+            match n(b.enqueue((**d).clone(), *why, now).await) {
+                Ok(e) => n(b.claim(req, now).await).map(|leased| (e.placement, leased)),
+                Err(e) => Err(e),
+            }
+        }),
         Call::Heartbeat(leases) => Outcome::Heartbeat(n(b.heartbeat(leases, now).await)),
         Call::Finish(run, token) => Outcome::Effects(n(b.finish(*run, *token, now).await)),
         Call::Retry(run, token, at) => Outcome::Effects(n(b.retry(*run, *token, *at, now).await)),
@@ -678,6 +699,10 @@ impl Driver {
                 };
                 Call::Enqueue(Box::new(d), why)
             }
+            Op::TriggerClaiming(t, c) => match (self.resolve(t), self.resolve(c)) {
+                (Call::Enqueue(d, why), Call::Claim(req)) => Call::EnqueueClaiming(d, why, req),
+                _ => Call::Nothing,
+            },
             // Only runs still held: a removed run enqueued again is a new run to the backend.
             Op::Duplicate { pick: i } => {
                 match pick(&self.present.iter().copied().collect::<Vec<_>>(), *i) {
@@ -840,6 +865,23 @@ impl Driver {
 
     /// Learns from the call's answer (the backend's and the model's are equal at this point).
     fn learn(&mut self, c: &Call, out: &Outcome) -> Result<(), String> {
+        // An enqueue carrying a claim: what the enqueue and then the claim teach.
+        if let (Call::EnqueueClaiming(d, why, req), Outcome::EnqueueClaiming(Ok((p, leased)))) =
+            (c, out)
+        {
+            let enqueued = Enqueued {
+                placement: *p,
+                effects: Effects::default(),
+            };
+            self.learn(
+                &Call::Enqueue(d.clone(), *why),
+                &Outcome::Enqueue(Ok(enqueued)),
+            )?;
+            return self.learn(
+                &Call::Claim(req.clone()),
+                &Outcome::Claim(Ok(leased.clone())),
+            );
+        }
         match (c, out) {
             (Call::Enqueue(d, _), Outcome::Enqueue(Ok(_)))
                 if !self.dispatches.iter().any(|x| x.run_id == d.run_id) =>
@@ -1153,7 +1195,7 @@ mod coverage {
     use std::sync::atomic::{AtomicU64, Ordering};
 
     /// The counted events.
-    pub const NAMES: [&str; 25] = [
+    pub const NAMES: [&str; 27] = [
         "enqueue ready",
         "enqueue queued",
         "enqueue delayed",
@@ -1162,6 +1204,8 @@ mod coverage {
         "enqueue invalid",
         "claim granted",
         "claim empty",
+        "enqueue claiming granted",
+        "enqueue claiming empty",
         "heartbeat alive",
         "heartbeat cancel_requested",
         "heartbeat lost",
@@ -1183,7 +1227,7 @@ mod coverage {
 
     /// Counts of one property run (shared by its cases, which proptest runs one by one).
     #[derive(Default)]
-    pub struct Coverage([AtomicU64; 25]);
+    pub struct Coverage([AtomicU64; 27]);
 
     impl Coverage {
         /// Counts one event by name.
@@ -1219,6 +1263,11 @@ fn count(coverage: &coverage::Coverage, c: &Call, out: &Outcome) {
             "claim empty"
         } else {
             "claim granted"
+        }),
+        Outcome::EnqueueClaiming(Ok((_, l))) => hit(if l.is_empty() {
+            "enqueue claiming empty"
+        } else {
+            "enqueue claiming granted"
         }),
         Outcome::Heartbeat(Ok(states)) => {
             for s in states {
