@@ -153,10 +153,9 @@ async fn a_run_leased_as_it_is_placed_leaves_the_key_space_as_placing_then_claim
     let (Some(apart), Some(together)) = (open("ks-apart").await, open("ks-together").await) else {
         return;
     };
-    let other = runlane_core::LaneName::new("other").expect("lane");
     for q in [&apart, &together] {
         set_up(q).await;
-        q.add_lane(&other).await.expect("lane");
+        support::add_other_lane(q).await;
     }
     let now = Timestamp(NOW);
     let mut held: Vec<(RunId, FencingToken)> = Vec::new();
@@ -220,7 +219,7 @@ async fn a_run_leased_as_it_is_placed_leaves_no_ttl_entry_unless_it_was_ready_fi
         .enqueue_claiming(alone.clone(), EnqueueAs::Trigger, now, &request("*", 2))
         .await
         .expect("enqueue");
-    let ids: Vec<RunId> = leases.iter().map(|l| l.dispatch.run_id).collect();
+    let ids = support::leased_ids(&leases);
     assert_eq!(ids, vec![alone.run_id]);
     assert_eq!(
         support::ttl_entries(&queue).await,
@@ -229,8 +228,7 @@ async fn a_run_leased_as_it_is_placed_leaves_no_ttl_entry_unless_it_was_ready_fi
     );
     // A ready run on another lane the claim covers (the run's own lane idle): the run is
     // placed, then the claim takes both, the other lane's older run first.
-    let other = runlane_core::LaneName::new("other").expect("lane");
-    queue.add_lane(&other).await.expect("lane");
+    let other = support::add_other_lane(&queue).await;
     let mut elsewhere = support::dispatch(5, &env("a"), "k5", NOW - 1, None);
     elsewhere.lane = other;
     queue
@@ -242,7 +240,7 @@ async fn a_run_leased_as_it_is_placed_leaves_no_ttl_entry_unless_it_was_ready_fi
         .enqueue_claiming(next.clone(), EnqueueAs::Trigger, now, &request("*", 2))
         .await
         .expect("enqueue");
-    let ids: Vec<RunId> = leases.iter().map(|l| l.dispatch.run_id).collect();
+    let ids = support::leased_ids(&leases);
     assert_eq!(ids, vec![elsewhere.run_id, next.run_id]);
     let bucket = vec![(":tb:11".to_string(), 2)];
     assert_eq!(
@@ -264,7 +262,7 @@ async fn a_run_leased_as_it_is_placed_leaves_no_ttl_entry_unless_it_was_ready_fi
         .enqueue_claiming(placed.clone(), EnqueueAs::Trigger, now, &request("*", 2))
         .await
         .expect("enqueue");
-    let ids: Vec<RunId> = leases.iter().map(|l| l.dispatch.run_id).collect();
+    let ids = support::leased_ids(&leases);
     assert_eq!(ids, vec![ready(3, "a").run_id, placed.run_id]);
     assert_eq!(
         support::ttl_entries(&queue).await,

@@ -432,8 +432,7 @@ async fn the_offer_that_would_take_a_run_takes_it_as_it_is_placed_unless_other_r
     let Some(queue) = open("as-placed").await else {
         return;
     };
-    let other = runlane_core::LaneName::new("other").expect("lane");
-    queue.add_lane(&other).await.expect("lane");
+    let other = support::add_other_lane(&queue).await;
     let now = Timestamp(NOW);
     // Consumer 3's offer serves env `b` only, consumer 4's env `a` (one slot each).
     let mut only_b = request(7, "*", 1);
@@ -514,8 +513,7 @@ async fn an_offer_that_covers_a_lane_with_a_ready_run_takes_it_before_the_placed
     let Some(queue) = open("as-placed-busy").await else {
         return;
     };
-    let other = runlane_core::LaneName::new("other").expect("lane");
-    queue.add_lane(&other).await.expect("lane");
+    let other = support::add_other_lane(&queue).await;
     let now = Timestamp(NOW);
     // An offer already past its deadline comes first; consumer 4's live offer (two slots,
     // every lane) comes next.

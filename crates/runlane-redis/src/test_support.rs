@@ -260,3 +260,15 @@ pub(crate) async fn ttl_entries(queue: &crate::RedisQueue) -> Vec<(String, usize
         .map(|(name, (_, items))| (name, items.len()))
         .collect()
 }
+
+/// Adds lane `other` to `queue` (the tests' second lane) and answers it.
+pub(crate) async fn add_other_lane(queue: &crate::RedisQueue) -> LaneName {
+    let other = LaneName::new("other").expect("lane");
+    queue.add_lane(&other).await.expect("lane");
+    other
+}
+
+/// The run ids of `leases`, in order.
+pub(crate) fn leased_ids(leases: &[runlane_core::backend::Leased]) -> Vec<RunId> {
+    leases.iter().map(|l| l.dispatch.run_id).collect()
+}
