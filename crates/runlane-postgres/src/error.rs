@@ -70,6 +70,14 @@ pub(crate) fn is_retryable(e: &sqlx::Error) -> bool {
     }
 }
 
+/// Whether the statement failed on a unique index (a row with its id or key is stored).
+pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db.code().as_deref() == Some("23505"),
+        _ => false,
+    }
+}
+
 /// A database error as the run store reports it.
 pub(crate) fn unavailable(what: &str, e: &sqlx::Error) -> StoreError {
     StoreError::Unavailable(format!("postgresql {what}: {e}"))

@@ -69,6 +69,9 @@ pub struct PostgresStats {
     pub retried_batches: u64,
     /// Batches applied again one call per transaction after a statement failed.
     pub split_batches: u64,
+    /// Inserts of new runs made again with `ON CONFLICT` checks because a row's id or key was
+    /// stored already (rare: generated ids are new).
+    pub insert_conflicts: u64,
     /// The time the writers spent on their batches' transactions (from taking a connection
     /// to the commit's answer, retries included), summed over writers, in µs.
     pub commit_micros: u64,
@@ -301,6 +304,7 @@ impl PostgresStore {
             queued: (self.queue.max_capacity() - self.queue.capacity()) as u64,
             retried_batches: get(&c.retried_batches),
             split_batches: get(&c.split_batches),
+            insert_conflicts: get(&c.insert_conflicts),
             commit_micros: get(&c.commit_micros),
         }
     }

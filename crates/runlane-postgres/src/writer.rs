@@ -30,10 +30,10 @@ use sqlx::{Connection, PgConnection, Row};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::config::Durability;
-use crate::error::{is_connection_error, is_retryable, unavailable, DbError};
+use crate::error::{is_connection_error, is_retryable, is_unique_violation, unavailable, DbError};
 use crate::record::{
     attempt_to_sql, decode_run, id_from_sql, id_to_sql, status_from_sql, ts_to_sql, u32_from_sql,
-    RunColumns, RUN_COLUMNS, RUN_COLUMNS_R, UNFINISHED,
+    RunColumns, Stored, RUN_COLUMNS, RUN_COLUMNS_R, UNFINISHED,
 };
 
 /// Counters of the writers, for [`crate::PostgresStats`].
@@ -50,6 +50,7 @@ pub(crate) struct Counters {
     pub(crate) starts_flushed: AtomicU64,
     pub(crate) retried_batches: AtomicU64,
     pub(crate) split_batches: AtomicU64,
+    pub(crate) insert_conflicts: AtomicU64,
     pub(crate) commit_micros: AtomicU64,
 }
 
@@ -314,10 +315,10 @@ async fn commit(
     let mut conn = pool.acquire().await?;
     if single_statement(ops) {
         // One statement is its own transaction: no BEGIN and COMMIT round trips.
-        return apply(&mut conn, ops, &shared.counters).await;
+        return apply(&mut conn, ops, &shared.counters, true).await;
     }
     let mut tx = conn.begin().await?;
-    let answers = apply(&mut tx, ops, &shared.counters).await?;
+    let answers = apply(&mut tx, ops, &shared.counters, false).await?;
     tx.commit().await?;
     Ok(answers)
 }
@@ -337,14 +338,17 @@ fn single_statement(ops: &[Queued]) -> bool {
     inserts || finishes || finish_many || starts
 }
 
-/// Applies every call of the batch inside `tx`; answers in call order.
+/// Applies every call of the batch on `conn`; answers in call order. `autocommit`: the batch
+/// is one statement, its own transaction (no `BEGIN`), so a statement that fails undoes only
+/// itself and may be made again in another form.
 async fn apply(
     conn: &mut PgConnection,
     ops: &[Queued],
     counters: &Counters,
+    autocommit: bool,
 ) -> Result<Vec<Answer>, DbError> {
     let mut answers: Vec<Option<Answer>> = (0..ops.len()).map(|_| None).collect();
-    apply_inserts(conn, ops, &mut answers, counters).await?;
+    apply_inserts(conn, ops, &mut answers, counters, autocommit).await?;
     apply_finishes(conn, ops, &mut answers, counters).await?;
     apply_starts(conn, ops, &mut answers, counters).await?;
     Ok(answers
@@ -379,6 +383,7 @@ async fn apply_inserts(
     ops: &[Queued],
     answers: &mut [Option<Answer>],
     counters: &Counters,
+    autocommit: bool,
 ) -> Result<(), DbError> {
     let mut rows: Vec<NewRow<'_>> = Vec::new();
     let mut slots: Vec<(usize, Vec<Slot>)> = Vec::new();
@@ -448,11 +453,36 @@ async fn apply_inserts(
     });
     let mut stored: HashSet<Vec<u8>> = HashSet::new();
     if !order.is_empty() {
-        let mut cols = RunColumns::default();
-        for &i in &order {
-            cols.push(rows[i].record, rows[i].claim, rows[i].now)?;
-        }
-        let returned = cols.bind().fetch_all(&mut *conn).await?;
+        let columns = || -> Result<RunColumns, DbError> {
+            let mut cols = RunColumns::default();
+            for &i in &order {
+                cols.push(rows[i].record, rows[i].claim, rows[i].now)?;
+            }
+            Ok(cols)
+        };
+        // Generated ids are new: a statement of its own inserts them without `ON CONFLICT`'s
+        // checks, and is made again with them in the rare case that one was stored before.
+        let fresh = if autocommit {
+            match columns()?.bind(Stored::Fails).fetch_all(&mut *conn).await {
+                Ok(returned) => Some(returned),
+                Err(e) if is_unique_violation(&e) => {
+                    counters.insert_conflicts.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            None
+        };
+        let returned = match fresh {
+            Some(returned) => returned,
+            None => {
+                columns()?
+                    .bind(Stored::Skipped)
+                    .fetch_all(&mut *conn)
+                    .await?
+            }
+        };
         for row in returned {
             stored.insert(row.try_get::<Vec<u8>, _>(0)?);
         }
@@ -554,7 +584,12 @@ async fn insert_one(
             .await?;
         let mut cols = RunColumns::default();
         cols.push(row.record, row.claim, row.now)?;
-        if !cols.bind().fetch_all(&mut *conn).await?.is_empty() {
+        if !cols
+            .bind(Stored::Skipped)
+            .fetch_all(&mut *conn)
+            .await?
+            .is_empty()
+        {
             return Ok(None);
         }
         // Another transaction took the key in between: look again.

@@ -660,3 +660,59 @@ async fn started_at(store: &PostgresStore, run: runlane_core::RunId) -> Option<T
         .expect("get")
         .and_then(|r| r.started_at)
 }
+
+#[tokio::test]
+async fn new_runs_skip_the_conflict_checks_and_a_stored_id_is_still_replaced() {
+    let store = common::open(common::config()).await;
+    // Generated ids are new: a lone insert and a call of many go in without `ON CONFLICT`.
+    let inserted = store
+        .insert(vec![(common::record(0), None)], Timestamp(1))
+        .await
+        .expect("insert one");
+    assert_eq!(inserted, vec![Inserted::New]);
+    let many: Vec<_> = (1..4).map(|n| (common::record(n), None)).collect();
+    let inserted = store.insert(many, Timestamp(1)).await.expect("insert many");
+    assert_eq!(inserted, vec![Inserted::New; 3]);
+    assert_eq!(store.stats().insert_conflicts, 0, "{:?}", store.stats());
+
+    // A run stored again under its id (alone, then among new ones) is replaced, as with the
+    // checks: the statement that failed on the stored id is made again with them.
+    let mut again = common::record(0);
+    again.payload = Arc::from(r#"{"to": "b@example.com"}"#);
+    let inserted = store
+        .insert(vec![(again.clone(), None)], Timestamp(2))
+        .await
+        .expect("insert a stored id");
+    assert_eq!(inserted, vec![Inserted::New]);
+    assert_eq!(store.stats().insert_conflicts, 1, "{:?}", store.stats());
+    let mut twice = common::record(2);
+    twice.payload = Arc::from(r#"{"to": "c@example.com"}"#);
+    let mixed = vec![
+        (common::record(4), None),
+        (twice.clone(), None),
+        (common::record(5), None),
+    ];
+    let inserted = store
+        .insert(mixed, Timestamp(2))
+        .await
+        .expect("insert among new ones");
+    assert_eq!(inserted, vec![Inserted::New; 3]);
+    let stats = store.stats();
+    assert_eq!(stats.insert_conflicts, 2, "{stats:?}");
+    assert_eq!(stats.failed_batches, 0, "{stats:?}");
+    for (run, payload) in [
+        (common::record(0).id, again.payload.clone()),
+        (common::record(2).id, twice.payload.clone()),
+        (common::record(4).id, common::record(4).payload),
+        (common::record(5).id, common::record(5).payload),
+    ] {
+        let stored = store.get(run).await.expect("get").expect("stored");
+        assert_eq!(stored.payload, payload, "{run}");
+    }
+    let listed = store
+        .list(&runlane_core::backend::RunFilter::default())
+        .await
+        .expect("list");
+    assert_eq!(listed.len(), 6, "one row per id");
+    common::finish(store).await;
+}
