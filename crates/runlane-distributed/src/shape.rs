@@ -222,11 +222,14 @@ pub async fn open(
     ))?;
     let own_meta_redis = config.meta_cache_url.is_some();
     let store = Arc::new(PostgresStore::open(config.postgres).await?);
-    let mut redis = RedisQueue::open(config.redis).await?;
+    // A throwaway schema goes with `run_store`: also when a later step of the open fails.
     let mut run_store = DistributedStore::new(store.clone());
     if config.throwaway {
-        redis = redis.delete_keys_on_drop();
         run_store = run_store.drop_schema_on_drop(url);
+    }
+    let mut redis = RedisQueue::open(config.redis).await?;
+    if config.throwaway {
+        redis = redis.delete_keys_on_drop();
     }
     let redis = Arc::new(redis);
     redis.attach_store(store.clone());
