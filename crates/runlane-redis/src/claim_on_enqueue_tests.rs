@@ -272,6 +272,68 @@ async fn a_run_leased_as_it_is_placed_leaves_no_ttl_entry_unless_it_was_ready_fi
 }
 
 #[tokio::test]
+async fn a_claim_naming_its_lanes_looks_only_at_those_for_ready_runs() {
+    let Some(queue) = open("named").await else {
+        return;
+    };
+    set_up(&queue).await;
+    let now = Timestamp(NOW);
+    // A delayed run keeps the TTL bucket of second 11 (a dead entry stays visible beside it).
+    let held = support::dispatch(9, &env("a"), "k9", NOW + 60_000, Some(NOW + 10_050));
+    queue
+        .enqueue(held, EnqueueAs::Trigger, now)
+        .await
+        .expect("enqueue");
+    // A run waits ready on lane `other`.
+    let other = support::add_other_lane(&queue).await;
+    let mut waiting = support::dispatch(1, &env("a"), "k1", NOW - 1, None);
+    waiting.lane = other;
+    queue
+        .enqueue(waiting.clone(), EnqueueAs::Trigger, now)
+        .await
+        .expect("enqueue");
+    // A claim naming `default` only: that ready run is outside it, so the new run is its one
+    // candidate and is leased as it is placed (it never gets a TTL entry).
+    let alone = support::dispatch(2, &env("a"), "k2", NOW - 1, Some(NOW + 10_100));
+    let (_, leases) = queue
+        .enqueue_claiming(
+            alone.clone(),
+            EnqueueAs::Trigger,
+            now,
+            &request("default", 2),
+        )
+        .await
+        .expect("enqueue");
+    assert_eq!(support::leased_ids(&leases), vec![alone.run_id]);
+    assert_eq!(
+        support::ttl_entries(&queue).await,
+        vec![(":tb:11".to_string(), 1)],
+        "leased as placed: no entry"
+    );
+    // A claim naming `other` first: the run is placed, then the claim takes the waiting run
+    // and it, in the chain's order; the placed run's TTL entry stays behind.
+    let placed = support::dispatch(3, &env("a"), "k3", NOW - 1, Some(NOW + 10_200));
+    let (_, leases) = queue
+        .enqueue_claiming(
+            placed.clone(),
+            EnqueueAs::Trigger,
+            now,
+            &request("other>default", 2),
+        )
+        .await
+        .expect("enqueue");
+    assert_eq!(
+        support::leased_ids(&leases),
+        vec![waiting.run_id, placed.run_id]
+    );
+    assert_eq!(
+        support::ttl_entries(&queue).await,
+        vec![(":tb:11".to_string(), 2)],
+        "placed, then claimed"
+    );
+}
+
+#[tokio::test]
 async fn a_run_outside_the_claims_lanes_is_placed_and_left_for_a_claim_that_covers_it() {
     let Some(queue) = open("lanes").await else {
         return;

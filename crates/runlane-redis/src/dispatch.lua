@@ -1579,19 +1579,27 @@ local function lease_fields(r, token, worker, lease_ms, deadline)
   return adl
 end
 
--- The ready count of every lane (read once per check; `leases_alone`).
-local function ready_counts()
-  local counts = {}
-  for _, lane in ipairs(redis.call('SMEMBERS', K_LANES)) do
-    counts[lane] = num(redis.call('HGET', k_l(lane), 'count'))
-  end
-  return counts
-end
-
--- Whether no lane `chain` covers has a ready run (`counts`: `ready_counts()`).
+-- Whether no lane `chain` covers has a ready run. `counts` holds the lanes' ready counts read
+-- so far in this check (each lane's is read once; the caller puts in those it read already):
+-- a chain that names its lanes reads only those (a named lane that does not exist has none),
+-- a wildcard chain every lane.
 local function idle_lanes(chain, counts)
-  for lane, n in pairs(counts) do
-    if n > 0 and covers(chain, lane) then return false end
+  local function ready(lane)
+    local n = counts[lane]
+    if n == nil then
+      n = num(redis.call('HGET', k_l(lane), 'count'))
+      counts[lane] = n
+    end
+    return n > 0
+  end
+  if string.sub(chain, 1, 1) == 'P' then
+    for _, lane in ipairs(redis.call('SMEMBERS', K_LANES)) do
+      if ready(lane) then return false end
+    end
+  else
+    for lane in string.gmatch(string.sub(chain, 2), '[^>]+') do
+      if ready(lane) then return false end
+    end
   end
   return true
 end
@@ -1610,9 +1618,9 @@ end
 
 -- Whether `claim_runs(A, from, #A, 0)` made right after run `r` is placed ready would lease
 -- that run and nothing else: the claim serves it and no lane it covers has a ready run (so the
--- run is its one candidate, whatever the lanes' order).
-local function leases_alone(A, from, r)
-  return serves(A, from, r) and idle_lanes(A[from + 1], ready_counts())
+-- run is its one candidate, whatever the lanes' order). `counts`: see `idle_lanes`.
+local function leases_alone(A, from, r, counts)
+  return serves(A, from, r) and idle_lanes(A[from + 1], counts)
 end
 
 -- The parked offer (its consumer, and its entry unpacked) whose claim `take_offers` would
@@ -1620,9 +1628,8 @@ end
 -- `take_offers`'s order, the first live one that serves the run takes it, and every live one
 -- before it that covers the run's lane must lease nothing then (none covers a lane with a
 -- ready run). Nil when no offer would take the run, or when which one would, or what else it
--- would take, depends on other ready runs.
-local function offer_alone(r)
-  local counts = nil
+-- would take, depends on other ready runs. `counts`: see `idle_lanes`.
+local function offer_alone(r, counts)
   local all = redis.call('HGETALL', K_OFFERS)
   offers_read = all
   for i = 1, #all, 2 do
@@ -1632,7 +1639,6 @@ local function offer_alone(r)
     if until_ms == false then until_ms = o[5] end
     local live = type(until_ms) == 'number' and type(args) == 'table' and until_ms > now
     if live and o[2] ~= false and covers(args[2], r[F_LANE]) then
-      counts = counts or ready_counts()
       if not idle_lanes(args[2], counts) then return nil end
       if serves(args, 1, r) then return all[i], o end
     end
@@ -1647,16 +1653,18 @@ end
 -- steps leave them (the ready set, the lane's ready count and its env set end where they
 -- started). No TTL entry is written: the claim would drop it again (the two steps can leave
 -- it in its bucket's list, dead, move the bucket's last-append marker or rewrite the bucket;
--- what the buckets say of live runs, and so every expiry, is the same). Answers the claim's answer for it: { { id, record } }, and
+-- what the buckets say of live runs, and so every expiry, is the same). `vtime` and `weight`:
+-- the lane's virtual time and the env's weight fields as the enqueue read them (nothing
+-- changes them before this). Answers the claim's answer for it: { { id, record } }, and
 -- { token }.
-local function lease_placed(A, from, id, r, listed_queue)
+local function lease_placed(A, from, id, r, listed_queue, vtime, weight)
   local worker, lease_ms = A[from], tonumber(A[from + 3])
   local e, lane = r[F_ENV], r[F_LANE]
   hincr(K_CFG, 'seq', 1)
   take_slots(r, listed_queue)
-  local vtime = num(redis.call('HGET', k_l(lane), 'vtime'))
+  vtime = num(vtime)
   local eff = math.max(num(redis.call('HGET', k_lp(lane), e)), vtime)
-  local weight = math.max(num(redis.call('HGET', k_env(e), 'weight')), 1)
+  weight = math.max(num(weight), 1)
   redis.call('HSET', k_l(lane), 'vtime', eff)
   redis.call('HSET', k_lp(lane), e, eff + math.floor(STRIDE / weight))
   local token = redis.call('HINCRBY', K_CFG, 'token', 1)
@@ -1684,10 +1692,10 @@ local function enqueue_one(id, packed, why, claim, offers)
   local e, q, k, lane = r[F_ENV], r[F_QUEUE], r[F_KEY], r[F_LANE]
   -- One read per hash: the env (exists when it has a limit), the lane (a known lane always has
   -- a ready count), the key and the queue.
-  local E = hm(k_env(e), 'elim', 'ecap', 'flcap', 'run', 'flrun', 'fp')
+  local E = hm(k_env(e), 'elim', 'ecap', 'flcap', 'run', 'flrun', 'fp', 'weight')
   if not E[1] then return 'unknown_env' end
   env_known[e] = true
-  local L = hm(k_l(lane), 'count', 'orph')
+  local L = hm(k_l(lane), 'count', 'orph', 'vtime')
   if not L[1] and redis.call('SISMEMBER', K_LANES, lane) == 0 then return 'unknown_lane' end
   local K = hm(k_k(e, q, k), 'qd', 'del', 'run', 'lts', 'lti', 'id')
   local delayed = r[F_AFTER] > now
@@ -1722,11 +1730,15 @@ local function enqueue_one(id, packed, why, claim, offers)
   end
   local listed = not delayed and not fast and in_order
   local direct, taker, offer = false, nil, nil
-  if fast and claim ~= nil then
-    direct = leases_alone(claim, 11, r)
-  elseif fast and offers then
-    taker, offer = offer_alone(r)
-    direct = taker ~= nil
+  if fast and (claim ~= nil or offers) then
+    -- The run's own lane: its ready count was read above.
+    local counts = { [lane] = num(L[1]) }
+    if claim ~= nil then
+      direct = leases_alone(claim, 11, r, counts)
+    else
+      taker, offer = offer_alone(r, counts)
+      direct = taker ~= nil
+    end
   end
   -- Only the fast path keeps a batch's state; any other placement writes it out first.
   if not fast then bm_flush() end
@@ -1743,7 +1755,7 @@ local function enqueue_one(id, packed, why, claim, offers)
     if direct then
       local A, from = claim, 11
       if taker then A, from = offer[3], 1 end
-      local leased, tokens = lease_placed(A, from, id, r, listed_queue)
+      local leased, tokens = lease_placed(A, from, id, r, listed_queue, L[3], E[7])
       leases = { leased = leased, tokens = tokens, consumer = taker, entry = offer }
     else
       push_ready(id, r, listed_queue)
