@@ -45,6 +45,18 @@ impl StartNotes {
         self.lock().starts.remove(&run)
     }
 
+    /// Drops the starts of `runs` (runs stored anew under their ids: the replaced runs'
+    /// attempts went with them), under one lock.
+    pub(crate) fn forget(&self, runs: impl IntoIterator<Item = RunId>) {
+        let mut inner = self.lock();
+        if inner.starts.is_empty() {
+            return;
+        }
+        for run in runs {
+            inner.starts.remove(&run);
+        }
+    }
+
     /// The instant the oldest kept note was taken.
     pub(crate) fn oldest(&self) -> Option<Instant> {
         self.lock().order.front().map(|(t, _)| *t)

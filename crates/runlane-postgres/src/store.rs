@@ -795,9 +795,18 @@ impl RunStore for PostgresStore {
                 set.extend(runs.iter().map(|(r, _)| r.id));
             }
         }
+        let ids: Vec<RunId> = runs.iter().map(|(r, _)| r.id).collect();
         let mut answers = self
             .submit(durability, |reply| Op::Insert { runs, now, reply })
             .await?;
+        // A run stored anew under the id of one whose start is kept in memory: that start
+        // was the replaced run's (fresh ids have none).
+        self.starts.forget(
+            ids.iter()
+                .zip(&answers)
+                .filter(|(_, a)| matches!(a, Inserted::New))
+                .map(|(id, _)| *id),
+        );
         // New rows are `pending_enqueue`: an idle reconciler arms on them.
         self.pending.notify_one();
         for answer in &mut answers {

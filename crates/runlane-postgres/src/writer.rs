@@ -32,8 +32,8 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use crate::config::Durability;
 use crate::error::{is_connection_error, is_retryable, is_unique_violation, unavailable, DbError};
 use crate::record::{
-    attempt_to_sql, decode_run, id_from_sql, id_to_sql, status_from_sql, ts_to_sql, u32_from_sql,
-    RunColumns, Stored, RUN_COLUMNS, RUN_COLUMNS_R, UNFINISHED,
+    attempt_to_sql, decode_run, id_from_sql, id_to_sql, status_from_sql, ts_from_sql, ts_to_sql,
+    u32_from_sql, RunColumns, Stored, RUN_COLUMNS, RUN_COLUMNS_R, UNFINISHED,
 };
 
 /// Counters of the writers, for [`crate::PostgresStats`].
@@ -577,13 +577,20 @@ async fn insert_one(
             .execute(&mut *conn)
             .await?;
         }
-        // A run stored before under this id is replaced, attempts and key included.
-        sqlx::query("DELETE FROM runs WHERE id = $1")
-            .bind(&id)
-            .execute(&mut *conn)
-            .await?;
+        // A run stored before under this id is replaced, attempts included; the idempotency
+        // key it holds stays with the id unless the new run brings one (as in the other
+        // stores, which keep a key's run id apart from the run).
+        let old: Option<(Option<String>, Option<i64>)> =
+            sqlx::query_as("DELETE FROM runs WHERE id = $1 RETURNING claim_key, claim_expires_at")
+                .bind(&id)
+                .fetch_optional(&mut *conn)
+                .await?;
+        let kept = match (row.claim, &old) {
+            (None, Some((Some(key), Some(until)))) => Some((key.as_str(), ts_from_sql(*until)?)),
+            (claim, _) => claim,
+        };
         let mut cols = RunColumns::default();
-        cols.push(row.record, row.claim, row.now)?;
+        cols.push(row.record, kept, row.now)?;
         if !cols
             .bind(Stored::Skipped)
             .fetch_all(&mut *conn)

@@ -29,6 +29,13 @@ struct NewRun {
 #[derive(Clone, Debug)]
 enum Step {
     Insert(Vec<NewRun>),
+    /// A run inserted again under a stored run's id, in its env and task (with a new run
+    /// beside it when `pair`): the stored row is replaced; a key it held stays with the id.
+    Reinsert {
+        pick: usize,
+        run: NewRun,
+        pair: bool,
+    },
     Finish {
         pick: usize,
         status: u8,
@@ -100,6 +107,8 @@ fn new_run() -> impl Strategy<Value = NewRun> {
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         4 => prop::collection::vec(new_run(), 1..4).prop_map(Step::Insert),
+        1 => (any::<usize>(), new_run(), any::<bool>())
+            .prop_map(|(pick, run, pair)| Step::Reinsert { pick, run, pair }),
         3 => (any::<usize>(), 0..5u8, any::<bool>(), prop::option::of(any::<u8>())).prop_map(
             |(pick, status, attempt, output)| Step::Finish { pick, status, attempt, output }
         ),
@@ -179,6 +188,35 @@ async fn check(steps: Vec<Step>) {
                         (rec, claim)
                     })
                     .collect();
+                assert_eq!(
+                    pg.insert(batch.clone(), at).await,
+                    mem.insert(batch, at).await,
+                    "{ctx}"
+                );
+            }
+            Step::Reinsert { pick, run, pair } => {
+                if ids.is_empty() {
+                    continue;
+                }
+                // The same run stored again (its env and task), with a new payload.
+                let i = pick % ids.len();
+                let mut rec = common::record(i as u128 + 1);
+                match mem.get(rec.id).await.expect("get") {
+                    Some(stored) => {
+                        rec.env = stored.env;
+                        rec.task = stored.task;
+                    }
+                    None => rec.env = env(run.env),
+                }
+                rec.payload = Arc::from(format!("{{\"again\":{}}}", run.payload));
+                rec.created_at = at;
+                let mut batch = vec![(rec, None)];
+                if pair {
+                    let mut fresh = common::record(ids.len() as u128 + 1);
+                    fresh.created_at = at;
+                    ids.push(fresh.id);
+                    batch.push((fresh, None));
+                }
                 assert_eq!(
                     pg.insert(batch.clone(), at).await,
                     mem.insert(batch, at).await,
