@@ -880,7 +880,7 @@ impl RunStore for PostgresStore {
             Int(i64),
             Bytes(Vec<u8>),
         }
-        let mut sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE true");
+        let mut sql = String::from("true");
         let mut args: Vec<Arg> = Vec::new();
         let mut clause = |column: &str, op: &str, value: Arg| {
             args.push(value);
@@ -921,7 +921,30 @@ impl RunStore for PostgresStore {
             .unwrap_or(LIST_LIMIT_DEFAULT)
             .min(LIST_LIMIT_MAX);
         args.push(Arg::Int(limit.into()));
-        sql.push_str(&format!(" ORDER BY id LIMIT ${}", args.len()));
+        let limit = args.len();
+        let sql = match (&filter.env, filter.status) {
+            // One env, any status: the env's first runs of each status in id order (an index
+            // scan of `(env, status, id)` per status, each bounded by the limit), merged. No
+            // index of its own keeps an env's runs in id order: each run row written would pay
+            // one more index entry (tests/plans.rs).
+            (Some(_), None) => {
+                let branches: Vec<String> = RunStatus::ALL
+                    .iter()
+                    .map(|status| {
+                        format!(
+                            "(SELECT {RUN_COLUMNS} FROM runs WHERE {sql} AND status = '{}' \
+                             ORDER BY id LIMIT ${limit})",
+                            status.as_str()
+                        )
+                    })
+                    .collect();
+                format!(
+                    "SELECT * FROM ({}) r ORDER BY id LIMIT ${limit}",
+                    branches.join(" UNION ALL ")
+                )
+            }
+            _ => format!("SELECT {RUN_COLUMNS} FROM runs WHERE {sql} ORDER BY id LIMIT ${limit}"),
+        };
         let mut query = sqlx::query(&sql);
         for arg in args {
             query = match arg {

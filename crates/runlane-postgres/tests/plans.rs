@@ -101,3 +101,104 @@ async fn terminal_writes_after_the_table_grew_do_not_scan_it() {
         .await
         .expect("drop the test schema");
 }
+
+/// The rows the schema's `runs` table had read by sequential scans and fetched through
+/// indexes, and its scans, once `settled` holds for (rows inserted, rows updated, scans) (a
+/// backend reports its statistics when it exits at the latest); `None` after 30 s.
+async fn rows_read(schema: &str, settled: impl Fn(i64, i64, i64) -> bool) -> Option<[i64; 3]> {
+    let mut conn = sqlx::PgConnection::connect(&common::url())
+        .await
+        .expect("connect");
+    let until = Instant::now() + Duration::from_secs(30);
+    let read = loop {
+        let row = sqlx::query(
+            "SELECT seq_tup_read, coalesce(idx_tup_fetch, 0), seq_scan + coalesce(idx_scan, 0), \
+             n_tup_ins, n_tup_upd FROM pg_stat_user_tables \
+             WHERE schemaname = $1 AND relname = 'runs'",
+        )
+        .bind(schema)
+        .fetch_one(&mut conn)
+        .await
+        .expect("table statistics");
+        let v: [i64; 5] = [row.get(0), row.get(1), row.get(2), row.get(3), row.get(4)];
+        if settled(v[3], v[4], v[2]) {
+            break Some([v[0], v[1], v[2]]);
+        }
+        if Instant::now() > until {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = conn.close().await;
+    read
+}
+
+#[tokio::test]
+async fn an_env_listing_reads_that_envs_runs_only() {
+    let config = common::config();
+    let schema = config.schema.clone();
+    let store = common::open(config.clone()).await;
+    // 3,000 runs of env `other`, then 3,000 of `prod` (later ids), a third of them finished:
+    // no index keeps an env's runs in id order whatever their status, and reading all of
+    // `prod`'s (then sorting them) or every run in id order up to `prod`'s would read
+    // thousands of rows.
+    const FILL: u128 = 3_000;
+    for chunk in (0..FILL).collect::<Vec<_>>().chunks(1_000) {
+        let rows = chunk
+            .iter()
+            .map(|&n| {
+                let mut r = common::record(n);
+                r.env = runlane_core::EnvName::new("other").expect("env");
+                (r, None)
+            })
+            .collect();
+        store.insert(rows, Timestamp(1_000)).await.expect("fill");
+    }
+    let prod: Vec<_> = (FILL..2 * FILL).map(common::record).collect();
+    for chunk in prod.chunks(1_000) {
+        let rows = chunk.iter().map(|r| (r.clone(), None)).collect();
+        store
+            .insert(rows, Timestamp(1_000))
+            .await
+            .expect("insert prod");
+    }
+    let ends: Vec<_> = (FILL..2 * FILL).step_by(3).map(end).collect();
+    assert_eq!(
+        store
+            .finish_many(ends, Timestamp(2_000))
+            .await
+            .expect("finish"),
+        vec![Ok(()); 1_000]
+    );
+    drop(store);
+    let before = rows_read(&schema, |ins, upd, _| ins == 6_000 && upd == 1_000)
+        .await
+        .expect("the fill's statistics");
+
+    let store = common::open(config).await;
+    let filter = runlane_core::backend::RunFilter {
+        env: Some(runlane_core::EnvName::new("prod").expect("env")),
+        limit: Some(10),
+        ..Default::default()
+    };
+    let listed = store.list(&filter).await.expect("list");
+    let ids: Vec<_> = listed.iter().map(|r| r.id).collect();
+    let expected: Vec<_> = prod.iter().take(10).map(|r| r.id).collect();
+    assert_eq!(
+        ids, expected,
+        "the env's first ten runs, in id order, any status"
+    );
+    drop(store);
+    let after = rows_read(&schema, |_, _, scans| scans > before[2])
+        .await
+        .expect("the listing's statistics");
+    let (seq, idx) = (after[0] - before[0], after[1] - before[1]);
+    assert!(
+        seq + idx < 1_000,
+        "listing ten runs of env prod read {seq} rows by sequential scans and {idx} through \
+         indexes"
+    );
+    runlane_postgres::admin::drop_schema(&common::url(), &schema)
+        .await
+        .expect("drop the test schema");
+}
