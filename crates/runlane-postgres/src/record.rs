@@ -150,8 +150,9 @@ pub(crate) struct RunColumns {
     dispatch_since: Vec<i64>,
 }
 
-/// A run insert statement with its rows' source: skipped rows conflict (id or idempotency
-/// key); the ids of the stored ones are returned.
+/// A run insert statement with its rows' source and its tail: with `ON CONFLICT DO NOTHING`
+/// a row whose id or idempotency key is stored is skipped, and the ids of the stored ones are
+/// returned; without it such a row fails the statement.
 macro_rules! insert_runs {
     ($rows:tt, $tail:literal) => {
         concat!(

@@ -72,6 +72,8 @@ pub struct PostgresStats {
     /// Inserts of new runs made again with `ON CONFLICT` checks because a row's id or key was
     /// stored already (rare: generated ids are new).
     pub insert_conflicts: u64,
+    /// Runs stored anew under the id of a stored run, which they replaced.
+    pub rows_replaced: u64,
     /// The time the writers spent on their batches' transactions (from taking a connection
     /// to the commit's answer, retries included), summed over writers, in µs.
     pub commit_micros: u64,
@@ -305,6 +307,7 @@ impl PostgresStore {
             retried_batches: get(&c.retried_batches),
             split_batches: get(&c.split_batches),
             insert_conflicts: get(&c.insert_conflicts),
+            rows_replaced: get(&c.rows_replaced),
             commit_micros: get(&c.commit_micros),
         }
     }
@@ -796,17 +799,21 @@ impl RunStore for PostgresStore {
             }
         }
         let ids: Vec<RunId> = runs.iter().map(|(r, _)| r.id).collect();
+        let replaced = self.counters.rows_replaced.load(Ordering::Relaxed);
         let mut answers = self
             .submit(durability, |reply| Op::Insert { runs, now, reply })
             .await?;
-        // A run stored anew under the id of one whose start is kept in memory: that start
-        // was the replaced run's (fresh ids have none).
-        self.starts.forget(
-            ids.iter()
-                .zip(&answers)
-                .filter(|(_, a)| matches!(a, Inserted::New))
-                .map(|(id, _)| *id),
-        );
+        // A run stored anew under a stored id: a start kept in memory for that id was the
+        // replaced run's. Fresh ids have none, so the starts are looked at only when some row
+        // was replaced while this call was in the writers (counted before it was answered).
+        if self.counters.rows_replaced.load(Ordering::Relaxed) != replaced {
+            self.starts.forget(
+                ids.iter()
+                    .zip(&answers)
+                    .filter(|(_, a)| matches!(a, Inserted::New))
+                    .map(|(id, _)| *id),
+            );
+        }
         // New rows are `pending_enqueue`: an idle reconciler arms on them.
         self.pending.notify_one();
         for answer in &mut answers {

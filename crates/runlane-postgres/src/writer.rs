@@ -51,6 +51,7 @@ pub(crate) struct Counters {
     pub(crate) retried_batches: AtomicU64,
     pub(crate) split_batches: AtomicU64,
     pub(crate) insert_conflicts: AtomicU64,
+    pub(crate) rows_replaced: AtomicU64,
     pub(crate) commit_micros: AtomicU64,
 }
 
@@ -497,7 +498,7 @@ async fn apply_inserts(
         // A transaction (a savepoint inside the batch's) keeps each look-up-then-write whole.
         let mut tx = conn.begin().await?;
         for i in slow {
-            if let Some(holder) = insert_one(&mut tx, &rows[i]).await? {
+            if let Some(holder) = insert_one(&mut tx, &rows[i], counters).await? {
                 existing.insert(i, holder);
             }
         }
@@ -540,12 +541,17 @@ async fn apply_inserts(
 }
 
 /// Inserts one row the multi-row statement skipped; returns the run holding its idempotency
-/// key when that answers instead.
+/// key when that answers instead. A row stored under its id is replaced (counted in
+/// `rows_replaced`).
 async fn insert_one(
     conn: &mut PgConnection,
     row: &NewRow<'_>,
+    counters: &Counters,
 ) -> Result<Option<RunRecord>, DbError> {
     let id = id_to_sql(row.record.id);
+    // The key the replaced row held (read by the first pass's delete: a later pass finds no
+    // row to delete).
+    let mut replaced: Option<(Option<String>, Option<i64>)> = None;
     for _ in 0..8 {
         if let Some((key, _)) = row.claim {
             // A live holder answers, and counts the hit: its own trigger, if refused, then
@@ -580,12 +586,15 @@ async fn insert_one(
         // A run stored before under this id is replaced, attempts included; the idempotency
         // key it holds stays with the id unless the new run brings one (as in the other
         // stores, which keep a key's run id apart from the run).
-        let old: Option<(Option<String>, Option<i64>)> =
+        let deleted: Option<(Option<String>, Option<i64>)> =
             sqlx::query_as("DELETE FROM runs WHERE id = $1 RETURNING claim_key, claim_expires_at")
                 .bind(&id)
                 .fetch_optional(&mut *conn)
                 .await?;
-        let kept = match (row.claim, &old) {
+        if deleted.is_some() {
+            replaced = deleted;
+        }
+        let kept = match (row.claim, &replaced) {
             (None, Some((Some(key), Some(until)))) => Some((key.as_str(), ts_from_sql(*until)?)),
             (claim, _) => claim,
         };
@@ -597,6 +606,9 @@ async fn insert_one(
             .await?
             .is_empty()
         {
+            if replaced.is_some() {
+                counters.rows_replaced.fetch_add(1, Ordering::Relaxed);
+            }
             return Ok(None);
         }
         // Another transaction took the key in between: look again.
