@@ -305,11 +305,34 @@ async fn a_claim_naming_its_lanes_looks_only_at_those_for_ready_runs() {
         .await
         .expect("enqueue");
     assert_eq!(support::leased_ids(&leases), vec![alone.run_id]);
+    let first = leased(leases);
     assert_eq!(
         support::ttl_entries(&queue).await,
         vec![(":tb:11".to_string(), 1)],
         "leased as placed: no entry"
     );
+    // A claim naming a lane that does not exist and `default`: nothing ready in either, so
+    // the run is leased as it is placed too.
+    let unknown = support::dispatch(4, &env("a"), "k4", NOW - 1, Some(NOW + 10_150));
+    let (_, leases) = queue
+        .enqueue_claiming(
+            unknown.clone(),
+            EnqueueAs::Trigger,
+            now,
+            &request("nowhere>default", 2),
+        )
+        .await
+        .expect("enqueue");
+    assert_eq!(support::leased_ids(&leases), vec![unknown.run_id]);
+    assert_eq!(
+        support::ttl_entries(&queue).await,
+        vec![(":tb:11".to_string(), 1)],
+        "leased as placed: no entry"
+    );
+    // Env `a` runs at most 3 at once: those two end first.
+    for (id, token) in leased(leases).into_iter().chain(first) {
+        queue.finish(id, token, now).await.expect("finish");
+    }
     // A claim naming `other` first: the run is placed, then the claim takes the waiting run
     // and it, in the chain's order; the placed run's TTL entry stays behind.
     let placed = support::dispatch(3, &env("a"), "k3", NOW - 1, Some(NOW + 10_200));

@@ -1579,10 +1579,10 @@ local function lease_fields(r, token, worker, lease_ms, deadline)
   return adl
 end
 
--- Whether no lane `chain` covers has a ready run. `counts` holds the lanes' ready counts read
--- so far in this check (each lane's is read once; the caller puts in those it read already):
--- a chain that names its lanes reads only those (a named lane that does not exist has none),
--- a wildcard chain every lane.
+-- Whether no lane `chain` covers has a ready run. `counts` holds what this check read so far
+-- (each lane's ready count by name, read once; the caller puts in those it read already; and
+-- at [1] the lane set once a wildcard chain read it): a chain that names its lanes reads only
+-- those (a named lane that does not exist has none), a wildcard chain every lane.
 local function idle_lanes(chain, counts)
   local function ready(lane)
     local n = counts[lane]
@@ -1593,7 +1593,8 @@ local function idle_lanes(chain, counts)
     return n > 0
   end
   if string.sub(chain, 1, 1) == 'P' then
-    for _, lane in ipairs(redis.call('SMEMBERS', K_LANES)) do
+    counts[1] = counts[1] or redis.call('SMEMBERS', K_LANES)
+    for _, lane in ipairs(counts[1]) do
       if ready(lane) then return false end
     end
   else
