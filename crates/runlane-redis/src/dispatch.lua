@@ -1579,19 +1579,22 @@ local function lease_fields(r, token, worker, lease_ms, deadline)
   return adl
 end
 
+-- A lane's ready count, read once per `counts` (a table its caller keeps for one step).
+local function lane_count(counts, lane)
+  local v = counts[lane]
+  if v == nil then
+    v = num(redis.call('HGET', k_l(lane), 'count'))
+    counts[lane] = v
+  end
+  return v
+end
+
 -- Whether no lane `chain` covers has a ready run. `counts` holds what this check read so far
 -- (each lane's ready count by name, read once; the caller puts in those it read already; and
 -- at [1] the lane set once a wildcard chain read it): a chain that names its lanes reads only
 -- those (a named lane that does not exist has none), a wildcard chain every lane.
 local function idle_lanes(chain, counts)
-  local function ready(lane)
-    local n = counts[lane]
-    if n == nil then
-      n = num(redis.call('HGET', k_l(lane), 'count'))
-      counts[lane] = n
-    end
-    return n > 0
-  end
+  local function ready(lane) return lane_count(counts, lane) > 0 end
   if string.sub(chain, 1, 1) == 'P' then
     counts[1] = counts[1] or redis.call('SMEMBERS', K_LANES)
     for _, lane in ipairs(counts[1]) do
@@ -1999,12 +2002,7 @@ claim_runs = function(A, from, to, fewer)
     return v
   end
   local function count_of(lane)
-    local v = counts[lane]
-    if v == nil then
-      v = num(redis.call('HGET', k_l(lane), 'count'))
-      counts[lane] = v
-    end
-    return math.max(v - (taken[lane] or 0), 0)
+    return math.max(lane_count(counts, lane) - (taken[lane] or 0), 0)
   end
   local function pass_of(lane, e)
     local lp = subtable(passes, lane)
