@@ -49,9 +49,6 @@ impl StartNotes {
     /// attempts went with them), under one lock.
     pub(crate) fn forget(&self, runs: impl IntoIterator<Item = RunId>) {
         let mut inner = self.lock();
-        if inner.starts.is_empty() {
-            return;
-        }
         for run in runs {
             inner.starts.remove(&run);
         }

@@ -798,21 +798,13 @@ impl RunStore for PostgresStore {
                 set.extend(runs.iter().map(|(r, _)| r.id));
             }
         }
-        let ids: Vec<RunId> = runs.iter().map(|(r, _)| r.id).collect();
-        let replaced = self.counters.rows_replaced.load(Ordering::Relaxed);
-        let mut answers = self
+        let (mut answers, replaced) = self
             .submit(durability, |reply| Op::Insert { runs, now, reply })
             .await?;
         // A run stored anew under a stored id: a start kept in memory for that id was the
-        // replaced run's. Fresh ids have none, so the starts are looked at only when some row
-        // was replaced while this call was in the writers (counted before it was answered).
-        if self.counters.rows_replaced.load(Ordering::Relaxed) != replaced {
-            self.starts.forget(
-                ids.iter()
-                    .zip(&answers)
-                    .filter(|(_, a)| matches!(a, Inserted::New))
-                    .map(|(id, _)| *id),
-            );
+        // replaced run's.
+        if !replaced.is_empty() {
+            self.starts.forget(replaced);
         }
         // New rows are `pending_enqueue`: an idle reconciler arms on them.
         self.pending.notify_one();

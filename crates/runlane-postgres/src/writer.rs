@@ -55,13 +55,16 @@ pub(crate) struct Counters {
     pub(crate) commit_micros: AtomicU64,
 }
 
+/// An insert call's answers, and the ids whose stored run a new one replaced.
+pub(crate) type InsertAnswer = (Vec<Inserted>, Vec<RunId>);
+
 /// One queued write.
 pub(crate) enum Op {
     /// `RunStore::insert`.
     Insert {
         runs: Vec<(RunRecord, Option<IdempotencyClaim>)>,
         now: Timestamp,
-        reply: oneshot::Sender<Result<Vec<Inserted>, StoreError>>,
+        reply: oneshot::Sender<Result<InsertAnswer, StoreError>>,
     },
     /// `RunStore::finish`, with the attempt start noted in memory, if any.
     Finish {
@@ -91,7 +94,7 @@ pub(crate) struct Queued {
 
 /// The answer computed for one call, sent once its transaction committed.
 enum Answer {
-    Inserted(Result<Vec<Inserted>, StoreError>),
+    Inserted(Result<InsertAnswer, StoreError>),
     Finished(Result<Box<RunRecord>, StoreError>),
     FinishedMany(Vec<Result<(), StoreError>>),
     Nothing,
@@ -491,6 +494,7 @@ async fn apply_inserts(
     // The rare rows that did not go in: an idempotency key held by a committed run, a key
     // that expired, or an id stored before (replaced, as every store does).
     let mut existing: HashMap<usize, RunRecord> = HashMap::new();
+    let mut replaced: HashSet<usize> = HashSet::new();
     let slow: Vec<usize> = (0..rows.len())
         .filter(|&i| !stored.contains(&id_to_sql(rows[i].record.id)) || duplicate_ids.contains(&i))
         .collect();
@@ -498,8 +502,14 @@ async fn apply_inserts(
         // A transaction (a savepoint inside the batch's) keeps each look-up-then-write whole.
         let mut tx = conn.begin().await?;
         for i in slow {
-            if let Some(holder) = insert_one(&mut tx, &rows[i], counters).await? {
-                existing.insert(i, holder);
+            match insert_one(&mut tx, &rows[i]).await? {
+                One::Held(holder) => {
+                    existing.insert(i, *holder);
+                }
+                One::Stored { replaced: true } => {
+                    replaced.insert(i);
+                }
+                One::Stored { replaced: false } => {}
             }
         }
         tx.commit().await?;
@@ -518,6 +528,9 @@ async fn apply_inserts(
     counters
         .rows_inserted
         .fetch_add((rows.len() - existing.len()) as u64, Ordering::Relaxed);
+    counters
+        .rows_replaced
+        .fetch_add(replaced.len() as u64, Ordering::Relaxed);
     for (i, call) in slots {
         let out = call
             .into_iter()
@@ -535,19 +548,26 @@ async fn apply_inserts(
                 },
             })
             .collect();
-        answers[i] = Some(Answer::Inserted(Ok(out)));
+        let gone = replaced
+            .iter()
+            .filter(|&&row| rows[row].op == i)
+            .map(|&row| rows[row].record.id)
+            .collect();
+        answers[i] = Some(Answer::Inserted(Ok((out, gone))));
     }
     Ok(())
 }
 
-/// Inserts one row the multi-row statement skipped; returns the run holding its idempotency
-/// key when that answers instead. A row stored under its id is replaced (counted in
-/// `rows_replaced`).
-async fn insert_one(
-    conn: &mut PgConnection,
-    row: &NewRow<'_>,
-    counters: &Counters,
-) -> Result<Option<RunRecord>, DbError> {
+/// What `insert_one` did with its row.
+enum One {
+    /// Stored; `replaced`: in place of a run stored under its id.
+    Stored { replaced: bool },
+    /// Not stored: this run holds its idempotency key and answers instead.
+    Held(Box<RunRecord>),
+}
+
+/// Inserts one row the multi-row statement skipped, replacing a run stored under its id.
+async fn insert_one(conn: &mut PgConnection, row: &NewRow<'_>) -> Result<One, DbError> {
     let id = id_to_sql(row.record.id);
     // The key the replaced row held (read by the first pass's delete: a later pass finds no
     // row to delete).
@@ -568,7 +588,7 @@ async fn insert_one(
             .fetch_optional(&mut *conn)
             .await?;
             if let Some(holder) = holder {
-                return Ok(Some(decode_run(&holder)?));
+                return Ok(One::Held(Box::new(decode_run(&holder)?)));
             }
             // A holder whose claim expired: the key is free for this run.
             sqlx::query(
@@ -606,10 +626,9 @@ async fn insert_one(
             .await?
             .is_empty()
         {
-            if replaced.is_some() {
-                counters.rows_replaced.fetch_add(1, Ordering::Relaxed);
-            }
-            return Ok(None);
+            return Ok(One::Stored {
+                replaced: replaced.is_some(),
+            });
         }
         // Another transaction took the key in between: look again.
     }

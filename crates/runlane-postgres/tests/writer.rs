@@ -699,6 +699,7 @@ async fn new_runs_skip_the_conflict_checks_and_a_stored_id_is_still_replaced() {
     assert_eq!(inserted, vec![Inserted::New; 3]);
     let stats = store.stats();
     assert_eq!(stats.insert_conflicts, 2, "{stats:?}");
+    assert_eq!(stats.rows_replaced, 2, "{stats:?}");
     assert_eq!(stats.failed_batches, 0, "{stats:?}");
     for (run, payload) in [
         (common::record(0).id, again.payload.clone()),
