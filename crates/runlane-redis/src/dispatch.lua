@@ -1555,10 +1555,6 @@ local function placed(p)
   return 'ready'
 end
 
--- Whether `claim_runs(A, from, #A, 0)` made right after run `r` is placed ready would lease
--- that run and nothing else: the claim has a free slot, covers the run's lane and serves its
--- env at a version the run may run on, and no lane it covers has a ready run (so the run is
--- its one candidate, whatever the lanes' order).
 -- Makes run `r`'s record a lease: token `token` of `worker` for `lease_ms` until `deadline`,
 -- ever leased, no ready state, no cancel; answers its attempt deadline (false: none).
 local function lease_fields(r, token, worker, lease_ms, deadline)
@@ -1594,15 +1590,14 @@ end
 -- at [1] the lane set once a wildcard chain read it): a chain that names its lanes reads only
 -- those (a named lane that does not exist has none), a wildcard chain every lane.
 local function idle_lanes(chain, counts)
-  local function ready(lane) return lane_count(counts, lane) > 0 end
   if string.sub(chain, 1, 1) == 'P' then
     counts[1] = counts[1] or redis.call('SMEMBERS', K_LANES)
     for _, lane in ipairs(counts[1]) do
-      if ready(lane) then return false end
+      if lane_count(counts, lane) > 0 then return false end
     end
   else
     for lane in string.gmatch(string.sub(chain, 2), '[^>]+') do
-      if ready(lane) then return false end
+      if lane_count(counts, lane) > 0 then return false end
     end
   end
   return true
