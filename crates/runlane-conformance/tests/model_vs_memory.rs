@@ -152,6 +152,9 @@ enum Op {
     },
     /// A handler completes (`finish`); `stale` uses some other token ever granted.
     Complete { pick: u16, stale: Option<u16> },
+    /// A slot's turn: a handler completes and its slot claims the next run (`Complete`, then
+    /// `Claim`, in one step: `finish_then_claim`; the model takes the two calls).
+    CompleteClaiming(Box<Op>, Box<Op>),
     /// A handler fails: `retry` at `now + ms`, or final (`finish`).
     Fail { pick: u16, retry_in_ms: Option<u32> },
     /// Drain on stop: `release`.
@@ -403,6 +406,8 @@ fn op() -> impl Strategy<Value = Op> {
     });
     let trigger_claiming = (trigger.clone(), claim.clone())
         .prop_map(|(t, c)| Op::TriggerClaiming(Box::new(t), Box::new(c)));
+    let complete_claiming = (complete.clone(), claim.clone())
+        .prop_map(|(f, c)| Op::CompleteClaiming(Box::new(f), Box::new(c)));
     prop_oneof![
         7 => trigger,
         1 => any::<u16>().prop_map(|pick| Op::Duplicate { pick }),
@@ -410,6 +415,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => trigger_claiming,
         4 => heartbeat,
         4 => complete,
+        2 => complete_claiming,
         3 => fail,
         1 => any::<u16>().prop_map(|pick| Op::Release { pick }),
         2 => cancel,
@@ -458,6 +464,8 @@ enum Call {
     EnqueueClaiming(Box<Dispatch>, EnqueueAs, ClaimRequest),
     Heartbeat(Vec<(RunId, FencingToken)>),
     Finish(RunId, FencingToken),
+    /// A finish and the slot's next claim (see [`Op::CompleteClaiming`]).
+    FinishClaiming(RunId, FencingToken, ClaimRequest),
     Retry(RunId, FencingToken, Timestamp),
     Release(RunId, FencingToken),
     Cancel(RunId, Duration),
@@ -500,6 +508,8 @@ enum Outcome {
     EnqueueClaiming(R<(Placement, Vec<Leased>)>),
     Heartbeat(R<Vec<LeaseState>>),
     Effects(R<Effects>),
+    /// The finish's effects and the claim's answer.
+    FinishClaiming(R<(Effects, R<Vec<Leased>>)>),
     Cancel(R<CancelOutcome>),
     Check(R<()>),
     Tick(R<Tick>),
@@ -532,6 +542,9 @@ async fn call<B: QueueBackend>(b: &B, c: &Call, now: Timestamp) -> Outcome {
         }),
         Call::Heartbeat(leases) => Outcome::Heartbeat(n(b.heartbeat(leases, now).await)),
         Call::Finish(run, token) => Outcome::Effects(n(b.finish(*run, *token, now).await)),
+        Call::FinishClaiming(run, token, req) => Outcome::FinishClaiming(
+            n(b.finish_then_claim(*run, *token, req, now).await).map(|(fx, l)| (fx, n(l))),
+        ),
         Call::Retry(run, token, at) => Outcome::Effects(n(b.retry(*run, *token, *at, now).await)),
         Call::Release(run, token) => Outcome::Effects(n(b.release(*run, *token, now).await)),
         Call::Cancel(run, grace) => Outcome::Cancel(n(b.cancel(*run, *grace, now).await)),
@@ -701,6 +714,12 @@ impl Driver {
             }
             Op::TriggerClaiming(t, c) => match (self.resolve(t), self.resolve(c)) {
                 (Call::Enqueue(d, why), Call::Claim(req)) => Call::EnqueueClaiming(d, why, req),
+                _ => Call::Nothing,
+            },
+            Op::CompleteClaiming(f, c) => match (self.resolve(f), self.resolve(c)) {
+                (Call::Finish(run, token), Call::Claim(req)) => {
+                    Call::FinishClaiming(run, token, req)
+                }
                 _ => Call::Nothing,
             },
             // Only runs still held: a removed run enqueued again is a new run to the backend.
@@ -882,6 +901,16 @@ impl Driver {
                 &Outcome::Claim(Ok(leased.clone())),
             );
         }
+        // A finish and a claim: what the finish and then the claim teach.
+        if let (Call::FinishClaiming(run, token, req), Outcome::FinishClaiming(Ok((fx, claimed)))) =
+            (c, out)
+        {
+            self.learn(
+                &Call::Finish(*run, *token),
+                &Outcome::Effects(Ok(fx.clone())),
+            )?;
+            return self.learn(&Call::Claim(req.clone()), &Outcome::Claim(claimed.clone()));
+        }
         match (c, out) {
             (Call::Enqueue(d, _), Outcome::Enqueue(Ok(_)))
                 if !self.dispatches.iter().any(|x| x.run_id == d.run_id) =>
@@ -1005,7 +1034,8 @@ impl Driver {
                 .and_then(|r| r.lease.clone())
         };
         let accepted = match (c, out) {
-            (Call::Finish(run, token) | Call::Retry(run, token, _), Outcome::Effects(Ok(_))) => {
+            (Call::Finish(run, token) | Call::Retry(run, token, _), Outcome::Effects(Ok(_)))
+            | (Call::FinishClaiming(run, token, _), Outcome::FinishClaiming(Ok(_))) => {
                 Some((*run, *token, true))
             }
             (Call::Release(run, token), Outcome::Effects(Ok(_)))
@@ -1195,7 +1225,7 @@ mod coverage {
     use std::sync::atomic::{AtomicU64, Ordering};
 
     /// The counted events.
-    pub const NAMES: [&str; 27] = [
+    pub const NAMES: [&str; 29] = [
         "enqueue ready",
         "enqueue queued",
         "enqueue delayed",
@@ -1206,6 +1236,8 @@ mod coverage {
         "claim empty",
         "enqueue claiming granted",
         "enqueue claiming empty",
+        "finish claiming granted",
+        "finish claiming empty",
         "heartbeat alive",
         "heartbeat cancel_requested",
         "heartbeat lost",
@@ -1227,7 +1259,7 @@ mod coverage {
 
     /// Counts of one property run (shared by its cases, which proptest runs one by one).
     #[derive(Default)]
-    pub struct Coverage([AtomicU64; 27]);
+    pub struct Coverage([AtomicU64; 29]);
 
     impl Coverage {
         /// Counts one event by name.
@@ -1269,6 +1301,12 @@ fn count(coverage: &coverage::Coverage, c: &Call, out: &Outcome) {
         } else {
             "enqueue claiming granted"
         }),
+        Outcome::FinishClaiming(Ok((_, Ok(l)))) => hit(if l.is_empty() {
+            "finish claiming empty"
+        } else {
+            "finish claiming granted"
+        }),
+        Outcome::FinishClaiming(Err(QueueError::StaleToken(_))) => hit("stale token refused"),
         Outcome::Heartbeat(Ok(states)) => {
             for s in states {
                 hit(match s {

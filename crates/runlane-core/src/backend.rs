@@ -678,6 +678,22 @@ pub trait QueueBackend: Send + Sync + 'static {
             .await
     }
 
+    /// Ends a leased run as [`finish`](Self::finish) does, then claims for `next` as
+    /// [`claim`](Self::claim) does at the same `now`: a worker slot's turn from one run to the
+    /// next. The outer error is the finish's, and then nothing was claimed; the inner result
+    /// is the claim's (the finish stands either way). A backend may take both in one step (the
+    /// memory queue: one lock instead of two); the default calls `finish`, then `claim`.
+    async fn finish_then_claim(
+        &self,
+        run: RunId,
+        token: FencingToken,
+        next: &ClaimRequest,
+        now: Timestamp,
+    ) -> Result<(Effects, Result<Vec<Leased>, QueueError>), QueueError> {
+        let effects = self.finish(run, token, now).await?;
+        Ok((effects, self.claim(next, now).await))
+    }
+
     /// Ends many leased runs, as [`QueueBackend::finish`] does one by one, answering per run.
     /// A backend may do it in one step (one lock, one round trip); the default calls `finish`
     /// for each, in order. The effects of all of them are merged into the returned `Effects`.

@@ -20,7 +20,7 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use runlane_core::backend::AttemptEnd;
+use runlane_core::backend::{AttemptEnd, ClaimRequest, Leased};
 use runlane_core::{EnvName, FencingToken, QueueError, RunId, RunStatus, StoreError, Timestamp};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
@@ -87,12 +87,18 @@ impl Completer {
     /// Ends one completed attempt in the caller's task, without batching (a store whose
     /// writes cost no commit: the hop to the completer's task would cost more than it saves).
     /// The steps and answers of a batch of one, without its channel, reply and vectors.
+    ///
+    /// With `next`, the slot's next claim is made in the same queue step as the ack
+    /// ([`QueueBackend::finish_then_claim`](runlane_core::backend::QueueBackend::finish_then_claim))
+    /// once the end is written, and its leases answered (`None`: no claim was made, the ack
+    /// failed or the end was not written).
     pub(crate) async fn end_now(
         inner: &Inner,
         env: &EnvName,
         token: FencingToken,
         end: AttemptEnd,
-    ) -> Result<(), EngineError> {
+        next: Option<&ClaimRequest>,
+    ) -> Result<Option<Vec<Leased>>, EngineError> {
         let run = end.run;
         writes_on(
             bounded("lease check", inner.queue.check_lease(run, token)).await,
@@ -110,13 +116,25 @@ impl Completer {
             },
             Err(e) => return Err(e.into()),
         };
+        let mut claimed = None;
         if matches!(written, Ok(()) | Err(StoreError::AlreadyFinished { .. })) {
-            match bounded("ack", inner.queue.finish(run, token, now)).await {
+            let acked = match next {
+                Some(next) => {
+                    let call = inner.queue.finish_then_claim(run, token, next, now);
+                    bounded("ack", call).await.map(|(effects, leases)| {
+                        claimed = leases.ok();
+                        effects
+                    })
+                }
+                None => bounded("ack", inner.queue.finish(run, token, now)).await,
+            };
+            match acked {
                 Ok(effects) => inner.apply(effects, None).await,
                 Err(e) => inner.warn_queue_finish(run, &e),
             }
         }
-        settle(inner, written, run, env, status, attempt, now)
+        settle(inner, written, run, env, status, attempt, now)?;
+        Ok(claimed)
     }
 
     /// Ends a completed attempt in the next batch; returns once its end is written (or was

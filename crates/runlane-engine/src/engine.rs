@@ -12,8 +12,8 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use runlane_core::backend::{
-    AttemptEnd, AttemptRecord, CancelOutcome, Dispatch, Effects, EnqueueAs, LaneInfo, Lapsed,
-    QueueBackend, QueueInfo, RunFilter, RunRecord, RunStore, Tick, VersionInfo,
+    AttemptEnd, AttemptRecord, CancelOutcome, ClaimRequest, Dispatch, Effects, EnqueueAs, LaneInfo,
+    Lapsed, Leased, QueueBackend, QueueInfo, RunFilter, RunRecord, RunStore, Tick, VersionInfo,
 };
 use runlane_core::{
     CancelReason, EnvName, EnvSettings, FencingToken, InvalidInput, LaneName, QueueError,
@@ -575,7 +575,26 @@ impl Inner {
         if self.store.group_commits() {
             self.completer.end(env, token, end).await
         } else {
-            Completer::end_now(self, env, token, end).await
+            Completer::end_now(self, env, token, end, None)
+                .await
+                .map(|_| ())
+        }
+    }
+
+    /// [`finish_attempt`](Self::finish_attempt) for a worker slot that goes on to its next
+    /// run: with a store that does not batch ends, the next claim is made in the queue step of
+    /// the ack and its leases answered (`None`: no claim was made; the caller claims itself).
+    pub(crate) async fn finish_attempt_then_claim(
+        &self,
+        env: &EnvName,
+        token: FencingToken,
+        end: AttemptEnd,
+        next: &ClaimRequest,
+    ) -> Result<Option<Vec<Leased>>, EngineError> {
+        if self.store.group_commits() {
+            self.completer.end(env, token, end).await.map(|()| None)
+        } else {
+            Completer::end_now(self, env, token, end, Some(next)).await
         }
     }
 

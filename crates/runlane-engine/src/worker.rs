@@ -546,12 +546,16 @@ async fn run_slot(shared: Arc<WorkerShared>, lp: Arc<LoopShared>, first: ToRun) 
             permit,
             ending: lp.ending.clone(),
         };
-        let Some(permit) =
-            execute(shared.clone(), leased, registered, slot, loaded, continued).await
+        let turn = Turn {
+            slot,
+            next: &lp.one,
+        };
+        let Some((permit, claimed)) =
+            execute(&shared, leased, registered, turn, loaded, continued).await
         else {
             break;
         };
-        next = claim_next(&shared, &lp, permit)
+        next = claim_next(&shared, &lp, permit, claimed)
             .await
             .map(|(leased, permit, loaded)| {
                 let registered = shared.register(&leased);
@@ -573,17 +577,24 @@ struct Registered {
     first: bool,
 }
 
-/// A run task's claim for the slot it holds: one run, unless the worker is stopping.
+/// A run task's claim for the slot it holds: one run, unless the worker is stopping. The
+/// leases of a claim made with the last run's ack (`claimed`) are taken as this claim's.
 async fn claim_next(
     shared: &WorkerShared,
     lp: &LoopShared,
     permit: OwnedSemaphorePermit,
+    claimed: Option<Vec<Leased>>,
 ) -> Option<(Leased, OwnedSemaphorePermit, Loaded)> {
-    if *shared.stop.borrow() {
-        return None;
-    }
     let engine = &shared.engine.inner;
-    let mut leases = match claim(engine, &lp.one).await {
+    let claimed = match claimed {
+        // Late only if the ack waited; renewed then, as any claim's.
+        Some(leases) => {
+            Ok(renew_late(engine.queue.as_ref(), leases, lp.one.lease, engine.now()).await)
+        }
+        None if *shared.stop.borrow() => return None,
+        None => claim(engine, &lp.one).await,
+    };
+    let mut leases = match claimed {
         Ok(leases) => leases,
         Err(e) => {
             // The workloop claims again with its backoff once the slot is back.
@@ -640,6 +651,13 @@ async fn release_unstarted(engine: &Inner, leased: &Leased) {
 struct Slot {
     permit: OwnedSemaphorePermit,
     ending: Arc<Semaphore>,
+}
+
+/// A run's turn in its slot: the slot, and the claim the slot makes for its next run once this
+/// one has ended (with the ack, in one queue step, when the end is written at once).
+struct Turn<'a> {
+    slot: Slot,
+    next: &'a ClaimRequest,
 }
 
 /// Unregisters a run from the worker and the engine when its task ends, however it ends.
@@ -1269,13 +1287,14 @@ pub(crate) async fn resolve(
 /// workloop's next run with it; `continued` says the run was claimed that way, and is handed
 /// back at once when the worker started to stop meanwhile.
 async fn execute(
-    shared: Arc<WorkerShared>,
+    shared: &Arc<WorkerShared>,
     leased: Leased,
     registered: Registered,
-    slot: Slot,
+    turn: Turn<'_>,
     loaded: Loaded,
     continued: bool,
-) -> Option<OwnedSemaphorePermit> {
+) -> Option<(OwnedSemaphorePermit, Option<Vec<Leased>>)> {
+    let Turn { slot, next } = turn;
     let run = leased.dispatch.run_id;
     let token = leased.token;
     let Registered {
@@ -1287,7 +1306,7 @@ async fn execute(
         // Only the first run arms the heartbeat; later ones change nothing it waits for.
         shared.changed.notify_waiters();
     }
-    let engine = shared.engine.inner.clone();
+    let engine: &Inner = &shared.engine.inner;
     let d = &leased.dispatch;
     let aborted = local.abort.get();
     if aborted == Some(AbortKind::Engine) {
@@ -1297,7 +1316,7 @@ async fn execute(
         // Claimed by a run task as the drain began, or stopped by the drain before its task
         // first ran: it goes back like any run the drain stops, its handler never started.
         let mut settle = local.settle.lock().await;
-        if !*settle && release(&shared, run, token, &d.env, d.attempt).await {
+        if !*settle && release(shared, run, token, &d.env, d.attempt).await {
             *settle = true;
         }
         return None;
@@ -1305,13 +1324,13 @@ async fn execute(
     engine.publish(run, &d.env, RunStatus::Executing, d.attempt);
 
     // A run triggered in this process comes with its payload; any other is read back.
-    let handed = match resolve(&engine, run, token, d.attempt, loaded).await {
+    let handed = match resolve(engine, run, token, d.attempt, loaded).await {
         Resolved::Ready(handed) => handed,
         Resolved::Gone => return None,
         Resolved::Unloadable(e) => {
             // Without the payload nothing can run: hand the run back without an attempt.
             tracing::warn!(%run, error = %e, "claimed run could not be loaded; releasing it");
-            let _ = release(&shared, run, token, &d.env, d.attempt).await;
+            let _ = release(shared, run, token, &d.env, d.attempt).await;
             return None;
         }
     };
@@ -1381,27 +1400,43 @@ async fn execute(
     if *settle {
         return None; // The engine ended this attempt first (timeout, lapse, cancel grace).
     }
+    // What the slot's next claim made with the ack leased (`None`: no such claim was made).
+    let mut claimed = None;
     let result = match outcome {
         Outcome::Aborted(AbortKind::Engine) => return None,
         Outcome::Aborted(AbortKind::Drain) => {
-            if !release(&shared, run, token, &d.env, d.attempt).await {
+            if !release(shared, run, token, &d.env, d.attempt).await {
                 return None;
             }
             Ok(())
         }
         Outcome::Completed(value) => {
             let (output, ended_at) = (output_text(value), engine.now());
-            until_written(&engine, &local, || {
+            // The slot goes on to its next run: its claim rides on the ack, unless the worker
+            // is stopping (no claim) or the slot is already given back (batched ends).
+            let next = (permit.is_some() && !*shared.stop.borrow()).then_some(next);
+            until_written(engine, &local, || async {
                 let end = completed_end(run, d.attempt, output.clone(), ended_at);
-                engine.finish_attempt(&d.env, token, end)
+                match next {
+                    Some(next) => {
+                        engine
+                            .finish_attempt_then_claim(&d.env, token, end, next)
+                            .await
+                    }
+                    None => engine
+                        .finish_attempt(&d.env, token, end)
+                        .await
+                        .map(|()| None),
+                }
             })
             .await
+            .map(|leases| claimed = leases)
         }
         Outcome::Failed { outcome, error } => match local.cancel.get() {
             // The engine owns these endings; it takes the settle lock after us.
             Some(CancelReason::Timeout | CancelReason::LeaseLost) => return None,
             Some(CancelReason::Shutdown) => {
-                if !release(&shared, run, token, &d.env, d.attempt).await {
+                if !release(shared, run, token, &d.env, d.attempt).await {
                     return None;
                 }
                 Ok(())
@@ -1414,7 +1449,7 @@ async fn execute(
                     .map(|_| ())
             }
             None => {
-                until_written(&engine, &local, || {
+                until_written(engine, &local, || {
                     engine.fail_attempt(
                         &d.env,
                         &handed.retry,
@@ -1433,7 +1468,7 @@ async fn execute(
     match result {
         Ok(()) => {
             *settle = true;
-            permit
+            permit.map(|p| (p, claimed))
         }
         // The lease was lost before the end could be written (a zombie's end is dropped): the
         // attempt stays unsettled, so the lapse's recovery, here or elsewhere, applies the
@@ -1480,14 +1515,14 @@ fn completed_end(run: RunId, attempt: u32, output: Arc<str>, ended_at: Timestamp
 /// attempt over): the last error is then answered and the lease left to lapse, as without the
 /// retries. Every write is the same end: the store's first write wins, a repeat of one that
 /// landed unseen gets `AlreadyFinished`.
-async fn until_written<F, Fut>(
+async fn until_written<F, Fut, T>(
     engine: &Inner,
     local: &LocalRun,
     mut write: F,
-) -> Result<(), EngineError>
+) -> Result<T, EngineError>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), EngineError>>,
+    Fut: Future<Output = Result<T, EngineError>>,
 {
     let mut backoff = END_RETRY_MIN;
     loop {

@@ -676,6 +676,116 @@ fn release_event(_delayed: bool) -> Event {
     Event::Release
 }
 
+/// Takes up to `request.max` runs out of the chain's lanes and leases them (`claim`, and the
+/// claim of `finish_then_claim`).
+fn claim_locked(st: &mut State, request: &ClaimRequest, now: Timestamp) -> Vec<Leased> {
+    // A worker serves a few envs: a scan of its list costs less than building a map.
+    let served = |env: &EnvName| -> Option<u32> {
+        request
+            .envs
+            .iter()
+            .find(|s| &s.env == env)
+            .map(|s| s.version)
+    };
+    let eligible = |st: &State, env: &EnvName, run: &RunId| -> bool {
+        let Some(version) = served(env) else {
+            return false;
+        };
+        st.runs
+            .get(run)
+            .is_some_and(|e| e.dispatch.locked_version.is_none_or(|v| v == version))
+    };
+    let mut out = Vec::new();
+    while (out.len() as u32) < request.max {
+        // A named lane with an eligible run wins in chain order; past a wildcard, the lane
+        // whose eligible run became ready first. No allocation per claim: the pick borrows
+        // the state until the env it names is cloned once.
+        let mut pick: Option<(&LaneName, LanePick<'_>)> = None;
+        for name in request.chain.named() {
+            if let Some(p) = st
+                .lanes
+                .get(name)
+                .and_then(|l| lane_pick(st, l, &served, &eligible))
+            {
+                pick = Some((name, p));
+                break;
+            }
+        }
+        if pick.is_none() && request.chain.is_wildcard() {
+            for (name, lane) in &st.lanes {
+                if lane.count == 0 || request.chain.named().contains(name) {
+                    continue;
+                }
+                if let Some(p) = lane_pick(st, lane, &served, &eligible) {
+                    if pick.as_ref().is_none_or(|(_, b)| p.first_seq < b.first_seq) {
+                        pick = Some((name, p));
+                    }
+                }
+            }
+        }
+        let Some((lane_name, p)) = pick else {
+            break;
+        };
+        let (lane_name, env, eff, seq, run) =
+            (lane_name.clone(), p.env.clone(), p.eff, p.seq, p.run);
+        let weight = st
+            .envs
+            .get(&env)
+            .map_or(1, |e| u64::from(e.settings.weight.max(1)));
+        if let Some(lane) = st.lanes.get_mut(&lane_name) {
+            lane.vtime = eff;
+            let next = eff + STRIDE / weight;
+            match lane.pass.get_mut(&env) {
+                Some(pass) => *pass = next,
+                None => {
+                    lane.pass.insert(env.clone(), next);
+                }
+            }
+            if let Some(by_seq) = lane.ready.get_mut(&env) {
+                by_seq.remove(&seq);
+                if by_seq.is_empty() {
+                    lane.ready.remove(&env);
+                }
+            }
+            lane.count = lane.count.saturating_sub(1);
+        }
+        st.token += 1;
+        let token = FencingToken(st.token);
+        let Some(entry) = st.runs.get_mut(&run) else {
+            break;
+        };
+        let was_leased = entry.dispatch.ever_leased;
+        entry.dispatch.ever_leased = true;
+        let deadline = now.saturating_add(request.lease);
+        let attempt_deadline = entry.dispatch.max_duration.map(|m| now.saturating_add(m));
+        entry.place = Place::Leased(Lease {
+            token,
+            worker: request.worker,
+            duration: request.lease,
+            deadline,
+            attempt_deadline,
+            cancel_requested_at: None,
+            cancel_deadline: None,
+            lapsed: false,
+        });
+        let d = entry.dispatch.clone();
+        if let (Some(ttl), false) = (d.ttl_deadline, was_leased) {
+            st.ttl.remove(&(ttl, run));
+        }
+        st.lease_deadlines.insert((deadline, run));
+        if let Some(at) = attempt_deadline {
+            st.attempt_deadlines.insert((at, run));
+        }
+        out.push(Leased {
+            dispatch: d,
+            token,
+            lease_deadline: deadline,
+            attempt_deadline,
+        });
+    }
+    out
+}
+
 #[async_trait]
 impl QueueBackend for MemoryQueue {
     async fn put_env(
@@ -901,112 +1011,7 @@ impl QueueBackend for MemoryQueue {
         request: &ClaimRequest,
         now: Timestamp,
     ) -> Result<Vec<Leased>, QueueError> {
-        let mut st = self.lock();
-        // A worker serves a few envs: a scan of its list costs less than building a map.
-        let served = |env: &EnvName| -> Option<u32> {
-            request
-                .envs
-                .iter()
-                .find(|s| &s.env == env)
-                .map(|s| s.version)
-        };
-        let eligible = |st: &State, env: &EnvName, run: &RunId| -> bool {
-            let Some(version) = served(env) else {
-                return false;
-            };
-            st.runs
-                .get(run)
-                .is_some_and(|e| e.dispatch.locked_version.is_none_or(|v| v == version))
-        };
-        let mut out = Vec::new();
-        while (out.len() as u32) < request.max {
-            // A named lane with an eligible run wins in chain order; past a wildcard, the lane
-            // whose eligible run became ready first. No allocation per claim: the pick borrows
-            // the state until the env it names is cloned once.
-            let mut pick: Option<(&LaneName, LanePick<'_>)> = None;
-            for name in request.chain.named() {
-                if let Some(p) = st
-                    .lanes
-                    .get(name)
-                    .and_then(|l| lane_pick(&st, l, &served, &eligible))
-                {
-                    pick = Some((name, p));
-                    break;
-                }
-            }
-            if pick.is_none() && request.chain.is_wildcard() {
-                for (name, lane) in &st.lanes {
-                    if lane.count == 0 || request.chain.named().contains(name) {
-                        continue;
-                    }
-                    if let Some(p) = lane_pick(&st, lane, &served, &eligible) {
-                        if pick.as_ref().is_none_or(|(_, b)| p.first_seq < b.first_seq) {
-                            pick = Some((name, p));
-                        }
-                    }
-                }
-            }
-            let Some((lane_name, p)) = pick else {
-                break;
-            };
-            let (lane_name, env, eff, seq, run) =
-                (lane_name.clone(), p.env.clone(), p.eff, p.seq, p.run);
-            let weight = st
-                .envs
-                .get(&env)
-                .map_or(1, |e| u64::from(e.settings.weight.max(1)));
-            if let Some(lane) = st.lanes.get_mut(&lane_name) {
-                lane.vtime = eff;
-                let next = eff + STRIDE / weight;
-                match lane.pass.get_mut(&env) {
-                    Some(pass) => *pass = next,
-                    None => {
-                        lane.pass.insert(env.clone(), next);
-                    }
-                }
-                if let Some(by_seq) = lane.ready.get_mut(&env) {
-                    by_seq.remove(&seq);
-                    if by_seq.is_empty() {
-                        lane.ready.remove(&env);
-                    }
-                }
-                lane.count = lane.count.saturating_sub(1);
-            }
-            st.token += 1;
-            let token = FencingToken(st.token);
-            let Some(entry) = st.runs.get_mut(&run) else {
-                break;
-            };
-            let was_leased = entry.dispatch.ever_leased;
-            entry.dispatch.ever_leased = true;
-            let deadline = now.saturating_add(request.lease);
-            let attempt_deadline = entry.dispatch.max_duration.map(|m| now.saturating_add(m));
-            entry.place = Place::Leased(Lease {
-                token,
-                worker: request.worker,
-                duration: request.lease,
-                deadline,
-                attempt_deadline,
-                cancel_requested_at: None,
-                cancel_deadline: None,
-                lapsed: false,
-            });
-            let d = entry.dispatch.clone();
-            if let (Some(ttl), false) = (d.ttl_deadline, was_leased) {
-                st.ttl.remove(&(ttl, run));
-            }
-            st.lease_deadlines.insert((deadline, run));
-            if let Some(at) = attempt_deadline {
-                st.attempt_deadlines.insert((at, run));
-            }
-            out.push(Leased {
-                dispatch: d,
-                token,
-                lease_deadline: deadline,
-                attempt_deadline,
-            });
-        }
-        Ok(out)
+        Ok(claim_locked(&mut self.lock(), request, now))
     }
 
     async fn heartbeat(
@@ -1069,6 +1074,22 @@ impl QueueBackend for MemoryQueue {
         let mut effects = Effects::default();
         st.finish_one(run, token, now, &mut effects)?;
         Ok(st.finish_effects(effects))
+    }
+
+    /// One lock for a slot's ack and its next claim: the two worker threads of a drain met on
+    /// this mutex at every step of a run (lock spinning ~10 % of a drain's samples).
+    async fn finish_then_claim(
+        &self,
+        run: RunId,
+        token: FencingToken,
+        next: &ClaimRequest,
+        now: Timestamp,
+    ) -> Result<(Effects, Result<Vec<Leased>, QueueError>), QueueError> {
+        let mut st = self.lock();
+        let mut effects = Effects::default();
+        st.finish_one(run, token, now, &mut effects)?;
+        let effects = st.finish_effects(effects);
+        Ok((effects, Ok(claim_locked(&mut st, next, now))))
     }
 
     async fn retry(
@@ -1550,6 +1571,7 @@ mod tests {
     use runlane_core::backend::ServedEnv;
 
     const T0: Timestamp = Timestamp(1_700_000_000_000);
+    const T1: Timestamp = Timestamp(1_700_000_000_250);
 
     fn env(name: &str) -> EnvName {
         EnvName::new(name).expect("valid env")
@@ -1632,6 +1654,60 @@ mod tests {
             "A's finish admits B from another queue"
         );
         q.check_invariants().expect("invariants");
+    }
+
+    #[tokio::test]
+    async fn a_slot_turn_in_one_step_answers_and_leaves_what_its_two_steps_do() {
+        // The same history on two queues: an ack then a claim, as two calls and as one.
+        let (one, two) = (backend(&[("e", 1, 1)]).await, backend(&[("e", 1, 1)]).await);
+        let req = claim_req(&["e"], 1, ClaimChain::default_chain());
+        let mut first = Vec::new();
+        for q in [&one, &two] {
+            for (id, queue) in [(1, "qa"), (2, "qb"), (3, "qa")] {
+                let d = dispatch(id, "e", queue, "default");
+                q.enqueue(d, EnqueueAs::Trigger, T0).await.expect("enqueue");
+            }
+            first.push(q.claim(&req, T0).await.expect("claim"));
+        }
+        assert_eq!(first[0], first[1]);
+        let token = first[0][0].token;
+        let stale = FencingToken(token.0 + 100);
+        let before = one.snapshot().await.expect("snapshot");
+        let refused = one.finish_then_claim(RunId(1), stale, &req, T1).await;
+        assert!(
+            matches!(refused, Err(QueueError::StaleToken(RunId(1)))),
+            "{refused:?}"
+        );
+        assert_eq!(
+            one.snapshot().await.expect("snapshot"),
+            before,
+            "a refused ack claims nothing"
+        );
+
+        let (effects, leases) = one
+            .finish_then_claim(RunId(1), token, &req, T1)
+            .await
+            .expect("one step");
+        let leases = leases.expect("its claim");
+        let fx = two.finish(RunId(1), token, T1).await.expect("ack");
+        let claimed = two.claim(&req, T1).await.expect("claim");
+        assert_eq!(effects, fx);
+        assert_eq!(leases, claimed);
+        assert_eq!(leases.len(), 1, "the ack freed the env's one slot");
+        let admitted = leases[0].dispatch.run_id;
+        assert!(
+            effects.moved.contains(&(admitted, RunStatus::Ready)),
+            "the claimed run is the one the ack admitted: {effects:?}"
+        );
+        assert_eq!(
+            one.snapshot().await.expect("snapshot"),
+            two.snapshot().await.expect("snapshot")
+        );
+        assert_eq!(
+            one.next_deadline().await.expect("deadline"),
+            two.next_deadline().await.expect("deadline")
+        );
+        one.check_invariants().expect("invariants");
     }
 
     #[tokio::test]
