@@ -1,10 +1,10 @@
 //! Counters the engine keeps for `/metrics`: triggers (and how many took the fast path),
 //! idempotency hits, claims with the due → claimed latency, retries, expirations, lease
-//! losses and timeouts. Plain atomics, bumped on paths that already did the work; reading them
-//! costs nothing on the hot path.
+//! losses and timeouts. Plain atomics, bumped on paths that already did the work, in a copy per
+//! thread (summed when read); reading them costs nothing on the hot path.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use runlane_core::backend::Leased;
@@ -61,8 +61,27 @@ pub struct EngineMetrics {
     pub schedule_ticks_refused: u64,
 }
 
+/// How many copies of the counters are kept. Each thread bumps the copy its index picks
+/// (cache lines apart), so two worker threads never write one line: with one shared copy, the
+/// counters' lines moved between the cores at every claim and trigger. A snapshot sums them.
+const STRIPES: usize = 8;
+
+thread_local! {
+    /// This thread's copy of the counters, picked at its first bump.
+    static STRIPE: usize = {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES
+    };
+}
+
 /// The live counters.
 pub(crate) struct Counters {
+    stripes: [Stripe; STRIPES],
+}
+
+/// One copy of the counters (see [`STRIPES`]).
+#[repr(align(128))]
+struct Stripe {
     triggered: AtomicU64,
     triggered_ready: AtomicU64,
     idempotent_hits: AtomicU64,
@@ -82,13 +101,9 @@ pub(crate) struct Counters {
     last_claim: Mutex<BTreeMap<LaneName, Timestamp>>,
 }
 
-fn bump(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
-}
-
-impl Counters {
-    pub(crate) fn new() -> Self {
-        Counters {
+impl Stripe {
+    fn new() -> Self {
+        Stripe {
             triggered: AtomicU64::new(0),
             triggered_ready: AtomicU64::new(0),
             idempotent_hits: AtomicU64::new(0),
@@ -107,48 +122,74 @@ impl Counters {
             last_claim: Mutex::new(BTreeMap::new()),
         }
     }
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Counters {
+    pub(crate) fn new() -> Self {
+        Counters {
+            stripes: std::array::from_fn(|_| Stripe::new()),
+        }
+    }
+
+    /// The calling thread's copy.
+    fn mine(&self) -> &Stripe {
+        &self.stripes[STRIPE.with(|i| *i)]
+    }
+
+    /// A counter summed over the copies.
+    fn sum(&self, c: impl Fn(&Stripe) -> &AtomicU64) -> u64 {
+        self.stripes
+            .iter()
+            .map(|s| c(s).load(Ordering::Relaxed))
+            .sum()
+    }
 
     pub(crate) fn triggered(&self, ready: bool) {
-        bump(&self.triggered, 1);
+        bump(&self.mine().triggered, 1);
         if ready {
-            bump(&self.triggered_ready, 1);
+            bump(&self.mine().triggered_ready, 1);
         }
     }
 
     pub(crate) fn idempotent_hit(&self) {
-        bump(&self.idempotent_hits, 1);
+        bump(&self.mine().idempotent_hits, 1);
     }
 
     /// A schedule tick fired by this process (a new run).
     pub(crate) fn schedule_fired(&self) {
-        bump(&self.schedule_fired, 1);
+        bump(&self.mine().schedule_fired, 1);
     }
 
     /// Leases granted inside a trigger's enqueue (claim on enqueue).
     pub(crate) fn claimed_on_enqueue(&self, leases: usize) {
-        bump(&self.claimed_on_enqueue, leases as u64);
+        bump(&self.mine().claimed_on_enqueue, leases as u64);
     }
 
     /// Leases delivered for a parked offer.
     pub(crate) fn claimed_delivered(&self, leases: usize) {
-        bump(&self.claimed_delivered, leases as u64);
+        bump(&self.mine().claimed_delivered, leases as u64);
     }
 
     /// Runs read ahead of their claim (a doorbell's hint).
     pub(crate) fn read_ahead(&self, runs: usize) {
-        bump(&self.read_ahead, runs as u64);
+        bump(&self.mine().read_ahead, runs as u64);
     }
 
     /// A schedule tick whose trigger was refused.
     pub(crate) fn schedule_refused(&self) {
-        bump(&self.schedule_refused, 1);
+        bump(&self.mine().schedule_refused, 1);
     }
 
     /// Leases granted at `now`: each first attempt's latency from when it was due.
     pub(crate) fn claimed(&self, leases: &[Leased], now: Timestamp) {
-        bump(&self.claimed, leases.len() as u64);
+        let mine = self.mine();
+        bump(&mine.claimed, leases.len() as u64);
         if !leases.is_empty() {
-            let mut last = self.last_claim.lock().unwrap_or_else(|p| p.into_inner());
+            let mut last = mine.last_claim.lock().unwrap_or_else(|p| p.into_inner());
             for lease in leases {
                 // The lane is almost always known already: update in place, no name clone.
                 match last.get_mut(&lease.dispatch.lane) {
@@ -167,57 +208,125 @@ impl Counters {
                 .iter()
                 .position(|b| ms <= *b)
                 .unwrap_or(START_LATENCY_BUCKETS_MS.len());
-            bump(&self.latency[bucket], 1);
-            bump(&self.latency_sum_ms, ms);
+            bump(&mine.latency[bucket], 1);
+            bump(&mine.latency_sum_ms, ms);
         }
     }
 
     pub(crate) fn retried(&self) {
-        bump(&self.retries, 1);
+        bump(&self.mine().retries, 1);
     }
 
     pub(crate) fn expired(&self) {
-        bump(&self.expired, 1);
+        bump(&self.mine().expired, 1);
     }
 
     pub(crate) fn lease_lost(&self) {
-        bump(&self.lease_losses, 1);
+        bump(&self.mine().lease_losses, 1);
     }
 
     pub(crate) fn timed_out(&self) {
-        bump(&self.timed_out, 1);
+        bump(&self.mine().timed_out, 1);
     }
 
     /// When each lane last had a run claimed (this process).
     pub(crate) fn last_claims(&self) -> HashMap<LaneName, Timestamp> {
-        self.last_claim
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(lane, at)| (lane.clone(), *at))
-            .collect()
+        let mut out = HashMap::new();
+        for stripe in &self.stripes {
+            let last = stripe.last_claim.lock().unwrap_or_else(|p| p.into_inner());
+            for (lane, at) in last.iter() {
+                let latest = out.entry(lane.clone()).or_insert(*at);
+                *latest = (*latest).max(*at);
+            }
+        }
+        out
     }
 
     pub(crate) fn snapshot(&self) -> EngineMetrics {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         EngineMetrics {
-            triggered: get(&self.triggered),
-            triggered_ready: get(&self.triggered_ready),
-            idempotent_hits: get(&self.idempotent_hits),
-            claimed: get(&self.claimed),
-            claimed_on_enqueue: get(&self.claimed_on_enqueue),
-            claimed_delivered: get(&self.claimed_delivered),
-            read_ahead: get(&self.read_ahead),
+            triggered: self.sum(|s| &s.triggered),
+            triggered_ready: self.sum(|s| &s.triggered_ready),
+            idempotent_hits: self.sum(|s| &s.idempotent_hits),
+            claimed: self.sum(|s| &s.claimed),
+            claimed_on_enqueue: self.sum(|s| &s.claimed_on_enqueue),
+            claimed_delivered: self.sum(|s| &s.claimed_delivered),
+            read_ahead: self.sum(|s| &s.read_ahead),
             // Counted by the hand-over (see `Engine::metrics`).
             read_ahead_used: 0,
-            start_latency_counts: self.latency.iter().map(get).collect(),
-            start_latency_sum_ms: get(&self.latency_sum_ms),
-            retries: get(&self.retries),
-            expired: get(&self.expired),
-            lease_losses: get(&self.lease_losses),
-            timed_out: get(&self.timed_out),
-            schedule_ticks_fired: get(&self.schedule_fired),
-            schedule_ticks_refused: get(&self.schedule_refused),
+            start_latency_counts: (0..=START_LATENCY_BUCKETS_MS.len())
+                .map(|i| self.sum(|s| &s.latency[i]))
+                .collect(),
+            start_latency_sum_ms: self.sum(|s| &s.latency_sum_ms),
+            retries: self.sum(|s| &s.retries),
+            expired: self.sum(|s| &s.expired),
+            lease_losses: self.sum(|s| &s.lease_losses),
+            timed_out: self.sum(|s| &s.timed_out),
+            schedule_ticks_fired: self.sum(|s| &s.schedule_fired),
+            schedule_ticks_refused: self.sum(|s| &s.schedule_refused),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runlane_core::backend::Dispatch;
+    use runlane_core::{EnvName, FencingToken, QueueName, RunId};
+
+    fn leased(lane: &str, due: Timestamp) -> Leased {
+        let lane = LaneName::new(lane).expect("lane");
+        let env = EnvName::new("e").expect("env");
+        let queue = QueueName::new("q").expect("queue");
+        Leased {
+            dispatch: Dispatch::first_attempt(RunId(1), env, queue, lane, due),
+            token: FencingToken(1),
+            lease_deadline: due,
+            attempt_deadline: None,
+        }
+    }
+
+    #[test]
+    fn counts_bumped_on_many_threads_are_read_as_one_sum() {
+        let counters = Counters::new();
+        let t0 = Timestamp(1_000_000);
+        std::thread::scope(|s| {
+            for i in 0..12u64 {
+                let counters = &counters;
+                s.spawn(move || {
+                    for _ in 0..1_000 {
+                        counters.triggered(i % 2 == 0);
+                    }
+                    // Each thread claims on lane "a" at its own instant, 3 ms after the run
+                    // was due; lane "b" only on thread 5.
+                    let at = t0.saturating_add(std::time::Duration::from_millis(i + 3));
+                    counters.claimed(
+                        &[leased(
+                            "a",
+                            at.saturating_sub(std::time::Duration::from_millis(3)),
+                        )],
+                        at,
+                    );
+                    if i == 5 {
+                        counters.claimed(&[leased("b", t0)], t0);
+                    }
+                });
+            }
+        });
+        let m = counters.snapshot();
+        assert_eq!(m.triggered, 12_000);
+        assert_eq!(m.triggered_ready, 6_000);
+        assert_eq!(m.claimed, 13);
+        assert_eq!(m.start_latency_sum_ms, 12 * 3);
+        // 3 ms is in the third bucket (≤ 5 ms); the lane "b" claim in the first (0 ms).
+        assert_eq!(m.start_latency_counts[2], 12);
+        assert_eq!(m.start_latency_counts[0], 1);
+        assert_eq!(m.start_latency_counts.iter().sum::<u64>(), 13);
+        let last = counters.last_claims();
+        assert_eq!(
+            last.get(&LaneName::new("a").expect("lane")),
+            Some(&t0.saturating_add(std::time::Duration::from_millis(14))),
+            "the latest claim of a lane, whichever thread made it"
+        );
+        assert_eq!(last.get(&LaneName::new("b").expect("lane")), Some(&t0));
     }
 }
