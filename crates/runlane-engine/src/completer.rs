@@ -91,7 +91,9 @@ impl Completer {
     /// With `next`, the slot's next claim is made in the same queue step as the ack
     /// ([`QueueBackend::finish_then_claim`](runlane_core::backend::QueueBackend::finish_then_claim))
     /// once the end is written, and its leases answered (`None`: no claim was made, the ack
-    /// failed or the end was not written).
+    /// failed or the end was not written; a claim that failed answers no leases). Only for a
+    /// queue that leases in process (it answers at once): the step is bounded as an ack is,
+    /// and a claim held past that bound would leave its leases to lapse.
     pub(crate) async fn end_now(
         inner: &Inner,
         env: &EnvName,
@@ -122,7 +124,12 @@ impl Completer {
                 Some(next) => {
                     let call = inner.queue.finish_then_claim(run, token, next, now);
                     bounded("ack", call).await.map(|(effects, leases)| {
-                        claimed = leases.ok();
+                        claimed = Some(leases.unwrap_or_else(|e| {
+                            // The slot goes back to its workloop, which claims with its
+                            // backoff (as a failed claim of the slot's own does).
+                            tracing::debug!(%run, error = %e, "the claim made with an ack failed");
+                            Vec::new()
+                        }));
                         effects
                     })
                 }

@@ -582,8 +582,9 @@ impl Inner {
     }
 
     /// [`finish_attempt`](Self::finish_attempt) for a worker slot that goes on to its next
-    /// run: with a store that does not batch ends, the next claim is made in the queue step of
-    /// the ack and its leases answered (`None`: no claim was made; the caller claims itself).
+    /// run: with a store that does not batch ends and a queue that leases in process, the next
+    /// claim is made in the queue step of the ack and its leases answered (`None`: no claim
+    /// was made; the caller claims itself).
     pub(crate) async fn finish_attempt_then_claim(
         &self,
         env: &EnvName,
@@ -594,7 +595,8 @@ impl Inner {
         if self.store.group_commits() {
             self.completer.end(env, token, end).await.map(|()| None)
         } else {
-            Completer::end_now(self, env, token, end, Some(next)).await
+            let next = self.queue.claims_in_process().then_some(next);
+            Completer::end_now(self, env, token, end, next).await
         }
     }
 

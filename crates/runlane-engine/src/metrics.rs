@@ -1,7 +1,7 @@
 //! Counters the engine keeps for `/metrics`: triggers (and how many took the fast path),
 //! idempotency hits, claims with the due → claimed latency, retries, expirations, lease
-//! losses and timeouts. Plain atomics, bumped on paths that already did the work, in a copy per
-//! thread (summed when read); reading them costs nothing on the hot path.
+//! losses and timeouts. Plain atomics, bumped on paths that already did the work, in one of a
+//! few copies picked per thread (summed when read); reading them costs nothing on the hot path.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -61,9 +61,11 @@ pub struct EngineMetrics {
     pub schedule_ticks_refused: u64,
 }
 
-/// How many copies of the counters are kept. Each thread bumps the copy its index picks
-/// (cache lines apart), so two worker threads never write one line: with one shared copy, the
-/// counters' lines moved between the cores at every claim and trigger. A snapshot sums them.
+/// How many copies of the counters are kept, cache lines apart. Threads get them in turn at
+/// their first bump (the eighth thread after one shares its copy), so the runtime's worker
+/// threads write lines of their own: with one shared copy, the counters' lines moved between
+/// the cores at every claim and trigger. A snapshot sums the copies; a lane's last claim is
+/// the latest any copy holds.
 const STRIPES: usize = 8;
 
 thread_local! {

@@ -578,7 +578,8 @@ struct Registered {
 }
 
 /// A run task's claim for the slot it holds: one run, unless the worker is stopping. The
-/// leases of a claim made with the last run's ack (`claimed`) are taken as this claim's.
+/// leases of a claim made with the last run's ack (`claimed`) are taken as this claim's (a
+/// drain that began after that claim hands its run back, unstarted: see [`execute`]).
 async fn claim_next(
     shared: &WorkerShared,
     lp: &LoopShared,
@@ -1284,8 +1285,9 @@ pub(crate) async fn resolve(
 
 /// Runs one leased attempt to its end. Returns the slot's permit when it was held until the
 /// attempt's end was written (a store that does not batch ends), so the caller can claim the
-/// workloop's next run with it; `continued` says the run was claimed that way, and is handed
-/// back at once when the worker started to stop meanwhile.
+/// workloop's next run with it, and the leases of the turn's claim when it was made with the
+/// ack (`None`: it was not); `continued` says the run was claimed that way, and is handed back
+/// at once when the worker started to stop meanwhile.
 async fn execute(
     shared: &Arc<WorkerShared>,
     leased: Leased,
@@ -1412,12 +1414,13 @@ async fn execute(
         }
         Outcome::Completed(value) => {
             let (output, ended_at) = (output_text(value), engine.now());
-            // The slot goes on to its next run: its claim rides on the ack, unless the worker
-            // is stopping (no claim) or the slot is already given back (batched ends).
-            let next = (permit.is_some() && !*shared.stop.borrow()).then_some(next);
+            // The slot goes on to its next run: its claim rides on the ack, unless the slot is
+            // already given back (batched ends) or the worker is stopping when the end is
+            // written (no claim: read at each try, a drain may begin while a write is retried).
+            let keeps_slot = permit.is_some();
             until_written(engine, &local, || async {
                 let end = completed_end(run, d.attempt, output.clone(), ended_at);
-                match next {
+                match (keeps_slot && !*shared.stop.borrow()).then_some(next) {
                     Some(next) => {
                         engine
                             .finish_attempt_then_claim(&d.env, token, end, next)

@@ -14,7 +14,8 @@ use common::{
 use runlane_core::backend::forward::{
     Forward, ForwardQueue, QueueHook, QueueOp, StoreHook, StoreOp,
 };
-use runlane_core::{QueueError, StoreError};
+use runlane_core::backend::QueueBackend;
+use runlane_core::{QueueError, RunStatus, StoreError};
 use runlane_engine::{HandlerError, RunContext};
 use runlane_memory::{MemoryConfig, MemoryQueue, MemoryStore};
 use serde_json::json;
@@ -386,4 +387,63 @@ async fn a_batch_whose_idempotency_hit_cannot_be_read_leaves_nothing_behind() {
         .await
         .expect("snapshot");
     assert_eq!(held.len(), 1, "only the existing run is queued: {held:?}");
+}
+
+/// Fails the first terminal write, as a store that is down would.
+struct FailFirstEnd {
+    failed: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl StoreHook for FailFirstEnd {
+    fn refuse(&self, op: StoreOp<'_>) -> Option<StoreError> {
+        let first = matches!(op, StoreOp::FinishMany { .. }) && !self.failed.swap(true, SeqCst);
+        first.then(|| StoreError::Unavailable("the store is down".to_owned()))
+    }
+}
+
+/// A drain that begins while a completed run's end is being written again claims nothing
+/// more with that end: the slot's next claim rides on the ack only while the worker is not
+/// stopping, read at each try of the write. Before, it was read once, before the first try:
+/// the run waiting behind was claimed with the ack, then handed back (counted as released; and
+/// leased once, it lost its TTL).
+#[tokio::test]
+async fn a_drain_begun_while_an_end_is_written_again_claims_nothing_with_it() {
+    let store = Arc::new(Forward::new(
+        Arc::new(MemoryStore::new()),
+        FailFirstEnd {
+            failed: AtomicBool::new(false),
+        },
+    ));
+    let queue = Arc::new(MemoryQueue::new(MemoryConfig::default()));
+    let (engine, clock) = open_on(queue.clone(), store.clone()).await;
+    let worker = engine
+        .worker()
+        .workloops("*:1")
+        .handler("job", |_ctx: RunContext| async move { Ok(json!("done")) })
+        .start()
+        .await
+        .expect("worker");
+    let first = engine.trigger("job").send().await.expect("trigger").run.id;
+    let waiting = engine.trigger("job").send().await.expect("trigger").run.id;
+    // The first end was refused; the worker writes it again after its first backoff.
+    let again = at(Duration::from_millis(50));
+    bounded(clock.wait_sleeper_at(again)).await;
+    assert!(
+        store.hook().failed.load(SeqCst),
+        "the first end was refused"
+    );
+    // The drain begins (its first poll marks the worker stopping), then the write is retried.
+    let (report, ()) = tokio::join!(worker.stop(), async { clock.set(again) });
+    assert_eq!(report.released, 0, "no run was claimed to be handed back");
+    assert_eq!(finished(&engine, first).await.status, RunStatus::Completed);
+    let live = queue
+        .live(waiting)
+        .await
+        .expect("live")
+        .expect("still queued");
+    assert!(
+        !live.dispatch.ever_leased,
+        "the run waiting behind was never leased"
+    );
 }
