@@ -566,36 +566,21 @@ impl Inner {
     /// ending now (see [`crate::completer`]): the lease is checked (a zombie's completion is
     /// dropped), the store's terminal write is made without reading the run back, then the
     /// queue lets go. A run the store already finished is only cleaned out of the queue.
+    ///
+    /// `next`, a worker slot's claim for its next run: with a store that does not batch ends
+    /// and a queue that leases in process, it is made in the queue step of the ack and its
+    /// leases answered (`None`: no claim was made; the caller claims itself).
     pub(crate) async fn finish_attempt(
         &self,
         env: &EnvName,
         token: FencingToken,
         end: AttemptEnd,
-    ) -> Result<(), EngineError> {
-        if self.store.group_commits() {
-            self.completer.end(env, token, end).await
-        } else {
-            Completer::end_now(self, env, token, end, None)
-                .await
-                .map(|_| ())
-        }
-    }
-
-    /// [`finish_attempt`](Self::finish_attempt) for a worker slot that goes on to its next
-    /// run: with a store that does not batch ends and a queue that leases in process, the next
-    /// claim is made in the queue step of the ack and its leases answered (`None`: no claim
-    /// was made; the caller claims itself).
-    pub(crate) async fn finish_attempt_then_claim(
-        &self,
-        env: &EnvName,
-        token: FencingToken,
-        end: AttemptEnd,
-        next: &ClaimRequest,
+        next: Option<&ClaimRequest>,
     ) -> Result<Option<Vec<Leased>>, EngineError> {
         if self.store.group_commits() {
             self.completer.end(env, token, end).await.map(|()| None)
         } else {
-            let next = self.queue.claims_in_process().then_some(next);
+            let next = next.filter(|_| self.queue.claims_in_process());
             Completer::end_now(self, env, token, end, next).await
         }
     }

@@ -658,7 +658,7 @@ impl RemoteWorker {
             output: Some(Arc::from(output)),
             attempt: attempt_record(held.attempt, "completed", None, engine.now()),
         };
-        if let Err(e) = engine.finish_attempt(&held.env, token, end).await {
+        if let Err(e) = engine.finish_attempt(&held.env, token, end, None).await {
             if matches!(e, EngineError::StaleToken(_)) {
                 // The lease lapsed meanwhile: the attempt is its recovery's, the slot frees.
                 drop(settle);

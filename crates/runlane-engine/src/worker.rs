@@ -1418,19 +1418,10 @@ async fn execute(
             // already given back (batched ends) or the worker is stopping when the end is
             // written (no claim: read at each try, a drain may begin while a write is retried).
             let keeps_slot = permit.is_some();
-            until_written(engine, &local, || async {
+            until_written(engine, &local, || {
                 let end = completed_end(run, d.attempt, output.clone(), ended_at);
-                match (keeps_slot && !*shared.stop.borrow()).then_some(next) {
-                    Some(next) => {
-                        engine
-                            .finish_attempt_then_claim(&d.env, token, end, next)
-                            .await
-                    }
-                    None => engine
-                        .finish_attempt(&d.env, token, end)
-                        .await
-                        .map(|()| None),
-                }
+                let next = (keeps_slot && !*shared.stop.borrow()).then_some(next);
+                engine.finish_attempt(&d.env, token, end, next)
             })
             .await
             .map(|leases| claimed = leases)

@@ -5,8 +5,9 @@
 //! backend reconnecting may hold calls; a tick whose lapses the test waits for) without writing
 //! out the whole trait: a hook implements only the [`QueueHook`] methods it needs. A method
 //! added to [`QueueBackend`] is forwarded here once (its default too, so the wrapped backend's
-//! own answer is kept; `finish_then_claim` goes as its two steps, so hooks see both), and every
-//! wrapper built on [`ForwardQueue`] gets it.
+//! own answer is kept; `finish_then_claim` alone keeps the trait's default, `finish` then
+//! `claim` through their hooks, so a hook sees, holds or refuses each step of a slot's turn as
+//! separate calls), and every wrapper built on [`ForwardQueue`] gets it.
 
 use async_trait::async_trait;
 use std::sync::Arc;
@@ -237,19 +238,6 @@ impl<H: QueueHook> QueueBackend for ForwardQueue<H> {
         let leases = [(run, token)];
         let call = self.inner.finish(run, token, now);
         self.around(QueueOp::Finish(&leases), call).await
-    }
-    /// Forwarded as its two steps, `finish` then `claim`, each between its own hooks: a hook
-    /// sees, holds or refuses the ack and the next claim of a slot's turn as it would separate
-    /// calls (the inner queue's one-step answer is the same as its two steps').
-    async fn finish_then_claim(
-        &self,
-        run: RunId,
-        token: FencingToken,
-        next: &ClaimRequest,
-        now: Timestamp,
-    ) -> Result<(Effects, Result<Vec<Leased>, QueueError>), QueueError> {
-        let effects = self.finish(run, token, now).await?;
-        Ok((effects, self.claim(next, now).await))
     }
     async fn retry(
         &self,
