@@ -588,10 +588,9 @@ async fn claim_next(
 ) -> Option<(Leased, OwnedSemaphorePermit, Loaded)> {
     let engine = &shared.engine.inner;
     let claimed = match claimed {
-        // Late only if the ack waited; renewed then, as any claim's.
-        Some(leases) => {
-            Ok(renew_late(engine.queue.as_ref(), leases, lp.one.lease, engine.now()).await)
-        }
+        // Made by an in-process queue in the ack's step, which answered at once: its leases
+        // start from the instant the end was written, so none can be late (no renewal check).
+        Some(leases) => Ok(leases),
         None if *shared.stop.borrow() => return None,
         None => claim(engine, &lp.one).await,
     };
