@@ -193,9 +193,10 @@ impl Counters {
         if !leases.is_empty() {
             let mut last = mine.last_claim.lock().unwrap_or_else(|p| p.into_inner());
             for lease in leases {
-                // The lane is almost always known already: update in place, no name clone.
+                // The lane is almost always known already: update in place, no name clone. The
+                // latest instant, not the last write: threads sharing a copy may write late.
                 match last.get_mut(&lease.dispatch.lane) {
-                    Some(at) => *at = now,
+                    Some(at) => *at = (*at).max(now),
                     None => {
                         last.insert(lease.dispatch.lane.clone(), now);
                     }
