@@ -155,6 +155,14 @@ enum Op {
     /// A slot's turn: a handler completes and its slot claims the next run (`Complete`, then
     /// `Claim`, in one step: `finish_then_claim`; the model takes the two calls).
     CompleteClaiming(Box<Op>, Box<Op>),
+    /// A run's whole end in one step (`end_fenced`: the lease check, the store's write, which
+    /// fails when `written` is false, then the ack and the slot's next claim, if any); the
+    /// model takes `check_lease`, then `finish_then_claim` or `finish`.
+    CompleteFenced {
+        complete: Box<Op>,
+        claim: Option<Box<Op>>,
+        written: bool,
+    },
     /// A handler fails: `retry` at `now + ms`, or final (`finish`).
     Fail { pick: u16, retry_in_ms: Option<u32> },
     /// Drain on stop: `release`.
@@ -408,6 +416,16 @@ fn op() -> impl Strategy<Value = Op> {
         .prop_map(|(t, c)| Op::TriggerClaiming(Box::new(t), Box::new(c)));
     let complete_claiming = (complete.clone(), claim.clone())
         .prop_map(|(f, c)| Op::CompleteClaiming(Box::new(f), Box::new(c)));
+    let complete_fenced = (
+        complete.clone(),
+        proptest::option::of(claim.clone()),
+        proptest::bool::weighted(0.8),
+    )
+        .prop_map(|(f, c, written)| Op::CompleteFenced {
+            complete: Box::new(f),
+            claim: c.map(Box::new),
+            written,
+        });
     prop_oneof![
         7 => trigger,
         1 => any::<u16>().prop_map(|pick| Op::Duplicate { pick }),
@@ -416,6 +434,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => heartbeat,
         4 => complete,
         2 => complete_claiming,
+        2 => complete_fenced,
         3 => fail,
         1 => any::<u16>().prop_map(|pick| Op::Release { pick }),
         2 => cancel,
@@ -466,6 +485,8 @@ enum Call {
     Finish(RunId, FencingToken),
     /// A finish and the slot's next claim (see [`Op::CompleteClaiming`]).
     FinishClaiming(RunId, FencingToken, ClaimRequest),
+    /// A run's whole end in one step (see [`Op::CompleteFenced`]).
+    FinishFenced(RunId, FencingToken, Option<ClaimRequest>, bool),
     Retry(RunId, FencingToken, Timestamp),
     Release(RunId, FencingToken),
     Cancel(RunId, Duration),
@@ -510,6 +531,9 @@ enum Outcome {
     Effects(R<Effects>),
     /// The finish's effects and the claim's answer.
     FinishClaiming(R<(Effects, R<Vec<Leased>>)>),
+    /// The lease check's refusal, or: nothing acked (the write failed), or the ack's answer
+    /// (its effects and the claim's answer, when one was asked for).
+    Fenced(R<Option<R<(Effects, Option<R<Vec<Leased>>>)>>>),
     Cancel(R<CancelOutcome>),
     Check(R<()>),
     Tick(R<Tick>),
@@ -545,6 +569,9 @@ async fn call<B: QueueBackend>(b: &B, c: &Call, now: Timestamp) -> Outcome {
         Call::FinishClaiming(run, token, req) => Outcome::FinishClaiming(
             n(b.finish_then_claim(*run, *token, req, now).await).map(|(fx, l)| (fx, n(l))),
         ),
+        Call::FinishFenced(run, token, req, written) => {
+            Outcome::Fenced(fenced(b, *run, *token, req.as_ref(), *written, now).await)
+        }
         Call::Retry(run, token, at) => Outcome::Effects(n(b.retry(*run, *token, *at, now).await)),
         Call::Release(run, token) => Outcome::Effects(n(b.release(*run, *token, now).await)),
         Call::Cancel(run, grace) => Outcome::Cancel(n(b.cancel(*run, *grace, now).await)),
@@ -565,6 +592,44 @@ async fn call<B: QueueBackend>(b: &B, c: &Call, now: Timestamp) -> Outcome {
         ),
         Call::Nothing => Outcome::Nothing,
     }
+}
+
+/// `end_fenced`, or for a backend without it (the model) its steps one by one: the lease
+/// check, then (when the write is made) `finish_then_claim` or `finish`.
+async fn fenced<B: QueueBackend>(
+    b: &B,
+    run: RunId,
+    token: FencingToken,
+    req: Option<&ClaimRequest>,
+    written: bool,
+    now: Timestamp,
+) -> R<Option<R<(Effects, Option<R<Vec<Leased>>>)>>> {
+    let mut writes = 0;
+    let one_step = b.end_fenced(run, token, req, now, &mut || {
+        writes += 1;
+        written
+    });
+    if let Some(answer) = one_step {
+        let checked = answer.is_ok();
+        assert_eq!(
+            writes,
+            u32::from(checked),
+            "one write after a passed lease check only"
+        );
+        return n(answer).map(|f| {
+            f.acked
+                .map(|acked| n(acked).map(|(fx, claimed)| (fx, claimed.map(Ok))))
+        });
+    }
+    n(b.check_lease(run, token).await)?;
+    if !written {
+        return Ok(None);
+    }
+    Ok(Some(match req {
+        Some(req) => n(b.finish_then_claim(run, token, req, now).await)
+            .map(|(fx, claimed)| (fx, Some(n(claimed)))),
+        None => n(b.finish(run, token, now).await).map(|fx| (fx, None)),
+    }))
 }
 
 /// What both backends look like after a step.
@@ -722,6 +787,22 @@ impl Driver {
                 }
                 _ => Call::Nothing,
             },
+            Op::CompleteFenced {
+                complete,
+                claim,
+                written,
+            } => {
+                let finish = self.resolve(complete);
+                let req = match claim.as_deref().map(|c| self.resolve(c)) {
+                    None => None,
+                    Some(Call::Claim(req)) => Some(req),
+                    Some(_) => return Call::Nothing,
+                };
+                match finish {
+                    Call::Finish(run, token) => Call::FinishFenced(run, token, req, *written),
+                    _ => Call::Nothing,
+                }
+            }
             // Only runs still held: a removed run enqueued again is a new run to the backend.
             Op::Duplicate { pick: i } => {
                 match pick(&self.present.iter().copied().collect::<Vec<_>>(), *i) {
@@ -902,6 +983,24 @@ impl Driver {
             );
         }
         // A finish and a claim: what the finish and then the claim teach.
+        // A one-step end: what its ack and claim teach, as the two calls would; nothing when
+        // refused or not acked.
+        if let (Call::FinishFenced(run, token, req, _), Outcome::Fenced(answer)) = (c, out) {
+            let Ok(Some(acked)) = answer else {
+                return Ok(());
+            };
+            let claimed = acked.as_ref().ok().and_then(|(_, claimed)| claimed.clone());
+            self.learn(
+                &Call::Finish(*run, *token),
+                &Outcome::Effects(acked.clone().map(|(fx, _)| fx)),
+            )?;
+            return match (req, claimed) {
+                (Some(req), Some(claimed)) => {
+                    self.learn(&Call::Claim(req.clone()), &Outcome::Claim(claimed))
+                }
+                _ => Ok(()),
+            };
+        }
         if let (Call::FinishClaiming(run, token, req), Outcome::FinishClaiming(Ok((fx, claimed)))) =
             (c, out)
         {
@@ -1225,7 +1324,7 @@ mod coverage {
     use std::sync::atomic::{AtomicU64, Ordering};
 
     /// The counted events.
-    pub const NAMES: [&str; 29] = [
+    pub const NAMES: [&str; 31] = [
         "enqueue ready",
         "enqueue queued",
         "enqueue delayed",
@@ -1238,6 +1337,8 @@ mod coverage {
         "enqueue claiming empty",
         "finish claiming granted",
         "finish claiming empty",
+        "fenced end acked",
+        "fenced end not written",
         "heartbeat alive",
         "heartbeat cancel_requested",
         "heartbeat lost",
@@ -1259,7 +1360,7 @@ mod coverage {
 
     /// Counts of one property run (shared by its cases, which proptest runs one by one).
     #[derive(Default)]
-    pub struct Coverage([AtomicU64; 29]);
+    pub struct Coverage([AtomicU64; 31]);
 
     impl Coverage {
         /// Counts one event by name.
@@ -1307,6 +1408,9 @@ fn count(coverage: &coverage::Coverage, c: &Call, out: &Outcome) {
             "finish claiming granted"
         }),
         Outcome::FinishClaiming(Err(QueueError::StaleToken(_))) => hit("stale token refused"),
+        Outcome::Fenced(Ok(Some(Ok(_)))) => hit("fenced end acked"),
+        Outcome::Fenced(Ok(None)) => hit("fenced end not written"),
+        Outcome::Fenced(Err(QueueError::StaleToken(_))) => hit("stale token refused"),
         Outcome::Heartbeat(Ok(states)) => {
             for s in states {
                 hit(match s {

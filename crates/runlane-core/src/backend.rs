@@ -694,6 +694,27 @@ pub trait QueueBackend: Send + Sync + 'static {
         Ok((effects, self.claim(next, now).await))
     }
 
+    /// A run's whole end in one step, for a queue that leases in process: checks `token` as
+    /// [`check_lease`](Self::check_lease) does (a refusal is the `Err`, and `write` is not
+    /// called), then calls `write` (the caller's terminal write to its store, which answers at
+    /// once) while nothing can lapse, end or recover the lease, then, when `write` answers
+    /// `true`, ends the run as [`finish`](Self::finish) does and claims for `next`, if given,
+    /// as [`finish_then_claim`](Self::finish_then_claim) does. The store first, the queue
+    /// second, as each of those steps alone (SPEC §7), with no gap between the check and the
+    /// write. `None` (the default): the backend cannot (its steps take a round trip each);
+    /// `write` was not called and the caller takes the steps one by one.
+    fn end_fenced(
+        &self,
+        run: RunId,
+        token: FencingToken,
+        next: Option<&ClaimRequest>,
+        now: Timestamp,
+        write: &mut dyn FnMut() -> bool,
+    ) -> Option<Result<FencedEnd, QueueError>> {
+        let _ = (run, token, next, now, write);
+        None
+    }
+
     /// Ends many leased runs, as [`QueueBackend::finish`] does one by one, answering per run.
     /// A backend may do it in one step (one lock, one round trip); the default calls `finish`
     /// for each, in order. The effects of all of them are merged into the returned `Effects`.
@@ -715,6 +736,14 @@ pub trait QueueBackend: Send + Sync + 'static {
         }
         Ok((answers, effects))
     }
+}
+
+/// What [`QueueBackend::end_fenced`] did once the lease check passed.
+#[derive(Debug)]
+pub struct FencedEnd {
+    /// The ack, when the write asked for one: its effects, and the claim made with it (`None`
+    /// when no claim was asked for). `Err`: the finish failed, nothing was claimed.
+    pub acked: Option<Result<(Effects, Option<Vec<Leased>>), QueueError>>,
 }
 
 /// One attempt of a run, as recorded.
@@ -1250,6 +1279,23 @@ pub trait RunStore: Send + Sync + 'static {
     /// call. An in-memory store answers `false` (the default) and gets one call per attempt.
     fn group_commits(&self) -> bool {
         false
+    }
+
+    /// Whether [`RunStore::finish_now`] writes: an in-memory store, whose writes answer at
+    /// once. The default is `false`.
+    fn finishes_now(&self) -> bool {
+        false
+    }
+
+    /// One attempt's terminal write as [`RunStore::finish_many`] makes it for one end, made
+    /// and answered without waiting (so a caller may make it inside another backend's step:
+    /// [`QueueBackend::end_fenced`]). Only a store whose [`RunStore::finishes_now`] is `true`
+    /// writes; the default refuses with `Unavailable` and writes nothing.
+    fn finish_now(&self, end: AttemptEnd, now: Timestamp) -> Result<(), StoreError> {
+        let _ = (end, now);
+        Err(StoreError::Unavailable(
+            "this run store does not write without waiting".into(),
+        ))
     }
 
     /// The schedule cursors of an env's tasks (see [`ScheduleCursor`]), in no set order. The

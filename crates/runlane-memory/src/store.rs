@@ -88,6 +88,33 @@ fn push_attempt(attempts: &mut Vec<AttemptRecord>, attempt: AttemptRecord) {
     attempts.push(attempt);
 }
 
+/// One attempt's terminal write (`finish_many`'s, per end): the first terminal write wins.
+fn end_attempt(st: &mut State, end: AttemptEnd, now: Timestamp) -> Result<(), StoreError> {
+    let run = end.run;
+    let r = st.runs.get_mut(&run).ok_or(StoreError::NotFound(run))?;
+    if r.status.is_terminal() {
+        return Err(StoreError::AlreadyFinished {
+            run,
+            status: r.status,
+        });
+    }
+    if end.attempt.number != r.attempt {
+        return Err(StoreError::StaleAttempt {
+            run,
+            attempt: end.attempt.number,
+            current: r.attempt,
+        });
+    }
+    debug_assert!(end.status.is_terminal(), "finish needs a terminal status");
+    r.status = end.status;
+    r.output = end.output;
+    r.finished_at = Some(now);
+    r.error = end.attempt.error.clone();
+    r.attempt = end.attempt.number;
+    push_attempt(&mut r.attempts, end.attempt);
+    Ok(())
+}
+
 /// Run records, idempotency keys, envs and versions in memory (implements [`RunStore`]).
 pub struct MemoryStore {
     state: Mutex<State>,
@@ -329,32 +356,16 @@ impl RunStore for MemoryStore {
         let mut st = self.lock();
         Ok(ends
             .into_iter()
-            .map(|end| {
-                let run = end.run;
-                let r = st.runs.get_mut(&run).ok_or(StoreError::NotFound(run))?;
-                if r.status.is_terminal() {
-                    return Err(StoreError::AlreadyFinished {
-                        run,
-                        status: r.status,
-                    });
-                }
-                if end.attempt.number != r.attempt {
-                    return Err(StoreError::StaleAttempt {
-                        run,
-                        attempt: end.attempt.number,
-                        current: r.attempt,
-                    });
-                }
-                debug_assert!(end.status.is_terminal(), "finish needs a terminal status");
-                r.status = end.status;
-                r.output = end.output;
-                r.finished_at = Some(now);
-                r.error = end.attempt.error.clone();
-                r.attempt = end.attempt.number;
-                push_attempt(&mut r.attempts, end.attempt);
-                Ok(())
-            })
+            .map(|end| end_attempt(&mut st, end, now))
             .collect())
+    }
+
+    fn finishes_now(&self) -> bool {
+        true
+    }
+
+    fn finish_now(&self, end: AttemptEnd, now: Timestamp) -> Result<(), StoreError> {
+        end_attempt(&mut self.lock(), end, now)
     }
 
     async fn reschedule(
@@ -632,6 +643,41 @@ mod tests {
 
     /// The attempts a kept run holds take the room they need and no more: a `Vec` grown by
     /// `push` keeps room for four, three of them empty for as long as the run is kept.
+    #[tokio::test]
+    async fn an_end_written_now_answers_and_leaves_what_finish_many_does() {
+        let (now, many) = (MemoryStore::new(), MemoryStore::new());
+        for s in [&now, &many] {
+            assert!(s.finishes_now());
+            let runs = vec![(record(1), None), (record(2), None)];
+            let inserted = s.insert(runs, Timestamp(1_000)).await.expect("insert");
+            assert!(inserted.iter().all(|i| matches!(i, Inserted::New)));
+        }
+        // A first end, the same end again, a stale attempt's end and an unknown run's.
+        let ends = [end(1, 1), end(1, 1), end(2, 2), end(9, 1)];
+        let mut answers = Vec::new();
+        for e in ends.clone() {
+            answers.push(now.finish_now(e, Timestamp(3_000)));
+        }
+        let expected = many
+            .finish_many(ends.to_vec(), Timestamp(3_000))
+            .await
+            .expect("one call");
+        assert_eq!(answers, expected);
+        assert!(matches!(answers[0], Ok(())));
+        assert!(matches!(
+            answers[1],
+            Err(StoreError::AlreadyFinished { .. })
+        ));
+        assert!(matches!(answers[2], Err(StoreError::StaleAttempt { .. })));
+        assert!(matches!(answers[3], Err(StoreError::NotFound(_))));
+        for n in [1, 2] {
+            assert_eq!(
+                now.get(RunId(n)).await.expect("get"),
+                many.get(RunId(n)).await.expect("get")
+            );
+        }
+    }
+
     #[tokio::test]
     async fn a_kept_run_holds_its_attempts_without_spare_room() {
         let store = MemoryStore::new();
