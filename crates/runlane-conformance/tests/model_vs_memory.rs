@@ -982,7 +982,6 @@ impl Driver {
                 &Outcome::Claim(Ok(leased.clone())),
             );
         }
-        // A finish and a claim: what the finish and then the claim teach.
         // A one-step end: what its ack and claim teach, as the two calls would; nothing when
         // refused or not acked.
         if let (Call::FinishFenced(run, token, req, _), Outcome::Fenced(answer)) = (c, out) {
@@ -1001,6 +1000,7 @@ impl Driver {
                 _ => Ok(()),
             };
         }
+        // A finish and a claim: what the finish and then the claim teach.
         if let (Call::FinishClaiming(run, token, req), Outcome::FinishClaiming(Ok((fx, claimed)))) =
             (c, out)
         {
@@ -1138,7 +1138,10 @@ impl Driver {
                 Some((*run, *token, true))
             }
             (Call::Release(run, token), Outcome::Effects(Ok(_)))
-            | (Call::CheckLease(run, token), Outcome::Check(Ok(()))) => Some((*run, *token, false)),
+            | (Call::CheckLease(run, token), Outcome::Check(Ok(())))
+            | (Call::FinishFenced(run, token, _, _), Outcome::Fenced(Ok(_))) => {
+                Some((*run, *token, false))
+            }
             _ => None,
         };
         if let Some((run, token, lapsed_ok)) = accepted {

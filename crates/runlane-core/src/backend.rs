@@ -702,7 +702,10 @@ pub trait QueueBackend: Send + Sync + 'static {
     /// as [`finish_then_claim`](Self::finish_then_claim) does. The store first, the queue
     /// second, as each of those steps alone (SPEC §7), with no gap between the check and the
     /// write. `None` (the default): the backend cannot (its steps take a round trip each);
-    /// `write` was not called and the caller takes the steps one by one.
+    /// `write` was not called and the caller takes the steps one by one. An `Err` means the
+    /// same: `write` was not called (a caller may take `Unavailable` as "the lease could not
+    /// be checked" and fall back to the steps). `write` runs under the backend's own
+    /// exclusion: it must not block or call the backend again.
     fn end_fenced(
         &self,
         run: RunId,
@@ -1289,8 +1292,9 @@ pub trait RunStore: Send + Sync + 'static {
 
     /// One attempt's terminal write as [`RunStore::finish_many`] makes it for one end, made
     /// and answered without waiting (so a caller may make it inside another backend's step:
-    /// [`QueueBackend::end_fenced`]). Only a store whose [`RunStore::finishes_now`] is `true`
-    /// writes; the default refuses with `Unavailable` and writes nothing.
+    /// [`QueueBackend::end_fenced`]): it must not block on I/O or call a queue backend. Only a
+    /// store whose [`RunStore::finishes_now`] is `true` writes; the default refuses with
+    /// `Unavailable` and writes nothing.
     fn finish_now(&self, end: AttemptEnd, now: Timestamp) -> Result<(), StoreError> {
         let _ = (end, now);
         Err(StoreError::Unavailable(

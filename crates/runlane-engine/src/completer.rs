@@ -94,6 +94,13 @@ impl Completer {
     /// failed or the end was not written; a claim that failed answers no leases). Only for a
     /// queue that leases in process (it answers at once): the step is bounded as an ack is,
     /// and a claim held past that bound would leave its leases to lapse.
+    ///
+    /// When the store writes without waiting ([`RunStore::finishes_now`]) and the queue can
+    /// take the whole end in one step ([`QueueBackend::end_fenced`]), the lease check, the
+    /// write, the ack and the claim are that one step, with the same answers.
+    ///
+    /// [`RunStore::finishes_now`]: runlane_core::backend::RunStore::finishes_now
+    /// [`QueueBackend::end_fenced`]: runlane_core::backend::QueueBackend::end_fenced
     pub(crate) async fn end_now(
         inner: &Inner,
         env: &EnvName,

@@ -254,8 +254,9 @@ impl MemoryQueue {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock is a bug in this file; the state stays usable because
-        // every step validates before it mutates.
+        // A panic while holding the lock is a bug in this file (or in the store's write that
+        // `end_fenced` makes under it, before this state changes); the state stays usable
+        // because every step validates before it mutates.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -4,7 +4,11 @@
 //! Tests use it to watch or hold a real store (count reads, park a call until the test lets it
 //! go, clean up on drop) without writing out the whole trait: a hook implements only the
 //! [`StoreHook`] methods it needs. A method added to [`RunStore`] is forwarded here once, and
-//! every wrapper built on [`Forward`] gets it.
+//! every wrapper built on [`Forward`] gets it. One answer is the hook's, not the inner
+//! store's: [`RunStore::finishes_now`] is `false` unless the hook says otherwise
+//! ([`StoreHook::finishes_now`]), so an end goes through `finish_many`, a call a hook can
+//! hold, and not through the synchronous [`RunStore::finish_now`] a queue makes inside its
+//! own step.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -137,6 +141,8 @@ pub enum StoreOp<'a> {
         /// How many ends.
         ends: usize,
     },
+    /// [`RunStore::finish_now`] (synchronous: see [`StoreHook::before_sync`]).
+    FinishNow(RunId),
 }
 
 /// What a [`Forward`] does around the calls it forwards. Every method has a no-op default.
@@ -157,14 +163,21 @@ pub trait StoreHook: Send + Sync + 'static {
     async fn after(&self, op: StoreOp<'_>) {
         let _ = op;
     }
-    /// Called before the synchronous [`RunStore::note_start`] and [`RunStore::forget_start`]
-    /// are forwarded; it must not block.
+    /// Called before the synchronous [`RunStore::note_start`], [`RunStore::forget_start`] and
+    /// [`RunStore::finish_now`] are forwarded; it must not block (`finish_now` runs inside a
+    /// queue's step). [`StoreHook::refuse`] is asked next for `finish_now`.
     fn before_sync(&self, op: StoreOp<'_>) {
         let _ = op;
     }
     /// The answer to [`RunStore::group_commits`], given the inner store's.
     fn group_commits(&self, inner: bool) -> bool {
         inner
+    }
+    /// The answer to [`RunStore::finishes_now`], given the inner store's: `false` by default,
+    /// so that ends are calls the other hooks see and may hold.
+    fn finishes_now(&self, inner: bool) -> bool {
+        let _ = inner;
+        false
     }
     /// The answer to [`RunStore::shared_between_processes`], given the inner store's.
     fn shared_between_processes(&self, inner: bool) -> bool {
@@ -271,6 +284,17 @@ impl<H: StoreHook> RunStore for Forward<H> {
     fn forget_start(&self, run: RunId, attempt: u32) {
         self.hook.before_sync(StoreOp::ForgetStart { run, attempt });
         self.inner.forget_start(run, attempt)
+    }
+    fn finishes_now(&self) -> bool {
+        self.hook.finishes_now(self.inner.finishes_now())
+    }
+    fn finish_now(&self, end: AttemptEnd, now: Timestamp) -> Result<(), StoreError> {
+        let op = StoreOp::FinishNow(end.run);
+        self.hook.before_sync(op);
+        match self.hook.refuse(op) {
+            Some(e) => Err(e),
+            None => self.inner.finish_now(end, now),
+        }
     }
     async fn clear_start(&self, run: RunId, attempt: u32) -> Result<(), StoreError> {
         self.around(

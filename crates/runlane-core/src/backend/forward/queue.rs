@@ -5,9 +5,11 @@
 //! backend reconnecting may hold calls; a tick whose lapses the test waits for) without writing
 //! out the whole trait: a hook implements only the [`QueueHook`] methods it needs. A method
 //! added to [`QueueBackend`] is forwarded here once (its default too, so the wrapped backend's
-//! own answer is kept; `finish_then_claim` alone keeps the trait's default, `finish` then
-//! `claim` through their hooks, so a hook sees, holds or refuses each step of a slot's turn as
-//! separate calls), and every wrapper built on [`ForwardQueue`] gets it.
+//! own answer is kept; `finish_then_claim` keeps the trait's default, `finish` then `claim`
+//! through their hooks, and `end_fenced` its default `None`, so that the engine takes the lease
+//! check, the ack and the claim one by one: a hook sees, holds or refuses each step of a run's
+//! end and of a slot's turn as separate calls), and every wrapper built on [`ForwardQueue`]
+//! gets it.
 
 use async_trait::async_trait;
 use std::sync::Arc;
