@@ -519,6 +519,9 @@ fn normalize(e: QueueError) -> QueueError {
 
 type R<T> = Result<T, QueueError>;
 
+/// A one-step end's ack: its effects and, when a claim was asked for, the claim's answer.
+type FencedAck = (Effects, Option<R<Vec<Leased>>>);
+
 /// What a call answered, normalized for comparison.
 #[derive(Clone, Debug, PartialEq)]
 enum Outcome {
@@ -533,7 +536,7 @@ enum Outcome {
     FinishClaiming(R<(Effects, R<Vec<Leased>>)>),
     /// The lease check's refusal, or: nothing acked (the write failed), or the ack's answer
     /// (its effects and the claim's answer, when one was asked for).
-    Fenced(R<Option<R<(Effects, Option<R<Vec<Leased>>>)>>>),
+    Fenced(R<Option<R<FencedAck>>>),
     Cancel(R<CancelOutcome>),
     Check(R<()>),
     Tick(R<Tick>),
@@ -603,7 +606,7 @@ async fn fenced<B: QueueBackend>(
     req: Option<&ClaimRequest>,
     written: bool,
     now: Timestamp,
-) -> R<Option<R<(Effects, Option<R<Vec<Leased>>>)>>> {
+) -> R<Option<R<FencedAck>>> {
     let mut writes = 0;
     let one_step = b.end_fenced(run, token, req, now, &mut || {
         writes += 1;

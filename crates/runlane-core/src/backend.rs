@@ -741,12 +741,15 @@ pub trait QueueBackend: Send + Sync + 'static {
     }
 }
 
+/// An ack's effects, and the leases of the claim made with it (`None` when no claim was asked
+/// for).
+pub type AckClaim = (Effects, Option<Vec<Leased>>);
+
 /// What [`QueueBackend::end_fenced`] did once the lease check passed.
 #[derive(Debug)]
 pub struct FencedEnd {
-    /// The ack, when the write asked for one: its effects, and the claim made with it (`None`
-    /// when no claim was asked for). `Err`: the finish failed, nothing was claimed.
-    pub acked: Option<Result<(Effects, Option<Vec<Leased>>), QueueError>>,
+    /// The ack, when the write asked for one. `Err`: the finish failed, nothing was claimed.
+    pub acked: Option<Result<AckClaim, QueueError>>,
 }
 
 /// One attempt of a run, as recorded.

@@ -94,13 +94,26 @@ async fn setup(refused: usize, refusal: fn(RunId) -> StoreError) -> Setup {
 /// in one step again, and the run ends once, `completed`, its lease gone.
 #[tokio::test]
 async fn a_one_step_end_the_store_refuses_is_written_again_and_ends_once() {
-    let mut s = setup(1, |_| StoreError::Unavailable("the store is down".to_owned())).await;
-    let run = s.engine.trigger("job").send().await.expect("trigger").run.id;
+    let mut s = setup(1, |_| {
+        StoreError::Unavailable("the store is down".to_owned())
+    })
+    .await;
+    let run = s
+        .engine
+        .trigger("job")
+        .send()
+        .await
+        .expect("trigger")
+        .run
+        .id;
     assert_eq!(bounded(s.seen.recv()).await, Some(run), "the first write");
     let again = at(Duration::from_millis(50));
     bounded(s.clock.wait_sleeper_at(again)).await;
     let live = s.queue.live(run).await.expect("live").expect("still held");
-    assert!(live.lease.is_some(), "a refused write leaves the lease held");
+    assert!(
+        live.lease.is_some(),
+        "a refused write leaves the lease held"
+    );
     s.clock.set(again);
     assert_eq!(bounded(s.seen.recv()).await, Some(run), "the write again");
     let record = finished(&s.engine, run).await;
@@ -120,9 +133,23 @@ async fn a_one_step_end_the_store_already_has_is_acked_and_the_slot_goes_on() {
         status: RunStatus::Canceled,
     })
     .await;
-    let first = s.engine.trigger("job").send().await.expect("trigger").run.id;
+    let first = s
+        .engine
+        .trigger("job")
+        .send()
+        .await
+        .expect("trigger")
+        .run
+        .id;
     assert_eq!(bounded(s.seen.recv()).await, Some(first));
-    let second = s.engine.trigger("job").send().await.expect("trigger").run.id;
+    let second = s
+        .engine
+        .trigger("job")
+        .send()
+        .await
+        .expect("trigger")
+        .run
+        .id;
     assert_eq!(
         finished(&s.engine, second).await.status,
         RunStatus::Completed,
@@ -147,7 +174,14 @@ async fn a_one_step_end_of_a_stale_attempt_is_not_acked() {
         current: 2,
     })
     .await;
-    let run = s.engine.trigger("job").send().await.expect("trigger").run.id;
+    let run = s
+        .engine
+        .trigger("job")
+        .send()
+        .await
+        .expect("trigger")
+        .run
+        .id;
     assert_eq!(bounded(s.seen.recv()).await, Some(run));
     let live = s.queue.live(run).await.expect("live").expect("still held");
     assert!(live.lease.is_some(), "not acked: {live:?}");
