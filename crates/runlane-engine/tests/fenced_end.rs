@@ -58,6 +58,14 @@ struct Setup {
     _worker: Worker,
 }
 
+impl Setup {
+    /// A run of the worker's task, triggered.
+    async fn trigger(&self) -> RunId {
+        let triggered = self.engine.trigger("job").send().await.expect("trigger");
+        triggered.run.id
+    }
+}
+
 /// An engine on the memory queue and the hooked memory store, with a worker of one slot whose
 /// handler completes at once.
 async fn setup(refused: usize, refusal: fn(RunId) -> StoreError) -> Setup {
@@ -98,14 +106,7 @@ async fn a_one_step_end_the_store_refuses_is_written_again_and_ends_once() {
         StoreError::Unavailable("the store is down".to_owned())
     })
     .await;
-    let run = s
-        .engine
-        .trigger("job")
-        .send()
-        .await
-        .expect("trigger")
-        .run
-        .id;
+    let run = s.trigger().await;
     assert_eq!(bounded(s.seen.recv()).await, Some(run), "the first write");
     let again = at(Duration::from_millis(50));
     bounded(s.clock.wait_sleeper_at(again)).await;
@@ -133,23 +134,9 @@ async fn a_one_step_end_the_store_already_has_is_acked_and_the_slot_goes_on() {
         status: RunStatus::Canceled,
     })
     .await;
-    let first = s
-        .engine
-        .trigger("job")
-        .send()
-        .await
-        .expect("trigger")
-        .run
-        .id;
+    let first = s.trigger().await;
     assert_eq!(bounded(s.seen.recv()).await, Some(first));
-    let second = s
-        .engine
-        .trigger("job")
-        .send()
-        .await
-        .expect("trigger")
-        .run
-        .id;
+    let second = s.trigger().await;
     assert_eq!(
         finished(&s.engine, second).await.status,
         RunStatus::Completed,
@@ -174,14 +161,7 @@ async fn a_one_step_end_of_a_stale_attempt_is_not_acked() {
         current: 2,
     })
     .await;
-    let run = s
-        .engine
-        .trigger("job")
-        .send()
-        .await
-        .expect("trigger")
-        .run
-        .id;
+    let run = s.trigger().await;
     assert_eq!(bounded(s.seen.recv()).await, Some(run));
     let live = s.queue.live(run).await.expect("live").expect("still held");
     assert!(live.lease.is_some(), "not acked: {live:?}");

@@ -1686,9 +1686,9 @@ mod tests {
         q.check_invariants().expect("invariants");
     }
 
-    #[tokio::test]
-    async fn a_slot_turn_in_one_step_answers_and_leaves_what_its_two_steps_do() {
-        // The same history on two queues: an ack then a claim, as two calls and as one.
+    /// Two queues with the same history: an env of one slot, three runs in two queues, the
+    /// first claimed (same token on both). Answers them, the claim and the lease's token.
+    async fn twin_queues() -> (MemoryQueue, MemoryQueue, ClaimRequest, FencingToken) {
         let (one, two) = (backend(&[("e", 1, 1)]).await, backend(&[("e", 1, 1)]).await);
         let req = claim_req(&["e"], 1, ClaimChain::default_chain());
         let mut first = Vec::new();
@@ -1701,6 +1701,13 @@ mod tests {
         }
         assert_eq!(first[0], first[1]);
         let token = first[0][0].token;
+        (one, two, req, token)
+    }
+
+    #[tokio::test]
+    async fn a_slot_turn_in_one_step_answers_and_leaves_what_its_two_steps_do() {
+        // The same history on two queues: an ack then a claim, as two calls and as one.
+        let (one, two, req, token) = twin_queues().await;
         let stale = FencingToken(token.0 + 100);
         let before = one.snapshot().await.expect("snapshot");
         let refused = one.finish_then_claim(RunId(1), stale, &req, T1).await;
@@ -1743,18 +1750,7 @@ mod tests {
     #[tokio::test]
     async fn a_fenced_end_writes_only_under_a_live_lease_and_acks_as_its_steps_do() {
         // The same history on two queues: the one-step end, and its steps one by one.
-        let (one, two) = (backend(&[("e", 1, 1)]).await, backend(&[("e", 1, 1)]).await);
-        let req = claim_req(&["e"], 1, ClaimChain::default_chain());
-        let mut first = Vec::new();
-        for q in [&one, &two] {
-            for (id, queue) in [(1, "qa"), (2, "qb"), (3, "qa")] {
-                let d = dispatch(id, "e", queue, "default");
-                q.enqueue(d, EnqueueAs::Trigger, T0).await.expect("enqueue");
-            }
-            first.push(q.claim(&req, T0).await.expect("claim"));
-        }
-        assert_eq!(first[0], first[1]);
-        let token = first[0][0].token;
+        let (one, two, req, token) = twin_queues().await;
         let before = one.snapshot().await.expect("snapshot");
 
         // A stale token: refused as the lease check refuses it, the write never made.
