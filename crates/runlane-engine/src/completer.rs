@@ -20,7 +20,7 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use runlane_core::backend::{AttemptEnd, ClaimRequest, Leased};
+use runlane_core::backend::{AttemptEnd, ClaimRequest, Effects, Leased};
 use runlane_core::{EnvName, FencingToken, QueueError, RunId, RunStatus, StoreError, Timestamp};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
@@ -108,90 +108,18 @@ impl Completer {
         end: AttemptEnd,
         next: Option<&ClaimRequest>,
     ) -> Result<Option<Vec<Leased>>, EngineError> {
-        let run = end.run;
-        let (status, attempt) = (end.status, end.attempt.number);
-        // An in-process queue and a store that writes without waiting: the lease check, the
-        // write and the ack (with the slot's next claim) in one step of the queue.
-        let end = if inner.store.finishes_now() {
-            let now = inner.now();
-            let mut end = Some(end);
-            let mut written = None;
-            let mut write = || {
-                let Some(end) = end.take() else {
-                    return false;
-                };
-                let answer = inner.store.finish_now(end, now);
-                let ack = acks(&answer);
-                written = Some(answer);
-                ack
-            };
-            let fenced = inner.queue.end_fenced(run, token, next, now, &mut write);
-            match (fenced, written) {
-                (Some(Ok(fenced)), Some(written)) => {
-                    let mut claimed = None;
-                    match fenced.acked {
-                        Some(Ok((effects, leases))) => {
-                            claimed = leases;
-                            inner.apply(effects, None).await;
-                        }
-                        Some(Err(e)) => inner.warn_queue_finish(run, &e),
-                        None => {}
-                    }
-                    settle(inner, written, run, env, status, attempt, now)?;
-                    return Ok(claimed);
-                }
-                (Some(Ok(_)), None) => return Err(not_answered().into()),
-                (Some(Err(e)), _) if !matches!(e, QueueError::Unavailable(_)) => {
-                    return Err(dropped(run, e));
-                }
-                // Not taken in one step (or the lease could not be checked): one by one.
-                _ => match end {
-                    Some(end) => end,
-                    None => return Err(not_answered().into()),
-                },
-            }
-        } else {
-            end
+        let (run, status, attempt) = (end.run, end.status, end.attempt.number);
+        let ended = match one_step(inner, token, end, next)? {
+            Ok(ended) => ended,
+            Err(end) => in_steps(inner, token, end, next).await?,
         };
-        writes_on(
-            bounded("lease check", inner.queue.check_lease(run, token)).await,
-            run,
-        )?;
-        let now = inner.now();
-        let written = match inner.store.finish_many(vec![end], now).await {
-            Ok(answers) => match <[_; 1]>::try_from(answers) {
-                Ok([answer]) => answer,
-                Err(_) => {
-                    let e = StoreError::Unavailable("the store answered a different count".into());
-                    return Err(e.into());
-                }
-            },
-            Err(e) => return Err(e.into()),
-        };
-        let mut claimed = None;
-        if acks(&written) {
-            let acked = match next {
-                Some(next) => {
-                    let call = inner.queue.finish_then_claim(run, token, next, now);
-                    bounded("ack", call).await.map(|(effects, leases)| {
-                        claimed = Some(leases.unwrap_or_else(|e| {
-                            // The slot goes back to its workloop, which claims with its
-                            // backoff (as a failed claim of the slot's own does).
-                            tracing::debug!(%run, error = %e, "the claim made with an ack failed");
-                            Vec::new()
-                        }));
-                        effects
-                    })
-                }
-                None => bounded("ack", inner.queue.finish(run, token, now)).await,
-            };
-            match acked {
-                Ok(effects) => inner.apply(effects, None).await,
-                Err(e) => inner.warn_queue_finish(run, &e),
-            }
+        match ended.acked {
+            Some(Ok(effects)) => inner.apply(effects, None).await,
+            Some(Err(e)) => inner.warn_queue_finish(run, &e),
+            None => {}
         }
-        settle(inner, written, run, env, status, attempt, now)?;
-        Ok(claimed)
+        settle(inner, ended.written, run, env, status, attempt, ended.now)?;
+        Ok(ended.claimed)
     }
 
     /// Ends a completed attempt in the next batch; returns once its end is written (or was
@@ -333,6 +261,113 @@ async fn end_batch(inner: &Inner, batch: Vec<Ending>) {
 /// attempt (a run whose lease lapsed meanwhile has moved on to a later attempt and refuses it as
 /// `StaleAttempt`), so a run that completed during a queue outage is not run again once its
 /// lease lapses.
+/// What the steps of one end did: the store's answer, the ack's (`None`: not acked), the
+/// leases of the claim made with the ack, and the instant they were made at.
+struct Ended {
+    written: Result<(), StoreError>,
+    acked: Option<Result<Effects, QueueError>>,
+    claimed: Option<Vec<Leased>>,
+    now: Timestamp,
+}
+
+/// The end in one step of an in-process queue, with a store that writes without waiting: the
+/// lease check, the write and the ack (with the slot's next claim). `Ok(Err(end))`: not taken
+/// (the store or the queue cannot, or the lease could not be checked), the end given back.
+fn one_step(
+    inner: &Inner,
+    token: FencingToken,
+    end: AttemptEnd,
+    next: Option<&ClaimRequest>,
+) -> Result<Result<Ended, AttemptEnd>, EngineError> {
+    if !inner.store.finishes_now() {
+        return Ok(Err(end));
+    }
+    let run = end.run;
+    let now = inner.now();
+    let mut end = Some(end);
+    let mut written = None;
+    let mut write = || {
+        let Some(end) = end.take() else {
+            return false;
+        };
+        let answer = inner.store.finish_now(end, now);
+        let ack = acks(&answer);
+        written = Some(answer);
+        ack
+    };
+    let fenced = inner.queue.end_fenced(run, token, next, now, &mut write);
+    match (fenced, written) {
+        (Some(Ok(fenced)), Some(written)) => {
+            let (acked, claimed) = match fenced.acked {
+                Some(Ok((effects, leases))) => (Some(Ok(effects)), leases),
+                Some(Err(e)) => (Some(Err(e)), None),
+                None => (None, None),
+            };
+            Ok(Ok(Ended {
+                written,
+                acked,
+                claimed,
+                now,
+            }))
+        }
+        (Some(Ok(_)), None) => Err(not_answered().into()),
+        (Some(Err(e)), _) if !matches!(e, QueueError::Unavailable(_)) => Err(dropped(run, e)),
+        _ => end.map(Err).ok_or_else(|| not_answered().into()),
+    }
+}
+
+/// The end's steps one by one: the lease check (bounded), the store's write, then the ack
+/// (bounded; with the slot's next claim when `next` is given) when the end is in the store.
+async fn in_steps(
+    inner: &Inner,
+    token: FencingToken,
+    end: AttemptEnd,
+    next: Option<&ClaimRequest>,
+) -> Result<Ended, EngineError> {
+    let run = end.run;
+    writes_on(
+        bounded("lease check", inner.queue.check_lease(run, token)).await,
+        run,
+    )?;
+    let now = inner.now();
+    let written = match inner.store.finish_many(vec![end], now).await {
+        Ok(answers) => match <[_; 1]>::try_from(answers) {
+            Ok([answer]) => answer,
+            Err(_) => {
+                let e = StoreError::Unavailable("the store answered a different count".into());
+                return Err(e.into());
+            }
+        },
+        Err(e) => return Err(e.into()),
+    };
+    let mut claimed = None;
+    let acked = if acks(&written) {
+        Some(match next {
+            Some(next) => {
+                let call = inner.queue.finish_then_claim(run, token, next, now);
+                bounded("ack", call).await.map(|(effects, leases)| {
+                    claimed = Some(leases.unwrap_or_else(|e| {
+                        // The slot goes back to its workloop, which claims with its backoff
+                        // (as a failed claim of the slot's own does).
+                        tracing::debug!(%run, error = %e, "the claim made with an ack failed");
+                        Vec::new()
+                    }));
+                    effects
+                })
+            }
+            None => bounded("ack", inner.queue.finish(run, token, now)).await,
+        })
+    } else {
+        None
+    };
+    Ok(Ended {
+        written,
+        acked,
+        claimed,
+        now,
+    })
+}
+
 fn writes_on(check: Result<(), QueueError>, run: RunId) -> Result<(), EngineError> {
     match check {
         Ok(()) => Ok(()),

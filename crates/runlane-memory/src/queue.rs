@@ -1112,13 +1112,10 @@ impl QueueBackend for MemoryQueue {
             return Some(Ok(FencedEnd { acked: None }));
         }
         let mut effects = Effects::default();
-        let acked = match st.finish_one(run, token, now, &mut effects) {
-            Ok(()) => {
-                let effects = st.finish_effects(effects);
-                Ok((effects, next.map(|next| claim_locked(&mut st, next, now))))
-            }
-            Err(e) => Err(e),
-        };
+        let acked = st.finish_one(run, token, now, &mut effects).map(|()| {
+            let effects = st.finish_effects(effects);
+            (effects, next.map(|next| claim_locked(&mut st, next, now)))
+        });
         Some(Ok(FencedEnd { acked: Some(acked) }))
     }
 
