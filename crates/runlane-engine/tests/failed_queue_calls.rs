@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    at, bounded, completed_second, finished, open_on, stuck_worker, two_attempts, worker_returning,
+    at, bounded, completed_second, finished, one_slot_worker_returning, open_on, stuck_worker,
+    two_attempts, worker_returning,
 };
 use runlane_core::backend::forward::{
     Forward, ForwardQueue, QueueHook, QueueOp, StoreHook, StoreOp,
@@ -417,13 +418,7 @@ async fn a_drain_begun_while_an_end_is_written_again_claims_nothing_with_it() {
     ));
     let queue = Arc::new(MemoryQueue::new(MemoryConfig::default()));
     let (engine, clock) = open_on(queue.clone(), store.clone()).await;
-    let worker = engine
-        .worker()
-        .workloops("*:1")
-        .handler("job", |_ctx: RunContext| async move { Ok(json!("done")) })
-        .start()
-        .await
-        .expect("worker");
+    let worker = one_slot_worker_returning(&engine, "done").await;
     let first = engine.trigger("job").send().await.expect("trigger").run.id;
     let waiting = engine.trigger("job").send().await.expect("trigger").run.id;
     // The first end was refused; the worker writes it again after its first backoff.

@@ -9,13 +9,12 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{at, bounded, finished, open_on};
+use common::{at, bounded, finished, one_slot_worker_returning, open_on};
 use runlane_core::backend::forward::{Forward, StoreHook, StoreOp};
 use runlane_core::backend::QueueBackend;
 use runlane_core::{RunId, RunStatus, StoreError};
-use runlane_engine::{Engine, RunContext, Worker};
+use runlane_engine::{Engine, Worker};
 use runlane_memory::{MemoryConfig, MemoryQueue, MemoryStore};
-use serde_json::json;
 use tokio::sync::mpsc;
 
 /// Opts in to the one-step end; counts the writes made in it, refuses the first `refused`
@@ -81,13 +80,7 @@ async fn setup(refused: usize, refusal: fn(RunId) -> StoreError) -> Setup {
     ));
     let queue = Arc::new(MemoryQueue::new(MemoryConfig::default()));
     let (engine, clock) = open_on(queue.clone(), store.clone()).await;
-    let worker = engine
-        .worker()
-        .workloops("*:1")
-        .handler("job", |_ctx: RunContext| async move { Ok(json!("done")) })
-        .start()
-        .await
-        .expect("worker");
+    let worker = one_slot_worker_returning(&engine, "done").await;
     Setup {
         engine,
         clock,

@@ -142,8 +142,22 @@ pub fn two_attempts() -> RetryPolicy {
 
 /// A worker of task `job` whose handler completes at once with `output`.
 pub async fn worker_returning(engine: &Engine, output: &'static str) -> runlane_engine::Worker {
-    engine
-        .worker()
+    returning(engine.worker(), output).await
+}
+
+/// [`worker_returning`] with one workloop of one slot (`*:1`): runs go one at a time, in order.
+pub async fn one_slot_worker_returning(
+    engine: &Engine,
+    output: &'static str,
+) -> runlane_engine::Worker {
+    returning(engine.worker().workloops("*:1"), output).await
+}
+
+async fn returning(
+    builder: runlane_engine::WorkerBuilder,
+    output: &'static str,
+) -> runlane_engine::Worker {
+    builder
         .handler("job", move |_ctx: runlane_engine::RunContext| async move {
             Ok(serde_json::json!(output))
         })
