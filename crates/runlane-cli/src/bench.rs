@@ -185,6 +185,8 @@ fn file_len(path: &Path) -> u64 {
 pub async fn finish(opened: Opened, mut line: Value) -> anyhow::Result<Value> {
     if let Some(fields) = line.as_object_mut() {
         fields.insert("durability".into(), json!(opened.durability));
+        // Whether this process could get transparent huge pages (`RUNLANE_THP`).
+        fields.insert("huge_pages".into(), json!(crate::thp::enabled()));
         for key in ["topology", "gap_ms", "phase", "depth"] {
             fields.entry(key).or_insert(Value::Null);
         }

@@ -18,6 +18,7 @@ mod quickstart;
 mod separate;
 mod serve;
 mod table;
+mod thp;
 mod worker;
 
 use std::time::Duration;
@@ -291,7 +292,7 @@ fn common(c: &BenchCommon, default_runs: u32) -> bench::Common {
 }
 
 fn main() -> std::process::ExitCode {
-    no_transparent_huge_pages(std::env::var_os("RUNLANE_THP").is_some_and(|v| v == "1"));
+    thp::off_unless_kept(std::env::var_os("RUNLANE_THP").is_some_and(|v| v == "1"));
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -301,23 +302,6 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// Turns transparent huge pages off for this process (Linux), unless `keep` (`RUNLANE_THP=1`).
-///
-/// The allocator asks the kernel for huge pages on its arenas (`MADV_HUGEPAGE`), and the first
-/// touch of a fresh one zeroes 2 MiB, after compacting memory to find it, inside whatever call
-/// touched it: a trigger whose insert reached fresh memory stalled 0.1–9 ms there (`bench
-/// scale`), and a fill of 1,000,000 runs took 1.9 times as long. Without them a fresh page is
-/// 4 KiB; a drain over a large heap pays more TLB misses instead (BENCHMARKS.md, 2026-12-07).
-/// Best effort: where the call is refused, nothing changes.
-fn no_transparent_huge_pages(keep: bool) {
-    #[cfg(target_os = "linux")]
-    if !keep {
-        let _ = nix::sys::prctl::set_thp_disable(true);
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = keep;
 }
 
 fn run() -> anyhow::Result<()> {
@@ -462,23 +446,4 @@ fn run() -> anyhow::Result<()> {
             }
         }
     })
-}
-
-#[cfg(all(test, target_os = "linux"))]
-mod tests {
-    /// The process's `THP_enabled` line (`/proc/self/status`): 0 once huge pages are off.
-    fn thp_enabled() -> Option<String> {
-        let status = std::fs::read_to_string("/proc/self/status").ok()?;
-        let line = status.lines().find(|l| l.starts_with("THP_enabled:"))?;
-        Some(line.split_whitespace().nth(1)?.to_owned())
-    }
-
-    #[test]
-    fn huge_pages_are_off_unless_kept() {
-        super::no_transparent_huge_pages(true);
-        let before = thp_enabled().expect("a Linux kernel reports THP_enabled");
-        assert_eq!(before, "1", "keeping them changes nothing");
-        super::no_transparent_huge_pages(false);
-        assert_eq!(thp_enabled().as_deref(), Some("0"));
-    }
 }

@@ -56,6 +56,24 @@ fn latency_same_process_on_memory_prints_one_line_with_its_settings() {
     assert_eq!(line["backend"], "memory");
     assert_eq!(line["topology"], "same-process");
     assert_eq!(line["gap_ms"], 0);
+    #[cfg(target_os = "linux")]
+    assert_eq!(
+        line["huge_pages"], false,
+        "the binary turns them off: {line}"
+    );
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn runlane_thp_1_keeps_huge_pages_and_the_line_says_so() {
+    let output = Command::new(env!("CARGO_BIN_EXE_runlane"))
+        .args(["bench", "latency", "--backend", "memory", "--runs", "10"])
+        .env("RUNLANE_THP", "1")
+        .output()
+        .expect("run the runlane binary");
+    let line = line(&output);
+    assert_samples(&line, 10);
+    assert_eq!(line["huge_pages"], true, "{line}");
 }
 
 #[test]
