@@ -455,8 +455,8 @@ struct WorkerShared {
     lease: Duration,
     stop_timeout: Duration,
     in_flight: Mutex<HashMap<RunId, Arc<LocalRun>, IdBuild>>,
-    /// Rung when the first run starts (heartbeat arming) and when the last one ends (drain
-    /// waiting): not per run.
+    /// Rung when the first run starts (a heartbeat waiting with no timer arms one) and when
+    /// the last one ends (drain waiting): not per run.
     changed: Notify,
     stop: watch::Sender<bool>,
     runs: Mutex<JoinSet<()>>,
@@ -1090,35 +1090,39 @@ async fn claim_parking(
 }
 
 /// One heartbeat per `lease / 3` for all the worker's leases, only while it has any.
+///
+/// The beat's timer is armed when the first run starts and then left alone: runs starting and
+/// ending do not touch it (a sparse load, one run at a time, would otherwise arm and cancel a
+/// timer per run, each arming waking the runtime's timer thread). When it fires with no run
+/// left, the heartbeat waits for the next first run, with no timer.
 async fn heartbeat(shared: Arc<WorkerShared>) {
     let engine = shared.engine.inner.clone();
     let interval = (shared.lease / 3).max(Duration::from_millis(1));
-    let mut next_beat = None;
+    let mut next_beat: Option<Timestamp> = None;
     loop {
-        let changed = shared.changed.notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        let empty = shared.in_flight().is_empty();
-        if empty {
-            next_beat = None;
-            changed.await;
+        let Some(at) = next_beat else {
+            let changed = shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if shared.in_flight().is_empty() {
+                changed.await;
+            } else {
+                next_beat = Some(engine.now().saturating_add(interval));
+            }
             continue;
-        }
-        let at = *next_beat.get_or_insert_with(|| engine.now().saturating_add(interval));
-        tokio::select! {
-            () = engine.clock.sleep_until(at) => {}
-            () = &mut changed => continue,
-        }
+        };
+        engine.clock.sleep_until(at).await;
         let leases: Vec<(RunId, FencingToken, Arc<LocalRun>)> = shared
             .in_flight()
             .values()
             .map(|l| (l.run, l.token, l.clone()))
             .collect();
         let now = engine.now();
-        next_beat = Some(now.saturating_add(interval));
         if leases.is_empty() {
+            next_beat = None;
             continue;
         }
+        next_beat = Some(now.saturating_add(interval));
         let ids: Vec<(RunId, FencingToken)> = leases.iter().map(|(r, t, _)| (*r, *t)).collect();
         match engine.queue.heartbeat(&ids, now).await {
             Ok(states) => {

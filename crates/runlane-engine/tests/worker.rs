@@ -758,3 +758,81 @@ async fn env_limit_one_refuses_an_ordinary_child_but_not_a_fast_lane_one() {
     );
     worker.stop().await;
 }
+
+/// The heartbeat's timer is armed by a worker's first run and left alone by runs that start
+/// and end after it: a run started while that timer is armed is renewed when it fires, not a
+/// full interval after its own start (a timer per run would re-arm it then).
+#[tokio::test]
+async fn a_run_started_while_the_heartbeat_is_armed_is_renewed_when_it_fires() {
+    let h = Harness::new().await;
+    let lease = h.engine.config().lease;
+    let interval = lease / 3;
+    let (release, gate) = tokio::sync::watch::channel(false);
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let _worker = h
+        .engine
+        .worker()
+        .handler("job", |_ctx: RunContext| async { Ok(json!("done")) })
+        .handler("held", move |_ctx: RunContext| {
+            let mut gate = gate.clone();
+            let started = started_tx.clone();
+            async move {
+                let _ = started.send(());
+                let _ = gate.wait_for(|open| *open).await;
+                Ok(json!("released"))
+            }
+        })
+        .start()
+        .await
+        .expect("worker");
+
+    // The first run arms the heartbeat at T0 + interval, and ends before it fires.
+    let first = h
+        .engine
+        .trigger("job")
+        .send()
+        .await
+        .expect("trigger")
+        .run
+        .id;
+    assert!(matches!(
+        bounded(h.engine.wait(first, FOREVER)).await.expect("wait"),
+        WaitOutcome::Finished(_)
+    ));
+    bounded(h.clock.wait_sleeper_at(common::at(interval))).await;
+
+    // Half an interval later a second run starts while that timer is still armed.
+    h.clock.set(common::at(interval / 2));
+    let second = h
+        .engine
+        .trigger("held")
+        .send()
+        .await
+        .expect("trigger")
+        .run
+        .id;
+    bounded(started.recv()).await.expect("the held run started");
+    let granted = h.queue.live(second).await.expect("live").expect("held");
+    let granted = granted.lease.expect("leased").deadline;
+    assert_eq!(granted, common::at(interval / 2 + lease));
+
+    // At T0 + interval the armed beat renews it.
+    h.clock.set(common::at(interval));
+    let renewed = common::at(interval + lease);
+    bounded(async {
+        loop {
+            let live = h.queue.live(second).await.expect("live").expect("held");
+            if live.lease.expect("leased").deadline == renewed {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+
+    release.send_replace(true);
+    assert!(matches!(
+        bounded(h.engine.wait(second, FOREVER)).await.expect("wait"),
+        WaitOutcome::Finished(_)
+    ));
+}
