@@ -787,30 +787,14 @@ async fn a_run_started_while_the_heartbeat_is_armed_is_renewed_when_it_fires() {
         .expect("worker");
 
     // The first run arms the heartbeat at T0 + interval, and ends before it fires.
-    let first = h
-        .engine
-        .trigger("job")
-        .send()
-        .await
-        .expect("trigger")
-        .run
-        .id;
-    assert!(matches!(
-        bounded(h.engine.wait(first, FOREVER)).await.expect("wait"),
-        WaitOutcome::Finished(_)
-    ));
+    let first = h.engine.trigger("job").send().await.expect("trigger");
+    common::finished(&h.engine, first.run.id).await;
     bounded(h.clock.wait_sleeper_at(common::at(interval))).await;
 
     // Half an interval later a second run starts while that timer is still armed.
     h.clock.set(common::at(interval / 2));
-    let second = h
-        .engine
-        .trigger("held")
-        .send()
-        .await
-        .expect("trigger")
-        .run
-        .id;
+    let second = h.engine.trigger("held").send().await.expect("trigger");
+    let second = second.run.id;
     bounded(started.recv()).await.expect("the held run started");
     let granted = h.queue.live(second).await.expect("live").expect("held");
     let granted = granted.lease.expect("leased").deadline;
@@ -831,8 +815,5 @@ async fn a_run_started_while_the_heartbeat_is_armed_is_renewed_when_it_fires() {
     .await;
 
     release.send_replace(true);
-    assert!(matches!(
-        bounded(h.engine.wait(second, FOREVER)).await.expect("wait"),
-        WaitOutcome::Finished(_)
-    ));
+    common::finished(&h.engine, second).await;
 }
