@@ -3,9 +3,10 @@
 //! The allocator asks the kernel for huge pages on its arenas (`MADV_HUGEPAGE`), and the first
 //! touch of a fresh one zeroes 2 MiB, after compacting memory to find it, inside whatever call
 //! touched it: a trigger whose insert reached fresh memory stalled 0.1–9 ms there (`bench
-//! scale`), and a fill of 1,000,000 runs took 1.9 times as long. Without them a fresh page is
-//! 4 KiB; a drain over a large heap pays more TLB misses instead (BENCHMARKS.md, 2026-12-07).
-//! So the binary turns them off at start, unless `RUNLANE_THP=1`.
+//! scale`), and a fill of 1,000,000 runs took up to 1.9 times as long (by median of one sitting;
+//! 1.4 times in another). Without them a fresh page is 4 KiB; a drain over a large heap pays
+//! more TLB misses instead (BENCHMARKS.md, 2026-12-07). So the binary turns them off at start,
+//! unless `RUNLANE_THP=1`.
 
 /// Turns transparent huge pages off for this process (Linux), unless `keep`. Best effort:
 /// where the call is refused, nothing changes.
