@@ -641,8 +641,7 @@ mod tests {
         assert_eq!(store.get(RunId(4)).await, Ok(None));
     }
 
-    /// The attempts a kept run holds take the room they need and no more: a `Vec` grown by
-    /// `push` keeps room for four, three of them empty for as long as the run is kept.
+    /// `finish_now` answers each end as `finish_many` does and leaves the same records.
     #[tokio::test]
     async fn an_end_written_now_answers_and_leaves_what_finish_many_does() {
         let (now, many) = (MemoryStore::new(), MemoryStore::new());
@@ -678,6 +677,8 @@ mod tests {
         }
     }
 
+    /// The attempts a kept run holds take the room they need and no more: a `Vec` grown by
+    /// `push` keeps room for four, three of them empty for as long as the run is kept.
     #[tokio::test]
     async fn a_kept_run_holds_its_attempts_without_spare_room() {
         let store = MemoryStore::new();
