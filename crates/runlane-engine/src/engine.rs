@@ -1378,21 +1378,30 @@ impl Engine {
     }
 
     /// Triggers one validated request.
-    pub async fn trigger_request(&self, request: TriggerRequest) -> Result<Triggered, EngineError> {
-        self.inner.check_open()?;
-        if !self.inner.store.group_commits() {
-            let now = self.now();
-            let prepared = self.prepare(&request, now, None).await?;
-            return self.store_and_enqueue(prepared, now).await;
+    // Not an `async fn`: one moves its arguments into its body, so its future would hold the
+    // request twice (copied whole at each await of every caller).
+    #[allow(clippy::manual_async_fn)] // See the comment above.
+    pub fn trigger_request(
+        &self,
+        request: TriggerRequest,
+    ) -> impl std::future::Future<Output = Result<Triggered, EngineError>> + Send + '_ {
+        async move {
+            self.inner.check_open()?;
+            if !self.inner.store.group_commits() {
+                let now = self.now();
+                let prepared = self.prepare(&request, now, None).await?;
+                return self.store_and_enqueue(prepared, now).await;
+            }
+            // Once polled, the trigger's outcome no longer depends on its caller (see
+            // `detached`).
+            let engine = self.clone();
+            Self::detached(Box::pin(async move {
+                let now = engine.now();
+                let prepared = engine.prepare(&request, now, None).await?;
+                engine.store_and_enqueue(prepared, now).await
+            }))
+            .await
         }
-        // Once polled, the trigger's outcome no longer depends on its caller (see `detached`).
-        let engine = self.clone();
-        Self::detached(async move {
-            let now = engine.now();
-            let prepared = engine.prepare(&request, now, None).await?;
-            engine.store_and_enqueue(prepared, now).await
-        })
-        .await
     }
 
     /// Triggers a batch: all valid or nothing stored (`BatchItem` names the bad one);

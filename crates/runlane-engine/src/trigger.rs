@@ -5,6 +5,8 @@
 //! enqueue the queue backend refuses (`QueueFull`, `FastLaneFull`) is removed from the store
 //! again before the error is returned.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -295,10 +297,11 @@ impl TriggerBuilder {
     }
 
     /// Triggers the run.
-    pub async fn send(self) -> Result<Triggered, EngineError> {
+    // Not an `async fn`: one would hold the builder twice (see `Engine::trigger_request`).
+    pub fn send(self) -> impl Future<Output = Result<Triggered, EngineError>> + Send {
+        let TriggerBuilder { engine, request } = self;
         // `trigger_request` validates the request (once: `request()` would check it twice).
-        let engine = self.engine.clone();
-        engine.trigger_request(self.request?).await
+        async move { engine.trigger_request(request?).await }
     }
 
     /// Triggers with source `sync` (lane `fast_lane` unless a lane is given) and waits up to
@@ -516,7 +519,10 @@ impl Engine {
             return self.store_and_enqueue(prepared, now).await;
         }
         let engine = self.clone();
-        Self::detached(async move { engine.store_and_enqueue(prepared, now).await }).await
+        Self::detached(Box::pin(async move {
+            engine.store_and_enqueue(prepared, now).await
+        }))
+        .await
     }
 
     /// Runs a trigger's store-and-enqueue in a task of its own and waits for it. A store that
@@ -524,12 +530,15 @@ impl Engine {
     /// timeout around the trigger): the enqueue must go on too, or the stored run would wait
     /// for the next open (one process has no reconciler). A store that writes at once needs no
     /// task: nothing is left half done between its insert and the enqueue.
+    ///
+    /// The work comes boxed: the task's cell holds a pointer, not the future (kilobytes; tokio
+    /// moves the future into the cell at the spawn and writes its stage over when the task
+    /// ends), and the caller's future holds no copy of it either (it would be copied again
+    /// at each level of the caller's awaits).
     pub(crate) async fn detached<T: Send + 'static>(
-        work: impl std::future::Future<Output = Result<T, EngineError>> + Send + 'static,
+        work: Pin<Box<dyn Future<Output = Result<T, EngineError>> + Send + 'static>>,
     ) -> Result<T, EngineError> {
-        // Boxed: the task's cell holds a pointer, not the future (kilobytes; tokio moves the
-        // future into the cell at the spawn and writes its stage over when the task ends).
-        tokio::spawn(Box::pin(work)).await.unwrap_or_else(|e| {
+        tokio::spawn(work).await.unwrap_or_else(|e| {
             Err(EngineError::Unavailable(format!(
                 "trigger task failed: {e}"
             )))
@@ -543,100 +552,110 @@ impl Engine {
     /// run (an idempotency hit on a run about to be removed) but wait for the first to end, then
     /// find its run placed, or store its own. (Triggers in other processes of a distributed
     /// deployment are not held by it.)
-    pub(crate) async fn store_and_enqueue(
+    // Not an `async fn`, nor the one below: one moves its arguments into its body, so its
+    // future holds the prepared run twice, and every caller's await copies the whole future
+    // (kilobytes per trigger). Their blocks use what they capture in place.
+    #[allow(clippy::manual_async_fn)] // See the comment above.
+    pub(crate) fn store_and_enqueue(
         &self,
         prepared: Prepared,
         now: Timestamp,
-    ) -> Result<Triggered, EngineError> {
-        let inner = &self.inner;
-        let _stripe = match &prepared.claim {
-            Some(claim) => Some(inner.key_stripes.lock(&prepared.record, &claim.key).await),
-            None => None,
-        };
-        let inserted = inner
-            .store
-            .insert(vec![(prepared.record.clone(), prepared.claim.clone())], now)
-            .await?;
-        if let Some(Inserted::Existing(existing)) = inserted.into_iter().next() {
-            inner.counters.idempotent_hit();
-            return Ok(Triggered {
-                run: inner.overlay(*existing).await?,
-                idempotent_hit: true,
-            });
+    ) -> impl Future<Output = Result<Triggered, EngineError>> + Send + '_ {
+        async move {
+            let inner = &self.inner;
+            let _stripe = match &prepared.claim {
+                Some(claim) => Some(inner.key_stripes.lock(&prepared.record, &claim.key).await),
+                None => None,
+            };
+            let inserted = inner
+                .store
+                .insert(vec![(prepared.record.clone(), prepared.claim.clone())], now)
+                .await?;
+            if let Some(Inserted::Existing(existing)) = inserted.into_iter().next() {
+                inner.counters.idempotent_hit();
+                return Ok(Triggered {
+                    run: inner.overlay(*existing).await?,
+                    idempotent_hit: true,
+                });
+            }
+            self.enqueue_stored(prepared, now, true).await
         }
-        self.enqueue_stored(prepared, now, true).await
     }
 
     /// Enqueues a stored run; a refused enqueue removes it from the store again.
-    async fn enqueue_stored(
+    #[allow(clippy::manual_async_fn)] // See `store_and_enqueue`.
+    fn enqueue_stored(
         &self,
-        prepared: Prepared,
+        mut prepared: Prepared,
         now: Timestamp,
         may_offer: bool,
-    ) -> Result<Triggered, EngineError> {
-        let inner = &self.inner;
-        // New work: the queue key's `max_queued` applies.
-        let why = EnqueueAs::trigger(prepared.sync());
-        let mut record = prepared.record;
-        let handed = Handed {
-            task: record.task.clone(),
-            payload: record.payload.clone(),
-            retry: record.retry,
-        };
-        // Parked offers lease in this enqueue only while this process is not busy enqueuing
-        // (under load, workers' own claims take more runs per call); what a worker needs goes
-        // with such a lease.
-        let sent = if inner.queue.parks_offers() && inner.queue.claims_on_enqueue_now() {
-            Some(handed.encode().unwrap_or_default())
-        } else {
-            None
-        };
-        // Kept before the enqueue: a worker of this process may claim the run at once.
-        inner.handover.keep(record.id, handed);
-        let dispatch = record.dispatch();
-        let offer = if may_offer {
-            self.offer_for(&dispatch, now)
-        } else {
-            None
-        };
-        let answer = match offer {
-            // In a task of its own: the leases its call makes reach the workloop even if this
-            // trigger goes away mid-call (a dropped HTTP request, a timeout).
-            Some(offer) => {
-                let inner = inner.clone();
-                tokio::spawn(enqueue_for_offer(inner, dispatch, why, offer, sent))
-                    .await
-                    .unwrap_or_else(|e| {
-                        Err(QueueError::Unavailable(format!("enqueue task failed: {e}")))
+    ) -> impl Future<Output = Result<Triggered, EngineError>> + Send + '_ {
+        async move {
+            let inner = &self.inner;
+            // New work: the queue key's `max_queued` applies.
+            let why = EnqueueAs::trigger(prepared.sync());
+            let record = &prepared.record;
+            let handed = Handed {
+                task: record.task.clone(),
+                payload: record.payload.clone(),
+                retry: record.retry,
+            };
+            // Parked offers lease in this enqueue only while this process is not busy
+            // enqueuing (under load, workers' own claims take more runs per call); what a
+            // worker needs goes with such a lease.
+            let sent = if inner.queue.parks_offers() && inner.queue.claims_on_enqueue_now() {
+                Some(handed.encode().unwrap_or_default())
+            } else {
+                None
+            };
+            // Kept before the enqueue: a worker of this process may claim the run at once.
+            inner.handover.keep(record.id, handed);
+            let dispatch = record.dispatch();
+            let offer = if may_offer {
+                self.offer_for(&dispatch, now)
+            } else {
+                None
+            };
+            let answer = match offer {
+                // In a task of its own: the leases its call makes reach the workloop even if
+                // this trigger goes away mid-call (a dropped HTTP request, a timeout).
+                Some(offer) => {
+                    let inner = inner.clone();
+                    tokio::spawn(enqueue_for_offer(inner, dispatch, why, offer, sent))
+                        .await
+                        .unwrap_or_else(|e| {
+                            Err(QueueError::Unavailable(format!("enqueue task failed: {e}")))
+                        })
+                }
+                None => match enqueue_sending(inner, dispatch, why, now, sent).await {
+                    Ok(enqueued) => Ok(settle(
+                        inner,
+                        &record.lane,
+                        record.attempt,
+                        enqueued,
+                        record.id,
+                        &record.env,
+                        false,
+                    )
+                    .await),
+                    Err(e) => Err(e),
+                },
+            };
+            match answer {
+                Ok((placement, status)) => {
+                    prepared.record.status = status;
+                    inner.counters.triggered(placement == Placement::Ready);
+                    Ok(Triggered {
+                        run: prepared.record,
+                        idempotent_hit: false,
                     })
-            }
-            None => match enqueue_sending(inner, dispatch, why, now, sent).await {
-                Ok(enqueued) => Ok(settle(
-                    inner,
-                    &record.lane,
-                    record.attempt,
-                    enqueued,
-                    record.id,
-                    &record.env,
-                    false,
-                )
-                .await),
-                Err(e) => Err(e),
-            },
-        };
-        match answer {
-            Ok((placement, status)) => {
-                record.status = status;
-                inner.counters.triggered(placement == Placement::Ready);
-                Ok(Triggered {
-                    run: record,
-                    idempotent_hit: false,
-                })
-            }
-            Err(e) => {
-                inner.handover.forget(record.id);
-                withdraw(inner, &record, now).await;
-                Err(e.into())
+                }
+                Err(e) => {
+                    inner.handover.forget(prepared.record.id);
+                    // Boxed: a refusal is rare, and its future would grow every trigger's.
+                    Box::pin(withdraw(inner, &prepared.record, now)).await;
+                    Err(e.into())
+                }
             }
         }
     }
@@ -685,7 +704,10 @@ impl Engine {
             return self.store_batch(prepared, now).await;
         }
         let engine = self.clone();
-        Self::detached(async move { engine.store_batch(prepared, now).await }).await
+        Self::detached(Box::pin(
+            async move { engine.store_batch(prepared, now).await },
+        ))
+        .await
     }
 
     /// One store insert for a prepared batch, then its runs enqueued (all or nothing).

@@ -617,7 +617,8 @@ async fn claim_next(
     }
     engine.claimed(&leases);
     for extra in leases.drain(1..) {
-        hand_back_excess(engine, &extra).await;
+        // Boxed: a broken claim contract is rare, and its future would grow every claim's.
+        Box::pin(hand_back_excess(engine, &extra)).await;
     }
     let leased = leases.pop()?;
     // A run triggered here is handed over; only another is read back (one lease, no vectors).
@@ -1269,6 +1270,24 @@ pub(crate) enum Resolved {
     Unloadable(StoreError),
 }
 
+/// What a claimed run needs to start, when it can start at once (handed over, or read back
+/// not ended and with no cancel requested); otherwise what was loaded, for [`resolve`].
+fn ready(loaded: Loaded) -> Result<Handed, Loaded> {
+    match loaded {
+        Loaded::Handed(handed) => Ok(handed),
+        Loaded::Record(Some(record))
+            if !record.status.is_terminal() && !record.cancel_requested =>
+        {
+            Ok(Handed {
+                task: record.task,
+                payload: record.payload,
+                retry: record.retry,
+            })
+        }
+        other => Err(other),
+    }
+}
+
 /// Turns what [`load_claimed`] found into a runnable run. (A run handed over cannot have ended
 /// in the store: every terminal write outside a lease first takes the run out of the queue;
 /// and a cancel request drops the hand-over entry, so such a run is read back.)
@@ -1321,192 +1340,207 @@ pub(crate) async fn resolve(
 /// workloop's next run with it, and the leases of the turn's claim when it was made with the
 /// ack (`None`: it was not); `continued` says the run was claimed that way, and is handed back
 /// at once when the worker started to stop meanwhile.
-async fn execute(
-    shared: &Arc<WorkerShared>,
+// Not an `async fn`: one moves its arguments into its body, so its future would hold the
+// lease and what was loaded twice (copied whole at each await of its caller, once per run).
+#[allow(clippy::manual_async_fn)] // See the comment above.
+fn execute<'a>(
+    shared: &'a Arc<WorkerShared>,
     leased: Leased,
-    registered: Registered<'_>,
-    turn: Turn<'_>,
+    registered: Registered<'a>,
+    turn: Turn<'a>,
     loaded: Loaded,
     continued: bool,
-) -> Option<(OwnedSemaphorePermit, Option<Vec<Leased>>)> {
-    let Turn { slot, next } = turn;
-    let run = leased.dispatch.run_id;
-    let token = leased.token;
-    let Registered {
-        local,
-        _guard,
-        first,
-    } = registered;
-    if first {
-        // Only the first run arms the heartbeat; later ones change nothing it waits for.
-        shared.changed.notify_waiters();
-    }
-    let engine: &Inner = &shared.engine.inner;
-    let d = &leased.dispatch;
-    let aborted = local.abort.get();
-    if aborted == Some(AbortKind::Engine) {
-        return None; // The engine ended this attempt before it started (its lease lapsed).
-    }
-    if aborted == Some(AbortKind::Drain) || (continued && *shared.stop.borrow()) {
-        // Claimed by a run task as the drain began, or stopped by the drain before its task
-        // first ran: it goes back like any run the drain stops, its handler never started.
-        let mut settle = local.settle.lock().await;
-        if !*settle && release(shared, run, token, &d.env, d.attempt).await {
-            *settle = true;
+) -> impl Future<Output = Option<(OwnedSemaphorePermit, Option<Vec<Leased>>)>> + Send + 'a {
+    async move {
+        let Turn { slot, next } = turn;
+        let run = leased.dispatch.run_id;
+        let token = leased.token;
+        let Registered {
+            local,
+            _guard,
+            first,
+        } = registered;
+        if first {
+            // Only the first run arms the heartbeat; later ones change nothing it waits for.
+            shared.changed.notify_waiters();
         }
-        return None;
-    }
-    engine.publish(run, &d.env, RunStatus::Executing, d.attempt);
-
-    // A run triggered in this process comes with its payload; any other is read back.
-    let handed = match resolve(engine, run, token, d.attempt, loaded).await {
-        Resolved::Ready(handed) => handed,
-        Resolved::Gone => return None,
-        Resolved::Unloadable(e) => {
-            // Without the payload nothing can run: hand the run back without an attempt.
-            tracing::warn!(%run, error = %e, "claimed run could not be loaded; releasing it");
-            let _ = release(shared, run, token, &d.env, d.attempt).await;
+        let engine: &Inner = &shared.engine.inner;
+        let d = &leased.dispatch;
+        let aborted = local.abort.get();
+        if aborted == Some(AbortKind::Engine) {
+            return None; // The engine ended this attempt before it started (its lease lapsed).
+        }
+        if aborted == Some(AbortKind::Drain) || (continued && *shared.stop.borrow()) {
+            // Claimed by a run task as the drain began, or stopped by the drain before its task
+            // first ran: it goes back like any run the drain stops, its handler never started.
+            let mut settle = local.settle.lock().await;
+            if !*settle && Box::pin(release(shared, run, token, &d.env, d.attempt)).await {
+                *settle = true;
+            }
             return None;
         }
-    };
+        engine.publish(run, &d.env, RunStatus::Executing, d.attempt);
 
-    let outcome = match shared.handlers.get(&handed.task) {
-        None => Outcome::Failed {
-            outcome: "no_handler",
-            error: format!(
-                "no handler for task {} on worker {}",
-                handed.task, shared.id
-            ),
-        },
-        Some(handler) => {
-            let ctx = RunContext {
-                inner: Arc::new(ContextInner {
-                    engine: shared.engine.clone(),
-                    run_id: run,
-                    task: handed.task.clone(),
-                    attempt: d.attempt,
-                    payload: handed.payload.clone(),
-                    cancel: CancelToken::from_latch(local.cancel.clone()),
-                    env: d.env.clone(),
-                    queue: d.queue.clone(),
-                    key: d.key.clone(),
-                    lane: d.lane.clone(),
-                }),
-            };
-            // An advisory, non-blocking start mark: if the process dies while the handler runs,
-            // recovery at the next open counts this attempt as `crashed`.
-            engine.store.note_start(run, d.attempt, engine.now());
-            // The handler runs inside this run's task (no second spawn per run); a panic in
-            // it is caught at its poll and fails the attempt, and dropping the future when the
-            // engine aborts the attempt stops it, as aborting a task would.
-            tokio::select! {
-                finished = catch_panic(handler(ctx)) => match finished {
-                    Ok(Ok(value)) => Outcome::Completed(value),
-                    Ok(Err(e)) => Outcome::Failed { outcome: "failed", error: e.0 },
-                    Err(()) => Outcome::Failed {
-                        outcome: "failed",
-                        error: "handler panicked".to_owned(),
+        // A run triggered in this process comes with its payload; any other is read back.
+        let handed = match ready(loaded) {
+            Ok(handed) => handed,
+            Err(loaded) => match Box::pin(resolve(engine, run, token, d.attempt, loaded)).await {
+                Resolved::Ready(handed) => handed,
+                Resolved::Gone => return None,
+                Resolved::Unloadable(e) => {
+                    // Without the payload nothing can run: hand the run back without an attempt.
+                    tracing::warn!(%run, error = %e, "claimed run could not be loaded; releasing it");
+                    let _ = Box::pin(release(shared, run, token, &d.env, d.attempt)).await;
+                    return None;
+                }
+            },
+        };
+
+        let outcome = match shared.handlers.get(&handed.task) {
+            None => Outcome::Failed {
+                outcome: "no_handler",
+                error: format!(
+                    "no handler for task {} on worker {}",
+                    handed.task, shared.id
+                ),
+            },
+            Some(handler) => {
+                let ctx = RunContext {
+                    inner: Arc::new(ContextInner {
+                        engine: shared.engine.clone(),
+                        run_id: run,
+                        task: handed.task.clone(),
+                        attempt: d.attempt,
+                        payload: handed.payload.clone(),
+                        cancel: CancelToken::from_latch(local.cancel.clone()),
+                        env: d.env.clone(),
+                        queue: d.queue.clone(),
+                        key: d.key.clone(),
+                        lane: d.lane.clone(),
+                    }),
+                };
+                // An advisory, non-blocking start mark: if the process dies while the handler runs,
+                // recovery at the next open counts this attempt as `crashed`.
+                engine.store.note_start(run, d.attempt, engine.now());
+                // The handler runs inside this run's task (no second spawn per run); a panic in
+                // it is caught at its poll and fails the attempt, and dropping the future when the
+                // engine aborts the attempt stops it, as aborting a task would.
+                tokio::select! {
+                    finished = catch_panic(handler(ctx)) => match finished {
+                        Ok(Ok(value)) => Outcome::Completed(value),
+                        Ok(Err(e)) => Outcome::Failed { outcome: "failed", error: e.0 },
+                        Err(()) => Outcome::Failed {
+                            outcome: "failed",
+                            error: "handler panicked".to_owned(),
+                        },
                     },
-                },
-                kind = local.abort.wait() => Outcome::Aborted(kind),
+                    kind = local.abort.wait() => Outcome::Aborted(kind),
+                }
             }
-        }
-    };
+        };
 
-    if !matches!(outcome, Outcome::Aborted(_)) {
-        // The handler returned and its end follows: a start mark not written yet is moot (a
-        // crash before the end is written costs what a lost mark costs, one uncounted re-run).
-        engine.store.forget_start(run, d.attempt);
-    }
-
-    // The handler is done. With a store that batches ends (a commit each), its slot goes to
-    // the next run while this attempt's end is written; otherwise the end is written at once
-    // and the slot is kept for the next claim.
-    let Slot { permit, ending } = slot;
-    let (_ending, permit) = if engine.store.group_commits() {
-        let waiting = ending.clone().acquire_owned().await;
-        drop(permit);
-        (waiting.ok(), None)
-    } else {
-        (None, Some(permit))
-    };
-
-    let mut settle = local.settle.lock().await;
-    if *settle {
-        return None; // The engine ended this attempt first (timeout, lapse, cancel grace).
-    }
-    // What the slot's next claim made with the ack leased (`None`: no such claim was made).
-    let mut claimed = None;
-    let result = match outcome {
-        Outcome::Aborted(AbortKind::Engine) => return None,
-        Outcome::Aborted(AbortKind::Drain) => {
-            if !release(shared, run, token, &d.env, d.attempt).await {
-                return None;
-            }
-            Ok(())
+        if !matches!(outcome, Outcome::Aborted(_)) {
+            // The handler returned and its end follows: a start mark not written yet is moot (a
+            // crash before the end is written costs what a lost mark costs, one uncounted re-run).
+            engine.store.forget_start(run, d.attempt);
         }
-        Outcome::Completed(value) => {
-            let (output, ended_at) = (output_text(value), engine.now());
-            // The slot goes on to its next run: its claim rides on the ack, unless the slot is
-            // already given back (batched ends) or the worker is stopping when the end is
-            // written (no claim: read at each try, a drain may begin while a write is retried).
-            let keeps_slot = permit.is_some();
-            until_written(engine, &local, || {
-                let end = completed_end(run, d.attempt, output.clone(), ended_at);
-                let next = (keeps_slot && !*shared.stop.borrow()).then_some(next);
-                engine.finish_attempt(&d.env, token, end, next)
-            })
-            .await
-            .map(|leases| claimed = leases)
+
+        // The handler is done. With a store that batches ends (a commit each), its slot goes to
+        // the next run while this attempt's end is written; otherwise the end is written at once
+        // and the slot is kept for the next claim.
+        let Slot { permit, ending } = slot;
+        let (_ending, permit) = if engine.store.group_commits() {
+            let waiting = ending.clone().acquire_owned().await;
+            drop(permit);
+            (waiting.ok(), None)
+        } else {
+            (None, Some(permit))
+        };
+
+        let mut settle = local.settle.lock().await;
+        if *settle {
+            return None; // The engine ended this attempt first (timeout, lapse, cancel grace).
         }
-        Outcome::Failed { outcome, error } => match local.cancel.get() {
-            // The engine owns these endings; it takes the settle lock after us.
-            Some(CancelReason::Timeout | CancelReason::LeaseLost) => return None,
-            Some(CancelReason::Shutdown) => {
-                if !release(shared, run, token, &d.env, d.attempt).await {
+        // What the slot's next claim made with the ack leased (`None`: no such claim was made).
+        let mut claimed = None;
+        let result = match outcome {
+            Outcome::Aborted(AbortKind::Engine) => return None,
+            Outcome::Aborted(AbortKind::Drain) => {
+                if !Box::pin(release(shared, run, token, &d.env, d.attempt)).await {
                     return None;
                 }
                 Ok(())
             }
-            Some(CancelReason::Cancel) => {
-                let attempt = attempt_record(d.attempt, "canceled", Some(error), engine.now());
-                engine
-                    .finish_leased(run, token, RunStatus::Canceled, None, Some(attempt))
-                    .await
-                    .map(|_| ())
-            }
-            None => {
+            Outcome::Completed(value) => {
+                let (output, ended_at) = (output_text(value), engine.now());
+                // The slot goes on to its next run: its claim rides on the ack, unless the slot is
+                // already given back (batched ends) or the worker is stopping when the end is
+                // written (no claim: read at each try, a drain may begin while a write is retried).
+                let keeps_slot = permit.is_some();
                 until_written(engine, &local, || {
-                    engine.fail_attempt(
-                        &d.env,
-                        &handed.retry,
-                        run,
-                        token,
-                        d.attempt,
-                        outcome,
-                        error.clone(),
-                        RunStatus::Failed,
-                    )
+                    let end = completed_end(run, d.attempt, output.clone(), ended_at);
+                    let next = (keeps_slot && !*shared.stop.borrow()).then_some(next);
+                    engine.finish_attempt(&d.env, token, end, next)
                 })
                 .await
+                .map(|leases| claimed = leases)
             }
-        },
-    };
-    match result {
-        Ok(()) => {
-            *settle = true;
-            permit.map(|p| (p, claimed))
-        }
-        // The lease was lost before the end could be written (a zombie's end is dropped): the
-        // attempt stays unsettled, so the lapse's recovery, here or elsewhere, applies the
-        // retry policy.
-        Err(EngineError::StaleToken(_)) => {
-            tracing::debug!(%run, "the attempt's lease was lost before its end; left to its recovery");
-            None
-        }
-        Err(e) => {
-            tracing::warn!(%run, error = %e, "ending the attempt failed; the lease will lapse");
-            None
+            Outcome::Failed { outcome, error } => match local.cancel.get() {
+                // The engine owns these endings; it takes the settle lock after us.
+                Some(CancelReason::Timeout | CancelReason::LeaseLost) => return None,
+                Some(CancelReason::Shutdown) => {
+                    if !Box::pin(release(shared, run, token, &d.env, d.attempt)).await {
+                        return None;
+                    }
+                    Ok(())
+                }
+                Some(CancelReason::Cancel) => {
+                    let attempt = attempt_record(d.attempt, "canceled", Some(error), engine.now());
+                    Box::pin(engine.finish_leased(
+                        run,
+                        token,
+                        RunStatus::Canceled,
+                        None,
+                        Some(attempt),
+                    ))
+                    .await
+                    .map(|_| ())
+                }
+                // Boxed, as every rarer ending here: the future of the path every run takes
+                // (copied whole at each await of its caller) holds none of theirs.
+                None => {
+                    Box::pin(until_written(engine, &local, || {
+                        engine.fail_attempt(
+                            &d.env,
+                            &handed.retry,
+                            run,
+                            token,
+                            d.attempt,
+                            outcome,
+                            error.clone(),
+                            RunStatus::Failed,
+                        )
+                    }))
+                    .await
+                }
+            },
+        };
+        match result {
+            Ok(()) => {
+                *settle = true;
+                permit.map(|p| (p, claimed))
+            }
+            // The lease was lost before the end could be written (a zombie's end is dropped): the
+            // attempt stays unsettled, so the lapse's recovery, here or elsewhere, applies the
+            // retry policy.
+            Err(EngineError::StaleToken(_)) => {
+                tracing::debug!(%run, "the attempt's lease was lost before its end; left to its recovery");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(%run, error = %e, "ending the attempt failed; the lease will lapse");
+                None
+            }
         }
     }
 }

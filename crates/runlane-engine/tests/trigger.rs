@@ -600,3 +600,15 @@ async fn a_wait_answers_from_the_store_after_a_gap_in_events_from_elsewhere() {
     let end = bounded(until_status(&mut events, RunStatus::Canceled)).await;
     assert_eq!(end.run, run);
 }
+
+/// A trigger's future is copied whole at each await of its callers (and of theirs): the path
+/// holds no second copy of its request or record, and no rare branch's future.
+#[tokio::test]
+async fn a_triggers_future_stays_small() {
+    let h = Harness::new().await;
+    let send = h.engine.trigger("report").send();
+    let size = std::mem::size_of_val(&send);
+    drop(send);
+    // 6,080 bytes when each level held its arguments twice; 3,376 now.
+    assert!(size <= 4096, "a trigger's future is {size} bytes");
+}
