@@ -1302,14 +1302,19 @@ pub(crate) async fn resolve(
     attempt: u32,
     loaded: Loaded,
 ) -> Resolved {
+    let loaded = match ready(loaded) {
+        Ok(handed) => return Resolved::Ready(handed),
+        Err(loaded) => loaded,
+    };
     match loaded {
-        Loaded::Handed(handed) => Resolved::Ready(handed),
+        Loaded::Handed(handed) => Resolved::Ready(handed), // `ready` takes these.
         Loaded::Record(Some(record)) if record.status.is_terminal() => {
             // Cancelled (or ended) in the store while it waited in the queue.
             engine.queue_finish_quietly(run, token).await;
             Resolved::Gone
         }
-        Loaded::Record(Some(record)) if record.cancel_requested => {
+        // Not ended, and not ready: its cancel was requested.
+        Loaded::Record(Some(_)) => {
             let ended = attempt_record(attempt, "canceled", None, engine.now());
             if let Err(e) = engine
                 .finish_leased(run, token, RunStatus::Canceled, None, Some(ended))
@@ -1321,11 +1326,6 @@ pub(crate) async fn resolve(
             }
             Resolved::Gone
         }
-        Loaded::Record(Some(record)) => Resolved::Ready(Handed {
-            task: record.task,
-            payload: record.payload,
-            retry: record.retry,
-        }),
         Loaded::Record(None) => {
             tracing::warn!(%run, "claimed run is not in the store; dropping it");
             engine.queue_finish_quietly(run, token).await;
